@@ -1,0 +1,238 @@
+//! [`CollectiveBackend`]: collectives and Megatron's differentiable mappings on backend tensors.
+//!
+//! Every method has a default body that stages through the host and the [`Communicator`], so an
+//! inner backend is a one-line `impl`. The [`Autodiff`] implementation (written once, below)
+//! records the mappings as autodiff ops with hand-written backward passes:
+//!
+//! | mapping | forward | backward |
+//! |---|---|---|
+//! | `copy_to_tp` (f) | identity | all-reduce (sum) |
+//! | `reduce_from_tp` (g) | all-reduce (sum) | identity |
+//! | `scatter` (to TP / to SP) | keep own slice of `dim` | all-gather `dim` |
+//! | `gather_tp` (gather-from-TP) | all-gather `dim` | keep own slice of `dim` |
+//! | `gather_sp` (gather-from-SP) | all-gather `dim` | reduce-scatter `dim` |
+//! | `reduce_scatter` (to SP) | reduce-scatter `dim` | all-gather `dim` |
+//!
+//! The raw collectives (`collective_*`) are **not** differentiable: under autodiff their result is
+//! a fresh untracked tensor. (Burn's own all-reduce has an all-reduce backward, which would
+//! multiply TP gradients by the group size; these mappings are what TP needs.)
+//!
+//! Failures inside a mapping cannot be returned through Burn's forward/backward, so they panic
+//! with the [`CommError`]'s text after recording it for [`take_comm_error`];
+//! [`run_world`](crate::world::run_world) turns that back into a typed error.
+
+use std::cell::RefCell;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{read_sync, Device, Slice, TensorMetadata};
+
+use crate::comm::{Comm, ReduceOp, TensorSpec};
+use crate::error::CommError;
+
+thread_local! {
+    static LAST_COMM_ERROR: RefCell<Option<CommError>> = const { RefCell::new(None) };
+}
+
+/// Unwraps a communication result inside a forward/backward pass: on error, records it for
+/// [`take_comm_error`] and panics with its message.
+pub fn expect_comm<T>(r: Result<T, CommError>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = format!("burn-parallel collective failed: {e}");
+            LAST_COMM_ERROR.with(|c| *c.borrow_mut() = Some(e));
+            panic!("{msg}");
+        }
+    }
+}
+
+/// The communication error behind this thread's last panic from [`expect_comm`], if any.
+pub fn take_comm_error() -> Option<CommError> {
+    LAST_COMM_ERROR.with(|c| c.borrow_mut().take())
+}
+
+fn to_host<B: Backend>(x: FloatTensor<B>) -> Result<burn::tensor::TensorData, CommError> {
+    read_sync(B::float_into_data(x)).map_err(|e| CommError::Backend(format!("reading a tensor: {e:?}")))
+}
+
+/// This rank's `1/size` slice of `x` along `dim` (no communication).
+pub fn local_chunk<B: Backend>(x: FloatTensor<B>, dim: usize, comm: &Comm) -> Result<FloatTensor<B>, CommError> {
+    let shape = x.shape();
+    let n = comm.size();
+    if dim >= shape.num_dims() || shape[dim] % n != 0 {
+        return Err(CommError::BadInput {
+            group: comm.label().into(),
+            op: format!("split(dim={dim})"),
+            detail: format!("shape {:?} cannot be split in {n} along dim {dim}", shape.as_slice()),
+        });
+    }
+    let chunk = shape[dim] / n;
+    let slices: Vec<Slice> = (0..shape.num_dims())
+        .map(|d| {
+            let (s, e) = if d == dim { (comm.rank() * chunk, (comm.rank() + 1) * chunk) } else { (0, shape[d]) };
+            Slice::new(s as isize, Some(e as isize), 1)
+        })
+        .collect();
+    Ok(B::float_slice(x, &slices))
+}
+
+/// Collectives and differentiable mappings on a backend's float tensors. See the module docs.
+pub trait CollectiveBackend: Backend {
+    /// All-reduce (not differentiable).
+    fn collective_all_reduce(x: FloatTensor<Self>, op: ReduceOp, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
+        let dev = Self::float_device(&x);
+        Ok(Self::float_from_data(comm.all_reduce(to_host::<Self>(x)?, op)?, &dev))
+    }
+    /// All-gather along `dim` (not differentiable).
+    fn collective_all_gather(x: FloatTensor<Self>, dim: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
+        let dev = Self::float_device(&x);
+        Ok(Self::float_from_data(comm.all_gather(to_host::<Self>(x)?, dim)?, &dev))
+    }
+    /// Reduce-scatter along `dim` (not differentiable).
+    fn collective_reduce_scatter(
+        x: FloatTensor<Self>,
+        dim: usize,
+        op: ReduceOp,
+        comm: &Comm,
+    ) -> Result<FloatTensor<Self>, CommError> {
+        let dev = Self::float_device(&x);
+        Ok(Self::float_from_data(comm.reduce_scatter(to_host::<Self>(x)?, dim, op)?, &dev))
+    }
+    /// Broadcast from group rank `root` (not differentiable).
+    fn collective_broadcast(x: FloatTensor<Self>, root: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
+        let dev = Self::float_device(&x);
+        let data = if comm.rank() == root { Some(to_host::<Self>(x)?) } else { None };
+        Ok(Self::float_from_data(comm.broadcast(data, root)?, &dev))
+    }
+    /// Sends `x` to group rank `peer`.
+    fn collective_send(x: FloatTensor<Self>, peer: usize, comm: &Comm) -> Result<(), CommError> {
+        comm.send(to_host::<Self>(x)?, peer)
+    }
+    /// Receives a tensor matching `spec` from group rank `peer`.
+    fn collective_recv(spec: &TensorSpec, device: &Device<Self>, peer: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
+        Ok(Self::float_from_data(comm.recv(peer, spec)?, device))
+    }
+
+    /// Megatron's f: identity forward, all-reduce backward.
+    fn map_copy_to_tp(x: FloatTensor<Self>, _comm: &Comm) -> FloatTensor<Self> {
+        x
+    }
+    /// Megatron's g: all-reduce forward, identity backward.
+    fn map_reduce_from_tp(x: FloatTensor<Self>, comm: &Comm) -> FloatTensor<Self> {
+        expect_comm(Self::collective_all_reduce(x, ReduceOp::Sum, comm))
+    }
+    /// Keep own slice of `dim` forward, all-gather backward (scatter-to-TP / scatter-to-SP).
+    fn map_scatter(x: FloatTensor<Self>, dim: usize, comm: &Comm) -> FloatTensor<Self> {
+        expect_comm(local_chunk::<Self>(x, dim, comm))
+    }
+    /// All-gather forward, own slice backward (gather-from-TP).
+    fn map_gather_tp(x: FloatTensor<Self>, dim: usize, comm: &Comm) -> FloatTensor<Self> {
+        expect_comm(Self::collective_all_gather(x, dim, comm))
+    }
+    /// All-gather forward, reduce-scatter backward (gather-from-SP).
+    fn map_gather_sp(x: FloatTensor<Self>, dim: usize, comm: &Comm) -> FloatTensor<Self> {
+        expect_comm(Self::collective_all_gather(x, dim, comm))
+    }
+    /// Reduce-scatter forward, all-gather backward (reduce-scatter-to-SP).
+    fn map_reduce_scatter(x: FloatTensor<Self>, dim: usize, comm: &Comm) -> FloatTensor<Self> {
+        expect_comm(Self::collective_reduce_scatter(x, dim, ReduceOp::Sum, comm))
+    }
+}
+
+impl CollectiveBackend for burn::backend::Flex {}
+
+#[cfg(feature = "cuda")]
+impl CollectiveBackend for burn::backend::Cuda {}
+
+/// Declares a backward op whose state is `(Comm, dim)` and whose gradient is `$bw(g, dim, comm)`.
+macro_rules! backward_op {
+    ($name:ident, |$g:ident, $dim:ident, $comm:ident| $body:expr) => {
+        #[derive(Debug)]
+        struct $name;
+        impl<B: CollectiveBackend> Backward<B, 1> for $name {
+            type State = (Comm, usize);
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let ($comm, $dim) = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |$g| {
+                    let _ = (&$comm, $dim);
+                    $body
+                });
+            }
+        }
+    };
+}
+
+backward_op!(CopyToTpBw, |g, dim, comm| expect_comm(B::collective_all_reduce(g, ReduceOp::Sum, &comm)));
+backward_op!(IdentityBw, |g, dim, comm| g);
+backward_op!(ScatterBw, |g, dim, comm| expect_comm(B::collective_all_gather(g, dim, &comm)));
+backward_op!(GatherTpBw, |g, dim, comm| expect_comm(local_chunk::<B>(g, dim, &comm)));
+backward_op!(GatherSpBw, |g, dim, comm| expect_comm(B::collective_reduce_scatter(g, dim, ReduceOp::Sum, &comm)));
+
+/// Records a one-input op: runs `fwd` on the inner tensor and attaches `bw` when `x` is tracked.
+fn record<B, C, BW>(
+    x: FloatTensor<Autodiff<B, C>>,
+    bw: BW,
+    state: (Comm, usize),
+    fwd: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>>
+where
+    B: CollectiveBackend,
+    C: CheckpointStrategy,
+    BW: Backward<B, 1, State = (Comm, usize)>,
+{
+    match bw.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state, fwd(x.primitive)),
+        OpsKind::UnTracked(prep) => prep.finish(fwd(x.primitive)),
+    }
+}
+
+impl<B: CollectiveBackend, C: CheckpointStrategy> CollectiveBackend for Autodiff<B, C> {
+    fn collective_all_reduce(x: FloatTensor<Self>, op: ReduceOp, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
+        Ok(Self::from_inner(B::collective_all_reduce(Self::inner(x), op, comm)?))
+    }
+    fn collective_all_gather(x: FloatTensor<Self>, dim: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
+        Ok(Self::from_inner(B::collective_all_gather(Self::inner(x), dim, comm)?))
+    }
+    fn collective_reduce_scatter(
+        x: FloatTensor<Self>,
+        dim: usize,
+        op: ReduceOp,
+        comm: &Comm,
+    ) -> Result<FloatTensor<Self>, CommError> {
+        Ok(Self::from_inner(B::collective_reduce_scatter(Self::inner(x), dim, op, comm)?))
+    }
+    fn collective_broadcast(x: FloatTensor<Self>, root: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
+        Ok(Self::from_inner(B::collective_broadcast(Self::inner(x), root, comm)?))
+    }
+    fn collective_send(x: FloatTensor<Self>, peer: usize, comm: &Comm) -> Result<(), CommError> {
+        B::collective_send(Self::inner(x), peer, comm)
+    }
+    fn collective_recv(spec: &TensorSpec, device: &Device<Self>, peer: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
+        Ok(Self::from_inner(B::collective_recv(spec, device, peer, comm)?))
+    }
+
+    fn map_copy_to_tp(x: FloatTensor<Self>, comm: &Comm) -> FloatTensor<Self> {
+        record::<B, C, _>(x, CopyToTpBw, (comm.clone(), 0), |p| p)
+    }
+    fn map_reduce_from_tp(x: FloatTensor<Self>, comm: &Comm) -> FloatTensor<Self> {
+        record::<B, C, _>(x, IdentityBw, (comm.clone(), 0), |p| B::map_reduce_from_tp(p, comm))
+    }
+    fn map_scatter(x: FloatTensor<Self>, dim: usize, comm: &Comm) -> FloatTensor<Self> {
+        record::<B, C, _>(x, ScatterBw, (comm.clone(), dim), |p| B::map_scatter(p, dim, comm))
+    }
+    fn map_gather_tp(x: FloatTensor<Self>, dim: usize, comm: &Comm) -> FloatTensor<Self> {
+        record::<B, C, _>(x, GatherTpBw, (comm.clone(), dim), |p| B::map_gather_tp(p, dim, comm))
+    }
+    fn map_gather_sp(x: FloatTensor<Self>, dim: usize, comm: &Comm) -> FloatTensor<Self> {
+        record::<B, C, _>(x, GatherSpBw, (comm.clone(), dim), |p| B::map_gather_sp(p, dim, comm))
+    }
+    fn map_reduce_scatter(x: FloatTensor<Self>, dim: usize, comm: &Comm) -> FloatTensor<Self> {
+        record::<B, C, _>(x, ScatterBw, (comm.clone(), dim), |p| B::map_reduce_scatter(p, dim, comm))
+    }
+}

@@ -1,0 +1,371 @@
+//! The local backend: N ranks as threads of one process, for any Burn backend.
+//!
+//! Collectives meet in numbered *rounds*: the k-th collective a rank issues on a group joins round
+//! k of that group, deposits its contribution, and waits until every member has deposited. Each
+//! rank then computes the result from all contributions in group order (so results are identical
+//! on every rank). Waiting never hangs: it fails after the world's timeout naming the ranks that
+//! never arrived, as soon as a missing rank is known to have failed or exited, or at once when two
+//! ranks issue different collectives in the same round.
+//!
+//! Point-to-point sends are buffered (a send never blocks); a receive waits for the next tensor
+//! from its peer and checks its shape and dtype.
+
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use burn::tensor::TensorData;
+
+use super::host::{concat_along, reduce_all, split_along};
+use super::{Comm, Communicator, ReduceOp, TensorSpec};
+use crate::error::CommError;
+
+const POLL: Duration = Duration::from_millis(20);
+
+/// Options of a [`LocalWorld`].
+#[derive(Debug, Clone)]
+pub struct LocalWorldOptions {
+    /// How long any blocking operation waits before failing (default 300 s).
+    pub timeout: Duration,
+}
+
+impl Default for LocalWorldOptions {
+    fn default() -> Self {
+        Self { timeout: Duration::from_secs(300) }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum RankStatus {
+    Running,
+    Exited,
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct WorldShared {
+    size: usize,
+    timeout: Duration,
+    status: Mutex<Vec<RankStatus>>,
+    groups: Mutex<HashMap<(String, Vec<usize>), Arc<GroupState>>>,
+    mail: Mutex<HashMap<(usize, usize), VecDeque<TensorData>>>,
+    mail_cv: Condvar,
+}
+
+impl WorldShared {
+    /// Why a global rank can no longer take part, if it cannot.
+    fn gone(&self, rank: usize) -> Option<String> {
+        match &lock(&self.status)[rank] {
+            RankStatus::Running => None,
+            RankStatus::Exited => Some("it exited".into()),
+            RankStatus::Failed(why) => Some(why.clone()),
+        }
+    }
+
+    fn group(self: &Arc<Self>, name: &str, members: Vec<usize>) -> Arc<GroupState> {
+        let label = format!(
+            "{name}[{}]",
+            members.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")
+        );
+        let mut groups = lock(&self.groups);
+        groups
+            .entry((name.to_string(), members.clone()))
+            .or_insert_with(|| {
+                Arc::new(GroupState {
+                    label,
+                    seqs: members.iter().map(|_| AtomicU64::new(0)).collect(),
+                    members,
+                    rounds: Mutex::new(HashMap::new()),
+                    cv: Condvar::new(),
+                })
+            })
+            .clone()
+    }
+}
+
+#[derive(Debug)]
+struct Round {
+    ops: Vec<Option<String>>,
+    data: Vec<Option<Arc<TensorData>>>,
+    taken: usize,
+}
+
+#[derive(Debug)]
+struct GroupState {
+    label: String,
+    members: Vec<usize>,
+    seqs: Vec<AtomicU64>,
+    rounds: Mutex<HashMap<u64, Round>>,
+    cv: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A rank that panicked while holding a lock leaves plain data behind: keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A world of ranks living in one process. Hand [`communicator`](Self::communicator)`(r)` to the
+/// thread playing rank `r`; see [`run_world`](crate::world::run_world) for the usual driver.
+#[derive(Debug, Clone)]
+pub struct LocalWorld {
+    shared: Arc<WorldShared>,
+}
+
+impl LocalWorld {
+    /// A world of `size` ranks with default options.
+    pub fn new(size: usize) -> Self {
+        Self::with_options(size, LocalWorldOptions::default())
+    }
+
+    /// A world of `size` ranks.
+    pub fn with_options(size: usize, options: LocalWorldOptions) -> Self {
+        assert!(size > 0, "a world needs at least one rank");
+        Self {
+            shared: Arc::new(WorldShared {
+                size,
+                timeout: options.timeout,
+                status: Mutex::new(vec![RankStatus::Running; size]),
+                groups: Mutex::new(HashMap::new()),
+                mail: Mutex::new(HashMap::new()),
+                mail_cv: Condvar::new(),
+            }),
+        }
+    }
+
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    /// The world communicator of `rank`.
+    pub fn communicator(&self, rank: usize) -> Comm {
+        assert!(rank < self.shared.size, "rank {rank} outside a world of {}", self.shared.size);
+        let group = self.shared.group("world", (0..self.shared.size).collect());
+        Arc::new(LocalComm { world: self.shared.clone(), group, rank })
+    }
+
+    /// Records that `rank` returned normally: peers waiting for it fail instead of timing out.
+    pub fn mark_exited(&self, rank: usize) {
+        lock(&self.shared.status)[rank] = RankStatus::Exited;
+        self.shared.mail_cv.notify_all();
+    }
+
+    /// Records that `rank` failed: peers waiting for it fail with `reason`.
+    pub fn mark_failed(&self, rank: usize, reason: impl Into<String>) {
+        lock(&self.shared.status)[rank] = RankStatus::Failed(reason.into());
+        self.shared.mail_cv.notify_all();
+    }
+}
+
+/// One rank's handle on one group of a [`LocalWorld`].
+#[derive(Debug)]
+pub struct LocalComm {
+    world: Arc<WorldShared>,
+    group: Arc<GroupState>,
+    rank: usize,
+}
+
+type Parts = Vec<Option<Arc<TensorData>>>;
+
+impl LocalComm {
+    fn bad(&self, op: &str, detail: String) -> CommError {
+        CommError::BadInput { group: self.group.label.clone(), op: op.into(), detail }
+    }
+
+    /// Joins the next round of this group with `op` and `payload`; returns every contribution.
+    fn exchange(&self, op: &str, payload: Option<TensorData>) -> Result<Parts, CommError> {
+        let g = &self.group;
+        let seq = g.seqs[self.rank].fetch_add(1, Ordering::SeqCst);
+        let size = g.members.len();
+        let me = g.members[self.rank];
+        let start = Instant::now();
+        let mut rounds = lock(&g.rounds);
+        {
+            let round = rounds.entry(seq).or_insert_with(|| Round {
+                ops: vec![None; size],
+                data: vec![None; size],
+                taken: 0,
+            });
+            round.ops[self.rank] = Some(op.to_string());
+            round.data[self.rank] = payload.map(Arc::new);
+        }
+        g.cv.notify_all();
+        loop {
+            let round = rounds.get(&seq).expect("round removed before every rank took it");
+            if let Some((i, other)) =
+                round.ops.iter().enumerate().find_map(|(i, o)| o.as_ref().filter(|o| *o != op).map(|o| (i, o)))
+            {
+                return Err(CommError::Mismatch {
+                    group: g.label.clone(),
+                    rank: me,
+                    op: format!("{op} #{seq}"),
+                    other_rank: g.members[i],
+                    other_op: format!("{other} #{seq}"),
+                });
+            }
+            let missing: Vec<usize> =
+                (0..size).filter(|&i| round.ops[i].is_none()).map(|i| g.members[i]).collect();
+            if missing.is_empty() {
+                break;
+            }
+            if let Some((peer, reason)) = missing.iter().find_map(|&r| self.world.gone(r).map(|w| (r, w))) {
+                return Err(CommError::PeerGone {
+                    op: format!("{op} #{seq}"),
+                    group: g.label.clone(),
+                    rank: me,
+                    peer,
+                    reason,
+                });
+            }
+            let waited = start.elapsed();
+            if waited >= self.world.timeout {
+                return Err(CommError::Timeout {
+                    op: format!("{op} #{seq}"),
+                    group: g.label.clone(),
+                    rank: me,
+                    missing,
+                    waited,
+                });
+            }
+            rounds = g.cv.wait_timeout(rounds, POLL.min(self.world.timeout - waited)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        let round = rounds.get_mut(&seq).expect("round present");
+        let parts = round.data.clone();
+        round.taken += 1;
+        if round.taken == size {
+            rounds.remove(&seq);
+        }
+        Ok(parts)
+    }
+
+    fn all_parts(&self, op: &str, data: TensorData) -> Result<Vec<Arc<TensorData>>, CommError> {
+        let parts = self.exchange(op, Some(data))?;
+        Ok(parts.into_iter().map(|p| p.expect("every rank contributed")).collect())
+    }
+
+    fn peer_global(&self, peer: usize, op: &str) -> Result<usize, CommError> {
+        self.group.members.get(peer).copied().ok_or_else(|| {
+            self.bad(op, format!("peer {peer} outside a group of {}", self.group.members.len()))
+        })
+    }
+}
+
+impl Communicator for LocalComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.group.members.len()
+    }
+
+    fn global_ranks(&self) -> &[usize] {
+        &self.group.members
+    }
+
+    fn label(&self) -> &str {
+        &self.group.label
+    }
+
+    fn all_reduce(&self, data: TensorData, op: ReduceOp) -> Result<TensorData, CommError> {
+        let name = format!("all_reduce({op:?})");
+        let parts = self.all_parts(&name, data)?;
+        let refs: Vec<&TensorData> = parts.iter().map(|p| p.as_ref()).collect();
+        reduce_all(&refs, op).map_err(|d| self.bad(&name, d))
+    }
+
+    fn all_gather(&self, data: TensorData, dim: usize) -> Result<TensorData, CommError> {
+        let name = format!("all_gather(dim={dim})");
+        let parts = self.all_parts(&name, data)?;
+        let refs: Vec<&TensorData> = parts.iter().map(|p| p.as_ref()).collect();
+        concat_along(&refs, dim).map_err(|d| self.bad(&name, d))
+    }
+
+    fn reduce_scatter(&self, data: TensorData, dim: usize, op: ReduceOp) -> Result<TensorData, CommError> {
+        let name = format!("reduce_scatter({op:?}, dim={dim})");
+        let parts = self.all_parts(&name, data)?;
+        let refs: Vec<&TensorData> = parts.iter().map(|p| p.as_ref()).collect();
+        let full = reduce_all(&refs, op).map_err(|d| self.bad(&name, d))?;
+        split_along(&full, dim, self.size(), self.rank).map_err(|d| self.bad(&name, d))
+    }
+
+    fn broadcast(&self, data: Option<TensorData>, root: usize) -> Result<TensorData, CommError> {
+        let name = format!("broadcast(root={root})");
+        self.peer_global(root, &name)?;
+        let payload = if self.rank == root { data } else { None };
+        let parts = self.exchange(&name, payload)?;
+        parts[root]
+            .as_ref()
+            .map(|d| d.as_ref().clone())
+            .ok_or_else(|| self.bad(&name, format!("root {root} passed no tensor")))
+    }
+
+    fn send(&self, data: TensorData, peer: usize) -> Result<(), CommError> {
+        let dst = self.peer_global(peer, "send")?;
+        let src = self.global_rank();
+        lock(&self.world.mail).entry((src, dst)).or_default().push_back(data);
+        self.world.mail_cv.notify_all();
+        Ok(())
+    }
+
+    fn recv(&self, peer: usize, expect: &TensorSpec) -> Result<TensorData, CommError> {
+        let src = self.peer_global(peer, "recv")?;
+        let me = self.global_rank();
+        let op = format!("recv(from={src}, {:?} {:?})", expect.shape, expect.dtype);
+        let start = Instant::now();
+        let mut mail = lock(&self.world.mail);
+        let data = loop {
+            if let Some(d) = mail.get_mut(&(src, me)).and_then(|q| q.pop_front()) {
+                break d;
+            }
+            if let Some(reason) = self.world.gone(src) {
+                return Err(CommError::PeerGone { op, group: self.group.label.clone(), rank: me, peer: src, reason });
+            }
+            let waited = start.elapsed();
+            if waited >= self.world.timeout {
+                return Err(CommError::Timeout { op, group: self.group.label.clone(), rank: me, missing: vec![src], waited });
+            }
+            mail = self.world.mail_cv.wait_timeout(mail, POLL.min(self.world.timeout - waited)).unwrap_or_else(|e| e.into_inner()).0;
+        };
+        if data.shape.as_slice() != expect.shape.as_slice() || data.dtype != expect.dtype {
+            return Err(CommError::P2pMismatch {
+                sender: src,
+                receiver: me,
+                sent_shape: data.shape.to_vec(),
+                sent_dtype: format!("{:?}", data.dtype),
+                expected_shape: expect.shape.clone(),
+                expected_dtype: format!("{:?}", expect.dtype),
+            });
+        }
+        Ok(data)
+    }
+
+    fn barrier(&self) -> Result<(), CommError> {
+        self.exchange("barrier", None).map(|_| ())
+    }
+
+    fn new_group(&self, name: &str, global_ranks: &[usize]) -> Result<Comm, CommError> {
+        let me = self.global_rank();
+        let mut seen = std::collections::HashSet::new();
+        if let Some(d) = global_ranks.iter().find(|r| !seen.insert(**r)) {
+            return Err(CommError::InvalidGroup(format!("{name}: rank {d} listed twice in {global_ranks:?}")));
+        }
+        if let Some(r) = global_ranks.iter().find(|r| !self.group.members.contains(r)) {
+            return Err(CommError::InvalidGroup(format!(
+                "{name}: rank {r} is not in the parent group {}",
+                self.group.label
+            )));
+        }
+        let rank = global_ranks.iter().position(|&r| r == me).ok_or_else(|| {
+            CommError::InvalidGroup(format!("{name}: rank {me} creates {global_ranks:?} without being in it"))
+        })?;
+        let group = self.world.group(name, global_ranks.to_vec());
+        Ok(Arc::new(LocalComm { world: self.world.clone(), group, rank }))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,93 @@
+//! The [`Communicator`] trait and its tensor-level API.
+//!
+//! A communicator is one rank's handle on one group of ranks. It is object-safe and carried as
+//! [`Comm`] (`Arc<dyn Communicator>`) inside modules and autodiff ops. Its methods move host
+//! [`TensorData`]; the tensor functions in [`ops`] (`all_reduce`, `all_gather`, …) lift them to
+//! Burn tensors through [`CollectiveBackend`](crate::collective::CollectiveBackend), whose
+//! per-backend implementation may bypass the host (an NCCL communicator on CUDA device pointers)
+//! without any caller changing.
+//!
+//! Every blocking operation fails with a [`CommError`] instead of hanging: a timeout names the
+//! operation, the group and the ranks that never arrived.
+
+mod host;
+mod local;
+pub mod ops;
+
+use std::any::Any;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use burn::tensor::{DType, TensorData};
+
+use crate::error::CommError;
+
+pub use host::{concat_along, reduce_all, split_along};
+pub use local::{LocalWorld, LocalWorldOptions};
+
+/// Shared handle on a communicator.
+pub type Comm = Arc<dyn Communicator>;
+
+/// Reduction applied by all-reduce and reduce-scatter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    /// Element-wise sum.
+    Sum,
+    /// Element-wise maximum.
+    Max,
+    /// Element-wise mean (sum / group size).
+    Mean,
+}
+
+/// What a receiver expects: a mismatch with what the sender sent is an error naming both ranks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    /// Expected shape.
+    pub shape: Vec<usize>,
+    /// Expected dtype.
+    pub dtype: DType,
+}
+
+/// One rank's handle on a group of ranks. Ranks passed to and returned by its methods are
+/// **group ranks** (`0..size()`), except [`global_ranks`](Self::global_ranks).
+pub trait Communicator: Send + Sync + Debug + 'static {
+    /// This rank's index in the group.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn size(&self) -> usize;
+    /// Global ranks of the members, in group order.
+    fn global_ranks(&self) -> &[usize];
+    /// A label for errors and logs, e.g. `tp[0,1]`.
+    fn label(&self) -> &str;
+
+    /// Element-wise reduction of every rank's tensor; every rank gets the result. All ranks
+    /// receive bit-identical results.
+    fn all_reduce(&self, data: TensorData, op: ReduceOp) -> Result<TensorData, CommError>;
+    /// Concatenation of every rank's tensor along `dim`, in group order.
+    fn all_gather(&self, data: TensorData, dim: usize) -> Result<TensorData, CommError>;
+    /// Reduction, then this rank's `1/size` slice along `dim` (which must divide evenly).
+    fn reduce_scatter(
+        &self,
+        data: TensorData,
+        dim: usize,
+        op: ReduceOp,
+    ) -> Result<TensorData, CommError>;
+    /// The root's tensor on every rank (`data` is only read on the root).
+    fn broadcast(&self, data: Option<TensorData>, root: usize) -> Result<TensorData, CommError>;
+    /// Sends a tensor to `peer`; the shape and dtype travel with it.
+    fn send(&self, data: TensorData, peer: usize) -> Result<(), CommError>;
+    /// Receives the next tensor from `peer` and checks it against `expect`.
+    fn recv(&self, peer: usize, expect: &TensorSpec) -> Result<TensorData, CommError>;
+    /// Returns once every rank of the group has called it.
+    fn barrier(&self) -> Result<(), CommError>;
+    /// A communicator over a subset of this group, given by **global** ranks (which must include
+    /// the caller). Every member must create the same groups in the same order.
+    fn new_group(&self, name: &str, global_ranks: &[usize]) -> Result<Comm, CommError>;
+    /// For backends that bypass the host path (downcast to the concrete communicator).
+    fn as_any(&self) -> &dyn Any;
+
+    /// This rank's global index.
+    fn global_rank(&self) -> usize {
+        self.global_ranks()[self.rank()]
+    }
+}

@@ -1,0 +1,55 @@
+//! Collectives on Burn tensors (not differentiable: under autodiff the result is untracked).
+//! These are what callers use; the backend decides how the bytes move.
+
+use burn::tensor::{Device, Tensor, TensorPrimitive};
+
+use super::{Comm, ReduceOp, TensorSpec};
+use crate::collective::CollectiveBackend;
+use crate::error::CommError;
+
+fn wrap<B: CollectiveBackend, const D: usize>(p: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// Element-wise reduction over the group; every rank gets the result.
+pub fn all_reduce<B: CollectiveBackend, const D: usize>(x: Tensor<B, D>, op: ReduceOp, comm: &Comm) -> Result<Tensor<B, D>, CommError> {
+    B::collective_all_reduce(x.into_primitive().tensor(), op, comm).map(wrap)
+}
+
+/// Concatenation of every rank's tensor along `dim`, in group order.
+pub fn all_gather<B: CollectiveBackend, const D: usize>(x: Tensor<B, D>, dim: usize, comm: &Comm) -> Result<Tensor<B, D>, CommError> {
+    B::collective_all_gather(x.into_primitive().tensor(), dim, comm).map(wrap)
+}
+
+/// Reduction, then this rank's slice along `dim`.
+pub fn reduce_scatter<B: CollectiveBackend, const D: usize>(
+    x: Tensor<B, D>,
+    dim: usize,
+    op: ReduceOp,
+    comm: &Comm,
+) -> Result<Tensor<B, D>, CommError> {
+    B::collective_reduce_scatter(x.into_primitive().tensor(), dim, op, comm).map(wrap)
+}
+
+/// The root's tensor on every rank (`x` gives the shape elsewhere and is otherwise ignored).
+pub fn broadcast<B: CollectiveBackend, const D: usize>(x: Tensor<B, D>, root: usize, comm: &Comm) -> Result<Tensor<B, D>, CommError> {
+    B::collective_broadcast(x.into_primitive().tensor(), root, comm).map(wrap)
+}
+
+/// Sends `x` to group rank `peer`.
+pub fn send<B: CollectiveBackend, const D: usize>(x: Tensor<B, D>, peer: usize, comm: &Comm) -> Result<(), CommError> {
+    B::collective_send(x.into_primitive().tensor(), peer, comm)
+}
+
+/// Receives a `shape` tensor of the backend's default float dtype from group rank `peer`;
+/// another shape or dtype is a [`CommError::P2pMismatch`].
+pub fn recv<B: CollectiveBackend, const D: usize>(
+    shape: [usize; D],
+    device: &Device<B>,
+    peer: usize,
+    comm: &Comm,
+) -> Result<Tensor<B, D>, CommError> {
+    let dtype = Tensor::<B, 1>::empty([0], device).dtype();
+    let spec = TensorSpec { shape: shape.to_vec(), dtype };
+    B::collective_recv(&spec, device, peer, comm).map(wrap)
+}

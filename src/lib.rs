@@ -1,0 +1,50 @@
+//! # burn-parallel
+//!
+//! Model-parallel training on [Burn](https://burn.dev): tensor, sequence, pipeline and data
+//! parallelism, with every layout runnable on CPU threads and checked against the single-device
+//! model.
+//!
+//! Main types:
+//! - [`ParallelConfig`]: the degrees (dp, pp, tp, virtual stages, sequence parallel), Megatron rank
+//!   order and groups; [`ProcessGroups`]: one rank's communicators.
+//! - [`Communicator`] / [`Comm`]: collectives and point-to-point; [`LocalWorld`] runs ranks as
+//!   threads; [`run_world`] drives a world and collects each rank's result or error.
+//! - [`mappings`]: Megatron's f/g and the sequence-parallel mappings as autodiff ops.
+//! - [`CollectiveBackend`]: how a Burn backend moves tensors (host-staged by default).
+//!
+//! The parallel layers and the GPT live in the `burn-parallel-modules` crate.
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use burn::tensor::Tensor;
+//! use burn_parallel::{mappings, run_world, LocalWorldOptions};
+//!
+//! type B = Autodiff<Flex>;
+//! // Two ranks: y = g(f(x) * w_r) where each rank holds its own weight w_r.
+//! let results = run_world(2, LocalWorldOptions::default(), |comm| {
+//!     let dev = Default::default();
+//!     let x = Tensor::<B, 1>::from_floats([1.0, 2.0], &dev).require_grad();
+//!     let w = (comm.rank() + 1) as f32;
+//!     let y = mappings::reduce_from_tp(mappings::copy_to_tp(x.clone(), &comm) * w, &comm);
+//!     let grads = y.sum().backward();
+//!     let dx = x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+//!     Ok::<_, String>(dx)
+//! });
+//! for r in results {
+//!     assert_eq!(r.unwrap(), vec![3.0, 3.0]); // dx = w_0 + w_1 on every rank
+//! }
+//! ```
+
+pub mod collective;
+pub mod comm;
+pub mod error;
+pub mod mappings;
+pub mod rng;
+pub mod topology;
+pub mod world;
+
+pub use collective::CollectiveBackend;
+pub use comm::{Comm, Communicator, LocalWorld, LocalWorldOptions, ReduceOp, TensorSpec};
+pub use error::{CommError, ConfigError, RankError};
+pub use topology::{ModelDims, ParallelConfig, ProcessGroups, RankCoords};
+pub use world::{all_ok, run_world};

@@ -1,0 +1,263 @@
+//! Parallel layout: degrees, rank ↔ coordinates, and process groups.
+//!
+//! Ranks are laid out in Megatron order: **tensor-parallel fastest, then data-parallel, then
+//! pipeline**: `rank = tp + tp_size * (dp + dp_size * pp)`. With 16 ranks, tp=2, pp=4 (so dp=2):
+//! TP groups `[0,1] [2,3] …`, DP groups `[0,2] [1,3] [4,6] …`, PP groups `[0,4,8,12] [1,5,9,13] …`.
+
+use burn::config::Config;
+
+use crate::comm::Comm;
+use crate::error::{CommError, ConfigError};
+
+/// Parallel degrees of a run. `data_parallel * pipeline_parallel * tensor_parallel` must equal the
+/// world size.
+#[derive(Config, Debug, PartialEq, Eq)]
+pub struct ParallelConfig {
+    /// Data-parallel degree (model replicas).
+    #[config(default = 1)]
+    pub data_parallel: usize,
+    /// Pipeline-parallel degree (stages on distinct ranks).
+    #[config(default = 1)]
+    pub pipeline_parallel: usize,
+    /// Tensor-parallel degree (ranks sharing every layer).
+    #[config(default = 1)]
+    pub tensor_parallel: usize,
+    /// Model chunks per pipeline rank (interleaved schedules); 1 otherwise.
+    #[config(default = 1)]
+    pub virtual_stages: usize,
+    /// Shard layer-norm/dropout regions along the sequence over the TP group.
+    #[config(default = false)]
+    pub sequence_parallel: bool,
+}
+
+/// Where a rank sits in the (dp, pp, tp) grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RankCoords {
+    /// Data-parallel index.
+    pub dp: usize,
+    /// Pipeline stage index.
+    pub pp: usize,
+    /// Tensor-parallel index.
+    pub tp: usize,
+}
+
+/// The sizes of a model that tensor parallelism splits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelDims {
+    /// Hidden (model) size.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Feed-forward inner size.
+    pub ffn: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+}
+
+impl ParallelConfig {
+    /// `data_parallel * pipeline_parallel * tensor_parallel`.
+    pub fn world_size(&self) -> usize {
+        self.data_parallel * self.pipeline_parallel * self.tensor_parallel
+    }
+
+    /// Checks the degrees against a world size.
+    pub fn validate(&self, world: usize) -> Result<(), ConfigError> {
+        for (name, v) in [
+            ("data_parallel", self.data_parallel),
+            ("pipeline_parallel", self.pipeline_parallel),
+            ("tensor_parallel", self.tensor_parallel),
+            ("virtual_stages", self.virtual_stages),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::ZeroDegree { name });
+            }
+        }
+        if self.world_size() != world {
+            return Err(ConfigError::WorldSizeMismatch {
+                world,
+                dp: self.data_parallel,
+                pp: self.pipeline_parallel,
+                tp: self.tensor_parallel,
+                product: self.world_size(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that every dimension tensor parallelism splits is divisible by `tensor_parallel`.
+    pub fn validate_model(&self, dims: &ModelDims) -> Result<(), ConfigError> {
+        let tp = self.tensor_parallel;
+        if tp == 0 {
+            return Err(ConfigError::ZeroDegree { name: "tensor_parallel" });
+        }
+        if dims.heads == 0 || dims.hidden % dims.heads != 0 {
+            return Err(ConfigError::NotDivisible {
+                what: "hidden size",
+                value: dims.hidden,
+                degree_name: "attention heads",
+                degree: dims.heads,
+            });
+        }
+        for (what, value) in [
+            ("attention heads", dims.heads),
+            ("hidden size", dims.hidden),
+            ("ffn size", dims.ffn),
+            ("vocab size", dims.vocab),
+        ] {
+            if value % tp != 0 {
+                return Err(ConfigError::NotDivisible {
+                    what,
+                    value,
+                    degree_name: "tensor_parallel",
+                    degree: tp,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Coordinates of a global rank.
+    pub fn coords(&self, rank: usize) -> Result<RankCoords, ConfigError> {
+        let world = self.world_size();
+        if rank >= world {
+            return Err(ConfigError::RankOutOfRange { rank, world });
+        }
+        let tp = rank % self.tensor_parallel;
+        let dp = (rank / self.tensor_parallel) % self.data_parallel;
+        let pp = rank / (self.tensor_parallel * self.data_parallel);
+        Ok(RankCoords { dp, pp, tp })
+    }
+
+    /// Global rank of coordinates (inverse of [`coords`](Self::coords)).
+    pub fn rank_of(&self, c: RankCoords) -> usize {
+        c.tp + self.tensor_parallel * (c.dp + self.data_parallel * c.pp)
+    }
+
+    /// Global ranks of the TP group containing `rank`, in TP order.
+    pub fn tp_group(&self, rank: usize) -> Result<Vec<usize>, ConfigError> {
+        let c = self.coords(rank)?;
+        Ok((0..self.tensor_parallel).map(|tp| self.rank_of(RankCoords { tp, ..c })).collect())
+    }
+
+    /// Global ranks of the DP group containing `rank`, in DP order.
+    pub fn dp_group(&self, rank: usize) -> Result<Vec<usize>, ConfigError> {
+        let c = self.coords(rank)?;
+        Ok((0..self.data_parallel).map(|dp| self.rank_of(RankCoords { dp, ..c })).collect())
+    }
+
+    /// Global ranks of the pipeline group containing `rank`, in stage order.
+    pub fn pp_group(&self, rank: usize) -> Result<Vec<usize>, ConfigError> {
+        let c = self.coords(rank)?;
+        Ok((0..self.pipeline_parallel).map(|pp| self.rank_of(RankCoords { pp, ..c })).collect())
+    }
+
+    /// First and last stage of `rank`'s pipeline (one rank when pp = 1): the group that reduces
+    /// tied embedding gradients.
+    pub fn embedding_group(&self, rank: usize) -> Result<Vec<usize>, ConfigError> {
+        let pp = self.pp_group(rank)?;
+        let mut g = vec![pp[0], pp[pp.len() - 1]];
+        g.dedup();
+        Ok(g)
+    }
+
+    /// Every TP group of the world, in order of their first rank.
+    pub fn all_tp_groups(&self) -> Vec<Vec<usize>> {
+        let n = self.world_size();
+        (0..n).step_by(self.tensor_parallel.max(1)).map(|r| self.tp_group(r).unwrap()).collect()
+    }
+}
+
+/// A rank's view of the layout: its coordinates and a communicator per group it belongs to.
+#[derive(Debug, Clone)]
+pub struct ProcessGroups {
+    /// The layout.
+    pub config: ParallelConfig,
+    /// This rank's coordinates.
+    pub coords: RankCoords,
+    /// All ranks.
+    pub world: Comm,
+    /// Ranks sharing this rank's layers (tensor parallel).
+    pub tp: Comm,
+    /// Ranks holding replicas of this rank's shard (data parallel).
+    pub dp: Comm,
+    /// Ranks holding the other stages of this rank's pipeline.
+    pub pp: Comm,
+    /// First and last stage of this pipeline (tied embeddings).
+    pub embedding: Comm,
+}
+
+impl ProcessGroups {
+    /// Validates `config` against `world` and creates this rank's groups.
+    pub fn new(config: ParallelConfig, world: Comm) -> Result<Self, GroupsError> {
+        config.validate(world.size())?;
+        let rank = world.global_rank();
+        let coords = config.coords(rank)?;
+        let tp = world.new_group("tp", &config.tp_group(rank)?)?;
+        let dp = world.new_group("dp", &config.dp_group(rank)?)?;
+        let pp = world.new_group("pp", &config.pp_group(rank)?)?;
+        let embedding = world.new_group("embedding", &config.embedding_group(rank)?)?;
+        Ok(Self { config, coords, world, tp, dp, pp, embedding })
+    }
+}
+
+/// Creating process groups failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GroupsError {
+    /// The layout is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The communicator refused a group.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dp: usize, pp: usize, tp: usize) -> ParallelConfig {
+        ParallelConfig::new().with_data_parallel(dp).with_pipeline_parallel(pp).with_tensor_parallel(tp)
+    }
+
+    #[test]
+    fn megatron_order_16_ranks() {
+        let c = cfg(2, 4, 2);
+        assert_eq!(c.tp_group(0).unwrap(), vec![0, 1]);
+        assert_eq!(c.tp_group(3).unwrap(), vec![2, 3]);
+        assert_eq!(c.dp_group(0).unwrap(), vec![0, 2]);
+        assert_eq!(c.dp_group(5).unwrap(), vec![5, 7]);
+        assert_eq!(c.pp_group(0).unwrap(), vec![0, 4, 8, 12]);
+        assert_eq!(c.pp_group(1).unwrap(), vec![1, 5, 9, 13]);
+        assert_eq!(c.embedding_group(5).unwrap(), vec![1, 13]);
+        for r in 0..16 {
+            assert_eq!(c.rank_of(c.coords(r).unwrap()), r);
+        }
+        assert_eq!(c.coords(13).unwrap(), RankCoords { dp: 0, pp: 3, tp: 1 });
+        assert_eq!(c.all_tp_groups().len(), 8);
+    }
+
+    #[test]
+    fn world_size_mismatch_names_numbers() {
+        let e = cfg(2, 2, 2).validate(6).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "world size 6 != data_parallel 2 x pipeline_parallel 2 x tensor_parallel 2 = 8"
+        );
+        assert!(matches!(cfg(1, 0, 1).validate(0), Err(ConfigError::ZeroDegree { name: "pipeline_parallel" })));
+        assert!(cfg(1, 1, 4).coords(4).is_err());
+    }
+
+    #[test]
+    fn model_divisibility() {
+        let dims = ModelDims { hidden: 64, heads: 4, ffn: 256, vocab: 256 };
+        assert!(cfg(1, 1, 4).validate_model(&dims).is_ok());
+        let e = cfg(1, 1, 8).validate_model(&dims).unwrap_err();
+        assert_eq!(e.to_string(), "attention heads = 4 is not divisible by tensor_parallel = 8");
+        let e = cfg(1, 1, 2).validate_model(&ModelDims { vocab: 255, ..dims }).unwrap_err();
+        assert_eq!(e.to_string(), "vocab size = 255 is not divisible by tensor_parallel = 2");
+        let e = cfg(1, 1, 3).validate_model(&ModelDims { heads: 6, hidden: 66, ..dims }).unwrap_err();
+        assert_eq!(e.to_string(), "ffn size = 256 is not divisible by tensor_parallel = 3");
+        let e = cfg(1, 1, 1).validate_model(&ModelDims { heads: 5, ..dims }).unwrap_err();
+        assert!(e.to_string().contains("hidden size = 64 is not divisible by attention heads = 5"));
+    }
+}
