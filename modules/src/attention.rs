@@ -1,0 +1,119 @@
+//! Tensor-parallel causal self-attention: heads split over the TP group.
+//!
+//! Query/key/value are column-parallel `h → h` (rank r computes heads
+//! `[r·H/t, (r+1)·H/t)`, i.e. `[b, s, h/t]`, after one f whose backward all-reduces); attention
+//! runs locally on those `H/t` heads (`[b, H/t, s, s]` scores, causal mask, softmax, dropout with a
+//! per-rank mask); the output projection is row-parallel `h → h` with one all-reduce (g).
+//! With t = 1 and dropout 0 it equals `burn::nn::attention::MultiHeadAttention` with an
+//! autoregressive mask.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Tensor};
+use burn_parallel::mappings::copy_to_tp;
+use burn_parallel::{CollectiveBackend, Comm, ConfigError};
+
+use crate::column_linear::{ColumnLinear, ColumnLinearConfig};
+use crate::dropout::{DropoutRegion, ParallelDropout};
+use crate::init::{check_divisible, ParamInit};
+use crate::row_linear::{RowLinear, RowLinearConfig};
+
+/// Masked scores get this value before the softmax (as burn-nn's `min_float`).
+const MASK_VALUE: f32 = -1.0e4;
+
+/// Configuration of a [`ParallelAttention`].
+#[derive(Config, Debug)]
+pub struct ParallelAttentionConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Heads over all ranks (must be divisible by the TP size).
+    pub n_heads: usize,
+    /// Dropout on the attention probabilities.
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// Init standard deviation of query/key/value.
+    #[config(default = 0.02)]
+    pub init_std: f64,
+    /// Init standard deviation of the output projection.
+    #[config(default = 0.02)]
+    pub proj_init_std: f64,
+}
+
+/// Causal multi-head self-attention with heads split over the TP group.
+#[derive(Module, Debug)]
+pub struct ParallelAttention<B: CollectiveBackend> {
+    /// Column-parallel query projection.
+    pub query: ColumnLinear<B>,
+    /// Column-parallel key projection.
+    pub key: ColumnLinear<B>,
+    /// Column-parallel value projection.
+    pub value: ColumnLinear<B>,
+    /// Row-parallel output projection.
+    pub output: RowLinear<B>,
+    /// Dropout on attention probabilities (sharded region: own mask per rank).
+    pub dropout: ParallelDropout,
+    /// Heads on this rank.
+    pub local_heads: usize,
+    /// Width of one head.
+    pub d_head: usize,
+}
+
+impl ParallelAttentionConfig {
+    /// Builds this rank's shard.
+    pub fn init<B: CollectiveBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<ParallelAttention<B>, ConfigError> {
+        if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+            return Err(ConfigError::NotDivisible {
+                what: "hidden size",
+                value: self.d_model,
+                degree_name: "attention heads",
+                degree: self.n_heads,
+            });
+        }
+        let local_heads = check_divisible("attention heads", self.n_heads, tp)?;
+        let qkv = |name: &str| {
+            ColumnLinearConfig::new(self.d_model, self.d_model).with_init_std(self.init_std).init(tp, &init.child(name), device)
+        };
+        Ok(ParallelAttention {
+            query: qkv("query")?,
+            key: qkv("key")?,
+            value: qkv("value")?,
+            output: RowLinearConfig::new(self.d_model, self.d_model)
+                .with_init_std(self.proj_init_std)
+                .init(tp, &init.child("output"), device)?,
+            dropout: ParallelDropout::new(self.dropout, init.seed, &init.child("dropout").path, DropoutRegion::Sharded, tp.rank()),
+            local_heads,
+            d_head: self.d_model / self.n_heads,
+        })
+    }
+}
+
+impl<B: CollectiveBackend> ParallelAttention<B> {
+    /// `[b, s, h]` replicated → `[b, s, h]` replicated, causal.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = copy_to_tp(x, &self.query.tp);
+        self.forward_parallel_input(x)
+    }
+
+    /// The same for an input that already went through f (or the SP all-gather).
+    pub fn forward_parallel_input(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let heads = |lin: &ColumnLinear<B>| {
+            lin.forward_parallel_input(x.clone()).reshape([b, s, self.local_heads, self.d_head]).swap_dims(1, 2)
+        };
+        let (q, k, v) = (heads(&self.query), heads(&self.key), heads(&self.value));
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((self.d_head as f32).sqrt());
+        let scores = scores.mask_fill(causal_mask::<B>(s, &x.device()), MASK_VALUE);
+        let probs = self.dropout.forward(softmax(scores, 3));
+        let context = probs.matmul(v).swap_dims(1, 2).reshape([b, s, self.local_heads * self.d_head]);
+        self.output.forward(context)
+    }
+}
+
+/// `[1, 1, s, s]`, true above the diagonal (future positions).
+fn causal_mask<B: CollectiveBackend>(s: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+    let i = Tensor::<B, 1, burn::tensor::Int>::arange(0..s as i64, device);
+    let rows = i.clone().reshape([s, 1]).expand([s, s]);
+    let cols = i.reshape([1, s]).expand([s, s]);
+    cols.greater(rows).reshape([1, 1, s, s])
+}

@@ -1,0 +1,88 @@
+//! Pre-LN transformer block: `x + drop(attn(LN₁ x))`, then `x + drop(mlp(LN₂ x))`.
+//!
+//! Layer norms are replicated (every TP rank holds full `γ, β` and sees the full gradient, since
+//! their outputs enter the TP region through f). Residual dropouts sit in the replicated region:
+//! the same mask on every TP rank. Per layer and micro-batch: 2 all-reduces forward (after
+//! attention and after the MLP) and 2 backward (the f of each sub-block).
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig};
+use burn::tensor::Tensor;
+use burn_parallel::{CollectiveBackend, Comm, ConfigError};
+
+use crate::attention::{ParallelAttention, ParallelAttentionConfig};
+use crate::dropout::{DropoutRegion, ParallelDropout};
+use crate::init::ParamInit;
+use crate::mlp::{ParallelMlp, ParallelMlpConfig};
+
+/// Configuration of a [`TransformerBlock`].
+#[derive(Config, Debug)]
+pub struct TransformerBlockConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Heads over all ranks.
+    pub n_heads: usize,
+    /// MLP inner width over all ranks.
+    pub d_ff: usize,
+    /// Dropout on attention probabilities and residual branches.
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// Init standard deviation.
+    #[config(default = 0.02)]
+    pub init_std: f64,
+    /// Init standard deviation of the two output projections (GPT-2: `0.02/√(2L)`).
+    #[config(default = 0.02)]
+    pub proj_init_std: f64,
+    /// Layer-norm epsilon.
+    #[config(default = 1e-5)]
+    pub layer_norm_eps: f64,
+}
+
+/// One transformer layer, split over the TP group.
+#[derive(Module, Debug)]
+pub struct TransformerBlock<B: CollectiveBackend> {
+    /// Layer norm before attention (replicated).
+    pub ln1: LayerNorm<B>,
+    /// Self-attention.
+    pub attn: ParallelAttention<B>,
+    /// Layer norm before the MLP (replicated).
+    pub ln2: LayerNorm<B>,
+    /// Feed-forward.
+    pub mlp: ParallelMlp<B>,
+    /// Residual dropout after attention (replicated region).
+    pub drop_attn: ParallelDropout,
+    /// Residual dropout after the MLP (replicated region).
+    pub drop_mlp: ParallelDropout,
+}
+
+impl TransformerBlockConfig {
+    /// Builds this rank's shard.
+    pub fn init<B: CollectiveBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<TransformerBlock<B>, ConfigError> {
+        let ln = || LayerNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).init(device);
+        let drop = |name: &str| ParallelDropout::new(self.dropout, init.seed, &init.child(name).path, DropoutRegion::Replicated, tp.rank());
+        Ok(TransformerBlock {
+            ln1: ln(),
+            attn: ParallelAttentionConfig::new(self.d_model, self.n_heads)
+                .with_dropout(self.dropout)
+                .with_init_std(self.init_std)
+                .with_proj_init_std(self.proj_init_std)
+                .init(tp, &init.child("attn"), device)?,
+            ln2: ln(),
+            mlp: ParallelMlpConfig::new(self.d_model, self.d_ff)
+                .with_init_std(self.init_std)
+                .with_proj_init_std(self.proj_init_std)
+                .init(tp, &init.child("mlp"), device)?,
+            drop_attn: drop("drop_attn"),
+            drop_mlp: drop("drop_mlp"),
+        })
+    }
+}
+
+impl<B: CollectiveBackend> TransformerBlock<B> {
+    /// `[b, s, h]` → `[b, s, h]`, replicated over the TP group.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = x.clone() + self.drop_attn.forward(self.attn.forward(self.ln1.forward(x)));
+        x.clone() + self.drop_mlp.forward(self.mlp.forward(self.ln2.forward(x)))
+    }
+}

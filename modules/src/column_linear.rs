@@ -1,0 +1,78 @@
+//! Column-parallel linear layer (Megatron `ColumnParallelLinear`).
+//!
+//! `y = x A + b` with `A: [d_in, d_out]` split on its **output** dim: rank r holds
+//! `A_r = A[:, r·d_out/t .. (r+1)·d_out/t]` and `b_r`. Forward: `x` (replicated, `[.., d_in]`)
+//! enters through f (identity forward, **all-reduce backward**), giving `y_r = x A_r + b_r`
+//! (`[.., d_out/t]`); with `gather_output`, `y = all-gather(y_r)` (`[.., d_out]`, backward keeps
+//! the own slice). With t = 1 it equals `burn::nn::Linear` with the same weights.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::module::linear;
+use burn::tensor::Tensor;
+use burn_parallel::mappings::{copy_to_tp, gather_from_tp};
+use burn_parallel::{CollectiveBackend, Comm, ConfigError};
+
+use crate::init::{check_divisible, param, shard, ParamInit};
+
+/// Configuration of a [`ColumnLinear`].
+#[derive(Config, Debug)]
+pub struct ColumnLinearConfig {
+    /// Input features (replicated).
+    pub d_input: usize,
+    /// Output features over all ranks (must be divisible by the TP size).
+    pub d_output: usize,
+    /// Learnable bias.
+    #[config(default = true)]
+    pub bias: bool,
+    /// All-gather the output to `[.., d_output]` (else each rank keeps `[.., d_output/t]`).
+    #[config(default = false)]
+    pub gather_output: bool,
+    /// Standard deviation of the normal weight init (bias starts at zero).
+    #[config(default = 0.02)]
+    pub init_std: f64,
+}
+
+/// Linear layer whose weight is split by output columns over the TP group.
+#[derive(Module, Debug)]
+pub struct ColumnLinear<B: CollectiveBackend> {
+    /// Local weight `[d_input, d_output/t]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// Local bias `[d_output/t]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    /// Gather the output over the group.
+    pub gather_output: bool,
+    /// The TP group.
+    #[module(skip)]
+    pub tp: Comm,
+}
+
+impl ColumnLinearConfig {
+    /// Builds this rank's shard; `init` names the parameter stream.
+    pub fn init<B: CollectiveBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<ColumnLinear<B>, ConfigError> {
+        let local = check_divisible("column-parallel output features", self.d_output, tp)?;
+        let w = init.child("weight").normal(&[self.d_input, self.d_output], self.init_std);
+        let weight = param(shard(w, 1, tp), device);
+        let bias = self.bias.then(|| param(burn::tensor::TensorData::zeros::<f32, _>([local]), device));
+        Ok(ColumnLinear { weight, bias, gather_output: self.gather_output, tp: tp.clone() })
+    }
+}
+
+impl<B: CollectiveBackend> ColumnLinear<B> {
+    /// `[.., d_input]` (replicated) → `[.., d_output/t]`, or `[.., d_output]` with `gather_output`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = copy_to_tp(x, &self.tp);
+        self.forward_parallel_input(x)
+    }
+
+    /// The same without the f mapping: for inputs that already went through one (e.g. the
+    /// sequence-parallel all-gather).
+    pub fn forward_parallel_input<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let y = linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+        if self.gather_output {
+            gather_from_tp(y, &self.tp)
+        } else {
+            y
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Vocab-parallel cross-entropy (Megatron `vocab_parallel_cross_entropy`).
+//!
+//! Logits arrive split on the vocabulary, `z_r: [N, V/t]` (rank r holds ids
+//! `[r·V/t, (r+1)·V/t)`), targets `[N]` replicated. Forward:
+//! `m = all-reduce-max(max_j z_r)` (a constant: no gradient), `s = g(Σ_j exp(z_r − m))`,
+//! `z_y = g(z_r[y] if y is local else 0)`, `loss_i = log s − (z_y − m)`, mean over `N`.
+//! g is all-reduce forward / identity backward, so the backward is **local**:
+//! `∂loss/∂z_r = (softmax − onehot)_r / N` on each rank's own shard. The full `[N, V]` logits are
+//! never materialised. With t = 1 it equals `burn::nn::loss::CrossEntropyLoss`.
+
+use burn::tensor::{Int, Tensor};
+use burn_parallel::comm::ops::all_reduce;
+use burn_parallel::collective::expect_comm;
+use burn_parallel::mappings::reduce_from_tp;
+use burn_parallel::{CollectiveBackend, Comm, ReduceOp};
+
+/// Per-token losses `[N]` of vocab-parallel `logits: [N, V/t]` against `targets: [N]`; this rank
+/// holds vocabulary ids `[vocab_start, vocab_start + V/t)`.
+pub fn vocab_parallel_cross_entropy_per_token<B: CollectiveBackend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    vocab_start: usize,
+    tp: &Comm,
+) -> Tensor<B, 1> {
+    let [_, v_local] = logits.dims();
+    let local_max = logits.clone().detach().max_dim(1);
+    let max = if tp.size() == 1 { local_max } else { expect_comm(all_reduce(local_max, ReduceOp::Max, tp)) };
+    let shifted = logits - max;
+    let sum_exp = reduce_from_tp(shifted.clone().exp().sum_dim(1), tp);
+    let local_t = targets.sub_scalar(vocab_start as i64);
+    let outside = local_t.clone().lower_elem(0).bool_or(local_t.clone().greater_equal_elem(v_local as i64));
+    let idx = local_t.mask_fill(outside.clone(), 0).unsqueeze_dim::<2>(1);
+    let picked = shifted.gather(1, idx) * outside.bool_not().float().unsqueeze_dim::<2>(1);
+    let target_logit = reduce_from_tp(picked, tp);
+    (sum_exp.log() - target_logit).squeeze_dim::<1>(1)
+}
+
+/// Mean cross-entropy (a one-element tensor, replicated over the TP group).
+pub fn vocab_parallel_cross_entropy<B: CollectiveBackend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    vocab_start: usize,
+    tp: &Comm,
+) -> Tensor<B, 1> {
+    vocab_parallel_cross_entropy_per_token(logits, targets, vocab_start, tp).mean()
+}

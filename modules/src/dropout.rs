@@ -1,0 +1,64 @@
+//! Dropout with Megatron's RNG rules for tensor parallelism.
+//!
+//! Masks come from the host generator ([`burn_parallel::rng::HostRng`]) keyed by
+//! `(seed, layer name, call number)` — plus the TP rank for [`DropoutRegion::Sharded`] layers:
+//! - **replicated** regions (embedding output, residual branches after g): every TP rank draws
+//!   the same mask, so the replicated activations stay identical across the group;
+//! - **sharded** regions (attention probabilities of this rank's heads): each rank draws its own.
+//!
+//! Active only when the backend tracks gradients (training) and `prob > 0`. Calls are counted per
+//! layer, so ranks running the same program draw the same sequence of masks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use burn_parallel::rng::HostRng;
+
+/// Whether a dropout sits in a replicated or a TP-sharded region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropoutRegion {
+    /// Same mask on every TP rank.
+    Replicated,
+    /// Own mask per TP rank.
+    Sharded,
+}
+
+/// Dropout drawing reproducible masks per the TP rules above.
+#[derive(Module, Debug, Clone)]
+pub struct ParallelDropout {
+    /// Drop probability.
+    pub prob: f64,
+    /// Mask stream name (seed, layer path, and the TP rank for sharded regions).
+    pub stream: String,
+    /// Run seed.
+    pub seed: u64,
+    #[module(skip)]
+    calls: Arc<AtomicU64>,
+}
+
+impl ParallelDropout {
+    /// A dropout named `name` (its module path) in `region`; `tp_rank` matters for sharded ones.
+    pub fn new(prob: f64, seed: u64, name: &str, region: DropoutRegion, tp_rank: usize) -> Self {
+        let stream = match region {
+            DropoutRegion::Replicated => format!("dropout:{name}"),
+            DropoutRegion::Sharded => format!("dropout:{name}:tp{tp_rank}"),
+        };
+        Self { prob, stream, seed, calls: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// Applies inverted dropout (scale kept elements by `1/(1-p)`).
+    pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let device = x.device();
+        if self.prob <= 0.0 || !B::ad_enabled(&device) {
+            return x;
+        }
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let shape = x.dims();
+        let n = shape.iter().product();
+        let mask = HostRng::new(self.seed, &format!("{}#{call}", self.stream)).dropout_mask(n, self.prob);
+        x * Tensor::<B, D>::from_data(TensorData::new(mask, shape), &device)
+    }
+}

@@ -1,0 +1,171 @@
+//! A GPT whose every layer is tensor-parallel.
+//!
+//! `ids [b, s] → wte (vocab-parallel) + wpe (replicated) → dropout → N × pre-LN block → LN →
+//! head (column-parallel over the vocabulary) → logits [b, s, V/t] → vocab-parallel CE`.
+//!
+//! The head is **untied** from the token embedding: it is its own column-parallel `[h, V]` weight.
+//! That keeps the first and last pipeline stages independent (no embedding-group all-reduce) at the
+//! price of `V·h` more parameters. Initialisation is seeded per parameter path (see
+//! [`crate::init`]); the output projections of each block use `0.02/√(2L)` as in GPT-2.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{LayerNorm, LayerNormConfig};
+use burn::tensor::{Int, Tensor, TensorData};
+use burn_parallel::mappings::gather_from_tp;
+use burn_parallel::rng::HostRng;
+use burn_parallel::{CollectiveBackend, Comm, ConfigError, ModelDims, ParallelConfig};
+
+use crate::block::{TransformerBlock, TransformerBlockConfig};
+use crate::column_linear::{ColumnLinear, ColumnLinearConfig};
+use crate::cross_entropy::vocab_parallel_cross_entropy;
+use crate::dropout::{DropoutRegion, ParallelDropout};
+use crate::embedding::{VocabParallelEmbedding, VocabParallelEmbeddingConfig};
+use crate::init::{param, ParamInit};
+
+/// Configuration of a [`Gpt`].
+#[derive(Config, Debug)]
+pub struct GptConfig {
+    /// Vocabulary size (divisible by the TP size).
+    pub vocab_size: usize,
+    /// Longest sequence (position embeddings).
+    pub max_seq_len: usize,
+    /// Model width (divisible by heads and by the TP size).
+    pub d_model: usize,
+    /// Attention heads (divisible by the TP size).
+    pub n_heads: usize,
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// MLP inner width (divisible by the TP size).
+    pub d_ff: usize,
+    /// Dropout probability (embedding, attention, residual branches).
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// Seed of the parameter initialisation and dropout masks.
+    #[config(default = 42)]
+    pub seed: u64,
+    /// Layer-norm epsilon.
+    #[config(default = 1e-5)]
+    pub layer_norm_eps: f64,
+}
+
+/// A GPT split over a TP group (a group of one gives the plain model).
+#[derive(Module, Debug)]
+pub struct Gpt<B: CollectiveBackend> {
+    /// Token embedding, vocab-parallel.
+    pub wte: VocabParallelEmbedding<B>,
+    /// Position embedding `[max_seq_len, h]`, replicated.
+    pub wpe: Param<Tensor<B, 2>>,
+    /// Dropout on the embedding sum (replicated region).
+    pub drop: ParallelDropout,
+    /// Transformer blocks.
+    pub blocks: Vec<TransformerBlock<B>>,
+    /// Final layer norm, replicated.
+    pub ln_f: LayerNorm<B>,
+    /// Output head `h → V/t`, column-parallel over the vocabulary (untied).
+    pub head: ColumnLinear<B>,
+}
+
+impl GptConfig {
+    /// The dimensions TP splits.
+    pub fn dims(&self) -> ModelDims {
+        ModelDims { hidden: self.d_model, heads: self.n_heads, ffn: self.d_ff, vocab: self.vocab_size }
+    }
+
+    /// Builds this rank's shard of the model for the TP group `tp`.
+    pub fn init<B: CollectiveBackend>(&self, tp: &Comm, device: &B::Device) -> Result<Gpt<B>, ConfigError> {
+        ParallelConfig::new().with_tensor_parallel(tp.size()).validate_model(&self.dims())?;
+        let init = ParamInit::new(self.seed);
+        let proj_std = 0.02 / ((2 * self.n_layers.max(1)) as f64).sqrt();
+        let block = TransformerBlockConfig::new(self.d_model, self.n_heads, self.d_ff)
+            .with_dropout(self.dropout)
+            .with_proj_init_std(proj_std)
+            .with_layer_norm_eps(self.layer_norm_eps);
+        let blocks = (0..self.n_layers)
+            .map(|i| block.init(tp, &init.child("blocks").child(i), device))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Gpt {
+            wte: VocabParallelEmbeddingConfig::new(self.vocab_size, self.d_model).init(tp, &init.child("wte"), device)?,
+            wpe: param(init.child("wpe").child("weight").normal(&[self.max_seq_len, self.d_model], 0.02), device),
+            drop: ParallelDropout::new(self.dropout, self.seed, "drop", DropoutRegion::Replicated, tp.rank()),
+            blocks,
+            ln_f: LayerNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).init(device),
+            head: ColumnLinearConfig::new(self.d_model, self.vocab_size)
+                .with_bias(false)
+                .init(tp, &init.child("head"), device)?,
+        })
+    }
+}
+
+impl<B: CollectiveBackend> Gpt<B> {
+    /// The TP group.
+    pub fn tp(&self) -> &Comm {
+        &self.head.tp
+    }
+
+    /// Hidden states before the head: `[b, s] → [b, s, h]` (replicated).
+    pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [_, s] = ids.dims();
+        let max = self.wpe.val().dims()[0];
+        assert!(s <= max, "sequence length {s} exceeds max_seq_len {max}");
+        let pos = self.wpe.val().slice([0..s]).unsqueeze::<3>();
+        let mut x = self.drop.forward(self.wte.forward(ids) + pos);
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        self.ln_f.forward(x)
+    }
+
+    /// This rank's logits `[b, s, V/t]` (vocabulary ids `[r·V/t, (r+1)·V/t)`).
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.head.forward(self.hidden(ids))
+    }
+
+    /// Full logits `[b, s, V]` (all-gathered over the vocabulary).
+    pub fn logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        gather_from_tp(self.forward(ids), self.tp())
+    }
+
+    /// Mean next-token cross-entropy of `ids [b, s]` against `targets [b, s]` (replicated).
+    pub fn loss(&self, ids: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        let logits = self.forward(ids);
+        let [b, s, v] = logits.dims();
+        vocab_parallel_cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]), self.wte.vocab_start, self.tp())
+    }
+
+    /// Samples `n_new` tokens after `prompt` (temperature sampling; greedy when `temperature` is
+    /// 0). Every TP rank must call it with the same arguments; all get the same tokens.
+    pub fn generate(&self, prompt: &[usize], n_new: usize, temperature: f64, seed: u64) -> Vec<usize> {
+        let device = self.wpe.val().device();
+        let max = self.wpe.val().dims()[0];
+        let mut rng = HostRng::new(seed, "generate");
+        let mut tokens = prompt.to_vec();
+        for _ in 0..n_new {
+            let ctx = &tokens[tokens.len().saturating_sub(max)..];
+            let ids: Vec<i64> = ctx.iter().map(|&t| t as i64).collect();
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, ctx.len()]), &device);
+            let logits = self.logits(ids);
+            let [_, s, v] = logits.dims();
+            let last: Vec<f32> = logits.slice([0..1, s - 1..s]).reshape([v]).into_data().convert::<f32>().to_vec().expect("f32 logits");
+            tokens.push(sample(&last, temperature, &mut rng));
+        }
+        tokens
+    }
+}
+
+fn sample(logits: &[f32], temperature: f64, rng: &mut HostRng) -> usize {
+    let argmax = || logits.iter().enumerate().fold(0, |best, (i, v)| if *v > logits[best] { i } else { best });
+    if temperature <= 0.0 {
+        return argmax();
+    }
+    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let w: Vec<f64> = logits.iter().map(|&l| ((l as f64 - m) / temperature).exp()).collect();
+    let mut u = rng.uniform() * w.iter().sum::<f64>();
+    for (i, wi) in w.iter().enumerate() {
+        u -= wi;
+        if u <= 0.0 {
+            return i;
+        }
+    }
+    argmax()
+}
