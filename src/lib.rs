@@ -39,6 +39,7 @@ pub mod collective;
 pub mod comm;
 pub mod error;
 pub mod mappings;
+pub mod params;
 pub mod rng;
 pub mod topology;
 pub mod world;

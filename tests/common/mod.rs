@@ -1,0 +1,117 @@
+//! Shared helpers of the integration tests: worlds of ranks on CPU threads and sliced comparisons.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{Tensor, TensorData};
+use burn_parallel::comm::split_along;
+use burn_parallel::params::NamedParam;
+use burn_parallel::rng::HostRng;
+use burn_parallel::{all_ok, run_world, Comm, LocalWorldOptions};
+
+pub type B = Autodiff<Flex>;
+pub type Inner = Flex;
+
+pub const TOL: f32 = 1e-5;
+
+/// Runs `f` on `n` thread ranks (30 s timeout) and returns every rank's value, panicking with all
+/// rank errors otherwise.
+pub fn world<T: Send>(n: usize, f: impl Fn(Comm) -> Result<T, String> + Send + Sync) -> Vec<T> {
+    let opts = LocalWorldOptions { timeout: Duration::from_secs(30) };
+    all_ok(run_world(n, opts, f)).unwrap_or_else(|e| panic!("world of {n} failed:\n{e}"))
+}
+
+/// A deterministic `N(0,1)` tensor of `shape` named `name`.
+pub fn randn<const D: usize>(name: &str, shape: [usize; D]) -> TensorData {
+    let n = shape.iter().product();
+    TensorData::new(HostRng::new(1234, name).normal_vec(n, 1.0), shape)
+}
+
+/// A fresh leaf on this rank (never share a tracked tensor between rank threads).
+pub fn leaf<const D: usize>(data: TensorData) -> Tensor<B, D> {
+    Tensor::<B, D>::from_data(data, &Default::default()).require_grad()
+}
+
+pub fn to_data<const D: usize>(t: Tensor<Inner, D>) -> TensorData {
+    t.into_data()
+}
+
+/// The max absolute difference, or a message with the shapes if they differ.
+pub fn max_abs_diff(a: &TensorData, b: &TensorData) -> Result<f32, String> {
+    if a.shape != b.shape {
+        return Err(format!("shape {:?} vs {:?}", a.shape.as_slice(), b.shape.as_slice()));
+    }
+    let (x, y) = (a.clone().convert::<f32>().to_vec::<f32>().unwrap(), b.clone().convert::<f32>().to_vec::<f32>().unwrap());
+    Ok(x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max))
+}
+
+/// The slice of `reference` that `rank` of `t` should hold, inferred from `local`'s shape: the
+/// whole tensor when the shapes agree (replicated), else its `rank`-th slice along the one
+/// dimension where `local` is `t` times smaller.
+pub fn expected_shard(reference: &TensorData, local_shape: &[usize], rank: usize, t: usize) -> Result<TensorData, String> {
+    let r = reference.shape.as_slice();
+    if r == local_shape {
+        return Ok(reference.clone());
+    }
+    let dims: Vec<usize> = (0..r.len()).filter(|&d| r[d] != local_shape[d]).collect();
+    match dims.as_slice() {
+        [d] if r[*d] == local_shape[*d] * t => split_along(reference, *d, t, rank),
+        _ => Err(format!("local shape {local_shape:?} is no 1/{t} slice of {r:?}")),
+    }
+}
+
+/// Asserts `local` equals `reference` sliced for `rank` within `tol`.
+pub fn assert_shard(what: &str, reference: &TensorData, local: &TensorData, rank: usize, t: usize, tol: f32) {
+    let want = expected_shard(reference, local.shape.as_slice(), rank, t).unwrap_or_else(|e| panic!("{what} (rank {rank}/{t}): {e}"));
+    let d = max_abs_diff(&want, local).unwrap_or_else(|e| panic!("{what} (rank {rank}/{t}): {e}"));
+    assert!(d <= tol, "{what} (rank {rank} of tp={t}): max |diff| = {d:e} > {tol:e}");
+}
+
+/// What one rank computed: output, input gradient, parameters with gradients.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub output: TensorData,
+    pub input_grad: Option<TensorData>,
+    pub params: Vec<NamedParam>,
+}
+
+/// Compares every rank's outcome with the unsharded reference: output, input gradient, and each
+/// parameter's value and gradient (sliced per rank). Returns the number of tensors compared.
+pub fn assert_parity(reference: &Outcome, ranks: &[Outcome], tol: f32) -> usize {
+    let t = ranks.len();
+    let mut n = 0;
+    for (r, o) in ranks.iter().enumerate() {
+        assert_shard("output", &reference.output, &o.output, r, t, tol);
+        n += 1;
+        match (&reference.input_grad, &o.input_grad) {
+            (Some(a), Some(b)) => {
+                assert_shard("input grad", a, b, r, t, tol);
+                n += 1;
+            }
+            (None, None) => {}
+            _ => panic!("input grad present on one side only"),
+        }
+        assert_eq!(reference.params.len(), o.params.len(), "parameter count");
+        for (p, q) in reference.params.iter().zip(&o.params) {
+            assert_eq!(p.path, q.path);
+            assert_shard(&format!("value of {}", p.path), &p.value, &q.value, r, t, 0.0);
+            let (gp, gq) = (p.grad.as_ref(), q.grad.as_ref());
+            let (gp, gq) = (gp.unwrap_or_else(|| panic!("no reference grad for {}", p.path)), gq.unwrap_or_else(|| panic!("no grad for {} on rank {r}", q.path)));
+            assert_shard(&format!("grad of {}", p.path), gp, gq, r, t, tol);
+            n += 2;
+        }
+    }
+    n
+}
+
+/// `(y * G).sum()` where `G` is this rank's part of a fixed random upstream gradient of the full
+/// output shape (`sharded_dim`: the dim along which `y` is split over the group, if it is).
+pub fn weighted_sum<const D: usize>(y: Tensor<B, D>, full_shape: [usize; D], sharded_dim: Option<usize>, comm: &Comm) -> Tensor<B, 1> {
+    let g = randn("upstream", full_shape);
+    let g = match sharded_dim {
+        Some(d) if comm.size() > 1 => split_along(&g, d, comm.size(), comm.rank()).unwrap(),
+        _ => g,
+    };
+    (y * Tensor::<B, D>::from_data(g, &Default::default())).sum()
+}
