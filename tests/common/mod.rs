@@ -115,3 +115,47 @@ pub fn weighted_sum<const D: usize>(y: Tensor<B, D>, full_shape: [usize; D], sha
     };
     (y * Tensor::<B, D>::from_data(g, &Default::default())).sum()
 }
+
+/// Adds shard-consistent noise to every parameter (so zero biases and unit layer-norm gains
+/// cannot hide a misplaced reduction). The reference run (a group of one) records each
+/// parameter's full shape; sharded runs then add the matching slice of the same noise.
+#[derive(Default)]
+pub struct Perturb {
+    full_shapes: std::sync::Mutex<std::collections::HashMap<String, Vec<usize>>>,
+}
+
+struct PerturbMapper<'a> {
+    owner: &'a Perturb,
+    path: Vec<String>,
+    rank: usize,
+    size: usize,
+}
+
+impl burn::module::ModuleMapper<B> for PerturbMapper<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, p: burn::module::Param<Tensor<B, D>>) -> burn::module::Param<Tensor<B, D>> {
+        let path = self.path.join(".");
+        let local: [usize; D] = p.val().dims();
+        let mut shapes = self.owner.full_shapes.lock().unwrap();
+        if self.size == 1 {
+            shapes.insert(path.clone(), local.to_vec());
+        }
+        let full = shapes.get(&path).unwrap_or_else(|| panic!("no reference shape for {path}")).clone();
+        let n = full.iter().product();
+        let noise = TensorData::new(HostRng::new(77, &path).normal_vec(n, 0.1), full);
+        let noise = expected_shard(&noise, &local, self.rank, self.size).unwrap();
+        p.map(|t| (t.clone() + Tensor::from_data(noise, &t.device())).detach().require_grad())
+    }
+}
+
+impl Perturb {
+    /// `module` with noise added to every parameter (see the type docs).
+    pub fn apply<M: burn::module::Module<B>>(&self, module: M, comm: &Comm) -> M {
+        module.map(&mut PerturbMapper { owner: self, path: Vec::new(), rank: comm.rank(), size: comm.size() })
+    }
+}

@@ -1,0 +1,184 @@
+//! Every tensor-parallel module and the whole GPT equal the unsharded model: forward output and
+//! the gradient of the input and of every parameter shard, for tp ∈ {1, 2, 4} on CPU threads.
+//! With tp = 1 each layer also equals its burn-nn counterpart.
+
+mod common;
+
+use burn::module::Module;
+use burn::tensor::{Int, Tensor, TensorData};
+use burn_parallel::comm::split_along;
+use burn_parallel::params::named_grads;
+use burn_parallel::Comm;
+use burn_parallel_modules::*;
+use common::*;
+
+const TPS: [usize; 2] = [2, 4];
+
+/// Runs `f` at tp = 1 (the reference) and at each tp in `TPS`, asserting parity.
+fn parity(name: &str, f: impl Fn(&Comm, &Perturb) -> Outcome + Send + Sync) {
+    let noise = Perturb::default();
+    let reference = world(1, |c| Ok(f(&c, &noise))).remove(0);
+    for t in TPS {
+        let ranks = world(t, |c| Ok(f(&c, &noise)));
+        let n = assert_parity(&reference, &ranks, TOL);
+        assert!(n >= 2 * t, "{name}: compared only {n} tensors");
+    }
+}
+
+fn outcome<M: Module<B>, const D: usize>(m: &M, y: Tensor<B, D>, loss: Tensor<B, 1>, x: Option<&Tensor<B, D>>) -> Outcome {
+    outcome_any(m, y.clone().into_data(), loss, |g| x.and_then(|x| x.grad(g)).map(|t| t.into_data()))
+}
+
+fn outcome_any<M: Module<B>>(
+    m: &M,
+    output: TensorData,
+    loss: Tensor<B, 1>,
+    input_grad: impl FnOnce(&<B as burn::tensor::backend::AutodiffBackend>::Gradients) -> Option<TensorData>,
+) -> Outcome {
+    let grads = loss.backward();
+    Outcome { output, input_grad: input_grad(&grads), params: named_grads(m, &grads) }
+}
+
+fn dev() -> burn::backend::flex::FlexDevice {
+    Default::default()
+}
+
+#[test]
+fn column_linear_sharded_and_gathered_output() {
+    for gather in [false, true] {
+        parity("column", |c, p| {
+            let lin = ColumnLinearConfig::new(8, 12).with_gather_output(gather).init::<B>(c, &ParamInit::new(1), &dev()).unwrap();
+            let lin = p.apply(lin, c);
+            let x = leaf::<3>(randn("x", [2, 3, 8]));
+            let y = lin.forward(x.clone());
+            let loss = weighted_sum(y.clone(), [2, 3, 12], (!gather).then_some(2), c);
+            outcome(&lin, y, loss, Some(&x))
+        });
+    }
+}
+
+#[test]
+fn row_linear_parallel_and_replicated_input() {
+    for parallel in [false, true] {
+        parity("row", |c, p| {
+            let lin = RowLinearConfig::new(8, 6).with_input_is_parallel(parallel).init::<B>(c, &ParamInit::new(2), &dev()).unwrap();
+            let lin = p.apply(lin, c);
+            let full = randn("x", [2, 3, 8]);
+            let x = leaf::<3>(if parallel && c.size() > 1 { split_along(&full, 2, c.size(), c.rank()).unwrap() } else { full });
+            let y = lin.forward(x.clone());
+            let loss = weighted_sum(y.clone(), [2, 3, 6], None, c);
+            outcome(&lin, y, loss, Some(&x))
+        });
+    }
+}
+
+fn ids(name: &str, shape: [usize; 2], vocab: usize) -> Tensor<B, 2, Int> {
+    let n = shape[0] * shape[1];
+    let mut rng = burn_parallel::rng::HostRng::new(9, name);
+    let v: Vec<i64> = (0..n).map(|_| (rng.next_u64() % vocab as u64) as i64).collect();
+    Tensor::from_data(TensorData::new(v, shape), &dev())
+}
+
+#[test]
+fn vocab_parallel_embedding() {
+    parity("embedding", |c, p| {
+        let emb = VocabParallelEmbeddingConfig::new(16, 6).init::<B>(c, &ParamInit::new(3), &dev()).unwrap();
+            let emb = p.apply(emb, c);
+        let y = emb.forward(ids("ids", [3, 7], 16));
+        let loss = weighted_sum(y.clone(), [3, 7, 6], None, c);
+        outcome(&emb, y, loss, None)
+    });
+}
+
+#[test]
+fn vocab_parallel_cross_entropy_matches_full_softmax() {
+    parity("cross-entropy", |c, _| {
+        let full = randn("logits", [10, 16]);
+        let local = if c.size() > 1 { split_along(&full, 1, c.size(), c.rank()).unwrap() } else { full };
+        let z = leaf::<2>(local);
+        let start = c.rank() * 16 / c.size();
+        let loss = vocab_parallel_cross_entropy(z.clone(), ids("t", [1, 10], 16).reshape([10]), start, c);
+        let output = loss.clone().into_data();
+        let grads = loss.backward();
+        Outcome { output, input_grad: z.grad(&grads).map(|t| t.into_data()), params: Vec::new() }
+    });
+}
+
+#[test]
+fn mlp_attention_and_block() {
+    let x_full = randn("x", [2, 5, 16]);
+    parity("mlp", |c, p| {
+        let m = ParallelMlpConfig::new(16, 32).init::<B>(c, &ParamInit::new(4), &dev()).unwrap();
+            let m = p.apply(m, c);
+        let x = leaf::<3>(x_full.clone());
+        let y = m.forward(x.clone());
+        outcome(&m, y.clone(), weighted_sum(y, [2, 5, 16], None, c), Some(&x))
+    });
+    parity("attention", |c, p| {
+        let m = ParallelAttentionConfig::new(16, 4).init::<B>(c, &ParamInit::new(5), &dev()).unwrap();
+            let m = p.apply(m, c);
+        let x = leaf::<3>(x_full.clone());
+        let y = m.forward(x.clone());
+        outcome(&m, y.clone(), weighted_sum(y, [2, 5, 16], None, c), Some(&x))
+    });
+    parity("block", |c, p| {
+        let m = TransformerBlockConfig::new(16, 4, 32).init::<B>(c, &ParamInit::new(6), &dev()).unwrap();
+            let m = p.apply(m, c);
+        let x = leaf::<3>(x_full.clone());
+        let y = m.forward(x.clone());
+        outcome(&m, y.clone(), weighted_sum(y, [2, 5, 16], None, c), Some(&x))
+    });
+}
+
+fn small_gpt() -> GptConfig {
+    GptConfig::new(32, 8, 16, 4, 2, 32)
+}
+
+/// Logits (sharded over the vocabulary), loss, and every parameter gradient of the GPT.
+#[test]
+fn gpt_logits_loss_and_every_gradient() {
+    let cfg = small_gpt();
+    let losses = std::sync::Mutex::new(Vec::new());
+    parity("gpt", |c, p| {
+        let gpt = cfg.init::<B>(c, &dev()).unwrap();
+            let gpt = p.apply(gpt, c);
+        let (x, t) = (ids("in", [3, 8], 32), ids("tg", [3, 8], 32));
+        let logits = gpt.forward(x.clone());
+        let loss = gpt.loss(x, t);
+        losses.lock().unwrap().push((c.size(), loss.clone().into_scalar()));
+        outcome(&gpt, logits, loss, None)
+    });
+    let losses = losses.into_inner().unwrap();
+    let reference = losses.iter().find(|(t, _)| *t == 1).unwrap().1;
+    assert!(losses.iter().all(|(_, l)| (l - reference).abs() < 1e-5), "{losses:?}");
+    assert!(reference > 3.0 && reference < 4.0, "ln(32) ≈ 3.47 at init, got {reference}");
+}
+
+/// tp = 1 equals the same model built from burn-nn layers (Linear, Embedding, LayerNorm,
+/// MultiHeadAttention, CrossEntropyLoss), parameter by parameter.
+#[test]
+fn tp1_gpt_equals_burn_nn_gpt() {
+    let cfg = small_gpt();
+    let (x, t) = (ids("in", [3, 8], 32), ids("tg", [3, 8], 32));
+    let ours = world(1, |c| {
+        let gpt = cfg.init::<B>(&c, &dev()).unwrap();
+        let logits = gpt.forward(x.clone()).into_data();
+        let loss = gpt.loss(x.clone(), t.clone());
+        Ok((logits, loss.clone().into_data(), named_grads(&gpt, &loss.backward())))
+    })
+    .remove(0);
+    let nn = cfg.init_reference::<B>(&dev());
+    let logits = nn.forward(x.clone()).into_data();
+    let loss = nn.loss(x, t);
+    let grads = named_grads(&nn, &loss.clone().backward());
+    assert!(max_abs_diff(&ours.0, &logits).unwrap() < TOL);
+    assert!(max_abs_diff(&ours.1, &loss.into_data()).unwrap() < TOL);
+    let ref_by_path: std::collections::HashMap<String, _> = grads.into_iter().map(|p| (p.path.replace("mlp.", ""), p)).collect();
+    assert_eq!(ref_by_path.len(), ours.2.len(), "same parameter count");
+    for p in &ours.2 {
+        let q = ref_by_path.get(&p.path.replace("mlp.", "")).unwrap_or_else(|| panic!("burn-nn model has no {}", p.path));
+        assert_eq!(max_abs_diff(&p.value, &q.value).unwrap(), 0.0, "value of {}", p.path);
+        let d = max_abs_diff(p.grad.as_ref().unwrap(), q.grad.as_ref().unwrap()).unwrap();
+        assert!(d < TOL, "grad of {}: {d}", p.path);
+    }
+}
