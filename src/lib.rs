@@ -37,6 +37,8 @@
 
 pub mod collective;
 pub mod comm;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod mappings;
 pub mod params;

@@ -1,1 +1,240 @@
-fn main(){}
+//! Pretrain a small GPT with tensor parallelism: `--tp N` ranks as threads share every layer.
+//!
+//! ```text
+//! cargo run --release --example gpt_pretrain -- --tp 2 --steps 300
+//! cargo run --release --example gpt_pretrain -- --data ../shared/data/tinyshakespeare.txt --tp 2
+//! ```
+//! Byte-level tokenizer (vocabulary 256). Without `--data`, trains on a generated corpus.
+
+mod corpus;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ElementConversion;
+use burn_parallel::{all_ok, run_world, CollectiveBackend, Comm, LocalWorldOptions};
+use burn_parallel_modules::{Gpt, GptConfig};
+use clap::{Parser, ValueEnum};
+use corpus::Corpus;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceKind {
+    /// CPU (burn-flex).
+    Cpu,
+    /// One CUDA GPU shared by the rank threads (needs `--features cuda`).
+    Cuda,
+}
+
+/// Pretrain a small GPT on a text file with tensor parallelism across local threads.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Args {
+    /// Text file to train on (bytes are tokens). Default: a generated corpus built into the example.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Tensor-parallel degree: ranks (threads) that each hold 1/tp of every layer.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    device: DeviceKind,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Tokens per sequence (context length).
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 128)]
+    d_model: usize,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// Attention heads (divisible by --tp).
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// MLP inner width (default 4 × d_model).
+    #[arg(long)]
+    d_ff: Option<usize>,
+    /// Dropout probability.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// Peak learning rate (linear warm-up, then cosine decay to 10%).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    /// Seed of weights, dropout, batches and sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Evaluate the validation loss every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    eval_every: usize,
+    /// Batches per evaluation.
+    #[arg(long, default_value_t = 8)]
+    eval_batches: usize,
+    /// Bytes of text to generate at the end.
+    #[arg(long, default_value_t = 300)]
+    sample_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Seconds any collective may wait for a peer before failing.
+    #[arg(long, default_value_t = 300)]
+    timeout_secs: u64,
+    /// CUDA only: directory of cubecl's kernel and autotune caches (default: the user cache dir).
+    #[arg(long)]
+    kernel_cache: Option<PathBuf>,
+}
+
+/// What rank 0 reports.
+struct Summary {
+    first_loss: f32,
+    train_loss: f32,
+    val_loss: f32,
+    tokens_per_sec: f64,
+    sample: String,
+}
+
+fn lr_at(args: &Args, step: usize) -> f64 {
+    if step < args.warmup {
+        return args.lr * (step + 1) as f64 / args.warmup as f64;
+    }
+    let progress = (step - args.warmup) as f64 / (args.steps - args.warmup).max(1) as f64;
+    args.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+}
+
+fn evaluate<B: CollectiveBackend>(gpt: &Gpt<B>, split: &[u8], name: &str, args: &Args, device: &B::Device) -> f32 {
+    let total: f32 = (0..args.eval_batches)
+        .map(|i| {
+            let (x, y) = Corpus::batch::<B>(split, args.batch_size, args.seq_len, name, i, device);
+            gpt.loss(x, y).into_scalar().elem::<f32>()
+        })
+        .sum();
+    total / args.eval_batches as f32
+}
+
+fn progress(args: &Args, rank: usize) -> ProgressBar {
+    if rank != 0 {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}").unwrap().progress_chars("=> "));
+    bar
+}
+
+fn train_rank<B>(args: &Args, comm: Comm, device: B::Device, data: &Corpus) -> Result<Summary, String>
+where
+    B: AutodiffBackend + CollectiveBackend,
+    B::InnerBackend: CollectiveBackend,
+{
+    let rank = comm.global_rank();
+    let config = GptConfig::new(256, args.seq_len, args.d_model, args.heads, args.layers, args.d_ff.unwrap_or(4 * args.d_model))
+        .with_dropout(args.dropout)
+        .with_seed(args.seed);
+    let mut gpt: Gpt<B> = config.init(&comm, &device).map_err(|e| format!("invalid model for --tp {}: {e}", args.tp))?;
+    let mut optim = AdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).init();
+    let bar = progress(args, rank);
+    let tokens_per_step = (args.batch_size * args.seq_len) as f64;
+    let (mut first_loss, start) = (f32::NAN, Instant::now());
+    for step in 0..args.steps {
+        let t0 = Instant::now();
+        let (x, y) = Corpus::batch::<B>(&data.train, args.batch_size, args.seq_len, "train", step + 1000 * args.seed as usize, &device);
+        let loss = gpt.loss(x, y);
+        let grads = GradientsParams::from_grads(loss.backward(), &gpt);
+        gpt = optim.step(lr_at(args, step), gpt, grads);
+        let loss: f32 = loss.into_scalar().elem();
+        if step == 0 {
+            first_loss = loss;
+        }
+        let tps = tokens_per_step / t0.elapsed().as_secs_f64();
+        bar.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));
+        bar.inc(1);
+        if args.eval_every > 0 && (step + 1) % args.eval_every == 0 && step + 1 < args.steps {
+            let val = evaluate(&gpt.valid(), &data.val, "val", args, &device);
+            if rank == 0 {
+                bar.suspend(|| tracing::info!(step = step + 1, train_loss = loss, val_loss = val, "evaluation"));
+            }
+        }
+    }
+    bar.finish();
+    let tokens_per_sec = tokens_per_step * args.steps as f64 / start.elapsed().as_secs_f64();
+    let model = gpt.valid();
+    let train_loss = evaluate(&model, &data.train, "train-eval", args, &device);
+    let val_loss = evaluate(&model, &data.val, "val", args, &device);
+    let prompt: Vec<usize> = data.val[..args.seq_len.min(16)].iter().map(|&b| b as usize).collect();
+    let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed);
+    let bytes: Vec<u8> = tokens.iter().map(|&t| t as u8).collect();
+    Ok(Summary { first_loss, train_loss, val_loss, tokens_per_sec, sample: String::from_utf8_lossy(&bytes).into_owned() })
+}
+
+fn run<B>(args: &Args, device: B::Device, data: &Corpus) -> Result<Summary, String>
+where
+    B: AutodiffBackend + CollectiveBackend,
+    B::InnerBackend: CollectiveBackend,
+{
+    let opts = LocalWorldOptions { timeout: Duration::from_secs(args.timeout_secs) };
+    let results = run_world(args.tp, opts, |comm| train_rank::<B>(args, comm, device.clone(), data));
+    Ok(all_ok(results)?.remove(0))
+}
+
+fn load(args: &Args) -> Result<Corpus, String> {
+    let text = match &args.data {
+        Some(path) => std::fs::read(path).map_err(|e| format!("cannot read --data {}: {e}", path.display()))?,
+        None => corpus::generated(400_000, args.seed).into_bytes(),
+    };
+    let source = args.data.as_ref().map_or("generated corpus".to_string(), |p| p.display().to_string());
+    tracing::info!(bytes = text.len(), %source, "corpus");
+    Corpus::new(&text, args.seq_len)
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Err(e) = main_result(&args) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn main_result(args: &Args) -> Result<(), String> {
+    if args.tp == 0 || args.steps == 0 || args.batch_size == 0 || args.eval_batches == 0 {
+        return Err("--tp, --steps, --batch-size and --eval-batches must be at least 1".into());
+    }
+    let data = load(args)?;
+    tracing::info!(tp = args.tp, device = ?args.device, steps = args.steps, "training");
+    let summary = match args.device {
+        DeviceKind::Cpu => run::<burn::backend::Autodiff<burn::backend::Flex>>(args, Default::default(), &data)?,
+        DeviceKind::Cuda => run_cuda(args, &data)?,
+    };
+    println!("tp={} steps={} tokens/s={:.0}", args.tp, args.steps, summary.tokens_per_sec);
+    println!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);
+    println!("--- sample ---\n{}\n--------------", summary.sample);
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(args: &Args, data: &Corpus) -> Result<Summary, String> {
+    let dir = burn_parallel::cuda::enable_kernel_caches(args.kernel_cache.clone());
+    tracing::info!(cache = %dir.display(), "cubecl kernel and autotune caches");
+    run::<burn::backend::Autodiff<burn::backend::Cuda>>(args, Default::default(), data)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &Args, _: &Corpus) -> Result<Summary, String> {
+    Err("this binary was built without CUDA: rebuild with `--features cuda` (and CUDARC_CUDA_VERSION=13000)".into())
+}
