@@ -110,13 +110,13 @@ pub trait CollectiveBackend: Backend {
         let data = if comm.rank() == root { Some(to_host::<Self>(x)?) } else { None };
         Ok(Self::float_from_data(comm.broadcast(data, root)?, &dev))
     }
-    /// Sends `x` to group rank `peer`.
-    fn collective_send(x: FloatTensor<Self>, peer: usize, comm: &Comm) -> Result<(), CommError> {
-        comm.send(to_host::<Self>(x)?, peer)
+    /// Sends `x` to group rank `peer` under `tag`.
+    fn collective_send(x: FloatTensor<Self>, peer: usize, tag: u64, comm: &Comm) -> Result<(), CommError> {
+        comm.send(to_host::<Self>(x)?, peer, tag)
     }
-    /// Receives a tensor matching `spec` from group rank `peer`.
-    fn collective_recv(spec: &TensorSpec, device: &Device<Self>, peer: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
-        Ok(Self::float_from_data(comm.recv(peer, spec)?, device))
+    /// Receives a tensor matching `spec` sent by group rank `peer` under `tag`.
+    fn collective_recv(spec: &TensorSpec, device: &Device<Self>, peer: usize, tag: u64, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
+        Ok(Self::float_from_data(comm.recv(peer, tag, spec)?, device))
     }
 
     /// Megatron's f: identity forward, all-reduce backward.
@@ -210,11 +210,11 @@ impl<B: CollectiveBackend, C: CheckpointStrategy> CollectiveBackend for Autodiff
     fn collective_broadcast(x: FloatTensor<Self>, root: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
         Ok(Self::from_inner(B::collective_broadcast(Self::inner(x), root, comm)?))
     }
-    fn collective_send(x: FloatTensor<Self>, peer: usize, comm: &Comm) -> Result<(), CommError> {
-        B::collective_send(Self::inner(x), peer, comm)
+    fn collective_send(x: FloatTensor<Self>, peer: usize, tag: u64, comm: &Comm) -> Result<(), CommError> {
+        B::collective_send(Self::inner(x), peer, tag, comm)
     }
-    fn collective_recv(spec: &TensorSpec, device: &Device<Self>, peer: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
-        Ok(Self::from_inner(B::collective_recv(spec, device, peer, comm)?))
+    fn collective_recv(spec: &TensorSpec, device: &Device<Self>, peer: usize, tag: u64, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
+        Ok(Self::from_inner(B::collective_recv(spec, device, peer, tag, comm)?))
     }
 
     fn map_copy_to_tp(x: FloatTensor<Self>, comm: &Comm) -> FloatTensor<Self> {

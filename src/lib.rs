@@ -42,6 +42,7 @@ pub mod cuda;
 pub mod error;
 pub mod mappings;
 pub mod params;
+pub mod pipeline;
 pub mod rng;
 pub mod topology;
 pub mod world;

@@ -77,3 +77,30 @@ pub fn named_grads<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &B::Grad
     module.visit(&mut v);
     v.out
 }
+
+struct AccumulatedVisitor<'a> {
+    path: Vec<String>,
+    out: Vec<NamedParam>,
+    grads: &'a burn::optim::GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for AccumulatedVisitor<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let grad = self.grads.get::<B::InnerBackend, D>(param.id).map(|g| g.into_data());
+        impl_visit!(self, param, grad)
+    }
+}
+
+/// Every float parameter of `module` with its path, value and its gradient in `grads` (e.g.
+/// accumulated over micro-batches by the pipeline executor).
+pub fn named_param_grads<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &burn::optim::GradientsParams) -> Vec<NamedParam> {
+    let mut v = AccumulatedVisitor { path: Vec::new(), out: Vec::new(), grads };
+    module.visit(&mut v);
+    v.out
+}

@@ -182,8 +182,8 @@ pub struct ProcessGroups {
     pub dp: Comm,
     /// Ranks holding the other stages of this rank's pipeline.
     pub pp: Comm,
-    /// First and last stage of this pipeline (tied embeddings).
-    pub embedding: Comm,
+    /// First and last stage of this pipeline (tied embeddings); `None` on middle stages.
+    pub embedding: Option<Comm>,
 }
 
 impl ProcessGroups {
@@ -195,7 +195,8 @@ impl ProcessGroups {
         let tp = world.new_group("tp", &config.tp_group(rank)?)?;
         let dp = world.new_group("dp", &config.dp_group(rank)?)?;
         let pp = world.new_group("pp", &config.pp_group(rank)?)?;
-        let embedding = world.new_group("embedding", &config.embedding_group(rank)?)?;
+        let members = config.embedding_group(rank)?;
+        let embedding = if members.contains(&rank) { Some(world.new_group("embedding", &members)?) } else { None };
         Ok(Self { config, coords, world, tp, dp, pp, embedding })
     }
 }

@@ -60,8 +60,8 @@ fn tensor_level_collectives_and_p2p() {
         let s = ops::all_reduce(x.clone(), ReduceOp::Sum, &c).map_err(|e| e.to_string())?;
         let g = ops::all_gather(x.clone(), 1, &c).map_err(|e| e.to_string())?;
         let peer = 1 - c.rank();
-        ops::send(x.clone() * 10.0, peer, &c).map_err(|e| e.to_string())?;
-        let got = ops::recv::<Inner, 2>([1, 2], &dev, peer, &c).map_err(|e| e.to_string())?;
+        ops::send(x.clone() * 10.0, peer, 7, &c).map_err(|e| e.to_string())?;
+        let got = ops::recv::<Inner, 2>([1, 2], &dev, peer, 7, &c).map_err(|e| e.to_string())?;
         Ok((s.into_data(), g.into_data(), got.into_data()))
     });
     assert_eq!(vals(out[0].0.clone()), vec![3.0, 4.0]);
@@ -157,12 +157,12 @@ fn mismatched_collectives_are_reported() {
 fn p2p_shape_and_dtype_mismatch_names_both_ranks() {
     let res = run_world(2, short(), |c| {
         if c.rank() == 0 {
-            c.send(TensorData::new(vec![0.0f32; 6], [2, 3]), 1)?;
-            c.send(TensorData::new(vec![0.0f64; 6], [2, 3]), 1)?;
+            c.send(TensorData::new(vec![0.0f32; 6], [2, 3]), 1, 0)?;
+            c.send(TensorData::new(vec![0.0f64; 6], [2, 3]), 1, 0)?;
             Ok(())
         } else {
-            let shape_err = c.recv(0, &TensorSpec { shape: vec![3, 2], dtype: DType::F32 }).unwrap_err();
-            let dtype_err = c.recv(0, &TensorSpec { shape: vec![2, 3], dtype: DType::F32 }).unwrap_err();
+            let shape_err = c.recv(0, 0, &TensorSpec { shape: vec![3, 2], dtype: DType::F32 }).unwrap_err();
+            let dtype_err = c.recv(0, 0, &TensorSpec { shape: vec![2, 3], dtype: DType::F32 }).unwrap_err();
             Err::<(), CommError>(CommError::Backend(format!("{shape_err}\n{dtype_err}")))
         }
     });
@@ -178,7 +178,7 @@ fn recv_from_a_silent_peer_times_out() {
             std::thread::sleep(Duration::from_millis(900));
             return Ok(());
         }
-        c.recv(1, &TensorSpec { shape: vec![1], dtype: DType::F32 }).map(|_| ())
+        c.recv(1, 0, &TensorSpec { shape: vec![1], dtype: DType::F32 }).map(|_| ())
     });
     let e = res[0].as_ref().unwrap_err().to_string();
     assert!(e.contains("timeout") && e.contains("recv(from=1") && e.contains("ranks [1] never arrived"), "{e}");

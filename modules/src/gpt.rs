@@ -17,9 +17,9 @@ use burn_parallel::rng::HostRng;
 use burn_parallel::{CollectiveBackend, Comm, ConfigError, ModelDims, ParallelConfig};
 
 use crate::block::{TransformerBlock, TransformerBlockConfig};
+use crate::dropout::{DropoutRegion, ParallelDropout};
 use crate::column_linear::{ColumnLinear, ColumnLinearConfig};
 use crate::cross_entropy::vocab_parallel_cross_entropy;
-use crate::dropout::{DropoutRegion, ParallelDropout};
 use crate::embedding::{VocabParallelEmbedding, VocabParallelEmbeddingConfig};
 use crate::init::{param, ParamInit};
 
@@ -75,26 +75,75 @@ impl GptConfig {
     /// Builds this rank's shard of the model for the TP group `tp`.
     pub fn init<B: CollectiveBackend>(&self, tp: &Comm, device: &B::Device) -> Result<Gpt<B>, ConfigError> {
         ParallelConfig::new().with_tensor_parallel(tp.size()).validate_model(&self.dims())?;
+        let (wte, wpe, drop) = self.init_embedding(tp, device)?;
+        let (ln_f, head) = self.init_head(tp, device)?;
+        Ok(Gpt { wte, wpe, drop, blocks: self.init_blocks(0..self.n_layers, tp, device)?, ln_f, head })
+    }
+
+    /// Token and position embeddings and their dropout (what runs before the first block).
+    pub(crate) fn init_embedding<B: CollectiveBackend>(
+        &self,
+        tp: &Comm,
+        device: &B::Device,
+    ) -> Result<(VocabParallelEmbedding<B>, Param<Tensor<B, 2>>, ParallelDropout), ConfigError> {
+        let init = ParamInit::new(self.seed);
+        Ok((
+            VocabParallelEmbeddingConfig::new(self.vocab_size, self.d_model).init(tp, &init.child("wte"), device)?,
+            param(init.child("wpe").child("weight").normal(&[self.max_seq_len, self.d_model], 0.02), device),
+            ParallelDropout::new(self.dropout, self.seed, "drop", DropoutRegion::Replicated, tp.rank()),
+        ))
+    }
+
+    /// Blocks `layers` (global indices: the same parameters in any split).
+    pub(crate) fn init_blocks<B: CollectiveBackend>(
+        &self,
+        layers: std::ops::Range<usize>,
+        tp: &Comm,
+        device: &B::Device,
+    ) -> Result<Vec<TransformerBlock<B>>, ConfigError> {
         let init = ParamInit::new(self.seed);
         let proj_std = 0.02 / ((2 * self.n_layers.max(1)) as f64).sqrt();
         let block = TransformerBlockConfig::new(self.d_model, self.n_heads, self.d_ff)
             .with_dropout(self.dropout)
             .with_proj_init_std(proj_std)
             .with_layer_norm_eps(self.layer_norm_eps);
-        let blocks = (0..self.n_layers)
-            .map(|i| block.init(tp, &init.child("blocks").child(i), device))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Gpt {
-            wte: VocabParallelEmbeddingConfig::new(self.vocab_size, self.d_model).init(tp, &init.child("wte"), device)?,
-            wpe: param(init.child("wpe").child("weight").normal(&[self.max_seq_len, self.d_model], 0.02), device),
-            drop: ParallelDropout::new(self.dropout, self.seed, "drop", DropoutRegion::Replicated, tp.rank()),
-            blocks,
-            ln_f: LayerNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).init(device),
-            head: ColumnLinearConfig::new(self.d_model, self.vocab_size)
-                .with_bias(false)
-                .init(tp, &init.child("head"), device)?,
-        })
+        layers.map(|i| block.init(tp, &init.child("blocks").child(i), device)).collect()
     }
+
+    /// Final layer norm and the vocab-parallel head (what runs after the last block).
+    pub(crate) fn init_head<B: CollectiveBackend>(&self, tp: &Comm, device: &B::Device) -> Result<(LayerNorm<B>, ColumnLinear<B>), ConfigError> {
+        let init = ParamInit::new(self.seed);
+        Ok((
+            LayerNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).init(device),
+            ColumnLinearConfig::new(self.d_model, self.vocab_size).with_bias(false).init(tp, &init.child("head"), device)?,
+        ))
+    }
+}
+
+/// Embedding sum with dropout: `ids [b, s] → [b, s, h]`.
+pub(crate) fn embed<B: CollectiveBackend>(
+    wte: &VocabParallelEmbedding<B>,
+    wpe: &Param<Tensor<B, 2>>,
+    drop: &ParallelDropout,
+    ids: Tensor<B, 2, Int>,
+) -> Tensor<B, 3> {
+    let [_, s] = ids.dims();
+    let max = wpe.val().dims()[0];
+    assert!(s <= max, "sequence length {s} exceeds max_seq_len {max}");
+    drop.forward(wte.forward(ids) + wpe.val().slice([0..s]).unsqueeze::<3>())
+}
+
+/// Mean cross-entropy of the head's vocab-parallel logits for hidden states `x [b, s, h]`.
+pub(crate) fn head_loss<B: CollectiveBackend>(
+    ln_f: &LayerNorm<B>,
+    head: &ColumnLinear<B>,
+    vocab_start: usize,
+    x: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
+    let logits = head.forward(ln_f.forward(x));
+    let [b, s, v] = logits.dims();
+    vocab_parallel_cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]), vocab_start, &head.tp)
 }
 
 impl<B: CollectiveBackend> Gpt<B> {
@@ -105,11 +154,7 @@ impl<B: CollectiveBackend> Gpt<B> {
 
     /// Hidden states before the head: `[b, s] → [b, s, h]` (replicated).
     pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let [_, s] = ids.dims();
-        let max = self.wpe.val().dims()[0];
-        assert!(s <= max, "sequence length {s} exceeds max_seq_len {max}");
-        let pos = self.wpe.val().slice([0..s]).unsqueeze::<3>();
-        let mut x = self.drop.forward(self.wte.forward(ids) + pos);
+        let mut x = embed(&self.wte, &self.wpe, &self.drop, ids);
         for block in &self.blocks {
             x = block.forward(x);
         }
@@ -128,9 +173,11 @@ impl<B: CollectiveBackend> Gpt<B> {
 
     /// Mean next-token cross-entropy of `ids [b, s]` against `targets [b, s]` (replicated).
     pub fn loss(&self, ids: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-        let logits = self.forward(ids);
-        let [b, s, v] = logits.dims();
-        vocab_parallel_cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]), self.wte.vocab_start, self.tp())
+        let mut x = embed(&self.wte, &self.wpe, &self.drop, ids);
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        head_loss(&self.ln_f, &self.head, self.wte.vocab_start, x, targets)
     }
 
     /// Samples `n_new` tokens after `prompt` (temperature sampling; greedy when `temperature` is

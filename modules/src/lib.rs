@@ -35,6 +35,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;
 pub mod gpt;
+pub mod gpt_pipeline;
 pub mod init;
 pub mod mlp;
 pub mod reference;
@@ -47,6 +48,7 @@ pub use cross_entropy::{vocab_parallel_cross_entropy, vocab_parallel_cross_entro
 pub use dropout::{DropoutRegion, ParallelDropout};
 pub use embedding::{VocabParallelEmbedding, VocabParallelEmbeddingConfig};
 pub use gpt::{Gpt, GptConfig};
+pub use gpt_pipeline::{GptPipeline, GptStage, TokenBatch};
 pub use init::ParamInit;
 pub use mlp::{ParallelMlp, ParallelMlpConfig};
 pub use row_linear::{RowLinear, RowLinearConfig};

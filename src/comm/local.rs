@@ -8,7 +8,7 @@
 //! ranks issue different collectives in the same round.
 //!
 //! Point-to-point sends are buffered (a send never blocks); a receive waits for the next tensor
-//! from its peer and checks its shape and dtype.
+//! its peer sent under the same tag and checks its shape and dtype.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -50,7 +50,7 @@ struct WorldShared {
     timeout: Duration,
     status: Mutex<Vec<RankStatus>>,
     groups: Mutex<HashMap<(String, Vec<usize>), Arc<GroupState>>>,
-    mail: Mutex<HashMap<(usize, usize), VecDeque<TensorData>>>,
+    mail: Mutex<HashMap<(usize, usize, u64), VecDeque<TensorData>>>,
     mail_cv: Condvar,
 }
 
@@ -302,22 +302,22 @@ impl Communicator for LocalComm {
             .ok_or_else(|| self.bad(&name, format!("root {root} passed no tensor")))
     }
 
-    fn send(&self, data: TensorData, peer: usize) -> Result<(), CommError> {
+    fn send(&self, data: TensorData, peer: usize, tag: u64) -> Result<(), CommError> {
         let dst = self.peer_global(peer, "send")?;
         let src = self.global_rank();
-        lock(&self.world.mail).entry((src, dst)).or_default().push_back(data);
+        lock(&self.world.mail).entry((src, dst, tag)).or_default().push_back(data);
         self.world.mail_cv.notify_all();
         Ok(())
     }
 
-    fn recv(&self, peer: usize, expect: &TensorSpec) -> Result<TensorData, CommError> {
+    fn recv(&self, peer: usize, tag: u64, expect: &TensorSpec) -> Result<TensorData, CommError> {
         let src = self.peer_global(peer, "recv")?;
         let me = self.global_rank();
-        let op = format!("recv(from={src}, {:?} {:?})", expect.shape, expect.dtype);
+        let op = format!("recv(from={src}, tag={tag}, {:?} {:?})", expect.shape, expect.dtype);
         let start = Instant::now();
         let mut mail = lock(&self.world.mail);
         let data = loop {
-            if let Some(d) = mail.get_mut(&(src, me)).and_then(|q| q.pop_front()) {
+            if let Some(d) = mail.get_mut(&(src, me, tag)).and_then(|q| q.pop_front()) {
                 break d;
             }
             if let Some(reason) = self.world.gone(src) {

@@ -74,10 +74,12 @@ pub trait Communicator: Send + Sync + Debug + 'static {
     ) -> Result<TensorData, CommError>;
     /// The root's tensor on every rank (`data` is only read on the root).
     fn broadcast(&self, data: Option<TensorData>, root: usize) -> Result<TensorData, CommError>;
-    /// Sends a tensor to `peer`; the shape and dtype travel with it.
-    fn send(&self, data: TensorData, peer: usize) -> Result<(), CommError>;
-    /// Receives the next tensor from `peer` and checks it against `expect`.
-    fn recv(&self, peer: usize, expect: &TensorSpec) -> Result<TensorData, CommError>;
+    /// Sends a tensor to `peer` under `tag`; the shape and dtype travel with it.
+    fn send(&self, data: TensorData, peer: usize, tag: u64) -> Result<(), CommError>;
+    /// Receives the next tensor `peer` sent under `tag` and checks it against `expect`.
+    /// (Tags keep messages of different kinds between the same two ranks apart, e.g. activations
+    /// and gradients of interleaved pipeline stages.)
+    fn recv(&self, peer: usize, tag: u64, expect: &TensorSpec) -> Result<TensorData, CommError>;
     /// Returns once every rank of the group has called it.
     fn barrier(&self) -> Result<(), CommError>;
     /// A communicator over a subset of this group, given by **global** ranks (which must include

@@ -36,20 +36,22 @@ pub fn broadcast<B: CollectiveBackend, const D: usize>(x: Tensor<B, D>, root: us
     B::collective_broadcast(x.into_primitive().tensor(), root, comm).map(wrap)
 }
 
-/// Sends `x` to group rank `peer`.
-pub fn send<B: CollectiveBackend, const D: usize>(x: Tensor<B, D>, peer: usize, comm: &Comm) -> Result<(), CommError> {
-    B::collective_send(x.into_primitive().tensor(), peer, comm)
+/// Sends `x` to group rank `peer` under `tag` (match it with a [`recv`] of the same tag).
+pub fn send<B: CollectiveBackend, const D: usize>(x: Tensor<B, D>, peer: usize, tag: u64, comm: &Comm) -> Result<(), CommError> {
+    B::collective_send(x.into_primitive().tensor(), peer, tag, comm)
 }
 
-/// Receives a `shape` tensor of the backend's default float dtype from group rank `peer`;
+/// Receives a `shape` tensor of the backend's default float dtype sent by group rank `peer`
+/// under `tag`;
 /// another shape or dtype is a [`CommError::P2pMismatch`].
 pub fn recv<B: CollectiveBackend, const D: usize>(
     shape: [usize; D],
     device: &Device<B>,
     peer: usize,
+    tag: u64,
     comm: &Comm,
 ) -> Result<Tensor<B, D>, CommError> {
     let dtype = Tensor::<B, 1>::empty([0], device).dtype();
     let spec = TensorSpec { shape: shape.to_vec(), dtype };
-    B::collective_recv(&spec, device, peer, comm).map(wrap)
+    B::collective_recv(&spec, device, peer, tag, comm).map(wrap)
 }

@@ -1,0 +1,123 @@
+//! The GPT as a [`PipelineModel`]: blocks are the layers; the first stage also holds the token
+//! and position embeddings, the last the final layer norm, the vocab-parallel head and the loss.
+//! Works with tensor parallelism: each stage's layers are split over the `tp` group.
+//! The head is untied, so the first and last stages share no parameter (no embedding-group
+//! reduction).
+
+use burn::module::{Module, Param};
+use burn::nn::LayerNorm;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
+use burn_parallel::pipeline::{PartSpec, PipelineModel, StageOutput};
+use burn_parallel::{CollectiveBackend, Comm, ConfigError, ParallelConfig};
+
+use crate::block::TransformerBlock;
+use crate::column_linear::ColumnLinear;
+use crate::dropout::ParallelDropout;
+use crate::embedding::VocabParallelEmbedding;
+use crate::gpt::{embed, head_loss, GptConfig};
+
+/// The GPT split for pipelining (and tensor parallelism over `tp`).
+#[derive(Debug, Clone)]
+pub struct GptPipeline {
+    /// The model.
+    pub config: GptConfig,
+    /// The tensor-parallel group of this rank.
+    pub tp: Comm,
+}
+
+/// One micro-batch of token ids and next-token targets, `[b, s]` integers on the host.
+#[derive(Debug, Clone)]
+pub struct TokenBatch {
+    /// Inputs `[b, s]`.
+    pub inputs: TensorData,
+    /// Targets `[b, s]`.
+    pub targets: TensorData,
+}
+
+/// The modules of one GPT pipeline stage.
+#[derive(Module, Debug)]
+pub struct GptStage<B: CollectiveBackend> {
+    /// Token embedding (first stage).
+    pub wte: Option<VocabParallelEmbedding<B>>,
+    /// Position embedding (first stage).
+    pub wpe: Option<Param<Tensor<B, 2>>>,
+    /// Embedding dropout.
+    pub drop: ParallelDropout,
+    /// This stage's blocks.
+    pub blocks: Vec<TransformerBlock<B>>,
+    /// Global index of the first block.
+    pub first_layer: usize,
+    /// Final layer norm (last stage).
+    pub ln_f: Option<LayerNorm<B>>,
+    /// Vocab-parallel head (last stage).
+    pub head: Option<ColumnLinear<B>>,
+}
+
+impl<B> PipelineModel<B, 3> for GptPipeline
+where
+    B: AutodiffBackend + CollectiveBackend,
+    B::InnerBackend: CollectiveBackend,
+{
+    type Part = GptStage<B>;
+    type MicroBatch = TokenBatch;
+
+    fn num_layers(&self) -> usize {
+        self.config.n_layers
+    }
+
+    fn build_part(&self, spec: &PartSpec, device: &B::Device) -> Result<GptStage<B>, ConfigError> {
+        let c = &self.config;
+        ParallelConfig::new().with_tensor_parallel(self.tp.size()).validate_model(&c.dims())?;
+        let (wte, wpe, drop) = c.init_embedding(&self.tp, device)?;
+        let first = spec.is_first();
+        let (ln_f, head) = if spec.is_last() { c.init_head(&self.tp, device).map(|(l, h)| (Some(l), Some(h)))? } else { (None, None) };
+        Ok(GptStage {
+            wte: first.then_some(wte),
+            wpe: first.then_some(wpe),
+            drop,
+            blocks: c.init_blocks(spec.layers.clone(), &self.tp, device)?,
+            first_layer: spec.layers.start,
+            ln_f,
+            head,
+        })
+    }
+
+    fn tensor_parallel_group(&self) -> Option<&Comm> {
+        Some(&self.tp)
+    }
+
+    fn activation_shape(&self, mb: &TokenBatch) -> [usize; 3] {
+        let s = mb.inputs.shape.as_slice();
+        [s[0], s[1], self.config.d_model]
+    }
+
+    fn forward(&self, part: &GptStage<B>, _spec: &PartSpec, input: Option<Tensor<B, 3>>, mb: &TokenBatch) -> StageOutput<B, 3> {
+        let device = part.drop_device(input.as_ref());
+        let mut x = match (input, &part.wte, &part.wpe) {
+            (Some(x), _, _) => x,
+            (None, Some(wte), Some(wpe)) => embed(wte, wpe, &part.drop, Tensor::from_data(mb.inputs.clone(), &device)),
+            _ => panic!("the first stage holds the embeddings"),
+        };
+        for block in &part.blocks {
+            x = block.forward(x);
+        }
+        match (&part.ln_f, &part.head) {
+            (Some(ln_f), Some(head)) => {
+                let vocab_start = self.tp.rank() * self.config.vocab_size / self.tp.size();
+                StageOutput::Loss(head_loss(ln_f, head, vocab_start, x, Tensor::from_data(mb.targets.clone(), &device)))
+            }
+            _ => StageOutput::Activation(x),
+        }
+    }
+}
+
+impl<B: CollectiveBackend> GptStage<B> {
+    fn drop_device(&self, input: Option<&Tensor<B, 3>>) -> B::Device {
+        match (input, &self.wpe) {
+            (Some(x), _) => x.device(),
+            (None, Some(w)) => w.val().device(),
+            (None, None) => Default::default(),
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The executor: runs one rank's actions of a pipeline plan.
+
+use std::collections::HashMap;
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
+use burn_parallel_schedules::{Op, PipelineShape, Plan, Schedule, ScheduleError};
+
+use super::layout::{PartSpec, StageLayout};
+use crate::comm::ops::{broadcast, recv, send};
+use crate::error::{CommError, ConfigError};
+use crate::{CollectiveBackend, Comm};
+
+/// What a stage's forward returns: the activation for the next stage, or (last stage) the loss.
+#[derive(Debug, Clone)]
+pub enum StageOutput<B: AutodiffBackend, const D: usize> {
+    /// Output activation `[.., D dims]`, sent to the next stage.
+    Activation(Tensor<B, D>),
+    /// Mean loss of the micro-batch (one element).
+    Loss(Tensor<B, 1>),
+}
+
+/// A model that can be split into pipeline stages. `D` is the rank of the activations passed
+/// between stages (3 for `[batch, seq, hidden]`).
+pub trait PipelineModel<B: AutodiffBackend, const D: usize>: Sync {
+    /// The modules one stage holds.
+    type Part: AutodiffModule<B>;
+    /// One micro-batch's data (inputs for the first stage, targets for the last).
+    type MicroBatch: Sync;
+
+    /// Number of layers to distribute over the stages.
+    fn num_layers(&self) -> usize;
+    /// Builds the part of `spec` (only this rank's parts are ever built). The parameters must be
+    /// the same as those of the unsplit model's layers `spec.layers`.
+    fn build_part(&self, spec: &PartSpec, device: &B::Device) -> Result<Self::Part, ConfigError>;
+    /// The shape of the activation between stages for `mb` (also the shape of its gradient).
+    fn activation_shape(&self, mb: &Self::MicroBatch) -> [usize; D];
+    /// Runs `part` on a micro-batch; `input` is `None` on the first stage.
+    fn forward(&self, part: &Self::Part, spec: &PartSpec, input: Option<Tensor<B, D>>, mb: &Self::MicroBatch) -> StageOutput<B, D>;
+
+    /// The tensor-parallel group whose collectives run inside this model's backward, if any.
+    /// The executor puts a barrier on it before every backward: Burn 0.21 ends each `backward()`
+    /// by locking **every** autodiff graph of the process (`cleanup_orphaned_entries`), so with
+    /// ranks as threads a rank still cleaning up must not find a TP peer already blocked in the
+    /// next backward's collective while holding its graph lock.
+    fn tensor_parallel_group(&self) -> Option<&Comm> {
+        None
+    }
+}
+
+/// How to pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// Micro-batches per step.
+    pub microbatches: usize,
+    /// Stages per rank (interleaved schedules), 1 otherwise.
+    pub virtual_stages: usize,
+    /// Layers per stage; `None` balances them.
+    pub layout: Option<Vec<usize>>,
+}
+
+/// Pipelining failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PipelineError {
+    /// The schedule rejected the shape, or its plan is invalid.
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    /// The layout or the model is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A send or receive failed.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    /// A step got another number of micro-batches than the plan has.
+    #[error("the plan runs {expected} micro-batches per step but the step got {got}")]
+    Microbatches {
+        /// Micro-batches in the plan.
+        expected: usize,
+        /// Micro-batches given.
+        got: usize,
+    },
+}
+
+/// One stage held by this rank.
+#[derive(Debug)]
+pub struct Stage<P> {
+    /// Which layers.
+    pub spec: PartSpec,
+    /// The modules.
+    pub part: P,
+}
+
+/// The result of a step on one rank.
+#[derive(Debug)]
+pub struct StepOutput {
+    /// Mean loss over the micro-batches (computed on the last stage, broadcast to every rank).
+    pub loss: f32,
+    /// Accumulated parameter gradients, one per stage of this rank (chunk order).
+    pub grads: Vec<GradientsParams>,
+}
+
+/// Runs a pipeline plan on one rank of a pipeline group. See the [module docs](super).
+pub struct PipelineExecutor<B: AutodiffBackend, M: PipelineModel<B, D>, const D: usize> {
+    model: M,
+    plan: Plan,
+    comm: Comm,
+    device: B::Device,
+    stages: Vec<Stage<M::Part>>,
+}
+
+type Key = (usize, usize);
+
+/// Micro-batch numbers of [`PipelineExecutor::forward_loss`] messages start here, apart from
+/// training steps.
+const EVAL_TAG_OFFSET: usize = 1 << 24;
+
+/// The tag of a message: which kind (activation or gradient), from which stage, for which
+/// micro-batch.
+fn tag(kind: Op, from_stage: usize, mb: usize) -> u64 {
+    let k = u64::from(kind == Op::SendB);
+    ((from_stage as u64) << 33) | (k << 32) | mb as u64
+}
+
+impl<B, M, const D: usize> PipelineExecutor<B, M, D>
+where
+    B: AutodiffBackend + CollectiveBackend,
+    M: PipelineModel<B, D>,
+{
+    /// Plans `schedule` for the pipeline group `pp` (its ranks in stage order) and builds this
+    /// rank's stages.
+    pub fn new(model: M, schedule: &dyn Schedule, options: &PipelineOptions, pp: Comm, device: B::Device) -> Result<Self, PipelineError> {
+        let shape = PipelineShape::new(pp.size(), options.virtual_stages, options.microbatches);
+        let plan = schedule.plan(&shape)?;
+        let layout = match &options.layout {
+            Some(counts) => StageLayout::explicit(counts.clone(), model.num_layers())?,
+            None => StageLayout::balanced(model.num_layers(), shape.stages())?,
+        };
+        if layout.stages() != shape.stages() {
+            return Err(ConfigError::Invalid(format!(
+                "layout has {} stages but {} ranks x {} virtual stages need {}",
+                layout.stages(),
+                shape.ranks,
+                shape.virtual_stages,
+                shape.stages()
+            ))
+            .into());
+        }
+        let stages = shape
+            .stages_of(pp.rank())
+            .into_iter()
+            .map(|s| {
+                let spec = layout.part(s);
+                model.build_part(&spec, &device).map(|part| Stage { spec, part })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { model, plan, comm: pp, device, stages })
+    }
+
+    /// The plan this executor runs.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// This rank's stages.
+    pub fn stages(&self) -> &[Stage<M::Part>] {
+        &self.stages
+    }
+
+    fn local(&self, stage: usize) -> usize {
+        stage / self.plan.shape.ranks
+    }
+
+    fn peer(&self, stage: usize) -> usize {
+        self.plan.shape.rank_of(stage)
+    }
+
+    /// Runs this rank's actions for one step over `microbatches`.
+    pub fn step(&self, microbatches: &[M::MicroBatch]) -> Result<StepOutput, PipelineError> {
+        let shape = self.plan.shape;
+        let m = shape.microbatches;
+        if microbatches.len() != m {
+            return Err(PipelineError::Microbatches { expected: m, got: microbatches.len() });
+        }
+        let (me, last) = (self.comm.rank(), shape.stages() - 1);
+        let mut inflight: HashMap<Key, (Option<Tensor<B, D>>, StageOutput<B, D>)> = HashMap::new();
+        let mut inputs: HashMap<Key, Tensor<B, D>> = HashMap::new();
+        let mut out_grads: HashMap<Key, Tensor<B, D>> = HashMap::new();
+        let mut to_send: HashMap<Key, Tensor<B, D>> = HashMap::new();
+        let mut stash: HashMap<Key, GradientsParams> = HashMap::new();
+        let mut acc: Vec<GradientsAccumulator<M::Part>> = self.stages.iter().map(|_| GradientsAccumulator::new()).collect();
+        let mut loss_sum = 0.0f32;
+        for a in &self.plan.ranks[me] {
+            let (s, mb, key) = (a.stage, a.mb, (a.stage, a.mb));
+            let shape_of = || self.model.activation_shape(&microbatches[mb]);
+            match a.op {
+                Op::RecvF => {
+                    let x = recv::<B, D>(shape_of(), &self.device, self.peer(s - 1), tag(Op::SendF, s - 1, mb), &self.comm)?;
+                    inputs.insert(key, x.require_grad());
+                }
+                Op::RecvB => {
+                    out_grads.insert(key, recv::<B, D>(shape_of(), &self.device, self.peer(s + 1), tag(Op::SendB, s + 1, mb), &self.comm)?);
+                }
+                Op::F => {
+                    let stage = &self.stages[self.local(s)];
+                    let input = (s > 0).then(|| inputs.remove(&key).expect("validated plan: input before forward"));
+                    let out = self.model.forward(&stage.part, &stage.spec, input.clone(), &microbatches[mb]);
+                    if let (StageOutput::Activation(y), true) = (&out, s < last && self.peer(s + 1) == me) {
+                        inputs.insert((s + 1, mb), y.clone().detach().require_grad());
+                    }
+                    inflight.insert(key, (input, out));
+                }
+                Op::SendF => match inflight.get(&key) {
+                    Some((_, StageOutput::Activation(y))) => send(y.clone().detach(), self.peer(s + 1), tag(Op::SendF, s, mb), &self.comm)?,
+                    _ => panic!("validated plan: {a} follows the forward of a non-last stage"),
+                },
+                Op::B | Op::I => {
+                    if let Some(tp) = self.model.tensor_parallel_group().filter(|tp| tp.size() > 1) {
+                        tp.barrier()?;
+                    }
+                    let (input, out) = inflight.remove(&key).expect("validated plan: forward before backward");
+                    let grads = match out {
+                        StageOutput::Loss(l) => {
+                            loss_sum += l.clone().into_scalar().elem::<f32>();
+                            l.div_scalar(m as f32).backward()
+                        }
+                        StageOutput::Activation(y) => {
+                            let g = out_grads.remove(&key).expect("validated plan: output gradient before backward");
+                            (y * g).sum().backward()
+                        }
+                    };
+                    if let Some(x) = input {
+                        let dx = Tensor::<B, D>::from_inner(x.grad(&grads).expect("stage input must be used by the stage"));
+                        if self.peer(s - 1) == me {
+                            out_grads.insert((s - 1, mb), dx);
+                        } else {
+                            to_send.insert(key, dx);
+                        }
+                    }
+                    let i = self.local(s);
+                    let gp = GradientsParams::from_grads(grads, &self.stages[i].part);
+                    if a.op == Op::B {
+                        acc[i].accumulate(&self.stages[i].part, gp);
+                    } else {
+                        stash.insert(key, gp);
+                    }
+                }
+                Op::W => {
+                    let i = self.local(s);
+                    acc[i].accumulate(&self.stages[i].part, stash.remove(&key).expect("validated plan: I before W"));
+                }
+                Op::SendB => {
+                    let g = to_send.remove(&key).expect("validated plan: backward before send");
+                    send(g, self.peer(s - 1), tag(Op::SendB, s, mb), &self.comm)?
+                }
+            }
+        }
+        let loss = self.share_loss(loss_sum / m as f32)?;
+        Ok(StepOutput { loss, grads: acc.iter_mut().map(|a| a.grads()).collect() })
+    }
+
+    /// Broadcasts the last stage's loss to every rank of the pipeline group.
+    fn share_loss(&self, loss: f32) -> Result<f32, PipelineError> {
+        let root = self.peer(self.plan.shape.stages() - 1);
+        let t = Tensor::<B, 1>::from_floats([loss], &self.device);
+        Ok(broadcast(t, root, &self.comm)?.into_scalar().elem())
+    }
+
+    /// Mean loss of `microbatches` by forward passes only (no backward; stage by stage).
+    pub fn forward_loss(&self, microbatches: &[M::MicroBatch]) -> Result<f32, PipelineError> {
+        let shape = self.plan.shape;
+        let (me, last) = (self.comm.rank(), shape.stages() - 1);
+        let mut total = 0.0f32;
+        for (mb, batch) in microbatches.iter().enumerate() {
+            let mb = mb + EVAL_TAG_OFFSET;
+            let mut carry: Option<Tensor<B, D>> = None;
+            for stage in &self.stages {
+                let s = stage.spec.stage;
+                let input = match s {
+                    0 => None,
+                    _ if self.peer(s - 1) == me => carry.take(),
+                    _ => Some(recv::<B, D>(self.model.activation_shape(batch), &self.device, self.peer(s - 1), tag(Op::SendF, s - 1, mb), &self.comm)?),
+                };
+                match self.model.forward(&stage.part, &stage.spec, input.map(|x| x.detach()), batch) {
+                    StageOutput::Loss(l) => total += l.into_scalar().elem::<f32>(),
+                    StageOutput::Activation(y) if s < last && self.peer(s + 1) != me => send(y.detach(), self.peer(s + 1), tag(Op::SendF, s, mb), &self.comm)?,
+                    StageOutput::Activation(y) => carry = Some(y.detach()),
+                }
+            }
+        }
+        self.share_loss(total / microbatches.len().max(1) as f32)
+    }
+
+    /// Applies one optimizer per stage (in chunk order) with the step's gradients.
+    pub fn update<O: Optimizer<M::Part, B>>(&mut self, optimizers: &mut [O], lr: f64, grads: Vec<GradientsParams>) {
+        assert_eq!(optimizers.len(), self.stages.len(), "one optimizer per stage of this rank");
+        assert_eq!(grads.len(), self.stages.len(), "one gradient set per stage of this rank");
+        let stages = std::mem::take(&mut self.stages);
+        self.stages = stages
+            .into_iter()
+            .zip(optimizers.iter_mut().zip(grads))
+            .map(|(st, (o, g))| Stage { part: o.step(lr, st.part, g), spec: st.spec })
+            .collect();
+    }
+}

@@ -1,0 +1,26 @@
+//! Pipeline parallelism: split a model's layers into stages on the ranks of a pipeline group and
+//! run a [`Schedule`](burn_parallel_schedules::Schedule)'s plan over micro-batches.
+//!
+//! A model becomes pipelinable by implementing [`PipelineModel`]: it lists its layers, builds the
+//! part a stage holds ([`PartSpec`]: a layer range plus, on the first/last stage, what runs
+//! before/after the layers) and runs that part forward. The [`PipelineExecutor`] builds only this
+//! rank's stages (balanced by default, an explicit [`StageLayout`] allowed) and executes the plan:
+//!
+//! - `F`: forward a micro-batch through a stage; keep its autodiff graph until its backward.
+//!   A stage's input activation is a **fresh leaf** (`recv → require_grad`).
+//! - `B`: backward with the received output gradient `g` as a vector-Jacobian product,
+//!   `(y · g).sum().backward()` (on the last stage: `loss / m`), send `∂/∂input` upstream, and
+//!   accumulate parameter gradients over micro-batches. `I`/`W` (split backward): `I` runs that
+//!   backward and sends the input gradient at once; `W` adds the parameter gradients it stashed.
+//!   (Burn 0.21 computes all gradients of a graph in one pass, so the split changes the order in
+//!   which gradients travel, not the amount of compute.)
+//! - `SEND_*`/`RECV_*`: point-to-point on the pipeline group; every receive states the expected
+//!   shape and dtype, so a mismatch is an error naming both ranks, never a hang or silent
+//!   truncation. Sends never block on the local backend, and every plan is checked by a dry run to
+//!   be deadlock-free under that model before it runs.
+
+mod executor;
+mod layout;
+
+pub use executor::{PipelineError, PipelineExecutor, PipelineModel, PipelineOptions, Stage, StageOutput, StepOutput};
+pub use layout::{PartSpec, StageLayout};
