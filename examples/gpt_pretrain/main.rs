@@ -7,6 +7,7 @@
 //! Byte-level tokenizer (vocabulary 256). Without `--data`, trains on a generated corpus.
 
 mod corpus;
+mod pipelined;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -32,7 +33,7 @@ enum DeviceKind {
 /// Pretrain a small GPT on a text file with tensor parallelism across local threads.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
-struct Args {
+pub(crate) struct Args {
     /// Text file to train on (bytes are tokens). Default: a generated corpus built into the example.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -96,18 +97,40 @@ struct Args {
     /// CUDA only: directory of cubecl's kernel and autotune caches (default: the user cache dir).
     #[arg(long)]
     kernel_cache: Option<PathBuf>,
+    /// Pipeline-parallel degree: ranks holding consecutive stages (world = tp × pp threads).
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    /// Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1.
+    #[arg(long, default_value = "1f1b")]
+    schedule: String,
+    /// Micro-batches per step (must divide --batch-size; default 2 × pp).
+    #[arg(long)]
+    microbatches: Option<usize>,
+    /// Model chunks per pipeline rank (interleaved-1f1b; default 2 for it, else 1).
+    #[arg(long)]
+    virtual_stages: Option<usize>,
+    /// Write the pipeline plan's timeline (simulated with forward 1, backward 2) to this SVG file.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
 }
 
 /// What rank 0 reports.
-struct Summary {
-    first_loss: f32,
-    train_loss: f32,
-    val_loss: f32,
-    tokens_per_sec: f64,
-    sample: String,
+pub(crate) struct Summary {
+    pub(crate) first_loss: f32,
+    pub(crate) train_loss: f32,
+    pub(crate) val_loss: f32,
+    pub(crate) tokens_per_sec: f64,
+    pub(crate) sample: String,
 }
 
-fn lr_at(args: &Args, step: usize) -> f64 {
+/// The model the flags describe (byte-level vocabulary of 256).
+fn gpt_config(args: &Args) -> GptConfig {
+    GptConfig::new(256, args.seq_len, args.d_model, args.heads, args.layers, args.d_ff.unwrap_or(4 * args.d_model))
+        .with_dropout(args.dropout)
+        .with_seed(args.seed)
+}
+
+pub(crate) fn lr_at(args: &Args, step: usize) -> f64 {
     if step < args.warmup {
         return args.lr * (step + 1) as f64 / args.warmup as f64;
     }
@@ -125,7 +148,7 @@ fn evaluate<B: CollectiveBackend>(gpt: &Gpt<B>, split: &[u8], name: &str, args: 
     total / args.eval_batches as f32
 }
 
-fn progress(args: &Args, rank: usize) -> ProgressBar {
+pub(crate) fn progress(args: &Args, rank: usize) -> ProgressBar {
     if rank != 0 {
         return ProgressBar::hidden();
     }
@@ -140,9 +163,7 @@ where
     B::InnerBackend: CollectiveBackend,
 {
     let rank = comm.global_rank();
-    let config = GptConfig::new(256, args.seq_len, args.d_model, args.heads, args.layers, args.d_ff.unwrap_or(4 * args.d_model))
-        .with_dropout(args.dropout)
-        .with_seed(args.seed);
+    let config = gpt_config(args);
     let mut gpt: Gpt<B> = config.init(&comm, &device).map_err(|e| format!("invalid model for --tp {}: {e}", args.tp))?;
     let mut optim = AdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).init();
     let bar = progress(args, rank);
@@ -185,6 +206,10 @@ where
     B::InnerBackend: CollectiveBackend,
 {
     let opts = LocalWorldOptions { timeout: Duration::from_secs(args.timeout_secs) };
+    if args.pp > 1 {
+        let results = run_world(args.tp * args.pp, opts, |comm| pipelined::train_rank::<B>(args, comm, device.clone(), data));
+        return Ok(all_ok(results)?.remove(0));
+    }
     let results = run_world(args.tp, opts, |comm| train_rank::<B>(args, comm, device.clone(), data));
     Ok(all_ok(results)?.remove(0))
 }
@@ -212,8 +237,11 @@ fn main() {
 }
 
 fn main_result(args: &Args) -> Result<(), String> {
-    if args.tp == 0 || args.steps == 0 || args.batch_size == 0 || args.eval_batches == 0 {
-        return Err("--tp, --steps, --batch-size and --eval-batches must be at least 1".into());
+    if args.tp == 0 || args.pp == 0 || args.steps == 0 || args.batch_size == 0 || args.eval_batches == 0 {
+        return Err("--tp, --pp, --steps, --batch-size and --eval-batches must be at least 1".into());
+    }
+    if let Some(path) = &args.timeline {
+        pipelined::write_timeline(args, path)?;
     }
     let data = load(args)?;
     tracing::info!(tp = args.tp, device = ?args.device, steps = args.steps, "training");
@@ -221,7 +249,7 @@ fn main_result(args: &Args) -> Result<(), String> {
         DeviceKind::Cpu => run::<burn::backend::Autodiff<burn::backend::Flex>>(args, Default::default(), &data)?,
         DeviceKind::Cuda => run_cuda(args, &data)?,
     };
-    println!("tp={} steps={} tokens/s={:.0}", args.tp, args.steps, summary.tokens_per_sec);
+    println!("tp={} pp={} steps={} tokens/s={:.0}", args.tp, args.pp, args.steps, summary.tokens_per_sec);
     println!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);
     println!("--- sample ---\n{}\n--------------", summary.sample);
     Ok(())

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
@@ -48,6 +48,10 @@ pub trait PipelineModel<B: AutodiffBackend, const D: usize>: Sync {
     fn tensor_parallel_group(&self) -> Option<&Comm> {
         None
     }
+
+    /// Called after each backward (`B` or `I`) of `spec`'s stage on micro-batch `mb`, outside
+    /// autodiff (profiling, logging, gradient hooks). Does nothing by default.
+    fn after_backward(&self, _spec: &PartSpec, _mb: usize) {}
 }
 
 /// How to pipeline.
@@ -111,6 +115,16 @@ pub struct PipelineExecutor<B: AutodiffBackend, M: PipelineModel<B, D>, const D:
 }
 
 type Key = (usize, usize);
+
+/// Replaces every parameter by a fresh autodiff leaf with the same value and id.
+struct FreshLeaves;
+
+impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let require_grad = param.is_require_grad();
+        param.map(|t| if require_grad { t.detach().require_grad() } else { t.detach() })
+    }
+}
 
 /// Micro-batch numbers of [`PipelineExecutor::forward_loss`] messages start here, apart from
 /// training steps.
@@ -184,7 +198,7 @@ where
             return Err(PipelineError::Microbatches { expected: m, got: microbatches.len() });
         }
         let (me, last) = (self.comm.rank(), shape.stages() - 1);
-        let mut inflight: HashMap<Key, (Option<Tensor<B, D>>, StageOutput<B, D>)> = HashMap::new();
+        let mut inflight: HashMap<Key, (Option<Tensor<B, D>>, StageOutput<B, D>, M::Part)> = HashMap::new();
         let mut inputs: HashMap<Key, Tensor<B, D>> = HashMap::new();
         let mut out_grads: HashMap<Key, Tensor<B, D>> = HashMap::new();
         let mut to_send: HashMap<Key, Tensor<B, D>> = HashMap::new();
@@ -205,21 +219,25 @@ where
                 Op::F => {
                     let stage = &self.stages[self.local(s)];
                     let input = (s > 0).then(|| inputs.remove(&key).expect("validated plan: input before forward"));
-                    let out = self.model.forward(&stage.part, &stage.spec, input.clone(), &microbatches[mb]);
+                    // Each micro-batch's graph gets its own parameter leaves, so the graphs of
+                    // in-flight micro-batches never merge in Burn's autodiff (their backwards and
+                    // graph clean-ups stay independent); gradients are keyed by ParamId anyway.
+                    let part = stage.part.clone().map(&mut FreshLeaves);
+                    let out = self.model.forward(&part, &stage.spec, input.clone(), &microbatches[mb]);
                     if let (StageOutput::Activation(y), true) = (&out, s < last && self.peer(s + 1) == me) {
                         inputs.insert((s + 1, mb), y.clone().detach().require_grad());
                     }
-                    inflight.insert(key, (input, out));
+                    inflight.insert(key, (input, out, part));
                 }
                 Op::SendF => match inflight.get(&key) {
-                    Some((_, StageOutput::Activation(y))) => send(y.clone().detach(), self.peer(s + 1), tag(Op::SendF, s, mb), &self.comm)?,
+                    Some((_, StageOutput::Activation(y), _)) => send(y.clone().detach(), self.peer(s + 1), tag(Op::SendF, s, mb), &self.comm)?,
                     _ => panic!("validated plan: {a} follows the forward of a non-last stage"),
                 },
                 Op::B | Op::I => {
                     if let Some(tp) = self.model.tensor_parallel_group().filter(|tp| tp.size() > 1) {
                         tp.barrier()?;
                     }
-                    let (input, out) = inflight.remove(&key).expect("validated plan: forward before backward");
+                    let (input, out, part) = inflight.remove(&key).expect("validated plan: forward before backward");
                     let grads = match out {
                         StageOutput::Loss(l) => {
                             loss_sum += l.clone().into_scalar().elem::<f32>();
@@ -231,7 +249,8 @@ where
                         }
                     };
                     if let Some(x) = input {
-                        let dx = Tensor::<B, D>::from_inner(x.grad(&grads).expect("stage input must be used by the stage"));
+                        let dx = x.grad(&grads).unwrap_or_else(|| panic!("no gradient reached the input of stage {s} (micro-batch {mb}): the stage must use its input"));
+                        let dx = Tensor::<B, D>::from_inner(dx);
                         if self.peer(s - 1) == me {
                             out_grads.insert((s - 1, mb), dx);
                         } else {
@@ -239,7 +258,8 @@ where
                         }
                     }
                     let i = self.local(s);
-                    let gp = GradientsParams::from_grads(grads, &self.stages[i].part);
+                    self.model.after_backward(&self.stages[i].spec, mb);
+                    let gp = GradientsParams::from_grads(grads, &part);
                     if a.op == Op::B {
                         acc[i].accumulate(&self.stages[i].part, gp);
                     } else {

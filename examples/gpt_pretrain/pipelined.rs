@@ -1,0 +1,103 @@
+//! The `--pp N` path: GPT stages on pipeline ranks (each stage tensor-parallel over `--tp`),
+//! driven by a schedule chosen by name.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::optim::AdamWConfig;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::TensorData;
+use burn_parallel::pipeline::{PipelineExecutor, PipelineOptions};
+use burn_parallel::{CollectiveBackend, Comm, ParallelConfig, ProcessGroups};
+use burn_parallel_modules::{GptPipeline, TokenBatch};
+use burn_parallel_schedules::{render_svg, schedule_by_name, simulate, Costs, PipelineShape, Schedule};
+
+use super::corpus::Corpus;
+use super::{gpt_config, lr_at, progress, Args, Summary};
+
+fn microbatches(args: &Args) -> usize {
+    args.microbatches.unwrap_or(2 * args.pp)
+}
+
+fn virtual_stages(args: &Args) -> usize {
+    args.virtual_stages.unwrap_or(if args.schedule.starts_with("interleaved") { 2 } else { 1 })
+}
+
+fn schedule(args: &Args) -> Result<Box<dyn Schedule>, String> {
+    schedule_by_name(&args.schedule).map_err(|e| e.to_string())
+}
+
+/// Writes the plan's simulated timeline (forward 1, backward 2 = input 1 + weight 1).
+pub(crate) fn write_timeline(args: &Args, path: &Path) -> Result<(), String> {
+    let shape = PipelineShape::new(args.pp, virtual_stages(args), microbatches(args));
+    let plan = schedule(args)?.plan(&shape).map_err(|e| e.to_string())?;
+    let sim = simulate(&plan, &Costs::uniform()).map_err(|e| e.to_string())?;
+    let title = format!("{}: pp={} micro-batches={} virtual stages={}", args.schedule, args.pp, shape.microbatches, shape.virtual_stages);
+    std::fs::write(path, render_svg(&plan, &sim, &title)).map_err(|e| format!("cannot write --timeline {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), bubble = sim.bubble_fraction, peak_in_flight = ?sim.peak_in_flight, "pipeline timeline");
+    Ok(())
+}
+
+/// `m` micro-batches of one step, cut from a batch of `args.batch_size` windows.
+fn split(args: &Args, split: &[u8], name: &str, step: usize) -> Result<Vec<TokenBatch>, String> {
+    let m = microbatches(args);
+    if args.batch_size % m != 0 {
+        return Err(format!("--batch-size {} is not divisible by --microbatches {m}", args.batch_size));
+    }
+    let (x, y) = Corpus::batch::<burn::backend::Flex>(split, args.batch_size, args.seq_len, name, step, &Default::default());
+    let (x, y) = (x.into_data(), y.into_data());
+    let cut = |d: &TensorData, i: usize| burn_parallel::comm::split_along(d, 0, m, i).map(|t| t.convert::<i64>());
+    (0..m).map(|i| Ok(TokenBatch { inputs: cut(&x, i)?, targets: cut(&y, i)? })).collect()
+}
+
+pub(crate) fn train_rank<B>(args: &Args, world: Comm, device: B::Device, data: &Corpus) -> Result<Summary, String>
+where
+    B: AutodiffBackend + CollectiveBackend,
+    B::InnerBackend: CollectiveBackend,
+{
+    let cfg = ParallelConfig::new().with_tensor_parallel(args.tp).with_pipeline_parallel(args.pp).with_virtual_stages(virtual_stages(args));
+    let groups = ProcessGroups::new(cfg, world.clone()).map_err(|e| e.to_string())?;
+    let model = GptPipeline { config: gpt_config(args), tp: groups.tp.clone() };
+    let opts = PipelineOptions { microbatches: microbatches(args), virtual_stages: virtual_stages(args), layout: None };
+    let mut exec = PipelineExecutor::<B, _, 3>::new(model, schedule(args)?.as_ref(), &opts, groups.pp.clone(), device).map_err(|e| e.to_string())?;
+    let mut optims: Vec<_> = exec.stages().iter().map(|_| AdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).init()).collect();
+    let rank = world.global_rank();
+    let bar = progress(args, rank);
+    let tokens_per_step = (args.batch_size * args.seq_len) as f64;
+    let (mut first_loss, start) = (f32::NAN, Instant::now());
+    for step in 0..args.steps {
+        let t0 = Instant::now();
+        let mbs = split(args, &data.train, "train", step + 1000 * args.seed as usize)?;
+        let out = exec.step(&mbs).map_err(|e| e.to_string())?;
+        exec.update(&mut optims, lr_at(args, step), out.grads);
+        if step == 0 {
+            first_loss = out.loss;
+        }
+        bar.set_message(format!("loss {:.4}  {:.0} tok/s", out.loss, tokens_per_step / t0.elapsed().as_secs_f64()));
+        bar.inc(1);
+        if args.eval_every > 0 && (step + 1) % args.eval_every == 0 && step + 1 < args.steps {
+            let val = evaluate(args, &exec, &data.val, "val")?;
+            if rank == 0 {
+                bar.suspend(|| tracing::info!(step = step + 1, train_loss = out.loss, val_loss = val, "evaluation"));
+            }
+        }
+    }
+    bar.finish();
+    let tokens_per_sec = tokens_per_step * args.steps as f64 / start.elapsed().as_secs_f64();
+    let train_loss = evaluate(args, &exec, &data.train, "train-eval")?;
+    let val_loss = evaluate(args, &exec, &data.val, "val")?;
+    let sample = "(sampling needs the whole model on one rank: run with --pp 1 to see generated text)".to_string();
+    Ok(Summary { first_loss, train_loss, val_loss, tokens_per_sec, sample })
+}
+
+fn evaluate<B, M>(args: &Args, exec: &PipelineExecutor<B, M, 3>, split_data: &[u8], name: &str) -> Result<f32, String>
+where
+    B: AutodiffBackend + CollectiveBackend,
+    M: burn_parallel::pipeline::PipelineModel<B, 3, MicroBatch = TokenBatch>,
+{
+    let mut total = 0.0;
+    for i in 0..args.eval_batches {
+        total += exec.forward_loss(&split(args, split_data, name, i)?).map_err(|e| e.to_string())?;
+    }
+    Ok(total / args.eval_batches as f32)
+}
