@@ -7,7 +7,11 @@
 //! rank's stages (balanced by default, an explicit [`StageLayout`] allowed) and executes the plan:
 //!
 //! - `F`: forward a micro-batch through a stage; keep its autodiff graph until its backward.
-//!   A stage's input activation is a **fresh leaf** (`recv → require_grad`).
+//!   A stage's input activation is a **fresh leaf** (`recv → require_grad`), and so is every
+//!   parameter: each micro-batch runs on a shallow copy of the stage whose parameters are new
+//!   leaves with the same ids. Otherwise the graphs of in-flight micro-batches merge through the
+//!   shared parameters, and Burn 0.21's graph clean-up (run after every `backward()`, from any
+//!   thread) intermittently drops nodes of a merged graph still waiting for its backward.
 //! - `B`: backward with the received output gradient `g` as a vector-Jacobian product,
 //!   `(y · g).sum().backward()` (on the last stage: `loss / m`), send `∂/∂input` upstream, and
 //!   accumulate parameter gradients over micro-batches. `I`/`W` (split backward): `I` runs that
@@ -16,8 +20,15 @@
 //!   which gradients travel, not the amount of compute.)
 //! - `SEND_*`/`RECV_*`: point-to-point on the pipeline group; every receive states the expected
 //!   shape and dtype, so a mismatch is an error naming both ranks, never a hang or silent
-//!   truncation. Sends never block on the local backend, and every plan is checked by a dry run to
-//!   be deadlock-free under that model before it runs.
+//!   truncation. Messages are tagged by (kind, stage, micro-batch), so activations and gradients
+//!   between the same two ranks never mix. Sends never block on the local backend, and every plan
+//!   is checked by a dry run to be deadlock-free under that model before it runs.
+//!
+//! With ranks as threads, Burn's process-global autodiff clean-up makes a rank that finishes a
+//! backward wait for any backward running on another rank (see `BENCHMARKS.md`); the executor
+//! itself adds about 1% to the simulated makespan. Models with collectives inside their backward
+//! name their TP group ([`PipelineModel::tensor_parallel_group`]) so the executor can keep TP
+//! peers from deadlocking on that clean-up.
 
 mod executor;
 mod layout;
