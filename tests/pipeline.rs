@@ -59,11 +59,11 @@ fn global_path(path: &str, first_layer: usize) -> String {
 }
 
 /// Runs one pipelined step on a dp=1 world of `pp × tp` ranks; returns (tp rank, loss, named grads).
-fn pipelined(schedule: &str, pp: usize, tp: usize, v: usize, m: usize, mbs: &[TokenBatch]) -> Vec<(usize, f32, Vec<NamedParam>)> {
+fn pipelined(config: &GptConfig, schedule: &str, pp: usize, tp: usize, v: usize, m: usize, mbs: &[TokenBatch]) -> Vec<(usize, f32, Vec<NamedParam>)> {
     let cfg = ParallelConfig::new().with_pipeline_parallel(pp).with_tensor_parallel(tp);
     world(pp * tp, |c| {
         let groups = ProcessGroups::new(cfg.clone(), c).map_err(|e| e.to_string())?;
-        let model = GptPipeline { config: gpt(), tp: groups.tp.clone() };
+        let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
         let opts = PipelineOptions { microbatches: m, virtual_stages: v, layout: None };
         let sched = schedule_by_name(schedule).map_err(|e| e.to_string())?;
         let exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
@@ -79,9 +79,13 @@ fn pipelined(schedule: &str, pp: usize, tp: usize, v: usize, m: usize, mbs: &[To
 }
 
 fn check(schedule: &str, pp: usize, tp: usize, v: usize, m: usize) {
+    check_with(&gpt(), schedule, pp, tp, v, m)
+}
+
+fn check_with(config: &GptConfig, schedule: &str, pp: usize, tp: usize, v: usize, m: usize) {
     let (mbs, full) = batches(m);
     let (ref_loss, ref_grads) = reference(&full);
-    let ranks = pipelined(schedule, pp, tp, v, m, &mbs);
+    let ranks = pipelined(config, schedule, pp, tp, v, m, &mbs);
     let mut covered: HashMap<String, usize> = HashMap::new();
     for (tp_rank, loss, params) in &ranks {
         assert!((loss - ref_loss).abs() < TOL, "{schedule} pp={pp} tp={tp} m={m}: loss {loss} vs {ref_loss}");
@@ -121,6 +125,11 @@ fn interleaved_1f1b_equals_the_single_rank_step() {
 fn tensor_and_pipeline_parallel_together() {
     check("1f1b", 2, 2, 1, 3);
     check("interleaved-1f1b", 2, 2, 2, 2);
+}
+
+#[test]
+fn sequence_parallel_stages_exchange_shards_and_equal_the_single_rank_step() {
+    check_with(&gpt().with_sequence_parallel(true), "1f1b", 2, 2, 1, 3);
 }
 
 // ---- a second, different model through the same wrapper: a deep MLP regression ----

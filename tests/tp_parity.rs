@@ -182,3 +182,78 @@ fn tp1_gpt_equals_burn_nn_gpt() {
         assert!(d < TOL, "grad of {}: {d}", p.path);
     }
 }
+
+// ---- sequence parallelism ----
+
+/// The SP block maps `[b, s/t, h]` shards to shards and equals the unsharded block: output shard,
+/// input-shard gradient and every parameter gradient (LN γ/β and row biases summed over TP).
+#[test]
+fn sequence_parallel_block_equals_the_unsharded_block() {
+    let x_full = randn("x", [2, 8, 16]);
+    parity("sp block", |c, p| {
+        let m = TransformerBlockConfig::new(16, 4, 32).with_sequence_parallel(true).init::<B>(c, &ParamInit::new(6), &dev()).unwrap();
+        let m = p.apply(m, c);
+        let x = leaf::<3>(if c.size() > 1 { split_along(&x_full, 1, c.size(), c.rank()).unwrap() } else { x_full.clone() });
+        let y = m.forward(x.clone());
+        // Activation memory of the LN/dropout/residual regions: 1/t of the full [b, s, h].
+        assert_eq!(y.dims(), [2, 8 / c.size(), 16]);
+        outcome(&m, y.clone(), weighted_sum(y, [2, 8, 16], Some(1), c), Some(&x))
+    });
+}
+
+#[test]
+fn sequence_parallel_gpt_equals_the_unsharded_and_the_tp_gpt() {
+    let cfg = small_gpt().with_sequence_parallel(true);
+    let tp_only = std::sync::Mutex::new(Vec::new());
+    parity("sp gpt", |c, p| {
+        let gpt = p.apply(cfg.init::<B>(c, &dev()).unwrap(), c);
+        let (x, t) = (ids("in", [3, 8], 32), ids("tg", [3, 8], 32));
+        let logits = gpt.forward(x.clone());
+        let loss = gpt.loss(x.clone(), t.clone());
+        // The same parameters without SP give the same loss.
+        let plain = gpt.clone().with_sequence_parallel(false).loss(x, t).into_scalar();
+        tp_only.lock().unwrap().push((loss.clone().into_scalar(), plain));
+        outcome(&gpt, logits, loss, None)
+    });
+    for (sp, plain) in tp_only.into_inner().unwrap() {
+        assert!((sp - plain).abs() < TOL, "SP loss {sp} vs TP loss {plain}");
+    }
+}
+
+/// Without the TP all-reduce of γ/β gradients (a layer norm that does not know it runs on a
+/// sequence shard), each rank only has its tokens' share: the check above would fail.
+#[test]
+fn layer_norm_gradients_on_shards_need_the_tp_all_reduce() {
+    let x_full = randn("x", [2, 4, 6]);
+    let grads = |sp_flag: bool| {
+        world(2, |c| {
+            let ln = ParallelLayerNormConfig::new(6).with_sequence_parallel(sp_flag).init::<B>(&c, &dev());
+            let x = leaf::<3>(split_along(&x_full, 1, 2, c.rank()).unwrap());
+            let y = ln.forward(x);
+            let g = weighted_sum(y, [2, 4, 6], Some(1), &c).backward();
+            Ok(ln.gamma.val().grad(&g).unwrap().into_data())
+        })
+    };
+    let reference = world(1, |c| {
+        let ln = ParallelLayerNormConfig::new(6).init::<B>(&c, &dev());
+        let y = ln.forward(leaf::<3>(x_full.clone()));
+        Ok(ln.gamma.val().grad(&weighted_sum(y, [2, 4, 6], None, &c).backward()).unwrap().into_data())
+    });
+    for g in grads(true) {
+        assert!(max_abs_diff(&reference[0], &g).unwrap() < TOL);
+    }
+    for g in grads(false) {
+        assert!(max_abs_diff(&reference[0], &g).unwrap() > 1e-2);
+    }
+}
+
+#[test]
+fn sequence_length_not_divisible_by_tp_is_a_clear_error() {
+    let cfg = small_gpt().with_sequence_parallel(true);
+    let e = cfg.check_seq_len(6, 4).unwrap_err().to_string();
+    assert_eq!(e, "sequence length = 6 is not divisible by tensor_parallel (sequence parallelism) = 4");
+    assert!(cfg.check_seq_len(8, 4).is_ok());
+    assert!(cfg.check_seq_len(9, 1).unwrap_err().to_string().contains("exceeds max_seq_len 8"));
+    let e = small_gpt().init::<B>(&world(3, |c| Ok(c)).remove(0), &dev()).unwrap_err().to_string();
+    assert_eq!(e, "attention heads = 4 is not divisible by tensor_parallel = 3");
+}

@@ -97,6 +97,10 @@ pub(crate) struct Args {
     /// CUDA only: directory of cubecl's kernel and autotune caches (default: the user cache dir).
     #[arg(long)]
     kernel_cache: Option<PathBuf>,
+    /// Sequence parallelism over the TP group: layer norms and dropouts on sequence shards
+    /// (--seq-len must be divisible by --tp).
+    #[arg(long)]
+    sequence_parallel: bool,
     /// Pipeline-parallel degree: ranks holding consecutive stages (world = tp × pp threads).
     #[arg(long, default_value_t = 1)]
     pp: usize,
@@ -128,6 +132,7 @@ fn gpt_config(args: &Args) -> GptConfig {
     GptConfig::new(256, args.seq_len, args.d_model, args.heads, args.layers, args.d_ff.unwrap_or(4 * args.d_model))
         .with_dropout(args.dropout)
         .with_seed(args.seed)
+        .with_sequence_parallel(args.sequence_parallel)
 }
 
 pub(crate) fn lr_at(args: &Args, step: usize) -> f64 {
@@ -240,11 +245,16 @@ fn main_result(args: &Args) -> Result<(), String> {
     if args.tp == 0 || args.pp == 0 || args.steps == 0 || args.batch_size == 0 || args.eval_batches == 0 {
         return Err("--tp, --pp, --steps, --batch-size and --eval-batches must be at least 1".into());
     }
+    burn_parallel::ParallelConfig::new()
+        .with_tensor_parallel(args.tp)
+        .validate_model(&gpt_config(args).dims())
+        .map_err(|e| format!("--tp {}: {e}", args.tp))?;
+    gpt_config(args).check_seq_len(args.seq_len, args.tp).map_err(|e| format!("--seq-len: {e}"))?;
     if let Some(path) = &args.timeline {
         pipelined::write_timeline(args, path)?;
     }
     let data = load(args)?;
-    tracing::info!(tp = args.tp, device = ?args.device, steps = args.steps, "training");
+    tracing::info!(tp = args.tp, pp = args.pp, sequence_parallel = args.sequence_parallel, device = ?args.device, steps = args.steps, "training");
     let summary = match args.device {
         DeviceKind::Cpu => run::<burn::backend::Autodiff<burn::backend::Flex>>(args, Default::default(), &data)?,
         DeviceKind::Cuda => run_cuda(args, &data)?,

@@ -11,7 +11,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Tensor};
-use burn_parallel::mappings::copy_to_tp;
+use burn_parallel::mappings::{copy_to_tp, gather_from_sp};
 use burn_parallel::{CollectiveBackend, Comm, ConfigError};
 
 use crate::column_linear::{ColumnLinear, ColumnLinearConfig};
@@ -95,8 +95,21 @@ impl<B: CollectiveBackend> ParallelAttention<B> {
         self.forward_parallel_input(x)
     }
 
+    /// Sequence parallel: `[b, s/t, h]` shard → all-gather (backward reduce-scatter) → attention
+    /// over the full causal sequence → row-parallel output reduce-scattered to `[b, s/t, h]`.
+    pub fn forward_sp(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let context = self.context(gather_from_sp(x, 1, &self.query.tp));
+        self.output.forward_sp(context)
+    }
+
     /// The same for an input that already went through f (or the SP all-gather).
     pub fn forward_parallel_input(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let context = self.context(x);
+        self.output.forward(context)
+    }
+
+    /// Attention of this rank's heads: `[b, s, h]` (after f / all-gather) → `[b, s, h/t]`.
+    fn context(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let heads = |lin: &ColumnLinear<B>| {
             lin.forward_parallel_input(x.clone()).reshape([b, s, self.local_heads, self.d_head]).swap_dims(1, 2)
@@ -105,8 +118,7 @@ impl<B: CollectiveBackend> ParallelAttention<B> {
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((self.d_head as f32).sqrt());
         let scores = scores.mask_fill(causal_mask::<B>(s, &x.device()), MASK_VALUE);
         let probs = self.dropout.forward(softmax(scores, 3));
-        let context = probs.matmul(v).swap_dims(1, 2).reshape([b, s, self.local_heads * self.d_head]);
-        self.output.forward(context)
+        probs.matmul(v).swap_dims(1, 2).reshape([b, s, self.local_heads * self.d_head])
     }
 }
 

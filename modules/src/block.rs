@@ -4,16 +4,23 @@
 //! their outputs enter the TP region through f). Residual dropouts sit in the replicated region:
 //! the same mask on every TP rank. Per layer and micro-batch: 2 all-reduces forward (after
 //! attention and after the MLP) and 2 backward (the f of each sub-block).
+//!
+//! With `sequence_parallel`, the block maps `[b, s/t, h]` shards to shards: layer norms, residuals
+//! and dropouts run on this rank's tokens only (activation memory of these regions ÷ t, own dropout
+//! mask per rank); each sub-block all-gathers the sequence before its column-parallel linear and
+//! reduce-scatters after its row-parallel linear — the same communication volume as the two
+//! all-reduces. `γ, β` and the row-parallel biases get their gradients summed over the TP group
+//! automatically (see [`ParallelLayerNorm`]).
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::Tensor;
 use burn_parallel::{CollectiveBackend, Comm, ConfigError};
 
 use crate::attention::{ParallelAttention, ParallelAttentionConfig};
 use crate::dropout::{DropoutRegion, ParallelDropout};
 use crate::init::ParamInit;
+use crate::layer_norm::{ParallelLayerNorm, ParallelLayerNormConfig};
 use crate::mlp::{ParallelMlp, ParallelMlpConfig};
 
 /// Configuration of a [`TransformerBlock`].
@@ -37,30 +44,41 @@ pub struct TransformerBlockConfig {
     /// Layer-norm epsilon.
     #[config(default = 1e-5)]
     pub layer_norm_eps: f64,
+    /// Sequence parallelism: inputs and outputs are `[b, s/t, h]` shards.
+    #[config(default = false)]
+    pub sequence_parallel: bool,
 }
 
 /// One transformer layer, split over the TP group.
 #[derive(Module, Debug)]
 pub struct TransformerBlock<B: CollectiveBackend> {
     /// Layer norm before attention (replicated).
-    pub ln1: LayerNorm<B>,
+    pub ln1: ParallelLayerNorm<B>,
     /// Self-attention.
     pub attn: ParallelAttention<B>,
     /// Layer norm before the MLP (replicated).
-    pub ln2: LayerNorm<B>,
+    pub ln2: ParallelLayerNorm<B>,
     /// Feed-forward.
     pub mlp: ParallelMlp<B>,
     /// Residual dropout after attention (replicated region).
     pub drop_attn: ParallelDropout,
     /// Residual dropout after the MLP (replicated region).
     pub drop_mlp: ParallelDropout,
+    /// Inputs and outputs are sequence shards.
+    pub sequence_parallel: bool,
 }
 
 impl TransformerBlockConfig {
     /// Builds this rank's shard.
     pub fn init<B: CollectiveBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<TransformerBlock<B>, ConfigError> {
-        let ln = || LayerNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).init(device);
-        let drop = |name: &str| ParallelDropout::new(self.dropout, init.seed, &init.child(name).path, DropoutRegion::Replicated, tp.rank());
+        let ln = || {
+            ParallelLayerNormConfig::new(self.d_model)
+                .with_epsilon(self.layer_norm_eps)
+                .with_sequence_parallel(self.sequence_parallel)
+                .init(tp, device)
+        };
+        let region = if self.sequence_parallel { DropoutRegion::Sharded } else { DropoutRegion::Replicated };
+        let drop = |name: &str| ParallelDropout::new(self.dropout, init.seed, &init.child(name).path, region, tp.rank());
         Ok(TransformerBlock {
             ln1: ln(),
             attn: ParallelAttentionConfig::new(self.d_model, self.n_heads)
@@ -75,13 +93,19 @@ impl TransformerBlockConfig {
                 .init(tp, &init.child("mlp"), device)?,
             drop_attn: drop("drop_attn"),
             drop_mlp: drop("drop_mlp"),
+            sequence_parallel: self.sequence_parallel,
         })
     }
 }
 
 impl<B: CollectiveBackend> TransformerBlock<B> {
-    /// `[b, s, h]` → `[b, s, h]`, replicated over the TP group.
+    /// `[b, s, h]` → `[b, s, h]`, replicated over the TP group; with sequence parallelism
+    /// `[b, s/t, h]` → `[b, s/t, h]` shards.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if self.sequence_parallel {
+            let x = x.clone() + self.drop_attn.forward(self.attn.forward_sp(self.ln1.forward(x)));
+            return x.clone() + self.drop_mlp.forward(self.mlp.forward_sp(self.ln2.forward(x)));
+        }
         let x = x.clone() + self.drop_attn.forward(self.attn.forward(self.ln1.forward(x)));
         x.clone() + self.drop_mlp.forward(self.mlp.forward(self.ln2.forward(x)))
     }

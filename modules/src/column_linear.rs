@@ -10,7 +10,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::module::linear;
 use burn::tensor::Tensor;
-use burn_parallel::mappings::{copy_to_tp, gather_from_tp};
+use burn_parallel::mappings::{copy_to_tp, gather_from_sp, gather_from_tp};
 use burn_parallel::{CollectiveBackend, Comm, ConfigError};
 
 use crate::init::{check_divisible, param, shard, ParamInit};
@@ -63,6 +63,12 @@ impl<B: CollectiveBackend> ColumnLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = copy_to_tp(x, &self.tp);
         self.forward_parallel_input(x)
+    }
+
+    /// Sequence-parallel input: `x` is this rank's sequence shard `[b, s/t, d_input]` (seq dim
+    /// 1), all-gathered to `[b, s, d_input]` (backward: reduce-scatter) before the product.
+    pub fn forward_sp(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_parallel_input(gather_from_sp(x, 1, &self.tp))
     }
 
     /// The same without the f mapping: for inputs that already went through one (e.g. the

@@ -61,11 +61,19 @@ impl<B: CollectiveBackend> VocabParallelEmbedding<B> {
         if self.tp.size() == 1 {
             return embedding(self.weight.val(), ids);
         }
+        reduce_from_tp(self.forward_partial(ids), &self.tp)
+    }
+
+    /// This rank's partial embeddings `[b, s, h]` (rows of ids it does not hold are zero), before
+    /// any reduction — sequence parallelism reduce-scatters them instead.
+    pub fn forward_partial(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        if self.tp.size() == 1 {
+            return embedding(self.weight.val(), ids);
+        }
         let local = ids.sub_scalar(self.vocab_start as i64);
         let outside = local.clone().lower_elem(0).bool_or(local.clone().greater_equal_elem(self.vocab_local as i64));
         let local = local.mask_fill(outside.clone(), 0);
         let keep = outside.bool_not().float().unsqueeze_dim::<3>(2);
-        let partial = embedding(self.weight.val(), local) * keep;
-        reduce_from_tp(partial, &self.tp)
+        embedding(self.weight.val(), local) * keep
     }
 }

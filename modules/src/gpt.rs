@@ -10,9 +10,8 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_parallel::mappings::gather_from_tp;
+use burn_parallel::mappings::{copy_to_tp, gather_from_tp, reduce_scatter_to_sp};
 use burn_parallel::rng::HostRng;
 use burn_parallel::{CollectiveBackend, Comm, ConfigError, ModelDims, ParallelConfig};
 
@@ -22,6 +21,7 @@ use crate::column_linear::{ColumnLinear, ColumnLinearConfig};
 use crate::cross_entropy::vocab_parallel_cross_entropy;
 use crate::embedding::{VocabParallelEmbedding, VocabParallelEmbeddingConfig};
 use crate::init::{param, ParamInit};
+use crate::layer_norm::{ParallelLayerNorm, ParallelLayerNormConfig};
 
 /// Configuration of a [`Gpt`].
 #[derive(Config, Debug)]
@@ -47,6 +47,10 @@ pub struct GptConfig {
     /// Layer-norm epsilon.
     #[config(default = 1e-5)]
     pub layer_norm_eps: f64,
+    /// Sequence parallelism over the TP group: layer norms, dropouts and residuals run on
+    /// `[b, s/t, h]` shards (the sequence length must be divisible by the TP size).
+    #[config(default = false)]
+    pub sequence_parallel: bool,
 }
 
 /// A GPT split over a TP group (a group of one gives the plain model).
@@ -61,9 +65,11 @@ pub struct Gpt<B: CollectiveBackend> {
     /// Transformer blocks.
     pub blocks: Vec<TransformerBlock<B>>,
     /// Final layer norm, replicated.
-    pub ln_f: LayerNorm<B>,
+    pub ln_f: ParallelLayerNorm<B>,
     /// Output head `h → V/t`, column-parallel over the vocabulary (untied).
     pub head: ColumnLinear<B>,
+    /// Sequence parallelism on.
+    pub sequence_parallel: bool,
 }
 
 impl GptConfig {
@@ -77,7 +83,8 @@ impl GptConfig {
         ParallelConfig::new().with_tensor_parallel(tp.size()).validate_model(&self.dims())?;
         let (wte, wpe, drop) = self.init_embedding(tp, device)?;
         let (ln_f, head) = self.init_head(tp, device)?;
-        Ok(Gpt { wte, wpe, drop, blocks: self.init_blocks(0..self.n_layers, tp, device)?, ln_f, head })
+        let blocks = self.init_blocks(0..self.n_layers, tp, device)?;
+        Ok(Gpt { wte, wpe, drop, blocks, ln_f, head, sequence_parallel: self.sequence_parallel })
     }
 
     /// Token and position embeddings and their dropout (what runs before the first block).
@@ -90,7 +97,7 @@ impl GptConfig {
         Ok((
             VocabParallelEmbeddingConfig::new(self.vocab_size, self.d_model).init(tp, &init.child("wte"), device)?,
             param(init.child("wpe").child("weight").normal(&[self.max_seq_len, self.d_model], 0.02), device),
-            ParallelDropout::new(self.dropout, self.seed, "drop", DropoutRegion::Replicated, tp.rank()),
+            ParallelDropout::new(self.dropout, self.seed, "drop", self.dropout_region(), tp.rank()),
         ))
     }
 
@@ -106,42 +113,90 @@ impl GptConfig {
         let block = TransformerBlockConfig::new(self.d_model, self.n_heads, self.d_ff)
             .with_dropout(self.dropout)
             .with_proj_init_std(proj_std)
-            .with_layer_norm_eps(self.layer_norm_eps);
+            .with_layer_norm_eps(self.layer_norm_eps)
+            .with_sequence_parallel(self.sequence_parallel);
         layers.map(|i| block.init(tp, &init.child("blocks").child(i), device)).collect()
     }
 
     /// Final layer norm and the vocab-parallel head (what runs after the last block).
-    pub(crate) fn init_head<B: CollectiveBackend>(&self, tp: &Comm, device: &B::Device) -> Result<(LayerNorm<B>, ColumnLinear<B>), ConfigError> {
+    pub(crate) fn init_head<B: CollectiveBackend>(&self, tp: &Comm, device: &B::Device) -> Result<(ParallelLayerNorm<B>, ColumnLinear<B>), ConfigError> {
         let init = ParamInit::new(self.seed);
         Ok((
-            LayerNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).init(device),
+            ParallelLayerNormConfig::new(self.d_model)
+                .with_epsilon(self.layer_norm_eps)
+                .with_sequence_parallel(self.sequence_parallel)
+                .init(tp, device),
             ColumnLinearConfig::new(self.d_model, self.vocab_size).with_bias(false).init(tp, &init.child("head"), device)?,
         ))
     }
 }
 
-/// Embedding sum with dropout: `ids [b, s] → [b, s, h]`.
+impl GptConfig {
+    fn dropout_region(&self) -> DropoutRegion {
+        if self.sequence_parallel {
+            DropoutRegion::Sharded
+        } else {
+            DropoutRegion::Replicated
+        }
+    }
+
+    /// Checks a sequence length against `max_seq_len` and, under sequence parallelism, the TP size.
+    pub fn check_seq_len(&self, seq_len: usize, tp: usize) -> Result<(), ConfigError> {
+        if seq_len > self.max_seq_len {
+            return Err(ConfigError::Invalid(format!("sequence length {seq_len} exceeds max_seq_len {}", self.max_seq_len)));
+        }
+        if self.sequence_parallel && seq_len % tp != 0 {
+            return Err(ConfigError::NotDivisible { what: "sequence length", value: seq_len, degree_name: "tensor_parallel (sequence parallelism)", degree: tp });
+        }
+        Ok(())
+    }
+}
+
+/// Embedding sum with dropout: `ids [b, s] → [b, s, h]`, or this rank's shard `[b, s/t, h]`
+/// under sequence parallelism (the vocab-parallel partial sums are reduce-scattered along the
+/// sequence, then this rank's positions added; `wpe` enters through f so its gradient is summed
+/// over the TP group).
 pub(crate) fn embed<B: CollectiveBackend>(
     wte: &VocabParallelEmbedding<B>,
     wpe: &Param<Tensor<B, 2>>,
     drop: &ParallelDropout,
     ids: Tensor<B, 2, Int>,
+    sequence_parallel: bool,
 ) -> Tensor<B, 3> {
     let [_, s] = ids.dims();
     let max = wpe.val().dims()[0];
     assert!(s <= max, "sequence length {s} exceeds max_seq_len {max}");
-    drop.forward(wte.forward(ids) + wpe.val().slice([0..s]).unsqueeze::<3>())
+    if !sequence_parallel {
+        return drop.forward(wte.forward(ids) + wpe.val().slice([0..s]).unsqueeze::<3>());
+    }
+    let (tp, t) = (&wte.tp, wte.tp.size());
+    assert!(s % t == 0, "sequence length {s} is not divisible by tensor_parallel = {t} (sequence parallelism)");
+    let (chunk, r) = (s / t, tp.rank());
+    let x = reduce_scatter_to_sp(wte.forward_partial(ids), 1, tp);
+    let pos = copy_to_tp(wpe.val(), tp).slice([r * chunk..(r + 1) * chunk]).unsqueeze::<3>();
+    drop.forward(x + pos)
 }
 
-/// Mean cross-entropy of the head's vocab-parallel logits for hidden states `x [b, s, h]`.
+/// The head's vocab-parallel logits `[b, s, V/t]` of hidden states `x` (`[b, s, h]`, or a
+/// `[b, s/t, h]` shard under SP, all-gathered along the sequence before the head).
+pub(crate) fn head_logits<B: CollectiveBackend>(ln_f: &ParallelLayerNorm<B>, head: &ColumnLinear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let x = ln_f.forward(x);
+    if ln_f.sequence_parallel {
+        head.forward_sp(x)
+    } else {
+        head.forward(x)
+    }
+}
+
+/// Mean cross-entropy of the head's vocab-parallel logits for hidden states `x`.
 pub(crate) fn head_loss<B: CollectiveBackend>(
-    ln_f: &LayerNorm<B>,
+    ln_f: &ParallelLayerNorm<B>,
     head: &ColumnLinear<B>,
     vocab_start: usize,
     x: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
 ) -> Tensor<B, 1> {
-    let logits = head.forward(ln_f.forward(x));
+    let logits = head_logits(ln_f, head, x);
     let [b, s, v] = logits.dims();
     vocab_parallel_cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]), vocab_start, &head.tp)
 }
@@ -152,18 +207,19 @@ impl<B: CollectiveBackend> Gpt<B> {
         &self.head.tp
     }
 
-    /// Hidden states before the head: `[b, s] → [b, s, h]` (replicated).
+    /// Output of the last block: `[b, s] → [b, s, h]` (replicated), or this rank's sequence
+    /// shard `[b, s/t, h]` under sequence parallelism.
     pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let mut x = embed(&self.wte, &self.wpe, &self.drop, ids);
+        let mut x = embed(&self.wte, &self.wpe, &self.drop, ids, self.sequence_parallel);
         for block in &self.blocks {
             x = block.forward(x);
         }
-        self.ln_f.forward(x)
+        x
     }
 
     /// This rank's logits `[b, s, V/t]` (vocabulary ids `[r·V/t, (r+1)·V/t)`).
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.head.forward(self.hidden(ids))
+        head_logits(&self.ln_f, &self.head, self.hidden(ids))
     }
 
     /// Full logits `[b, s, V]` (all-gathered over the vocabulary).
@@ -173,16 +229,28 @@ impl<B: CollectiveBackend> Gpt<B> {
 
     /// Mean next-token cross-entropy of `ids [b, s]` against `targets [b, s]` (replicated).
     pub fn loss(&self, ids: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-        let mut x = embed(&self.wte, &self.wpe, &self.drop, ids);
-        for block in &self.blocks {
-            x = block.forward(x);
+        head_loss(&self.ln_f, &self.head, self.wte.vocab_start, self.hidden(ids), targets)
+    }
+
+    /// The same model with sequence parallelism switched on or off (parameters shared).
+    pub fn with_sequence_parallel(mut self, on: bool) -> Self {
+        self.sequence_parallel = on;
+        self.ln_f.sequence_parallel = on;
+        for b in &mut self.blocks {
+            b.sequence_parallel = on;
+            b.ln1.sequence_parallel = on;
+            b.ln2.sequence_parallel = on;
         }
-        head_loss(&self.ln_f, &self.head, self.wte.vocab_start, x, targets)
+        self
     }
 
     /// Samples `n_new` tokens after `prompt` (temperature sampling; greedy when `temperature` is
     /// 0). Every TP rank must call it with the same arguments; all get the same tokens.
+    /// Runs without sequence parallelism (any context length).
     pub fn generate(&self, prompt: &[usize], n_new: usize, temperature: f64, seed: u64) -> Vec<usize> {
+        if self.sequence_parallel {
+            return self.clone().with_sequence_parallel(false).generate(prompt, n_new, temperature, seed);
+        }
         let device = self.wpe.val().device();
         let max = self.wpe.val().dims()[0];
         let mut rng = HostRng::new(seed, "generate");

@@ -5,7 +5,6 @@
 //! reduction).
 
 use burn::module::{Module, Param};
-use burn::nn::LayerNorm;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use burn_parallel::pipeline::{PartSpec, PipelineModel, StageOutput};
@@ -16,6 +15,7 @@ use crate::column_linear::ColumnLinear;
 use crate::dropout::ParallelDropout;
 use crate::embedding::VocabParallelEmbedding;
 use crate::gpt::{embed, head_loss, GptConfig};
+use crate::layer_norm::ParallelLayerNorm;
 
 /// The GPT split for pipelining (and tensor parallelism over `tp`).
 #[derive(Debug, Clone)]
@@ -49,7 +49,7 @@ pub struct GptStage<B: CollectiveBackend> {
     /// Global index of the first block.
     pub first_layer: usize,
     /// Final layer norm (last stage).
-    pub ln_f: Option<LayerNorm<B>>,
+    pub ln_f: Option<ParallelLayerNorm<B>>,
     /// Vocab-parallel head (last stage).
     pub head: Option<ColumnLinear<B>>,
 }
@@ -88,15 +88,17 @@ where
     }
 
     fn activation_shape(&self, mb: &TokenBatch) -> [usize; 3] {
+        // Under sequence parallelism the stages exchange sequence shards.
         let s = mb.inputs.shape.as_slice();
-        [s[0], s[1], self.config.d_model]
+        let seq = if self.config.sequence_parallel { s[1] / self.tp.size() } else { s[1] };
+        [s[0], seq, self.config.d_model]
     }
 
     fn forward(&self, part: &GptStage<B>, _spec: &PartSpec, input: Option<Tensor<B, 3>>, mb: &TokenBatch) -> StageOutput<B, 3> {
         let device = part.drop_device(input.as_ref());
         let mut x = match (input, &part.wte, &part.wpe) {
             (Some(x), _, _) => x,
-            (None, Some(wte), Some(wpe)) => embed(wte, wpe, &part.drop, Tensor::from_data(mb.inputs.clone(), &device)),
+            (None, Some(wte), Some(wpe)) => embed(wte, wpe, &part.drop, Tensor::from_data(mb.inputs.clone(), &device), self.config.sequence_parallel),
             _ => panic!("the first stage holds the embeddings"),
         };
         for block in &part.blocks {

@@ -55,4 +55,9 @@ impl<B: CollectiveBackend> ParallelMlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.fc2.forward(gelu(self.fc1.forward(x)))
     }
+
+    /// Sequence parallel: `[b, s/t, h]` shard → all-gather → … → reduce-scatter → `[b, s/t, h]`.
+    pub fn forward_sp(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.fc2.forward_sp(gelu(self.fc1.forward_sp(x)))
+    }
 }

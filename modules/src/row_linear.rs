@@ -11,7 +11,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::module::linear;
 use burn::tensor::{Tensor, TensorData};
-use burn_parallel::mappings::{reduce_from_tp, scatter_to_tp};
+use burn_parallel::mappings::{copy_to_tp, reduce_from_tp, reduce_scatter_to_sp, scatter_to_tp};
 use burn_parallel::{CollectiveBackend, Comm, ConfigError};
 
 use crate::init::{check_divisible, param, shard, ParamInit};
@@ -71,6 +71,17 @@ impl<B: CollectiveBackend> RowLinear<B> {
     pub fn forward_partial<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = if self.input_is_parallel { x } else { scatter_to_tp(x, &self.tp) };
         linear(x, self.weight.val(), None)
+    }
+
+    /// Sequence-parallel output: partial sums are reduce-scattered along the sequence (dim 1) to
+    /// this rank's shard `[b, s/t, d_output]` (backward: all-gather); the bias then meets only
+    /// this rank's tokens, so it enters through f and its gradient is summed over the TP group.
+    pub fn forward_sp(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let y = reduce_scatter_to_sp(self.forward_partial(x), 1, &self.tp);
+        match &self.bias {
+            Some(b) => y + copy_to_tp(b.val(), &self.tp).unsqueeze(),
+            None => y,
+        }
     }
 
     /// Adds the replicated bias (once, after the reduction).
