@@ -37,6 +37,7 @@
 
 pub mod collective;
 pub mod comm;
+pub mod data_parallel;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
