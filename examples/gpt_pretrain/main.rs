@@ -16,7 +16,9 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
-use burn_parallel::{all_ok, run_world, CollectiveBackend, Comm, LocalWorldOptions};
+use burn_parallel::comm::ops::all_reduce;
+use burn_parallel::data_parallel::{all_reduce_gradients, clip_grad_norm, DEFAULT_BUCKET_BYTES};
+use burn_parallel::{all_ok, run_world, CollectiveBackend, Comm, LocalWorldOptions, ParallelConfig, ProcessGroups, ReduceOp};
 use burn_parallel_modules::{Gpt, GptConfig};
 use clap::{Parser, ValueEnum};
 use corpus::Corpus;
@@ -101,7 +103,13 @@ pub(crate) struct Args {
     /// (--seq-len must be divisible by --tp).
     #[arg(long)]
     sequence_parallel: bool,
-    /// Pipeline-parallel degree: ranks holding consecutive stages (world = tp × pp threads).
+    /// Data-parallel degree: model replicas, each on its own data (world = dp × pp × tp threads).
+    #[arg(long, default_value_t = 1)]
+    dp: usize,
+    /// Clip the global gradient norm (over all TP/PP ranks, each parameter counted once) to this.
+    #[arg(long)]
+    clip_grad: Option<f32>,
+    /// Pipeline-parallel degree: ranks holding consecutive stages (world = dp × pp × tp threads).
     #[arg(long, default_value_t = 1)]
     pp: usize,
     /// Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1.
@@ -133,6 +141,30 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_dropout(args.dropout)
         .with_seed(args.seed)
         .with_sequence_parallel(args.sequence_parallel)
+}
+
+/// Averages gradients over the data-parallel group, then clips the global norm (`--clip-grad`).
+pub(crate) fn sync_and_clip<B, M>(args: &Args, groups: &ProcessGroups, parts: Vec<(&M, GradientsParams)>) -> Result<Vec<GradientsParams>, String>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: CollectiveBackend,
+    M: burn::module::AutodiffModule<B>,
+{
+    let synced = parts
+        .into_iter()
+        .map(|(m, g)| all_reduce_gradients(m, g, &groups.dp, DEFAULT_BUCKET_BYTES).map(|g| (m, g)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    match args.clip_grad {
+        Some(max) => clip_grad_norm::<B, M>(synced, max, &groups.tp, &groups.pp).map(|(_, g)| g).map_err(|e| e.to_string()),
+        None => Ok(synced.into_iter().map(|(_, g)| g).collect()),
+    }
+}
+
+/// The mean of a per-replica value over the data-parallel group (for logging).
+pub(crate) fn dp_mean(value: f32, groups: &ProcessGroups) -> Result<f32, String> {
+    let t = burn::tensor::Tensor::<burn::backend::Flex, 1>::from_floats([value], &Default::default());
+    Ok(all_reduce(t, ReduceOp::Mean, &groups.dp).map_err(|e| e.to_string())?.into_scalar())
 }
 
 pub(crate) fn lr_at(args: &Args, step: usize) -> f64 {
@@ -169,18 +201,22 @@ where
 {
     let rank = comm.global_rank();
     let config = gpt_config(args);
-    let mut gpt: Gpt<B> = config.init(&comm, &device).map_err(|e| format!("invalid model for --tp {}: {e}", args.tp))?;
+    let layout = ParallelConfig::new().with_data_parallel(args.dp).with_tensor_parallel(args.tp);
+    let groups = ProcessGroups::new(layout, comm).map_err(|e| e.to_string())?;
+    let mut gpt: Gpt<B> = config.init(&groups.tp, &device).map_err(|e| format!("invalid model for --tp {}: {e}", args.tp))?;
     let mut optim = AdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).init();
     let bar = progress(args, rank);
-    let tokens_per_step = (args.batch_size * args.seq_len) as f64;
+    let tokens_per_step = (args.dp * args.batch_size * args.seq_len) as f64;
     let (mut first_loss, start) = (f32::NAN, Instant::now());
+    let name = format!("train{}", groups.coords.dp);
     for step in 0..args.steps {
         let t0 = Instant::now();
-        let (x, y) = Corpus::batch::<B>(&data.train, args.batch_size, args.seq_len, "train", step + 1000 * args.seed as usize, &device);
+        let (x, y) = Corpus::batch::<B>(&data.train, args.batch_size, args.seq_len, &name, step + 1000 * args.seed as usize, &device);
         let loss = gpt.loss(x, y);
         let grads = GradientsParams::from_grads(loss.backward(), &gpt);
+        let grads = sync_and_clip(args, &groups, vec![(&gpt, grads)])?.remove(0);
         gpt = optim.step(lr_at(args, step), gpt, grads);
-        let loss: f32 = loss.into_scalar().elem();
+        let loss = dp_mean(loss.into_scalar().elem(), &groups)?;
         if step == 0 {
             first_loss = loss;
         }
@@ -211,11 +247,12 @@ where
     B::InnerBackend: CollectiveBackend,
 {
     let opts = LocalWorldOptions { timeout: Duration::from_secs(args.timeout_secs) };
+    let world = args.dp * args.pp * args.tp;
     if args.pp > 1 {
-        let results = run_world(args.tp * args.pp, opts, |comm| pipelined::train_rank::<B>(args, comm, device.clone(), data));
+        let results = run_world(world, opts, |comm| pipelined::train_rank::<B>(args, comm, device.clone(), data));
         return Ok(all_ok(results)?.remove(0));
     }
-    let results = run_world(args.tp, opts, |comm| train_rank::<B>(args, comm, device.clone(), data));
+    let results = run_world(world, opts, |comm| train_rank::<B>(args, comm, device.clone(), data));
     Ok(all_ok(results)?.remove(0))
 }
 
@@ -242,8 +279,8 @@ fn main() {
 }
 
 fn main_result(args: &Args) -> Result<(), String> {
-    if args.tp == 0 || args.pp == 0 || args.steps == 0 || args.batch_size == 0 || args.eval_batches == 0 {
-        return Err("--tp, --pp, --steps, --batch-size and --eval-batches must be at least 1".into());
+    if args.tp == 0 || args.pp == 0 || args.dp == 0 || args.steps == 0 || args.batch_size == 0 || args.eval_batches == 0 {
+        return Err("--tp, --pp, --dp, --steps, --batch-size and --eval-batches must be at least 1".into());
     }
     burn_parallel::ParallelConfig::new()
         .with_tensor_parallel(args.tp)
@@ -254,12 +291,12 @@ fn main_result(args: &Args) -> Result<(), String> {
         pipelined::write_timeline(args, path)?;
     }
     let data = load(args)?;
-    tracing::info!(tp = args.tp, pp = args.pp, sequence_parallel = args.sequence_parallel, device = ?args.device, steps = args.steps, "training");
+    tracing::info!(dp = args.dp, tp = args.tp, pp = args.pp, sequence_parallel = args.sequence_parallel, device = ?args.device, steps = args.steps, "training");
     let summary = match args.device {
         DeviceKind::Cpu => run::<burn::backend::Autodiff<burn::backend::Flex>>(args, Default::default(), &data)?,
         DeviceKind::Cuda => run_cuda(args, &data)?,
     };
-    println!("tp={} pp={} steps={} tokens/s={:.0}", args.tp, args.pp, args.steps, summary.tokens_per_sec);
+    println!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
     println!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);
     println!("--- sample ---\n{}\n--------------", summary.sample);
     Ok(())

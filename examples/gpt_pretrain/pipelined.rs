@@ -13,7 +13,7 @@ use burn_parallel_modules::{GptPipeline, TokenBatch};
 use burn_parallel_schedules::{render_svg, schedule_by_name, simulate, Costs, PipelineShape, Schedule};
 
 use super::corpus::Corpus;
-use super::{gpt_config, lr_at, progress, Args, Summary};
+use super::{dp_mean, gpt_config, lr_at, progress, sync_and_clip, Args, Summary};
 
 fn microbatches(args: &Args) -> usize {
     args.microbatches.unwrap_or(2 * args.pp)
@@ -55,7 +55,11 @@ where
     B: AutodiffBackend + CollectiveBackend,
     B::InnerBackend: CollectiveBackend,
 {
-    let cfg = ParallelConfig::new().with_tensor_parallel(args.tp).with_pipeline_parallel(args.pp).with_virtual_stages(virtual_stages(args));
+    let cfg = ParallelConfig::new()
+        .with_data_parallel(args.dp)
+        .with_tensor_parallel(args.tp)
+        .with_pipeline_parallel(args.pp)
+        .with_virtual_stages(virtual_stages(args));
     let groups = ProcessGroups::new(cfg, world.clone()).map_err(|e| e.to_string())?;
     let model = GptPipeline { config: gpt_config(args), tp: groups.tp.clone() };
     let opts = PipelineOptions { microbatches: microbatches(args), virtual_stages: virtual_stages(args), layout: None };
@@ -63,22 +67,26 @@ where
     let mut optims: Vec<_> = exec.stages().iter().map(|_| AdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).init()).collect();
     let rank = world.global_rank();
     let bar = progress(args, rank);
-    let tokens_per_step = (args.batch_size * args.seq_len) as f64;
+    let tokens_per_step = (args.dp * args.batch_size * args.seq_len) as f64;
+    let name = format!("train{}", groups.coords.dp);
     let (mut first_loss, start) = (f32::NAN, Instant::now());
     for step in 0..args.steps {
         let t0 = Instant::now();
-        let mbs = split(args, &data.train, "train", step + 1000 * args.seed as usize)?;
+        let mbs = split(args, &data.train, &name, step + 1000 * args.seed as usize)?;
         let out = exec.step(&mbs).map_err(|e| e.to_string())?;
-        exec.update(&mut optims, lr_at(args, step), out.grads);
+        let parts = exec.stages().iter().map(|s| &s.part).zip(out.grads).collect();
+        let grads = sync_and_clip(args, &groups, parts)?;
+        exec.update(&mut optims, lr_at(args, step), grads);
+        let loss = dp_mean(out.loss, &groups)?;
         if step == 0 {
-            first_loss = out.loss;
+            first_loss = loss;
         }
-        bar.set_message(format!("loss {:.4}  {:.0} tok/s", out.loss, tokens_per_step / t0.elapsed().as_secs_f64()));
+        bar.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens_per_step / t0.elapsed().as_secs_f64()));
         bar.inc(1);
         if args.eval_every > 0 && (step + 1) % args.eval_every == 0 && step + 1 < args.steps {
             let val = evaluate(args, &exec, &data.val, "val")?;
             if rank == 0 {
-                bar.suspend(|| tracing::info!(step = step + 1, train_loss = out.loss, val_loss = val, "evaluation"));
+                bar.suspend(|| tracing::info!(step = step + 1, train_loss = loss, val_loss = val, "evaluation"));
             }
         }
     }
