@@ -1,0 +1,83 @@
+//! The `burn-parallel` command: `launch` starts a multi-process job (torchrun-style).
+//!
+//! ```text
+//! burn-parallel launch --nproc-per-node 4 -- ./my_training_program --its-flags
+//! ```
+
+use burn_parallel::launch::{launch, rendezvous, JobEnv, LaunchOptions};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "burn-parallel: model-parallel training on Burn")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start PROGRAM once per local rank with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    /// MASTER_ADDR and MASTER_PORT set; prefix output by rank; if one rank fails, stop the others
+    /// and exit with its code.
+    Launch {
+        /// Processes on this node (one per GPU).
+        #[arg(long, default_value_t = 1)]
+        nproc_per_node: usize,
+        /// Nodes in the job.
+        #[arg(long, default_value_t = 1)]
+        nnodes: usize,
+        /// This node's index.
+        #[arg(long, default_value_t = 0)]
+        node_rank: usize,
+        /// Host of rank 0.
+        #[arg(long, default_value = "127.0.0.1")]
+        master_addr: String,
+        /// Rendezvous port on rank 0.
+        #[arg(long, default_value_t = 29500)]
+        master_port: u16,
+        /// The program and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Join a rendezvous from the environment and print what rank 0 handed out (a smoke test).
+    #[command(hide = true)]
+    RendezvousCheck,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match Cli::parse().command {
+        Cmd::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, command } => {
+            match launch(&LaunchOptions { nproc_per_node, nnodes, node_rank, master_addr, master_port, command }) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("burn-parallel launch: {e}");
+                    2
+                }
+            }
+        }
+        Cmd::RendezvousCheck => match JobEnv::from_env() {
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+            Ok(env) => {
+                let blob = (env.rank == 0).then(|| format!("id-of-a-world-of-{}", env.world_size).into_bytes());
+                match rendezvous(&env, blob) {
+                    Ok(b) => {
+                        println!("rank {} of {} got {}", env.rank, env.world_size, String::from_utf8_lossy(&b));
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("rank {}: {e}", env.rank);
+                        3
+                    }
+                }
+            }
+        },
+    };
+    std::process::exit(code);
+}

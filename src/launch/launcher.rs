@@ -1,0 +1,127 @@
+//! `burn-parallel launch`: start one process per local rank with the torchrun variables set,
+//! prefix their output by rank, and stop everything when one fails.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// What to launch.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// Processes on this node.
+    pub nproc_per_node: usize,
+    /// Nodes in the job.
+    pub nnodes: usize,
+    /// This node's index.
+    pub node_rank: usize,
+    /// Rank 0's host.
+    pub master_addr: String,
+    /// Rank 0's rendezvous port.
+    pub master_port: u16,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+}
+
+fn pipe_lines<R: std::io::Read + Send + 'static>(r: R, rank: usize, err: bool) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if err {
+                eprintln!("[rank {rank}] {line}");
+            } else {
+                println!("[rank {rank}] {line}");
+            }
+        }
+    })
+}
+
+/// Runs the job's processes of this node; returns the exit code of the first process that failed
+/// (after stopping the others), or 0 when all succeed.
+pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
+    let (program, args) = o.command.split_first().ok_or("nothing to launch: give a program after --")?;
+    if o.nproc_per_node == 0 || o.nnodes == 0 || o.node_rank >= o.nnodes {
+        return Err(format!("invalid layout: --nproc-per-node {} --nnodes {} --node-rank {}", o.nproc_per_node, o.nnodes, o.node_rank));
+    }
+    let world = o.nproc_per_node * o.nnodes;
+    let mut children: Vec<(usize, Child)> = Vec::new();
+    let mut pipes = Vec::new();
+    for local in 0..o.nproc_per_node {
+        let rank = o.node_rank * o.nproc_per_node + local;
+        let mut cmd = Command::new(program);
+        #[cfg(unix)]
+        {
+            // Each rank leads its own process group, so stopping it also stops what it started.
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        let spawned = cmd
+            .args(args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_RANK", local.to_string())
+            .env("LOCAL_WORLD_SIZE", o.nproc_per_node.to_string())
+            .env("MASTER_ADDR", &o.master_addr)
+            .env("MASTER_PORT", o.master_port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                stop(&mut children);
+                return Err(format!("cannot start {program:?} for rank {rank}: {e}"));
+            }
+        };
+        pipes.push(pipe_lines(child.stdout.take().expect("piped"), rank, false));
+        pipes.push(pipe_lines(child.stderr.take().expect("piped"), rank, true));
+        children.push((rank, child));
+    }
+    let code = loop {
+        let mut running = 0;
+        let mut failed = None;
+        for (rank, child) in children.iter_mut() {
+            match child.try_wait() {
+                Ok(Some(status)) if !status.success() => failed = Some((*rank, exit_code(status))),
+                Ok(Some(_)) => {}
+                _ => running += 1,
+            }
+        }
+        if let Some((rank, code)) = failed {
+            eprintln!("burn-parallel launch: rank {rank} failed with exit code {code}; stopping the other ranks");
+            stop(&mut children);
+            break code;
+        }
+        if running == 0 {
+            break 0;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for p in pipes {
+        let _ = p.join();
+    }
+    Ok(code)
+}
+
+fn stop(children: &mut [(usize, Child)]) {
+    for (_, c) in children.iter_mut() {
+        #[cfg(unix)]
+        // SAFETY: kill(2) on the process group the child leads; no memory is touched.
+        unsafe {
+            libc::kill(-(c.id() as i32), libc::SIGKILL);
+        }
+        let _ = c.kill();
+    }
+    for (_, c) in children.iter_mut() {
+        let _ = c.wait();
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return 128 + sig;
+        }
+    }
+    status.code().unwrap_or(1)
+}

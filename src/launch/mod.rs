@@ -1,0 +1,11 @@
+//! Multi-process runs: where a process sits in the job (torchrun and Slurm conventions), the TCP
+//! rendezvous that hands every rank the same bootstrap blob (e.g. an NCCL unique id), and the
+//! `burn-parallel launch` process launcher.
+
+mod env;
+mod launcher;
+mod rendezvous;
+
+pub use env::{JobEnv, JobEnvError};
+pub use launcher::{launch, LaunchOptions};
+pub use rendezvous::{rendezvous, RendezvousError, MAX_PAYLOAD};

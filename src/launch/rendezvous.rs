@@ -1,0 +1,206 @@
+//! TCP rendezvous: rank 0 serves a bootstrap blob (an NCCL unique id, say) at
+//! `MASTER_ADDR:MASTER_PORT`; every other rank connects, introduces itself, and receives it once
+//! all `world_size − 1` ranks have arrived.
+//!
+//! Wire format (little-endian). Hello, client → server: magic `BURNPAR1`, version `u32`, rank
+//! `u32`, world size `u32`. Reply, server → client: magic, status `u8` (0 ok, 1 error), length
+//! `u32` (at most [`MAX_PAYLOAD`]), then the blob or a UTF-8 error message. A connection that does
+//! not start with a valid hello within 5 s is dropped and logged (garbage on the port never counts
+//! as a rank). A wrong world size, a duplicate or out-of-range rank, or ranks still missing at the
+//! timeout fail the rendezvous on rank 0 and every connected rank, naming the ranks.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use super::env::JobEnv;
+
+const MAGIC: &[u8; 8] = b"BURNPAR1";
+const VERSION: u32 = 1;
+/// Largest blob a rendezvous carries (1 MiB).
+pub const MAX_PAYLOAD: usize = 1 << 20;
+
+/// Why a rendezvous failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RendezvousError {
+    /// Not every rank arrived in time.
+    #[error("rendezvous timeout after {waited:?} at {addr}: ranks {missing:?} never arrived")]
+    Timeout {
+        /// `host:port`.
+        addr: String,
+        /// Ranks that never arrived (on rank 0), or `[0]` when rank 0 could not be reached.
+        missing: Vec<usize>,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// Two processes claimed the same rank.
+    #[error("rendezvous: rank {rank} joined twice")]
+    DuplicateRank {
+        /// The rank.
+        rank: usize,
+    },
+    /// A process was started with another world size or an out-of-range rank.
+    #[error("rendezvous: rank {rank} says world size {got}, but rank 0 has world size {expected}")]
+    WorldMismatch {
+        /// Rank 0's world size.
+        expected: usize,
+        /// The joining process's.
+        got: usize,
+        /// The joining rank.
+        rank: usize,
+    },
+    /// Rank 0 refused this process (its message).
+    #[error("rendezvous rejected by rank 0: {0}")]
+    Rejected(String),
+    /// The peer does not speak this protocol, or sent too much.
+    #[error("rendezvous protocol error: {0}")]
+    Protocol(String),
+    /// A socket error.
+    #[error("rendezvous I/O error at {addr}: {error}")]
+    Io {
+        /// `host:port`.
+        addr: String,
+        /// The error.
+        error: String,
+    },
+}
+
+/// Joins the rendezvous described by `env`; rank 0 passes the blob to hand out. Returns the blob
+/// on every rank.
+pub fn rendezvous(env: &JobEnv, payload: Option<Vec<u8>>) -> Result<Vec<u8>, RendezvousError> {
+    let addr = format!("{}:{}", env.master_addr, env.master_port);
+    let deadline = Instant::now() + env.timeout;
+    if env.rank == 0 {
+        let payload = payload.unwrap_or_default();
+        if payload.len() > MAX_PAYLOAD {
+            return Err(RendezvousError::Protocol(format!("payload of {} bytes exceeds {MAX_PAYLOAD}", payload.len())));
+        }
+        serve(env, &addr, payload, deadline)
+    } else {
+        join(env, &addr, deadline)
+    }
+}
+
+fn io(addr: &str) -> impl Fn(std::io::Error) -> RendezvousError + '_ {
+    move |e| RendezvousError::Io { addr: addr.to_string(), error: e.to_string() }
+}
+
+fn reply(stream: &mut TcpStream, ok: bool, body: &[u8]) -> std::io::Result<()> {
+    let mut msg = Vec::with_capacity(13 + body.len());
+    msg.extend_from_slice(MAGIC);
+    msg.push(u8::from(!ok));
+    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    msg.extend_from_slice(body);
+    stream.write_all(&msg)
+}
+
+fn read_hello(stream: &mut TcpStream) -> Result<(usize, usize), String> {
+    let mut buf = [0u8; 20];
+    stream.read_exact(&mut buf).map_err(|e| format!("no complete hello ({e})"))?;
+    if &buf[..8] != MAGIC {
+        return Err(format!("bad magic {:?}", String::from_utf8_lossy(&buf[..8])));
+    }
+    let word = |i: usize| u32::from_le_bytes(buf[i..i + 4].try_into().expect("4 bytes"));
+    if word(8) != VERSION {
+        return Err(format!("protocol version {} (this is {VERSION})", word(8)));
+    }
+    Ok((word(12) as usize, word(16) as usize))
+}
+
+fn serve(env: &JobEnv, addr: &str, payload: Vec<u8>, deadline: Instant) -> Result<Vec<u8>, RendezvousError> {
+    let listener = TcpListener::bind((env.master_addr.as_str(), env.master_port)).map_err(io(addr))?;
+    listener.set_nonblocking(true).map_err(io(addr))?;
+    let start = Instant::now();
+    let mut peers: BTreeMap<usize, TcpStream> = BTreeMap::new();
+    let fail = |peers: &mut BTreeMap<usize, TcpStream>, e: RendezvousError| {
+        for s in peers.values_mut() {
+            let _ = reply(s, false, e.to_string().as_bytes());
+        }
+        Err(e)
+    };
+    while peers.len() + 1 < env.world_size {
+        if Instant::now() >= deadline {
+            let missing = (1..env.world_size).filter(|r| !peers.contains_key(r)).collect();
+            return fail(&mut peers, RendezvousError::Timeout { addr: addr.into(), missing, waited: start.elapsed() });
+        }
+        let (mut stream, from) = match listener.accept() {
+            Ok(conn) => conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => return fail(&mut peers, io(addr)(e)),
+        };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let (rank, world) = match read_hello(&mut stream) {
+            Ok(h) => h,
+            Err(why) => {
+                tracing::warn!(%from, %why, "rendezvous: rejected a connection");
+                continue;
+            }
+        };
+        let error = if world != env.world_size || rank == 0 || rank >= env.world_size {
+            Some(RendezvousError::WorldMismatch { expected: env.world_size, got: world, rank })
+        } else if peers.contains_key(&rank) {
+            Some(RendezvousError::DuplicateRank { rank })
+        } else {
+            None
+        };
+        if let Some(e) = error {
+            let _ = reply(&mut stream, false, e.to_string().as_bytes());
+            return fail(&mut peers, e);
+        }
+        peers.insert(rank, stream);
+    }
+    for s in peers.values_mut() {
+        reply(s, true, &payload).map_err(io(addr))?;
+    }
+    Ok(payload)
+}
+
+fn connect(addr: &str, deadline: Instant) -> Option<TcpStream> {
+    while Instant::now() < deadline {
+        if let Some(sa) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            if let Ok(s) = TcpStream::connect_timeout(&sa, left.min(Duration::from_secs(2))) {
+                return Some(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn join(env: &JobEnv, addr: &str, deadline: Instant) -> Result<Vec<u8>, RendezvousError> {
+    let start = Instant::now();
+    let timeout = || RendezvousError::Timeout { addr: addr.into(), missing: vec![0], waited: start.elapsed() };
+    let mut stream = connect(addr, deadline).ok_or_else(timeout)?;
+    let mut hello = Vec::with_capacity(20);
+    hello.extend_from_slice(MAGIC);
+    for w in [VERSION, env.rank as u32, env.world_size as u32] {
+        hello.extend_from_slice(&w.to_le_bytes());
+    }
+    stream.write_all(&hello).map_err(io(addr))?;
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    stream.set_read_timeout(Some(left)).map_err(io(addr))?;
+    let mut head = [0u8; 13];
+    stream.read_exact(&mut head).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => timeout(),
+        _ => io(addr)(e),
+    })?;
+    if &head[..8] != MAGIC {
+        return Err(RendezvousError::Protocol(format!("{addr} is not a burn-parallel rendezvous")));
+    }
+    let len = u32::from_le_bytes(head[9..13].try_into().expect("4 bytes")) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(RendezvousError::Protocol(format!("reply of {len} bytes exceeds {MAX_PAYLOAD}")));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).map_err(io(addr))?;
+    match head[8] {
+        0 => Ok(body),
+        _ => Err(RendezvousError::Rejected(String::from_utf8_lossy(&body).into_owned())),
+    }
+}

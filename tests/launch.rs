@@ -1,0 +1,113 @@
+//! Multi-process: the TCP rendezvous across real processes on loopback (all arrive; one never
+//! arrives; garbage on the port; a duplicate rank) and the launcher's failure propagation.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_burn-parallel");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn rank(r: usize, world: usize, port: u16, timeout_secs: u64) -> std::process::Child {
+    Command::new(BIN)
+        .arg("rendezvous-check")
+        .env("RANK", r.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("BURN_PARALLEL_TIMEOUT_SECS", timeout_secs.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn four_processes_rendezvous_through_the_launcher() {
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args(["launch", "--nproc-per-node", "4", "--master-port", &port.to_string(), "--", BIN, "rendezvous-check"])
+        .env("BURN_PARALLEL_TIMEOUT_SECS", "30")
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for r in 0..4 {
+        assert!(t.contains(&format!("[rank {r}] rank {r} of 4 got id-of-a-world-of-4")), "{t}");
+    }
+}
+
+#[test]
+fn a_rank_that_never_arrives_times_out_with_its_number() {
+    let port = free_port();
+    let start = Instant::now();
+    let children: Vec<_> = (0..3).map(|r| rank(r, 4, port, 2)).collect();
+    let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    assert!(start.elapsed() < Duration::from_secs(20));
+    assert_eq!(outs[0].status.code(), Some(3));
+    assert!(text(&outs[0]).contains("ranks [3] never arrived"), "{}", text(&outs[0]));
+    for o in &outs[1..] {
+        assert_eq!(o.status.code(), Some(3));
+        assert!(text(o).contains("rejected by rank 0") && text(o).contains("ranks [3] never arrived"), "{}", text(o));
+    }
+}
+
+#[test]
+fn garbage_on_the_port_is_rejected_and_does_not_count() {
+    let port = free_port();
+    let r0 = rank(0, 2, port, 20);
+    let start = Instant::now();
+    let mut garbage = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("rank 0 never listened: {e}"),
+        }
+    };
+    garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    drop(garbage);
+    let r1 = rank(1, 2, port, 20);
+    let (o0, o1) = (r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap());
+    assert!(o0.status.success() && o1.status.success(), "{}\n{}", text(&o0), text(&o1));
+    assert!(text(&o1).contains("rank 1 of 2 got id-of-a-world-of-2"));
+    assert!(text(&o0).contains("rejected a connection"), "rank 0 logs the garbage: {}", text(&o0));
+}
+
+#[test]
+fn duplicate_rank_and_wrong_world_size_are_clear_errors() {
+    let port = free_port();
+    let r0 = rank(0, 3, port, 20);
+    let a = rank(1, 3, port, 20);
+    std::thread::sleep(Duration::from_millis(300));
+    let b = rank(1, 3, port, 20);
+    let outs = [r0.wait_with_output().unwrap(), a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    assert!(text(&outs[0]).contains("rank 1 joined twice"), "{}", text(&outs[0]));
+    assert!(outs.iter().all(|o| o.status.code() == Some(3)));
+    let port = free_port();
+    let r0 = rank(0, 2, port, 20);
+    let bad = rank(1, 5, port, 20);
+    let (o0, o1) = (r0.wait_with_output().unwrap(), bad.wait_with_output().unwrap());
+    assert!(text(&o0).contains("rank 1 says world size 5, but rank 0 has world size 2"), "{}", text(&o0));
+    assert!(text(&o1).contains("rank 1 says world size 5"), "{}", text(&o1));
+}
+
+#[test]
+fn the_launcher_stops_everyone_and_returns_the_failing_code() {
+    let start = Instant::now();
+    let script = r#"if [ "$RANK" = 1 ]; then echo boom; exit 7; fi; echo "up $RANK of $WORLD_SIZE local $LOCAL_RANK"; sleep 30"#;
+    let out = Command::new(BIN).args(["launch", "--nproc-per-node", "3", "--", "sh", "-c", script]).output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(start.elapsed() < Duration::from_secs(20), "the others were not stopped");
+    let t = text(&out);
+    assert!(t.contains("[rank 1] boom") && t.contains("rank 1 failed with exit code 7"), "{t}");
+    let out = Command::new(BIN).args(["launch", "--nproc-per-node", "2", "--", "sh", "-c", "echo ok $RANK"]).output().unwrap();
+    assert!(out.status.success() && text(&out).contains("[rank 1] ok 1"));
+}
