@@ -41,6 +41,7 @@ pub mod data_parallel;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod kernels;
 pub mod launch;
 pub mod mappings;
 pub mod params;

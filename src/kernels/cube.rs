@@ -1,0 +1,250 @@
+//! The CubeCL kernels (wgpu, CUDA, …) behind [`LayerNormBackend`] for `CubeBackend`.
+//!
+//! - forward: one cube per row, `BLOCK` units stride over the row; mean and variance by two
+//!   shared-memory tree reductions in f32 (two passes over the row, numerically like the
+//!   composed reference); writes `y`, `μ`, `r`.
+//! - backward `dx`: one cube per row; reductions of `Σ g` and `Σ g·x̂`, then `dx`.
+//! - backward `dγ, dβ`: cubes over (column block × row chunk); each unit sums its column over the
+//!   chunk's rows (coalesced reads), writing f32 partials `[chunks, h]`; a final `sum` over chunks.
+//!
+//! Under `Fusion` (burn's default `Wgpu`/`Cuda`), the composed fallback runs for now.
+
+use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn_cubecl::cubecl::{CubeCount, CubeDim};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+
+use super::{LayerNormBackend, LnBackward, LnForward};
+
+const BLOCK: u32 = 256;
+const ROWS_PER_CHUNK: usize = 64;
+
+mod kernel {
+    use burn_cubecl::cubecl;
+    use cubecl::prelude::*;
+
+    #[cube]
+    fn block_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
+        let tid = UNIT_POS_X as usize;
+        smem[tid] = value;
+        sync_cube();
+        let mut stride = CUBE_DIM_X as usize / 2;
+        while stride > 0 {
+            if tid < stride {
+                let other = smem[tid + stride];
+                smem[tid] += other;
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        let total = smem[0];
+        sync_cube();
+        total
+    }
+
+    #[cube(launch)]
+    pub fn ln_forward_kernel<F: Float>(
+        x: &Tensor<F>,
+        gamma: &Tensor<F>,
+        beta: &Tensor<F>,
+        y: &mut Tensor<F>,
+        mean: &mut Tensor<f32>,
+        rstd: &mut Tensor<f32>,
+        epsilon: f32,
+        #[comptime] block: u32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let row = CUBE_POS_X as usize;
+        let h = x.shape(1);
+        let base = row * h;
+        let tid = UNIT_POS_X as usize;
+        let step = CUBE_DIM_X as usize;
+        let mut smem = SharedMemory::<f32>::new(block as usize);
+        let mut acc = f32::new(0.0);
+        let mut c = tid;
+        while c < h {
+            acc += f32::cast_from(x[base + c]);
+            c += step;
+        }
+        let m = block_sum(&mut smem, acc) / f32::cast_from(h as u32);
+        let mut acc2 = f32::new(0.0);
+        let mut c2 = tid;
+        while c2 < h {
+            let d = f32::cast_from(x[base + c2]) - m;
+            acc2 += d * d;
+            c2 += step;
+        }
+        let var = block_sum(&mut smem, acc2) / f32::cast_from(h as u32);
+        let r = f32::new(1.0) / f32::sqrt(var + epsilon);
+        let mut c3 = tid;
+        while c3 < h {
+            let v = (f32::cast_from(x[base + c3]) - m) * r * f32::cast_from(gamma[c3]) + f32::cast_from(beta[c3]);
+            y[base + c3] = F::cast_from(v);
+            c3 += step;
+        }
+        if tid == 0 {
+            mean[row] = m;
+            rstd[row] = r;
+        }
+    }
+
+    #[cube(launch)]
+    pub fn ln_backward_dx_kernel<F: Float>(
+        dy: &Tensor<F>,
+        x: &Tensor<F>,
+        gamma: &Tensor<F>,
+        mean: &Tensor<f32>,
+        rstd: &Tensor<f32>,
+        dx: &mut Tensor<F>,
+        #[comptime] block: u32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let row = CUBE_POS_X as usize;
+        let h = x.shape(1);
+        let base = row * h;
+        let tid = UNIT_POS_X as usize;
+        let step = CUBE_DIM_X as usize;
+        let m = mean[row];
+        let r = rstd[row];
+        let mut smem = SharedMemory::<f32>::new(block as usize);
+        let mut sg = f32::new(0.0);
+        let mut sgx = f32::new(0.0);
+        let mut c = tid;
+        while c < h {
+            let g = f32::cast_from(dy[base + c]) * f32::cast_from(gamma[c]);
+            let xhat = (f32::cast_from(x[base + c]) - m) * r;
+            sg += g;
+            sgx += g * xhat;
+            c += step;
+        }
+        let hf = f32::cast_from(h as u32);
+        let mean_g = block_sum(&mut smem, sg) / hf;
+        let mean_gx = block_sum(&mut smem, sgx) / hf;
+        let mut c2 = tid;
+        while c2 < h {
+            let g = f32::cast_from(dy[base + c2]) * f32::cast_from(gamma[c2]);
+            let xhat = (f32::cast_from(x[base + c2]) - m) * r;
+            dx[base + c2] = F::cast_from(r * (g - mean_g - xhat * mean_gx));
+            c2 += step;
+        }
+    }
+
+    #[cube(launch)]
+    pub fn ln_backward_params_kernel<F: Float>(
+        dy: &Tensor<F>,
+        x: &Tensor<F>,
+        mean: &Tensor<f32>,
+        rstd: &Tensor<f32>,
+        dgamma_partial: &mut Tensor<f32>,
+        dbeta_partial: &mut Tensor<f32>,
+        rows_per_chunk: u32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let h = x.shape(1);
+        let n = x.shape(0);
+        let col = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+        let chunk = CUBE_POS_Y as usize;
+        if col < h {
+            let start = chunk * rows_per_chunk as usize;
+            let mut end = start + rows_per_chunk as usize;
+            if end > n {
+                end = n;
+            }
+            let mut sg = f32::new(0.0);
+            let mut sb = f32::new(0.0);
+            let mut row = start;
+            while row < end {
+                let d = f32::cast_from(dy[row * h + col]);
+                let xhat = (f32::cast_from(x[row * h + col]) - mean[row]) * rstd[row];
+                sg += d * xhat;
+                sb += d;
+                row += 1;
+            }
+            dgamma_partial[chunk * h + col] = sg;
+            dbeta_partial[chunk * h + col] = sb;
+        }
+    }
+}
+
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormBackend for CubeBackend<R, F, I, BT> {
+    fn layer_norm_rows(x: CubeTensor<R>, gamma: CubeTensor<R>, beta: CubeTensor<R>, epsilon: f32) -> LnForward<Self> {
+        let (x, gamma, beta) = (into_contiguous(x), into_contiguous(gamma), into_contiguous(beta));
+        let [n, _h] = x.shape().dims::<2>();
+        let y = empty(&x, x.shape(), x.dtype);
+        let mean = empty(&x, Shape::new([n, 1]), DType::F32);
+        let rstd = empty(&x, Shape::new([n, 1]), DType::F32);
+        let dtype = x.dtype;
+        kernel::ln_forward_kernel::launch::<R>(
+            &x.client,
+            CubeCount::Static(n as u32, 1, 1),
+            CubeDim::new_1d(BLOCK),
+            x.clone().into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            beta.into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            mean.clone().into_tensor_arg(),
+            rstd.clone().into_tensor_arg(),
+            epsilon,
+            BLOCK,
+            dtype.into(),
+        );
+        (y, mean, rstd)
+    }
+
+    fn layer_norm_rows_backward(
+        dy: CubeTensor<R>,
+        x: CubeTensor<R>,
+        gamma: CubeTensor<R>,
+        mean: CubeTensor<R>,
+        rstd: CubeTensor<R>,
+    ) -> LnBackward<Self> {
+        let (dy, x, gamma) = (into_contiguous(dy), into_contiguous(x), into_contiguous(gamma));
+        let (mean, rstd) = (into_contiguous(mean), into_contiguous(rstd));
+        let [n, h] = x.shape().dims::<2>();
+        let dtype = x.dtype;
+        let dx = empty(&x, x.shape(), dtype);
+        kernel::ln_backward_dx_kernel::launch::<R>(
+            &x.client,
+            CubeCount::Static(n as u32, 1, 1),
+            CubeDim::new_1d(BLOCK),
+            dy.clone().into_tensor_arg(),
+            x.clone().into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            mean.clone().into_tensor_arg(),
+            rstd.clone().into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            BLOCK,
+            dtype.into(),
+        );
+        let chunks = n.div_ceil(ROWS_PER_CHUNK).max(1);
+        let dg = empty(&x, Shape::new([chunks, h]), DType::F32);
+        let db = empty(&x, Shape::new([chunks, h]), DType::F32);
+        let client = x.client.clone();
+        kernel::ln_backward_params_kernel::launch::<R>(
+            &client,
+            CubeCount::Static((h as u32).div_ceil(BLOCK), chunks as u32, 1),
+            CubeDim::new_1d(BLOCK),
+            dy.into_tensor_arg(),
+            x.into_tensor_arg(),
+            mean.into_tensor_arg(),
+            rstd.into_tensor_arg(),
+            dg.clone().into_tensor_arg(),
+            db.clone().into_tensor_arg(),
+            ROWS_PER_CHUNK as u32,
+            dtype.into(),
+        );
+        let total = |p: CubeTensor<R>| {
+            let t = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(p)).sum_dim(0).reshape([h]).cast(dtype);
+            t.into_primitive().tensor()
+        };
+        (dx, total(dg), total(db))
+    }
+}
+
+impl<B: burn_fusion::FusionBackend> LayerNormBackend for burn_fusion::Fusion<B> {}

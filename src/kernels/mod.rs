@@ -1,0 +1,119 @@
+//! Layer norm as a backend extension: fused CubeCL kernels on Cube backends, composed Burn ops
+//! elsewhere, one autodiff implementation for all.
+//!
+//! On rows `x: [n, h]`: forward `y = (x − μ)·r·γ + β` with `r = 1/√(var + ε)` (biased variance),
+//! saving `μ, r: [n, 1]`; backward with `x̂ = (x − μ)·r`, `g = dy·γ`:
+//! `dx = r·(g − mean_h(g) − x̂·mean_h(g·x̂))`, `dγ = Σ_n dy·x̂`, `dβ = Σ_n dy`.
+//! The kernels accumulate in f32 whatever the storage dtype (f32, bf16, f16) and keep `μ, r` in
+//! f32; the composed fallback computes in the tensor's dtype.
+
+#[cfg(feature = "cube")]
+mod cube;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+fn wrap<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// Forward: `(y [n, h], mean [n, 1], rstd [n, 1])`.
+pub type LnForward<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+/// Backward: `(dx [n, h], dgamma [h], dbeta [h])`.
+pub type LnBackward<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+/// A backend's layer norm on rows (see the module docs). Default bodies compose Burn ops.
+pub trait LayerNormBackend: Backend {
+    /// Normalises each row of `x: [n, h]` with `gamma, beta: [h]`.
+    fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f32) -> LnForward<Self> {
+        let x = wrap::<Self, 2>(x);
+        let (var, mean) = x.clone().var_mean_bias(1);
+        let rstd = var.add_scalar(epsilon).sqrt().recip();
+        let y = (x - mean.clone()) * rstd.clone() * wrap::<Self, 1>(gamma).unsqueeze() + wrap::<Self, 1>(beta).unsqueeze();
+        (prim(y), prim(mean), prim(rstd))
+    }
+
+    /// Gradients of [`layer_norm_rows`](Self::layer_norm_rows) for the output gradient `dy`.
+    fn layer_norm_rows_backward(
+        dy: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+    ) -> LnBackward<Self> {
+        let (dy, x) = (wrap::<Self, 2>(dy), wrap::<Self, 2>(x));
+        let (mean, rstd) = (wrap::<Self, 2>(mean), wrap::<Self, 2>(rstd));
+        let xhat = (x - mean) * rstd.clone();
+        let dgamma = (dy.clone() * xhat.clone()).sum_dim(0).squeeze_dim::<1>(0);
+        let dbeta = dy.clone().sum_dim(0).squeeze_dim::<1>(0);
+        let g = dy * wrap::<Self, 1>(gamma).unsqueeze();
+        let dx = rstd * (g.clone() - g.clone().mean_dim(1) - xhat.clone() * (g * xhat).mean_dim(1));
+        (prim(dx), prim(dgamma), prim(dbeta))
+    }
+}
+
+impl LayerNormBackend for burn::backend::Flex {}
+
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl<B: LayerNormBackend> Backward<B, 3> for LayerNormBackward {
+    // x, gamma, mean, rstd
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px, pg, pb] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, gamma, mean, rstd) = ops.state;
+        let (dx, dg, db) = B::layer_norm_rows_backward(dy, x, gamma, mean, rstd);
+        for (parent, grad) in [(px, dx), (pg, dg), (pb, db)] {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B, C> {
+    fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f32) -> LnForward<Self> {
+        let nodes = [x.node.clone(), gamma.node.clone(), beta.node.clone()];
+        let (y, mean, rstd) = B::layer_norm_rows(x.primitive.clone(), gamma.primitive.clone(), beta.primitive, epsilon);
+        let y = match LayerNormBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive, gamma.primitive, mean.clone(), rstd.clone()), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (y, <Self as AutodiffBackend>::from_inner(mean), <Self as AutodiffBackend>::from_inner(rstd))
+    }
+
+    fn layer_norm_rows_backward(
+        dy: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+    ) -> LnBackward<Self> {
+        let inner = |t: FloatTensor<Self>| <Self as AutodiffBackend>::inner(t);
+        let (dx, dg, db) = B::layer_norm_rows_backward(inner(dy), inner(x), inner(gamma), inner(mean), inner(rstd));
+        let outer = |t| <Self as AutodiffBackend>::from_inner(t);
+        (outer(dx), outer(dg), outer(db))
+    }
+}
+
+/// Layer norm over the last dim of `x` (any rank) through the backend's [`LayerNormBackend`].
+pub fn layer_norm<B: LayerNormBackend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, epsilon: f32) -> Tensor<B, D> {
+    let dims = x.dims();
+    let h = dims[D - 1];
+    let rows = x.reshape([dims.iter().product::<usize>() / h.max(1), h]);
+    let (y, _, _) = B::layer_norm_rows(prim(rows), prim(gamma), prim(beta), epsilon);
+    wrap::<B, 2>(y).reshape(dims)
+}

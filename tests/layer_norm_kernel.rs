@@ -1,0 +1,74 @@
+//! The CubeCL layer-norm kernels (forward, dx, dγ/dβ) against the composed-ops reference, over
+//! many shapes incl. non-power-of-two widths and row counts not a multiple of the block/chunk.
+//! Runs with `--features wgpu` (CI: lavapipe, a software Vulkan driver); CUDA on the GPU machine.
+#![cfg(feature = "wgpu")]
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn_parallel::kernels::{layer_norm, LayerNormBackend};
+use burn_parallel::rng::HostRng;
+
+type K = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+
+fn data(name: &str, shape: &[usize], mean: f32) -> TensorData {
+    let n = shape.iter().product();
+    let v: Vec<f32> = HostRng::new(3, name).normal_vec(n, 2.0).into_iter().map(|x| x + mean).collect();
+    TensorData::new(v, shape.to_vec())
+}
+
+fn run<B: LayerNormBackend, const D: usize>(x: &TensorData, g: &TensorData, b: &TensorData, dy: &TensorData) -> [TensorData; 4] {
+    let dev = Default::default();
+    let t = |d: &TensorData| Tensor::<B, 2>::from_data(d.clone(), &dev).into_primitive().tensor();
+    let t1 = |d: &TensorData| Tensor::<B, 1>::from_data(d.clone(), &dev).into_primitive().tensor();
+    let (y, mean, rstd) = B::layer_norm_rows(t(x), t1(g), t1(b), 1e-5);
+    let (dx, dg, db) = B::layer_norm_rows_backward(t(dy), t(x), t1(g), mean, rstd);
+    let w2 = |p| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(p)).into_data().convert::<f32>();
+    let w1 = |p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p)).into_data().convert::<f32>();
+    [w2(y), w2(dx), w1(dg), w1(db)]
+}
+
+fn max_rel(a: &TensorData, b: &TensorData) -> f32 {
+    let (x, y) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+    assert_eq!(x.len(), y.len());
+    x.iter().zip(&y).map(|(p, q)| (p - q).abs() / (1.0 + q.abs())).fold(0.0, f32::max)
+}
+
+#[test]
+fn kernels_match_the_composed_reference() {
+    for &[n, h] in &[[1usize, 1], [3, 7], [37, 300], [64, 1024], [129, 768], [5, 4097], [200, 33]] {
+        let x = data(&format!("x{n}x{h}"), &[n, h], 3.0);
+        let (g, b) = (data("g", &[h], 1.0), data("b", &[h], 0.0));
+        let dy = data("dy", &[n, h], 0.0);
+        let want = run::<Flex, 2>(&x, &g, &b, &dy);
+        let got = run::<K, 2>(&x, &g, &b, &dy);
+        // Relative to 1 + |reference|. Rows of h values (and dγ/dβ over n rows) are summed in a
+        // different order than the CPU reference: f32 rounding of that order, up to ~1e-5·√h.
+        let row = 1e-5 * (1.0 + (h as f32).sqrt() / 32.0);
+        let tols = [row, 1e-4, 1e-5 * n as f32, 1e-5 * n as f32];
+        for (i, what) in ["y", "dx", "dgamma", "dbeta"].iter().enumerate() {
+            let e = max_rel(&got[i], &want[i]);
+            assert!(e <= tols[i].max(1e-5), "[{n}, {h}] {what}: max rel err {e:e}");
+        }
+    }
+}
+
+#[test]
+fn autodiff_through_the_kernel_equals_autodiff_on_cpu() {
+    fn grads<B: burn::tensor::backend::AutodiffBackend + LayerNormBackend>() -> Vec<TensorData> {
+        let dev = Default::default();
+        let x = Tensor::<B, 3>::from_data(data("ax", &[2, 5, 48], 1.0), &dev).require_grad();
+        let g = Tensor::<B, 1>::from_data(data("ag", &[48], 1.0), &dev).require_grad();
+        let b = Tensor::<B, 1>::from_data(data("ab", &[48], 0.0), &dev).require_grad();
+        let w = Tensor::<B, 3>::from_data(data("aw", &[2, 5, 48], 0.0), &dev);
+        let y = layer_norm(x.clone(), g.clone(), b.clone(), 1e-5);
+        let gr = (y.clone() * w).sum().backward();
+        let to = |t: Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 3>| t.into_data().convert::<f32>();
+        vec![y.inner().into_data().convert::<f32>(), to(x.grad(&gr).unwrap()), g.grad(&gr).unwrap().into_data().convert::<f32>(), b.grad(&gr).unwrap().into_data().convert::<f32>()]
+    }
+    let (want, got) = (grads::<Autodiff<Flex>>(), grads::<Autodiff<K>>());
+    for (w, g) in want.iter().zip(&got) {
+        assert!(max_rel(g, w) < 1e-4, "{:e}", max_rel(g, w));
+    }
+    let _ = <K as Backend>::name(&Default::default());
+}
