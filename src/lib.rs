@@ -51,6 +51,7 @@ pub mod topology;
 pub mod world;
 
 pub use collective::CollectiveBackend;
+pub use kernels::{LayerNormBackend, ParallelBackend};
 pub use comm::{Comm, Communicator, LocalWorld, LocalWorldOptions, ReduceOp, TensorSpec};
 pub use error::{CommError, ConfigError, RankError};
 pub use topology::{ModelDims, ParallelConfig, ProcessGroups, RankCoords};

@@ -18,7 +18,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::data_parallel::{all_reduce_gradients, clip_grad_norm, DEFAULT_BUCKET_BYTES};
-use burn_parallel::{all_ok, run_world, CollectiveBackend, Comm, LocalWorldOptions, ParallelConfig, ProcessGroups, ReduceOp};
+use burn_parallel::{all_ok, run_world, ParallelBackend, Comm, LocalWorldOptions, ParallelConfig, ProcessGroups, ReduceOp};
 use burn_parallel_modules::{Gpt, GptConfig};
 use clap::{Parser, ValueEnum};
 use corpus::Corpus;
@@ -147,7 +147,7 @@ fn gpt_config(args: &Args) -> GptConfig {
 pub(crate) fn sync_and_clip<B, M>(args: &Args, groups: &ProcessGroups, parts: Vec<(&M, GradientsParams)>) -> Result<Vec<GradientsParams>, String>
 where
     B: AutodiffBackend,
-    B::InnerBackend: CollectiveBackend,
+    B::InnerBackend: ParallelBackend,
     M: burn::module::AutodiffModule<B>,
 {
     let synced = parts
@@ -175,7 +175,7 @@ pub(crate) fn lr_at(args: &Args, step: usize) -> f64 {
     args.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
 }
 
-fn evaluate<B: CollectiveBackend>(gpt: &Gpt<B>, split: &[u8], name: &str, args: &Args, device: &B::Device) -> f32 {
+fn evaluate<B: ParallelBackend>(gpt: &Gpt<B>, split: &[u8], name: &str, args: &Args, device: &B::Device) -> f32 {
     let total: f32 = (0..args.eval_batches)
         .map(|i| {
             let (x, y) = Corpus::batch::<B>(split, args.batch_size, args.seq_len, name, i, device);
@@ -196,8 +196,8 @@ pub(crate) fn progress(args: &Args, rank: usize) -> ProgressBar {
 
 fn train_rank<B>(args: &Args, comm: Comm, device: B::Device, data: &Corpus) -> Result<Summary, String>
 where
-    B: AutodiffBackend + CollectiveBackend,
-    B::InnerBackend: CollectiveBackend,
+    B: AutodiffBackend + ParallelBackend,
+    B::InnerBackend: ParallelBackend,
 {
     let rank = comm.global_rank();
     let config = gpt_config(args);
@@ -243,8 +243,8 @@ where
 
 fn run<B>(args: &Args, device: B::Device, data: &Corpus) -> Result<Summary, String>
 where
-    B: AutodiffBackend + CollectiveBackend,
-    B::InnerBackend: CollectiveBackend,
+    B: AutodiffBackend + ParallelBackend,
+    B::InnerBackend: ParallelBackend,
 {
     let opts = LocalWorldOptions { timeout: Duration::from_secs(args.timeout_secs) };
     let world = args.dp * args.pp * args.tp;

@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Tensor};
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp};
-use burn_parallel::{CollectiveBackend, Comm, ConfigError};
+use burn_parallel::{ParallelBackend, Comm, ConfigError};
 
 use crate::column_linear::{ColumnLinear, ColumnLinearConfig};
 use crate::dropout::{DropoutRegion, ParallelDropout};
@@ -42,7 +42,7 @@ pub struct ParallelAttentionConfig {
 
 /// Causal multi-head self-attention with heads split over the TP group.
 #[derive(Module, Debug)]
-pub struct ParallelAttention<B: CollectiveBackend> {
+pub struct ParallelAttention<B: ParallelBackend> {
     /// Column-parallel query projection.
     pub query: ColumnLinear<B>,
     /// Column-parallel key projection.
@@ -61,7 +61,7 @@ pub struct ParallelAttention<B: CollectiveBackend> {
 
 impl ParallelAttentionConfig {
     /// Builds this rank's shard.
-    pub fn init<B: CollectiveBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<ParallelAttention<B>, ConfigError> {
+    pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<ParallelAttention<B>, ConfigError> {
         if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
             return Err(ConfigError::NotDivisible {
                 what: "hidden size",
@@ -88,7 +88,7 @@ impl ParallelAttentionConfig {
     }
 }
 
-impl<B: CollectiveBackend> ParallelAttention<B> {
+impl<B: ParallelBackend> ParallelAttention<B> {
     /// `[b, s, h]` replicated → `[b, s, h]` replicated, causal.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = copy_to_tp(x, &self.query.tp);
@@ -123,7 +123,7 @@ impl<B: CollectiveBackend> ParallelAttention<B> {
 }
 
 /// `[1, 1, s, s]`, true above the diagonal (future positions).
-fn causal_mask<B: CollectiveBackend>(s: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+fn causal_mask<B: ParallelBackend>(s: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
     let i = Tensor::<B, 1, burn::tensor::Int>::arange(0..s as i64, device);
     let rows = i.clone().reshape([s, 1]).expand([s, s]);
     let cols = i.reshape([1, s]).expand([s, s]);

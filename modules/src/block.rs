@@ -15,7 +15,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Tensor;
-use burn_parallel::{CollectiveBackend, Comm, ConfigError};
+use burn_parallel::{ParallelBackend, Comm, ConfigError};
 
 use crate::attention::{ParallelAttention, ParallelAttentionConfig};
 use crate::dropout::{DropoutRegion, ParallelDropout};
@@ -51,7 +51,7 @@ pub struct TransformerBlockConfig {
 
 /// One transformer layer, split over the TP group.
 #[derive(Module, Debug)]
-pub struct TransformerBlock<B: CollectiveBackend> {
+pub struct TransformerBlock<B: ParallelBackend> {
     /// Layer norm before attention (replicated).
     pub ln1: ParallelLayerNorm<B>,
     /// Self-attention.
@@ -70,7 +70,7 @@ pub struct TransformerBlock<B: CollectiveBackend> {
 
 impl TransformerBlockConfig {
     /// Builds this rank's shard.
-    pub fn init<B: CollectiveBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<TransformerBlock<B>, ConfigError> {
+    pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<TransformerBlock<B>, ConfigError> {
         let ln = || {
             ParallelLayerNormConfig::new(self.d_model)
                 .with_epsilon(self.layer_norm_eps)
@@ -98,7 +98,7 @@ impl TransformerBlockConfig {
     }
 }
 
-impl<B: CollectiveBackend> TransformerBlock<B> {
+impl<B: ParallelBackend> TransformerBlock<B> {
     /// `[b, s, h]` → `[b, s, h]`, replicated over the TP group; with sequence parallelism
     /// `[b, s/t, h]` → `[b, s/t, h]` shards.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {

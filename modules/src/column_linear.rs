@@ -11,7 +11,7 @@ use burn::module::{Module, Param};
 use burn::tensor::module::linear;
 use burn::tensor::Tensor;
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp, gather_from_tp};
-use burn_parallel::{CollectiveBackend, Comm, ConfigError};
+use burn_parallel::{ParallelBackend, Comm, ConfigError};
 
 use crate::init::{check_divisible, param, shard, ParamInit};
 
@@ -35,7 +35,7 @@ pub struct ColumnLinearConfig {
 
 /// Linear layer whose weight is split by output columns over the TP group.
 #[derive(Module, Debug)]
-pub struct ColumnLinear<B: CollectiveBackend> {
+pub struct ColumnLinear<B: ParallelBackend> {
     /// Local weight `[d_input, d_output/t]`.
     pub weight: Param<Tensor<B, 2>>,
     /// Local bias `[d_output/t]`.
@@ -49,7 +49,7 @@ pub struct ColumnLinear<B: CollectiveBackend> {
 
 impl ColumnLinearConfig {
     /// Builds this rank's shard; `init` names the parameter stream.
-    pub fn init<B: CollectiveBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<ColumnLinear<B>, ConfigError> {
+    pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<ColumnLinear<B>, ConfigError> {
         let local = check_divisible("column-parallel output features", self.d_output, tp)?;
         let w = init.child("weight").normal(&[self.d_input, self.d_output], self.init_std);
         let weight = param(shard(w, 1, tp), device);
@@ -58,7 +58,7 @@ impl ColumnLinearConfig {
     }
 }
 
-impl<B: CollectiveBackend> ColumnLinear<B> {
+impl<B: ParallelBackend> ColumnLinear<B> {
     /// `[.., d_input]` (replicated) → `[.., d_output/t]`, or `[.., d_output]` with `gather_output`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = copy_to_tp(x, &self.tp);

@@ -12,11 +12,11 @@ use burn::tensor::{Int, Tensor};
 use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::collective::expect_comm;
 use burn_parallel::mappings::reduce_from_tp;
-use burn_parallel::{CollectiveBackend, Comm, ReduceOp};
+use burn_parallel::{ParallelBackend, Comm, ReduceOp};
 
 /// Per-token losses `[N]` of vocab-parallel `logits: [N, V/t]` against `targets: [N]`; this rank
 /// holds vocabulary ids `[vocab_start, vocab_start + V/t)`.
-pub fn vocab_parallel_cross_entropy_per_token<B: CollectiveBackend>(
+pub fn vocab_parallel_cross_entropy_per_token<B: ParallelBackend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
     vocab_start: usize,
@@ -36,7 +36,7 @@ pub fn vocab_parallel_cross_entropy_per_token<B: CollectiveBackend>(
 }
 
 /// Mean cross-entropy (a one-element tensor, replicated over the TP group).
-pub fn vocab_parallel_cross_entropy<B: CollectiveBackend>(
+pub fn vocab_parallel_cross_entropy<B: ParallelBackend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
     vocab_start: usize,

@@ -11,7 +11,7 @@ use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
 use burn::tensor::{Int, Tensor};
 use burn_parallel::mappings::reduce_from_tp;
-use burn_parallel::{CollectiveBackend, Comm, ConfigError};
+use burn_parallel::{ParallelBackend, Comm, ConfigError};
 
 use crate::init::{check_divisible, param, shard, ParamInit};
 
@@ -29,7 +29,7 @@ pub struct VocabParallelEmbeddingConfig {
 
 /// Embedding table split by vocabulary rows over the TP group.
 #[derive(Module, Debug)]
-pub struct VocabParallelEmbedding<B: CollectiveBackend> {
+pub struct VocabParallelEmbedding<B: ParallelBackend> {
     /// Local rows `[V/t, h]`.
     pub weight: Param<Tensor<B, 2>>,
     /// First vocabulary id held here.
@@ -43,7 +43,7 @@ pub struct VocabParallelEmbedding<B: CollectiveBackend> {
 
 impl VocabParallelEmbeddingConfig {
     /// Builds this rank's shard.
-    pub fn init<B: CollectiveBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<VocabParallelEmbedding<B>, ConfigError> {
+    pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<VocabParallelEmbedding<B>, ConfigError> {
         let local = check_divisible("vocab size", self.n_embedding, tp)?;
         let w = init.child("weight").normal(&[self.n_embedding, self.d_model], self.init_std);
         Ok(VocabParallelEmbedding {
@@ -55,7 +55,7 @@ impl VocabParallelEmbeddingConfig {
     }
 }
 
-impl<B: CollectiveBackend> VocabParallelEmbedding<B> {
+impl<B: ParallelBackend> VocabParallelEmbedding<B> {
     /// Token ids `[b, s]` → embeddings `[b, s, h]` (replicated).
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         if self.tp.size() == 1 {

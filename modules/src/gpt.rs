@@ -13,7 +13,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_parallel::mappings::{copy_to_tp, gather_from_tp, reduce_scatter_to_sp};
 use burn_parallel::rng::HostRng;
-use burn_parallel::{CollectiveBackend, Comm, ConfigError, ModelDims, ParallelConfig};
+use burn_parallel::{ParallelBackend, Comm, ConfigError, ModelDims, ParallelConfig};
 
 use crate::block::{TransformerBlock, TransformerBlockConfig};
 use crate::dropout::{DropoutRegion, ParallelDropout};
@@ -55,7 +55,7 @@ pub struct GptConfig {
 
 /// A GPT split over a TP group (a group of one gives the plain model).
 #[derive(Module, Debug)]
-pub struct Gpt<B: CollectiveBackend> {
+pub struct Gpt<B: ParallelBackend> {
     /// Token embedding, vocab-parallel.
     pub wte: VocabParallelEmbedding<B>,
     /// Position embedding `[max_seq_len, h]`, replicated.
@@ -79,7 +79,7 @@ impl GptConfig {
     }
 
     /// Builds this rank's shard of the model for the TP group `tp`.
-    pub fn init<B: CollectiveBackend>(&self, tp: &Comm, device: &B::Device) -> Result<Gpt<B>, ConfigError> {
+    pub fn init<B: ParallelBackend>(&self, tp: &Comm, device: &B::Device) -> Result<Gpt<B>, ConfigError> {
         ParallelConfig::new().with_tensor_parallel(tp.size()).validate_model(&self.dims())?;
         let (wte, wpe, drop) = self.init_embedding(tp, device)?;
         let (ln_f, head) = self.init_head(tp, device)?;
@@ -88,7 +88,7 @@ impl GptConfig {
     }
 
     /// Token and position embeddings and their dropout (what runs before the first block).
-    pub(crate) fn init_embedding<B: CollectiveBackend>(
+    pub(crate) fn init_embedding<B: ParallelBackend>(
         &self,
         tp: &Comm,
         device: &B::Device,
@@ -102,7 +102,7 @@ impl GptConfig {
     }
 
     /// Blocks `layers` (global indices: the same parameters in any split).
-    pub(crate) fn init_blocks<B: CollectiveBackend>(
+    pub(crate) fn init_blocks<B: ParallelBackend>(
         &self,
         layers: std::ops::Range<usize>,
         tp: &Comm,
@@ -119,7 +119,7 @@ impl GptConfig {
     }
 
     /// Final layer norm and the vocab-parallel head (what runs after the last block).
-    pub(crate) fn init_head<B: CollectiveBackend>(&self, tp: &Comm, device: &B::Device) -> Result<(ParallelLayerNorm<B>, ColumnLinear<B>), ConfigError> {
+    pub(crate) fn init_head<B: ParallelBackend>(&self, tp: &Comm, device: &B::Device) -> Result<(ParallelLayerNorm<B>, ColumnLinear<B>), ConfigError> {
         let init = ParamInit::new(self.seed);
         Ok((
             ParallelLayerNormConfig::new(self.d_model)
@@ -156,7 +156,7 @@ impl GptConfig {
 /// under sequence parallelism (the vocab-parallel partial sums are reduce-scattered along the
 /// sequence, then this rank's positions added; `wpe` enters through f so its gradient is summed
 /// over the TP group).
-pub(crate) fn embed<B: CollectiveBackend>(
+pub(crate) fn embed<B: ParallelBackend>(
     wte: &VocabParallelEmbedding<B>,
     wpe: &Param<Tensor<B, 2>>,
     drop: &ParallelDropout,
@@ -179,7 +179,7 @@ pub(crate) fn embed<B: CollectiveBackend>(
 
 /// The head's vocab-parallel logits `[b, s, V/t]` of hidden states `x` (`[b, s, h]`, or a
 /// `[b, s/t, h]` shard under SP, all-gathered along the sequence before the head).
-pub(crate) fn head_logits<B: CollectiveBackend>(ln_f: &ParallelLayerNorm<B>, head: &ColumnLinear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+pub(crate) fn head_logits<B: ParallelBackend>(ln_f: &ParallelLayerNorm<B>, head: &ColumnLinear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let x = ln_f.forward(x);
     if ln_f.sequence_parallel {
         head.forward_sp(x)
@@ -189,7 +189,7 @@ pub(crate) fn head_logits<B: CollectiveBackend>(ln_f: &ParallelLayerNorm<B>, hea
 }
 
 /// Mean cross-entropy of the head's vocab-parallel logits for hidden states `x`.
-pub(crate) fn head_loss<B: CollectiveBackend>(
+pub(crate) fn head_loss<B: ParallelBackend>(
     ln_f: &ParallelLayerNorm<B>,
     head: &ColumnLinear<B>,
     vocab_start: usize,
@@ -201,7 +201,7 @@ pub(crate) fn head_loss<B: CollectiveBackend>(
     vocab_parallel_cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]), vocab_start, &head.tp)
 }
 
-impl<B: CollectiveBackend> Gpt<B> {
+impl<B: ParallelBackend> Gpt<B> {
     /// The TP group.
     pub fn tp(&self) -> &Comm {
         &self.head.tp

@@ -8,7 +8,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use burn_parallel::pipeline::{PartSpec, PipelineModel, StageOutput};
-use burn_parallel::{CollectiveBackend, Comm, ConfigError, ParallelConfig};
+use burn_parallel::{ParallelBackend, Comm, ConfigError, ParallelConfig};
 
 use crate::block::TransformerBlock;
 use crate::column_linear::ColumnLinear;
@@ -37,7 +37,7 @@ pub struct TokenBatch {
 
 /// The modules of one GPT pipeline stage.
 #[derive(Module, Debug)]
-pub struct GptStage<B: CollectiveBackend> {
+pub struct GptStage<B: ParallelBackend> {
     /// Token embedding (first stage).
     pub wte: Option<VocabParallelEmbedding<B>>,
     /// Position embedding (first stage).
@@ -56,8 +56,8 @@ pub struct GptStage<B: CollectiveBackend> {
 
 impl<B> PipelineModel<B, 3> for GptPipeline
 where
-    B: AutodiffBackend + CollectiveBackend,
-    B::InnerBackend: CollectiveBackend,
+    B: AutodiffBackend + ParallelBackend,
+    B::InnerBackend: ParallelBackend,
 {
     type Part = GptStage<B>;
     type MicroBatch = TokenBatch;
@@ -114,7 +114,7 @@ where
     }
 }
 
-impl<B: CollectiveBackend> GptStage<B> {
+impl<B: ParallelBackend> GptStage<B> {
     fn drop_device(&self, input: Option<&Tensor<B, 3>>) -> B::Device {
         match (input, &self.wpe) {
             (Some(x), _) => x.device(),

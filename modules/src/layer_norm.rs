@@ -1,7 +1,8 @@
 //! Layer norm usable inside and outside sequence-parallel regions.
 //!
 //! `y = (x − mean) / √(var + ε) · γ + β` over the last dim, computed by the backend's
-//! `layer_norm` (the same op as `burn::nn::LayerNorm`). Outside SP, `x` is the full replicated
+//! [`LayerNormBackend`](burn_parallel::LayerNormBackend): fused CubeCL kernels (forward and
+//! backward) on Cube backends, composed Burn ops on CPU. Outside SP, `x` is the full replicated
 //! `[b, s, h]` and every TP rank sees the full gradient of `γ, β`. Inside SP, `x` is this rank's
 //! sequence shard `[b, s/t, h]`, so `γ, β` only see that rank's tokens: they enter the op through
 //! f (`copy_to_tp`: identity forward, **all-reduce backward**), which sums their gradients over the
@@ -9,9 +10,10 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Tensor, TensorData};
+use burn_parallel::kernels::layer_norm;
 use burn_parallel::mappings::copy_to_tp;
-use burn_parallel::{CollectiveBackend, Comm};
+use burn_parallel::{ParallelBackend, Comm};
 
 use crate::init::param;
 
@@ -30,7 +32,7 @@ pub struct ParallelLayerNormConfig {
 
 /// Layer norm with replicated `γ, β` (see the module docs for the SP rule).
 #[derive(Module, Debug)]
-pub struct ParallelLayerNorm<B: CollectiveBackend> {
+pub struct ParallelLayerNorm<B: ParallelBackend> {
     /// Scale `[h]` (starts at 1).
     pub gamma: Param<Tensor<B, 1>>,
     /// Shift `[h]` (starts at 0).
@@ -46,7 +48,7 @@ pub struct ParallelLayerNorm<B: CollectiveBackend> {
 
 impl ParallelLayerNormConfig {
     /// Builds the (replicated) layer norm.
-    pub fn init<B: CollectiveBackend>(&self, tp: &Comm, device: &B::Device) -> ParallelLayerNorm<B> {
+    pub fn init<B: ParallelBackend>(&self, tp: &Comm, device: &B::Device) -> ParallelLayerNorm<B> {
         ParallelLayerNorm {
             gamma: param(TensorData::ones::<f32, _>([self.d_model]), device),
             beta: Some(param(TensorData::zeros::<f32, _>([self.d_model]), device)),
@@ -57,12 +59,15 @@ impl ParallelLayerNormConfig {
     }
 }
 
-impl<B: CollectiveBackend> ParallelLayerNorm<B> {
+impl<B: ParallelBackend> ParallelLayerNorm<B> {
     /// Normalises the last dim of `x` (`[b, s, h]`, or `[b, s/t, h]` under SP).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let rep = |p: Tensor<B, 1>| if self.sequence_parallel { copy_to_tp(p, &self.tp) } else { p };
-        let gamma = rep(self.gamma.val()).into_primitive().tensor();
-        let beta = self.beta.as_ref().map(|b| rep(b.val()).into_primitive().tensor());
-        Tensor::from_primitive(TensorPrimitive::Float(B::layer_norm(x.into_primitive().tensor(), gamma, beta, self.epsilon)))
+        let gamma = rep(self.gamma.val());
+        let beta = match &self.beta {
+            Some(b) => rep(b.val()),
+            None => Tensor::zeros(gamma.dims(), &gamma.device()),
+        };
+        layer_norm(x, gamma, beta, self.epsilon as f32)
     }
 }

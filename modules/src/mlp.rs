@@ -8,7 +8,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::gelu;
 use burn::tensor::Tensor;
-use burn_parallel::{CollectiveBackend, Comm, ConfigError};
+use burn_parallel::{ParallelBackend, Comm, ConfigError};
 
 use crate::column_linear::{ColumnLinear, ColumnLinearConfig};
 use crate::init::ParamInit;
@@ -31,7 +31,7 @@ pub struct ParallelMlpConfig {
 
 /// `GeLU(x A + a) B + b`, split over the TP group.
 #[derive(Module, Debug)]
-pub struct ParallelMlp<B: CollectiveBackend> {
+pub struct ParallelMlp<B: ParallelBackend> {
     /// Column-parallel `h → ffn`.
     pub fc1: ColumnLinear<B>,
     /// Row-parallel `ffn → h`.
@@ -40,7 +40,7 @@ pub struct ParallelMlp<B: CollectiveBackend> {
 
 impl ParallelMlpConfig {
     /// Builds this rank's shard.
-    pub fn init<B: CollectiveBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<ParallelMlp<B>, ConfigError> {
+    pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<ParallelMlp<B>, ConfigError> {
         Ok(ParallelMlp {
             fc1: ColumnLinearConfig::new(self.d_model, self.d_ff).with_init_std(self.init_std).init(tp, &init.child("fc1"), device)?,
             fc2: RowLinearConfig::new(self.d_ff, self.d_model)
@@ -50,7 +50,7 @@ impl ParallelMlpConfig {
     }
 }
 
-impl<B: CollectiveBackend> ParallelMlp<B> {
+impl<B: ParallelBackend> ParallelMlp<B> {
     /// `[b, s, h]` replicated → `[b, s, h]` replicated.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.fc2.forward(gelu(self.fc1.forward(x)))

@@ -12,7 +12,7 @@ use burn::module::{Module, Param};
 use burn::tensor::module::linear;
 use burn::tensor::{Tensor, TensorData};
 use burn_parallel::mappings::{copy_to_tp, reduce_from_tp, reduce_scatter_to_sp, scatter_to_tp};
-use burn_parallel::{CollectiveBackend, Comm, ConfigError};
+use burn_parallel::{ParallelBackend, Comm, ConfigError};
 
 use crate::init::{check_divisible, param, shard, ParamInit};
 
@@ -36,7 +36,7 @@ pub struct RowLinearConfig {
 
 /// Linear layer whose weight is split by input rows over the TP group.
 #[derive(Module, Debug)]
-pub struct RowLinear<B: CollectiveBackend> {
+pub struct RowLinear<B: ParallelBackend> {
     /// Local weight `[d_input/t, d_output]`.
     pub weight: Param<Tensor<B, 2>>,
     /// Replicated bias `[d_output]`.
@@ -50,7 +50,7 @@ pub struct RowLinear<B: CollectiveBackend> {
 
 impl RowLinearConfig {
     /// Builds this rank's shard; `init` names the parameter stream.
-    pub fn init<B: CollectiveBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<RowLinear<B>, ConfigError> {
+    pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<RowLinear<B>, ConfigError> {
         check_divisible("row-parallel input features", self.d_input, tp)?;
         let w = init.child("weight").normal(&[self.d_input, self.d_output], self.init_std);
         let weight = param(shard(w, 0, tp), device);
@@ -59,7 +59,7 @@ impl RowLinearConfig {
     }
 }
 
-impl<B: CollectiveBackend> RowLinear<B> {
+impl<B: ParallelBackend> RowLinear<B> {
     /// `[.., d_input/t]` (or replicated `[.., d_input]`) → `[.., d_output]` replicated.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let partial = self.forward_partial(x);

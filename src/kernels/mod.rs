@@ -109,6 +109,12 @@ impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B
     }
 }
 
+/// What a backend needs to run every parallel layer: collectives and the layer-norm op.
+/// Implemented for every backend that has both (Flex, CUDA, and their `Autodiff`).
+pub trait ParallelBackend: crate::CollectiveBackend + LayerNormBackend {}
+
+impl<B: crate::CollectiveBackend + LayerNormBackend> ParallelBackend for B {}
+
 /// Layer norm over the last dim of `x` (any rank) through the backend's [`LayerNormBackend`].
 pub fn layer_norm<B: LayerNormBackend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, epsilon: f32) -> Tensor<B, D> {
     let dims = x.dims();
