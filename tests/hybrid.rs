@@ -52,14 +52,16 @@ fn full(batch: &[TokenBatch]) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
     (Tensor::from_data(cat(|b| &b.inputs), &dev), Tensor::from_data(cat(|b| &b.targets), &dev))
 }
 
-fn global_path(path: &str, first: usize) -> String {
-    match path.strip_prefix("blocks.") {
-        Some(rest) => {
-            let (j, tail) = rest.split_once('.').unwrap();
-            format!("blocks.{}.{tail}", first + j.parse::<usize>().unwrap())
-        }
-        None => path.to_string(),
-    }
+type Exec = PipelineExecutor<B, GptPipeline, 3>;
+
+/// This rank's groups and its 1F1B executor of the GPT in the dp × pp × tp layout.
+fn hybrid_rank(c: burn_parallel::Comm) -> Result<(ProcessGroups, Exec), String> {
+    let cfg = ParallelConfig::new().with_data_parallel(DP).with_pipeline_parallel(PP).with_tensor_parallel(TP);
+    let g = ProcessGroups::new(cfg, c).map_err(|e| e.to_string())?;
+    let opts = PipelineOptions { microbatches: M, virtual_stages: 1, layout: None };
+    let model = GptPipeline { config: gpt(), tp: g.tp.clone() };
+    let exec = Exec::new(model, schedule_by_name("1f1b").unwrap().as_ref(), &opts, g.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
+    Ok((g, exec))
 }
 
 #[test]
@@ -72,12 +74,8 @@ fn dp2_pp2_tp2_step_equals_the_single_rank_step() {
         Ok((loss.clone().into_scalar(), named_grads(&model, &loss.backward())))
     })
     .remove(0);
-    let cfg = ParallelConfig::new().with_data_parallel(DP).with_pipeline_parallel(PP).with_tensor_parallel(TP);
     let ranks = world(DP * PP * TP, |c| {
-        let g = ProcessGroups::new(cfg.clone(), c).map_err(|e| e.to_string())?;
-        let opts = PipelineOptions { microbatches: M, virtual_stages: 1, layout: None };
-        let model = GptPipeline { config: gpt(), tp: g.tp.clone() };
-        let exec = PipelineExecutor::<B, _, 3>::new(model, schedule_by_name("1f1b").unwrap().as_ref(), &opts, g.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
+        let (g, exec) = hybrid_rank(c)?;
         let out = exec.step(&batch[g.coords.dp * M..(g.coords.dp + 1) * M]).map_err(|e| e.to_string())?;
         let loss = all_reduce(Tensor::<Inner, 1>::from_floats([out.loss], &Default::default()), ReduceOp::Mean, &g.dp).unwrap().into_scalar();
         let mut named = Vec::new();
@@ -119,12 +117,8 @@ fn ten_hybrid_steps_with_global_clipping_match_single_rank_training() {
         Ok(out)
     })
     .remove(0);
-    let cfg = ParallelConfig::new().with_data_parallel(DP).with_pipeline_parallel(PP).with_tensor_parallel(TP);
     let ranks = world(DP * PP * TP, |c| {
-        let g = ProcessGroups::new(cfg.clone(), c).map_err(|e| e.to_string())?;
-        let opts = PipelineOptions { microbatches: M, virtual_stages: 1, layout: None };
-        let model = GptPipeline { config: gpt(), tp: g.tp.clone() };
-        let mut exec = PipelineExecutor::<B, _, 3>::new(model, schedule_by_name("1f1b").unwrap().as_ref(), &opts, g.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
+        let (g, mut exec) = hybrid_rank(c)?;
         let mut optims: Vec<_> = exec.stages().iter().map(|_| AdamWConfig::new().init()).collect();
         let mut out = Vec::new();
         for s in 0..steps {

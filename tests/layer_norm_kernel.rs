@@ -42,6 +42,10 @@ fn kernels_match_the_composed_reference() {
         let dy = data("dy", &[n, h], 0.0);
         let want = run::<Flex, 2>(&x, &g, &b, &dy);
         let got = run::<K, 2>(&x, &g, &b, &dy);
+        let fused = run::<burn::backend::Wgpu, 2>(&x, &g, &b, &dy);
+        for (a, c) in got.iter().zip(&fused) {
+            assert_eq!(a, c, "[{n}, {h}]: the kernels through Fusion give the same bits");
+        }
         // Relative to 1 + |reference|. Rows of h values (and dγ/dβ over n rows) are summed in a
         // different order than the CPU reference: f32 rounding of that order, up to ~1e-5·√h.
         let row = 1e-5 * (1.0 + (h as f32).sqrt() / 32.0);
@@ -66,9 +70,11 @@ fn autodiff_through_the_kernel_equals_autodiff_on_cpu() {
         let to = |t: Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 3>| t.into_data().convert::<f32>();
         vec![y.inner().into_data().convert::<f32>(), to(x.grad(&gr).unwrap()), g.grad(&gr).unwrap().into_data().convert::<f32>(), b.grad(&gr).unwrap().into_data().convert::<f32>()]
     }
-    let (want, got) = (grads::<Autodiff<Flex>>(), grads::<Autodiff<K>>());
-    for (w, g) in want.iter().zip(&got) {
-        assert!(max_rel(g, w) < 1e-4, "{:e}", max_rel(g, w));
+    let want = grads::<Autodiff<Flex>>();
+    for got in [grads::<Autodiff<K>>(), grads::<Autodiff<burn::backend::Wgpu>>()] {
+        for (w, g) in want.iter().zip(&got) {
+            assert!(max_rel(g, w) < 1e-4, "{:e}", max_rel(g, w));
+        }
     }
     let _ = <K as Backend>::name(&Default::default());
 }

@@ -47,17 +47,6 @@ fn reference(full: &TokenBatch) -> (f32, HashMap<String, NamedParam>) {
     .remove(0)
 }
 
-/// The reference path of a stage parameter: its blocks are numbered from the stage's first layer.
-fn global_path(path: &str, first_layer: usize) -> String {
-    match path.strip_prefix("blocks.") {
-        Some(rest) => {
-            let (j, tail) = rest.split_once('.').unwrap();
-            format!("blocks.{}.{tail}", first_layer + j.parse::<usize>().unwrap())
-        }
-        None => path.to_string(),
-    }
-}
-
 /// Runs one pipelined step on a dp=1 world of `pp × tp` ranks; returns (tp rank, loss, named grads).
 fn pipelined(config: &GptConfig, schedule: &str, pp: usize, tp: usize, v: usize, m: usize, mbs: &[TokenBatch]) -> Vec<(usize, f32, Vec<NamedParam>)> {
     let cfg = ParallelConfig::new().with_pipeline_parallel(pp).with_tensor_parallel(tp);

@@ -159,3 +159,15 @@ impl Perturb {
         module.map(&mut PerturbMapper { owner: self, path: Vec::new(), rank: comm.rank(), size: comm.size() })
     }
 }
+
+/// The unsplit model's path of a pipeline-stage parameter: the stage numbers its blocks from 0,
+/// the whole model from the stage's first layer.
+pub fn global_path(path: &str, first_layer: usize) -> String {
+    match path.strip_prefix("blocks.") {
+        Some(rest) => {
+            let (j, tail) = rest.split_once('.').unwrap();
+            format!("blocks.{}.{tail}", first_layer + j.parse::<usize>().unwrap())
+        }
+        None => path.to_string(),
+    }
+}
