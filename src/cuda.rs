@@ -29,3 +29,32 @@ fn default_cache_dir() -> PathBuf {
         .unwrap_or_else(std::env::temp_dir);
     base.join("burn-parallel").join("cubecl")
 }
+
+/// Checks that NCCL can be loaded, without cudarc's panic when it cannot: cudarc looks for
+/// `libnccl.so` (and versioned names, but never `libnccl.so.2` alone). Returns NCCL's version
+/// (e.g. 22803 for 2.28.3).
+pub fn nccl_version() -> Result<i32, crate::CommError> {
+    // SAFETY: only tries to dlopen the candidate library names.
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        return Err(crate::CommError::Backend(
+            "NCCL not found: cudarc loads `libnccl.so`. Install NCCL's development package \
+             (e.g. `libnccl-dev`), or create a directory with a symlink `libnccl.so -> libnccl.so.2` \
+             and put it on LD_LIBRARY_PATH before starting the process"
+                .into(),
+        ));
+    }
+    cudarc::nccl::result::get_nccl_version().map_err(|e| crate::CommError::Backend(format!("NCCL failed to report its version: {e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    /// On a machine without NCCL (CI) this must be a clear error, not cudarc's panic; with NCCL
+    /// (the GPU machine) a 2.x version.
+    #[test]
+    fn nccl_probe_never_panics() {
+        match super::nccl_version() {
+            Ok(v) => assert!(v >= 20000, "NCCL version {v}"),
+            Err(e) => assert!(e.to_string().contains("NCCL not found") && e.to_string().contains("libnccl.so"), "{e}"),
+        }
+    }
+}
