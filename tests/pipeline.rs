@@ -101,6 +101,13 @@ fn gpipe_1f1b_and_zb_h1_equal_the_single_rank_step() {
     }
 }
 
+/// Consecutive stages on one rank hand activations and gradients over locally (no messages).
+#[test]
+fn stages_sharing_a_rank_hand_over_locally() {
+    check("interleaved-1f1b", 1, 1, 2, 3);
+    check("gpipe", 1, 1, 1, 2);
+}
+
 #[test]
 fn interleaved_1f1b_equals_the_single_rank_step() {
     for pp in [2, 4] {
