@@ -91,15 +91,16 @@ where
 }
 
 /// Sums of squared gradients of one module: (TP-sharded parameters, replicated parameters).
-struct SquareSums<'a> {
+struct SquareSums<'a, D> {
     grads: &'a GradientsParams,
+    device: Option<D>,
     types: Vec<String>,
     path: Vec<String>,
     sharded: f64,
     replicated: f64,
 }
 
-impl SquareSums<'_> {
+impl<D> SquareSums<'_, D> {
     fn is_sharded(&self) -> bool {
         let ty = self.types.last().map(String::as_str).unwrap_or("");
         let field = self.path.last().map(String::as_str).unwrap_or("");
@@ -107,7 +108,7 @@ impl SquareSums<'_> {
     }
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for SquareSums<'_> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquareSums<'_, burn::tensor::Device<B::InnerBackend>> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.push(name.to_string());
         self.types.push(container_type.to_string());
@@ -118,7 +119,9 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SquareSums<'_> {
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) else { return };
-        let sq: f64 = g.powi_scalar(2).sum().into_scalar().elem::<f32>() as f64;
+        self.device.get_or_insert_with(|| g.device());
+        // In f32 whatever the gradient dtype: an f16 sum of squares overflows at a norm of 256.
+        let sq: f64 = g.cast(burn::tensor::DType::F32).powi_scalar(2).sum().into_scalar().elem::<f32>() as f64;
         // The parameter's own field name is the last path element for parameters of a struct.
         if self.is_sharded() {
             self.sharded += sq;
@@ -137,14 +140,15 @@ where
     B::InnerBackend: CollectiveBackend,
     M: AutodiffModule<B>,
 {
-    let (mut sharded, mut replicated) = (0.0f64, 0.0f64);
+    let (mut sharded, mut replicated, mut device) = (0.0f64, 0.0f64, None);
     for (module, grads) in parts {
-        let mut v = SquareSums { grads, types: Vec::new(), path: Vec::new(), sharded: 0.0, replicated: 0.0 };
+        let mut v = SquareSums { grads, device: None, types: Vec::new(), path: Vec::new(), sharded: 0.0, replicated: 0.0 };
         module.visit(&mut v);
         sharded += v.sharded;
         replicated += v.replicated;
+        device = device.or(v.device);
     }
-    let device = Default::default();
+    let device = device.unwrap_or_default();
     let t = Tensor::<B::InnerBackend, 1>::from_floats([sharded as f32], &device);
     let sharded = if tp.size() > 1 { all_reduce(t, ReduceOp::Sum, tp)? } else { t };
     let stage_total = sharded + replicated as f32;

@@ -200,3 +200,21 @@ fn bad_groups_and_inputs_are_rejected() {
     assert!(out.contains("rank 7 is not in the parent group"), "{out}");
     assert!(bad.contains("rank 0 has [2]") && bad.contains("rank 1 has [3]"), "{bad}");
 }
+
+#[test]
+fn a_round_abandoned_after_a_timeout_fails_late_arrivals() {
+    let res = run_world(2, short(), |c| {
+        let x = TensorData::new(vec![1.0f32], [1]);
+        if c.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(700));
+            return c.all_reduce(x, ReduceOp::Sum).map(|_| String::new()).map_err(|e| e.to_string());
+        }
+        // Rank 0 times out, handles the error and stays alive.
+        let first = c.all_reduce(x, ReduceOp::Sum).unwrap_err().to_string();
+        std::thread::sleep(Duration::from_millis(900));
+        Ok(first)
+    });
+    assert!(res[0].as_ref().unwrap().contains("timeout"));
+    let e = res[1].as_ref().unwrap_err().to_string();
+    assert!(e.contains("rank 0 is gone") && e.contains("abandoned this collective"), "{e}");
+}

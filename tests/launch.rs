@@ -111,3 +111,26 @@ fn the_launcher_stops_everyone_and_returns_the_failing_code() {
     let out = Command::new(BIN).args(["launch", "--nproc-per-node", "2", "--", "sh", "-c", "echo ok $RANK"]).output().unwrap();
     assert!(out.status.success() && text(&out).contains("[rank 1] ok 1"));
 }
+
+#[test]
+fn a_signal_to_the_launcher_stops_every_rank() {
+    let dir = std::env::temp_dir().join(format!("bp-launch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = format!("echo $$ > {}/pid.$RANK; sleep 60", dir.display());
+    let mut launcher = Command::new(BIN).args(["launch", "--nproc-per-node", "2", "--", "sh", "-c", &script]).stdout(Stdio::null()).spawn().unwrap();
+    let start = Instant::now();
+    while !(dir.join("pid.0").exists() && dir.join("pid.1").exists()) {
+        assert!(start.elapsed() < Duration::from_secs(10), "ranks never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    Command::new("kill").args(["-TERM", &launcher.id().to_string()]).status().unwrap();
+    let status = launcher.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 15));
+    for r in 0..2 {
+        let pid = std::fs::read_to_string(dir.join(format!("pid.{r}"))).unwrap();
+        let alive = Command::new("kill").args(["-0", pid.trim()]).stderr(Stdio::null()).status().unwrap().success();
+        assert!(!alive, "rank {r} (pid {}) still running", pid.trim());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -50,7 +50,7 @@ struct WorldShared {
     timeout: Duration,
     status: Mutex<Vec<RankStatus>>,
     groups: Mutex<HashMap<(String, Vec<usize>), Arc<GroupState>>>,
-    mail: Mutex<HashMap<(usize, usize, u64), VecDeque<TensorData>>>,
+    mail: Mutex<HashMap<(String, usize, usize, u64), VecDeque<TensorData>>>,
     mail_cv: Condvar,
 }
 
@@ -90,6 +90,8 @@ struct Round {
     ops: Vec<Option<String>>,
     data: Vec<Option<Arc<TensorData>>>,
     taken: usize,
+    /// Set when a member gave up on this round (error): late arrivals fail instead of using it.
+    failed: Option<(usize, String)>,
 }
 
 #[derive(Debug)]
@@ -175,6 +177,8 @@ impl LocalComm {
     }
 
     /// Joins the next round of this group with `op` and `payload`; returns every contribution.
+    /// A rank that fails a round marks it failed, so members arriving later fail too instead of
+    /// completing it with a contribution its owner gave up on.
     fn exchange(&self, op: &str, payload: Option<TensorData>) -> Result<Parts, CommError> {
         let g = &self.group;
         let seq = g.seqs[self.rank].fetch_add(1, Ordering::SeqCst);
@@ -187,57 +191,74 @@ impl LocalComm {
                 ops: vec![None; size],
                 data: vec![None; size],
                 taken: 0,
+                failed: None,
             });
             round.ops[self.rank] = Some(op.to_string());
             round.data[self.rank] = payload.map(Arc::new);
         }
         g.cv.notify_all();
+        let (mut rounds, result) = self.wait_round(rounds, seq, op, start);
+        match &result {
+            Ok(_) => {
+                let round = rounds.get_mut(&seq).expect("round present");
+                round.taken += 1;
+                if round.taken == size {
+                    rounds.remove(&seq);
+                }
+            }
+            Err(e) => {
+                if let Some(round) = rounds.get_mut(&seq) {
+                    round.failed.get_or_insert((me, e.to_string()));
+                }
+                g.cv.notify_all();
+            }
+        }
+        result
+    }
+
+    /// Waits until every member joined round `seq` (or it cannot complete).
+    fn wait_round<'a>(
+        &self,
+        mut rounds: MutexGuard<'a, HashMap<u64, Round>>,
+        seq: u64,
+        op: &str,
+        start: Instant,
+    ) -> (MutexGuard<'a, HashMap<u64, Round>>, Result<Parts, CommError>) {
+        let g = &self.group;
+        let me = g.members[self.rank];
+        let name = || format!("{op} #{seq}");
         loop {
             let round = rounds.get(&seq).expect("round removed before every rank took it");
+            if let Some((peer, reason)) = round.failed.clone() {
+                let reason = format!("it abandoned this collective: {reason}");
+                return (rounds, Err(CommError::PeerGone { op: name(), group: g.label.clone(), rank: me, peer, reason }));
+            }
             if let Some((i, other)) =
                 round.ops.iter().enumerate().find_map(|(i, o)| o.as_ref().filter(|o| *o != op).map(|o| (i, o)))
             {
-                return Err(CommError::Mismatch {
+                let err = CommError::Mismatch {
                     group: g.label.clone(),
                     rank: me,
-                    op: format!("{op} #{seq}"),
+                    op: name(),
                     other_rank: g.members[i],
                     other_op: format!("{other} #{seq}"),
-                });
+                };
+                return (rounds, Err(err));
             }
-            let missing: Vec<usize> =
-                (0..size).filter(|&i| round.ops[i].is_none()).map(|i| g.members[i]).collect();
+            let missing: Vec<usize> = (0..g.members.len()).filter(|&i| round.ops[i].is_none()).map(|i| g.members[i]).collect();
             if missing.is_empty() {
-                break;
+                let parts = round.data.clone();
+                return (rounds, Ok(parts));
             }
             if let Some((peer, reason)) = missing.iter().find_map(|&r| self.world.gone(r).map(|w| (r, w))) {
-                return Err(CommError::PeerGone {
-                    op: format!("{op} #{seq}"),
-                    group: g.label.clone(),
-                    rank: me,
-                    peer,
-                    reason,
-                });
+                return (rounds, Err(CommError::PeerGone { op: name(), group: g.label.clone(), rank: me, peer, reason }));
             }
             let waited = start.elapsed();
             if waited >= self.world.timeout {
-                return Err(CommError::Timeout {
-                    op: format!("{op} #{seq}"),
-                    group: g.label.clone(),
-                    rank: me,
-                    missing,
-                    waited,
-                });
+                return (rounds, Err(CommError::Timeout { op: name(), group: g.label.clone(), rank: me, missing, waited }));
             }
             rounds = g.cv.wait_timeout(rounds, POLL.min(self.world.timeout - waited)).unwrap_or_else(|e| e.into_inner()).0;
         }
-        let round = rounds.get_mut(&seq).expect("round present");
-        let parts = round.data.clone();
-        round.taken += 1;
-        if round.taken == size {
-            rounds.remove(&seq);
-        }
-        Ok(parts)
     }
 
     fn all_parts(&self, op: &str, data: TensorData) -> Result<Vec<Arc<TensorData>>, CommError> {
@@ -305,7 +326,7 @@ impl Communicator for LocalComm {
     fn send(&self, data: TensorData, peer: usize, tag: u64) -> Result<(), CommError> {
         let dst = self.peer_global(peer, "send")?;
         let src = self.global_rank();
-        lock(&self.world.mail).entry((src, dst, tag)).or_default().push_back(data);
+        lock(&self.world.mail).entry((self.group.label.clone(), src, dst, tag)).or_default().push_back(data);
         self.world.mail_cv.notify_all();
         Ok(())
     }
@@ -316,8 +337,9 @@ impl Communicator for LocalComm {
         let op = format!("recv(from={src}, tag={tag}, {:?} {:?})", expect.shape, expect.dtype);
         let start = Instant::now();
         let mut mail = lock(&self.world.mail);
+        let key = (self.group.label.clone(), src, me, tag);
         let data = loop {
-            if let Some(d) = mail.get_mut(&(src, me, tag)).and_then(|q| q.pop_front()) {
+            if let Some(d) = mail.get_mut(&key).and_then(|q| q.pop_front()) {
                 break d;
             }
             if let Some(reason) = self.world.gone(src) {

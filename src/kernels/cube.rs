@@ -25,6 +25,14 @@ use super::{LayerNormBackend, LnBackward, LnForward};
 
 const BLOCK: u32 = 256;
 const ROWS_PER_CHUNK: usize = 64;
+/// Cubes per grid dimension (wgpu's usual `max_compute_workgroups_per_dimension`).
+const MAX_GRID: usize = 65535;
+
+/// One cube per row, spread over x and y so that any row count fits the grid limits.
+fn rows_grid(n: usize) -> CubeCount {
+    let x = n.clamp(1, MAX_GRID);
+    CubeCount::Static(x as u32, n.div_ceil(x).max(1) as u32, 1)
+}
 
 mod kernel {
     use burn_cubecl::cubecl;
@@ -61,7 +69,10 @@ mod kernel {
         #[comptime] block: u32,
         #[define(F)] _dtype: StorageType,
     ) {
-        let row = CUBE_POS_X as usize;
+        let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+        if row >= x.shape(0) {
+            terminate!();
+        }
         let h = x.shape(1);
         let base = row * h;
         let tid = UNIT_POS_X as usize;
@@ -106,7 +117,10 @@ mod kernel {
         #[comptime] block: u32,
         #[define(F)] _dtype: StorageType,
     ) {
-        let row = CUBE_POS_X as usize;
+        let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+        if row >= x.shape(0) {
+            terminate!();
+        }
         let h = x.shape(1);
         let base = row * h;
         let tid = UNIT_POS_X as usize;
@@ -187,7 +201,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let dtype = x.dtype;
         kernel::ln_forward_kernel::launch::<R>(
             &x.client,
-            CubeCount::Static(n as u32, 1, 1),
+            rows_grid(n),
             CubeDim::new_1d(BLOCK),
             x.clone().into_tensor_arg(),
             gamma.into_tensor_arg(),
@@ -216,7 +230,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let dx = empty(&x, x.shape(), dtype);
         kernel::ln_backward_dx_kernel::launch::<R>(
             &x.client,
-            CubeCount::Static(n as u32, 1, 1),
+            rows_grid(n),
             CubeDim::new_1d(BLOCK),
             dy.clone().into_tensor_arg(),
             x.clone().into_tensor_arg(),
@@ -227,7 +241,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
             BLOCK,
             dtype.into(),
         );
-        let chunks = n.div_ceil(ROWS_PER_CHUNK).max(1);
+        let chunks = n.div_ceil(ROWS_PER_CHUNK).max(1).min(MAX_GRID);
+        let rows_per_chunk = n.div_ceil(chunks).max(1);
         let dg = empty(&x, Shape::new([chunks, h]), DType::F32);
         let db = empty(&x, Shape::new([chunks, h]), DType::F32);
         let client = x.client.clone();
@@ -241,7 +256,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
             rstd.into_tensor_arg(),
             dg.clone().into_tensor_arg(),
             db.clone().into_tensor_arg(),
-            ROWS_PER_CHUNK as u32,
+            rows_per_chunk as u32,
             dtype.into(),
         );
         let total = |p: CubeTensor<R>| {

@@ -3,7 +3,28 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
+
+/// The signal that asked the launcher to stop (0: none).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+#[cfg(unix)]
+extern "C" fn on_signal(sig: libc::c_int) {
+    STOP_SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+/// Ctrl-C / SIGTERM / SIGHUP on the launcher stop every rank (the ranks lead their own process
+/// groups, so the terminal's signal reaches only the launcher).
+fn install_signal_handlers() {
+    #[cfg(unix)]
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores into an atomic (async-signal-safe).
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
 
 /// What to launch.
 #[derive(Debug, Clone)]
@@ -42,6 +63,7 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
         return Err(format!("invalid layout: --nproc-per-node {} --nnodes {} --node-rank {}", o.nproc_per_node, o.nnodes, o.node_rank));
     }
     let world = o.nproc_per_node * o.nnodes;
+    install_signal_handlers();
     let mut children: Vec<(usize, Child)> = Vec::new();
     let mut pipes = Vec::new();
     for local in 0..o.nproc_per_node {
@@ -76,11 +98,19 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
         children.push((rank, child));
     }
     let code = loop {
+        let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+        if sig != 0 {
+            eprintln!("burn-parallel launch: got signal {sig}; stopping every rank");
+            stop(&mut children);
+            break 128 + sig;
+        }
         let mut running = 0;
         let mut failed = None;
         for (rank, child) in children.iter_mut() {
             match child.try_wait() {
-                Ok(Some(status)) if !status.success() => failed = Some((*rank, exit_code(status))),
+                Ok(Some(status)) if !status.success() => {
+                    failed = failed.or(Some((*rank, exit_code(status))));
+                }
                 Ok(Some(_)) => {}
                 _ => running += 1,
             }
@@ -103,6 +133,9 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
 
 fn stop(children: &mut [(usize, Child)]) {
     for (_, c) in children.iter_mut() {
+        if matches!(c.try_wait(), Ok(Some(_))) {
+            continue; // reaped: its pid (and group id) may belong to someone else now
+        }
         #[cfg(unix)]
         // SAFETY: kill(2) on the process group the child leads; no memory is touched.
         unsafe {

@@ -133,7 +133,8 @@ fn serve(env: &JobEnv, addr: &str, payload: Vec<u8>, deadline: Instant) -> Resul
             Err(e) => return fail(&mut peers, io(addr)(e)),
         };
         let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let _ = stream.set_read_timeout(Some(left.min(Duration::from_secs(5))));
         let (rank, world) = match read_hello(&mut stream) {
             Ok(h) => h,
             Err(why) => {

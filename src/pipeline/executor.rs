@@ -116,13 +116,16 @@ pub struct PipelineExecutor<B: AutodiffBackend, M: PipelineModel<B, D>, const D:
 
 type Key = (usize, usize);
 
-/// Replaces every parameter by a fresh autodiff leaf with the same value and id.
-struct FreshLeaves;
+/// Replaces every parameter by a fresh autodiff leaf with the same value and id (or, with
+/// `track == false`, by a detached tensor that records no graph at all).
+struct FreshLeaves {
+    track: bool,
+}
 
 impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let require_grad = param.is_require_grad();
-        param.map(|t| if require_grad { t.detach().require_grad() } else { t.detach() })
+        let require_grad = self.track && param.is_require_grad();
+        param.map(|t| if require_grad { t.detach().require_grad() } else { t.detach() }).set_require_grad(require_grad)
     }
 }
 
@@ -222,7 +225,7 @@ where
                     // Each micro-batch's graph gets its own parameter leaves, so the graphs of
                     // in-flight micro-batches never merge in Burn's autodiff (their backwards and
                     // graph clean-ups stay independent); gradients are keyed by ParamId anyway.
-                    let part = stage.part.clone().map(&mut FreshLeaves);
+                    let part = stage.part.clone().map(&mut FreshLeaves { track: true });
                     let out = self.model.forward(&part, &stage.spec, input.clone(), &microbatches[mb]);
                     if let (StageOutput::Activation(y), true) = (&out, s < last && self.peer(s + 1) == me) {
                         inputs.insert((s + 1, mb), y.clone().detach().require_grad());
@@ -302,7 +305,9 @@ where
                     _ if self.peer(s - 1) == me => carry.take(),
                     _ => Some(recv::<B, D>(self.model.activation_shape(batch), &self.device, self.peer(s - 1), tag(Op::SendF, s - 1, mb), &self.comm)?),
                 };
-                match self.model.forward(&stage.part, &stage.spec, input.map(|x| x.detach()), batch) {
+                // Detached parameters: evaluation records no autodiff graph.
+                let part = stage.part.clone().map(&mut FreshLeaves { track: false });
+                match self.model.forward(&part, &stage.spec, input.map(|x| x.detach()), batch) {
                     StageOutput::Loss(l) => total += l.into_scalar().elem::<f32>(),
                     StageOutput::Activation(y) if s < last && self.peer(s + 1) != me => send(y.detach(), self.peer(s + 1), tag(Op::SendF, s, mb), &self.comm)?,
                     StageOutput::Activation(y) => carry = Some(y.detach()),
