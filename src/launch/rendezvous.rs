@@ -18,6 +18,8 @@ use super::env::JobEnv;
 
 const MAGIC: &[u8; 8] = b"BURNPAR1";
 const VERSION: u32 = 1;
+/// How long a joining rank waits for rank 0's answer past its own deadline.
+const REPLY_GRACE: Duration = Duration::from_secs(5);
 /// Largest blob a rendezvous carries (1 MiB).
 pub const MAX_PAYLOAD: usize = 1 << 20;
 
@@ -184,11 +186,16 @@ fn join(env: &JobEnv, addr: &str, deadline: Instant) -> Result<Vec<u8>, Rendezvo
         hello.extend_from_slice(&w.to_le_bytes());
     }
     stream.write_all(&hello).map_err(io(addr))?;
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-    stream.set_read_timeout(Some(left)).map_err(io(addr))?;
+    // Rank 0 decides (it also times out and then tells everyone who is missing): wait for its
+    // answer a grace period past our own deadline.
+    let grace = deadline.saturating_duration_since(Instant::now()) + REPLY_GRACE;
+    stream.set_read_timeout(Some(grace)).map_err(io(addr))?;
     let mut head = [0u8; 13];
     stream.read_exact(&mut head).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => timeout(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => RendezvousError::Io {
+            addr: addr.into(),
+            error: format!("connected, but rank 0 sent no answer within {:?}", start.elapsed()),
+        },
         _ => io(addr)(e),
     })?;
     if &head[..8] != MAGIC {
