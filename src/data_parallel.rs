@@ -6,14 +6,12 @@
 //!   every replica then applies the same optimizer step, so parameters and optimizer state stay
 //!   identical across the group.
 //! - [`global_grad_norm`] / [`clip_grad_norm`]: the L2 norm of **all** gradients of the model,
-//!   every parameter counted once: TP-sharded parameters (the weights of [`ColumnLinear`], the
+//!   every parameter counted once: TP-sharded parameters (the weights of `ColumnLinear`, the
 //!   weight of `RowLinear`, the vocab-parallel embedding — recognised by their module type) are
 //!   summed over the TP group, replicated ones counted once, and the per-stage sums added over the
 //!   pipeline group. Data-parallel replicas hold identical (already averaged) gradients and are
 //!   not summed. Burn's own clipping is per tensor; this is the global clipping of Megatron and
 //!   `torch.nn.utils.clip_grad_norm_`.
-//!
-//! [`ColumnLinear`]: https://docs.rs/burn-parallel-modules
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;

@@ -33,10 +33,6 @@ pub fn leaf<const D: usize>(data: TensorData) -> Tensor<B, D> {
     Tensor::<B, D>::from_data(data, &Default::default()).require_grad()
 }
 
-pub fn to_data<const D: usize>(t: Tensor<Inner, D>) -> TensorData {
-    t.into_data()
-}
-
 /// The max absolute difference, or a message with the shapes if they differ.
 pub fn max_abs_diff(a: &TensorData, b: &TensorData) -> Result<f32, String> {
     if a.shape != b.shape {
