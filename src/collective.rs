@@ -32,7 +32,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{read_sync, Device, Slice, TensorMetadata};
 
-use crate::comm::{Comm, ReduceOp, TensorSpec};
+use crate::comm::{Comm, RecvOp, ReduceOp, SendOp, TensorSpec};
 use crate::error::CommError;
 
 thread_local! {
@@ -117,6 +117,21 @@ pub trait CollectiveBackend: Backend {
     /// Receives a tensor matching `spec` sent by group rank `peer` under `tag`.
     fn collective_recv(spec: &TensorSpec, device: &Device<Self>, peer: usize, tag: u64, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
         Ok(Self::float_from_data(comm.recv(peer, tag, spec)?, device))
+    }
+
+    /// Sends and receives as one group (see [`Communicator::batch_p2p`](crate::Communicator::batch_p2p));
+    /// returns the received tensors in the order of `recvs`.
+    fn collective_batch_p2p(
+        sends: Vec<(FloatTensor<Self>, usize, u64)>,
+        recvs: &[RecvOp],
+        device: &Device<Self>,
+        comm: &Comm,
+    ) -> Result<Vec<FloatTensor<Self>>, CommError> {
+        let sends = sends
+            .into_iter()
+            .map(|(x, peer, tag)| Ok(SendOp { data: to_host::<Self>(x)?, peer, tag }))
+            .collect::<Result<Vec<_>, CommError>>()?;
+        Ok(comm.batch_p2p(sends, recvs)?.into_iter().map(|d| Self::float_from_data(d, device)).collect())
     }
 
     /// Megatron's f: identity forward, all-reduce backward.
@@ -215,6 +230,16 @@ impl<B: CollectiveBackend, C: CheckpointStrategy> CollectiveBackend for Autodiff
     }
     fn collective_recv(spec: &TensorSpec, device: &Device<Self>, peer: usize, tag: u64, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
         Ok(Self::from_inner(B::collective_recv(spec, device, peer, tag, comm)?))
+    }
+
+    fn collective_batch_p2p(
+        sends: Vec<(FloatTensor<Self>, usize, u64)>,
+        recvs: &[RecvOp],
+        device: &Device<Self>,
+        comm: &Comm,
+    ) -> Result<Vec<FloatTensor<Self>>, CommError> {
+        let sends = sends.into_iter().map(|(x, p, t)| (Self::inner(x), p, t)).collect();
+        Ok(B::collective_batch_p2p(sends, recvs, device, comm)?.into_iter().map(Self::from_inner).collect())
     }
 
     fn map_copy_to_tp(x: FloatTensor<Self>, comm: &Comm) -> FloatTensor<Self> {

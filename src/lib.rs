@@ -52,7 +52,7 @@ pub mod world;
 
 pub use collective::CollectiveBackend;
 pub use kernels::{LayerNormBackend, ParallelBackend};
-pub use comm::{Comm, Communicator, LocalWorld, LocalWorldOptions, ReduceOp, TensorSpec};
+pub use comm::{Comm, Communicator, LocalWorld, LocalWorldOptions, P2pMode, RecvOp, ReduceOp, SendOp, TensorSpec};
 pub use error::{CommError, ConfigError, RankError};
 pub use topology::{ModelDims, ParallelConfig, ProcessGroups, RankCoords};
 pub use world::{all_ok, run_world};

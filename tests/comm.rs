@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_parallel::comm::ops;
-use burn_parallel::{run_world, CommError, LocalWorldOptions, ParallelConfig, ProcessGroups, RankError, ReduceOp, TensorSpec};
+use burn_parallel::{run_world, Comm, CommError, LocalWorldOptions, P2pMode, ParallelConfig, ProcessGroups, RankError, RecvOp, ReduceOp, SendOp, TensorSpec};
 use common::{world, Inner};
 
 fn vals(t: TensorData) -> Vec<f32> {
@@ -15,7 +15,7 @@ fn vals(t: TensorData) -> Vec<f32> {
 }
 
 fn short() -> LocalWorldOptions {
-    LocalWorldOptions { timeout: Duration::from_millis(400) }
+    LocalWorldOptions { timeout: Duration::from_millis(400), ..Default::default() }
 }
 
 #[test]
@@ -60,9 +60,9 @@ fn tensor_level_collectives_and_p2p() {
         let s = ops::all_reduce(x.clone(), ReduceOp::Sum, &c).map_err(|e| e.to_string())?;
         let g = ops::all_gather(x.clone(), 1, &c).map_err(|e| e.to_string())?;
         let peer = 1 - c.rank();
-        ops::send(x.clone() * 10.0, peer, 7, &c).map_err(|e| e.to_string())?;
-        let got = ops::recv::<Inner, 2>([1, 2], &dev, peer, 7, &c).map_err(|e| e.to_string())?;
-        Ok((s.into_data(), g.into_data(), got.into_data()))
+        // An exchange between two ranks is one batch (with NCCL, two lone sends would hang).
+        let mut got = ops::batch_p2p(vec![(x.clone() * 10.0, peer, 7)], &[(peer, 7, [1, 2])], &dev, &c).map_err(|e| e.to_string())?;
+        Ok((s.into_data(), g.into_data(), got.remove(0).into_data()))
     });
     assert_eq!(vals(out[0].0.clone()), vec![3.0, 4.0]);
     assert_eq!(vals(out[1].1.clone()), vec![1.0, 2.0, 2.0, 2.0]);
@@ -124,7 +124,7 @@ fn a_rank_that_never_joins_times_out_with_names() {
 
 #[test]
 fn a_failed_rank_releases_its_peers_at_once() {
-    let opts = LocalWorldOptions { timeout: Duration::from_secs(60) };
+    let opts = LocalWorldOptions { timeout: Duration::from_secs(60), ..Default::default() };
     let start = Instant::now();
     let res = run_world(3, opts, |c| {
         if c.rank() == 2 {
@@ -217,4 +217,36 @@ fn a_round_abandoned_after_a_timeout_fails_late_arrivals() {
     assert!(res[0].as_ref().unwrap().contains("timeout"));
     let e = res[1].as_ref().unwrap_err().to_string();
     assert!(e.contains("rank 0 is gone") && e.contains("abandoned this collective"), "{e}");
+}
+
+/// NCCL's point-to-point rules on CPU threads: two lone sends towards each other hang on NCCL, so
+/// in rendezvous mode they fail with a timeout naming the rank and the send (buffered mode lets
+/// them pass); a receive posted in another order than the sends is a clear mismatch.
+#[test]
+fn rendezvous_mode_fails_unbatched_exchange_and_reordered_messages() {
+    let rendezvous = LocalWorldOptions { timeout: Duration::from_millis(400), p2p: P2pMode::Rendezvous };
+    let exchange = |c: Comm| {
+        let peer = 1 - c.rank();
+        let spec = TensorSpec { shape: vec![1], dtype: DType::F32 };
+        c.send(TensorData::new(vec![1.0f32], [1]), peer, 3)?;
+        c.recv(peer, 3, &spec).map(|_| ())
+    };
+    for r in run_world(2, rendezvous.clone(), exchange) {
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("waited in send(to=") && e.contains("waiting to be received"), "{e}");
+    }
+    assert!(run_world(2, short(), exchange).into_iter().all(|r| r.is_ok()));
+
+    let reordered = run_world(2, rendezvous, |c| {
+        let spec = TensorSpec { shape: vec![1], dtype: DType::F32 };
+        if c.rank() == 0 {
+            let sends = (0..2).map(|t| SendOp { data: TensorData::new(vec![t as f32], [1]), peer: 1, tag: t }).collect();
+            c.batch_p2p(sends, &[]).map(|_| ())
+        } else {
+            let recvs: Vec<RecvOp> = [1, 0].into_iter().map(|tag| RecvOp { peer: 0, tag, spec: spec.clone() }).collect();
+            c.batch_p2p(Vec::new(), &recvs).map(|_| ())
+        }
+    });
+    let e = reordered[1].as_ref().unwrap_err().to_string();
+    assert!(e.contains("recv(from=0, tag=1") && e.contains("send(tag=0)") && e.contains("in order"), "{e}");
 }

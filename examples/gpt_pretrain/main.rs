@@ -246,7 +246,7 @@ where
     B: AutodiffBackend + ParallelBackend,
     B::InnerBackend: ParallelBackend,
 {
-    let opts = LocalWorldOptions { timeout: Duration::from_secs(args.timeout_secs) };
+    let opts = LocalWorldOptions { timeout: Duration::from_secs(args.timeout_secs), ..Default::default() };
     let world = args.dp * args.pp * args.tp;
     if args.pp > 1 {
         let results = run_world(world, opts, |comm| pipelined::train_rank::<B>(args, comm, device.clone(), data));

@@ -32,6 +32,19 @@ pub enum ScheduleError {
     /// An action could not be parsed.
     #[error("{0}")]
     Parse(String),
+    /// Under NCCL's in-order matching, a sender and its receiver list their messages in different
+    /// orders.
+    #[error("p2p order mismatch: rank {from} sends to rank {to} in the order [{sent}] but rank {to} receives [{received}]")]
+    P2pOrder {
+        /// Sending rank.
+        from: usize,
+        /// Receiving rank.
+        to: usize,
+        /// Messages as sent (`<stage>F<mb>` activations, `<stage>B<mb>` gradients).
+        sent: String,
+        /// Messages as received.
+        received: String,
+    },
     /// Ranks wait for each other forever.
     #[error("deadlock: schedule is not progressing; blocked: {0}")]
     Deadlock(String),

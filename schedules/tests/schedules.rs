@@ -155,3 +155,22 @@ fn grid_and_svg_render_the_timeline() {
     assert_eq!(svg.matches("<title>").count(), 12);
     assert!(svg.contains("rank 1") && svg.contains("bubble 25.0%"));
 }
+
+/// Every schedule, over a grid of shapes, is deadlock-free and order-consistent under NCCL's
+/// rendezvous semantics when each run of consecutive sends/receives is one batch.
+#[test]
+fn every_schedule_runs_under_nccl_rendezvous_semantics() {
+    let mut checked = 0;
+    for name in SCHEDULE_NAMES {
+        for p in 1..=5 {
+            for v in 1..=3 {
+                for m in [p, p + 1, 2 * p, 2 * p + 1, 3 * p + 1] {
+                    let Ok(plan) = schedule_by_name(name).unwrap().plan(&PipelineShape::new(p, v, m)) else { continue };
+                    check_rendezvous(&plan).unwrap_or_else(|e| panic!("{name} p={p} v={v} m={m}: {e}\n{plan}"));
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 100, "only {checked} plans checked");
+}

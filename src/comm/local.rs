@@ -7,8 +7,13 @@
 //! never arrived, as soon as a missing rank is known to have failed or exited, or at once when two
 //! ranks issue different collectives in the same round.
 //!
-//! Point-to-point sends are buffered (a send never blocks); a receive waits for the next tensor
-//! its peer sent under the same tag and checks its shape and dtype.
+//! Point-to-point has two modes ([`P2pMode`]): **buffered** (default; a send never blocks, a
+//! receive takes the next tensor its peer sent under the same tag) and **rendezvous**, NCCL's
+//! rules: messages of a pair match in order (a tag that differs from the receiver's is a
+//! mismatch error, as NCCL would silently mix them up), and a send — alone or in a
+//! [`batch_p2p`](Communicator::batch_p2p) — completes only once its receiver took it. Running the
+//! pipeline tests in rendezvous mode proves the executor cannot hang on NCCL. Either way a
+//! receive checks the shape and dtype.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -19,7 +24,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::TensorData;
 
 use super::host::{concat_along, reduce_all, split_along};
-use super::{Comm, Communicator, ReduceOp, TensorSpec};
+use super::{Comm, Communicator, RecvOp, ReduceOp, SendOp, TensorSpec};
 use crate::error::CommError;
 
 const POLL: Duration = Duration::from_millis(20);
@@ -29,12 +34,41 @@ const POLL: Duration = Duration::from_millis(20);
 pub struct LocalWorldOptions {
     /// How long any blocking operation waits before failing (default 300 s).
     pub timeout: Duration,
+    /// Point-to-point semantics (default buffered).
+    pub p2p: P2pMode,
 }
 
 impl Default for LocalWorldOptions {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(300) }
+        Self { timeout: Duration::from_secs(300), p2p: P2pMode::Buffered }
     }
+}
+
+/// Point-to-point semantics of a [`LocalWorld`] (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum P2pMode {
+    /// Sends never block; receives match by tag.
+    #[default]
+    Buffered,
+    /// NCCL's rules: in-order matching per pair, sends complete when received.
+    Rendezvous,
+}
+
+/// One message in flight.
+#[derive(Debug)]
+struct Letter {
+    id: u64,
+    tag: u64,
+    data: TensorData,
+}
+
+/// Mailboxes keyed by (group label, src, dst, tag — `None` in rendezvous mode), and the ids of
+/// letters already taken.
+#[derive(Debug, Default)]
+struct Mailroom {
+    boxes: HashMap<(String, usize, usize, Option<u64>), VecDeque<Letter>>,
+    taken: std::collections::HashSet<u64>,
+    next_id: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -48,9 +82,10 @@ enum RankStatus {
 struct WorldShared {
     size: usize,
     timeout: Duration,
+    p2p: P2pMode,
     status: Mutex<Vec<RankStatus>>,
     groups: Mutex<HashMap<(String, Vec<usize>), Arc<GroupState>>>,
-    mail: Mutex<HashMap<(String, usize, usize, u64), VecDeque<TensorData>>>,
+    mail: Mutex<Mailroom>,
     mail_cv: Condvar,
 }
 
@@ -128,9 +163,10 @@ impl LocalWorld {
             shared: Arc::new(WorldShared {
                 size,
                 timeout: options.timeout,
+                p2p: options.p2p,
                 status: Mutex::new(vec![RankStatus::Running; size]),
                 groups: Mutex::new(HashMap::new()),
-                mail: Mutex::new(HashMap::new()),
+                mail: Mutex::new(Mailroom::default()),
                 mail_cv: Condvar::new(),
             }),
         }
@@ -266,6 +302,86 @@ impl LocalComm {
         Ok(parts.into_iter().map(|p| p.expect("every rank contributed")).collect())
     }
 
+    fn mailbox(&self, src: usize, dst: usize, tag: u64) -> (String, usize, usize, Option<u64>) {
+        let tag = (self.world.p2p == P2pMode::Buffered).then_some(tag);
+        (self.group.label.clone(), src, dst, tag)
+    }
+
+    /// Puts a letter in `dst`'s mailbox; returns its id.
+    fn post(&self, data: TensorData, dst: usize, tag: u64) -> u64 {
+        let mut mail = lock(&self.world.mail);
+        let id = mail.next_id;
+        mail.next_id += 1;
+        let key = self.mailbox(self.global_rank(), dst, tag);
+        mail.boxes.entry(key).or_default().push_back(Letter { id, tag, data });
+        id
+    }
+
+    /// Waits for the letter `r` asks for and checks it.
+    fn take(&self, r: &RecvOp) -> Result<TensorData, CommError> {
+        let src = self.peer_global(r.peer, "recv")?;
+        let me = self.global_rank();
+        let op = format!("recv(from={src}, tag={}, {:?} {:?})", r.tag, r.spec.shape, r.spec.dtype);
+        let key = self.mailbox(src, me, r.tag);
+        let rendezvous = self.world.p2p == P2pMode::Rendezvous;
+        let letter = self.wait_mail(&op, src, |mail| {
+            let letter = mail.boxes.get_mut(&key).and_then(|q| q.pop_front())?;
+            if rendezvous {
+                mail.taken.insert(letter.id);
+            }
+            Some(letter)
+        })?;
+        self.world.mail_cv.notify_all();
+        if letter.tag != r.tag {
+            return Err(CommError::Mismatch {
+                group: self.group.label.clone(),
+                rank: me,
+                op,
+                other_rank: src,
+                other_op: format!("send(tag={}) (point-to-point matches in order under NCCL)", letter.tag),
+            });
+        }
+        let data = letter.data;
+        if data.shape.as_slice() != r.spec.shape.as_slice() || data.dtype != r.spec.dtype {
+            return Err(CommError::P2pMismatch {
+                sender: src,
+                receiver: me,
+                sent_shape: data.shape.to_vec(),
+                sent_dtype: format!("{:?}", data.dtype),
+                expected_shape: r.spec.shape.clone(),
+                expected_dtype: format!("{:?}", r.spec.dtype),
+            });
+        }
+        Ok(data)
+    }
+
+    /// Rendezvous mode: waits until the receiver took letter `id`.
+    fn wait_taken(&self, id: u64, dst: usize, tag: u64) -> Result<(), CommError> {
+        let op = format!("send(to={dst}, tag={tag}) waiting to be received");
+        self.wait_mail(&op, dst, |mail| mail.taken.remove(&id).then_some(()))
+    }
+
+    /// Polls `ready` under the mail lock until it returns a value, `peer` is gone, or the timeout.
+    fn wait_mail<T>(&self, op: &str, peer: usize, mut ready: impl FnMut(&mut Mailroom) -> Option<T>) -> Result<T, CommError> {
+        let me = self.global_rank();
+        let start = Instant::now();
+        let mut mail = lock(&self.world.mail);
+        loop {
+            if let Some(v) = ready(&mut mail) {
+                return Ok(v);
+            }
+            let group = self.group.label.clone();
+            if let Some(reason) = self.world.gone(peer) {
+                return Err(CommError::PeerGone { op: op.into(), group, rank: me, peer, reason });
+            }
+            let waited = start.elapsed();
+            if waited >= self.world.timeout {
+                return Err(CommError::Timeout { op: op.into(), group, rank: me, missing: vec![peer], waited });
+            }
+            mail = self.world.mail_cv.wait_timeout(mail, POLL.min(self.world.timeout - waited)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
     fn peer_global(&self, peer: usize, op: &str) -> Result<usize, CommError> {
         self.group.members.get(peer).copied().ok_or_else(|| {
             self.bad(op, format!("peer {peer} outside a group of {}", self.group.members.len()))
@@ -324,44 +440,28 @@ impl Communicator for LocalComm {
     }
 
     fn send(&self, data: TensorData, peer: usize, tag: u64) -> Result<(), CommError> {
-        let dst = self.peer_global(peer, "send")?;
-        let src = self.global_rank();
-        lock(&self.world.mail).entry((self.group.label.clone(), src, dst, tag)).or_default().push_back(data);
-        self.world.mail_cv.notify_all();
-        Ok(())
+        self.batch_p2p(vec![SendOp { data, peer, tag }], &[]).map(|_| ())
     }
 
     fn recv(&self, peer: usize, tag: u64, expect: &TensorSpec) -> Result<TensorData, CommError> {
-        let src = self.peer_global(peer, "recv")?;
-        let me = self.global_rank();
-        let op = format!("recv(from={src}, tag={tag}, {:?} {:?})", expect.shape, expect.dtype);
-        let start = Instant::now();
-        let mut mail = lock(&self.world.mail);
-        let key = (self.group.label.clone(), src, me, tag);
-        let data = loop {
-            if let Some(d) = mail.get_mut(&key).and_then(|q| q.pop_front()) {
-                break d;
-            }
-            if let Some(reason) = self.world.gone(src) {
-                return Err(CommError::PeerGone { op, group: self.group.label.clone(), rank: me, peer: src, reason });
-            }
-            let waited = start.elapsed();
-            if waited >= self.world.timeout {
-                return Err(CommError::Timeout { op, group: self.group.label.clone(), rank: me, missing: vec![src], waited });
-            }
-            mail = self.world.mail_cv.wait_timeout(mail, POLL.min(self.world.timeout - waited)).unwrap_or_else(|e| e.into_inner()).0;
-        };
-        if data.shape.as_slice() != expect.shape.as_slice() || data.dtype != expect.dtype {
-            return Err(CommError::P2pMismatch {
-                sender: src,
-                receiver: me,
-                sent_shape: data.shape.to_vec(),
-                sent_dtype: format!("{:?}", data.dtype),
-                expected_shape: expect.shape.clone(),
-                expected_dtype: format!("{:?}", expect.dtype),
-            });
+        let mut got = self.batch_p2p(Vec::new(), &[RecvOp { peer, tag, spec: expect.clone() }])?;
+        Ok(got.remove(0))
+    }
+
+    fn batch_p2p(&self, sends: Vec<SendOp>, recvs: &[RecvOp]) -> Result<Vec<TensorData>, CommError> {
+        let mut ids = Vec::with_capacity(sends.len());
+        for s in sends {
+            let dst = self.peer_global(s.peer, "send")?;
+            ids.push((self.post(s.data, dst, s.tag), dst, s.tag));
         }
-        Ok(data)
+        self.world.mail_cv.notify_all();
+        let received = recvs.iter().map(|r| self.take(r)).collect::<Result<Vec<_>, _>>()?;
+        if self.world.p2p == P2pMode::Rendezvous {
+            for (id, dst, tag) in ids {
+                self.wait_taken(id, dst, tag)?;
+            }
+        }
+        Ok(received)
     }
 
     fn barrier(&self) -> Result<(), CommError> {

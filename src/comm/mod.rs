@@ -23,7 +23,7 @@ use burn::tensor::{DType, TensorData};
 use crate::error::CommError;
 
 pub use host::{concat_along, reduce_all, split_along};
-pub use local::{LocalWorld, LocalWorldOptions};
+pub use local::{LocalWorld, LocalWorldOptions, P2pMode};
 
 /// Shared handle on a communicator.
 pub type Comm = Arc<dyn Communicator>;
@@ -46,6 +46,28 @@ pub struct TensorSpec {
     pub shape: Vec<usize>,
     /// Expected dtype.
     pub dtype: DType,
+}
+
+/// A send in a [`Communicator::batch_p2p`].
+#[derive(Debug, Clone)]
+pub struct SendOp {
+    /// The tensor.
+    pub data: TensorData,
+    /// Group rank of the receiver.
+    pub peer: usize,
+    /// Message tag (checked by the receiver).
+    pub tag: u64,
+}
+
+/// A receive in a [`Communicator::batch_p2p`].
+#[derive(Debug, Clone)]
+pub struct RecvOp {
+    /// Group rank of the sender.
+    pub peer: usize,
+    /// Message tag.
+    pub tag: u64,
+    /// Expected shape and dtype.
+    pub spec: TensorSpec,
 }
 
 /// One rank's handle on a group of ranks. Ranks passed to and returned by its methods are
@@ -80,6 +102,17 @@ pub trait Communicator: Send + Sync + Debug + 'static {
     /// (Tags keep messages of different kinds between the same two ranks apart, e.g. activations
     /// and gradients of interleaved pipeline stages.)
     fn recv(&self, peer: usize, tag: u64, expect: &TensorSpec) -> Result<TensorData, CommError>;
+    /// Sends and receives issued as one group (NCCL `ncclGroupStart … ncclGroupEnd`, Megatron's
+    /// `batch_isend_irecv`); returns the received tensors in the order of `recvs`. With NCCL a
+    /// lone send blocks until its receiver posts the receive, so two ranks that exchange tensors
+    /// must put both directions in one batch (see `burn_parallel_schedules::p2p`). The default
+    /// sends, then receives.
+    fn batch_p2p(&self, sends: Vec<SendOp>, recvs: &[RecvOp]) -> Result<Vec<TensorData>, CommError> {
+        for s in sends {
+            self.send(s.data, s.peer, s.tag)?;
+        }
+        recvs.iter().map(|r| self.recv(r.peer, r.tag, &r.spec)).collect()
+    }
     /// Returns once every rank of the group has called it.
     fn barrier(&self) -> Result<(), CommError>;
     /// A communicator over a subset of this group, given by **global** ranks (which must include

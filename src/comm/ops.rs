@@ -3,7 +3,7 @@
 
 use burn::tensor::{Device, Tensor, TensorPrimitive};
 
-use super::{Comm, ReduceOp, TensorSpec};
+use super::{Comm, RecvOp, ReduceOp, TensorSpec};
 use crate::collective::CollectiveBackend;
 use crate::error::CommError;
 
@@ -54,4 +54,22 @@ pub fn recv<B: CollectiveBackend, const D: usize>(
     let dtype = Tensor::<B, 1>::empty([0], device).dtype();
     let spec = TensorSpec { shape: shape.to_vec(), dtype };
     B::collective_recv(&spec, device, peer, tag, comm).map(wrap)
+}
+
+/// Sends `(tensor, peer, tag)` and receives `(peer, tag, shape)` messages as one group (NCCL
+/// `ncclGroupStart … ncclGroupEnd`); returns the received tensors (backend's default float dtype)
+/// in the order of `recvs`.
+pub fn batch_p2p<B: CollectiveBackend, const D: usize>(
+    sends: Vec<(Tensor<B, D>, usize, u64)>,
+    recvs: &[(usize, u64, [usize; D])],
+    device: &Device<B>,
+    comm: &Comm,
+) -> Result<Vec<Tensor<B, D>>, CommError> {
+    let dtype = Tensor::<B, 1>::empty([0], device).dtype();
+    let recvs: Vec<RecvOp> = recvs
+        .iter()
+        .map(|&(peer, tag, shape)| RecvOp { peer, tag, spec: TensorSpec { shape: shape.to_vec(), dtype } })
+        .collect();
+    let sends = sends.into_iter().map(|(x, p, t)| (x.into_primitive().tensor(), p, t)).collect();
+    Ok(B::collective_batch_p2p(sends, &recvs, device, comm)?.into_iter().map(wrap).collect())
 }

@@ -6,10 +6,10 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
-use burn_parallel_schedules::{Op, PipelineShape, Plan, Schedule, ScheduleError};
+use burn_parallel_schedules::{steps, Action, Op, PipelineShape, Plan, Schedule, ScheduleError, Step};
 
 use super::layout::{PartSpec, StageLayout};
-use crate::comm::ops::{broadcast, recv, send};
+use crate::comm::ops::{batch_p2p, broadcast, recv, send};
 use crate::error::{CommError, ConfigError};
 use crate::{CollectiveBackend, Comm};
 
@@ -116,6 +116,24 @@ pub struct PipelineExecutor<B: AutodiffBackend, M: PipelineModel<B, D>, const D:
 
 type Key = (usize, usize);
 
+/// What a step keeps between actions.
+struct StepState<B: AutodiffBackend, P: AutodiffModule<B>, const D: usize> {
+    /// Forwards awaiting their backward: (input leaf, output, the parameter leaves used).
+    inflight: HashMap<Key, (Option<Tensor<B, D>>, StageOutput<B, D>, P)>,
+    /// Received (or handed-over) stage inputs.
+    inputs: HashMap<Key, Tensor<B, D>>,
+    /// Received (or handed-over) output gradients.
+    out_grads: HashMap<Key, Tensor<B, D>>,
+    /// Input gradients waiting for their send.
+    to_send: HashMap<Key, Tensor<B, D>>,
+    /// Weight gradients of `I` waiting for their `W`.
+    stash: HashMap<Key, GradientsParams>,
+    /// Accumulated gradients per local stage.
+    acc: Vec<GradientsAccumulator<P>>,
+    /// Sum of the micro-batch losses (last stage).
+    loss_sum: f32,
+}
+
 /// Replaces every parameter by a fresh autodiff leaf with the same value and id (or, with
 /// `track == false`, by a detached tensor that records no graph at all).
 struct FreshLeaves {
@@ -193,94 +211,125 @@ where
         self.plan.shape.rank_of(stage)
     }
 
-    /// Runs this rank's actions for one step over `microbatches`.
+    /// Runs this rank's actions for one step over `microbatches`. Each run of consecutive
+    /// sends/receives of the plan is issued as one [`batch_p2p`] (an NCCL group); plans are made
+    /// safe for that by the schedules crate ([`burn_parallel_schedules::p2p`]).
     pub fn step(&self, microbatches: &[M::MicroBatch]) -> Result<StepOutput, PipelineError> {
-        let shape = self.plan.shape;
-        let m = shape.microbatches;
+        let m = self.plan.shape.microbatches;
         if microbatches.len() != m {
             return Err(PipelineError::Microbatches { expected: m, got: microbatches.len() });
         }
-        let (me, last) = (self.comm.rank(), shape.stages() - 1);
-        let mut inflight: HashMap<Key, (Option<Tensor<B, D>>, StageOutput<B, D>, M::Part)> = HashMap::new();
-        let mut inputs: HashMap<Key, Tensor<B, D>> = HashMap::new();
-        let mut out_grads: HashMap<Key, Tensor<B, D>> = HashMap::new();
-        let mut to_send: HashMap<Key, Tensor<B, D>> = HashMap::new();
-        let mut stash: HashMap<Key, GradientsParams> = HashMap::new();
-        let mut acc: Vec<GradientsAccumulator<M::Part>> = self.stages.iter().map(|_| GradientsAccumulator::new()).collect();
-        let mut loss_sum = 0.0f32;
-        for a in &self.plan.ranks[me] {
-            let (s, mb, key) = (a.stage, a.mb, (a.stage, a.mb));
-            let shape_of = || self.model.activation_shape(&microbatches[mb]);
-            match a.op {
-                Op::RecvF => {
-                    let x = recv::<B, D>(shape_of(), &self.device, self.peer(s - 1), tag(Op::SendF, s - 1, mb), &self.comm)?;
-                    inputs.insert(key, x.require_grad());
-                }
-                Op::RecvB => {
-                    out_grads.insert(key, recv::<B, D>(shape_of(), &self.device, self.peer(s + 1), tag(Op::SendB, s + 1, mb), &self.comm)?);
-                }
-                Op::F => {
-                    let stage = &self.stages[self.local(s)];
-                    let input = (s > 0).then(|| inputs.remove(&key).expect("validated plan: input before forward"));
-                    // Each micro-batch's graph gets its own parameter leaves, so the graphs of
-                    // in-flight micro-batches never merge in Burn's autodiff (their backwards and
-                    // graph clean-ups stay independent); gradients are keyed by ParamId anyway.
-                    let part = stage.part.clone().map(&mut FreshLeaves { track: true });
-                    let out = self.model.forward(&part, &stage.spec, input.clone(), &microbatches[mb]);
-                    if let (StageOutput::Activation(y), true) = (&out, s < last && self.peer(s + 1) == me) {
-                        inputs.insert((s + 1, mb), y.clone().detach().require_grad());
-                    }
-                    inflight.insert(key, (input, out, part));
-                }
-                Op::SendF => match inflight.get(&key) {
-                    Some((_, StageOutput::Activation(y), _)) => send(y.clone().detach(), self.peer(s + 1), tag(Op::SendF, s, mb), &self.comm)?,
-                    _ => panic!("validated plan: {a} follows the forward of a non-last stage"),
-                },
-                Op::B | Op::I => {
-                    if let Some(tp) = self.model.tensor_parallel_group().filter(|tp| tp.size() > 1) {
-                        tp.barrier()?;
-                    }
-                    let (input, out, part) = inflight.remove(&key).expect("validated plan: forward before backward");
-                    let grads = match out {
-                        StageOutput::Loss(l) => {
-                            loss_sum += l.clone().into_scalar().elem::<f32>();
-                            l.div_scalar(m as f32).backward()
-                        }
-                        StageOutput::Activation(y) => {
-                            let g = out_grads.remove(&key).expect("validated plan: output gradient before backward");
-                            (y * g).sum().backward()
-                        }
-                    };
-                    if let Some(x) = input {
-                        let dx = x.grad(&grads).unwrap_or_else(|| panic!("no gradient reached the input of stage {s} (micro-batch {mb}): the stage must use its input"));
-                        let dx = Tensor::<B, D>::from_inner(dx);
-                        if self.peer(s - 1) == me {
-                            out_grads.insert((s - 1, mb), dx);
-                        } else {
-                            to_send.insert(key, dx);
-                        }
-                    }
-                    let i = self.local(s);
-                    self.model.after_backward(&self.stages[i].spec, mb);
-                    let gp = GradientsParams::from_grads(grads, &part);
-                    if a.op == Op::B {
-                        acc[i].accumulate(&self.stages[i].part, gp);
-                    } else {
-                        stash.insert(key, gp);
-                    }
-                }
-                Op::W => {
-                    let i = self.local(s);
-                    acc[i].accumulate(&self.stages[i].part, stash.remove(&key).expect("validated plan: I before W"));
-                }
-                Op::SendB => {
-                    let g = to_send.remove(&key).expect("validated plan: backward before send");
-                    send(g, self.peer(s - 1), tag(Op::SendB, s, mb), &self.comm)?
-                }
+        let mut st = StepState::<B, M::Part, D> {
+            inflight: HashMap::new(),
+            inputs: HashMap::new(),
+            out_grads: HashMap::new(),
+            to_send: HashMap::new(),
+            stash: HashMap::new(),
+            acc: self.stages.iter().map(|_| GradientsAccumulator::new()).collect(),
+            loss_sum: 0.0,
+        };
+        for step in steps(&self.plan.ranks[self.comm.rank()]) {
+            match step {
+                Step::Batch(batch) => self.exchange(&batch, microbatches, &mut st)?,
+                Step::Compute(a) => self.compute(a, microbatches, &mut st)?,
             }
         }
-        let loss = self.share_loss(loss_sum / m as f32)?;
-        Ok(StepOutput { loss, grads: acc.iter_mut().map(|a| a.grads()).collect() })
+        let loss = self.share_loss(st.loss_sum / m as f32)?;
+        Ok(StepOutput { loss, grads: st.acc.iter_mut().map(|a| a.grads()).collect() })
+    }
+
+    /// Issues one batch of sends and receives.
+    fn exchange(&self, batch: &[Action], microbatches: &[M::MicroBatch], st: &mut StepState<B, M::Part, D>) -> Result<(), PipelineError> {
+        let (mut sends, mut recvs, mut dest) = (Vec::new(), Vec::new(), Vec::new());
+        for a in batch {
+            let (s, mb, key) = (a.stage, a.mb, (a.stage, a.mb));
+            let shape = self.model.activation_shape(&microbatches[mb]);
+            match a.op {
+                Op::SendF => match st.inflight.get(&key) {
+                    Some((_, StageOutput::Activation(y), _)) => sends.push((y.clone().detach(), self.peer(s + 1), tag(Op::SendF, s, mb))),
+                    _ => panic!("validated plan: {a} follows the forward of a non-last stage"),
+                },
+                Op::SendB => {
+                    let g = st.to_send.remove(&key).expect("validated plan: backward before send");
+                    sends.push((g, self.peer(s - 1), tag(Op::SendB, s, mb)));
+                }
+                Op::RecvF => {
+                    recvs.push((self.peer(s - 1), tag(Op::SendF, s - 1, mb), shape));
+                    dest.push((true, key));
+                }
+                Op::RecvB => {
+                    recvs.push((self.peer(s + 1), tag(Op::SendB, s + 1, mb), shape));
+                    dest.push((false, key));
+                }
+                _ => unreachable!("a batch holds communication only"),
+            }
+        }
+        let got = batch_p2p::<B, D>(sends, &recvs, &self.device, &self.comm)?;
+        for ((is_input, key), x) in dest.into_iter().zip(got) {
+            if is_input {
+                st.inputs.insert(key, x.require_grad());
+            } else {
+                st.out_grads.insert(key, x);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one computation (`F`, `B`, `I`, `W`).
+    fn compute(&self, a: Action, microbatches: &[M::MicroBatch], st: &mut StepState<B, M::Part, D>) -> Result<(), PipelineError> {
+        let (me, last) = (self.comm.rank(), self.plan.shape.stages() - 1);
+        let (s, mb, key) = (a.stage, a.mb, (a.stage, a.mb));
+        let i = self.local(s);
+        match a.op {
+            Op::F => {
+                let stage = &self.stages[i];
+                let input = (s > 0).then(|| st.inputs.remove(&key).expect("validated plan: input before forward"));
+                // Each micro-batch's graph gets its own parameter leaves, so the graphs of
+                // in-flight micro-batches never merge in Burn's autodiff (their backwards and
+                // graph clean-ups stay independent); gradients are keyed by ParamId anyway.
+                let part = stage.part.clone().map(&mut FreshLeaves { track: true });
+                let out = self.model.forward(&part, &stage.spec, input.clone(), &microbatches[mb]);
+                if let (StageOutput::Activation(y), true) = (&out, s < last && self.peer(s + 1) == me) {
+                    st.inputs.insert((s + 1, mb), y.clone().detach().require_grad());
+                }
+                st.inflight.insert(key, (input, out, part));
+            }
+            Op::B | Op::I => {
+                if let Some(tp) = self.model.tensor_parallel_group().filter(|tp| tp.size() > 1) {
+                    tp.barrier()?;
+                }
+                let (input, out, part) = st.inflight.remove(&key).expect("validated plan: forward before backward");
+                let grads = match out {
+                    StageOutput::Loss(l) => {
+                        st.loss_sum += l.clone().into_scalar().elem::<f32>();
+                        l.div_scalar(self.plan.shape.microbatches as f32).backward()
+                    }
+                    StageOutput::Activation(y) => {
+                        let g = st.out_grads.remove(&key).expect("validated plan: output gradient before backward");
+                        (y * g).sum().backward()
+                    }
+                };
+                if let Some(x) = input {
+                    let dx = x.grad(&grads).unwrap_or_else(|| panic!("no gradient reached the input of stage {s} (micro-batch {mb}): the stage must use its input"));
+                    let dx = Tensor::<B, D>::from_inner(dx);
+                    if self.peer(s - 1) == me {
+                        st.out_grads.insert((s - 1, mb), dx);
+                    } else {
+                        st.to_send.insert(key, dx);
+                    }
+                }
+                self.model.after_backward(&self.stages[i].spec, mb);
+                let gp = GradientsParams::from_grads(grads, &part);
+                if a.op == Op::B {
+                    st.acc[i].accumulate(&self.stages[i].part, gp);
+                } else {
+                    st.stash.insert(key, gp);
+                }
+            }
+            Op::W => st.acc[i].accumulate(&self.stages[i].part, st.stash.remove(&key).expect("validated plan: I before W")),
+            _ => unreachable!("communication runs in batches"),
+        }
+        Ok(())
     }
 
     /// Broadcasts the last stage's loss to every rank of the pipeline group.

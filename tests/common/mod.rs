@@ -8,7 +8,7 @@ use burn::tensor::{Tensor, TensorData};
 use burn_parallel::comm::split_along;
 use burn_parallel::params::NamedParam;
 use burn_parallel::rng::HostRng;
-use burn_parallel::{all_ok, run_world, Comm, LocalWorldOptions};
+use burn_parallel::{all_ok, run_world, Comm, LocalWorldOptions, P2pMode};
 
 pub type B = Autodiff<Flex>;
 pub type Inner = Flex;
@@ -16,9 +16,10 @@ pub type Inner = Flex;
 pub const TOL: f32 = 1e-5;
 
 /// Runs `f` on `n` thread ranks (30 s timeout) and returns every rank's value, panicking with all
-/// rank errors otherwise.
+/// rank errors otherwise. Point-to-point follows NCCL's rules ([`P2pMode::Rendezvous`]), so every
+/// pipeline test also proves the executor cannot hang or mismatch messages on NCCL.
 pub fn world<T: Send>(n: usize, f: impl Fn(Comm) -> Result<T, String> + Send + Sync) -> Vec<T> {
-    let opts = LocalWorldOptions { timeout: Duration::from_secs(30) };
+    let opts = LocalWorldOptions { timeout: Duration::from_secs(30), p2p: P2pMode::Rendezvous };
     all_ok(run_world(n, opts, f)).unwrap_or_else(|e| panic!("world of {n} failed:\n{e}"))
 }
 

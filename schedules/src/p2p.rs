@@ -1,0 +1,242 @@
+//! Point-to-point under NCCL's rules: batches, in-order matching, rendezvous completion.
+//!
+//! The [simulator](crate::simulate) treats sends as buffered. NCCL is stricter, and a plan that
+//! is fine with buffered sends can hang on GPUs:
+//!
+//! - **Rendezvous.** An NCCL send completes only once the peer has posted the matching receive.
+//!   Executors therefore issue each maximal run of consecutive `SEND`/`RECV` actions of a rank as
+//!   one *batch* (`ncclGroupStart … ncclGroupEnd`, Megatron's `batch_isend_irecv`): every op of
+//!   the batch is posted at once and the batch completes when every op in it found its
+//!   counterpart. Two neighbours that send to each other then meet in their batches instead of
+//!   each blocking in its send (the classic 1F1B deadlock).
+//! - **In-order matching.** NCCL has no tags: the k-th send from rank `a` to rank `b` meets the
+//!   k-th receive at `b` from `a`. Both ranks must list their messages of each ordered pair in the
+//!   same order.
+//!
+//! [`check_rendezvous`] proves both for a plan (the executor's CPU world can also run with these
+//! semantics, see `burn_parallel::LocalWorldOptions`).
+
+use std::collections::{HashMap, HashSet};
+
+use crate::action::{Action, Op, Plan};
+use crate::error::ScheduleError;
+
+/// One step of a rank under batched communication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// A computation (`F`, `B`, `I`, `W`).
+    Compute(Action),
+    /// A maximal run of consecutive sends/receives, issued as one group.
+    Batch(Vec<Action>),
+}
+
+/// Whether `op` moves data between ranks.
+pub fn is_comm(op: Op) -> bool {
+    matches!(op, Op::SendF | Op::RecvF | Op::SendB | Op::RecvB)
+}
+
+/// `actions` with each maximal run of communication actions folded into a [`Step::Batch`].
+pub fn steps(actions: &[Action]) -> Vec<Step> {
+    let mut out: Vec<Step> = Vec::new();
+    for &a in actions {
+        match (is_comm(a.op), out.last_mut()) {
+            (true, Some(Step::Batch(batch))) => batch.push(a),
+            (true, _) => out.push(Step::Batch(vec![a])),
+            (false, _) => out.push(Step::Compute(a)),
+        }
+    }
+    out
+}
+
+/// A message: `(kind, sending stage, micro-batch)`; kind is `SendF` or `SendB`.
+type Msg = (Op, usize, usize);
+
+/// The message a comm action moves, with its sending and receiving rank.
+fn message(plan: &Plan, a: Action) -> (Msg, usize, usize) {
+    let rank = |s: usize| plan.shape.rank_of(s);
+    match a.op {
+        Op::SendF => ((Op::SendF, a.stage, a.mb), rank(a.stage), rank(a.stage + 1)),
+        Op::RecvF => ((Op::SendF, a.stage - 1, a.mb), rank(a.stage - 1), rank(a.stage)),
+        Op::SendB => ((Op::SendB, a.stage, a.mb), rank(a.stage), rank(a.stage - 1)),
+        Op::RecvB => ((Op::SendB, a.stage + 1, a.mb), rank(a.stage + 1), rank(a.stage)),
+        _ => unreachable!("not a communication action: {a}"),
+    }
+}
+
+fn is_send(op: Op) -> bool {
+    matches!(op, Op::SendF | Op::SendB)
+}
+
+/// Checks that `plan` neither hangs nor mismatches messages under NCCL's rules (module docs).
+pub fn check_rendezvous(plan: &Plan) -> Result<(), ScheduleError> {
+    check_order(plan)?;
+    check_progress(plan)
+}
+
+/// For every ordered pair of ranks, the sender's message order equals the receiver's.
+fn check_order(plan: &Plan) -> Result<(), ScheduleError> {
+    let mut sent: HashMap<(usize, usize), Vec<Msg>> = HashMap::new();
+    let mut received: HashMap<(usize, usize), Vec<Msg>> = HashMap::new();
+    for actions in &plan.ranks {
+        for &a in actions.iter().filter(|a| is_comm(a.op)) {
+            let (msg, from, to) = message(plan, a);
+            let side = if is_send(a.op) { &mut sent } else { &mut received };
+            side.entry((from, to)).or_default().push(msg);
+        }
+    }
+    let pairs: HashSet<(usize, usize)> = sent.keys().chain(received.keys()).copied().collect();
+    let mut pairs: Vec<_> = pairs.into_iter().collect();
+    pairs.sort_unstable();
+    for (from, to) in pairs {
+        let (s, r) = (sent.get(&(from, to)), received.get(&(from, to)));
+        if s != r {
+            let show = |v: Option<&Vec<Msg>>| {
+                v.map(|v| v.iter().map(|(k, st, mb)| format!("{}{mb}", if *k == Op::SendF { format!("{st}F") } else { format!("{st}B") })).collect::<Vec<_>>().join(" "))
+                    .unwrap_or_default()
+            };
+            return Err(ScheduleError::P2pOrder { from, to, sent: show(s), received: show(r) });
+        }
+    }
+    Ok(())
+}
+
+/// Runs the ranks with batches that complete only when every op met its counterpart.
+fn check_progress(plan: &Plan) -> Result<(), ScheduleError> {
+    run_rendezvous(plan, &mut plan.ranks.iter().map(|a| steps(a)).collect(), false)
+}
+
+/// `plan` with receives posted early where NCCL's rendezvous would otherwise hang: whenever
+/// every unfinished rank is blocked, a receive that a blocked send waits for is moved from later
+/// in its rank's plan into that rank's current batch (appended, so per-pair order is kept). A
+/// receive only fills a buffer, so posting it earlier never breaks a data dependency; it costs
+/// one activation-sized buffer held a little longer. Plans that need no repair come back
+/// unchanged (GPipe and 1F1B do not; interleaved 1F1B does).
+pub fn make_rendezvous_safe(plan: Plan) -> Result<Plan, ScheduleError> {
+    let mut per_rank: Vec<Vec<Step>> = plan.ranks.iter().map(|a| steps(a)).collect();
+    run_rendezvous(&plan, &mut per_rank, true)?;
+    let ranks = per_rank
+        .into_iter()
+        .map(|steps| {
+            steps
+                .into_iter()
+                .flat_map(|s| match s {
+                    Step::Compute(a) => vec![a],
+                    Step::Batch(b) => b,
+                })
+                .collect()
+        })
+        .collect();
+    Ok(Plan { shape: plan.shape, ranks })
+}
+
+/// Moves the receive of a send blocked at `pos` of some rank into its receiver's current batch.
+/// Returns false when no blocked send waits for a receive (a real deadlock).
+fn prefetch_one(plan: &Plan, per_rank: &mut [Vec<Step>], pos: &[usize], posted: &HashSet<(Msg, bool)>) -> bool {
+    for r in 0..per_rank.len() {
+        let Some(Step::Batch(batch)) = per_rank[r].get(pos[r]) else { continue };
+        let Some(send) = batch.iter().find(|a| is_send(a.op) && !posted.contains(&(message(plan, **a).0, false))) else { continue };
+        let (msg, _, q) = message(plan, *send);
+        // The receive sits later in q's plan (q is blocked at pos[q]).
+        let later = pos[q] + 1;
+        for i in later..per_rank[q].len() {
+            let Step::Batch(b) = &mut per_rank[q][i] else { continue };
+            let Some(j) = b.iter().position(|a| !is_send(a.op) && message(plan, *a).0 == msg) else { continue };
+            let recv = b.remove(j);
+            if b.is_empty() {
+                per_rank[q].remove(i);
+            }
+            match per_rank[q].get_mut(pos[q]) {
+                Some(Step::Batch(cur)) => cur.push(recv),
+                _ => return false,
+            }
+            return true;
+        }
+    }
+    false
+}
+
+/// The rendezvous run behind [`check_progress`] and (with `repair`) [`make_rendezvous_safe`].
+fn run_rendezvous(plan: &Plan, per_rank: &mut Vec<Vec<Step>>, repair: bool) -> Result<(), ScheduleError> {
+    let mut pos = vec![0usize; per_rank.len()];
+    // (message, is the send side) of every op posted so far.
+    let mut posted: HashSet<(Msg, bool)> = HashSet::new();
+    loop {
+        let mut progressed = false;
+        for (r, steps) in per_rank.iter().enumerate() {
+            while let Some(step) = steps.get(pos[r]) {
+                if let Step::Batch(batch) = step {
+                    for &a in batch {
+                        progressed |= posted.insert((message(plan, a).0, is_send(a.op)));
+                    }
+                    let matched = batch.iter().all(|&a| posted.contains(&(message(plan, a).0, !is_send(a.op))));
+                    if !matched {
+                        break;
+                    }
+                }
+                pos[r] += 1;
+                progressed = true;
+            }
+        }
+        if pos.iter().zip(per_rank.iter()).all(|(p, s)| *p == s.len()) {
+            return Ok(());
+        }
+        if !progressed && repair && prefetch_one(plan, per_rank, &pos, &posted) {
+            continue;
+        }
+        if !progressed {
+            let blocked: Vec<String> = per_rank
+                .iter()
+                .enumerate()
+                .filter_map(|(r, s)| match s.get(pos[r]) {
+                    Some(Step::Batch(b)) => {
+                        let ops: Vec<String> = b.iter().map(|a| a.to_string()).collect();
+                        Some(format!("rank {r} waits in batch [{}]", ops.join(" ")))
+                    }
+                    _ => None,
+                })
+                .collect();
+            return Err(ScheduleError::Deadlock(format!("under NCCL rendezvous semantics: {}", blocked.join(", "))));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::action::PipelineShape;
+
+    fn plan(p: usize, m: usize, text: &str) -> Plan {
+        Plan::parse(PipelineShape::new(p, 1, m), text).unwrap()
+    }
+
+    #[test]
+    fn steps_fold_consecutive_comm() {
+        let p = plan(2, 1, "0F0 0SEND_F0 0RECV_B0 0B0\n1RECV_F0 1F0 1B0 1SEND_B0");
+        let s = steps(&p.ranks[0]);
+        assert_eq!(s.len(), 3);
+        assert!(matches!(&s[1], Step::Batch(b) if b.len() == 2));
+    }
+
+    /// Both neighbours send before they receive, with a computation in between (so in separate
+    /// batches): fine with buffered sends, a hang with NCCL. Batched together, the same
+    /// exchange completes.
+    #[test]
+    fn separate_send_then_recv_between_neighbours_deadlocks() {
+        let text = "0F0 0SEND_F0 0F1 0SEND_F1 0I0 0RECV_B0 0B0 0RECV_B1 0B1\n\
+                    1RECV_F0 1F0 1B0 1SEND_B0 1I0 1RECV_F1 1F1 1B1 1SEND_B1";
+        let p = plan(2, 2, text);
+        crate::simulate(&p, &crate::Costs::uniform()).unwrap();
+        let e = check_rendezvous(&p).unwrap_err().to_string();
+        assert!(e.contains("rank 0 waits in batch [0SEND_F1]") && e.contains("rank 1 waits in batch [1SEND_B0]"), "{e}");
+        let batched = text.replace("0I0 ", "").replace("1I0 ", "");
+        check_rendezvous(&plan(2, 2, &batched)).unwrap();
+    }
+
+    #[test]
+    fn out_of_order_pair_is_reported() {
+        let text = "0F0 0F1 0SEND_F1 0SEND_F0 0RECV_B0 0B0 0RECV_B1 0B1\n\
+                    1RECV_F0 1RECV_F1 1F0 1F1 1B0 1B1 1SEND_B0 1SEND_B1";
+        let e = check_rendezvous(&plan(2, 2, text)).unwrap_err();
+        assert_eq!(e, ScheduleError::P2pOrder { from: 0, to: 1, sent: "0F1 0F0".into(), received: "0F0 0F1".into() });
+    }
+}
