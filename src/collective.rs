@@ -82,17 +82,97 @@ pub fn local_chunk<B: Backend>(x: FloatTensor<B>, dim: usize, comm: &Comm) -> Re
     Ok(B::float_slice(x, &slices))
 }
 
+/// The host-staged collectives behind [`CollectiveBackend`]'s defaults: read the tensor, run the
+/// [`Communicator`](crate::Communicator) on host data, upload the result. Backends that override
+/// a method fall back to these for communicators they cannot drive.
+pub mod staged {
+    use super::*;
+
+    /// All-reduce through the host.
+    pub fn all_reduce<B: Backend>(x: FloatTensor<B>, op: ReduceOp, comm: &Comm) -> Result<FloatTensor<B>, CommError> {
+        let dev = B::float_device(&x);
+        Ok(B::float_from_data(comm.all_reduce(to_host::<B>(x)?, op)?, &dev))
+    }
+    /// All-gather through the host.
+    pub fn all_gather<B: Backend>(x: FloatTensor<B>, dim: usize, comm: &Comm) -> Result<FloatTensor<B>, CommError> {
+        let dev = B::float_device(&x);
+        Ok(B::float_from_data(comm.all_gather(to_host::<B>(x)?, dim)?, &dev))
+    }
+    /// Reduce-scatter through the host.
+    pub fn reduce_scatter<B: Backend>(x: FloatTensor<B>, dim: usize, op: ReduceOp, comm: &Comm) -> Result<FloatTensor<B>, CommError> {
+        let dev = B::float_device(&x);
+        Ok(B::float_from_data(comm.reduce_scatter(to_host::<B>(x)?, dim, op)?, &dev))
+    }
+    /// Broadcast through the host.
+    pub fn broadcast<B: Backend>(x: FloatTensor<B>, root: usize, comm: &Comm) -> Result<FloatTensor<B>, CommError> {
+        let dev = B::float_device(&x);
+        let data = if comm.rank() == root { Some(to_host::<B>(x)?) } else { None };
+        Ok(B::float_from_data(comm.broadcast(data, root)?, &dev))
+    }
+    /// Batched point-to-point through the host.
+    pub fn batch_p2p<B: Backend>(
+        sends: Vec<(FloatTensor<B>, usize, u64)>,
+        recvs: &[RecvOp],
+        device: &Device<B>,
+        comm: &Comm,
+    ) -> Result<Vec<FloatTensor<B>>, CommError> {
+        let sends = sends
+            .into_iter()
+            .map(|(x, peer, tag)| Ok(SendOp { data: to_host::<B>(x)?, peer, tag }))
+            .collect::<Result<Vec<_>, CommError>>()?;
+        Ok(comm.batch_p2p(sends, recvs)?.into_iter().map(|d| B::float_from_data(d, device)).collect())
+    }
+}
+
+/// Layout changes around flat collectives (NCCL gathers and scatters contiguous rank-major
+/// buffers); pure Burn ops, so CPU tests check the index math the CUDA path relies on.
+pub mod layout {
+    use burn::tensor::backend::Backend;
+    use burn::tensor::ops::FloatTensor;
+    use burn::tensor::{Shape, TensorMetadata};
+
+    /// `[n, d0, .., dk]` (the n ranks' parts, rank-major, as an all-gather leaves them) → the
+    /// parts concatenated along `dim`: `[d0, .., n·d_dim, .., dk]`.
+    pub fn rank_major_to_concat<B: Backend>(x: FloatTensor<B>, dim: usize) -> FloatTensor<B> {
+        let shape = x.shape();
+        let dims = &shape.as_slice()[1..];
+        let n = shape.as_slice()[0];
+        let mut axes: Vec<usize> = (1..=dim).collect();
+        axes.push(0);
+        axes.extend(dim + 1..=dims.len());
+        let moved = if dim == 0 { x } else { B::float_permute(x, &axes) };
+        let mut out = dims.to_vec();
+        out[dim] *= n;
+        B::float_reshape(moved, Shape::from(out))
+    }
+
+    /// `[.., n·c, ..]` → `[n, .., c, ..]`: rank `i`'s slice along `dim` becomes row `i` (the
+    /// input layout of a flat reduce-scatter). `dim` must be divisible by `n` (checked by callers).
+    pub fn split_to_rank_major<B: Backend>(x: FloatTensor<B>, dim: usize, n: usize) -> FloatTensor<B> {
+        let dims = x.shape().as_slice().to_vec();
+        let mut expanded = dims[..dim].to_vec();
+        expanded.push(n);
+        expanded.push(dims[dim] / n);
+        expanded.extend(&dims[dim + 1..]);
+        let mut axes = vec![dim];
+        axes.extend(0..dim);
+        axes.extend(dim + 1..expanded.len());
+        let rank_major = B::float_permute(B::float_reshape(x, Shape::from(expanded.clone())), &axes);
+        let mut out = vec![n];
+        out.extend(axes[1..].iter().map(|a| expanded[*a]));
+        B::float_reshape(rank_major, Shape::from(out))
+    }
+}
+
 /// Collectives and differentiable mappings on a backend's float tensors. See the module docs.
 pub trait CollectiveBackend: Backend {
     /// All-reduce (not differentiable).
     fn collective_all_reduce(x: FloatTensor<Self>, op: ReduceOp, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
-        let dev = Self::float_device(&x);
-        Ok(Self::float_from_data(comm.all_reduce(to_host::<Self>(x)?, op)?, &dev))
+        staged::all_reduce::<Self>(x, op, comm)
     }
     /// All-gather along `dim` (not differentiable).
     fn collective_all_gather(x: FloatTensor<Self>, dim: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
-        let dev = Self::float_device(&x);
-        Ok(Self::float_from_data(comm.all_gather(to_host::<Self>(x)?, dim)?, &dev))
+        staged::all_gather::<Self>(x, dim, comm)
     }
     /// Reduce-scatter along `dim` (not differentiable).
     fn collective_reduce_scatter(
@@ -101,24 +181,22 @@ pub trait CollectiveBackend: Backend {
         op: ReduceOp,
         comm: &Comm,
     ) -> Result<FloatTensor<Self>, CommError> {
-        let dev = Self::float_device(&x);
-        Ok(Self::float_from_data(comm.reduce_scatter(to_host::<Self>(x)?, dim, op)?, &dev))
+        staged::reduce_scatter::<Self>(x, dim, op, comm)
     }
-    /// Broadcast from group rank `root` (not differentiable).
+    /// Broadcast from group rank `root` (not differentiable; `x` gives the shape elsewhere).
     fn collective_broadcast(x: FloatTensor<Self>, root: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
-        let dev = Self::float_device(&x);
-        let data = if comm.rank() == root { Some(to_host::<Self>(x)?) } else { None };
-        Ok(Self::float_from_data(comm.broadcast(data, root)?, &dev))
+        staged::broadcast::<Self>(x, root, comm)
     }
     /// Sends `x` to group rank `peer` under `tag`.
     fn collective_send(x: FloatTensor<Self>, peer: usize, tag: u64, comm: &Comm) -> Result<(), CommError> {
-        comm.send(to_host::<Self>(x)?, peer, tag)
+        let device = Self::float_device(&x);
+        Self::collective_batch_p2p(vec![(x, peer, tag)], &[], &device, comm).map(|_| ())
     }
     /// Receives a tensor matching `spec` sent by group rank `peer` under `tag`.
     fn collective_recv(spec: &TensorSpec, device: &Device<Self>, peer: usize, tag: u64, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
-        Ok(Self::float_from_data(comm.recv(peer, tag, spec)?, device))
+        let recv = RecvOp { peer, tag, spec: spec.clone() };
+        Ok(Self::collective_batch_p2p(Vec::new(), &[recv], device, comm)?.remove(0))
     }
-
     /// Sends and receives as one group (see [`Communicator::batch_p2p`](crate::Communicator::batch_p2p));
     /// returns the received tensors in the order of `recvs`.
     fn collective_batch_p2p(
@@ -127,11 +205,7 @@ pub trait CollectiveBackend: Backend {
         device: &Device<Self>,
         comm: &Comm,
     ) -> Result<Vec<FloatTensor<Self>>, CommError> {
-        let sends = sends
-            .into_iter()
-            .map(|(x, peer, tag)| Ok(SendOp { data: to_host::<Self>(x)?, peer, tag }))
-            .collect::<Result<Vec<_>, CommError>>()?;
-        Ok(comm.batch_p2p(sends, recvs)?.into_iter().map(|d| Self::float_from_data(d, device)).collect())
+        staged::batch_p2p::<Self>(sends, recvs, device, comm)
     }
 
     /// Megatron's f: identity forward, all-reduce backward.
@@ -162,8 +236,13 @@ pub trait CollectiveBackend: Backend {
 
 impl CollectiveBackend for burn::backend::Flex {}
 
-#[cfg(feature = "cuda")]
-impl CollectiveBackend for burn::backend::Cuda {}
+// `Fusion<B>` (burn's `Cuda`, `Wgpu`): see `fusion_bridge`. CUDA's `CubeBackend` drives NCCL on
+// device pointers (`comm::nccl::device`); wgpu's stages through the host.
+#[cfg(feature = "wgpu")]
+impl<F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::BoolElement> CollectiveBackend
+    for burn_cubecl::CubeBackend<burn_cubecl::cubecl::wgpu::WgpuRuntime, F, I, BT>
+{
+}
 
 /// Declares a backward op whose state is `(Comm, dim)` and whose gradient is `$bw(g, dim, comm)`.
 macro_rules! backward_op {

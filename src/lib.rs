@@ -41,6 +41,8 @@ pub mod data_parallel;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+#[cfg(feature = "cube")]
+mod fusion_bridge;
 pub mod kernels;
 pub mod launch;
 pub mod mappings;
@@ -54,5 +56,7 @@ pub use collective::CollectiveBackend;
 pub use kernels::{LayerNormBackend, ParallelBackend};
 pub use comm::{Comm, Communicator, LocalWorld, LocalWorldOptions, P2pMode, RecvOp, ReduceOp, SendOp, TensorSpec};
 pub use error::{CommError, ConfigError, RankError};
+#[cfg(feature = "cuda")]
+pub use comm::nccl::{NcclComm, NcclId, NcclOptions};
 pub use topology::{ModelDims, ParallelConfig, ProcessGroups, RankCoords};
 pub use world::{all_ok, run_world};

@@ -250,3 +250,34 @@ fn rendezvous_mode_fails_unbatched_exchange_and_reordered_messages() {
     let e = reordered[1].as_ref().unwrap_err().to_string();
     assert!(e.contains("recv(from=0, tag=1") && e.contains("send(tag=0)") && e.contains("in order"), "{e}");
 }
+
+/// The layout changes around flat (NCCL) all-gather and reduce-scatter, on every dim: stacking
+/// the parts rank-major then `rank_major_to_concat` is `concat_along`; row `i` of
+/// `split_to_rank_major` is rank `i`'s `split_along` slice.
+#[test]
+fn flat_collective_layouts_match_concat_and_split() {
+    use burn::tensor::TensorPrimitive;
+    use burn_parallel::collective::layout::{rank_major_to_concat, split_to_rank_major};
+    let dev = Default::default();
+    let prim = |d: &TensorData| Tensor::<Inner, 4>::from_data(d.clone(), &dev).into_primitive().tensor();
+    for n in [1, 2, 3] {
+        for dim in 0..4 {
+            let mut shape = [2, 3, 4, 5];
+            shape[dim] *= n;
+            let full = common::randn(&format!("full{dim}{n}"), shape);
+            let parts: Vec<TensorData> = (0..n).map(|i| burn_parallel::comm::split_along(&full, dim, n, i).unwrap()).collect();
+            // Gather side: the parts stacked rank-major, as NCCL leaves them.
+            let stacked: Vec<f32> = parts.iter().flat_map(|p| vals(p.clone())).collect();
+            let mut sdims = vec![n];
+            sdims.extend(parts[0].shape.as_slice());
+            let stacked = Tensor::<Inner, 5>::from_data(TensorData::new(stacked, sdims), &dev).into_primitive().tensor();
+            let cat = Tensor::<Inner, 4>::from_primitive(TensorPrimitive::Float(rank_major_to_concat::<Inner>(stacked, dim))).into_data();
+            assert_eq!(vals(cat), vals(full.clone()), "gather n={n} dim={dim}");
+            // Scatter side.
+            let rm = Tensor::<Inner, 5>::from_primitive(TensorPrimitive::Float(split_to_rank_major::<Inner>(prim(&full), dim, n))).into_data();
+            let want: Vec<f32> = parts.iter().flat_map(|p| vals(p.clone())).collect();
+            assert_eq!(rm.shape.as_slice()[0], n);
+            assert_eq!(vals(rm), want, "scatter n={n} dim={dim}");
+        }
+    }
+}

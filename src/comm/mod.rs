@@ -12,6 +12,8 @@
 
 mod host;
 mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ops;
 
 use std::any::Any;

@@ -16,12 +16,10 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use burn::tensor::ops::FloatTensor;
-use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::{Client, Fusion, FusionBackend, FusionRuntime, FusionTensor};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use burn_fusion::{Fusion, FusionBackend, FusionTensor};
 
 use super::{LayerNormBackend, LnBackward, LnForward};
+use crate::fusion_bridge::{from_inner, to_inner};
 
 const BLOCK: u32 = 256;
 const ROWS_PER_CHUNK: usize = 64;
@@ -294,27 +292,4 @@ impl<B: FusionBackend + LayerNormBackend> LayerNormBackend for Fusion<B> {
         let (dx, dg, db) = B::layer_norm_rows_backward(inner(dy), inner(x), inner(gamma), inner(mean), inner(rstd));
         (from_inner::<B>(&client, dx), from_inner::<B>(&client, dg), from_inner::<B>(&client, db))
     }
-}
-
-fn to_inner<B: FusionBackend>(t: FusionTensor<B::FusionRuntime>) -> FloatTensor<B> {
-    t.client.clone().resolve_tensor_float::<B>(t)
-}
-
-#[derive(Debug)]
-struct Import<B: FusionBackend> {
-    desc: CustomOpIr,
-    tensor: FloatTensor<B>,
-}
-
-impl<B: FusionBackend> Operation<B::FusionRuntime> for Import<B> {
-    fn execute(&self, handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>) {
-        let ([], [out]) = self.desc.as_fixed::<0, 1>();
-        handles.register_float_tensor::<B>(&out.id, self.tensor.clone());
-    }
-}
-
-fn from_inner<B: FusionBackend>(client: &Client<B::FusionRuntime>, tensor: FloatTensor<B>) -> FusionTensor<B::FusionRuntime> {
-    let out = TensorIr::uninit(client.create_empty_handle(), tensor.shape(), tensor.dtype());
-    let desc = CustomOpIr::new("burn-parallel-import", &[], &[out]);
-    client.register(OperationStreams::default(), OperationIr::Custom(desc.clone()), Import::<B> { desc, tensor }).remove(0)
 }

@@ -1,0 +1,324 @@
+//! The NCCL communicator (feature `cuda`): one process per GPU, started by
+//! `burn-parallel launch` (or torchrun/Slurm), bootstrapped by the TCP
+//! [`rendezvous`](crate::launch::rendezvous).
+//!
+//! [`NcclComm`] implements [`Communicator`] on host [`TensorData`] (staged through device
+//! buffers), and its `*_raw` methods take device pointers: the CUDA [`CollectiveBackend`]
+//! (`collective::cuda`) uses those on burn-cuda tensors without touching the host.
+//!
+//! # Rules this relies on (see `shared/docs/burn-0.21.md` §4)
+//! - NCCL runs on this communicator's own CUDA stream (cubecl exposes none of its streams), in the
+//!   device's primary context, which is the one cubecl uses, so burn-cuda pointers are valid here.
+//! - Callers make the inputs ready first (burn: `client.sync()`), and every operation waits for
+//!   its stream to finish before returning, so results are visible to any stream afterwards.
+//! - Buffers stay alive (burn: a `get_resource` pin) until the operation returned.
+//! - Calls are serialised by a mutex; every rank issues the same collectives in the same order.
+//! - Point-to-point: NCCL matches in order per pair and a send completes only when received, so
+//!   [`batch_p2p`](Communicator::batch_p2p) issues one NCCL group. A 128-byte header (tag, dtype,
+//!   shape) goes first, in its own group, so a receiver detects a wrong tag, shape or dtype
+//!   (receiving the payload into scratch first, so the sender is not left hanging).
+//!
+//! # Never a silent hang
+//! Every NCCL call and stream wait is armed on a watchdog: past the timeout the communicator is
+//! aborted (`ncclCommAbort`) and the call fails with [`CommError::Timeout`] naming the rank, the
+//! operation and the group (NCCL cannot tell which peer is missing: all others are listed). A
+//! peer failure NCCL reports (`ncclCommGetAsyncError`) fails the call at once. Communicator
+//! creation has nothing to abort: past the timeout the process prints why and exits with 124.
+
+mod raw;
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burn::tensor::{DType, TensorData};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nccl::{result, sys};
+
+pub(crate) use raw::Header;
+use raw::{nccl_dtype, nccl_op, Expire, RawComm, WatchGuard, HEADER_WORDS};
+
+use super::host::{concat_along, split_along};
+use super::{Comm, Communicator, RecvOp, ReduceOp, SendOp, TensorSpec};
+use crate::error::CommError;
+use crate::launch::{rendezvous, JobEnv};
+
+/// An NCCL unique id: created by rank 0, shipped to every rank (128 bytes).
+#[derive(Clone, Copy)]
+pub struct NcclId(sys::ncclUniqueId);
+
+impl NcclId {
+    /// A fresh id (loads NCCL; fails clearly when it is missing).
+    pub fn new() -> Result<Self, CommError> {
+        crate::cuda::nccl_version()?;
+        result::get_uniqueid().map(Self).map_err(|e| CommError::Backend(format!("ncclGetUniqueId: {e:?}")))
+    }
+
+    /// The bytes to ship to the other ranks.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.internal.iter().map(|c| *c as u8).collect()
+    }
+
+    /// The id rank 0 created.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CommError> {
+        let mut id = sys::ncclUniqueId { internal: [0; 128] };
+        if bytes.len() != id.internal.len() {
+            return Err(CommError::Backend(format!("an NCCL unique id has 128 bytes, got {}", bytes.len())));
+        }
+        for (d, s) in id.internal.iter_mut().zip(bytes) {
+            *d = *s as _;
+        }
+        Ok(Self(id))
+    }
+}
+
+impl std::fmt::Debug for NcclId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NcclId(..)")
+    }
+}
+
+/// Where and how long.
+#[derive(Debug, Clone)]
+pub struct NcclOptions {
+    /// CUDA device ordinal (the local rank under `launch`).
+    pub device: usize,
+    /// How long any operation may take before the communicator is aborted.
+    pub timeout: Duration,
+}
+
+/// A device pointer operand of [`NcclComm::p2p_raw`].
+#[derive(Debug, Clone, Copy)]
+pub struct RawP2p {
+    /// Device pointer (`CUdeviceptr`).
+    pub ptr: u64,
+    /// Elements.
+    pub count: usize,
+    /// Element type.
+    pub dtype: DType,
+    /// Group rank of the peer.
+    pub peer: usize,
+}
+
+/// One rank's NCCL communicator over one group. See the module docs.
+pub struct NcclComm {
+    raw: Arc<RawComm>,
+    lock: Mutex<()>,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    global_ranks: Vec<usize>,
+    label: String,
+    options: NcclOptions,
+    seq: AtomicU64,
+}
+
+impl std::fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NcclComm({}, rank {}, device {})", self.label, self.rank, self.options.device)
+    }
+}
+
+fn backend(what: &str, e: impl std::fmt::Debug) -> CommError {
+    CommError::Backend(format!("{what}: {e:?}"))
+}
+
+impl NcclComm {
+    /// Joins the NCCL communicator `id` as `rank` of `global_ranks.len()` ranks (blocks until all
+    /// joined; exits the process after `options.timeout`, see the module docs).
+    pub fn init(id: &NcclId, rank: usize, global_ranks: Vec<usize>, label: String, options: NcclOptions) -> Result<Self, CommError> {
+        crate::cuda::nccl_version()?;
+        // SAFETY: only tries to dlopen the CUDA driver.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CommError::Backend("the CUDA driver (libcuda.so) cannot be loaded: install the NVIDIA driver or run on a GPU machine".into()));
+        }
+        let ctx = CudaContext::new(options.device).map_err(|e| backend(&format!("CUDA device {}", options.device), e))?;
+        let stream = ctx.new_stream().map_err(|e| backend("creating a CUDA stream", e))?;
+        ctx.bind_to_thread().map_err(|e| backend("binding the CUDA context", e))?;
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        let what = format!("rank {}: ncclCommInitRank of {label} ({} ranks)", global_ranks[rank], global_ranks.len());
+        let guard = WatchGuard::arm(what.clone(), options.timeout, Expire::Exit);
+        // SAFETY: out-pointer to a local; the id is the same on every rank.
+        let r = unsafe { result::comm_init_rank(&mut comm, global_ranks.len() as i32, id.0, rank as i32) };
+        drop(guard);
+        r.map_err(|e| backend(&what, e))?;
+        Ok(Self { raw: Arc::new(RawComm::new(comm)), lock: Mutex::new(()), ctx, stream, rank, global_ranks, label, options, seq: AtomicU64::new(0) })
+    }
+
+    /// The world communicator of a launched job: rank 0 creates the id, the TCP rendezvous at
+    /// `MASTER_ADDR:MASTER_PORT` ships it, each process uses GPU `LOCAL_RANK`.
+    pub fn from_env(env: &JobEnv) -> Result<Comm, CommError> {
+        let payload = if env.rank == 0 { Some(NcclId::new()?.to_bytes()) } else { None };
+        let bytes = rendezvous(env, payload).map_err(|e| CommError::Backend(e.to_string()))?;
+        let id = NcclId::from_bytes(&bytes)?;
+        let label = format!("world[0..{}]", env.world_size);
+        let options = NcclOptions { device: env.local_rank, timeout: env.timeout };
+        Ok(Arc::new(Self::init(&id, env.rank, (0..env.world_size).collect(), label, options)?))
+    }
+
+    /// The CUDA device ordinal.
+    pub fn device(&self) -> usize {
+        self.options.device
+    }
+
+    /// Runs one NCCL call (or group) on this communicator's stream and waits for it, under the
+    /// watchdog (module docs).
+    fn run(&self, op: &str, call: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<(), CommError>) -> Result<(), CommError> {
+        let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let me = self.global_rank();
+        let name = format!("{op} #{}", self.seq.fetch_add(1, Ordering::SeqCst));
+        let comm = self.raw.get().ok_or_else(|| CommError::Backend(format!("{name} on {}: the communicator was aborted after an earlier failure", self.label)))?;
+        self.ctx.bind_to_thread().map_err(|e| backend("binding the CUDA context", e))?;
+        let start = Instant::now();
+        let guard = WatchGuard::arm(format!("rank {me}: {name} on {}", self.label), self.options.timeout, Expire::Abort(self.raw.clone()));
+        let timeout = |start: Instant| CommError::Timeout {
+            op: name.clone(),
+            group: self.label.clone(),
+            rank: me,
+            missing: self.global_ranks.iter().copied().filter(|r| *r != me).collect(),
+            waited: start.elapsed(),
+        };
+        let issued = call(comm, self.stream.cu_stream() as sys::cudaStream_t);
+        if guard.fired() {
+            return Err(timeout(start));
+        }
+        issued?;
+        let done = self.stream.record_event(None).map_err(|e| backend("recording a CUDA event", e))?;
+        let mut spins = 0u32;
+        loop {
+            match done.try_is_complete() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(backend(&format!("{name} on {}", self.label), e)),
+            }
+            if guard.fired() {
+                return Err(timeout(start));
+            }
+            if let Some(e) = self.raw.async_error() {
+                self.raw.abort();
+                return Err(CommError::Backend(format!("rank {me}: {name} on {} failed: NCCL reports {e} (a peer failed or exited?)", self.label)));
+            }
+            spins += 1;
+            if spins > 1000 {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// All-reduce of `count` elements from `send` into `recv` (may be equal).
+    ///
+    /// # Safety
+    /// Both pointers are device memory of this communicator's device holding `count` elements,
+    /// alive and not written by others until this returns.
+    pub unsafe fn all_reduce_raw(&self, send: u64, recv: u64, count: usize, dtype: DType, op: ReduceOp) -> Result<(), CommError> {
+        let t = nccl_dtype(dtype).map_err(CommError::Backend)?;
+        self.run(&format!("all_reduce({op:?})"), |c, s| {
+            result::all_reduce(send as _, recv as _, count, t, nccl_op(op), c, s).map(|_| ()).map_err(|e| backend("ncclAllReduce", e))
+        })
+    }
+
+    /// All-gather: `recv` gets every rank's `send_count` elements, in rank order.
+    ///
+    /// # Safety
+    /// As [`all_reduce_raw`](Self::all_reduce_raw); `recv` holds `size × send_count` elements.
+    pub unsafe fn all_gather_raw(&self, send: u64, recv: u64, send_count: usize, dtype: DType) -> Result<(), CommError> {
+        let t = nccl_dtype(dtype).map_err(CommError::Backend)?;
+        self.run("all_gather", |c, s| result::all_gather(send as _, recv as _, send_count, t, c, s).map(|_| ()).map_err(|e| backend("ncclAllGather", e)))
+    }
+
+    /// Reduce-scatter: `recv` gets this rank's `recv_count` elements of the reduction.
+    ///
+    /// # Safety
+    /// As [`all_reduce_raw`](Self::all_reduce_raw); `send` holds `size × recv_count` elements.
+    pub unsafe fn reduce_scatter_raw(&self, send: u64, recv: u64, recv_count: usize, dtype: DType, op: ReduceOp) -> Result<(), CommError> {
+        let t = nccl_dtype(dtype).map_err(CommError::Backend)?;
+        self.run(&format!("reduce_scatter({op:?})"), |c, s| {
+            result::reduce_scatter(send as _, recv as _, recv_count, t, nccl_op(op), c, s).map(|_| ()).map_err(|e| backend("ncclReduceScatter", e))
+        })
+    }
+
+    /// Broadcast of `count` elements from group rank `root`'s `send` into every rank's `recv`.
+    ///
+    /// # Safety
+    /// As [`all_reduce_raw`](Self::all_reduce_raw).
+    pub unsafe fn broadcast_raw(&self, send: u64, recv: u64, count: usize, dtype: DType, root: usize) -> Result<(), CommError> {
+        let t = nccl_dtype(dtype).map_err(CommError::Backend)?;
+        self.run(&format!("broadcast(root={root})"), |c, s| {
+            result::broadcast(send as _, recv as _, count, t, root as i32, c, s).map(|_| ()).map_err(|e| backend("ncclBroadcast", e))
+        })
+    }
+
+    /// Sends and receives in one NCCL group (no headers: the caller knows the sizes).
+    ///
+    /// # Safety
+    /// As [`all_reduce_raw`](Self::all_reduce_raw), for every operand.
+    pub unsafe fn p2p_raw(&self, sends: &[RawP2p], recvs: &[RawP2p]) -> Result<(), CommError> {
+        for o in sends.iter().chain(recvs) {
+            if o.peer >= self.size() {
+                return Err(CommError::BadInput { group: self.label.clone(), op: "p2p".into(), detail: format!("peer {} outside a group of {}", o.peer, self.size()) });
+            }
+        }
+        let typed = |o: &RawP2p| nccl_dtype(o.dtype).map(|t| (*o, t)).map_err(CommError::Backend);
+        let sends = sends.iter().map(typed).collect::<Result<Vec<_>, _>>()?;
+        let recvs = recvs.iter().map(typed).collect::<Result<Vec<_>, _>>()?;
+        let peers: Vec<String> = sends.iter().map(|(o, _)| format!("→{}", o.peer)).chain(recvs.iter().map(|(o, _)| format!("←{}", o.peer))).collect();
+        self.run(&format!("p2p[{}]", peers.join(" ")), |c, s| {
+            result::group_start().map_err(|e| backend("ncclGroupStart", e))?;
+            let mut r = Ok(());
+            for (o, t) in &sends {
+                r = r.and(result::send(o.ptr as _, o.count, *t, o.peer as i32, c, s).map(|_| ()).map_err(|e| backend("ncclSend", e)));
+            }
+            for (o, t) in &recvs {
+                r = r.and(result::recv(o.ptr as _, o.count, *t, o.peer as i32, c, s).map(|_| ()).map_err(|e| backend("ncclRecv", e)));
+            }
+            let end = result::group_end().map(|_| ()).map_err(|e| backend("ncclGroupEnd", e));
+            r.and(end)
+        })
+    }
+
+    /// Exchanges headers: sends `(peer, header)`s and receives one header from each of `from`.
+    pub(crate) fn exchange_headers(&self, sends: &[(usize, Header)], from: &[usize]) -> Result<Vec<Header>, CommError> {
+        let mut words = Vec::with_capacity(sends.len() * HEADER_WORDS);
+        for (_, h) in sends {
+            words.extend(h.encode().map_err(|d| self.bad("send", d))?);
+        }
+        let out = self.alloc(from.len() * HEADER_WORDS * 8)?;
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let src = if bytes.is_empty() { None } else { Some(self.upload(&bytes)?) };
+        let ptr = |s: &CudaSlice<u8>, i: usize| s.device_ptr(&self.stream).0 + (i * HEADER_WORDS * 8) as u64;
+        let op = |ptr, peer| RawP2p { ptr, count: HEADER_WORDS, dtype: DType::U64, peer };
+        let s_ops: Vec<RawP2p> = sends.iter().enumerate().map(|(i, (p, _))| op(ptr(src.as_ref().expect("non-empty"), i), *p)).collect();
+        let r_ops: Vec<RawP2p> = from.iter().enumerate().map(|(i, p)| op(ptr(&out, i), *p)).collect();
+        // SAFETY: both buffers are ours, sized for every header, alive until the call returns.
+        unsafe { self.p2p_raw(&s_ops, &r_ops)? };
+        let bytes = self.download(&out)?;
+        let words: Vec<u64> = bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        words.chunks_exact(HEADER_WORDS).map(|w| Header::decode(w).map_err(|d| self.bad("recv", d))).collect()
+    }
+
+    pub(crate) fn bad(&self, op: &str, detail: String) -> CommError {
+        CommError::BadInput { group: self.label.clone(), op: op.into(), detail }
+    }
+
+    fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>, CommError> {
+        self.stream.clone_htod(bytes).map_err(|e| backend("copying to the GPU", e))
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>, CommError> {
+        self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| backend("allocating GPU memory", e))
+    }
+
+    fn download(&self, slice: &CudaSlice<u8>) -> Result<Vec<u8>, CommError> {
+        self.stream.clone_dtoh(slice).map_err(|e| backend("copying from the GPU", e))
+    }
+
+    fn ptr(&self, s: &CudaSlice<u8>) -> u64 {
+        s.device_ptr(&self.stream).0
+    }
+}
+
+mod device;
+mod host;
