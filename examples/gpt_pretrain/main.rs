@@ -18,7 +18,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::data_parallel::{all_reduce_gradients, clip_grad_norm, DEFAULT_BUCKET_BYTES};
-use burn_parallel::{all_ok, run_world, ParallelBackend, Comm, LocalWorldOptions, ParallelConfig, ProcessGroups, ReduceOp};
+use burn_parallel::{all_ok, run_world, Comm, LocalWorldOptions, P2pMode, ParallelBackend, ParallelConfig, ProcessGroups, ReduceOp};
 use burn_parallel_modules::{Gpt, GptConfig};
 use clap::{Parser, ValueEnum};
 use corpus::Corpus;
@@ -30,6 +30,16 @@ enum DeviceKind {
     Cpu,
     /// One CUDA GPU shared by the rank threads (needs `--features cuda`).
     Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CommKind {
+    /// Ranks are threads of this process (any device).
+    Local,
+    /// One process per rank and GPU, NCCL between them (`--device cuda`; start with
+    /// `burn-parallel launch --nproc-per-node N -- gpt_pretrain ...`, torchrun or Slurm; without
+    /// those variables: a world of one).
+    Nccl,
 }
 
 /// Pretrain a small GPT on a text file with tensor parallelism across local threads.
@@ -121,6 +131,9 @@ pub(crate) struct Args {
     /// Model chunks per pipeline rank (interleaved-1f1b; default 2 for it, else 1).
     #[arg(long)]
     virtual_stages: Option<usize>,
+    /// How ranks talk: threads of this process, or NCCL between processes.
+    #[arg(long, value_enum, default_value_t = CommKind::Local)]
+    comm: CommKind,
     /// Write the pipeline plan's timeline (simulated with forward 1, backward 2) to this SVG file.
     #[arg(long)]
     timeline: Option<PathBuf>,
@@ -246,7 +259,8 @@ where
     B: AutodiffBackend + ParallelBackend,
     B::InnerBackend: ParallelBackend,
 {
-    let opts = LocalWorldOptions { timeout: Duration::from_secs(args.timeout_secs), ..Default::default() };
+    // Thread ranks follow NCCL's point-to-point rules, so what runs here runs on NCCL.
+    let opts = LocalWorldOptions { timeout: Duration::from_secs(args.timeout_secs), p2p: P2pMode::Rendezvous };
     let world = args.dp * args.pp * args.tp;
     if args.pp > 1 {
         let results = run_world(world, opts, |comm| pipelined::train_rank::<B>(args, comm, device.clone(), data));
@@ -290,6 +304,9 @@ fn main_result(args: &Args) -> Result<(), String> {
     if let Some(path) = &args.timeline {
         pipelined::write_timeline(args, path)?;
     }
+    if args.comm == CommKind::Nccl && args.device != DeviceKind::Cuda {
+        return Err("--comm nccl needs --device cuda".into());
+    }
     let data = load(args)?;
     tracing::info!(dp = args.dp, tp = args.tp, pp = args.pp, sequence_parallel = args.sequence_parallel, device = ?args.device, steps = args.steps, "training");
     let summary = match args.device {
@@ -306,10 +323,42 @@ fn main_result(args: &Args) -> Result<(), String> {
 fn run_cuda(args: &Args, data: &Corpus) -> Result<Summary, String> {
     let dir = burn_parallel::cuda::enable_kernel_caches(args.kernel_cache.clone());
     tracing::info!(cache = %dir.display(), "cubecl kernel and autotune caches");
+    if args.comm == CommKind::Nccl {
+        return run_nccl(args, data);
+    }
     run::<burn::backend::Autodiff<burn::backend::Cuda>>(args, Default::default(), data)
+}
+
+/// This process is one rank of a launched job; NCCL connects it to the others.
+#[cfg(feature = "cuda")]
+fn run_nccl(args: &Args, data: &Corpus) -> Result<Summary, String> {
+    use burn_parallel::launch::{JobEnv, JobEnvError};
+    type B = burn::backend::Autodiff<burn::backend::Cuda>;
+    let env = match JobEnv::from_env() {
+        Ok(env) => env,
+        Err(JobEnvError::Missing) => JobEnv::from_lookup(|k| match k {
+            "RANK" => Some("0".into()),
+            "WORLD_SIZE" => Some("1".into()),
+            _ => std::env::var(k).ok(),
+        })
+        .map_err(|e| e.to_string())?,
+        Err(e) => return Err(e.to_string()),
+    };
+    let world = args.dp * args.pp * args.tp;
+    if env.world_size != world {
+        return Err(format!("WORLD_SIZE={} but --dp {} x --pp {} x --tp {} = {world}", env.world_size, args.dp, args.pp, args.tp));
+    }
+    let comm = burn_parallel::NcclComm::from_env(&env).map_err(|e| e.to_string())?;
+    let device = burn::backend::cuda::CudaDevice::new(env.local_rank);
+    tracing::info!(rank = env.rank, world = env.world_size, gpu = env.local_rank, "NCCL rank");
+    if args.pp > 1 {
+        return pipelined::train_rank::<B>(args, comm, device, data);
+    }
+    train_rank::<B>(args, comm, device, data)
 }
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda(_: &Args, _: &Corpus) -> Result<Summary, String> {
+    let _ = CommKind::Nccl;
     Err("this binary was built without CUDA: rebuild with `--features cuda` (and CUDARC_CUDA_VERSION=13000)".into())
 }

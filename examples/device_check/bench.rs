@@ -1,0 +1,125 @@
+//! Benchmarks on the device: layer norm (fused vs composed) and NCCL collectives.
+
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::nn::LayerNormConfig;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Distribution, Tensor, TensorData};
+use burn_parallel::comm::ops;
+use burn_parallel::kernels::layer_norm as fused;
+use burn_parallel::{Comm, NcclComm, ReduceOp};
+
+use crate::kernels::K;
+
+fn time<F: FnMut()>(mut f: F, iters: usize) -> f64 {
+    let dev = Default::default();
+    for _ in 0..3 {
+        f();
+    }
+    K::sync(&dev).unwrap();
+    let start = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    K::sync(&dev).unwrap();
+    start.elapsed().as_secs_f64() / iters as f64
+}
+
+/// Burn's composed layer norm (what `burn::nn::LayerNorm` computes), for any dtype.
+fn composed<B: Backend>(x: Tensor<B, 2>, g: Tensor<B, 1>, b: Tensor<B, 1>) -> Tensor<B, 2> {
+    let (var, mean) = x.clone().var_mean_bias(1);
+    (x - mean) * var.add_scalar(1e-5).sqrt().recip() * g.unsqueeze() + b.unsqueeze()
+}
+
+pub fn layer_norm(quick: bool) {
+    let dev = Default::default();
+    let iters = if quick { 10 } else { 50 };
+    println!("\n| shape | dtype | ours fwd µs | burn fwd µs | fwd GB/s | ours fwd+bwd µs | burn fwd+bwd µs | fwd+bwd GB/s |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for [n, h] in [[8192, 768], [8192, 1024], [16384, 4096], [4096, 8192]] {
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
+            let g = Tensor::<K, 1>::ones([h], &dev).cast(dtype);
+            let b = Tensor::<K, 1>::zeros([h], &dev).cast(dtype);
+            let ours = time(|| drop(fused(x.clone(), g.clone(), b.clone(), 1e-5)), iters);
+            let theirs = if dtype == DType::F32 {
+                let ln = LayerNormConfig::new(h).init::<K>(&dev);
+                time(|| drop(ln.forward(x.clone())), iters)
+            } else {
+                time(|| drop(composed(x.clone(), g.clone(), b.clone())), iters)
+            };
+            type A = Autodiff<K>;
+            let xa = Tensor::<A, 2>::from_inner(x.clone()).require_grad();
+            let (ga, ba) = (Tensor::<A, 1>::from_inner(g.clone()).require_grad(), Tensor::<A, 1>::from_inner(b.clone()).require_grad());
+            let ours_fb = time(|| drop(fused(xa.clone(), ga.clone(), ba.clone(), 1e-5).sum().backward()), iters);
+            let theirs_fb = time(|| drop(composed(xa.clone(), ga.clone(), ba.clone()).sum().backward()), iters);
+            // Bytes: forward reads x, writes y; forward+backward also reads x, dy, writes dx
+            // (dy of `sum` is materialised) -> 2 + 5 passes over [n, h].
+            let bytes = (n * h * dtype.size()) as f64;
+            println!(
+                "| [{n}, {h}] | {dtype:?} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {:.0} |",
+                ours * 1e6,
+                theirs * 1e6,
+                2.0 * bytes / ours / 1e9,
+                ours_fb * 1e6,
+                theirs_fb * 1e6,
+                7.0 * bytes / ours_fb / 1e9
+            );
+        }
+    }
+    // Device-to-device copy bandwidth, the roofline for the GB/s columns.
+    let x = Tensor::<K, 1>::zeros([1 << 28], &dev);
+    let copy = time(|| drop(x.clone().add_scalar(1.0)), iters);
+    println!("\nelement-wise read+write of 1 GiB f32: {:.0} GB/s", 2.0 * (1u64 << 30) as f64 / copy / 1e9);
+}
+
+/// Bus bandwidth `bytes / t × factor` (factor 2(n−1)/n for all-reduce, (n−1)/n otherwise; 0 at
+/// world 1, so algorithm bandwidth `bytes / t` is shown as well).
+pub fn collectives(quick: bool) -> Result<(), String> {
+    let nccl: Comm = crate::nccl::world1().map_err(|e| e.to_string())?;
+    let raw = nccl.as_any().downcast_ref::<NcclComm>().ok_or("not NCCL")?;
+    let dev = Default::default();
+    let sizes_mb: &[usize] = if quick { &[1, 64] } else { &[1, 4, 16, 64, 256, 1024] };
+    println!("\nNCCL, world size 1 (overhead only: no data crosses a link; bus bandwidth is 0 by definition)");
+    println!("| op | MB | raw NCCL µs | tensor path µs | host-staged µs | tensor algbw GB/s |");
+    println!("|---|---|---|---|---|---|");
+    for &mb in sizes_mb {
+        let n = mb * (1 << 20) / 4;
+        let x = Tensor::<K, 1>::random([n], Distribution::Default, &dev);
+        let iters = if mb >= 256 { 5 } else { 20 };
+        let x_ptr = {
+            let prim = x.clone().into_primitive().tensor();
+            prim.client.get_resource(prim.handle.clone()).map_err(|e| format!("{e:?}"))?.resource().ptr
+        };
+        for op in ["all_reduce", "all_gather", "reduce_scatter"] {
+            // SAFETY: x stays alive for the loop; in-place on a buffer nobody reads concurrently.
+            let raw_t = time(|| unsafe {
+                match op {
+                    "all_reduce" => raw.all_reduce_raw(x_ptr, x_ptr, n, DType::F32, ReduceOp::Sum),
+                    "all_gather" => raw.all_gather_raw(x_ptr, x_ptr, n, DType::F32),
+                    _ => raw.reduce_scatter_raw(x_ptr, x_ptr, n, DType::F32, ReduceOp::Sum),
+                }
+                .unwrap()
+            }, iters);
+            let tensor_t = time(|| drop(match op {
+                "all_reduce" => ops::all_reduce(x.clone(), ReduceOp::Sum, &nccl),
+                "all_gather" => ops::all_gather(x.clone(), 0, &nccl),
+                _ => ops::reduce_scatter(x.clone(), 0, ReduceOp::Sum, &nccl),
+            }.unwrap()), iters);
+            let host_t = if mb <= 64 {
+                let d: TensorData = x.clone().into_data();
+                let t = time(|| drop(match op {
+                    "all_reduce" => nccl.all_reduce(d.clone(), ReduceOp::Sum),
+                    "all_gather" => nccl.all_gather(d.clone(), 0),
+                    _ => nccl.reduce_scatter(d.clone(), 0, ReduceOp::Sum),
+                }.unwrap()), iters.min(5));
+                format!("{:.0}", t * 1e6)
+            } else {
+                "-".into()
+            };
+            println!("| {op} | {mb} | {:.1} | {:.1} | {host_t} | {:.0} |", raw_t * 1e6, tensor_t * 1e6, (mb << 20) as f64 / tensor_t / 1e9);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! The fused layer-norm kernels on CUDA against the composed reference.
+
+use burn::backend::{Cuda, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_parallel::kernels::LayerNormBackend;
+use burn_parallel::rng::HostRng;
+
+use crate::Report;
+
+pub type K = burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
+const SHAPES: &[[usize; 2]] = &[[1, 8], [7, 100], [64, 768], [300, 1000], [129, 4097], [4096, 1024], [1000, 8192], [70000, 64]];
+
+/// `[y, dx, dgamma, dbeta]` as f32 host data.
+fn apply<B: LayerNormBackend>(inputs: &[TensorData; 4], dtype: DType) -> [TensorData; 4] {
+    let dev = Default::default();
+    let t2 = |d: &TensorData| Tensor::<B, 2>::from_data(d.clone(), &dev).cast(dtype).into_primitive().tensor();
+    let t1 = |d: &TensorData| Tensor::<B, 1>::from_data(d.clone(), &dev).cast(dtype).into_primitive().tensor();
+    let [x, g, b, dy] = inputs;
+    let (y, mean, rstd) = B::layer_norm_rows(t2(x), t1(g), t1(b), 1e-5);
+    let (dx, dg, db) = B::layer_norm_rows_backward(t2(dy), t2(x), t1(g), mean, rstd);
+    let w2 = |p| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(p)).cast(DType::F32).into_data().convert::<f32>();
+    let w1 = |p| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(p)).cast(DType::F32).into_data().convert::<f32>();
+    [w2(y), w2(dx), w1(dg), w1(db)]
+}
+
+/// Inputs rounded to `dtype` (so the f32 reference sees exactly what the kernel sees).
+fn inputs(n: usize, h: usize, dtype: DType) -> [TensorData; 4] {
+    let dev = Default::default();
+    let data = |name: &str, shape: Vec<usize>, mean: f32| {
+        let v: Vec<f32> = HostRng::new(7, name).normal_vec(shape.iter().product(), 2.0).into_iter().map(|x| x + mean).collect();
+        let t = Tensor::<Flex, 1>::from_data(TensorData::new(v, [shape.iter().product::<usize>()]), &dev);
+        let rounded = t.cast(dtype).cast(DType::F32).into_data();
+        TensorData::new(rounded.to_vec::<f32>().unwrap(), shape)
+    };
+    [data("x", vec![n, h], 3.0), data("g", vec![h], 1.0), data("b", vec![h], 0.0), data("dy", vec![n, h], 0.0)]
+}
+
+/// Max |a − b| relative to max |b| (≥ 1e-6).
+fn rel_err(a: &TensorData, b: &TensorData) -> f32 {
+    let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+pub fn run(report: &mut Report, quick: bool) {
+    let shapes = if quick { &SHAPES[..5] } else { SHAPES };
+    for &[n, h] in shapes {
+        // f32: 1e-5 per row (y, dx); the column sums over up to 70k rows (dγ, dβ) are summed in
+        // another order than the reference, 1e-4. bf16: 1e-2 (outputs rounded to 8 bits).
+        for (dtype, tol) in [(DType::F32, [1e-5f32, 1e-5, 1e-4, 1e-4]), (DType::BF16, [1e-2; 4])] {
+            let inp = inputs(n, h, dtype);
+            let want = apply::<Flex>(&inp, DType::F32);
+            let got = apply::<K>(&inp, dtype);
+            let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
+            let ok = errs.iter().zip(tol).all(|(e, t)| *e <= t);
+            let shown: Vec<String> = errs.iter().map(|e| format!("{e:.1e}")).collect();
+            let detail = format!("rel err y/dx/dγ/dβ = {} (tol {tol:?})", shown.join("/"));
+            report.check(&format!("kernels [{n}, {h}] {dtype:?}"), if ok { Ok(detail) } else { Err(detail) });
+        }
+    }
+    // Fusion (burn's default `Cuda`) goes through the eager bridge: identical to CubeBackend.
+    let inp = inputs(129, 4097, DType::F32);
+    let (a, b) = (apply::<Cuda>(&inp, DType::F32), apply::<K>(&inp, DType::F32));
+    let same = a.iter().zip(&b).all(|(x, y)| x.to_vec::<f32>().unwrap() == y.to_vec::<f32>().unwrap());
+    report.check("kernels Fusion == CubeBackend", if same { Ok(String::new()) } else { Err("outputs differ".into()) });
+    let _ = <K as Backend>::sync(&Default::default());
+}

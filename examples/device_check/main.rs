@@ -1,0 +1,80 @@
+//! Every check and benchmark that needs the GPU machine, in one binary (feature `cuda`):
+//!
+//! ```text
+//! device_check [all|kernels|nccl|ln-bench|nccl-bench] [--quick]
+//! ```
+//! - `kernels`: the fused layer-norm kernels on CUDA (f32, bf16) against the composed reference
+//!   (computed on the CPU from the same rounded inputs), many shapes; `Fusion` == `CubeBackend`.
+//! - `nccl`: NCCL with world size 1: every collective, grouped send/recv to self, sub-groups and a
+//!   p2p mismatch, on host data and on CUDA tensors (device pointers), f32/bf16/f16, against the
+//!   local backend; the differentiable mappings on `Autodiff<Cuda>` through NCCL.
+//! - `ln-bench`: fused vs composed layer norm, forward and forward+backward, µs and GB/s.
+//! - `nccl-bench`: all-reduce / all-gather / reduce-scatter from 1 MB to 1 GB (world 1: overhead
+//!   only), device path vs raw NCCL vs host-staged.
+//!
+//! Prints PASS/FAIL lines and markdown tables; exits 1 if any check failed.
+
+#[cfg(feature = "cuda")]
+mod bench;
+#[cfg(feature = "cuda")]
+mod kernels;
+#[cfg(feature = "cuda")]
+mod nccl;
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("device_check needs --features cuda (build with CUDARC_CUDA_VERSION=13000)");
+    std::process::exit(2);
+}
+
+/// Counts failures; prints one line per check.
+#[cfg(feature = "cuda")]
+#[derive(Default)]
+pub struct Report {
+    failed: Vec<String>,
+    passed: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl Report {
+    /// Records a check.
+    pub fn check(&mut self, name: &str, r: Result<String, String>) {
+        match r {
+            Ok(detail) => {
+                self.passed += 1;
+                println!("PASS {name} {detail}");
+            }
+            Err(e) => {
+                println!("FAIL {name}: {e}");
+                self.failed.push(name.to_string());
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let what = args.iter().find(|a| !a.starts_with("--")).map(String::as_str).unwrap_or("all");
+    let quick = args.iter().any(|a| a == "--quick");
+    let dir = burn_parallel::cuda::enable_kernel_caches(None);
+    println!("kernel caches: {}", dir.display());
+    let mut report = Report::default();
+    let t0 = std::time::Instant::now();
+    if matches!(what, "all" | "kernels") {
+        kernels::run(&mut report, quick);
+    }
+    if matches!(what, "all" | "nccl") {
+        nccl::run(&mut report);
+    }
+    if matches!(what, "all" | "ln-bench") {
+        bench::layer_norm(quick);
+    }
+    if matches!(what, "all" | "nccl-bench") {
+        if let Err(e) = bench::collectives(quick) {
+            report.check("nccl-bench", Err(e));
+        }
+    }
+    println!("\n{} passed, {} failed ({:.0} s): {:?}", report.passed, report.failed.len(), t0.elapsed().as_secs_f64(), report.failed);
+    std::process::exit(i32::from(!report.failed.is_empty()));
+}
