@@ -1,7 +1,8 @@
 //! Pipeline executor overhead: stages whose forward and backward sleep a fixed time, run by the
 //! executor on threads; the measured step time against the simulator's makespan for the same
 //! costs, and the measured bubble against theory, per schedule.
-//! `cargo bench --bench pipeline_overhead` (env: PIPE_F_MS, default 20; backward = 2 × forward).
+//! `cargo bench --bench pipeline_overhead` (env: PIPE_F_MS, default 20; backward = 2 × forward;
+//! PIPE_P2P=rendezvous for NCCL's point-to-point rules).
 
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_parallel::pipeline::{PartSpec, PipelineExecutor, PipelineModel, PipelineOptions, StageOutput};
-use burn_parallel::{all_ok, run_world, ConfigError, LocalWorldOptions};
+use burn_parallel::{all_ok, run_world, ConfigError, LocalWorldOptions, P2pMode};
 use burn_parallel_schedules::{schedule_by_name, simulate, Costs, PipelineShape};
 
 type B = Autodiff<Flex>;
@@ -88,7 +89,7 @@ impl PipelineModel<B, 2> for Sleepy {
 
 fn measure(schedule: &str, p: usize, v: usize, m: usize, f: Duration, inside: bool) -> (f64, f64) {
     let b = 2 * f;
-    let res = run_world(p, LocalWorldOptions::default(), |c| {
+    let res = run_world(p, LocalWorldOptions { p2p: p2p_mode(), ..Default::default() }, |c| {
         let opts = PipelineOptions { microbatches: m, virtual_stages: v, layout: None };
         let model = Sleepy { f, b, layers: p * v, inside };
         let exec = PipelineExecutor::<B, _, 2>::new(model, schedule_by_name(schedule).unwrap().as_ref(), &opts, c.clone(), Default::default()).map_err(|e| e.to_string())?;
@@ -108,7 +109,17 @@ fn measure(schedule: &str, p: usize, v: usize, m: usize, f: Duration, inside: bo
     (measured, simulate(&plan, &costs).unwrap().makespan)
 }
 
+/// `PIPE_P2P=rendezvous` runs the ranks under NCCL's point-to-point rules (batches complete when
+/// received), default buffered.
+fn p2p_mode() -> P2pMode {
+    match std::env::var("PIPE_P2P").as_deref() {
+        Ok("rendezvous") => P2pMode::Rendezvous,
+        _ => P2pMode::Buffered,
+    }
+}
+
 fn main() {
+    println!("point-to-point: {:?}", p2p_mode());
     let f_ms: u64 = std::env::var("PIPE_F_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let f = Duration::from_millis(f_ms);
     for inside in [false, true] {

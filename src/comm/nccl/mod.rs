@@ -322,3 +322,39 @@ impl NcclComm {
 
 mod device;
 mod host;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without NCCL (CI) creating an id is a clear error, never cudarc's panic; with NCCL the id
+    /// survives the byte round trip the rendezvous does.
+    #[test]
+    fn unique_id_or_a_clear_error() {
+        match NcclId::new() {
+            Ok(id) => {
+                let bytes = id.to_bytes();
+                assert_eq!(NcclId::from_bytes(&bytes).unwrap().to_bytes(), bytes);
+            }
+            Err(e) => assert!(e.to_string().contains("NCCL not found"), "{e}"),
+        }
+        let e = NcclId::from_bytes(&[1, 2, 3]).unwrap_err().to_string();
+        assert!(e.contains("128 bytes, got 3"), "{e}");
+    }
+
+    /// `from_env` on a machine without NCCL fails before touching the network or the GPU.
+    #[test]
+    fn from_env_without_nccl_is_a_clear_error() {
+        if crate::cuda::nccl_version().is_ok() {
+            return; // the GPU machine: covered by `device_check nccl`
+        }
+        let env = JobEnv::from_lookup(|k| match k {
+            "RANK" => Some("0".into()),
+            "WORLD_SIZE" => Some("1".into()),
+            _ => None,
+        })
+        .unwrap();
+        let e = NcclComm::from_env(&env).unwrap_err().to_string();
+        assert!(e.contains("NCCL not found") && e.contains("libnccl.so"), "{e}");
+    }
+}

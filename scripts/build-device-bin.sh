@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds the stripped release binaries the GPU machine runs (it has no Rust toolchain) into
+# gpu-bin/ (git-ignored; carry it with the `device` tool): device_check, gpt_pretrain, burn-parallel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target="${CARGO_TARGET_DIR:-$HOME/.cache/burn-parallel-release}"
+CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda --target-dir "$target" \
+  --example device_check --example gpt_pretrain --bin burn-parallel
+mkdir -p gpu-bin
+for b in examples/device_check examples/gpt_pretrain burn-parallel; do
+  cp "$target/release/$b" gpu-bin/
+  strip "gpu-bin/$(basename "$b")"
+done
+printf '[compilation]\ncache = "local"\n\n[autotune]\ncache = "local"\n' > gpu-bin/cubecl.toml
+du -sh gpu-bin/*

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Everything that needs the GPU machine, in priority order, each step under its own time limit.
+# Build here (x86_64, no GPU needed):   scripts/build-device-bin.sh   (-> gpu-bin/, git-ignored)
+# Run there:  bash scripts/device-check.sh [checks|bench|gpt|all]   (logs under $OUT, else ./device-out)
+# Cold NVRTC compilation dominates first runs; gpu-bin/cubecl.toml keeps a kernel/autotune cache
+# next to the binaries, so a second command on the same warm machine starts fast.
+set -u
+what="${1:-all}"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out="${OUT:-$root/device-out}"
+mkdir -p "$out"
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export RUST_LOG="${RUST_LOG:-info}"
+cd "$root/gpu-bin"
+step() { # name, seconds, command...
+  local name="$1" secs="$2"; shift 2
+  echo "== $name (limit ${secs}s)"
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$out/$name.txt" 2>&1
+  local rc=$?
+  echo "   rc=$rc in $((SECONDS - t0))s"; tail -n 40 "$out/$name.txt"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1; cat "$out/gpu.txt"
+case "$what" in checks|all)
+  step checks 240 ./device_check kernels nccl ;;
+esac
+case "$what" in bench|all)
+  step ln-bench 150 ./device_check ln-bench
+  step torch-ln 60 python3 "$root/benches/torch_layer_norm.py"
+  step nccl-bench 90 ./device_check nccl-bench
+  step torch-nccl 60 python3 "$root/benches/torch_collectives.py" ;;
+esac
+case "$what" in gpt|all)
+  step gpt-nccl 300 ./burn-parallel launch --nproc-per-node 1 -- ./gpt_pretrain --device cuda --comm nccl \
+    --steps 20 --eval-every 0 --eval-batches 2 --sample-tokens 64 --kernel-cache "$PWD/kernel-cache" ;;
+esac
