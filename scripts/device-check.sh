@@ -32,5 +32,5 @@ case "$what" in bench|all)
 esac
 case "$what" in gpt|all)
   step gpt-nccl 300 ./burn-parallel launch --nproc-per-node 1 -- ./gpt_pretrain --device cuda --comm nccl \
-    --steps 20 --eval-every 0 --eval-batches 2 --sample-tokens 64 --kernel-cache "$PWD/kernel-cache" ;;
+    --steps 20 --eval-every 0 --eval-batches 2 --sample-tokens 64 --timeout-secs 900 ;;
 esac

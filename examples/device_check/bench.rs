@@ -87,6 +87,7 @@ pub fn collectives(quick: bool) -> Result<(), String> {
     for &mb in sizes_mb {
         let n = mb * (1 << 20) / 4;
         let x = Tensor::<K, 1>::random([n], Distribution::Default, &dev);
+        K::sync(&dev).map_err(|e| format!("{e:?}"))?; // x written before raw NCCL reads it
         let iters = if mb >= 256 { 5 } else { 20 };
         let x_ptr = {
             let prim = x.clone().into_primitive().tensor();

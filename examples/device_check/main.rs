@@ -1,7 +1,7 @@
 //! Every check and benchmark that needs the GPU machine, in one binary (feature `cuda`):
 //!
 //! ```text
-//! device_check [all|kernels|nccl|ln-bench|nccl-bench] [--quick]
+//! device_check [all | kernels nccl ln-bench nccl-bench ...] [--quick]
 //! ```
 //! - `kernels`: the fused layer-norm kernels on CUDA (f32, bf16) against the composed reference
 //!   (computed on the CPU from the same rounded inputs), many shapes; `Fusion` == `CubeBackend`.
@@ -55,22 +55,23 @@ impl Report {
 #[cfg(feature = "cuda")]
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let what = args.iter().find(|a| !a.starts_with("--")).map(String::as_str).unwrap_or("all");
+    let whats: Vec<&str> = args.iter().filter(|a| !a.starts_with("--")).map(String::as_str).collect();
+    let on = |k: &str| whats.is_empty() || whats.contains(&"all") || whats.contains(&k);
     let quick = args.iter().any(|a| a == "--quick");
     let dir = burn_parallel::cuda::enable_kernel_caches(None);
     println!("kernel caches: {}", dir.display());
     let mut report = Report::default();
     let t0 = std::time::Instant::now();
-    if matches!(what, "all" | "kernels") {
+    if on("kernels") {
         kernels::run(&mut report, quick);
     }
-    if matches!(what, "all" | "nccl") {
+    if on("nccl") {
         nccl::run(&mut report);
     }
-    if matches!(what, "all" | "ln-bench") {
+    if on("ln-bench") {
         bench::layer_norm(quick);
     }
-    if matches!(what, "all" | "nccl-bench") {
+    if on("nccl-bench") {
         if let Err(e) = bench::collectives(quick) {
             report.check("nccl-bench", Err(e));
         }

@@ -75,6 +75,8 @@ fn tensor<B: burn::tensor::backend::Backend>(d: &TensorData) -> Tensor<B, 3> {
 
 /// Device-pointer collectives on CUDA tensors (`CubeBackend` and `Fusion`), world 1.
 fn device_checks<B: CollectiveBackend>(report: &mut Report, nccl: &Comm, name: &str) {
+    let counts = || nccl.as_any().downcast_ref::<NcclComm>().map_or((0, 0), |c| (c.ops_issued(), c.host_calls()));
+    let before = counts();
     let d = data(DType::F32);
     let x = tensor::<B>(&d);
     let ok = |r: Result<Tensor<B, 3>, CommError>| r.map_err(|e| e.to_string()).and_then(|t| same(&t.into_data(), &d));
@@ -95,6 +97,12 @@ fn device_checks<B: CollectiveBackend>(report: &mut Report, nccl: &Comm, name: &
         other => Err(format!("expected a tag mismatch, got {:?}", other.map(|_| ()))),
     };
     report.check(&format!("nccl {name} tag mismatch is an error"), res);
+    // 3 all-reduces + 3 gathers + 3 scatters + broadcast + 2 p2p groups: 12 NCCL calls, and no
+    // host-data call (which would mean the tensors were staged through the host).
+    let after = counts();
+    let (n, host) = (after.0 - before.0, after.1 - before.1);
+    let r = if n == 12 && host == 0 { Ok(String::new()) } else { Err(format!("expected 12 NCCL calls and 0 host-staged calls, saw {n} and {host}")) };
+    report.check(&format!("nccl {name} took the device-pointer path"), r);
 }
 
 /// The mappings' autodiff ops through NCCL (called directly: with one rank the public mappings

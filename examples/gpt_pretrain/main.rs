@@ -344,6 +344,8 @@ fn run_nccl(args: &Args, data: &Corpus) -> Result<Summary, String> {
         .map_err(|e| e.to_string())?,
         Err(e) => return Err(e.to_string()),
     };
+    // Cold CUDA kernel compilation can keep one rank minutes away from the first collective.
+    let env = JobEnv { timeout: Duration::from_secs(args.timeout_secs), ..env };
     let world = args.dp * args.pp * args.tp;
     if env.world_size != world {
         return Err(format!("WORLD_SIZE={} but --dp {} x --pp {} x --tp {} = {world}", env.world_size, args.dp, args.pp, args.tp));

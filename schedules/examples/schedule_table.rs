@@ -25,8 +25,8 @@ fn main() {
     let which: String = arg(&args, "--schedule", "all".to_string());
     let names: Vec<&str> = if which == "all" { SCHEDULE_NAMES.to_vec() } else { vec![which.as_str()] };
     println!("pp={p} micro-batches={m} (interleaved: {v} chunks/rank), costs F={f} B={b} (I={} W={w}) comm={comm}\n", b - w);
-    println!("| schedule | makespan | bubble | theory | peak in-flight per rank |");
-    println!("|---|---|---|---|---|");
+    println!("| schedule | makespan | bubble | theory | peak in-flight per rank | makespan, NCCL rendezvous |");
+    println!("|---|---|---|---|---|---|");
     let mut last = None;
     for name in &names {
         let vs = if *name == "interleaved-1f1b" { v } else { 1 };
@@ -38,10 +38,11 @@ fn main() {
                     "gpipe" | "1f1b" => format!("{:.1}%", 100.0 * (p - 1) as f64 / (m + p - 1) as f64),
                     _ => "-".into(),
                 };
-                println!("| {name} | {:.1} | {:.1}% | {theory} | {:?} |", sim.makespan, 100.0 * sim.bubble_fraction, sim.peak_in_flight);
+                let rdv = rendezvous_makespan(&plan, &costs).map_or("deadlock".into(), |t| format!("{t:.1}"));
+                println!("| {name} | {:.1} | {:.1}% | {theory} | {:?} | {rdv} |", sim.makespan, 100.0 * sim.bubble_fraction, sim.peak_in_flight);
                 last = Some((name.to_string(), plan, sim));
             }
-            Err(e) => println!("| {name} | error: {e} | | | |"),
+            Err(e) => println!("| {name} | error: {e} | | | | |"),
         }
     }
     let Some((name, plan, sim)) = last else { return };

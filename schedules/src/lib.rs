@@ -31,7 +31,7 @@ mod validate;
 pub use action::{Action, Op, PipelineShape, Plan};
 pub use error::ScheduleError;
 pub use lower::lower;
-pub use p2p::{check_rendezvous, make_rendezvous_safe, steps, Step};
+pub use p2p::{check_rendezvous, make_rendezvous_safe, place_for_rendezvous, rendezvous_makespan, steps, Step};
 pub use schedule::{schedule_by_name, GPipe, Interleaved1F1B, OneFOneB, Schedule, ZeroBubbleH1, SCHEDULE_NAMES};
 pub use simulate::{render_grid, simulate, Costs, Simulation, Slot};
 pub use svg::render_svg;

@@ -14,7 +14,9 @@
 //!   same order.
 //!
 //! [`check_rendezvous`] proves both for a plan (the executor's CPU world can also run with these
-//! semantics, see `burn_parallel::LocalWorldOptions`).
+//! semantics, see `burn_parallel::LocalWorldOptions`); [`make_rendezvous_safe`] repairs a plan
+//! that would hang, and [`place_for_rendezvous`] picks where sends and receives go so that
+//! waiting for every batch costs (almost) nothing over buffered sends ([`rendezvous_makespan`]).
 
 use std::collections::{HashMap, HashSet};
 
@@ -198,6 +200,132 @@ fn run_rendezvous(plan: &Plan, per_rank: &mut Vec<Vec<Step>>, repair: bool) -> R
             return Err(ScheduleError::Deadlock(format!("under NCCL rendezvous semantics: {}", blocked.join(", "))));
         }
     }
+}
+
+/// The makespan of `plan` under NCCL's rules with `costs` (computations take their cost; a batch
+/// completes when the last of its ops and their counterparts was posted, plus `costs.comm`);
+/// `None` if it deadlocks. This is what ranks that wait for every batch (as the executor does)
+/// experience; the buffered [`simulate`](crate::simulate) is a lower bound.
+pub fn rendezvous_makespan(plan: &Plan, costs: &crate::Costs) -> Option<f64> {
+    let per_rank: Vec<Vec<Step>> = plan.ranks.iter().map(|a| steps(a)).collect();
+    let n = per_rank.len();
+    let (mut pos, mut clock) = (vec![0usize; n], vec![0.0f64; n]);
+    let mut posted: HashMap<(Msg, bool), f64> = HashMap::new();
+    loop {
+        let mut progressed = false;
+        for r in 0..n {
+            while let Some(step) = per_rank[r].get(pos[r]) {
+                match step {
+                    Step::Compute(a) => clock[r] += costs.of(a.op),
+                    Step::Batch(batch) => {
+                        for &a in batch {
+                            let key = (message(plan, a).0, is_send(a.op));
+                            if !posted.contains_key(&key) {
+                                posted.insert(key, clock[r]);
+                                progressed = true;
+                            }
+                        }
+                        let peers: Option<Vec<f64>> = batch.iter().map(|&a| posted.get(&(message(plan, a).0, !is_send(a.op))).copied()).collect();
+                        let Some(peers) = peers else { break };
+                        clock[r] = peers.into_iter().fold(clock[r], f64::max) + costs.comm;
+                    }
+                }
+                pos[r] += 1;
+                progressed = true;
+            }
+        }
+        if (0..n).all(|r| pos[r] == per_rank[r].len()) {
+            return Some(clock.into_iter().fold(0.0, f64::max));
+        }
+        if !progressed {
+            return None;
+        }
+    }
+}
+
+/// Moves each `SEND_F` that is directly followed by a backward to just after that backward.
+fn defer_sends(plan: &Plan) -> Plan {
+    map_ranks(plan, |v| {
+        let mut i = 0;
+        while i < v.len() {
+            if v[i].op == Op::SendF {
+                if let Some(j) = (i + 1..v.len()).find(|&j| !is_comm(v[j].op)).filter(|&j| matches!(v[j].op, Op::B | Op::I)) {
+                    let a = v.remove(i);
+                    v.insert(j, a);
+                    i = j;
+                }
+            }
+            i += 1;
+        }
+    })
+}
+
+/// Moves each `RECV_B` that directly follows a forward to just before that forward.
+fn prefetch_receives(plan: &Plan) -> Plan {
+    map_ranks(plan, |v| {
+        let mut i = v.len();
+        while i > 0 {
+            i -= 1;
+            if v[i].op == Op::RecvB {
+                if let Some(j) = (0..i).rev().find(|&j| !is_comm(v[j].op)).filter(|&j| v[j].op == Op::F) {
+                    let a = v.remove(i);
+                    v.insert(j, a);
+                    i = j;
+                }
+            }
+        }
+    })
+}
+
+fn map_ranks(plan: &Plan, f: impl Fn(&mut Vec<Action>)) -> Plan {
+    let ranks = plan
+        .ranks
+        .iter()
+        .map(|a| {
+            let mut v = a.clone();
+            f(&mut v);
+            v
+        })
+        .collect();
+    Plan { shape: plan.shape, ranks }
+}
+
+/// Cost profiles a placement is judged on: backward twice the forward, split evenly into I and
+/// W, or all in I (Burn 0.21 runs the whole backward in `I`); and backward equal to forward.
+const PROFILES: [crate::Costs; 3] = [
+    crate::Costs { forward: 1.0, backward: 2.0, backward_input: 1.0, backward_weight: 1.0, comm: 0.0 },
+    crate::Costs { forward: 1.0, backward: 2.0, backward_input: 2.0, backward_weight: 0.0, comm: 0.0 },
+    crate::Costs { forward: 1.0, backward: 1.0, backward_input: 0.5, backward_weight: 0.5, comm: 0.0 },
+];
+
+/// The worst ratio, over [`PROFILES`], of `plan`'s rendezvous makespan to `reference`'s buffered
+/// makespan.
+fn score(plan: &Plan, reference: &[f64]) -> f64 {
+    PROFILES.iter().zip(reference).map(|(c, r)| rendezvous_makespan(plan, c).map_or(f64::INFINITY, |t| t / r)).fold(0.0, f64::max)
+}
+
+/// The best of four placements of `plan`'s communication under NCCL's rules: as lowered; with
+/// sends deferred past the next backward; with gradient receives posted before the preceding
+/// forward; both (Megatron's interleaved steady state: one group per forward–backward pair, in
+/// which neighbours meet). Each is made safe with [`make_rendezvous_safe`] and judged by its
+/// worst [`rendezvous_makespan`] over a few cost profiles relative to the buffered makespan of
+/// `plan`; a variant must be strictly better to replace the plain lowering.
+pub fn place_for_rendezvous(plan: Plan) -> Result<Plan, ScheduleError> {
+    let reference: Vec<f64> = PROFILES.iter().map(|c| crate::simulate(&plan, c).map(|s| s.makespan)).collect::<Result<_, _>>()?;
+    let variants = [defer_sends(&plan), prefetch_receives(&plan), prefetch_receives(&defer_sends(&plan))];
+    let mut best = make_rendezvous_safe(plan)?;
+    let mut best_score = score(&best, &reference);
+    for v in variants {
+        let Ok(v) = make_rendezvous_safe(v) else { continue };
+        if crate::validate(&v).is_err() || check_rendezvous(&v).is_err() {
+            continue;
+        }
+        let s = score(&v, &reference);
+        if s < best_score - 1e-9 {
+            (best, best_score) = (v, s);
+        }
+    }
+    Ok(best)
 }
 
 #[cfg(test)]

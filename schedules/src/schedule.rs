@@ -5,7 +5,7 @@ use std::fmt::Debug;
 use crate::action::{Action, Op, PipelineShape, Plan};
 use crate::error::ScheduleError;
 use crate::lower::lower;
-use crate::p2p::{check_rendezvous, make_rendezvous_safe};
+use crate::p2p::{check_rendezvous, place_for_rendezvous};
 use crate::simulate::{simulate, Costs};
 use crate::validate::validate;
 
@@ -24,15 +24,15 @@ pub trait Schedule: Debug + Send + Sync {
 
     /// The complete plan: computation order plus the sends and receives, validated and checked
     /// by a dry run to never deadlock (with non-blocking sends, progress does not depend on the
-    /// costs, so one run with unit costs decides it), with receives posted early where NCCL's
-    /// rendezvous point-to-point needs it, and checked again under those rules
-    /// ([`crate::p2p`]).
+    /// costs, so one run with unit costs decides it), with sends and receives placed for NCCL's
+    /// rendezvous point-to-point (never hanging, and costing as little as possible with F = 1,
+    /// B = 2), checked again under those rules ([`crate::p2p`]).
     fn plan(&self, shape: &PipelineShape) -> Result<Plan, ScheduleError> {
         shape.check()?;
         let plan = lower(shape, self.compute_order(shape)?);
         validate(&plan)?;
         simulate(&plan, &Costs::uniform())?;
-        let plan = make_rendezvous_safe(plan)?;
+        let plan = place_for_rendezvous(plan)?;
         validate(&plan)?;
         simulate(&plan, &Costs::uniform())?;
         check_rendezvous(&plan)?;

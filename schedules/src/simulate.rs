@@ -32,7 +32,7 @@ impl Costs {
         Self { forward: 1.0, backward: 2.0, backward_input: 1.0, backward_weight: 1.0, comm: 0.0 }
     }
 
-    fn of(&self, op: Op) -> f64 {
+    pub(crate) fn of(&self, op: Op) -> f64 {
         match op {
             Op::F => self.forward,
             Op::B => self.backward,

@@ -174,3 +174,34 @@ fn every_schedule_runs_under_nccl_rendezvous_semantics() {
     }
     assert!(checked > 100, "only {checked} plans checked");
 }
+
+/// With each run of sends/receives one NCCL group that the rank waits for, GPipe and 1F1B lose
+/// nothing against buffered sends; interleaved 1F1B loses nothing when m is a multiple (≥ 2) of p
+/// — Megatron's own requirement (its placement: one group per forward–backward pair); ZB-H1 loses
+/// nothing when `I` is the whole backward (as Burn 0.21 runs it).
+#[test]
+fn placement_makes_nccl_rendezvous_free_where_megatron_is() {
+    let split = Costs { forward: 1.0, backward: 2.0, backward_input: 1.0, backward_weight: 1.0, comm: 0.0 };
+    let whole = Costs { backward_input: 2.0, backward_weight: 0.0, ..split };
+    for name in SCHEDULE_NAMES {
+        for p in 2..=6 {
+            for v in 1..=3 {
+                for m in [p, p + 1, 2 * p, 2 * p + 1, 3 * p, 4 * p] {
+                    let Ok(plan) = schedule_by_name(name).unwrap().plan(&PipelineShape::new(p, v, m)) else { continue };
+                    for (costs, label) in [(split, "I = W"), (whole, "I = B")] {
+                        let (b, r) = (simulate(&plan, &costs).unwrap().makespan, rendezvous_makespan(&plan, &costs).unwrap());
+                        assert!(r >= b - 1e-9, "{name} p={p} v={v} m={m}: {r} < {b}");
+                        let free = match name {
+                            "interleaved-1f1b" => m % p == 0 && m >= 2 * p && v > 1,
+                            "zb-h1" => label == "I = B",
+                            _ => true,
+                        };
+                        if free {
+                            assert!((r - b).abs() < 1e-9, "{name} p={p} v={v} m={m} {label}: rendezvous {r} vs buffered {b}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

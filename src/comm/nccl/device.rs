@@ -17,7 +17,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::cubecl::Runtime;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 
-use super::{backend, Header, NcclComm, RawP2p};
+use super::{backend, Header, NcclComm};
 use crate::collective::{layout, staged};
 use crate::comm::{Comm, Communicator, RecvOp, ReduceOp};
 use crate::error::CommError;
@@ -48,6 +48,7 @@ fn with_ptrs<R>(ts: &[&T], f: impl FnOnce(&[u64]) -> Result<R, CommError>) -> Re
 impl<F: FloatElement, I: IntElement, BT: BoolElement> CollectiveBackend for CubeBackend<CudaRuntime, F, I, BT> {
     fn collective_all_reduce(x: T, op: ReduceOp, comm: &Comm) -> Result<T, CommError> {
         let Some(nccl) = nccl(comm) else { return staged::all_reduce::<Self>(x, op, comm) };
+        check_device(nccl, &x.device)?;
         let x = into_contiguous(x);
         let out = empty(&x, x.shape(), x.dtype);
         let (n, dtype) = (x.shape().num_elements(), x.dtype);
@@ -58,6 +59,7 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> CollectiveBackend for Cube
 
     fn collective_all_gather(x: T, dim: usize, comm: &Comm) -> Result<T, CommError> {
         let Some(nccl) = nccl(comm) else { return staged::all_gather::<Self>(x, dim, comm) };
+        check_device(nccl, &x.device)?;
         let x = into_contiguous(x);
         let dims = x.shape().as_slice().to_vec();
         if dim >= dims.len() {
@@ -73,6 +75,7 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> CollectiveBackend for Cube
 
     fn collective_reduce_scatter(x: T, dim: usize, op: ReduceOp, comm: &Comm) -> Result<T, CommError> {
         let Some(nccl) = nccl(comm) else { return staged::reduce_scatter::<Self>(x, dim, op, comm) };
+        check_device(nccl, &x.device)?;
         let dims = x.shape().as_slice().to_vec();
         let size = nccl.size();
         if dim >= dims.len() || dims[dim] % size != 0 {
@@ -90,6 +93,7 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> CollectiveBackend for Cube
 
     fn collective_broadcast(x: T, root: usize, comm: &Comm) -> Result<T, CommError> {
         let Some(nccl) = nccl(comm) else { return staged::broadcast::<Self>(x, root, comm) };
+        check_device(nccl, &x.device)?;
         if root >= nccl.size() {
             return Err(nccl.bad("broadcast", format!("root {root} outside a group of {}", nccl.size())));
         }
@@ -103,23 +107,31 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> CollectiveBackend for Cube
 
     fn collective_batch_p2p(sends: Vec<(T, usize, u64)>, recvs: &[RecvOp], device: &Device<Self>, comm: &Comm) -> Result<Vec<T>, CommError> {
         let Some(nccl) = nccl(comm) else { return staged::batch_p2p::<Self>(sends, recvs, device, comm) };
+        check_device(nccl, device)?;
         let sends: Vec<(T, usize, u64)> = sends.into_iter().map(|(x, p, t)| (into_contiguous(x), p, t)).collect();
-        let headers: Vec<(usize, Header)> = sends.iter().map(|(x, p, t)| (*p, Header { tag: *t, dtype: x.dtype, shape: x.shape().as_slice().to_vec() })).collect();
-        let from: Vec<usize> = recvs.iter().map(|r| r.peer).collect();
-        let got = nccl.exchange_headers(&headers, &from)?;
-        // Buffers follow what was announced (scratch when it is not what we expect), so the
-        // payload phase completes on both sides before a mismatch is reported.
         let client = CudaRuntime::client(device);
-        let outs: Vec<T> = got.iter().map(|h| empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::from(h.shape.clone()), h.dtype)).collect();
+        let outs: Vec<T> = recvs
+            .iter()
+            .map(|r| empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::from(r.spec.shape.clone()), r.spec.dtype))
+            .collect();
         let all: Vec<&T> = sends.iter().map(|(x, _, _)| x).chain(outs.iter()).collect();
-        let op = |ptr, t: &T, peer| RawP2p { ptr, count: t.shape().num_elements(), dtype: t.dtype, peer };
         with_ptrs(&all, |p| {
-            let s_ops: Vec<RawP2p> = sends.iter().enumerate().map(|(i, (x, peer, _))| op(p[i], x, *peer)).collect();
-            let r_ops: Vec<RawP2p> = outs.iter().zip(recvs).enumerate().map(|(i, (t, r))| op(p[sends.len() + i], t, r.peer)).collect();
-            // SAFETY: pinned contiguous buffers sized from the headers.
-            unsafe { nccl.p2p_raw(&s_ops, &r_ops) }
+            let s_ops: Vec<(u64, Header, usize)> = sends
+                .iter()
+                .enumerate()
+                .map(|(i, (x, peer, tag))| (p[i], Header { tag: *tag, dtype: x.dtype, shape: x.shape().as_slice().to_vec() }, *peer))
+                .collect();
+            let r_ops: Vec<(u64, &RecvOp)> = recvs.iter().enumerate().map(|(i, r)| (p[sends.len() + i], r)).collect();
+            nccl.p2p_checked(&s_ops, &r_ops)
         })?;
-        nccl.check_received(&got, recvs)?;
         Ok(outs)
     }
+}
+
+/// Tensors must live on the communicator's GPU.
+fn check_device(nccl: &NcclComm, device: &Device<CubeBackend<CudaRuntime, f32, i32, u8>>) -> Result<(), CommError> {
+    if device.index != nccl.device() {
+        return Err(nccl.bad("p2p", format!("tensor on CUDA device {} but the communicator drives device {}", device.index, nccl.device())));
+    }
+    Ok(())
 }

@@ -15,34 +15,8 @@ impl NcclComm {
         Ok(out)
     }
 
-    fn alloc_upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>, CommError> {
-        if bytes.is_empty() {
-            self.alloc(1)
-        } else {
-            self.upload(bytes)
-        }
-    }
-
     fn check_dtype(&self, op: &str, dtype: DType) -> Result<(), CommError> {
         nccl_dtype(dtype).map(|_| ()).map_err(|d| self.bad(op, d))
-    }
-
-    /// Receives the payloads announced by `got` (scratch for every one), sends `sends`, then
-    /// reports the first header that does not match `recvs`.
-    fn payloads(&self, sends: &[(CudaSlice<u8>, &SendOp)], got: &[Header], recvs: &[RecvOp]) -> Result<Vec<TensorData>, CommError> {
-        let bufs = got.iter().map(|h| self.alloc(h.bytes())).collect::<Result<Vec<_>, _>>()?;
-        let s_ops: Vec<RawP2p> = sends.iter().map(|(b, s)| RawP2p { ptr: self.ptr(b), count: s.data.as_bytes().len(), dtype: DType::U8, peer: s.peer }).collect();
-        let r_ops: Vec<RawP2p> = bufs.iter().zip(got).zip(recvs).map(|((b, h), r)| RawP2p { ptr: self.ptr(b), count: h.bytes(), dtype: DType::U8, peer: r.peer }).collect();
-        // SAFETY: our buffers, sized from the headers, alive until the call returns.
-        unsafe { self.p2p_raw(&s_ops, &r_ops)? };
-        self.check_received(got, recvs)?;
-        let mut out = Vec::with_capacity(recvs.len());
-        for (buf, h) in bufs.iter().zip(got) {
-            let mut bytes = self.download(buf)?;
-            bytes.truncate(h.bytes());
-            out.push(TensorData::from_bytes_vec(bytes, h.shape.clone(), h.dtype));
-        }
-        Ok(out)
     }
 
     /// The first received header that is not what `recvs` expect, as an error.
@@ -108,6 +82,7 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce(&self, data: TensorData, op: ReduceOp) -> Result<TensorData, CommError> {
+        self.count_host_call();
         self.check_dtype("all_reduce", data.dtype)?;
         let n = data.as_bytes().len();
         // SAFETY: staged buffers of n bytes each.
@@ -116,6 +91,7 @@ impl Communicator for NcclComm {
     }
 
     fn all_gather(&self, data: TensorData, dim: usize) -> Result<TensorData, CommError> {
+        self.count_host_call();
         self.check_dtype("all_gather", data.dtype)?;
         if dim >= data.shape.num_dims() {
             return Err(self.bad("all_gather", format!("dim {dim} out of range for shape {:?}", data.shape.as_slice())));
@@ -129,6 +105,7 @@ impl Communicator for NcclComm {
     }
 
     fn reduce_scatter(&self, data: TensorData, dim: usize, op: ReduceOp) -> Result<TensorData, CommError> {
+        self.count_host_call();
         self.check_dtype("reduce_scatter", data.dtype)?;
         let size = self.size();
         let chunks = (0..size).map(|i| split_along(&data, dim, size, i)).collect::<Result<Vec<_>, _>>().map_err(|d| self.bad("reduce_scatter", d))?;
@@ -142,6 +119,7 @@ impl Communicator for NcclComm {
     }
 
     fn broadcast(&self, data: Option<TensorData>, root: usize) -> Result<TensorData, CommError> {
+        self.count_host_call();
         if root >= self.size() {
             return Err(self.bad("broadcast", format!("root {root} outside a group of {}", self.size())));
         }
@@ -171,11 +149,25 @@ impl Communicator for NcclComm {
     }
 
     fn batch_p2p(&self, sends: Vec<SendOp>, recvs: &[RecvOp]) -> Result<Vec<TensorData>, CommError> {
-        let headers: Vec<(usize, Header)> = sends.iter().map(|s| (s.peer, Header { tag: s.tag, dtype: s.data.dtype, shape: s.data.shape.to_vec() })).collect();
-        let from: Vec<usize> = recvs.iter().map(|r| r.peer).collect();
-        let got = self.exchange_headers(&headers, &from)?;
-        let bufs = sends.iter().map(|s| self.alloc_upload(s.data.as_bytes()).map(|b| (b, s))).collect::<Result<Vec<_>, _>>()?;
-        self.payloads(&bufs, &got, recvs)
+        self.count_host_call();
+        let send_bufs = sends.iter().map(|s| self.alloc_upload(s.data.as_bytes())).collect::<Result<Vec<_>, _>>()?;
+        let recv_bufs = recvs.iter().map(|r| self.alloc(r.spec.shape.iter().product::<usize>() * r.spec.dtype.size())).collect::<Result<Vec<_>, _>>()?;
+        let s_ops: Vec<(u64, Header, usize)> = sends
+            .iter()
+            .zip(&send_bufs)
+            .map(|(s, b)| (self.ptr(b), Header { tag: s.tag, dtype: s.data.dtype, shape: s.data.shape.to_vec() }, s.peer))
+            .collect();
+        let r_ops: Vec<(u64, &RecvOp)> = recvs.iter().zip(&recv_bufs).map(|(r, b)| (self.ptr(b), r)).collect();
+        self.p2p_checked(&s_ops, &r_ops)?;
+        recvs
+            .iter()
+            .zip(&recv_bufs)
+            .map(|(r, b)| {
+                let mut bytes = self.download(b)?;
+                bytes.truncate(r.spec.shape.iter().product::<usize>() * r.spec.dtype.size());
+                Ok(TensorData::from_bytes_vec(bytes, r.spec.shape.clone(), r.spec.dtype))
+            })
+            .collect()
     }
 
     fn barrier(&self) -> Result<(), CommError> {

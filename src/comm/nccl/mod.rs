@@ -14,9 +14,12 @@
 //! - Buffers stay alive (burn: a `get_resource` pin) until the operation returned.
 //! - Calls are serialised by a mutex; every rank issues the same collectives in the same order.
 //! - Point-to-point: NCCL matches in order per pair and a send completes only when received, so
-//!   [`batch_p2p`](Communicator::batch_p2p) issues one NCCL group. A 128-byte header (tag, dtype,
-//!   shape) goes first, in its own group, so a receiver detects a wrong tag, shape or dtype
-//!   (receiving the payload into scratch first, so the sender is not left hanging).
+//!   [`batch_p2p`](Communicator::batch_p2p) issues one NCCL group, in which every payload is
+//!   preceded by a 128-byte header (tag, dtype, shape) to the same peer; receivers size payloads
+//!   from what they expect and check the headers afterwards (a wrong tag, shape or dtype is an
+//!   error naming both ranks; sizes that differ may stall NCCL until the watchdog, whose error then
+//!   reports the mismatch read from the header). One group per batch is what the schedules
+//!   crate's rendezvous check models.
 //!
 //! # Never a silent hang
 //! Every NCCL call and stream wait is armed on a watchdog: past the timeout the communicator is
@@ -37,7 +40,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nccl::{result, sys};
 
 pub(crate) use raw::Header;
-use raw::{nccl_dtype, nccl_op, Expire, RawComm, WatchGuard, HEADER_WORDS};
+use raw::{nccl_dtype, nccl_op, Expire, RawComm, WatchGuard, HEADER_BYTES, HEADER_WORDS};
 
 use super::host::{concat_along, split_along};
 use super::{Comm, Communicator, RecvOp, ReduceOp, SendOp, TensorSpec};
@@ -112,6 +115,7 @@ pub struct NcclComm {
     label: String,
     options: NcclOptions,
     seq: AtomicU64,
+    host_calls: AtomicU64,
 }
 
 impl std::fmt::Debug for NcclComm {
@@ -143,7 +147,7 @@ impl NcclComm {
         let r = unsafe { result::comm_init_rank(&mut comm, global_ranks.len() as i32, id.0, rank as i32) };
         drop(guard);
         r.map_err(|e| backend(&what, e))?;
-        Ok(Self { raw: Arc::new(RawComm::new(comm)), lock: Mutex::new(()), ctx, stream, rank, global_ranks, label, options, seq: AtomicU64::new(0) })
+        Ok(Self { raw: Arc::new(RawComm::new(comm)), lock: Mutex::new(()), ctx, stream, rank, global_ranks, label, options, seq: AtomicU64::new(0), host_calls: AtomicU64::new(0) })
     }
 
     /// The world communicator of a launched job: rank 0 creates the id, the TCP rendezvous at
@@ -179,9 +183,15 @@ impl NcclComm {
             missing: self.global_ranks.iter().copied().filter(|r| *r != me).collect(),
             waited: start.elapsed(),
         };
+        // After an abort (watchdog), NCCL kernels stop; wait for them before the caller releases
+        // the buffers they used.
+        let aborted = |start: Instant| {
+            let _ = self.stream.synchronize();
+            timeout(start)
+        };
         let issued = call(comm, self.stream.cu_stream() as sys::cudaStream_t);
         if guard.fired() {
-            return Err(timeout(start));
+            return Err(aborted(start));
         }
         issued?;
         let done = self.stream.record_event(None).map_err(|e| backend("recording a CUDA event", e))?;
@@ -193,10 +203,11 @@ impl NcclComm {
                 Err(e) => return Err(backend(&format!("{name} on {}", self.label), e)),
             }
             if guard.fired() {
-                return Err(timeout(start));
+                return Err(aborted(start));
             }
             if let Some(e) = self.raw.async_error() {
                 self.raw.abort();
+                let _ = self.stream.synchronize();
                 return Err(CommError::Backend(format!("rank {me}: {name} on {} failed: NCCL reports {e} (a peer failed or exited?)", self.label)));
             }
             spins += 1;
@@ -279,28 +290,75 @@ impl NcclComm {
         })
     }
 
-    /// Exchanges headers: sends `(peer, header)`s and receives one header from each of `from`.
-    pub(crate) fn exchange_headers(&self, sends: &[(usize, Header)], from: &[usize]) -> Result<Vec<Header>, CommError> {
+    /// One NCCL group of checked point-to-point messages: every send is preceded by its header
+    /// and every receive by a header receive (NCCL matches a pair's messages in posting order, so
+    /// headers meet headers). Payloads are bytes; receive sizes come from what the receiver
+    /// expects. After the group the headers are checked against `recvs`; a group that times out
+    /// reports a mismatch instead when a received header shows one (sizes that differ can stall
+    /// NCCL until the watchdog fires).
+    pub(crate) fn p2p_checked(&self, sends: &[(u64, Header, usize)], recvs: &[(u64, &RecvOp)]) -> Result<(), CommError> {
         let mut words = Vec::with_capacity(sends.len() * HEADER_WORDS);
-        for (_, h) in sends {
+        for (_, h, _) in sends {
             words.extend(h.encode().map_err(|d| self.bad("send", d))?);
         }
-        let out = self.alloc(from.len() * HEADER_WORDS * 8)?;
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let src = if bytes.is_empty() { None } else { Some(self.upload(&bytes)?) };
-        let ptr = |s: &CudaSlice<u8>, i: usize| s.device_ptr(&self.stream).0 + (i * HEADER_WORDS * 8) as u64;
-        let op = |ptr, peer| RawP2p { ptr, count: HEADER_WORDS, dtype: DType::U64, peer };
-        let s_ops: Vec<RawP2p> = sends.iter().enumerate().map(|(i, (p, _))| op(ptr(src.as_ref().expect("non-empty"), i), *p)).collect();
-        let r_ops: Vec<RawP2p> = from.iter().enumerate().map(|(i, p)| op(ptr(&out, i), *p)).collect();
-        // SAFETY: both buffers are ours, sized for every header, alive until the call returns.
-        unsafe { self.p2p_raw(&s_ops, &r_ops)? };
-        let bytes = self.download(&out)?;
-        let words: Vec<u64> = bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-        words.chunks_exact(HEADER_WORDS).map(|w| Header::decode(w).map_err(|d| self.bad("recv", d))).collect()
+        let hs = self.alloc_upload(&bytes)?;
+        let hr = self.alloc(recvs.len() * HEADER_BYTES)?;
+        let (hs_ptr, hr_ptr) = (self.ptr(&hs), self.ptr(&hr));
+        let mut s_ops = Vec::with_capacity(2 * sends.len());
+        for (i, (ptr, h, peer)) in sends.iter().enumerate() {
+            s_ops.push(RawP2p { ptr: hs_ptr + (i * HEADER_BYTES) as u64, count: HEADER_BYTES, dtype: DType::U8, peer: *peer });
+            s_ops.push(RawP2p { ptr: *ptr, count: h.bytes(), dtype: DType::U8, peer: *peer });
+        }
+        let mut r_ops = Vec::with_capacity(2 * recvs.len());
+        for (i, (ptr, r)) in recvs.iter().enumerate() {
+            let expect = Header { tag: r.tag, dtype: r.spec.dtype, shape: r.spec.shape.clone() };
+            r_ops.push(RawP2p { ptr: hr_ptr + (i * HEADER_BYTES) as u64, count: HEADER_BYTES, dtype: DType::U8, peer: r.peer });
+            r_ops.push(RawP2p { ptr: *ptr, count: expect.bytes(), dtype: DType::U8, peer: r.peer });
+        }
+        // SAFETY: header buffers are ours; payload pointers are the caller's (pinned, sized).
+        let done = unsafe { self.p2p_raw(&s_ops, &r_ops) };
+        let headers = || -> Result<Vec<Header>, CommError> {
+            let raw = self.download(&hr)?;
+            let words: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+            words.chunks_exact(HEADER_WORDS).take(recvs.len()).map(|w| Header::decode(w).map_err(|d| self.bad("recv", d))).collect()
+        };
+        let owned: Vec<RecvOp> = recvs.iter().map(|(_, r)| (*r).clone()).collect();
+        match done {
+            Ok(()) => self.check_received(&headers()?, &owned),
+            Err(timeout @ CommError::Timeout { .. }) => match headers() {
+                Ok(h) => self.check_received(&h, &owned).and(Err(timeout)),
+                Err(_) => Err(timeout),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// NCCL calls issued so far on this communicator.
+    pub fn ops_issued(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
+    /// Host-data [`Communicator`] calls so far (tensors staged through the host); the device
+    /// checks use it to prove that CUDA tensors took the device-pointer path.
+    pub fn host_calls(&self) -> u64 {
+        self.host_calls.load(Ordering::SeqCst)
+    }
+
+    fn count_host_call(&self) {
+        self.host_calls.fetch_add(1, Ordering::SeqCst);
     }
 
     pub(crate) fn bad(&self, op: &str, detail: String) -> CommError {
         CommError::BadInput { group: self.label.clone(), op: op.into(), detail }
+    }
+
+    fn alloc_upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>, CommError> {
+        if bytes.is_empty() {
+            self.alloc(1)
+        } else {
+            self.upload(bytes)
+        }
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>, CommError> {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use burn::tensor::DType;
@@ -11,26 +11,34 @@ use cudarc::nccl::sys;
 
 use crate::comm::ReduceOp;
 
-/// An `ncclComm_t` that may be aborted from the watchdog thread.
+/// An `ncclComm_t` that may be aborted from the watchdog thread. The flag's lock is held while
+/// aborting and while polling the asynchronous error, so a poll never sees a freed handle; it is
+/// **not** held during blocking NCCL calls (those are what an abort must interrupt).
 #[derive(Debug)]
 pub(crate) struct RawComm {
     ptr: AtomicPtr<sys::ncclComm>,
-    aborted: AtomicBool,
+    aborted: RwLock<bool>,
 }
 
 impl RawComm {
     pub(crate) fn new(ptr: sys::ncclComm_t) -> Self {
-        Self { ptr: AtomicPtr::new(ptr), aborted: AtomicBool::new(false) }
+        Self { ptr: AtomicPtr::new(ptr), aborted: RwLock::new(false) }
+    }
+
+    fn is_aborted(&self) -> bool {
+        *self.aborted.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The handle, or `None` once aborted.
     pub(crate) fn get(&self) -> Option<sys::ncclComm_t> {
-        (!self.aborted.load(Ordering::SeqCst)).then(|| self.ptr.load(Ordering::SeqCst))
+        (!self.is_aborted()).then(|| self.ptr.load(Ordering::SeqCst))
     }
 
     /// Aborts the communicator (NCCL kernels stop, blocked calls return); idempotent.
     pub(crate) fn abort(&self) {
-        if !self.aborted.swap(true, Ordering::SeqCst) {
+        let mut aborted = self.aborted.write().unwrap_or_else(|e| e.into_inner());
+        if !*aborted {
+            *aborted = true;
             // SAFETY: the handle came from ncclCommInitRank and is aborted at most once.
             let _ = unsafe { cudarc::nccl::result::comm_abort(self.ptr.load(Ordering::SeqCst)) };
         }
@@ -38,10 +46,13 @@ impl RawComm {
 
     /// The communicator's asynchronous error, if any (a peer failed, a network error).
     pub(crate) fn async_error(&self) -> Option<String> {
-        let comm = self.get()?;
+        let aborted = self.aborted.read().unwrap_or_else(|e| e.into_inner());
+        if *aborted {
+            return None;
+        }
         let mut state = sys::ncclResult_t::ncclSuccess;
-        // SAFETY: valid handle, out-pointer to a local.
-        let r = unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
+        // SAFETY: valid (not aborted: the read lock keeps it so) handle, out-pointer to a local.
+        let r = unsafe { sys::ncclCommGetAsyncError(self.ptr.load(Ordering::SeqCst), &mut state) };
         match (r, state) {
             (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) => None,
             (sys::ncclResult_t::ncclSuccess, e) => Some(format!("{e:?}")),
@@ -51,8 +62,11 @@ impl RawComm {
 }
 
 impl Drop for RawComm {
+    /// Destroying may talk to the peers (NCCL ≥ 2.23 finalises): under the watchdog, like
+    /// creation.
     fn drop(&mut self) {
-        if !self.aborted.load(Ordering::SeqCst) {
+        if !self.is_aborted() {
+            let _guard = WatchGuard::arm("ncclCommDestroy".into(), Duration::from_secs(60), Expire::Exit);
             // SAFETY: owned handle, not aborted, destroyed once.
             let _ = unsafe { cudarc::nccl::result::comm_destroy(self.ptr.load(Ordering::SeqCst)) };
         }
@@ -96,6 +110,8 @@ const DTYPES: [DType; 10] = [DType::F32, DType::F16, DType::BF16, DType::F64, DT
 const MAGIC: u64 = u64::from_le_bytes(*b"BURNPAR1");
 /// Words of a header: magic, tag, dtype code, rank count, up to 12 dims.
 pub(crate) const HEADER_WORDS: usize = 16;
+/// Bytes of a header.
+pub(crate) const HEADER_BYTES: usize = HEADER_WORDS * 8;
 const MAX_DIMS: usize = HEADER_WORDS - 4;
 
 /// What travels ahead of a point-to-point payload (and a host broadcast): tag, dtype, shape.
@@ -171,19 +187,29 @@ impl Watchdog {
         loop {
             let now = Instant::now();
             let expired: Vec<u64> = armed.iter().filter(|(_, a)| a.deadline <= now).map(|(id, _)| *id).collect();
-            for id in expired {
-                let a = armed.remove(&id).expect("listed");
-                a.fired.store(true, Ordering::SeqCst);
-                match a.expire {
-                    Expire::Abort(comm) => {
-                        tracing::error!("{} did not finish in time: aborting the NCCL communicator", a.what);
-                        comm.abort();
+            let expired: Vec<Armed> = expired.into_iter().map(|id| armed.remove(&id).expect("listed")).collect();
+            if !expired.is_empty() {
+                // Abort without holding the list (an abort may take long; guards keep arming and
+                // disarming meanwhile), and mark `fired` only once the abort returned, so the
+                // caller never releases buffers NCCL kernels may still write.
+                drop(armed);
+                for a in expired {
+                    match a.expire {
+                        Expire::Abort(comm) => {
+                            tracing::error!("{} did not finish in time: aborting the NCCL communicator", a.what);
+                            comm.abort();
+                        }
+                        Expire::Exit => {
+                            eprintln!("burn-parallel: {} did not finish in time and cannot be interrupted; exiting with code 124", a.what);
+                            // SAFETY: ends the process without running CUDA/NCCL exit handlers
+                            // (which could block on the stuck call).
+                            unsafe { libc::_exit(124) };
+                        }
                     }
-                    Expire::Exit => {
-                        eprintln!("burn-parallel: {} did not finish in time and cannot be interrupted; exiting with code 124", a.what);
-                        std::process::exit(124);
-                    }
+                    a.fired.store(true, Ordering::SeqCst);
                 }
+                armed = self.armed.lock().unwrap_or_else(|e| e.into_inner());
+                continue;
             }
             let wait = armed.values().map(|a| a.deadline.saturating_duration_since(now)).min().unwrap_or(Duration::from_secs(3600));
             armed = self.cv.wait_timeout(armed, wait).unwrap_or_else(|e| e.into_inner()).0;
