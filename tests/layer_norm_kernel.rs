@@ -78,3 +78,33 @@ fn autodiff_through_the_kernel_equals_autodiff_on_cpu() {
     }
     let _ = <K as Backend>::name(&Default::default());
 }
+
+/// Half precision storage with f32 accumulation: f16 inputs (the reference sees the same rounded
+/// values in f32), outputs within 1e-2 relative. (The issue asks for bf16, which lavapipe lacks;
+/// bf16 runs in `device_check kernels` on CUDA. f16 exercises the same casts and accumulation.)
+#[test]
+fn half_precision_kernels_accumulate_in_f32() {
+    use burn::tensor::DType;
+    let dev: burn::tensor::Device<K> = Default::default();
+    let half = |d: &TensorData| Tensor::<Flex, 1>::from_data(TensorData::new(d.to_vec::<f32>().unwrap(), [d.num_elements()]), &Default::default()).cast(DType::F16).cast(DType::F32).into_data();
+    let shaped = |d: TensorData, s: &[usize]| TensorData::new(d.to_vec::<f32>().unwrap(), s.to_vec());
+    for &[n, h] in &[[3usize, 7], [64, 1024], [129, 768], [5, 4097]] {
+        let x = shaped(half(&data(&format!("hx{n}x{h}"), &[n, h], 3.0)), &[n, h]);
+        let (g, b) = (shaped(half(&data("hg", &[h], 1.0)), &[h]), shaped(half(&data("hb", &[h], 0.0)), &[h]));
+        let dy = shaped(half(&data("hdy", &[n, h], 0.0)), &[n, h]);
+        let want = run::<Flex, 2>(&x, &g, &b, &dy);
+        let t2 = |d: &TensorData| Tensor::<K, 2>::from_data(d.clone(), &dev).cast(DType::F16).into_primitive().tensor();
+        let t1 = |d: &TensorData| Tensor::<K, 1>::from_data(d.clone(), &dev).cast(DType::F16).into_primitive().tensor();
+        let (y, mean, rstd) = K::layer_norm_rows(t2(&x), t1(&g), t1(&b), 1e-5);
+        let (dx, dg, db) = K::layer_norm_rows_backward(t2(&dy), t2(&x), t1(&g), mean, rstd);
+        let w2 = |p| Tensor::<K, 2>::from_primitive(TensorPrimitive::Float(p)).cast(DType::F32).into_data();
+        let w1 = |p| Tensor::<K, 1>::from_primitive(TensorPrimitive::Float(p)).cast(DType::F32).into_data();
+        assert_eq!(w2(y.clone()).dtype, DType::F32);
+        let got = [w2(y), w2(dx), w1(dg), w1(db)];
+        for (i, what) in ["y", "dx", "dgamma", "dbeta"].iter().enumerate() {
+            let scale = want[i].to_vec::<f32>().unwrap().iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let err = got[i].to_vec::<f32>().unwrap().iter().zip(want[i].to_vec::<f32>().unwrap()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+            assert!(err <= 1e-2, "[{n}, {h}] f16 {what}: rel err {err:e}");
+        }
+    }
+}
