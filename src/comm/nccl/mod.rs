@@ -32,15 +32,14 @@ mod raw;
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use burn::tensor::{DType, TensorData};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nccl::{result, sys};
 
 pub(crate) use raw::Header;
-use raw::{nccl_dtype, nccl_op, Expire, RawComm, WatchGuard, HEADER_BYTES, HEADER_WORDS};
+use raw::{nccl_dtype, HEADER_BYTES, HEADER_WORDS};
 
 use super::host::{concat_along, split_along};
 use super::{Comm, Communicator, RecvOp, ReduceOp, SendOp, TensorSpec};
@@ -106,10 +105,7 @@ pub struct RawP2p {
 
 /// One rank's NCCL communicator over one group. See the module docs.
 pub struct NcclComm {
-    raw: Arc<RawComm>,
-    lock: Mutex<()>,
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    t: Box<dyn Transport>,
     rank: usize,
     global_ranks: Vec<usize>,
     label: String,
@@ -132,22 +128,13 @@ impl NcclComm {
     /// Joins the NCCL communicator `id` as `rank` of `global_ranks.len()` ranks (blocks until all
     /// joined; exits the process after `options.timeout`, see the module docs).
     pub fn init(id: &NcclId, rank: usize, global_ranks: Vec<usize>, label: String, options: NcclOptions) -> Result<Self, CommError> {
-        crate::cuda::nccl_version()?;
-        // SAFETY: only tries to dlopen the CUDA driver.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(CommError::Backend("the CUDA driver (libcuda.so) cannot be loaded: install the NVIDIA driver or run on a GPU machine".into()));
-        }
-        let ctx = CudaContext::new(options.device).map_err(|e| backend(&format!("CUDA device {}", options.device), e))?;
-        let stream = ctx.new_stream().map_err(|e| backend("creating a CUDA stream", e))?;
-        ctx.bind_to_thread().map_err(|e| backend("binding the CUDA context", e))?;
-        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
-        let what = format!("rank {}: ncclCommInitRank of {label} ({} ranks)", global_ranks[rank], global_ranks.len());
-        let guard = WatchGuard::arm(what.clone(), options.timeout, Expire::Exit);
-        // SAFETY: out-pointer to a local; the id is the same on every rank.
-        let r = unsafe { result::comm_init_rank(&mut comm, global_ranks.len() as i32, id.0, rank as i32) };
-        drop(guard);
-        r.map_err(|e| backend(&what, e))?;
-        Ok(Self { raw: Arc::new(RawComm::new(comm)), lock: Mutex::new(()), ctx, stream, rank, global_ranks, label, options, seq: AtomicU64::new(0), host_calls: AtomicU64::new(0) })
+        let info = OpInfo::new(&label, &global_ranks, rank);
+        let t = CudaTransport::init(id, rank, global_ranks.len(), info, &options)?;
+        Ok(Self::with_transport(Box::new(t), rank, global_ranks, label, options))
+    }
+
+    fn with_transport(t: Box<dyn Transport>, rank: usize, global_ranks: Vec<usize>, label: String, options: NcclOptions) -> Self {
+        Self { t, rank, global_ranks, label, options, seq: AtomicU64::new(0), host_calls: AtomicU64::new(0) }
     }
 
     /// The world communicator of a launched job: rank 0 creates the id, the TCP rendezvous at
@@ -166,57 +153,10 @@ impl NcclComm {
         self.options.device
     }
 
-    /// Runs one NCCL call (or group) on this communicator's stream and waits for it, under the
-    /// watchdog (module docs).
-    fn run(&self, op: &str, call: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<(), CommError>) -> Result<(), CommError> {
-        let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let me = self.global_rank();
+    /// Runs one flat operation through the transport (numbered for errors and checks).
+    fn run(&self, op: &str, flat: Flat<'_>) -> Result<(), CommError> {
         let name = format!("{op} #{}", self.seq.fetch_add(1, Ordering::SeqCst));
-        let comm = self.raw.get().ok_or_else(|| CommError::Backend(format!("{name} on {}: the communicator was aborted after an earlier failure", self.label)))?;
-        self.ctx.bind_to_thread().map_err(|e| backend("binding the CUDA context", e))?;
-        let start = Instant::now();
-        let guard = WatchGuard::arm(format!("rank {me}: {name} on {}", self.label), self.options.timeout, Expire::Abort(self.raw.clone()));
-        let timeout = |start: Instant| CommError::Timeout {
-            op: name.clone(),
-            group: self.label.clone(),
-            rank: me,
-            missing: self.global_ranks.iter().copied().filter(|r| *r != me).collect(),
-            waited: start.elapsed(),
-        };
-        // After an abort (watchdog), NCCL kernels stop; wait for them before the caller releases
-        // the buffers they used.
-        let aborted = |start: Instant| {
-            let _ = self.stream.synchronize();
-            timeout(start)
-        };
-        let issued = call(comm, self.stream.cu_stream() as sys::cudaStream_t);
-        if guard.fired() {
-            return Err(aborted(start));
-        }
-        issued?;
-        let done = self.stream.record_event(None).map_err(|e| backend("recording a CUDA event", e))?;
-        let mut spins = 0u32;
-        loop {
-            match done.try_is_complete() {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => return Err(backend(&format!("{name} on {}", self.label), e)),
-            }
-            if guard.fired() {
-                return Err(aborted(start));
-            }
-            if let Some(e) = self.raw.async_error() {
-                self.raw.abort();
-                let _ = self.stream.synchronize();
-                return Err(CommError::Backend(format!("rank {me}: {name} on {} failed: NCCL reports {e} (a peer failed or exited?)", self.label)));
-            }
-            spins += 1;
-            if spins > 1000 {
-                std::thread::sleep(Duration::from_micros(50));
-            } else {
-                std::hint::spin_loop();
-            }
-        }
+        self.t.run(&name, flat)
     }
 
     /// All-reduce of `count` elements from `send` into `recv` (may be equal).
@@ -225,10 +165,8 @@ impl NcclComm {
     /// Both pointers are device memory of this communicator's device holding `count` elements,
     /// alive and not written by others until this returns.
     pub unsafe fn all_reduce_raw(&self, send: u64, recv: u64, count: usize, dtype: DType, op: ReduceOp) -> Result<(), CommError> {
-        let t = nccl_dtype(dtype).map_err(CommError::Backend)?;
-        self.run(&format!("all_reduce({op:?})"), |c, s| {
-            result::all_reduce(send as _, recv as _, count, t, nccl_op(op), c, s).map(|_| ()).map_err(|e| backend("ncclAllReduce", e))
-        })
+        nccl_dtype(dtype).map_err(CommError::Backend)?;
+        self.run(&format!("all_reduce({op:?})"), Flat::AllReduce { send, recv, count, dtype, op })
     }
 
     /// All-gather: `recv` gets every rank's `send_count` elements, in rank order.
@@ -236,8 +174,8 @@ impl NcclComm {
     /// # Safety
     /// As [`all_reduce_raw`](Self::all_reduce_raw); `recv` holds `size × send_count` elements.
     pub unsafe fn all_gather_raw(&self, send: u64, recv: u64, send_count: usize, dtype: DType) -> Result<(), CommError> {
-        let t = nccl_dtype(dtype).map_err(CommError::Backend)?;
-        self.run("all_gather", |c, s| result::all_gather(send as _, recv as _, send_count, t, c, s).map(|_| ()).map_err(|e| backend("ncclAllGather", e)))
+        nccl_dtype(dtype).map_err(CommError::Backend)?;
+        self.run("all_gather", Flat::AllGather { send, recv, count: send_count, dtype })
     }
 
     /// Reduce-scatter: `recv` gets this rank's `recv_count` elements of the reduction.
@@ -245,10 +183,8 @@ impl NcclComm {
     /// # Safety
     /// As [`all_reduce_raw`](Self::all_reduce_raw); `send` holds `size × recv_count` elements.
     pub unsafe fn reduce_scatter_raw(&self, send: u64, recv: u64, recv_count: usize, dtype: DType, op: ReduceOp) -> Result<(), CommError> {
-        let t = nccl_dtype(dtype).map_err(CommError::Backend)?;
-        self.run(&format!("reduce_scatter({op:?})"), |c, s| {
-            result::reduce_scatter(send as _, recv as _, recv_count, t, nccl_op(op), c, s).map(|_| ()).map_err(|e| backend("ncclReduceScatter", e))
-        })
+        nccl_dtype(dtype).map_err(CommError::Backend)?;
+        self.run(&format!("reduce_scatter({op:?})"), Flat::ReduceScatter { send, recv, count: recv_count, dtype, op })
     }
 
     /// Broadcast of `count` elements from group rank `root`'s `send` into every rank's `recv`.
@@ -256,10 +192,8 @@ impl NcclComm {
     /// # Safety
     /// As [`all_reduce_raw`](Self::all_reduce_raw).
     pub unsafe fn broadcast_raw(&self, send: u64, recv: u64, count: usize, dtype: DType, root: usize) -> Result<(), CommError> {
-        let t = nccl_dtype(dtype).map_err(CommError::Backend)?;
-        self.run(&format!("broadcast(root={root})"), |c, s| {
-            result::broadcast(send as _, recv as _, count, t, root as i32, c, s).map(|_| ()).map_err(|e| backend("ncclBroadcast", e))
-        })
+        nccl_dtype(dtype).map_err(CommError::Backend)?;
+        self.run(&format!("broadcast(root={root})"), Flat::Broadcast { send, recv, count, dtype, root })
     }
 
     /// Sends and receives in one NCCL group (no headers: the caller knows the sizes).
@@ -272,22 +206,11 @@ impl NcclComm {
                 return Err(CommError::BadInput { group: self.label.clone(), op: "p2p".into(), detail: format!("peer {} outside a group of {}", o.peer, self.size()) });
             }
         }
-        let typed = |o: &RawP2p| nccl_dtype(o.dtype).map(|t| (*o, t)).map_err(CommError::Backend);
-        let sends = sends.iter().map(typed).collect::<Result<Vec<_>, _>>()?;
-        let recvs = recvs.iter().map(typed).collect::<Result<Vec<_>, _>>()?;
-        let peers: Vec<String> = sends.iter().map(|(o, _)| format!("→{}", o.peer)).chain(recvs.iter().map(|(o, _)| format!("←{}", o.peer))).collect();
-        self.run(&format!("p2p[{}]", peers.join(" ")), |c, s| {
-            result::group_start().map_err(|e| backend("ncclGroupStart", e))?;
-            let mut r = Ok(());
-            for (o, t) in &sends {
-                r = r.and(result::send(o.ptr as _, o.count, *t, o.peer as i32, c, s).map(|_| ()).map_err(|e| backend("ncclSend", e)));
-            }
-            for (o, t) in &recvs {
-                r = r.and(result::recv(o.ptr as _, o.count, *t, o.peer as i32, c, s).map(|_| ()).map_err(|e| backend("ncclRecv", e)));
-            }
-            let end = result::group_end().map(|_| ()).map_err(|e| backend("ncclGroupEnd", e));
-            r.and(end)
-        })
+        for o in sends.iter().chain(recvs) {
+            nccl_dtype(o.dtype).map_err(CommError::Backend)?;
+        }
+        let peers: Vec<String> = sends.iter().map(|o| format!("→{}", o.peer)).chain(recvs.iter().map(|o| format!("←{}", o.peer))).collect();
+        self.run(&format!("p2p[{}]", peers.join(" ")), Flat::P2p { sends, recvs })
     }
 
     /// One NCCL group of checked point-to-point messages: every send is preceded by its header
@@ -353,33 +276,35 @@ impl NcclComm {
         CommError::BadInput { group: self.label.clone(), op: op.into(), detail }
     }
 
-    fn alloc_upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>, CommError> {
+    fn alloc_upload(&self, bytes: &[u8]) -> Result<Buf, CommError> {
         if bytes.is_empty() {
             self.alloc(1)
         } else {
-            self.upload(bytes)
+            self.t.upload(bytes)
         }
     }
 
-    fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>, CommError> {
-        self.stream.clone_htod(bytes).map_err(|e| backend("copying to the GPU", e))
+    fn alloc(&self, bytes: usize) -> Result<Buf, CommError> {
+        self.t.alloc(bytes.max(1))
     }
 
-    fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>, CommError> {
-        self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| backend("allocating GPU memory", e))
+    fn download(&self, buf: &Buf) -> Result<Vec<u8>, CommError> {
+        self.t.download(buf)
     }
 
-    fn download(&self, slice: &CudaSlice<u8>) -> Result<Vec<u8>, CommError> {
-        self.stream.clone_dtoh(slice).map_err(|e| backend("copying from the GPU", e))
-    }
-
-    fn ptr(&self, s: &CudaSlice<u8>) -> u64 {
-        s.device_ptr(&self.stream).0
+    fn ptr(&self, b: &Buf) -> u64 {
+        b.ptr
     }
 }
 
+mod cuda_transport;
 mod device;
+pub mod emu;
 mod host;
+mod transport;
+
+use cuda_transport::CudaTransport;
+use transport::{Buf, Flat, OpInfo, Transport};
 
 #[cfg(test)]
 mod tests {
