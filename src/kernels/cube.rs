@@ -18,13 +18,18 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 
 use burn_fusion::{Fusion, FusionBackend, FusionTensor};
 
-use super::{LayerNormBackend, LnBackward, LnForward};
+use super::{cube_cached, LayerNormBackend, LnBackward, LnForward};
 use crate::fusion_bridge::{from_inner, to_inner};
 
 const BLOCK: u32 = 256;
 const ROWS_PER_CHUNK: usize = 64;
 /// Cubes per grid dimension (wgpu's usual `max_compute_workgroups_per_dimension`).
 const MAX_GRID: usize = 65535;
+
+/// The v2 (register-cached) cache size for rows of `h`, if v2 is selected and `h` fits.
+fn cached(h: usize) -> Option<usize> {
+    (super::variant() == super::LnKernel::Cached).then(|| cube_cached::per_unit(h, BLOCK as usize)).flatten()
+}
 
 /// One cube per row, spread over x and y so that any row count fits the grid limits.
 fn rows_grid(n: usize) -> CubeCount {
@@ -192,11 +197,29 @@ fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> Cu
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormBackend for CubeBackend<R, F, I, BT> {
     fn layer_norm_rows(x: CubeTensor<R>, gamma: CubeTensor<R>, beta: CubeTensor<R>, epsilon: f32) -> LnForward<Self> {
         let (x, gamma, beta) = (into_contiguous(x), into_contiguous(gamma), into_contiguous(beta));
-        let [n, _h] = x.shape().dims::<2>();
+        let [n, h] = x.shape().dims::<2>();
         let y = empty(&x, x.shape(), x.dtype);
         let mean = empty(&x, Shape::new([n, 1]), DType::F32);
         let rstd = empty(&x, Shape::new([n, 1]), DType::F32);
         let dtype = x.dtype;
+        if let Some(pu) = cached(h) {
+            cube_cached::ln_forward_cached_kernel::launch::<R>(
+                &x.client,
+                rows_grid(n),
+                CubeDim::new_1d(BLOCK),
+                x.clone().into_tensor_arg(),
+                gamma.into_tensor_arg(),
+                beta.into_tensor_arg(),
+                y.clone().into_tensor_arg(),
+                mean.clone().into_tensor_arg(),
+                rstd.clone().into_tensor_arg(),
+                epsilon,
+                BLOCK as usize,
+                pu,
+                dtype.into(),
+            );
+            return (y, mean, rstd);
+        }
         kernel::ln_forward_kernel::launch::<R>(
             &x.client,
             rows_grid(n),
@@ -226,19 +249,36 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let [n, h] = x.shape().dims::<2>();
         let dtype = x.dtype;
         let dx = empty(&x, x.shape(), dtype);
-        kernel::ln_backward_dx_kernel::launch::<R>(
-            &x.client,
-            rows_grid(n),
-            CubeDim::new_1d(BLOCK),
-            dy.clone().into_tensor_arg(),
-            x.clone().into_tensor_arg(),
-            gamma.into_tensor_arg(),
-            mean.clone().into_tensor_arg(),
-            rstd.clone().into_tensor_arg(),
-            dx.clone().into_tensor_arg(),
-            BLOCK,
-            dtype.into(),
-        );
+        if let Some(pu) = cached(h) {
+            cube_cached::ln_backward_dx_cached_kernel::launch::<R>(
+                &x.client,
+                rows_grid(n),
+                CubeDim::new_1d(BLOCK),
+                dy.clone().into_tensor_arg(),
+                x.clone().into_tensor_arg(),
+                gamma.into_tensor_arg(),
+                mean.clone().into_tensor_arg(),
+                rstd.clone().into_tensor_arg(),
+                dx.clone().into_tensor_arg(),
+                BLOCK as usize,
+                pu,
+                dtype.into(),
+            );
+        } else {
+            kernel::ln_backward_dx_kernel::launch::<R>(
+                &x.client,
+                rows_grid(n),
+                CubeDim::new_1d(BLOCK),
+                dy.clone().into_tensor_arg(),
+                x.clone().into_tensor_arg(),
+                gamma.into_tensor_arg(),
+                mean.clone().into_tensor_arg(),
+                rstd.clone().into_tensor_arg(),
+                dx.clone().into_tensor_arg(),
+                BLOCK,
+                dtype.into(),
+            );
+        }
         let chunks = n.div_ceil(ROWS_PER_CHUNK).max(1).min(MAX_GRID);
         let rows_per_chunk = n.div_ceil(chunks).max(1);
         let dg = empty(&x, Shape::new([chunks, h]), DType::F32);

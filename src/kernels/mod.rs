@@ -9,6 +9,10 @@
 
 #[cfg(feature = "cube")]
 mod cube;
+#[cfg(feature = "cube")]
+mod cube_cached;
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -25,6 +29,36 @@ fn wrap<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
 
 fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
+}
+
+/// Which CubeCL row kernels run (forward and `dx`; `dγ/dβ` are shared).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LnKernel {
+    /// `v1`: the row is re-read from global memory for each pass (any width).
+    Strided,
+    /// `v2` (default): each unit caches its part of the row in registers (rows up to
+    /// 256 × 32 = 8192 wide; wider rows fall back to `v1`).
+    Cached,
+}
+
+static VARIANT: AtomicU8 = AtomicU8::new(0);
+
+/// Selects the kernel variant for every later launch (process-wide).
+pub fn set_variant(v: LnKernel) {
+    VARIANT.store(if v == LnKernel::Strided { 1 } else { 2 }, Ordering::SeqCst);
+}
+
+/// The selected variant: set by [`set_variant`], else `BURN_PARALLEL_LN_KERNEL=v1|v2`, else `v2`.
+pub fn variant() -> LnKernel {
+    match VARIANT.load(Ordering::SeqCst) {
+        1 => LnKernel::Strided,
+        2 => LnKernel::Cached,
+        _ => {
+            let v = if std::env::var("BURN_PARALLEL_LN_KERNEL").as_deref() == Ok("v1") { LnKernel::Strided } else { LnKernel::Cached };
+            set_variant(v);
+            v
+        }
+    }
 }
 
 /// Forward: `(y [n, h], mean [n, 1], rstd [n, 1])`.

@@ -1,0 +1,149 @@
+//! Register-cached variants of the row kernels (`v2`): each unit keeps its `per_unit` strided
+//! elements of the row in registers, so `x` (and `dy`) are read from global memory once instead
+//! of two or three times. Rows up to `BLOCK × MAX_PER_UNIT` wide; wider rows use the `v1`
+//! kernels. Same reductions and f32 accumulation as `v1`. Which variant runs is chosen by
+//! [`set_variant`](super::set_variant) (default from `BURN_PARALLEL_LN_KERNEL`, else `v2`); the
+//! GPU benchmark times both.
+
+use burn_cubecl::cubecl;
+use cubecl::prelude::*;
+
+/// Most elements a unit caches (rows of up to `BLOCK × MAX_PER_UNIT`).
+pub const MAX_PER_UNIT: usize = 32;
+
+/// The comptime cache size for a row of `h` with `block` units: the next power of two ≥ h/block
+/// (few distinct kernels), or `None` past [`MAX_PER_UNIT`].
+pub fn per_unit(h: usize, block: usize) -> Option<usize> {
+    let need = h.div_ceil(block).max(1).next_power_of_two();
+    (need <= MAX_PER_UNIT).then_some(need)
+}
+
+#[cube]
+fn block_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
+    let tid = UNIT_POS_X as usize;
+    smem[tid] = value;
+    sync_cube();
+    let mut stride = CUBE_DIM_X as usize / 2;
+    while stride > 0 {
+        if tid < stride {
+            let other = smem[tid + stride];
+            smem[tid] += other;
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let total = smem[0];
+    sync_cube();
+    total
+}
+
+#[cube(launch)]
+pub fn ln_forward_cached_kernel<F: Float>(
+    x: &Tensor<F>,
+    gamma: &Tensor<F>,
+    beta: &Tensor<F>,
+    y: &mut Tensor<F>,
+    mean: &mut Tensor<f32>,
+    rstd: &mut Tensor<f32>,
+    epsilon: f32,
+    #[comptime] block: usize,
+    #[comptime] per_unit: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if row >= x.shape(0) {
+        terminate!();
+    }
+    let h = x.shape(1);
+    let base = row * h;
+    let tid = UNIT_POS_X as usize;
+    let mut smem = SharedMemory::<f32>::new(block);
+    let mut vals = Array::<f32>::new(per_unit);
+    let mut acc = f32::new(0.0);
+    #[unroll]
+    for k in 0..per_unit {
+        let c = tid + k * block;
+        let mut v = f32::new(0.0);
+        if c < h {
+            v = f32::cast_from(x[base + c]);
+        }
+        vals[k] = v;
+        acc += v;
+    }
+    let hf = f32::cast_from(h as u32);
+    let m = block_sum(&mut smem, acc) / hf;
+    let mut acc2 = f32::new(0.0);
+    #[unroll]
+    for k in 0..per_unit {
+        let c = tid + k * block;
+        if c < h {
+            let d = vals[k] - m;
+            acc2 += d * d;
+        }
+    }
+    let var = block_sum(&mut smem, acc2) / hf;
+    let r = f32::new(1.0) / f32::sqrt(var + epsilon);
+    #[unroll]
+    for k in 0..per_unit {
+        let c = tid + k * block;
+        if c < h {
+            y[base + c] = F::cast_from((vals[k] - m) * r * f32::cast_from(gamma[c]) + f32::cast_from(beta[c]));
+        }
+    }
+    if tid == 0 {
+        mean[row] = m;
+        rstd[row] = r;
+    }
+}
+
+#[cube(launch)]
+pub fn ln_backward_dx_cached_kernel<F: Float>(
+    dy: &Tensor<F>,
+    x: &Tensor<F>,
+    gamma: &Tensor<F>,
+    mean: &Tensor<f32>,
+    rstd: &Tensor<f32>,
+    dx: &mut Tensor<F>,
+    #[comptime] block: usize,
+    #[comptime] per_unit: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if row >= x.shape(0) {
+        terminate!();
+    }
+    let h = x.shape(1);
+    let base = row * h;
+    let tid = UNIT_POS_X as usize;
+    let m = mean[row];
+    let r = rstd[row];
+    let mut smem = SharedMemory::<f32>::new(block);
+    let mut gs = Array::<f32>::new(per_unit);
+    let mut xs = Array::<f32>::new(per_unit);
+    let mut sg = f32::new(0.0);
+    let mut sgx = f32::new(0.0);
+    #[unroll]
+    for k in 0..per_unit {
+        let c = tid + k * block;
+        let mut g = f32::new(0.0);
+        let mut xhat = f32::new(0.0);
+        if c < h {
+            g = f32::cast_from(dy[base + c]) * f32::cast_from(gamma[c]);
+            xhat = (f32::cast_from(x[base + c]) - m) * r;
+        }
+        gs[k] = g;
+        xs[k] = xhat;
+        sg += g;
+        sgx += g * xhat;
+    }
+    let hf = f32::cast_from(h as u32);
+    let mean_g = block_sum(&mut smem, sg) / hf;
+    let mean_gx = block_sum(&mut smem, sgx) / hf;
+    #[unroll]
+    for k in 0..per_unit {
+        let c = tid + k * block;
+        if c < h {
+            dx[base + c] = F::cast_from(r * (gs[k] - mean_g - xs[k] * mean_gx));
+        }
+    }
+}
