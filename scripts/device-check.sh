@@ -22,10 +22,12 @@ step() { # name, seconds, command...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1; cat "$out/gpu.txt"
 case "$what" in checks|all)
-  step checks 240 ./device_check kernels nccl ;;
+  step checks 240 ./device_check kernels nccl
+  step checks-v3 120 ./device_check kernels-v3 ;;
 esac
 case "$what" in bench|all)
   step ln-bench 150 ./device_check ln-bench
+  step ln-bench-v3 90 ./device_check ln-bench-v3
   step torch-ln 60 python3 "$root/benches/torch_layer_norm.py"
   step nccl-bench 90 ./device_check nccl-bench
   step torch-nccl 60 python3 "$root/benches/torch_collectives.py" ;;

@@ -3,7 +3,7 @@
 use burn::backend::{Cuda, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use burn_parallel::kernels::LayerNormBackend;
+use burn_parallel::kernels::{set_variant, LayerNormBackend, LnKernel};
 use burn_parallel::rng::HostRng;
 
 use crate::Report;
@@ -37,6 +37,21 @@ fn inputs(n: usize, h: usize, dtype: DType) -> [TensorData; 4] {
     [data("x", vec![n, h], 3.0), data("g", vec![h], 1.0), data("b", vec![h], 0.0), data("dy", vec![n, h], 0.0)]
 }
 
+/// f32: 1e-5 per row (y, dx); the column sums over up to 70k rows (dγ, dβ) are summed in another
+/// order than the reference, 1e-4. bf16: 1e-2 (outputs rounded to 8 bits).
+fn check_shape(report: &mut Report, variant: LnKernel, n: usize, h: usize) {
+    for (dtype, tol) in [(DType::F32, [1e-5f32, 1e-5, 1e-4, 1e-4]), (DType::BF16, [1e-2; 4])] {
+        let inp = inputs(n, h, dtype);
+        let want = apply::<Flex>(&inp, DType::F32);
+        let got = apply::<K>(&inp, dtype);
+        let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
+        let ok = errs.iter().zip(tol).all(|(e, t)| *e <= t);
+        let shown: Vec<String> = errs.iter().map(|e| format!("{e:.1e}")).collect();
+        let detail = format!("rel err y/dx/dγ/dβ = {} (tol {tol:?})", shown.join("/"));
+        report.check(&format!("kernels {variant:?} [{n}, {h}] {dtype:?}"), if ok { Ok(detail) } else { Err(detail) });
+    }
+}
+
 /// Max |a − b| relative to max |b| (≥ 1e-6).
 fn rel_err(a: &TensorData, b: &TensorData) -> f32 {
     let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
@@ -44,20 +59,12 @@ fn rel_err(a: &TensorData, b: &TensorData) -> f32 {
     a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
-pub fn run(report: &mut Report, quick: bool) {
+pub fn run(report: &mut Report, quick: bool, variants: &[LnKernel]) {
     let shapes = if quick { &SHAPES[..5] } else { SHAPES };
-    for &[n, h] in shapes {
-        // f32: 1e-5 per row (y, dx); the column sums over up to 70k rows (dγ, dβ) are summed in
-        // another order than the reference, 1e-4. bf16: 1e-2 (outputs rounded to 8 bits).
-        for (dtype, tol) in [(DType::F32, [1e-5f32, 1e-5, 1e-4, 1e-4]), (DType::BF16, [1e-2; 4])] {
-            let inp = inputs(n, h, dtype);
-            let want = apply::<Flex>(&inp, DType::F32);
-            let got = apply::<K>(&inp, dtype);
-            let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
-            let ok = errs.iter().zip(tol).all(|(e, t)| *e <= t);
-            let shown: Vec<String> = errs.iter().map(|e| format!("{e:.1e}")).collect();
-            let detail = format!("rel err y/dx/dγ/dβ = {} (tol {tol:?})", shown.join("/"));
-            report.check(&format!("kernels [{n}, {h}] {dtype:?}"), if ok { Ok(detail) } else { Err(detail) });
+    for &variant in variants {
+        set_variant(variant);
+        for &[n, h] in shapes {
+            check_shape(report, variant, n, h);
         }
     }
     // Fusion (burn's default `Cuda`) goes through the eager bridge: identical to CubeBackend.

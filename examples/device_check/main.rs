@@ -1,7 +1,7 @@
 //! Every check and benchmark that needs the GPU machine, in one binary (feature `cuda`):
 //!
 //! ```text
-//! device_check [all | kernels nccl ln-bench nccl-bench ...] [--quick]
+//! device_check [all | kernels nccl ln-bench nccl-bench ...] [kernels-v3] [ln-bench-v3] [--quick]
 //! ```
 //! - `kernels`: the fused layer-norm kernels on CUDA (f32, bf16) against the composed reference
 //!   (computed on the CPU from the same rounded inputs), many shapes; `Fusion` == `CubeBackend`.
@@ -53,6 +53,9 @@ impl Report {
 }
 
 #[cfg(feature = "cuda")]
+use burn_parallel::kernels::LnKernel;
+
+#[cfg(feature = "cuda")]
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let whats: Vec<&str> = args.iter().filter(|a| !a.starts_with("--")).map(String::as_str).collect();
@@ -63,13 +66,21 @@ fn main() {
     let mut report = Report::default();
     let t0 = std::time::Instant::now();
     if on("kernels") {
-        kernels::run(&mut report, quick);
+        kernels::run(&mut report, quick, &[LnKernel::Strided, LnKernel::Cached]);
+    }
+    // v3 (plane reductions) has never run on a GPU: its own invocation, so a failure cannot take
+    // the other checks down.
+    if whats.contains(&"kernels-v3") {
+        kernels::run(&mut report, quick, &[LnKernel::CachedPlane]);
     }
     if on("nccl") {
         nccl::run(&mut report);
     }
     if on("ln-bench") {
-        bench::layer_norm(quick);
+        bench::layer_norm(quick, &[LnKernel::Strided, LnKernel::Cached]);
+    }
+    if whats.contains(&"ln-bench-v3") {
+        bench::layer_norm(quick, &[LnKernel::CachedPlane]);
     }
     if on("nccl-bench") {
         if let Err(e) = bench::collectives(quick) {

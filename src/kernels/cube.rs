@@ -26,9 +26,15 @@ const ROWS_PER_CHUNK: usize = 64;
 /// Cubes per grid dimension (wgpu's usual `max_compute_workgroups_per_dimension`).
 const MAX_GRID: usize = 65535;
 
-/// The v2 (register-cached) cache size for rows of `h`, if v2 is selected and `h` fits.
-fn cached(h: usize) -> Option<usize> {
-    (super::variant() == super::LnKernel::Cached).then(|| cube_cached::per_unit(h, BLOCK as usize)).flatten()
+/// For the register-cached kernels: the cache size for rows of `h` and whether to reduce by plane
+/// ops (`v3`, when the device has them), if v2/v3 is selected and `h` fits.
+fn cached<R: CubeRuntime>(h: usize, client: &burn_cubecl::cubecl::client::ComputeClient<R>) -> Option<(usize, bool)> {
+    let plane = match super::variant() {
+        super::LnKernel::Strided => return None,
+        super::LnKernel::Cached => false,
+        super::LnKernel::CachedPlane => client.features().plane.contains(burn_cubecl::cubecl::features::Plane::Ops),
+    };
+    cube_cached::per_unit(h, BLOCK as usize).map(|pu| (pu, plane))
 }
 
 /// One cube per row, spread over x and y so that any row count fits the grid limits.
@@ -202,7 +208,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let mean = empty(&x, Shape::new([n, 1]), DType::F32);
         let rstd = empty(&x, Shape::new([n, 1]), DType::F32);
         let dtype = x.dtype;
-        if let Some(pu) = cached(h) {
+        if let Some((pu, plane)) = cached(h, &x.client) {
             cube_cached::ln_forward_cached_kernel::launch::<R>(
                 &x.client,
                 rows_grid(n),
@@ -216,6 +222,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
                 epsilon,
                 BLOCK as usize,
                 pu,
+                plane,
                 dtype.into(),
             );
             return (y, mean, rstd);
@@ -249,7 +256,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let [n, h] = x.shape().dims::<2>();
         let dtype = x.dtype;
         let dx = empty(&x, x.shape(), dtype);
-        if let Some(pu) = cached(h) {
+        if let Some((pu, plane)) = cached(h, &x.client) {
             cube_cached::ln_backward_dx_cached_kernel::launch::<R>(
                 &x.client,
                 rows_grid(n),
@@ -262,6 +269,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
                 dx.clone().into_tensor_arg(),
                 BLOCK as usize,
                 pu,
+                plane,
                 dtype.into(),
             );
         } else {

@@ -1,7 +1,9 @@
 //! Register-cached variants of the row kernels (`v2`): each unit keeps its `per_unit` strided
 //! elements of the row in registers, so `x` (and `dy`) are read from global memory once instead
 //! of two or three times. Rows up to `BLOCK × MAX_PER_UNIT` wide; wider rows use the `v1`
-//! kernels. Same reductions and f32 accumulation as `v1`. Which variant runs is chosen by
+//! kernels. Same f32 accumulation as `v1`; `v3` replaces the shared-memory tree reductions by
+//! plane (warp) reductions where the device has plane ops (CUDA; not lavapipe, where `v3` falls
+//! back to `v2`, so `v3` has only been compiled, not run). Which variant runs is chosen by
 //! [`set_variant`](super::set_variant) (default from `BURN_PARALLEL_LN_KERNEL`, else `v2`); the
 //! GPU benchmark times both.
 
@@ -37,6 +39,37 @@ fn block_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
     total
 }
 
+/// Block sum by plane (warp) reductions: each plane sums its values, lane 0 of each plane writes
+/// the partial, every plane sums the partials (two cube syncs instead of log2(block)).
+#[cube]
+fn block_sum_plane(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
+    let lane = UNIT_POS_PLANE as usize;
+    let plane = UNIT_POS_X as usize / PLANE_DIM as usize;
+    let planes = CUBE_DIM_X as usize / PLANE_DIM as usize;
+    let partial = plane_sum(value);
+    if lane == 0 {
+        smem[plane] = partial;
+    }
+    sync_cube();
+    let mut v = f32::new(0.0);
+    if lane < planes {
+        v = smem[lane];
+    }
+    let total = plane_sum(v);
+    sync_cube();
+    total
+}
+
+/// [`block_sum`] or [`block_sum_plane`], chosen at compile time.
+#[cube]
+fn reduce(smem: &mut SharedMemory<f32>, value: f32, #[comptime] plane: bool) -> f32 {
+    if comptime![plane] {
+        block_sum_plane(smem, value)
+    } else {
+        block_sum(smem, value)
+    }
+}
+
 #[cube(launch)]
 pub fn ln_forward_cached_kernel<F: Float>(
     x: &Tensor<F>,
@@ -48,6 +81,7 @@ pub fn ln_forward_cached_kernel<F: Float>(
     epsilon: f32,
     #[comptime] block: usize,
     #[comptime] per_unit: usize,
+    #[comptime] plane: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
@@ -71,7 +105,7 @@ pub fn ln_forward_cached_kernel<F: Float>(
         acc += v;
     }
     let hf = f32::cast_from(h as u32);
-    let m = block_sum(&mut smem, acc) / hf;
+    let m = reduce(&mut smem, acc, plane) / hf;
     let mut acc2 = f32::new(0.0);
     #[unroll]
     for k in 0..per_unit {
@@ -81,7 +115,7 @@ pub fn ln_forward_cached_kernel<F: Float>(
             acc2 += d * d;
         }
     }
-    let var = block_sum(&mut smem, acc2) / hf;
+    let var = reduce(&mut smem, acc2, plane) / hf;
     let r = f32::new(1.0) / f32::sqrt(var + epsilon);
     #[unroll]
     for k in 0..per_unit {
@@ -106,6 +140,7 @@ pub fn ln_backward_dx_cached_kernel<F: Float>(
     dx: &mut Tensor<F>,
     #[comptime] block: usize,
     #[comptime] per_unit: usize,
+    #[comptime] plane: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
@@ -137,8 +172,8 @@ pub fn ln_backward_dx_cached_kernel<F: Float>(
         sgx += g * xhat;
     }
     let hf = f32::cast_from(h as u32);
-    let mean_g = block_sum(&mut smem, sg) / hf;
-    let mean_gx = block_sum(&mut smem, sgx) / hf;
+    let mean_g = reduce(&mut smem, sg, plane) / hf;
+    let mean_gx = reduce(&mut smem, sgx, plane) / hf;
     #[unroll]
     for k in 0..per_unit {
         let c = tid + k * block;

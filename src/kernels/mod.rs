@@ -39,22 +39,36 @@ pub enum LnKernel {
     /// `v2` (default): each unit caches its part of the row in registers (rows up to
     /// 256 × 32 = 8192 wide; wider rows fall back to `v1`).
     Cached,
+    /// `v3`: `v2` with plane (warp) reductions where the device has plane ops, else `v2`.
+    /// Not run on a GPU yet: opt-in.
+    CachedPlane,
 }
 
 static VARIANT: AtomicU8 = AtomicU8::new(0);
 
 /// Selects the kernel variant for every later launch (process-wide).
 pub fn set_variant(v: LnKernel) {
-    VARIANT.store(if v == LnKernel::Strided { 1 } else { 2 }, Ordering::SeqCst);
+    let code = match v {
+        LnKernel::Strided => 1,
+        LnKernel::Cached => 2,
+        LnKernel::CachedPlane => 3,
+    };
+    VARIANT.store(code, Ordering::SeqCst);
 }
 
-/// The selected variant: set by [`set_variant`], else `BURN_PARALLEL_LN_KERNEL=v1|v2`, else `v2`.
+/// The selected variant: set by [`set_variant`], else `BURN_PARALLEL_LN_KERNEL=v1|v2|v3`, else
+/// `v2`.
 pub fn variant() -> LnKernel {
     match VARIANT.load(Ordering::SeqCst) {
         1 => LnKernel::Strided,
         2 => LnKernel::Cached,
+        3 => LnKernel::CachedPlane,
         _ => {
-            let v = if std::env::var("BURN_PARALLEL_LN_KERNEL").as_deref() == Ok("v1") { LnKernel::Strided } else { LnKernel::Cached };
+            let v = match std::env::var("BURN_PARALLEL_LN_KERNEL").as_deref() {
+                Ok("v1") => LnKernel::Strided,
+                Ok("v3") => LnKernel::CachedPlane,
+                _ => LnKernel::Cached,
+            };
             set_variant(v);
             v
         }
