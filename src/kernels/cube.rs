@@ -32,7 +32,11 @@ fn cached<R: CubeRuntime>(h: usize, client: &burn_cubecl::cubecl::client::Comput
     let plane = match super::variant() {
         super::LnKernel::Strided => return None,
         super::LnKernel::Cached => false,
-        super::LnKernel::CachedPlane => client.features().plane.contains(burn_cubecl::cubecl::features::Plane::Ops),
+        // The partials of all planes must fit one plane (256 / 16 = 16 lanes): planes of at least
+        // 16 lanes (CUDA's 32; not e.g. Intel's 8-wide subgroups), covering contiguous units.
+        super::LnKernel::CachedPlane => {
+            client.features().plane.contains(burn_cubecl::cubecl::features::Plane::Ops) && client.properties().hardware.plane_size_min >= 16
+        }
     };
     cube_cached::per_unit(h, BLOCK as usize).map(|pu| (pu, plane))
 }

@@ -55,13 +55,16 @@ impl CudaTransport {
             Flat::ReduceScatter { send, recv, count, dtype, op } => result::reduce_scatter(send as _, recv as _, count, t(dtype)?, nccl_op(op), comm, s),
             Flat::Broadcast { send, recv, count, dtype, root } => result::broadcast(send as _, recv as _, count, t(dtype)?, root as i32, comm, s),
             Flat::P2p { sends, recvs } => {
+                // Types first: nothing may fail between group start and end.
+                let typed = |ops: &[super::RawP2p]| ops.iter().map(|o| t(o.dtype).map(|d| (*o, d))).collect::<Result<Vec<_>, _>>();
+                let (sends, recvs) = (typed(sends)?, typed(recvs)?);
                 result::group_start().map_err(|e| backend("ncclGroupStart", e))?;
                 let mut r = Ok(());
-                for o in sends {
-                    r = r.and(result::send(o.ptr as _, o.count, t(o.dtype)?, o.peer as i32, comm, s).map(|_| ()).map_err(|e| backend("ncclSend", e)));
+                for (o, d) in &sends {
+                    r = r.and(result::send(o.ptr as _, o.count, *d, o.peer as i32, comm, s).map(|_| ()).map_err(|e| backend("ncclSend", e)));
                 }
-                for o in recvs {
-                    r = r.and(result::recv(o.ptr as _, o.count, t(o.dtype)?, o.peer as i32, comm, s).map(|_| ()).map_err(|e| backend("ncclRecv", e)));
+                for (o, d) in &recvs {
+                    r = r.and(result::recv(o.ptr as _, o.count, *d, o.peer as i32, comm, s).map(|_| ()).map_err(|e| backend("ncclRecv", e)));
                 }
                 let end = result::group_end().map(|_| ()).map_err(|e| backend("ncclGroupEnd", e));
                 return r.and(end);
@@ -79,33 +82,43 @@ impl Transport for CudaTransport {
         self.ctx.bind_to_thread().map_err(|e| backend("binding the CUDA context", e))?;
         let start = Instant::now();
         let guard = WatchGuard::arm(format!("rank {}: {name} on {}", info.me, info.label), self.options.timeout, Expire::Abort(self.raw.clone()));
-        // After an abort (watchdog), NCCL kernels stop; wait for them before the caller releases
-        // the buffers they used.
-        let aborted = || {
+        // The watchdog marks `fired` only after `ncclCommAbort` returned, but the abort flag (and
+        // the stopped kernels) come earlier: `get()` waits on the abort's lock, so "gone" is
+        // decided reliably before any result is trusted.
+        let gone = || guard.fired() || self.raw.get().is_none();
+        // On any failure after issuing: abort (the communicator is unusable after a failed group)
+        // and drain the stream, so the caller never releases buffers NCCL kernels still use.
+        let fail = |e: CommError| {
+            self.raw.abort();
+            let _exit = WatchGuard::arm(format!("rank {}: draining the NCCL stream of {} after {name} failed", info.me, info.label), Duration::from_secs(60), Expire::Exit);
             let _ = self.stream.synchronize();
-            info.timeout(name, start.elapsed())
+            Err(e)
         };
         // SAFETY: the caller (NcclComm's unsafe raw methods) guarantees the pointers.
         let issued = unsafe { self.issue(comm, &op) };
-        if guard.fired() {
-            return Err(aborted());
+        if gone() {
+            return fail(info.timeout(name, start.elapsed()));
         }
-        issued?;
-        let done = self.stream.record_event(None).map_err(|e| backend("recording a CUDA event", e))?;
+        if let Err(e) = issued {
+            return fail(e);
+        }
+        let done = match self.stream.record_event(None) {
+            Ok(d) => d,
+            Err(e) => return fail(backend("recording a CUDA event", e)),
+        };
         let mut spins = 0u32;
         loop {
             match done.try_is_complete() {
+                Ok(true) if gone() => return fail(info.timeout(name, start.elapsed())),
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                Err(e) => return Err(backend(&format!("{name} on {}", info.label), e)),
+                Err(e) => return fail(backend(&format!("{name} on {}", info.label), e)),
             }
-            if guard.fired() {
-                return Err(aborted());
+            if gone() {
+                return fail(info.timeout(name, start.elapsed()));
             }
             if let Some(e) = self.raw.async_error() {
-                self.raw.abort();
-                let _ = self.stream.synchronize();
-                return Err(CommError::Backend(format!("rank {}: {name} on {} failed: NCCL reports {e} (a peer failed or exited?)", info.me, info.label)));
+                return fail(CommError::Backend(format!("rank {}: {name} on {} failed: NCCL reports {e} (a peer failed or exited?)", info.me, info.label)));
             }
             spins += 1;
             if spins > 1000 {
@@ -114,6 +127,10 @@ impl Transport for CudaTransport {
                 std::hint::spin_loop();
             }
         }
+    }
+
+    fn poison(&self) {
+        self.raw.abort();
     }
 
     fn alloc(&self, bytes: usize) -> Result<Buf, CommError> {

@@ -60,6 +60,7 @@ type Round = Vec<Option<(String, Vec<u8>)>>;
 struct Group {
     size: usize,
     joined: Mutex<usize>,
+    joined_cv: Condvar,
     state: Mutex<GroupState>,
     cv: Condvar,
 }
@@ -80,6 +81,9 @@ fn registry() -> &'static Mutex<HashMap<[u8; 128], Arc<Group>>> {
 }
 
 struct EmuTransport {
+    /// Set by a timeout or [`Transport::poison`]: like an aborted NCCL communicator, it refuses
+    /// every later operation.
+    aborted: std::sync::atomic::AtomicBool,
     group: Arc<Group>,
     rank: usize,
     seq: AtomicU64,
@@ -100,20 +104,20 @@ impl EmuTransport {
     fn join(id: [u8; 128], rank: usize, size: usize, mem: Arc<Memory>, timeout: Duration, info: OpInfo) -> Result<Self, CommError> {
         let group = lock(registry())
             .entry(id)
-            .or_insert_with(|| Arc::new(Group { size, joined: Mutex::new(0), state: Mutex::default(), cv: Condvar::new() }))
+            .or_insert_with(|| Arc::new(Group { size, joined: Mutex::new(0), joined_cv: Condvar::new(), state: Mutex::default(), cv: Condvar::new() }))
             .clone();
         let start = Instant::now();
         let mut joined = lock(&group.joined);
         *joined += 1;
-        group.cv.notify_all();
+        group.joined_cv.notify_all();
         while *joined < size {
             if start.elapsed() >= timeout {
                 return Err(info.timeout("emulated ncclCommInitRank", start.elapsed()));
             }
-            joined = group.cv.wait_timeout(joined, Duration::from_millis(10)).unwrap_or_else(|e| e.into_inner()).0;
+            joined = group.joined_cv.wait_timeout(joined, Duration::from_millis(10)).unwrap_or_else(|e| e.into_inner()).0;
         }
         drop(joined);
-        Ok(Self { group, rank, seq: AtomicU64::new(0), mem, timeout, info })
+        Ok(Self { aborted: Default::default(), group, rank, seq: AtomicU64::new(0), mem, timeout, info })
     }
 
     /// Waits on the group state until `ready` gives a value (or the timeout).
@@ -126,6 +130,7 @@ impl EmuTransport {
                 return Ok(v);
             }
             if start.elapsed() >= self.timeout {
+                self.aborted.store(true, Ordering::SeqCst);
                 return Err(self.info.timeout(name, start.elapsed()));
             }
             st = self.group.cv.wait_timeout(st, Duration::from_millis(5)).unwrap_or_else(|e| e.into_inner()).0;
@@ -198,6 +203,9 @@ fn flat(bytes: Vec<u8>, count: usize, dtype: DType) -> TensorData {
 
 impl Transport for EmuTransport {
     fn run(&self, name: &str, op: Flat<'_>) -> Result<(), CommError> {
+        if self.aborted.load(Ordering::SeqCst) {
+            return Err(CommError::Backend(format!("{name} on {}: the communicator was aborted after an earlier failure", self.info.label)));
+        }
         let bad = |d: String| CommError::Backend(format!("{name}: {d}"));
         let n = self.group.size;
         match op {
@@ -245,6 +253,10 @@ impl Transport for EmuTransport {
 
     fn new_id(&self) -> Result<[u8; 128], CommError> {
         Ok(fresh_id())
+    }
+
+    fn poison(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
     }
 
     fn join(&self, id: &[u8; 128], rank: usize, size: usize, info: OpInfo) -> Result<Box<dyn Transport>, CommError> {

@@ -241,19 +241,33 @@ impl NcclComm {
         }
         // SAFETY: header buffers are ours; payload pointers are the caller's (pinned, sized).
         let done = unsafe { self.p2p_raw(&s_ops, &r_ops) };
-        let headers = || -> Result<Vec<Header>, CommError> {
-            let raw = self.download(&hr)?;
-            let words: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-            words.chunks_exact(HEADER_WORDS).take(recvs.len()).map(|w| Header::decode(w).map_err(|d| self.bad("recv", d))).collect()
+        // Each received header on its own: slots never filled (a stalled group) stay zero and are
+        // skipped, so a mismatch that did arrive is still reported.
+        let received: Vec<Option<Header>> = match self.download(&hr) {
+            Ok(raw) => raw
+                .chunks_exact(HEADER_BYTES)
+                .take(recvs.len())
+                .map(|c| {
+                    let w: Vec<u64> = c.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+                    (w.iter().any(|x| *x != 0)).then(|| Header::decode(&w).ok()).flatten()
+                })
+                .collect(),
+            Err(_) => vec![None; recvs.len()],
         };
-        let owned: Vec<RecvOp> = recvs.iter().map(|(_, r)| (*r).clone()).collect();
+        let pairs: Vec<(Header, RecvOp)> = received.iter().zip(recvs).filter_map(|(h, (_, r))| h.clone().map(|h| (h, (*r).clone()))).collect();
+        let (got, owned): (Vec<Header>, Vec<RecvOp>) = pairs.into_iter().unzip();
+        let mismatch = self.check_received(&got, &owned);
+        // A size mismatch may leave a pair's messages out of step: nothing can be trusted after.
+        if got.iter().zip(&owned).any(|(h, r)| h.bytes() != r.spec.shape.iter().product::<usize>() * r.spec.dtype.size()) {
+            self.t.poison();
+        }
         match done {
-            Ok(()) => self.check_received(&headers()?, &owned),
-            Err(timeout @ CommError::Timeout { .. }) => match headers() {
-                Ok(h) => self.check_received(&h, &owned).and(Err(timeout)),
-                Err(_) => Err(timeout),
-            },
-            Err(e) => Err(e),
+            Ok(()) if received.iter().any(|h| h.is_none()) => {
+                self.t.poison();
+                Err(self.bad("recv", "a point-to-point header arrived corrupt (the peer is not running the same protocol)".into()))
+            }
+            Ok(()) => mismatch,
+            Err(e) => mismatch.and(Err(e)),
         }
     }
 

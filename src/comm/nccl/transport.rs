@@ -61,6 +61,9 @@ pub(crate) trait Transport: Send + Sync {
     fn download(&self, buf: &Buf) -> Result<Vec<u8>, CommError>;
     /// A fresh unique id for a new communicator.
     fn new_id(&self) -> Result<[u8; 128], CommError>;
+    /// Makes the communicator unusable (after a point-to-point size mismatch a pair's stream of
+    /// messages may be out of step: NCCL offers no way back).
+    fn poison(&self);
     /// Joins the communicator `id` as `rank` of `size` (blocks until all joined), on the same
     /// device as this one.
     fn join(&self, id: &[u8; 128], rank: usize, size: usize, info: OpInfo) -> Result<Box<dyn Transport>, CommError>;
