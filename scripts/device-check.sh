@@ -4,6 +4,9 @@
 # Run there:  bash scripts/device-check.sh [checks|bench|gpt|all]   (logs under $OUT, else ./device-out)
 # Cold NVRTC compilation dominates first runs; gpu-bin/cubecl.toml keeps a kernel/autotune cache
 # next to the binaries, so a second command on the same warm machine starts fast.
+# One `device` command may run 10 minutes and a session has ~15 device-minutes in all, so run the
+# parts as separate commands, in this order: `checks` (≤ 6 min), then `bench` (≤ 8 min), then
+# `gpt` (≤ 5 min) as the budget allows (`all` exceeds one command's limit).
 set -u
 what="${1:-all}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
