@@ -104,7 +104,7 @@ fn check_order(plan: &Plan) -> Result<(), ScheduleError> {
 
 /// Runs the ranks with batches that complete only when every op met its counterpart.
 fn check_progress(plan: &Plan) -> Result<(), ScheduleError> {
-    run_rendezvous(plan, &mut plan.ranks.iter().map(|a| steps(a)).collect(), false)
+    run_rendezvous(plan, &mut plan.ranks.iter().map(|a| steps(a)).collect::<Vec<_>>(), false)
 }
 
 /// `plan` with receives posted early where NCCL's rendezvous would otherwise hang: whenever
@@ -158,7 +158,7 @@ fn prefetch_one(plan: &Plan, per_rank: &mut [Vec<Step>], pos: &[usize], posted: 
 }
 
 /// The rendezvous run behind [`check_progress`] and (with `repair`) [`make_rendezvous_safe`].
-fn run_rendezvous(plan: &Plan, per_rank: &mut Vec<Vec<Step>>, repair: bool) -> Result<(), ScheduleError> {
+fn run_rendezvous(plan: &Plan, per_rank: &mut [Vec<Step>], repair: bool) -> Result<(), ScheduleError> {
     let mut pos = vec![0usize; per_rank.len()];
     // (message, is the send side) of every op posted so far.
     let mut posted: HashSet<(Msg, bool)> = HashSet::new();
@@ -220,8 +220,8 @@ pub fn rendezvous_makespan(plan: &Plan, costs: &crate::Costs) -> Option<f64> {
                     Step::Batch(batch) => {
                         for &a in batch {
                             let key = (message(plan, a).0, is_send(a.op));
-                            if !posted.contains_key(&key) {
-                                posted.insert(key, clock[r]);
+                            if let std::collections::hash_map::Entry::Vacant(e) = posted.entry(key) {
+                                e.insert(clock[r]);
                                 progressed = true;
                             }
                         }
