@@ -104,7 +104,7 @@ fn check_order(plan: &Plan) -> Result<(), ScheduleError> {
 
 /// Runs the ranks with batches that complete only when every op met its counterpart.
 fn check_progress(plan: &Plan) -> Result<(), ScheduleError> {
-    run_rendezvous(plan, &mut plan.ranks.iter().map(|a| steps(a)).collect::<Vec<_>>(), false)
+    run_rendezvous(plan, &mut plan.ranks.iter().map(|a| steps(a)).collect::<Vec<_>>(), false, &crate::Costs::uniform()).map(|_| ())
 }
 
 /// `plan` with receives posted early where NCCL's rendezvous would otherwise hang: whenever
@@ -115,7 +115,7 @@ fn check_progress(plan: &Plan) -> Result<(), ScheduleError> {
 /// unchanged (GPipe and 1F1B do not; interleaved 1F1B does).
 pub fn make_rendezvous_safe(plan: Plan) -> Result<Plan, ScheduleError> {
     let mut per_rank: Vec<Vec<Step>> = plan.ranks.iter().map(|a| steps(a)).collect();
-    run_rendezvous(&plan, &mut per_rank, true)?;
+    run_rendezvous(&plan, &mut per_rank, true, &crate::Costs::uniform())?;
     let ranks = per_rank
         .into_iter()
         .map(|steps| {
@@ -133,10 +133,10 @@ pub fn make_rendezvous_safe(plan: Plan) -> Result<Plan, ScheduleError> {
 
 /// Moves the receive of a send blocked at `pos` of some rank into its receiver's current batch.
 /// Returns false when no blocked send waits for a receive (a real deadlock).
-fn prefetch_one(plan: &Plan, per_rank: &mut [Vec<Step>], pos: &[usize], posted: &HashSet<(Msg, bool)>) -> bool {
+fn prefetch_one(plan: &Plan, per_rank: &mut [Vec<Step>], pos: &[usize], posted: &HashMap<(Msg, bool), f64>) -> bool {
     for r in 0..per_rank.len() {
         let Some(Step::Batch(batch)) = per_rank[r].get(pos[r]) else { continue };
-        let Some(send) = batch.iter().find(|a| is_send(a.op) && !posted.contains(&(message(plan, **a).0, false))) else { continue };
+        let Some(send) = batch.iter().find(|a| is_send(a.op) && !posted.contains_key(&(message(plan, **a).0, false))) else { continue };
         let (msg, _, q) = message(plan, *send);
         // The receive sits later in q's plan (q is blocked at pos[q]).
         let later = pos[q] + 1;
@@ -157,22 +157,31 @@ fn prefetch_one(plan: &Plan, per_rank: &mut [Vec<Step>], pos: &[usize], posted: 
     false
 }
 
-/// The rendezvous run behind [`check_progress`] and (with `repair`) [`make_rendezvous_safe`].
-fn run_rendezvous(plan: &Plan, per_rank: &mut [Vec<Step>], repair: bool) -> Result<(), ScheduleError> {
-    let mut pos = vec![0usize; per_rank.len()];
-    // (message, is the send side) of every op posted so far.
-    let mut posted: HashSet<(Msg, bool)> = HashSet::new();
+/// The rendezvous run behind [`check_progress`], [`rendezvous_makespan`] and (with `repair`)
+/// [`make_rendezvous_safe`]: computations take their cost; a batch posts all its ops and
+/// completes when the last of them and their counterparts was posted (plus `costs.comm`).
+/// Returns the makespan.
+fn run_rendezvous(plan: &Plan, per_rank: &mut [Vec<Step>], repair: bool, costs: &crate::Costs) -> Result<f64, ScheduleError> {
+    let n = per_rank.len();
+    let (mut pos, mut clock) = (vec![0usize; n], vec![0.0f64; n]);
+    // (message, is the send side) of every op posted so far, with its posting time.
+    let mut posted: HashMap<(Msg, bool), f64> = HashMap::new();
     loop {
         let mut progressed = false;
         for (r, steps) in per_rank.iter().enumerate() {
             while let Some(step) = steps.get(pos[r]) {
-                if let Step::Batch(batch) = step {
-                    for &a in batch {
-                        progressed |= posted.insert((message(plan, a).0, is_send(a.op)));
-                    }
-                    let matched = batch.iter().all(|&a| posted.contains(&(message(plan, a).0, !is_send(a.op))));
-                    if !matched {
-                        break;
+                match step {
+                    Step::Compute(a) => clock[r] += costs.of(a.op),
+                    Step::Batch(batch) => {
+                        for &a in batch {
+                            if let std::collections::hash_map::Entry::Vacant(e) = posted.entry((message(plan, a).0, is_send(a.op))) {
+                                e.insert(clock[r]);
+                                progressed = true;
+                            }
+                        }
+                        let peers: Option<Vec<f64>> = batch.iter().map(|&a| posted.get(&(message(plan, a).0, !is_send(a.op))).copied()).collect();
+                        let Some(peers) = peers else { break };
+                        clock[r] = peers.into_iter().fold(clock[r], f64::max) + costs.comm;
                     }
                 }
                 pos[r] += 1;
@@ -180,7 +189,7 @@ fn run_rendezvous(plan: &Plan, per_rank: &mut [Vec<Step>], repair: bool) -> Resu
             }
         }
         if pos.iter().zip(per_rank.iter()).all(|(p, s)| *p == s.len()) {
-            return Ok(());
+            return Ok(clock.into_iter().fold(0.0, f64::max));
         }
         if !progressed && repair && prefetch_one(plan, per_rank, &pos, &posted) {
             continue;
@@ -202,45 +211,11 @@ fn run_rendezvous(plan: &Plan, per_rank: &mut [Vec<Step>], repair: bool) -> Resu
     }
 }
 
-/// The makespan of `plan` under NCCL's rules with `costs` (computations take their cost; a batch
-/// completes when the last of its ops and their counterparts was posted, plus `costs.comm`);
-/// `None` if it deadlocks. This is what ranks that wait for every batch (as the executor does)
-/// experience; the buffered [`simulate`](crate::simulate) is a lower bound.
+/// The makespan of `plan` under NCCL's rules with `costs` (see [`run_rendezvous`]); `None` if it
+/// deadlocks. This is what ranks that wait for every batch (as the executor does) experience;
+/// the buffered [`simulate`](crate::simulate) is a lower bound.
 pub fn rendezvous_makespan(plan: &Plan, costs: &crate::Costs) -> Option<f64> {
-    let per_rank: Vec<Vec<Step>> = plan.ranks.iter().map(|a| steps(a)).collect();
-    let n = per_rank.len();
-    let (mut pos, mut clock) = (vec![0usize; n], vec![0.0f64; n]);
-    let mut posted: HashMap<(Msg, bool), f64> = HashMap::new();
-    loop {
-        let mut progressed = false;
-        for r in 0..n {
-            while let Some(step) = per_rank[r].get(pos[r]) {
-                match step {
-                    Step::Compute(a) => clock[r] += costs.of(a.op),
-                    Step::Batch(batch) => {
-                        for &a in batch {
-                            let key = (message(plan, a).0, is_send(a.op));
-                            if let std::collections::hash_map::Entry::Vacant(e) = posted.entry(key) {
-                                e.insert(clock[r]);
-                                progressed = true;
-                            }
-                        }
-                        let peers: Option<Vec<f64>> = batch.iter().map(|&a| posted.get(&(message(plan, a).0, !is_send(a.op))).copied()).collect();
-                        let Some(peers) = peers else { break };
-                        clock[r] = peers.into_iter().fold(clock[r], f64::max) + costs.comm;
-                    }
-                }
-                pos[r] += 1;
-                progressed = true;
-            }
-        }
-        if (0..n).all(|r| pos[r] == per_rank[r].len()) {
-            return Some(clock.into_iter().fold(0.0, f64::max));
-        }
-        if !progressed {
-            return None;
-        }
-    }
+    run_rendezvous(plan, &mut plan.ranks.iter().map(|a| steps(a)).collect::<Vec<_>>(), false, costs).ok()
 }
 
 /// Moves each `SEND_F` that is directly followed by a backward to just after that backward.
