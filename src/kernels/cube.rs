@@ -51,24 +51,7 @@ mod kernel {
     use burn_cubecl::cubecl;
     use cubecl::prelude::*;
 
-    #[cube]
-    fn block_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
-        let tid = UNIT_POS_X as usize;
-        smem[tid] = value;
-        sync_cube();
-        let mut stride = CUBE_DIM_X as usize / 2;
-        while stride > 0 {
-            if tid < stride {
-                let other = smem[tid + stride];
-                smem[tid] += other;
-            }
-            sync_cube();
-            stride /= 2;
-        }
-        let total = smem[0];
-        sync_cube();
-        total
-    }
+    use super::super::cube_cached::block_sum;
 
     #[cube(launch)]
     pub fn ln_forward_kernel<F: Float>(

@@ -20,8 +20,10 @@ pub fn per_unit(h: usize, block: usize) -> Option<usize> {
     (need <= MAX_PER_UNIT).then_some(need)
 }
 
+/// Sum of `value` over the cube by a shared-memory tree (`smem` holds one slot per unit); every
+/// unit gets the total. Shared with the v1 kernels.
 #[cube]
-fn block_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
+pub fn block_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
     let tid = UNIT_POS_X as usize;
     smem[tid] = value;
     sync_cube();
