@@ -304,12 +304,6 @@ impl<B: CollectiveBackend, C: CheckpointStrategy> CollectiveBackend for Autodiff
     fn collective_broadcast(x: FloatTensor<Self>, root: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
         Ok(Self::from_inner(B::collective_broadcast(Self::inner(x), root, comm)?))
     }
-    fn collective_send(x: FloatTensor<Self>, peer: usize, tag: u64, comm: &Comm) -> Result<(), CommError> {
-        B::collective_send(Self::inner(x), peer, tag, comm)
-    }
-    fn collective_recv(spec: &TensorSpec, device: &Device<Self>, peer: usize, tag: u64, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
-        Ok(Self::from_inner(B::collective_recv(spec, device, peer, tag, comm)?))
-    }
 
     fn collective_batch_p2p(
         sends: Vec<(FloatTensor<Self>, usize, u64)>,
