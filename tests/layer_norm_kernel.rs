@@ -37,7 +37,7 @@ fn max_rel(a: &TensorData, b: &TensorData) -> f32 {
 #[test]
 fn kernels_match_the_composed_reference() {
     // (`CachedPlane` falls back to `Cached` on lavapipe, which has no plane ops.)
-    for variant in [LnKernel::Strided, LnKernel::Cached, LnKernel::CachedPlane] {
+    for variant in [LnKernel::Strided, LnKernel::Cached, LnKernel::CachedPlane, LnKernel::Vectorized] {
         set_variant(variant);
         check_shapes();
     }
@@ -46,7 +46,7 @@ fn kernels_match_the_composed_reference() {
 /// Both variants (other tests may switch the process-wide variant meanwhile: every variant must
 /// pass every check, and both give the same bits, so that is harmless).
 fn check_shapes() {
-    for &[n, h] in &[[1usize, 1], [3, 7], [37, 300], [64, 1024], [129, 768], [5, 4097], [200, 33], [3, 9000]] {
+    for &[n, h] in &[[1usize, 1], [3, 7], [37, 300], [64, 1024], [129, 768], [5, 4097], [200, 33], [3, 9000], [9, 2048], [5, 3000]] {
         let x = data(&format!("x{n}x{h}"), &[n, h], 3.0);
         let (g, b) = (data("g", &[h], 1.0), data("b", &[h], 0.0));
         let dy = data("dy", &[n, h], 0.0);

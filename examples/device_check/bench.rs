@@ -7,7 +7,7 @@ use burn::nn::LayerNormConfig;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor, TensorData};
 use burn_parallel::comm::ops;
-use burn_parallel::kernels::{layer_norm as fused, set_variant, LnKernel};
+use burn_parallel::kernels::{layer_norm as fused, set_variant, set_vector_cache, LayerNormBackend, LnKernel};
 use burn_parallel::{Comm, NcclComm, ReduceOp};
 
 use crate::kernels::K;
@@ -32,49 +32,53 @@ fn composed<B: Backend>(x: Tensor<B, 2>, g: Tensor<B, 1>, b: Tensor<B, 1>) -> Te
     (x - mean) * var.add_scalar(1e-5).sqrt().recip() * g.unsqueeze() + b.unsqueeze()
 }
 
-pub fn layer_norm(quick: bool, variants: &[LnKernel]) {
+/// Fused (each `(variant, v4 register cache)` of `variants`) vs composed layer norm: forward,
+/// backward alone (our op on a dense random `dy`, as `torch_layer_norm.py` times
+/// `native_layer_norm_backward`) and forward + `sum().backward()` through autodiff.
+pub fn layer_norm(quick: bool, variants: &[(LnKernel, usize)]) {
     let dev = Default::default();
     let iters = if quick { 10 } else { 50 };
-    println!("\nvariants (fwd µs, fwd+bwd µs each): {variants:?}");
-    println!("| shape | dtype | ours fwd µs | burn fwd µs | best fwd GB/s | ours fwd+bwd µs | burn fwd+bwd µs | best fwd+bwd GB/s |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("\nvariants (µs each; v4 with its register cache): {variants:?}");
+    println!("| shape | dtype | ours fwd µs | burn fwd µs | fwd GB/s | ours bwd µs | bwd GB/s | ours fwd+bwd µs | burn fwd+bwd µs |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for [n, h] in [[8192, 768], [8192, 1024], [16384, 4096], [4096, 8192]] {
         for dtype in [DType::F32, DType::BF16] {
             let x = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
+            let dy = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
             let g = Tensor::<K, 1>::ones([h], &dev).cast(dtype);
             let b = Tensor::<K, 1>::zeros([h], &dev).cast(dtype);
-            type A = Autodiff<K>;
-            let xa = Tensor::<A, 2>::from_inner(x.clone()).require_grad();
-            let (ga, ba) = (Tensor::<A, 1>::from_inner(g.clone()).require_grad(), Tensor::<A, 1>::from_inner(b.clone()).require_grad());
-            let mut ours = Vec::new();
-            for &v in variants {
-                set_variant(v);
-                let fwd = time(|| drop(fused(x.clone(), g.clone(), b.clone(), 1e-5)), iters);
-                let fb = time(|| drop(fused(xa.clone(), ga.clone(), ba.clone(), 1e-5).sum().backward()), iters);
-                ours.push((fwd, fb));
-            }
-            set_variant(LnKernel::Cached);
+            let ours: Vec<[f64; 3]> = variants
+                .iter()
+                .map(|&(v, cache)| {
+                    set_variant(v);
+                    set_vector_cache(cache, cache);
+                    ours_times(&x, &dy, &g, &b, iters)
+                })
+                .collect();
+            set_variant(LnKernel::Vectorized);
+            set_vector_cache(16, 16);
             let theirs = if dtype == DType::F32 {
                 let ln = LayerNormConfig::new(h).init::<K>(&dev);
                 time(|| drop(ln.forward(x.clone())), iters)
             } else {
                 time(|| drop(composed(x.clone(), g.clone(), b.clone())), iters)
             };
+            let (xa, ga, ba) = autodiff_inputs(&x, &g, &b);
             let theirs_fb = time(|| drop(composed(xa.clone(), ga.clone(), ba.clone()).sum().backward()), iters);
-            // Bytes: forward reads x, writes y; forward+backward also reads x, dy, writes dx
-            // (dy of `sum` is materialised) -> 2 + 5 passes over [n, h].
+            // Bytes: forward reads x, writes y; backward reads dy and x twice (dx, then dγ/dβ)
+            // and writes dx: 2 and 5 passes over [n, h].
             let bytes = (n * h * dtype.size()) as f64;
-            let best = ours.iter().map(|o| o.0).fold(f64::INFINITY, f64::min);
-            let best_fb = ours.iter().map(|o| o.1).fold(f64::INFINITY, f64::min);
-            let show = |f: fn(&(f64, f64)) -> f64| ours.iter().map(|o| format!("{:.1}", f(o) * 1e6)).collect::<Vec<_>>().join(" / ");
+            let best = |i: usize| ours.iter().map(|o| o[i]).fold(f64::INFINITY, f64::min);
+            let show = |i: usize| ours.iter().map(|o| format!("{:.1}", o[i] * 1e6)).collect::<Vec<_>>().join(" / ");
             println!(
-                "| [{n}, {h}] | {dtype:?} | {} | {:.1} | {:.0} | {} | {:.1} | {:.0} |",
-                show(|o| o.0),
+                "| [{n}, {h}] | {dtype:?} | {} | {:.1} | {:.0} | {} | {:.0} | {} | {:.1} |",
+                show(0),
                 theirs * 1e6,
-                2.0 * bytes / best / 1e9,
-                show(|o| o.1),
+                2.0 * bytes / best(0) / 1e9,
+                show(1),
+                5.0 * bytes / best(1) / 1e9,
+                show(2),
                 theirs_fb * 1e6,
-                7.0 * bytes / best_fb / 1e9
             );
         }
     }
@@ -82,6 +86,25 @@ pub fn layer_norm(quick: bool, variants: &[LnKernel]) {
     let x = Tensor::<K, 1>::zeros([1 << 28], &dev);
     let copy = time(|| drop(x.clone().add_scalar(1.0)), iters);
     println!("\nelement-wise read+write of 1 GiB f32: {:.0} GB/s", 2.0 * (1u64 << 30) as f64 / copy / 1e9);
+}
+
+fn autodiff_inputs(x: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<K, 1>) -> (Tensor<Autodiff<K>, 2>, Tensor<Autodiff<K>, 1>, Tensor<Autodiff<K>, 1>) {
+    type A = Autodiff<K>;
+    let xa = Tensor::<A, 2>::from_inner(x.clone()).require_grad();
+    (xa, Tensor::<A, 1>::from_inner(g.clone()).require_grad(), Tensor::<A, 1>::from_inner(b.clone()).require_grad())
+}
+
+/// Our layer norm under the selected variant: `[forward, backward op alone, forward + autodiff
+/// backward]`, seconds per call.
+fn ours_times(x: &Tensor<K, 2>, dy: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<K, 1>, iters: usize) -> [f64; 3] {
+    let p2 = |t: &Tensor<K, 2>| t.clone().into_primitive().tensor();
+    let p1 = |t: &Tensor<K, 1>| t.clone().into_primitive().tensor();
+    let fwd = time(|| drop(fused(x.clone(), g.clone(), b.clone(), 1e-5)), iters);
+    let (_, mean, rstd) = K::layer_norm_rows(p2(x), p1(g), p1(b), 1e-5);
+    let bwd = time(|| drop(K::layer_norm_rows_backward(p2(dy), p2(x), p1(g), mean.clone(), rstd.clone())), iters);
+    let (xa, ga, ba) = autodiff_inputs(x, g, b);
+    let fb = time(|| drop(fused(xa.clone(), ga.clone(), ba.clone(), 1e-5).sum().backward()), iters);
+    [fwd, bwd, fb]
 }
 
 /// Bus bandwidth `bytes / t × factor` (factor 2(n−1)/n for all-reduce, (n−1)/n otherwise; 0 at

@@ -1,7 +1,7 @@
 //! Every check and benchmark that needs the GPU machine, in one binary (feature `cuda`):
 //!
 //! ```text
-//! device_check [all | kernels nccl ln-bench nccl-bench ...] [kernels-v3] [ln-bench-v3] [--quick]
+//! device_check [all | kernels nccl ln-bench nccl-bench ...] [ln-tune] [--quick]
 //! ```
 //! - `kernels`: the fused layer-norm kernels on CUDA (f32, bf16) against the composed reference
 //!   (computed on the CPU from the same rounded inputs), many shapes; `Fusion` == `CubeBackend`.
@@ -65,22 +65,20 @@ fn main() {
     println!("kernel caches: {}", dir.display());
     let mut report = Report::default();
     let t0 = std::time::Instant::now();
+    let variants = [LnKernel::Strided, LnKernel::Cached, LnKernel::CachedPlane, LnKernel::Vectorized];
     if on("kernels") {
-        kernels::run(&mut report, quick, &[LnKernel::Strided, LnKernel::Cached]);
-    }
-    // v3 (plane reductions) has never run on a GPU: its own invocation, so a failure cannot take
-    // the other checks down.
-    if whats.contains(&"kernels-v3") {
-        kernels::run(&mut report, quick, &[LnKernel::CachedPlane]);
+        kernels::run(&mut report, quick, &variants);
     }
     if on("nccl") {
         nccl::run(&mut report);
     }
     if on("ln-bench") {
-        bench::layer_norm(quick, &[LnKernel::Strided, LnKernel::Cached]);
+        bench::layer_norm(quick, &variants.map(|v| (v, 16)));
     }
-    if whats.contains(&"ln-bench-v3") {
-        bench::layer_norm(quick, &[LnKernel::CachedPlane]);
+    // v4's register cache (f32 values per unit per cached array; default 16, and up to 32 where
+    // that keeps a row in one 32-lane plane).
+    if whats.contains(&"ln-tune") {
+        bench::layer_norm(quick, &[8, 16, 32].map(|c| (LnKernel::Vectorized, c)));
     }
     if on("nccl-bench") {
         if let Err(e) = bench::collectives(quick) {

@@ -18,7 +18,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 
 use burn_fusion::{Fusion, FusionBackend, FusionTensor};
 
-use super::{cube_cached, LayerNormBackend, LnBackward, LnForward};
+use super::{cube_cached, cube_vec, LayerNormBackend, LnBackward, LnForward};
 use crate::fusion_bridge::{from_inner, to_inner};
 
 const BLOCK: u32 = 256;
@@ -30,7 +30,7 @@ const MAX_GRID: usize = 65535;
 /// ops (`v3`, when the device has them), if v2/v3 is selected and `h` fits.
 fn cached<R: CubeRuntime>(h: usize, client: &burn_cubecl::cubecl::client::ComputeClient<R>) -> Option<(usize, bool)> {
     let plane = match super::variant() {
-        super::LnKernel::Strided => return None,
+        super::LnKernel::Strided | super::LnKernel::Vectorized => return None,
         super::LnKernel::Cached => false,
         // The partials of all planes must fit one plane (256 / 16 = 16 lanes): planes of at least
         // 16 lanes (CUDA's 32; not e.g. Intel's 8-wide subgroups), covering contiguous units.
@@ -39,6 +39,21 @@ fn cached<R: CubeRuntime>(h: usize, client: &burn_cubecl::cubecl::client::Comput
         }
     };
     cube_cached::per_unit(h, BLOCK as usize).map(|pu| (pu, plane))
+}
+
+/// For the vectorized kernels (`v4`, if selected and the row fits): `(vector size, block, rows per
+/// cube, vectors per unit, plane reductions)`. The vector is the widest 128-bit-or-less load that
+/// divides `h`; plane reductions where the device has plane ops of exactly 32 lanes.
+fn vectorized<R: CubeRuntime>(h: usize, dtype: DType, backward: bool, client: &burn_cubecl::cubecl::client::ComputeClient<R>) -> Option<(usize, usize, usize, usize, bool)> {
+    if super::variant() != super::LnKernel::Vectorized {
+        return None;
+    }
+    let vector = client.io_optimized_vector_sizes(dtype.size()).find(|v| h % v == 0).unwrap_or(1);
+    let hw = &client.properties().hardware;
+    let max_units = (hw.max_units_per_cube.min(hw.max_cube_dim.0)) as usize;
+    let (block, rows, per_unit) = cube_vec::geometry(h, vector, max_units, super::vector_cache(backward))?;
+    let plane = client.features().plane.contains(burn_cubecl::cubecl::features::Plane::Ops) && hw.plane_size_min == 32 && hw.plane_size_max == 32;
+    Some((vector, block, rows, per_unit, plane))
 }
 
 /// One cube per row, spread over x and y so that any row count fits the grid limits.
@@ -195,6 +210,26 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let mean = empty(&x, Shape::new([n, 1]), DType::F32);
         let rstd = empty(&x, Shape::new([n, 1]), DType::F32);
         let dtype = x.dtype;
+        if let Some((vector, block, rows, pu, plane)) = vectorized(h, dtype, false, &x.client) {
+            cube_vec::ln_forward_vec_kernel::launch::<R>(
+                &x.client,
+                rows_grid(n.div_ceil(rows)),
+                CubeDim::new_2d(block as u32, rows as u32),
+                vector,
+                x.clone().into_tensor_arg(),
+                gamma.into_tensor_arg(),
+                beta.into_tensor_arg(),
+                y.clone().into_tensor_arg(),
+                mean.clone().into_tensor_arg(),
+                rstd.clone().into_tensor_arg(),
+                epsilon,
+                block,
+                pu,
+                plane,
+                dtype.into(),
+            );
+            return (y, mean, rstd);
+        }
         if let Some((pu, plane)) = cached(h, &x.client) {
             cube_cached::ln_forward_cached_kernel::launch::<R>(
                 &x.client,
@@ -243,6 +278,26 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let [n, h] = x.shape().dims::<2>();
         let dtype = x.dtype;
         let dx = empty(&x, x.shape(), dtype);
+        if let Some((vector, block, rows, pu, plane)) = vectorized(h, dtype, true, &x.client) {
+            cube_vec::ln_backward_dx_vec_kernel::launch::<R>(
+                &x.client,
+                rows_grid(n.div_ceil(rows)),
+                CubeDim::new_2d(block as u32, rows as u32),
+                vector,
+                dy.clone().into_tensor_arg(),
+                x.clone().into_tensor_arg(),
+                gamma.into_tensor_arg(),
+                mean.clone().into_tensor_arg(),
+                rstd.clone().into_tensor_arg(),
+                dx.clone().into_tensor_arg(),
+                block,
+                pu,
+                plane,
+                dtype.into(),
+            );
+            let (dg, db) = params_vec::<R, F, I, BT>(dy, x, mean, rstd, vector);
+            return (dx, dg, db);
+        }
         if let Some((pu, plane)) = cached(h, &x.client) {
             cube_cached::ln_backward_dx_cached_kernel::launch::<R>(
                 &x.client,
@@ -292,12 +347,55 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
             rows_per_chunk as u32,
             dtype.into(),
         );
-        let total = |p: CubeTensor<R>| {
-            let t = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(p)).sum_dim(0).reshape([h]).cast(dtype);
-            t.into_primitive().tensor()
-        };
-        (dx, total(dg), total(db))
+        (dx, sum_chunks::<R, F, I, BT>(dg, dtype), sum_chunks::<R, F, I, BT>(db, dtype))
     }
+}
+
+/// The column sums of f32 partials `[chunks, h]`, as `[h]` in `dtype`.
+fn sum_chunks<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(partial: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+    let h = partial.shape().dims::<2>()[1];
+    let t = Tensor::<CubeBackend<R, F, I, BT>, 2>::from_primitive(TensorPrimitive::Float(partial));
+    t.sum_dim(0).reshape([h]).cast(dtype).into_primitive().tensor()
+}
+
+/// `dγ, dβ` by the vectorized partial-sum kernel (units of 128 over vector columns, chunks of
+/// rows) and a sum over chunks. On the H200, the extra chunks for narrow rows took the backward
+/// of [8192, 768] f32 from 83.5 to 68.9 µs (BENCHMARKS.md).
+fn params_vec<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    dy: CubeTensor<R>,
+    x: CubeTensor<R>,
+    mean: CubeTensor<R>,
+    rstd: CubeTensor<R>,
+    vector: usize,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    const UNITS: u32 = 128;
+    let [n, h] = x.shape().dims::<2>();
+    let dtype = x.dtype;
+    // Enough cubes to fill the device (8 per multiprocessor) even for narrow rows: chunks of
+    // down to 8 rows (the f32 partials stay a small fraction of the input).
+    let column_cubes = (h / vector).div_ceil(UNITS as usize);
+    let sms = x.client.properties().hardware.num_streaming_multiprocessors.unwrap_or(128) as usize;
+    let wanted = (8 * sms).div_ceil(column_cubes).min(n.div_ceil(8));
+    let chunks = n.div_ceil(ROWS_PER_CHUNK).max(wanted).clamp(1, MAX_GRID);
+    let rows_per_chunk = n.div_ceil(chunks).max(1);
+    let dg = empty(&x, Shape::new([chunks, h]), DType::F32);
+    let db = empty(&x, Shape::new([chunks, h]), DType::F32);
+    let client = x.client.clone();
+    cube_vec::ln_backward_params_vec_kernel::launch::<R>(
+        &client,
+        CubeCount::Static(((h / vector) as u32).div_ceil(UNITS), chunks as u32, 1),
+        CubeDim::new_1d(UNITS),
+        vector,
+        dy.into_tensor_arg(),
+        x.into_tensor_arg(),
+        mean.into_tensor_arg(),
+        rstd.into_tensor_arg(),
+        dg.clone().into_tensor_arg(),
+        db.clone().into_tensor_arg(),
+        rows_per_chunk as u32,
+        dtype.into(),
+    );
+    (sum_chunks::<R, F, I, BT>(dg, dtype), sum_chunks::<R, F, I, BT>(db, dtype))
 }
 
 /// Under `Fusion` (burn's default `Wgpu` and `Cuda`), the kernels run eagerly: the inputs are

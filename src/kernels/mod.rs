@@ -11,8 +11,10 @@
 mod cube;
 #[cfg(feature = "cube")]
 mod cube_cached;
+#[cfg(feature = "cube")]
+mod cube_vec;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -36,12 +38,16 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
 pub enum LnKernel {
     /// `v1`: the row is re-read from global memory for each pass (any width).
     Strided,
-    /// `v2` (default): each unit caches its part of the row in registers (rows up to
+    /// `v2`: each unit caches its part of the row in registers (rows up to
     /// 256 × 32 = 8192 wide; wider rows fall back to `v1`).
     Cached,
     /// `v3`: `v2` with plane (warp) reductions where the device has plane ops, else `v2`.
-    /// Not run on a GPU yet: opt-in.
     CachedPlane,
+    /// `v4` (default): `v2` with 128-bit vector loads/stores, units per row sized to the row
+    /// (several rows per cube for short rows; ≤ 16 cached values per unit) and plane reductions
+    /// where planes have 32 lanes (rows up to 1024 × 32 = 32768 wide; wider rows use `v1`).
+    /// Fastest on the H200 at every benchmarked shape (BENCHMARKS.md).
+    Vectorized,
 }
 
 static VARIANT: AtomicU8 = AtomicU8::new(0);
@@ -52,22 +58,41 @@ pub fn set_variant(v: LnKernel) {
         LnKernel::Strided => 1,
         LnKernel::Cached => 2,
         LnKernel::CachedPlane => 3,
+        LnKernel::Vectorized => 4,
     };
     VARIANT.store(code, Ordering::SeqCst);
 }
 
-/// The selected variant: set by [`set_variant`], else `BURN_PARALLEL_LN_KERNEL=v1|v2|v3`, else
-/// `v2`.
+static VECTOR_CACHE: [AtomicUsize; 2] = [AtomicUsize::new(16), AtomicUsize::new(16)];
+
+/// Tuning knob of `v4`: how many f32 values each unit keeps in registers, forward and backward
+/// (default 16 and 16; the row is spread over more units when it needs more). For benchmarks.
+#[doc(hidden)]
+pub fn set_vector_cache(forward: usize, backward: usize) {
+    VECTOR_CACHE[0].store(forward.max(1), Ordering::SeqCst);
+    VECTOR_CACHE[1].store(backward.max(1), Ordering::SeqCst);
+}
+
+/// `v4`'s register cache (f32 values per unit) for the forward (`backward = false`) or backward.
+#[cfg(feature = "cube")]
+fn vector_cache(backward: bool) -> usize {
+    VECTOR_CACHE[usize::from(backward)].load(Ordering::SeqCst)
+}
+
+/// The selected variant: set by [`set_variant`], else `BURN_PARALLEL_LN_KERNEL=v1|v2|v3|v4`, else
+/// `v4`.
 pub fn variant() -> LnKernel {
     match VARIANT.load(Ordering::SeqCst) {
         1 => LnKernel::Strided,
         2 => LnKernel::Cached,
         3 => LnKernel::CachedPlane,
+        4 => LnKernel::Vectorized,
         _ => {
             let v = match std::env::var("BURN_PARALLEL_LN_KERNEL").as_deref() {
                 Ok("v1") => LnKernel::Strided,
+                Ok("v2") => LnKernel::Cached,
                 Ok("v3") => LnKernel::CachedPlane,
-                _ => LnKernel::Cached,
+                _ => LnKernel::Vectorized,
             };
             set_variant(v);
             v
