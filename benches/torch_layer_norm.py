@@ -1,4 +1,4 @@
-"""PyTorch reference for benches/layer_norm.rs: F.layer_norm forward and forward+backward (µs)."""
+"""PyTorch reference for `device_check ln-bench`: F.layer_norm forward, backward, forward+backward (µs)."""
 import torch
 import torch.nn.functional as F
 
@@ -14,13 +14,27 @@ def t(fn, iters=50):
     torch.cuda.synchronize()
     return s.elapsed_time(e) * 1e3 / iters
 
-print("| shape | dtype | torch fwd µs | torch fwd+bwd µs |")
-print("|---|---|---|---|")
+print("| shape | dtype | torch fwd µs | torch bwd µs | torch fwd+bwd µs |")
+print("|---|---|---|---|---|")
 for n, h in [(8192, 768), (8192, 1024), (16384, 4096), (4096, 8192)]:
     for dt in [torch.float32, torch.bfloat16]:
         x = torch.randn(n, h, device="cuda", dtype=dt, requires_grad=True)
         w = torch.ones(h, device="cuda", dtype=dt, requires_grad=True)
         b = torch.zeros(h, device="cuda", dtype=dt, requires_grad=True)
         fwd = t(lambda: F.layer_norm(x, (h,), w, b))
-        fb = t(lambda: F.layer_norm(x, (h,), w, b).sum().backward())
-        print(f"| [{n}, {h}] | {dt} | {fwd:.1f} | {fb:.1f} |")
+        # Backward alone on a dense dy (as `device_check ln-bench` times our backward op).
+        dy = torch.randn(n, h, device="cuda", dtype=dt)
+        with torch.no_grad():
+            _, mean, rstd = torch.ops.aten.native_layer_norm(x, (h,), w, b, 1e-5)
+            bwd = t(lambda: torch.ops.aten.native_layer_norm_backward(dy, x, (h,), mean, rstd, w, b, [True, True, True]))
+        # Forward + backward of sum() through autograd, grads returned (not accumulated into
+        # .grad, as Burn returns them). The gradient of sum is a stride-0 expand in torch (read
+        # for free), a materialised tensor in Burn.
+        fb = t(lambda: torch.autograd.grad(F.layer_norm(x, (h,), w, b).sum(), [x, w, b]))
+        print(f"| [{n}, {h}] | {dt} | {fwd:.1f} | {bwd:.1f} | {fb:.1f} |")
+
+# The roofline for the GB/s columns: a device-to-device copy of 1 GiB (bytes read + written).
+src = torch.empty(2**28, device="cuda")
+dst = torch.empty_like(src)
+us = t(lambda: dst.copy_(src))
+print(f"torch copy of 1 GiB f32: {2 * 2**30 / us / 1e3:.0f} GB/s (read + write)")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the stripped release binaries the GPU machine runs (it has no Rust toolchain) into
 # gpu-bin/ (git-ignored; carry it with the `device` tool): device_check, gpt_pretrain, burn-parallel.
+# Kernel caches: scripts/device-check.sh points cubecl at gpu-cache/ (returned as $OUT/cache.tgz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-$HOME/.cache/burn-parallel-release}"
@@ -11,5 +12,4 @@ for b in examples/device_check examples/gpt_pretrain burn-parallel; do
   cp "$target/release/$b" gpu-bin/
   strip "gpu-bin/$(basename "$b")"
 done
-printf '[compilation]\ncache = "local"\n\n[autotune]\ncache = "local"\n' > gpu-bin/cubecl.toml
 du -sh gpu-bin/*

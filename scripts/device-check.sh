@@ -1,41 +1,81 @@
 #!/usr/bin/env bash
-# Everything that needs the GPU machine, in priority order, each step under its own time limit.
+# Everything that needs the GPU machine, each step under its own time limit, all of them under one
+# budget (seconds since start; a step that no longer fits is skipped, so the command always ends
+# in time and its logs come back).
 # Build here (x86_64, no GPU needed):   scripts/build-device-bin.sh   (-> gpu-bin/, git-ignored)
-# Run there:  bash scripts/device-check.sh [checks|bench|gpt|all]   (logs under $OUT, else ./device-out)
-# Cold NVRTC compilation dominates first runs; gpu-bin/cubecl.toml keeps a kernel/autotune cache
-# next to the binaries, so a second command on the same warm machine starts fast.
-# One `device` command may run 10 minutes and a session has ~15 device-minutes in all, so run the
-# parts as separate commands, in this order: `checks` (≤ 6 min), then `bench` (≤ 8 min), then
-# `gpt` (≤ 5 min) as the budget allows (`all` exceeds one command's limit).
+# Run there:  BUDGET=540 bash scripts/device-check.sh STEP...     (default: every step, in order)
+#   steps: checks (kernels + nccl) kernels gpt gpt-local ln-bench ln-tune torch-ln nccl-bench torch-nccl;
+#   `a+b` runs two steps side by side (e.g. `checks+gpt`: correctness checks while the GPT's
+#   kernels compile — never two benchmarks).
+# Output: $OUT/log.txt (every step's full log) and $OUT/cache.tgz (cubecl's kernel and autotune
+# cache: copy it to gpu-bin/cache.tgz to skip next time the cold NVRTC compilation that dominates
+# first runs). Only a summary goes to stdout.
 set -u
-what="${1:-all}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${OUT:-$root/device-out}"
-mkdir -p "$out"
+budget="${BUDGET:-540}"
+mkdir -p "$out" "$root/gpu-cache" "$out/.steps"
+# A previous run's caches, if carried as gpu-bin/cache.tgz (gpu-cache itself is too big to carry).
+[ -f "$root/gpu-bin/cache.tgz" ] && tar xzf "$root/gpu-bin/cache.tgz" -C "$root"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-export RUST_LOG="${RUST_LOG:-info}"
+export RUST_LOG="${RUST_LOG:-info}" PYTHONUNBUFFERED=1
+# enable_kernel_caches() puts cubecl's caches under $XDG_CACHE_HOME/burn-parallel/cubecl.
+export XDG_CACHE_HOME="$root/gpu-cache"
 cd "$root/gpu-bin"
-step() { # name, seconds, command...
-  local name="$1" secs="$2"; shift 2
-  echo "== $name (limit ${secs}s)"
-  local t0=$SECONDS
-  timeout "$secs" "$@" > "$out/$name.txt" 2>&1
-  local rc=$?
-  echo "   rc=$rc in $((SECONDS - t0))s"; tail -n 40 "$out/$name.txt"
+rm -f cubecl.toml # an old build's cubecl.toml would move the caches out of gpu-cache
+log="$out/log.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$log"
+
+limit_of() {
+  case "$1" in
+    checks) echo 240 ;; kernels) echo 120 ;; gpt) echo 300 ;; gpt-local) echo 240 ;;
+    ln-bench) echo 150 ;; ln-tune) echo 90 ;; torch-ln) echo 60 ;; nccl-bench) echo 90 ;;
+    torch-nccl) echo 60 ;; *) echo 0 ;;
+  esac
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1; cat "$out/gpu.txt"
-case "$what" in checks|all)
-  step checks 240 ./device_check kernels nccl
-  step checks-v3 120 ./device_check kernels-v3 ;;
-esac
-case "$what" in bench|all)
-  step ln-bench 150 ./device_check ln-bench
-  step ln-bench-v3 90 ./device_check ln-bench-v3
-  step torch-ln 60 python3 "$root/benches/torch_layer_norm.py"
-  step nccl-bench 90 ./device_check nccl-bench
-  step torch-nccl 60 python3 "$root/benches/torch_collectives.py" ;;
-esac
-case "$what" in gpt|all)
-  step gpt-nccl 300 ./burn-parallel launch --nproc-per-node 1 -- ./gpt_pretrain --device cuda --comm nccl \
-    --steps 20 --eval-every 0 --eval-batches 2 --sample-tokens 64 --timeout-secs 900 ;;
-esac
+run_step() { # name: runs it in the foreground, log to $out/.steps/name.txt
+  local gpt=(--steps 20 --eval-every 0 --eval-batches 2 --sample-tokens 64 --timeout-secs 900)
+  case "$1" in
+    checks) exec ./device_check kernels nccl ;;
+    kernels) exec ./device_check kernels ;;
+    gpt) exec ./burn-parallel launch --nproc-per-node 1 -- ./gpt_pretrain --device cuda --comm nccl "${gpt[@]}" ;;
+    gpt-local) exec ./gpt_pretrain --device cuda --comm local --tp 2 --pp 2 --microbatches 4 "${gpt[@]}" ;;
+    ln-bench) exec ./device_check ln-bench ;;
+    ln-tune) exec ./device_check ln-tune ;;
+    torch-ln) exec python3 "$root/benches/torch_layer_norm.py" ;;
+    nccl-bench) exec ./device_check nccl-bench ;;
+    torch-nccl) exec python3 "$root/benches/torch_collectives.py" ;;
+    *) echo "unknown step $1"; return 2 ;;
+  esac
+}
+start() { # name: starts the step in the background under its limit, clipped to the budget
+  local name="$1" lim left
+  lim="$(limit_of "$name")"
+  left=$((budget - SECONDS - 20))
+  ((lim > left)) && lim=$left
+  if ((lim < 20)); then echo "== $name: skipped (budget)" | tee -a "$log"; return 1; fi
+  echo "== $name (limit ${lim}s, at ${SECONDS}s)"
+  ( t0=$SECONDS; timeout "$lim" bash -c "$(declare -f run_step); root='$root'; run_step $name" \
+      > "$out/.steps/$name.txt" 2>&1
+    echo "rc=$? in $((SECONDS - t0))s" >> "$out/.steps/$name.txt" ) &
+}
+finish() { # name: appends its log; prints the summary lines
+  local f="$out/.steps/$1.txt"
+  [ -f "$f" ] || return 0
+  { echo; echo "==================== $1"; cat "$f"; } >> "$log"
+  echo "-- $1: $(tail -n 1 "$f")"
+  grep -E '^(FAIL|\||[0-9]+ passed|error|Error|panicked|step |final|torch|element-wise)' "$f" | grep -v '^|---' | head -n 80
+  rm -f "$f"
+}
+steps=("$@")
+((${#steps[@]})) || steps=(checks+gpt ln-bench torch-ln nccl-bench torch-nccl gpt-local)
+for s in "${steps[@]}"; do
+  IFS=+ read -r -a group <<< "$s"
+  started=()
+  for name in "${group[@]}"; do start "$name" && started+=("$name"); done
+  wait
+  for name in "${started[@]}"; do finish "$name"; done
+done
+tar czf "$out/cache.tgz" -C "$root" gpu-cache 2>/dev/null
+echo "cache.tgz: $(du -h "$out/cache.tgz" | cut -f1); total ${SECONDS}s"
+rm -rf "$out/.steps"
