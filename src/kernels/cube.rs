@@ -359,8 +359,8 @@ fn sum_chunks<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(p
 }
 
 /// `dγ, dβ` by the vectorized partial-sum kernel (units of 128 over vector columns, chunks of
-/// rows) and a sum over chunks. On the H200, the extra chunks for narrow rows took the backward
-/// of [8192, 768] f32 from 83.5 to 68.9 µs (BENCHMARKS.md).
+/// rows) and one sum over chunks. On the H200, the extra chunks for narrow rows and the single
+/// column sum took the backward of [8192, 768] f32 from 83.5 to 53.6 µs (BENCHMARKS.md).
 fn params_vec<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     dy: CubeTensor<R>,
     x: CubeTensor<R>,
@@ -378,8 +378,7 @@ fn params_vec<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     let wanted = (8 * sms).div_ceil(column_cubes).min(n.div_ceil(8));
     let chunks = n.div_ceil(ROWS_PER_CHUNK).max(wanted).clamp(1, MAX_GRID);
     let rows_per_chunk = n.div_ceil(chunks).max(1);
-    let dg = empty(&x, Shape::new([chunks, h]), DType::F32);
-    let db = empty(&x, Shape::new([chunks, h]), DType::F32);
+    let partial = empty(&x, Shape::new([chunks, 2 * h]), DType::F32);
     let client = x.client.clone();
     cube_vec::ln_backward_params_vec_kernel::launch::<R>(
         &client,
@@ -390,12 +389,14 @@ fn params_vec<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
         x.into_tensor_arg(),
         mean.into_tensor_arg(),
         rstd.into_tensor_arg(),
-        dg.clone().into_tensor_arg(),
-        db.clone().into_tensor_arg(),
+        partial.clone().into_tensor_arg(),
         rows_per_chunk as u32,
         dtype.into(),
     );
-    (sum_chunks::<R, F, I, BT>(dg, dtype), sum_chunks::<R, F, I, BT>(db, dtype))
+    // One column sum and one cast for both (fewer launches: they dominate narrow rows).
+    let both = Tensor::<CubeBackend<R, F, I, BT>, 1>::from_primitive(TensorPrimitive::Float(sum_chunks::<R, F, I, BT>(partial, dtype)));
+    let half = |range| both.clone().slice([range]).into_primitive().tensor();
+    (half(0..h), half(h..2 * h))
 }
 
 /// Under `Fusion` (burn's default `Wgpu` and `Cuda`), the kernels run eagerly: the inputs are

@@ -213,15 +213,15 @@ pub fn ln_backward_dx_vec_kernel<F: Float, N: Size>(
 }
 
 /// `dγ, dβ` partials: unit = one vector of columns, cube y = a chunk of `rows_per_chunk` rows;
-/// writes f32 partials `[chunks, h]` (summed over chunks by the caller).
+/// writes f32 partials `[chunks, 2h]` (dγ's, then dβ's; summed over chunks by the caller in one
+/// reduction).
 #[cube(launch)]
 pub fn ln_backward_params_vec_kernel<F: Float, N: Size>(
     dy: &Tensor<Vector<F, N>>,
     x: &Tensor<Vector<F, N>>,
     mean: &Tensor<f32>,
     rstd: &Tensor<f32>,
-    dgamma_partial: &mut Tensor<Vector<f32, N>>,
-    dbeta_partial: &mut Tensor<Vector<f32, N>>,
+    partial: &mut Tensor<Vector<f32, N>>,
     rows_per_chunk: u32,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -245,7 +245,7 @@ pub fn ln_backward_params_vec_kernel<F: Float, N: Size>(
             sb += d;
             row += 1;
         }
-        dgamma_partial[chunk * nv + col] = sg;
-        dbeta_partial[chunk * nv + col] = sb;
+        partial[chunk * 2 * nv + col] = sg;
+        partial[chunk * 2 * nv + nv + col] = sb;
     }
 }
