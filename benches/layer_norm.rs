@@ -65,7 +65,7 @@ mod bench {
                 let g = Tensor::<K, 1>::ones([h], &dev).cast(dtype);
                 let b = Tensor::<K, 1>::zeros([h], &dev).cast(dtype);
                 let ln = LayerNormConfig::new(h).init::<K>(&dev);
-                let mut fwd = |v| {
+                let fwd = |v| {
                     burn_parallel::kernels::set_variant(v);
                     time(|| drop(layer_norm(x.clone(), g.clone(), b.clone(), 1e-5)), &dev)
                 };

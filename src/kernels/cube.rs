@@ -48,7 +48,7 @@ fn vectorized<R: CubeRuntime>(h: usize, dtype: DType, backward: bool, client: &b
     if super::variant() != super::LnKernel::Vectorized {
         return None;
     }
-    let vector = client.io_optimized_vector_sizes(dtype.size()).find(|v| h % v == 0).unwrap_or(1);
+    let vector = client.io_optimized_vector_sizes(dtype.size()).find(|v| h.is_multiple_of(*v)).unwrap_or(1);
     let hw = &client.properties().hardware;
     let max_units = (hw.max_units_per_cube.min(hw.max_cube_dim.0)) as usize;
     let (block, rows, per_unit) = cube_vec::geometry(h, vector, max_units, super::vector_cache(backward))?;
@@ -329,7 +329,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
                 dtype.into(),
             );
         }
-        let chunks = n.div_ceil(ROWS_PER_CHUNK).max(1).min(MAX_GRID);
+        let chunks = n.div_ceil(ROWS_PER_CHUNK).clamp(1, MAX_GRID);
         let rows_per_chunk = n.div_ceil(chunks).max(1);
         let dg = empty(&x, Shape::new([chunks, h]), DType::F32);
         let db = empty(&x, Shape::new([chunks, h]), DType::F32);
