@@ -36,8 +36,8 @@ fn max_rel(a: &TensorData, b: &TensorData) -> f32 {
 
 #[test]
 fn kernels_match_the_composed_reference() {
-    // (`CachedPlane` falls back to `Cached` on lavapipe, which has no plane ops.)
-    for variant in [LnKernel::Strided, LnKernel::Cached, LnKernel::CachedPlane, LnKernel::Vectorized] {
+    // (lavapipe has no plane ops: v4 reduces through shared memory there.)
+    for variant in [LnKernel::Strided, LnKernel::Vectorized] {
         set_variant(variant);
         check_shapes();
     }

@@ -65,7 +65,7 @@ fn main() {
     println!("kernel caches: {}", dir.display());
     let mut report = Report::default();
     let t0 = std::time::Instant::now();
-    let variants = [LnKernel::Strided, LnKernel::Cached, LnKernel::CachedPlane, LnKernel::Vectorized];
+    let variants = [LnKernel::Strided, LnKernel::Vectorized];
     if on("kernels") {
         kernels::run(&mut report, quick, &variants);
     }

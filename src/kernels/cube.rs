@@ -1,4 +1,5 @@
-//! The CubeCL kernels (wgpu, CUDA, …) behind [`LayerNormBackend`] for `CubeBackend`.
+//! The CubeCL kernels (wgpu, CUDA, …) behind [`LayerNormBackend`] for `CubeBackend`: `v4`
+//! (`cube_vec.rs`, the default) where the row fits its register cache, else `v1` here:
 //!
 //! - forward: one cube per row, `BLOCK` units stride over the row; mean and variance by two
 //!   shared-memory tree reductions in f32 (two passes over the row, numerically like the
@@ -18,28 +19,13 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 
 use burn_fusion::{Fusion, FusionBackend, FusionTensor};
 
-use super::{cube_cached, cube_vec, LayerNormBackend, LnBackward, LnForward};
+use super::{cube_vec, LayerNormBackend, LnBackward, LnForward};
 use crate::fusion_bridge::{from_inner, to_inner};
 
 const BLOCK: u32 = 256;
 const ROWS_PER_CHUNK: usize = 64;
 /// Cubes per grid dimension (wgpu's usual `max_compute_workgroups_per_dimension`).
 const MAX_GRID: usize = 65535;
-
-/// For the register-cached kernels: the cache size for rows of `h` and whether to reduce by plane
-/// ops (`v3`, when the device has them), if v2/v3 is selected and `h` fits.
-fn cached<R: CubeRuntime>(h: usize, client: &burn_cubecl::cubecl::client::ComputeClient<R>) -> Option<(usize, bool)> {
-    let plane = match super::variant() {
-        super::LnKernel::Strided | super::LnKernel::Vectorized => return None,
-        super::LnKernel::Cached => false,
-        // The partials of all planes must fit one plane (256 / 16 = 16 lanes): planes of at least
-        // 16 lanes (CUDA's 32; not e.g. Intel's 8-wide subgroups), covering contiguous units.
-        super::LnKernel::CachedPlane => {
-            client.features().plane.contains(burn_cubecl::cubecl::features::Plane::Ops) && client.properties().hardware.plane_size_min >= 16
-        }
-    };
-    cube_cached::per_unit(h, BLOCK as usize).map(|pu| (pu, plane))
-}
 
 /// For the vectorized kernels (`v4`, if selected and the row fits): `(vector size, block, rows per
 /// cube, vectors per unit, plane reductions)`. The vector is the widest 128-bit-or-less load that
@@ -66,7 +52,27 @@ mod kernel {
     use burn_cubecl::cubecl;
     use cubecl::prelude::*;
 
-    use super::super::cube_cached::block_sum;
+    /// Sum of `value` over the cube by a shared-memory tree (`smem` holds one slot per unit);
+    /// every unit gets the total.
+    #[cube]
+    fn block_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
+        let tid = UNIT_POS_X as usize;
+        smem[tid] = value;
+        sync_cube();
+        let mut stride = CUBE_DIM_X as usize / 2;
+        while stride > 0 {
+            if tid < stride {
+                let other = smem[tid + stride];
+                smem[tid] += other;
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        let total = smem[0];
+        sync_cube();
+        total
+    }
+
 
     #[cube(launch)]
     pub fn ln_forward_kernel<F: Float>(
@@ -230,25 +236,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
             );
             return (y, mean, rstd);
         }
-        if let Some((pu, plane)) = cached(h, &x.client) {
-            cube_cached::ln_forward_cached_kernel::launch::<R>(
-                &x.client,
-                rows_grid(n),
-                CubeDim::new_1d(BLOCK),
-                x.clone().into_tensor_arg(),
-                gamma.into_tensor_arg(),
-                beta.into_tensor_arg(),
-                y.clone().into_tensor_arg(),
-                mean.clone().into_tensor_arg(),
-                rstd.clone().into_tensor_arg(),
-                epsilon,
-                BLOCK as usize,
-                pu,
-                plane,
-                dtype.into(),
-            );
-            return (y, mean, rstd);
-        }
         kernel::ln_forward_kernel::launch::<R>(
             &x.client,
             rows_grid(n),
@@ -298,37 +285,19 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
             let (dg, db) = params_vec::<R, F, I, BT>(dy, x, mean, rstd, vector);
             return (dx, dg, db);
         }
-        if let Some((pu, plane)) = cached(h, &x.client) {
-            cube_cached::ln_backward_dx_cached_kernel::launch::<R>(
-                &x.client,
-                rows_grid(n),
-                CubeDim::new_1d(BLOCK),
-                dy.clone().into_tensor_arg(),
-                x.clone().into_tensor_arg(),
-                gamma.into_tensor_arg(),
-                mean.clone().into_tensor_arg(),
-                rstd.clone().into_tensor_arg(),
-                dx.clone().into_tensor_arg(),
-                BLOCK as usize,
-                pu,
-                plane,
-                dtype.into(),
-            );
-        } else {
-            kernel::ln_backward_dx_kernel::launch::<R>(
-                &x.client,
-                rows_grid(n),
-                CubeDim::new_1d(BLOCK),
-                dy.clone().into_tensor_arg(),
-                x.clone().into_tensor_arg(),
-                gamma.into_tensor_arg(),
-                mean.clone().into_tensor_arg(),
-                rstd.clone().into_tensor_arg(),
-                dx.clone().into_tensor_arg(),
-                BLOCK,
-                dtype.into(),
-            );
-        }
+        kernel::ln_backward_dx_kernel::launch::<R>(
+            &x.client,
+            rows_grid(n),
+            CubeDim::new_1d(BLOCK),
+            dy.clone().into_tensor_arg(),
+            x.clone().into_tensor_arg(),
+            gamma.into_tensor_arg(),
+            mean.clone().into_tensor_arg(),
+            rstd.clone().into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            BLOCK,
+            dtype.into(),
+        );
         let chunks = n.div_ceil(ROWS_PER_CHUNK).clamp(1, MAX_GRID);
         let rows_per_chunk = n.div_ceil(chunks).max(1);
         let dg = empty(&x, Shape::new([chunks, h]), DType::F32);

@@ -1,4 +1,5 @@
-//! Vectorized row kernels (`v4`): `v2`'s register cache with 16-byte vector loads and stores
+//! Vectorized row kernels (`v4`, the default): each unit caches its share of the row in registers
+//! (`x`, and `dy` backward, read from global memory once), with 16-byte vector loads and stores
 //! (`Vector<F, N>`: 4 × f32 or 8 × bf16/f16 where the runtime loads 128 bits), and the number of
 //! units per row sized to the row (`block` = 32…1024 so that each unit caches ≤ 16 values,
 //! several rows per cube when a row needs fewer than 256 units), so short rows (h = 768) do not
@@ -8,7 +9,7 @@
 //! when a row spans several planes, the planes' partials meet in shared memory (one cube sync);
 //! without plane ops (e.g. lavapipe), a shared-memory tree over the row's units. The layout of a
 //! cube is `(block, rows)`: unit `(x, y)` works on row `cube × rows + y`, vector columns
-//! `x, x + block, …`. Accumulation in f32 as in `v1`/`v2`.
+//! `x, x + block, …`. Accumulation in f32 as in `v1`.
 
 use burn_cubecl::cubecl;
 use cubecl::prelude::*;

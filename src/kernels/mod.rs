@@ -10,8 +10,6 @@
 #[cfg(feature = "cube")]
 mod cube;
 #[cfg(feature = "cube")]
-mod cube_cached;
-#[cfg(feature = "cube")]
 mod cube_vec;
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -33,20 +31,18 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
-/// Which CubeCL row kernels run (forward and `dx`; `dγ/dβ` are shared).
+/// Which CubeCL row kernels run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LnKernel {
-    /// `v1`: the row is re-read from global memory for each pass (any width).
+    /// `v1`: one cube of 256 units per row, the row re-read from global memory for each pass
+    /// (any width; also the fallback of `v4` for rows wider than 32768).
     Strided,
-    /// `v2`: each unit caches its part of the row in registers (rows up to
-    /// 256 × 32 = 8192 wide; wider rows fall back to `v1`).
-    Cached,
-    /// `v3`: `v2` with plane (warp) reductions where the device has plane ops, else `v2`.
-    CachedPlane,
-    /// `v4` (default): `v2` with 128-bit vector loads/stores, units per row sized to the row
-    /// (several rows per cube for short rows; ≤ 16 cached values per unit) and plane reductions
-    /// where planes have 32 lanes (rows up to 1024 × 32 = 32768 wide; wider rows use `v1`).
-    /// Fastest on the H200 at every benchmarked shape (BENCHMARKS.md).
+    /// `v4` (default): the row's share cached in registers, 128-bit vector loads/stores, units
+    /// per row sized to the row (several rows per cube for short rows; ≤ 16 cached values per
+    /// unit) and plane reductions where planes have 32 lanes (rows up to 1024 × 32 = 32768 wide).
+    /// Fastest on the H200 at every benchmarked shape (BENCHMARKS.md; it superseded `v2`, the
+    /// same register cache with scalar loads and 256 units per row, and `v3`, `v2` with plane
+    /// reductions, which were removed).
     Vectorized,
 }
 
@@ -56,8 +52,6 @@ static VARIANT: AtomicU8 = AtomicU8::new(0);
 pub fn set_variant(v: LnKernel) {
     let code = match v {
         LnKernel::Strided => 1,
-        LnKernel::Cached => 2,
-        LnKernel::CachedPlane => 3,
         LnKernel::Vectorized => 4,
     };
     VARIANT.store(code, Ordering::SeqCst);
@@ -79,19 +73,14 @@ fn vector_cache(backward: bool) -> usize {
     VECTOR_CACHE[usize::from(backward)].load(Ordering::SeqCst)
 }
 
-/// The selected variant: set by [`set_variant`], else `BURN_PARALLEL_LN_KERNEL=v1|v2|v3|v4`, else
-/// `v4`.
+/// The selected variant: set by [`set_variant`], else `BURN_PARALLEL_LN_KERNEL=v1|v4`, else `v4`.
 pub fn variant() -> LnKernel {
     match VARIANT.load(Ordering::SeqCst) {
         1 => LnKernel::Strided,
-        2 => LnKernel::Cached,
-        3 => LnKernel::CachedPlane,
         4 => LnKernel::Vectorized,
         _ => {
             let v = match std::env::var("BURN_PARALLEL_LN_KERNEL").as_deref() {
                 Ok("v1") => LnKernel::Strided,
-                Ok("v2") => LnKernel::Cached,
-                Ok("v3") => LnKernel::CachedPlane,
                 _ => LnKernel::Vectorized,
             };
             set_variant(v);
