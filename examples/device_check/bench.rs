@@ -51,12 +51,12 @@ pub fn layer_norm(quick: bool, variants: &[(LnKernel, usize)]) {
                 .iter()
                 .map(|&(v, cache)| {
                     set_variant(v);
-                    set_vector_cache(cache, cache);
+                    set_vector_cache(cache);
                     ours_times(&x, &dy, &g, &b, iters)
                 })
                 .collect();
             set_variant(LnKernel::Vectorized);
-            set_vector_cache(16, 16);
+            set_vector_cache(16);
             let theirs = if dtype == DType::F32 {
                 let ln = LayerNormConfig::new(h).init::<K>(&dev);
                 time(|| drop(ln.forward(x.clone())), iters)

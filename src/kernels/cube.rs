@@ -30,14 +30,14 @@ const MAX_GRID: usize = 65535;
 /// For the vectorized kernels (`v4`, if selected and the row fits): `(vector size, block, rows per
 /// cube, vectors per unit, plane reductions)`. The vector is the widest 128-bit-or-less load that
 /// divides `h`; plane reductions where the device has plane ops of exactly 32 lanes.
-fn vectorized<R: CubeRuntime>(h: usize, dtype: DType, backward: bool, client: &burn_cubecl::cubecl::client::ComputeClient<R>) -> Option<(usize, usize, usize, usize, bool)> {
+fn vectorized<R: CubeRuntime>(h: usize, dtype: DType, client: &burn_cubecl::cubecl::client::ComputeClient<R>) -> Option<(usize, usize, usize, usize, bool)> {
     if super::variant() != super::LnKernel::Vectorized {
         return None;
     }
     let vector = client.io_optimized_vector_sizes(dtype.size()).find(|v| h.is_multiple_of(*v)).unwrap_or(1);
     let hw = &client.properties().hardware;
     let max_units = (hw.max_units_per_cube.min(hw.max_cube_dim.0)) as usize;
-    let (block, rows, per_unit) = cube_vec::geometry(h, vector, max_units, super::vector_cache(backward))?;
+    let (block, rows, per_unit) = cube_vec::geometry(h, vector, max_units, super::vector_cache())?;
     let plane = client.features().plane.contains(burn_cubecl::cubecl::features::Plane::Ops) && hw.plane_size_min == 32 && hw.plane_size_max == 32;
     Some((vector, block, rows, per_unit, plane))
 }
@@ -72,7 +72,6 @@ mod kernel {
         sync_cube();
         total
     }
-
 
     #[cube(launch)]
     pub fn ln_forward_kernel<F: Float>(
@@ -216,7 +215,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let mean = empty(&x, Shape::new([n, 1]), DType::F32);
         let rstd = empty(&x, Shape::new([n, 1]), DType::F32);
         let dtype = x.dtype;
-        if let Some((vector, block, rows, pu, plane)) = vectorized(h, dtype, false, &x.client) {
+        if let Some((vector, block, rows, pu, plane)) = vectorized(h, dtype, &x.client) {
             cube_vec::ln_forward_vec_kernel::launch::<R>(
                 &x.client,
                 rows_grid(n.div_ceil(rows)),
@@ -265,7 +264,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let [n, h] = x.shape().dims::<2>();
         let dtype = x.dtype;
         let dx = empty(&x, x.shape(), dtype);
-        if let Some((vector, block, rows, pu, plane)) = vectorized(h, dtype, true, &x.client) {
+        if let Some((vector, block, rows, pu, plane)) = vectorized(h, dtype, &x.client) {
             cube_vec::ln_backward_dx_vec_kernel::launch::<R>(
                 &x.client,
                 rows_grid(n.div_ceil(rows)),

@@ -25,7 +25,7 @@ use cubecl::prelude::*;
 pub fn geometry(h: usize, vector: usize, max_units: usize, cache: usize) -> Option<(usize, usize, usize)> {
     let nv = h / vector;
     if nv.div_ceil(32) * vector <= 32 {
-        return Some((32, 8, nv.div_ceil(32).max(1)));
+        return Some((32, rows_per_cube(32), nv.div_ceil(32).max(1)));
     }
     let max_per_unit = (cache / vector).max(1);
     let max_block = max_units.min(1024);
@@ -34,7 +34,13 @@ pub fn geometry(h: usize, vector: usize, max_units: usize, cache: usize) -> Opti
         block *= 2;
     }
     let per_unit = nv.div_ceil(block).max(1);
-    (per_unit <= max_per_unit).then_some((block, (256 / block).max(1), per_unit))
+    (per_unit <= max_per_unit).then_some((block, rows_per_cube(block), per_unit))
+}
+
+/// Rows per cube for `block` units per row: 256 units per cube where rows are short (the
+/// kernels size their shared memory `block × rows` from this too).
+pub fn rows_per_cube(block: usize) -> usize {
+    (256 / block).max(1)
 }
 
 /// Sum of `value` over the `block` units of this unit's row (cube layout `(block, rows)`); every
@@ -115,7 +121,7 @@ pub fn ln_forward_vec_kernel<F: Float, N: Size>(
     let nv = h / x.vector_size();
     let base = row * nv;
     let tid = UNIT_POS_X as usize;
-    let mut smem = SharedMemory::<f32>::new(comptime![block * (256 / block).max(1)]);
+    let mut smem = SharedMemory::<f32>::new(comptime![block * rows_per_cube(block)]);
     let mut vals = Array::<Vector<f32, N>>::new(per_unit);
     let mut acc = f32::new(0.0);
     #[unroll]
@@ -181,7 +187,7 @@ pub fn ln_backward_dx_vec_kernel<F: Float, N: Size>(
         m = mean[row];
         r = rstd[row];
     }
-    let mut smem = SharedMemory::<f32>::new(comptime![block * (256 / block).max(1)]);
+    let mut smem = SharedMemory::<f32>::new(comptime![block * rows_per_cube(block)]);
     let mut gs = Array::<Vector<f32, N>>::new(per_unit);
     let mut xs = Array::<Vector<f32, N>>::new(per_unit);
     let mut sg = f32::new(0.0);

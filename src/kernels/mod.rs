@@ -57,20 +57,19 @@ pub fn set_variant(v: LnKernel) {
     VARIANT.store(code, Ordering::SeqCst);
 }
 
-static VECTOR_CACHE: [AtomicUsize; 2] = [AtomicUsize::new(16), AtomicUsize::new(16)];
+static VECTOR_CACHE: AtomicUsize = AtomicUsize::new(16);
 
-/// Tuning knob of `v4`: how many f32 values each unit keeps in registers, forward and backward
-/// (default 16 and 16; the row is spread over more units when it needs more). For benchmarks.
+/// Tuning knob of `v4`: how many f32 values each unit keeps in registers per cached array
+/// (default 16; the row is spread over more units when it needs more). For benchmarks.
 #[doc(hidden)]
-pub fn set_vector_cache(forward: usize, backward: usize) {
-    VECTOR_CACHE[0].store(forward.max(1), Ordering::SeqCst);
-    VECTOR_CACHE[1].store(backward.max(1), Ordering::SeqCst);
+pub fn set_vector_cache(values: usize) {
+    VECTOR_CACHE.store(values.max(1), Ordering::SeqCst);
 }
 
-/// `v4`'s register cache (f32 values per unit) for the forward (`backward = false`) or backward.
+/// `v4`'s register cache (f32 values per unit).
 #[cfg(feature = "cube")]
-fn vector_cache(backward: bool) -> usize {
-    VECTOR_CACHE[usize::from(backward)].load(Ordering::SeqCst)
+fn vector_cache() -> usize {
+    VECTOR_CACHE.load(Ordering::SeqCst)
 }
 
 /// The selected variant: set by [`set_variant`], else `BURN_PARALLEL_LN_KERNEL=v1|v4`, else `v4`.
