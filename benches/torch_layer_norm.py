@@ -1,4 +1,4 @@
-"""PyTorch reference for `device_check ln-bench`: F.layer_norm forward, backward, forward+backward (µs)."""
+"""PyTorch reference for `device_check ln-bench`: F.layer_norm forward, backward, forward+backward of sum() and of a dense dy (µs)."""
 import torch
 import torch.nn.functional as F
 
@@ -14,8 +14,8 @@ def t(fn, iters=50):
     torch.cuda.synchronize()
     return s.elapsed_time(e) * 1e3 / iters
 
-print("| shape | dtype | torch fwd µs | torch bwd µs | torch fwd+bwd µs |")
-print("|---|---|---|---|---|")
+print("| shape | dtype | torch fwd µs | torch bwd µs | torch fwd+bwd(sum) µs | torch fwd+bwd(dy) µs | torch sum+bwd alone µs |")
+print("|---|---|---|---|---|---|---|")
 for n, h in [(8192, 768), (8192, 1024), (16384, 4096), (4096, 8192)]:
     for dt in [torch.float32, torch.bfloat16]:
         x = torch.randn(n, h, device="cuda", dtype=dt, requires_grad=True)
@@ -31,7 +31,22 @@ for n, h in [(8192, 768), (8192, 1024), (16384, 4096), (4096, 8192)]:
         # .grad, as Burn returns them). The gradient of sum is a stride-0 expand in torch (read
         # for free), a materialised tensor in Burn.
         fb = t(lambda: torch.autograd.grad(F.layer_norm(x, (h,), w, b).sum(), [x, w, b]))
-        print(f"| [{n}, {h}] | {dt} | {fwd:.1f} | {bwd:.1f} | {fb:.1f} |")
+        # Forward + backward of a dense upstream gradient (as in a network; ours: backward_with).
+        fbd = t(lambda: torch.autograd.grad(F.layer_norm(x, (h,), w, b), [x, w, b], grad_outputs=dy))
+        # What sum().backward() itself costs (no layer norm).
+        sb = t(lambda: torch.autograd.grad(x.sum(), [x]))
+        print(f"| [{n}, {h}] | {dt} | {fwd:.1f} | {bwd:.1f} | {fb:.1f} | {fbd:.1f} | {sb:.1f} |")
+
+# The per-call floor (launch path; negligible GPU work), as device_check prints it.
+x = torch.ones(8, 1024, device="cuda", requires_grad=True)
+w = torch.ones(1024, device="cuda", requires_grad=True)
+b = torch.zeros(1024, device="cuda", requires_grad=True)
+dy = torch.ones(8, 1024, device="cuda")
+fwd = t(lambda: F.layer_norm(x, (1024,), w, b))
+fbd = t(lambda: torch.autograd.grad(F.layer_norm(x, (1024,), w, b), [x, w, b], grad_outputs=dy))
+with torch.no_grad():
+    add = t(lambda: x + 1.0)
+print(f"torch per-call floor at [8, 1024] f32: forward {fwd:.1f} µs, fwd+bwd(dy) {fbd:.1f} µs; one element-wise op {add:.1f} µs")
 
 # The roofline for the GB/s columns: a device-to-device copy of 1 GiB (bytes read + written).
 src = torch.empty(2**28, device="cuda")

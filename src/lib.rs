@@ -43,6 +43,7 @@ pub mod cuda;
 pub mod error;
 #[cfg(feature = "cube")]
 mod fusion_bridge;
+pub mod grad;
 pub mod kernels;
 pub mod launch;
 pub mod mappings;
@@ -53,6 +54,7 @@ pub mod topology;
 pub mod world;
 
 pub use collective::CollectiveBackend;
+pub use grad::{backward_with, GradMismatch};
 pub use kernels::{LayerNormBackend, ParallelBackend};
 pub use comm::{Comm, Communicator, LocalWorld, LocalWorldOptions, P2pMode, RecvOp, ReduceOp, SendOp, TensorSpec};
 pub use error::{CommError, ConfigError, RankError};

@@ -6,7 +6,7 @@
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use burn_parallel::kernels::{layer_norm, set_variant, LayerNormBackend, LnKernel};
+use burn_parallel::kernels::{layer_norm, set_backward_cache, set_backward_rows, set_bounds_checks, set_variant, LayerNormBackend, LnKernel};
 use burn_parallel::rng::HostRng;
 
 type K = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
@@ -41,12 +41,26 @@ fn kernels_match_the_composed_reference() {
         set_variant(variant);
         check_shapes();
     }
+    // v4's backward with 64 rows per cube (default) and a cube per row group (1: many partials).
+    for rows in [1, 64] {
+        set_backward_rows(rows);
+        check_shapes();
+    }
+    // v4's backward with other register caches (the default halves it for wide rows).
+    for cache in [Some(4), Some(16), None] {
+        set_backward_cache(cache);
+        check_shapes();
+    }
+    // v4 launches without CubeCL's bounds checks by default; with them, the same results.
+    set_bounds_checks(true);
+    check_shapes();
+    set_bounds_checks(false);
 }
 
 /// Both variants (other tests may switch the process-wide variant meanwhile: every variant must
 /// pass every check, and both give the same bits, so that is harmless).
 fn check_shapes() {
-    for &[n, h] in &[[1usize, 1], [3, 7], [37, 300], [64, 1024], [129, 768], [5, 4097], [200, 33], [3, 9000], [9, 2048], [5, 3000]] {
+    for &[n, h] in &[[1usize, 1], [3, 7], [37, 300], [64, 1024], [129, 768], [5, 4097], [200, 33], [3, 9000], [9, 2048], [5, 3000], [20000, 16], [2, 20000]] {
         let x = data(&format!("x{n}x{h}"), &[n, h], 3.0);
         let (g, b) = (data("g", &[h], 1.0), data("b", &[h], 0.0));
         let dy = data("dy", &[n, h], 0.0);
@@ -98,7 +112,7 @@ fn half_precision_kernels_accumulate_in_f32() {
     let dev: burn::tensor::Device<K> = Default::default();
     let half = |d: &TensorData| Tensor::<Flex, 1>::from_data(TensorData::new(d.to_vec::<f32>().unwrap(), [d.num_elements()]), &Default::default()).cast(DType::F16).cast(DType::F32).into_data();
     let shaped = |d: TensorData, s: &[usize]| TensorData::new(d.to_vec::<f32>().unwrap(), s.to_vec());
-    for &[n, h] in &[[3usize, 7], [64, 1024], [129, 768], [5, 4097]] {
+    for &[n, h] in &[[3usize, 7], [64, 1024], [129, 768], [5, 4097], [2, 20000]] {
         let x = shaped(half(&data(&format!("hx{n}x{h}"), &[n, h], 3.0)), &[n, h]);
         let (g, b) = (shaped(half(&data("hg", &[h], 1.0)), &[h]), shaped(half(&data("hb", &[h], 0.0)), &[h]));
         let dy = shaped(half(&data("hdy", &[n, h], 0.0)), &[n, h]);

@@ -7,7 +7,8 @@ use burn::nn::LayerNormConfig;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor, TensorData};
 use burn_parallel::comm::ops;
-use burn_parallel::kernels::{layer_norm as fused, set_variant, set_vector_cache, LayerNormBackend, LnKernel};
+use burn_parallel::backward_with;
+use burn_parallel::kernels::{layer_norm as fused, set_backward_cache, set_backward_rows, set_bounds_checks, set_variant, set_vector_cache, LayerNormBackend, LnKernel};
 use burn_parallel::{Comm, NcclComm, ReduceOp};
 
 use crate::kernels::K;
@@ -32,31 +33,61 @@ fn composed<B: Backend>(x: Tensor<B, 2>, g: Tensor<B, 1>, b: Tensor<B, 1>) -> Te
     (x - mean) * var.add_scalar(1e-5).sqrt().recip() * g.unsqueeze() + b.unsqueeze()
 }
 
-/// Fused (each `(variant, v4 register cache)` of `variants`) vs composed layer norm: forward,
-/// backward alone (our op on a dense random `dy`, as `torch_layer_norm.py` times
-/// `native_layer_norm_backward`) and forward + `sum().backward()` through autodiff.
-pub fn layer_norm(quick: bool, variants: &[(LnKernel, usize)]) {
+/// A kernel configuration to time (the library's knobs; `Default` is the library default).
+#[derive(Debug, Clone, Copy)]
+pub struct Variant {
+    /// The row kernels.
+    pub kernel: LnKernel,
+    /// v4's register cache (f32 values per unit; the forward's holds as many bytes).
+    pub cache: usize,
+    /// v4's backward rows per cube.
+    pub rows: usize,
+    /// CubeCL's bounds checks on v4 launches.
+    pub checks: bool,
+    /// v4's backward register cache (`None`: the library's rule).
+    pub backward_cache: Option<usize>,
+}
+
+impl Default for Variant {
+    fn default() -> Self {
+        Self { kernel: LnKernel::Vectorized, cache: 16, rows: 64, checks: false, backward_cache: None }
+    }
+}
+
+impl Variant {
+    fn apply(&self) {
+        set_variant(self.kernel);
+        set_vector_cache(self.cache);
+        set_backward_rows(self.rows);
+        set_bounds_checks(self.checks);
+        set_backward_cache(self.backward_cache);
+    }
+}
+
+/// Fused (each of `variants`) vs
+pub fn layer_norm(quick: bool, variants: &[Variant]) {
     let dev = Default::default();
     let iters = if quick { 10 } else { 50 };
-    println!("\nvariants (µs each; v4 with its register cache): {variants:?}");
-    println!("| shape | dtype | ours fwd µs | burn fwd µs | fwd GB/s | ours bwd µs | bwd GB/s | ours fwd+bwd µs | burn fwd+bwd µs |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("\nvariants (µs each):");
+    for v in variants {
+        println!("  {v:?}");
+    }
+    println!("| shape | dtype | ours fwd µs | burn fwd µs | fwd GB/s | ours bwd µs | bwd GB/s | ours fwd+bwd(sum) µs | burn fwd+bwd(sum) µs | ours fwd+bwd(dy) µs | burn fwd+bwd(dy) µs | burn sum+bwd alone µs |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for [n, h] in [[8192, 768], [8192, 1024], [16384, 4096], [4096, 8192]] {
         for dtype in [DType::F32, DType::BF16] {
             let x = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
             let dy = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
             let g = Tensor::<K, 1>::ones([h], &dev).cast(dtype);
             let b = Tensor::<K, 1>::zeros([h], &dev).cast(dtype);
-            let ours: Vec<[f64; 3]> = variants
+            let ours: Vec<[f64; 4]> = variants
                 .iter()
-                .map(|&(v, cache)| {
-                    set_variant(v);
-                    set_vector_cache(cache);
+                .map(|v| {
+                    v.apply();
                     ours_times(&x, &dy, &g, &b, iters)
                 })
                 .collect();
-            set_variant(LnKernel::Vectorized);
-            set_vector_cache(16);
+            Variant::default().apply();
             let theirs = if dtype == DType::F32 {
                 let ln = LayerNormConfig::new(h).init::<K>(&dev);
                 time(|| drop(ln.forward(x.clone())), iters)
@@ -65,23 +96,37 @@ pub fn layer_norm(quick: bool, variants: &[(LnKernel, usize)]) {
             };
             let (xa, ga, ba) = autodiff_inputs(&x, &g, &b);
             let theirs_fb = time(|| drop(composed(xa.clone(), ga.clone(), ba.clone()).sum().backward()), iters);
-            // Bytes: forward reads x, writes y; backward reads dy and x twice (dx, then dγ/dβ)
-            // and writes dx: 2 and 5 passes over [n, h].
+            let theirs_fbd = time(|| drop(backward_with(composed(xa.clone(), ga.clone(), ba.clone()), dy.clone()).unwrap()), iters);
+            // What `sum().backward()` itself costs in Burn (no layer norm): the difference
+            // between the (sum) and (dy) columns.
+            let sum_alone = time(|| drop(xa.clone().sum().backward()), iters);
+            // Bytes: forward reads x, writes y; backward reads dy and x and writes dx (3 passes
+            // over [n, h]; v1 reads dy and x twice, and is not credited).
             let bytes = (n * h * dtype.size()) as f64;
             let best = |i: usize| ours.iter().map(|o| o[i]).fold(f64::INFINITY, f64::min);
             let show = |i: usize| ours.iter().map(|o| format!("{:.1}", o[i] * 1e6)).collect::<Vec<_>>().join(" / ");
             println!(
-                "| [{n}, {h}] | {dtype:?} | {} | {:.1} | {:.0} | {} | {:.0} | {} | {:.1} |",
+                "| [{n}, {h}] | {dtype:?} | {} | {:.1} | {:.0} | {} | {:.0} | {} | {:.1} | {} | {:.1} | {:.1} |",
                 show(0),
                 theirs * 1e6,
                 2.0 * bytes / best(0) / 1e9,
                 show(1),
-                5.0 * bytes / best(1) / 1e9,
+                3.0 * bytes / best(1) / 1e9,
                 show(2),
                 theirs_fb * 1e6,
+                show(3),
+                theirs_fbd * 1e6,
+                sum_alone * 1e6,
             );
         }
     }
+    // The per-call floor (host launch path and allocations; the GPU work is negligible): calls
+    // this short cannot show bandwidth.
+    let (x, dy) = (Tensor::<K, 2>::ones([8, 1024], &dev), Tensor::<K, 2>::ones([8, 1024], &dev));
+    let (g, b) = (Tensor::<K, 1>::ones([1024], &dev), Tensor::<K, 1>::zeros([1024], &dev));
+    let [fwd, bwd, _, fbd] = ours_times(&x, &dy, &g, &b, iters);
+    let add = time(|| drop(x.clone().add_scalar(1.0)), iters);
+    println!("\nper-call floor at [8, 1024] f32: forward {:.1} µs, backward {:.1} µs, fwd+bwd(dy) {:.1} µs; one element-wise op {:.1} µs", fwd * 1e6, bwd * 1e6, fbd * 1e6, add * 1e6);
     // Device-to-device copy bandwidth, the roofline for the GB/s columns.
     let x = Tensor::<K, 1>::zeros([1 << 28], &dev);
     let copy = time(|| drop(x.clone().add_scalar(1.0)), iters);
@@ -95,8 +140,8 @@ fn autodiff_inputs(x: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<K, 1>) -> (Ten
 }
 
 /// Our layer norm under the selected variant: `[forward, backward op alone, forward + autodiff
-/// backward]`, seconds per call.
-fn ours_times(x: &Tensor<K, 2>, dy: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<K, 1>, iters: usize) -> [f64; 3] {
+/// backward of sum, forward + autodiff backward of dy]`, seconds per call.
+fn ours_times(x: &Tensor<K, 2>, dy: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<K, 1>, iters: usize) -> [f64; 4] {
     let p2 = |t: &Tensor<K, 2>| t.clone().into_primitive().tensor();
     let p1 = |t: &Tensor<K, 1>| t.clone().into_primitive().tensor();
     let fwd = time(|| drop(fused(x.clone(), g.clone(), b.clone(), 1e-5)), iters);
@@ -104,7 +149,8 @@ fn ours_times(x: &Tensor<K, 2>, dy: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<
     let bwd = time(|| drop(K::layer_norm_rows_backward(p2(dy), p2(x), p1(g), mean.clone(), rstd.clone())), iters);
     let (xa, ga, ba) = autodiff_inputs(x, g, b);
     let fb = time(|| drop(fused(xa.clone(), ga.clone(), ba.clone(), 1e-5).sum().backward()), iters);
-    [fwd, bwd, fb]
+    let fbd = time(|| drop(backward_with(fused(xa.clone(), ga.clone(), ba.clone(), 1e-5), dy.clone()).unwrap()), iters);
+    [fwd, bwd, fb, fbd]
 }
 
 /// Bus bandwidth `bytes / t × factor` (factor 2(n−1)/n for all-reduce, (n−1)/n otherwise; 0 at

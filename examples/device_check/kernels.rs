@@ -3,14 +3,14 @@
 use burn::backend::{Cuda, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use burn_parallel::kernels::{set_variant, LayerNormBackend, LnKernel};
+use burn_parallel::kernels::{set_backward_cache, set_variant, LayerNormBackend, LnKernel};
 use burn_parallel::rng::HostRng;
 
 use crate::Report;
 
 pub type K = burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
-const SHAPES: &[[usize; 2]] = &[[1, 8], [7, 100], [64, 768], [300, 1000], [129, 4097], [4096, 1024], [1000, 8192], [70000, 64]];
+const SHAPES: &[[usize; 2]] = &[[1, 8], [7, 100], [64, 768], [300, 1000], [129, 4097], [4096, 1024], [1000, 8192], [70000, 64], [4, 20000]];
 
 /// `[y, dx, dgamma, dbeta]` as f32 host data.
 fn apply<B: LayerNormBackend>(inputs: &[TensorData; 4], dtype: DType) -> [TensorData; 4] {
@@ -67,6 +67,14 @@ pub fn run(report: &mut Report, quick: bool, variants: &[LnKernel]) {
             check_shape(report, variant, n, h);
         }
     }
+    // v4's backward with the register caches `ln-bench`/`ln-tune` time (default: its rule).
+    for cache in [4, 8, 16] {
+        set_backward_cache(Some(cache));
+        for &[n, h] in shapes {
+            check_shape(report, LnKernel::Vectorized, n, h);
+        }
+    }
+    set_backward_cache(None);
     // Fusion (burn's default `Cuda`) goes through the eager bridge: identical to CubeBackend.
     let inp = inputs(129, 4097, DType::F32);
     let (a, b) = (apply::<Cuda>(&inp, DType::F32), apply::<K>(&inp, DType::F32));

@@ -8,7 +8,7 @@
 //! - `nccl`: NCCL with world size 1: every collective, grouped send/recv to self, sub-groups and a
 //!   p2p mismatch, on host data and on CUDA tensors (device pointers), f32/bf16/f16, against the
 //!   local backend; the differentiable mappings on `Autodiff<Cuda>` through NCCL.
-//! - `ln-bench`: fused vs composed layer norm, forward and forward+backward, µs and GB/s.
+//! - `ln-bench`: fused vs composed layer norm, forward, backward and forward+backward, µs and GB/s.
 //! - `nccl-bench`: all-reduce / all-gather / reduce-scatter from 1 MB to 1 GB (world 1: overhead
 //!   only), device path vs raw NCCL vs host-staged.
 //!
@@ -72,13 +72,16 @@ fn main() {
     if on("nccl") {
         nccl::run(&mut report);
     }
+    // v4 as the library runs it (register cache 16, no bounds checks, one-pass backward with 64
+    // rows per cube and its cache halved for wide rows), and with the backward's cache at 16.
+    let v4 = bench::Variant::default();
     if on("ln-bench") {
-        bench::layer_norm(quick, &variants.map(|v| (v, 16)));
+        bench::layer_norm(quick, &[v4, bench::Variant { backward_cache: Some(16), ..v4 }]);
     }
-    // v4's register cache (f32 values per unit per cached array; default 16, and up to 32 where
-    // that keeps a row in one 32-lane plane).
+    // v4's backward register cache 4 / 8, and v4 with CubeCL's bounds checks.
     if whats.contains(&"ln-tune") {
-        bench::layer_norm(quick, &[8, 16, 32].map(|c| (LnKernel::Vectorized, c)));
+        let caches = [4, 8].map(|c| bench::Variant { backward_cache: Some(c), ..v4 });
+        bench::layer_norm(quick, &[v4, caches[0], caches[1], bench::Variant { checks: true, ..v4 }]);
     }
     if on("nccl-bench") {
         if let Err(e) = bench::collectives(quick) {

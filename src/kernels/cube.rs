@@ -30,16 +30,30 @@ const MAX_GRID: usize = 65535;
 /// For the vectorized kernels (`v4`, if selected and the row fits): `(vector size, block, rows per
 /// cube, vectors per unit, plane reductions)`. The vector is the widest 128-bit-or-less load that
 /// divides `h`; plane reductions where the device has plane ops of exactly 32 lanes.
-fn vectorized<R: CubeRuntime>(h: usize, dtype: DType, client: &burn_cubecl::cubecl::client::ComputeClient<R>) -> Option<(usize, usize, usize, usize, bool)> {
+fn vectorized<R: CubeRuntime>(h: usize, dtype: DType, client: &burn_cubecl::cubecl::client::ComputeClient<R>, one_plane: bool, cache: usize) -> Option<(usize, usize, usize, usize, bool)> {
     if super::variant() != super::LnKernel::Vectorized {
         return None;
     }
     let vector = client.io_optimized_vector_sizes(dtype.size()).find(|v| h.is_multiple_of(*v)).unwrap_or(1);
     let hw = &client.properties().hardware;
     let max_units = (hw.max_units_per_cube.min(hw.max_cube_dim.0)) as usize;
-    let (block, rows, per_unit) = cube_vec::geometry(h, vector, max_units, super::vector_cache())?;
+    let (block, rows, per_unit) = cube_vec::geometry(h, vector, max_units, cache, one_plane)?;
     let plane = client.features().plane.contains(burn_cubecl::cubecl::features::Plane::Ops) && hw.plane_size_min == 32 && hw.plane_size_max == 32;
     Some((vector, block, rows, per_unit, plane))
+}
+
+/// Launches a `v4` kernel without CubeCL's per-access bounds checks unless
+/// `set_bounds_checks(true)`.
+macro_rules! launch_v4 {
+    ($($seg:ident)::+; $($arg:expr),* $(,)?) => {
+        if super::bounds_checks() {
+            $($seg)::+::launch::<R>($($arg),*)
+        } else {
+            // SAFETY: every access of the `v4` kernels is guarded by an explicit bound (module
+            // docs of `cube_vec`); the kernels' loops are bounded by tensor shapes.
+            unsafe { $($seg)::+::launch_unchecked::<R>($($arg),*) }
+        }
+    };
 }
 
 /// One cube per row, spread over x and y so that any row count fits the grid limits.
@@ -215,8 +229,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let mean = empty(&x, Shape::new([n, 1]), DType::F32);
         let rstd = empty(&x, Shape::new([n, 1]), DType::F32);
         let dtype = x.dtype;
-        if let Some((vector, block, rows, pu, plane)) = vectorized(h, dtype, &x.client) {
-            cube_vec::ln_forward_vec_kernel::launch::<R>(
+        if let Some((vector, block, rows, pu, plane)) = vectorized(h, dtype, &x.client, true, super::forward_cache(dtype.size())) {
+            launch_v4!(cube_vec::ln_forward_vec_kernel;
                 &x.client,
                 rows_grid(n.div_ceil(rows)),
                 CubeDim::new_2d(block as u32, rows as u32),
@@ -263,27 +277,20 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let (mean, rstd) = (into_contiguous(mean), into_contiguous(rstd));
         let [n, h] = x.shape().dims::<2>();
         let dtype = x.dtype;
-        let dx = empty(&x, x.shape(), dtype);
-        if let Some((vector, block, rows, pu, plane)) = vectorized(h, dtype, &x.client) {
-            cube_vec::ln_backward_dx_vec_kernel::launch::<R>(
-                &x.client,
-                rows_grid(n.div_ceil(rows)),
-                CubeDim::new_2d(block as u32, rows as u32),
-                vector,
-                dy.clone().into_tensor_arg(),
-                x.clone().into_tensor_arg(),
-                gamma.into_tensor_arg(),
-                mean.clone().into_tensor_arg(),
-                rstd.clone().into_tensor_arg(),
-                dx.clone().into_tensor_arg(),
-                block,
-                pu,
-                plane,
-                dtype.into(),
-            );
-            let (dg, db) = params_vec::<R, F, I, BT>(dy, x, mean, rstd, vector);
-            return (dx, dg, db);
+        // v4: the one-pass backward. It holds four cached arrays: the plain register cache, no
+        // one-plane rows with 32 values per array (they would spill); half of it for rows that
+        // fill a 256-unit cube anyway (more units, fewer registers each: on the H200 6–16%
+        // faster at h = 4096 and 8192, slower at h ≤ 1024).
+        let cache = super::vector_cache();
+        let geometry = vectorized(h, dtype, &x.client, false, cache).map(|g| match super::backward_cache() {
+            Some(c) => vectorized(h, dtype, &x.client, false, c).unwrap_or(g),
+            None if g.1 >= 256 => vectorized(h, dtype, &x.client, false, cache / 2).unwrap_or(g),
+            None => g,
+        });
+        if let Some((vector, block, _, pu, plane)) = geometry {
+            return fused_backward::<R, F, I, BT>(dy, x, gamma, mean, rstd, (vector, block, pu, plane));
         }
+        let dx = empty(&x, x.shape(), dtype);
         kernel::ln_backward_dx_kernel::launch::<R>(
             &x.client,
             rows_grid(n),
@@ -326,45 +333,67 @@ fn sum_chunks<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(p
     t.sum_dim(0).reshape([h]).cast(dtype).into_primitive().tensor()
 }
 
-/// `dγ, dβ` by the vectorized partial-sum kernel (units of 128 over vector columns, chunks of
-/// rows) and one sum over chunks. On the H200, the extra chunks for narrow rows and the single
-/// column sum took the backward of [8192, 768] f32 from 83.5 to 53.6 µs (BENCHMARKS.md).
-fn params_vec<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+/// The one-pass `v4` backward ([`cube_vec::ln_backward_fused_vec_kernel`]): `dx` and f32 dγ/dβ
+/// partials per cube, then [`partial_sums`]. Cubes: one per `backward_rows()` rows (default 64:
+/// the partials, `2h` f32 per cube, stay small next to the rows' `3h` elements of traffic), but
+/// at least two per multiprocessor. On the H200 (BENCHMARKS.md) 64 rows per cube beat 16 and 4
+/// at [16384, 4096]; at [4096, 8192], 64 rows would leave 64 cubes for 132 multiprocessors.
+fn fused_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     dy: CubeTensor<R>,
     x: CubeTensor<R>,
+    gamma: CubeTensor<R>,
     mean: CubeTensor<R>,
     rstd: CubeTensor<R>,
-    vector: usize,
-) -> (CubeTensor<R>, CubeTensor<R>) {
-    const UNITS: u32 = 128;
+    (vector, block, per_unit, plane): (usize, usize, usize, bool),
+) -> LnBackward<CubeBackend<R, F, I, BT>> {
     let [n, h] = x.shape().dims::<2>();
     let dtype = x.dtype;
-    // Enough cubes to fill the device (8 per multiprocessor) even for narrow rows: chunks of
-    // down to 8 rows (the f32 partials stay a small fraction of the input).
-    let column_cubes = (h / vector).div_ceil(UNITS as usize);
+    let rows = cube_vec::rows_per_cube(block);
     let sms = x.client.properties().hardware.num_streaming_multiprocessors.unwrap_or(128) as usize;
-    let wanted = (8 * sms).div_ceil(column_cubes).min(n.div_ceil(8));
-    let chunks = n.div_ceil(ROWS_PER_CHUNK).max(wanted).clamp(1, MAX_GRID);
-    let rows_per_chunk = n.div_ceil(chunks).max(1);
-    let partial = empty(&x, Shape::new([chunks, 2 * h]), DType::F32);
-    let client = x.client.clone();
-    cube_vec::ln_backward_params_vec_kernel::launch::<R>(
-        &client,
-        CubeCount::Static(((h / vector) as u32).div_ceil(UNITS), chunks as u32, 1),
-        CubeDim::new_1d(UNITS),
+    let cubes = n.div_ceil(super::backward_rows()).max(2 * sms).min(n.div_ceil(rows)).clamp(1, MAX_GRID);
+    let dx = empty(&x, x.shape(), dtype);
+    let partial = empty(&x, Shape::new([cubes, 2 * h]), DType::F32);
+    launch_v4!(cube_vec::ln_backward_fused_vec_kernel;
+        &x.client,
+        CubeCount::Static(cubes as u32, 1, 1),
+        CubeDim::new_2d(block as u32, rows as u32),
         vector,
         dy.into_tensor_arg(),
-        x.into_tensor_arg(),
+        x.clone().into_tensor_arg(),
+        gamma.into_tensor_arg(),
         mean.into_tensor_arg(),
         rstd.into_tensor_arg(),
+        dx.clone().into_tensor_arg(),
         partial.clone().into_tensor_arg(),
-        rows_per_chunk as u32,
+        block,
+        per_unit,
+        plane,
         dtype.into(),
     );
-    // One column sum and one cast for both (fewer launches: they dominate narrow rows).
-    let both = Tensor::<CubeBackend<R, F, I, BT>, 1>::from_primitive(TensorPrimitive::Float(sum_chunks::<R, F, I, BT>(partial, dtype)));
+    let (dg, db) = partial_sums::<R, F, I, BT>(partial, dtype);
+    (dx, dg, db)
+}
+
+/// `(dγ, dβ)` in `dtype` from f32 partials `[chunks, 2h]`: one column-sum kernel writing `[2h]`
+/// (sum and cast in one launch: launches dominate narrow rows), returned as two views.
+fn partial_sums<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(partial: CubeTensor<R>, dtype: DType) -> (CubeTensor<R>, CubeTensor<R>) {
+    let width = partial.shape().dims::<2>()[1];
+    let hw = &partial.client.properties().hardware;
+    let lanes = (hw.max_units_per_cube.min(hw.max_cube_dim.1) as usize / 32).clamp(1, 32);
+    let lanes = 1 << lanes.ilog2();
+    let out = empty(&partial, Shape::new([width]), dtype);
+    launch_v4!(cube_vec::ln_partials_sum_kernel;
+        &partial.client,
+        CubeCount::Static((width as u32).div_ceil(32), 1, 1),
+        CubeDim::new_2d(32, lanes as u32),
+        partial.clone().into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        lanes,
+        dtype.into(),
+    );
+    let both = Tensor::<CubeBackend<R, F, I, BT>, 1>::from_primitive(TensorPrimitive::Float(out));
     let half = |range| both.clone().slice([range]).into_primitive().tensor();
-    (half(0..h), half(h..2 * h))
+    (half(0..width / 2), half(width / 2..width))
 }
 
 /// Under `Fusion` (burn's default `Wgpu` and `Cuda`), the kernels run eagerly: the inputs are
