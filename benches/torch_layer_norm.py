@@ -14,6 +14,23 @@ def t(fn, iters=50):
     torch.cuda.synchronize()
     return s.elapsed_time(e) * 1e3 / iters
 
+def t_gpu(fn, iters=30):
+    """GPU-side µs per call ("queue-ahead", as device_check's): the calls are queued behind a
+    ≈ 8 ms sleep kernel, so the host's launch path overlaps it and the events time the kernels
+    back to back."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(16_000_000)
+    s.record()
+    for _ in range(iters):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) * 1e3 / iters
+
+gpu_side = []
 print("| shape | dtype | torch fwd µs | torch bwd µs | torch fwd+bwd(sum) µs | torch fwd+bwd(dy) µs | torch sum+bwd alone µs |")
 print("|---|---|---|---|---|---|---|")
 for n, h in [(8192, 768), (8192, 1024), (16384, 4096), (4096, 8192)]:
@@ -35,7 +52,17 @@ for n, h in [(8192, 768), (8192, 1024), (16384, 4096), (4096, 8192)]:
         fbd = t(lambda: torch.autograd.grad(F.layer_norm(x, (h,), w, b), [x, w, b], grad_outputs=dy))
         # What sum().backward() itself costs (no layer norm).
         sb = t(lambda: torch.autograd.grad(x.sum(), [x]))
+        with torch.no_grad():
+            gf = t_gpu(lambda: F.layer_norm(x, (h,), w, b))
+            gb = t_gpu(lambda: torch.ops.aten.native_layer_norm_backward(dy, x, (h,), mean, rstd, w, b, [True, True, True]))
+        gpu_side.append((n, h, dt, gf, gb))
         print(f"| [{n}, {h}] | {dt} | {fwd:.1f} | {bwd:.1f} | {fb:.1f} | {fbd:.1f} | {sb:.1f} |")
+
+print("\ntorch GPU-side µs per call (queue-ahead): forward, backward")
+print("| shape | dtype | torch fwd µs | torch bwd µs |")
+print("|---|---|---|---|")
+for n, h, dt, gf, gb in gpu_side:
+    print(f"| [{n}, {h}] | {dt} | {gf:.1f} | {gb:.1f} |")
 
 # The per-call floor (launch path; negligible GPU work), as device_check prints it.
 x = torch.ones(8, 1024, device="cuda", requires_grad=True)
