@@ -64,7 +64,7 @@ finish() { # name: appends its log; prints the summary lines
   [ -f "$f" ] || return 0
   { echo; echo "==================== $1"; cat "$f"; } >> "$log"
   echo "-- $1: $(tail -n 1 "$f")"
-  grep -E '(^(FAIL|\||[0-9]+ passed|error|Error|panicked|final|torch|element-wise|per-call|GPU-side)|loss: |tokens/s=)' "$f" | grep -v '^|---' | head -n 80
+  grep -E '(^(FAIL|\||[0-9]+ passed|error|Error|panicked|final|torch|element-wise|per-call|GPU-side|fusion)|loss: |tokens/s=)' "$f" | grep -v '^|---' | head -n 80
   rm -f "$f"
 }
 steps=("$@")

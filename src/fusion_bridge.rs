@@ -1,5 +1,5 @@
 //! Eager bridge between `Fusion<B>` (burn's default `Cuda`/`Wgpu`) and its inner backend, for
-//! ops fusion cannot express (our layer-norm kernels, NCCL on device pointers): inputs are
+//! ops that must run in program order (NCCL on device pointers): inputs are
 //! resolved to the inner backend's tensors (draining their fusion streams), the op runs, and
 //! outputs come back through a zero-input custom op that registers them. Running eagerly keeps
 //! collectives in program order on every rank (a lazy op could reorder them at flush time).

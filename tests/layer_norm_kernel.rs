@@ -132,3 +132,27 @@ fn half_precision_kernels_accumulate_in_f32() {
         }
     }
 }
+
+/// Under `Fusion` the layer norm is a lazy op of the fusion stream: its inputs may come from
+/// element-wise ops still queued (not yet fused/executed) and its outputs feed later queued ops.
+/// The result equals the same program on `CubeBackend`, forward and backward.
+#[test]
+fn lazy_fusion_op_keeps_stream_order() {
+    fn program<B: burn::tensor::backend::AutodiffBackend + LayerNormBackend>() -> Vec<TensorData> {
+        let dev = Default::default();
+        let x0 = Tensor::<B, 2>::from_data(data("lx", &[33, 96], 1.0), &dev).require_grad();
+        let g0 = Tensor::<B, 1>::from_data(data("lg", &[96], 1.0), &dev).require_grad();
+        let x = x0.clone().mul_scalar(2.0).add_scalar(0.5).tanh();
+        let g = g0.clone().mul_scalar(1.5);
+        let b = g.clone().mul_scalar(-0.25);
+        let y = layer_norm(x, g, b, 1e-5).exp().add_scalar(1.0);
+        let z = layer_norm(y.clone(), g0.clone(), g0.clone().mul_scalar(0.5), 1e-5);
+        let gr = (z.clone() * y).sum().backward();
+        vec![z.inner().into_data().convert::<f32>(), x0.grad(&gr).unwrap().into_data().convert::<f32>(), g0.grad(&gr).unwrap().into_data().convert::<f32>()]
+    }
+    let want = program::<Autodiff<K>>();
+    let got = program::<Autodiff<burn::backend::Wgpu>>();
+    for (w, g) in want.iter().zip(&got) {
+        assert!(max_rel(g, w) < 1e-5, "{:e}", max_rel(g, w));
+    }
+}

@@ -13,17 +13,21 @@ use burn_parallel::{Comm, NcclComm, ReduceOp};
 
 use crate::kernels::K;
 
-fn time<F: FnMut()>(mut f: F, iters: usize) -> f64 {
+fn time<F: FnMut()>(f: F, iters: usize) -> f64 {
+    time_on::<K, F>(f, iters)
+}
+
+fn time_on<B: Backend, F: FnMut()>(mut f: F, iters: usize) -> f64 {
     let dev = Default::default();
     for _ in 0..3 {
         f();
     }
-    K::sync(&dev).unwrap();
+    B::sync(&dev).unwrap();
     let start = Instant::now();
     for _ in 0..iters {
         f();
     }
-    K::sync(&dev).unwrap();
+    B::sync(&dev).unwrap();
     start.elapsed().as_secs_f64() / iters as f64
 }
 
@@ -170,6 +174,20 @@ pub fn layer_norm(quick: bool, variants: &[Variant]) {
         println!("| [{n}, {h}] | {dtype:?} | {f} | {fg} | {b} | {bg} |");
     }
     drop(busy);
+    // Under Fusion (burn's `Cuda`): the kernels as lazy ops of the fusion stream.
+    println!("\nthrough Fusion (burn::backend::Cuda), forward µs: ours via Fusion / ours on CubeBackend");
+    for [n, h] in [[8192, 1024], [16384, 4096]] {
+        for dtype in [DType::F32, DType::BF16] {
+            type C = burn::backend::Cuda;
+            let x = Tensor::<C, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
+            let (g, b) = (Tensor::<C, 1>::ones([h], &dev).cast(dtype), Tensor::<C, 1>::zeros([h], &dev).cast(dtype));
+            let via_fusion = time_on::<C, _>(|| drop(fused(x.clone(), g.clone(), b.clone(), 1e-5)), iters);
+            let xk = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
+            let (gk, bk) = (Tensor::<K, 1>::ones([h], &dev).cast(dtype), Tensor::<K, 1>::zeros([h], &dev).cast(dtype));
+            let direct = time(|| drop(fused(xk.clone(), gk.clone(), bk.clone(), 1e-5)), iters);
+            println!("fusion [{n}, {h}] {dtype:?}: {:.1} / {:.1}", via_fusion * 1e6, direct * 1e6);
+        }
+    }
     // The per-call floor (host launch path and allocations; the GPU work is negligible): calls
     // this short cannot show bandwidth.
     let (x, dy) = (Tensor::<K, 2>::ones([8, 1024], &dev), Tensor::<K, 2>::ones([8, 1024], &dev));

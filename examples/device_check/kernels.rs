@@ -75,10 +75,13 @@ pub fn run(report: &mut Report, quick: bool, variants: &[LnKernel]) {
         }
     }
     set_backward_cache(None);
-    // Fusion (burn's default `Cuda`) goes through the eager bridge: identical to CubeBackend.
-    let inp = inputs(129, 4097, DType::F32);
-    let (a, b) = (apply::<Cuda>(&inp, DType::F32), apply::<K>(&inp, DType::F32));
-    let same = a.iter().zip(&b).all(|(x, y)| x.to_vec::<f32>().unwrap() == y.to_vec::<f32>().unwrap());
-    report.check("kernels Fusion == CubeBackend", if same { Ok(String::new()) } else { Err("outputs differ".into()) });
+    // Fusion (burn's default `Cuda`): the kernels as lazy ops of the fusion stream (inputs from
+    // queued casts), identical to CubeBackend.
+    for (dtype, [n, h]) in [(DType::F32, [129, 4097]), (DType::BF16, [129, 4097]), (DType::BF16, [4096, 1024])] {
+        let inp = inputs(n, h, dtype);
+        let (a, b) = (apply::<Cuda>(&inp, dtype), apply::<K>(&inp, dtype));
+        let same = a.iter().zip(&b).all(|(x, y)| x.to_vec::<f32>().unwrap() == y.to_vec::<f32>().unwrap());
+        report.check(&format!("kernels Fusion == CubeBackend [{n}, {h}] {dtype:?}"), if same { Ok(String::new()) } else { Err("outputs differ".into()) });
+    }
     let _ = <K as Backend>::sync(&Default::default());
 }

@@ -8,7 +8,8 @@
 //! - backward `dγ, dβ`: cubes over (column block × row chunk); each unit sums its column over the
 //!   chunk's rows (coalesced reads), writing f32 partials `[chunks, h]`; a final `sum` over chunks.
 //!
-//! Under `Fusion` (burn's default `Wgpu`/`Cuda`) the kernels run eagerly (see the impl below).
+//! Under `Fusion` (burn's default `Wgpu`/`Cuda`) the kernels are lazy custom operations of the
+//! fusion stream (see the impl below).
 
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
 use burn_cubecl::cubecl::{CubeCount, CubeDim};
@@ -17,10 +18,13 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use burn_fusion::{Fusion, FusionBackend, FusionTensor};
+use std::marker::PhantomData;
+
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use super::{cube_vec, LayerNormBackend, LnBackward, LnForward};
-use crate::fusion_bridge::{from_inner, to_inner};
 
 const BLOCK: u32 = 256;
 const ROWS_PER_CHUNK: usize = 64;
@@ -396,9 +400,9 @@ fn partial_sums<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
     (half(0..width / 2), half(width / 2..width))
 }
 
-/// Under `Fusion` (burn's default `Wgpu` and `Cuda`), the kernels run eagerly: the inputs are
-/// resolved to the inner backend's tensors (draining their fusion streams), the kernels run, and
-/// the outputs come back as fusion tensors through a zero-input custom op that registers them.
+/// Under `Fusion` (burn's default `Wgpu` and `Cuda`) the kernels are lazy custom operations of
+/// the fusion stream: registered with their inputs and outputs (no flush of the stream, no wait),
+/// run on the inner backend's tensors when the stream executes.
 impl<B: FusionBackend + LayerNormBackend> LayerNormBackend for Fusion<B> {
     fn layer_norm_rows(
         x: FusionTensor<B::FusionRuntime>,
@@ -407,8 +411,17 @@ impl<B: FusionBackend + LayerNormBackend> LayerNormBackend for Fusion<B> {
         epsilon: f32,
     ) -> LnForward<Self> {
         let client = x.client.clone();
-        let (y, m, r) = B::layer_norm_rows(to_inner::<B>(x), to_inner::<B>(gamma), to_inner::<B>(beta), epsilon);
-        (from_inner::<B>(&client, y), from_inner::<B>(&client, m), from_inner::<B>(&client, r))
+        let streams = OperationStreams::with_inputs([&x, &gamma, &beta]);
+        let n = x.shape[0];
+        let outputs = [
+            TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), x.dtype),
+            TensorIr::uninit(client.create_empty_handle(), Shape::new([n, 1]), DType::F32),
+            TensorIr::uninit(client.create_empty_handle(), Shape::new([n, 1]), DType::F32),
+        ];
+        let desc = CustomOpIr::new("burn-parallel-layer-norm", &[x.into_ir(), gamma.into_ir(), beta.into_ir()], &outputs);
+        let op = LnFusionOp::<B> { desc: desc.clone(), epsilon: Some(epsilon), _b: PhantomData };
+        let [y, mean, rstd]: [_; 3] = client.register(streams, OperationIr::Custom(desc), op).try_into().expect("three outputs");
+        (y, mean, rstd)
     }
 
     fn layer_norm_rows_backward(
@@ -419,8 +432,49 @@ impl<B: FusionBackend + LayerNormBackend> LayerNormBackend for Fusion<B> {
         rstd: FusionTensor<B::FusionRuntime>,
     ) -> LnBackward<Self> {
         let client = x.client.clone();
-        let inner = |t| to_inner::<B>(t);
-        let (dx, dg, db) = B::layer_norm_rows_backward(inner(dy), inner(x), inner(gamma), inner(mean), inner(rstd));
-        (from_inner::<B>(&client, dx), from_inner::<B>(&client, dg), from_inner::<B>(&client, db))
+        let streams = OperationStreams::with_inputs([&dy, &x, &gamma, &mean, &rstd]);
+        let outputs = [
+            TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), x.dtype),
+            TensorIr::uninit(client.create_empty_handle(), gamma.shape.clone(), gamma.dtype),
+            TensorIr::uninit(client.create_empty_handle(), gamma.shape.clone(), gamma.dtype),
+        ];
+        let inputs = [dy.into_ir(), x.into_ir(), gamma.into_ir(), mean.into_ir(), rstd.into_ir()];
+        let desc = CustomOpIr::new("burn-parallel-layer-norm-backward", &inputs, &outputs);
+        let op = LnFusionOp::<B> { desc: desc.clone(), epsilon: None, _b: PhantomData };
+        let [dx, dg, db]: [_; 3] = client.register(streams, OperationIr::Custom(desc), op).try_into().expect("three outputs");
+        (dx, dg, db)
+    }
+}
+
+/// The layer-norm forward (`epsilon: Some`) or backward (`None`) as a fusion-stream operation.
+#[derive(Debug)]
+struct LnFusionOp<B> {
+    desc: CustomOpIr,
+    epsilon: Option<f32>,
+    _b: PhantomData<B>,
+}
+
+impl<B: FusionBackend + LayerNormBackend> Operation<B::FusionRuntime> for LnFusionOp<B> {
+    fn execute(&self, handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>) {
+        let outputs = match self.epsilon {
+            Some(epsilon) => {
+                let ([x, g, b], outputs) = self.desc.as_fixed::<3, 3>();
+                let get = |t: &TensorIr, h: &mut HandleContainer<_>| h.get_float_tensor::<B>(t);
+                let (x, g, b) = (get(x, handles), get(g, handles), get(b, handles));
+                let (y, m, r) = B::layer_norm_rows(x, g, b, epsilon);
+                (outputs, [y, m, r])
+            }
+            None => {
+                let ([dy, x, g, m, r], outputs) = self.desc.as_fixed::<5, 3>();
+                let get = |t: &TensorIr, h: &mut HandleContainer<_>| h.get_float_tensor::<B>(t);
+                let ins = [get(dy, handles), get(x, handles), get(g, handles), get(m, handles), get(r, handles)];
+                let [dy, x, g, m, r] = ins;
+                let (dx, dg, db) = B::layer_norm_rows_backward(dy, x, g, m, r);
+                (outputs, [dx, dg, db])
+            }
+        };
+        for (ir, tensor) in outputs.0.iter().zip(outputs.1) {
+            handles.register_float_tensor::<B>(&ir.id, tensor);
+        }
     }
 }
