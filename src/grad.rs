@@ -21,7 +21,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive};
 
@@ -73,6 +73,18 @@ pub fn backward_with<B: Backend, C: CheckpointStrategy, const D: usize>(
         OpsKind::UnTracked(prep) => prep.finish(root),
     };
     Ok(Tensor::<Autodiff<B, C>, 1>::from_primitive(TensorPrimitive::Float(root)).backward())
+}
+
+/// [`backward_with`] for generic code: every `Autodiff<B, C>` (Burn's autodiff backends).
+pub trait BackwardWith: AutodiffBackend {
+    /// See [`backward_with`].
+    fn backward_with<const D: usize>(y: Tensor<Self, D>, grad: Tensor<Self::InnerBackend, D>) -> Result<Self::Gradients, GradMismatch>;
+}
+
+impl<B: Backend, C: CheckpointStrategy> BackwardWith for Autodiff<B, C> {
+    fn backward_with<const D: usize>(y: Tensor<Self, D>, grad: Tensor<B, D>) -> Result<Gradients, GradMismatch> {
+        backward_with(y, grad)
+    }
 }
 
 #[cfg(test)]

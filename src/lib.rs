@@ -54,7 +54,7 @@ pub mod topology;
 pub mod world;
 
 pub use collective::CollectiveBackend;
-pub use grad::{backward_with, GradMismatch};
+pub use grad::{backward_with, BackwardWith, GradMismatch};
 pub use kernels::{LayerNormBackend, ParallelBackend};
 pub use comm::{Comm, Communicator, LocalWorld, LocalWorldOptions, P2pMode, RecvOp, ReduceOp, SendOp, TensorSpec};
 pub use error::{CommError, ConfigError, RankError};

@@ -18,7 +18,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::data_parallel::{all_reduce_gradients, clip_grad_norm, DEFAULT_BUCKET_BYTES};
-use burn_parallel::{all_ok, run_world, Comm, LocalWorldOptions, P2pMode, ParallelBackend, ParallelConfig, ProcessGroups, ReduceOp};
+use burn_parallel::{all_ok, run_world, BackwardWith, Comm, LocalWorldOptions, P2pMode, ParallelBackend, ParallelConfig, ProcessGroups, ReduceOp};
 use burn_parallel_modules::{Gpt, GptConfig};
 use clap::{Parser, ValueEnum};
 use corpus::Corpus;
@@ -209,7 +209,7 @@ pub(crate) fn progress(args: &Args, rank: usize) -> ProgressBar {
 
 fn train_rank<B>(args: &Args, comm: Comm, device: B::Device, data: &Corpus) -> Result<Summary, String>
 where
-    B: AutodiffBackend + ParallelBackend,
+    B: AutodiffBackend + ParallelBackend + BackwardWith,
     B::InnerBackend: ParallelBackend,
 {
     let rank = comm.global_rank();
@@ -256,7 +256,7 @@ where
 
 fn run<B>(args: &Args, device: B::Device, data: &Corpus) -> Result<Summary, String>
 where
-    B: AutodiffBackend + ParallelBackend,
+    B: AutodiffBackend + ParallelBackend + BackwardWith,
     B::InnerBackend: ParallelBackend,
 {
     // Thread ranks follow NCCL's point-to-point rules, so what runs here runs on NCCL.

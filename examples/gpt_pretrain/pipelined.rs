@@ -8,7 +8,7 @@ use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
 use burn_parallel::pipeline::{PipelineExecutor, PipelineOptions};
-use burn_parallel::{ParallelBackend, Comm, ParallelConfig, ProcessGroups};
+use burn_parallel::{BackwardWith, Comm, ParallelBackend, ParallelConfig, ProcessGroups};
 use burn_parallel_modules::{GptPipeline, TokenBatch};
 use burn_parallel_schedules::{render_svg, schedule_by_name, simulate, Costs, PipelineShape, Schedule};
 
@@ -52,7 +52,7 @@ fn split(args: &Args, split: &[u8], name: &str, step: usize) -> Result<Vec<Token
 
 pub(crate) fn train_rank<B>(args: &Args, world: Comm, device: B::Device, data: &Corpus) -> Result<Summary, String>
 where
-    B: AutodiffBackend + ParallelBackend,
+    B: AutodiffBackend + ParallelBackend + BackwardWith,
     B::InnerBackend: ParallelBackend,
 {
     let cfg = ParallelConfig::new()
@@ -100,7 +100,7 @@ where
 
 fn evaluate<B, M>(args: &Args, exec: &PipelineExecutor<B, M, 3>, split_data: &[u8], name: &str) -> Result<f32, String>
 where
-    B: AutodiffBackend + ParallelBackend,
+    B: AutodiffBackend + ParallelBackend + BackwardWith,
     M: burn_parallel::pipeline::PipelineModel<B, 3, MicroBatch = TokenBatch>,
 {
     let mut total = 0.0;

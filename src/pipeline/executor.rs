@@ -11,7 +11,7 @@ use burn_parallel_schedules::{steps, Action, Op, PipelineShape, Plan, Schedule, 
 use super::layout::{PartSpec, StageLayout};
 use crate::comm::ops::{batch_p2p, broadcast, recv, send};
 use crate::error::{CommError, ConfigError};
-use crate::{CollectiveBackend, Comm};
+use crate::{BackwardWith, CollectiveBackend, Comm};
 
 /// What a stage's forward returns: the activation for the next stage, or (last stage) the loss.
 #[derive(Debug, Clone)]
@@ -160,7 +160,7 @@ fn tag(kind: Op, from_stage: usize, mb: usize) -> u64 {
 
 impl<B, M, const D: usize> PipelineExecutor<B, M, D>
 where
-    B: AutodiffBackend + CollectiveBackend,
+    B: AutodiffBackend + CollectiveBackend + BackwardWith,
     M: PipelineModel<B, D>,
 {
     /// Plans `schedule` for the pipeline group `pp` (its ranks in stage order) and builds this
@@ -306,7 +306,7 @@ where
                     }
                     StageOutput::Activation(y) => {
                         let g = st.out_grads.remove(&key).expect("validated plan: output gradient before backward");
-                        (y * g).sum().backward()
+                        B::backward_with(y, g.inner()).map_err(|e| ConfigError::Invalid(format!("stage {s} (micro-batch {mb}): {e}")))?
                     }
                 };
                 if let Some(x) = input {
