@@ -210,11 +210,8 @@ fn autodiff_inputs(x: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<K, 1>) -> (Ten
 /// Our layer norm under the selected variant: `[forward, backward op alone, forward + autodiff
 /// backward of sum, forward + autodiff backward of dy]`, seconds per call.
 fn ours_times(x: &Tensor<K, 2>, dy: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<K, 1>, iters: usize) -> [f64; 4] {
-    let p2 = |t: &Tensor<K, 2>| t.clone().into_primitive().tensor();
-    let p1 = |t: &Tensor<K, 1>| t.clone().into_primitive().tensor();
-    let fwd = time(|| drop(fused(x.clone(), g.clone(), b.clone(), 1e-5)), iters);
-    let (_, mean, rstd) = K::layer_norm_rows(p2(x), p1(g), p1(b), 1e-5);
-    let bwd = time(|| drop(K::layer_norm_rows_backward(p2(dy), p2(x), p1(g), mean.clone(), rstd.clone())), iters);
+    let (fwd_call, bwd_call) = op_calls(x, dy, g, b);
+    let (fwd, bwd) = (time(fwd_call, iters), time(bwd_call, iters));
     let (xa, ga, ba) = autodiff_inputs(x, g, b);
     let fb = time(|| drop(fused(xa.clone(), ga.clone(), ba.clone(), 1e-5).sum().backward()), iters);
     let fbd = time(|| drop(backward_with(fused(xa.clone(), ga.clone(), ba.clone(), 1e-5), dy.clone()).unwrap()), iters);
@@ -223,12 +220,18 @@ fn ours_times(x: &Tensor<K, 2>, dy: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<
 
 /// GPU-side (queue-ahead) `[forward, backward op]` seconds per call under the selected variant.
 fn gpu_times(x: &Tensor<K, 2>, dy: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<K, 1>, busy: &Tensor<K, 1>) -> [Option<f64>; 2] {
+    let (fwd_call, bwd_call) = op_calls(x, dy, g, b);
+    [gpu_time(fwd_call, 30, busy), gpu_time(bwd_call, 30, busy)]
+}
+
+/// One call of our forward, and one of the backward op alone on `dy` (μ, r from one forward).
+fn op_calls<'a>(x: &'a Tensor<K, 2>, dy: &'a Tensor<K, 2>, g: &'a Tensor<K, 1>, b: &'a Tensor<K, 1>) -> (impl FnMut() + 'a, impl FnMut() + 'a) {
     let p2 = |t: &Tensor<K, 2>| t.clone().into_primitive().tensor();
     let p1 = |t: &Tensor<K, 1>| t.clone().into_primitive().tensor();
-    let fwd = gpu_time(|| drop(fused(x.clone(), g.clone(), b.clone(), 1e-5)), 30, busy);
     let (_, mean, rstd) = K::layer_norm_rows(p2(x), p1(g), p1(b), 1e-5);
-    let bwd = gpu_time(|| drop(K::layer_norm_rows_backward(p2(dy), p2(x), p1(g), mean.clone(), rstd.clone())), 30, busy);
-    [fwd, bwd]
+    let fwd = move || drop(fused(x.clone(), g.clone(), b.clone(), 1e-5));
+    let bwd = move || drop(K::layer_norm_rows_backward(p2(dy), p2(x), p1(g), mean.clone(), rstd.clone()));
+    (fwd, bwd)
 }
 
 /// Bus bandwidth `bytes / t × factor` (factor 2(n−1)/n for all-reduce, (n−1)/n otherwise; 0 at

@@ -6,7 +6,8 @@
 //!   composed reference); writes `y`, `μ`, `r`.
 //! - backward `dx`: one cube per row; reductions of `Σ g` and `Σ g·x̂`, then `dx`.
 //! - backward `dγ, dβ`: cubes over (column block × row chunk); each unit sums its column over the
-//!   chunk's rows (coalesced reads), writing f32 partials `[chunks, h]`; a final `sum` over chunks.
+//!   chunk's rows (coalesced reads), writing f32 partials `[chunks, 2h]` (dγ's, then dβ's),
+//!   summed over chunks by the same column-sum kernel as `v4`'s.
 //!
 //! Under `Fusion` (burn's default `Wgpu`/`Cuda`) the kernels are lazy custom operations of the
 //! fusion stream (see the impl below).
@@ -190,8 +191,7 @@ mod kernel {
         x: &Tensor<F>,
         mean: &Tensor<f32>,
         rstd: &Tensor<f32>,
-        dgamma_partial: &mut Tensor<f32>,
-        dbeta_partial: &mut Tensor<f32>,
+        partial: &mut Tensor<f32>,
         rows_per_chunk: u32,
         #[define(F)] _dtype: StorageType,
     ) {
@@ -215,8 +215,8 @@ mod kernel {
                 sb += d;
                 row += 1;
             }
-            dgamma_partial[chunk * h + col] = sg;
-            dbeta_partial[chunk * h + col] = sb;
+            partial[chunk * 2 * h + col] = sg;
+            partial[chunk * 2 * h + h + col] = sb;
         }
     }
 }
@@ -310,8 +310,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         );
         let chunks = n.div_ceil(ROWS_PER_CHUNK).clamp(1, MAX_GRID);
         let rows_per_chunk = n.div_ceil(chunks).max(1);
-        let dg = empty(&x, Shape::new([chunks, h]), DType::F32);
-        let db = empty(&x, Shape::new([chunks, h]), DType::F32);
+        let partial = empty(&x, Shape::new([chunks, 2 * h]), DType::F32);
         let client = x.client.clone();
         kernel::ln_backward_params_kernel::launch::<R>(
             &client,
@@ -321,20 +320,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
             x.into_tensor_arg(),
             mean.into_tensor_arg(),
             rstd.into_tensor_arg(),
-            dg.clone().into_tensor_arg(),
-            db.clone().into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
             rows_per_chunk as u32,
             dtype.into(),
         );
-        (dx, sum_chunks::<R, F, I, BT>(dg, dtype), sum_chunks::<R, F, I, BT>(db, dtype))
+        let (dg, db) = partial_sums::<R, F, I, BT>(partial, dtype);
+        (dx, dg, db)
     }
-}
-
-/// The column sums of f32 partials `[chunks, h]`, as `[h]` in `dtype`.
-fn sum_chunks<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(partial: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
-    let h = partial.shape().dims::<2>()[1];
-    let t = Tensor::<CubeBackend<R, F, I, BT>, 2>::from_primitive(TensorPrimitive::Float(partial));
-    t.sum_dim(0).reshape([h]).cast(dtype).into_primitive().tensor()
 }
 
 /// The one-pass `v4` backward ([`cube_vec::ln_backward_fused_vec_kernel`]): `dx` and f32 dγ/dβ
@@ -410,17 +402,9 @@ impl<B: FusionBackend + LayerNormBackend> LayerNormBackend for Fusion<B> {
         beta: FusionTensor<B::FusionRuntime>,
         epsilon: f32,
     ) -> LnForward<Self> {
-        let client = x.client.clone();
-        let streams = OperationStreams::with_inputs([&x, &gamma, &beta]);
         let n = x.shape[0];
-        let outputs = [
-            TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), x.dtype),
-            TensorIr::uninit(client.create_empty_handle(), Shape::new([n, 1]), DType::F32),
-            TensorIr::uninit(client.create_empty_handle(), Shape::new([n, 1]), DType::F32),
-        ];
-        let desc = CustomOpIr::new("burn-parallel-layer-norm", &[x.into_ir(), gamma.into_ir(), beta.into_ir()], &outputs);
-        let op = LnFusionOp::<B> { desc: desc.clone(), epsilon: Some(epsilon), _b: PhantomData };
-        let [y, mean, rstd]: [_; 3] = client.register(streams, OperationIr::Custom(desc), op).try_into().expect("three outputs");
+        let outputs = [(x.shape.clone(), x.dtype), (Shape::new([n, 1]), DType::F32), (Shape::new([n, 1]), DType::F32)];
+        let [y, mean, rstd] = LnFusionOp::<B>::register([x, gamma, beta], outputs, Some(epsilon));
         (y, mean, rstd)
     }
 
@@ -431,22 +415,15 @@ impl<B: FusionBackend + LayerNormBackend> LayerNormBackend for Fusion<B> {
         mean: FusionTensor<B::FusionRuntime>,
         rstd: FusionTensor<B::FusionRuntime>,
     ) -> LnBackward<Self> {
-        let client = x.client.clone();
-        let streams = OperationStreams::with_inputs([&dy, &x, &gamma, &mean, &rstd]);
-        let outputs = [
-            TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), x.dtype),
-            TensorIr::uninit(client.create_empty_handle(), gamma.shape.clone(), gamma.dtype),
-            TensorIr::uninit(client.create_empty_handle(), gamma.shape.clone(), gamma.dtype),
-        ];
-        let inputs = [dy.into_ir(), x.into_ir(), gamma.into_ir(), mean.into_ir(), rstd.into_ir()];
-        let desc = CustomOpIr::new("burn-parallel-layer-norm-backward", &inputs, &outputs);
-        let op = LnFusionOp::<B> { desc: desc.clone(), epsilon: None, _b: PhantomData };
-        let [dx, dg, db]: [_; 3] = client.register(streams, OperationIr::Custom(desc), op).try_into().expect("three outputs");
+        let (h, dtype) = (gamma.shape.clone(), gamma.dtype);
+        let outputs = [(x.shape.clone(), x.dtype), (h.clone(), dtype), (h, dtype)];
+        let [dx, dg, db] = LnFusionOp::<B>::register([dy, x, gamma, mean, rstd], outputs, None);
         (dx, dg, db)
     }
 }
 
-/// The layer-norm forward (`epsilon: Some`) or backward (`None`) as a fusion-stream operation.
+/// The layer-norm forward (`epsilon: Some`, inputs `x, γ, β`) or backward (`None`, inputs
+/// `dy, x, γ, μ, r`) as a fusion-stream operation with three outputs.
 #[derive(Debug)]
 struct LnFusionOp<B> {
     desc: CustomOpIr,
@@ -454,26 +431,28 @@ struct LnFusionOp<B> {
     _b: PhantomData<B>,
 }
 
+impl<B: FusionBackend + LayerNormBackend> LnFusionOp<B> {
+    /// Registers the operation on the inputs' stream; returns its outputs (shape, dtype each).
+    fn register<const N: usize>(inputs: [FusionTensor<B::FusionRuntime>; N], outputs: [(Shape, DType); 3], epsilon: Option<f32>) -> [FusionTensor<B::FusionRuntime>; 3] {
+        let client = inputs[0].client.clone();
+        let streams = OperationStreams::with_inputs(&inputs);
+        let outputs = outputs.map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), shape, dtype));
+        let name = if epsilon.is_some() { "burn-parallel-layer-norm" } else { "burn-parallel-layer-norm-backward" };
+        let desc = CustomOpIr::new(name, &inputs.map(|t| t.into_ir()), &outputs);
+        let op = Self { desc: desc.clone(), epsilon, _b: PhantomData };
+        client.register(streams, OperationIr::Custom(desc), op).try_into().expect("three outputs")
+    }
+}
+
 impl<B: FusionBackend + LayerNormBackend> Operation<B::FusionRuntime> for LnFusionOp<B> {
     fn execute(&self, handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>) {
-        let outputs = match self.epsilon {
-            Some(epsilon) => {
-                let ([x, g, b], outputs) = self.desc.as_fixed::<3, 3>();
-                let get = |t: &TensorIr, h: &mut HandleContainer<_>| h.get_float_tensor::<B>(t);
-                let (x, g, b) = (get(x, handles), get(g, handles), get(b, handles));
-                let (y, m, r) = B::layer_norm_rows(x, g, b, epsilon);
-                (outputs, [y, m, r])
-            }
-            None => {
-                let ([dy, x, g, m, r], outputs) = self.desc.as_fixed::<5, 3>();
-                let get = |t: &TensorIr, h: &mut HandleContainer<_>| h.get_float_tensor::<B>(t);
-                let ins = [get(dy, handles), get(x, handles), get(g, handles), get(m, handles), get(r, handles)];
-                let [dy, x, g, m, r] = ins;
-                let (dx, dg, db) = B::layer_norm_rows_backward(dy, x, g, m, r);
-                (outputs, [dx, dg, db])
-            }
+        let mut inputs = self.desc.inputs.iter().map(|t| handles.get_float_tensor::<B>(t)).collect::<Vec<_>>().into_iter();
+        let mut next = || inputs.next().expect("as registered");
+        let (a, b, c) = match self.epsilon {
+            Some(epsilon) => B::layer_norm_rows(next(), next(), next(), epsilon),
+            None => B::layer_norm_rows_backward(next(), next(), next(), next(), next()),
         };
-        for (ir, tensor) in outputs.0.iter().zip(outputs.1) {
+        for (ir, tensor) in self.desc.outputs.iter().zip([a, b, c]) {
             handles.register_float_tensor::<B>(&ir.id, tensor);
         }
     }
