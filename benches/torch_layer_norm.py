@@ -55,14 +55,18 @@ for n, h in [(8192, 768), (8192, 1024), (16384, 4096), (4096, 8192)]:
         with torch.no_grad():
             gf = t_gpu(lambda: F.layer_norm(x, (h,), w, b))
             gb = t_gpu(lambda: torch.ops.aten.native_layer_norm_backward(dy, x, (h,), mean, rstd, w, b, [True, True, True]))
-        gpu_side.append((n, h, dt, gf, gb))
+            # A copy of the same bytes (what the forward reads and writes), the roofline at this size.
+            dst = torch.empty_like(x)
+            gc = t_gpu(lambda: dst.copy_(x))
+        gpu_side.append((n, h, dt, gf, gb, gc))
         print(f"| [{n}, {h}] | {dt} | {fwd:.1f} | {bwd:.1f} | {fb:.1f} | {fbd:.1f} | {sb:.1f} |")
 
-print("\ntorch GPU-side µs per call (queue-ahead): forward, backward")
-print("| shape | dtype | torch fwd µs | torch bwd µs |")
-print("|---|---|---|---|")
-for n, h, dt, gf, gb in gpu_side:
-    print(f"| [{n}, {h}] | {dt} | {gf:.1f} | {gb:.1f} |")
+print("\ntorch GPU-side µs per call (queue-ahead): forward, backward, copy_ of the same tensor")
+print("| shape | dtype | torch fwd µs | torch bwd µs | torch copy µs | copy GB/s |")
+print("|---|---|---|---|---|---|")
+for n, h, dt, gf, gb, gc in gpu_side:
+    nbytes = n * h * (4 if dt == torch.float32 else 2)
+    print(f"| [{n}, {h}] | {dt} | {gf:.1f} | {gb:.1f} | {gc:.1f} | {2 * nbytes / gc / 1e3:.0f} |")
 
 # The per-call floor (launch path; negligible GPU work), as device_check prints it.
 x = torch.ones(8, 1024, device="cuda", requires_grad=True)

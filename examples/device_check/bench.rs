@@ -8,7 +8,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor, TensorData};
 use burn_parallel::comm::ops;
 use burn_parallel::backward_with;
-use burn_parallel::kernels::{layer_norm as fused, set_backward_cache, set_backward_rows, set_bounds_checks, set_variant, set_vector_cache, LayerNormBackend, LnKernel};
+use burn_parallel::kernels::{
+    layer_norm as fused, set_backward_cache, set_backward_rows, set_bounds_checks, set_forward_one_reduction, set_forward_stream, set_variant, set_vector_cache, LayerNormBackend,
+    LnKernel,
+};
 use burn_parallel::{Comm, NcclComm, ReduceOp};
 
 use crate::kernels::K;
@@ -86,11 +89,16 @@ pub struct Variant {
     pub checks: bool,
     /// v4's backward register cache (`None`: the library's rule).
     pub backward_cache: Option<usize>,
+    /// v4's forward: mean and variance from one shifted reduction.
+    pub one_reduction: bool,
+    /// v4's forward: cubes per multiprocessor walking row groups with the next row's loads in
+    /// flight (0: one row group per cube).
+    pub stream: usize,
 }
 
 impl Default for Variant {
     fn default() -> Self {
-        Self { kernel: LnKernel::Vectorized, cache: 16, rows: 64, checks: false, backward_cache: None }
+        Self { kernel: LnKernel::Vectorized, cache: 16, rows: 64, checks: false, backward_cache: None, one_reduction: false, stream: 0 }
     }
 }
 
@@ -101,6 +109,8 @@ impl Variant {
         set_backward_rows(self.rows);
         set_bounds_checks(self.checks);
         set_backward_cache(self.backward_cache);
+        set_forward_one_reduction(self.one_reduction);
+        set_forward_stream(self.stream);
     }
 }
 
@@ -130,7 +140,8 @@ pub fn layer_norm(quick: bool, variants: &[Variant]) {
                 })
                 .collect();
             variants[0].apply();
-            gpu_side.push(([n, h], dtype, gpu_times(&x, &dy, &g, &b, &busy)));
+            let copy = gpu_time(|| drop(x.clone().add_scalar(1.0)), 30, &busy);
+            gpu_side.push(([n, h], dtype, gpu_times(&x, &dy, &g, &b, &busy), copy));
             Variant::default().apply();
             let theirs = if dtype == DType::F32 {
                 let ln = LayerNormConfig::new(h).init::<K>(&dev);
@@ -164,14 +175,16 @@ pub fn layer_norm(quick: bool, variants: &[Variant]) {
             );
         }
     }
-    println!("\nGPU-side µs per call (queue-ahead; the first variant): forward, backward; GB/s (2 and 3 passes)");
-    println!("| shape | dtype | fwd µs | fwd GB/s | bwd µs | bwd GB/s |");
-    println!("|---|---|---|---|---|---|");
-    for ([n, h], dtype, [fwd, bwd]) in gpu_side {
+    println!("\nGPU-side µs per call (queue-ahead; the first variant): forward, backward; GB/s (2 and 3 passes);");
+    println!("copy = Burn's element-wise op on the same tensor (reads and writes what the forward does)");
+    println!("| shape | dtype | fwd µs | fwd GB/s | bwd µs | bwd GB/s | copy µs | copy GB/s | fwd % of copy |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for ([n, h], dtype, [fwd, bwd], copy) in gpu_side {
         let bytes = (n * h * dtype.size()) as f64;
         let show = |t: Option<f64>, passes: f64| t.map_or(("host-bound".into(), "-".into()), |t| (format!("{:.1}", t * 1e6), format!("{:.0}", passes * bytes / t / 1e9)));
-        let ((f, fg), (b, bg)) = (show(fwd, 2.0), show(bwd, 3.0));
-        println!("| [{n}, {h}] | {dtype:?} | {f} | {fg} | {b} | {bg} |");
+        let ((f, fg), (b, bg), (c, cg)) = (show(fwd, 2.0), show(bwd, 3.0), show(copy, 2.0));
+        let pct = fwd.zip(copy).map_or("-".into(), |(f, c)| format!("{:.0}%", 100.0 * c / f));
+        println!("| [{n}, {h}] | {dtype:?} | {f} | {fg} | {b} | {bg} | {c} | {cg} | {pct} |");
     }
     drop(busy);
     // Under Fusion (burn's `Cuda`): the kernels as lazy ops of the fusion stream.
@@ -199,6 +212,40 @@ pub fn layer_norm(quick: bool, variants: &[Variant]) {
     let x = Tensor::<K, 1>::zeros([1 << 28], &dev);
     let copy = time(|| drop(x.clone().add_scalar(1.0)), iters);
     println!("\nelement-wise read+write of 1 GiB f32: {:.0} GB/s", 2.0 * (1u64 << 30) as f64 / copy / 1e9);
+}
+
+/// GPU-side (queue-ahead) forward µs of each variant, and of Burn's element-wise op on the same
+/// tensor (a same-size copy: the roofline at this size, launch ramp and tail included).
+pub fn forward_tune(variants: &[Variant]) {
+    let dev = Default::default();
+    println!("\nforward tuning, GPU-side µs per call (queue-ahead); variants:");
+    for (i, v) in variants.iter().enumerate() {
+        println!("  {i}: {v:?}");
+    }
+    println!("| shape | dtype | {} | copy µs | best % of copy |", (0..variants.len()).map(|i| format!("v{i} µs")).collect::<Vec<_>>().join(" | "));
+    println!("|---|---|{}---|---|", "---|".repeat(variants.len()));
+    let busy = Tensor::<K, 1>::zeros([1 << 28], &dev);
+    for [n, h] in [[8192, 768], [8192, 1024], [16384, 4096], [4096, 8192]] {
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
+            let g = Tensor::<K, 1>::ones([h], &dev).cast(dtype);
+            let b = Tensor::<K, 1>::zeros([h], &dev).cast(dtype);
+            let times: Vec<Option<f64>> = variants
+                .iter()
+                .map(|v| {
+                    v.apply();
+                    gpu_time(|| drop(fused(x.clone(), g.clone(), b.clone(), 1e-5)), 30, &busy)
+                })
+                .collect();
+            Variant::default().apply();
+            let copy = gpu_time(|| drop(x.clone().add_scalar(1.0)), 30, &busy);
+            let best = times.iter().flatten().fold(f64::INFINITY, |m, t| m.min(*t));
+            let shown: Vec<String> = times.iter().map(|t| t.map_or("host-bound".into(), |t| format!("{:.1}", t * 1e6))).collect();
+            let copy_us = copy.map_or("host-bound".into(), |c| format!("{:.1}", c * 1e6));
+            let pct = copy.map_or("-".into(), |c| format!("{:.0}%", 100.0 * c / best));
+            println!("| [{n}, {h}] | {dtype:?} | {} | {copy_us} | {pct} |", shown.join(" | "));
+        }
+    }
 }
 
 fn autodiff_inputs(x: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<K, 1>) -> (Tensor<Autodiff<K>, 2>, Tensor<Autodiff<K>, 1>, Tensor<Autodiff<K>, 1>) {

@@ -3,7 +3,7 @@
 use burn::backend::{Cuda, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use burn_parallel::kernels::{set_backward_cache, set_variant, LayerNormBackend, LnKernel};
+use burn_parallel::kernels::{set_backward_cache, set_forward_one_reduction, set_forward_stream, set_variant, LayerNormBackend, LnKernel};
 use burn_parallel::rng::HostRng;
 
 use crate::Report;
@@ -39,7 +39,7 @@ fn inputs(n: usize, h: usize, dtype: DType) -> [TensorData; 4] {
 
 /// f32: 1e-5 per row (y, dx); the column sums over up to 70k rows (dγ, dβ) are summed in another
 /// order than the reference, 1e-4. bf16: 1e-2 (outputs rounded to 8 bits).
-fn check_shape(report: &mut Report, variant: LnKernel, n: usize, h: usize) {
+fn check_shape(report: &mut Report, variant: &str, n: usize, h: usize) {
     for (dtype, tol) in [(DType::F32, [1e-5f32, 1e-5, 1e-4, 1e-4]), (DType::BF16, [1e-2; 4])] {
         let inp = inputs(n, h, dtype);
         let want = apply::<Flex>(&inp, DType::F32);
@@ -48,7 +48,7 @@ fn check_shape(report: &mut Report, variant: LnKernel, n: usize, h: usize) {
         let ok = errs.iter().zip(tol).all(|(e, t)| *e <= t);
         let shown: Vec<String> = errs.iter().map(|e| format!("{e:.1e}")).collect();
         let detail = format!("rel err y/dx/dγ/dβ = {} (tol {tol:?})", shown.join("/"));
-        report.check(&format!("kernels {variant:?} [{n}, {h}] {dtype:?}"), if ok { Ok(detail) } else { Err(detail) });
+        report.check(&format!("kernels {variant} [{n}, {h}] {dtype:?}"), if ok { Ok(detail) } else { Err(detail) });
     }
 }
 
@@ -64,17 +64,29 @@ pub fn run(report: &mut Report, quick: bool, variants: &[LnKernel]) {
     for &variant in variants {
         set_variant(variant);
         for &[n, h] in shapes {
-            check_shape(report, variant, n, h);
+            check_shape(report, &format!("{variant:?}"), n, h);
         }
     }
     // v4's backward with the register caches `ln-bench`/`ln-tune` time (default: its rule).
     for cache in [4, 8, 16] {
         set_backward_cache(Some(cache));
         for &[n, h] in shapes {
-            check_shape(report, LnKernel::Vectorized, n, h);
+            check_shape(report, &format!("Vectorized backward cache {cache}"), n, h);
         }
     }
     set_backward_cache(None);
+    // v4's forward tuning options (`ln-tune`): one shifted reduction (its plane path runs only
+    // here: lavapipe has no plane ops), streaming cubes (2 per multiprocessor: the 70000-row
+    // shape takes many trips).
+    for (one, stream) in [(true, 0), (false, 2), (true, 4)] {
+        set_forward_one_reduction(one);
+        set_forward_stream(stream);
+        for &[n, h] in shapes {
+            check_shape(report, &format!("Vectorized one_reduction={one} stream={stream}"), n, h);
+        }
+    }
+    set_forward_one_reduction(false);
+    set_forward_stream(0);
     // Fusion (burn's default `Cuda`): the kernels as lazy ops of the fusion stream (inputs from
     // queued casts), identical to CubeBackend.
     for (dtype, [n, h]) in [(DType::F32, [129, 4097]), (DType::BF16, [129, 4097]), (DType::BF16, [4096, 1024])] {

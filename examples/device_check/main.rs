@@ -8,7 +8,10 @@
 //! - `nccl`: NCCL with world size 1: every collective, grouped send/recv to self, sub-groups and a
 //!   p2p mismatch, on host data and on CUDA tensors (device pointers), f32/bf16/f16, against the
 //!   local backend; the differentiable mappings on `Autodiff<Cuda>` through NCCL.
-//! - `ln-bench`: fused vs composed layer norm, forward, backward and forward+backward, µs and GB/s.
+//! - `ln-bench`: fused vs composed layer norm, forward, backward and forward+backward, µs and GB/s;
+//!   GPU-side times against a same-shape element-wise op (a copy of the same bytes).
+//! - `ln-tune` (only when named): GPU-side forward of the `v4` tuning options (one shifted
+//!   reduction, streaming cubes, a larger register cache) against the same-shape copy.
 //! - `nccl-bench`: all-reduce / all-gather / reduce-scatter from 1 MB to 1 GB (world 1: overhead
 //!   only), device path vs raw NCCL vs host-staged.
 //!
@@ -78,10 +81,12 @@ fn main() {
     if on("ln-bench") {
         bench::layer_norm(quick, &[v4, bench::Variant { backward_cache: Some(16), ..v4 }]);
     }
-    // v4's backward register cache 4 / 8, and v4 with CubeCL's bounds checks.
+    // v4's forward options: one shifted reduction, streaming cubes (2, 4, 8 per multiprocessor),
+    // both, and a register cache of 32 f32 values (64 bf16) per unit.
     if whats.contains(&"ln-tune") {
-        let caches = [4, 8].map(|c| bench::Variant { backward_cache: Some(c), ..v4 });
-        bench::layer_norm(quick, &[v4, caches[0], caches[1], bench::Variant { checks: true, ..v4 }]);
+        let one = bench::Variant { one_reduction: true, ..v4 };
+        let stream = [2, 4, 8].map(|s| bench::Variant { stream: s, ..v4 });
+        bench::forward_tune(&[v4, one, stream[0], stream[1], stream[2], bench::Variant { stream: 4, ..one }, bench::Variant { cache: 32, ..v4 }]);
     }
     if on("nccl-bench") {
         if let Err(e) = bench::collectives(quick) {

@@ -1,5 +1,5 @@
 //! The CubeCL kernels (wgpu, CUDA, …) behind [`LayerNormBackend`] for `CubeBackend`: `v4`
-//! (`cube_vec.rs`, the default) where the row fits its register cache, else `v1` here:
+//! (`cube_vec/`, the default) where the row fits its register cache, else `v1` here:
 //!
 //! - forward: one cube per row, `BLOCK` units stride over the row; mean and variance by two
 //!   shared-memory tree reductions in f32 (two passes over the row, numerically like the
@@ -234,9 +234,17 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let rstd = empty(&x, Shape::new([n, 1]), DType::F32);
         let dtype = x.dtype;
         if let Some((vector, block, rows, pu, plane)) = vectorized(h, dtype, &x.client, true, super::forward_cache(dtype.size())) {
+            let groups = n.div_ceil(rows);
+            let stream = super::forward_stream();
+            let grid = if stream > 0 {
+                let sms = x.client.properties().hardware.num_streaming_multiprocessors.unwrap_or(128) as usize;
+                CubeCount::Static(groups.min(sms * stream).clamp(1, MAX_GRID) as u32, 1, 1)
+            } else {
+                rows_grid(groups)
+            };
             launch_v4!(cube_vec::ln_forward_vec_kernel;
                 &x.client,
-                rows_grid(n.div_ceil(rows)),
+                grid,
                 CubeDim::new_2d(block as u32, rows as u32),
                 vector,
                 x.clone().into_tensor_arg(),
@@ -249,6 +257,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
                 block,
                 pu,
                 plane,
+                super::forward_one_reduction(),
+                stream > 0,
                 dtype.into(),
             );
             return (y, mean, rstd);

@@ -106,6 +106,36 @@ fn forward_cache(size: usize) -> usize {
     vector_cache() * 4 / size.clamp(1, 4)
 }
 
+static FORWARD_ONE_REDUCTION: AtomicBool = AtomicBool::new(false);
+
+/// Tuning option of `v4`'s forward: mean and variance from one reduction of sums shifted by the
+/// row's first element (one exchange between a row's planes instead of two), instead of the
+/// mean, then `Σ (x − μ)²`. Off by default until measured faster. For benchmarks.
+#[doc(hidden)]
+pub fn set_forward_one_reduction(on: bool) {
+    FORWARD_ONE_REDUCTION.store(on, Ordering::SeqCst);
+}
+
+#[cfg(feature = "cube")]
+fn forward_one_reduction() -> bool {
+    FORWARD_ONE_REDUCTION.load(Ordering::SeqCst)
+}
+
+static FORWARD_STREAM: AtomicUsize = AtomicUsize::new(0);
+
+/// Tuning option of `v4`'s forward: `cubes_per_sm` > 0 launches that many cubes per
+/// multiprocessor, each walking row groups and loading the next group while it normalises the
+/// current one; 0 (default): one row group per cube. For benchmarks.
+#[doc(hidden)]
+pub fn set_forward_stream(cubes_per_sm: usize) {
+    FORWARD_STREAM.store(cubes_per_sm, Ordering::SeqCst);
+}
+
+#[cfg(feature = "cube")]
+fn forward_stream() -> usize {
+    FORWARD_STREAM.load(Ordering::SeqCst)
+}
+
 static BOUNDS_CHECKS: AtomicBool = AtomicBool::new(false);
 
 /// Whether `v4` kernels launch with CubeCL's per-access bounds checks (default off: each access
