@@ -92,7 +92,8 @@ fn measure(schedule: &str, p: usize, v: usize, m: usize, f: Duration, inside: bo
     let res = run_world(p, LocalWorldOptions { p2p: p2p_mode(), ..Default::default() }, |c| {
         let opts = PipelineOptions { microbatches: m, virtual_stages: v, layout: None };
         let model = Sleepy { f, b, layers: p * v, inside };
-        let exec = PipelineExecutor::<B, _, 2>::new(model, schedule_by_name(schedule).unwrap().as_ref(), &opts, c.clone(), Default::default()).map_err(|e| e.to_string())?;
+        let exec = PipelineExecutor::<B, _, 2>::new(model, schedule_by_name(schedule).unwrap().as_ref(), &opts, c.clone(), Default::default())
+            .map_err(|e| e.to_string())?;
         let batch = vec![(); m];
         exec.step(&batch).map_err(|e| e.to_string())?; // warm-up
         c.barrier().map_err(|e| e.to_string())?;
@@ -104,7 +105,8 @@ fn measure(schedule: &str, p: usize, v: usize, m: usize, f: Duration, inside: bo
     // The executor runs zb-h1's I as the whole backward and W as bookkeeping.
     let split = schedule == "zb-h1";
     let ms = f.as_secs_f64();
-    let costs = Costs { forward: ms, backward: 2.0 * ms, backward_input: if split { 2.0 * ms } else { ms }, backward_weight: if split { 0.0 } else { ms }, comm: 0.0 };
+    let costs =
+        Costs { forward: ms, backward: 2.0 * ms, backward_input: if split { 2.0 * ms } else { ms }, backward_weight: if split { 0.0 } else { ms }, comm: 0.0 };
     let plan = schedule_by_name(schedule).unwrap().plan(&PipelineShape::new(p, v, m)).unwrap();
     (measured, simulate(&plan, &costs).unwrap().makespan)
 }

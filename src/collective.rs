@@ -116,10 +116,7 @@ pub mod staged {
         device: &Device<B>,
         comm: &Comm,
     ) -> Result<Vec<FloatTensor<B>>, CommError> {
-        let sends = sends
-            .into_iter()
-            .map(|(x, peer, tag)| Ok(SendOp { data: to_host::<B>(x)?, peer, tag }))
-            .collect::<Result<Vec<_>, CommError>>()?;
+        let sends = sends.into_iter().map(|(x, peer, tag)| Ok(SendOp { data: to_host::<B>(x)?, peer, tag })).collect::<Result<Vec<_>, CommError>>()?;
         Ok(comm.batch_p2p(sends, recvs)?.into_iter().map(|d| B::float_from_data(d, device)).collect())
     }
 }
@@ -175,12 +172,7 @@ pub trait CollectiveBackend: Backend {
         staged::all_gather::<Self>(x, dim, comm)
     }
     /// Reduce-scatter along `dim` (not differentiable).
-    fn collective_reduce_scatter(
-        x: FloatTensor<Self>,
-        dim: usize,
-        op: ReduceOp,
-        comm: &Comm,
-    ) -> Result<FloatTensor<Self>, CommError> {
+    fn collective_reduce_scatter(x: FloatTensor<Self>, dim: usize, op: ReduceOp, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
         staged::reduce_scatter::<Self>(x, dim, op, comm)
     }
     /// Broadcast from group rank `root` (not differentiable; `x` gives the shape elsewhere).
@@ -293,12 +285,7 @@ impl<B: CollectiveBackend, C: CheckpointStrategy> CollectiveBackend for Autodiff
     fn collective_all_gather(x: FloatTensor<Self>, dim: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
         Ok(Self::from_inner(B::collective_all_gather(Self::inner(x), dim, comm)?))
     }
-    fn collective_reduce_scatter(
-        x: FloatTensor<Self>,
-        dim: usize,
-        op: ReduceOp,
-        comm: &Comm,
-    ) -> Result<FloatTensor<Self>, CommError> {
+    fn collective_reduce_scatter(x: FloatTensor<Self>, dim: usize, op: ReduceOp, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {
         Ok(Self::from_inner(B::collective_reduce_scatter(Self::inner(x), dim, op, comm)?))
     }
     fn collective_broadcast(x: FloatTensor<Self>, root: usize, comm: &Comm) -> Result<FloatTensor<Self>, CommError> {

@@ -12,9 +12,7 @@ pub enum ConfigError {
         name: &'static str,
     },
     /// `dp * pp * tp` does not match the number of ranks.
-    #[error(
-        "world size {world} != data_parallel {dp} x pipeline_parallel {pp} x tensor_parallel {tp} = {product}"
-    )]
+    #[error("world size {world} != data_parallel {dp} x pipeline_parallel {pp} x tensor_parallel {tp} = {product}")]
     WorldSizeMismatch {
         /// Number of ranks launched.
         world: usize,
@@ -56,9 +54,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CommError {
     /// Some ranks never arrived at a collective (or never sent to a receiver) in time.
-    #[error(
-        "timeout after {waited:?}: rank {rank} waited in {op} on group {group} but ranks {missing:?} never arrived"
-    )]
+    #[error("timeout after {waited:?}: rank {rank} waited in {op} on group {group} but ranks {missing:?} never arrived")]
     Timeout {
         /// The operation, e.g. `all_reduce(sum) #3`.
         op: String,
@@ -101,9 +97,7 @@ pub enum CommError {
         other_op: String,
     },
     /// A receive got a tensor of another shape or dtype than it expected.
-    #[error(
-        "p2p mismatch: rank {sender} sent {sent_shape:?} {sent_dtype} but rank {receiver} expected {expected_shape:?} {expected_dtype}"
-    )]
+    #[error("p2p mismatch: rank {sender} sent {sent_shape:?} {sent_dtype} but rank {receiver} expected {expected_shape:?} {expected_dtype}")]
     P2pMismatch {
         /// Global rank of the sender.
         sender: usize,

@@ -56,10 +56,7 @@ impl<B: Backend> Backward<B, 1> for Seed {
 /// Backpropagates `grad` (same shape and dtype as `y`) from `y`: the gradients of every tracked
 /// tensor `y` depends on, as `(y · grad).sum().backward()` would give them, without the multiply,
 /// the sum and the sum's materialised gradient.
-pub fn backward_with<B: Backend, C: CheckpointStrategy, const D: usize>(
-    y: Tensor<Autodiff<B, C>, D>,
-    grad: Tensor<B, D>,
-) -> Result<Gradients, GradMismatch> {
+pub fn backward_with<B: Backend, C: CheckpointStrategy, const D: usize>(y: Tensor<Autodiff<B, C>, D>, grad: Tensor<B, D>) -> Result<Gradients, GradMismatch> {
     let (yp, gp) = (y.into_primitive().tensor(), grad.into_primitive().tensor());
     let (shape, grad_shape) = (yp.primitive.shape(), gp.shape());
     let (dtype, grad_dtype) = (yp.primitive.dtype(), gp.dtype());

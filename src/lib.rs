@@ -37,9 +37,9 @@
 
 pub mod collective;
 pub mod comm;
-pub mod data_parallel;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod data_parallel;
 pub mod error;
 #[cfg(feature = "cube")]
 mod fusion_bridge;
@@ -54,11 +54,11 @@ pub mod topology;
 pub mod world;
 
 pub use collective::CollectiveBackend;
-pub use grad::{backward_with, BackwardWith, GradMismatch};
-pub use kernels::{LayerNormBackend, ParallelBackend};
-pub use comm::{Comm, Communicator, LocalWorld, LocalWorldOptions, P2pMode, RecvOp, ReduceOp, SendOp, TensorSpec};
-pub use error::{CommError, ConfigError, RankError};
 #[cfg(feature = "cuda")]
 pub use comm::nccl::{NcclComm, NcclId, NcclOptions};
+pub use comm::{Comm, Communicator, LocalWorld, LocalWorldOptions, P2pMode, RecvOp, ReduceOp, SendOp, TensorSpec};
+pub use error::{CommError, ConfigError, RankError};
+pub use grad::{backward_with, BackwardWith, GradMismatch};
+pub use kernels::{LayerNormBackend, ParallelBackend};
 pub use topology::{ModelDims, ParallelConfig, ProcessGroups, RankCoords};
 pub use world::{all_ok, run_world};

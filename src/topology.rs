@@ -91,26 +91,11 @@ impl ParallelConfig {
             return Err(ConfigError::ZeroDegree { name: "tensor_parallel" });
         }
         if dims.heads == 0 || dims.hidden % dims.heads != 0 {
-            return Err(ConfigError::NotDivisible {
-                what: "hidden size",
-                value: dims.hidden,
-                degree_name: "attention heads",
-                degree: dims.heads,
-            });
+            return Err(ConfigError::NotDivisible { what: "hidden size", value: dims.hidden, degree_name: "attention heads", degree: dims.heads });
         }
-        for (what, value) in [
-            ("attention heads", dims.heads),
-            ("hidden size", dims.hidden),
-            ("ffn size", dims.ffn),
-            ("vocab size", dims.vocab),
-        ] {
+        for (what, value) in [("attention heads", dims.heads), ("hidden size", dims.hidden), ("ffn size", dims.ffn), ("vocab size", dims.vocab)] {
             if value % tp != 0 {
-                return Err(ConfigError::NotDivisible {
-                    what,
-                    value,
-                    degree_name: "tensor_parallel",
-                    degree: tp,
-                });
+                return Err(ConfigError::NotDivisible { what, value, degree_name: "tensor_parallel", degree: tp });
             }
         }
         Ok(())
@@ -240,10 +225,7 @@ mod tests {
     #[test]
     fn world_size_mismatch_names_numbers() {
         let e = cfg(2, 2, 2).validate(6).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "world size 6 != data_parallel 2 x pipeline_parallel 2 x tensor_parallel 2 = 8"
-        );
+        assert_eq!(e.to_string(), "world size 6 != data_parallel 2 x pipeline_parallel 2 x tensor_parallel 2 = 8");
         assert!(matches!(cfg(1, 0, 1).validate(0), Err(ConfigError::ZeroDegree { name: "pipeline_parallel" })));
         assert!(cfg(1, 1, 4).coords(4).is_err());
     }

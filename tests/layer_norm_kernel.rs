@@ -7,7 +7,8 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_parallel::kernels::{
-    layer_norm, set_backward_cache, set_backward_rows, set_bounds_checks, set_forward_one_reduction, set_forward_stream, set_variant, LayerNormBackend, LnKernel,
+    layer_norm, set_backward_cache, set_backward_rows, set_bounds_checks, set_forward_one_reduction, set_forward_stream, set_variant, LayerNormBackend,
+    LnKernel,
 };
 use burn_parallel::rng::HostRng;
 
@@ -130,7 +131,12 @@ fn autodiff_through_the_kernel_equals_autodiff_on_cpu() {
         let y = layer_norm(x.clone(), g.clone(), b.clone(), 1e-5);
         let gr = (y.clone() * w).sum().backward();
         let to = |t: Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 3>| t.into_data().convert::<f32>();
-        vec![y.inner().into_data().convert::<f32>(), to(x.grad(&gr).unwrap()), g.grad(&gr).unwrap().into_data().convert::<f32>(), b.grad(&gr).unwrap().into_data().convert::<f32>()]
+        vec![
+            y.inner().into_data().convert::<f32>(),
+            to(x.grad(&gr).unwrap()),
+            g.grad(&gr).unwrap().into_data().convert::<f32>(),
+            b.grad(&gr).unwrap().into_data().convert::<f32>(),
+        ]
     }
     let want = grads::<Autodiff<Flex>>();
     for got in [grads::<Autodiff<K>>(), grads::<Autodiff<burn::backend::Wgpu>>()] {
@@ -148,7 +154,12 @@ fn autodiff_through_the_kernel_equals_autodiff_on_cpu() {
 fn half_precision_kernels_accumulate_in_f32() {
     use burn::tensor::DType;
     let dev: burn::tensor::Device<K> = Default::default();
-    let half = |d: &TensorData| Tensor::<Flex, 1>::from_data(TensorData::new(d.to_vec::<f32>().unwrap(), [d.num_elements()]), &Default::default()).cast(DType::F16).cast(DType::F32).into_data();
+    let half = |d: &TensorData| {
+        Tensor::<Flex, 1>::from_data(TensorData::new(d.to_vec::<f32>().unwrap(), [d.num_elements()]), &Default::default())
+            .cast(DType::F16)
+            .cast(DType::F32)
+            .into_data()
+    };
     let shaped = |d: TensorData, s: &[usize]| TensorData::new(d.to_vec::<f32>().unwrap(), s.to_vec());
     for &[n, h] in &[[3usize, 7], [64, 1024], [129, 768], [5, 4097], [2, 20000]] {
         let x = shaped(half(&data(&format!("hx{n}x{h}"), &[n, h], 3.0)), &[n, h]);
@@ -194,4 +205,3 @@ fn lazy_fusion_op_keeps_stream_order() {
         assert!(max_rel(g, w) < 1e-5, "{:e}", max_rel(g, w));
     }
 }
-

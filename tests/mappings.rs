@@ -20,8 +20,7 @@ enum Map {
     ReduceScatterToSp,
 }
 
-const ALL: [Map; 7] =
-    [Map::CopyToTp, Map::ReduceFromTp, Map::ScatterToTp, Map::GatherFromTp, Map::ScatterToSp, Map::GatherFromSp, Map::ReduceScatterToSp];
+const ALL: [Map; 7] = [Map::CopyToTp, Map::ReduceFromTp, Map::ScatterToTp, Map::GatherFromTp, Map::ScatterToSp, Map::GatherFromSp, Map::ReduceScatterToSp];
 
 /// Input shape per rank and output shape per rank for a world of `t`.
 fn shapes(m: Map, t: usize) -> ([usize; 3], [usize; 3]) {

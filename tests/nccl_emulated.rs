@@ -53,7 +53,9 @@ fn ring_exchange_groups_and_p2p_mismatches() {
         let (r, n) = (c.rank(), c.size());
         let spec = TensorSpec { shape: vec![4, 6, 8], dtype: DType::F32 };
         // A ring in one group: send to the next, receive from the previous.
-        let got = c.batch_p2p(vec![SendOp { data: data(r, DType::F32), peer: (r + 1) % n, tag: 1 }], &[RecvOp { peer: (r + n - 1) % n, tag: 1, spec: spec.clone() }]).unwrap();
+        let got = c
+            .batch_p2p(vec![SendOp { data: data(r, DType::F32), peer: (r + 1) % n, tag: 1 }], &[RecvOp { peer: (r + n - 1) % n, tag: 1, spec: spec.clone() }])
+            .unwrap();
         assert_eq!(got[0].as_bytes(), data((r + n - 1) % n, DType::F32).as_bytes());
         // Same bytes, another shape: a P2pMismatch on the receiver; the sender completes.
         let wrong = TensorSpec { shape: vec![8, 6, 4], dtype: DType::F32 };

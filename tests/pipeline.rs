@@ -197,14 +197,20 @@ fn a_deep_mlp_splits_through_the_same_wrapper_with_an_explicit_layout() {
     let part = MlpPart { layers: all };
     let losses: Vec<Tensor<B, 1>> = data
         .iter()
-        .map(|d| (mlp.run(&part.layers, Tensor::from_data(d.x.clone(), &Default::default())) - Tensor::<B, 2>::from_data(d.y.clone(), &Default::default())).powi_scalar(2).mean().reshape([1]))
+        .map(|d| {
+            (mlp.run(&part.layers, Tensor::from_data(d.x.clone(), &Default::default())) - Tensor::<B, 2>::from_data(d.y.clone(), &Default::default()))
+                .powi_scalar(2)
+                .mean()
+                .reshape([1])
+        })
         .collect();
     let loss = Tensor::cat(losses, 0).mean();
     let ref_loss = loss.clone().into_scalar();
     let ref_grads = named_grads(&part, &loss.backward());
     let out = world(2, |c| {
         let opts = PipelineOptions { microbatches: 3, virtual_stages: 1, layout: Some(vec![2, 3]) };
-        let exec = PipelineExecutor::<B, _, 2>::new(DeepMlp { width: 6, layers: 5 }, schedule_by_name("1f1b").unwrap().as_ref(), &opts, c, Default::default()).map_err(|e| e.to_string())?;
+        let exec = PipelineExecutor::<B, _, 2>::new(DeepMlp { width: 6, layers: 5 }, schedule_by_name("1f1b").unwrap().as_ref(), &opts, c, Default::default())
+            .map_err(|e| e.to_string())?;
         let out = exec.step(&data).map_err(|e| e.to_string())?;
         let first = exec.stages()[0].spec.layers.start;
         Ok((out.loss, first, named_param_grads(&exec.stages()[0].part, &out.grads[0])))
@@ -223,7 +229,8 @@ fn a_deep_mlp_splits_through_the_same_wrapper_with_an_explicit_layout() {
 fn bad_pipeline_configurations_are_clear_errors() {
     let err = |opts: PipelineOptions, schedule: &str, pp: usize| -> String {
         let res = burn_parallel::run_world(pp, Default::default(), |c| {
-            PipelineExecutor::<B, _, 2>::new(DeepMlp { width: 4, layers: 4 }, schedule_by_name(schedule).unwrap().as_ref(), &opts, c, Default::default()).map(|_| ())
+            PipelineExecutor::<B, _, 2>::new(DeepMlp { width: 4, layers: 4 }, schedule_by_name(schedule).unwrap().as_ref(), &opts, c, Default::default())
+                .map(|_| ())
         });
         res.into_iter().next().unwrap().unwrap_err().to_string()
     };
@@ -238,7 +245,8 @@ fn bad_pipeline_configurations_are_clear_errors() {
     // A step with the wrong number of micro-batches.
     let res = world(1, |c| {
         let opts = PipelineOptions { microbatches: 2, virtual_stages: 1, layout: None };
-        let exec = PipelineExecutor::<B, _, 2>::new(DeepMlp { width: 4, layers: 2 }, schedule_by_name("gpipe").unwrap().as_ref(), &opts, c, Default::default()).unwrap();
+        let exec = PipelineExecutor::<B, _, 2>::new(DeepMlp { width: 4, layers: 2 }, schedule_by_name("gpipe").unwrap().as_ref(), &opts, c, Default::default())
+            .unwrap();
         Ok(matches!(exec.step(&[]), Err(PipelineError::Microbatches { expected: 2, got: 0 })))
     });
     assert!(res[0]);
@@ -267,7 +275,8 @@ fn a_p2p_shape_mismatch_names_both_ranks() {
     let data = vec![Xy { x: randn("x", [2, 4]), y: randn("y", [2, 4]) }; 2];
     let res = burn_parallel::run_world(2, Default::default(), |c| {
         let opts = PipelineOptions { microbatches: 2, virtual_stages: 1, layout: None };
-        let exec = PipelineExecutor::<B, _, 2>::new(Liar(DeepMlp { width: 4, layers: 2 }), schedule_by_name("gpipe").unwrap().as_ref(), &opts, c, Default::default())?;
+        let exec =
+            PipelineExecutor::<B, _, 2>::new(Liar(DeepMlp { width: 4, layers: 2 }), schedule_by_name("gpipe").unwrap().as_ref(), &opts, c, Default::default())?;
         exec.step(&data).map(|_| ())
     });
     let e = res[1].as_ref().unwrap_err().to_string();

@@ -83,7 +83,7 @@ fn ids(name: &str, shape: [usize; 2], vocab: usize) -> Tensor<B, 2, Int> {
 fn vocab_parallel_embedding() {
     parity("embedding", |c, p| {
         let emb = VocabParallelEmbeddingConfig::new(16, 6).init::<B>(c, &ParamInit::new(3), &dev()).unwrap();
-            let emb = p.apply(emb, c);
+        let emb = p.apply(emb, c);
         let y = emb.forward(ids("ids", [3, 7], 16));
         let loss = weighted_sum(y.clone(), [3, 7, 6], None, c);
         outcome(&emb, y, loss, None)
@@ -109,21 +109,21 @@ fn mlp_attention_and_block() {
     let x_full = randn("x", [2, 5, 16]);
     parity("mlp", |c, p| {
         let m = ParallelMlpConfig::new(16, 32).init::<B>(c, &ParamInit::new(4), &dev()).unwrap();
-            let m = p.apply(m, c);
+        let m = p.apply(m, c);
         let x = leaf::<3>(x_full.clone());
         let y = m.forward(x.clone());
         outcome(&m, y.clone(), weighted_sum(y, [2, 5, 16], None, c), Some(&x))
     });
     parity("attention", |c, p| {
         let m = ParallelAttentionConfig::new(16, 4).init::<B>(c, &ParamInit::new(5), &dev()).unwrap();
-            let m = p.apply(m, c);
+        let m = p.apply(m, c);
         let x = leaf::<3>(x_full.clone());
         let y = m.forward(x.clone());
         outcome(&m, y.clone(), weighted_sum(y, [2, 5, 16], None, c), Some(&x))
     });
     parity("block", |c, p| {
         let m = TransformerBlockConfig::new(16, 4, 32).init::<B>(c, &ParamInit::new(6), &dev()).unwrap();
-            let m = p.apply(m, c);
+        let m = p.apply(m, c);
         let x = leaf::<3>(x_full.clone());
         let y = m.forward(x.clone());
         outcome(&m, y.clone(), weighted_sum(y, [2, 5, 16], None, c), Some(&x))
@@ -141,7 +141,7 @@ fn gpt_logits_loss_and_every_gradient() {
     let losses = std::sync::Mutex::new(Vec::new());
     parity("gpt", |c, p| {
         let gpt = cfg.init::<B>(c, &dev()).unwrap();
-            let gpt = p.apply(gpt, c);
+        let gpt = p.apply(gpt, c);
         let (x, t) = (ids("in", [3, 8], 32), ids("tg", [3, 8], 32));
         let logits = gpt.forward(x.clone());
         let loss = gpt.loss(x, t);

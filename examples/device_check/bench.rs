@@ -6,11 +6,11 @@ use burn::backend::Autodiff;
 use burn::nn::LayerNormConfig;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor, TensorData};
-use burn_parallel::comm::ops;
 use burn_parallel::backward_with;
+use burn_parallel::comm::ops;
 use burn_parallel::kernels::{
-    layer_norm as fused, set_backward_cache, set_backward_rows, set_bounds_checks, set_forward_one_reduction, set_forward_stream, set_variant, set_vector_cache, LayerNormBackend,
-    LnKernel,
+    layer_norm as fused, set_backward_cache, set_backward_rows, set_bounds_checks, set_forward_one_reduction, set_forward_stream, set_variant,
+    set_vector_cache, LayerNormBackend, LnKernel,
 };
 use burn_parallel::{Comm, NcclComm, ReduceOp};
 
@@ -181,7 +181,9 @@ pub fn layer_norm(quick: bool, variants: &[Variant]) {
     println!("|---|---|---|---|---|---|---|---|---|");
     for ([n, h], dtype, [fwd, bwd], copy) in gpu_side {
         let bytes = (n * h * dtype.size()) as f64;
-        let show = |t: Option<f64>, passes: f64| t.map_or(("host-bound".into(), "-".into()), |t| (format!("{:.1}", t * 1e6), format!("{:.0}", passes * bytes / t / 1e9)));
+        let show = |t: Option<f64>, passes: f64| {
+            t.map_or(("host-bound".into(), "-".into()), |t| (format!("{:.1}", t * 1e6), format!("{:.0}", passes * bytes / t / 1e9)))
+        };
         let ((f, fg), (b, bg), (c, cg)) = (show(fwd, 2.0), show(bwd, 3.0), show(copy, 2.0));
         let pct = fwd.zip(copy).map_or("-".into(), |(f, c)| format!("{:.0}%", 100.0 * c / f));
         println!("| [{n}, {h}] | {dtype:?} | {f} | {fg} | {b} | {bg} | {c} | {cg} | {pct} |");
@@ -207,7 +209,13 @@ pub fn layer_norm(quick: bool, variants: &[Variant]) {
     let (g, b) = (Tensor::<K, 1>::ones([1024], &dev), Tensor::<K, 1>::zeros([1024], &dev));
     let [fwd, bwd, _, fbd] = ours_times(&x, &dy, &g, &b, iters);
     let add = time(|| drop(x.clone().add_scalar(1.0)), iters);
-    println!("\nper-call floor at [8, 1024] f32: forward {:.1} µs, backward {:.1} µs, fwd+bwd(dy) {:.1} µs; one element-wise op {:.1} µs", fwd * 1e6, bwd * 1e6, fbd * 1e6, add * 1e6);
+    println!(
+        "\nper-call floor at [8, 1024] f32: forward {:.1} µs, backward {:.1} µs, fwd+bwd(dy) {:.1} µs; one element-wise op {:.1} µs",
+        fwd * 1e6,
+        bwd * 1e6,
+        fbd * 1e6,
+        add * 1e6
+    );
     // Device-to-device copy bandwidth, the roofline for the GB/s columns.
     let x = Tensor::<K, 1>::zeros([1 << 28], &dev);
     let copy = time(|| drop(x.clone().add_scalar(1.0)), iters);
@@ -302,26 +310,45 @@ pub fn collectives(quick: bool) -> Result<(), String> {
         };
         for op in ["all_reduce", "all_gather", "reduce_scatter"] {
             // SAFETY: x stays alive for the loop; in-place on a buffer nobody reads concurrently.
-            let raw_t = time(|| unsafe {
-                match op {
-                    "all_reduce" => raw.all_reduce_raw(x_ptr, x_ptr, n, DType::F32, ReduceOp::Sum),
-                    "all_gather" => raw.all_gather_raw(x_ptr, x_ptr, n, DType::F32),
-                    _ => raw.reduce_scatter_raw(x_ptr, x_ptr, n, DType::F32, ReduceOp::Sum),
-                }
-                .unwrap()
-            }, iters);
-            let tensor_t = time(|| drop(match op {
-                "all_reduce" => ops::all_reduce(x.clone(), ReduceOp::Sum, &nccl),
-                "all_gather" => ops::all_gather(x.clone(), 0, &nccl),
-                _ => ops::reduce_scatter(x.clone(), 0, ReduceOp::Sum, &nccl),
-            }.unwrap()), iters);
+            let raw_t = time(
+                || unsafe {
+                    match op {
+                        "all_reduce" => raw.all_reduce_raw(x_ptr, x_ptr, n, DType::F32, ReduceOp::Sum),
+                        "all_gather" => raw.all_gather_raw(x_ptr, x_ptr, n, DType::F32),
+                        _ => raw.reduce_scatter_raw(x_ptr, x_ptr, n, DType::F32, ReduceOp::Sum),
+                    }
+                    .unwrap()
+                },
+                iters,
+            );
+            let tensor_t = time(
+                || {
+                    drop(
+                        match op {
+                            "all_reduce" => ops::all_reduce(x.clone(), ReduceOp::Sum, &nccl),
+                            "all_gather" => ops::all_gather(x.clone(), 0, &nccl),
+                            _ => ops::reduce_scatter(x.clone(), 0, ReduceOp::Sum, &nccl),
+                        }
+                        .unwrap(),
+                    )
+                },
+                iters,
+            );
             let host_t = if mb <= 64 {
                 let d: TensorData = x.clone().into_data();
-                let t = time(|| drop(match op {
-                    "all_reduce" => nccl.all_reduce(d.clone(), ReduceOp::Sum),
-                    "all_gather" => nccl.all_gather(d.clone(), 0),
-                    _ => nccl.reduce_scatter(d.clone(), 0, ReduceOp::Sum),
-                }.unwrap()), iters.min(5));
+                let t = time(
+                    || {
+                        drop(
+                            match op {
+                                "all_reduce" => nccl.all_reduce(d.clone(), ReduceOp::Sum),
+                                "all_gather" => nccl.all_gather(d.clone(), 0),
+                                _ => nccl.reduce_scatter(d.clone(), 0, ReduceOp::Sum),
+                            }
+                            .unwrap(),
+                        )
+                    },
+                    iters.min(5),
+                );
                 format!("{:.0}", t * 1e6)
             } else {
                 "-".into()

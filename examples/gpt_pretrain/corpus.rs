@@ -6,16 +6,30 @@ use burn_parallel::rng::HostRng;
 
 const NAMES: [&str; 8] = ["ANNA", "BERTRAM", "CLEO", "DORIAN", "ELSPETH", "FALK", "GRETA", "HOLLIS"];
 const ADJ: [&str; 16] = [
-    "quiet", "golden", "bitter", "gentle", "ancient", "restless", "silver", "hollow", "bright", "weary", "noble",
-    "cold", "patient", "wild", "honest", "distant",
+    "quiet", "golden", "bitter", "gentle", "ancient", "restless", "silver", "hollow", "bright", "weary", "noble", "cold", "patient", "wild", "honest",
+    "distant",
 ];
 const NOUN: [&str; 20] = [
-    "king", "river", "garden", "sword", "letter", "tower", "winter", "promise", "harbour", "candle", "crown",
-    "forest", "stranger", "bell", "road", "mirror", "orchard", "storm", "servant", "heart",
+    "king", "river", "garden", "sword", "letter", "tower", "winter", "promise", "harbour", "candle", "crown", "forest", "stranger", "bell", "road", "mirror",
+    "orchard", "storm", "servant", "heart",
 ];
 const VERB: [&str; 16] = [
-    "remembers", "carries", "betrays", "follows", "keeps", "answers", "breaks", "guards", "forgets", "wakes",
-    "seeks", "loves", "fears", "mends", "burns", "calls",
+    "remembers",
+    "carries",
+    "betrays",
+    "follows",
+    "keeps",
+    "answers",
+    "breaks",
+    "guards",
+    "forgets",
+    "wakes",
+    "seeks",
+    "loves",
+    "fears",
+    "mends",
+    "burns",
+    "calls",
 ];
 const OPEN: [&str; 6] = ["Alas,", "Hark!", "I swear", "Good friend,", "Tell me,", "Behold,"];
 
@@ -82,9 +96,6 @@ impl Corpus {
             x.extend(split[start..start + seq].iter().map(|&b| b as i64));
             y.extend(split[start + 1..start + seq + 1].iter().map(|&b| b as i64));
         }
-        (
-            Tensor::from_data(TensorData::new(x, [batch, seq]), device),
-            Tensor::from_data(TensorData::new(y, [batch, seq]), device),
-        )
+        (Tensor::from_data(TensorData::new(x, [batch, seq]), device), Tensor::from_data(TensorData::new(y, [batch, seq]), device))
     }
 }

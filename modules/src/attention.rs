@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Tensor};
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp};
-use burn_parallel::{ParallelBackend, Comm, ConfigError};
+use burn_parallel::{Comm, ConfigError, ParallelBackend};
 
 use crate::column_linear::{ColumnLinear, ColumnLinearConfig};
 use crate::dropout::{DropoutRegion, ParallelDropout};
@@ -63,24 +63,15 @@ impl ParallelAttentionConfig {
     /// Builds this rank's shard.
     pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<ParallelAttention<B>, ConfigError> {
         if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
-            return Err(ConfigError::NotDivisible {
-                what: "hidden size",
-                value: self.d_model,
-                degree_name: "attention heads",
-                degree: self.n_heads,
-            });
+            return Err(ConfigError::NotDivisible { what: "hidden size", value: self.d_model, degree_name: "attention heads", degree: self.n_heads });
         }
         let local_heads = check_divisible("attention heads", self.n_heads, tp)?;
-        let qkv = |name: &str| {
-            ColumnLinearConfig::new(self.d_model, self.d_model).with_init_std(self.init_std).init(tp, &init.child(name), device)
-        };
+        let qkv = |name: &str| ColumnLinearConfig::new(self.d_model, self.d_model).with_init_std(self.init_std).init(tp, &init.child(name), device);
         Ok(ParallelAttention {
             query: qkv("query")?,
             key: qkv("key")?,
             value: qkv("value")?,
-            output: RowLinearConfig::new(self.d_model, self.d_model)
-                .with_init_std(self.proj_init_std)
-                .init(tp, &init.child("output"), device)?,
+            output: RowLinearConfig::new(self.d_model, self.d_model).with_init_std(self.proj_init_std).init(tp, &init.child("output"), device)?,
             dropout: ParallelDropout::new(self.dropout, init.seed, &init.child("dropout").path, DropoutRegion::Sharded, tp.rank()),
             local_heads,
             d_head: self.d_model / self.n_heads,
@@ -111,9 +102,7 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     /// Attention of this rank's heads: `[b, s, h]` (after f / all-gather) → `[b, s, h/t]`.
     fn context(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
-        let heads = |lin: &ColumnLinear<B>| {
-            lin.forward_parallel_input(x.clone()).reshape([b, s, self.local_heads, self.d_head]).swap_dims(1, 2)
-        };
+        let heads = |lin: &ColumnLinear<B>| lin.forward_parallel_input(x.clone()).reshape([b, s, self.local_heads, self.d_head]).swap_dims(1, 2);
         let (q, k, v) = (heads(&self.query), heads(&self.key), heads(&self.value));
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((self.d_head as f32).sqrt());
         let scores = scores.mask_fill(causal_mask::<B>(s, &x.device()), MASK_VALUE);

@@ -15,7 +15,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Tensor;
-use burn_parallel::{ParallelBackend, Comm, ConfigError};
+use burn_parallel::{Comm, ConfigError, ParallelBackend};
 
 use crate::attention::{ParallelAttention, ParallelAttentionConfig};
 use crate::dropout::{DropoutRegion, ParallelDropout};
@@ -71,12 +71,8 @@ pub struct TransformerBlock<B: ParallelBackend> {
 impl TransformerBlockConfig {
     /// Builds this rank's shard.
     pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<TransformerBlock<B>, ConfigError> {
-        let ln = || {
-            ParallelLayerNormConfig::new(self.d_model)
-                .with_epsilon(self.layer_norm_eps)
-                .with_sequence_parallel(self.sequence_parallel)
-                .init(tp, device)
-        };
+        let ln =
+            || ParallelLayerNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).with_sequence_parallel(self.sequence_parallel).init(tp, device);
         let region = if self.sequence_parallel { DropoutRegion::Sharded } else { DropoutRegion::Replicated };
         let drop = |name: &str| ParallelDropout::new(self.dropout, init.seed, &init.child(name).path, region, tp.rank());
         Ok(TransformerBlock {
@@ -87,10 +83,11 @@ impl TransformerBlockConfig {
                 .with_proj_init_std(self.proj_init_std)
                 .init(tp, &init.child("attn"), device)?,
             ln2: ln(),
-            mlp: ParallelMlpConfig::new(self.d_model, self.d_ff)
-                .with_init_std(self.init_std)
-                .with_proj_init_std(self.proj_init_std)
-                .init(tp, &init.child("mlp"), device)?,
+            mlp: ParallelMlpConfig::new(self.d_model, self.d_ff).with_init_std(self.init_std).with_proj_init_std(self.proj_init_std).init(
+                tp,
+                &init.child("mlp"),
+                device,
+            )?,
             drop_attn: drop("drop_attn"),
             drop_mlp: drop("drop_mlp"),
             sequence_parallel: self.sequence_parallel,

@@ -11,7 +11,7 @@ use burn::module::{Module, Param};
 use burn::tensor::module::linear;
 use burn::tensor::Tensor;
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp, gather_from_tp};
-use burn_parallel::{ParallelBackend, Comm, ConfigError};
+use burn_parallel::{Comm, ConfigError, ParallelBackend};
 
 use crate::init::{check_divisible, param, shard, ParamInit};
 

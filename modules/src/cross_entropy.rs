@@ -9,10 +9,10 @@
 //! never materialised. With t = 1 it equals `burn::nn::loss::CrossEntropyLoss`.
 
 use burn::tensor::{Int, Tensor};
-use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::collective::expect_comm;
+use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::mappings::reduce_from_tp;
-use burn_parallel::{ParallelBackend, Comm, ReduceOp};
+use burn_parallel::{Comm, ParallelBackend, ReduceOp};
 
 /// Per-token losses `[N]` of vocab-parallel `logits: [N, V/t]` against `targets: [N]`; this rank
 /// holds vocabulary ids `[vocab_start, vocab_start + V/t)`.
@@ -36,11 +36,6 @@ pub fn vocab_parallel_cross_entropy_per_token<B: ParallelBackend>(
 }
 
 /// Mean cross-entropy (a one-element tensor, replicated over the TP group).
-pub fn vocab_parallel_cross_entropy<B: ParallelBackend>(
-    logits: Tensor<B, 2>,
-    targets: Tensor<B, 1, Int>,
-    vocab_start: usize,
-    tp: &Comm,
-) -> Tensor<B, 1> {
+pub fn vocab_parallel_cross_entropy<B: ParallelBackend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>, vocab_start: usize, tp: &Comm) -> Tensor<B, 1> {
     vocab_parallel_cross_entropy_per_token(logits, targets, vocab_start, tp).mean()
 }

@@ -11,7 +11,7 @@ use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
 use burn::tensor::{Int, Tensor};
 use burn_parallel::mappings::reduce_from_tp;
-use burn_parallel::{ParallelBackend, Comm, ConfigError};
+use burn_parallel::{Comm, ConfigError, ParallelBackend};
 
 use crate::init::{check_divisible, param, shard, ParamInit};
 
@@ -46,12 +46,7 @@ impl VocabParallelEmbeddingConfig {
     pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<VocabParallelEmbedding<B>, ConfigError> {
         let local = check_divisible("vocab size", self.n_embedding, tp)?;
         let w = init.child("weight").normal(&[self.n_embedding, self.d_model], self.init_std);
-        Ok(VocabParallelEmbedding {
-            weight: param(shard(w, 0, tp), device),
-            vocab_start: tp.rank() * local,
-            vocab_local: local,
-            tp: tp.clone(),
-        })
+        Ok(VocabParallelEmbedding { weight: param(shard(w, 0, tp), device), vocab_start: tp.rank() * local, vocab_local: local, tp: tp.clone() })
     }
 }
 

@@ -13,12 +13,12 @@ use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_parallel::mappings::{copy_to_tp, gather_from_tp, reduce_scatter_to_sp};
 use burn_parallel::rng::HostRng;
-use burn_parallel::{ParallelBackend, Comm, ConfigError, ModelDims, ParallelConfig};
+use burn_parallel::{Comm, ConfigError, ModelDims, ParallelBackend, ParallelConfig};
 
 use crate::block::{TransformerBlock, TransformerBlockConfig};
-use crate::dropout::{DropoutRegion, ParallelDropout};
 use crate::column_linear::{ColumnLinear, ColumnLinearConfig};
 use crate::cross_entropy::vocab_parallel_cross_entropy;
+use crate::dropout::{DropoutRegion, ParallelDropout};
 use crate::embedding::{VocabParallelEmbedding, VocabParallelEmbeddingConfig};
 use crate::init::{param, ParamInit};
 use crate::layer_norm::{ParallelLayerNorm, ParallelLayerNormConfig};
@@ -122,10 +122,7 @@ impl GptConfig {
     pub(crate) fn init_head<B: ParallelBackend>(&self, tp: &Comm, device: &B::Device) -> Result<(ParallelLayerNorm<B>, ColumnLinear<B>), ConfigError> {
         let init = ParamInit::new(self.seed);
         Ok((
-            ParallelLayerNormConfig::new(self.d_model)
-                .with_epsilon(self.layer_norm_eps)
-                .with_sequence_parallel(self.sequence_parallel)
-                .init(tp, device),
+            ParallelLayerNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).with_sequence_parallel(self.sequence_parallel).init(tp, device),
             ColumnLinearConfig::new(self.d_model, self.vocab_size).with_bias(false).init(tp, &init.child("head"), device)?,
         ))
     }
@@ -146,7 +143,12 @@ impl GptConfig {
             return Err(ConfigError::Invalid(format!("sequence length {seq_len} exceeds max_seq_len {}", self.max_seq_len)));
         }
         if self.sequence_parallel && seq_len % tp != 0 {
-            return Err(ConfigError::NotDivisible { what: "sequence length", value: seq_len, degree_name: "tensor_parallel (sequence parallelism)", degree: tp });
+            return Err(ConfigError::NotDivisible {
+                what: "sequence length",
+                value: seq_len,
+                degree_name: "tensor_parallel (sequence parallelism)",
+                degree: tp,
+            });
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use burn_parallel::pipeline::{PartSpec, PipelineModel, StageOutput};
-use burn_parallel::{ParallelBackend, Comm, ConfigError, ParallelConfig};
+use burn_parallel::{Comm, ConfigError, ParallelBackend, ParallelConfig};
 
 use crate::block::TransformerBlock;
 use crate::column_linear::ColumnLinear;

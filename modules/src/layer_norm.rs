@@ -13,7 +13,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorData};
 use burn_parallel::kernels::layer_norm;
 use burn_parallel::mappings::copy_to_tp;
-use burn_parallel::{ParallelBackend, Comm};
+use burn_parallel::{Comm, ParallelBackend};
 
 use crate::init::param;
 

@@ -8,7 +8,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::gelu;
 use burn::tensor::Tensor;
-use burn_parallel::{ParallelBackend, Comm, ConfigError};
+use burn_parallel::{Comm, ConfigError, ParallelBackend};
 
 use crate::column_linear::{ColumnLinear, ColumnLinearConfig};
 use crate::init::ParamInit;
@@ -43,9 +43,7 @@ impl ParallelMlpConfig {
     pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<ParallelMlp<B>, ConfigError> {
         Ok(ParallelMlp {
             fc1: ColumnLinearConfig::new(self.d_model, self.d_ff).with_init_std(self.init_std).init(tp, &init.child("fc1"), device)?,
-            fc2: RowLinearConfig::new(self.d_ff, self.d_model)
-                .with_init_std(self.proj_init_std)
-                .init(tp, &init.child("fc2"), device)?,
+            fc2: RowLinearConfig::new(self.d_ff, self.d_model).with_init_std(self.proj_init_std).init(tp, &init.child("fc2"), device)?,
         })
     }
 }

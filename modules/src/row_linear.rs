@@ -12,7 +12,7 @@ use burn::module::{Module, Param};
 use burn::tensor::module::linear;
 use burn::tensor::{Tensor, TensorData};
 use burn_parallel::mappings::{copy_to_tp, reduce_from_tp, reduce_scatter_to_sp, scatter_to_tp};
-use burn_parallel::{ParallelBackend, Comm, ConfigError};
+use burn_parallel::{Comm, ConfigError, ParallelBackend};
 
 use crate::init::{check_divisible, param, shard, ParamInit};
 

@@ -93,8 +93,13 @@ fn check_order(plan: &Plan) -> Result<(), ScheduleError> {
         let (s, r) = (sent.get(&(from, to)), received.get(&(from, to)));
         if s != r {
             let show = |v: Option<&Vec<Msg>>| {
-                v.map(|v| v.iter().map(|(k, st, mb)| format!("{}{mb}", if *k == Op::SendF { format!("{st}F") } else { format!("{st}B") })).collect::<Vec<_>>().join(" "))
-                    .unwrap_or_default()
+                v.map(|v| {
+                    v.iter()
+                        .map(|(k, st, mb)| format!("{}{mb}", if *k == Op::SendF { format!("{st}F") } else { format!("{st}B") }))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default()
             };
             return Err(ScheduleError::P2pOrder { from, to, sent: show(s), received: show(r) });
         }

@@ -42,22 +42,14 @@ pub trait Schedule: Debug + Send + Sync {
 
 fn need_microbatches(name: &str, shape: &PipelineShape, needed: usize) -> Result<(), ScheduleError> {
     if shape.microbatches < needed {
-        return Err(ScheduleError::TooFewMicrobatches {
-            schedule: name.into(),
-            microbatches: shape.microbatches,
-            ranks: shape.ranks,
-            needed,
-        });
+        return Err(ScheduleError::TooFewMicrobatches { schedule: name.into(), microbatches: shape.microbatches, ranks: shape.ranks, needed });
     }
     Ok(())
 }
 
 fn single_chunk(name: &str, shape: &PipelineShape) -> Result<(), ScheduleError> {
     if shape.virtual_stages != 1 {
-        return Err(ScheduleError::InvalidShape(format!(
-            "{name} runs one stage per rank; got {} virtual stages (use interleaved-1f1b)",
-            shape.virtual_stages
-        )));
+        return Err(ScheduleError::InvalidShape(format!("{name} runs one stage per rank; got {} virtual stages (use interleaved-1f1b)", shape.virtual_stages)));
     }
     Ok(())
 }
@@ -73,9 +65,7 @@ impl Schedule for GPipe {
     fn compute_order(&self, shape: &PipelineShape) -> Result<Vec<Vec<Action>>, ScheduleError> {
         single_chunk(self.name(), shape)?;
         let m = shape.microbatches;
-        Ok((0..shape.ranks)
-            .map(|r| (0..m).map(|i| Action::new(Op::F, r, i)).chain((0..m).map(|i| Action::new(Op::B, r, i))).collect())
-            .collect())
+        Ok((0..shape.ranks).map(|r| (0..m).map(|i| Action::new(Op::F, r, i)).chain((0..m).map(|i| Action::new(Op::B, r, i))).collect()).collect())
     }
 }
 

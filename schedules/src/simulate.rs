@@ -115,10 +115,8 @@ pub fn simulate(plan: &Plan, costs: &Costs) -> Result<Simulation, ScheduleError>
             break;
         }
         if !progressed {
-            let blocked: Vec<String> = (0..n)
-                .filter(|&r| pos[r] < plan.ranks[r].len())
-                .map(|r| format!("rank {r} waits in {}", plan.ranks[r][pos[r]]))
-                .collect();
+            let blocked: Vec<String> =
+                (0..n).filter(|&r| pos[r] < plan.ranks[r].len()).map(|r| format!("rank {r} waits in {}", plan.ranks[r][pos[r]])).collect();
             return Err(ScheduleError::Deadlock(blocked.join(", ")));
         }
     }

@@ -11,13 +11,7 @@ pub fn reduce_all(parts: &[&TensorData], op: ReduceOp) -> Result<TensorData, Str
     let first = parts.first().ok_or("no tensors to reduce")?;
     for (i, p) in parts.iter().enumerate() {
         if p.shape != first.shape || p.dtype != first.dtype {
-            return Err(format!(
-                "rank 0 has {:?} {:?} but rank {i} has {:?} {:?}",
-                first.shape.as_slice(),
-                first.dtype,
-                p.shape.as_slice(),
-                p.dtype
-            ));
+            return Err(format!("rank 0 has {:?} {:?} but rank {i} has {:?} {:?}", first.shape.as_slice(), first.dtype, p.shape.as_slice(), p.dtype));
         }
     }
     let n = parts.len();
@@ -68,13 +62,9 @@ pub fn concat_along(parts: &[&TensorData], dim: usize) -> Result<TensorData, Str
     let mut total_dim = 0;
     for (i, p) in parts.iter().enumerate() {
         let s = p.shape.as_slice();
-        let same_rest = s.len() == shape.len()
-            && s.iter().zip(shape).enumerate().all(|(d, (a, b))| d == dim || a == b);
+        let same_rest = s.len() == shape.len() && s.iter().zip(shape).enumerate().all(|(d, (a, b))| d == dim || a == b);
         if !same_rest || p.dtype != first.dtype {
-            return Err(format!(
-                "rank 0 has {shape:?} {:?} but rank {i} has {s:?} {:?} (only dim {dim} may differ)",
-                first.dtype, p.dtype
-            ));
+            return Err(format!("rank 0 has {shape:?} {:?} but rank {i} has {s:?} {:?} (only dim {dim} may differ)", first.dtype, p.dtype));
         }
         total_dim += s[dim];
     }

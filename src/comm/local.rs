@@ -100,10 +100,7 @@ impl WorldShared {
     }
 
     fn group(self: &Arc<Self>, name: &str, members: Vec<usize>) -> Arc<GroupState> {
-        let label = format!(
-            "{name}[{}]",
-            members.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")
-        );
+        let label = format!("{name}[{}]", members.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","));
         let mut groups = lock(&self.groups);
         groups
             .entry((name.to_string(), members.clone()))
@@ -223,12 +220,7 @@ impl LocalComm {
         let start = Instant::now();
         let mut rounds = lock(&g.rounds);
         {
-            let round = rounds.entry(seq).or_insert_with(|| Round {
-                ops: vec![None; size],
-                data: vec![None; size],
-                taken: 0,
-                failed: None,
-            });
+            let round = rounds.entry(seq).or_insert_with(|| Round { ops: vec![None; size], data: vec![None; size], taken: 0, failed: None });
             round.ops[self.rank] = Some(op.to_string());
             round.data[self.rank] = payload.map(Arc::new);
         }
@@ -269,16 +261,8 @@ impl LocalComm {
                 let reason = format!("it abandoned this collective: {reason}");
                 return (rounds, Err(CommError::PeerGone { op: name(), group: g.label.clone(), rank: me, peer, reason }));
             }
-            if let Some((i, other)) =
-                round.ops.iter().enumerate().find_map(|(i, o)| o.as_ref().filter(|o| *o != op).map(|o| (i, o)))
-            {
-                let err = CommError::Mismatch {
-                    group: g.label.clone(),
-                    rank: me,
-                    op: name(),
-                    other_rank: g.members[i],
-                    other_op: format!("{other} #{seq}"),
-                };
+            if let Some((i, other)) = round.ops.iter().enumerate().find_map(|(i, o)| o.as_ref().filter(|o| *o != op).map(|o| (i, o))) {
+                let err = CommError::Mismatch { group: g.label.clone(), rank: me, op: name(), other_rank: g.members[i], other_op: format!("{other} #{seq}") };
                 return (rounds, Err(err));
             }
             let missing: Vec<usize> = (0..g.members.len()).filter(|&i| round.ops[i].is_none()).map(|i| g.members[i]).collect();
@@ -383,9 +367,7 @@ impl LocalComm {
     }
 
     fn peer_global(&self, peer: usize, op: &str) -> Result<usize, CommError> {
-        self.group.members.get(peer).copied().ok_or_else(|| {
-            self.bad(op, format!("peer {peer} outside a group of {}", self.group.members.len()))
-        })
+        self.group.members.get(peer).copied().ok_or_else(|| self.bad(op, format!("peer {peer} outside a group of {}", self.group.members.len())))
     }
 }
 
@@ -433,10 +415,7 @@ impl Communicator for LocalComm {
         self.peer_global(root, &name)?;
         let payload = if self.rank == root { data } else { None };
         let parts = self.exchange(&name, payload)?;
-        parts[root]
-            .as_ref()
-            .map(|d| d.as_ref().clone())
-            .ok_or_else(|| self.bad(&name, format!("root {root} passed no tensor")))
+        parts[root].as_ref().map(|d| d.as_ref().clone()).ok_or_else(|| self.bad(&name, format!("root {root} passed no tensor")))
     }
 
     fn send(&self, data: TensorData, peer: usize, tag: u64) -> Result<(), CommError> {
@@ -475,14 +454,12 @@ impl Communicator for LocalComm {
             return Err(CommError::InvalidGroup(format!("{name}: rank {d} listed twice in {global_ranks:?}")));
         }
         if let Some(r) = global_ranks.iter().find(|r| !self.group.members.contains(r)) {
-            return Err(CommError::InvalidGroup(format!(
-                "{name}: rank {r} is not in the parent group {}",
-                self.group.label
-            )));
+            return Err(CommError::InvalidGroup(format!("{name}: rank {r} is not in the parent group {}", self.group.label)));
         }
-        let rank = global_ranks.iter().position(|&r| r == me).ok_or_else(|| {
-            CommError::InvalidGroup(format!("{name}: rank {me} creates {global_ranks:?} without being in it"))
-        })?;
+        let rank = global_ranks
+            .iter()
+            .position(|&r| r == me)
+            .ok_or_else(|| CommError::InvalidGroup(format!("{name}: rank {me} creates {global_ranks:?} without being in it")))?;
         let group = self.world.group(name, global_ranks.to_vec());
         Ok(Arc::new(LocalComm { world: self.world.clone(), group, rank }))
     }

@@ -90,12 +90,7 @@ pub trait Communicator: Send + Sync + Debug + 'static {
     /// Concatenation of every rank's tensor along `dim`, in group order.
     fn all_gather(&self, data: TensorData, dim: usize) -> Result<TensorData, CommError>;
     /// Reduction, then this rank's `1/size` slice along `dim` (which must divide evenly).
-    fn reduce_scatter(
-        &self,
-        data: TensorData,
-        dim: usize,
-        op: ReduceOp,
-    ) -> Result<TensorData, CommError>;
+    fn reduce_scatter(&self, data: TensorData, dim: usize, op: ReduceOp) -> Result<TensorData, CommError>;
     /// The root's tensor on every rank (`data` is only read on the root).
     fn broadcast(&self, data: Option<TensorData>, root: usize) -> Result<TensorData, CommError>;
     /// Sends a tensor to `peer` under `tag`; the shape and dtype travel with it.

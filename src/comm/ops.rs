@@ -22,12 +22,7 @@ pub fn all_gather<B: CollectiveBackend, const D: usize>(x: Tensor<B, D>, dim: us
 }
 
 /// Reduction, then this rank's slice along `dim`.
-pub fn reduce_scatter<B: CollectiveBackend, const D: usize>(
-    x: Tensor<B, D>,
-    dim: usize,
-    op: ReduceOp,
-    comm: &Comm,
-) -> Result<Tensor<B, D>, CommError> {
+pub fn reduce_scatter<B: CollectiveBackend, const D: usize>(x: Tensor<B, D>, dim: usize, op: ReduceOp, comm: &Comm) -> Result<Tensor<B, D>, CommError> {
     B::collective_reduce_scatter(x.into_primitive().tensor(), dim, op, comm).map(wrap)
 }
 
@@ -66,10 +61,7 @@ pub fn batch_p2p<B: CollectiveBackend, const D: usize>(
     comm: &Comm,
 ) -> Result<Vec<Tensor<B, D>>, CommError> {
     let dtype = Tensor::<B, 1>::empty([0], device).dtype();
-    let recvs: Vec<RecvOp> = recvs
-        .iter()
-        .map(|&(peer, tag, shape)| RecvOp { peer, tag, spec: TensorSpec { shape: shape.to_vec(), dtype } })
-        .collect();
+    let recvs: Vec<RecvOp> = recvs.iter().map(|&(peer, tag, shape)| RecvOp { peer, tag, spec: TensorSpec { shape: shape.to_vec(), dtype } }).collect();
     let sends = sends.into_iter().map(|(x, p, t)| (x.into_primitive().tensor(), p, t)).collect();
     Ok(B::collective_batch_p2p(sends, &recvs, device, comm)?.into_iter().map(wrap).collect())
 }

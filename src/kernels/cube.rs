@@ -35,7 +35,13 @@ const MAX_GRID: usize = 65535;
 /// For the vectorized kernels (`v4`, if selected and the row fits): `(vector size, block, rows per
 /// cube, vectors per unit, plane reductions)`. The vector is the widest 128-bit-or-less load that
 /// divides `h`; plane reductions where the device has plane ops of exactly 32 lanes.
-fn vectorized<R: CubeRuntime>(h: usize, dtype: DType, client: &burn_cubecl::cubecl::client::ComputeClient<R>, one_plane: bool, cache: usize) -> Option<(usize, usize, usize, usize, bool)> {
+fn vectorized<R: CubeRuntime>(
+    h: usize,
+    dtype: DType,
+    client: &burn_cubecl::cubecl::client::ComputeClient<R>,
+    one_plane: bool,
+    cache: usize,
+) -> Option<(usize, usize, usize, usize, bool)> {
     if super::variant() != super::LnKernel::Vectorized {
         return None;
     }
@@ -280,13 +286,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         (y, mean, rstd)
     }
 
-    fn layer_norm_rows_backward(
-        dy: CubeTensor<R>,
-        x: CubeTensor<R>,
-        gamma: CubeTensor<R>,
-        mean: CubeTensor<R>,
-        rstd: CubeTensor<R>,
-    ) -> LnBackward<Self> {
+    fn layer_norm_rows_backward(dy: CubeTensor<R>, x: CubeTensor<R>, gamma: CubeTensor<R>, mean: CubeTensor<R>, rstd: CubeTensor<R>) -> LnBackward<Self> {
         let (dy, x, gamma) = (into_contiguous(dy), into_contiguous(x), into_contiguous(gamma));
         let (mean, rstd) = (into_contiguous(mean), into_contiguous(rstd));
         let [n, h] = x.shape().dims::<2>();
@@ -443,7 +443,11 @@ struct LnFusionOp<B> {
 
 impl<B: FusionBackend + LayerNormBackend> LnFusionOp<B> {
     /// Registers the operation on the inputs' stream; returns its outputs (shape, dtype each).
-    fn register<const N: usize>(inputs: [FusionTensor<B::FusionRuntime>; N], outputs: [(Shape, DType); 3], epsilon: Option<f32>) -> [FusionTensor<B::FusionRuntime>; 3] {
+    fn register<const N: usize>(
+        inputs: [FusionTensor<B::FusionRuntime>; N],
+        outputs: [(Shape, DType); 3],
+        epsilon: Option<f32>,
+    ) -> [FusionTensor<B::FusionRuntime>; 3] {
         let client = inputs[0].client.clone();
         let streams = OperationStreams::with_inputs(&inputs);
         let outputs = outputs.map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), shape, dtype));

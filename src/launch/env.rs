@@ -30,7 +30,9 @@ pub struct JobEnv {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobEnvError {
     /// Neither torchrun's nor Slurm's variables are set.
-    #[error("no job environment: set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun, `burn-parallel launch`) or run under srun (SLURM_PROCID/SLURM_NTASKS)")]
+    #[error(
+        "no job environment: set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun, `burn-parallel launch`) or run under srun (SLURM_PROCID/SLURM_NTASKS)"
+    )]
     Missing,
     /// A variable that is not a number, or out of range.
     #[error("invalid {name}={value:?}: {why}")]
@@ -71,7 +73,9 @@ impl JobEnv {
         let master_addr = match get("MASTER_ADDR") {
             Some(a) => a,
             None => match get("SLURM_JOB_NODELIST").or_else(|| get("SLURM_NODELIST")) {
-                Some(list) => first_host(&list).ok_or_else(|| JobEnvError::Invalid { name: "SLURM_JOB_NODELIST".into(), value: list.clone(), why: "no host".into() })?,
+                Some(list) => {
+                    first_host(&list).ok_or_else(|| JobEnvError::Invalid { name: "SLURM_JOB_NODELIST".into(), value: list.clone(), why: "no host".into() })?
+                }
                 None if world == 1 => "127.0.0.1".into(),
                 None => return Err(JobEnvError::Invalid { name: "MASTER_ADDR".into(), value: String::new(), why: "not set".into() }),
             },
@@ -109,9 +113,18 @@ mod tests {
 
     #[test]
     fn torchrun_and_slurm_conventions() {
-        let e = env(&[("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "1234")]).unwrap();
+        let e =
+            env(&[("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "1234")])
+                .unwrap();
         assert_eq!((e.rank, e.world_size, e.local_rank, e.local_world_size, e.master_port), (3, 8, 1, 2, 1234));
-        let s = env(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "1"), ("SLURM_NTASKS_PER_NODE", "4(x2)"), ("SLURM_JOB_NODELIST", "gpu[07-08]")]).unwrap();
+        let s = env(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NTASKS_PER_NODE", "4(x2)"),
+            ("SLURM_JOB_NODELIST", "gpu[07-08]"),
+        ])
+        .unwrap();
         assert_eq!((s.rank, s.local_rank, s.local_world_size, s.master_addr.as_str(), s.master_port), (5, 1, 4, "gpu07", 29500));
         assert_eq!(env(&[]).unwrap_err(), JobEnvError::Missing);
         assert!(env(&[("RANK", "8"), ("WORLD_SIZE", "8"), ("MASTER_ADDR", "h")]).unwrap_err().to_string().contains("must be below WORLD_SIZE=8"));

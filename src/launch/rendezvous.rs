@@ -192,10 +192,9 @@ fn join(env: &JobEnv, addr: &str, deadline: Instant) -> Result<Vec<u8>, Rendezvo
     stream.set_read_timeout(Some(grace)).map_err(io(addr))?;
     let mut head = [0u8; 13];
     stream.read_exact(&mut head).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => RendezvousError::Io {
-            addr: addr.into(),
-            error: format!("connected, but rank 0 sent no answer within {:?}", start.elapsed()),
-        },
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            RendezvousError::Io { addr: addr.into(), error: format!("connected, but rank 0 sent no answer within {:?}", start.elapsed()) }
+        }
         _ => io(addr)(e),
     })?;
     if &head[..8] != MAGIC {

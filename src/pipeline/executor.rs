@@ -310,7 +310,8 @@ where
                     }
                 };
                 if let Some(x) = input {
-                    let dx = x.grad(&grads).unwrap_or_else(|| panic!("no gradient reached the input of stage {s} (micro-batch {mb}): the stage must use its input"));
+                    let dx =
+                        x.grad(&grads).unwrap_or_else(|| panic!("no gradient reached the input of stage {s} (micro-batch {mb}): the stage must use its input"));
                     let dx = Tensor::<B, D>::from_inner(dx);
                     if self.peer(s - 1) == me {
                         st.out_grads.insert((s - 1, mb), dx);
@@ -371,10 +372,7 @@ where
         assert_eq!(optimizers.len(), self.stages.len(), "one optimizer per stage of this rank");
         assert_eq!(grads.len(), self.stages.len(), "one gradient set per stage of this rank");
         let stages = std::mem::take(&mut self.stages);
-        self.stages = stages
-            .into_iter()
-            .zip(optimizers.iter_mut().zip(grads))
-            .map(|(st, (o, g))| Stage { part: o.step(lr, st.part, g), spec: st.spec })
-            .collect();
+        self.stages =
+            stages.into_iter().zip(optimizers.iter_mut().zip(grads)).map(|(st, (o, g))| Stage { part: o.step(lr, st.part, g), spec: st.spec }).collect();
     }
 }

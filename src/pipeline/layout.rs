@@ -56,9 +56,7 @@ impl StageLayout {
     pub fn explicit(counts: Vec<usize>, num_layers: usize) -> Result<Self, ConfigError> {
         let total: usize = counts.iter().sum();
         if counts.is_empty() || total != num_layers {
-            return Err(ConfigError::Invalid(format!(
-                "layout {counts:?} places {total} layers but the model has {num_layers}"
-            )));
+            return Err(ConfigError::Invalid(format!("layout {counts:?} places {total} layers but the model has {num_layers}")));
         }
         Ok(Self { layers_per_stage: counts })
     }

@@ -102,7 +102,8 @@ pub fn assert_parity(reference: &Outcome, ranks: &[Outcome], tol: f32) -> usize 
             assert_eq!(p.path, q.path);
             assert_shard(&format!("value of {}", p.path), &p.value, &q.value, r, t, 0.0);
             let (gp, gq) = (p.grad.as_ref(), q.grad.as_ref());
-            let (gp, gq) = (gp.unwrap_or_else(|| panic!("no reference grad for {}", p.path)), gq.unwrap_or_else(|| panic!("no grad for {} on rank {r}", q.path)));
+            let (gp, gq) =
+                (gp.unwrap_or_else(|| panic!("no reference grad for {}", p.path)), gq.unwrap_or_else(|| panic!("no grad for {} on rank {r}", q.path)));
             assert_shard(&format!("grad of {}", p.path), gp, gq, r, t, tol);
             n += 2;
         }
@@ -184,11 +185,7 @@ fn emulated_nccl<T: Send>(n: usize, f: impl Fn(Comm) -> Result<T, String> + Send
     let f = &f;
     let results: Vec<Result<T, String>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms.into_iter().map(|c| s.spawn(move || f(c))).collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(r, h)| h.join().unwrap_or_else(|p| Err(format!("rank {r} panicked: {}", panic_text(&p)))))
-            .collect()
+        handles.into_iter().enumerate().map(|(r, h)| h.join().unwrap_or_else(|p| Err(format!("rank {r} panicked: {}", panic_text(&p))))).collect()
     });
     let errors: Vec<String> = results.iter().enumerate().filter_map(|(r, x)| x.as_ref().err().map(|e| format!("rank {r}: {e}"))).collect();
     assert!(errors.is_empty(), "emulated NCCL world of {n} failed:\n{}", errors.join("\n"));

@@ -78,7 +78,8 @@ impl Transport for CudaTransport {
     fn run(&self, name: &str, op: Flat<'_>) -> Result<(), CommError> {
         let _serial = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let info = &self.info;
-        let comm = self.raw.get().ok_or_else(|| CommError::Backend(format!("{name} on {}: the communicator was aborted after an earlier failure", info.label)))?;
+        let comm =
+            self.raw.get().ok_or_else(|| CommError::Backend(format!("{name} on {}: the communicator was aborted after an earlier failure", info.label)))?;
         self.ctx.bind_to_thread().map_err(|e| backend("binding the CUDA context", e))?;
         let start = Instant::now();
         let guard = WatchGuard::arm(format!("rank {}: {name} on {}", info.me, info.label), self.options.timeout, Expire::Abort(self.raw.clone()));
@@ -90,7 +91,11 @@ impl Transport for CudaTransport {
         // and drain the stream, so the caller never releases buffers NCCL kernels still use.
         let fail = |e: CommError| {
             self.raw.abort();
-            let _exit = WatchGuard::arm(format!("rank {}: draining the NCCL stream of {} after {name} failed", info.me, info.label), Duration::from_secs(60), Expire::Exit);
+            let _exit = WatchGuard::arm(
+                format!("rank {}: draining the NCCL stream of {} after {name} failed", info.me, info.label),
+                Duration::from_secs(60),
+                Expire::Exit,
+            );
             let _ = self.stream.synchronize();
             Err(e)
         };

@@ -11,10 +11,10 @@
 
 use burn::tensor::{read_sync, DType, Device, Shape, TensorMetadata};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::Runtime;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::cubecl::Runtime;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 
 use super::{backend, Header, NcclComm};
@@ -110,10 +110,8 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> CollectiveBackend for Cube
         check_device(nccl, device)?;
         let sends: Vec<(T, usize, u64)> = sends.into_iter().map(|(x, p, t)| (into_contiguous(x), p, t)).collect();
         let client = CudaRuntime::client(device);
-        let outs: Vec<T> = recvs
-            .iter()
-            .map(|r| empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::from(r.spec.shape.clone()), r.spec.dtype))
-            .collect();
+        let outs: Vec<T> =
+            recvs.iter().map(|r| empty_device_contiguous_dtype(client.clone(), device.clone(), Shape::from(r.spec.shape.clone()), r.spec.dtype)).collect();
         let all: Vec<&T> = sends.iter().map(|(x, _, _)| x).chain(outs.iter()).collect();
         with_ptrs(&all, |p| {
             let s_ops: Vec<(u64, Header, usize)> = sends

@@ -184,9 +184,17 @@ impl Communicator for NcclComm {
         }
         let members = global_ranks
             .iter()
-            .map(|g| self.global_ranks.iter().position(|r| r == g).ok_or_else(|| CommError::InvalidGroup(format!("{name}: rank {g} is not in the parent group {}", self.label))))
+            .map(|g| {
+                self.global_ranks
+                    .iter()
+                    .position(|r| r == g)
+                    .ok_or_else(|| CommError::InvalidGroup(format!("{name}: rank {g} is not in the parent group {}", self.label)))
+            })
             .collect::<Result<Vec<usize>, _>>()?;
-        let rank = global_ranks.iter().position(|&r| r == me).ok_or_else(|| CommError::InvalidGroup(format!("{name}: rank {me} creates {global_ranks:?} without being in it")))?;
+        let rank = global_ranks
+            .iter()
+            .position(|&r| r == me)
+            .ok_or_else(|| CommError::InvalidGroup(format!("{name}: rank {me} creates {global_ranks:?} without being in it")))?;
         let id = if rank == 0 { Some(self.t.new_id()?.to_vec()) } else { None };
         let id: [u8; 128] = self.spread_bytes(id, members[0], &members, 128)?.try_into().map_err(|_| self.bad("new_group", "id of the wrong size".into()))?;
         let label = format!("{name}[{}]", global_ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","));

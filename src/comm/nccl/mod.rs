@@ -203,7 +203,11 @@ impl NcclComm {
     pub unsafe fn p2p_raw(&self, sends: &[RawP2p], recvs: &[RawP2p]) -> Result<(), CommError> {
         for o in sends.iter().chain(recvs) {
             if o.peer >= self.size() {
-                return Err(CommError::BadInput { group: self.label.clone(), op: "p2p".into(), detail: format!("peer {} outside a group of {}", o.peer, self.size()) });
+                return Err(CommError::BadInput {
+                    group: self.label.clone(),
+                    op: "p2p".into(),
+                    detail: format!("peer {} outside a group of {}", o.peer, self.size()),
+                });
             }
         }
         for o in sends.iter().chain(recvs) {

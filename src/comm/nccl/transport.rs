@@ -22,12 +22,38 @@ pub(crate) struct Buf {
 /// One NCCL operation on flat buffers (`count` in elements of `dtype`; NCCL's argument meaning:
 /// all-gather's `count` is per rank, reduce-scatter's the result's).
 pub(crate) enum Flat<'a> {
-    AllReduce { send: u64, recv: u64, count: usize, dtype: DType, op: ReduceOp },
-    AllGather { send: u64, recv: u64, count: usize, dtype: DType },
-    ReduceScatter { send: u64, recv: u64, count: usize, dtype: DType, op: ReduceOp },
-    Broadcast { send: u64, recv: u64, count: usize, dtype: DType, root: usize },
+    AllReduce {
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+    },
+    AllGather {
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: DType,
+    },
+    ReduceScatter {
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+    },
+    Broadcast {
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: DType,
+        root: usize,
+    },
     /// One group: all sends, then all receives (each pair's messages match in posting order).
-    P2p { sends: &'a [RawP2p], recvs: &'a [RawP2p] },
+    P2p {
+        sends: &'a [RawP2p],
+        recvs: &'a [RawP2p],
+    },
 }
 
 /// Who runs an operation, for error messages.

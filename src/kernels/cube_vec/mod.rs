@@ -217,7 +217,13 @@ pub fn ln_forward_vec_kernel<F: Float, N: Size>(
 /// Loads this unit's share of `row` into `vals` (zeros past the row or the tensor) and returns
 /// the row's first element (the shift of the one-reduction variance; 0 past the tensor).
 #[cube]
-fn load_row<F: Float, N: Size>(x: &Tensor<Vector<F, N>>, vals: &mut Array<Vector<F, N>>, row: usize, #[comptime] block: usize, #[comptime] per_unit: usize) -> f32 {
+fn load_row<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    vals: &mut Array<Vector<F, N>>,
+    row: usize,
+    #[comptime] block: usize,
+    #[comptime] per_unit: usize,
+) -> f32 {
     let valid = row < x.shape(0);
     let nv = x.shape(1) / x.vector_size();
     let base = row * nv;
@@ -241,7 +247,15 @@ fn load_row<F: Float, N: Size>(x: &Tensor<Vector<F, N>>, vals: &mut Array<Vector
 /// Mean and (biased) variance of the row from the units' shares: the mean, then `Σ (x − μ)²`
 /// from the registers (two reductions).
 #[cube]
-fn row_stats<F: Float, N: Size>(vals: &Array<Vector<F, N>>, nv: usize, hf: f32, smem: &mut SharedMemory<f32>, #[comptime] block: usize, #[comptime] per_unit: usize, #[comptime] plane: bool) -> (f32, f32) {
+fn row_stats<F: Float, N: Size>(
+    vals: &Array<Vector<F, N>>,
+    nv: usize,
+    hf: f32,
+    smem: &mut SharedMemory<f32>,
+    #[comptime] block: usize,
+    #[comptime] per_unit: usize,
+    #[comptime] plane: bool,
+) -> (f32, f32) {
     let tid = UNIT_POS_X as usize;
     let mut acc = f32::new(0.0);
     #[unroll]
