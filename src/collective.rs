@@ -65,7 +65,7 @@ fn to_host<B: Backend>(x: FloatTensor<B>) -> Result<burn::tensor::TensorData, Co
 pub fn local_chunk<B: Backend>(x: FloatTensor<B>, dim: usize, comm: &Comm) -> Result<FloatTensor<B>, CommError> {
     let shape = x.shape();
     let n = comm.size();
-    if dim >= shape.num_dims() || shape[dim] % n != 0 {
+    if dim >= shape.num_dims() || !shape[dim].is_multiple_of(n) {
         return Err(CommError::BadInput {
             group: comm.label().into(),
             op: format!("split(dim={dim})"),

@@ -90,7 +90,7 @@ impl ParallelConfig {
         if tp == 0 {
             return Err(ConfigError::ZeroDegree { name: "tensor_parallel" });
         }
-        if dims.heads == 0 || dims.hidden % dims.heads != 0 {
+        if dims.heads == 0 || !dims.hidden.is_multiple_of(dims.heads) {
             return Err(ConfigError::NotDivisible { what: "hidden size", value: dims.hidden, degree_name: "attention heads", degree: dims.heads });
         }
         for (what, value) in [("attention heads", dims.heads), ("hidden size", dims.hidden), ("ffn size", dims.ffn), ("vocab size", dims.vocab)] {

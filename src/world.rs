@@ -65,7 +65,7 @@ fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
 pub fn all_ok<T>(results: Vec<Result<T, RankError>>) -> Result<Vec<T>, String> {
     let errors: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().map(|e| e.to_string())).collect();
     if errors.is_empty() {
-        Ok(results.into_iter().map(|r| r.ok().expect("checked")).collect())
+        Ok(results.into_iter().map(|r| r.unwrap_or_else(|_| unreachable!("checked"))).collect())
     } else {
         Err(errors.join("\n"))
     }

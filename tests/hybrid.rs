@@ -166,8 +166,8 @@ fn bucketed_all_reduce_averages_and_global_norm_counts_each_parameter_once() {
         for i in 0..out[0].0.len() {
             let (a, b) = (out[0].0[i].grad.as_ref().unwrap(), out[1].0[i].grad.as_ref().unwrap());
             let mean = burn_parallel::comm::reduce_all(&[a, b], ReduceOp::Mean).unwrap();
-            for r in 0..2 {
-                assert!(max_abs_diff(&mean, out[r].1[i].grad.as_ref().unwrap()).unwrap() < 1e-6, "bucket {bucket}");
+            for rank in &out[..2] {
+                assert!(max_abs_diff(&mean, rank.1[i].grad.as_ref().unwrap()).unwrap() < 1e-6, "bucket {bucket}");
             }
         }
     }

@@ -254,6 +254,6 @@ fn sequence_length_not_divisible_by_tp_is_a_clear_error() {
     assert_eq!(e, "sequence length = 6 is not divisible by tensor_parallel (sequence parallelism) = 4");
     assert!(cfg.check_seq_len(8, 4).is_ok());
     assert!(cfg.check_seq_len(9, 1).unwrap_err().to_string().contains("exceeds max_seq_len 8"));
-    let e = small_gpt().init::<B>(&world(3, |c| Ok(c)).remove(0), &dev()).unwrap_err().to_string();
+    let e = small_gpt().init::<B>(&world(3, Ok).remove(0), &dev()).unwrap_err().to_string();
     assert_eq!(e, "attention heads = 4 is not divisible by tensor_parallel = 3");
 }

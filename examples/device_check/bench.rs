@@ -256,8 +256,9 @@ pub fn forward_tune(variants: &[Variant]) {
     }
 }
 
-fn autodiff_inputs(x: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<K, 1>) -> (Tensor<Autodiff<K>, 2>, Tensor<Autodiff<K>, 1>, Tensor<Autodiff<K>, 1>) {
-    type A = Autodiff<K>;
+type A = Autodiff<K>;
+
+fn autodiff_inputs(x: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<K, 1>) -> (Tensor<A, 2>, Tensor<A, 1>, Tensor<A, 1>) {
     let xa = Tensor::<A, 2>::from_inner(x.clone()).require_grad();
     (xa, Tensor::<A, 1>::from_inner(g.clone()).require_grad(), Tensor::<A, 1>::from_inner(b.clone()).require_grad())
 }

@@ -41,7 +41,7 @@ pub(crate) fn write_timeline(args: &Args, path: &Path) -> Result<(), String> {
 /// `m` micro-batches of one step, cut from a batch of `args.batch_size` windows.
 fn split(args: &Args, split: &[u8], name: &str, step: usize) -> Result<Vec<TokenBatch>, String> {
     let m = microbatches(args);
-    if args.batch_size % m != 0 {
+    if !args.batch_size.is_multiple_of(m) {
         return Err(format!("--batch-size {} is not divisible by --microbatches {m}", args.batch_size));
     }
     let (x, y) = Corpus::batch::<burn::backend::Flex>(split, args.batch_size, args.seq_len, name, step, &Default::default());

@@ -62,7 +62,7 @@ pub struct ParallelAttention<B: ParallelBackend> {
 impl ParallelAttentionConfig {
     /// Builds this rank's shard.
     pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<ParallelAttention<B>, ConfigError> {
-        if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+        if self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
             return Err(ConfigError::NotDivisible { what: "hidden size", value: self.d_model, degree_name: "attention heads", degree: self.n_heads });
         }
         let local_heads = check_divisible("attention heads", self.n_heads, tp)?;

@@ -23,6 +23,9 @@ use crate::embedding::{VocabParallelEmbedding, VocabParallelEmbeddingConfig};
 use crate::init::{param, ParamInit};
 use crate::layer_norm::{ParallelLayerNorm, ParallelLayerNormConfig};
 
+/// Token embedding, position embedding and their dropout (what runs before the first block).
+type Embedding<B> = (VocabParallelEmbedding<B>, Param<Tensor<B, 2>>, ParallelDropout);
+
 /// Configuration of a [`Gpt`].
 #[derive(Config, Debug)]
 pub struct GptConfig {
@@ -88,11 +91,7 @@ impl GptConfig {
     }
 
     /// Token and position embeddings and their dropout (what runs before the first block).
-    pub(crate) fn init_embedding<B: ParallelBackend>(
-        &self,
-        tp: &Comm,
-        device: &B::Device,
-    ) -> Result<(VocabParallelEmbedding<B>, Param<Tensor<B, 2>>, ParallelDropout), ConfigError> {
+    pub(crate) fn init_embedding<B: ParallelBackend>(&self, tp: &Comm, device: &B::Device) -> Result<Embedding<B>, ConfigError> {
         let init = ParamInit::new(self.seed);
         Ok((
             VocabParallelEmbeddingConfig::new(self.vocab_size, self.d_model).init(tp, &init.child("wte"), device)?,
@@ -142,7 +141,7 @@ impl GptConfig {
         if seq_len > self.max_seq_len {
             return Err(ConfigError::Invalid(format!("sequence length {seq_len} exceeds max_seq_len {}", self.max_seq_len)));
         }
-        if self.sequence_parallel && seq_len % tp != 0 {
+        if self.sequence_parallel && !seq_len.is_multiple_of(tp) {
             return Err(ConfigError::NotDivisible {
                 what: "sequence length",
                 value: seq_len,
@@ -169,13 +168,13 @@ pub(crate) fn embed<B: ParallelBackend>(
     let max = wpe.val().dims()[0];
     assert!(s <= max, "sequence length {s} exceeds max_seq_len {max}");
     if !sequence_parallel {
-        return drop.forward(wte.forward(ids) + wpe.val().slice([0..s]).unsqueeze::<3>());
+        return drop.forward(wte.forward(ids) + wpe.val().slice(0..s).unsqueeze::<3>());
     }
     let (tp, t) = (&wte.tp, wte.tp.size());
     assert!(s % t == 0, "sequence length {s} is not divisible by tensor_parallel = {t} (sequence parallelism)");
     let (chunk, r) = (s / t, tp.rank());
     let x = reduce_scatter_to_sp(wte.forward_partial(ids), 1, tp);
-    let pos = copy_to_tp(wpe.val(), tp).slice([r * chunk..(r + 1) * chunk]).unsqueeze::<3>();
+    let pos = copy_to_tp(wpe.val(), tp).slice(r * chunk..(r + 1) * chunk).unsqueeze::<3>();
     drop.forward(x + pos)
 }
 

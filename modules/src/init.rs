@@ -55,7 +55,7 @@ pub fn param<B: Backend, const D: usize>(data: TensorData, device: &B::Device) -
 /// Checks `value % comm.size() == 0`.
 pub fn check_divisible(what: &'static str, value: usize, comm: &Comm) -> Result<usize, ConfigError> {
     let t = comm.size();
-    if value % t != 0 {
+    if !value.is_multiple_of(t) {
         return Err(ConfigError::NotDivisible { what, value, degree_name: "tensor_parallel", degree: t });
     }
     Ok(value / t)

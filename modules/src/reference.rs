@@ -93,7 +93,7 @@ impl<B: Backend> NnGpt<B> {
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
         let device = ids.device();
-        let mut x = self.wte.forward(ids) + self.wpe.val().slice([0..s]).unsqueeze::<3>();
+        let mut x = self.wte.forward(ids) + self.wpe.val().slice(0..s).unsqueeze::<3>();
         for blk in &self.blocks {
             let mask = generate_autoregressive_mask::<B>(b, s, &device);
             let a = blk.attn.forward(MhaInput::self_attn(blk.ln1.forward(x.clone())).mask_attn(mask)).context;

@@ -86,7 +86,7 @@ pub fn split_along(data: &TensorData, dim: usize, n: usize, index: usize) -> Res
     if dim >= shape.len() {
         return Err(format!("dim {dim} out of range for shape {shape:?}"));
     }
-    if n == 0 || shape[dim] % n != 0 {
+    if n == 0 || !shape[dim].is_multiple_of(n) {
         return Err(format!("dim {dim} of size {} is not divisible by {n}", shape[dim]));
     }
     let outer: usize = shape[..dim].iter().product();

@@ -78,13 +78,17 @@ enum RankStatus {
     Failed(String),
 }
 
+/// A sub-group's name and member ranks.
+type GroupKey = (String, Vec<usize>);
+
 #[derive(Debug)]
 struct WorldShared {
     size: usize,
     timeout: Duration,
     p2p: P2pMode,
     status: Mutex<Vec<RankStatus>>,
-    groups: Mutex<HashMap<(String, Vec<usize>), Arc<GroupState>>>,
+    /// Sub-groups by (name, member ranks).
+    groups: Mutex<HashMap<GroupKey, Arc<GroupState>>>,
     mail: Mutex<Mailroom>,
     mail_cv: Condvar,
 }

@@ -116,10 +116,13 @@ pub struct PipelineExecutor<B: AutodiffBackend, M: PipelineModel<B, D>, const D:
 
 type Key = (usize, usize);
 
+/// A forward awaiting its backward: (input leaf, output, the parameter leaves used).
+type Inflight<B, P, const D: usize> = (Option<Tensor<B, D>>, StageOutput<B, D>, P);
+
 /// What a step keeps between actions.
 struct StepState<B: AutodiffBackend, P: AutodiffModule<B>, const D: usize> {
-    /// Forwards awaiting their backward: (input leaf, output, the parameter leaves used).
-    inflight: HashMap<Key, (Option<Tensor<B, D>>, StageOutput<B, D>, P)>,
+    /// Forwards awaiting their backward.
+    inflight: HashMap<Key, Inflight<B, P, D>>,
     /// Received (or handed-over) stage inputs.
     inputs: HashMap<Key, Tensor<B, D>>,
     /// Received (or handed-over) output gradients.

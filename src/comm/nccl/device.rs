@@ -78,7 +78,7 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> CollectiveBackend for Cube
         check_device(nccl, &x.device)?;
         let dims = x.shape().as_slice().to_vec();
         let size = nccl.size();
-        if dim >= dims.len() || dims[dim] % size != 0 {
+        if dim >= dims.len() || !dims[dim].is_multiple_of(size) {
             return Err(nccl.bad("reduce_scatter", format!("shape {dims:?} cannot be split in {size} along dim {dim}")));
         }
         let mut split = dims;

@@ -65,11 +65,14 @@ struct Group {
     cv: Condvar,
 }
 
+/// A posted message: (id, bytes).
+type Message = (u64, Vec<u8>);
+
 #[derive(Default)]
 struct GroupState {
     rounds: HashMap<u64, (Round, usize)>,
     /// (src, dst) -> messages (id, bytes) in posting order.
-    queues: HashMap<(usize, usize), VecDeque<(u64, Vec<u8>)>>,
+    queues: HashMap<(usize, usize), VecDeque<Message>>,
     received: std::collections::HashSet<u64>,
     next_msg: u64,
 }

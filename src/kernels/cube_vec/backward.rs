@@ -1,6 +1,9 @@
 //! `v4`'s backward: the one-pass kernel (`dx` and per-cube f32 dγ/dβ partials) and the column
 //! sum of the partials (also used by `v1`). Shares the row reductions of the parent module.
 
+// `#[cube]` code expands operators, not `is_multiple_of`/`div_ceil` method calls.
+#![allow(clippy::manual_is_multiple_of, clippy::manual_div_ceil)]
+
 use burn_cubecl::cubecl;
 use cubecl::prelude::*;
 
