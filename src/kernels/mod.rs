@@ -11,8 +11,13 @@
 mod cube;
 #[cfg(feature = "cube")]
 mod cube_vec;
+mod tuning;
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+#[cfg(feature = "cube")]
+use tuning::{backward_cache, backward_rows, bounds_checks, forward_cache, forward_one_reduction, forward_stream, vector_cache};
+pub use tuning::{
+    set_backward_cache, set_backward_rows, set_bounds_checks, set_forward_one_reduction, set_forward_stream, set_variant, set_vector_cache, variant, LnKernel,
+};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -29,147 +34,6 @@ fn wrap<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
 
 fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
-}
-
-/// Which CubeCL row kernels run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LnKernel {
-    /// `v1`: one cube of 256 units per row, the row re-read from global memory for each pass
-    /// (any width; also the fallback of `v4` for rows wider than 16384, 32768 for a bf16/f16
-    /// forward).
-    Strided,
-    /// `v4` (default): the row's share cached in registers, 128-bit vector loads/stores, units
-    /// per row sized to the row (several rows per cube for short rows; ≤ 16 cached values per
-    /// unit: 32 in the bf16/f16 forward, which caches the storage dtype) and plane reductions where
-    /// planes have 32 lanes (rows up to 1024 × 16 = 16384 wide; 32768 for a bf16/f16 forward).
-    /// Fastest on the H200 at every benchmarked shape (BENCHMARKS.md; it superseded `v2`, the
-    /// same register cache with scalar loads and 256 units per row, and `v3`, `v2` with plane
-    /// reductions, which were removed).
-    Vectorized,
-}
-
-static VARIANT: AtomicU8 = AtomicU8::new(0);
-
-/// Selects the kernel variant for every later launch (process-wide).
-pub fn set_variant(v: LnKernel) {
-    let code = match v {
-        LnKernel::Strided => 1,
-        LnKernel::Vectorized => 4,
-    };
-    VARIANT.store(code, Ordering::SeqCst);
-}
-
-static VECTOR_CACHE: AtomicUsize = AtomicUsize::new(16);
-
-/// Tuning knob of `v4`: how many f32 values each unit keeps in registers per cached array
-/// (default 16; the row is spread over more units when it needs more). For benchmarks.
-#[doc(hidden)]
-pub fn set_vector_cache(values: usize) {
-    VECTOR_CACHE.store(values.max(1), Ordering::SeqCst);
-}
-
-static BACKWARD_CACHE: AtomicUsize = AtomicUsize::new(0);
-
-/// Tuning knob of `v4`'s backward: its register cache in f32 values per unit per array (`None`,
-/// the default: the forward's, halved for rows that fill a 256-unit cube). For benchmarks.
-#[doc(hidden)]
-pub fn set_backward_cache(values: Option<usize>) {
-    BACKWARD_CACHE.store(values.map_or(0, |v| v.max(1)), Ordering::SeqCst);
-}
-
-#[cfg(feature = "cube")]
-fn backward_cache() -> Option<usize> {
-    Some(BACKWARD_CACHE.load(Ordering::SeqCst)).filter(|&v| v > 0)
-}
-
-static BACKWARD_ROWS: AtomicUsize = AtomicUsize::new(64);
-
-/// Tuning knob of `v4`'s backward: rows per cube (fewer cubes → fewer f32 dγ/dβ partials to
-/// write and sum; default 64, but at least two cubes per multiprocessor). For benchmarks.
-#[doc(hidden)]
-pub fn set_backward_rows(rows: usize) {
-    BACKWARD_ROWS.store(rows.max(1), Ordering::SeqCst);
-}
-
-/// `v4`'s backward rows per cube.
-#[cfg(feature = "cube")]
-fn backward_rows() -> usize {
-    BACKWARD_ROWS.load(Ordering::SeqCst)
-}
-
-/// The forward's register cache in values of an element of `size` bytes: the same bytes as
-/// `vector_cache()` f32 values (the forward caches the row in its storage dtype: 32 bf16 values
-/// by default; on the H200 that was 3–7% faster at [4096, 8192] bf16 than 16, and the same
-/// elsewhere).
-#[cfg(feature = "cube")]
-fn forward_cache(size: usize) -> usize {
-    vector_cache() * 4 / size.clamp(1, 4)
-}
-
-static FORWARD_ONE_REDUCTION: AtomicBool = AtomicBool::new(false);
-
-/// Tuning option of `v4`'s forward: mean and variance from one reduction of sums shifted by the
-/// row's first element (one exchange between a row's planes instead of two), instead of the
-/// mean, then `Σ (x − μ)²`. Off by default until measured faster. For benchmarks.
-#[doc(hidden)]
-pub fn set_forward_one_reduction(on: bool) {
-    FORWARD_ONE_REDUCTION.store(on, Ordering::SeqCst);
-}
-
-#[cfg(feature = "cube")]
-fn forward_one_reduction() -> bool {
-    FORWARD_ONE_REDUCTION.load(Ordering::SeqCst)
-}
-
-static FORWARD_STREAM: AtomicUsize = AtomicUsize::new(0);
-
-/// Tuning option of `v4`'s forward: `cubes_per_sm` > 0 launches that many cubes per
-/// multiprocessor, each walking row groups and loading the next group while it normalises the
-/// current one; 0 (default): one row group per cube. For benchmarks.
-#[doc(hidden)]
-pub fn set_forward_stream(cubes_per_sm: usize) {
-    FORWARD_STREAM.store(cubes_per_sm, Ordering::SeqCst);
-}
-
-#[cfg(feature = "cube")]
-fn forward_stream() -> usize {
-    FORWARD_STREAM.load(Ordering::SeqCst)
-}
-
-static BOUNDS_CHECKS: AtomicBool = AtomicBool::new(false);
-
-/// Whether `v4` kernels launch with CubeCL's per-access bounds checks (default off: each access
-/// is guarded explicitly). For benchmarks and debugging.
-#[doc(hidden)]
-pub fn set_bounds_checks(on: bool) {
-    BOUNDS_CHECKS.store(on, Ordering::SeqCst);
-}
-
-#[cfg(feature = "cube")]
-fn bounds_checks() -> bool {
-    BOUNDS_CHECKS.load(Ordering::SeqCst)
-}
-
-/// `v4`'s register cache (f32 values per unit).
-#[cfg(feature = "cube")]
-fn vector_cache() -> usize {
-    VECTOR_CACHE.load(Ordering::SeqCst)
-}
-
-/// The selected variant: set by [`set_variant`], else `BURN_PARALLEL_LN_KERNEL=v1|v4`, else `v4`.
-pub fn variant() -> LnKernel {
-    match VARIANT.load(Ordering::SeqCst) {
-        1 => LnKernel::Strided,
-        4 => LnKernel::Vectorized,
-        _ => {
-            let v = match std::env::var("BURN_PARALLEL_LN_KERNEL").as_deref() {
-                Ok("v1") => LnKernel::Strided,
-                _ => LnKernel::Vectorized,
-            };
-            set_variant(v);
-            v
-        }
-    }
 }
 
 /// Forward: `(y [n, h], mean [n, 1], rstd [n, 1])`.
