@@ -198,10 +198,10 @@ pub fn ln_forward_vec_kernel<F: Float, N: Size>(
         let cubes = CUBE_COUNT_X as usize;
         let mut group = CUBE_POS_X as usize;
         let mut next = Array::<Vector<F, N>>::new(per_unit);
-        let mut shift = load_row::<F, N>(x, &mut vals, group * rows + ty, block, per_unit);
+        let mut shift = load_row::<F, N>(x, &mut vals, group * rows + ty, block, per_unit, one_reduction);
         // Uniform over the cube (every unit takes the same trips), so the syncs inside are safe.
         while group < groups {
-            let next_shift = load_row::<F, N>(x, &mut next, (group + cubes) * rows + ty, block, per_unit);
+            let next_shift = load_row::<F, N>(x, &mut next, (group + cubes) * rows + ty, block, per_unit, one_reduction);
             normalize_row::<F, N>(&vals, shift, group * rows + ty, gamma, beta, y, mean, rstd, epsilon, &mut smem, block, per_unit, plane, one_reduction);
             #[unroll]
             for k in 0..per_unit {
@@ -212,13 +212,14 @@ pub fn ln_forward_vec_kernel<F: Float, N: Size>(
         }
     } else {
         let row = my_row();
-        let shift = load_row::<F, N>(x, &mut vals, row, block, per_unit);
+        let shift = load_row::<F, N>(x, &mut vals, row, block, per_unit, one_reduction);
         normalize_row::<F, N>(&vals, shift, row, gamma, beta, y, mean, rstd, epsilon, &mut smem, block, per_unit, plane, one_reduction);
     }
 }
 
-/// Loads this unit's share of `row` into `vals` (zeros past the row or the tensor) and returns
-/// the row's first element (the shift of the one-reduction variance; 0 past the tensor).
+/// Loads this unit's share of `row` into `vals` (zeros past the row or the tensor). Returns the
+/// row's first element with `with_shift` (the shift of the one-reduction variance), else 0 (and
+/// 0 past the tensor).
 #[cube]
 fn load_row<F: Float, N: Size>(
     x: &Tensor<Vector<F, N>>,
@@ -226,6 +227,7 @@ fn load_row<F: Float, N: Size>(
     row: usize,
     #[comptime] block: usize,
     #[comptime] per_unit: usize,
+    #[comptime] with_shift: bool,
 ) -> f32 {
     let valid = row < x.shape(0);
     let nv = x.shape(1) / x.vector_size();
@@ -241,8 +243,10 @@ fn load_row<F: Float, N: Size>(
         vals[k] = v;
     }
     let mut shift = f32::new(0.0);
-    if valid {
-        shift = f32::cast_from(x[base][0]);
+    if comptime![with_shift] {
+        if valid {
+            shift = f32::cast_from(x[base][0]);
+        }
     }
     shift
 }
