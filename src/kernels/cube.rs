@@ -244,7 +244,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
             let stream = super::forward_stream();
             let grid = if stream > 0 {
                 let sms = x.client.properties().hardware.num_streaming_multiprocessors.unwrap_or(128) as usize;
-                CubeCount::Static(groups.min(sms * stream).clamp(1, MAX_GRID) as u32, 1, 1)
+                CubeCount::Static(groups.min(sms.saturating_mul(stream)).clamp(1, MAX_GRID) as u32, 1, 1)
             } else {
                 rows_grid(groups)
             };
