@@ -2,11 +2,16 @@
 import torch
 import torch.nn.functional as F
 
-def t(fn, iters=50):
+def t(fn, iters=50, queue_ahead=False):
+    """µs per call by CUDA events. With `queue_ahead` (GPU-side, as device_check's): the calls
+    are queued behind a ≈ 8 ms sleep kernel, so the host's launch path overlaps it and the events
+    time the kernels back to back."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if queue_ahead:
+        torch.cuda._sleep(16_000_000)
     s.record()
     for _ in range(iters):
         fn()
@@ -14,21 +19,8 @@ def t(fn, iters=50):
     torch.cuda.synchronize()
     return s.elapsed_time(e) * 1e3 / iters
 
-def t_gpu(fn, iters=30):
-    """GPU-side µs per call ("queue-ahead", as device_check's): the calls are queued behind a
-    ≈ 8 ms sleep kernel, so the host's launch path overlaps it and the events time the kernels
-    back to back."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(16_000_000)
-    s.record()
-    for _ in range(iters):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) * 1e3 / iters
+def t_gpu(fn):
+    return t(fn, iters=30, queue_ahead=True)
 
 gpu_side = []
 print("| shape | dtype | torch fwd µs | torch bwd µs | torch fwd+bwd(sum) µs | torch fwd+bwd(dy) µs | torch sum+bwd alone µs |")

@@ -16,6 +16,9 @@ use burn_parallel::{Comm, NcclComm, ReduceOp};
 
 use crate::kernels::K;
 
+/// The benchmark shapes `[rows, hidden]` (ln-bench and ln-tune).
+const SHAPES: [[usize; 2]; 4] = [[8192, 768], [8192, 1024], [16384, 4096], [4096, 8192]];
+
 fn time<F: FnMut()>(f: F, iters: usize) -> f64 {
     time_on::<K, F>(f, iters)
 }
@@ -126,7 +129,7 @@ pub fn layer_norm(quick: bool, variants: &[Variant]) {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let busy = Tensor::<K, 1>::zeros([1 << 28], &dev);
     let mut gpu_side = Vec::new();
-    for [n, h] in [[8192, 768], [8192, 1024], [16384, 4096], [4096, 8192]] {
+    for [n, h] in SHAPES {
         for dtype in [DType::F32, DType::BF16] {
             let x = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
             let dy = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
@@ -233,7 +236,7 @@ pub fn forward_tune(variants: &[Variant]) {
     println!("| shape | dtype | {} | copy µs | best % of copy |", (0..variants.len()).map(|i| format!("v{i} µs")).collect::<Vec<_>>().join(" | "));
     println!("|---|---|{}---|---|", "---|".repeat(variants.len()));
     let busy = Tensor::<K, 1>::zeros([1 << 28], &dev);
-    for [n, h] in [[8192, 768], [8192, 1024], [16384, 4096], [4096, 8192]] {
+    for [n, h] in SHAPES {
         for dtype in [DType::F32, DType::BF16] {
             let x = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
             let g = Tensor::<K, 1>::ones([h], &dev).cast(dtype);

@@ -67,6 +67,11 @@ macro_rules! launch_v4 {
     };
 }
 
+/// The device's multiprocessors (128 where the runtime does not say, e.g. lavapipe).
+fn multiprocessors<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
+    t.client.properties().hardware.num_streaming_multiprocessors.unwrap_or(128) as usize
+}
+
 /// One cube per row, spread over x and y so that any row count fits the grid limits.
 fn rows_grid(n: usize) -> CubeCount {
     let x = n.clamp(1, MAX_GRID);
@@ -243,8 +248,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
             let groups = n.div_ceil(rows);
             let stream = super::forward_stream();
             let grid = if stream > 0 {
-                let sms = x.client.properties().hardware.num_streaming_multiprocessors.unwrap_or(128) as usize;
-                CubeCount::Static(groups.min(sms.saturating_mul(stream)).clamp(1, MAX_GRID) as u32, 1, 1)
+                CubeCount::Static(groups.min(multiprocessors(&x).saturating_mul(stream)).clamp(1, MAX_GRID) as u32, 1, 1)
             } else {
                 rows_grid(groups)
             };
@@ -355,7 +359,7 @@ fn fused_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
     let [n, h] = x.shape().dims::<2>();
     let dtype = x.dtype;
     let rows = cube_vec::rows_per_cube(block);
-    let sms = x.client.properties().hardware.num_streaming_multiprocessors.unwrap_or(128) as usize;
+    let sms = multiprocessors(&x);
     let cubes = n.div_ceil(super::backward_rows()).max(2 * sms).min(n.div_ceil(rows)).clamp(1, MAX_GRID);
     let dx = empty(&x, x.shape(), dtype);
     let partial = empty(&x, Shape::new([cubes, 2 * h]), DType::F32);
