@@ -4,7 +4,8 @@
 # in time and its logs come back).
 # Build here (x86_64, no GPU needed):   scripts/build-device-bin.sh   (-> gpu-bin/, git-ignored)
 # Run there:  BUDGET=540 bash scripts/device-check.sh STEP...     (default: every step, in order)
-#   steps: checks (kernels + nccl) kernels gpt gpt-local ln-bench ln-tune torch-ln nccl-bench torch-nccl;
+#   steps: checks (kernels + nccl) kernels gpt gpt-local ln-bench ln-tune ln-profile (ncu, if installed)
+#   torch-ln nccl-bench torch-nccl;
 #   `a+b` runs two steps side by side (e.g. `checks+gpt`: correctness checks while the GPT's
 #   kernels compile — never two benchmarks).
 # Output: $OUT/log.txt (every step's full log) and $OUT/cache.tgz (cubecl's kernel and autotune
@@ -29,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 limit_of() {
   case "$1" in
     checks) echo 240 ;; kernels) echo 120 ;; gpt) echo 300 ;; gpt-local) echo 240 ;;
-    ln-bench) echo 150 ;; ln-tune) echo 180 ;; torch-ln) echo 60 ;; nccl-bench) echo 90 ;;
+    ln-bench) echo 150 ;; ln-tune) echo 180 ;; ln-profile) echo 150 ;; torch-ln) echo 60 ;; nccl-bench) echo 90 ;;
     torch-nccl) echo 60 ;; *) echo 0 ;;
   esac
 }
@@ -42,6 +43,12 @@ run_step() { # name: runs it in the foreground, log to $out/.steps/name.txt
     gpt-local) exec ./gpt_pretrain --device cuda --comm local --tp 2 --pp 2 --microbatches 4 "${gpt[@]}" ;;
     ln-bench) exec ./device_check ln-bench ;;
     ln-tune) exec ./device_check ln-tune ;;
+    ln-profile) # the forward's launches under Nsight Compute: registers, occupancy, waves, DRAM throughput
+      local ncu
+      ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
+      [ -n "$ncu" ] || { echo "ncu: not installed"; return 1; }
+      exec "$ncu" --kernel-name regex:"ln_|binop|scalar" --launch-count 40 --section LaunchStats --section Occupancy --section SpeedOfLight \
+        --section WarpStateStats ./device_check ln-profile ;;
     torch-ln) exec python3 "$root/benches/torch_layer_norm.py" ;;
     nccl-bench) exec ./device_check nccl-bench ;;
     torch-nccl) exec python3 "$root/benches/torch_collectives.py" ;;
@@ -64,7 +71,7 @@ finish() { # name: appends its log; prints the summary lines
   [ -f "$f" ] || return 0
   { echo; echo "==================== $1"; cat "$f"; } >> "$log"
   echo "-- $1: $(tail -n 1 "$f")"
-  grep -E '(^(FAIL|\||[0-9]+ passed|error|Error|panicked|final|torch|element-wise|per-call|GPU-side|fusion)|loss: |tokens/s=)' "$f" | grep -v '^|---' | head -n 80
+  grep -E '(^(FAIL|\||[0-9]+ passed|error|Error|panicked|final|torch|element-wise|per-call|GPU-side|fusion|profiled|ncu)|loss: |tokens/s=|Context [0-9]|Registers Per Thread|Waves Per SM|Occupancy|Duration|DRAM Throughput|Block Limit)' "$f" | grep -v '^|---' | head -n 200
   rm -f "$f"
 }
 steps=("$@")

@@ -6,10 +6,7 @@
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use burn_parallel::kernels::{
-    layer_norm, set_backward_cache, set_backward_rows, set_bounds_checks, set_forward_one_reduction, set_forward_stream, set_variant, LayerNormBackend,
-    LnKernel,
-};
+use burn_parallel::kernels::{layer_norm, set_backward_cache, set_backward_rows, set_bounds_checks, set_variant, set_vector_cache, LayerNormBackend, LnKernel};
 use burn_parallel::rng::HostRng;
 
 type K = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
@@ -58,19 +55,15 @@ fn kernels_match_the_composed_reference() {
     set_bounds_checks(true);
     check_shapes();
     set_bounds_checks(false);
-    // v4's forward tuning options: one shifted reduction; a fixed grid walking row groups with
-    // the next group's loads in flight (1 cube per multiprocessor: on lavapipe fewer cubes than
-    // the row groups of [20000, 16] and [2000, 16], which take several trips; checked by
-    // breaking the loop's shift hand-over, which `check_far_from_zero` then caught).
-    for (one, stream) in [(false, 1), (true, 0), (true, 1)] {
-        set_forward_one_reduction(one);
-        set_forward_stream(stream);
+    // v4 with smaller and larger register caches (more or fewer units per row: other cube
+    // layouts, e.g. 2 and 4 rows per cube at h = 2048 with a cache of 4 and 8).
+    for cache in [4, 8, 32] {
+        set_vector_cache(cache);
         check_shapes();
-        check_far_from_zero();
         check_half();
     }
-    set_forward_one_reduction(false);
-    set_forward_stream(0);
+    set_vector_cache(16);
+    check_far_from_zero();
 }
 
 /// Both variants (other tests may switch the process-wide variant meanwhile: every variant must
@@ -97,12 +90,12 @@ fn check_shapes() {
     }
 }
 
-/// Rows far from 0 (mean ±1000, σ 2) against an f64 reference on the host: the one-reduction
-/// variance shifts by the row's first element and loses nothing to cancellation (a plain
-/// `E[x²] − E[x]²` in f32 would be off by ~1e-1 in the variance here, ~1e-2 in `y`).
+/// Rows far from 0 (mean ±1000, σ 2) against an f64 reference on the host: the two-pass
+/// variance loses nothing to cancellation (a plain `E[x²] − E[x]²` in f32 would be off by ~1e-1
+/// in the variance here, ~1e-2 in `y`).
 fn check_far_from_zero() {
-    // Row r is offset by 1000·(r % 3 − 1): a shift taken from another row (e.g. a stale one
-    // in the streaming loop: [2000, 16] and [300, 2048] take several trips) would be ~1000 off.
+    // Row r is offset by 1000·(r % 3 − 1): statistics taken from another row (e.g. a wrong row
+    // index with several rows per cube: [2000, 16]) would be ~1000 off.
     for &[n, h] in &[[37usize, 300], [9, 2048], [5, 4097], [2000, 16], [300, 2048]] {
         let offsets = (0..n).flat_map(|r| std::iter::repeat_n(1000.0 * ((r % 3) as f32 - 1.0), h));
         let v: Vec<f32> = data(&format!("far{n}x{h}"), &[n, h], 0.0).to_vec::<f32>().unwrap().iter().zip(offsets).map(|(x, o)| x + o).collect();

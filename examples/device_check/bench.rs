@@ -9,8 +9,7 @@ use burn::tensor::{DType, Distribution, Tensor, TensorData};
 use burn_parallel::backward_with;
 use burn_parallel::comm::ops;
 use burn_parallel::kernels::{
-    layer_norm as fused, set_backward_cache, set_backward_rows, set_bounds_checks, set_forward_one_reduction, set_forward_stream, set_variant,
-    set_vector_cache, LayerNormBackend, LnKernel,
+    layer_norm as fused, set_backward_cache, set_backward_rows, set_bounds_checks, set_variant, set_vector_cache, LayerNormBackend, LnKernel,
 };
 use burn_parallel::{Comm, NcclComm, ReduceOp};
 
@@ -92,16 +91,11 @@ pub struct Variant {
     pub checks: bool,
     /// v4's backward register cache (`None`: the library's rule).
     pub backward_cache: Option<usize>,
-    /// v4's forward: mean and variance from one shifted reduction.
-    pub one_reduction: bool,
-    /// v4's forward: cubes per multiprocessor walking row groups with the next row's loads in
-    /// flight (0: one row group per cube).
-    pub stream: usize,
 }
 
 impl Default for Variant {
     fn default() -> Self {
-        Self { kernel: LnKernel::Vectorized, cache: 16, rows: 64, checks: false, backward_cache: None, one_reduction: false, stream: 0 }
+        Self { kernel: LnKernel::Vectorized, cache: 16, rows: 64, checks: false, backward_cache: None }
     }
 }
 
@@ -112,8 +106,6 @@ impl Variant {
         set_backward_rows(self.rows);
         set_bounds_checks(self.checks);
         set_backward_cache(self.backward_cache);
-        set_forward_one_reduction(self.one_reduction);
-        set_forward_stream(self.stream);
     }
 }
 
@@ -192,20 +184,7 @@ pub fn layer_norm(quick: bool, variants: &[Variant]) {
         println!("| [{n}, {h}] | {dtype:?} | {f} | {fg} | {b} | {bg} | {c} | {cg} | {pct} |");
     }
     drop(busy);
-    // Under Fusion (burn's `Cuda`): the kernels as lazy ops of the fusion stream.
-    println!("\nthrough Fusion (burn::backend::Cuda), forward µs: ours via Fusion / ours on CubeBackend");
-    for [n, h] in [[8192, 1024], [16384, 4096]] {
-        for dtype in [DType::F32, DType::BF16] {
-            type C = burn::backend::Cuda;
-            let x = Tensor::<C, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
-            let (g, b) = (Tensor::<C, 1>::ones([h], &dev).cast(dtype), Tensor::<C, 1>::zeros([h], &dev).cast(dtype));
-            let via_fusion = time_on::<C, _>(|| drop(fused(x.clone(), g.clone(), b.clone(), 1e-5)), iters);
-            let xk = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
-            let (gk, bk) = (Tensor::<K, 1>::ones([h], &dev).cast(dtype), Tensor::<K, 1>::zeros([h], &dev).cast(dtype));
-            let direct = time(|| drop(fused(xk.clone(), gk.clone(), bk.clone(), 1e-5)), iters);
-            println!("fusion [{n}, {h}] {dtype:?}: {:.1} / {:.1}", via_fusion * 1e6, direct * 1e6);
-        }
-    }
+    fusion_table(iters);
     // The per-call floor (host launch path and allocations; the GPU work is negligible): calls
     // this short cannot show bandwidth.
     let (x, dy) = (Tensor::<K, 2>::ones([8, 1024], &dev), Tensor::<K, 2>::ones([8, 1024], &dev));
@@ -259,11 +238,64 @@ pub fn forward_tune(variants: &[Variant]) {
     }
 }
 
-type A = Autodiff<K>;
+/// A few forwards of each variant and same-shape copies at `[n, h]` (f32, bf16), synchronised
+/// after each: the launches a profiler (`ncu`) inspects, nothing timed.
+pub fn forward_profile(variants: &[Variant], [n, h]: [usize; 2]) {
+    let dev = Default::default();
+    for dtype in [DType::F32, DType::BF16] {
+        let x = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
+        let (g, b) = (Tensor::<K, 1>::ones([h], &dev).cast(dtype), Tensor::<K, 1>::zeros([h], &dev).cast(dtype));
+        for (i, v) in variants.iter().enumerate() {
+            v.apply();
+            for _ in 0..2 {
+                drop(fused(x.clone(), g.clone(), b.clone(), 1e-5));
+                K::sync(&dev).unwrap();
+            }
+            println!("profiled [{n}, {h}] {dtype:?} v{i}: {v:?}");
+        }
+        Variant::default().apply();
+        drop(x.clone().add_scalar(1.0));
+        K::sync(&dev).unwrap();
+    }
+}
 
-fn autodiff_inputs(x: &Tensor<K, 2>, g: &Tensor<K, 1>, b: &Tensor<K, 1>) -> (Tensor<A, 2>, Tensor<A, 1>, Tensor<A, 1>) {
-    let xa = Tensor::<A, 2>::from_inner(x.clone()).require_grad();
-    (xa, Tensor::<A, 1>::from_inner(g.clone()).require_grad(), Tensor::<A, 1>::from_inner(b.clone()).require_grad())
+/// `x`, `γ`, `β` as tracked leaves of `Autodiff<B>`.
+type Leaves<B> = (Tensor<Autodiff<B>, 2>, Tensor<Autodiff<B>, 1>, Tensor<Autodiff<B>, 1>);
+
+fn autodiff_inputs<B: Backend>(x: &Tensor<B, 2>, g: &Tensor<B, 1>, b: &Tensor<B, 1>) -> Leaves<B> {
+    let xa = Tensor::<Autodiff<B>, 2>::from_inner(x.clone()).require_grad();
+    (xa, Tensor::<Autodiff<B>, 1>::from_inner(g.clone()).require_grad(), Tensor::<Autodiff<B>, 1>::from_inner(b.clone()).require_grad())
+}
+
+/// Through Fusion (`burn::backend::Cuda`, Burn's default CUDA backend; our kernels run as lazy
+/// ops of its stream): forward, forward + autodiff backward of `sum()` and of a dense `dy`, ours
+/// and Burn's composed ops, µs per call, host-timed like the first table. Fusion turns
+/// `sum()`'s backward (ones × grad) into one element-wise kernel.
+fn fusion_table(iters: usize) {
+    type C = burn::backend::Cuda;
+    let dev = Default::default();
+    println!("\nthrough Fusion (burn::backend::Cuda), µs per call (host-timed):");
+    println!("| shape | dtype | ours fwd | ours fwd+bwd(sum) | ours fwd+bwd(dy) | burn fwd | burn fwd+bwd(sum) | burn fwd+bwd(dy) | burn sum+bwd alone |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for [n, h] in SHAPES {
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Tensor::<C, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
+            let dy = Tensor::<C, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
+            let (g, b) = (Tensor::<C, 1>::ones([h], &dev).cast(dtype), Tensor::<C, 1>::zeros([h], &dev).cast(dtype));
+            let (xa, ga, ba) = autodiff_inputs(&x, &g, &b);
+            let t = |f: &mut dyn FnMut()| time_on::<C, _>(f, iters) * 1e6;
+            let row = [
+                t(&mut || drop(fused(x.clone(), g.clone(), b.clone(), 1e-5))),
+                t(&mut || drop(fused(xa.clone(), ga.clone(), ba.clone(), 1e-5).sum().backward())),
+                t(&mut || drop(backward_with(fused(xa.clone(), ga.clone(), ba.clone(), 1e-5), dy.clone()).unwrap())),
+                t(&mut || drop(composed(x.clone(), g.clone(), b.clone()))),
+                t(&mut || drop(composed(xa.clone(), ga.clone(), ba.clone()).sum().backward())),
+                t(&mut || drop(backward_with(composed(xa.clone(), ga.clone(), ba.clone()), dy.clone()).unwrap())),
+                t(&mut || drop(xa.clone().sum().backward())),
+            ];
+            println!("| [{n}, {h}] | {dtype:?} | {} |", row.map(|v| format!("{v:.1}")).join(" | "));
+        }
+    }
 }
 
 /// Our layer norm under the selected variant: `[forward, backward op alone, forward + autodiff

@@ -3,7 +3,7 @@
 use burn::backend::{Cuda, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use burn_parallel::kernels::{set_backward_cache, set_forward_one_reduction, set_forward_stream, set_variant, LayerNormBackend, LnKernel};
+use burn_parallel::kernels::{set_backward_cache, set_variant, set_vector_cache, LayerNormBackend, LnKernel};
 use burn_parallel::rng::HostRng;
 
 use crate::Report;
@@ -75,18 +75,15 @@ pub fn run(report: &mut Report, quick: bool, variants: &[LnKernel]) {
         }
     }
     set_backward_cache(None);
-    // v4's forward tuning options (`ln-tune`): one shifted reduction (its plane path runs only
-    // here: lavapipe has no plane ops), streaming cubes (2 per multiprocessor: the 70000-row
-    // shape takes many trips).
-    for (one, stream) in [(true, 0), (false, 2), (true, 4)] {
-        set_forward_one_reduction(one);
-        set_forward_stream(stream);
+    // v4 with the register caches `ln-tune` times (other cube layouts; plane sums with cube
+    // exchanges run only here: lavapipe has no plane ops).
+    for cache in [8, 32] {
+        set_vector_cache(cache);
         for &[n, h] in shapes {
-            check_shape(report, &format!("Vectorized one_reduction={one} stream={stream}"), n, h);
+            check_shape(report, &format!("Vectorized cache {cache}"), n, h);
         }
     }
-    set_forward_one_reduction(false);
-    set_forward_stream(0);
+    set_vector_cache(16);
     // Fusion (burn's default `Cuda`): the kernels as lazy ops of the fusion stream (inputs from
     // queued casts), identical to CubeBackend.
     for (dtype, [n, h]) in [(DType::F32, [129, 4097]), (DType::BF16, [129, 4097]), (DType::BF16, [4096, 1024])] {

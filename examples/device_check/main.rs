@@ -1,7 +1,7 @@
 //! Every check and benchmark that needs the GPU machine, in one binary (feature `cuda`):
 //!
 //! ```text
-//! device_check [all | kernels nccl ln-bench nccl-bench ...] [ln-tune] [--quick]
+//! device_check [all | kernels nccl ln-bench nccl-bench ...] [ln-tune] [ln-profile] [--quick]
 //! ```
 //! - `kernels`: the fused layer-norm kernels on CUDA (f32, bf16) against the composed reference
 //!   (computed on the CPU from the same rounded inputs), many shapes; `Fusion` == `CubeBackend`.
@@ -10,8 +10,10 @@
 //!   local backend; the differentiable mappings on `Autodiff<Cuda>` through NCCL.
 //! - `ln-bench`: fused vs composed layer norm, forward, backward and forward+backward, µs and GB/s;
 //!   GPU-side times against a same-shape element-wise op (a copy of the same bytes).
-//! - `ln-tune` (only when named): GPU-side forward of the `v4` tuning options (one shifted
-//!   reduction, streaming cubes, a larger register cache) against the same-shape copy.
+//! - `ln-tune` (only when named): GPU-side forward of `v4` with other register caches against
+//!   the same-shape copy.
+//! - `ln-profile` (only when named): a few forwards of those variants and a copy at
+//!   [8192, 1024], for `ncu` (nothing timed).
 //! - `nccl-bench`: all-reduce / all-gather / reduce-scatter from 1 MB to 1 GB (world 1: overhead
 //!   only), device path vs raw NCCL vs host-staged.
 //!
@@ -81,12 +83,15 @@ fn main() {
     if on("ln-bench") {
         bench::layer_norm(quick, &[v4, bench::Variant { backward_cache: Some(16), ..v4 }]);
     }
-    // v4's forward options: one shifted reduction, streaming cubes (2, 4, 8 per multiprocessor),
-    // both, and a register cache of 32 f32 values (64 bf16) per unit.
+    // v4's forward with register caches of 8 and 32 f32 values per unit (the row over twice or
+    // half the units at h ≥ 2048; h ≤ 1024 stays in one plane); `ln-profile` launches them at
+    // [8192, 1024] for a profiler (`ncu ... device_check ln-profile`).
+    let caches = [v4, bench::Variant { cache: 8, ..v4 }, bench::Variant { cache: 32, ..v4 }];
     if whats.contains(&"ln-tune") {
-        let one = bench::Variant { one_reduction: true, ..v4 };
-        let stream = [2, 4, 8].map(|s| bench::Variant { stream: s, ..v4 });
-        bench::forward_tune(&[v4, one, stream[0], stream[1], stream[2], bench::Variant { stream: 4, ..one }, bench::Variant { cache: 32, ..v4 }]);
+        bench::forward_tune(&caches);
+    }
+    if whats.contains(&"ln-profile") {
+        bench::forward_profile(&caches, [8192, 1024]);
     }
     if on("nccl-bench") {
         if let Err(e) = bench::collectives(quick) {

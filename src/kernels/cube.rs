@@ -244,17 +244,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let mean = empty(&x, Shape::new([n, 1]), DType::F32);
         let rstd = empty(&x, Shape::new([n, 1]), DType::F32);
         let dtype = x.dtype;
-        if let Some((vector, block, rows, pu, plane)) = vectorized(h, dtype, &x.client, true, super::forward_cache(dtype.size())) {
-            let groups = n.div_ceil(rows);
-            let stream = super::forward_stream();
-            let grid = if stream > 0 {
-                CubeCount::Static(groups.min(multiprocessors(&x).saturating_mul(stream)).clamp(1, MAX_GRID) as u32, 1, 1)
-            } else {
-                rows_grid(groups)
-            };
+        // v4's forward takes the row count as a u32 argument (v1 reads it from the tensor).
+        let geometry = vectorized(h, dtype, &x.client, true, super::forward_cache(dtype.size())).filter(|_| u32::try_from(n).is_ok());
+        if let Some((vector, block, rows, pu, plane)) = geometry {
             launch_v4!(cube_vec::ln_forward_vec_kernel;
                 &x.client,
-                grid,
+                rows_grid(n.div_ceil(rows)),
                 CubeDim::new_2d(block as u32, rows as u32),
                 vector,
                 x.clone().into_tensor_arg(),
@@ -263,12 +258,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
                 y.clone().into_tensor_arg(),
                 mean.clone().into_tensor_arg(),
                 rstd.clone().into_tensor_arg(),
+                n as u32,
+                (h / vector) as u32,
+                1.0 / h as f32,
                 epsilon,
                 block,
+                rows,
                 pu,
                 plane,
-                super::forward_one_reduction(),
-                stream > 0,
                 dtype.into(),
             );
             return (y, mean, rstd);

@@ -14,10 +14,8 @@ mod cube_vec;
 mod tuning;
 
 #[cfg(feature = "cube")]
-use tuning::{backward_cache, backward_rows, bounds_checks, forward_cache, forward_one_reduction, forward_stream, vector_cache};
-pub use tuning::{
-    set_backward_cache, set_backward_rows, set_bounds_checks, set_forward_one_reduction, set_forward_stream, set_variant, set_vector_cache, variant, LnKernel,
-};
+use tuning::{backward_cache, backward_rows, bounds_checks, forward_cache, vector_cache};
+pub use tuning::{set_backward_cache, set_backward_rows, set_bounds_checks, set_variant, set_vector_cache, variant, LnKernel};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

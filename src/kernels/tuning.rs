@@ -13,7 +13,7 @@ pub enum LnKernel {
     Strided,
     /// `v4` (default): the row's share cached in registers, 128-bit vector loads/stores, units
     /// per row sized to the row (several rows per cube for short rows; ≤ 16 cached values per
-    /// unit: 32 in the bf16/f16 forward, which caches the storage dtype) and plane reductions where
+    /// unit: 32 in the bf16/f16 forward, as many as 16 f32 take bytes) and plane reductions where
     /// planes have 32 lanes (rows up to 1024 × 16 = 16384 wide; 32768 for a bf16/f16 forward).
     /// Fastest on the H200 at every benchmarked shape (BENCHMARKS.md; it superseded `v2`, the
     /// same register cache with scalar loads and 256 units per row, and `v3`, `v2` with plane
@@ -70,43 +70,13 @@ pub(super) fn backward_rows() -> usize {
     BACKWARD_ROWS.load(Ordering::SeqCst)
 }
 
-/// The forward's register cache in values of an element of `size` bytes: the same bytes as
-/// `vector_cache()` f32 values (the forward caches the row in its storage dtype: 32 bf16 values
-/// by default; on the H200 that was 3–7% faster at [4096, 8192] bf16 than 16, and the same
-/// elsewhere).
+/// The forward's register cache in values of an element of `size` bytes: as many values as
+/// `vector_cache()` f32 values take bytes (32 bf16 values by default, cached as f32 since the
+/// lean forward; as bf16 storage that was 3–7% faster at [4096, 8192] bf16 than 16 values, and the
+/// same elsewhere, on the H200).
 #[cfg(feature = "cube")]
 pub(super) fn forward_cache(size: usize) -> usize {
     vector_cache() * 4 / size.clamp(1, 4)
-}
-
-static FORWARD_ONE_REDUCTION: AtomicBool = AtomicBool::new(false);
-
-/// Tuning option of `v4`'s forward: mean and variance from one reduction of sums shifted by the
-/// row's first element (one exchange between a row's planes instead of two), instead of the
-/// mean, then `Σ (x − μ)²`. Off by default until measured faster. For benchmarks.
-#[doc(hidden)]
-pub fn set_forward_one_reduction(on: bool) {
-    FORWARD_ONE_REDUCTION.store(on, Ordering::SeqCst);
-}
-
-#[cfg(feature = "cube")]
-pub(super) fn forward_one_reduction() -> bool {
-    FORWARD_ONE_REDUCTION.load(Ordering::SeqCst)
-}
-
-static FORWARD_STREAM: AtomicUsize = AtomicUsize::new(0);
-
-/// Tuning option of `v4`'s forward: `cubes_per_sm` > 0 launches that many cubes per
-/// multiprocessor, each walking row groups and loading the next group while it normalises the
-/// current one; 0 (default): one row group per cube. For benchmarks.
-#[doc(hidden)]
-pub fn set_forward_stream(cubes_per_sm: usize) {
-    FORWARD_STREAM.store(cubes_per_sm, Ordering::SeqCst);
-}
-
-#[cfg(feature = "cube")]
-pub(super) fn forward_stream() -> usize {
-    FORWARD_STREAM.load(Ordering::SeqCst)
 }
 
 static BOUNDS_CHECKS: AtomicBool = AtomicBool::new(false);

@@ -80,8 +80,8 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
             sg += lanes_sum::<N>(g);
             sgx += lanes_sum::<N>(g * xhat);
         }
-        let mean_g = row_sum(&mut smem, sg, block, plane) / hf;
-        let mean_gx = row_sum(&mut smem, sgx, block, plane) / hf;
+        let mean_g = row_sum(&mut smem, sg, block, plane, false) / hf;
+        let mean_gx = row_sum(&mut smem, sgx, block, plane, false) / hf;
         #[unroll]
         for k in 0..per_unit {
             let c = tid + k * block;

@@ -28,7 +28,9 @@ use burn_cubecl::cubecl;
 use cubecl::prelude::*;
 
 mod backward;
+mod forward;
 pub use backward::{ln_backward_fused_vec_kernel, ln_partials_sum_kernel};
+pub use forward::ln_forward_vec_kernel;
 
 /// Launch geometry for rows of `h` elements in vectors of `vector` elements with at most
 /// `max_units` units per cube: `(block, rows per cube, vectors per unit)`, or `None` if the row
@@ -60,15 +62,33 @@ pub fn rows_per_cube(block: usize) -> usize {
     (256 / block).max(1)
 }
 
-/// Sum of `value` over the `block` units of this unit's row (cube layout `(block, rows)`); every
-/// unit of the row gets the total. `smem` has `block × rows` slots. `plane`: 32-lane plane ops.
+/// Sum over a plane of exactly 32 lanes: CubeCL's `plane_sum` (a loop over the plane size at
+/// run time), or with `butterfly` five unrolled xor-shuffles.
 #[cube]
-fn row_sum(smem: &mut SharedMemory<f32>, value: f32, #[comptime] block: usize, #[comptime] plane: bool) -> f32 {
+fn plane_total(value: f32, #[comptime] butterfly: bool) -> f32 {
+    let mut v = value;
+    if comptime![butterfly] {
+        v += plane_shuffle_xor(v, 16);
+        v += plane_shuffle_xor(v, 8);
+        v += plane_shuffle_xor(v, 4);
+        v += plane_shuffle_xor(v, 2);
+        v += plane_shuffle_xor(v, 1);
+    } else {
+        v = plane_sum(value);
+    }
+    v
+}
+
+/// Sum of `value` over the `block` units of this unit's row (cube layout `(block, rows)`); every
+/// unit of the row gets the total. `smem` has `block × rows` slots. `plane`: 32-lane plane ops
+/// (`butterfly`: see [`plane_total`]).
+#[cube]
+fn row_sum(smem: &mut SharedMemory<f32>, value: f32, #[comptime] block: usize, #[comptime] plane: bool, #[comptime] butterfly: bool) -> f32 {
     let tid = UNIT_POS_X as usize;
     let base = UNIT_POS_Y as usize * block;
     let mut total = f32::new(0.0);
     if comptime![plane] {
-        let partial = plane_sum(value);
+        let partial = plane_total(value, butterfly);
         if comptime![block == 32] {
             total = partial;
         } else {
@@ -101,56 +121,6 @@ fn row_sum(smem: &mut SharedMemory<f32>, value: f32, #[comptime] block: usize, #
     total
 }
 
-/// [`row_sum`] of two values at once (one exchange through shared memory, `smem` with
-/// `2 × block × rows` slots).
-#[cube]
-fn row_sum2(smem: &mut SharedMemory<f32>, a: f32, b: f32, #[comptime] block: usize, #[comptime] plane: bool) -> (f32, f32) {
-    let tid = UNIT_POS_X as usize;
-    let base = UNIT_POS_Y as usize * block;
-    let second = comptime![block * rows_per_cube(block)];
-    let mut ta = f32::new(0.0);
-    let mut tb = f32::new(0.0);
-    if comptime![plane] {
-        let pa = plane_sum(a);
-        let pb = plane_sum(b);
-        if comptime![block == 32] {
-            ta = pa;
-            tb = pb;
-        } else {
-            if tid % 32 == 0 {
-                smem[base + tid / 32] = pa;
-                smem[second + base + tid / 32] = pb;
-            }
-            sync_cube();
-            #[unroll]
-            for p in 0..comptime![block / 32] {
-                ta += smem[base + p];
-                tb += smem[second + base + p];
-            }
-            sync_cube();
-        }
-    } else {
-        smem[base + tid] = a;
-        smem[second + base + tid] = b;
-        sync_cube();
-        let mut stride = CUBE_DIM_X as usize / 2;
-        while stride > 0 {
-            if tid < stride {
-                let oa = smem[base + tid + stride];
-                let ob = smem[second + base + tid + stride];
-                smem[base + tid] += oa;
-                smem[second + base + tid] += ob;
-            }
-            sync_cube();
-            stride /= 2;
-        }
-        ta = smem[base];
-        tb = smem[second + base];
-        sync_cube();
-    }
-    (ta, tb)
-}
-
 /// Sum of a vector's lanes.
 #[cube]
 fn lanes_sum<N: Size>(v: Vector<f32, N>) -> f32 {
@@ -166,198 +136,4 @@ fn lanes_sum<N: Size>(v: Vector<f32, N>) -> f32 {
 #[cube]
 fn my_row() -> usize {
     (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize * CUBE_DIM_Y as usize + UNIT_POS_Y as usize
-}
-
-/// The forward. Without `stream`, one row group per cube. With `stream` (a tuning option,
-/// `set_forward_stream`), a fixed grid of cubes walks the row groups (grid-stride) and loads the
-/// next group's row while it normalises the current one (two register caches), so loads stay in
-/// flight through the reductions and the writes.
-#[cube(launch, launch_unchecked)]
-pub fn ln_forward_vec_kernel<F: Float, N: Size>(
-    x: &Tensor<Vector<F, N>>,
-    gamma: &Tensor<Vector<F, N>>,
-    beta: &Tensor<Vector<F, N>>,
-    y: &mut Tensor<Vector<F, N>>,
-    mean: &mut Tensor<f32>,
-    rstd: &mut Tensor<f32>,
-    epsilon: f32,
-    #[comptime] block: usize,
-    #[comptime] per_unit: usize,
-    #[comptime] plane: bool,
-    #[comptime] one_reduction: bool,
-    #[comptime] stream: bool,
-    #[define(F)] _dtype: StorageType,
-) {
-    // Two slots per unit for `row_sum2` (one reduction of two sums), else one (as `row_sum`).
-    let mut smem = SharedMemory::<f32>::new(comptime![(if one_reduction { 2 } else { 1 }) * block * rows_per_cube(block)]);
-    // The row's share in the storage dtype (half the registers of f32 for bf16/f16), cast to
-    // f32 at each use. (Loading γ/β here too, before the reductions, was slower on the H200.)
-    let mut vals = Array::<Vector<F, N>>::new(per_unit);
-    if comptime![stream] {
-        let rows = comptime![rows_per_cube(block)];
-        let ty = UNIT_POS_Y as usize;
-        let groups = (x.shape(0) + rows - 1) / rows;
-        let cubes = CUBE_COUNT_X as usize;
-        let mut group = CUBE_POS_X as usize;
-        let mut next = Array::<Vector<F, N>>::new(per_unit);
-        let mut shift = load_row::<F, N>(x, &mut vals, group * rows + ty, block, per_unit, one_reduction);
-        // Uniform over the cube (every unit takes the same trips), so the syncs inside are safe.
-        while group < groups {
-            let next_shift = load_row::<F, N>(x, &mut next, (group + cubes) * rows + ty, block, per_unit, one_reduction);
-            normalize_row::<F, N>(&vals, shift, group * rows + ty, gamma, beta, y, mean, rstd, epsilon, &mut smem, block, per_unit, plane, one_reduction);
-            #[unroll]
-            for k in 0..per_unit {
-                vals[k] = next[k];
-            }
-            shift = next_shift;
-            group += cubes;
-        }
-    } else {
-        let row = my_row();
-        let shift = load_row::<F, N>(x, &mut vals, row, block, per_unit, one_reduction);
-        normalize_row::<F, N>(&vals, shift, row, gamma, beta, y, mean, rstd, epsilon, &mut smem, block, per_unit, plane, one_reduction);
-    }
-}
-
-/// Loads this unit's share of `row` into `vals` (zeros past the row or the tensor). Returns the
-/// row's first element with `with_shift` (the shift of the one-reduction variance), else 0 (and
-/// 0 past the tensor).
-#[cube]
-fn load_row<F: Float, N: Size>(
-    x: &Tensor<Vector<F, N>>,
-    vals: &mut Array<Vector<F, N>>,
-    row: usize,
-    #[comptime] block: usize,
-    #[comptime] per_unit: usize,
-    #[comptime] with_shift: bool,
-) -> f32 {
-    let valid = row < x.shape(0);
-    let nv = x.shape(1) / x.vector_size();
-    let base = row * nv;
-    let tid = UNIT_POS_X as usize;
-    #[unroll]
-    for k in 0..per_unit {
-        let c = tid + k * block;
-        let mut v = Vector::<F, N>::cast_from(Vector::<f32, N>::new(0.0));
-        if valid && c < nv {
-            v = x[base + c];
-        }
-        vals[k] = v;
-    }
-    let mut shift = f32::new(0.0);
-    if comptime![with_shift] {
-        if valid {
-            shift = f32::cast_from(x[base][0]);
-        }
-    }
-    shift
-}
-
-/// Mean and (biased) variance of the row from the units' shares: the mean, then `Σ (x − μ)²`
-/// from the registers (two reductions).
-#[cube]
-fn row_stats<F: Float, N: Size>(
-    vals: &Array<Vector<F, N>>,
-    nv: usize,
-    hf: f32,
-    smem: &mut SharedMemory<f32>,
-    #[comptime] block: usize,
-    #[comptime] per_unit: usize,
-    #[comptime] plane: bool,
-) -> (f32, f32) {
-    let tid = UNIT_POS_X as usize;
-    let mut acc = f32::new(0.0);
-    #[unroll]
-    for k in 0..per_unit {
-        acc += lanes_sum::<N>(Vector::cast_from(vals[k]));
-    }
-    let m = row_sum(smem, acc, block, plane) / hf;
-    let mut acc2 = f32::new(0.0);
-    #[unroll]
-    for k in 0..per_unit {
-        if tid + k * block < nv {
-            let d = Vector::<f32, N>::cast_from(vals[k]) - Vector::new(m);
-            acc2 += lanes_sum::<N>(d * d);
-        }
-    }
-    (m, row_sum(smem, acc2, block, plane) / hf)
-}
-
-/// [`row_stats`] from one reduction of `Σ (x − s)` and `Σ (x − s)²`, shifted by the row's first
-/// element `s`: `var = E[(x−s)²] − E[x−s]²`, whose relative rounding error is of order
-/// `ε·(1 + (μ − s)²/σ²)`, not `ε·μ²/σ²` as without the shift: `(μ − s)²/σ²` is about 1 for a
-/// typical first element and at most `h − 1` (an extreme outlier: ≈ 1e-3 at h = 16384).
-#[cube]
-fn row_stats_shifted<F: Float, N: Size>(
-    vals: &Array<Vector<F, N>>,
-    shift: f32,
-    nv: usize,
-    hf: f32,
-    smem: &mut SharedMemory<f32>,
-    #[comptime] block: usize,
-    #[comptime] per_unit: usize,
-    #[comptime] plane: bool,
-) -> (f32, f32) {
-    let tid = UNIT_POS_X as usize;
-    let mut acc = f32::new(0.0);
-    let mut acc2 = f32::new(0.0);
-    #[unroll]
-    for k in 0..per_unit {
-        if tid + k * block < nv {
-            let d = Vector::<f32, N>::cast_from(vals[k]) - Vector::new(shift);
-            acc += lanes_sum::<N>(d);
-            acc2 += lanes_sum::<N>(d * d);
-        }
-    }
-    let (s1, s2) = row_sum2(smem, acc, acc2, block, plane);
-    let d = s1 / hf;
-    (shift + d, f32::max(s2 / hf - d * d, 0.0))
-}
-
-/// Normalises `row` from the units' cached shares `vals` (every unit of the cube calls this,
-/// whether its row exists or not: it syncs): [`row_stats`], or [`row_stats_shifted`] with
-/// `one_reduction`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn normalize_row<F: Float, N: Size>(
-    vals: &Array<Vector<F, N>>,
-    shift: f32,
-    row: usize,
-    gamma: &Tensor<Vector<F, N>>,
-    beta: &Tensor<Vector<F, N>>,
-    y: &mut Tensor<Vector<F, N>>,
-    mean: &mut Tensor<f32>,
-    rstd: &mut Tensor<f32>,
-    epsilon: f32,
-    smem: &mut SharedMemory<f32>,
-    #[comptime] block: usize,
-    #[comptime] per_unit: usize,
-    #[comptime] plane: bool,
-    #[comptime] one_reduction: bool,
-) {
-    let valid = row < y.shape(0);
-    let h = y.shape(1);
-    let nv = h / y.vector_size();
-    let base = row * nv;
-    let tid = UNIT_POS_X as usize;
-    let hf = f32::cast_from(h as u32);
-    let (m, var) = if comptime![one_reduction] {
-        row_stats_shifted::<F, N>(vals, shift, nv, hf, smem, block, per_unit, plane)
-    } else {
-        row_stats::<F, N>(vals, nv, hf, smem, block, per_unit, plane)
-    };
-    let r = f32::new(1.0) / f32::sqrt(var + epsilon);
-    #[unroll]
-    for k in 0..per_unit {
-        let c = tid + k * block;
-        if valid && c < nv {
-            let g = Vector::<f32, N>::cast_from(gamma[c]);
-            let b = Vector::<f32, N>::cast_from(beta[c]);
-            y[base + c] = Vector::cast_from((Vector::<f32, N>::cast_from(vals[k]) - Vector::new(m)) * Vector::new(r) * g + b);
-        }
-    }
-    if valid && tid == 0 {
-        mean[row] = m;
-        rstd[row] = r;
-    }
 }
