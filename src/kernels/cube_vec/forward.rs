@@ -17,17 +17,16 @@ use cubecl::prelude::*;
 
 use super::{lanes_sum, my_row, row_sum};
 
-/// A row's layout in the cube (`block` units per row, `rows` rows per cube, `per_unit` vectors
-/// per unit; `plane`: 32-lane plane reductions).
+/// A row's layout in the cube (`block` units per row, `per_unit` vectors per unit; `plane`:
+/// 32-lane plane reductions).
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 struct RowGeometry {
     block: usize,
-    rows: usize,
     per_unit: usize,
     plane: bool,
 }
 
-/// The forward over `[n_rows, n_vec × N]` (`inv_h = 1/h`, rounded to f32).
+/// The forward over `[n_rows, n_vec × N]` (`inv_h = 1/h`, rounded to f32), `rows` rows per cube.
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn ln_forward_vec_kernel<F: Float, N: Size>(
@@ -48,7 +47,7 @@ pub fn ln_forward_vec_kernel<F: Float, N: Size>(
     #[define(F)] _dtype: StorageType,
 ) {
     let mut smem = SharedMemory::<f32>::new(comptime![block * rows]);
-    let geo = comptime![RowGeometry { block, rows, per_unit, plane }];
+    let geo = comptime![RowGeometry { block, per_unit, plane }];
     let (n, nv) = (n_rows as usize, n_vec as usize);
     let row = my_row();
     let mut vals = Array::<Vector<f32, N>>::new(per_unit);
