@@ -123,10 +123,7 @@ pub fn layer_norm(quick: bool, variants: &[Variant]) {
     let mut gpu_side = Vec::new();
     for [n, h] in SHAPES {
         for dtype in [DType::F32, DType::BF16] {
-            let x = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
-            let dy = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
-            let g = Tensor::<K, 1>::ones([h], &dev).cast(dtype);
-            let b = Tensor::<K, 1>::zeros([h], &dev).cast(dtype);
+            let (x, dy, g, b) = ln_inputs::<K>(n, h, dtype);
             let ours: Vec<[f64; 4]> = variants
                 .iter()
                 .map(|v| {
@@ -217,9 +214,7 @@ pub fn forward_tune(variants: &[Variant]) {
     let busy = Tensor::<K, 1>::zeros([1 << 28], &dev);
     for [n, h] in SHAPES {
         for dtype in [DType::F32, DType::BF16] {
-            let x = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
-            let g = Tensor::<K, 1>::ones([h], &dev).cast(dtype);
-            let b = Tensor::<K, 1>::zeros([h], &dev).cast(dtype);
+            let (x, _, g, b) = ln_inputs::<K>(n, h, dtype);
             let times: Vec<Option<f64>> = variants
                 .iter()
                 .map(|v| {
@@ -243,8 +238,7 @@ pub fn forward_tune(variants: &[Variant]) {
 pub fn forward_profile(variants: &[Variant], [n, h]: [usize; 2]) {
     let dev = Default::default();
     for dtype in [DType::F32, DType::BF16] {
-        let x = Tensor::<K, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
-        let (g, b) = (Tensor::<K, 1>::ones([h], &dev).cast(dtype), Tensor::<K, 1>::zeros([h], &dev).cast(dtype));
+        let (x, _, g, b) = ln_inputs::<K>(n, h, dtype);
         for (i, v) in variants.iter().enumerate() {
             v.apply();
             for _ in 0..2 {
@@ -259,6 +253,13 @@ pub fn forward_profile(variants: &[Variant], [n, h]: [usize; 2]) {
     }
 }
 
+/// Benchmark inputs `[n, h]` in `dtype`: `x` and `dy` ~ N(0, 1), `γ` = 1, `β` = 0.
+fn ln_inputs<B: Backend>(n: usize, h: usize, dtype: DType) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 1>) {
+    let dev = Default::default();
+    let normal = || Tensor::<B, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
+    (normal(), normal(), Tensor::<B, 1>::ones([h], &dev).cast(dtype), Tensor::<B, 1>::zeros([h], &dev).cast(dtype))
+}
+
 /// `x`, `γ`, `β` as tracked leaves of `Autodiff<B>`.
 type Leaves<B> = (Tensor<Autodiff<B>, 2>, Tensor<Autodiff<B>, 1>, Tensor<Autodiff<B>, 1>);
 
@@ -269,19 +270,16 @@ fn autodiff_inputs<B: Backend>(x: &Tensor<B, 2>, g: &Tensor<B, 1>, b: &Tensor<B,
 
 /// Through Fusion (`burn::backend::Cuda`, Burn's default CUDA backend; our kernels run as lazy
 /// ops of its stream): forward, forward + autodiff backward of `sum()` and of a dense `dy`, ours
-/// and Burn's composed ops, µs per call, host-timed like the first table. Fusion turns
-/// `sum()`'s backward (ones × grad) into one element-wise kernel.
+/// and Burn's composed ops, µs per call, host-timed like the first table (does Fusion change
+/// what `sum()`'s backward costs?).
 fn fusion_table(iters: usize) {
     type C = burn::backend::Cuda;
-    let dev = Default::default();
     println!("\nthrough Fusion (burn::backend::Cuda), µs per call (host-timed):");
     println!("| shape | dtype | ours fwd | ours fwd+bwd(sum) | ours fwd+bwd(dy) | burn fwd | burn fwd+bwd(sum) | burn fwd+bwd(dy) | burn sum+bwd alone |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for [n, h] in SHAPES {
         for dtype in [DType::F32, DType::BF16] {
-            let x = Tensor::<C, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
-            let dy = Tensor::<C, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &dev).cast(dtype);
-            let (g, b) = (Tensor::<C, 1>::ones([h], &dev).cast(dtype), Tensor::<C, 1>::zeros([h], &dev).cast(dtype));
+            let (x, dy, g, b) = ln_inputs::<C>(n, h, dtype);
             let (xa, ga, ba) = autodiff_inputs(&x, &g, &b);
             let t = |f: &mut dyn FnMut()| time_on::<C, _>(f, iters) * 1e6;
             let row = [
