@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 limit_of() {
   case "$1" in
-    checks) echo 240 ;; kernels) echo 120 ;; gpt) echo 300 ;; gpt-local) echo 240 ;;
+    checks) echo 300 ;; kernels) echo 180 ;; gpt) echo 300 ;; gpt-local) echo 240 ;;
     ln-bench) echo 150 ;; ln-tune) echo 180 ;; ln-profile) echo 150 ;; torch-ln) echo 60 ;; nccl-bench) echo 90 ;;
     torch-nccl) echo 60 ;; *) echo 0 ;;
   esac

@@ -6,7 +6,10 @@
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use burn_parallel::kernels::{layer_norm, set_backward_cache, set_backward_rows, set_bounds_checks, set_variant, set_vector_cache, LayerNormBackend, LnKernel};
+use burn_parallel::kernels::{
+    layer_norm, set_affine_staging, set_backward_cache, set_backward_gamma_registers, set_backward_prefetch, set_backward_rows, set_bounds_checks, set_variant,
+    set_vector_cache, LayerNormBackend, LnKernel,
+};
 use burn_parallel::rng::HostRng;
 
 type K = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
@@ -51,6 +54,16 @@ fn kernels_match_the_composed_reference() {
         set_backward_cache(cache);
         check_shapes();
     }
+    // v4's backward loading the next row group before computing the current one (many groups
+    // per cube at [20000, 16] and [129, 768]; none left at the end), and with γ kept in registers.
+    for (prefetch, keep_gamma) in [(true, false), (false, true), (true, true)] {
+        set_backward_prefetch(prefetch);
+        set_backward_gamma_registers(keep_gamma);
+        check_shapes();
+    }
+    check_half();
+    set_backward_prefetch(false);
+    set_backward_gamma_registers(false);
     // v4 launches without CubeCL's bounds checks by default; with them, the same results.
     set_bounds_checks(true);
     check_shapes();
@@ -64,6 +77,16 @@ fn kernels_match_the_composed_reference() {
     }
     set_vector_cache(16);
     check_far_from_zero();
+    // v4's forward with γ/β staged in shared memory where a cube holds several rows (h ≤ 1024
+    // here; [200, 33]: unvectorised), also with a cache of 4 (more units per row).
+    set_affine_staging(true);
+    check_shapes();
+    check_half();
+    check_far_from_zero();
+    set_vector_cache(4);
+    check_shapes();
+    set_vector_cache(16);
+    set_affine_staging(false);
 }
 
 /// Both variants (other tests may switch the process-wide variant meanwhile: every variant must

@@ -9,7 +9,8 @@ use burn::tensor::{DType, Distribution, Tensor, TensorData};
 use burn_parallel::backward_with;
 use burn_parallel::comm::ops;
 use burn_parallel::kernels::{
-    layer_norm as fused, set_backward_cache, set_backward_rows, set_bounds_checks, set_variant, set_vector_cache, LayerNormBackend, LnKernel,
+    layer_norm as fused, set_affine_staging, set_backward_cache, set_backward_gamma_registers, set_backward_prefetch, set_backward_rows, set_bounds_checks,
+    set_variant, set_vector_cache, LayerNormBackend, LnKernel,
 };
 use burn_parallel::{Comm, NcclComm, ReduceOp};
 
@@ -91,11 +92,17 @@ pub struct Variant {
     pub checks: bool,
     /// v4's backward register cache (`None`: the library's rule).
     pub backward_cache: Option<usize>,
+    /// v4's forward with γ/β staged in shared memory (experimental, off by default).
+    pub stage: bool,
+    /// v4's backward loading the next row group early (experimental, off by default).
+    pub prefetch: bool,
+    /// v4's backward keeping γ in registers (experimental, off by default).
+    pub keep_gamma: bool,
 }
 
 impl Default for Variant {
     fn default() -> Self {
-        Self { kernel: LnKernel::Vectorized, cache: 16, rows: 64, checks: false, backward_cache: None }
+        Self { kernel: LnKernel::Vectorized, cache: 16, rows: 64, checks: false, backward_cache: None, stage: false, prefetch: false, keep_gamma: false }
     }
 }
 
@@ -106,6 +113,9 @@ impl Variant {
         set_backward_rows(self.rows);
         set_bounds_checks(self.checks);
         set_backward_cache(self.backward_cache);
+        set_affine_staging(self.stage);
+        set_backward_prefetch(self.prefetch);
+        set_backward_gamma_registers(self.keep_gamma);
     }
 }
 
@@ -229,6 +239,39 @@ pub fn forward_tune(variants: &[Variant]) {
             let copy_us = copy.map_or("host-bound".into(), |c| format!("{:.1}", c * 1e6));
             let pct = copy.map_or("-".into(), |c| format!("{:.0}%", 100.0 * c / best));
             println!("| [{n}, {h}] | {dtype:?} | {} | {copy_us} | {pct} |", shown.join(" | "));
+        }
+    }
+}
+
+/// GPU-side (queue-ahead) backward-op µs of each variant, and of Burn's `dy + x` on the same
+/// tensors (reads two, writes one: the backward's traffic, launch ramp and tail included).
+pub fn backward_tune(variants: &[Variant]) {
+    let dev = Default::default();
+    println!("\nbackward tuning, GPU-side µs per call (queue-ahead); variants:");
+    for (i, v) in variants.iter().enumerate() {
+        println!("  {i}: {v:?}");
+    }
+    println!("| shape | dtype | {} | dy + x µs | best % of dy + x |", (0..variants.len()).map(|i| format!("v{i} µs")).collect::<Vec<_>>().join(" | "));
+    println!("|---|---|{}---|---|", "---|".repeat(variants.len()));
+    let busy = Tensor::<K, 1>::zeros([1 << 28], &dev);
+    for [n, h] in SHAPES {
+        for dtype in [DType::F32, DType::BF16] {
+            let (x, dy, g, b) = ln_inputs::<K>(n, h, dtype);
+            let times: Vec<Option<f64>> = variants
+                .iter()
+                .map(|v| {
+                    v.apply();
+                    let (_, bwd_call) = op_calls(&x, &dy, &g, &b);
+                    gpu_time(bwd_call, 30, &busy)
+                })
+                .collect();
+            Variant::default().apply();
+            let roof = gpu_time(|| drop(dy.clone().add(x.clone())), 30, &busy);
+            let best = times.iter().flatten().fold(f64::INFINITY, |m, t| m.min(*t));
+            let shown: Vec<String> = times.iter().map(|t| t.map_or("host-bound".into(), |t| format!("{:.1}", t * 1e6))).collect();
+            let roof_us = roof.map_or("host-bound".into(), |c| format!("{:.1}", c * 1e6));
+            let pct = roof.map_or("-".into(), |c| format!("{:.0}%", 100.0 * c / best));
+            println!("| [{n}, {h}] | {dtype:?} | {} | {roof_us} | {pct} |", shown.join(" | "));
         }
     }
 }

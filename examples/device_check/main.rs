@@ -10,9 +10,11 @@
 //!   local backend; the differentiable mappings on `Autodiff<Cuda>` through NCCL.
 //! - `ln-bench`: fused vs composed layer norm, forward, backward and forward+backward, µs and GB/s;
 //!   GPU-side times against a same-shape element-wise op (a copy of the same bytes).
-//! - `ln-tune` (only when named): GPU-side forward of `v4` with other register caches against
-//!   the same-shape copy.
-//! - `ln-profile` (only when named): a few forwards of those variants and a copy at
+//! - `ln-tune` (only when named): GPU-side forward of `v4` with γ/β staged in shared memory
+//!   (interleaved with the default, twice each) and other register caches, against the same-shape
+//!   copy; GPU-side backward op with the next row group prefetched and/or γ in registers, against
+//!   `dy + x` (the backward's traffic).
+//! - `ln-profile` (only when named): a few forwards of the default and the staged `v4` and a copy at
 //!   [8192, 1024], for `ncu` (nothing timed).
 //! - `nccl-bench`: all-reduce / all-gather / reduce-scatter from 1 MB to 1 GB (world 1: overhead
 //!   only), device path vs raw NCCL vs host-staged.
@@ -83,15 +85,23 @@ fn main() {
     if on("ln-bench") {
         bench::layer_norm(quick, &[v4, bench::Variant { backward_cache: Some(16), ..v4 }]);
     }
-    // v4's forward with register caches of 8 and 32 f32 values per unit (the row over twice or
-    // half the units at h ≥ 2048; h ≤ 1024 stays in one plane); `ln-profile` launches them at
-    // [8192, 1024] for a profiler (`ncu ... device_check ln-profile`).
-    let caches = [v4, bench::Variant { cache: 8, ..v4 }, bench::Variant { cache: 32, ..v4 }];
+    // v4's forward with γ/β staged in shared memory (the experimental knob; h ≤ 1024 only, the
+    // default elsewhere) and, as an A/A control of the timing noise, the default again; then
+    // register caches of 8 and 32 f32 values per unit (the row over twice or half the units at
+    // h ≥ 2048; h ≤ 1024 stays in one plane); `ln-profile` launches the default and the staged
+    // forward at [8192, 1024] for a profiler (`ncu ... device_check ln-profile`).
+    let staged = bench::Variant { stage: true, ..v4 };
+    let caches = [v4, staged, v4, staged, bench::Variant { cache: 8, ..v4 }, bench::Variant { cache: 32, ..v4 }];
+    // v4's backward loading the next row group early, keeping γ in registers, both (the
+    // experimental knobs), with the default twice as an A/A control.
+    let (pre, keep) = (bench::Variant { prefetch: true, ..v4 }, bench::Variant { keep_gamma: true, ..v4 });
+    let backward = [v4, pre, keep, bench::Variant { prefetch: true, keep_gamma: true, ..v4 }, v4];
     if whats.contains(&"ln-tune") {
         bench::forward_tune(&caches);
+        bench::backward_tune(&backward);
     }
     if whats.contains(&"ln-profile") {
-        bench::forward_profile(&caches, [8192, 1024]);
+        bench::forward_profile(&[v4, staged], [8192, 1024]);
     }
     if on("nccl-bench") {
         if let Err(e) = bench::collectives(quick) {

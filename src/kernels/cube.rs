@@ -266,6 +266,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
                 rows,
                 pu,
                 plane,
+                rows > 1 && super::affine_staging(),
                 dtype.into(),
             );
             return (y, mean, rstd);
@@ -375,6 +376,8 @@ fn fused_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         block,
         per_unit,
         plane,
+        super::backward_prefetch(),
+        super::backward_gamma_registers(),
         dtype.into(),
     );
     let (dg, db) = partial_sums::<R, F, I, BT>(partial, dtype);

@@ -79,6 +79,53 @@ pub(super) fn forward_cache(size: usize) -> usize {
     vector_cache() * 4 / size.clamp(1, 4)
 }
 
+static BACKWARD_PREFETCH: AtomicBool = AtomicBool::new(false);
+
+/// Experimental knob of `v4`'s backward (default off, not yet measured on a GPU): each cube
+/// loads the next row group's `dy`, `x`, μ and r before computing the current one (twice the
+/// bytes in flight per unit; the backward runs few cubes per multiprocessor, so its loads are
+/// latency-bound). For `ln-tune`.
+#[doc(hidden)]
+pub fn set_backward_prefetch(on: bool) {
+    BACKWARD_PREFETCH.store(on, Ordering::SeqCst);
+}
+
+#[cfg(feature = "cube")]
+pub(super) fn backward_prefetch() -> bool {
+    BACKWARD_PREFETCH.load(Ordering::SeqCst)
+}
+
+static BACKWARD_GAMMA: AtomicBool = AtomicBool::new(false);
+
+/// Experimental knob of `v4`'s backward (default off, not yet measured on a GPU): each unit
+/// keeps γ of its columns in registers as f32 for all the rows it visits (instead of a load and
+/// a conversion per row). For `ln-tune`.
+#[doc(hidden)]
+pub fn set_backward_gamma_registers(on: bool) {
+    BACKWARD_GAMMA.store(on, Ordering::SeqCst);
+}
+
+#[cfg(feature = "cube")]
+pub(super) fn backward_gamma_registers() -> bool {
+    BACKWARD_GAMMA.load(Ordering::SeqCst)
+}
+
+static AFFINE_STAGING: AtomicBool = AtomicBool::new(false);
+
+/// Experimental knob of `v4`'s forward (default off, not yet measured on a GPU): where a cube
+/// holds several rows (h ≤ 1024), its units first convert γ and β to f32 into shared memory (once
+/// per cube instead of once per row, loads issued with the row's), and the rows' normalisation
+/// reads them from there. For `ln-tune`.
+#[doc(hidden)]
+pub fn set_affine_staging(on: bool) {
+    AFFINE_STAGING.store(on, Ordering::SeqCst);
+}
+
+#[cfg(feature = "cube")]
+pub(super) fn affine_staging() -> bool {
+    AFFINE_STAGING.load(Ordering::SeqCst)
+}
+
 static BOUNDS_CHECKS: AtomicBool = AtomicBool::new(false);
 
 /// Whether `v4` kernels launch with CubeCL's per-access bounds checks (default off: each access

@@ -15,7 +15,13 @@ use super::{lanes_sum, row_sum, rows_per_cube};
 /// columns in every row it visits, it sums `dy·x̂` and `dy` for them in registers. At the end the cube's row
 /// slots are summed in shared memory and written as f32 partials `[cubes, 2h]` (dγ's, then dβ's),
 /// summed over cubes by [`ln_partials_sum_kernel`].
+///
+/// Experimental, off by default and not yet timed on a GPU: `prefetch` loads the next row
+/// group's `dy`, `x`, μ, r before the current group is computed (the kernel runs ~2 cubes per
+/// multiprocessor, so its loads are latency-bound), `keep_gamma` keeps γ of the unit's columns in
+/// registers as f32 for all its rows.
 #[cube(launch, launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
     dy: &Tensor<Vector<F, N>>,
     x: &Tensor<Vector<F, N>>,
@@ -27,6 +33,8 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
     #[comptime] block: usize,
     #[comptime] per_unit: usize,
     #[comptime] plane: bool,
+    #[comptime] prefetch: bool,
+    #[comptime] keep_gamma: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let n = x.shape(0);
@@ -47,19 +55,51 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
         dgs[k] = Vector::new(0.0);
         dbs[k] = Vector::new(0.0);
     }
+    // γ of this unit's columns as f32 (the same in every row it visits), with `keep_gamma`.
+    let mut gam = Array::<Vector<f32, N>>::new(comptime![if keep_gamma { per_unit } else { 1 }]);
+    if comptime![keep_gamma] {
+        #[unroll]
+        for k in 0..per_unit {
+            let c = tid + k * block;
+            let mut v = Vector::<f32, N>::new(0.0);
+            if c < nv {
+                v = Vector::<f32, N>::cast_from(gamma[c]);
+            }
+            gam[k] = v;
+        }
+    }
     let mut gs = Array::<Vector<f32, N>>::new(per_unit);
     let mut xs = Array::<Vector<f32, N>>::new(per_unit);
+    // The row's `dy`, `x` (this unit's share) and μ, r, loaded into `next_*`: with `prefetch`,
+    // the next group's are loaded there before this one is computed (twice the bytes in flight).
+    let mut dys = Array::<Vector<F, N>>::new(per_unit);
+    let mut xr = Array::<Vector<F, N>>::new(per_unit);
+    let mut next_dy = Array::<Vector<F, N>>::new(per_unit);
+    let mut next_x = Array::<Vector<F, N>>::new(per_unit);
+    // μ, r of the row in `next_mr` (an array: a `let` of a mutable scalar would alias it).
+    let mut next_mr = Array::<f32>::new(2usize);
     let mut group = cube;
+    if comptime![prefetch] {
+        fetch_row::<F, N>(dy, x, mean, rstd, &mut next_dy, &mut next_x, &mut next_mr, group * rows + ty, n, nv, block, per_unit);
+    }
     // Uniform over the cube (every unit takes the same trips), so the syncs inside are safe.
     while group < groups {
         let row = group * rows + ty;
         let valid = row < n;
         let base = row * nv;
-        let mut m = f32::new(0.0);
-        let mut r = f32::new(0.0);
-        if valid {
-            m = mean[row];
-            r = rstd[row];
+        if comptime![!prefetch] {
+            fetch_row::<F, N>(dy, x, mean, rstd, &mut next_dy, &mut next_x, &mut next_mr, row, n, nv, block, per_unit);
+        }
+        // (Register moves: without `prefetch` the compiler renames them away.)
+        #[unroll]
+        for k in 0..per_unit {
+            dys[k] = next_dy[k];
+            xr[k] = next_x[k];
+        }
+        let m = next_mr[0];
+        let r = next_mr[1];
+        if comptime![prefetch] {
+            fetch_row::<F, N>(dy, x, mean, rstd, &mut next_dy, &mut next_x, &mut next_mr, (group + cubes) * rows + ty, n, nv, block, per_unit);
         }
         let mut sg = f32::new(0.0);
         let mut sgx = f32::new(0.0);
@@ -69,11 +109,15 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
             let mut g = Vector::<f32, N>::new(0.0);
             let mut xhat = Vector::<f32, N>::new(0.0);
             if valid && c < nv {
-                let d = Vector::<f32, N>::cast_from(dy[base + c]);
-                xhat = (Vector::<f32, N>::cast_from(x[base + c]) - Vector::new(m)) * Vector::new(r);
+                let d = Vector::<f32, N>::cast_from(dys[k]);
+                xhat = (Vector::<f32, N>::cast_from(xr[k]) - Vector::new(m)) * Vector::new(r);
                 dgs[k] += d * xhat;
                 dbs[k] += d;
-                g = d * Vector::<f32, N>::cast_from(gamma[c]);
+                if comptime![keep_gamma] {
+                    g = d * gam[k];
+                } else {
+                    g = d * Vector::<f32, N>::cast_from(gamma[c]);
+                }
             }
             gs[k] = g;
             xs[k] = xhat;
@@ -116,6 +160,49 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
             }
         }
     }
+}
+
+/// Loads this unit's share of `row`'s `dy` and `x` (zeros past the row or the tensor) and its
+/// `[μ, r]` into `mr` (zeros past the tensor).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fetch_row<F: Float, N: Size>(
+    dy: &Tensor<Vector<F, N>>,
+    x: &Tensor<Vector<F, N>>,
+    mean: &Tensor<f32>,
+    rstd: &Tensor<f32>,
+    dys: &mut Array<Vector<F, N>>,
+    xs: &mut Array<Vector<F, N>>,
+    mr: &mut Array<f32>,
+    row: usize,
+    n: usize,
+    nv: usize,
+    #[comptime] block: usize,
+    #[comptime] per_unit: usize,
+) {
+    let valid = row < n;
+    let base = row * nv;
+    let tid = UNIT_POS_X as usize;
+    let mut m = f32::new(0.0);
+    let mut r = f32::new(0.0);
+    if valid {
+        m = mean[row];
+        r = rstd[row];
+    }
+    #[unroll]
+    for k in 0..per_unit {
+        let c = tid + k * block;
+        let mut d = Vector::<F, N>::new(F::new(0.0));
+        let mut v = Vector::<F, N>::new(F::new(0.0));
+        if valid && c < nv {
+            d = dy[base + c];
+            v = x[base + c];
+        }
+        dys[k] = d;
+        xs[k] = v;
+    }
+    mr[0] = m;
+    mr[1] = r;
 }
 
 /// Sum of `value` over the cube's row slots of this unit's column (`UNIT_POS_Y` = 0..rows).

@@ -11,6 +11,11 @@
 //! are `× 1/h`, and each value is converted to f32 once (caching the storage dtype converted it
 //! at each of three uses). Together 3–9% faster at h ≤ 1024 and the same or faster elsewhere
 //! (BENCHMARKS.md).
+//!
+//! Experimental, off by default and not yet timed on a GPU (`set_affine_staging`): where a cube
+//! holds several rows, γ/β are converted to f32 once per cube into shared memory (their loads
+//! issued with the row's, one cube sync), saving each row two conversions per element and the
+//! γ/β loads after its reductions.
 
 use burn_cubecl::cubecl;
 use cubecl::prelude::*;
@@ -18,12 +23,14 @@ use cubecl::prelude::*;
 use super::{lanes_sum, my_row, row_sum};
 
 /// A row's layout in the cube (`block` units per row, `per_unit` vectors per unit; `plane`:
-/// 32-lane plane reductions).
+/// 32-lane plane reductions; `stage`: γ/β staged in shared memory as f32, see
+/// [`stage_affine`]).
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 struct RowGeometry {
     block: usize,
     per_unit: usize,
     plane: bool,
+    stage: bool,
 }
 
 /// The forward over `[n_rows, n_vec × N]` (`inv_h = 1/h`, rounded to f32), `rows` rows per cube.
@@ -44,15 +51,49 @@ pub fn ln_forward_vec_kernel<F: Float, N: Size>(
     #[comptime] rows: usize,
     #[comptime] per_unit: usize,
     #[comptime] plane: bool,
+    #[comptime] stage: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let mut smem = SharedMemory::<f32>::new(comptime![block * rows]);
-    let geo = comptime![RowGeometry { block, per_unit, plane }];
+    let geo = comptime![RowGeometry { block, per_unit, plane, stage }];
     let (n, nv) = (n_rows as usize, n_vec as usize);
     let row = my_row();
     let mut vals = Array::<Vector<f32, N>>::new(per_unit);
     load_row::<F, N>(x, &mut vals, row, n, nv, geo);
-    normalize_row::<F, N>(&vals, row, n, nv, inv_h, gamma, beta, y, mean, rstd, epsilon, &mut smem, geo);
+    let mut affine = SharedMemory::<Vector<f32, N>>::new(comptime![if stage { 2 * block * per_unit } else { 1 }]);
+    if comptime![stage] {
+        stage_affine::<F, N>(gamma, beta, &mut affine, nv, comptime![block * rows], geo);
+        sync_cube();
+    }
+    normalize_row::<F, N>(&vals, row, n, nv, inv_h, gamma, beta, &affine, y, mean, rstd, epsilon, &mut smem, geo);
+}
+
+/// γ then β as f32 into `affine` (`2 × block × per_unit` vectors, γ's at `c`, β's at
+/// `block × per_unit + c`), by all `units` units of the cube; the caller syncs the cube.
+#[cube]
+fn stage_affine<F: Float, N: Size>(
+    gamma: &Tensor<Vector<F, N>>,
+    beta: &Tensor<Vector<F, N>>,
+    affine: &mut SharedMemory<Vector<f32, N>>,
+    nv: usize,
+    #[comptime] units: usize,
+    #[comptime] geo: RowGeometry,
+) {
+    let cap = comptime![geo.block * geo.per_unit];
+    let t = UNIT_POS as usize;
+    #[unroll]
+    for k in 0..comptime![(2 * cap + units - 1) / units] {
+        let i = t + k * units;
+        if i < cap {
+            if i < nv {
+                affine[i] = Vector::<f32, N>::cast_from(gamma[i]);
+            }
+        } else if i < 2 * cap {
+            if i - cap < nv {
+                affine[i] = Vector::<f32, N>::cast_from(beta[i - cap]);
+            }
+        }
+    }
 }
 
 /// Loads this unit's share of `row` into `vals` as f32 (zeros past the row or the tensor).
@@ -97,7 +138,7 @@ fn row_stats<N: Size>(vals: &Array<Vector<f32, N>>, nv: usize, inv_h: f32, smem:
 }
 
 /// Normalises `row` from the units' cached shares `vals` (every unit of the cube calls this,
-/// whether its row exists or not: it syncs).
+/// whether its row exists or not: it syncs), with γ/β from `affine` if staged there.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn normalize_row<F: Float, N: Size>(
@@ -108,6 +149,7 @@ fn normalize_row<F: Float, N: Size>(
     inv_h: f32,
     gamma: &Tensor<Vector<F, N>>,
     beta: &Tensor<Vector<F, N>>,
+    affine: &SharedMemory<Vector<f32, N>>,
     y: &mut Tensor<Vector<F, N>>,
     mean: &mut Tensor<f32>,
     rstd: &mut Tensor<f32>,
@@ -125,9 +167,14 @@ fn normalize_row<F: Float, N: Size>(
     for k in 0..per_unit {
         let c = tid + k * block;
         if valid && c < nv {
-            let g = Vector::<f32, N>::cast_from(gamma[c]);
-            let b = Vector::<f32, N>::cast_from(beta[c]);
-            y[base + c] = Vector::cast_from((vals[k] - Vector::new(m)) * Vector::new(r) * g + b);
+            let xhat = (vals[k] - Vector::new(m)) * Vector::new(r);
+            if comptime![geo.stage] {
+                y[base + c] = Vector::cast_from(xhat * affine[c] + affine[comptime![block * per_unit] + c]);
+            } else {
+                let g = Vector::<f32, N>::cast_from(gamma[c]);
+                let b = Vector::<f32, N>::cast_from(beta[c]);
+                y[base + c] = Vector::cast_from(xhat * g + b);
+            }
         }
     }
     if valid && tid == 0 {
