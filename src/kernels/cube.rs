@@ -266,7 +266,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
                 rows,
                 pu,
                 plane,
-                rows > 1 && super::affine_staging(),
+                rows > 1 && 2 * block * pu * vector * 4 <= 16 << 10 && super::affine_staging(),
                 dtype.into(),
             );
             return (y, mean, rstd);

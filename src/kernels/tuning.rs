@@ -113,9 +113,9 @@ pub(super) fn backward_gamma_registers() -> bool {
 static AFFINE_STAGING: AtomicBool = AtomicBool::new(false);
 
 /// Experimental knob of `v4`'s forward (default off, not yet measured on a GPU): where a cube
-/// holds several rows (h ≤ 1024), its units first convert γ and β to f32 into shared memory (once
-/// per cube instead of once per row, loads issued with the row's), and the rows' normalisation
-/// reads them from there. For `ln-tune`.
+/// holds several rows (h ≤ 1024 with the default cache) and γ/β as f32 take ≤ 16 KiB, its units
+/// first convert γ and β to f32 into shared memory (once per cube instead of once per row, loads
+/// issued with the row's), and the rows' normalisation reads them from there. For `ln-tune`.
 #[doc(hidden)]
 pub fn set_affine_staging(on: bool) {
     AFFINE_STAGING.store(on, Ordering::SeqCst);
