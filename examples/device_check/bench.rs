@@ -214,64 +214,63 @@ pub fn layer_norm(quick: bool, variants: &[Variant]) {
 /// GPU-side (queue-ahead) forward µs of each variant, and of Burn's element-wise op on the same
 /// tensor (a same-size copy: the roofline at this size, launch ramp and tail included).
 pub fn forward_tune(variants: &[Variant]) {
-    let dev = Default::default();
-    println!("\nforward tuning, GPU-side µs per call (queue-ahead); variants:");
-    for (i, v) in variants.iter().enumerate() {
-        println!("  {i}: {v:?}");
-    }
-    println!("| shape | dtype | {} | copy µs | best % of copy |", (0..variants.len()).map(|i| format!("v{i} µs")).collect::<Vec<_>>().join(" | "));
-    println!("|---|---|{}---|---|", "---|".repeat(variants.len()));
-    let busy = Tensor::<K, 1>::zeros([1 << 28], &dev);
-    for [n, h] in SHAPES {
-        for dtype in [DType::F32, DType::BF16] {
-            let (x, _, g, b) = ln_inputs::<K>(n, h, dtype);
-            let times: Vec<Option<f64>> = variants
-                .iter()
-                .map(|v| {
-                    v.apply();
-                    gpu_time(|| drop(fused(x.clone(), g.clone(), b.clone(), 1e-5)), 30, &busy)
-                })
-                .collect();
-            Variant::default().apply();
-            let copy = gpu_time(|| drop(x.clone().add_scalar(1.0)), 30, &busy);
-            let best = times.iter().flatten().fold(f64::INFINITY, |m, t| m.min(*t));
-            let shown: Vec<String> = times.iter().map(|t| t.map_or("host-bound".into(), |t| format!("{:.1}", t * 1e6))).collect();
-            let copy_us = copy.map_or("host-bound".into(), |c| format!("{:.1}", c * 1e6));
-            let pct = copy.map_or("-".into(), |c| format!("{:.0}%", 100.0 * c / best));
-            println!("| [{n}, {h}] | {dtype:?} | {} | {copy_us} | {pct} |", shown.join(" | "));
-        }
-    }
+    tune_table(
+        "forward",
+        "copy",
+        variants,
+        |(x, _, g, b), busy| gpu_time(|| drop(fused(x.clone(), g.clone(), b.clone(), 1e-5)), 30, busy),
+        |(x, ..), busy| gpu_time(|| drop(x.clone().add_scalar(1.0)), 30, busy),
+    );
 }
 
 /// GPU-side (queue-ahead) backward-op µs of each variant, and of Burn's `dy + x` on the same
 /// tensors (reads two, writes one: the backward's traffic, launch ramp and tail included).
 pub fn backward_tune(variants: &[Variant]) {
+    tune_table(
+        "backward",
+        "dy + x",
+        variants,
+        |(x, dy, g, b), busy| gpu_time(op_calls(x, dy, g, b).1, 30, busy),
+        |(x, dy, ..), busy| gpu_time(|| drop(dy.clone().add(x.clone())), 30, busy),
+    );
+}
+
+/// Benchmark inputs `(x, dy, γ, β)`.
+type Inputs = (Tensor<K, 2>, Tensor<K, 2>, Tensor<K, 1>, Tensor<K, 1>);
+
+/// One tuning table: per shape and dtype, `call`'s GPU-side time under each variant and the
+/// `roof` op's (under the defaults), µs, and the best variant's % of the roof.
+fn tune_table<C, R>(what: &str, roof_name: &str, variants: &[Variant], mut call: C, mut roof: R)
+where
+    C: FnMut(&Inputs, &Tensor<K, 1>) -> Option<f64>,
+    R: FnMut(&Inputs, &Tensor<K, 1>) -> Option<f64>,
+{
     let dev = Default::default();
-    println!("\nbackward tuning, GPU-side µs per call (queue-ahead); variants:");
+    println!("\n{what} tuning, GPU-side µs per call (queue-ahead); variants:");
     for (i, v) in variants.iter().enumerate() {
         println!("  {i}: {v:?}");
     }
-    println!("| shape | dtype | {} | dy + x µs | best % of dy + x |", (0..variants.len()).map(|i| format!("v{i} µs")).collect::<Vec<_>>().join(" | "));
+    let names: Vec<String> = (0..variants.len()).map(|i| format!("v{i} µs")).collect();
+    println!("| shape | dtype | {} | {roof_name} µs | best % of {roof_name} |", names.join(" | "));
     println!("|---|---|{}---|---|", "---|".repeat(variants.len()));
     let busy = Tensor::<K, 1>::zeros([1 << 28], &dev);
+    let us = |t: Option<f64>| t.map_or("host-bound".to_string(), |t| format!("{:.1}", t * 1e6));
     for [n, h] in SHAPES {
         for dtype in [DType::F32, DType::BF16] {
-            let (x, dy, g, b) = ln_inputs::<K>(n, h, dtype);
+            let inputs = ln_inputs::<K>(n, h, dtype);
             let times: Vec<Option<f64>> = variants
                 .iter()
                 .map(|v| {
                     v.apply();
-                    let (_, bwd_call) = op_calls(&x, &dy, &g, &b);
-                    gpu_time(bwd_call, 30, &busy)
+                    call(&inputs, &busy)
                 })
                 .collect();
             Variant::default().apply();
-            let roof = gpu_time(|| drop(dy.clone().add(x.clone())), 30, &busy);
+            let r = roof(&inputs, &busy);
             let best = times.iter().flatten().fold(f64::INFINITY, |m, t| m.min(*t));
-            let shown: Vec<String> = times.iter().map(|t| t.map_or("host-bound".into(), |t| format!("{:.1}", t * 1e6))).collect();
-            let roof_us = roof.map_or("host-bound".into(), |c| format!("{:.1}", c * 1e6));
-            let pct = roof.map_or("-".into(), |c| format!("{:.0}%", 100.0 * c / best));
-            println!("| [{n}, {h}] | {dtype:?} | {} | {roof_us} | {pct} |", shown.join(" | "));
+            let pct = r.map_or("-".into(), |r| format!("{:.0}%", 100.0 * r / best));
+            let shown: Vec<String> = times.into_iter().map(us).collect();
+            println!("| [{n}, {h}] | {dtype:?} | {} | {} | {pct} |", shown.join(" | "), us(r));
         }
     }
 }
