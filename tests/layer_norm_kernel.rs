@@ -7,7 +7,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_parallel::kernels::{
-    layer_norm, set_affine_staging, set_backward_cache, set_backward_gamma_registers, set_backward_prefetch, set_backward_rows, set_bounds_checks, set_variant,
+    layer_norm, set_affine_staging, set_backward_cache, set_backward_lean, set_backward_prefetch, set_backward_rows, set_bounds_checks, set_variant,
     set_vector_cache, LayerNormBackend, LnKernel,
 };
 use burn_parallel::rng::HostRng;
@@ -55,15 +55,15 @@ fn kernels_match_the_composed_reference() {
         check_shapes();
     }
     // v4's backward loading the next row group before computing the current one (many groups
-    // per cube at [20000, 16] and [129, 768]; none left at the end), and with γ kept in registers.
-    for (prefetch, keep_gamma) in [(true, false), (false, true), (true, true)] {
+    // per cube at [20000, 16] and [129, 768]; none left at the end), and with the lean row code.
+    for (prefetch, lean) in [(true, false), (false, true), (true, true)] {
         set_backward_prefetch(prefetch);
-        set_backward_gamma_registers(keep_gamma);
+        set_backward_lean(lean);
         check_shapes();
     }
     check_half();
     set_backward_prefetch(false);
-    set_backward_gamma_registers(false);
+    set_backward_lean(false);
     // v4 launches without CubeCL's bounds checks by default; with them, the same results.
     set_bounds_checks(true);
     check_shapes();

@@ -9,8 +9,8 @@ use burn::tensor::{DType, Distribution, Tensor, TensorData};
 use burn_parallel::backward_with;
 use burn_parallel::comm::ops;
 use burn_parallel::kernels::{
-    layer_norm as fused, set_affine_staging, set_backward_cache, set_backward_gamma_registers, set_backward_prefetch, set_backward_rows, set_bounds_checks,
-    set_variant, set_vector_cache, LayerNormBackend, LnKernel,
+    layer_norm as fused, set_affine_staging, set_backward_cache, set_backward_lean, set_backward_prefetch, set_backward_rows, set_bounds_checks, set_variant,
+    set_vector_cache, LayerNormBackend, LnKernel,
 };
 use burn_parallel::{Comm, NcclComm, ReduceOp};
 
@@ -96,13 +96,13 @@ pub struct Variant {
     pub stage: bool,
     /// v4's backward loading the next row group early (experimental, off by default).
     pub prefetch: bool,
-    /// v4's backward keeping γ in registers (experimental, off by default).
-    pub keep_gamma: bool,
+    /// v4's backward with the lean row code: γ in registers, unrolled plane sums (experimental, off by default).
+    pub lean: bool,
 }
 
 impl Default for Variant {
     fn default() -> Self {
-        Self { kernel: LnKernel::Vectorized, cache: 16, rows: 64, checks: false, backward_cache: None, stage: false, prefetch: false, keep_gamma: false }
+        Self { kernel: LnKernel::Vectorized, cache: 16, rows: 64, checks: false, backward_cache: None, stage: false, prefetch: false, lean: false }
     }
 }
 
@@ -115,7 +115,7 @@ impl Variant {
         set_backward_cache(self.backward_cache);
         set_affine_staging(self.stage);
         set_backward_prefetch(self.prefetch);
-        set_backward_gamma_registers(self.keep_gamma);
+        set_backward_lean(self.lean);
     }
 }
 

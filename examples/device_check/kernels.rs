@@ -4,7 +4,7 @@ use burn::backend::{Cuda, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_parallel::kernels::{
-    set_affine_staging, set_backward_cache, set_backward_gamma_registers, set_backward_prefetch, set_variant, set_vector_cache, LayerNormBackend, LnKernel,
+    set_affine_staging, set_backward_cache, set_backward_lean, set_backward_prefetch, set_variant, set_vector_cache, LayerNormBackend, LnKernel,
 };
 use burn_parallel::rng::HostRng;
 
@@ -93,15 +93,15 @@ pub fn run(report: &mut Report, quick: bool, variants: &[LnKernel]) {
     }
     set_affine_staging(false);
     // v4's backward with the experimental knobs `ln-tune` times.
-    for (prefetch, keep_gamma) in [(true, false), (false, true), (true, true)] {
+    for (prefetch, lean) in [(true, false), (false, true), (true, true)] {
         set_backward_prefetch(prefetch);
-        set_backward_gamma_registers(keep_gamma);
+        set_backward_lean(lean);
         for &[n, h] in shapes {
-            check_shape(report, &format!("Vectorized backward prefetch {prefetch} γ in registers {keep_gamma}"), n, h);
+            check_shape(report, &format!("Vectorized backward prefetch {prefetch} lean {lean}"), n, h);
         }
     }
     set_backward_prefetch(false);
-    set_backward_gamma_registers(false);
+    set_backward_lean(false);
     // Fusion (burn's default `Cuda`): the kernels as lazy ops of the fusion stream (inputs from
     // queued casts), identical to CubeBackend.
     for (dtype, [n, h]) in [(DType::F32, [129, 4097]), (DType::BF16, [129, 4097]), (DType::BF16, [4096, 1024])] {

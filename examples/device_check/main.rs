@@ -92,12 +92,13 @@ fn main() {
     // forward at [8192, 1024] for a profiler (`ncu ... device_check ln-profile`).
     let staged = bench::Variant { stage: true, ..v4 };
     let caches = [v4, staged, v4, staged, bench::Variant { cache: 8, ..v4 }, bench::Variant { cache: 32, ..v4 }];
-    // v4's backward loading the next row group early, keeping γ in registers, both (the
-    // experimental knobs); 16 rows per cube (more cubes in flight, more partials: the default 64
-    // was chosen at [16384, 4096]) alone and with both knobs; the default again as an A/A control.
-    let (pre, keep) = (bench::Variant { prefetch: true, ..v4 }, bench::Variant { keep_gamma: true, ..v4 });
-    let both = bench::Variant { prefetch: true, keep_gamma: true, ..v4 };
-    let backward = [v4, pre, keep, both, bench::Variant { rows: 16, ..v4 }, bench::Variant { rows: 16, ..both }, v4];
+    // v4's backward loading the next row group early, with the lean row code (γ in registers,
+    // unrolled plane sums), both (the experimental knobs); 16 rows per cube (more cubes in
+    // flight, more partials: the default 64 was chosen at [16384, 4096]) alone and with both
+    // knobs; the default again as an A/A control.
+    let (pre, lean) = (bench::Variant { prefetch: true, ..v4 }, bench::Variant { lean: true, ..v4 });
+    let both = bench::Variant { prefetch: true, lean: true, ..v4 };
+    let backward = [v4, pre, lean, both, bench::Variant { rows: 16, ..v4 }, bench::Variant { rows: 16, ..both }, v4];
     if whats.contains(&"ln-tune") {
         bench::forward_tune(&caches);
         bench::backward_tune(&backward);

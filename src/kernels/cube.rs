@@ -377,7 +377,7 @@ fn fused_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         per_unit,
         plane,
         super::backward_prefetch(),
-        super::backward_gamma_registers(),
+        super::backward_lean(),
         dtype.into(),
     );
     let (dg, db) = partial_sums::<R, F, I, BT>(partial, dtype);

@@ -14,10 +14,10 @@ mod cube_vec;
 mod tuning;
 
 #[cfg(feature = "cube")]
-use tuning::{affine_staging, backward_cache, backward_gamma_registers, backward_prefetch, backward_rows, bounds_checks, forward_cache, vector_cache};
+use tuning::{affine_staging, backward_cache, backward_lean, backward_prefetch, backward_rows, bounds_checks, forward_cache, vector_cache};
 pub use tuning::{
-    set_affine_staging, set_backward_cache, set_backward_gamma_registers, set_backward_prefetch, set_backward_rows, set_bounds_checks, set_variant,
-    set_vector_cache, variant, LnKernel,
+    set_affine_staging, set_backward_cache, set_backward_lean, set_backward_prefetch, set_backward_rows, set_bounds_checks, set_variant, set_vector_cache,
+    variant, LnKernel,
 };
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;

@@ -95,19 +95,20 @@ pub(super) fn backward_prefetch() -> bool {
     BACKWARD_PREFETCH.load(Ordering::SeqCst)
 }
 
-static BACKWARD_GAMMA: AtomicBool = AtomicBool::new(false);
+static BACKWARD_LEAN: AtomicBool = AtomicBool::new(false);
 
-/// Experimental knob of `v4`'s backward (default off, not yet measured on a GPU): each unit
-/// keeps γ of its columns in registers as f32 for all the rows it visits (instead of a load and
-/// a conversion per row). For `ln-tune`.
+/// Experimental knob of `v4`'s backward (default off, not yet measured on a GPU): the forward's
+/// lean row code — each unit keeps γ of its columns in registers as f32 for all the rows it
+/// visits (instead of a load and a conversion per row), and plane sums are unrolled xor-shuffles
+/// (CubeCL's `plane_sum` is a runtime loop). For `ln-tune`.
 #[doc(hidden)]
-pub fn set_backward_gamma_registers(on: bool) {
-    BACKWARD_GAMMA.store(on, Ordering::SeqCst);
+pub fn set_backward_lean(on: bool) {
+    BACKWARD_LEAN.store(on, Ordering::SeqCst);
 }
 
 #[cfg(feature = "cube")]
-pub(super) fn backward_gamma_registers() -> bool {
-    BACKWARD_GAMMA.load(Ordering::SeqCst)
+pub(super) fn backward_lean() -> bool {
+    BACKWARD_LEAN.load(Ordering::SeqCst)
 }
 
 static AFFINE_STAGING: AtomicBool = AtomicBool::new(false);

@@ -18,8 +18,8 @@ use super::{lanes_sum, row_sum, rows_per_cube};
 ///
 /// Experimental, off by default and not yet timed on a GPU: `prefetch` loads the next row
 /// group's `dy`, `x`, μ, r before the current group is computed (the kernel runs ~2 cubes per
-/// multiprocessor, so its loads are latency-bound), `keep_gamma` keeps γ of the unit's columns in
-/// registers as f32 for all its rows.
+/// multiprocessor, so its loads are latency-bound); `lean` keeps γ of the unit's columns in
+/// registers as f32 for all its rows and sums planes by unrolled xor-shuffles.
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
@@ -34,7 +34,7 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
     #[comptime] per_unit: usize,
     #[comptime] plane: bool,
     #[comptime] prefetch: bool,
-    #[comptime] keep_gamma: bool,
+    #[comptime] lean: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let n = x.shape(0);
@@ -55,9 +55,9 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
         dgs[k] = Vector::new(0.0);
         dbs[k] = Vector::new(0.0);
     }
-    // γ of this unit's columns as f32 (the same in every row it visits), with `keep_gamma`.
-    let mut gam = Array::<Vector<f32, N>>::new(comptime![if keep_gamma { per_unit } else { 1 }]);
-    if comptime![keep_gamma] {
+    // With `lean`, γ of this unit's columns as f32 (the same in every row it visits).
+    let mut gam = Array::<Vector<f32, N>>::new(comptime![if lean { per_unit } else { 1 }]);
+    if comptime![lean] {
         #[unroll]
         for k in 0..per_unit {
             let c = tid + k * block;
@@ -113,7 +113,7 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
                 xhat = (Vector::<f32, N>::cast_from(xr[k]) - Vector::new(m)) * Vector::new(r);
                 dgs[k] += d * xhat;
                 dbs[k] += d;
-                if comptime![keep_gamma] {
+                if comptime![lean] {
                     g = d * gam[k];
                 } else {
                     g = d * Vector::<f32, N>::cast_from(gamma[c]);
@@ -124,8 +124,8 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
             sg += lanes_sum::<N>(g);
             sgx += lanes_sum::<N>(g * xhat);
         }
-        let mean_g = row_sum(&mut smem, sg, block, plane, false) / hf;
-        let mean_gx = row_sum(&mut smem, sgx, block, plane, false) / hf;
+        let mean_g = row_sum(&mut smem, sg, block, plane, lean) / hf;
+        let mean_gx = row_sum(&mut smem, sgx, block, plane, lean) / hf;
         #[unroll]
         for k in 0..per_unit {
             let c = tid + k * block;
