@@ -103,11 +103,18 @@ pub mod staged {
         let dev = B::float_device(&x);
         Ok(B::float_from_data(comm.reduce_scatter(to_host::<B>(x)?, dim, op)?, &dev))
     }
-    /// Broadcast through the host.
+    /// Broadcast through the host. A rank whose `x` has another shape or dtype than the root's
+    /// gets an error (after taking part, so the others complete).
     pub fn broadcast<B: Backend>(x: FloatTensor<B>, root: usize, comm: &Comm) -> Result<FloatTensor<B>, CommError> {
-        let dev = B::float_device(&x);
+        let (dev, shape, dtype) = (B::float_device(&x), x.shape(), x.dtype());
         let data = if comm.rank() == root { Some(to_host::<B>(x)?) } else { None };
-        Ok(B::float_from_data(comm.broadcast(data, root)?, &dev))
+        let got = comm.broadcast(data, root)?;
+        if got.shape.as_slice() != shape.as_slice() || got.dtype != dtype {
+            let detail =
+                format!("root {root} sent {:?} {:?} but rank {} passed {:?} {dtype:?}", got.shape.as_slice(), got.dtype, comm.rank(), shape.as_slice());
+            return Err(CommError::BadInput { group: comm.label().into(), op: format!("broadcast(root={root})"), detail });
+        }
+        Ok(B::float_from_data(got, &dev))
     }
     /// Batched point-to-point through the host.
     pub fn batch_p2p<B: Backend>(

@@ -55,9 +55,10 @@ pub struct ModelDims {
 }
 
 impl ParallelConfig {
-    /// `data_parallel * pipeline_parallel * tensor_parallel`.
+    /// `data_parallel * pipeline_parallel * tensor_parallel` (saturating: absurd degrees fail
+    /// [`validate`](Self::validate) instead of wrapping around to a plausible world size).
     pub fn world_size(&self) -> usize {
-        self.data_parallel * self.pipeline_parallel * self.tensor_parallel
+        self.data_parallel.saturating_mul(self.pipeline_parallel).saturating_mul(self.tensor_parallel)
     }
 
     /// Checks the degrees against a world size.
@@ -228,6 +229,8 @@ mod tests {
         assert_eq!(e.to_string(), "world size 6 != data_parallel 2 x pipeline_parallel 2 x tensor_parallel 2 = 8");
         assert!(matches!(cfg(1, 0, 1).validate(0), Err(ConfigError::ZeroDegree { name: "pipeline_parallel" })));
         assert!(cfg(1, 1, 4).coords(4).is_err());
+        // (2^63 + 1) × 2 would wrap around to 2 on 64 bits.
+        assert!(matches!(cfg(usize::MAX / 2 + 2, 1, 2).validate(2), Err(ConfigError::WorldSizeMismatch { product: usize::MAX, .. })));
     }
 
     #[test]

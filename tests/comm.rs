@@ -201,6 +201,27 @@ fn bad_groups_and_inputs_are_rejected() {
     assert!(bad.contains("rank 0 has [2]") && bad.contains("rank 1 has [3]"), "{bad}");
 }
 
+/// Equal-count collectives on unequal inputs fail on thread ranks as they would on NCCL: an
+/// all-gather of parts of different lengths (concatenation alone would accept it), a broadcast
+/// into a tensor of another shape (the root completes; the rank that passed it gets the error).
+#[test]
+fn unequal_all_gather_and_broadcast_shapes_are_rejected() {
+    let res = run_world(2, short(), |c| {
+        let r = c.rank();
+        let part = TensorData::new(vec![0.0f32; 2 * (r + 1)], [r + 1, 2]);
+        let gather = c.all_gather(part, 0).unwrap_err().to_string();
+        let x = Tensor::<Inner, 1>::zeros([2 + r], &Default::default());
+        let bcast = ops::broadcast(x, 0, &c).map(|t| t.dims()).map_err(|e| e.to_string());
+        Ok::<_, String>((gather, bcast))
+    });
+    let (g0, b0) = res[0].clone().unwrap();
+    let (_, b1) = res[1].clone().unwrap();
+    assert!(g0.contains("all_gather(dim=0)") && g0.contains("rank 0 has [1, 2] F32 but rank 1 has [2, 2] F32"), "{g0}");
+    assert_eq!(b0, Ok([2]));
+    let b1 = b1.unwrap_err();
+    assert!(b1.contains("broadcast(root=0)") && b1.contains("root 0 sent [2] F32 but rank 1 passed [3] F32"), "{b1}");
+}
+
 #[test]
 fn a_round_abandoned_after_a_timeout_fails_late_arrivals() {
     let res = run_world(2, short(), |c| {

@@ -154,6 +154,31 @@ fn gpt_logits_loss_and_every_gradient() {
     assert!(reference > 3.0 && reference < 4.0, "ln(32) ≈ 3.47 at init, got {reference}");
 }
 
+/// Sampling gives the same tokens at tp = 1 and 2 (greedy and at temperature 1, with and without
+/// sequence parallelism); an empty prompt or an id outside the vocabulary is a clear error.
+#[test]
+fn generate_agrees_over_tp_and_rejects_bad_prompts() {
+    let cfg = small_gpt();
+    let sample = |t: usize, sp: bool| {
+        world(t, |c| {
+            let gpt = cfg.init::<B>(&c, &dev()).unwrap().with_sequence_parallel(sp);
+            let greedy = gpt.generate(&[1, 2, 3], 6, 0.0, 7).map_err(|e| e.to_string())?;
+            let warm = gpt.generate(&[1, 2, 3], 6, 1.0, 7).map_err(|e| e.to_string())?;
+            let empty = gpt.generate(&[], 1, 0.0, 7).unwrap_err().to_string();
+            let outside = gpt.generate(&[3, cfg.vocab_size], 1, 0.0, 7).unwrap_err().to_string();
+            Ok((greedy, warm, empty, outside))
+        })
+    };
+    let reference = sample(1, false).remove(0);
+    assert_eq!(reference.0.len(), 9);
+    assert_eq!(&reference.0[..3], &[1, 2, 3]);
+    assert!(reference.2.contains("at least one token"), "{}", reference.2);
+    assert!(reference.3.contains(&format!("token {} is outside the vocabulary of {}", cfg.vocab_size, cfg.vocab_size)), "{}", reference.3);
+    for out in [sample(2, false), sample(2, true)].concat() {
+        assert_eq!((&out.0, &out.1), (&reference.0, &reference.1));
+    }
+}
+
 /// tp = 1 equals the same model built from burn-nn layers (Linear, Embedding, LayerNorm,
 /// MultiHeadAttention, CrossEntropyLoss), parameter by parameter.
 #[test]

@@ -249,7 +249,7 @@ where
     let train_loss = evaluate(&model, &data.train, "train-eval", args, &device);
     let val_loss = evaluate(&model, &data.val, "val", args, &device);
     let prompt: Vec<usize> = data.val[..args.seq_len.min(16)].iter().map(|&b| b as usize).collect();
-    let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed);
+    let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed).map_err(|e| e.to_string())?;
     let bytes: Vec<u8> = tokens.iter().map(|&t| t as u8).collect();
     Ok(Summary { first_loss, train_loss, val_loss, tokens_per_sec, sample: String::from_utf8_lossy(&bytes).into_owned() })
 }

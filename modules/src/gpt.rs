@@ -247,8 +247,16 @@ impl<B: ParallelBackend> Gpt<B> {
 
     /// Samples `n_new` tokens after `prompt` (temperature sampling; greedy when `temperature` is
     /// 0). Every TP rank must call it with the same arguments; all get the same tokens.
-    /// Runs without sequence parallelism (any context length).
-    pub fn generate(&self, prompt: &[usize], n_new: usize, temperature: f64, seed: u64) -> Vec<usize> {
+    /// Runs without sequence parallelism (any context length). An empty prompt or a token id
+    /// outside the vocabulary is an error.
+    pub fn generate(&self, prompt: &[usize], n_new: usize, temperature: f64, seed: u64) -> Result<Vec<usize>, ConfigError> {
+        let vocab = self.wte.vocab_local * self.wte.tp.size();
+        if prompt.is_empty() {
+            return Err(ConfigError::Invalid("generate needs a prompt of at least one token (got none)".into()));
+        }
+        if let Some(&t) = prompt.iter().find(|&&t| t >= vocab) {
+            return Err(ConfigError::Invalid(format!("prompt token {t} is outside the vocabulary of {vocab}")));
+        }
         if self.sequence_parallel {
             return self.clone().with_sequence_parallel(false).generate(prompt, n_new, temperature, seed);
         }
@@ -265,7 +273,7 @@ impl<B: ParallelBackend> Gpt<B> {
             let last: Vec<f32> = logits.slice([0..1, s - 1..s]).reshape([v]).into_data().convert::<f32>().to_vec().expect("f32 logits");
             tokens.push(sample(&last, temperature, &mut rng));
         }
-        tokens
+        Ok(tokens)
     }
 }
 

@@ -51,6 +51,22 @@ fn combine<T: Copy + PartialOrd + std::ops::AddAssign>(acc: &mut [T], v: &[T], o
     }
 }
 
+/// `Ok` if every part has the first's shape and dtype (what NCCL's equal-count collectives
+/// need), else which ranks differ.
+pub fn same_shapes(parts: &[&TensorData]) -> Result<(), String> {
+    let Some(first) = parts.first() else { return Ok(()) };
+    match parts.iter().position(|p| p.shape != first.shape || p.dtype != first.dtype) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "rank 0 has {:?} {:?} but rank {i} has {:?} {:?} (every rank must pass the same shape and dtype)",
+            first.shape.as_slice(),
+            first.dtype,
+            parts[i].shape.as_slice(),
+            parts[i].dtype
+        )),
+    }
+}
+
 /// Concatenation along `dim` of tensors whose other dims agree.
 pub fn concat_along(parts: &[&TensorData], dim: usize) -> Result<TensorData, String> {
     let first = parts.first().ok_or("no tensors to concatenate")?;

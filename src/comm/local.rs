@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::TensorData;
 
-use super::host::{concat_along, reduce_all, split_along};
+use super::host::{concat_along, reduce_all, same_shapes, split_along};
 use super::{Comm, Communicator, RecvOp, ReduceOp, SendOp, TensorSpec};
 use crate::error::CommError;
 
@@ -403,6 +403,9 @@ impl Communicator for LocalComm {
         let name = format!("all_gather(dim={dim})");
         let parts = self.all_parts(&name, data)?;
         let refs: Vec<&TensorData> = parts.iter().map(|p| p.as_ref()).collect();
+        // NCCL gathers equal counts: uneven parts, which concatenation alone would accept here,
+        // must fail on thread ranks too.
+        same_shapes(&refs).map_err(|d| self.bad(&name, d))?;
         concat_along(&refs, dim).map_err(|d| self.bad(&name, d))
     }
 
