@@ -117,6 +117,13 @@ fn interleaved_1f1b_equals_the_single_rank_step() {
     }
 }
 
+/// m = 3p − 1 at even p: a receive from a slow peer listed first in a batch must not hold up
+/// another peer's send to this rank (NCCL progresses a group's operations together).
+#[test]
+fn interleaved_1f1b_with_3p_minus_1_microbatches() {
+    check("interleaved-1f1b", 4, 1, 2, 11);
+}
+
 #[test]
 fn tensor_and_pipeline_parallel_together() {
     check("1f1b", 2, 2, 1, 3);

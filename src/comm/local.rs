@@ -305,21 +305,41 @@ impl LocalComm {
         id
     }
 
-    /// Waits for the letter `r` asks for and checks it.
-    fn take(&self, r: &RecvOp) -> Result<TensorData, CommError> {
-        let src = self.peer_global(r.peer, "recv")?;
+    /// Waits for the letters `recvs` ask for, posted together as NCCL posts a group's receives:
+    /// each takes its sender's next letter as soon as it is there (in order per sender only, so a
+    /// slow sender listed first does not hold up the others); then checks each.
+    fn take_all(&self, recvs: &[RecvOp]) -> Result<Vec<TensorData>, CommError> {
         let me = self.global_rank();
-        let op = format!("recv(from={src}, tag={}, {:?} {:?})", r.tag, r.spec.shape, r.spec.dtype);
-        let key = self.mailbox(src, me, r.tag);
+        let srcs = recvs.iter().map(|r| self.peer_global(r.peer, "recv")).collect::<Result<Vec<_>, _>>()?;
+        let keys: Vec<_> = recvs.iter().zip(&srcs).map(|(r, &src)| self.mailbox(src, me, r.tag)).collect();
         let rendezvous = self.world.p2p == P2pMode::Rendezvous;
-        let letter = self.wait_mail(&op, src, |mail| {
-            let letter = mail.boxes.get_mut(&key).and_then(|q| q.pop_front())?;
-            if rendezvous {
-                mail.taken.insert(letter.id);
-            }
-            Some(letter)
-        })?;
-        self.world.mail_cv.notify_all();
+        let mut letters: Vec<Option<Letter>> = recvs.iter().map(|_| None).collect();
+        while let Some(first) = letters.iter().position(Option::is_none) {
+            self.wait_mail(&recv_name(srcs[first], &recvs[first]), srcs[first], |mail| {
+                let mut progress = false;
+                for i in 0..keys.len() {
+                    if letters[i].is_some() || (0..i).any(|j| letters[j].is_none() && keys[j] == keys[i]) {
+                        continue;
+                    }
+                    if let Some(letter) = mail.boxes.get_mut(&keys[i]).and_then(|q| q.pop_front()) {
+                        if rendezvous {
+                            mail.taken.insert(letter.id);
+                        }
+                        letters[i] = Some(letter);
+                        progress = true;
+                    }
+                }
+                progress.then_some(())
+            })?;
+            self.world.mail_cv.notify_all();
+        }
+        recvs.iter().zip(srcs).zip(letters).map(|((r, src), letter)| self.check_letter(r, src, letter.expect("taken"))).collect()
+    }
+
+    /// The letter's data if it is what `r` (from `src`) expects.
+    fn check_letter(&self, r: &RecvOp, src: usize, letter: Letter) -> Result<TensorData, CommError> {
+        let me = self.global_rank();
+        let op = recv_name(src, r);
         if letter.tag != r.tag {
             return Err(CommError::Mismatch {
                 group: self.group.label.clone(),
@@ -373,6 +393,11 @@ impl LocalComm {
     fn peer_global(&self, peer: usize, op: &str) -> Result<usize, CommError> {
         self.group.members.get(peer).copied().ok_or_else(|| self.bad(op, format!("peer {peer} outside a group of {}", self.group.members.len())))
     }
+}
+
+/// How a receive is named in errors.
+fn recv_name(src: usize, r: &RecvOp) -> String {
+    format!("recv(from={src}, tag={}, {:?} {:?})", r.tag, r.spec.shape, r.spec.dtype)
 }
 
 impl Communicator for LocalComm {
@@ -441,7 +466,7 @@ impl Communicator for LocalComm {
             ids.push((self.post(s.data, dst, s.tag), dst, s.tag));
         }
         self.world.mail_cv.notify_all();
-        let received = recvs.iter().map(|r| self.take(r)).collect::<Result<Vec<_>, _>>()?;
+        let received = self.take_all(recvs)?;
         if self.world.p2p == P2pMode::Rendezvous {
             for (id, dst, tag) in ids {
                 self.wait_taken(id, dst, tag)?;

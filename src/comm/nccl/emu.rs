@@ -178,19 +178,31 @@ impl EmuTransport {
             }
             self.group.cv.notify_all();
         }
-        for o in recvs {
-            let want = o.count * o.dtype.size();
-            // A size mismatch leaves the message queued (NCCL would hang): the wait times out.
-            let bytes = self.wait(name, |st| {
-                let q = st.queues.get_mut(&(o.peer, self.rank))?;
-                if q.front()?.1.len() != want {
-                    return None;
+        // The group's receives are posted together (NCCL progresses them independently): each
+        // takes its peer's next message as soon as it is there, in order per peer only. A size
+        // mismatch leaves the message queued (NCCL would hang): the wait times out.
+        // (Each message lands in memory as it is taken: a caller that times out on a later one
+        // can still read the earlier, e.g. a header.)
+        let mut done = vec![false; recvs.len()];
+        while done.contains(&false) {
+            self.wait(name, |st| {
+                let mut progress = false;
+                for (i, o) in recvs.iter().enumerate() {
+                    if done[i] || (0..i).any(|j| !done[j] && recvs[j].peer == o.peer) {
+                        continue;
+                    }
+                    let Some(q) = st.queues.get_mut(&(o.peer, self.rank)) else { continue };
+                    if q.front().is_none_or(|(_, b)| b.len() != o.count * o.dtype.size()) {
+                        continue;
+                    }
+                    let (id, bytes) = q.pop_front().expect("front");
+                    st.received.insert(id);
+                    self.mem.write(o.ptr, &bytes);
+                    done[i] = true;
+                    progress = true;
                 }
-                let (id, bytes) = q.pop_front().expect("front");
-                st.received.insert(id);
-                Some(bytes)
+                progress.then_some(())
             })?;
-            self.mem.write(o.ptr, &bytes);
         }
         for id in ids {
             self.wait(name, |st| st.received.remove(&id).then_some(()))?;
