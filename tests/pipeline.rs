@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use burn::module::Module;
+use burn::module::{AutodiffModule, Module};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_parallel::params::{named_grads, named_param_grads, NamedParam};
@@ -114,6 +114,35 @@ fn interleaved_1f1b_equals_the_single_rank_step() {
         for m in [pp, 2 * pp + 1] {
             check("interleaved-1f1b", pp, 1, 2, m);
         }
+    }
+}
+
+/// Pipelined evaluation runs without dropout: `forward_loss` gives the same value twice and
+/// equals the unsplit model's `valid()` loss, though the model trains with dropout 0.5.
+#[test]
+fn pipelined_evaluation_runs_without_dropout() {
+    let config = gpt().with_dropout(0.5);
+    let (mbs, full) = batches(4);
+    let want = world(1, |c| {
+        let model = config.init::<B>(&c, &Default::default()).unwrap().valid();
+        let dev = Default::default();
+        let (x, t) = (Tensor::<Inner, 2, Int>::from_data(full.inputs.clone(), &dev), Tensor::from_data(full.targets.clone(), &dev));
+        Ok(model.loss(x, t).into_scalar())
+    })
+    .remove(0);
+    let cfg = ParallelConfig::new().with_pipeline_parallel(2);
+    let got = world(2, |c| {
+        let groups = ProcessGroups::new(cfg.clone(), c).map_err(|e| e.to_string())?;
+        let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
+        let opts = PipelineOptions { microbatches: 4, virtual_stages: 1, layout: None };
+        let sched = schedule_by_name("1f1b").map_err(|e| e.to_string())?;
+        let exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
+        let first = exec.forward_loss(&mbs).map_err(|e| e.to_string())?;
+        Ok((first, exec.forward_loss(&mbs).map_err(|e| e.to_string())?))
+    });
+    for (first, second) in got {
+        assert_eq!(first, second);
+        assert!((first - want).abs() < TOL, "pipelined eval loss {first} vs valid() {want}");
     }
 }
 

@@ -6,7 +6,8 @@
 //!   the same mask, so the replicated activations stay identical across the group;
 //! - **sharded** regions (attention probabilities of this rank's heads): each rank draws its own.
 //!
-//! Active only when the backend tracks gradients (training) and `prob > 0`. Calls are counted per
+//! Active only when the backend tracks gradients (training), outside an evaluation scope
+//! (`burn_parallel::pipeline::EvaluationScope`: pipelined evaluation) and with `prob > 0`. Calls are counted per
 //! layer, so ranks running the same program draw the same sequence of masks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,7 +53,7 @@ impl ParallelDropout {
     /// Applies inverted dropout (scale kept elements by `1/(1-p)`).
     pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let device = x.device();
-        if self.prob <= 0.0 || !B::ad_enabled(&device) {
+        if self.prob <= 0.0 || !B::ad_enabled(&device) || burn_parallel::pipeline::evaluating() {
             return x;
         }
         let call = self.calls.fetch_add(1, Ordering::Relaxed);

@@ -343,8 +343,10 @@ where
         Ok(broadcast(t, root, &self.comm)?.into_scalar().elem())
     }
 
-    /// Mean loss of `microbatches` by forward passes only (no backward; stage by stage).
+    /// Mean loss of `microbatches` by forward passes only (no backward; stage by stage), in an
+    /// [`EvaluationScope`](super::EvaluationScope) (no dropout).
     pub fn forward_loss(&self, microbatches: &[M::MicroBatch]) -> Result<f32, PipelineError> {
+        let _eval = super::EvaluationScope::enter();
         let shape = self.plan.shape;
         let (me, last) = (self.comm.rank(), shape.stages() - 1);
         let mut total = 0.0f32;

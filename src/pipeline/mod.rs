@@ -30,8 +30,46 @@
 //! name their TP group ([`PipelineModel::tensor_parallel_group`]) so the executor can keep TP
 //! peers from deadlocking on that clean-up.
 
+//!
+//! Evaluation ([`PipelineExecutor::forward_loss`]) runs under an [`EvaluationScope`]: the model
+//! stays on the autodiff backend there (where Burn 0.21's `ad_enabled()` is always true), so
+//! training-only layers ask [`evaluating`] instead (the modules crate's dropout does).
+
 mod executor;
 mod layout;
 
+use std::cell::Cell;
+use std::marker::PhantomData;
+
 pub use executor::{PipelineError, PipelineExecutor, PipelineModel, PipelineOptions, Stage, StageOutput, StepOutput};
 pub use layout::{PartSpec, StageLayout};
+
+thread_local! {
+    static EVALUATING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// While alive, this thread (a rank) evaluates: [`evaluating`] is true, so training-only layers
+/// such as dropout pass activations through. Nests; not `Send` (it marks its own thread).
+#[derive(Debug)]
+pub struct EvaluationScope {
+    _thread_bound: PhantomData<*const ()>,
+}
+
+impl EvaluationScope {
+    /// Enters evaluation on this thread until the scope is dropped.
+    pub fn enter() -> Self {
+        EVALUATING.with(|c| c.set(c.get() + 1));
+        Self { _thread_bound: PhantomData }
+    }
+}
+
+impl Drop for EvaluationScope {
+    fn drop(&mut self) {
+        EVALUATING.with(|c| c.set(c.get() - 1));
+    }
+}
+
+/// Whether this thread is inside an [`EvaluationScope`].
+pub fn evaluating() -> bool {
+    EVALUATING.with(|c| c.get() > 0)
+}
