@@ -14,7 +14,7 @@ use burn_parallel::pipeline::{PartSpec, PipelineError, PipelineExecutor, Pipelin
 use burn_parallel::rng::HostRng;
 use burn_parallel::{ConfigError, ParallelConfig, ProcessGroups};
 use burn_parallel_modules::{GptConfig, GptPipeline, TokenBatch};
-use burn_parallel_schedules::schedule_by_name;
+use burn_parallel_schedules::{schedule_by_name, Action, GPipe, PipelineShape, Plan, Schedule, ScheduleError};
 use common::*;
 
 fn gpt() -> GptConfig {
@@ -286,6 +286,42 @@ fn bad_pipeline_configurations_are_clear_errors() {
         Ok(matches!(exec.step(&[]), Err(PipelineError::Microbatches { expected: 2, got: 0 })))
     });
     assert!(res[0]);
+}
+
+/// A schedule overriding `plan` badly: another pipeline's plan, or a rank's last action dropped.
+#[derive(Debug)]
+struct BadPlan {
+    other_shape: bool,
+}
+
+impl Schedule for BadPlan {
+    fn name(&self) -> &'static str {
+        "bad-plan"
+    }
+    fn compute_order(&self, shape: &PipelineShape) -> Result<Vec<Vec<Action>>, ScheduleError> {
+        GPipe.compute_order(shape)
+    }
+    fn plan(&self, shape: &PipelineShape) -> Result<Plan, ScheduleError> {
+        if self.other_shape {
+            return GPipe.plan(&PipelineShape::new(1, 1, shape.microbatches));
+        }
+        let mut plan = GPipe.plan(shape)?;
+        plan.ranks[0].pop();
+        Ok(plan)
+    }
+}
+
+#[test]
+fn an_overridden_plan_is_checked_before_it_runs() {
+    for other_shape in [true, false] {
+        let res = burn_parallel::run_world(2, Default::default(), |c| {
+            let opts = PipelineOptions { microbatches: 2, virtual_stages: 1, layout: None };
+            PipelineExecutor::<B, _, 2>::new(DeepMlp { width: 4, layers: 2 }, &BadPlan { other_shape }, &opts, c, Default::default()).map(|_| ())
+        });
+        let e = res.into_iter().next().unwrap().unwrap_err().to_string();
+        let want = if other_shape { "schedule bad-plan returned a plan for" } else { "invalid plan: " };
+        assert!(e.contains(want), "{e}");
+    }
 }
 
 /// A model that announces the wrong activation shape: the receiver reports both ranks and shapes.

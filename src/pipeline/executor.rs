@@ -6,7 +6,7 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
-use burn_parallel_schedules::{steps, Action, Op, PipelineShape, Plan, Schedule, ScheduleError, Step};
+use burn_parallel_schedules::{check_rendezvous, steps, validate, Action, Op, PipelineShape, Plan, Schedule, ScheduleError, Step};
 
 use super::layout::{PartSpec, StageLayout};
 use crate::comm::ops::{batch_p2p, broadcast, recv, send};
@@ -150,6 +150,24 @@ impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
     }
 }
 
+/// `schedule`'s plan for `shape`, checked again here (`Schedule::plan` may be overridden): it
+/// must be for `shape`, valid, and never hang under NCCL's rendezvous point-to-point.
+fn checked_plan(schedule: &dyn Schedule, shape: &PipelineShape) -> Result<Plan, PipelineError> {
+    let plan = schedule.plan(shape)?;
+    if plan.shape != *shape || plan.ranks.len() != shape.ranks {
+        return Err(ConfigError::Invalid(format!(
+            "schedule {} returned a plan for {:?} with {} rank lists; this pipeline is {shape:?}",
+            schedule.name(),
+            plan.shape,
+            plan.ranks.len()
+        ))
+        .into());
+    }
+    validate(&plan)?;
+    check_rendezvous(&plan)?;
+    Ok(plan)
+}
+
 /// Micro-batch numbers of [`PipelineExecutor::forward_loss`] messages start here, apart from
 /// training steps.
 const EVAL_TAG_OFFSET: usize = 1 << 24;
@@ -170,7 +188,7 @@ where
     /// rank's stages.
     pub fn new(model: M, schedule: &dyn Schedule, options: &PipelineOptions, pp: Comm, device: B::Device) -> Result<Self, PipelineError> {
         let shape = PipelineShape::new(pp.size(), options.virtual_stages, options.microbatches);
-        let plan = schedule.plan(&shape)?;
+        let plan = checked_plan(schedule, &shape)?;
         let layout = match &options.layout {
             Some(counts) => StageLayout::explicit(counts.clone(), model.num_layers())?,
             None => StageLayout::balanced(model.num_layers(), shape.stages())?,
