@@ -301,6 +301,7 @@ fn main_result(args: &Args) -> Result<(), String> {
         .validate_model(&gpt_config(args).dims())
         .map_err(|e| format!("--tp {}: {e}", args.tp))?;
     gpt_config(args).check_seq_len(args.seq_len, args.tp).map_err(|e| format!("--seq-len: {e}"))?;
+    pipelined::check_args(args)?;
     if let Some(path) = &args.timeline {
         pipelined::write_timeline(args, path)?;
     }

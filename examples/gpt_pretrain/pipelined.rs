@@ -27,6 +27,24 @@ fn schedule(args: &Args) -> Result<Box<dyn Schedule>, String> {
     schedule_by_name(&args.schedule).map_err(|e| e.to_string())
 }
 
+/// The pipeline flags, checked before anything is built: they need `--pp` > 1, the schedule must
+/// exist, and the micro-batches must divide the batch.
+pub(crate) fn check_args(args: &Args) -> Result<(), String> {
+    if args.pp == 1 {
+        if args.microbatches.is_some() || args.virtual_stages.is_some() {
+            return Err("--microbatches and --virtual-stages split a pipeline: they need --pp 2 or more".into());
+        }
+        return Ok(());
+    }
+    schedule(args)?;
+    let m = microbatches(args);
+    if !args.batch_size.is_multiple_of(m) {
+        let hint = if args.microbatches.is_none() { " (the default, 2 x --pp; pass --microbatches)" } else { "" };
+        return Err(format!("--batch-size {} is not divisible by --microbatches {m}{hint}", args.batch_size));
+    }
+    Ok(())
+}
+
 /// Writes the plan's simulated timeline (forward 1, backward 2 = input 1 + weight 1).
 pub(crate) fn write_timeline(args: &Args, path: &Path) -> Result<(), String> {
     let shape = PipelineShape::new(args.pp, virtual_stages(args), microbatches(args));
@@ -108,4 +126,27 @@ where
         total += exec.forward_loss(&split(args, split_data, name, i)?).map_err(|e| e.to_string())?;
     }
     Ok(total / args.eval_batches as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn args(flags: &str) -> Args {
+        Args::try_parse_from(std::iter::once("gpt_pretrain").chain(flags.split_whitespace())).unwrap()
+    }
+
+    #[test]
+    fn pipeline_flags_are_checked_before_anything_is_built() {
+        assert_eq!(check_args(&args("--pp 2")), Ok(()));
+        assert_eq!(check_args(&args("--pp 3 --microbatches 4")), Ok(()));
+        let e = check_args(&args("--microbatches 4")).unwrap_err();
+        assert!(e.contains("they need --pp 2 or more"), "{e}");
+        let e = check_args(&args("--pp 3")).unwrap_err();
+        assert!(e.contains("--batch-size 16 is not divisible by --microbatches 6 (the default, 2 x --pp"), "{e}");
+        let e = check_args(&args("--pp 2 --schedule nope")).unwrap_err();
+        assert!(e.contains("unknown schedule"), "{e}");
+    }
 }
