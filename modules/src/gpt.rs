@@ -233,7 +233,9 @@ impl<B: ParallelBackend> Gpt<B> {
         head_loss(&self.ln_f, &self.head, self.wte.vocab_start, self.hidden(ids), targets)
     }
 
-    /// The same model with sequence parallelism switched on or off (parameters shared).
+    /// The same model with sequence parallelism switched on or off (parameters shared), for
+    /// evaluation: the dropout mask streams stay as built (per-rank under sequence parallelism,
+    /// replicated otherwise), so train a model in the mode it was configured with.
     pub fn with_sequence_parallel(mut self, on: bool) -> Self {
         self.sequence_parallel = on;
         self.ln_f.sequence_parallel = on;
