@@ -58,7 +58,8 @@ fn check_shape(report: &mut Report, variant: &str, n: usize, h: usize) {
 fn rel_err(a: &TensorData, b: &TensorData) -> f32 {
     let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
     let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    // NaN counts as infinite error (`f32::max` alone would drop it).
+    a.iter().zip(&b).fold(0.0f32, |m, (x, y)| if (x - y).is_nan() { f32::INFINITY } else { m.max((x - y).abs()) }) / scale
 }
 
 pub fn run(report: &mut Report, quick: bool, variants: &[LnKernel]) {

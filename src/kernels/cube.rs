@@ -232,6 +232,32 @@ mod kernel {
     }
 }
 
+/// The kernels index γ/β (and `dy`) by `x`'s width and read them as `x`'s dtype, without
+/// CubeCL's bounds checks: anything else must stop here.
+fn check_operands<R: CubeRuntime>(x: &CubeTensor<R>, params: &[(&str, &CubeTensor<R>)], like_x: &[(&str, &CubeTensor<R>)]) {
+    let [_, h] = x.shape().dims::<2>();
+    for (name, p) in params {
+        assert!(
+            p.shape().as_slice() == [h] && p.dtype == x.dtype,
+            "layer norm: {name} is {:?} {:?}, x {:?} {:?}",
+            p.shape().as_slice(),
+            p.dtype,
+            x.shape().as_slice(),
+            x.dtype
+        );
+    }
+    for (name, t) in like_x {
+        assert!(
+            t.shape() == x.shape() && t.dtype == x.dtype,
+            "layer norm: {name} is {:?} {:?}, x {:?} {:?}",
+            t.shape().as_slice(),
+            t.dtype,
+            x.shape().as_slice(),
+            x.dtype
+        );
+    }
+}
+
 fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, dtype)
 }
@@ -239,6 +265,7 @@ fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> Cu
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormBackend for CubeBackend<R, F, I, BT> {
     fn layer_norm_rows(x: CubeTensor<R>, gamma: CubeTensor<R>, beta: CubeTensor<R>, epsilon: f32) -> LnForward<Self> {
         let (x, gamma, beta) = (into_contiguous(x), into_contiguous(gamma), into_contiguous(beta));
+        check_operands(&x, &[("gamma", &gamma), ("beta", &beta)], &[]);
         let [n, h] = x.shape().dims::<2>();
         let y = empty(&x, x.shape(), x.dtype);
         let mean = empty(&x, Shape::new([n, 1]), DType::F32);
@@ -291,6 +318,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
     fn layer_norm_rows_backward(dy: CubeTensor<R>, x: CubeTensor<R>, gamma: CubeTensor<R>, mean: CubeTensor<R>, rstd: CubeTensor<R>) -> LnBackward<Self> {
         let (dy, x, gamma) = (into_contiguous(dy), into_contiguous(x), into_contiguous(gamma));
         let (mean, rstd) = (into_contiguous(mean), into_contiguous(rstd));
+        check_operands(&x, &[("gamma", &gamma)], &[("dy", &dy)]);
         let [n, h] = x.shape().dims::<2>();
         let dtype = x.dtype;
         // v4: the one-pass backward. It holds four cached arrays: the plain register cache, no

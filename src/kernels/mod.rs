@@ -126,10 +126,70 @@ pub trait ParallelBackend: crate::CollectiveBackend + LayerNormBackend {}
 impl<B: crate::CollectiveBackend + LayerNormBackend> ParallelBackend for B {}
 
 /// Layer norm over the last dim of `x` (any rank) through the backend's [`LayerNormBackend`].
+///
+/// # Panics
+/// If `γ` or `β` is not `[h]` (`h`: the last dim of `x`) or not in `x`'s dtype (like Burn's
+/// own shape checks: the kernels would read past γ/β or reinterpret them).
 pub fn layer_norm<B: LayerNormBackend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, epsilon: f32) -> Tensor<B, D> {
     let dims = x.dims();
     let h = dims[D - 1];
+    for (name, p) in [("gamma", &gamma), ("beta", &beta)] {
+        assert!(
+            p.dims() == [h] && p.dtype() == x.dtype(),
+            "layer_norm: {name} is {:?} {:?} but x {:?} {:?} needs [{h}] {:?}",
+            p.dims(),
+            p.dtype(),
+            dims,
+            x.dtype(),
+            x.dtype()
+        );
+    }
     let rows = x.reshape([dims.iter().product::<usize>() / h.max(1), h]);
     let (y, _, _) = B::layer_norm_rows(prim(rows), prim(gamma), prim(beta), epsilon);
     wrap::<B, 2>(y).reshape(dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Tensor, TensorData};
+
+    use super::layer_norm;
+
+    type A = Autodiff<Flex>;
+
+    fn t<const D: usize>(v: Vec<f32>, shape: [usize; D]) -> Tensor<A, D> {
+        Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+
+    #[test]
+    #[should_panic(expected = "layer_norm: gamma is [1] F32 but x [4, 8] F32 needs [8] F32")]
+    fn affine_parameters_of_another_width_are_refused() {
+        let x = t((0..32).map(|i| i as f32).collect(), [4, 8]);
+        drop(layer_norm(x, t(vec![1.0], [1]), t(vec![0.0; 8], [8]), 1e-5));
+    }
+
+    /// Only some inputs tracked (γ frozen, β frozen, or `x` untracked): the tracked ones get the
+    /// same gradients as with everything tracked.
+    #[test]
+    fn gradients_with_frozen_inputs() {
+        let xs: Vec<f32> = (0..24).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let gs: Vec<f32> = (0..8).map(|i| 1.0 + i as f32 / 8.0).collect();
+        let w = t((0..24).map(|i| (i % 5) as f32 - 2.0).collect(), [3, 8]);
+        let grads = |track: [bool; 3]| {
+            let leaf = |v: Tensor<A, 1>, on: bool| if on { v.require_grad() } else { v };
+            let x = if track[0] { t(xs.clone(), [3, 8]).require_grad() } else { t(xs.clone(), [3, 8]) };
+            let (g, b) = (leaf(t(gs.clone(), [8]), track[1]), leaf(t(vec![0.5; 8], [8]), track[2]));
+            let gr = (layer_norm(x.clone(), g.clone(), b.clone(), 1e-5) * w.clone()).sum().backward();
+            [x.grad(&gr).map(|d| d.into_data()), g.grad(&gr).map(|d| d.into_data()), b.grad(&gr).map(|d| d.into_data())]
+        };
+        let all = grads([true; 3]);
+        assert!(all.iter().all(Option::is_some));
+        for track in [[true, false, true], [true, true, false], [false, true, true]] {
+            let some = grads(track);
+            for i in 0..3 {
+                assert_eq!(some[i], if track[i] { all[i].clone() } else { None }, "input {i} with tracking {track:?}");
+            }
+        }
+    }
 }

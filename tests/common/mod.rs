@@ -48,7 +48,8 @@ pub fn max_abs_diff(a: &TensorData, b: &TensorData) -> Result<f32, String> {
         return Err(format!("shape {:?} vs {:?}", a.shape.as_slice(), b.shape.as_slice()));
     }
     let (x, y) = (a.clone().convert::<f32>().to_vec::<f32>().unwrap(), b.clone().convert::<f32>().to_vec::<f32>().unwrap());
-    Ok(x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max))
+    // NaN counts as infinite difference (`f32::max` alone would drop it and pass NaN outputs).
+    Ok(x.iter().zip(&y).map(|(p, q)| (p - q).abs()).map(|d| if d.is_nan() { f32::INFINITY } else { d }).fold(0.0, f32::max))
 }
 
 /// The slice of `reference` that `rank` of `t` should hold, inferred from `local`'s shape: the
