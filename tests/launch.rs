@@ -60,6 +60,35 @@ fn a_rank_that_never_arrives_times_out_with_its_number() {
     }
 }
 
+/// Rank 0 listens on every interface: a rank that reaches it by another of its addresses
+/// (127.0.0.2, where rank 0's MASTER_ADDR says 127.0.0.1) still joins. Rank 0's timeout is too
+/// large for `Instant`: no overflow panic.
+#[test]
+fn rank_0_is_reachable_by_any_of_its_addresses() {
+    let port = free_port();
+    let spawn = |r: usize, addr: &str, timeout: &str| {
+        Command::new(BIN)
+            .arg("rendezvous-check")
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", addr)
+            .env("MASTER_PORT", port.to_string())
+            .env("BURN_PARALLEL_TIMEOUT_SECS", timeout)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut r0 = spawn(0, "127.0.0.1", &u64::MAX.to_string());
+    let o1 = spawn(1, "127.0.0.2", "10").wait_with_output().unwrap();
+    if !o1.status.success() {
+        let _ = r0.kill();
+    }
+    let o0 = r0.wait_with_output().unwrap();
+    assert!(o1.status.success() && text(&o1).contains("rank 1 of 2 got id-of-a-world-of-2"), "{}\n{}", text(&o0), text(&o1));
+    assert!(o0.status.success(), "{}", text(&o0));
+}
+
 #[test]
 fn garbage_on_the_port_is_rejected_and_does_not_count() {
     let port = free_port();
@@ -110,6 +139,25 @@ fn the_launcher_stops_everyone_and_returns_the_failing_code() {
     assert!(t.contains("[rank 1] boom") && t.contains("rank 1 failed with exit code 7"), "{t}");
     let out = Command::new(BIN).args(["launch", "--nproc-per-node", "2", "--", "sh", "-c", "echo ok $RANK"]).output().unwrap();
     assert!(out.status.success() && text(&out).contains("[rank 1] ok 1"));
+}
+
+/// A failed rank's background processes die with it (they held its output pipes open, and the
+/// launcher waited for them), and so do a finished rank's; output that is not UTF-8 is shown
+/// lossily instead of closing the pipe (the rank died of SIGPIPE on its next write).
+#[test]
+fn leftovers_of_a_rank_are_stopped_and_odd_bytes_are_forwarded() {
+    let start = Instant::now();
+    let script = r#"if [ "$RANK" = 1 ]; then sleep 30 & exit 7; fi; sleep 30"#;
+    let out = Command::new(BIN).args(["launch", "--nproc-per-node", "2", "--", "sh", "-c", script]).output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(start.elapsed() < Duration::from_secs(10), "waited {:?} for the failed rank's background sleep", start.elapsed());
+    let start = Instant::now();
+    let out = Command::new(BIN).args(["launch", "--nproc-per-node", "1", "--", "sh", "-c", "sleep 30 & echo done"]).output().unwrap();
+    assert!(out.status.success() && start.elapsed() < Duration::from_secs(10), "{:?}: {}", start.elapsed(), text(&out));
+    let script = r#"printf 'odd \377 byte\n'; sleep 0.2; echo after"#;
+    let out = Command::new(BIN).args(["launch", "--nproc-per-node", "1", "--", "sh", "-c", script]).output().unwrap();
+    let t = text(&out);
+    assert!(out.status.success() && t.contains("[rank 0] odd \u{FFFD} byte") && t.contains("[rank 0] after"), "{t:?}");
 }
 
 #[test]

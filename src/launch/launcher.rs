@@ -43,14 +43,21 @@ pub struct LaunchOptions {
     pub command: Vec<String>,
 }
 
+/// Forwards a rank's output line by line (bytes that are not UTF-8 shown lossily: stopping at
+/// them would close the pipe and kill the rank with SIGPIPE on its next write).
 fn pipe_lines<R: std::io::Read + Send + 'static>(r: R, rank: usize, err: bool) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
+        let mut reader = BufReader::new(r);
+        let mut buf = Vec::new();
+        while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+            let line = String::from_utf8_lossy(&buf);
+            let line = line.trim_end_matches(['\n', '\r']);
             if err {
                 eprintln!("[rank {rank}] {line}");
             } else {
                 println!("[rank {rank}] {line}");
             }
+            buf.clear();
         }
     })
 }
@@ -121,27 +128,33 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
             break code;
         }
         if running == 0 {
+            // What the ranks left running in the background would keep their output pipes open.
+            stop(&mut children);
             break 0;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    for p in pipes {
-        let _ = p.join();
+    // The last output; a process that left its rank's group may hold a pipe open: not forever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while pipes.iter().any(|p| !p.is_finished()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
     Ok(code)
 }
 
+/// Kills every rank's process group (what a rank started too, also for a rank that already
+/// exited: its group lives on while any member does, and Linux reuses no pid still in use as a
+/// group id), then reaps the ranks.
 fn stop(children: &mut [(usize, Child)]) {
     for (_, c) in children.iter_mut() {
-        if matches!(c.try_wait(), Ok(Some(_))) {
-            continue; // reaped: its pid (and group id) may belong to someone else now
-        }
         #[cfg(unix)]
         // SAFETY: kill(2) on the process group the child leads; no memory is touched.
         unsafe {
             libc::kill(-(c.id() as i32), libc::SIGKILL);
         }
-        let _ = c.kill();
+        if !matches!(c.try_wait(), Ok(Some(_))) {
+            let _ = c.kill();
+        }
     }
     for (_, c) in children.iter_mut() {
         let _ = c.wait();

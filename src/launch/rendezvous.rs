@@ -72,7 +72,8 @@ pub enum RendezvousError {
 /// on every rank.
 pub fn rendezvous(env: &JobEnv, payload: Option<Vec<u8>>) -> Result<Vec<u8>, RendezvousError> {
     let addr = format!("{}:{}", env.master_addr, env.master_port);
-    let deadline = Instant::now() + env.timeout;
+    // (A timeout past what `Instant` can hold waits for a year: no overflow panic.)
+    let deadline = Instant::now().checked_add(env.timeout).unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
     if env.rank == 0 {
         let payload = payload.unwrap_or_default();
         if payload.len() > MAX_PAYLOAD {
@@ -110,8 +111,22 @@ fn read_hello(stream: &mut TcpStream) -> Result<(usize, usize), String> {
     Ok((word(12) as usize, word(16) as usize))
 }
 
+/// Rank 0 listens on every interface (as torch's TCPStore does): `MASTER_ADDR` is how the others
+/// reach it, and a host name may resolve to a loopback address on rank 0's own host (e.g.
+/// `127.0.1.1` from `/etc/hosts`) that no other node can connect to. IPv6 only if the name
+/// resolves to nothing else.
+fn listen(env: &JobEnv, addr: &str) -> Result<TcpListener, RendezvousError> {
+    let resolved: Vec<std::net::SocketAddr> = (env.master_addr.as_str(), env.master_port).to_socket_addrs().map_err(io(addr))?.collect();
+    let any: std::net::IpAddr = if !resolved.is_empty() && resolved.iter().all(|a| a.is_ipv6()) {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    TcpListener::bind((any, env.master_port)).map_err(io(addr))
+}
+
 fn serve(env: &JobEnv, addr: &str, payload: Vec<u8>, deadline: Instant) -> Result<Vec<u8>, RendezvousError> {
-    let listener = TcpListener::bind((env.master_addr.as_str(), env.master_port)).map_err(io(addr))?;
+    let listener = listen(env, addr)?;
     listener.set_nonblocking(true).map_err(io(addr))?;
     let start = Instant::now();
     let mut peers: BTreeMap<usize, TcpStream> = BTreeMap::new();
@@ -188,7 +203,7 @@ fn join(env: &JobEnv, addr: &str, deadline: Instant) -> Result<Vec<u8>, Rendezvo
     stream.write_all(&hello).map_err(io(addr))?;
     // Rank 0 decides (it also times out and then tells everyone who is missing): wait for its
     // answer a grace period past our own deadline.
-    let grace = deadline.saturating_duration_since(Instant::now()) + REPLY_GRACE;
+    let grace = deadline.saturating_duration_since(Instant::now()).saturating_add(REPLY_GRACE);
     stream.set_read_timeout(Some(grace)).map_err(io(addr))?;
     let mut head = [0u8; 13];
     stream.read_exact(&mut head).map_err(|e| match e.kind() {
