@@ -90,6 +90,16 @@ fn vocab_parallel_embedding() {
     });
 }
 
+/// A target outside the vocabulary (e.g. torch's −100 padding) is refused, not counted as
+/// `log Σ exp` (checked in builds with debug assertions, as the tests are).
+#[test]
+#[should_panic(expected = "target -100 is outside the vocabulary [0, 16)")]
+fn cross_entropy_refuses_targets_outside_the_vocabulary() {
+    let tp1 = burn_parallel::LocalWorld::new(1).communicator(0);
+    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![3i64, -100], [2]), &dev());
+    drop(vocab_parallel_cross_entropy(leaf::<2>(randn("z", [2, 16])), targets, 0, &tp1));
+}
+
 #[test]
 fn vocab_parallel_cross_entropy_matches_full_softmax() {
     parity("cross-entropy", |c, _| {

@@ -16,6 +16,10 @@ use burn_parallel::{Comm, ParallelBackend, ReduceOp};
 
 /// Per-token losses `[N]` of vocab-parallel `logits: [N, V/t]` against `targets: [N]`; this rank
 /// holds vocabulary ids `[vocab_start, vocab_start + V/t)`.
+///
+/// Every target must be a vocabulary id: there is no ignore index (as in Megatron; mask the loss
+/// instead). A target outside `[0, V)` would silently count as `log Σ exp`; builds with debug
+/// assertions check (one read of the targets) and panic naming it.
 pub fn vocab_parallel_cross_entropy_per_token<B: ParallelBackend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
@@ -23,6 +27,13 @@ pub fn vocab_parallel_cross_entropy_per_token<B: ParallelBackend>(
     tp: &Comm,
 ) -> Tensor<B, 1> {
     let [_, v_local] = logits.dims();
+    if cfg!(debug_assertions) {
+        let vocab = (v_local * tp.size()) as i64;
+        let ids = targets.clone().into_data().convert::<i64>().into_vec::<i64>().expect("integer targets");
+        if let Some(t) = ids.iter().find(|&&t| !(0..vocab).contains(&t)) {
+            panic!("vocab_parallel_cross_entropy: target {t} is outside the vocabulary [0, {vocab}) (no ignore index: mask the loss instead)");
+        }
+    }
     let local_max = logits.clone().detach().max_dim(1);
     let max = if tp.size() == 1 { local_max } else { expect_comm(all_reduce(local_max, ReduceOp::Max, tp)) };
     let shifted = logits - max;
