@@ -134,6 +134,11 @@ impl Schedule for Interleaved1F1B {
     }
     fn compute_order(&self, shape: &PipelineShape) -> Result<Vec<Vec<Action>>, ScheduleError> {
         need_microbatches(self.name(), shape, shape.ranks)?;
+        if shape.virtual_stages == 1 {
+            // One chunk per rank is 1F1B (the interleaved warm-up, 2(p−r−1), would hold twice
+            // the micro-batches for the same bubble).
+            return OneFOneB.compute_order(shape);
+        }
         let (p, v, m) = (shape.ranks, shape.virtual_stages, shape.microbatches);
         let fwd = interleaved_order(p, v, m, false);
         let bwd = interleaved_order(p, v, m, true);
@@ -162,6 +167,12 @@ impl Schedule for Interleaved1F1B {
 /// (counted until their `W`), and fills any remaining gap with a pending `W`. Peak activation
 /// memory therefore never exceeds 1F1B's; the bubble shrinks because gradients travel upstream
 /// without waiting for weight gradients. Needs m ≥ p.
+///
+/// At unit costs its bubble is (p−1)(F+I) per rank, **2/3 of 1F1B's**, not the paper's
+/// (p−1)(F+I−W) (a third): the paper's ZB-H1 defers weight gradients on later ranks into the
+/// tail (up to p micro-batches held there), which this greedy does not do. With Burn 0.21 the
+/// executor computes every gradient in `I` anyway (`W` only adds the stashed ones), so on real
+/// runs `zb-h1` behaves like 1F1B with early gradient sends.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ZeroBubbleH1;
 

@@ -74,6 +74,17 @@ fn every_schedule_is_valid_and_deadlock_free_over_a_grid() {
     }
 }
 
+/// With one chunk per rank the interleaved schedule is 1F1B: same bubble, same peak memory.
+#[test]
+fn interleaved_with_one_chunk_is_1f1b() {
+    let costs = Costs::uniform();
+    for (p, m) in [(2, 4), (4, 8), (4, 9)] {
+        let (il, base) = (sim("interleaved-1f1b", p, 1, m, &costs), sim("1f1b", p, 1, m, &costs));
+        assert_eq!(il.peak_in_flight, base.peak_in_flight, "p={p} m={m}");
+        assert!(close(il.bubble_fraction, base.bubble_fraction), "p={p} m={m}");
+    }
+}
+
 #[test]
 fn zero_bubble_h1_cuts_the_1f1b_bubble() {
     let costs = Costs { forward: 1.0, backward: 2.0, backward_input: 1.0, backward_weight: 1.0, comm: 0.0 };
@@ -81,7 +92,10 @@ fn zero_bubble_h1_cuts_the_1f1b_bubble() {
         for m in [p, 2 * p, 4 * p] {
             let zb = sim("zb-h1", p, 1, m, &costs);
             let base = sim("1f1b", p, 1, m, &costs);
-            // ZB-H1's bubble is (p−1)(F+B−W) vs (p−1)(F+B) idle per rank: here 2/3 of the time.
+            // This greedy ZB-H1 idles (p−1)(F+I) per rank vs 1F1B's (p−1)(F+I+W): 2/3 of 1F1B's
+            // bubble at unit costs. (Qi et al.'s hand-built ZB-H1 reaches (p−1)(F+I−W), a third;
+            // the greedy runs weight gradients as soon as a gap opens instead of deferring them
+            // to the tail — see the schedule's docs.)
             let want = (p - 1) as f64 * 2.0 / ((p - 1) as f64 * 2.0 + m as f64 * 3.0);
             assert!(close(zb.bubble_fraction, want), "p={p} m={m}: {} vs {want}", zb.bubble_fraction);
             assert!(zb.bubble_fraction < base.bubble_fraction);
@@ -156,6 +170,16 @@ fn grid_and_svg_render_the_timeline() {
     assert!(svg.contains("rank 1") && svg.contains("bubble 25.0%"));
 }
 
+/// The plan, or `None` where the schedule refuses the shape by design (several chunks per rank
+/// for a one-chunk schedule); any other error fails the test.
+fn plan_or_skip(name: &str, p: usize, v: usize, m: usize) -> Option<Plan> {
+    match schedule_by_name(name).unwrap().plan(&PipelineShape::new(p, v, m)) {
+        Ok(plan) => Some(plan),
+        Err(ScheduleError::InvalidShape(e)) if v > 1 && name != "interleaved-1f1b" && e.contains("one stage per rank") => None,
+        Err(e) => panic!("{name} p={p} v={v} m={m}: {e}"),
+    }
+}
+
 /// Every schedule, over a grid of shapes, is deadlock-free and order-consistent under NCCL's
 /// rendezvous semantics when each run of consecutive sends/receives is one batch.
 #[test]
@@ -165,7 +189,7 @@ fn every_schedule_runs_under_nccl_rendezvous_semantics() {
         for p in 1..=5 {
             for v in 1..=3 {
                 for m in [p, p + 1, 2 * p, 2 * p + 1, 3 * p + 1] {
-                    let Ok(plan) = schedule_by_name(name).unwrap().plan(&PipelineShape::new(p, v, m)) else { continue };
+                    let Some(plan) = plan_or_skip(name, p, v, m) else { continue };
                     check_rendezvous(&plan).unwrap_or_else(|e| panic!("{name} p={p} v={v} m={m}: {e}\n{plan}"));
                     checked += 1;
                 }
@@ -187,7 +211,7 @@ fn placement_makes_nccl_rendezvous_free_where_megatron_is() {
         for p in 2..=6 {
             for v in 1..=3 {
                 for m in [p, p + 1, 2 * p, 2 * p + 1, 3 * p, 4 * p] {
-                    let Ok(plan) = schedule_by_name(name).unwrap().plan(&PipelineShape::new(p, v, m)) else { continue };
+                    let Some(plan) = plan_or_skip(name, p, v, m) else { continue };
                     for (costs, label) in [(split, "I = W"), (whole, "I = B")] {
                         let (b, r) = (simulate(&plan, &costs).unwrap().makespan, rendezvous_makespan(&plan, &costs).unwrap());
                         assert!(r >= b - 1e-9, "{name} p={p} v={v} m={m}: {r} < {b}");
