@@ -8,7 +8,7 @@
 //! - [`global_grad_norm`] / [`clip_grad_norm`]: the L2 norm of **all** gradients of the model,
 //!   every parameter counted once: TP-sharded parameters (the weights of `ColumnLinear`, the
 //!   weight of `RowLinear`, the vocab-parallel embedding — recognised by their module type) are
-//!   summed over the TP group, replicated ones counted once, and the per-stage sums added over the
+//!   summed over the TP group ([`crate::sharding`]), replicated ones counted once, and the per-stage sums added over the
 //!   pipeline group. Data-parallel replicas hold identical (already averaged) gradients and are
 //!   not summed. Burn's own clipping is per tensor; this is the global clipping of Megatron and
 //!   `torch.nn.utils.clip_grad_norm_`.
@@ -102,7 +102,7 @@ impl<D> SquareSums<'_, D> {
     fn is_sharded(&self) -> bool {
         let ty = self.types.last().map(String::as_str).unwrap_or("");
         let field = self.path.last().map(String::as_str).unwrap_or("");
-        matches!(ty, "Struct:ColumnLinear" | "Struct:VocabParallelEmbedding") || (ty == "Struct:RowLinear" && field == "weight")
+        crate::sharding::tp_split_dim(ty, field).is_some()
     }
 }
 

@@ -35,10 +35,12 @@
 //! }
 //! ```
 
+pub mod checkpoint;
 pub mod collective;
 pub mod comm;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod data;
 pub mod data_parallel;
 pub mod error;
 #[cfg(feature = "cube")]
@@ -50,6 +52,7 @@ pub mod mappings;
 pub mod params;
 pub mod pipeline;
 pub mod rng;
+pub mod sharding;
 pub mod topology;
 pub mod world;
 

@@ -5,6 +5,51 @@
 //! rank generates the full (unsharded) tensor and keeps its slice, so the shards of a tp=k model are
 //! exactly the slices of the tp=1 model (Megatron's `--use-cpu-initialization` does the same).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// How many draws a named random stream has made (e.g. a dropout layer's mask calls): the
+/// state a checkpoint saves so that a resumed run draws the same masks. Clones share the count.
+#[derive(Debug, Clone)]
+pub struct StreamCounter {
+    name: String,
+    count: Arc<AtomicU64>,
+}
+
+impl StreamCounter {
+    /// A stream called `name` with no draws yet.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into(), count: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// The stream's name (unique within a model).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Draws so far.
+    pub fn get(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Sets the number of draws (restoring a checkpoint).
+    pub fn set(&self, count: u64) {
+        self.count.store(count, Ordering::Relaxed)
+    }
+
+    /// The number of this draw; counts it.
+    pub fn next(&self) -> u64 {
+        self.count.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A module that draws random numbers during training lists its streams, so that checkpoints
+/// can save and restore where each stream is.
+pub trait RandomStreams {
+    /// Every stream of this module (and its submodules).
+    fn random_streams(&self) -> Vec<StreamCounter>;
+}
+
 /// A counter-based generator (SplitMix64) seeded from a seed and a stream name.
 #[derive(Debug, Clone)]
 pub struct HostRng {

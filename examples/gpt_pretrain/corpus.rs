@@ -1,7 +1,10 @@
 //! Text data: the file given by `--data`, or a generated default corpus; byte-level tokens.
 
+use std::ops::Range;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use burn_parallel::data::GlobalSampler;
 use burn_parallel::rng::HostRng;
 
 const NAMES: [&str; 8] = ["ANNA", "BERTRAM", "CLEO", "DORIAN", "ELSPETH", "FALK", "GRETA", "HOLLIS"];
@@ -86,16 +89,29 @@ impl Corpus {
         Ok(Self { train, val })
     }
 
-    /// `batch` random windows of `split` (inputs, next-byte targets), reproducible in `(name, step)`.
-    pub fn batch<B: Backend>(split: &[u8], batch: usize, seq: usize, name: &str, step: usize, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
-        let mut rng = HostRng::new(0, &format!("{name}:{step}"));
-        let mut x = Vec::with_capacity(batch * seq);
-        let mut y = Vec::with_capacity(batch * seq);
-        for _ in 0..batch {
-            let start = (rng.next_u64() % (split.len() - seq - 1) as u64) as usize;
+    /// The global samples `samples` of `split` (inputs, next-byte targets), `[n, seq]`: sample
+    /// `i` is the window `sampler` draws for `i` (see [`GlobalSampler`]).
+    pub fn samples<B: Backend>(
+        split: &[u8],
+        samples: Range<u64>,
+        seq: usize,
+        sampler: &GlobalSampler,
+        device: &B::Device,
+    ) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+        let n = (samples.end - samples.start) as usize;
+        let mut x = Vec::with_capacity(n * seq);
+        let mut y = Vec::with_capacity(n * seq);
+        for i in samples {
+            let start = sampler.window_start(i, split.len(), seq + 1);
             x.extend(split[start..start + seq].iter().map(|&b| b as i64));
             y.extend(split[start + 1..start + seq + 1].iter().map(|&b| b as i64));
         }
-        (Tensor::from_data(TensorData::new(x, [batch, seq]), device), Tensor::from_data(TensorData::new(y, [batch, seq]), device))
+        (Tensor::from_data(TensorData::new(x, [n, seq]), device), Tensor::from_data(TensorData::new(y, [n, seq]), device))
+    }
+
+    /// Evaluation batch `i` of `batch` samples of the stream `name` (the same on every rank).
+    pub fn eval_batch<B: Backend>(split: &[u8], batch: usize, seq: usize, name: &str, i: usize, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+        let first = (i * batch) as u64;
+        Self::samples(split, first..first + batch as u64, seq, &GlobalSampler::new(0, name), device)
     }
 }

@@ -6,6 +6,7 @@
 //! ```
 //! Byte-level tokenizer (vocabulary 256). Without `--data`, trains on a generated corpus.
 
+mod checkpointing;
 mod corpus;
 mod pipelined;
 
@@ -16,15 +17,18 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
+use burn_parallel::checkpoint::TrainState;
 use burn_parallel::comm::ops::all_reduce;
+use burn_parallel::data::GlobalSampler;
 use burn_parallel::data_parallel::{all_reduce_gradients, clip_grad_norm, DEFAULT_BUCKET_BYTES};
 use burn_parallel::{all_ok, run_world, BackwardWith, Comm, LocalWorldOptions, P2pMode, ParallelBackend, ParallelConfig, ProcessGroups, ReduceOp};
 use burn_parallel_modules::{Gpt, GptConfig};
+use checkpointing::Start;
 use clap::{Parser, ValueEnum};
 use corpus::Corpus;
 use indicatif::{ProgressBar, ProgressStyle};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 enum DeviceKind {
     /// CPU (burn-flex).
     Cpu,
@@ -32,7 +36,7 @@ enum DeviceKind {
     Cuda,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 enum CommKind {
     /// Ranks are threads of this process (any device).
     Local,
@@ -43,7 +47,7 @@ enum CommKind {
 }
 
 /// Pretrain a small GPT on a text file with tensor parallelism across local threads.
-#[derive(Parser, Debug, Clone)]
+#[derive(Parser, Debug, Clone, serde::Serialize)]
 #[command(version, about)]
 pub(crate) struct Args {
     /// Text file to train on (bytes are tokens). Default: a generated corpus built into the example.
@@ -137,6 +141,36 @@ pub(crate) struct Args {
     /// Write the pipeline plan's timeline (simulated with forward 1, backward 2) to this SVG file.
     #[arg(long)]
     timeline: Option<PathBuf>,
+    /// Checkpoint directory: `step-N/` checkpoints (each rank writes its own shards) and a
+    /// `latest` pointer. A checkpoint is also saved after the last step.
+    #[arg(long)]
+    save_dir: Option<PathBuf>,
+    /// Save a checkpoint every N steps (0: only after the last step).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Keep the newest K checkpoints in --save-dir (0: all).
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    /// Write checkpoints in a background thread (training waits only for the copy to host memory).
+    #[arg(long)]
+    async_save: bool,
+    /// Resume from a checkpoint directory, or `latest` (the newest in --save-dir): model,
+    /// optimizer, data position, dropout streams, step. Any dp/pp/tp/SP layout can load it.
+    #[arg(long)]
+    resume: Option<String>,
+    /// Stop after this step (saving a checkpoint with --save-dir), as a pre-empted job would;
+    /// the learning-rate schedule still spans --steps.
+    #[arg(long)]
+    exit_at_step: Option<usize>,
+    /// At the end, write the newest checkpoint's model as one unsharded safetensors file.
+    #[arg(long)]
+    export: Option<PathBuf>,
+    /// Initialise the weights from a model.safetensors (as written by --export) at any layout.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// Print `step N loss L` every N steps on stdout (L printed exactly: bit-for-bit comparable).
+    #[arg(long, default_value_t = 0)]
+    print_every: usize,
 }
 
 /// What rank 0 reports.
@@ -191,51 +225,61 @@ pub(crate) fn lr_at(args: &Args, step: usize) -> f64 {
 fn evaluate<B: ParallelBackend>(gpt: &Gpt<B>, split: &[u8], name: &str, args: &Args, device: &B::Device) -> f32 {
     let total: f32 = (0..args.eval_batches)
         .map(|i| {
-            let (x, y) = Corpus::batch::<B>(split, args.batch_size, args.seq_len, name, i, device);
+            let (x, y) = Corpus::eval_batch::<B>(split, args.batch_size, args.seq_len, name, i, device);
             gpt.loss(x, y).into_scalar().elem::<f32>()
         })
         .sum();
     total / args.eval_batches as f32
 }
 
-pub(crate) fn progress(args: &Args, rank: usize) -> ProgressBar {
+pub(crate) fn progress(args: &Args, rank: usize, start: u64) -> ProgressBar {
     if rank != 0 {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(args.steps as u64);
+    let bar = ProgressBar::new(args.exit_at_step.unwrap_or(args.steps) as u64);
+    bar.set_position(start);
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}").unwrap().progress_chars("=> "));
     bar
 }
 
-fn train_rank<B>(args: &Args, comm: Comm, device: B::Device, data: &Corpus) -> Result<Summary, String>
+fn train_rank<B>(args: &Args, comm: Comm, device: B::Device, data: &Corpus, start: &Start) -> Result<Summary, String>
 where
     B: AutodiffBackend + ParallelBackend + BackwardWith,
     B::InnerBackend: ParallelBackend,
 {
     let rank = comm.global_rank();
     let config = gpt_config(args);
-    let layout = ParallelConfig::new().with_data_parallel(args.dp).with_tensor_parallel(args.tp);
+    let layout = ParallelConfig::new().with_data_parallel(args.dp).with_tensor_parallel(args.tp).with_sequence_parallel(args.sequence_parallel);
     let groups = ProcessGroups::new(layout, comm).map_err(|e| e.to_string())?;
-    let mut gpt: Gpt<B> = config.init(&groups.tp, &device).map_err(|e| format!("invalid model for --tp {}: {e}", args.tp))?;
-    let mut optim = AdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).init();
-    let bar = progress(args, rank);
+    let gpt: Gpt<B> = config.init(&groups.tp, &device).map_err(|e| format!("invalid model for --tp {}: {e}", args.tp))?;
+    let optim = AdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).init();
+    let same = |p: &str| p.to_string();
+    let (mut parts, mut optims) = checkpointing::restore(start, &groups, vec![(gpt, &same)], vec![optim])?;
+    let (mut gpt, mut optim) = (parts.remove(0), optims.remove(0));
+    let mut train = start.train_state();
+    let mut saver = checkpointing::saver(args, &groups, train.step)?;
+    let last = args.exit_at_step.unwrap_or(args.steps) as u64;
+    let bar = progress(args, rank, train.step);
     let tokens_per_step = (args.dp * args.batch_size * args.seq_len) as f64;
-    let (mut first_loss, start) = (f32::NAN, Instant::now());
-    let name = format!("train{}", groups.coords.dp);
-    for step in 0..args.steps {
-        let t0 = Instant::now();
-        let (x, y) = Corpus::batch::<B>(&data.train, args.batch_size, args.seq_len, &name, step + 1000 * args.seed as usize, &device);
+    let (mut first_loss, start_time, first_step) = (f32::NAN, Instant::now(), train.step);
+    let sampler = GlobalSampler::new(args.seed, "train");
+    while train.step < last {
+        let (t0, step) = (Instant::now(), train.step as usize);
+        let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
+        let (x, y) = Corpus::samples::<B>(&data.train, samples, args.seq_len, &sampler, &device);
         let loss = gpt.loss(x, y);
         let grads = GradientsParams::from_grads(loss.backward(), &gpt);
         let grads = sync_and_clip(args, &groups, vec![(&gpt, grads)])?.remove(0);
         gpt = optim.step(lr_at(args, step), gpt, grads);
         let loss = dp_mean(loss.into_scalar().elem(), &groups)?;
-        if step == 0 {
+        advance(args, &mut train, step);
+        if train.step == first_step + 1 {
             first_loss = loss;
         }
-        let tps = tokens_per_step / t0.elapsed().as_secs_f64();
-        bar.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));
-        bar.inc(1);
+        report(args, &bar, rank, step, loss, tokens_per_step / t0.elapsed().as_secs_f64());
+        let save =
+            checkpointing::due(args, train.step, last).then(|| checkpointing::snapshot(args, &groups, &train, &[(&gpt, &same)], std::slice::from_ref(&optim)));
+        checkpointing::after_step(&mut saver, save)?;
         if args.eval_every > 0 && (step + 1) % args.eval_every == 0 && step + 1 < args.steps {
             let val = evaluate(&gpt.valid(), &data.val, "val", args, &device);
             if rank == 0 {
@@ -244,7 +288,8 @@ where
         }
     }
     bar.finish();
-    let tokens_per_sec = tokens_per_step * args.steps as f64 / start.elapsed().as_secs_f64();
+    checkpointing::finish(args, &mut saver, rank)?;
+    let tokens_per_sec = tokens_per_step * (train.step - first_step) as f64 / start_time.elapsed().as_secs_f64();
     let model = gpt.valid();
     let train_loss = evaluate(&model, &data.train, "train-eval", args, &device);
     let val_loss = evaluate(&model, &data.val, "val", args, &device);
@@ -254,7 +299,24 @@ where
     Ok(Summary { first_loss, train_loss, val_loss, tokens_per_sec, sample: String::from_utf8_lossy(&bytes).into_owned() })
 }
 
-fn run<B>(args: &Args, device: B::Device, data: &Corpus) -> Result<Summary, String>
+/// Counts step `step` as done: position in the data, tokens, learning rate.
+pub(crate) fn advance(args: &Args, train: &mut TrainState, step: usize) {
+    train.step += 1;
+    train.samples_seen += (args.dp * args.batch_size) as u64;
+    train.tokens_seen += (args.dp * args.batch_size * args.seq_len) as u64;
+    train.lr = lr_at(args, step);
+}
+
+/// Progress bar, and with `--print-every` the exact loss on stdout (rank 0).
+pub(crate) fn report(args: &Args, bar: &ProgressBar, rank: usize, step: usize, loss: f32, tokens_per_sec: f64) {
+    bar.set_message(format!("loss {loss:.4}  {tokens_per_sec:.0} tok/s"));
+    bar.inc(1);
+    if rank == 0 && args.print_every > 0 && (step + 1) % args.print_every == 0 {
+        bar.suspend(|| println!("step {} loss {loss:?}", step + 1));
+    }
+}
+
+fn run<B>(args: &Args, device: B::Device, data: &Corpus, start: &Start) -> Result<Summary, String>
 where
     B: AutodiffBackend + ParallelBackend + BackwardWith,
     B::InnerBackend: ParallelBackend,
@@ -263,10 +325,10 @@ where
     let opts = LocalWorldOptions { timeout: Duration::from_secs(args.timeout_secs), p2p: P2pMode::Rendezvous };
     let world = args.dp * args.pp * args.tp;
     if args.pp > 1 {
-        let results = run_world(world, opts, |comm| pipelined::train_rank::<B>(args, comm, device.clone(), data));
+        let results = run_world(world, opts, |comm| pipelined::train_rank::<B>(args, comm, device.clone(), data, start));
         return Ok(all_ok(results)?.remove(0));
     }
-    let results = run_world(world, opts, |comm| train_rank::<B>(args, comm, device.clone(), data));
+    let results = run_world(world, opts, |comm| train_rank::<B>(args, comm, device.clone(), data, start));
     Ok(all_ok(results)?.remove(0))
 }
 
@@ -302,17 +364,19 @@ fn main_result(args: &Args) -> Result<(), String> {
         .map_err(|e| format!("--tp {}: {e}", args.tp))?;
     gpt_config(args).check_seq_len(args.seq_len, args.tp).map_err(|e| format!("--seq-len: {e}"))?;
     pipelined::check_args(args)?;
+    checkpointing::check_args(args)?;
     if let Some(path) = &args.timeline {
         pipelined::write_timeline(args, path)?;
     }
     if args.comm == CommKind::Nccl && args.device != DeviceKind::Cuda {
         return Err("--comm nccl needs --device cuda".into());
     }
+    let start = checkpointing::open_start(args)?;
     let data = load(args)?;
     tracing::info!(dp = args.dp, tp = args.tp, pp = args.pp, sequence_parallel = args.sequence_parallel, device = ?args.device, steps = args.steps, "training");
     let summary = match args.device {
-        DeviceKind::Cpu => run::<burn::backend::Autodiff<burn::backend::Flex>>(args, Default::default(), &data)?,
-        DeviceKind::Cuda => run_cuda(args, &data)?,
+        DeviceKind::Cpu => run::<burn::backend::Autodiff<burn::backend::Flex>>(args, Default::default(), &data, &start)?,
+        DeviceKind::Cuda => run_cuda(args, &data, &start)?,
     };
     println!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
     println!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);
@@ -321,18 +385,18 @@ fn main_result(args: &Args) -> Result<(), String> {
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda(args: &Args, data: &Corpus) -> Result<Summary, String> {
+fn run_cuda(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String> {
     let dir = burn_parallel::cuda::enable_kernel_caches(args.kernel_cache.clone());
     tracing::info!(cache = %dir.display(), "cubecl kernel and autotune caches");
     if args.comm == CommKind::Nccl {
-        return run_nccl(args, data);
+        return run_nccl(args, data, start);
     }
-    run::<burn::backend::Autodiff<burn::backend::Cuda>>(args, Default::default(), data)
+    run::<burn::backend::Autodiff<burn::backend::Cuda>>(args, Default::default(), data, start)
 }
 
 /// This process is one rank of a launched job; NCCL connects it to the others.
 #[cfg(feature = "cuda")]
-fn run_nccl(args: &Args, data: &Corpus) -> Result<Summary, String> {
+fn run_nccl(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String> {
     use burn_parallel::launch::{JobEnv, JobEnvError};
     type B = burn::backend::Autodiff<burn::backend::Cuda>;
     let env = match JobEnv::from_env() {
@@ -355,13 +419,13 @@ fn run_nccl(args: &Args, data: &Corpus) -> Result<Summary, String> {
     let device = burn::backend::cuda::CudaDevice::new(env.local_rank);
     tracing::info!(rank = env.rank, world = env.world_size, gpu = env.local_rank, "NCCL rank");
     if args.pp > 1 {
-        return pipelined::train_rank::<B>(args, comm, device, data);
+        return pipelined::train_rank::<B>(args, comm, device, data, start);
     }
-    train_rank::<B>(args, comm, device, data)
+    train_rank::<B>(args, comm, device, data, start)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda(_: &Args, _: &Corpus) -> Result<Summary, String> {
+fn run_cuda(_: &Args, _: &Corpus, _: &Start) -> Result<Summary, String> {
     let _ = CommKind::Nccl;
     Err("this binary was built without CUDA: rebuild with `--features cuda` (and CUDARC_CUDA_VERSION=13000)".into())
 }

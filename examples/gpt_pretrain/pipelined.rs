@@ -1,19 +1,24 @@
 //! The `--pp N` path: GPT stages on pipeline ranks (each stage tensor-parallel over `--tp`),
 //! driven by a schedule chosen by name.
 
+use std::ops::Range;
 use std::path::Path;
 use std::time::Instant;
 
-use burn::optim::AdamWConfig;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
-use burn_parallel::pipeline::{PipelineExecutor, PipelineOptions};
+use burn_parallel::checkpoint::{Snapshot, TrainState};
+use burn_parallel::data::GlobalSampler;
+use burn_parallel::pipeline::{PipelineExecutor, PipelineModel, PipelineOptions};
 use burn_parallel::{BackwardWith, Comm, ParallelBackend, ParallelConfig, ProcessGroups};
-use burn_parallel_modules::{GptPipeline, TokenBatch};
+use burn_parallel_modules::{GptPipeline, GptStage, TokenBatch};
 use burn_parallel_schedules::{render_svg, schedule_by_name, simulate, Costs, PipelineShape, Schedule};
 
+use super::checkpointing::{self, Start};
 use super::corpus::Corpus;
-use super::{dp_mean, gpt_config, lr_at, progress, sync_and_clip, Args, Summary};
+use super::{advance, dp_mean, gpt_config, lr_at, progress, report, sync_and_clip, Args, Summary};
 
 fn microbatches(args: &Args) -> usize {
     args.microbatches.unwrap_or(2 * args.pp)
@@ -56,19 +61,41 @@ pub(crate) fn write_timeline(args: &Args, path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// `m` micro-batches of one step, cut from a batch of `args.batch_size` windows.
-fn split(args: &Args, split: &[u8], name: &str, step: usize) -> Result<Vec<TokenBatch>, String> {
+/// `m` micro-batches cut from the samples `samples` (of `split`, drawn by `sampler`).
+fn split(args: &Args, split: &[u8], samples: Range<u64>, sampler: &GlobalSampler) -> Result<Vec<TokenBatch>, String> {
     let m = microbatches(args);
     if !args.batch_size.is_multiple_of(m) {
         return Err(format!("--batch-size {} is not divisible by --microbatches {m}", args.batch_size));
     }
-    let (x, y) = Corpus::batch::<burn::backend::Flex>(split, args.batch_size, args.seq_len, name, step, &Default::default());
+    let (x, y) = Corpus::samples::<burn::backend::Flex>(split, samples, args.seq_len, sampler, &Default::default());
     let (x, y) = (x.into_data(), y.into_data());
     let cut = |d: &TensorData, i: usize| burn_parallel::comm::split_along(d, 0, m, i).map(|t| t.convert::<i64>());
     (0..m).map(|i| Ok(TokenBatch { inputs: cut(&x, i)?, targets: cut(&y, i)? })).collect()
 }
 
-pub(crate) fn train_rank<B>(args: &Args, world: Comm, device: B::Device, data: &Corpus) -> Result<Summary, String>
+type Exec<B> = PipelineExecutor<B, GptPipeline, 3>;
+
+/// This rank's stages with their parameters (and optimizers) from `start`.
+fn restore_stages<B>(start: &Start, groups: &ProcessGroups, exec: &mut Exec<B>, optims: Vec<Optim<B>>) -> Result<Vec<Optim<B>>, String>
+where
+    B: AutodiffBackend + ParallelBackend + BackwardWith,
+    B::InnerBackend: ParallelBackend,
+{
+    let model = exec.model().clone();
+    let specs: Vec<_> = exec.stages().iter().map(|s| s.spec.clone()).collect();
+    let model = &model;
+    let renames: Vec<_> = specs.iter().map(|spec| move |p: &str| PipelineModel::<B, 3>::global_param_path(model, spec, p)).collect();
+    let parts = exec.stages().iter().zip(&renames).map(|(s, r)| (s.part.clone(), r as &dyn Fn(&str) -> String)).collect();
+    let (parts, optims) = checkpointing::restore(start, groups, parts, optims)?;
+    for (stage, part) in exec.stages_mut().iter_mut().zip(parts) {
+        stage.part = part;
+    }
+    Ok(optims)
+}
+
+type Optim<B> = OptimizerAdaptor<AdamW, GptStage<B>, B>;
+
+pub(crate) fn train_rank<B>(args: &Args, world: Comm, device: B::Device, data: &Corpus, start: &Start) -> Result<Summary, String>
 where
     B: AutodiffBackend + ParallelBackend + BackwardWith,
     B::InnerBackend: ParallelBackend,
@@ -77,30 +104,38 @@ where
         .with_data_parallel(args.dp)
         .with_tensor_parallel(args.tp)
         .with_pipeline_parallel(args.pp)
-        .with_virtual_stages(virtual_stages(args));
+        .with_virtual_stages(virtual_stages(args))
+        .with_sequence_parallel(args.sequence_parallel);
     let groups = ProcessGroups::new(cfg, world.clone()).map_err(|e| e.to_string())?;
     let model = GptPipeline { config: gpt_config(args), tp: groups.tp.clone() };
     let opts = PipelineOptions { microbatches: microbatches(args), virtual_stages: virtual_stages(args), layout: None };
-    let mut exec = PipelineExecutor::<B, _, 3>::new(model, schedule(args)?.as_ref(), &opts, groups.pp.clone(), device).map_err(|e| e.to_string())?;
-    let mut optims: Vec<_> = exec.stages().iter().map(|_| AdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).init()).collect();
+    let mut exec = Exec::<B>::new(model, schedule(args)?.as_ref(), &opts, groups.pp.clone(), device).map_err(|e| e.to_string())?;
+    let optims: Vec<Optim<B>> = exec.stages().iter().map(|_| AdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).init()).collect();
+    let mut optims = restore_stages(start, &groups, &mut exec, optims)?;
+    let mut train = start.train_state();
+    let mut saver = checkpointing::saver(args, &groups, train.step)?;
+    let last = args.exit_at_step.unwrap_or(args.steps) as u64;
     let rank = world.global_rank();
-    let bar = progress(args, rank);
+    let bar = progress(args, rank, train.step);
     let tokens_per_step = (args.dp * args.batch_size * args.seq_len) as f64;
-    let name = format!("train{}", groups.coords.dp);
-    let (mut first_loss, start) = (f32::NAN, Instant::now());
-    for step in 0..args.steps {
-        let t0 = Instant::now();
-        let mbs = split(args, &data.train, &name, step + 1000 * args.seed as usize)?;
+    let sampler = GlobalSampler::new(args.seed, "train");
+    let (mut first_loss, start_time, first_step) = (f32::NAN, Instant::now(), train.step);
+    while train.step < last {
+        let (t0, step) = (Instant::now(), train.step as usize);
+        let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
+        let mbs = split(args, &data.train, samples, &sampler)?;
         let out = exec.step(&mbs).map_err(|e| e.to_string())?;
         let parts = exec.stages().iter().map(|s| &s.part).zip(out.grads).collect();
         let grads = sync_and_clip(args, &groups, parts)?;
         exec.update(&mut optims, lr_at(args, step), grads);
         let loss = dp_mean(out.loss, &groups)?;
-        if step == 0 {
+        advance(args, &mut train, step);
+        if train.step == first_step + 1 {
             first_loss = loss;
         }
-        bar.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens_per_step / t0.elapsed().as_secs_f64()));
-        bar.inc(1);
+        report(args, &bar, rank, step, loss, tokens_per_step / t0.elapsed().as_secs_f64());
+        let save = checkpointing::due(args, train.step, last).then(|| snapshot(args, &groups, &train, &exec, &optims));
+        checkpointing::after_step(&mut saver, save)?;
         if args.eval_every > 0 && (step + 1) % args.eval_every == 0 && step + 1 < args.steps {
             let val = evaluate(args, &exec, &data.val, "val")?;
             if rank == 0 {
@@ -109,11 +144,24 @@ where
         }
     }
     bar.finish();
-    let tokens_per_sec = tokens_per_step * args.steps as f64 / start.elapsed().as_secs_f64();
+    checkpointing::finish(args, &mut saver, rank)?;
+    let tokens_per_sec = tokens_per_step * (train.step - first_step) as f64 / start_time.elapsed().as_secs_f64();
     let train_loss = evaluate(args, &exec, &data.train, "train-eval")?;
     let val_loss = evaluate(args, &exec, &data.val, "val")?;
     let sample = "(sampling needs the whole model on one rank: run with --pp 1 to see generated text)".to_string();
     Ok(Summary { first_loss, train_loss, val_loss, tokens_per_sec, sample })
+}
+
+/// This rank's stages, optimizers and streams after `train.step` steps.
+fn snapshot<B>(args: &Args, groups: &ProcessGroups, train: &TrainState, exec: &Exec<B>, optims: &[Optim<B>]) -> Snapshot
+where
+    B: AutodiffBackend + ParallelBackend + BackwardWith,
+    B::InnerBackend: ParallelBackend,
+{
+    let model = exec.model();
+    let renames: Vec<_> = exec.stages().iter().map(|s| move |p: &str| PipelineModel::<B, 3>::global_param_path(model, &s.spec, p)).collect();
+    let parts: Vec<_> = exec.stages().iter().zip(&renames).map(|(s, r)| (&s.part, r as &dyn Fn(&str) -> String)).collect();
+    checkpointing::snapshot(args, groups, train, &parts, optims)
 }
 
 fn evaluate<B, M>(args: &Args, exec: &PipelineExecutor<B, M, 3>, split_data: &[u8], name: &str) -> Result<f32, String>
@@ -123,7 +171,9 @@ where
 {
     let mut total = 0.0;
     for i in 0..args.eval_batches {
-        total += exec.forward_loss(&split(args, split_data, name, i)?).map_err(|e| e.to_string())?;
+        let first = (i * args.batch_size) as u64;
+        let batch = split(args, split_data, first..first + args.batch_size as u64, &GlobalSampler::new(0, name))?;
+        total += exec.forward_loss(&batch).map_err(|e| e.to_string())?;
     }
     Ok(total / args.eval_batches as f32)
 }

@@ -12,6 +12,7 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Tensor};
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp};
+use burn_parallel::rng::{RandomStreams, StreamCounter};
 use burn_parallel::{Comm, ConfigError, ParallelBackend};
 
 use crate::column_linear::{ColumnLinear, ColumnLinearConfig};
@@ -117,4 +118,10 @@ fn causal_mask<B: ParallelBackend>(s: usize, device: &B::Device) -> Tensor<B, 4,
     let rows = i.clone().reshape([s, 1]).expand([s, s]);
     let cols = i.reshape([1, s]).expand([s, s]);
     cols.greater(rows).reshape([1, 1, s, s])
+}
+
+impl<B: ParallelBackend> RandomStreams for ParallelAttention<B> {
+    fn random_streams(&self) -> Vec<StreamCounter> {
+        self.dropout.random_streams()
+    }
 }

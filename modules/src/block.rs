@@ -15,6 +15,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Tensor;
+use burn_parallel::rng::{RandomStreams, StreamCounter};
 use burn_parallel::{Comm, ConfigError, ParallelBackend};
 
 use crate::attention::{ParallelAttention, ParallelAttentionConfig};
@@ -105,5 +106,11 @@ impl<B: ParallelBackend> TransformerBlock<B> {
         }
         let x = x.clone() + self.drop_attn.forward(self.attn.forward(self.ln1.forward(x)));
         x.clone() + self.drop_mlp.forward(self.mlp.forward(self.ln2.forward(x)))
+    }
+}
+
+impl<B: ParallelBackend> RandomStreams for TransformerBlock<B> {
+    fn random_streams(&self) -> Vec<StreamCounter> {
+        [self.attn.random_streams(), self.drop_attn.random_streams(), self.drop_mlp.random_streams()].concat()
     }
 }

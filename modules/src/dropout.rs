@@ -10,13 +10,10 @@
 //! (`burn_parallel::pipeline::EvaluationScope`: pipelined evaluation) and with `prob > 0`. Calls are counted per
 //! layer, so ranks running the same program draw the same sequence of masks.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use burn_parallel::rng::HostRng;
+use burn_parallel::rng::{HostRng, RandomStreams, StreamCounter};
 
 /// Whether a dropout sits in a replicated or a TP-sharded region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +34,7 @@ pub struct ParallelDropout {
     /// Run seed.
     pub seed: u64,
     #[module(skip)]
-    calls: Arc<AtomicU64>,
+    calls: StreamCounter,
 }
 
 impl ParallelDropout {
@@ -47,7 +44,8 @@ impl ParallelDropout {
             DropoutRegion::Replicated => format!("dropout:{name}"),
             DropoutRegion::Sharded => format!("dropout:{name}:tp{tp_rank}"),
         };
-        Self { prob, stream, seed, calls: Arc::new(AtomicU64::new(0)) }
+        let calls = StreamCounter::new(stream.clone());
+        Self { prob, stream, seed, calls }
     }
 
     /// Applies inverted dropout (scale kept elements by `1/(1-p)`).
@@ -56,10 +54,17 @@ impl ParallelDropout {
         if self.prob <= 0.0 || !B::ad_enabled(&device) || burn_parallel::pipeline::evaluating() {
             return x;
         }
-        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let call = self.calls.next();
         let shape = x.dims();
         let n = shape.iter().product();
         let mask = HostRng::new(self.seed, &format!("{}#{call}", self.stream)).dropout_mask(n, self.prob);
         x * Tensor::<B, D>::from_data(TensorData::new(mask, shape), &device)
+    }
+}
+
+impl RandomStreams for ParallelDropout {
+    /// The mask stream (its count: masks drawn so far).
+    fn random_streams(&self) -> Vec<StreamCounter> {
+        vec![self.calls.clone()]
     }
 }

@@ -12,7 +12,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_parallel::mappings::{copy_to_tp, gather_from_tp, reduce_scatter_to_sp};
-use burn_parallel::rng::HostRng;
+use burn_parallel::rng::{HostRng, RandomStreams, StreamCounter};
 use burn_parallel::{Comm, ConfigError, ModelDims, ParallelBackend, ParallelConfig};
 
 use crate::block::{TransformerBlock, TransformerBlockConfig};
@@ -294,4 +294,13 @@ fn sample(logits: &[f32], temperature: f64, rng: &mut HostRng) -> usize {
         }
     }
     argmax()
+}
+
+impl<B: ParallelBackend> RandomStreams for Gpt<B> {
+    /// The embedding dropout's and every block's mask streams.
+    fn random_streams(&self) -> Vec<StreamCounter> {
+        let mut out = self.drop.random_streams();
+        out.extend(self.blocks.iter().flat_map(|b| b.random_streams()));
+        out
+    }
 }

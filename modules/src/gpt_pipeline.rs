@@ -8,6 +8,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use burn_parallel::pipeline::{PartSpec, PipelineModel, StageOutput};
+use burn_parallel::rng::{RandomStreams, StreamCounter};
 use burn_parallel::{Comm, ConfigError, ParallelBackend, ParallelConfig};
 
 use crate::block::TransformerBlock;
@@ -87,6 +88,11 @@ where
         Some(&self.tp)
     }
 
+    /// A stage numbers its blocks from 0; the unsplit [`Gpt`](crate::Gpt) from its first layer.
+    fn global_param_path(&self, spec: &PartSpec, path: &str) -> String {
+        global_block_path(path, spec.layers.start)
+    }
+
     fn activation_shape(&self, mb: &TokenBatch) -> [usize; 3] {
         // Under sequence parallelism the stages exchange sequence shards.
         let s = mb.inputs.shape.as_slice();
@@ -121,5 +127,24 @@ impl<B: ParallelBackend> GptStage<B> {
             (None, Some(w)) => w.val().device(),
             (None, None) => Default::default(),
         }
+    }
+}
+
+/// The unsplit model's path of a stage parameter at `path` (blocks numbered from `first_layer`):
+/// `blocks.1.ln1.gamma` of a stage starting at layer 4 is `blocks.5.ln1.gamma`.
+pub fn global_block_path(path: &str, first_layer: usize) -> String {
+    let Some(rest) = path.strip_prefix("blocks.") else { return path.to_string() };
+    match rest.split_once('.').map(|(j, tail)| (j.parse::<usize>(), tail)) {
+        Some((Ok(j), tail)) => format!("blocks.{}.{tail}", first_layer + j),
+        _ => path.to_string(),
+    }
+}
+
+impl<B: ParallelBackend> RandomStreams for GptStage<B> {
+    /// The embedding dropout's (first stage) and this stage's blocks' mask streams.
+    fn random_streams(&self) -> Vec<StreamCounter> {
+        let mut out = if self.wte.is_some() { self.drop.random_streams() } else { Vec::new() };
+        out.extend(self.blocks.iter().flat_map(|b| b.random_streams()));
+        out
     }
 }

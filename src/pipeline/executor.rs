@@ -49,6 +49,13 @@ pub trait PipelineModel<B: AutodiffBackend, const D: usize>: Sync {
         None
     }
 
+    /// The path in the **unsplit** model of the parameter at `path` of `spec`'s part (what
+    /// checkpoints save it as, so that any other split can load it). Identity by default; a
+    /// model whose parts number their layers from 0 maps them to global indices here.
+    fn global_param_path(&self, _spec: &PartSpec, path: &str) -> String {
+        path.to_string()
+    }
+
     /// Called after each backward (`B` or `I`) of `spec`'s stage on micro-batch `mb`, outside
     /// autodiff (profiling, logging, gradient hooks). Does nothing by default.
     fn after_backward(&self, _spec: &PartSpec, _mb: usize) {}
@@ -222,6 +229,17 @@ where
     /// This rank's stages.
     pub fn stages(&self) -> &[Stage<M::Part>] {
         &self.stages
+    }
+
+    /// This rank's stages, to replace their parts (e.g. with parameters loaded from a
+    /// checkpoint; ids and shapes must stay those the executor built).
+    pub fn stages_mut(&mut self) -> &mut [Stage<M::Part>] {
+        &mut self.stages
+    }
+
+    /// The model being pipelined.
+    pub fn model(&self) -> &M {
+        &self.model
     }
 
     fn local(&self, stage: usize) -> usize {

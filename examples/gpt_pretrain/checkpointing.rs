@@ -1,0 +1,205 @@
+//! How the example uses `burn_parallel::checkpoint`: its flags, what a snapshot holds (the model
+//! parts of this rank, their AdamW states, the dropout streams, the training position, the
+//! model config and the arguments), resuming and initialising from an exported model.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::AdamW;
+use burn::tensor::backend::AutodiffBackend;
+use burn_parallel::checkpoint::*;
+use burn_parallel::rng::RandomStreams;
+use burn_parallel::ProcessGroups;
+
+use super::{gpt_config, Args};
+
+/// Where training starts: a fresh run, a checkpoint to resume, or an exported model to start from.
+pub(crate) enum Start {
+    /// Step 0 from the seed.
+    Fresh,
+    /// Everything from a checkpoint.
+    Resume(Checkpoint),
+    /// Weights only, from a `model.safetensors`.
+    InitFrom(Checkpoint),
+}
+
+impl Start {
+    /// The training position to start from.
+    pub(crate) fn train_state(&self) -> TrainState {
+        match self {
+            Start::Resume(c) => c.metadata().train.clone(),
+            _ => TrainState::default(),
+        }
+    }
+}
+
+/// The checkpoint flags, checked before anything is built.
+pub(crate) fn check_args(args: &Args) -> Result<(), String> {
+    let save = args.save_dir.is_some();
+    if !save && (args.save_every > 0 || args.async_save || args.export.is_some()) {
+        return Err("--save-every, --async-save and --export need --save-dir".into());
+    }
+    if args.resume.is_some() && args.init_from.is_some() {
+        return Err("--resume and --init-from exclude each other (--init-from loads weights only)".into());
+    }
+    if args.resume.as_deref() == Some("latest") && !save {
+        return Err("--resume latest looks in --save-dir: pass it".into());
+    }
+    if let Some(n) = args.exit_at_step {
+        if n == 0 || n > args.steps {
+            return Err(format!("--exit-at-step {n} must be between 1 and --steps {}", args.steps));
+        }
+    }
+    Ok(())
+}
+
+/// Opens what `--resume` or `--init-from` name, and checks it is of this model.
+pub(crate) fn open_start(args: &Args) -> Result<Start, String> {
+    if let Some(file) = &args.init_from {
+        let ckpt = Checkpoint::open_safetensors(file, MODEL_PREFIX).map_err(|e| format!("--init-from: {e}"))?;
+        return Ok(Start::InitFrom(ckpt));
+    }
+    let Some(spec) = &args.resume else { return Ok(Start::Fresh) };
+    let path = match (spec.as_str(), &args.save_dir) {
+        ("latest", Some(dir)) => dir.clone(),
+        _ => PathBuf::from(spec),
+    };
+    let ckpt = Checkpoint::open(&path).map_err(|e| format!("--resume {spec}: {e}"))?;
+    check_same_model(&ckpt, args)?;
+    tracing::info!(dir = %ckpt.dir().display(), step = ckpt.metadata().step, layout = ?ckpt.metadata().layout, "resuming");
+    Ok(Start::Resume(ckpt))
+}
+
+/// The shape-defining fields of the model config in the checkpoint must equal this run's.
+fn check_same_model(ckpt: &Checkpoint, args: &Args) -> Result<(), String> {
+    let ours = serde_json::to_value(gpt_config(args)).expect("config serialises");
+    let Some(theirs) = ckpt.metadata().sections.get("model") else { return Ok(()) };
+    for key in ["vocab_size", "max_seq_len", "d_model", "n_heads", "n_layers", "d_ff"] {
+        if theirs.get(key) != ours.get(key) {
+            return Err(format!(
+                "--resume {}: the checkpoint is of another model: {key} = {} there, {} here",
+                ckpt.dir().display(),
+                theirs.get(key).map_or("(none)".into(), |v| v.to_string()),
+                ours.get(key).map_or("(none)".into(), |v| v.to_string())
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// This rank's checkpointer (`None` without `--save-dir`); refuses a save directory that holds
+/// a newer checkpoint than the one this run starts from.
+pub(crate) fn saver(args: &Args, groups: &ProcessGroups, start_step: u64) -> Result<Option<Checkpointer>, String> {
+    let Some(dir) = &args.save_dir else { return Ok(None) };
+    check_timeline(dir, start_step).map_err(|e| format!("--save-dir: {e}"))?;
+    let options = CheckpointOptions { dir: dir.clone(), keep: args.keep, async_save: args.async_save };
+    Ok(Some(Checkpointer::new(options, groups.world.clone())))
+}
+
+/// One model part of this rank (the whole model, or a pipeline stage) and how its parameter
+/// paths map to the unsplit model's.
+pub(crate) type Part<'a, M> = (&'a M, &'a dyn Fn(&str) -> String);
+
+/// This rank's state after `train.step` steps.
+pub(crate) fn snapshot<B, M>(
+    args: &Args,
+    groups: &ProcessGroups,
+    train: &TrainState,
+    parts: &[Part<'_, M>],
+    optims: &[OptimizerAdaptor<AdamW, M, B>],
+) -> Snapshot
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + RandomStreams,
+{
+    let ctx = ShardContext::new(groups);
+    let (mut tensors, mut counters) = (Vec::new(), BTreeMap::new());
+    for ((module, rename), optim) in parts.iter().zip(optims) {
+        tensors.extend(module_tensors(*module, *rename, ctx));
+        let (moments, steps) = adamw_tensors(optim, *module, *rename, ctx);
+        tensors.extend(moments);
+        counters.extend(steps);
+        counters.extend(stream_counters(&module.random_streams()));
+    }
+    let sections = BTreeMap::from([
+        ("model".to_string(), serde_json::to_value(gpt_config(args)).expect("config serialises")),
+        ("args".to_string(), serde_json::to_value(args).expect("arguments serialise")),
+    ]);
+    Snapshot { step: train.step, layout: groups.config.clone(), train: train.clone(), tensors, counters, sections }
+}
+
+/// Loads `start` into this rank's parts and optimizers (weights only for `--init-from`).
+pub(crate) fn restore<B, M>(
+    start: &Start,
+    groups: &ProcessGroups,
+    parts: Vec<(M, &dyn Fn(&str) -> String)>,
+    optims: Vec<OptimizerAdaptor<AdamW, M, B>>,
+) -> Result<(Vec<M>, Vec<OptimizerAdaptor<AdamW, M, B>>), String>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + RandomStreams,
+{
+    let ctx = ShardContext::new(groups);
+    let (ckpt, full) = match start {
+        Start::Fresh => return Ok((parts.into_iter().map(|(m, _)| m).collect(), optims)),
+        Start::Resume(c) => (c, true),
+        Start::InitFrom(c) => (c, false),
+    };
+    let (mut modules, mut loaded_optims) = (Vec::new(), Vec::new());
+    for ((module, rename), optim) in parts.into_iter().zip(optims) {
+        let module = load_module(ckpt, module, MODEL_PREFIX, rename, ctx).map_err(|e| format!("{}: {e}", ckpt.dir().display()))?;
+        let optim = if full { load_adamw(ckpt, optim, &module, rename, ctx).map_err(|e| format!("{}: {e}", ckpt.dir().display()))? } else { optim };
+        if full {
+            let missing = restore_streams(ckpt, &module.random_streams());
+            if !missing.is_empty() && ckpt.metadata().layout == groups.config {
+                return Err(format!("{}: no state of the random streams {missing:?} (saved at the same layout)", ckpt.dir().display()));
+            }
+        }
+        modules.push(module);
+        loaded_optims.push(optim);
+    }
+    Ok((modules, loaded_optims))
+}
+
+/// Whether to save after `done` steps of a run that ends at `last`.
+pub(crate) fn due(args: &Args, done: u64, last: u64) -> bool {
+    args.save_dir.is_some() && ((args.save_every > 0 && done % args.save_every as u64 == 0) || done == last)
+}
+
+/// Saves (or, between saves, commits a finished asynchronous save).
+pub(crate) fn after_step(saver: &mut Option<Checkpointer>, save: Option<Snapshot>) -> Result<(), String> {
+    let Some(saver) = saver else { return Ok(()) };
+    let res = match save {
+        Some(snapshot) => {
+            let step = snapshot.step;
+            saver.save(snapshot).map(|r| {
+                if let Some(dir) = r.committed {
+                    tracing::info!(step, dir = %dir.display(), bytes = r.bytes, secs = r.blocked_secs, "checkpoint saved");
+                }
+            })
+        }
+        None => saver.poll().map(|_| ()),
+    };
+    res.map_err(|e| format!("checkpoint: {e}"))
+}
+
+/// Ends the run's saving: waits for an asynchronous save; `--export` writes the newest
+/// checkpoint's model (rank 0).
+pub(crate) fn finish(args: &Args, saver: &mut Option<Checkpointer>, rank: usize) -> Result<(), String> {
+    if let Some(s) = saver {
+        s.finish().map_err(|e| format!("checkpoint: {e}"))?;
+    }
+    if let (Some(out), Some(dir), 0) = (&args.export, &args.save_dir, rank) {
+        export(dir, out)?;
+    }
+    Ok(())
+}
+
+fn export(dir: &Path, out: &Path) -> Result<(), String> {
+    let ckpt = Checkpoint::open(dir).map_err(|e| format!("--export: {e}"))?;
+    let bytes = export_model(&ckpt, out).map_err(|e| format!("--export: {e}"))?;
+    tracing::info!(from = %ckpt.dir().display(), to = %out.display(), bytes, "model exported");
+    Ok(())
+}
