@@ -9,6 +9,8 @@
 mod checkpointing;
 mod corpus;
 mod pipelined;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

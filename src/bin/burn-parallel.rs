@@ -1,9 +1,14 @@
-//! The `burn-parallel` command: `launch` starts a multi-process job (torchrun-style).
+//! The `burn-parallel` command: `launch` starts a multi-process job (torchrun-style);
+//! `checkpoint inspect|verify|export` looks at checkpoints.
 //!
 //! ```text
 //! burn-parallel launch --nproc-per-node 4 -- ./my_training_program --its-flags
+//! burn-parallel checkpoint export ckpt/ --out model.safetensors
 //! ```
 
+use std::path::PathBuf;
+
+use burn_parallel::checkpoint::{export_model, Checkpoint, CheckpointError};
 use burn_parallel::launch::{launch, rendezvous, JobEnv, LaunchOptions};
 use clap::{Parser, Subcommand};
 
@@ -39,9 +44,70 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Inspect, verify or export a checkpoint.
+    Checkpoint {
+        #[command(subcommand)]
+        action: CheckpointCmd,
+    },
     /// Join a rendezvous from the environment and print what rank 0 handed out (a smoke test).
     #[command(hide = true)]
     RendezvousCheck,
+}
+
+#[derive(Subcommand)]
+enum CheckpointCmd {
+    /// Print a checkpoint's step, layout, training position and tensors (DIR: a checkpoint, or
+    /// a save directory: its newest).
+    Inspect {
+        /// Checkpoint or save directory.
+        dir: PathBuf,
+    },
+    /// Check every data file's size and every chunk's checksum.
+    Verify {
+        /// Checkpoint or save directory.
+        dir: PathBuf,
+    },
+    /// Write the model as one unsharded safetensors file (`__metadata__ {"format": "pt"}`,
+    /// dotted parameter names), readable by Python's safetensors and PyTorch.
+    Export {
+        /// Checkpoint or save directory.
+        dir: PathBuf,
+        /// Output file.
+        #[arg(long, default_value = "model.safetensors")]
+        out: PathBuf,
+    },
+}
+
+fn checkpoint(action: CheckpointCmd) -> Result<(), CheckpointError> {
+    match action {
+        CheckpointCmd::Inspect { dir } => {
+            let ckpt = Checkpoint::open(&dir)?;
+            let m = ckpt.metadata();
+            println!("{}: step {} (format version {})", ckpt.dir().display(), m.step, m.version);
+            let l = &m.layout;
+            println!(
+                "layout: dp {} pp {} tp {} virtual stages {} sequence parallel {}",
+                l.data_parallel, l.pipeline_parallel, l.tensor_parallel, l.virtual_stages, l.sequence_parallel
+            );
+            println!("train: {} tokens, {} samples, lr {:e}", m.train.tokens_seen, m.train.samples_seen, m.train.lr);
+            println!("files: {} ({} bytes)", m.files.len(), m.files.values().sum::<u64>());
+            for (name, t) in &m.tensors {
+                println!("  {name} {:?} {:?} in {} chunks", t.dtype, t.shape, t.chunks.len());
+            }
+            println!("counters: {}", m.counters.len());
+        }
+        CheckpointCmd::Verify { dir } => {
+            let ckpt = Checkpoint::open(&dir)?;
+            ckpt.verify()?;
+            println!("{}: {} tensors, {} files: sizes and checksums ok", ckpt.dir().display(), ckpt.metadata().tensors.len(), ckpt.metadata().files.len());
+        }
+        CheckpointCmd::Export { dir, out } => {
+            let ckpt = Checkpoint::open(&dir)?;
+            let bytes = export_model(&ckpt, &out)?;
+            println!("{} -> {} ({bytes} bytes of tensors)", ckpt.dir().display(), out.display());
+        }
+    }
+    Ok(())
 }
 
 fn main() {
@@ -59,6 +125,13 @@ fn main() {
                 }
             }
         }
+        Cmd::Checkpoint { action } => match checkpoint(action) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("burn-parallel checkpoint: {e}");
+                1
+            }
+        },
         Cmd::RendezvousCheck => match JobEnv::from_env() {
             Err(e) => {
                 eprintln!("error: {e}");

@@ -78,6 +78,16 @@ pub struct ChunkMeta {
     pub shape: Vec<usize>,
     /// CRC-32 (IEEE) of the chunk's bytes.
     pub crc32: u32,
+    /// The chunk's name inside `file` when it is not the tensor's (an imported file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl ChunkMeta {
+    /// The name of the chunk inside its file.
+    pub fn key<'a>(&'a self, tensor: &'a str) -> &'a str {
+        self.key.as_deref().unwrap_or(tensor)
+    }
 }
 
 /// A whole tensor: its shape, dtype and the chunks that cover it exactly once.

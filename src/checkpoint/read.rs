@@ -47,6 +47,9 @@ pub fn latest_checkpoint(save_dir: &Path) -> Result<Option<(u64, PathBuf)>> {
 
 /// Every committed checkpoint of a save directory, oldest first.
 pub fn committed_checkpoints(save_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    if save_dir.exists() && !save_dir.is_dir() {
+        return Err(CheckpointError::Invalid(format!("{} is not a directory", save_dir.display())));
+    }
     let entries = match std::fs::read_dir(save_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -110,7 +113,7 @@ impl Checkpoint {
         let mapped = map_file(path)?;
         let mut tensors = BTreeMap::new();
         for (t, info) in mapped.header.tensors() {
-            let chunk = ChunkMeta { file: name.clone(), offset: vec![0; info.shape.len()], shape: info.shape.clone(), crc32: 0 };
+            let chunk = ChunkMeta { file: name.clone(), offset: vec![0; info.shape.len()], shape: info.shape.clone(), crc32: 0, key: Some(t.clone()) };
             tensors.insert(format!("{prefix}{t}"), TensorMeta { dtype: info.dtype, shape: info.shape.clone(), chunks: vec![chunk] });
         }
         let size = mapped.map.len() as u64;
@@ -168,7 +171,7 @@ impl Checkpoint {
         for (i, c) in t.chunks.iter().enumerate() {
             let Some((ro, rs)) = intersect((&c.offset, &c.shape), (offset, shape)) else { continue };
             let file = self.chunk_file(name, i)?;
-            let bytes = chunk_bytes(&file, name, &self.dir.join(&c.file))?;
+            let bytes = chunk_bytes(&file, c.key(name), &self.dir.join(&c.file))?;
             copy_region(bytes, (&c.offset, &c.shape), &mut out, (offset, shape), (&ro, &rs), elem);
         }
         Ok(TensorData::from_bytes_vec(out, shape.to_vec(), to_burn_dtype(t.dtype).expect("checked above")))
@@ -215,15 +218,15 @@ impl Checkpoint {
         if self.verified.lock().unwrap().contains(&(name.to_string(), i)) {
             return Ok(file);
         }
-        let info =
-            file.header.info(name).ok_or_else(|| CheckpointError::Corrupt { file: path.clone(), tensor: name.into(), msg: "not in this file".into() })?;
+        let key = c.key(name);
+        let info = file.header.info(key).ok_or_else(|| CheckpointError::Corrupt { file: path.clone(), tensor: key.into(), msg: "not in this file".into() })?;
         let t = &self.meta.tensors[name];
         if info.shape != c.shape || info.dtype != t.dtype {
             let msg = format!("the file holds {:?} {:?} but the metadata says {:?} {:?}", info.dtype, info.shape, t.dtype, c.shape);
             return Err(CheckpointError::Corrupt { file: path, tensor: name.into(), msg });
         }
         if self.checksums {
-            let crc = crc32fast::hash(chunk_bytes(&file, name, &path)?);
+            let crc = crc32fast::hash(chunk_bytes(&file, key, &path)?);
             if crc != c.crc32 {
                 let msg = format!("checksum {crc:#010x} but the metadata says {:#010x} (corrupted)", c.crc32);
                 return Err(CheckpointError::Corrupt { file: path, tensor: name.into(), msg });

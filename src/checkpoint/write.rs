@@ -83,6 +83,20 @@ fn serialize(path: &Path, views: Vec<(String, ChunkView<'_>)>, metadata: HashMap
     File::open(path).and_then(|f| f.sync_all()).map_err(io("fsync", path))
 }
 
+/// Test hook for kill tests: with `BURN_PARALLEL_CHECKPOINT_STALL=<phase>` in the environment,
+/// the save stops at `phase` (printing `checkpoint: stalled at <phase>` to stderr) and waits to
+/// be killed. Phases: `data-written` (every rank's files, before the merge), `metadata-written`
+/// (before the rename), `renamed` (before the `latest` pointer), `retiring` (an old checkpoint
+/// renamed away, before its deletion).
+fn stall_point(phase: &str) {
+    if std::env::var("BURN_PARALLEL_CHECKPOINT_STALL").is_ok_and(|p| p == phase) {
+        eprintln!("checkpoint: stalled at {phase}");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
 /// Step 1 (rank 0): removes leftovers of interrupted saves and creates the temporary directory
 /// of `step`.
 pub(crate) fn prepare(save_dir: &Path, step: u64) -> Result<PathBuf> {
@@ -130,7 +144,8 @@ pub(crate) fn write_rank(tmp: &Path, rank: usize, tensors: &[HostTensor], counte
             let dtype = to_safetensors_dtype(t.data.dtype)
                 .ok_or_else(|| CheckpointError::Invalid(format!("tensor {}: dtype {:?} cannot be saved", t.name, t.data.dtype)))?;
             let data = t.data.as_bytes();
-            let chunk = ChunkMeta { file: file.clone(), offset: t.placement.offset.clone(), shape: t.data.shape.to_vec(), crc32: crc32fast::hash(data) };
+            let chunk =
+                ChunkMeta { file: file.clone(), offset: t.placement.offset.clone(), shape: t.data.shape.to_vec(), crc32: crc32fast::hash(data), key: None };
             fragment.tensors.push((t.name.clone(), dtype, t.placement.global_shape.clone(), chunk));
             views.push((t.name.clone(), ChunkView { dtype, shape: t.data.shape.as_slice(), data }));
             bytes += data.len() as u64;
@@ -204,6 +219,7 @@ fn merge(tmp: &Path, world: usize, header: CommitHeader) -> Result<Metadata> {
 /// the newest `keep` checkpoints (0: all). Returns the committed directory.
 pub(crate) fn commit(save_dir: &Path, tmp: &Path, world: usize, header: CommitHeader, keep: usize) -> Result<PathBuf> {
     let step = header.step;
+    stall_point("data-written");
     let meta = merge(tmp, world, header)?;
     for rank in 0..world {
         let p = tmp.join(fragment_file_name(rank));
@@ -212,6 +228,7 @@ pub(crate) fn commit(save_dir: &Path, tmp: &Path, world: usize, header: CommitHe
     let json = serde_json::to_vec_pretty(&meta).expect("metadata serialises");
     write_synced(&tmp.join(METADATA_FILE), &json)?;
     sync_dir(tmp)?;
+    stall_point("metadata-written");
     let target = save_dir.join(step_dir_name(step));
     if target.exists() {
         // Re-saving a step (a run resumed from an older checkpoint): the old one goes first.
@@ -219,6 +236,7 @@ pub(crate) fn commit(save_dir: &Path, tmp: &Path, world: usize, header: CommitHe
     }
     std::fs::rename(tmp, &target).map_err(io("rename into place", tmp))?;
     sync_dir(save_dir)?;
+    stall_point("renamed");
     let latest = save_dir.join(LATEST_FILE);
     let pointer = save_dir.join(format!("{TMP_PREFIX}{LATEST_FILE}"));
     write_synced(&pointer, format!("{}\n", step_dir_name(step)).as_bytes())?;
@@ -240,5 +258,6 @@ fn retire(save_dir: &Path, dir: &Path) -> Result<()> {
     let trash = save_dir.join(format!("{TRASH_PREFIX}{name}"));
     std::fs::rename(dir, &trash).map_err(io("rename", dir))?;
     sync_dir(save_dir)?;
+    stall_point("retiring");
     std::fs::remove_dir_all(&trash).map_err(io("remove", &trash))
 }

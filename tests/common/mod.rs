@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests: worlds of ranks on CPU threads and sliced comparisons.
 #![allow(dead_code)]
 
+pub mod runner;
+
 use std::time::Duration;
 
 use burn::backend::{Autodiff, Flex};

@@ -1,0 +1,240 @@
+//! The example's checkpoint flags, with real processes: this test binary runs `main_result` in
+//! child processes of itself (the ignored test `child_process`), so runs can be killed with
+//! SIGKILL at any moment of a save, or limited in the file size they may write.
+//!
+//! - a run of 2N steps prints the same losses, bit for bit, as N steps + `--resume` for N more
+//!   (dropout on; tp, dp, pp, SP);
+//! - SIGKILL at each phase of the commit protocol, and at random moments, leaves the newest
+//!   committed checkpoint loadable, and the resumed run equals the uninterrupted one;
+//! - a write that fails (file-size limit: "disk full") stops training with the error, the
+//!   previous checkpoint stays;
+//! - bad flags: `--resume latest` with no checkpoint, a layout the model does not allow, another
+//!   model, a save directory that is a file;
+//! - `--export` + `--init-from` at another layout.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use burn_parallel::checkpoint::{latest_checkpoint, Checkpoint};
+use clap::Parser;
+
+use super::{main_result, Args};
+
+const CHILD_ENV: &str = "GPT_PRETRAIN_TEST_CHILD_ARGS";
+
+/// Runs `main_result` with the flags in the environment (in a child process of the tests).
+#[test]
+#[ignore = "the child process of the tests below (runs only with their environment)"]
+fn child_process() {
+    let Ok(flags) = std::env::var(CHILD_ENV) else { return };
+    let args = Args::parse_from(std::iter::once("gpt_pretrain".to_string()).chain(flags.split_whitespace().map(String::from)));
+    let code = match main_result(&args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+const TINY: &str = "--d-model 32 --heads 4 --seq-len 16 --batch-size 4 --eval-batches 1 --sample-tokens 4 --eval-every 0 --print-every 1";
+
+fn child(flags: &str) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["tests::child_process", "--exact", "--ignored", "--nocapture", "--test-threads", "1"]);
+    c.env(CHILD_ENV, flags).env("RUST_LOG", "warn").stdin(Stdio::null());
+    c
+}
+
+fn run(flags: &str) -> Output {
+    child(flags).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// The `step N loss L` lines of a successful run.
+fn losses(flags: &str) -> Vec<String> {
+    let o = run(flags);
+    assert!(o.status.success(), "gpt_pretrain {flags} failed:\n{}", text(&o));
+    // The test harness's "test tests::child_process ... " shares the first line.
+    String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.find("step ").map(|i| l[i..].to_string())).filter(|l| l.contains(" loss ")).collect()
+}
+
+fn fresh(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bp-example-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn resume_prints_the_same_losses_bit_for_bit() {
+    for layout in ["--tp 2", "--dp 2 --pp 2 --microbatches 2", "--tp 2 --sequence-parallel --dp 2", "--pp 2 --schedule interleaved-1f1b --microbatches 4"] {
+        let dir = fresh("bitexact");
+        let base = format!("{TINY} --steps 6 --dropout 0.1 --layers 4 {layout}");
+        let whole = losses(&base);
+        let first = losses(&format!("{base} --exit-at-step 3 --save-dir {}", dir.display()));
+        let rest = losses(&format!("{base} --resume latest --save-dir {}", dir.display()));
+        assert_eq!(whole.len(), 6, "{layout}: {whole:?}");
+        assert_eq!([first, rest].concat(), whole, "{layout}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+/// Starts a run that stalls at `phase` of its first save and kills it there with SIGKILL.
+fn kill_at(phase: &str, flags: &str) {
+    let mut c = child(flags).env("BURN_PARALLEL_CHECKPOINT_STALL", phase).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let stderr = c.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("checkpoint: stalled at") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let reached = rx.recv_timeout(Duration::from_secs(120));
+    kill(&mut c);
+    assert!(reached.is_ok(), "the run never reached {phase}");
+}
+
+fn kill(c: &mut Child) {
+    c.kill().unwrap(); // SIGKILL
+    c.wait().unwrap();
+}
+
+fn latest_step(dir: &Path) -> Option<u64> {
+    latest_checkpoint(dir).unwrap().map(|(s, _)| s)
+}
+
+#[test]
+fn sigkill_at_each_phase_of_a_save_leaves_a_loadable_checkpoint() {
+    let base = format!("{TINY} --tp 2 --steps 5 --dropout 0.1");
+    let whole = losses(&base);
+    // (phase, newest committed step after the kill): the rename into place is the commit.
+    for (phase, expect) in [("data-written", 2), ("metadata-written", 2), ("renamed", 3), ("retiring", 3)] {
+        let dir = fresh(&format!("kill-{phase}"));
+        let save = format!("--save-dir {} --keep 1", dir.display());
+        losses(&format!("{base} {save} --exit-at-step 2"));
+        kill_at(phase, &format!("{base} {save} --resume latest --save-every 1"));
+        assert_eq!(latest_step(&dir), Some(expect), "{phase}");
+        Checkpoint::open(&dir).unwrap().verify().unwrap();
+        let rest = losses(&format!("{base} {save} --resume latest --save-every 1"));
+        assert_eq!(rest, whole[expect as usize..], "{phase}: the resumed run differs from the uninterrupted one");
+        let leftovers: Vec<_> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+        assert!(leftovers.is_empty(), "{phase}: the next saves leave {leftovers:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_never_loses_the_last_checkpoint() {
+    // A bigger model, saved every step: kills land in every phase of saving and training.
+    let base = "--d-model 192 --layers 2 --heads 4 --seq-len 32 --batch-size 4 --eval-batches 1 --sample-tokens 4 --eval-every 0 --tp 2 --steps 400 --save-every 1 --keep 2";
+    let dir = fresh("kill-random");
+    let flags = format!("{base} --save-dir {}", dir.display());
+    let mut rng = burn_parallel::rng::HostRng::new(11, "kill-delays");
+    let (mut last, mut interrupted_saves) = (0, 0);
+    for round in 0..8 {
+        let resume = if latest_step(&dir).is_some() { " --resume latest" } else { "" };
+        let mut c = child(&format!("{flags}{resume}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 1200));
+        kill(&mut c);
+        let step = latest_step(&dir).unwrap_or(0);
+        assert!(step >= last, "round {round}: the newest checkpoint went back from {last} to {step}");
+        last = step;
+        if step > 0 {
+            Checkpoint::open(&dir).unwrap().verify().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+        interrupted_saves +=
+            std::fs::read_dir(&dir).map(|d| d.filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp-step")).count()).unwrap_or(0);
+    }
+    assert!(last > 0, "no checkpoint was committed in 8 rounds");
+    eprintln!("random kills: newest checkpoint step {last}, {interrupted_saves} kills interrupted a save");
+    let done = run(&format!("{flags} --resume latest --exit-at-step {}", last + 1));
+    assert!(done.status.success(), "{}", text(&done));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_failing_write_stops_training_with_the_error_and_keeps_the_previous_checkpoint() {
+    use std::os::unix::process::CommandExt;
+    let dir = fresh("disk-full");
+    let flags = format!("{TINY} --tp 2 --steps 4 --save-dir {}", dir.display());
+    losses(&format!("{flags} --exit-at-step 2"));
+    let mut c = child(&format!("{flags} --resume latest --save-every 1"));
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            // Files may not grow past 64 KiB (writes fail with EFBIG, as on a full disk).
+            let lim = libc::rlimit { rlim_cur: 64 << 10, rlim_max: 64 << 10 };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = c.output().unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("checkpoint: cannot write") && t.contains("rank-0000") && t.contains("File too large"), "{t}");
+    assert_eq!(latest_step(&dir), Some(2));
+    Checkpoint::open(&dir).unwrap().verify().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn error_of(flags: &str) -> String {
+    let args = Args::try_parse_from(std::iter::once("gpt_pretrain".to_string()).chain(flags.split_whitespace().map(String::from))).unwrap();
+    main_result(&args).expect_err("must fail")
+}
+
+#[test]
+fn bad_checkpoint_flags_are_clear_errors() {
+    let dir = fresh("bad-flags");
+    let save = format!("--save-dir {}", dir.display());
+    let two = format!("{TINY} --layers 2");
+    let e = error_of(&format!("{two} --steps 2 --resume latest {save}"));
+    assert!(e.contains("--resume latest") && e.contains("no checkpoint in") && e.contains("does not exist"), "{e}");
+    std::fs::create_dir_all(&dir).unwrap();
+    let e = error_of(&format!("{two} --steps 2 --resume latest {save}"));
+    assert!(e.contains("holds no committed checkpoint"), "{e}");
+    losses(&format!("{two} --steps 2 {save}"));
+    let e = error_of(&format!("{two} --steps 4 --resume latest {save} --tp 3"));
+    assert!(e.contains("--tp 3") && e.contains("not divisible by tensor_parallel = 3"), "{e}");
+    let e = error_of(&format!("{two} --steps 4 --resume latest {save} --pp 4 --microbatches 4"));
+    assert!(e.contains("2 layers cannot fill 4 pipeline stages"), "{e}");
+    let e = error_of(&format!("{TINY} --layers 3 --steps 4 --resume latest {save}"));
+    assert!(e.contains("another model: n_layers = 2 there, 3 here"), "{e}");
+    let e = error_of(&format!("{two} --steps 4 --resume latest {save} --d-ff 64"));
+    assert!(e.contains("another model: d_ff = 128 there, 64 here"), "{e}");
+    let e = error_of(&format!("{two} --steps 4 {save}"));
+    assert!(e.contains("newer than step 0"), "a second run into a used save directory: {e}");
+    let e = error_of(&format!("{two} --steps 4 --save-every 2"));
+    assert!(e.contains("need --save-dir"), "{e}");
+    let file = dir.join("latest");
+    let e = error_of(&format!("{two} --steps 1 --save-dir {}", file.display()));
+    assert!(e.contains("--save-dir") && e.contains("latest is not a directory"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_exported_model_initialises_any_layout() {
+    let dir = fresh("export");
+    let file = dir.join("model.safetensors");
+    losses(&format!("{TINY} --steps 3 --tp 2 --save-dir {} --export {}", dir.display(), file.display()));
+    let first = |layout: &str| -> f32 {
+        let l = losses(&format!("{TINY} --steps 3 --exit-at-step 1 --init-from {} {layout}", file.display()));
+        l[0].rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (a, b, c) = (first("--tp 1"), first("--tp 4"), first("--pp 2 --microbatches 2"));
+    let scratch: f32 = losses(&format!("{TINY} --steps 3 --exit-at-step 1"))[0].rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((a - b).abs() < 1e-5 && (a - c).abs() < 1e-5, "{a} {b} {c}");
+    assert!((a - scratch).abs() > 1e-3, "the exported weights are not the seed's: {a} vs {scratch}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

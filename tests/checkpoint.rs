@@ -1,0 +1,180 @@
+//! Checkpoints across layouts (thread ranks): saved at layout A, loaded at B and saved again,
+//! both read back as whole tensors are identical (model and AdamW state), and training continued
+//! at B matches training continued at A; a resume at the same layout is bit-exact (with
+//! dropout); replicated tensors are written once; keep-K, `latest`, leftovers of interrupted
+//! saves; asynchronous saves.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::tensor::TensorData;
+use burn_parallel::checkpoint::*;
+use common::runner::*;
+
+/// Every tensor of a checkpoint, whole, and its counters other than random streams (whose names
+/// depend on the layout: SP draws per-rank masks).
+fn read_back(dir: &Path) -> (BTreeMap<String, TensorData>, BTreeMap<String, u64>, TrainState) {
+    let ckpt = Checkpoint::open(dir).unwrap();
+    let counters = ckpt.metadata().counters.iter().filter(|(k, _)| !k.starts_with(RNG_PREFIX)).map(|(k, v)| (k.clone(), *v)).collect();
+    (full_tensors(&ckpt, "").unwrap(), counters, ckpt.metadata().train.clone())
+}
+
+fn plan(layout: Layout, load: Option<&Path>, steps: usize, save: Option<&Path>, dropout: f64) -> Vec<f32> {
+    run(&Plan { layout, config: gpt(4, layout.sp, dropout), load, steps, save, async_save: false })
+}
+
+fn sp(l: Layout) -> Layout {
+    Layout { sp: true, ..l }
+}
+
+fn virt(l: Layout) -> Layout {
+    Layout { v: 2, ..l }
+}
+
+#[test]
+fn saved_at_one_layout_loaded_at_another_is_the_same_state_and_trains_the_same() {
+    let pairs = [
+        (layout(1, 1, 1), layout(1, 1, 2)),
+        (layout(1, 1, 2), layout(1, 1, 4)),
+        (layout(1, 1, 4), layout(1, 1, 1)),
+        (layout(1, 1, 1), layout(1, 2, 1)),
+        (layout(1, 2, 1), layout(1, 4, 1)),
+        (layout(1, 4, 1), layout(1, 1, 2)),
+        (virt(layout(1, 2, 1)), layout(1, 2, 2)),
+        (layout(2, 1, 1), layout(1, 1, 1)),
+        (layout(1, 1, 2), sp(layout(2, 2, 2))),
+        (sp(layout(1, 1, 2)), layout(1, 1, 1)),
+        (layout(2, 2, 2), virt(layout(1, 2, 1))),
+    ];
+    for (a, b) in pairs {
+        let (dir_a, dir_b) = (temp_dir("reshard-a"), temp_dir("reshard-b"));
+        plan(a, None, 2, Some(&dir_a), 0.0);
+        plan(b, Some(&dir_a), 0, Some(&dir_b), 0.0);
+        let (ta, ca, sa) = read_back(&dir_a);
+        let (tb, cb, sb) = read_back(&dir_b);
+        assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>(), "{a:?} -> {b:?}: tensor names");
+        assert!(ta.keys().any(|k| k.starts_with("optim.exp_avg_sq.")) && ta.len() == 3 * ta.keys().filter(|k| k.starts_with("model.")).count());
+        for (name, x) in &ta {
+            assert!(x == &tb[name], "{a:?} -> {b:?}: {name} differs after the reshard");
+        }
+        assert_eq!((ca, sa.clone()), (cb, sb), "{a:?} -> {b:?}: counters and training state");
+        assert_eq!(sa.step, 2);
+        // Training continued at B matches training continued at A.
+        let (la, lb) = (plan(a, Some(&dir_a), 3, None, 0.0), plan(b, Some(&dir_a), 3, None, 0.0));
+        for (x, y) in la.iter().zip(&lb) {
+            assert!((x - y).abs() < 1e-5 * x.abs().max(1.0), "{a:?} -> {b:?}: losses {la:?} vs {lb:?}");
+        }
+        for d in [dir_a, dir_b] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
+}
+
+#[test]
+fn resuming_at_the_same_layout_is_bit_exact_with_dropout() {
+    for l in [layout(1, 1, 2), sp(layout(1, 1, 2)), layout(2, 2, 1), virt(layout(1, 2, 2))] {
+        let dir = temp_dir("bitexact");
+        let whole = plan(l, None, 4, None, 0.1);
+        let first = plan(l, None, 2, Some(&dir), 0.1);
+        let rest = plan(l, Some(&dir), 2, None, 0.1);
+        assert_eq!(first, whole[..2], "{l:?}");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&rest), bits(&whole[2..]), "{l:?}: resumed losses {rest:?} vs uninterrupted {:?}", &whole[2..]);
+        assert_ne!(whole[2], plan(l, None, 3, None, 0.0)[2], "{l:?}: dropout must be active for this test to mean anything");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn replicated_tensors_are_written_once_and_each_rank_writes_its_own_shards() {
+    let dir = temp_dir("dedup");
+    plan(layout(2, 2, 2), None, 1, Some(&dir), 0.0);
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let m = ckpt.metadata();
+    // Megatron order: rank = tp + 2·dp + 4·pp. DP replica 1 (ranks 2, 3, 6, 7) writes nothing.
+    assert_eq!(
+        m.files.keys().cloned().collect::<Vec<_>>(),
+        ["rank-00000.safetensors", "rank-00001.safetensors", "rank-00004.safetensors", "rank-00005.safetensors"]
+    );
+    let chunks = |n: &str| m.tensors[n].chunks.iter().map(|c| (c.file.clone(), c.offset.clone())).collect::<Vec<_>>();
+    assert_eq!(chunks("model.blocks.0.ln1.gamma"), [("rank-00000.safetensors".to_string(), vec![0])]);
+    assert_eq!(chunks("model.blocks.3.ln2.beta"), [("rank-00004.safetensors".to_string(), vec![0])]);
+    assert_eq!(chunks("model.blocks.0.attn.query.weight"), [("rank-00000.safetensors".into(), vec![0, 0]), ("rank-00001.safetensors".into(), vec![0, 8])]);
+    assert_eq!(chunks("optim.exp_avg.head.weight"), [("rank-00004.safetensors".into(), vec![0, 0]), ("rank-00005.safetensors".into(), vec![0, 16])]);
+    assert_eq!(chunks("model.wte.weight"), [("rank-00000.safetensors".into(), vec![0, 0]), ("rank-00001.safetensors".into(), vec![16, 0])]);
+    ckpt.verify().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn tiny_snapshot(step: u64, value: f32) -> Snapshot {
+    let data = TensorData::new(vec![value; 6], [2, 3]);
+    let placement = burn_parallel::sharding::placement(&[2, 3], None, 0, 1);
+    let tensors = vec![HostTensor { name: "model.w".into(), data, placement, write: true }];
+    let train = TrainState { step, ..Default::default() };
+    Snapshot { step, layout: burn_parallel::ParallelConfig::new(), train, tensors, counters: BTreeMap::new(), sections: BTreeMap::new() }
+}
+
+fn single() -> burn_parallel::Comm {
+    burn_parallel::LocalWorld::new(1).communicator(0)
+}
+
+#[test]
+fn keep_k_latest_pointer_leftovers_and_one_timeline() {
+    let dir = temp_dir("keep");
+    let mut saver = Checkpointer::new(CheckpointOptions { dir: dir.clone(), keep: 2, async_save: false }, single());
+    for step in 1..=5 {
+        let r = saver.save(tiny_snapshot(step, step as f32)).unwrap();
+        assert_eq!(r.committed, Some(checkpoint_dir(&dir, step)));
+    }
+    let steps: Vec<u64> = committed_checkpoints(&dir).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, [4, 5]);
+    assert_eq!(std::fs::read_to_string(dir.join("latest")).unwrap(), "step-000005\n");
+    // Leftovers of interrupted saves are never checkpoints, and the next save removes them.
+    std::fs::create_dir_all(dir.join(".tmp-step-000009")).unwrap();
+    std::fs::write(dir.join(".tmp-step-000009/rank-00000.safetensors"), b"half").unwrap();
+    std::fs::create_dir_all(dir.join("step-000007")).unwrap(); // no metadata: not a checkpoint
+    assert_eq!(latest_checkpoint(&dir).unwrap().unwrap().0, 5);
+    saver.save(tiny_snapshot(6, 6.0)).unwrap();
+    assert!(!dir.join(".tmp-step-000009").exists());
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    assert_eq!((ckpt.metadata().step, ckpt.read_full("model.w").unwrap().to_vec::<f32>().unwrap()), (6, vec![6.0; 6]));
+    // A save directory is one timeline: step 3 after step 6 is refused.
+    let e = saver.save(tiny_snapshot(3, 3.0)).unwrap_err().to_string();
+    assert!(e.contains("newer than step 3"), "{e}");
+    assert_eq!(latest_checkpoint(&dir).unwrap().unwrap().0, 6);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn asynchronous_saves_equal_synchronous_ones_and_report_background_errors() {
+    let (sync_dir, async_dir) = (temp_dir("sync"), temp_dir("async"));
+    let l = layout(2, 2, 1);
+    run(&Plan { layout: l, config: gpt(4, false, 0.0), load: None, steps: 2, save: Some(&sync_dir), async_save: false });
+    run(&Plan { layout: l, config: gpt(4, false, 0.0), load: None, steps: 2, save: Some(&async_dir), async_save: true });
+    assert_eq!(read_back(&sync_dir).0, read_back(&async_dir).0);
+    // A background write that fails surfaces at the next poll/finish; the previous checkpoint stays.
+    let dir = temp_dir("async-fail");
+    let mut saver = Checkpointer::new(CheckpointOptions { dir: dir.clone(), keep: 0, async_save: true }, single());
+    saver.save(tiny_snapshot(1, 1.0)).unwrap();
+    assert!(saver.in_flight());
+    assert!(saver.finish().unwrap().is_some());
+    let mut bad = tiny_snapshot(2, 2.0);
+    bad.tensors[0].data = TensorData::new(vec![true; 6], [2, 3]);
+    let r = saver.save(bad).unwrap();
+    assert!(r.committed.is_none());
+    let e = loop {
+        match saver.poll() {
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            Ok(Some(d)) => panic!("a failed write was committed to {}", d.display()),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(e.contains("asynchronous save of step 2 failed") && e.contains("cannot be saved"), "{e}");
+    assert!(!saver.in_flight());
+    assert_eq!(Checkpoint::open(&dir).unwrap().metadata().step, 1);
+    for d in [sync_dir, async_dir, dir] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
