@@ -178,3 +178,57 @@ fn asynchronous_saves_equal_synchronous_ones_and_report_background_errors() {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
+
+#[test]
+fn export_writes_whole_tensors_that_python_and_any_layout_read_back() {
+    let dir = temp_dir("export");
+    plan(layout(1, 2, 2), None, 1, Some(&dir), 0.0);
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let file = dir.join("model.safetensors");
+    export_model(&ckpt, &file).unwrap();
+    let whole = full_tensors(&ckpt, MODEL_PREFIX).unwrap();
+    // Read back as a checkpoint of whole tensors: the same names and values.
+    let imported = Checkpoint::open_safetensors(&file, MODEL_PREFIX).unwrap();
+    assert_eq!(full_tensors(&imported, MODEL_PREFIX).unwrap(), whole);
+    // Initialise tp = 4 from it: each rank holds its slice of the export.
+    let shards = common::world(4, |c| {
+        let groups = burn_parallel::ProcessGroups::new(layout(1, 1, 4).config(), c).map_err(|e| e.to_string())?;
+        let m: burn_parallel_modules::Gpt<common::B> = gpt(4, false, 0.0).init(&groups.tp, &Default::default()).unwrap();
+        let m = load_module(&imported, m, MODEL_PREFIX, &|p: &str| p.to_string(), ShardContext::new(&groups)).map_err(|e| e.to_string())?;
+        Ok((groups.coords.tp, m.blocks[1].mlp.fc1.weight.val().into_data()))
+    });
+    for (r, shard) in shards {
+        assert_eq!(shard, burn_parallel::comm::split_along(&whole["model.blocks.1.mlp.fc1.weight"], 1, 4, r).unwrap());
+    }
+    python_reads(&file, &whole);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Python's `safetensors` (numpy) reads the export: same names, shapes, dtypes, sums, and
+/// `__metadata__["format"] == "pt"`. Skipped (with a note) where Python lacks the package.
+fn python_reads(file: &Path, whole: &BTreeMap<String, TensorData>) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_export.py");
+    let out = match std::process::Command::new("python3").arg(script).arg(file).output() {
+        Ok(o) if o.status.success() => o,
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named") => {
+            eprintln!("python3 has no safetensors/numpy: the Python read of the export is not checked here");
+            return;
+        }
+        Ok(o) => panic!("check_export.py failed: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => {
+            eprintln!("no python3 ({e}): the Python read of the export is not checked here");
+            return;
+        }
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["metadata"]["format"], "pt");
+    let tensors = v["tensors"].as_object().unwrap();
+    assert_eq!(tensors.len(), whole.len());
+    for (name, data) in whole {
+        let t = &tensors[name.trim_start_matches(MODEL_PREFIX)];
+        assert_eq!(t["dtype"], "float32", "{name}");
+        assert_eq!(t["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect::<Vec<_>>(), data.shape.as_slice(), "{name}");
+        let sum: f64 = data.to_vec::<f32>().unwrap().iter().map(|x| *x as f64).sum();
+        assert!((t["sum"].as_f64().unwrap() - sum).abs() <= 1e-9 * sum.abs().max(1.0), "{name}: python sum {} vs {sum}", t["sum"]);
+    }
+}

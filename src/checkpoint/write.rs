@@ -111,9 +111,9 @@ pub(crate) fn prepare(save_dir: &Path, step: u64) -> Result<PathBuf> {
             std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p)).map_err(io("remove", &p))?;
         }
     }
+    // Not fsynced: a temporary directory lost in a crash loses nothing (the commit fsyncs).
     let tmp = save_dir.join(format!("{TMP_PREFIX}{}", step_dir_name(step)));
     std::fs::create_dir(&tmp).map_err(io("create", &tmp))?;
-    sync_dir(save_dir)?;
     Ok(tmp)
 }
 

@@ -172,13 +172,7 @@ impl Perturb {
 /// The unsplit model's path of a pipeline-stage parameter: the stage numbers its blocks from 0,
 /// the whole model from the stage's first layer.
 pub fn global_path(path: &str, first_layer: usize) -> String {
-    match path.strip_prefix("blocks.") {
-        Some(rest) => {
-            let (j, tail) = rest.split_once('.').unwrap();
-            format!("blocks.{}.{tail}", first_layer + j.parse::<usize>().unwrap())
-        }
-        None => path.to_string(),
-    }
+    burn_parallel_modules::gpt_pipeline::global_block_path(path, first_layer)
 }
 
 /// `world` over emulated NCCL communicators (60 s timeouts).
