@@ -265,6 +265,7 @@ mod tests {
             let (ro, rs) = intersect(cbox, want_box).unwrap();
             copy_region(chunk, cbox, &mut out, want_box, (&ro, &rs), 1);
         }
+        let full = &full;
         let expect: Vec<u8> = (1..3).flat_map(|r| (2..5).map(move |c| full[r * 6 + c])).collect();
         assert_eq!(out, expect);
         assert_eq!(intersect((&[0, 0], &[2, 2]), (&[2, 0], &[2, 2])), None);
