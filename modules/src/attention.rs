@@ -12,6 +12,7 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Tensor};
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp};
+use burn_parallel::precision::{like, to_f32};
 use burn_parallel::rng::{RandomStreams, StreamCounter};
 use burn_parallel::{Comm, ConfigError, ParallelBackend};
 
@@ -107,7 +108,8 @@ impl<B: ParallelBackend> ParallelAttention<B> {
         let (q, k, v) = (heads(&self.query), heads(&self.key), heads(&self.value));
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((self.d_head as f32).sqrt());
         let scores = scores.mask_fill(causal_mask::<B>(s, &x.device()), MASK_VALUE);
-        let probs = self.dropout.forward(softmax(scores, 3));
+        // Softmax in f32 whatever the compute dtype (no-op for f32), as Megatron's fused softmax.
+        let probs = self.dropout.forward(like(softmax(to_f32(scores.clone()), 3), &scores));
         probs.matmul(v).swap_dims(1, 2).reshape([b, s, self.local_heads * self.d_head])
     }
 }

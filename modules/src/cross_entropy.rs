@@ -26,6 +26,8 @@ pub fn vocab_parallel_cross_entropy_per_token<B: ParallelBackend>(
     vocab_start: usize,
     tp: &Comm,
 ) -> Tensor<B, 1> {
+    // Log-sum-exp in f32 whatever the compute dtype (no-op for f32 logits).
+    let logits = burn_parallel::precision::to_f32(logits);
     let [_, v_local] = logits.dims();
     if cfg!(debug_assertions) {
         let vocab = (v_local * tp.size()) as i64;

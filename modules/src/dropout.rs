@@ -12,7 +12,7 @@
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Tensor, TensorCreationOptions, TensorData};
 use burn_parallel::rng::{HostRng, RandomStreams, StreamCounter};
 
 /// Whether a dropout sits in a replicated or a TP-sharded region.
@@ -58,7 +58,9 @@ impl ParallelDropout {
         let shape = x.dims();
         let n = shape.iter().product();
         let mask = HostRng::new(self.seed, &format!("{}#{call}", self.stream)).dropout_mask(n, self.prob);
-        x * Tensor::<B, D>::from_data(TensorData::new(mask, shape), &device)
+        // The mask in x's dtype (Burn 0.21 does not promote: an f32 mask on bf16 x is wrong).
+        let options = TensorCreationOptions::new(device).with_dtype(x.dtype());
+        x * Tensor::<B, D>::from_data(TensorData::new(mask, shape), options)
     }
 }
 

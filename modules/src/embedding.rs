@@ -68,7 +68,8 @@ impl<B: ParallelBackend> VocabParallelEmbedding<B> {
         let local = ids.sub_scalar(self.vocab_start as i64);
         let outside = local.clone().lower_elem(0).bool_or(local.clone().greater_equal_elem(self.vocab_local as i64));
         let local = local.mask_fill(outside.clone(), 0);
-        let keep = outside.bool_not().float().unsqueeze_dim::<3>(2);
-        embedding(self.weight.val(), local) * keep
+        let weight = self.weight.val();
+        let keep = burn_parallel::precision::like(outside.bool_not().float(), &weight).unsqueeze_dim::<3>(2);
+        embedding(weight, local) * keep
     }
 }

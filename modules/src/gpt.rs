@@ -12,6 +12,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_parallel::mappings::{copy_to_tp, gather_from_tp, reduce_scatter_to_sp};
+use burn_parallel::precision::{cast_params, Precision};
 use burn_parallel::rng::{HostRng, RandomStreams, StreamCounter};
 use burn_parallel::{Comm, ConfigError, ModelDims, ParallelBackend, ParallelConfig};
 
@@ -54,6 +55,10 @@ pub struct GptConfig {
     /// `[b, s/t, h]` shards (the sequence length must be divisible by the TP size).
     #[config(default = false)]
     pub sequence_parallel: bool,
+    /// Compute precision: with `Bf16` the parameters are initialised in f32 and stored in bf16
+    /// (the optimizer keeps f32 master weights, see `burn_parallel::optim`).
+    #[config(default = "burn_parallel::precision::Precision::F32")]
+    pub precision: Precision,
 }
 
 /// A GPT split over a TP group (a group of one gives the plain model).
@@ -87,7 +92,7 @@ impl GptConfig {
         let (wte, wpe, drop) = self.init_embedding(tp, device)?;
         let (ln_f, head) = self.init_head(tp, device)?;
         let blocks = self.init_blocks(0..self.n_layers, tp, device)?;
-        Ok(Gpt { wte, wpe, drop, blocks, ln_f, head, sequence_parallel: self.sequence_parallel })
+        Ok(self.in_precision(Gpt { wte, wpe, drop, blocks, ln_f, head, sequence_parallel: self.sequence_parallel }))
     }
 
     /// Token and position embeddings and their dropout (what runs before the first block).
@@ -128,6 +133,14 @@ impl GptConfig {
 }
 
 impl GptConfig {
+    /// `module` with its parameters in this config's precision (a no-op for f32).
+    pub fn in_precision<B: ParallelBackend, M: Module<B>>(&self, module: M) -> M {
+        match self.precision {
+            Precision::F32 => module,
+            p => cast_params(module, p.dtype()),
+        }
+    }
+
     fn dropout_region(&self) -> DropoutRegion {
         if self.sequence_parallel {
             DropoutRegion::Sharded

@@ -73,7 +73,7 @@ where
         let (wte, wpe, drop) = c.init_embedding(&self.tp, device)?;
         let first = spec.is_first();
         let (ln_f, head) = if spec.is_last() { c.init_head(&self.tp, device).map(|(l, h)| (Some(l), Some(h)))? } else { (None, None) };
-        Ok(GptStage {
+        Ok(c.in_precision(GptStage {
             wte: first.then_some(wte),
             wpe: first.then_some(wpe),
             drop,
@@ -81,11 +81,15 @@ where
             first_layer: spec.layers.start,
             ln_f,
             head,
-        })
+        }))
     }
 
     fn tensor_parallel_group(&self) -> Option<&Comm> {
         Some(&self.tp)
+    }
+
+    fn activation_dtype(&self) -> Option<burn::tensor::DType> {
+        Some(self.config.precision.dtype())
     }
 
     /// A stage numbers its blocks from 0; the unsplit [`Gpt`](crate::Gpt) from its first layer.

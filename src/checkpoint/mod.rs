@@ -67,6 +67,7 @@ pub use format::{ChunkMeta, Metadata, TensorMeta, TrainState, FORMAT_VERSION};
 pub use read::{committed_checkpoints, latest_checkpoint, resolve, Checkpoint};
 pub use saver::{checkpoint_dir, CheckpointOptions, Checkpointer, SaveReport, Snapshot};
 pub use state::{
-    adamw_tensors, load_adamw, load_module, module_tensors, restore_streams, stream_counters, HostTensor, Rename, ShardContext, MODEL_PREFIX, RNG_PREFIX,
+    adamw_tensors, load_adamw, load_module, load_module_cast, module_tensors, restore_streams, stream_counters, HostTensor, Rename, ShardContext, MODEL_PREFIX,
+    RNG_PREFIX,
 };
 pub use write::{check_timeline, write_safetensors};

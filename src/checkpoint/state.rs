@@ -138,6 +138,8 @@ struct ReadParams<'a> {
     prefix: &'a str,
     loaded: HashMap<ParamId, TensorData>,
     error: Option<CheckpointError>,
+    /// Read in the checkpoint's dtype and convert to the parameter's (explicitly asked for).
+    convert: bool,
 }
 
 impl<B: Backend> ModuleVisitor<B> for ReadParams<'_> {
@@ -151,9 +153,13 @@ impl<B: Backend> ModuleVisitor<B> for ReadParams<'_> {
         let shape = value.dims().to_vec();
         let p = placement(&shape, dim, self.ctx.tp_rank, self.ctx.tp_size);
         let name = format!("{}{}", self.prefix, (self.rename)(&path));
-        match self.ckpt.read(&name, value.dtype(), &p.global_shape, &p.offset, &shape) {
+        let saved = match (self.convert, self.ckpt.metadata().tensors.get(&name).and_then(|t| crate::checkpoint::format::to_burn_dtype(t.dtype))) {
+            (true, Some(d)) => d,
+            _ => value.dtype(),
+        };
+        match self.ckpt.read(&name, saved, &p.global_shape, &p.offset, &shape) {
             Ok(data) => {
-                self.loaded.insert(param.id, data);
+                self.loaded.insert(param.id, if saved == value.dtype() { data } else { data.convert_dtype(value.dtype()) });
             }
             Err(e) => self.error = Some(e),
         }
@@ -179,7 +185,18 @@ impl<B: Backend> ModuleMapper<B> for Apply {
 /// `prefix + rename(path)`. Everything is read and checked (presence, global shape, dtype,
 /// checksums) before any parameter changes: an error leaves nothing half-loaded.
 pub fn load_module<B: Backend, M: Module<B>>(ckpt: &Checkpoint, module: M, prefix: &str, rename: Rename<'_>, ctx: ShardContext) -> Result<M> {
-    let mut reader = ReadParams { walk: Walk::default(), rename, ctx, ckpt, prefix, loaded: HashMap::new(), error: None };
+    load_params(ckpt, module, prefix, rename, ctx, false)
+}
+
+/// [`load_module`] converting each tensor from the checkpoint's dtype to the parameter's: the
+/// explicit conversion a mixed-precision run asks for (its checkpoints hold f32 weights, its
+/// parameters are bf16).
+pub fn load_module_cast<B: Backend, M: Module<B>>(ckpt: &Checkpoint, module: M, prefix: &str, rename: Rename<'_>, ctx: ShardContext) -> Result<M> {
+    load_params(ckpt, module, prefix, rename, ctx, true)
+}
+
+fn load_params<B: Backend, M: Module<B>>(ckpt: &Checkpoint, module: M, prefix: &str, rename: Rename<'_>, ctx: ShardContext, convert: bool) -> Result<M> {
+    let mut reader = ReadParams { walk: Walk::default(), rename, ctx, ckpt, prefix, loaded: HashMap::new(), error: None, convert };
     module.visit(&mut reader);
     if let Some(e) = reader.error {
         return Err(e);

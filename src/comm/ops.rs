@@ -1,7 +1,7 @@
 //! Collectives on Burn tensors (not differentiable: under autodiff the result is untracked).
 //! These are what callers use; the backend decides how the bytes move.
 
-use burn::tensor::{Device, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Device, Tensor, TensorPrimitive};
 
 use super::{Comm, RecvOp, ReduceOp, TensorSpec};
 use crate::collective::CollectiveBackend;
@@ -46,9 +46,24 @@ pub fn recv<B: CollectiveBackend, const D: usize>(
     tag: u64,
     comm: &Comm,
 ) -> Result<Tensor<B, D>, CommError> {
-    let dtype = Tensor::<B, 1>::empty([0], device).dtype();
+    recv_as(shape, default_dtype::<B>(device), device, peer, tag, comm)
+}
+
+/// [`recv`] of a `dtype` tensor (e.g. bf16 activations).
+pub fn recv_as<B: CollectiveBackend, const D: usize>(
+    shape: [usize; D],
+    dtype: DType,
+    device: &Device<B>,
+    peer: usize,
+    tag: u64,
+    comm: &Comm,
+) -> Result<Tensor<B, D>, CommError> {
     let spec = TensorSpec { shape: shape.to_vec(), dtype };
     B::collective_recv(&spec, device, peer, tag, comm).map(wrap)
+}
+
+fn default_dtype<B: CollectiveBackend>(device: &Device<B>) -> DType {
+    Tensor::<B, 1>::empty([0], device).dtype()
 }
 
 /// Sends `(tensor, peer, tag)` and receives `(peer, tag, shape)` messages as one group (NCCL
@@ -60,7 +75,17 @@ pub fn batch_p2p<B: CollectiveBackend, const D: usize>(
     device: &Device<B>,
     comm: &Comm,
 ) -> Result<Vec<Tensor<B, D>>, CommError> {
-    let dtype = Tensor::<B, 1>::empty([0], device).dtype();
+    batch_p2p_as(sends, recvs, default_dtype::<B>(device), device, comm)
+}
+
+/// [`batch_p2p`] receiving `dtype` tensors.
+pub fn batch_p2p_as<B: CollectiveBackend, const D: usize>(
+    sends: Vec<(Tensor<B, D>, usize, u64)>,
+    recvs: &[(usize, u64, [usize; D])],
+    dtype: DType,
+    device: &Device<B>,
+    comm: &Comm,
+) -> Result<Vec<Tensor<B, D>>, CommError> {
     let recvs: Vec<RecvOp> = recvs.iter().map(|&(peer, tag, shape)| RecvOp { peer, tag, spec: TensorSpec { shape: shape.to_vec(), dtype } }).collect();
     let sends = sends.into_iter().map(|(x, p, t)| (x.into_primitive().tensor(), p, t)).collect();
     Ok(B::collective_batch_p2p(sends, &recvs, device, comm)?.into_iter().map(wrap).collect())

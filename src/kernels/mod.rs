@@ -5,7 +5,7 @@
 //! saving `μ, r: [n, 1]`; backward with `x̂ = (x − μ)·r`, `g = dy·γ`:
 //! `dx = r·(g − mean_h(g) − x̂·mean_h(g·x̂))`, `dγ = Σ_n dy·x̂`, `dβ = Σ_n dy`.
 //! The kernels accumulate in f32 whatever the storage dtype (f32, bf16, f16) and keep `μ, r` in
-//! f32; the composed fallback computes in the tensor's dtype.
+//! f32; so does the composed fallback (half-precision inputs are computed in f32).
 
 #[cfg(feature = "cube")]
 mod cube;
@@ -47,10 +47,12 @@ pub trait LayerNormBackend: Backend {
     /// Normalises each row of `x: [n, h]` with `gamma, beta: [h]`.
     fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f32) -> LnForward<Self> {
         let x = wrap::<Self, 2>(x);
+        let dtype = x.dtype();
+        let (x, gamma, beta) = (stat(x), stat(wrap::<Self, 1>(gamma)), stat(wrap::<Self, 1>(beta)));
         let (var, mean) = x.clone().var_mean_bias(1);
         let rstd = var.add_scalar(epsilon).sqrt().recip();
-        let y = (x - mean.clone()) * rstd.clone() * wrap::<Self, 1>(gamma).unsqueeze() + wrap::<Self, 1>(beta).unsqueeze();
-        (prim(y), prim(mean), prim(rstd))
+        let y = (x - mean.clone()) * rstd.clone() * gamma.unsqueeze() + beta.unsqueeze();
+        (prim(crate::precision::cast_to(y, dtype)), prim(mean), prim(rstd))
     }
 
     /// Gradients of [`layer_norm_rows`](Self::layer_norm_rows) for the output gradient `dy`.
@@ -61,14 +63,25 @@ pub trait LayerNormBackend: Backend {
         mean: FloatTensor<Self>,
         rstd: FloatTensor<Self>,
     ) -> LnBackward<Self> {
-        let (dy, x) = (wrap::<Self, 2>(dy), wrap::<Self, 2>(x));
+        let (dy, x, gamma) = (wrap::<Self, 2>(dy), wrap::<Self, 2>(x), wrap::<Self, 1>(gamma));
+        let (x_dtype, g_dtype) = (x.dtype(), gamma.dtype());
+        let (dy, x, gamma) = (stat(dy), stat(x), stat(gamma));
         let (mean, rstd) = (wrap::<Self, 2>(mean), wrap::<Self, 2>(rstd));
         let xhat = (x - mean) * rstd.clone();
         let dgamma = (dy.clone() * xhat.clone()).sum_dim(0).squeeze_dim::<1>(0);
         let dbeta = dy.clone().sum_dim(0).squeeze_dim::<1>(0);
-        let g = dy * wrap::<Self, 1>(gamma).unsqueeze();
+        let g = dy * gamma.unsqueeze();
         let dx = rstd * (g.clone() - g.clone().mean_dim(1) - xhat.clone() * (g * xhat).mean_dim(1));
-        (prim(dx), prim(dgamma), prim(dbeta))
+        use crate::precision::cast_to;
+        (prim(cast_to(dx, x_dtype)), prim(cast_to(dgamma, g_dtype)), prim(cast_to(dbeta, g_dtype)))
+    }
+}
+
+/// Half-precision values in f32 for the composed path's statistics (f32 and f64 unchanged).
+fn stat<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    match t.dtype() {
+        burn::tensor::DType::F16 | burn::tensor::DType::BF16 => t.cast(burn::tensor::DType::F32),
+        _ => t,
     }
 }
 

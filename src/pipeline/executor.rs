@@ -9,7 +9,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use burn_parallel_schedules::{check_rendezvous, steps, validate, Action, Op, PipelineShape, Plan, Schedule, ScheduleError, Step};
 
 use super::layout::{PartSpec, StageLayout};
-use crate::comm::ops::{batch_p2p, broadcast, recv, send};
+use crate::comm::ops::{batch_p2p_as, broadcast, recv_as, send};
 use crate::error::{CommError, ConfigError};
 use crate::{BackwardWith, CollectiveBackend, Comm};
 
@@ -39,6 +39,12 @@ pub trait PipelineModel<B: AutodiffBackend, const D: usize>: Sync {
     fn activation_shape(&self, mb: &Self::MicroBatch) -> [usize; D];
     /// Runs `part` on a micro-batch; `input` is `None` on the first stage.
     fn forward(&self, part: &Self::Part, spec: &PartSpec, input: Option<Tensor<B, D>>, mb: &Self::MicroBatch) -> StageOutput<B, D>;
+
+    /// The dtype of the activations (and their gradients) between stages; `None`: the backend's
+    /// default float dtype. A bf16 model returns `Some(BF16)`, so receives expect bf16.
+    fn activation_dtype(&self) -> Option<burn::tensor::DType> {
+        None
+    }
 
     /// The tensor-parallel group whose collectives run inside this model's backward, if any.
     /// The executor puts a barrier on it before every backward: Burn 0.21 ends each `backward()`
@@ -242,6 +248,10 @@ where
         &self.model
     }
 
+    fn activation_dtype(&self) -> burn::tensor::DType {
+        self.model.activation_dtype().unwrap_or_else(|| Tensor::<B, 1>::empty([0], &self.device).dtype())
+    }
+
     fn local(&self, stage: usize) -> usize {
         stage / self.plan.shape.ranks
     }
@@ -303,7 +313,7 @@ where
                 _ => unreachable!("a batch holds communication only"),
             }
         }
-        let got = batch_p2p::<B, D>(sends, &recvs, &self.device, &self.comm)?;
+        let got = batch_p2p_as::<B, D>(sends, &recvs, self.activation_dtype(), &self.device, &self.comm)?;
         for ((is_input, key), x) in dest.into_iter().zip(got) {
             if is_input {
                 st.inputs.insert(key, x.require_grad());
@@ -359,7 +369,11 @@ where
                     }
                 }
                 self.model.after_backward(&self.stages[i].spec, mb);
-                let gp = GradientsParams::from_grads(grads, &part);
+                let mut gp = GradientsParams::from_grads(grads, &part);
+                if matches!(self.activation_dtype(), burn::tensor::DType::BF16 | burn::tensor::DType::F16) {
+                    // Half-precision gradients are accumulated over micro-batches in f32.
+                    gp = crate::precision::grads_to_f32(&part, gp);
+                }
                 if a.op == Op::B {
                     st.acc[i].accumulate(&self.stages[i].part, gp);
                 } else {
@@ -394,7 +408,14 @@ where
                 let input = match s {
                     0 => None,
                     _ if self.peer(s - 1) == me => carry.take(),
-                    _ => Some(recv::<B, D>(self.model.activation_shape(batch), &self.device, self.peer(s - 1), tag(Op::SendF, s - 1, mb), &self.comm)?),
+                    _ => Some(recv_as::<B, D>(
+                        self.model.activation_shape(batch),
+                        self.activation_dtype(),
+                        &self.device,
+                        self.peer(s - 1),
+                        tag(Op::SendF, s - 1, mb),
+                        &self.comm,
+                    )?),
                 };
                 // Detached parameters: evaluation records no autodiff graph.
                 let part = stage.part.clone().map(&mut FreshLeaves { track: false });

@@ -1,0 +1,145 @@
+//! DistAdamW: plain DP in f32 is bitwise Burn's AdamW path (all-reduce, global clipping,
+//! AdamW); ZeRO-1 gives bitwise the parameters of plain DP (within 1e-6 with clipping: the norm
+//! is summed over shards in another order), also with uneven rows (dp = 3), TP, PP and bf16.
+
+mod common;
+
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::{Int, Tensor};
+use burn_parallel::data::GlobalSampler;
+use burn_parallel::data_parallel::{all_reduce_gradients, clip_grad_norm};
+use burn_parallel::optim::{DistAdamW, DistAdamWConfig};
+use burn_parallel::params::named_params;
+use burn_parallel::pipeline::{PipelineExecutor, PipelineOptions};
+use burn_parallel::precision::Precision;
+use burn_parallel::{ParallelConfig, ProcessGroups};
+use burn_parallel_modules::{GptConfig, GptPipeline, TokenBatch};
+use burn_parallel_schedules::schedule_by_name;
+use common::runner::{gpt, samples, GLOBAL_BATCH};
+use common::*;
+
+const STEPS: usize = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Opt {
+    Burn,
+    Dist { zero: bool },
+}
+
+/// Every parameter (path, bits) of rank `r` after `STEPS` steps of the flat GPT at dp × tp.
+fn flat(dp: usize, tp: usize, config: &GptConfig, opt: Opt, clip: Option<f32>) -> Vec<(usize, Vec<(String, Vec<u32>)>)> {
+    world(dp * tp, |c| {
+        let groups = ProcessGroups::new(ParallelConfig::new().with_data_parallel(dp).with_tensor_parallel(tp), c).map_err(|e| e.to_string())?;
+        let mut model = config.init::<B>(&groups.tp, &Default::default()).map_err(|e| e.to_string())?;
+        let mut burn_opt = AdamWConfig::new().with_weight_decay(0.1).init();
+        let mut dist = DistAdamW::<B>::new(
+            DistAdamWConfig::new().with_weight_decay(0.1).with_zero(matches!(opt, Opt::Dist { zero: true })).with_bucket_bytes(3000),
+            &groups,
+        );
+        for step in 0..STEPS {
+            let range = GlobalSampler::replica_samples((step * GLOBAL_BATCH) as u64, GLOBAL_BATCH / dp, groups.coords.dp);
+            let (x, y) = samples(range);
+            let dev = Default::default();
+            let loss = model.loss(Tensor::<B, 2, Int>::from_data(x, &dev), Tensor::from_data(y, &dev));
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = match opt {
+                Opt::Burn => {
+                    let grads = all_reduce_gradients(&model, grads, &groups.dp, 3000).map_err(|e| e.to_string())?;
+                    let grads = match clip {
+                        Some(max) => clip_grad_norm::<B, _>(vec![(&model, grads)], max, &groups.tp, &groups.pp).map_err(|e| e.to_string())?.1.remove(0),
+                        None => grads,
+                    };
+                    burn_opt.step(2e-2, model, grads)
+                }
+                Opt::Dist { .. } => {
+                    let (mut m, _) = dist.step(2e-2, vec![(model, grads)], clip).map_err(|e| e.to_string())?;
+                    m.remove(0)
+                }
+            };
+        }
+        let bits = named_params(&model)
+            .into_iter()
+            .map(|p| (p.path, p.value.convert::<f32>().to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()))
+            .collect();
+        Ok((groups.coords.tp + tp * groups.coords.dp, bits))
+    })
+}
+
+/// The largest `|x − y| / max(|x|, 1)` over every parameter element of every rank.
+fn max_rel(a: &[(usize, Vec<(String, Vec<u32>)>)], b: &[(usize, Vec<(String, Vec<u32>)>)]) -> f32 {
+    let mut worst = 0.0f32;
+    for ((ra, pa), (rb, pb)) in a.iter().zip(b) {
+        assert_eq!(ra, rb);
+        for ((na, va), (nb, vb)) in pa.iter().zip(pb) {
+            assert_eq!(na, nb);
+            for (x, y) in va.iter().zip(vb) {
+                let (x, y) = (f32::from_bits(*x), f32::from_bits(*y));
+                let d = (x - y).abs() / x.abs().max(1.0);
+                worst = worst.max(if d.is_nan() { f32::INFINITY } else { d });
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn plain_dp_in_f32_is_bitwise_burns_adamw_path() {
+    let config = gpt(2, false, 0.0);
+    for clip in [None, Some(0.05)] {
+        assert_eq!(flat(2, 2, &config, Opt::Burn, clip), flat(2, 2, &config, Opt::Dist { zero: false }, clip), "clip {clip:?}");
+    }
+}
+
+#[test]
+fn zero1_gives_the_parameters_of_plain_dp() {
+    let config = gpt(2, false, 0.0);
+    // dp = 2 with tp = 2; dp = 3 splits 16 rows as 5 + 5 + 6 and the 32-row embedding as 10 + 11 + 11.
+    for (dp, tp) in [(2, 2), (3, 1), (4, 1)] {
+        let plain = flat(dp, tp, &config, Opt::Dist { zero: false }, None);
+        assert_eq!(plain, flat(dp, tp, &config, Opt::Dist { zero: true }, None), "dp {dp} tp {tp}");
+        // With clipping, the norm is summed over DP shards in another order (1 ulp apart here), so
+        // the clip factors differ in the last bit; AdamW's m/√v amplifies that where |g| ≈ ε:
+        // equal within 1e-6 (relative, absolute below 1).
+        let (a, b) = (flat(dp, tp, &config, Opt::Dist { zero: false }, Some(0.05)), flat(dp, tp, &config, Opt::Dist { zero: true }, Some(0.05)));
+        assert!(max_rel(&a, &b) < 1e-6, "dp {dp} tp {tp} with clipping: {}", max_rel(&a, &b));
+    }
+    // bf16 parameters with f32 masters: the same bits with and without ZeRO.
+    let bf16 = gpt(2, false, 0.0).with_precision(Precision::Bf16);
+    assert_eq!(flat(2, 1, &bf16, Opt::Dist { zero: false }, None), flat(2, 1, &bf16, Opt::Dist { zero: true }, None));
+}
+
+#[test]
+fn zero1_with_pipeline_and_tensor_parallelism() {
+    let config = gpt(4, false, 0.0);
+    let run = |zero: bool| {
+        world(8, |c| {
+            let cfg = ParallelConfig::new().with_data_parallel(2).with_pipeline_parallel(2).with_tensor_parallel(2);
+            let groups = ProcessGroups::new(cfg, c).map_err(|e| e.to_string())?;
+            let opts = PipelineOptions { microbatches: 2, virtual_stages: 1, layout: None };
+            let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
+            let mut exec = PipelineExecutor::<B, _, 3>::new(model, schedule_by_name("1f1b").unwrap().as_ref(), &opts, groups.pp.clone(), Default::default())
+                .map_err(|e| e.to_string())?;
+            let mut opt = DistAdamW::<B>::new(DistAdamWConfig::new().with_zero(zero).with_bucket_bytes(2000), &groups);
+            for step in 0..STEPS {
+                let range = GlobalSampler::replica_samples((step * GLOBAL_BATCH) as u64, GLOBAL_BATCH / 2, groups.coords.dp);
+                let (x, y) = samples(range);
+                let cut = |d: &burn::tensor::TensorData, i| burn_parallel::comm::split_along(d, 0, 2, i).unwrap();
+                let mbs: Vec<_> = (0..2).map(|i| TokenBatch { inputs: cut(&x, i), targets: cut(&y, i) }).collect();
+                let out = exec.step(&mbs).map_err(|e| e.to_string())?;
+                let parts = exec.stages().iter().map(|s| s.part.clone()).zip(out.grads).collect();
+                let (parts, norm) = opt.step(1e-2, parts, Some(1.0)).map_err(|e| e.to_string())?;
+                assert!(norm.unwrap() > 0.0);
+                for (s, p) in exec.stages_mut().iter_mut().zip(parts) {
+                    s.part = p;
+                }
+            }
+            Ok(exec.stages().iter().flat_map(|s| named_params(&s.part)).map(|p| p.value.to_vec::<f32>().unwrap()).collect::<Vec<_>>())
+        })
+    };
+    let (a, b) = (run(false), run(true));
+    for (ra, rb) in a.iter().zip(&b) {
+        for (x, y) in ra.iter().flatten().zip(rb.iter().flatten()) {
+            assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+}
