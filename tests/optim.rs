@@ -5,6 +5,7 @@
 mod common;
 
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::DType;
 use burn::tensor::{Int, Tensor};
 use burn_parallel::data::GlobalSampler;
 use burn_parallel::data_parallel::{all_reduce_gradients, clip_grad_norm};
@@ -15,7 +16,7 @@ use burn_parallel::precision::Precision;
 use burn_parallel::{ParallelConfig, ProcessGroups};
 use burn_parallel_modules::{GptConfig, GptPipeline, TokenBatch};
 use burn_parallel_schedules::schedule_by_name;
-use common::runner::{gpt, samples, GLOBAL_BATCH};
+use common::runner::{self, gpt, samples, GLOBAL_BATCH};
 use common::*;
 
 const STEPS: usize = 3;
@@ -27,7 +28,10 @@ enum Opt {
 }
 
 /// Every parameter (path, bits) of rank `r` after `STEPS` steps of the flat GPT at dp × tp.
-fn flat(dp: usize, tp: usize, config: &GptConfig, opt: Opt, clip: Option<f32>) -> Vec<(usize, Vec<(String, Vec<u32>)>)> {
+/// Per rank: its number and every parameter's path and bits.
+type Bits = Vec<(usize, Vec<(String, Vec<u32>)>)>;
+
+fn flat(dp: usize, tp: usize, config: &GptConfig, opt: Opt, clip: Option<f32>) -> Bits {
     world(dp * tp, |c| {
         let groups = ProcessGroups::new(ParallelConfig::new().with_data_parallel(dp).with_tensor_parallel(tp), c).map_err(|e| e.to_string())?;
         let mut model = config.init::<B>(&groups.tp, &Default::default()).map_err(|e| e.to_string())?;
@@ -66,7 +70,7 @@ fn flat(dp: usize, tp: usize, config: &GptConfig, opt: Opt, clip: Option<f32>) -
 }
 
 /// The largest `|x − y| / max(|x|, 1)` over every parameter element of every rank.
-fn max_rel(a: &[(usize, Vec<(String, Vec<u32>)>)], b: &[(usize, Vec<(String, Vec<u32>)>)]) -> f32 {
+fn max_rel(a: &Bits, b: &Bits) -> f32 {
     let mut worst = 0.0f32;
     for ((ra, pa), (rb, pb)) in a.iter().zip(b) {
         assert_eq!(ra, rb);
@@ -141,5 +145,85 @@ fn zero1_with_pipeline_and_tensor_parallelism() {
         for (x, y) in ra.iter().flatten().zip(rb.iter().flatten()) {
             assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{x} vs {y}");
         }
+    }
+}
+
+/// A flat-GPT run with DistAdamW: start (fresh, or from `load`), `steps` steps, save into `save`;
+/// rank 0's losses.
+fn run(dp: usize, zero: bool, precision: Precision, load: Option<&std::path::Path>, steps: usize, save: Option<&std::path::Path>) -> Vec<f32> {
+    use burn_parallel::checkpoint::*;
+    let config = gpt(2, false, 0.0).with_precision(precision);
+    world(dp * 2, |c| {
+        let groups = ProcessGroups::new(ParallelConfig::new().with_data_parallel(dp).with_tensor_parallel(2), c.clone()).map_err(|e| e.to_string())?;
+        let ctx = ShardContext::new(&groups);
+        let same = |p: &str| p.to_string();
+        let mut model = config.init::<B>(&groups.tp, &Default::default()).map_err(|e| e.to_string())?;
+        let mut opt = DistAdamW::<B>::new(DistAdamWConfig::new().with_zero(zero).with_bucket_bytes(3000), &groups);
+        let mut first = 0;
+        if let Some(dir) = load {
+            let ckpt = Checkpoint::open(dir).map_err(|e| e.to_string())?;
+            model = load_module_cast(&ckpt, model, MODEL_PREFIX, &same, ctx).map_err(|e| e.to_string())?;
+            opt.load(&ckpt, &[(&model, &same)], ctx).map_err(|e| e.to_string())?;
+            first = ckpt.metadata().step as usize;
+        }
+        let mut losses = Vec::new();
+        for step in first..first + steps {
+            let range = GlobalSampler::replica_samples((step * GLOBAL_BATCH) as u64, GLOBAL_BATCH / dp, groups.coords.dp);
+            let (x, y) = samples(range);
+            let loss = model.loss(Tensor::<B, 2, Int>::from_data(x, &Default::default()), Tensor::from_data(y, &Default::default()));
+            let value = burn_parallel::comm::ops::all_reduce(
+                Tensor::<Inner, 1>::from_floats([loss.clone().into_scalar()], &Default::default()),
+                burn_parallel::ReduceOp::Mean,
+                &groups.dp,
+            )
+            .unwrap()
+            .into_scalar();
+            losses.push(value);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = opt.step(1e-2, vec![(model, grads)], Some(1.0)).map_err(|e| e.to_string())?.0.remove(0);
+        }
+        if let Some(dir) = save {
+            let (tensors, counters) = opt.state_tensors(&[(&model, &same)], ctx);
+            let train = TrainState { step: (first + steps) as u64, ..Default::default() };
+            let snap = Snapshot { step: train.step, layout: groups.config.clone(), train, tensors, counters, sections: Default::default() };
+            Checkpointer::new(CheckpointOptions { dir: dir.to_path_buf(), keep: 0, async_save: false }, c).save(snap).map_err(|e| e.to_string())?;
+        }
+        Ok(losses)
+    })
+    .remove(0)
+}
+
+#[test]
+fn optimizer_checkpoints_reshard_between_zero_and_plain_dp_dp_sizes_and_precisions() {
+    use burn_parallel::checkpoint::{full_tensors, Checkpoint};
+    let cases = [
+        ((2, true, Precision::Bf16), (1, false, Precision::Bf16)),
+        ((1, false, Precision::F32), (2, true, Precision::F32)),
+        ((2, true, Precision::F32), (4, true, Precision::F32)),
+        ((4, true, Precision::Bf16), (2, false, Precision::F32)),
+        ((2, false, Precision::F32), (1, false, Precision::Bf16)),
+    ];
+    for ((da, za, pa), (db, zb, pb)) in cases {
+        let what = format!("dp {da} zero {za} {pa} -> dp {db} zero {zb} {pb}");
+        let (dir_a, dir_b) = (runner::temp_dir("opt-a"), runner::temp_dir("opt-b"));
+        run(da, za, pa, None, 2, Some(&dir_a));
+        run(db, zb, pb, Some(&dir_a), 0, Some(&dir_b));
+        let (a, b) = (Checkpoint::open(&dir_a).unwrap(), Checkpoint::open(&dir_b).unwrap());
+        let (ta, tb) = (full_tensors(&a, "").unwrap(), full_tensors(&b, "").unwrap());
+        assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>(), "{what}");
+        assert!(ta.keys().any(|k| k.starts_with("optim.exp_avg.")));
+        for (name, x) in &ta {
+            // Exact also across precisions: a bf16 run saves its f32 masters as the weights.
+            assert!(x == &tb[name], "{what}: {name} differs");
+            assert_eq!(x.dtype, DType::F32, "{what}: {name} is saved in f32");
+        }
+        assert_eq!(a.metadata().counters, b.metadata().counters, "{what}");
+        let (la, lb) = (run(da, za, pa, Some(&dir_a), 2, None), run(db, zb, pb, Some(&dir_a), 2, None));
+        let tol = if pa == Precision::Bf16 || pb == Precision::Bf16 { 1e-2 } else { 1e-5 };
+        for (x, y) in la.iter().zip(&lb) {
+            assert!((x - y).abs() <= tol * x.abs(), "{what}: continued losses {la:?} vs {lb:?}");
+        }
+        std::fs::remove_dir_all(dir_a).unwrap();
+        std::fs::remove_dir_all(dir_b).unwrap();
     }
 }

@@ -1,17 +1,17 @@
 //! How the example uses `burn_parallel::checkpoint`: its flags, what a snapshot holds (the model
-//! parts of this rank, their AdamW states, the dropout streams, the training position, the
-//! model config and the arguments), resuming and initialising from an exported model.
+//! parts of this rank with the optimizer's f32 masters and moments, the dropout streams, the
+//! training position, the model config and the arguments), resuming and initialising from an
+//! exported model.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::AutodiffModule;
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::AdamW;
 use burn::tensor::backend::AutodiffBackend;
 use burn_parallel::checkpoint::*;
+use burn_parallel::optim::DistAdamW;
 use burn_parallel::rng::RandomStreams;
-use burn_parallel::ProcessGroups;
+use burn_parallel::{CollectiveBackend, ProcessGroups};
 
 use super::{gpt_config, Args};
 
@@ -102,25 +102,19 @@ pub(crate) fn saver(args: &Args, groups: &ProcessGroups, start_step: u64) -> Res
 /// paths map to the unsplit model's.
 pub(crate) type Part<'a, M> = (&'a M, &'a dyn Fn(&str) -> String);
 
+/// An owned model part and its rename.
+pub(crate) type OwnedPart<'a, M> = (M, &'a dyn Fn(&str) -> String);
+
 /// This rank's state after `train.step` steps.
-pub(crate) fn snapshot<B, M>(
-    args: &Args,
-    groups: &ProcessGroups,
-    train: &TrainState,
-    parts: &[Part<'_, M>],
-    optims: &[OptimizerAdaptor<AdamW, M, B>],
-) -> Snapshot
+pub(crate) fn snapshot<B, M>(args: &Args, groups: &ProcessGroups, train: &TrainState, parts: &[Part<'_, M>], optim: &DistAdamW<B>) -> Snapshot
 where
     B: AutodiffBackend,
+    B::InnerBackend: CollectiveBackend,
     M: AutodiffModule<B> + RandomStreams,
 {
     let ctx = ShardContext::new(groups);
-    let (mut tensors, mut counters) = (Vec::new(), BTreeMap::new());
-    for ((module, rename), optim) in parts.iter().zip(optims) {
-        tensors.extend(module_tensors(*module, *rename, ctx));
-        let (moments, steps) = adamw_tensors(optim, *module, *rename, ctx);
-        tensors.extend(moments);
-        counters.extend(steps);
+    let (tensors, mut counters) = optim.state_tensors(parts, ctx);
+    for (module, _) in parts {
         counters.extend(stream_counters(&module.random_streams()));
     }
     let sections = BTreeMap::from([
@@ -130,27 +124,25 @@ where
     Snapshot { step: train.step, layout: groups.config.clone(), train: train.clone(), tensors, counters, sections }
 }
 
-/// Loads `start` into this rank's parts and optimizers (weights only for `--init-from`).
-pub(crate) fn restore<B, M>(
-    start: &Start,
-    groups: &ProcessGroups,
-    parts: Vec<(M, &dyn Fn(&str) -> String)>,
-    optims: Vec<OptimizerAdaptor<AdamW, M, B>>,
-) -> Result<(Vec<M>, Vec<OptimizerAdaptor<AdamW, M, B>>), String>
+/// Loads `start` into this rank's parts and optimizer (weights only for `--init-from`). The
+/// checkpoint's f32 weights are converted to the parameters' dtype (bf16 under `--precision
+/// bf16`); the optimizer takes its f32 masters and moments from the checkpoint.
+pub(crate) fn restore<B, M>(start: &Start, groups: &ProcessGroups, parts: Vec<OwnedPart<'_, M>>, optim: &mut DistAdamW<B>) -> Result<Vec<M>, String>
 where
     B: AutodiffBackend,
+    B::InnerBackend: CollectiveBackend,
     M: AutodiffModule<B> + RandomStreams,
 {
     let ctx = ShardContext::new(groups);
     let (ckpt, full) = match start {
-        Start::Fresh => return Ok((parts.into_iter().map(|(m, _)| m).collect(), optims)),
+        Start::Fresh => return Ok(parts.into_iter().map(|(m, _)| m).collect()),
         Start::Resume(c) => (c, true),
         Start::InitFrom(c) => (c, false),
     };
-    let (mut modules, mut loaded_optims) = (Vec::new(), Vec::new());
-    for ((module, rename), optim) in parts.into_iter().zip(optims) {
-        let module = load_module(ckpt, module, MODEL_PREFIX, rename, ctx).map_err(|e| format!("{}: {e}", ckpt.dir().display()))?;
-        let optim = if full { load_adamw(ckpt, optim, &module, rename, ctx).map_err(|e| format!("{}: {e}", ckpt.dir().display()))? } else { optim };
+    let at = |e: CheckpointError| format!("{}: {e}", ckpt.dir().display());
+    let mut modules = Vec::new();
+    for (module, rename) in &parts {
+        let module = load_module_cast(ckpt, module.clone(), MODEL_PREFIX, *rename, ctx).map_err(at)?;
         if full {
             let missing = restore_streams(ckpt, &module.random_streams());
             if !missing.is_empty() && ckpt.metadata().layout == groups.config {
@@ -158,14 +150,17 @@ where
             }
         }
         modules.push(module);
-        loaded_optims.push(optim);
     }
-    Ok((modules, loaded_optims))
+    if full {
+        let refs: Vec<Part<'_, M>> = modules.iter().zip(&parts).map(|(m, (_, r))| (m, *r)).collect();
+        optim.load(ckpt, &refs, ctx).map_err(at)?;
+    }
+    Ok(modules)
 }
 
 /// Whether to save after `done` steps of a run that ends at `last`.
 pub(crate) fn due(args: &Args, done: u64, last: u64) -> bool {
-    args.save_dir.is_some() && ((args.save_every > 0 && done % args.save_every as u64 == 0) || done == last)
+    args.save_dir.is_some() && ((args.save_every > 0 && done.is_multiple_of(args.save_every as u64)) || done == last)
 }
 
 /// Saves (or, between saves, commits a finished asynchronous save).

@@ -5,20 +5,19 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Instant;
 
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
 use burn_parallel::checkpoint::{Snapshot, TrainState};
 use burn_parallel::data::GlobalSampler;
+use burn_parallel::optim::DistAdamW;
 use burn_parallel::pipeline::{PipelineExecutor, PipelineModel, PipelineOptions};
 use burn_parallel::{BackwardWith, Comm, ParallelBackend, ParallelConfig, ProcessGroups};
-use burn_parallel_modules::{GptPipeline, GptStage, TokenBatch};
+use burn_parallel_modules::{GptPipeline, TokenBatch};
 use burn_parallel_schedules::{render_svg, schedule_by_name, simulate, Costs, PipelineShape, Schedule};
 
 use super::checkpointing::{self, Start};
 use super::corpus::Corpus;
-use super::{advance, dp_mean, gpt_config, lr_at, progress, report, sync_and_clip, Args, Summary};
+use super::{advance, dp_mean, gpt_config, lr_at, optimizer, progress, report, Args, Summary};
 
 fn microbatches(args: &Args) -> usize {
     args.microbatches.unwrap_or(2 * args.pp)
@@ -75,8 +74,8 @@ fn split(args: &Args, split: &[u8], samples: Range<u64>, sampler: &GlobalSampler
 
 type Exec<B> = PipelineExecutor<B, GptPipeline, 3>;
 
-/// This rank's stages with their parameters (and optimizers) from `start`.
-fn restore_stages<B>(start: &Start, groups: &ProcessGroups, exec: &mut Exec<B>, optims: Vec<Optim<B>>) -> Result<Vec<Optim<B>>, String>
+/// This rank's stages with their parameters (and the optimizer's state) from `start`.
+fn restore_stages<B>(start: &Start, groups: &ProcessGroups, exec: &mut Exec<B>, optim: &mut DistAdamW<B>) -> Result<(), String>
 where
     B: AutodiffBackend + ParallelBackend + BackwardWith,
     B::InnerBackend: ParallelBackend,
@@ -86,14 +85,12 @@ where
     let model = &model;
     let renames: Vec<_> = specs.iter().map(|spec| move |p: &str| PipelineModel::<B, 3>::global_param_path(model, spec, p)).collect();
     let parts = exec.stages().iter().zip(&renames).map(|(s, r)| (s.part.clone(), r as &dyn Fn(&str) -> String)).collect();
-    let (parts, optims) = checkpointing::restore(start, groups, parts, optims)?;
+    let parts = checkpointing::restore(start, groups, parts, optim)?;
     for (stage, part) in exec.stages_mut().iter_mut().zip(parts) {
         stage.part = part;
     }
-    Ok(optims)
+    Ok(())
 }
-
-type Optim<B> = OptimizerAdaptor<AdamW, GptStage<B>, B>;
 
 pub(crate) fn train_rank<B>(args: &Args, world: Comm, device: B::Device, data: &Corpus, start: &Start) -> Result<Summary, String>
 where
@@ -110,8 +107,8 @@ where
     let model = GptPipeline { config: gpt_config(args), tp: groups.tp.clone() };
     let opts = PipelineOptions { microbatches: microbatches(args), virtual_stages: virtual_stages(args), layout: None };
     let mut exec = Exec::<B>::new(model, schedule(args)?.as_ref(), &opts, groups.pp.clone(), device).map_err(|e| e.to_string())?;
-    let optims: Vec<Optim<B>> = exec.stages().iter().map(|_| AdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).init()).collect();
-    let mut optims = restore_stages(start, &groups, &mut exec, optims)?;
+    let mut optim = optimizer::<B>(args, &groups);
+    restore_stages(start, &groups, &mut exec, &mut optim)?;
     let mut train = start.train_state();
     let mut saver = checkpointing::saver(args, &groups, train.step)?;
     let last = args.exit_at_step.unwrap_or(args.steps) as u64;
@@ -125,16 +122,18 @@ where
         let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
         let mbs = split(args, &data.train, samples, &sampler)?;
         let out = exec.step(&mbs).map_err(|e| e.to_string())?;
-        let parts = exec.stages().iter().map(|s| &s.part).zip(out.grads).collect();
-        let grads = sync_and_clip(args, &groups, parts)?;
-        exec.update(&mut optims, lr_at(args, step), grads);
+        let parts = exec.stages().iter().map(|s| s.part.clone()).zip(out.grads).collect();
+        let (parts, _) = optim.step(lr_at(args, step), parts, args.clip_grad).map_err(|e| e.to_string())?;
+        for (stage, part) in exec.stages_mut().iter_mut().zip(parts) {
+            stage.part = part;
+        }
         let loss = dp_mean(out.loss, &groups)?;
         advance(args, &mut train, step);
         if train.step == first_step + 1 {
             first_loss = loss;
         }
         report(args, &bar, rank, step, loss, tokens_per_step / t0.elapsed().as_secs_f64());
-        let save = checkpointing::due(args, train.step, last).then(|| snapshot(args, &groups, &train, &exec, &optims));
+        let save = checkpointing::due(args, train.step, last).then(|| snapshot(args, &groups, &train, &exec, &optim));
         checkpointing::after_step(&mut saver, save)?;
         if args.eval_every > 0 && (step + 1) % args.eval_every == 0 && step + 1 < args.steps {
             let val = evaluate(args, &exec, &data.val, "val")?;
@@ -153,7 +152,7 @@ where
 }
 
 /// This rank's stages, optimizers and streams after `train.step` steps.
-fn snapshot<B>(args: &Args, groups: &ProcessGroups, train: &TrainState, exec: &Exec<B>, optims: &[Optim<B>]) -> Snapshot
+fn snapshot<B>(args: &Args, groups: &ProcessGroups, train: &TrainState, exec: &Exec<B>, optim: &DistAdamW<B>) -> Snapshot
 where
     B: AutodiffBackend + ParallelBackend + BackwardWith,
     B::InnerBackend: ParallelBackend,
@@ -161,7 +160,7 @@ where
     let model = exec.model();
     let renames: Vec<_> = exec.stages().iter().map(|s| move |p: &str| PipelineModel::<B, 3>::global_param_path(model, &s.spec, p)).collect();
     let parts: Vec<_> = exec.stages().iter().zip(&renames).map(|(s, r)| (&s.part, r as &dyn Fn(&str) -> String)).collect();
-    checkpointing::snapshot(args, groups, train, &parts, optims)
+    checkpointing::snapshot(args, groups, train, &parts, optim)
 }
 
 fn evaluate<B, M>(args: &Args, exec: &PipelineExecutor<B, M, 3>, split_data: &[u8], name: &str) -> Result<f32, String>

@@ -73,7 +73,14 @@ fn fresh(name: &str) -> PathBuf {
 
 #[test]
 fn resume_prints_the_same_losses_bit_for_bit() {
-    for layout in ["--tp 2", "--dp 2 --pp 2 --microbatches 2", "--tp 2 --sequence-parallel --dp 2", "--pp 2 --schedule interleaved-1f1b --microbatches 4"] {
+    for layout in [
+        "--tp 2",
+        "--dp 2 --pp 2 --microbatches 2",
+        "--tp 2 --sequence-parallel --dp 2",
+        "--pp 2 --schedule interleaved-1f1b --microbatches 4",
+        "--dp 2 --zero 1 --precision bf16 --tp 2",
+        "--dp 2 --zero 1 --pp 2 --microbatches 2 --clip-grad 0.5",
+    ] {
         let dir = fresh("bitexact");
         let base = format!("{TINY} --steps 6 --dropout 0.1 --layers 4 {layout}");
         let whole = losses(&base);

@@ -159,7 +159,7 @@ impl<B: Backend> ModuleVisitor<B> for ReadParams<'_> {
         };
         match self.ckpt.read(&name, saved, &p.global_shape, &p.offset, &shape) {
             Ok(data) => {
-                self.loaded.insert(param.id, if saved == value.dtype() { data } else { data.convert_dtype(value.dtype()) });
+                self.loaded.insert(param.id, data);
             }
             Err(e) => self.error = Some(e),
         }
@@ -175,9 +175,13 @@ impl<B: Backend> ModuleMapper<B> for Apply {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let Some(data) = self.loaded.remove(&param.id) else { return param };
         let value = param.val();
-        let options = TensorCreationOptions::new(value.device()).with_dtype(value.dtype());
+        let saved = data.dtype;
+        let t = Tensor::from_data(data, TensorCreationOptions::new(value.device()).with_dtype(saved));
+        // A conversion (load_module_cast) rounds as the backend's cast does, the way training
+        // rounds the f32 master into the parameter.
+        let t = crate::precision::cast_to(t, value.dtype());
         let id = param.id;
-        param.transform_for_load(Tensor::from_data(data, options), id)
+        param.transform_for_load(t, id)
     }
 }
 

@@ -99,7 +99,7 @@ fn adamw<M: AutodiffModule<B>>() -> Optim<M> {
 
 /// This rank's model and optimizer state.
 pub enum Runner {
-    Flat { gpt: Gpt<B>, optim: Optim<Gpt<B>> },
+    Flat { gpt: Box<Gpt<B>>, optim: Optim<Gpt<B>> },
     Piped { exec: Exec, optims: Vec<Optim<GptStage<B>>> },
 }
 
@@ -116,7 +116,7 @@ impl Rank {
     pub fn new(layout: Layout, config: &GptConfig, comm: Comm) -> Result<Self, String> {
         let groups = ProcessGroups::new(layout.config(), comm).map_err(|e| e.to_string())?;
         let runner = if layout.pp == 1 {
-            Runner::Flat { gpt: config.init(&groups.tp, &Default::default()).map_err(|e| e.to_string())?, optim: adamw() }
+            Runner::Flat { gpt: Box::new(config.init(&groups.tp, &Default::default()).map_err(|e| e.to_string())?), optim: adamw() }
         } else {
             let m = layout.per_replica().min(4);
             let opts = PipelineOptions { microbatches: m, virtual_stages: layout.v, layout: None };
@@ -137,10 +137,10 @@ impl Rank {
         let loss = match &mut self.runner {
             Runner::Flat { gpt, optim } => {
                 let loss = gpt.loss(Tensor::<B, 2, Int>::from_data(x, &Default::default()), Tensor::from_data(y, &Default::default()));
-                let grads = GradientsParams::from_grads(loss.backward(), gpt);
-                let grads = all_reduce_gradients(gpt, grads, &g.dp, 4096).map_err(|e| e.to_string())?;
-                let (_, mut grads) = clip_grad_norm::<B, _>(vec![(&*gpt, grads)], 1.0, &g.tp, &g.pp).map_err(|e| e.to_string())?;
-                *gpt = optim.step(lr, gpt.clone(), grads.remove(0));
+                let grads = GradientsParams::from_grads(loss.backward(), &**gpt);
+                let grads = all_reduce_gradients(&**gpt, grads, &g.dp, 4096).map_err(|e| e.to_string())?;
+                let (_, mut grads) = clip_grad_norm::<B, _>(vec![(&**gpt, grads)], 1.0, &g.tp, &g.pp).map_err(|e| e.to_string())?;
+                **gpt = optim.step(lr, (**gpt).clone(), grads.remove(0));
                 loss.into_scalar()
             }
             Runner::Piped { exec, optims } => {
@@ -172,8 +172,8 @@ impl Rank {
         match &self.runner {
             Runner::Flat { gpt, optim } => {
                 let same = |p: &str| p.to_string();
-                add(module_tensors(gpt, &same, ctx), stream_counters(&gpt.random_streams()));
-                let (t, c) = adamw_tensors(optim, gpt, &same, ctx);
+                add(module_tensors(&**gpt, &same, ctx), stream_counters(&gpt.random_streams()));
+                let (t, c) = adamw_tensors(optim, &**gpt, &same, ctx);
                 add(t, c);
             }
             Runner::Piped { exec, optims } => {
@@ -194,8 +194,8 @@ impl Rank {
         match &mut self.runner {
             Runner::Flat { gpt, optim } => {
                 let same = |p: &str| p.to_string();
-                *gpt = load_module(ckpt, gpt.clone(), MODEL_PREFIX, &same, ctx)?;
-                *optim = load_adamw(ckpt, optim.clone(), gpt, &same, ctx)?;
+                **gpt = load_module(ckpt, (**gpt).clone(), MODEL_PREFIX, &same, ctx)?;
+                *optim = load_adamw(ckpt, optim.clone(), &**gpt, &same, ctx)?;
                 restore_streams(ckpt, &gpt.random_streams());
             }
             Runner::Piped { exec, optims } => {
