@@ -53,6 +53,7 @@ pub mod optim;
 pub mod params;
 pub mod pipeline;
 pub mod precision;
+pub mod recompute;
 pub mod rng;
 pub mod sharding;
 pub mod topology;

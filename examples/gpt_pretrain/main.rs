@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use burn::module::AutodiffModule;
-use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use burn_parallel::checkpoint::TrainState;
@@ -24,6 +23,7 @@ use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::data::GlobalSampler;
 use burn_parallel::optim::{DistAdamW, DistAdamWConfig};
 use burn_parallel::precision::Precision;
+use burn_parallel::recompute::Recompute;
 use burn_parallel::{all_ok, run_world, BackwardWith, Comm, LocalWorldOptions, P2pMode, ParallelBackend, ParallelConfig, ProcessGroups, ReduceOp};
 use burn_parallel_modules::{Gpt, GptConfig};
 use checkpointing::Start;
@@ -184,6 +184,15 @@ pub(crate) struct Args {
     /// traffic as the all-reduce it replaces). Needs --dp 2 or more.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     zero: u8,
+    /// Activation recompute: none; selective (rerun the attention core in the backward: drops
+    /// the [b, heads, s, s] tensors for a few % more compute); full (keep each block's input,
+    /// rerun the block: +1 forward of every block, about +1/3 of the step's FLOPs).
+    #[arg(long, default_value = "none", value_parser = parse_recompute)]
+    recompute: Recompute,
+}
+
+fn parse_recompute(s: &str) -> Result<Recompute, String> {
+    s.parse().map_err(|e: burn_parallel::recompute::UnknownRecompute| e.to_string())
 }
 
 fn parse_precision(s: &str) -> Result<Precision, String> {
@@ -206,6 +215,7 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_seed(args.seed)
         .with_sequence_parallel(args.sequence_parallel)
         .with_precision(args.precision)
+        .with_recompute(args.recompute)
 }
 
 /// This rank's optimizer: AdamW (β₂ 0.95) with f32 masters, DP reduction, global clipping
@@ -277,10 +287,9 @@ where
         let (t0, step) = (Instant::now(), train.step as usize);
         let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
         let (x, y) = Corpus::samples::<B>(&data.train, samples, args.seq_len, &sampler, &device);
-        let loss = gpt.loss(x, y);
-        let grads = GradientsParams::from_grads(loss.backward(), &gpt);
+        let (loss, grads) = gpt.forward_backward(x, y).map_err(|e| e.to_string())?;
         gpt = optim.step(lr_at(args, step), vec![(gpt, grads)], args.clip_grad).map_err(|e| e.to_string())?.0.remove(0);
-        let loss = dp_mean(loss.into_scalar().elem(), &groups)?;
+        let loss = dp_mean(loss, &groups)?;
         advance(args, &mut train, step);
         if train.step == first_step + 1 {
             first_loss = loss;

@@ -80,6 +80,8 @@ fn resume_prints_the_same_losses_bit_for_bit() {
         "--pp 2 --schedule interleaved-1f1b --microbatches 4",
         "--dp 2 --zero 1 --precision bf16 --tp 2",
         "--dp 2 --zero 1 --pp 2 --microbatches 2 --clip-grad 0.5",
+        "--tp 2 --sequence-parallel --recompute full",
+        "--pp 2 --microbatches 2 --recompute selective --precision bf16",
     ] {
         let dir = fresh("bitexact");
         let base = format!("{TINY} --steps 6 --dropout 0.1 --layers 4 {layout}");

@@ -103,14 +103,48 @@ impl<B: ParallelBackend> ParallelAttention<B> {
 
     /// Attention of this rank's heads: `[b, s, h]` (after f / all-gather) → `[b, s, h/t]`.
     fn context(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, s, _] = x.dims();
-        let heads = |lin: &ColumnLinear<B>| lin.forward_parallel_input(x.clone()).reshape([b, s, self.local_heads, self.d_head]).swap_dims(1, 2);
-        let (q, k, v) = (heads(&self.query), heads(&self.key), heads(&self.value));
+        let [q, k, v] = self.qkv(x);
+        self.core(q, k, v)
+    }
+
+    /// The TP entry of the attention input: f (`[b, s, h]`, backward all-reduce) or, under
+    /// sequence parallelism, the all-gather of the `[b, s/t, h]` shard.
+    pub fn enter(&self, x: Tensor<B, 3>, sequence_parallel: bool) -> Tensor<B, 3> {
+        if sequence_parallel {
+            gather_from_sp(x, 1, &self.query.tp)
+        } else {
+            copy_to_tp(x, &self.query.tp)
+        }
+    }
+
+    /// This rank's query, key and value projections of an entered input, each `[b, s, h/t]`.
+    pub fn qkv(&self, x: Tensor<B, 3>) -> [Tensor<B, 3>; 3] {
+        [&self.query, &self.key, &self.value].map(|lin| lin.forward_parallel_input(x.clone()))
+    }
+
+    /// The attention core (no parameters): `q, k, v [b, s, h/t]` → context `[b, s, h/t]`:
+    /// scores `[b, H/t, s, s]`, causal mask, softmax in f32, dropout, weighted sum. Selective
+    /// recompute runs this part again in the backward instead of keeping its `s × s` tensors.
+    pub fn core(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, s, _] = q.dims();
+        let heads = |t: Tensor<B, 3>| t.reshape([b, s, self.local_heads, self.d_head]).swap_dims(1, 2);
+        let (q, k, v) = (heads(q), heads(k), heads(v));
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((self.d_head as f32).sqrt());
-        let scores = scores.mask_fill(causal_mask::<B>(s, &x.device()), MASK_VALUE);
+        let mask = causal_mask::<B>(s, &scores.device());
+        let scores = scores.mask_fill(mask, MASK_VALUE);
         // Softmax in f32 whatever the compute dtype (no-op for f32), as Megatron's fused softmax.
         let probs = self.dropout.forward(like(softmax(to_f32(scores.clone()), 3), &scores));
         probs.matmul(v).swap_dims(1, 2).reshape([b, s, self.local_heads * self.d_head])
+    }
+
+    /// The row-parallel output projection of a context: all-reduced `[b, s, h]`, or
+    /// reduce-scattered `[b, s/t, h]` under sequence parallelism.
+    pub fn project(&self, context: Tensor<B, 3>, sequence_parallel: bool) -> Tensor<B, 3> {
+        if sequence_parallel {
+            self.output.forward_sp(context)
+        } else {
+            self.output.forward(context)
+        }
     }
 }
 

@@ -97,6 +97,30 @@ impl TransformerBlockConfig {
 }
 
 impl<B: ParallelBackend> TransformerBlock<B> {
+    /// The block's first part for selective recompute: `x →` layer norm → TP entry → this
+    /// rank's `[q | k | v]` packed along the last dim, `[b, s, 3h/t]`.
+    pub fn attn_in(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let entered = self.attn.enter(self.ln1.forward(x), self.sequence_parallel);
+        Tensor::cat(self.attn.qkv(entered).to_vec(), 2)
+    }
+
+    /// The attention core of packed `[q | k | v]` (no parameters; its dropout stream is the
+    /// attention's): context `[b, s, h/t]`.
+    pub fn attn_core(&self, qkv: Tensor<B, 3>) -> Tensor<B, 3> {
+        let n = qkv.dims()[2] / 3;
+        let mut parts = qkv.split(n, 2).into_iter();
+        let (q, k, v) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        self.attn.core(q, k, v)
+    }
+
+    /// The rest of the block from its input `x` and the attention context: output projection,
+    /// dropout and residual, then the MLP half.
+    pub fn attn_out_and_mlp(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = x + self.drop_attn.forward(self.attn.project(context, self.sequence_parallel));
+        let mlp = if self.sequence_parallel { self.mlp.forward_sp(self.ln2.forward(x.clone())) } else { self.mlp.forward(self.ln2.forward(x.clone())) };
+        x + self.drop_mlp.forward(mlp)
+    }
+
     /// `[b, s, h]` → `[b, s, h]`, replicated over the TP group; with sequence parallelism
     /// `[b, s/t, h]` → `[b, s/t, h]` shards.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {

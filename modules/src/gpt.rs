@@ -10,9 +10,16 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ElementConversion;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_parallel::mappings::{copy_to_tp, gather_from_tp, reduce_scatter_to_sp};
 use burn_parallel::precision::{cast_params, Precision};
+use burn_parallel::recompute::Recompute;
+use burn_parallel::{BackwardWith, CommError};
+
+use crate::recompute::{self, Output, Pieces, Tokens};
 use burn_parallel::rng::{HostRng, RandomStreams, StreamCounter};
 use burn_parallel::{Comm, ConfigError, ModelDims, ParallelBackend, ParallelConfig};
 
@@ -59,6 +66,10 @@ pub struct GptConfig {
     /// (the optimizer keeps f32 master weights, see `burn_parallel::optim`).
     #[config(default = "burn_parallel::precision::Precision::F32")]
     pub precision: Precision,
+    /// Activation recompute in training steps ([`Gpt::forward_backward`], pipeline stages):
+    /// none, selective (attention core) or full (whole blocks). See [`crate::recompute`].
+    #[config(default = "burn_parallel::recompute::Recompute::None")]
+    pub recompute: Recompute,
 }
 
 /// A GPT split over a TP group (a group of one gives the plain model).
@@ -78,6 +89,9 @@ pub struct Gpt<B: ParallelBackend> {
     pub head: ColumnLinear<B>,
     /// Sequence parallelism on.
     pub sequence_parallel: bool,
+    /// Activation recompute of [`Gpt::forward_backward`].
+    #[module(skip)]
+    pub recompute: Recompute,
 }
 
 impl GptConfig {
@@ -92,7 +106,7 @@ impl GptConfig {
         let (wte, wpe, drop) = self.init_embedding(tp, device)?;
         let (ln_f, head) = self.init_head(tp, device)?;
         let blocks = self.init_blocks(0..self.n_layers, tp, device)?;
-        Ok(self.in_precision(Gpt { wte, wpe, drop, blocks, ln_f, head, sequence_parallel: self.sequence_parallel }))
+        Ok(self.in_precision(Gpt { wte, wpe, drop, blocks, ln_f, head, sequence_parallel: self.sequence_parallel, recompute: self.recompute }))
     }
 
     /// Token and position embeddings and their dropout (what runs before the first block).
@@ -244,6 +258,40 @@ impl<B: ParallelBackend> Gpt<B> {
     /// Mean next-token cross-entropy of `ids [b, s]` against `targets [b, s]` (replicated).
     pub fn loss(&self, ids: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
         head_loss(&self.ln_f, &self.head, self.wte.vocab_start, self.hidden(ids), targets)
+    }
+
+    /// The pieces recompute walks.
+    pub fn pieces(&self) -> Pieces<'_, B> {
+        Pieces {
+            embed: Some((&self.wte, &self.wpe, &self.drop)),
+            blocks: &self.blocks,
+            head: Some((&self.ln_f, &self.head, self.wte.vocab_start)),
+            sequence_parallel: self.sequence_parallel,
+            tp: self.tp(),
+        }
+    }
+
+    /// One training forward and backward: the loss (its value) and every parameter gradient,
+    /// with the model's activation recompute (`GptConfig::recompute`; `None`: the plain
+    /// `loss(..).backward()`).
+    pub fn forward_backward(&self, ids: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Result<(f32, GradientsParams), CommError>
+    where
+        B: AutodiffBackend + BackwardWith,
+        B::InnerBackend: ParallelBackend,
+    {
+        if self.recompute == Recompute::None {
+            let loss = self.loss(ids, targets);
+            let value = loss.clone().into_scalar().elem::<f32>();
+            return Ok((value, GradientsParams::from_grads(loss.backward(), self)));
+        }
+        let pieces = self.pieces();
+        let (out, tape) = recompute::forward(&pieces, None, Tokens { ids: Some(ids), targets: Some(targets) }, self.recompute);
+        let value = match out {
+            Output::Loss(l) => l.into_scalar().elem::<f32>(),
+            Output::Activation(_) => unreachable!("the whole model ends with its loss"),
+        };
+        let (_, grads) = recompute::backward(&pieces, self, tape, None, 1.0)?;
+        Ok((value, grads))
     }
 
     /// The same model with sequence parallelism switched on or off (parameters shared), for

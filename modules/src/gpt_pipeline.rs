@@ -4,12 +4,15 @@
 //! The head is untied, so the first and last stages share no parameter (no embedding-group
 //! reduction).
 
+use std::any::Any;
+
 use burn::module::{Module, Param};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
-use burn_parallel::pipeline::{PartSpec, PipelineModel, StageOutput};
+use burn_parallel::pipeline::{PartSpec, PipelineModel, StageGrads, StageOutput};
+use burn_parallel::recompute::Recompute;
 use burn_parallel::rng::{RandomStreams, StreamCounter};
-use burn_parallel::{Comm, ConfigError, ParallelBackend, ParallelConfig};
+use burn_parallel::{BackwardWith, Comm, CommError, ConfigError, ParallelBackend, ParallelConfig};
 
 use crate::block::TransformerBlock;
 use crate::column_linear::ColumnLinear;
@@ -17,6 +20,7 @@ use crate::dropout::ParallelDropout;
 use crate::embedding::VocabParallelEmbedding;
 use crate::gpt::{embed, head_loss, GptConfig};
 use crate::layer_norm::ParallelLayerNorm;
+use crate::recompute::{self, Output, Pieces, Tape, Tokens};
 
 /// The GPT split for pipelining (and tensor parallelism over `tp`).
 #[derive(Debug, Clone)]
@@ -57,7 +61,7 @@ pub struct GptStage<B: ParallelBackend> {
 
 impl<B> PipelineModel<B, 3> for GptPipeline
 where
-    B: AutodiffBackend + ParallelBackend,
+    B: AutodiffBackend + ParallelBackend + BackwardWith,
     B::InnerBackend: ParallelBackend,
 {
     type Part = GptStage<B>;
@@ -90,6 +94,34 @@ where
 
     fn activation_dtype(&self) -> Option<burn::tensor::DType> {
         Some(self.config.precision.dtype())
+    }
+
+    /// With `GptConfig::recompute` set: the stage's blocks recompute (see [`crate::recompute`]).
+    fn forward_saving(&self, part: &GptStage<B>, _spec: &PartSpec, input: Option<Tensor<B, 3>>, mb: &TokenBatch) -> Option<(StageOutput<B, 3>, Box<dyn Any>)> {
+        if self.config.recompute == Recompute::None {
+            return None;
+        }
+        let device = part.drop_device(input.as_ref());
+        let ids = input.is_none().then(|| Tensor::from_data(mb.inputs.clone(), &device));
+        let targets = part.head.is_some().then(|| Tensor::from_data(mb.targets.clone(), &device));
+        let (out, tape) = recompute::forward(&part.pieces(self), input, Tokens { ids, targets }, self.config.recompute);
+        let out = match out {
+            Output::Loss(l) => StageOutput::Loss(l),
+            Output::Activation(a) => StageOutput::Activation(a),
+        };
+        Some((out, Box::new(tape)))
+    }
+
+    fn backward_saved(
+        &self,
+        part: &GptStage<B>,
+        _spec: &PartSpec,
+        saved: Box<dyn Any>,
+        out_grad: Option<Tensor<B::InnerBackend, 3>>,
+        loss_scale: f32,
+    ) -> Result<StageGrads<B, 3>, CommError> {
+        let tape = *saved.downcast::<Tape<B>>().expect("the tape of forward_saving");
+        recompute::backward(&part.pieces(self), part, tape, out_grad, loss_scale)
     }
 
     /// A stage numbers its blocks from 0; the unsplit [`Gpt`](crate::Gpt) from its first layer.
@@ -125,6 +157,20 @@ where
 }
 
 impl<B: ParallelBackend> GptStage<B> {
+    /// The pieces recompute walks.
+    pub fn pieces<'a>(&'a self, model: &'a GptPipeline) -> Pieces<'a, B> {
+        let embed = match (&self.wte, &self.wpe) {
+            (Some(wte), Some(wpe)) => Some((wte, wpe, &self.drop)),
+            _ => None,
+        };
+        let vocab_start = model.tp.rank() * model.config.vocab_size / model.tp.size();
+        let head = match (&self.ln_f, &self.head) {
+            (Some(ln_f), Some(head)) => Some((ln_f, head, vocab_start)),
+            _ => None,
+        };
+        Pieces { embed, blocks: &self.blocks, head, sequence_parallel: model.config.sequence_parallel, tp: &model.tp }
+    }
+
     fn drop_device(&self, input: Option<&Tensor<B, 3>>) -> B::Device {
         match (input, &self.wpe) {
             (Some(x), _) => x.device(),

@@ -66,7 +66,7 @@ impl<B: ParallelBackend> ParallelLayerNorm<B> {
         let gamma = rep(self.gamma.val());
         let beta = match &self.beta {
             Some(b) => rep(b.val()),
-            None => Tensor::zeros(gamma.dims(), &gamma.device()),
+            None => Tensor::zeros(gamma.dims(), (&gamma.device(), gamma.dtype())),
         };
         layer_norm(x, gamma, beta, self.epsilon as f32)
     }

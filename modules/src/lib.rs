@@ -39,6 +39,7 @@ pub mod gpt_pipeline;
 pub mod init;
 pub mod layer_norm;
 pub mod mlp;
+pub mod recompute;
 pub mod reference;
 pub mod row_linear;
 

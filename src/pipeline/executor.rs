@@ -1,5 +1,6 @@
 //! The executor: runs one rank's actions of a pipeline plan.
 
+use std::any::Any;
 use std::collections::HashMap;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
@@ -55,6 +56,35 @@ pub trait PipelineModel<B: AutodiffBackend, const D: usize>: Sync {
         None
     }
 
+    /// Activation recompute (optional): runs `part` forward keeping only what its backward
+    /// needs, returning the output (an activation without graph, or the loss) and that state.
+    /// `None` (the default) means the executor runs [`forward`](Self::forward) and keeps its
+    /// whole graph until the backward.
+    fn forward_saving(
+        &self,
+        _part: &Self::Part,
+        _spec: &PartSpec,
+        _input: Option<Tensor<B, D>>,
+        _mb: &Self::MicroBatch,
+    ) -> Option<(StageOutput<B, D>, Box<dyn Any>)> {
+        None
+    }
+
+    /// The backward of a [`forward_saving`](Self::forward_saving): from the gradient of the
+    /// stage output (or, on the last stage, the loss times `loss_scale`), the gradient of the
+    /// stage input (`None` on the first stage) and of `part`'s parameters. Collectives inside
+    /// must be preceded by a barrier on the TP group, as the executor does before a backward.
+    fn backward_saved(
+        &self,
+        _part: &Self::Part,
+        _spec: &PartSpec,
+        _saved: Box<dyn Any>,
+        _out_grad: Option<Tensor<B::InnerBackend, D>>,
+        _loss_scale: f32,
+    ) -> Result<StageGrads<B, D>, CommError> {
+        unreachable!("backward_saved without forward_saving")
+    }
+
     /// The path in the **unsplit** model of the parameter at `path` of `spec`'s part (what
     /// checkpoints save it as, so that any other split can load it). Identity by default; a
     /// model whose parts number their layers from 0 maps them to global indices here.
@@ -66,6 +96,10 @@ pub trait PipelineModel<B: AutodiffBackend, const D: usize>: Sync {
     /// autodiff (profiling, logging, gradient hooks). Does nothing by default.
     fn after_backward(&self, _spec: &PartSpec, _mb: usize) {}
 }
+
+/// What a stage's backward returns: the gradient of its input (`None` on the first stage) and
+/// its parameters' gradients.
+pub type StageGrads<B, const D: usize> = (Option<Tensor<<B as AutodiffBackend>::InnerBackend, D>>, GradientsParams);
 
 /// How to pipeline.
 #[derive(Debug, Clone)]
@@ -129,8 +163,9 @@ pub struct PipelineExecutor<B: AutodiffBackend, M: PipelineModel<B, D>, const D:
 
 type Key = (usize, usize);
 
-/// A forward awaiting its backward: (input leaf, output, the parameter leaves used).
-type Inflight<B, P, const D: usize> = (Option<Tensor<B, D>>, StageOutput<B, D>, P);
+/// A forward awaiting its backward: (input leaf, output, the parameter leaves used, what a
+/// recomputing forward saved).
+type Inflight<B, P, const D: usize> = (Option<Tensor<B, D>>, StageOutput<B, D>, P, Option<Box<dyn Any>>);
 
 /// What a step keeps between actions.
 struct StepState<B: AutodiffBackend, P: AutodiffModule<B>, const D: usize> {
@@ -295,7 +330,7 @@ where
             let shape = self.model.activation_shape(&microbatches[mb]);
             match a.op {
                 Op::SendF => match st.inflight.get(&key) {
-                    Some((_, StageOutput::Activation(y), _)) => sends.push((y.clone().detach(), self.peer(s + 1), tag(Op::SendF, s, mb))),
+                    Some((_, StageOutput::Activation(y), _, _)) => sends.push((y.clone().detach(), self.peer(s + 1), tag(Op::SendF, s, mb))),
                     _ => panic!("validated plan: {a} follows the forward of a non-last stage"),
                 },
                 Op::SendB => {
@@ -337,17 +372,23 @@ where
                 // in-flight micro-batches never merge in Burn's autodiff (their backwards and
                 // graph clean-ups stay independent); gradients are keyed by ParamId anyway.
                 let part = stage.part.clone().map(&mut FreshLeaves { track: true });
-                let out = self.model.forward(&part, &stage.spec, input.clone(), &microbatches[mb]);
+                let (out, saved) = match self.model.forward_saving(&part, &stage.spec, input.clone(), &microbatches[mb]) {
+                    Some((out, saved)) => (out, Some(saved)),
+                    None => (self.model.forward(&part, &stage.spec, input.clone(), &microbatches[mb]), None),
+                };
                 if let (StageOutput::Activation(y), true) = (&out, s < last && self.peer(s + 1) == me) {
                     st.inputs.insert((s + 1, mb), y.clone().detach().require_grad());
                 }
-                st.inflight.insert(key, (input, out, part));
+                st.inflight.insert(key, (input, out, part, saved));
             }
             Op::B | Op::I => {
                 if let Some(tp) = self.model.tensor_parallel_group().filter(|tp| tp.size() > 1) {
                     tp.barrier()?;
                 }
-                let (input, out, part) = st.inflight.remove(&key).expect("validated plan: forward before backward");
+                let (input, out, part, saved) = st.inflight.remove(&key).expect("validated plan: forward before backward");
+                if let Some(saved) = saved {
+                    return self.backward_saved(a, (input, out, part), saved, st);
+                }
                 let grads = match out {
                     StageOutput::Loss(l) => {
                         st.loss_sum += l.clone().into_scalar().elem::<f32>();
@@ -369,21 +410,57 @@ where
                     }
                 }
                 self.model.after_backward(&self.stages[i].spec, mb);
-                let mut gp = GradientsParams::from_grads(grads, &part);
-                if matches!(self.activation_dtype(), burn::tensor::DType::BF16 | burn::tensor::DType::F16) {
-                    // Half-precision gradients are accumulated over micro-batches in f32.
-                    gp = crate::precision::grads_to_f32(&part, gp);
-                }
-                if a.op == Op::B {
-                    st.acc[i].accumulate(&self.stages[i].part, gp);
-                } else {
-                    st.stash.insert(key, gp);
-                }
+                self.keep_grads(a, &part, GradientsParams::from_grads(grads, &part), st);
             }
             Op::W => st.acc[i].accumulate(&self.stages[i].part, st.stash.remove(&key).expect("validated plan: I before W")),
             _ => unreachable!("communication runs in batches"),
         }
         Ok(())
+    }
+
+    /// The backward of a recomputing forward: the model's own chain of VJPs.
+    fn backward_saved(
+        &self,
+        a: Action,
+        (input, out, part): (Option<Tensor<B, D>>, StageOutput<B, D>, M::Part),
+        saved: Box<dyn Any>,
+        st: &mut StepState<B, M::Part, D>,
+    ) -> Result<(), PipelineError> {
+        let (s, mb, key) = (a.stage, a.mb, (a.stage, a.mb));
+        let spec = &self.stages[self.local(s)].spec;
+        let out_grad = match out {
+            StageOutput::Loss(l) => {
+                st.loss_sum += l.into_scalar().elem::<f32>();
+                None
+            }
+            StageOutput::Activation(_) => Some(st.out_grads.remove(&key).expect("validated plan: output gradient before backward").inner()),
+        };
+        let (dx, grads) = self.model.backward_saved(&part, spec, saved, out_grad, 1.0 / self.plan.shape.microbatches as f32)?;
+        if let (Some(_), Some(dx)) = (input, dx) {
+            let dx = Tensor::<B, D>::from_inner(dx);
+            if self.peer(s - 1) == self.comm.rank() {
+                st.out_grads.insert((s - 1, mb), dx);
+            } else {
+                st.to_send.insert(key, dx);
+            }
+        }
+        self.model.after_backward(spec, mb);
+        self.keep_grads(a, &part, grads, st);
+        Ok(())
+    }
+
+    /// Accumulates (`B`) or stashes (`I`) a micro-batch's parameter gradients; half-precision
+    /// gradients are accumulated in f32.
+    fn keep_grads(&self, a: Action, part: &M::Part, mut grads: GradientsParams, st: &mut StepState<B, M::Part, D>) {
+        let i = self.local(a.stage);
+        if matches!(self.activation_dtype(), burn::tensor::DType::BF16 | burn::tensor::DType::F16) {
+            grads = crate::precision::grads_to_f32(part, grads);
+        }
+        if a.op == Op::B {
+            st.acc[i].accumulate(&self.stages[i].part, grads);
+        } else {
+            st.stash.insert((a.stage, a.mb), grads);
+        }
     }
 
     /// Broadcasts the last stage's loss to every rank of the pipeline group.

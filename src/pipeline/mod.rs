@@ -41,7 +41,7 @@ mod layout;
 use std::cell::Cell;
 use std::marker::PhantomData;
 
-pub use executor::{PipelineError, PipelineExecutor, PipelineModel, PipelineOptions, Stage, StageOutput, StepOutput};
+pub use executor::{PipelineError, PipelineExecutor, PipelineModel, PipelineOptions, Stage, StageGrads, StageOutput, StepOutput};
 pub use layout::{PartSpec, StageLayout};
 
 thread_local! {

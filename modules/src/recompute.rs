@@ -1,0 +1,201 @@
+//! Activation recompute for the GPT (whole model or a pipeline stage), as a chain of VJPs (see
+//! `burn_parallel::recompute`).
+//!
+//! Forward: the embedding (first stage) and the head with its loss (last stage) keep their
+//! graphs (the head's logits are kept, as Megatron does); the blocks run as follows.
+//! - **Full**: each block runs without a graph (detached parameters) and keeps only its input
+//!   `[b, s, h]` (`[b, s/t, h]` under SP) and its dropout counters; the backward reruns it with a
+//!   graph and backpropagates: +1 forward of every block.
+//! - **Selective**: each block is cut in two graphs around its attention core: `x → [q|k|v]`
+//!   (layer norm, TP entry, projections) and `(x, context) → y` (output projection, residual,
+//!   MLP half), both kept; the core (`[b, H/t, s, s]` scores, softmax, dropout, weighted sum)
+//!   runs without a graph and is rerun in the backward from the saved `[q|k|v]`.
+//!
+//! Backward walks the pieces in reverse: head (loss), blocks (last to first), embedding; each
+//! piece is one `backward()` with a TP barrier before it (Burn's post-backward clean-up locks
+//! every graph, see `PipelineModel::tensor_parallel_group`). The gradients (of the inputs and
+//! of every parameter) equal those without recompute bit for bit: the same operations on the
+//! same values, with the same dropout masks.
+
+use burn::module::{AutodiffModule, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Int, Tensor};
+use burn_parallel::pipeline::StageGrads;
+use burn_parallel::recompute::{detached, merge_grads, Recompute, StreamSnapshot};
+use burn_parallel::rng::RandomStreams;
+use burn_parallel::{BackwardWith, Comm, CommError, ParallelBackend};
+
+use crate::block::TransformerBlock;
+use crate::column_linear::ColumnLinear;
+use crate::dropout::ParallelDropout;
+use crate::embedding::VocabParallelEmbedding;
+use crate::gpt::{embed, head_loss};
+use crate::layer_norm::ParallelLayerNorm;
+
+/// The embedding of a first stage: token table, position table, dropout.
+pub type EmbedPieces<'a, B> = (&'a VocabParallelEmbedding<B>, &'a Param<Tensor<B, 2>>, &'a ParallelDropout);
+
+/// The pieces of a GPT part that recompute walks.
+pub struct Pieces<'a, B: ParallelBackend> {
+    /// The embedding (first stage).
+    pub embed: Option<EmbedPieces<'a, B>>,
+    /// The blocks.
+    pub blocks: &'a [TransformerBlock<B>],
+    /// Final layer norm and head, with the first vocabulary id of this rank (last stage).
+    pub head: Option<(&'a ParallelLayerNorm<B>, &'a ColumnLinear<B>, usize)>,
+    /// Sequence parallelism.
+    pub sequence_parallel: bool,
+    /// The TP group.
+    pub tp: &'a Comm,
+}
+
+/// What a block kept.
+enum BlockTape<B: AutodiffBackend> {
+    Full { input: Tensor<B, 3>, streams: StreamSnapshot },
+    Selective { x_in: Tensor<B, 3>, qkv: Tensor<B, 3>, x_out: Tensor<B, 3>, context: Tensor<B, 3>, y: Tensor<B, 3>, core: StreamSnapshot },
+}
+
+/// What a recomputing forward kept for its backward.
+pub struct Tape<B: AutodiffBackend> {
+    embedded: Option<Tensor<B, 3>>,
+    blocks: Vec<BlockTape<B>>,
+    head: Option<(Tensor<B, 3>, Tensor<B, 1>)>,
+}
+
+/// What a recomputing forward returns: the activation for the next stage (no graph), or the
+/// loss (with the head's graph).
+pub enum Output<B: AutodiffBackend> {
+    /// The last block's output, detached.
+    Activation(Tensor<B, 3>),
+    /// The mean loss.
+    Loss(Tensor<B, 1>),
+}
+
+/// Ids and targets of a micro-batch (the first stage needs the ids, the last the targets).
+pub struct Tokens<B: AutodiffBackend> {
+    /// `[b, s]` inputs.
+    pub ids: Option<Tensor<B, 2, Int>>,
+    /// `[b, s]` targets.
+    pub targets: Option<Tensor<B, 2, Int>>,
+}
+
+fn barrier(tp: &Comm) -> Result<(), CommError> {
+    if tp.size() > 1 {
+        tp.barrier()?;
+    }
+    Ok(())
+}
+
+/// Runs `pieces` forward under `mode` (not `None`): `input` is the stage input (a non-first
+/// stage), or the embedding runs on `tokens.ids`.
+pub fn forward<B>(pieces: &Pieces<'_, B>, input: Option<Tensor<B, 3>>, tokens: Tokens<B>, mode: Recompute) -> (Output<B>, Tape<B>)
+where
+    B: AutodiffBackend + ParallelBackend,
+{
+    assert!(mode != Recompute::None, "recompute::forward needs a recompute mode");
+    let (x, embedded) = match (input, pieces.embed) {
+        (Some(x), _) => (x.detach(), None),
+        (None, Some((wte, wpe, drop))) => {
+            let e = embed(wte, wpe, drop, tokens.ids.expect("the first stage gets the ids"), pieces.sequence_parallel);
+            (e.clone().detach(), Some(e))
+        }
+        (None, None) => panic!("a stage without embedding gets an input"),
+    };
+    let mut cur = x;
+    let mut blocks = Vec::with_capacity(pieces.blocks.len());
+    for block in pieces.blocks {
+        let (next, tape) = match mode {
+            Recompute::Full => {
+                let streams = StreamSnapshot::take(block.random_streams());
+                let y = detached(block).forward(cur.clone()).detach();
+                (y, BlockTape::Full { input: cur, streams })
+            }
+            _ => {
+                // Two fresh leaves of the same value: the two graphs of the block share no node.
+                let x_in = cur.clone().detach().require_grad();
+                let qkv = block.attn_in(x_in.clone());
+                let core = StreamSnapshot::take(block.attn.random_streams());
+                let context = block.attn_core(qkv.clone().detach()).detach().require_grad();
+                let x_out = cur.detach().require_grad();
+                let y = block.attn_out_and_mlp(x_out.clone(), context.clone());
+                (y.clone().detach(), BlockTape::Selective { x_in, qkv, x_out, context, y, core })
+            }
+        };
+        blocks.push(tape);
+        cur = next;
+    }
+    match pieces.head {
+        Some((ln_f, head, vocab_start)) => {
+            let x = cur.detach().require_grad();
+            let loss = head_loss(ln_f, head, vocab_start, x.clone(), tokens.targets.expect("the last stage gets the targets"));
+            (Output::Loss(loss.clone()), Tape { embedded, blocks, head: Some((x, loss)) })
+        }
+        None => (Output::Activation(cur), Tape { embedded, blocks, head: None }),
+    }
+}
+
+/// The backward of a [`forward`]: from `out_grad` (the gradient of the stage output), or for a
+/// last stage from its loss scaled by `loss_scale`. Returns the gradient of the stage input (a
+/// non-first stage) and every parameter gradient of `part` (the module holding the pieces).
+pub fn backward<B, M>(
+    pieces: &Pieces<'_, B>,
+    part: &M,
+    tape: Tape<B>,
+    out_grad: Option<Tensor<B::InnerBackend, 3>>,
+    loss_scale: f32,
+) -> Result<StageGrads<B, 3>, CommError>
+where
+    B: AutodiffBackend + ParallelBackend + BackwardWith,
+    M: AutodiffModule<B>,
+{
+    let mut acc = GradientsParams::new();
+    let mut dy = match (tape.head, out_grad) {
+        (Some((x, loss)), _) => {
+            barrier(pieces.tp)?;
+            let g = loss.mul_scalar(loss_scale).backward();
+            let dx = x.grad(&g).expect("the head uses its input");
+            merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
+            dx
+        }
+        (None, Some(g)) => g,
+        (None, None) => panic!("a non-last stage's backward needs the output gradient"),
+    };
+    let vjp = |y: Tensor<B, 3>, g: Tensor<B::InnerBackend, 3>| B::backward_with(y, g).expect("recomputed shapes match");
+    for (block, t) in pieces.blocks.iter().zip(tape.blocks).rev() {
+        dy = match t {
+            BlockTape::Full { input, streams } => {
+                let x = input.detach().require_grad();
+                let y = streams.replay(|| block.forward(x.clone()));
+                barrier(pieces.tp)?;
+                let g = vjp(y, dy);
+                let dx = x.grad(&g).expect("a block uses its input");
+                merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
+                dx
+            }
+            BlockTape::Selective { x_in, qkv, x_out, context, y, core } => {
+                barrier(pieces.tp)?;
+                let g = vjp(y, dy);
+                let (d_context, dx_out) = (context.grad(&g).expect("the block uses its context"), x_out.grad(&g).expect("residual"));
+                merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
+                let qkv_leaf = qkv.clone().detach().require_grad();
+                let rerun = core.replay(|| block.attn_core(qkv_leaf.clone()));
+                barrier(pieces.tp)?;
+                let d_qkv = qkv_leaf.grad(&vjp(rerun, d_context)).expect("the core uses q, k, v");
+                barrier(pieces.tp)?;
+                let g = vjp(qkv, d_qkv);
+                let dx_in = x_in.grad(&g).expect("the projections use the input");
+                merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
+                dx_in + dx_out
+            }
+        };
+    }
+    match tape.embedded {
+        Some(e) => {
+            barrier(pieces.tp)?;
+            merge_grads(part, &mut acc, GradientsParams::from_grads(vjp(e, dy), part));
+            Ok((None, acc))
+        }
+        None => Ok((Some(dy), acc)),
+    }
+}
