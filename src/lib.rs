@@ -49,6 +49,7 @@ pub mod grad;
 pub mod kernels;
 pub mod launch;
 pub mod mappings;
+pub mod memory;
 pub mod optim;
 pub mod params;
 pub mod pipeline;

@@ -35,6 +35,8 @@ where
 }
 
 fn run_rank<T, E: Display>(world: &LocalWorld, rank: usize, f: &(dyn Fn(Comm) -> Result<T, E> + Sync)) -> Result<T, RankError> {
+    // Allocations of this thread count as the rank's (where the tracking allocator is installed).
+    crate::memory::set_rank(Some(rank));
     let out = catch_unwind(AssertUnwindSafe(|| f(world.communicator(rank))));
     let result = match out {
         Ok(Ok(v)) => Ok(v),

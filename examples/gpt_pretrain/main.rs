@@ -402,8 +402,46 @@ fn main_result(args: &Args) -> Result<(), String> {
     println!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
     println!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);
     println!("--- sample ---\n{}\n--------------", summary.sample);
+    memory_table(args)?;
     Ok(())
 }
+
+/// The memory model's prediction for this run, per pipeline rank, next to each rank's measured
+/// peak host memory (thread ranks on CPU, where the tracking allocator sees every allocation).
+fn memory_table(args: &Args) -> Result<(), String> {
+    let config = gpt_config(args);
+    let shape = burn_parallel::memory::GptShape {
+        vocab: config.vocab_size,
+        seq: args.seq_len,
+        hidden: config.d_model,
+        heads: config.n_heads,
+        layers: config.n_layers,
+        ffn: config.d_ff,
+    };
+    let plan = pipelined::memory_plan(args);
+    let est = burn_parallel::memory::estimate(&shape, &plan)?;
+    let measured = args.device == DeviceKind::Cpu && args.comm == CommKind::Local && burn_parallel::memory::installed();
+    println!("memory per rank (MB; predicted by burn_parallel::memory, measured: peak host bytes of the rank's thread):");
+    println!("| rank | pp | params | grads | optimizer | activations | predicted peak | measured peak |");
+    let world = args.dp * args.pp * args.tp;
+    for rank in 0..world {
+        let pp = rank / (args.dp * args.tp);
+        let e = &est[pp];
+        let m = if measured { format!("{:.2}", burn_parallel::memory::peak(rank) as f64 / 1e6) } else { "-".into() };
+        println!(
+            "| {rank} | {pp} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {m} |",
+            e.params / 1e6,
+            e.grads / 1e6,
+            e.optimizer / 1e6,
+            e.activations / 1e6,
+            e.peak / 1e6
+        );
+    }
+    Ok(())
+}
+
+#[global_allocator]
+static ALLOC: burn_parallel::memory::TrackingAllocator = burn_parallel::memory::TrackingAllocator;
 
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String> {

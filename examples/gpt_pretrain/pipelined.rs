@@ -49,6 +49,25 @@ pub(crate) fn check_args(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// The memory model's description of this run.
+pub(crate) fn memory_plan(args: &Args) -> burn_parallel::memory::TrainPlan {
+    let m = if args.pp > 1 { microbatches(args) } else { 1 };
+    burn_parallel::memory::TrainPlan {
+        dp: args.dp,
+        pp: args.pp,
+        tp: args.tp,
+        virtual_stages: if args.pp > 1 { virtual_stages(args) } else { 1 },
+        sequence_parallel: args.sequence_parallel,
+        microbatch: args.batch_size / m,
+        microbatches: m,
+        schedule: args.schedule.clone(),
+        recompute: args.recompute,
+        zero: args.zero == 1,
+        precision: args.precision,
+        dropout: args.dropout > 0.0,
+    }
+}
+
 /// Writes the plan's simulated timeline (forward 1, backward 2 = input 1 + weight 1).
 pub(crate) fn write_timeline(args: &Args, path: &Path) -> Result<(), String> {
     let shape = PipelineShape::new(args.pp, virtual_stages(args), microbatches(args));

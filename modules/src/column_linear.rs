@@ -8,7 +8,6 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::module::linear;
 use burn::tensor::Tensor;
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp, gather_from_tp};
 use burn_parallel::{Comm, ConfigError, ParallelBackend};
@@ -74,7 +73,7 @@ impl<B: ParallelBackend> ColumnLinear<B> {
     /// The same without the f mapping: for inputs that already went through one (e.g. the
     /// sequence-parallel all-gather).
     pub fn forward_parallel_input<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let y = linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+        let y = crate::init::linear_rows(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()));
         if self.gather_output {
             gather_from_tp(y, &self.tp)
         } else {

@@ -9,7 +9,6 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::module::linear;
 use burn::tensor::{Tensor, TensorData};
 use burn_parallel::mappings::{copy_to_tp, reduce_from_tp, reduce_scatter_to_sp, scatter_to_tp};
 use burn_parallel::{Comm, ConfigError, ParallelBackend};
@@ -70,7 +69,7 @@ impl<B: ParallelBackend> RowLinear<B> {
     /// with a reduce-scatter instead); add the bias with [`add_bias`](Self::add_bias) afterwards.
     pub fn forward_partial<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = if self.input_is_parallel { x } else { scatter_to_tp(x, &self.tp) };
-        linear(x, self.weight.val(), None)
+        crate::init::linear_rows(x, self.weight.val(), None)
     }
 
     /// Sequence-parallel output: partial sums are reduce-scattered along the sequence (dim 1) to

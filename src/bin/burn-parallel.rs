@@ -49,6 +49,9 @@ enum Cmd {
         #[command(subcommand)]
         action: CheckpointCmd,
     },
+    /// Predict every pipeline rank's memory (parameters, gradients, optimizer state,
+    /// activations, peak) of a GPT training run: the model of `burn_parallel::memory`.
+    Memory(MemoryArgs),
     /// Join a rendezvous from the environment and print what rank 0 handed out (a smoke test).
     #[command(hide = true)]
     RendezvousCheck,
@@ -76,6 +79,91 @@ enum CheckpointCmd {
         #[arg(long, default_value = "model.safetensors")]
         out: PathBuf,
     },
+}
+
+/// The run the memory model describes (the example's flags and defaults).
+#[derive(clap::Args)]
+struct MemoryArgs {
+    /// Vocabulary.
+    #[arg(long, default_value_t = 256)]
+    vocab: usize,
+    /// Context length.
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    /// Width.
+    #[arg(long, default_value_t = 128)]
+    d_model: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Blocks.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// MLP width (default 4 x d-model).
+    #[arg(long)]
+    d_ff: Option<usize>,
+    /// Sequences per step per data-parallel replica.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Data-parallel degree.
+    #[arg(long, default_value_t = 1)]
+    dp: usize,
+    /// Pipeline-parallel degree.
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    /// Tensor-parallel degree.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Chunks per pipeline rank.
+    #[arg(long, default_value_t = 1)]
+    virtual_stages: usize,
+    /// Micro-batches per step (pipeline; default 2 x pp).
+    #[arg(long)]
+    microbatches: Option<usize>,
+    /// Pipeline schedule.
+    #[arg(long, default_value = "1f1b")]
+    schedule: String,
+    /// Sequence parallelism.
+    #[arg(long)]
+    sequence_parallel: bool,
+    /// none, selective or full.
+    #[arg(long, default_value = "none")]
+    recompute: String,
+    /// 1: ZeRO-1.
+    #[arg(long, default_value_t = 0)]
+    zero: u8,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    /// Dropout on.
+    #[arg(long)]
+    dropout: bool,
+}
+
+fn memory(a: MemoryArgs) -> Result<(), String> {
+    use burn_parallel::memory::{estimate, model::table, GptShape, TrainPlan};
+    let shape = GptShape { vocab: a.vocab, seq: a.seq_len, hidden: a.d_model, heads: a.heads, layers: a.layers, ffn: a.d_ff.unwrap_or(4 * a.d_model) };
+    let m = if a.pp > 1 { a.microbatches.unwrap_or(2 * a.pp) } else { 1 };
+    if m == 0 || !a.batch_size.is_multiple_of(m) {
+        return Err(format!("--batch-size {} is not divisible by --microbatches {m}", a.batch_size));
+    }
+    let plan = TrainPlan {
+        dp: a.dp,
+        pp: a.pp,
+        tp: a.tp,
+        virtual_stages: a.virtual_stages,
+        sequence_parallel: a.sequence_parallel,
+        microbatch: a.batch_size / m,
+        microbatches: m,
+        schedule: a.schedule,
+        recompute: a.recompute.parse().map_err(|e: burn_parallel::recompute::UnknownRecompute| e.to_string())?,
+        zero: a.zero == 1,
+        precision: a.precision.parse().map_err(|e: burn_parallel::precision::PrecisionError| e.to_string())?,
+        dropout: a.dropout,
+    };
+    let est = estimate(&shape, &plan)?;
+    println!("{shape:?}\n{plan:?}\nMB per rank (every TP and DP rank of a pipeline stage alike):\n{}", table(&est));
+    Ok(())
 }
 
 fn checkpoint(action: CheckpointCmd) -> Result<(), CheckpointError> {
@@ -130,6 +218,13 @@ fn main() {
             Err(e) => {
                 eprintln!("burn-parallel checkpoint: {e}");
                 1
+            }
+        },
+        Cmd::Memory(a) => match memory(a) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("burn-parallel memory: {e}");
+                2
             }
         },
         Cmd::RendezvousCheck => match JobEnv::from_env() {

@@ -405,7 +405,8 @@ impl Communicator for LocalComm {
             ids.push((self.post(s.data, dst, s.tag), dst, s.tag));
         }
         self.world.mail_cv.notify_all();
-        let received = self.take_all(recvs)?;
+        // A message arrives in the sender's buffer: held here, counted here.
+        let received: Vec<TensorData> = self.take_all(recvs)?.into_iter().map(crate::memory::adopt).collect();
         if self.world.p2p == P2pMode::Rendezvous {
             for (id, dst, tag) in ids {
                 self.wait_taken(id, dst, tag)?;

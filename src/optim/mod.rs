@@ -93,7 +93,8 @@ struct Entry<I: burn::tensor::backend::Backend> {
     dtype: DType,
     split: RowSplit,
     tp_split: bool,
-    grad: Tensor<I, 1>,
+    /// Taken (and freed) by the reduction.
+    grad: Option<Tensor<I, 1>>,
     value: Tensor<I, 1>,
 }
 
@@ -125,7 +126,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_, B> {
             dtype: value.dtype(),
             split: RowSplit::of(&dims),
             tp_split: tp_split_dim(ty, field).is_some(),
-            grad: crate::precision::to_f32(g).reshape([n]),
+            grad: Some(crate::precision::to_f32(g).reshape([n])),
             value: value.reshape([n]),
         });
     }
@@ -195,7 +196,7 @@ where
             entries.extend(g.out);
             modules.push(module);
         }
-        let mut grads = self.reduce(&entries)?;
+        let mut grads = self.reduce(&mut entries)?;
         let norm = match max_norm {
             Some(max) => {
                 let norm = self.global_norm(&entries, &grads)?;
@@ -217,17 +218,18 @@ where
     }
 
     /// The DP mean of every gradient: whole (all-reduce) or this rank's rows (reduce-scatter).
-    fn reduce(&self, entries: &[Entry<B::InnerBackend>]) -> Result<Vec<Tensor<B::InnerBackend, 1>>, CommError> {
+    fn reduce(&self, entries: &mut [Entry<B::InnerBackend>]) -> Result<Vec<Tensor<B::InnerBackend, 1>>, CommError> {
+        let take = |entries: &mut [Entry<B::InnerBackend>]| -> Vec<_> { entries.iter_mut().map(|e| e.grad.take().expect("reduced once")).collect() };
         if self.dp.size() == 1 {
-            return Ok(entries.iter().map(|e| e.grad.clone()).collect());
+            return Ok(take(entries));
         }
-        let lens: Vec<usize> = entries.iter().map(|e| e.grad.dims()[0]).collect();
+        let lens: Vec<usize> = entries.iter().map(|e| e.value.dims()[0]).collect();
+        let splits: Vec<RowSplit> = entries.iter().map(|e| e.split).collect();
         let mut out = Vec::with_capacity(entries.len());
         for b in buckets(&lens, self.config.bucket_bytes) {
-            let grads: Vec<_> = entries[b.clone()].iter().map(|e| e.grad.clone()).collect();
+            let grads = take(&mut entries[b.clone()]);
             if self.sharded() {
-                let splits: Vec<RowSplit> = entries[b].iter().map(|e| e.split).collect();
-                out.extend(reduce_scatter_shards(&grads, &splits, &self.dp)?);
+                out.extend(reduce_scatter_shards(grads, &splits[b], &self.dp)?);
             } else {
                 let summed = all_reduce(Tensor::cat(grads, 0), ReduceOp::Mean, &self.dp)?;
                 out.extend(summed.split_with_sizes(lens[b].to_vec(), 0));

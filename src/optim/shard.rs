@@ -48,20 +48,26 @@ impl RowSplit {
 
 /// Packs full flat tensors (`splits[i]` describes `full[i]`) into the `[d, seg]` send buffer of
 /// a reduce-scatter: row `j` is rank `j`'s rows of every tensor, zero-padded to `seg`.
-fn pack<B: Backend>(full: &[Tensor<B, 1>], splits: &[RowSplit], d: usize) -> Tensor<B, 2> {
+fn pack<B: Backend>(full: Vec<Tensor<B, 1>>, splits: &[RowSplit], d: usize) -> Tensor<B, 2> {
     let seg = (0..d).map(|j| splits.iter().map(|s| s.elements(d, j).len()).sum::<usize>()).max().unwrap_or(0);
-    let device = full[0].device();
-    let rows: Vec<Tensor<B, 1>> = (0..d)
-        .map(|j| {
-            let mut parts: Vec<Tensor<B, 1>> = full.iter().zip(splits).map(|(t, s)| t.clone().slice(s.elements(d, j))).filter(|t| t.dims()[0] > 0).collect();
-            let used: usize = parts.iter().map(|t| t.dims()[0]).sum();
-            if used < seg {
-                parts.push(Tensor::<B, 1>::zeros([seg - used], (&device, full[0].dtype())));
+    let (device, dtype) = (full[0].device(), full[0].dtype());
+    // Views of every rank's rows, padded, then one copy into the send buffer.
+    let mut parts = Vec::with_capacity(d * (full.len() + 1));
+    for j in 0..d {
+        let mut used = 0;
+        for (t, s) in full.iter().zip(splits) {
+            let r = s.elements(d, j);
+            used += r.len();
+            if !r.is_empty() {
+                parts.push(t.clone().slice(r));
             }
-            Tensor::cat(parts, 0)
-        })
-        .collect();
-    Tensor::stack(rows, 0)
+        }
+        if used < seg {
+            parts.push(Tensor::<B, 1>::zeros([seg - used], (&device, dtype)));
+        }
+    }
+    drop(full);
+    Tensor::cat(parts, 0).reshape([d, seg])
 }
 
 /// Splits this rank's packed segment back into its shards of each tensor.
@@ -79,7 +85,7 @@ fn unpack_own<B: Backend>(segment: Tensor<B, 1>, splits: &[RowSplit], d: usize, 
 }
 
 /// Reduce-scatter (mean) of full gradients `full` over `dp`: this rank's shard of each.
-pub fn reduce_scatter_shards<B: CollectiveBackend>(full: &[Tensor<B, 1>], splits: &[RowSplit], dp: &Comm) -> Result<Vec<Tensor<B, 1>>, CommError> {
+pub fn reduce_scatter_shards<B: CollectiveBackend>(full: Vec<Tensor<B, 1>>, splits: &[RowSplit], dp: &Comm) -> Result<Vec<Tensor<B, 1>>, CommError> {
     let (d, j) = (dp.size(), dp.rank());
     let packed = pack(full, splits, d);
     let mine = reduce_scatter(packed, 0, ReduceOp::Mean, dp)?;

@@ -1,0 +1,99 @@
+//! Memory per rank, predicted (`burn_parallel::memory::estimate`) against measured (the tracking
+//! allocator, thread ranks on CPU) over a grid of layouts; the reductions each lever gives
+//! (measured); model-state bytes per parameter; step time of recompute and ZeRO against their
+//! baselines in the same run. `cargo bench --bench memory` (BENCH_MEM_WIDE=1: width 256).
+
+#[path = "memory_harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use burn_parallel::memory::{GptShape, TrackingAllocator};
+use burn_parallel::precision::Precision;
+use burn_parallel::recompute::Recompute;
+use harness::{grid, plan, run, Case};
+
+#[global_allocator]
+static ALLOC: TrackingAllocator = TrackingAllocator;
+
+fn shape() -> GptShape {
+    if std::env::var("BENCH_MEM_WIDE").is_ok() {
+        GptShape { vocab: 512, seq: 128, hidden: 256, heads: 8, layers: 4, ffn: 1024 }
+    } else {
+        GptShape { vocab: 256, seq: 64, hidden: 128, heads: 4, layers: 4, ffn: 512 }
+    }
+}
+
+fn mb(x: f64) -> String {
+    format!("{:.2}", x / 1e6)
+}
+
+fn main() {
+    let shape = shape();
+    println!("GPT {shape:?}, global batch 8; MB = 10^6 bytes\n");
+    println!("| layout | pp rank | predicted peak | measured peak | predicted / measured |\n|---|---|---|---|---|");
+    let mut worst = 0f64;
+    let mut peaks = Vec::new();
+    for Case { name, plan } in grid() {
+        let est = burn_parallel::memory::estimate(&shape, &plan).expect("plan");
+        let measured = run(&shape, &plan, 3);
+        let mut seen = std::collections::BTreeMap::new();
+        for m in &measured {
+            seen.entry(m.pp_rank).or_insert(m.peak);
+        }
+        for (r, peak) in &seen {
+            let ratio = est[*r].peak / *peak as f64;
+            worst = worst.max((ratio - 1.0).abs());
+            println!("| {name} | {r} | {} | {} | {ratio:.3} |", mb(est[*r].peak), mb(*peak as f64));
+        }
+        peaks.push((name, measured.iter().map(|m| m.peak).max().unwrap()));
+    }
+    println!("\nworst |predicted / measured − 1| over every rank: {worst:.3}\n");
+    let base = peaks[0].1 as f64;
+    println!("| layout | largest rank peak (measured) | vs tp 1 |\n|---|---|---|");
+    for (name, p) in &peaks {
+        println!("| {name} | {} | {:.2} |", mb(*p as f64), *p as f64 / base);
+    }
+    bytes_per_param(&shape);
+    step_times(&shape);
+}
+
+/// Model state (parameters + optimizer, measured after a step, minus gemm's scratch) per
+/// parameter, plus the f32 gradients (4 bytes) the step holds. Under ZeRO the thread world keeps
+/// each rank's last all-gather input (its new rows) until the next collective: the highest rank.
+fn bytes_per_param(shape: &GptShape) {
+    println!("\n| precision, optimizer | measured model state B/param, lowest rank (+ 4 B f32 gradients) | highest rank | target |\n|---|---|---|---|");
+    let p = burn_parallel::memory::estimate(shape, &plan(1, 1, 1, 8)).unwrap()[0].params / 4.0;
+    for (name, dp, zero, prec, target) in [
+        ("f32, plain", 1, false, Precision::F32, "16".to_string()),
+        ("bf16, plain", 1, false, Precision::Bf16, "18".to_string()),
+        ("bf16, ZeRO dp 2", 2, true, Precision::Bf16, format!("{}", 6 + 12 / 2)),
+        ("bf16, ZeRO dp 4", 4, true, Precision::Bf16, format!("{}", 6 + 12 / 4)),
+    ] {
+        let mut pl = plan(dp, 1, 1, 8);
+        pl.zero = zero;
+        pl.precision = prec;
+        let m = run(shape, &pl, 3);
+        let per = |s: i64| (s as f64 - burn_parallel::memory::model::GEMM_SCRATCH) / p;
+        let (lo, hi) = (per(m.iter().map(|x| x.state).min().unwrap()), per(m.iter().map(|x| x.state).max().unwrap()));
+        println!("| {name} | {lo:.2} + 4 = {:.2} | {hi:.2} + 4 = {:.2} | ≤ {target} |", lo + 4.0, hi + 4.0);
+    }
+}
+
+/// Seconds per step (3 timed after 2 warm-up steps) against the baseline in the same run.
+fn step_times(shape: &GptShape) {
+    println!("\n| variant | s/step | vs baseline |\n|---|---|---|");
+    let time = |p: &burn_parallel::memory::TrainPlan| run(shape, p, 5).iter().map(|m| m.step_secs).fold(0.0, f64::max);
+    let base = time(&plan(1, 1, 1, 8));
+    println!("| no recompute (baseline) | {base:.3} | 1.00 |");
+    for r in [Recompute::Selective, Recompute::Full] {
+        let mut p = plan(1, 1, 1, 8);
+        p.recompute = r;
+        let t = time(&p);
+        println!("| recompute {r} | {t:.3} | {:.2} |", t / base);
+    }
+    let dp = time(&plan(2, 1, 1, 8));
+    let mut z = plan(2, 1, 1, 8);
+    z.zero = true;
+    let zt = time(&z);
+    println!("| dp 2 (baseline) | {dp:.3} | 1.00 |\n| dp 2 ZeRO-1 | {zt:.3} | {:.2} |", zt / dp);
+}

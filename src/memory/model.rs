@@ -1,0 +1,354 @@
+//! The memory model of our GPT: every rank's model state, activations and peak, from the
+//! shapes, the layout and the options, derived from what our code and Burn 0.21's autodiff keep
+//! (Korthikanti et al. 2022's method, our constants).
+//!
+//! Per transformer block and micro-batch (`N = b·s` tokens, width `h`, MLP `f`, `a` heads, TP `t`,
+//! activation bytes `e`; "seq" tensors are `[N/t, h]` under SP, `[N, h]` otherwise):
+//!
+//! | kept for the backward | elements | who keeps it |
+//! |---|---|---|
+//! | block input `x` | seq | layer norm 1 |
+//! | LN1 output (SP: all-gathered) | `N·h` | the q/k/v linears |
+//! | q, k, v | `3·N·h/t` | the two attention matmuls |
+//! | scores − max, exp (f32) | `2·b·(a/t)·s²` (×4 bytes) | exp, the softmax division |
+//! | probs (no dropout) or dropout mask + dropped probs | `1` or `2 · b·(a/t)·s²` | the matmul with v |
+//! | context | `N·h/t` | the output projection |
+//! | dropout mask after attention | seq (if dropout) | mul (the activation is not kept: the mask is untracked) |
+//! | residual sum | seq | layer norm 2 |
+//! | LN2 output (SP: all-gathered) | `N·h` | fc1 |
+//! | fc1 output, GeLU output | `2·N·f/t` | GeLU, fc2 |
+//! | dropout mask after the MLP | seq (if dropout) | mul |
+//! | layer-norm μ, 1/σ (f32) | `4 · rows` | layer norms |
+//!
+//! That is, with f = 4h, dropout, no SP: `N·h·(6 + 12/t)·e + b·s²·(a/t)·(8 + 2e)` bytes
+//! (Korthikanti's `sbh(10 + 24/t + 5as/(ht))` has 1-byte masks and keeps fewer tensors than
+//! Burn's autodiff does). Selective recompute drops the `s²` terms and keeps `[q|k|v]` packed;
+//! full recompute keeps the block input only and reruns one block at a time in the backward.
+//! The first stage adds the embedding dropout's mask, the last the final layer norm's input
+//! and output and the f32 shifted logits `N·V/t·4` (cross-entropy). A pipeline rank holds the
+//! activations of the micro-batches its schedule has in flight (the schedule simulator's peak:
+//! 1F1B stage r holds min(p − r, m)) and, on non-last stages, each one's output.
+//!
+//! Model state per rank (`P` its parameters): parameters `P·e`; AdamW moments `8·P/z` and, in
+//! bf16, the f32 master `4·P/z` (`z` = dp under ZeRO-1, else 1); gradients `4·P` (f32:
+//! accumulated over micro-batches; bf16 gradients are cast to f32 when accumulated or reduced).
+//! The peak is the largest of: the backward, piece by piece (head, blocks last to first): the
+//! activations not yet freed, the gradients produced so far, and the piece's transient (three
+//! `[N, V/t]` f32 buffers of the cross-entropy; a block's `3·N·f/t` or `4·b·(a/t)·s²`; under full
+//! recompute the rerun block's activations), and the optimizer step (state + f32 gradients +
+//! the bucket's send and reduced buffers, then the new values, all-gathered under ZeRO). Plus
+//! the CPU backend's runtime: gemm keeps a 512 KiB scratch buffer per thread.
+
+use burn_parallel_schedules::{Action, Op};
+
+use crate::pipeline::StageLayout;
+use crate::precision::Precision;
+use crate::recompute::Recompute;
+
+/// The shapes of the GPT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GptShape {
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Sequence length.
+    pub seq: usize,
+    /// Width.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Blocks.
+    pub layers: usize,
+    /// MLP width.
+    pub ffn: usize,
+}
+
+/// How it is trained.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainPlan {
+    /// Data-parallel degree.
+    pub dp: usize,
+    /// Pipeline stages (ranks).
+    pub pp: usize,
+    /// Tensor-parallel degree.
+    pub tp: usize,
+    /// Chunks per pipeline rank.
+    pub virtual_stages: usize,
+    /// Sequence parallelism.
+    pub sequence_parallel: bool,
+    /// Sequences per micro-batch.
+    pub microbatch: usize,
+    /// Micro-batches per step (1 without pipeline).
+    pub microbatches: usize,
+    /// Pipeline schedule (`1f1b`, `gpipe`, `interleaved-1f1b`, `zb-h1`).
+    pub schedule: String,
+    /// Activation recompute.
+    pub recompute: Recompute,
+    /// ZeRO-1.
+    pub zero: bool,
+    /// Compute precision.
+    pub precision: Precision,
+    /// Dropout probability > 0.
+    pub dropout: bool,
+}
+
+/// One rank's predicted memory in bytes (the same for every TP and DP rank of a stage).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RankMemory {
+    /// Pipeline rank.
+    pub pp_rank: usize,
+    /// Parameters.
+    pub params: f64,
+    /// Parameter gradients (f32).
+    pub grads: f64,
+    /// Optimizer state (moments, master weights).
+    pub optimizer: f64,
+    /// Activations kept at the peak of the forward/backward.
+    pub activations: f64,
+    /// Transient buffers at that peak.
+    pub transient: f64,
+    /// The optimizer step's own peak.
+    pub optimizer_step: f64,
+    /// Backend runtime (gemm scratch).
+    pub runtime: f64,
+    /// The peak.
+    pub peak: f64,
+    /// Micro-batches (chunk-micro-batches) in flight at the peak.
+    pub in_flight: usize,
+}
+
+/// gemm's per-thread scratch buffer, kept after the first matmul (burn-flex's gemm).
+pub const GEMM_SCRATCH: f64 = 512.0 * 1024.0;
+
+struct Dims {
+    n: f64,
+    h: f64,
+    f: f64,
+    v: f64,
+    t: f64,
+    s2: f64,
+    sp: bool,
+    e: f64,
+    drop: bool,
+}
+
+impl Dims {
+    fn seq(&self) -> f64 {
+        if self.sp {
+            self.n * self.h / self.t
+        } else {
+            self.n * self.h
+        }
+    }
+    fn rows(&self) -> f64 {
+        if self.sp {
+            self.n / self.t
+        } else {
+            self.n
+        }
+    }
+    /// The `s²` tensors of the attention core (bytes).
+    fn core(&self) -> f64 {
+        2.0 * self.s2 * 4.0 + if self.drop { 2.0 } else { 1.0 } * self.s2 * self.e
+    }
+    /// Bytes a block keeps without recompute.
+    fn block(&self) -> f64 {
+        let (e, seq, nh) = (self.e, self.seq(), self.n * self.h);
+        let masks = if self.drop { 2.0 * seq } else { 0.0 };
+        e * (seq + nh + 3.0 * nh / self.t + nh / self.t + masks + seq + nh + 2.0 * self.n * self.f / self.t) + self.core() + 2.0 * 2.0 * self.rows() * 4.0
+    }
+    /// Bytes a block keeps under `mode`.
+    fn block_kept(&self, mode: Recompute) -> f64 {
+        match mode {
+            Recompute::None => self.block(),
+            Recompute::Selective => self.block() - self.core(),
+            Recompute::Full => self.e * self.seq(),
+        }
+    }
+    /// The largest transient of a block's backward.
+    fn block_transient(&self, mode: Recompute) -> f64 {
+        let t = (3.0 * self.n * self.f / self.t * self.e).max(4.0 * self.s2 * 4.0);
+        if mode == Recompute::Full {
+            t + self.block() - self.e * self.seq()
+        } else {
+            t
+        }
+    }
+    fn head(&self) -> f64 {
+        self.e * (self.seq() + self.n * self.h) + self.n * self.v / self.t * 4.0
+    }
+    fn head_transient(&self) -> f64 {
+        3.0 * self.n * self.v / self.t * 4.0
+    }
+}
+
+/// Parameters of `layers` blocks (this TP rank's shards), with the embedding and/or head.
+fn stage_params(g: &GptShape, t: usize, layers: usize, first: bool, last: bool) -> f64 {
+    let (h, f, v, t) = (g.hidden as f64, g.ffn as f64, g.vocab as f64, t as f64);
+    let block = 4.0 * h * h / t + 3.0 * h / t + h + 2.0 * h * f / t + f / t + h + 4.0 * h;
+    let mut p = layers as f64 * block;
+    if first {
+        p += v / t * h + g.seq as f64 * h;
+    }
+    if last {
+        p += 2.0 * h + h * v / t;
+    }
+    p
+}
+
+/// Every pipeline rank's predicted memory.
+pub fn estimate(g: &GptShape, plan: &TrainPlan) -> Result<Vec<RankMemory>, String> {
+    let stages = plan.pp * plan.virtual_stages;
+    let layout = StageLayout::balanced(g.layers, stages).map_err(|e| e.to_string())?;
+    let actions = actions(plan)?;
+    let e = match plan.precision {
+        Precision::F32 => 4.0,
+        Precision::Bf16 => 2.0,
+    };
+    let d = Dims {
+        n: (plan.microbatch * g.seq) as f64,
+        h: g.hidden as f64,
+        f: g.ffn as f64,
+        v: g.vocab as f64,
+        t: plan.tp as f64,
+        s2: (plan.microbatch * g.heads / plan.tp * g.seq * g.seq) as f64,
+        sp: plan.sequence_parallel && plan.tp > 1,
+        e,
+        drop: plan.dropout,
+    };
+    let mut out = Vec::with_capacity(plan.pp);
+    for (r, rank_actions) in actions.iter().enumerate() {
+        let chunks: Vec<usize> = (0..plan.virtual_stages).map(|c| r + c * plan.pp).collect();
+        let spec = |s: usize| layout.part(s);
+        let p: f64 = chunks.iter().map(|&s| stage_params(g, plan.tp, spec(s).layers.len(), spec(s).is_first(), spec(s).is_last())).sum();
+        let shard = if plan.zero { p / plan.dp as f64 } else { p };
+        let params = p * e;
+        let optimizer = 8.0 * shard + if plan.precision == Precision::Bf16 { 4.0 * shard } else { 0.0 };
+        let grads = 4.0 * p;
+        // Activations of one chunk-micro-batch of each chunk, and the transients of its backward.
+        let chunk_kept = |s: usize| {
+            let sp = spec(s);
+            let mut k = sp.layers.len() as f64 * d.block_kept(plan.recompute);
+            if sp.is_first() && d.drop {
+                k += d.e * d.seq();
+            }
+            if sp.is_last() {
+                k += d.head();
+            } else if plan.pp > 1 {
+                k += d.e * d.seq();
+            }
+            k
+        };
+        // Replay this rank's actions: a forward adds its chunk-micro-batch's activations, a
+        // backward (B or I: ours frees the graph there) peaks, then frees them.
+        let accumulating = plan.pp > 1 && plan.microbatches > 1;
+        let state = params + optimizer;
+        let (mut live, mut count, mut max_count) = (0.0f64, 0usize, 0usize);
+        let (mut fwd_bwd, mut transient, mut activations, mut grads_done) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for a in rank_actions {
+            match a.op {
+                Op::F => {
+                    live += chunk_kept(a.stage);
+                    count += 1;
+                    max_count = max_count.max(count);
+                }
+                Op::B | Op::I => {
+                    let kept = chunk_kept(a.stage);
+                    let (peak, t) = backward_peak(&d, g, plan, &spec(a.stage), kept, grads_done);
+                    if state + (live - kept) + peak > fwd_bwd {
+                        (fwd_bwd, transient, activations) = (state + (live - kept) + peak, t, live);
+                    }
+                    live -= kept;
+                    count -= 1;
+                    if accumulating {
+                        grads_done = grads;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let c = max_count;
+        let optimizer_step = state + optimizer_transient(plan, p, e);
+        let runtime = GEMM_SCRATCH;
+        let peak = fwd_bwd.max(optimizer_step) + runtime;
+        out.push(RankMemory { pp_rank: r, params, grads, optimizer, activations, transient, optimizer_step, runtime, peak, in_flight: c });
+    }
+    Ok(out)
+}
+
+/// The peak of one chunk-micro-batch's backward above the model state and the other
+/// micro-batches: its pieces (head, blocks last to first, embedding) in order, each with the
+/// activations not yet freed, the gradients produced so far and the piece's own transient.
+/// Returns the peak and the transient at it.
+fn backward_peak(d: &Dims, g: &GptShape, plan: &TrainPlan, spec: &crate::pipeline::PartSpec, kept: f64, grads_live: f64) -> (f64, f64) {
+    let block_params = stage_params(g, plan.tp, 1, false, false) * 4.0;
+    let mut pieces: Vec<(f64, f64, f64)> = Vec::new(); // (kept, transient, gradient bytes)
+    if spec.is_last() {
+        pieces.push((d.head(), d.head_transient(), (stage_params(g, plan.tp, 0, false, true)) * 4.0));
+    }
+    for _ in spec.layers.clone() {
+        pieces.push((d.block_kept(plan.recompute), d.block_transient(plan.recompute), block_params));
+    }
+    let (mut remaining, mut done, mut peak, mut at) = (kept, grads_live, 0.0f64, 0.0f64);
+    for (k, t, p) in pieces {
+        if remaining + done + t > peak {
+            (peak, at) = (remaining + done + t, t);
+        }
+        remaining -= k;
+        if grads_live == 0.0 {
+            done += p;
+        }
+    }
+    (peak.max(kept + grads_live), at)
+}
+
+/// What the optimizer step holds above the model state (`p` parameters of `e` bytes), at its
+/// largest: the f32 gradients, then per bucket (`q` bytes) its packed send buffer and the
+/// reduction. On thread ranks a reduce-scatter reduces the whole bucket on every rank and keeps
+/// this rank's rows twice (split, then as the result tensor): `4p + q + 2q/dp`; an all-reduce
+/// `4p + q`. Then the update: the reduced gradients and the new values (under ZeRO: this rank's
+/// rows, the all-gathered bucket and the unpacked parameters).
+fn optimizer_transient(plan: &TrainPlan, p: f64, e: f64) -> f64 {
+    let d = plan.dp as f64;
+    let q = (p * 4.0).min(crate::data_parallel::DEFAULT_BUCKET_BYTES as f64);
+    let zero = plan.zero && plan.dp > 1;
+    let reduce = match (plan.dp, zero) {
+        (1, _) => 4.0 * p,
+        (_, true) => 4.0 * p + q + 2.0 * q / d,
+        (_, false) => 4.0 * p + q,
+    };
+    let update = if zero { 4.0 * p / d + p * e / d + 2.0 * p * e } else { 4.0 * p + p * e };
+    reduce.max(update)
+}
+
+/// Every pipeline rank's computations in order (one forward and backward without pipeline).
+fn actions(plan: &TrainPlan) -> Result<Vec<Vec<Action>>, String> {
+    if plan.pp == 1 {
+        return Ok(vec![vec![Action { op: Op::F, stage: 0, mb: 0 }, Action { op: Op::B, stage: 0, mb: 0 }]]);
+    }
+    let shape = burn_parallel_schedules::PipelineShape::new(plan.pp, plan.virtual_stages, plan.microbatches);
+    let schedule = burn_parallel_schedules::schedule_by_name(&plan.schedule).map_err(|e| e.to_string())?;
+    Ok(schedule.plan(&shape).map_err(|e| e.to_string())?.ranks)
+}
+
+/// A per-rank table (MB).
+pub fn table(estimates: &[RankMemory]) -> String {
+    let mb = |x: f64| x / 1e6;
+    let mut s = String::from(
+        "| pp rank | params | grads | optimizer | activations (in flight) | transient | optimizer step | peak |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in estimates {
+        s.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} ({}) | {:.2} | {:.2} | {:.2} |\n",
+            r.pp_rank,
+            mb(r.params),
+            mb(r.grads),
+            mb(r.optimizer),
+            mb(r.activations),
+            r.in_flight,
+            mb(r.transient),
+            mb(r.optimizer_step),
+            mb(r.peak)
+        ));
+    }
+    s
+}

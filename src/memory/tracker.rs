@@ -1,0 +1,112 @@
+//! Host memory per rank: a global allocator that attributes every allocation to the rank (the
+//! thread's tag) that made it, current and peak, for ranks running as threads.
+//!
+//! Install it in the binary that measures (a test, a benchmark, the example):
+//! `#[global_allocator] static ALLOC: TrackingAllocator = TrackingAllocator;`. `run_world`
+//! tags each rank thread ([`set_rank`]); allocations of untagged threads (main, Rayon workers'
+//! scratch buffers) count as tag 0. Each block carries its owner in a small header, so a buffer
+//! freed by another thread (a collective's input, freed by the last rank to read it) is
+//! subtracted from its owner; a message received over point-to-point is copied onto the
+//! receiver ([`adopt`]), so it counts where it is held.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+/// Tags counted (rank `r` is tag `r + 1`; ranks past that share the last tag).
+pub const MAX_TAGS: usize = 256;
+
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+static CURRENT: [AtomicI64; MAX_TAGS] = [const { AtomicI64::new(0) }; MAX_TAGS];
+static PEAK: [AtomicI64; MAX_TAGS] = [const { AtomicI64::new(0) }; MAX_TAGS];
+
+thread_local! {
+    static TAG: Cell<u16> = const { Cell::new(0) };
+}
+
+/// The allocator; see the [module docs](self).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TrackingAllocator;
+
+/// Bytes before each block: at least 16 and the block's alignment (so the block stays aligned);
+/// the owner tag sits in the 8 bytes just before the block.
+fn header(align: usize) -> usize {
+    align.max(16)
+}
+
+fn account(tag: usize, delta: i64) {
+    let now = CURRENT[tag].fetch_add(delta, Ordering::Relaxed) + delta;
+    if delta > 0 {
+        PEAK[tag].fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+unsafe impl GlobalAlloc for TrackingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        INSTALLED.store(true, Ordering::Relaxed);
+        let h = header(layout.align());
+        let Ok(outer) = Layout::from_size_align(layout.size() + h, h) else { return std::ptr::null_mut() };
+        // SAFETY: `outer` has a non-zero size.
+        let base = unsafe { System.alloc(outer) };
+        if base.is_null() {
+            return base;
+        }
+        let tag = TAG.try_with(|t| t.get()).unwrap_or(0) as usize;
+        // SAFETY: `base + h` is inside the block, `h >= 16`, so the 8 bytes before it are too.
+        unsafe {
+            let ptr = base.add(h);
+            (ptr.sub(8) as *mut u64).write_unaligned(tag as u64);
+            account(tag, layout.size() as i64);
+            ptr
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let h = header(layout.align());
+        // SAFETY: `ptr` came from `alloc` with this layout: the header is before it.
+        unsafe {
+            let tag = (ptr.sub(8) as *const u64).read_unaligned() as usize;
+            account(tag.min(MAX_TAGS - 1), -(layout.size() as i64));
+            System.dealloc(ptr.sub(h), Layout::from_size_align_unchecked(layout.size() + h, h));
+        }
+    }
+}
+
+/// Whether the tracking allocator is the global allocator of this program (it has allocated).
+pub fn installed() -> bool {
+    INSTALLED.load(Ordering::Relaxed)
+}
+
+/// Attributes this thread's allocations from now on to `rank` (`None`: untagged).
+pub fn set_rank(rank: Option<usize>) {
+    let tag = rank.map_or(0, |r| (r + 1).min(MAX_TAGS - 1));
+    TAG.with(|t| t.set(tag as u16));
+}
+
+fn tag(rank: usize) -> usize {
+    (rank + 1).min(MAX_TAGS - 1)
+}
+
+/// Bytes `rank`'s allocations hold now.
+pub fn current(rank: usize) -> i64 {
+    CURRENT[tag(rank)].load(Ordering::Relaxed)
+}
+
+/// The most bytes `rank`'s allocations held at once since the last [`reset_peak`].
+pub fn peak(rank: usize) -> i64 {
+    PEAK[tag(rank)].load(Ordering::Relaxed)
+}
+
+/// Starts a new peak measurement for `rank` from what it holds now.
+pub fn reset_peak(rank: usize) {
+    PEAK[tag(rank)].store(CURRENT[tag(rank)].load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// `data` owned by this thread's rank: copied when the tracker is installed (a point-to-point
+/// message arrives in the sender's buffer), as is otherwise.
+pub fn adopt(data: burn::tensor::TensorData) -> burn::tensor::TensorData {
+    if !installed() {
+        return data;
+    }
+    burn::tensor::TensorData::from_bytes_vec(data.as_bytes().to_vec(), data.shape.clone(), data.dtype)
+}

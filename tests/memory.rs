@@ -1,0 +1,42 @@
+//! Memory per rank: the tracking allocator's measured peak of every rank equals the memory
+//! model's prediction within ±10% over a grid of layouts (dp, pp, tp, SP, schedules, virtual
+//! stages, recompute, ZeRO, bf16, dropout, and a combination).
+
+#[path = "../benches/memory_harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use burn_parallel::memory::{GptShape, TrackingAllocator};
+use harness::compare;
+
+#[global_allocator]
+static ALLOC: TrackingAllocator = TrackingAllocator;
+
+pub const SHAPE: GptShape = GptShape { vocab: 256, seq: 64, hidden: 128, heads: 4, layers: 4, ffn: 512 };
+
+#[test]
+fn predicted_peak_of_every_rank_is_within_ten_percent_of_the_measured_one() {
+    let grid = harness::grid();
+    let (mut worst, mut bad) = (0f64, Vec::new());
+    for case in &grid {
+        for (r, measured, predicted) in compare(&SHAPE, &case.plan) {
+            let ratio = predicted.peak / measured as f64;
+            worst = worst.max((ratio - 1.0).abs());
+            let line = format!(
+                "{}: pp rank {r}: predicted {:.2} MB, measured {:.2} MB ({ratio:.3}); fwd/bwd state+act {:.2} transient {:.2} optimizer step {:.2}",
+                case.name,
+                predicted.peak / 1e6,
+                measured as f64 / 1e6,
+                (predicted.params + predicted.optimizer + predicted.activations) / 1e6,
+                predicted.transient / 1e6,
+                predicted.optimizer_step / 1e6
+            );
+            eprintln!("{line}");
+            if !(0.9..=1.1).contains(&ratio) {
+                bad.push(line);
+            }
+        }
+    }
+    eprintln!("{} layouts: worst |predicted/measured − 1| = {worst:.3}", grid.len());
+    assert!(bad.is_empty(), "outside ±10%:\n{}", bad.join("\n"));
+}
