@@ -30,6 +30,42 @@ fn default_cache_dir() -> PathBuf {
     base.join("burn-parallel").join("cubecl")
 }
 
+/// Checks, before anything touches a CUDA device, that the CUDA driver (`libcuda.so`) and
+/// NVRTC (`libnvrtc.so`, cubecl compiles its kernels with it) can be loaded and that there is a
+/// device. Without this, burn-cuda panics inside cudarc on a device thread and the rank dies on
+/// a `RecvError`. Returns the number of devices.
+pub fn check_cuda() -> Result<usize, String> {
+    // SAFETY: only tries to dlopen the candidate library names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(
+            "no CUDA driver: `libcuda.so` cannot be loaded (install the NVIDIA driver; in a container, start it with the GPU runtime); run with --device cpu"
+                .into(),
+        );
+    }
+    let nvrtc = cudarc::get_lib_name_candidates("nvrtc").into_iter().any(|name| {
+        let Ok(c) = std::ffi::CString::new(name) else { return false };
+        // SAFETY: dlopen of a library name, closed again at once.
+        unsafe {
+            let h = libc::dlopen(c.as_ptr(), libc::RTLD_LAZY);
+            if !h.is_null() {
+                libc::dlclose(h);
+            }
+            !h.is_null()
+        }
+    });
+    if !nvrtc {
+        return Err(
+            "NVRTC not found: `libnvrtc.so` cannot be loaded (install the CUDA toolkit's NVRTC, or put /usr/local/cuda/lib64 on LD_LIBRARY_PATH)".into()
+        );
+    }
+    cudarc::driver::result::init().map_err(|e| format!("the CUDA driver failed to initialise: {e:?}"))?;
+    let n = cudarc::driver::result::device::get_count().map_err(|e| format!("the CUDA driver cannot count devices: {e:?}"))?;
+    if n < 1 {
+        return Err("the CUDA driver reports no device".into());
+    }
+    Ok(n as usize)
+}
+
 /// Checks that NCCL can be loaded, without cudarc's panic when it cannot: cudarc looks for
 /// `libnccl.so` (and versioned names, but never `libnccl.so.2` alone). Returns NCCL's version
 /// (e.g. 22803 for 2.28.3).
@@ -48,6 +84,16 @@ pub fn nccl_version() -> Result<i32, crate::CommError> {
 
 #[cfg(test)]
 mod tests {
+    /// Without a driver (CI) a one-line error naming the library, not a panic; with a GPU the
+    /// device count.
+    #[test]
+    fn cuda_probe_never_panics() {
+        match super::check_cuda() {
+            Ok(n) => assert!(n >= 1),
+            Err(e) => assert!(e.contains("libcuda.so") || e.contains("libnvrtc.so") || e.contains("no device"), "{e}"),
+        }
+    }
+
     /// On a machine without NCCL (CI) this must be a clear error, not cudarc's panic; with NCCL
     /// (the GPU machine) a 2.x version.
     #[test]

@@ -5,7 +5,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 
-/// A parameter's path (`blocks.0.attn.query.weight`), value and gradient (if any).
+/// A parameter's path (`blocks.0.attn.qkv.weight`), value and gradient (if any).
 #[derive(Debug, Clone)]
 pub struct NamedParam {
     /// Dotted path.

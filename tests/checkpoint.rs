@@ -101,7 +101,7 @@ fn replicated_tensors_are_written_once_and_each_rank_writes_its_own_shards() {
     let chunks = |n: &str| m.tensors[n].chunks.iter().map(|c| (c.file.clone(), c.offset.clone())).collect::<Vec<_>>();
     assert_eq!(chunks("model.blocks.0.ln1.gamma"), [("rank-00000.safetensors".to_string(), vec![0])]);
     assert_eq!(chunks("model.blocks.3.ln2.beta"), [("rank-00004.safetensors".to_string(), vec![0])]);
-    assert_eq!(chunks("model.blocks.0.attn.query.weight"), [("rank-00000.safetensors".into(), vec![0, 0]), ("rank-00001.safetensors".into(), vec![0, 8])]);
+    assert_eq!(chunks("model.blocks.0.attn.qkv.weight"), [("rank-00000.safetensors".into(), vec![0, 0]), ("rank-00001.safetensors".into(), vec![0, 24])]);
     assert_eq!(chunks("optim.exp_avg.head.weight"), [("rank-00004.safetensors".into(), vec![0, 0]), ("rank-00005.safetensors".into(), vec![0, 16])]);
     assert_eq!(chunks("model.wte.weight"), [("rank-00000.safetensors".into(), vec![0, 0]), ("rank-00001.safetensors".into(), vec![16, 0])]);
     ckpt.verify().unwrap();

@@ -139,16 +139,16 @@ fn unknown_version_foreign_format_and_damaged_metadata() {
 fn chunks_that_leave_a_gap_or_overlap_are_refused() {
     let (root, dir) = saved("cover");
     let original = std::fs::read(dir.join("metadata.json")).unwrap();
-    let name = "model.blocks.0.attn.query.weight";
+    let name = "model.blocks.0.attn.qkv.weight";
     edit_metadata(&dir, |v| {
         v["tensors"][name]["chunks"].as_array_mut().unwrap().pop();
     });
-    contains_all(&Checkpoint::open(&dir).unwrap_err().to_string(), &[name, "cover 128 of its 256 elements", "[16, 16]"]);
+    contains_all(&Checkpoint::open(&dir).unwrap_err().to_string(), &[name, "cover 384 of its 768 elements", "[16, 48]"]);
     std::fs::write(dir.join("metadata.json"), &original).unwrap();
     edit_metadata(&dir, |v| v["tensors"][name]["chunks"][1]["offset"] = serde_json::json!([0, 4]));
     contains_all(&Checkpoint::open(&dir).unwrap_err().to_string(), &[name, "overlap", "[0, 4]"]);
-    edit_metadata(&dir, |v| v["tensors"][name]["chunks"][1]["offset"] = serde_json::json!([0, 12]));
-    contains_all(&Checkpoint::open(&dir).unwrap_err().to_string(), &[name, "outside the tensor's shape [16, 16]"]);
+    edit_metadata(&dir, |v| v["tensors"][name]["chunks"][1]["offset"] = serde_json::json!([0, 30]));
+    contains_all(&Checkpoint::open(&dir).unwrap_err().to_string(), &[name, "outside the tensor's shape [16, 48]"]);
     std::fs::remove_dir_all(root).unwrap();
 }
 

@@ -7,8 +7,9 @@ mod common;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_parallel::comm::split_along;
-use burn_parallel::params::named_grads;
+use burn_parallel::params::{named_grads, NamedParam};
 use burn_parallel::Comm;
+use burn_parallel_modules::attention::fuse_qkv;
 use burn_parallel_modules::*;
 use common::*;
 
@@ -208,7 +209,19 @@ fn tp1_gpt_equals_burn_nn_gpt() {
     let grads = named_grads(&nn, &loss.clone().backward());
     assert!(max_abs_diff(&ours.0, &logits).unwrap() < TOL);
     assert!(max_abs_diff(&ours.1, &loss.into_data()).unwrap() < TOL);
-    let ref_by_path: std::collections::HashMap<String, _> = grads.into_iter().map(|p| (p.path.replace("mlp.", ""), p)).collect();
+    let mut ref_by_path: std::collections::HashMap<String, _> = grads.into_iter().map(|p| (p.path.replace("mlp.", ""), p)).collect();
+    // burn-nn's separate q, k, v are our fused projection, grouped by head.
+    for i in 0..cfg.n_layers {
+        for field in ["weight", "bias"] {
+            let mut part = |name: &str| ref_by_path.remove(&format!("blocks.{i}.attn.{name}.{field}")).unwrap();
+            let (q, k, v) = (part("query"), part("key"), part("value"));
+            let fuse = |f: fn(&NamedParam) -> &TensorData| fuse_qkv(f(&q), f(&k), f(&v), cfg.n_heads);
+            let value = fuse(|p| &p.value);
+            let grad = fuse(|p| p.grad.as_ref().unwrap());
+            let path = format!("blocks.{i}.attn.qkv.{field}");
+            ref_by_path.insert(path.clone(), NamedParam { path, value, grad: Some(grad) });
+        }
+    }
     assert_eq!(ref_by_path.len(), ours.2.len(), "same parameter count");
     for p in &ours.2 {
         let q = ref_by_path.get(&p.path.replace("mlp.", "")).unwrap_or_else(|| panic!("burn-nn model has no {}", p.path));

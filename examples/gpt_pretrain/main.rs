@@ -445,6 +445,8 @@ static ALLOC: burn_parallel::memory::TrackingAllocator = burn_parallel::memory::
 
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String> {
+    let devices = burn_parallel::cuda::check_cuda().map_err(|e| format!("--device cuda: {e}"))?;
+    tracing::info!(devices, "CUDA");
     let dir = burn_parallel::cuda::enable_kernel_caches(args.kernel_cache.clone());
     tracing::info!(cache = %dir.display(), "cubecl kernel and autotune caches");
     if args.comm == CommKind::Nccl {

@@ -1,7 +1,9 @@
 //! Tensor-parallel causal self-attention: heads split over the TP group.
 //!
-//! Query/key/value are column-parallel `h → h` (rank r computes heads
-//! `[r·H/t, (r+1)·H/t)`, i.e. `[b, s, h/t]`, after one f whose backward all-reduces); attention
+//! Query, key and value come from one fused column-parallel projection `h → 3h` whose columns are
+//! grouped by head, `[q₀ k₀ v₀ | q₁ k₁ v₁ | …]` (`d_head` each; Megatron's layout): a contiguous
+//! TP split holds whole heads, so rank r computes heads `[r·H/t, (r+1)·H/t)`, `[b, s, 3h/t]`,
+//! after one f whose backward all-reduces; attention
 //! runs locally on those `H/t` heads (`[b, H/t, s, s]` scores, causal mask, softmax, dropout with a
 //! per-rank mask); the output projection is row-parallel `h → h` with one all-reduce (g).
 //! With t = 1 and dropout 0 it equals `burn::nn::attention::MultiHeadAttention` with an
@@ -10,7 +12,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, Tensor, TensorData};
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp};
 use burn_parallel::precision::{like, to_f32};
 use burn_parallel::rng::{RandomStreams, StreamCounter};
@@ -45,12 +47,9 @@ pub struct ParallelAttentionConfig {
 /// Causal multi-head self-attention with heads split over the TP group.
 #[derive(Module, Debug)]
 pub struct ParallelAttention<B: ParallelBackend> {
-    /// Column-parallel query projection.
-    pub query: ColumnLinear<B>,
-    /// Column-parallel key projection.
-    pub key: ColumnLinear<B>,
-    /// Column-parallel value projection.
-    pub value: ColumnLinear<B>,
+    /// Fused column-parallel q/k/v projection `[h, 3h/t]`, columns grouped by head (see the
+    /// module docs; [`fuse_qkv`] builds it from separate q, k, v).
+    pub qkv: ColumnLinear<B>,
     /// Row-parallel output projection.
     pub output: RowLinear<B>,
     /// Dropout on attention probabilities (sharded region: own mask per rank).
@@ -68,11 +67,12 @@ impl ParallelAttentionConfig {
             return Err(ConfigError::NotDivisible { what: "hidden size", value: self.d_model, degree_name: "attention heads", degree: self.n_heads });
         }
         let local_heads = check_divisible("attention heads", self.n_heads, tp)?;
-        let qkv = |name: &str| ColumnLinearConfig::new(self.d_model, self.d_model).with_init_std(self.init_std).init(tp, &init.child(name), device);
+        // q, k and v are generated as separate h → h weights (their own init streams, as the
+        // unfused model's) and fused per head.
+        let part = |name: &str| init.child(name).child("weight").normal(&[self.d_model, self.d_model], self.init_std);
+        let fused = fuse_qkv(&part("query"), &part("key"), &part("value"), self.n_heads);
         Ok(ParallelAttention {
-            query: qkv("query")?,
-            key: qkv("key")?,
-            value: qkv("value")?,
+            qkv: ColumnLinearConfig::new(self.d_model, 3 * self.d_model).init_from(tp, fused, device)?,
             output: RowLinearConfig::new(self.d_model, self.d_model).with_init_std(self.proj_init_std).init(tp, &init.child("output"), device)?,
             dropout: ParallelDropout::new(self.dropout, init.seed, &init.child("dropout").path, DropoutRegion::Sharded, tp.rank()),
             local_heads,
@@ -84,14 +84,14 @@ impl ParallelAttentionConfig {
 impl<B: ParallelBackend> ParallelAttention<B> {
     /// `[b, s, h]` replicated → `[b, s, h]` replicated, causal.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = copy_to_tp(x, &self.query.tp);
+        let x = copy_to_tp(x, &self.qkv.tp);
         self.forward_parallel_input(x)
     }
 
     /// Sequence parallel: `[b, s/t, h]` shard → all-gather (backward reduce-scatter) → attention
     /// over the full causal sequence → row-parallel output reduce-scattered to `[b, s/t, h]`.
     pub fn forward_sp(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let context = self.context(gather_from_sp(x, 1, &self.query.tp));
+        let context = self.context(gather_from_sp(x, 1, &self.qkv.tp));
         self.output.forward_sp(context)
     }
 
@@ -103,7 +103,7 @@ impl<B: ParallelBackend> ParallelAttention<B> {
 
     /// Attention of this rank's heads: `[b, s, h]` (after f / all-gather) → `[b, s, h/t]`.
     fn context(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [q, k, v] = self.qkv(x);
+        let [q, k, v] = self.split_qkv(self.qkv.forward_parallel_input(x));
         self.core(q, k, v)
     }
 
@@ -111,15 +111,23 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     /// sequence parallelism, the all-gather of the `[b, s/t, h]` shard.
     pub fn enter(&self, x: Tensor<B, 3>, sequence_parallel: bool) -> Tensor<B, 3> {
         if sequence_parallel {
-            gather_from_sp(x, 1, &self.query.tp)
+            gather_from_sp(x, 1, &self.qkv.tp)
         } else {
-            copy_to_tp(x, &self.query.tp)
+            copy_to_tp(x, &self.qkv.tp)
         }
     }
 
-    /// This rank's query, key and value projections of an entered input, each `[b, s, h/t]`.
-    pub fn qkv(&self, x: Tensor<B, 3>) -> [Tensor<B, 3>; 3] {
-        [&self.query, &self.key, &self.value].map(|lin| lin.forward_parallel_input(x.clone()))
+    /// This rank's fused projection of an entered input, `[b, s, 3h/t]` grouped by head.
+    pub fn project_qkv(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.qkv.forward_parallel_input(x)
+    }
+
+    /// Query, key and value `[b, s, h/t]` (heads in order) of a fused projection.
+    pub fn split_qkv(&self, fused: Tensor<B, 3>) -> [Tensor<B, 3>; 3] {
+        let [b, s, _] = fused.dims();
+        let (hl, d) = (self.local_heads, self.d_head);
+        let grouped = fused.reshape([b, s, hl, 3, d]);
+        [0, 1, 2].map(|i| grouped.clone().slice([0..b, 0..s, 0..hl, i..i + 1, 0..d]).reshape([b, s, hl * d]))
     }
 
     /// The attention core (no parameters): `q, k, v [b, s, h/t]` → context `[b, s, h/t]`:
@@ -160,4 +168,28 @@ impl<B: ParallelBackend> RandomStreams for ParallelAttention<B> {
     fn random_streams(&self) -> Vec<StreamCounter> {
         self.dropout.random_streams()
     }
+}
+
+/// The fused `[h, 3h]` weight (or `[3h]` bias, as `[1, h]` rows) of separate q, k, v `[h_in, h]`
+/// tensors: columns grouped per head, `[q_j k_j v_j]` for head `j` (each `h / heads` wide).
+pub fn fuse_qkv(q: &TensorData, k: &TensorData, v: &TensorData, heads: usize) -> TensorData {
+    let shape = q.shape.as_slice().to_vec();
+    let (rows, h) = match shape.as_slice() {
+        [r, h] => (*r, *h),
+        [h] => (1, *h),
+        other => panic!("fuse_qkv of a {other:?} tensor"),
+    };
+    let d = h / heads;
+    let (q, k, v) = [q, k, v].map(|t| t.clone().convert::<f32>().to_vec::<f32>().expect("f32")).into();
+    let mut out = Vec::with_capacity(rows * 3 * h);
+    for r in 0..rows {
+        for j in 0..heads {
+            for part in [&q, &k, &v] {
+                out.extend_from_slice(&part[r * h + j * d..r * h + (j + 1) * d]);
+            }
+        }
+    }
+    let mut out_shape = shape;
+    *out_shape.last_mut().unwrap() = 3 * h;
+    TensorData::new(out, out_shape)
 }

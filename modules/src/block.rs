@@ -98,18 +98,15 @@ impl TransformerBlockConfig {
 
 impl<B: ParallelBackend> TransformerBlock<B> {
     /// The block's first part for selective recompute: `x →` layer norm → TP entry → this
-    /// rank's `[q | k | v]` packed along the last dim, `[b, s, 3h/t]`.
+    /// rank's fused q/k/v projection, `[b, s, 3h/t]`.
     pub fn attn_in(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let entered = self.attn.enter(self.ln1.forward(x), self.sequence_parallel);
-        Tensor::cat(self.attn.qkv(entered).to_vec(), 2)
+        self.attn.project_qkv(self.attn.enter(self.ln1.forward(x), self.sequence_parallel))
     }
 
-    /// The attention core of packed `[q | k | v]` (no parameters; its dropout stream is the
-    /// attention's): context `[b, s, h/t]`.
+    /// The attention core of a fused q/k/v projection (no parameters; its dropout stream is
+    /// the attention's): context `[b, s, h/t]`.
     pub fn attn_core(&self, qkv: Tensor<B, 3>) -> Tensor<B, 3> {
-        let n = qkv.dims()[2] / 3;
-        let mut parts = qkv.split(n, 2).into_iter();
-        let (q, k, v) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        let [q, k, v] = self.attn.split_qkv(qkv);
         self.attn.core(q, k, v)
     }
 

@@ -47,6 +47,15 @@ pub struct ColumnLinear<B: ParallelBackend> {
 }
 
 impl ColumnLinearConfig {
+    /// This rank's shard of the whole weight `weight` (`[d_in, d_out]`; zero bias), e.g. a
+    /// fused projection whose columns the caller has arranged.
+    pub fn init_from<B: ParallelBackend>(&self, tp: &Comm, weight: burn::tensor::TensorData, device: &B::Device) -> Result<ColumnLinear<B>, ConfigError> {
+        let local = check_divisible("column-parallel output features", self.d_output, tp)?;
+        assert_eq!(weight.shape.as_slice(), [self.d_input, self.d_output], "ColumnLinearConfig::init_from: weight shape");
+        let bias = self.bias.then(|| param(burn::tensor::TensorData::zeros::<f32, _>([local]), device));
+        Ok(ColumnLinear { weight: param(shard(weight, 1, tp), device), bias, gather_output: self.gather_output, tp: tp.clone() })
+    }
+
     /// Builds this rank's shard; `init` names the parameter stream.
     pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<ColumnLinear<B>, ConfigError> {
         let local = check_divisible("column-parallel output features", self.d_output, tp)?;

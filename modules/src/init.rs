@@ -16,7 +16,7 @@ use burn_parallel::{Comm, ConfigError};
 pub struct ParamInit {
     /// Run seed.
     pub seed: u64,
-    /// Module path, e.g. `blocks.0.attn.query`.
+    /// Module path, e.g. `blocks.0.attn.qkv`.
     pub path: String,
 }
 

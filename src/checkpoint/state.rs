@@ -56,7 +56,7 @@ impl ShardContext {
 /// A tensor of this rank on the host, with its global name and place.
 #[derive(Debug, Clone)]
 pub struct HostTensor {
-    /// Global name (`model.blocks.3.attn.query.weight`).
+    /// Global name (`model.blocks.3.attn.qkv.weight`).
     pub name: String,
     /// This rank's part.
     pub data: TensorData,
