@@ -66,6 +66,16 @@ pub fn check_cuda() -> Result<usize, String> {
     Ok(n as usize)
 }
 
+/// The dense peak TFLOP/s of device `ordinal` (bf16 tensor cores, or f32 without them) for the
+/// cards this project knows (H100/H200 SXM: 989 / 67; A100: 312 / 19.5); `None` otherwise.
+pub fn dense_peak_tflops(ordinal: usize, bf16: bool) -> Option<f64> {
+    check_cuda().ok()?;
+    let dev = cudarc::driver::result::device::get(ordinal as i32).ok()?;
+    let name = cudarc::driver::result::device::get_name(dev).ok()?;
+    let table = [("H200", 989.0, 67.0), ("H100", 989.0, 67.0), ("A100", 312.0, 19.5)];
+    table.iter().find(|(n, _, _)| name.contains(n)).map(|&(_, b, f)| if bf16 { b } else { f })
+}
+
 /// Checks that NCCL can be loaded, without cudarc's panic when it cannot: cudarc looks for
 /// `libnccl.so` (and versioned names, but never `libnccl.so.2` alone). Returns NCCL's version
 /// (e.g. 22803 for 2.28.3).

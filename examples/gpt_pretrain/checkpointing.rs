@@ -55,8 +55,10 @@ pub(crate) fn check_args(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens what `--resume` or `--init-from` name, and checks it is of this model.
-pub(crate) fn open_start(args: &Args) -> Result<Start, String> {
+/// Opens what `--resume` or `--init-from` name, and checks it is of this model. A resumed
+/// checkpoint's padded vocabulary is kept where the new `--tp` divides it (the padding to a
+/// multiple of 128 × tp differs between tp sizes).
+pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
     if let Some(file) = &args.init_from {
         let ckpt = Checkpoint::open_safetensors(file, MODEL_PREFIX).map_err(|e| format!("--init-from: {e}"))?;
         return Ok(Start::InitFrom(ckpt));
@@ -67,6 +69,10 @@ pub(crate) fn open_start(args: &Args) -> Result<Start, String> {
         _ => PathBuf::from(spec),
     };
     let ckpt = Checkpoint::open(&path).map_err(|e| format!("--resume {spec}: {e}"))?;
+    let saved_vocab = ckpt.metadata().sections.get("model").and_then(|m| m.get("vocab_size")).and_then(|v| v.as_u64()).map(|v| v as usize);
+    if let Some(v) = saved_vocab.filter(|&v| v.is_multiple_of(args.tp) && v >= args.tokenizer.vocab_size()) {
+        args.vocab_override = Some(v);
+    }
     check_same_model(&ckpt, args)?;
     tracing::info!(dir = %ckpt.dir().display(), step = ckpt.metadata().step, layout = ?ckpt.metadata().layout, "resuming");
     Ok(Start::Resume(ckpt))

@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_parallel::data::GlobalSampler;
+use burn_parallel::data::{GlobalSampler, TokenShards, Tokenizer};
 use burn_parallel::rng::HostRng;
 
 const NAMES: [&str; 8] = ["ANNA", "BERTRAM", "CLEO", "DORIAN", "ELSPETH", "FALK", "GRETA", "HOLLIS"];
@@ -66,51 +66,108 @@ pub fn generated(bytes: usize, seed: u64) -> String {
     out
 }
 
-/// Byte-level tokens split into train (first 90%) and validation (last 10%).
+/// Inputs and targets `[n, seq]`.
+pub type Batch<B> = (Tensor<B, 2, Int>, Tensor<B, 2, Int>);
+
+/// One split's tokens: in memory (a tokenized text) or memory-mapped shards.
+pub enum Split {
+    /// Tokens in memory.
+    Tokens(Vec<u32>),
+    /// Prepared shards.
+    Shards(TokenShards),
+}
+
+impl Split {
+    /// Tokens in the split.
+    pub fn len(&self) -> usize {
+        match self {
+            Split::Tokens(t) => t.len(),
+            Split::Shards(s) => s.len(),
+        }
+    }
+
+    /// Tokens `[start, start + n)`.
+    pub fn window(&self, start: usize, n: usize) -> Result<Vec<u32>, String> {
+        match self {
+            Split::Tokens(t) => Ok(t[start..start + n].to_vec()),
+            Split::Shards(s) => s.window(start, n).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Training and validation tokens, and their tokenizer.
 pub struct Corpus {
     /// Training tokens.
-    pub train: Vec<u8>,
+    pub train: Split,
     /// Validation tokens.
-    pub val: Vec<u8>,
+    pub val: Split,
+    /// How they were made.
+    pub tokenizer: Tokenizer,
 }
 
 impl Corpus {
-    /// Splits `text`; needs room for at least one `seq_len + 1` window in each part.
-    pub fn new(text: &[u8], seq_len: usize) -> Result<Self, String> {
-        let cut = text.len() * 9 / 10;
-        let (train, val) = (text[..cut].to_vec(), text[cut..].to_vec());
+    /// Tokenizes `text` (raw bytes for the byte tokenizer) and splits the tokens into train
+    /// (first 90%) and validation (last 10%); each needs room for a `seq_len + 1` window.
+    pub fn from_text(text: &[u8], tokenizer: Tokenizer, seq_len: usize) -> Result<Self, String> {
+        let tokens = match tokenizer {
+            Tokenizer::Byte => text.iter().map(|&b| b as u32).collect(),
+            t => t.encode(&String::from_utf8_lossy(text)).map_err(|e| e.to_string())?,
+        };
+        let cut = tokens.len() * 9 / 10;
+        let val = tokens[cut..].to_vec();
         if val.len() <= seq_len + 1 {
             return Err(format!(
-                "corpus of {} bytes is too small for --seq-len {seq_len}: the 10% validation part needs more than {} bytes",
-                text.len(),
+                "corpus of {} {tokenizer} tokens is too small for --seq-len {seq_len}: the 10% validation part needs more than {} tokens",
+                tokens.len(),
                 seq_len + 1
             ));
         }
-        Ok(Self { train, val })
+        let mut train = tokens;
+        train.truncate(cut);
+        Ok(Self { train: Split::Tokens(train), val: Split::Tokens(val), tokenizer })
     }
 
-    /// The global samples `samples` of `split` (inputs, next-byte targets), `[n, seq]`: sample
+    /// Prepared shards `dir/train_*.bin` and `dir/val_*.bin` of `tokenizer`.
+    pub fn from_shards(dir: &std::path::Path, tokenizer: Tokenizer, seq_len: usize) -> Result<Self, String> {
+        let open = |split| TokenShards::open_dir(dir, split, tokenizer.vocab_size()).map_err(|e| format!("--shards: {e}"));
+        let (train, val) = (open("train")?, open("val")?);
+        for (name, s) in [("train", &train), ("val", &val)] {
+            if s.len() <= seq_len + 1 {
+                return Err(format!("--shards: the {name} shards hold {} tokens, too few for --seq-len {seq_len}", s.len()));
+            }
+        }
+        Ok(Self { train: Split::Shards(train), val: Split::Shards(val), tokenizer })
+    }
+
+    /// The global samples `samples` of `split` (inputs, next-token targets), `[n, seq]`: sample
     /// `i` is the window `sampler` draws for `i` (see [`GlobalSampler`]).
     pub fn samples<B: Backend>(
-        split: &[u8],
+        split: &Split,
         samples: Range<u64>,
         seq: usize,
         sampler: &GlobalSampler,
         device: &B::Device,
-    ) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    ) -> Result<Batch<B>, String> {
         let n = (samples.end - samples.start) as usize;
         let mut x = Vec::with_capacity(n * seq);
         let mut y = Vec::with_capacity(n * seq);
         for i in samples {
-            let start = sampler.window_start(i, split.len(), seq + 1);
-            x.extend(split[start..start + seq].iter().map(|&b| b as i64));
-            y.extend(split[start + 1..start + seq + 1].iter().map(|&b| b as i64));
+            let w = split.window(sampler.window_start(i, split.len(), seq + 1), seq + 1)?;
+            x.extend(w[..seq].iter().map(|&t| t as i64));
+            y.extend(w[1..].iter().map(|&t| t as i64));
         }
-        (Tensor::from_data(TensorData::new(x, [n, seq]), device), Tensor::from_data(TensorData::new(y, [n, seq]), device))
+        Ok((Tensor::from_data(TensorData::new(x, [n, seq]), device), Tensor::from_data(TensorData::new(y, [n, seq]), device)))
     }
 
     /// Evaluation batch `i` of `batch` samples of the stream `name` (the same on every rank).
-    pub fn eval_batch<B: Backend>(split: &[u8], batch: usize, seq: usize, name: &str, i: usize, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    pub fn eval_batch<B: Backend>(
+        split: &Split,
+        batch: usize,
+        seq: usize,
+        name: &str,
+        i: usize,
+        device: &B::Device,
+    ) -> Result<Batch<B>, String> {
         let first = (i * batch) as u64;
         Self::samples(split, first..first + batch as u64, seq, &GlobalSampler::new(0, name), device)
     }

@@ -6,15 +6,16 @@
 //! ```
 //! Byte-level tokenizer (vocabulary 256). Without `--data`, trains on a generated corpus.
 
+mod args;
 mod checkpointing;
 mod corpus;
 mod pipelined;
 #[cfg(test)]
 mod tests;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use args::{Args, CommKind, DeviceKind};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
@@ -22,182 +23,12 @@ use burn_parallel::checkpoint::TrainState;
 use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::data::GlobalSampler;
 use burn_parallel::optim::{DistAdamW, DistAdamWConfig};
-use burn_parallel::precision::Precision;
-use burn_parallel::recompute::Recompute;
 use burn_parallel::{all_ok, run_world, BackwardWith, Comm, LocalWorldOptions, P2pMode, ParallelBackend, ParallelConfig, ProcessGroups, ReduceOp};
 use burn_parallel_modules::{Gpt, GptConfig};
 use checkpointing::Start;
-use clap::{Parser, ValueEnum};
-use corpus::Corpus;
+
+use corpus::{Corpus, Split};
 use indicatif::{ProgressBar, ProgressStyle};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-enum DeviceKind {
-    /// CPU (burn-flex).
-    Cpu,
-    /// One CUDA GPU shared by the rank threads (needs `--features cuda`).
-    Cuda,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-enum CommKind {
-    /// Ranks are threads of this process (any device).
-    Local,
-    /// One process per rank and GPU, NCCL between them (`--device cuda`; start with
-    /// `burn-parallel launch --nproc-per-node N -- gpt_pretrain ...`, torchrun or Slurm; without
-    /// those variables: a world of one).
-    Nccl,
-}
-
-/// Pretrain a small GPT on a text file with tensor parallelism across local threads.
-#[derive(Parser, Debug, Clone, serde::Serialize)]
-#[command(version, about)]
-pub(crate) struct Args {
-    /// Text file to train on (bytes are tokens). Default: a generated corpus built into the example.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Tensor-parallel degree: ranks (threads) that each hold 1/tp of every layer.
-    #[arg(long, default_value_t = 1)]
-    tp: usize,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 300)]
-    steps: usize,
-    /// Where to run.
-    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
-    device: DeviceKind,
-    /// Sequences per step.
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
-    /// Tokens per sequence (context length).
-    #[arg(long, default_value_t = 64)]
-    seq_len: usize,
-    /// Model width.
-    #[arg(long, default_value_t = 128)]
-    d_model: usize,
-    /// Transformer blocks.
-    #[arg(long, default_value_t = 4)]
-    layers: usize,
-    /// Attention heads (divisible by --tp).
-    #[arg(long, default_value_t = 4)]
-    heads: usize,
-    /// MLP inner width (default 4 × d_model).
-    #[arg(long)]
-    d_ff: Option<usize>,
-    /// Dropout probability.
-    #[arg(long, default_value_t = 0.0)]
-    dropout: f64,
-    /// Peak learning rate (linear warm-up, then cosine decay to 10%).
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
-    /// Warm-up steps.
-    #[arg(long, default_value_t = 20)]
-    warmup: usize,
-    /// AdamW weight decay.
-    #[arg(long, default_value_t = 0.1)]
-    weight_decay: f32,
-    /// Seed of weights, dropout, batches and sampling.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Evaluate the validation loss every N steps (0: only at the end).
-    #[arg(long, default_value_t = 100)]
-    eval_every: usize,
-    /// Batches per evaluation.
-    #[arg(long, default_value_t = 8)]
-    eval_batches: usize,
-    /// Bytes of text to generate at the end.
-    #[arg(long, default_value_t = 300)]
-    sample_tokens: usize,
-    /// Sampling temperature (0: greedy).
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    /// Seconds any collective may wait for a peer before failing.
-    #[arg(long, default_value_t = 300)]
-    timeout_secs: u64,
-    /// CUDA only: directory of cubecl's kernel and autotune caches (default: the user cache dir).
-    #[arg(long)]
-    kernel_cache: Option<PathBuf>,
-    /// Sequence parallelism over the TP group: layer norms and dropouts on sequence shards
-    /// (--seq-len must be divisible by --tp).
-    #[arg(long)]
-    sequence_parallel: bool,
-    /// Data-parallel degree: model replicas, each on its own data (world = dp × pp × tp threads).
-    #[arg(long, default_value_t = 1)]
-    dp: usize,
-    /// Clip the global gradient norm (over all TP/PP ranks, each parameter counted once) to this.
-    #[arg(long)]
-    clip_grad: Option<f32>,
-    /// Pipeline-parallel degree: ranks holding consecutive stages (world = dp × pp × tp threads).
-    #[arg(long, default_value_t = 1)]
-    pp: usize,
-    /// Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1.
-    #[arg(long, default_value = "1f1b")]
-    schedule: String,
-    /// Micro-batches per step (must divide --batch-size; default 2 × pp).
-    #[arg(long)]
-    microbatches: Option<usize>,
-    /// Model chunks per pipeline rank (interleaved-1f1b; default 2 for it, else 1).
-    #[arg(long)]
-    virtual_stages: Option<usize>,
-    /// How ranks talk: threads of this process, or NCCL between processes.
-    #[arg(long, value_enum, default_value_t = CommKind::Local)]
-    comm: CommKind,
-    /// Write the pipeline plan's timeline (simulated with forward 1, backward 2) to this SVG file.
-    #[arg(long)]
-    timeline: Option<PathBuf>,
-    /// Checkpoint directory: `step-N/` checkpoints (each rank writes its own shards) and a
-    /// `latest` pointer. A checkpoint is also saved after the last step.
-    #[arg(long)]
-    save_dir: Option<PathBuf>,
-    /// Save a checkpoint every N steps (0: only after the last step).
-    #[arg(long, default_value_t = 0)]
-    save_every: usize,
-    /// Keep the newest K checkpoints in --save-dir (0: all).
-    #[arg(long, default_value_t = 3)]
-    keep: usize,
-    /// Write checkpoints in a background thread (training waits only for the copy to host memory).
-    #[arg(long)]
-    async_save: bool,
-    /// Resume from a checkpoint directory, or `latest` (the newest in --save-dir): model,
-    /// optimizer, data position, dropout streams, step. Any dp/pp/tp/SP layout can load it.
-    #[arg(long)]
-    resume: Option<String>,
-    /// Stop after this step (saving a checkpoint with --save-dir), as a pre-empted job would;
-    /// the learning-rate schedule still spans --steps.
-    #[arg(long)]
-    exit_at_step: Option<usize>,
-    /// At the end, write the newest checkpoint's model as one unsharded safetensors file.
-    #[arg(long)]
-    export: Option<PathBuf>,
-    /// Initialise the weights from a model.safetensors (as written by --export) at any layout.
-    #[arg(long)]
-    init_from: Option<PathBuf>,
-    /// Print `step N loss L` every N steps on stdout (L printed exactly: bit-for-bit comparable).
-    #[arg(long, default_value_t = 0)]
-    print_every: usize,
-    /// Compute precision: f32, or bf16 (bf16 parameters and activations; f32 master weights,
-    /// AdamW state, gradient accumulation and reduction; softmax, log-sum-exp and layer-norm
-    /// statistics in f32). Costs nothing extra; halves parameter and activation bytes.
-    #[arg(long, default_value = "f32", value_parser = parse_precision)]
-    precision: Precision,
-    /// 1: distributed optimizer (ZeRO-1): master weights and AdamW moments sharded over the
-    /// --dp group (gradients reduce-scattered, parameters all-gathered once per step: the same
-    /// traffic as the all-reduce it replaces). Needs --dp 2 or more.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
-    zero: u8,
-    /// Activation recompute: none; selective (rerun the attention core in the backward: drops
-    /// the [b, heads, s, s] tensors for a few % more compute); full (keep each block's input,
-    /// rerun the block: +1 forward of every block, about +1/3 of the step's FLOPs).
-    #[arg(long, default_value = "none", value_parser = parse_recompute)]
-    recompute: Recompute,
-}
-
-fn parse_recompute(s: &str) -> Result<Recompute, String> {
-    s.parse().map_err(|e: burn_parallel::recompute::UnknownRecompute| e.to_string())
-}
-
-fn parse_precision(s: &str) -> Result<Precision, String> {
-    s.parse().map_err(|e: burn_parallel::precision::PrecisionError| e.to_string())
-}
 
 /// What rank 0 reports.
 pub(crate) struct Summary {
@@ -209,8 +40,13 @@ pub(crate) struct Summary {
 }
 
 /// The model the flags describe (byte-level vocabulary of 256).
+/// The model the flags describe. The vocabulary is the tokenizer's, padded to a multiple of
+/// 128 × tp (or a resumed checkpoint's padding, see `checkpointing::open_start`).
 fn gpt_config(args: &Args) -> GptConfig {
-    GptConfig::new(256, args.seq_len, args.d_model, args.heads, args.layers, args.d_ff.unwrap_or(4 * args.d_model))
+    let used = args.tokenizer.vocab_size();
+    let vocab = args.vocab_override.unwrap_or_else(|| if used > 256 { burn_parallel::data::padded_vocab(used, args.tp) } else { used });
+    GptConfig::new(vocab, args.seq_len, args.d_model, args.heads, args.layers, args.d_ff.unwrap_or(4 * args.d_model))
+        .with_vocab_used((vocab > used).then_some(used))
         .with_dropout(args.dropout)
         .with_seed(args.seed)
         .with_sequence_parallel(args.sequence_parallel)
@@ -243,14 +79,13 @@ pub(crate) fn lr_at(args: &Args, step: usize) -> f64 {
     args.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
 }
 
-fn evaluate<B: ParallelBackend>(gpt: &Gpt<B>, split: &[u8], name: &str, args: &Args, device: &B::Device) -> f32 {
-    let total: f32 = (0..args.eval_batches)
-        .map(|i| {
-            let (x, y) = Corpus::eval_batch::<B>(split, args.batch_size, args.seq_len, name, i, device);
-            gpt.loss(x, y).into_scalar().elem::<f32>()
-        })
-        .sum();
-    total / args.eval_batches as f32
+fn evaluate<B: ParallelBackend>(gpt: &Gpt<B>, split: &Split, name: &str, args: &Args, device: &B::Device) -> Result<f32, String> {
+    let mut total = 0.0;
+    for i in 0..args.eval_batches {
+        let (x, y) = Corpus::eval_batch::<B>(split, args.batch_size, args.seq_len, name, i, device)?;
+        total += gpt.loss(x, y).into_scalar().elem::<f32>();
+    }
+    Ok(total / args.eval_batches as f32)
 }
 
 pub(crate) fn progress(args: &Args, rank: usize, start: u64) -> ProgressBar {
@@ -286,7 +121,7 @@ where
     while train.step < last {
         let (t0, step) = (Instant::now(), train.step as usize);
         let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
-        let (x, y) = Corpus::samples::<B>(&data.train, samples, args.seq_len, &sampler, &device);
+        let (x, y) = Corpus::samples::<B>(&data.train, samples, args.seq_len, &sampler, &device)?;
         let (loss, grads) = gpt.forward_backward(x, y).map_err(|e| e.to_string())?;
         gpt = optim.step(lr_at(args, step), vec![(gpt, grads)], args.clip_grad).map_err(|e| e.to_string())?.0.remove(0);
         let loss = dp_mean(loss, &groups)?;
@@ -298,7 +133,7 @@ where
         let save = checkpointing::due(args, train.step, last).then(|| checkpointing::snapshot(args, &groups, &train, &[(&gpt, &same)], &optim));
         checkpointing::after_step(&mut saver, save)?;
         if args.eval_every > 0 && (step + 1) % args.eval_every == 0 && step + 1 < args.steps {
-            let val = evaluate(&gpt.valid(), &data.val, "val", args, &device);
+            let val = evaluate(&gpt.valid(), &data.val, "val", args, &device)?;
             if rank == 0 {
                 bar.suspend(|| tracing::info!(step = step + 1, train_loss = loss, val_loss = val, "evaluation"));
             }
@@ -308,12 +143,12 @@ where
     checkpointing::finish(args, &mut saver, rank)?;
     let tokens_per_sec = tokens_per_step * (train.step - first_step) as f64 / start_time.elapsed().as_secs_f64();
     let model = gpt.valid();
-    let train_loss = evaluate(&model, &data.train, "train-eval", args, &device);
-    let val_loss = evaluate(&model, &data.val, "val", args, &device);
-    let prompt: Vec<usize> = data.val[..args.seq_len.min(16)].iter().map(|&b| b as usize).collect();
+    let train_loss = evaluate(&model, &data.train, "train-eval", args, &device)?;
+    let val_loss = evaluate(&model, &data.val, "val", args, &device)?;
+    let prompt: Vec<usize> = data.val.window(0, args.seq_len.min(16))?.into_iter().map(|t| t as usize).collect();
     let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed).map_err(|e| e.to_string())?;
-    let bytes: Vec<u8> = tokens.iter().map(|&t| t as u8).collect();
-    Ok(Summary { first_loss, train_loss, val_loss, tokens_per_sec, sample: String::from_utf8_lossy(&bytes).into_owned() })
+    let sample = data.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>()).map_err(|e| e.to_string())?;
+    Ok(Summary { first_loss, train_loss, val_loss, tokens_per_sec, sample })
 }
 
 /// Counts step `step` as done: position in the data, tokens, learning rate.
@@ -351,13 +186,19 @@ where
 }
 
 fn load(args: &Args) -> Result<Corpus, String> {
+    if let Some(dir) = &args.shards {
+        let c = Corpus::from_shards(dir, args.tokenizer, args.seq_len)?;
+        tracing::info!(train_tokens = c.train.len(), val_tokens = c.val.len(), dir = %dir.display(), "token shards");
+        return Ok(c);
+    }
     let text = match &args.data {
         Some(path) => std::fs::read(path).map_err(|e| format!("cannot read --data {}: {e}", path.display()))?,
         None => corpus::generated(400_000, args.seed).into_bytes(),
     };
     let source = args.data.as_ref().map_or("generated corpus".to_string(), |p| p.display().to_string());
-    tracing::info!(bytes = text.len(), %source, "corpus");
-    Corpus::new(&text, args.seq_len)
+    let c = Corpus::from_text(&text, args.tokenizer, args.seq_len)?;
+    tracing::info!(bytes = text.len(), train_tokens = c.train.len(), tokenizer = %args.tokenizer, %source, "corpus");
+    Ok(c)
 }
 
 fn main() {
@@ -365,7 +206,7 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let args = Args::parse_with_presets(std::env::args_os()).unwrap_or_else(|e| e.exit());
     if let Err(e) = main_result(&args) {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -373,6 +214,9 @@ fn main() {
 }
 
 fn main_result(args: &Args) -> Result<(), String> {
+    let mut args = args.clone();
+    let start = checkpointing::open_start(&mut args)?;
+    let args = &args;
     if args.tp == 0 || args.pp == 0 || args.dp == 0 || args.steps == 0 || args.batch_size == 0 || args.eval_batches == 0 {
         return Err("--tp, --pp, --dp, --steps, --batch-size and --eval-batches must be at least 1".into());
     }
@@ -392,7 +236,6 @@ fn main_result(args: &Args) -> Result<(), String> {
     if args.comm == CommKind::Nccl && args.device != DeviceKind::Cuda {
         return Err("--comm nccl needs --device cuda".into());
     }
-    let start = checkpointing::open_start(args)?;
     let data = load(args)?;
     tracing::info!(dp = args.dp, tp = args.tp, pp = args.pp, sequence_parallel = args.sequence_parallel, device = ?args.device, steps = args.steps, "training");
     let summary = match args.device {
@@ -400,10 +243,40 @@ fn main_result(args: &Args) -> Result<(), String> {
         DeviceKind::Cuda => run_cuda(args, &data, &start)?,
     };
     println!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
+    println!("{}", throughput_line(args, summary.tokens_per_sec));
     println!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);
     println!("--- sample ---\n{}\n--------------", summary.sample);
     memory_table(args)?;
     Ok(())
+}
+
+/// Model FLOPs per token (`6·N + 12·L·h·s`, N without the position embedding, as nanoGPT),
+/// achieved TFLOP/s and MFU against `--peak-tflops` or the detected card's dense peak.
+fn throughput_line(args: &Args, tokens_per_sec: f64) -> String {
+    let c = gpt_config(args);
+    let shape =
+        burn_parallel::memory::GptShape { vocab: c.vocab_size, seq: args.seq_len, hidden: c.d_model, heads: c.n_heads, layers: c.n_layers, ffn: c.d_ff };
+    let n = burn_parallel::memory::model::parameter_count(&shape) - (args.seq_len * c.d_model) as f64;
+    let flops = 6.0 * n + 12.0 * (c.n_layers * c.d_model * args.seq_len) as f64;
+    let achieved = tokens_per_sec * flops / 1e12;
+    let devices = (args.dp * args.pp * args.tp) as f64;
+    let peak = args.peak_tflops.or_else(|| detected_peak(args));
+    let mfu =
+        peak.map_or("MFU: pass --peak-tflops".to_string(), |p| format!("MFU {:.1}% of {p} TFLOP/s x {devices} devices", 100.0 * achieved / (p * devices)));
+    format!("model FLOPs/token {:.3e} ({:.2}M parameters); achieved {achieved:.3} TFLOP/s; {mfu}", flops, n / 1e6)
+}
+
+#[cfg(feature = "cuda")]
+fn detected_peak(args: &Args) -> Option<f64> {
+    if args.device != DeviceKind::Cuda {
+        return None;
+    }
+    burn_parallel::cuda::dense_peak_tflops(0, args.precision == burn_parallel::precision::Precision::Bf16)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn detected_peak(_: &Args) -> Option<f64> {
+    None
 }
 
 /// The memory model's prediction for this run, per pipeline rank, next to each rank's measured

@@ -16,7 +16,7 @@ use burn_parallel_modules::{GptPipeline, TokenBatch};
 use burn_parallel_schedules::{render_svg, schedule_by_name, simulate, Costs, PipelineShape, Schedule};
 
 use super::checkpointing::{self, Start};
-use super::corpus::Corpus;
+use super::corpus::{Corpus, Split};
 use super::{advance, dp_mean, gpt_config, lr_at, optimizer, progress, report, Args, Summary};
 
 fn microbatches(args: &Args) -> usize {
@@ -80,12 +80,12 @@ pub(crate) fn write_timeline(args: &Args, path: &Path) -> Result<(), String> {
 }
 
 /// `m` micro-batches cut from the samples `samples` (of `split`, drawn by `sampler`).
-fn split(args: &Args, split: &[u8], samples: Range<u64>, sampler: &GlobalSampler) -> Result<Vec<TokenBatch>, String> {
+fn split(args: &Args, split: &Split, samples: Range<u64>, sampler: &GlobalSampler) -> Result<Vec<TokenBatch>, String> {
     let m = microbatches(args);
     if !args.batch_size.is_multiple_of(m) {
         return Err(format!("--batch-size {} is not divisible by --microbatches {m}", args.batch_size));
     }
-    let (x, y) = Corpus::samples::<burn::backend::Flex>(split, samples, args.seq_len, sampler, &Default::default());
+    let (x, y) = Corpus::samples::<burn::backend::Flex>(split, samples, args.seq_len, sampler, &Default::default())?;
     let (x, y) = (x.into_data(), y.into_data());
     let cut = |d: &TensorData, i: usize| burn_parallel::comm::split_along(d, 0, m, i).map(|t| t.convert::<i64>());
     (0..m).map(|i| Ok(TokenBatch { inputs: cut(&x, i)?, targets: cut(&y, i)? })).collect()
@@ -182,7 +182,7 @@ where
     checkpointing::snapshot(args, groups, train, &parts, optim)
 }
 
-fn evaluate<B, M>(args: &Args, exec: &PipelineExecutor<B, M, 3>, split_data: &[u8], name: &str) -> Result<f32, String>
+fn evaluate<B, M>(args: &Args, exec: &PipelineExecutor<B, M, 3>, split_data: &Split, name: &str) -> Result<f32, String>
 where
     B: AutodiffBackend + ParallelBackend + BackwardWith,
     M: burn_parallel::pipeline::PipelineModel<B, 3, MicroBatch = TokenBatch>,
@@ -198,12 +198,11 @@ where
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
 
     use super::*;
 
     fn args(flags: &str) -> Args {
-        Args::try_parse_from(std::iter::once("gpt_pretrain").chain(flags.split_whitespace())).unwrap()
+        Args::parse_with_presets(std::iter::once("gpt_pretrain").chain(flags.split_whitespace())).unwrap()
     }
 
     #[test]

@@ -18,7 +18,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use burn_parallel::checkpoint::{latest_checkpoint, Checkpoint};
-use clap::Parser;
 
 use super::{main_result, Args};
 
@@ -29,7 +28,8 @@ const CHILD_ENV: &str = "GPT_PRETRAIN_TEST_CHILD_ARGS";
 #[ignore = "the child process of the tests below (runs only with their environment)"]
 fn child_process() {
     let Ok(flags) = std::env::var(CHILD_ENV) else { return };
-    let args = Args::parse_from(std::iter::once("gpt_pretrain".to_string()).chain(flags.split_whitespace().map(String::from)));
+    let args =
+        Args::parse_with_presets(std::iter::once("gpt_pretrain".to_string()).chain(flags.split_whitespace().map(String::from))).unwrap_or_else(|e| e.exit());
     let code = match main_result(&args) {
         Ok(()) => 0,
         Err(e) => {
@@ -199,7 +199,7 @@ fn a_failing_write_stops_training_with_the_error_and_keeps_the_previous_checkpoi
 }
 
 fn error_of(flags: &str) -> String {
-    let args = Args::try_parse_from(std::iter::once("gpt_pretrain".to_string()).chain(flags.split_whitespace().map(String::from))).unwrap();
+    let args = Args::parse_with_presets(std::iter::once("gpt_pretrain".to_string()).chain(flags.split_whitespace().map(String::from))).unwrap();
     main_result(&args).expect_err("must fail")
 }
 

@@ -70,6 +70,10 @@ pub struct GptConfig {
     /// none, selective (attention core) or full (whole blocks). See [`crate::recompute`].
     #[config(default = "burn_parallel::recompute::Recompute::None")]
     pub recompute: Recompute,
+    /// The tokenizer's vocabulary when `vocab_size` is padded beyond it (Megatron's
+    /// make-vocab-size-divisible-by): the padded entries' logits are masked.
+    #[config(default = "None")]
+    pub vocab_used: Option<usize>,
 }
 
 /// A GPT split over a TP group (a group of one gives the plain model).
@@ -92,6 +96,9 @@ pub struct Gpt<B: ParallelBackend> {
     /// Activation recompute of [`Gpt::forward_backward`].
     #[module(skip)]
     pub recompute: Recompute,
+    /// Vocabulary ids from here on are padding (masked in the logits).
+    #[module(skip)]
+    pub vocab_used: Option<usize>,
 }
 
 impl GptConfig {
@@ -106,7 +113,17 @@ impl GptConfig {
         let (wte, wpe, drop) = self.init_embedding(tp, device)?;
         let (ln_f, head) = self.init_head(tp, device)?;
         let blocks = self.init_blocks(0..self.n_layers, tp, device)?;
-        Ok(self.in_precision(Gpt { wte, wpe, drop, blocks, ln_f, head, sequence_parallel: self.sequence_parallel, recompute: self.recompute }))
+        Ok(self.in_precision(Gpt {
+            wte,
+            wpe,
+            drop,
+            blocks,
+            ln_f,
+            head,
+            sequence_parallel: self.sequence_parallel,
+            recompute: self.recompute,
+            vocab_used: self.vocab_used,
+        }))
     }
 
     /// Token and position embeddings and their dropout (what runs before the first block).
@@ -205,28 +222,45 @@ pub(crate) fn embed<B: ParallelBackend>(
     drop.forward(x + pos)
 }
 
+/// Logits of padded vocabulary entries (ids ≥ the tokenizer's vocabulary): never sampled,
+/// nothing in the softmax (`exp` underflows to 0), no gradient.
+const PADDED_LOGIT: f32 = -1.0e30;
+
+/// What runs after the last block: final layer norm, head, and where this rank's vocabulary
+/// shard starts; `vocab_used` masks padded entries.
+pub struct HeadRef<'a, B: ParallelBackend> {
+    /// Final layer norm.
+    pub ln_f: &'a ParallelLayerNorm<B>,
+    /// Vocab-parallel head.
+    pub head: &'a ColumnLinear<B>,
+    /// First vocabulary id of this rank.
+    pub vocab_start: usize,
+    /// Ids from here on are padding (`None`: no padding).
+    pub vocab_used: Option<usize>,
+}
+
 /// The head's vocab-parallel logits `[b, s, V/t]` of hidden states `x` (`[b, s, h]`, or a
-/// `[b, s/t, h]` shard under SP, all-gathered along the sequence before the head).
-pub(crate) fn head_logits<B: ParallelBackend>(ln_f: &ParallelLayerNorm<B>, head: &ColumnLinear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    let x = ln_f.forward(x);
-    if ln_f.sequence_parallel {
-        head.forward_sp(x)
-    } else {
-        head.forward(x)
+/// `[b, s/t, h]` shard under SP, all-gathered along the sequence before the head); padded
+/// entries masked.
+pub(crate) fn head_logits<B: ParallelBackend>(h: &HeadRef<'_, B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let x = h.ln_f.forward(x);
+    let logits = if h.ln_f.sequence_parallel { h.head.forward_sp(x) } else { h.head.forward(x) };
+    let [b, s, v] = logits.dims();
+    match h.vocab_used {
+        Some(used) if used < h.vocab_start + v => {
+            let ids = Tensor::<B, 1, Int>::arange(h.vocab_start as i64..(h.vocab_start + v) as i64, &logits.device());
+            let pad = ids.greater_equal_elem(used as i64).reshape([1, 1, v]).expand([b, s, v]);
+            logits.mask_fill(pad, PADDED_LOGIT)
+        }
+        _ => logits,
     }
 }
 
 /// Mean cross-entropy of the head's vocab-parallel logits for hidden states `x`.
-pub(crate) fn head_loss<B: ParallelBackend>(
-    ln_f: &ParallelLayerNorm<B>,
-    head: &ColumnLinear<B>,
-    vocab_start: usize,
-    x: Tensor<B, 3>,
-    targets: Tensor<B, 2, Int>,
-) -> Tensor<B, 1> {
-    let logits = head_logits(ln_f, head, x);
+pub(crate) fn head_loss<B: ParallelBackend>(h: &HeadRef<'_, B>, x: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let logits = head_logits(h, x);
     let [b, s, v] = logits.dims();
-    vocab_parallel_cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]), vocab_start, &head.tp)
+    vocab_parallel_cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]), h.vocab_start, &h.head.tp)
 }
 
 impl<B: ParallelBackend> Gpt<B> {
@@ -247,7 +281,7 @@ impl<B: ParallelBackend> Gpt<B> {
 
     /// This rank's logits `[b, s, V/t]` (vocabulary ids `[r·V/t, (r+1)·V/t)`).
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        head_logits(&self.ln_f, &self.head, self.hidden(ids))
+        head_logits(&self.head_ref(), self.hidden(ids))
     }
 
     /// Full logits `[b, s, V]` (all-gathered over the vocabulary).
@@ -257,7 +291,12 @@ impl<B: ParallelBackend> Gpt<B> {
 
     /// Mean next-token cross-entropy of `ids [b, s]` against `targets [b, s]` (replicated).
     pub fn loss(&self, ids: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-        head_loss(&self.ln_f, &self.head, self.wte.vocab_start, self.hidden(ids), targets)
+        head_loss(&self.head_ref(), self.hidden(ids), targets)
+    }
+
+    /// The head's pieces.
+    pub fn head_ref(&self) -> HeadRef<'_, B> {
+        HeadRef { ln_f: &self.ln_f, head: &self.head, vocab_start: self.wte.vocab_start, vocab_used: self.vocab_used }
     }
 
     /// The pieces recompute walks.
@@ -265,7 +304,7 @@ impl<B: ParallelBackend> Gpt<B> {
         Pieces {
             embed: Some((&self.wte, &self.wpe, &self.drop)),
             blocks: &self.blocks,
-            head: Some((&self.ln_f, &self.head, self.wte.vocab_start)),
+            head: Some(self.head_ref()),
             sequence_parallel: self.sequence_parallel,
             tp: self.tp(),
         }

@@ -18,7 +18,7 @@ use crate::block::TransformerBlock;
 use crate::column_linear::ColumnLinear;
 use crate::dropout::ParallelDropout;
 use crate::embedding::VocabParallelEmbedding;
-use crate::gpt::{embed, head_loss, GptConfig};
+use crate::gpt::{embed, head_loss, GptConfig, HeadRef};
 use crate::layer_norm::ParallelLayerNorm;
 use crate::recompute::{self, Output, Pieces, Tape, Tokens};
 
@@ -149,7 +149,8 @@ where
         match (&part.ln_f, &part.head) {
             (Some(ln_f), Some(head)) => {
                 let vocab_start = self.tp.rank() * self.config.vocab_size / self.tp.size();
-                StageOutput::Loss(head_loss(ln_f, head, vocab_start, x, Tensor::from_data(mb.targets.clone(), &device)))
+                let h = HeadRef { ln_f, head, vocab_start, vocab_used: self.config.vocab_used };
+                StageOutput::Loss(head_loss(&h, x, Tensor::from_data(mb.targets.clone(), &device)))
             }
             _ => StageOutput::Activation(x),
         }
@@ -165,7 +166,7 @@ impl<B: ParallelBackend> GptStage<B> {
         };
         let vocab_start = model.tp.rank() * model.config.vocab_size / model.tp.size();
         let head = match (&self.ln_f, &self.head) {
-            (Some(ln_f), Some(head)) => Some((ln_f, head, vocab_start)),
+            (Some(ln_f), Some(head)) => Some(HeadRef { ln_f, head, vocab_start, vocab_used: model.config.vocab_used }),
             _ => None,
         };
         Pieces { embed, blocks: &self.blocks, head, sequence_parallel: model.config.sequence_parallel, tp: &model.tp }

@@ -27,11 +27,9 @@ use burn_parallel::rng::RandomStreams;
 use burn_parallel::{BackwardWith, Comm, CommError, ParallelBackend};
 
 use crate::block::TransformerBlock;
-use crate::column_linear::ColumnLinear;
 use crate::dropout::ParallelDropout;
 use crate::embedding::VocabParallelEmbedding;
-use crate::gpt::{embed, head_loss};
-use crate::layer_norm::ParallelLayerNorm;
+use crate::gpt::{embed, head_loss, HeadRef};
 
 /// The embedding of a first stage: token table, position table, dropout.
 pub type EmbedPieces<'a, B> = (&'a VocabParallelEmbedding<B>, &'a Param<Tensor<B, 2>>, &'a ParallelDropout);
@@ -42,8 +40,8 @@ pub struct Pieces<'a, B: ParallelBackend> {
     pub embed: Option<EmbedPieces<'a, B>>,
     /// The blocks.
     pub blocks: &'a [TransformerBlock<B>],
-    /// Final layer norm and head, with the first vocabulary id of this rank (last stage).
-    pub head: Option<(&'a ParallelLayerNorm<B>, &'a ColumnLinear<B>, usize)>,
+    /// Final layer norm and head (last stage).
+    pub head: Option<HeadRef<'a, B>>,
     /// Sequence parallelism.
     pub sequence_parallel: bool,
     /// The TP group.
@@ -125,10 +123,10 @@ where
         blocks.push(tape);
         cur = next;
     }
-    match pieces.head {
-        Some((ln_f, head, vocab_start)) => {
+    match &pieces.head {
+        Some(h) => {
             let x = cur.detach().require_grad();
-            let loss = head_loss(ln_f, head, vocab_start, x.clone(), tokens.targets.expect("the last stage gets the targets"));
+            let loss = head_loss(h, x.clone(), tokens.targets.expect("the last stage gets the targets"));
             (Output::Loss(loss.clone()), Tape { embedded, blocks, head: Some((x, loss)) })
         }
         None => (Output::Activation(cur), Tape { embedded, blocks, head: None }),

@@ -49,6 +49,25 @@ enum Cmd {
         #[command(subcommand)]
         action: CheckpointCmd,
     },
+    /// Tokenize text files into binary token shards (`OUT/train_NNNNNN.bin`, `OUT/val_000000.bin`:
+    /// llm.c's format, u16 tokens), one document per file, for `gpt_pretrain --shards OUT`.
+    Prepare {
+        /// byte or gpt2.
+        #[arg(long, default_value = "gpt2")]
+        tokenizer: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tokens per training shard.
+        #[arg(long, default_value_t = 100_000_000)]
+        shard_tokens: usize,
+        /// The last fraction of the tokens becomes the validation shard.
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+        /// Text files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Predict every pipeline rank's memory (parameters, gradients, optimizer state,
     /// activations, peak) of a GPT training run: the model of `burn_parallel::memory`.
     Memory(MemoryArgs),
@@ -140,6 +159,17 @@ struct MemoryArgs {
     dropout: bool,
 }
 
+fn prepare(tokenizer: &str, out: &std::path::Path, shard_tokens: usize, val_fraction: f64, files: &[PathBuf]) -> Result<(), String> {
+    let tokenizer: burn_parallel::data::Tokenizer = tokenizer.parse().map_err(|e: burn_parallel::data::TokenizerError| e.to_string())?;
+    let texts = files
+        .iter()
+        .map(|f| std::fs::read(f).map(|b| String::from_utf8_lossy(&b).into_owned()).map_err(|e| format!("cannot read {}: {e}", f.display())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let r = burn_parallel::data::prepare(&texts, tokenizer, out, shard_tokens, val_fraction).map_err(|e| e.to_string())?;
+    println!("{} train tokens, {} validation tokens ({tokenizer}) in {} shards under {}", r.train_tokens, r.val_tokens, r.files.len(), out.display());
+    Ok(())
+}
+
 fn memory(a: MemoryArgs) -> Result<(), String> {
     use burn_parallel::memory::{estimate, model::table, GptShape, TrainPlan};
     let shape = GptShape { vocab: a.vocab, seq: a.seq_len, hidden: a.d_model, heads: a.heads, layers: a.layers, ffn: a.d_ff.unwrap_or(4 * a.d_model) };
@@ -218,6 +248,13 @@ fn main() {
             Err(e) => {
                 eprintln!("burn-parallel checkpoint: {e}");
                 1
+            }
+        },
+        Cmd::Prepare { tokenizer, out, shard_tokens, val_fraction, files } => match prepare(&tokenizer, &out, shard_tokens, val_fraction, &files) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("burn-parallel prepare: {e}");
+                2
             }
         },
         Cmd::Memory(a) => match memory(a) {

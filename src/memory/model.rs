@@ -195,6 +195,11 @@ fn stage_params(g: &GptShape, t: usize, layers: usize, first: bool, last: bool) 
     p
 }
 
+/// Parameters of the whole model (tp = 1).
+pub fn parameter_count(g: &GptShape) -> f64 {
+    stage_params(g, 1, g.layers, true, true)
+}
+
 /// Every pipeline rank's predicted memory.
 pub fn estimate(g: &GptShape, plan: &TrainPlan) -> Result<Vec<RankMemory>, String> {
     let stages = plan.pp * plan.virtual_stages;

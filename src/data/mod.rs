@@ -1,4 +1,5 @@
-//! The data position as a global sample counter.
+//! Training data: tokenizers (bytes, GPT-2's BPE), token shards, and the data position as a
+//! global sample counter.
 //!
 //! Training consumes samples `0, 1, 2, ...` of one global stream; sample `i` is a window of a
 //! token sequence whose start is drawn from `(seed, stream, i)` alone. A step of a data-parallel
@@ -8,7 +9,13 @@
 //! ([`TrainState::samples_seen`](crate::checkpoint::TrainState)) resumes the data order at any
 //! data-parallel degree (Megatron's consumed-samples counter).
 
+pub mod shards;
+pub mod tokenizer;
+
 use std::ops::Range;
+
+pub use shards::{prepare, write_shard, ShardError, TokenShards};
+pub use tokenizer::{padded_vocab, Tokenizer, TokenizerError};
 
 use crate::rng::HostRng;
 

@@ -1,0 +1,266 @@
+//! The example's flags, and the model presets they select.
+
+use std::path::PathBuf;
+
+use burn_parallel::data::Tokenizer;
+use burn_parallel::precision::Precision;
+use burn_parallel::recompute::Recompute;
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub(crate) enum DeviceKind {
+    /// CPU (burn-flex).
+    Cpu,
+    /// One CUDA GPU shared by the rank threads (needs `--features cuda`).
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub(crate) enum CommKind {
+    /// Ranks are threads of this process (any device).
+    Local,
+    /// One process per rank and GPU, NCCL between them (`--device cuda`; start with
+    /// `burn-parallel launch --nproc-per-node N -- gpt_pretrain ...`, torchrun or Slurm; without
+    /// those variables: a world of one).
+    Nccl,
+}
+
+/// Pretrain a small GPT on a text file with tensor parallelism across local threads.
+#[derive(Parser, Debug, Clone, serde::Serialize)]
+#[command(version, about)]
+pub(crate) struct Args {
+    /// Text file to train on (tokenized with --tokenizer). Default: a generated corpus built into
+    /// the example.
+    #[arg(long)]
+    pub(crate) data: Option<PathBuf>,
+    /// Prepared token shards (`DIR/train_*.bin`, `DIR/val_*.bin`, from `burn-parallel prepare`),
+    /// memory-mapped, instead of --data.
+    #[arg(long)]
+    pub(crate) shards: Option<PathBuf>,
+    /// byte (vocabulary 256) or gpt2 (GPT-2's BPE, vocabulary 50257 padded to a multiple of 128 x
+    /// --tp; padded logits are masked: never sampled, never in the loss).
+    #[arg(long, default_value = "byte", value_parser = parse_tokenizer)]
+    pub(crate) tokenizer: Tokenizer,
+    /// Model size: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b (GPT-2's shapes, context
+    /// 1024, the gpt2 tokenizer, batch 8); explicit size flags override it.
+    #[arg(long, value_enum, default_value_t = ModelPreset::Tiny)]
+    pub(crate) model: ModelPreset,
+    /// Peak TFLOP/s of one device for the MFU line (default: the detected card's bf16/f32 dense
+    /// peak on CUDA; none on CPU).
+    #[arg(long)]
+    pub(crate) peak_tflops: Option<f64>,
+    /// The padded vocabulary of a checkpoint being resumed (set by the program).
+    #[arg(skip)]
+    pub(crate) vocab_override: Option<usize>,
+    /// Tensor-parallel degree: ranks (threads) that each hold 1/tp of every layer.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) tp: usize,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) steps: usize,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub(crate) device: DeviceKind,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) batch_size: usize,
+    /// Tokens per sequence (context length).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) seq_len: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 128)]
+    pub(crate) d_model: usize,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) layers: usize,
+    /// Attention heads (divisible by --tp).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) heads: usize,
+    /// MLP inner width (default 4 × d_model).
+    #[arg(long)]
+    pub(crate) d_ff: Option<usize>,
+    /// Dropout probability.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) dropout: f64,
+    /// Peak learning rate (linear warm-up, then cosine decay to 10%).
+    #[arg(long, default_value_t = 3e-3)]
+    pub(crate) lr: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 20)]
+    pub(crate) warmup: usize,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.1)]
+    pub(crate) weight_decay: f32,
+    /// Seed of weights, dropout, batches and sampling.
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+    /// Evaluate the validation loss every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) eval_every: usize,
+    /// Batches per evaluation.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) eval_batches: usize,
+    /// Bytes of text to generate at the end.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) sample_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub(crate) temperature: f64,
+    /// Seconds any collective may wait for a peer before failing.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) timeout_secs: u64,
+    /// CUDA only: directory of cubecl's kernel and autotune caches (default: the user cache dir).
+    #[arg(long)]
+    pub(crate) kernel_cache: Option<PathBuf>,
+    /// Sequence parallelism over the TP group: layer norms and dropouts on sequence shards
+    /// (--seq-len must be divisible by --tp).
+    #[arg(long)]
+    pub(crate) sequence_parallel: bool,
+    /// Data-parallel degree: model replicas, each on its own data (world = dp × pp × tp threads).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) dp: usize,
+    /// Clip the global gradient norm (over all TP/PP ranks, each parameter counted once) to this.
+    #[arg(long)]
+    pub(crate) clip_grad: Option<f32>,
+    /// Pipeline-parallel degree: ranks holding consecutive stages (world = dp × pp × tp threads).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) pp: usize,
+    /// Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1.
+    #[arg(long, default_value = "1f1b")]
+    pub(crate) schedule: String,
+    /// Micro-batches per step (must divide --batch-size; default 2 × pp).
+    #[arg(long)]
+    pub(crate) microbatches: Option<usize>,
+    /// Model chunks per pipeline rank (interleaved-1f1b; default 2 for it, else 1).
+    #[arg(long)]
+    pub(crate) virtual_stages: Option<usize>,
+    /// How ranks talk: threads of this process, or NCCL between processes.
+    #[arg(long, value_enum, default_value_t = CommKind::Local)]
+    pub(crate) comm: CommKind,
+    /// Write the pipeline plan's timeline (simulated with forward 1, backward 2) to this SVG file.
+    #[arg(long)]
+    pub(crate) timeline: Option<PathBuf>,
+    /// Checkpoint directory: `step-N/` checkpoints (each rank writes its own shards) and a
+    /// `latest` pointer. A checkpoint is also saved after the last step.
+    #[arg(long)]
+    pub(crate) save_dir: Option<PathBuf>,
+    /// Save a checkpoint every N steps (0: only after the last step).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) save_every: usize,
+    /// Keep the newest K checkpoints in --save-dir (0: all).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) keep: usize,
+    /// Write checkpoints in a background thread (training waits only for the copy to host memory).
+    #[arg(long)]
+    pub(crate) async_save: bool,
+    /// Resume from a checkpoint directory, or `latest` (the newest in --save-dir): model,
+    /// optimizer, data position, dropout streams, step. Any dp/pp/tp/SP layout can load it.
+    #[arg(long)]
+    pub(crate) resume: Option<String>,
+    /// Stop after this step (saving a checkpoint with --save-dir), as a pre-empted job would;
+    /// the learning-rate schedule still spans --steps.
+    #[arg(long)]
+    pub(crate) exit_at_step: Option<usize>,
+    /// At the end, write the newest checkpoint's model as one unsharded safetensors file.
+    #[arg(long)]
+    pub(crate) export: Option<PathBuf>,
+    /// Initialise the weights from a model.safetensors (as written by --export) at any layout.
+    #[arg(long)]
+    pub(crate) init_from: Option<PathBuf>,
+    /// Print `step N loss L` every N steps on stdout (L printed exactly: bit-for-bit comparable).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) print_every: usize,
+    /// Compute precision: f32, or bf16 (bf16 parameters and activations; f32 master weights,
+    /// AdamW state, gradient accumulation and reduction; softmax, log-sum-exp and layer-norm
+    /// statistics in f32). Costs nothing extra; halves parameter and activation bytes.
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    pub(crate) precision: Precision,
+    /// 1: distributed optimizer (ZeRO-1): master weights and AdamW moments sharded over the
+    /// --dp group (gradients reduce-scattered, parameters all-gathered once per step: the same
+    /// traffic as the all-reduce it replaces). Needs --dp 2 or more.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub(crate) zero: u8,
+    /// Activation recompute: none; selective (rerun the attention core in the backward: drops
+    /// the [b, heads, s, s] tensors for a few % more compute); full (keep each block's input,
+    /// rerun the block: +1 forward of every block, about +1/3 of the step's FLOPs).
+    #[arg(long, default_value = "none", value_parser = parse_recompute)]
+    pub(crate) recompute: Recompute,
+}
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    s.parse().map_err(|e: burn_parallel::precision::PrecisionError| e.to_string())
+}
+
+fn parse_tokenizer(s: &str) -> Result<Tokenizer, String> {
+    s.parse().map_err(|e: burn_parallel::data::TokenizerError| e.to_string())
+}
+
+/// GPT-2's shapes (context 1024, vocabulary 50257 padded, GPT-2's BPE), or the tiny default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub(crate) enum ModelPreset {
+    /// d 128, 4 layers, 4 heads, context 64, byte tokens (the defaults).
+    Tiny,
+    /// GPT-2 small: d 768, 12 layers, 12 heads.
+    #[value(name = "gpt2-124m")]
+    Gpt2_124m,
+    /// GPT-2 medium: d 1024, 24 layers, 16 heads.
+    #[value(name = "gpt2-350m")]
+    Gpt2_350m,
+    /// GPT-2 large: d 1280, 36 layers, 20 heads.
+    #[value(name = "gpt2-774m")]
+    Gpt2_774m,
+    /// GPT-2 XL: d 1600, 48 layers, 25 heads.
+    #[value(name = "gpt2-1.5b")]
+    Gpt2_1_5b,
+}
+
+impl ModelPreset {
+    /// (width, layers, heads, context, tokenizer, sequences per step).
+    fn shape(self) -> (usize, usize, usize, usize, Tokenizer, usize) {
+        match self {
+            Self::Tiny => (128, 4, 4, 64, Tokenizer::Byte, 16),
+            Self::Gpt2_124m => (768, 12, 12, 1024, Tokenizer::Gpt2, 8),
+            Self::Gpt2_350m => (1024, 24, 16, 1024, Tokenizer::Gpt2, 8),
+            Self::Gpt2_774m => (1280, 36, 20, 1024, Tokenizer::Gpt2, 8),
+            Self::Gpt2_1_5b => (1600, 48, 25, 1024, Tokenizer::Gpt2, 8),
+        }
+    }
+}
+
+impl Args {
+    /// Parses `argv`; `--model` sets the size flags not given explicitly.
+    pub(crate) fn parse_with_presets<I, T>(argv: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Self::command().try_get_matches_from(argv)?;
+        let mut args = Self::from_arg_matches(&matches)?;
+        let default = |id: &str| matches.value_source(id) != Some(clap::parser::ValueSource::CommandLine);
+        let (d, layers, heads, seq, tokenizer, batch) = args.model.shape();
+        if default("d_model") {
+            args.d_model = d;
+        }
+        if default("layers") {
+            args.layers = layers;
+        }
+        if default("heads") {
+            args.heads = heads;
+        }
+        if default("seq_len") {
+            args.seq_len = seq;
+        }
+        if default("tokenizer") {
+            args.tokenizer = tokenizer;
+        }
+        if default("batch_size") {
+            args.batch_size = batch;
+        }
+        Ok(args)
+    }
+}
+
+fn parse_recompute(s: &str) -> Result<Recompute, String> {
+    s.parse().map_err(|e: burn_parallel::recompute::UnknownRecompute| e.to_string())
+}

@@ -1,0 +1,279 @@
+//! Token shards: binary files of `u16` tokens, memory-mapped, read by global sample index.
+//!
+//! Format (llm.c's, so its prepared FineWeb/TinyStories shards load as they are): a header of 256
+//! little-endian `i32` — `[0]` magic 20240520, `[1]` version 1, `[2]` the token count — then the
+//! tokens as little-endian `u16`. A file's size must be `1024 + 2 · count`. A set of shards
+//! (`train_000000.bin`, `train_000001.bin`, …) is read as one stream of tokens; a window may
+//! span two files.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::tokenizer::{Tokenizer, GPT2_EOT};
+
+/// `header[0]` of a shard.
+pub const SHARD_MAGIC: i32 = 20240520;
+/// `header[1]` of a shard (u16 tokens).
+pub const SHARD_VERSION: i32 = 1;
+/// Bytes before the tokens.
+pub const HEADER_BYTES: usize = 256 * 4;
+
+/// A shard that cannot be written or read, naming the file and the numbers.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// A file operation failed.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// Not a token shard.
+    #[error("{}: not a token shard (magic {magic}, expected {SHARD_MAGIC}; {bytes} bytes)", path.display())]
+    Foreign {
+        /// The file.
+        path: PathBuf,
+        /// Its first `i32` (or -1 when shorter than a header).
+        magic: i64,
+        /// Its size.
+        bytes: u64,
+    },
+    /// Another shard version.
+    #[error("{}: shard version {found} (this build reads {SHARD_VERSION}: u16 tokens)", path.display())]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: i32,
+    },
+    /// The header's token count does not match the file's size.
+    #[error("{}: the header says {count} tokens ({expected} bytes) but the file has {bytes} bytes (truncated?)", path.display())]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Tokens in the header.
+        count: i64,
+        /// The size the header implies.
+        expected: u64,
+        /// The actual size.
+        bytes: u64,
+    },
+    /// A token outside the vocabulary.
+    #[error("{}: token {token} at position {position} is outside the vocabulary of {vocab} (another tokenizer's shard?)", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Index of the token in the file.
+        position: usize,
+        /// The token.
+        token: u32,
+        /// The vocabulary.
+        vocab: usize,
+    },
+    /// No shard, or too few tokens.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Writes `tokens` (each `< vocab ≤ 65536`) as one shard at `path` (fsynced).
+pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), ShardError> {
+    if vocab > 1 << 16 {
+        return Err(ShardError::Invalid(format!("a vocabulary of {vocab} does not fit u16 shards")));
+    }
+    if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+        return Err(ShardError::Corrupt { path: path.to_path_buf(), position: i, token: *t, vocab });
+    }
+    let mut bytes = Vec::with_capacity(HEADER_BYTES + 2 * tokens.len());
+    for v in [SHARD_MAGIC, SHARD_VERSION, tokens.len() as i32].into_iter().chain(std::iter::repeat_n(0, 253)) {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    for &t in tokens {
+        bytes.extend_from_slice(&(t as u16).to_le_bytes());
+    }
+    let io = |op| move |source| ShardError::Io { op, path: path.to_path_buf(), source };
+    let mut f = File::create(path).map_err(io("create"))?;
+    f.write_all(&bytes).map_err(io("write"))?;
+    f.sync_all().map_err(io("fsync"))
+}
+
+/// A set of shards read as one stream of tokens.
+pub struct TokenShards {
+    files: Vec<(PathBuf, Mmap, usize)>,
+    /// Start of each file in the stream.
+    starts: Vec<usize>,
+    len: usize,
+    vocab: usize,
+}
+
+impl std::fmt::Debug for TokenShards {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenShards").field("files", &self.files.len()).field("tokens", &self.len).finish()
+    }
+}
+
+impl TokenShards {
+    /// Opens `paths` (in order), checking each header and size; tokens are checked against
+    /// `vocab` as windows are read.
+    pub fn open(paths: &[PathBuf], vocab: usize) -> Result<Self, ShardError> {
+        if paths.is_empty() {
+            return Err(ShardError::Invalid("no token shards given".into()));
+        }
+        let (mut files, mut starts, mut len) = (Vec::new(), Vec::new(), 0);
+        for p in paths {
+            let (map, count) = map_shard(p)?;
+            starts.push(len);
+            len += count;
+            files.push((p.clone(), map, count));
+        }
+        Ok(Self { files, starts, len, vocab })
+    }
+
+    /// The shards `DIR/{split}_*.bin`, sorted by name.
+    pub fn open_dir(dir: &Path, split: &str, vocab: usize) -> Result<Self, ShardError> {
+        let entries = std::fs::read_dir(dir).map_err(|source| ShardError::Io { op: "list", path: dir.to_path_buf(), source })?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{split}_")) && n.ends_with(".bin")))
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            return Err(ShardError::Invalid(format!("{}: no {split}_*.bin shards (prepare them with `burn-parallel prepare`)", dir.display())));
+        }
+        Self::open(&paths, vocab)
+    }
+
+    /// Tokens in all shards.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there is no token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens `[start, start + n)` of the stream.
+    pub fn window(&self, start: usize, n: usize) -> Result<Vec<u32>, ShardError> {
+        if start + n > self.len {
+            return Err(ShardError::Invalid(format!("window [{start}, {}) outside {} tokens", start + n, self.len)));
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut f = self.starts.partition_point(|&s| s <= start) - 1;
+        let mut at = start - self.starts[f];
+        while out.len() < n {
+            let (path, map, count) = &self.files[f];
+            let take = (n - out.len()).min(count - at);
+            let bytes = &map[HEADER_BYTES + 2 * at..HEADER_BYTES + 2 * (at + take)];
+            for (i, c) in bytes.chunks_exact(2).enumerate() {
+                let t = u16::from_le_bytes([c[0], c[1]]) as u32;
+                if t as usize >= self.vocab {
+                    return Err(ShardError::Corrupt { path: path.clone(), position: at + i, token: t, vocab: self.vocab });
+                }
+                out.push(t);
+            }
+            (f, at) = (f + 1, 0);
+        }
+        Ok(out)
+    }
+}
+
+fn map_shard(path: &Path) -> Result<(Mmap, usize), ShardError> {
+    let f = File::open(path).map_err(|source| ShardError::Io { op: "open", path: path.to_path_buf(), source })?;
+    // SAFETY: the shard is only read; shards are written once before training reads them.
+    let map = unsafe { Mmap::map(&f) }.map_err(|source| ShardError::Io { op: "map", path: path.to_path_buf(), source })?;
+    let bytes = map.len() as u64;
+    let word = |i: usize| i32::from_le_bytes(map[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+    if map.len() < HEADER_BYTES || word(0) != SHARD_MAGIC {
+        let magic = if map.len() >= 4 { word(0) as i64 } else { -1 };
+        return Err(ShardError::Foreign { path: path.to_path_buf(), magic, bytes });
+    }
+    if word(1) != SHARD_VERSION {
+        return Err(ShardError::Version { path: path.to_path_buf(), found: word(1) });
+    }
+    let count = word(2) as i64;
+    let expected = HEADER_BYTES as u64 + 2 * count.max(0) as u64;
+    if count < 0 || expected != bytes {
+        return Err(ShardError::Truncated { path: path.to_path_buf(), count, expected, bytes });
+    }
+    Ok((map, count as usize))
+}
+
+/// What [`prepare`] wrote.
+#[derive(Debug, Clone, Default)]
+pub struct Prepared {
+    /// Shard files, in order.
+    pub files: Vec<PathBuf>,
+    /// Training tokens.
+    pub train_tokens: usize,
+    /// Validation tokens.
+    pub val_tokens: usize,
+}
+
+/// Tokenizes `texts` (documents; GPT-2 puts `<|endoftext|>` before each, as nanoGPT does) and
+/// writes `out/train_NNNNNN.bin` shards of at most `shard_tokens` tokens and, from the last
+/// `val_fraction` of the tokens, `out/val_000000.bin`.
+pub fn prepare(texts: &[String], tokenizer: Tokenizer, out: &Path, shard_tokens: usize, val_fraction: f64) -> Result<Prepared, ShardError> {
+    let mut tokens = Vec::new();
+    for t in texts {
+        if tokenizer == Tokenizer::Gpt2 {
+            tokens.push(GPT2_EOT);
+        }
+        tokens.extend(tokenizer.encode(t).map_err(|e| ShardError::Invalid(e.to_string()))?);
+    }
+    let val = ((tokens.len() as f64) * val_fraction) as usize;
+    if val == 0 || val >= tokens.len() {
+        return Err(ShardError::Invalid(format!("{} tokens cannot be split with a validation fraction of {val_fraction}", tokens.len())));
+    }
+    std::fs::create_dir_all(out).map_err(|source| ShardError::Io { op: "create", path: out.to_path_buf(), source })?;
+    let (train, valid) = tokens.split_at(tokens.len() - val);
+    let mut report = Prepared { train_tokens: train.len(), val_tokens: valid.len(), ..Default::default() };
+    for (i, chunk) in train.chunks(shard_tokens.max(1)).enumerate() {
+        let p = out.join(format!("train_{i:06}.bin"));
+        write_shard(&p, chunk, tokenizer.vocab_size())?;
+        report.files.push(p);
+    }
+    let p = out.join("val_000000.bin");
+    write_shard(&p, valid, tokenizer.vocab_size())?;
+    report.files.push(p);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_round_trip_across_files_and_refuse_bad_files() {
+        let dir = std::env::temp_dir().join(format!("bp-shards-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let texts = vec!["To be, or not to be: that is the question.".to_string(), "Whether 'tis nobler in the mind to suffer".to_string()];
+        let r = prepare(&texts, Tokenizer::Gpt2, &dir, 7, 0.2).unwrap();
+        assert!(r.files.len() >= 3, "{:?}", r.files);
+        let train = TokenShards::open_dir(&dir, "train", 50257).unwrap();
+        assert_eq!(train.len(), r.train_tokens);
+        let all: Vec<u32> = std::iter::once(GPT2_EOT).chain(Tokenizer::Gpt2.encode(&texts[0]).unwrap()).collect();
+        assert_eq!(train.window(5, 6).unwrap(), all[5..11], "a window across two files");
+        // Bad input: foreign file, truncated, another version, a token outside the vocabulary.
+        let p = dir.join("train_000000.bin");
+        let good = std::fs::read(&p).unwrap();
+        std::fs::write(&p, b"not a shard at all").unwrap();
+        assert!(TokenShards::open(std::slice::from_ref(&p), 50257).unwrap_err().to_string().contains("not a token shard"));
+        std::fs::write(&p, &good[..good.len() - 2]).unwrap();
+        let e = TokenShards::open(std::slice::from_ref(&p), 50257).unwrap_err().to_string();
+        assert!(e.contains("the header says 7 tokens") && e.contains("truncated"), "{e}");
+        let mut v2 = good.clone();
+        v2[4] = 2;
+        std::fs::write(&p, &v2).unwrap();
+        assert!(TokenShards::open(std::slice::from_ref(&p), 50257).unwrap_err().to_string().contains("shard version 2"));
+        std::fs::write(&p, &good).unwrap();
+        let e = TokenShards::open(std::slice::from_ref(&p), 256).unwrap().window(0, 7).unwrap_err().to_string();
+        assert!(e.contains("outside the vocabulary of 256") && e.contains("position 0"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
