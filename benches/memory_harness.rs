@@ -36,6 +36,7 @@ pub fn plan(dp: usize, pp: usize, tp: usize, batch: usize) -> TrainPlan {
         zero: false,
         precision: Precision::F32,
         dropout: false,
+        loss_chunk: None,
     }
 }
 
@@ -79,7 +80,8 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
         .with_sequence_parallel(p.sequence_parallel)
         .with_precision(p.precision)
         .with_recompute(p.recompute)
-        .with_dropout(if p.dropout { 0.1 } else { 0.0 });
+        .with_dropout(if p.dropout { 0.1 } else { 0.0 })
+        .with_loss_chunk(p.loss_chunk);
     let per_replica = p.microbatch * p.microbatches;
     let results = run_world(p.dp * p.pp * p.tp, LocalWorldOptions::default(), |c| {
         let rank = c.global_rank();
@@ -171,6 +173,10 @@ pub fn grid() -> Vec<Case> {
         p.dropout = true;
         p
     };
+    let chunk = |mut p: TrainPlan| {
+        p.loss_chunk = Some(64);
+        p
+    };
     vec![
         Case { name: "tp 1", plan: plan(1, 1, 1, b) },
         Case { name: "tp 2", plan: plan(1, 1, 2, b) },
@@ -181,6 +187,8 @@ pub fn grid() -> Vec<Case> {
         Case { name: "full", plan: rc(plan(1, 1, 1, b), Recompute::Full) },
         Case { name: "bf16", plan: bf16(plan(1, 1, 1, b)) },
         Case { name: "dropout tp 2", plan: drop(plan(1, 1, 2, b)) },
+        Case { name: "chunked loss (64 rows)", plan: chunk(plan(1, 1, 1, b)) },
+        Case { name: "bf16 full, chunked loss", plan: chunk(rc(bf16(plan(1, 1, 1, b)), Recompute::Full)) },
         Case { name: "dp 2", plan: plan(2, 1, 1, b) },
         Case { name: "dp 2 ZeRO", plan: zero(plan(2, 1, 1, b)) },
         Case { name: "dp 4 ZeRO bf16", plan: bf16(zero(plan(4, 1, 1, b))) },

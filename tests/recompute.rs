@@ -19,6 +19,11 @@ fn config(sp: bool, mode: Recompute) -> GptConfig {
     GptConfig::new(32, 8, 16, 4, 4, 32).with_sequence_parallel(sp).with_dropout(0.1).with_recompute(mode)
 }
 
+thread_local! {
+    /// Cross-entropy rows per chunk of the runs below (`None`: whole).
+    static CHUNK: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
 /// (rank, loss bits, every gradient's (path, bits), stream counts) of each rank.
 type Run = Vec<(usize, u32, Vec<(String, Vec<u32>)>, Vec<u64>)>;
 
@@ -28,8 +33,12 @@ fn bits(d: &TensorData) -> Vec<u32> {
 
 /// Two training steps of the whole model at tp (SP) with `mode`; the second step's gradients.
 fn flat(tp: usize, sp: bool, mode: Recompute) -> Run {
+    flat_chunked(tp, sp, mode, None)
+}
+
+fn flat_chunked(tp: usize, sp: bool, mode: Recompute, chunk: Option<usize>) -> Run {
     world(tp, |c| {
-        let gpt = config(sp, mode).init::<B>(&c, &Default::default()).map_err(|e| e.to_string())?;
+        let gpt = config(sp, mode).with_loss_chunk(chunk).init::<B>(&c, &Default::default()).map_err(|e| e.to_string())?;
         let mut last = None;
         for step in 0..2u64 {
             let (x, y) = samples(step * 4..step * 4 + 4);
@@ -63,10 +72,15 @@ fn full_and_selective_recompute_give_the_gradients_of_no_recompute_bit_for_bit()
 }
 
 fn piped(schedule: &str, v: usize, mode: Recompute) -> Run {
-    world(4, |c| {
+    piped_chunked(schedule, v, mode, None)
+}
+
+fn piped_chunked(schedule: &str, v: usize, mode: Recompute, chunk: Option<usize>) -> Run {
+    world(4, move |c| {
+        CHUNK.set(chunk);
         let groups = ProcessGroups::new(ParallelConfig::new().with_pipeline_parallel(2).with_tensor_parallel(2), c).map_err(|e| e.to_string())?;
         let opts = PipelineOptions { microbatches: 4, virtual_stages: v, layout: None };
-        let model = GptPipeline { config: config(false, mode), tp: groups.tp.clone() };
+        let model = GptPipeline { config: config(false, mode).with_loss_chunk(CHUNK.get()), tp: groups.tp.clone() };
         let exec = PipelineExecutor::<B, _, 3>::new(model, schedule_by_name(schedule).unwrap().as_ref(), &opts, groups.pp.clone(), Default::default())
             .map_err(|e| e.to_string())?;
         let (x, y) = samples(0..8);
@@ -97,4 +111,29 @@ fn pipelined_recompute_gives_the_gradients_of_no_recompute_bit_for_bit() {
             }
         }
     }
+}
+
+fn close(a: &Run, b: &Run, what: &str) {
+    for (r, g) in a.iter().zip(b) {
+        let (la, lb) = (f32::from_bits(r.1), f32::from_bits(g.1));
+        assert!((la - lb).abs() <= 1e-6 * la.abs(), "{what}: loss {la} vs {lb}");
+        assert_eq!(r.3, g.3, "{what}: dropout stream counts");
+        for ((pa, ga), (pb, gb)) in r.2.iter().zip(&g.2) {
+            assert_eq!(pa, pb);
+            let d = ga.iter().zip(gb).map(|(x, y)| (f32::from_bits(*x) - f32::from_bits(*y)).abs()).fold(0f32, f32::max);
+            assert!(d <= 1e-6, "{what}: gradient of {pa} differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn a_chunked_cross_entropy_gives_the_loss_and_gradients_of_the_whole_one() {
+    // 4 × 8 = 32 token rows in chunks of 5 (the last one short), with and without recompute.
+    for (tp, sp) in [(1, false), (2, true)] {
+        let whole = flat(tp, sp, Recompute::None);
+        for mode in [Recompute::None, Recompute::Full, Recompute::Selective] {
+            close(&whole, &flat_chunked(tp, sp, mode, Some(5)), &format!("tp {tp} sp {sp} {mode} chunked"));
+        }
+    }
+    close(&piped("1f1b", 1, Recompute::None), &piped_chunked("1f1b", 1, Recompute::None, Some(3)), "pp 2 chunked");
 }

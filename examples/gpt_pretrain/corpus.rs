@@ -141,13 +141,7 @@ impl Corpus {
 
     /// The global samples `samples` of `split` (inputs, next-token targets), `[n, seq]`: sample
     /// `i` is the window `sampler` draws for `i` (see [`GlobalSampler`]).
-    pub fn samples<B: Backend>(
-        split: &Split,
-        samples: Range<u64>,
-        seq: usize,
-        sampler: &GlobalSampler,
-        device: &B::Device,
-    ) -> Result<Batch<B>, String> {
+    pub fn samples<B: Backend>(split: &Split, samples: Range<u64>, seq: usize, sampler: &GlobalSampler, device: &B::Device) -> Result<Batch<B>, String> {
         let n = (samples.end - samples.start) as usize;
         let mut x = Vec::with_capacity(n * seq);
         let mut y = Vec::with_capacity(n * seq);
@@ -160,14 +154,7 @@ impl Corpus {
     }
 
     /// Evaluation batch `i` of `batch` samples of the stream `name` (the same on every rank).
-    pub fn eval_batch<B: Backend>(
-        split: &Split,
-        batch: usize,
-        seq: usize,
-        name: &str,
-        i: usize,
-        device: &B::Device,
-    ) -> Result<Batch<B>, String> {
+    pub fn eval_batch<B: Backend>(split: &Split, batch: usize, seq: usize, name: &str, i: usize, device: &B::Device) -> Result<Batch<B>, String> {
         let first = (i * batch) as u64;
         Self::samples(split, first..first + batch as u64, seq, &GlobalSampler::new(0, name), device)
     }

@@ -52,6 +52,7 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_sequence_parallel(args.sequence_parallel)
         .with_precision(args.precision)
         .with_recompute(args.recompute)
+        .with_loss_chunk((args.loss_chunk > 0).then_some(args.loss_chunk))
 }
 
 /// This rank's optimizer: AdamW (β₂ 0.95) with f32 masters, DP reduction, global clipping

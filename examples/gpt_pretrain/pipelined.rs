@@ -65,6 +65,7 @@ pub(crate) fn memory_plan(args: &Args) -> burn_parallel::memory::TrainPlan {
         zero: args.zero == 1,
         precision: args.precision,
         dropout: args.dropout > 0.0,
+        loss_chunk: (args.loss_chunk > 0).then_some(args.loss_chunk),
     }
 }
 

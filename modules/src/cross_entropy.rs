@@ -52,3 +52,50 @@ pub fn vocab_parallel_cross_entropy_per_token<B: ParallelBackend>(
 pub fn vocab_parallel_cross_entropy<B: ParallelBackend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>, vocab_start: usize, tp: &Comm) -> Tensor<B, 1> {
     vocab_parallel_cross_entropy_per_token(logits, targets, vocab_start, tp).mean()
 }
+
+/// The mean loss of `logits [N, V/t]` (no graph), `rows` rows at a time: never more than
+/// `rows × V/t` f32 values at once (a whole-batch cross-entropy holds `N × V/t` f32 for its
+/// backward). The collectives run per chunk, in the same order on every TP rank.
+pub fn chunked_loss_value<B: ParallelBackend>(logits: Tensor<B, 3>, targets: Tensor<B, 1, Int>, vocab_start: usize, tp: &Comm, rows: usize) -> Tensor<B, 1> {
+    let [b, s, v] = logits.dims();
+    let n = b * s;
+    let flat = logits.reshape([n, v]);
+    let parts: Vec<Tensor<B, 1>> = (0..n)
+        .step_by(rows.max(1))
+        .map(|r| {
+            let end = (r + rows.max(1)).min(n);
+            vocab_parallel_cross_entropy_per_token(flat.clone().slice(r..end), targets.clone().slice(r..end), vocab_start, tp).sum().unsqueeze()
+        })
+        .collect();
+    Tensor::cat(parts, 0).sum().div_scalar(n as f32)
+}
+
+/// The gradient `∂(loss_scale · mean loss)/∂logits` of [`chunked_loss_value`], `[b, s, V/t]` in
+/// the logits' dtype, computed chunk by chunk (each chunk: a forward with a graph from a leaf,
+/// then its backward; `before_backward` runs first, e.g. a TP barrier).
+pub fn chunked_loss_grad<B, E>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 1, Int>,
+    vocab_start: usize,
+    tp: &Comm,
+    rows: usize,
+    loss_scale: f32,
+    before_backward: impl Fn() -> Result<(), E>,
+) -> Result<Tensor<B::InnerBackend, 3>, E>
+where
+    B: ParallelBackend + burn::tensor::backend::AutodiffBackend,
+{
+    let [b, s, v] = logits.dims();
+    let n = b * s;
+    let flat = logits.reshape([n, v]);
+    let mut parts = Vec::new();
+    for r in (0..n).step_by(rows.max(1)) {
+        let end = (r + rows.max(1)).min(n);
+        let leaf = flat.clone().slice(r..end).detach().require_grad();
+        let loss = vocab_parallel_cross_entropy_per_token(leaf.clone(), targets.clone().slice(r..end), vocab_start, tp).sum().mul_scalar(loss_scale / n as f32);
+        before_backward()?;
+        let g = loss.backward();
+        parts.push(leaf.grad(&g).expect("the loss uses its logits"));
+    }
+    Ok(Tensor::cat(parts, 0).reshape([b, s, v]))
+}

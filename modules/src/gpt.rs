@@ -74,6 +74,10 @@ pub struct GptConfig {
     /// make-vocab-size-divisible-by): the padded entries' logits are masked.
     #[config(default = "None")]
     pub vocab_used: Option<usize>,
+    /// Training steps compute the cross-entropy this many token rows at a time (its f32
+    /// softmax never whole: `crate::cross_entropy::chunked_loss_grad`); `None`: in one piece.
+    #[config(default = "None")]
+    pub loss_chunk: Option<usize>,
 }
 
 /// A GPT split over a TP group (a group of one gives the plain model).
@@ -99,6 +103,9 @@ pub struct Gpt<B: ParallelBackend> {
     /// Vocabulary ids from here on are padding (masked in the logits).
     #[module(skip)]
     pub vocab_used: Option<usize>,
+    /// Cross-entropy rows per chunk in [`Gpt::forward_backward`].
+    #[module(skip)]
+    pub loss_chunk: Option<usize>,
 }
 
 impl GptConfig {
@@ -123,6 +130,7 @@ impl GptConfig {
             sequence_parallel: self.sequence_parallel,
             recompute: self.recompute,
             vocab_used: self.vocab_used,
+            loss_chunk: self.loss_chunk,
         }))
     }
 
@@ -318,13 +326,13 @@ impl<B: ParallelBackend> Gpt<B> {
         B: AutodiffBackend + BackwardWith,
         B::InnerBackend: ParallelBackend,
     {
-        if self.recompute == Recompute::None {
+        if self.recompute == Recompute::None && self.loss_chunk.is_none() {
             let loss = self.loss(ids, targets);
             let value = loss.clone().into_scalar().elem::<f32>();
             return Ok((value, GradientsParams::from_grads(loss.backward(), self)));
         }
         let pieces = self.pieces();
-        let (out, tape) = recompute::forward(&pieces, None, Tokens { ids: Some(ids), targets: Some(targets) }, self.recompute);
+        let (out, tape) = recompute::forward(&pieces, None, Tokens { ids: Some(ids), targets: Some(targets) }, self.recompute, self.loss_chunk);
         let value = match out {
             Output::Loss(l) => l.into_scalar().elem::<f32>(),
             Output::Activation(_) => unreachable!("the whole model ends with its loss"),

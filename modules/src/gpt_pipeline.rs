@@ -98,13 +98,13 @@ where
 
     /// With `GptConfig::recompute` set: the stage's blocks recompute (see [`crate::recompute`]).
     fn forward_saving(&self, part: &GptStage<B>, _spec: &PartSpec, input: Option<Tensor<B, 3>>, mb: &TokenBatch) -> Option<(StageOutput<B, 3>, Box<dyn Any>)> {
-        if self.config.recompute == Recompute::None {
+        if self.config.recompute == Recompute::None && self.config.loss_chunk.is_none() {
             return None;
         }
         let device = part.drop_device(input.as_ref());
         let ids = input.is_none().then(|| Tensor::from_data(mb.inputs.clone(), &device));
         let targets = part.head.is_some().then(|| Tensor::from_data(mb.targets.clone(), &device));
-        let (out, tape) = recompute::forward(&part.pieces(self), input, Tokens { ids, targets }, self.config.recompute);
+        let (out, tape) = recompute::forward(&part.pieces(self), input, Tokens { ids, targets }, self.config.recompute, self.config.loss_chunk);
         let out = match out {
             Output::Loss(l) => StageOutput::Loss(l),
             Output::Activation(a) => StageOutput::Activation(a),

@@ -29,7 +29,7 @@ use burn_parallel::{BackwardWith, Comm, CommError, ParallelBackend};
 use crate::block::TransformerBlock;
 use crate::dropout::ParallelDropout;
 use crate::embedding::VocabParallelEmbedding;
-use crate::gpt::{embed, head_loss, HeadRef};
+use crate::gpt::{embed, head_logits, head_loss, HeadRef};
 
 /// The embedding of a first stage: token table, position table, dropout.
 pub type EmbedPieces<'a, B> = (&'a VocabParallelEmbedding<B>, &'a Param<Tensor<B, 2>>, &'a ParallelDropout);
@@ -54,11 +54,24 @@ enum BlockTape<B: AutodiffBackend> {
     Selective { x_in: Tensor<B, 3>, qkv: Tensor<B, 3>, x_out: Tensor<B, 3>, context: Tensor<B, 3>, y: Tensor<B, 3>, core: StreamSnapshot },
 }
 
+/// What the blocks kept without recompute: their whole graph from a fresh input leaf.
+struct Kept<B: AutodiffBackend> {
+    input: Tensor<B, 3>,
+    output: Tensor<B, 3>,
+}
+
+/// What the head kept: the loss's graph, or (chunked loss) the logits' graph and the targets.
+enum HeadTape<B: AutodiffBackend> {
+    Plain { x: Tensor<B, 3>, loss: Tensor<B, 1> },
+    Chunked { x: Tensor<B, 3>, logits: Tensor<B, 3>, targets: Tensor<B, 1, Int>, rows: usize },
+}
+
 /// What a recomputing forward kept for its backward.
 pub struct Tape<B: AutodiffBackend> {
     embedded: Option<Tensor<B, 3>>,
+    kept: Option<Kept<B>>,
     blocks: Vec<BlockTape<B>>,
-    head: Option<(Tensor<B, 3>, Tensor<B, 1>)>,
+    head: Option<HeadTape<B>>,
 }
 
 /// What a recomputing forward returns: the activation for the next stage (no graph), or the
@@ -85,13 +98,14 @@ fn barrier(tp: &Comm) -> Result<(), CommError> {
     Ok(())
 }
 
-/// Runs `pieces` forward under `mode` (not `None`): `input` is the stage input (a non-first
-/// stage), or the embedding runs on `tokens.ids`.
-pub fn forward<B>(pieces: &Pieces<'_, B>, input: Option<Tensor<B, 3>>, tokens: Tokens<B>, mode: Recompute) -> (Output<B>, Tape<B>)
+/// Runs `pieces` forward under `mode`: `input` is the stage input (a non-first stage), or the
+/// embedding runs on `tokens.ids`. With `loss_chunk`, the loss is computed `loss_chunk` rows
+/// at a time (see [`crate::cross_entropy`]): the head keeps its logits' graph, not the loss's.
+/// `None` keeps the blocks' whole graph (the manual chain then serves the chunked loss only).
+pub fn forward<B>(pieces: &Pieces<'_, B>, input: Option<Tensor<B, 3>>, tokens: Tokens<B>, mode: Recompute, loss_chunk: Option<usize>) -> (Output<B>, Tape<B>)
 where
     B: AutodiffBackend + ParallelBackend,
 {
-    assert!(mode != Recompute::None, "recompute::forward needs a recompute mode");
     let (x, embedded) = match (input, pieces.embed) {
         (Some(x), _) => (x.detach(), None),
         (None, Some((wte, wpe, drop))) => {
@@ -102,7 +116,14 @@ where
     };
     let mut cur = x;
     let mut blocks = Vec::with_capacity(pieces.blocks.len());
-    for block in pieces.blocks {
+    let mut kept = None;
+    if mode == Recompute::None {
+        let input = cur.detach().require_grad();
+        let output = pieces.blocks.iter().fold(input.clone(), |x, b| b.forward(x));
+        cur = output.clone().detach();
+        kept = Some(Kept { input, output });
+    }
+    for block in pieces.blocks.iter().filter(|_| mode != Recompute::None) {
         let (next, tape) = match mode {
             Recompute::Full => {
                 let streams = StreamSnapshot::take(block.random_streams());
@@ -126,10 +147,23 @@ where
     match &pieces.head {
         Some(h) => {
             let x = cur.detach().require_grad();
-            let loss = head_loss(h, x.clone(), tokens.targets.expect("the last stage gets the targets"));
-            (Output::Loss(loss.clone()), Tape { embedded, blocks, head: Some((x, loss)) })
+            let targets = tokens.targets.expect("the last stage gets the targets");
+            let (out, head) = match loss_chunk {
+                None => {
+                    let loss = head_loss(h, x.clone(), targets);
+                    (loss.clone(), HeadTape::Plain { x, loss })
+                }
+                Some(rows) => {
+                    let logits = head_logits(h, x.clone());
+                    let [b, s] = targets.dims();
+                    let targets = targets.reshape([b * s]);
+                    let loss = crate::cross_entropy::chunked_loss_value(logits.clone().detach(), targets.clone(), h.vocab_start, &h.head.tp, rows);
+                    (loss, HeadTape::Chunked { x, logits, targets, rows })
+                }
+            };
+            (Output::Loss(out), Tape { embedded, kept, blocks, head: Some(head) })
         }
-        None => (Output::Activation(cur), Tape { embedded, blocks, head: None }),
+        None => (Output::Activation(cur), Tape { embedded, kept, blocks, head: None }),
     }
 }
 
@@ -148,10 +182,21 @@ where
     M: AutodiffModule<B>,
 {
     let mut acc = GradientsParams::new();
+    let vjp = |y: Tensor<B, 3>, g: Tensor<B::InnerBackend, 3>| B::backward_with(y, g).expect("recomputed shapes match");
     let mut dy = match (tape.head, out_grad) {
-        (Some((x, loss)), _) => {
+        (Some(HeadTape::Plain { x, loss }), _) => {
             barrier(pieces.tp)?;
             let g = loss.mul_scalar(loss_scale).backward();
+            let dx = x.grad(&g).expect("the head uses its input");
+            merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
+            dx
+        }
+        (Some(HeadTape::Chunked { x, logits, targets, rows }), _) => {
+            let h = pieces.head.as_ref().expect("a head tape comes from a head");
+            let dlogits =
+                crate::cross_entropy::chunked_loss_grad(logits.clone().detach(), targets, h.vocab_start, pieces.tp, rows, loss_scale, || barrier(pieces.tp))?;
+            barrier(pieces.tp)?;
+            let g = vjp(logits, dlogits);
             let dx = x.grad(&g).expect("the head uses its input");
             merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
             dx
@@ -159,7 +204,12 @@ where
         (None, Some(g)) => g,
         (None, None) => panic!("a non-last stage's backward needs the output gradient"),
     };
-    let vjp = |y: Tensor<B, 3>, g: Tensor<B::InnerBackend, 3>| B::backward_with(y, g).expect("recomputed shapes match");
+    if let Some(Kept { input, output }) = tape.kept {
+        barrier(pieces.tp)?;
+        let g = vjp(output, dy);
+        dy = input.grad(&g).expect("the blocks use their input");
+        merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
+    }
     for (block, t) in pieces.blocks.iter().zip(tape.blocks).rev() {
         dy = match t {
             BlockTape::Full { input, streams } => {

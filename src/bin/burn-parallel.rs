@@ -157,6 +157,9 @@ struct MemoryArgs {
     /// Dropout on.
     #[arg(long)]
     dropout: bool,
+    /// Cross-entropy rows per chunk.
+    #[arg(long)]
+    loss_chunk: Option<usize>,
 }
 
 fn prepare(tokenizer: &str, out: &std::path::Path, shard_tokens: usize, val_fraction: f64, files: &[PathBuf]) -> Result<(), String> {
@@ -190,6 +193,7 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
         zero: a.zero == 1,
         precision: a.precision.parse().map_err(|e: burn_parallel::precision::PrecisionError| e.to_string())?,
         dropout: a.dropout,
+        loss_chunk: a.loss_chunk,
     };
     let est = estimate(&shape, &plan)?;
     println!("{shape:?}\n{plan:?}\nMB per rank (every TP and DP rank of a pipeline stage alike):\n{}", table(&est));

@@ -25,7 +25,8 @@
 //! Burn's autodiff does). Selective recompute drops the `s²` terms and keeps `[q|k|v]` packed;
 //! full recompute keeps the block input only and reruns one block at a time in the backward.
 //! The first stage adds the embedding dropout's mask, the last the final layer norm's input
-//! and output and the f32 shifted logits `N·V/t·4` (cross-entropy). A pipeline rank holds the
+//! and output and the f32 shifted logits `N·V/t·4` (cross-entropy; with a chunked loss the
+//! logits `N·V/t·e` instead). A pipeline rank holds the
 //! activations of the micro-batches its schedule has in flight (the schedule simulator's peak:
 //! 1F1B stage r holds min(p − r, m)) and, on non-last stages, each one's output.
 //!
@@ -89,6 +90,8 @@ pub struct TrainPlan {
     pub precision: Precision,
     /// Dropout probability > 0.
     pub dropout: bool,
+    /// Cross-entropy rows per chunk (`None`: the whole batch at once).
+    pub loss_chunk: Option<usize>,
 }
 
 /// One rank's predicted memory in bytes (the same for every TP and DP rank of a stage).
@@ -129,6 +132,7 @@ struct Dims {
     sp: bool,
     e: f64,
     drop: bool,
+    chunk: Option<usize>,
 }
 
 impl Dims {
@@ -173,11 +177,19 @@ impl Dims {
             t
         }
     }
+    /// The head keeps the final layer norm's input and output and the f32 shifted logits of
+    /// the cross-entropy, or with a chunked loss the logits themselves (in `e`).
     fn head(&self) -> f64 {
-        self.e * (self.seq() + self.n * self.h) + self.n * self.v / self.t * 4.0
+        let logits = self.n * self.v / self.t * if self.chunk.is_some() { self.e } else { 4.0 };
+        self.e * (self.seq() + self.n * self.h) + logits
     }
+    /// Three `[rows, V/t]` f32 buffers of the cross-entropy's backward (all rows, or one chunk
+    /// next to the gradient of the logits gathered so far).
     fn head_transient(&self) -> f64 {
-        3.0 * self.n * self.v / self.t * 4.0
+        match self.chunk {
+            None => 3.0 * self.n * self.v / self.t * 4.0,
+            Some(rows) => self.n * self.v / self.t * self.e + 3.0 * (rows as f64).min(self.n) * self.v / self.t * 4.0,
+        }
     }
 }
 
@@ -219,6 +231,7 @@ pub fn estimate(g: &GptShape, plan: &TrainPlan) -> Result<Vec<RankMemory>, Strin
         sp: plan.sequence_parallel && plan.tp > 1,
         e,
         drop: plan.dropout,
+        chunk: plan.loss_chunk,
     };
     let mut out = Vec::with_capacity(plan.pp);
     for (r, rank_actions) in actions.iter().enumerate() {
