@@ -5,7 +5,7 @@
 # Build here (x86_64, no GPU needed):   scripts/build-device-bin.sh   (-> gpu-bin/, git-ignored)
 # Run there:  BUDGET=540 bash scripts/device-check.sh STEP...     (default: every step, in order)
 #   steps: checks (kernels + nccl) kernels gpt gpt-local ln-bench ln-tune ln-profile (ncu, if installed)
-#   torch-ln nccl-bench torch-nccl;
+#   torch-ln nccl-bench torch-nccl gpt2 gpt2-f32 torch-gpt2 (GPT-2 124M: ours bf16/f32, PyTorch eager);
 #   `a+b` runs two steps side by side (e.g. `checks+gpt`: correctness checks while the GPT's
 #   kernels compile — never two benchmarks).
 # Output: $OUT/log.txt (every step's full log) and $OUT/cache.tgz (cubecl's kernel and autotune
@@ -31,7 +31,7 @@ limit_of() {
   case "$1" in
     checks) echo 300 ;; kernels) echo 180 ;; gpt) echo 300 ;; gpt-local) echo 240 ;;
     ln-bench) echo 150 ;; ln-tune) echo 180 ;; ln-profile) echo 150 ;; torch-ln) echo 60 ;; nccl-bench) echo 90 ;;
-    torch-nccl) echo 60 ;; *) echo 0 ;;
+    torch-nccl) echo 60 ;; gpt2) echo 420 ;; gpt2-f32) echo 240 ;; torch-gpt2) echo 150 ;; *) echo 0 ;;
   esac
 }
 run_step() { # name: runs it in the foreground, log to $out/.steps/name.txt
@@ -52,6 +52,10 @@ run_step() { # name: runs it in the foreground, log to $out/.steps/name.txt
     torch-ln) exec python3 "$root/benches/torch_layer_norm.py" ;;
     nccl-bench) exec ./device_check nccl-bench ;;
     torch-nccl) exec python3 "$root/benches/torch_collectives.py" ;;
+    # GPT-2 124M, B 8, T 1024 (the preset), the generated corpus through GPT-2's BPE: tokens/s and MFU.
+    gpt2) exec ./gpt_pretrain --model gpt2-124m --device cuda --precision bf16 --steps 25 --eval-every 0 --eval-batches 1 --sample-tokens 16 --print-every 5 --timeout-secs 900 ;;
+    gpt2-f32) exec ./gpt_pretrain --model gpt2-124m --device cuda --precision f32 --steps 15 --eval-every 0 --eval-batches 1 --sample-tokens 16 --print-every 5 --timeout-secs 900 ;;
+    torch-gpt2) exec python3 "$root/benches/torch_gpt2.py" ;;
     *) echo "unknown step $1"; return 2 ;;
   esac
 }
@@ -71,7 +75,7 @@ finish() { # name: appends its log; prints the summary lines
   [ -f "$f" ] || return 0
   { echo; echo "==================== $1"; cat "$f"; } >> "$log"
   echo "-- $1: $(tail -n 1 "$f")"
-  grep -E '(^(FAIL|\||[0-9]+ passed|error|Error|panicked|final|torch|element-wise|per-call|GPU-side|fusion|profiled|ncu)|loss: |tokens/s=|Context [0-9]|Registers Per Thread|Waves Per SM|Occupancy|Duration|DRAM Throughput|Block Limit)' "$f" | grep -v '^|---' | head -n 200
+  grep -E '(^(FAIL|\||[0-9]+ passed|error|Error|panicked|final|torch|element-wise|per-call|GPU-side|fusion|profiled|ncu|model FLOPs|step )|loss: |tokens/s=|Context [0-9]|Registers Per Thread|Waves Per SM|Occupancy|Duration|DRAM Throughput|Block Limit)' "$f" | grep -v '^|---' | head -n 200
   rm -f "$f"
 }
 steps=("$@")

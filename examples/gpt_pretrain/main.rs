@@ -117,7 +117,8 @@ where
     let last = args.exit_at_step.unwrap_or(args.steps) as u64;
     let bar = progress(args, rank, train.step);
     let tokens_per_step = (args.dp * args.batch_size * args.seq_len) as f64;
-    let (mut first_loss, start_time, first_step) = (f32::NAN, Instant::now(), train.step);
+    let (mut first_loss, first_step) = (f32::NAN, train.step);
+    let mut throughput = Throughput::new(first_step);
     let sampler = GlobalSampler::new(args.seed, "train");
     while train.step < last {
         let (t0, step) = (Instant::now(), train.step as usize);
@@ -127,6 +128,7 @@ where
         gpt = optim.step(lr_at(args, step), vec![(gpt, grads)], args.clip_grad).map_err(|e| e.to_string())?.0.remove(0);
         let loss = dp_mean(loss, &groups)?;
         advance(args, &mut train, step);
+        throughput.step_done(train.step);
         if train.step == first_step + 1 {
             first_loss = loss;
         }
@@ -142,7 +144,7 @@ where
     }
     bar.finish();
     checkpointing::finish(args, &mut saver, rank)?;
-    let tokens_per_sec = tokens_per_step * (train.step - first_step) as f64 / start_time.elapsed().as_secs_f64();
+    let tokens_per_sec = throughput.tokens_per_sec(train.step, tokens_per_step);
     let model = gpt.valid();
     let train_loss = evaluate(&model, &data.train, "train-eval", args, &device)?;
     let val_loss = evaluate(&model, &data.val, "val", args, &device)?;
@@ -150,6 +152,33 @@ where
     let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed).map_err(|e| e.to_string())?;
     let sample = data.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>()).map_err(|e| e.to_string())?;
     Ok(Summary { first_loss, train_loss, val_loss, tokens_per_sec, sample })
+}
+
+/// Tokens per second over the steps after the first two (kernel compilation and warm-up on a
+/// GPU), or over every step of shorter runs.
+pub(crate) struct Throughput {
+    start: Instant,
+    first: u64,
+    warm: Option<(Instant, u64)>,
+}
+
+impl Throughput {
+    pub(crate) fn new(first: u64) -> Self {
+        Self { start: Instant::now(), first, warm: None }
+    }
+
+    pub(crate) fn step_done(&mut self, done: u64) {
+        if done == self.first + 2 {
+            self.warm = Some((Instant::now(), done));
+        }
+    }
+
+    pub(crate) fn tokens_per_sec(&self, done: u64, tokens_per_step: f64) -> f64 {
+        match self.warm {
+            Some((t, at)) if done > at => tokens_per_step * (done - at) as f64 / t.elapsed().as_secs_f64(),
+            _ => tokens_per_step * (done - self.first) as f64 / self.start.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 /// Counts step `step` as done: position in the data, tokens, learning rate.

@@ -17,7 +17,7 @@ use burn_parallel_schedules::{render_svg, schedule_by_name, simulate, Costs, Pip
 
 use super::checkpointing::{self, Start};
 use super::corpus::{Corpus, Split};
-use super::{advance, dp_mean, gpt_config, lr_at, optimizer, progress, report, Args, Summary};
+use super::{advance, dp_mean, gpt_config, lr_at, optimizer, progress, report, Args, Summary, Throughput};
 
 fn microbatches(args: &Args) -> usize {
     args.microbatches.unwrap_or(2 * args.pp)
@@ -136,7 +136,8 @@ where
     let bar = progress(args, rank, train.step);
     let tokens_per_step = (args.dp * args.batch_size * args.seq_len) as f64;
     let sampler = GlobalSampler::new(args.seed, "train");
-    let (mut first_loss, start_time, first_step) = (f32::NAN, Instant::now(), train.step);
+    let (mut first_loss, first_step) = (f32::NAN, train.step);
+    let mut throughput = Throughput::new(first_step);
     while train.step < last {
         let (t0, step) = (Instant::now(), train.step as usize);
         let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
@@ -149,6 +150,7 @@ where
         }
         let loss = dp_mean(out.loss, &groups)?;
         advance(args, &mut train, step);
+        throughput.step_done(train.step);
         if train.step == first_step + 1 {
             first_loss = loss;
         }
@@ -164,7 +166,7 @@ where
     }
     bar.finish();
     checkpointing::finish(args, &mut saver, rank)?;
-    let tokens_per_sec = tokens_per_step * (train.step - first_step) as f64 / start_time.elapsed().as_secs_f64();
+    let tokens_per_sec = throughput.tokens_per_sec(train.step, tokens_per_step);
     let train_loss = evaluate(args, &exec, &data.train, "train-eval")?;
     let val_loss = evaluate(args, &exec, &data.val, "val")?;
     let sample = "(sampling needs the whole model on one rank: run with --pp 1 to see generated text)".to_string();

@@ -37,6 +37,7 @@
 
 mod executor;
 mod layout;
+mod model;
 
 use std::cell::Cell;
 use std::marker::PhantomData;
