@@ -76,6 +76,15 @@ pub fn dense_peak_tflops(ordinal: usize, bf16: bool) -> Option<f64> {
     table.iter().find(|(n, _, _)| name.contains(n)).map(|&(_, b, f)| if bf16 { b } else { f })
 }
 
+/// Bytes of CUDA memory in use on `device` by this thread's stream (cubecl's memory pools, after
+/// draining the stream; cubecl keeps no peak).
+pub fn memory_in_use(device: &burn::backend::cuda::CudaDevice) -> Result<u64, String> {
+    use burn_cubecl::cubecl::Runtime;
+    let client = burn_cubecl::cubecl::cuda::CudaRuntime::client(device);
+    burn::tensor::read_sync(client.sync()).map_err(|e| format!("synchronising: {e:?}"))?;
+    client.memory_usage().map(|u| u.bytes_in_use).map_err(|e| format!("memory usage: {e:?}"))
+}
+
 /// Checks that NCCL can be loaded, without cudarc's panic when it cannot: cudarc looks for
 /// `libnccl.so` (and versioned names, but never `libnccl.so.2` alone). Returns NCCL's version
 /// (e.g. 22803 for 2.28.3).

@@ -16,6 +16,8 @@
 //!   `dy + x` (the backward's traffic).
 //! - `ln-profile` (only when named): a few forwards of the default and the staged `v4` and a copy at
 //!   [8192, 1024], for `ncu` (nothing timed).
+//! - `memory` (only when named): the memory model against CUDA's bytes in use (one rank; f32,
+//!   bf16, recompute, chunked loss), after a forward and after a step.
 //! - `nccl-bench`: all-reduce / all-gather / reduce-scatter from 1 MB to 1 GB (world 1: overhead
 //!   only), device path vs raw NCCL vs host-staged.
 //!
@@ -25,6 +27,8 @@
 mod bench;
 #[cfg(feature = "cuda")]
 mod kernels;
+#[cfg(feature = "cuda")]
+mod memory;
 #[cfg(feature = "cuda")]
 mod nccl;
 
@@ -105,6 +109,9 @@ fn main() {
     }
     if whats.contains(&"ln-profile") {
         bench::forward_profile(&[v4, staged], [8192, 1024]);
+    }
+    if whats.contains(&"memory") {
+        memory::run(&mut report);
     }
     if on("nccl-bench") {
         if let Err(e) = bench::collectives(quick) {
