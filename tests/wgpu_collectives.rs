@@ -46,3 +46,33 @@ fn wgpu_fusion_collectives_equal_flex() {
         }
     }
 }
+
+/// `--precision bf16` on a GPU backend: either the device computes in bf16 (a bf16 GPT forward
+/// then runs and agrees with f32 to bf16's precision), or `Precision::check` refuses with the
+/// backend's name — never a shader compile error deep inside.
+#[test]
+fn bf16_on_wgpu_runs_or_is_refused_clearly() {
+    use burn_parallel::precision::Precision;
+    use burn_parallel::{LocalWorld, ParallelConfig, ProcessGroups};
+    use burn_parallel_modules::GptConfig;
+    let dev = Default::default();
+    match Precision::Bf16.check::<Wgpu>(&dev) {
+        Err(e) => {
+            let m = e.to_string();
+            eprintln!("bf16 refused on this device: {m}");
+            assert!(m.contains("bf16") && m.contains("cannot compute") && m.contains("--precision f32"), "{m}");
+        }
+        Ok(()) => {
+            let groups = ProcessGroups::new(ParallelConfig::new(), LocalWorld::new(1).communicator(0)).unwrap();
+            let ids = Tensor::<Wgpu, 2, burn::tensor::Int>::from_data(TensorData::new((0..32i64).map(|i| i % 11).collect(), [2, 16]), &dev);
+            let config = GptConfig::new(16, 16, 32, 4, 1, 64);
+            let f32_gpt = config.init::<Wgpu>(&groups.tp, &dev).unwrap();
+            let bf16_gpt = config.clone().with_precision(Precision::Bf16).in_precision(f32_gpt.clone());
+            let a = f32_gpt.forward(ids.clone()).into_data();
+            let b = bf16_gpt.forward(ids).into_data();
+            let d = max_abs_diff(&a, &b).unwrap();
+            eprintln!("bf16 on this device: logits within {d} of f32");
+            assert!(d < 0.1, "bf16 logits differ from f32 by {d}");
+        }
+    }
+}

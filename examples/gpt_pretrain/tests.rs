@@ -247,3 +247,29 @@ fn an_exported_model_initialises_any_layout() {
     assert!((a - scratch).abs() > 1e-3, "the exported weights are not the seed's: {a} vs {scratch}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+fn parse_error(flags: &str) -> String {
+    let argv = std::iter::once("gpt_pretrain".to_string()).chain(flags.split_whitespace().map(String::from));
+    Args::parse_with_presets(argv).expect_err("must not parse").to_string()
+}
+
+#[test]
+fn bad_memory_flags_are_clear_errors() {
+    let e = parse_error(&format!("{TINY} --precision f16"));
+    assert!(e.contains("f16") && e.contains("bf16"), "an unknown precision names the known ones: {e}");
+    let e = parse_error(&format!("{TINY} --recompute everything"));
+    assert!(e.contains("everything") && e.contains("selective"), "an unknown recompute mode names the known ones: {e}");
+    let e = parse_error(&format!("{TINY} --tokenizer gpt4"));
+    assert!(e.contains("gpt4"), "{e}");
+    let e = error_of(&format!("{TINY} --steps 1 --zero 1"));
+    assert!(e.contains("--zero 1") && e.contains("--dp 1"), "ZeRO without data parallelism is refused: {e}");
+}
+
+#[test]
+fn a_preset_sets_the_shape_and_explicit_flags_override_it() {
+    let parse = |flags: &str| Args::parse_with_presets(std::iter::once("gpt_pretrain".to_string()).chain(flags.split_whitespace().map(String::from))).unwrap();
+    let a = parse("--model gpt2-124m");
+    assert_eq!((a.d_model, a.layers, a.seq_len, a.loss_chunk), (768, 12, 1024, 1024));
+    let a = parse("--model gpt2-124m --layers 2 --seq-len 64 --loss-chunk 0");
+    assert_eq!((a.d_model, a.layers, a.seq_len, a.loss_chunk), (768, 2, 64, 0));
+}
