@@ -37,6 +37,7 @@ pub fn plan(dp: usize, pp: usize, tp: usize, batch: usize) -> TrainPlan {
         precision: Precision::F32,
         dropout: false,
         loss_chunk: None,
+        fused_attention: false,
     }
 }
 

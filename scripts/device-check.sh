@@ -5,7 +5,8 @@
 # Build here (x86_64, no GPU needed):   scripts/build-device-bin.sh   (-> gpu-bin/, git-ignored)
 # Run there:  BUDGET=540 bash scripts/device-check.sh STEP...     (default: every step, in order)
 #   steps: checks (kernels + nccl) kernels gpt gpt-local ln-bench ln-tune ln-profile (ncu, if installed)
-#   torch-ln nccl-bench torch-nccl gpt2 gpt2-f32 torch-gpt2 (GPT-2 124M: ours bf16/f32, PyTorch eager) memory;
+#   torch-ln nccl-bench torch-nccl gpt2 gpt2-f32 torch-gpt2 (GPT-2 124M: ours bf16/f32, PyTorch eager) memory
+#   attention torch-attention (flash-attention kernels: checks, then fused vs composed vs torch SDPA);
 #   `a+b` runs two steps side by side (e.g. `checks+gpt`: correctness checks while the GPT's
 #   kernels compile — never two benchmarks).
 # Output: $OUT/log.txt (every step's full log) and $OUT/cache.tgz (cubecl's kernel and autotune
@@ -31,7 +32,7 @@ limit_of() {
   case "$1" in
     checks) echo 300 ;; kernels) echo 180 ;; gpt) echo 300 ;; gpt-local) echo 240 ;;
     ln-bench) echo 150 ;; ln-tune) echo 180 ;; ln-profile) echo 150 ;; torch-ln) echo 60 ;; nccl-bench) echo 90 ;;
-    torch-nccl) echo 60 ;; gpt2) echo 420 ;; memory) echo 240 ;; gpt2-f32) echo 240 ;; torch-gpt2) echo 150 ;; *) echo 0 ;;
+    torch-nccl) echo 60 ;; gpt2) echo 420 ;; memory) echo 240 ;; gpt2-f32) echo 240 ;; torch-gpt2) echo 150 ;; attention) echo 240 ;; torch-attention) echo 60 ;; *) echo 0 ;;
   esac
 }
 run_step() { # name: runs it in the foreground, log to $out/.steps/name.txt
@@ -57,6 +58,8 @@ run_step() { # name: runs it in the foreground, log to $out/.steps/name.txt
     gpt2-f32) exec ./gpt_pretrain --model gpt2-124m --device cuda --precision f32 --steps 15 --eval-every 0 --eval-batches 1 --sample-tokens 16 --print-every 5 --timeout-secs 900 ;;
     torch-gpt2) exec python3 "$root/benches/torch_gpt2.py" ;;
     memory) exec ./device_check memory ;;
+    attention) exec ./device_check attention ;;
+    torch-attention) exec python3 "$root/benches/torch_attention.py" ;;
     *) echo "unknown step $1"; return 2 ;;
   esac
 }

@@ -40,3 +40,22 @@ fn predicted_peak_of_every_rank_is_within_ten_percent_of_the_measured_one() {
     eprintln!("{} layouts: worst |predicted/measured − 1| = {worst:.3}", grid.len());
     assert!(bad.is_empty(), "outside ±10%:\n{}", bad.join("\n"));
 }
+
+/// With the fused attention kernels (CUDA/wgpu; not measurable on the CPU backend, which has
+/// none: `device_check memory` compares it on CUDA) each block keeps the f32 log-sum-exp instead
+/// of the composed core's `s²` tensors (two f32, one in the compute dtype), and dropout keeps
+/// the composed path.
+#[test]
+fn fused_attention_keeps_the_log_sum_exp_instead_of_the_scores() {
+    use burn_parallel::memory::estimate;
+    let base = harness::plan(1, 1, 1, 4);
+    let fused = burn_parallel::memory::TrainPlan { fused_attention: true, ..base.clone() };
+    let (a, b) = (&estimate(&SHAPE, &base).unwrap()[0], &estimate(&SHAPE, &fused).unwrap()[0]);
+    let (batch, heads, s) = (4.0, SHAPE.heads as f64, SHAPE.seq as f64);
+    let per_layer = batch * heads * s * s * (2.0 * 4.0 + 4.0) - batch * heads * s * 4.0;
+    let saved = a.activations - b.activations;
+    assert!((saved - SHAPE.layers as f64 * per_layer).abs() < 1.0, "saved {saved} bytes, expected {} per layer", per_layer);
+    let dropout = burn_parallel::memory::TrainPlan { dropout: true, ..fused.clone() };
+    let composed_dropout = burn_parallel::memory::TrainPlan { dropout: true, ..base };
+    assert_eq!(estimate(&SHAPE, &dropout).unwrap(), estimate(&SHAPE, &composed_dropout).unwrap());
+}

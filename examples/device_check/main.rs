@@ -16,6 +16,8 @@
 //!   `dy + x` (the backward's traffic).
 //! - `ln-profile` (only when named): a few forwards of the default and the staged `v4` and a copy at
 //!   [8192, 1024], for `ncu` (nothing timed).
+//! - `attention`: the flash-attention kernels against the composed reference (f32, bf16, raw and
+//!   under `Fusion`), then fused vs composed forward(+backward) at GPT-2's shape, T 1024 and 2048.
 //! - `memory` (only when named): the memory model against CUDA's bytes in use (one rank; f32,
 //!   bf16, recompute, chunked loss), after a forward and after a step.
 //! - `nccl-bench`: all-reduce / all-gather / reduce-scatter from 1 MB to 1 GB (world 1: overhead
@@ -23,6 +25,8 @@
 //!
 //! Prints PASS/FAIL lines and markdown tables; exits 1 if any check failed.
 
+#[cfg(feature = "cuda")]
+mod attention;
 #[cfg(feature = "cuda")]
 mod bench;
 #[cfg(feature = "cuda")]
@@ -82,6 +86,9 @@ fn main() {
     }
     if on("nccl") {
         nccl::run(&mut report);
+    }
+    if on("attention") {
+        attention::run(&mut report, quick);
     }
     // v4 as the library runs it (register cache 16, no bounds checks, one-pass backward with 64
     // rows per cube and its cache halved for wide rows), and with the backward's cache at 16.

@@ -1,9 +1,11 @@
 //! `memory`: the memory model against CUDA's bytes in use (cubecl's pools, polled after the
-//! stream drains: no peak counter) for one-rank layouts of a small GPT: after the forward of the
-//! third step (model state + kept activations) and after the step (model state).
+//! stream drains: no peak counter) for one-rank layouts of a small GPT (fused and composed
+//! attention): after the forward of the third step (model state + kept activations) and after
+//! the step (model state).
 
 use burn::backend::{Autodiff, Cuda};
 use burn::tensor::{Int, Tensor, TensorData};
+use burn_parallel::attention::AttentionKernel;
 use burn_parallel::memory::{estimate, GptShape, TrainPlan};
 use burn_parallel::optim::{DistAdamW, DistAdamWConfig};
 use burn_parallel::precision::Precision;
@@ -17,12 +19,17 @@ type B = Autodiff<Cuda>;
 const SHAPE: GptShape = GptShape { vocab: 1024, seq: 256, hidden: 256, heads: 4, layers: 4, ffn: 1024 };
 const BATCH: usize = 8;
 
-fn run_one(precision: Precision, mode: Recompute, chunk: Option<usize>) -> Result<(f64, f64, f64, f64), String> {
+fn run_one(precision: Precision, mode: Recompute, chunk: Option<usize>, attention: AttentionKernel) -> Result<(f64, f64, f64, f64), String> {
     let device = Default::default();
     let groups = ProcessGroups::new(ParallelConfig::new(), LocalWorld::new(1).communicator(0)).map_err(|e| e.to_string())?;
     let g = SHAPE;
-    let config = GptConfig::new(g.vocab, g.seq, g.hidden, g.heads, g.layers, g.ffn).with_precision(precision).with_recompute(mode).with_loss_chunk(chunk);
+    let config = GptConfig::new(g.vocab, g.seq, g.hidden, g.heads, g.layers, g.ffn)
+        .with_precision(precision)
+        .with_recompute(mode)
+        .with_loss_chunk(chunk)
+        .with_attention(attention);
     let mut gpt = config.init::<B>(&groups.tp, &device).map_err(|e| e.to_string())?;
+    let fused_attention = gpt.blocks[0].attn.fused;
     let mut opt = DistAdamW::<B>::new(DistAdamWConfig::new(), &groups);
     let ids = |step: usize| TensorData::new((0..BATCH * g.seq).map(|i| ((i * 7 + step * 13) % g.vocab) as i64).collect::<Vec<_>>(), [BATCH, g.seq]);
     let (mut after_forward, mut after_step) = (0u64, 0u64);
@@ -51,6 +58,7 @@ fn run_one(precision: Precision, mode: Recompute, chunk: Option<usize>) -> Resul
         precision,
         dropout: false,
         loss_chunk: chunk,
+        fused_attention,
     };
     let e = &estimate(&g, &plan)?[0];
     let state = e.params + e.optimizer;
@@ -60,14 +68,17 @@ fn run_one(precision: Precision, mode: Recompute, chunk: Option<usize>) -> Resul
 /// Prints the table; a layout that fails is reported.
 pub fn run(report: &mut super::Report) {
     println!("\n| layout (GPT d 256, 4 layers, s 256, b 8, V 1024) | predicted after forward | CUDA in use | predicted after step | CUDA in use |\n|---|---|---|---|---|");
-    for (name, p, m, c) in [
-        ("f32", Precision::F32, Recompute::None, None),
-        ("bf16", Precision::Bf16, Recompute::None, None),
-        ("f32 selective", Precision::F32, Recompute::Selective, None),
-        ("f32 full", Precision::F32, Recompute::Full, None),
-        ("bf16 full, chunked loss 512", Precision::Bf16, Recompute::Full, Some(512)),
+    let (fused, composed) = (AttentionKernel::Fused, AttentionKernel::Composed);
+    for (name, p, m, c, a) in [
+        ("f32", Precision::F32, Recompute::None, None, fused),
+        ("f32, composed attention", Precision::F32, Recompute::None, None, composed),
+        ("bf16", Precision::Bf16, Recompute::None, None, fused),
+        ("bf16, composed attention", Precision::Bf16, Recompute::None, None, composed),
+        ("f32 selective, composed attention", Precision::F32, Recompute::Selective, None, composed),
+        ("f32 full", Precision::F32, Recompute::Full, None, fused),
+        ("bf16 full, chunked loss 512", Precision::Bf16, Recompute::Full, Some(512), fused),
     ] {
-        match run_one(p, m, c) {
+        match run_one(p, m, c, a) {
             Ok((pf, mf, ps, ms)) => {
                 println!("| {name} | {:.2} MB | {:.2} MB ({:.3}) | {:.2} MB | {:.2} MB ({:.3}) |", pf / 1e6, mf / 1e6, pf / mf, ps / 1e6, ms / 1e6, ps / ms);
                 report.check(&format!("memory {name}"), Ok(String::new()));

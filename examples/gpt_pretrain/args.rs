@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use burn_parallel::attention::AttentionKernel;
 use burn_parallel::data::Tokenizer;
 use burn_parallel::precision::Precision;
 use burn_parallel::recompute::Recompute;
@@ -190,6 +191,15 @@ pub(crate) struct Args {
     /// rerun the block: +1 forward of every block, about +1/3 of the step's FLOPs).
     #[arg(long, default_value = "none", value_parser = parse_recompute)]
     pub(crate) recompute: Recompute,
+    /// Attention core: auto (the fused flash-attention kernels on CUDA/wgpu when --dropout is 0:
+    /// no [b, heads, s, s] tensor stored; composed Burn ops on CPU); composed; fused (an error
+    /// where the backend has no kernels or --dropout > 0).
+    #[arg(long, default_value = "auto", value_parser = parse_attention)]
+    pub(crate) attention: AttentionKernel,
+}
+
+fn parse_attention(s: &str) -> Result<AttentionKernel, String> {
+    s.parse().map_err(|e: burn_parallel::attention::UnknownAttentionKernel| e.to_string())
 }
 
 fn parse_precision(s: &str) -> Result<Precision, String> {

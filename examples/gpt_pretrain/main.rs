@@ -39,7 +39,6 @@ pub(crate) struct Summary {
     pub(crate) sample: String,
 }
 
-/// The model the flags describe (byte-level vocabulary of 256).
 /// The model the flags describe. The vocabulary is the tokenizer's, padded to a multiple of
 /// 128 × tp (or a resumed checkpoint's padding, see `checkpointing::open_start`).
 fn gpt_config(args: &Args) -> GptConfig {
@@ -53,6 +52,7 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_precision(args.precision)
         .with_recompute(args.recompute)
         .with_loss_chunk((args.loss_chunk > 0).then_some(args.loss_chunk))
+        .with_attention(args.attention)
 }
 
 /// This rank's optimizer: AdamW (β₂ 0.95) with f32 masters, DP reduction, global clipping
@@ -355,7 +355,14 @@ fn run_cuda(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String
     if args.comm == CommKind::Nccl {
         return run_nccl(args, data, start);
     }
-    run::<burn::backend::Autodiff<burn::backend::Cuda>>(args, Default::default(), data, start)
+    let summary = run::<burn::backend::Autodiff<burn::backend::Cuda>>(args, Default::default(), data, start)?;
+    // cubecl keeps no peak: what the pools hold after training (parameters, optimizer state and
+    // whatever cached blocks the pools kept).
+    match burn_parallel::cuda::memory_in_use(&Default::default()) {
+        Ok(bytes) => println!("CUDA memory in use after training (device 0): {:.1} MB", bytes as f64 / 1e6),
+        Err(e) => tracing::warn!(error = %e, "CUDA memory usage"),
+    }
+    Ok(summary)
 }
 
 /// This process is one rank of a launched job; NCCL connects it to the others.

@@ -259,6 +259,10 @@ fn bad_memory_flags_are_clear_errors() {
     assert!(e.contains("f16") && e.contains("bf16"), "an unknown precision names the known ones: {e}");
     let e = parse_error(&format!("{TINY} --recompute everything"));
     assert!(e.contains("everything") && e.contains("selective"), "an unknown recompute mode names the known ones: {e}");
+    let e = parse_error(&format!("{TINY} --attention sparse"));
+    assert!(e.contains("sparse") && e.contains("composed"), "{e}");
+    let e = error_of(&format!("{TINY} --steps 1 --attention fused"));
+    assert!(e.contains("no fused attention kernels"), "fused attention on the CPU backend is refused: {e}");
     let e = parse_error(&format!("{TINY} --tokenizer gpt4"));
     assert!(e.contains("gpt4"), "{e}");
     let e = error_of(&format!("{TINY} --steps 1 --zero 1"));

@@ -13,6 +13,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Tensor, TensorData};
+use burn_parallel::attention::{causal_attention, AttentionKernel};
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp};
 use burn_parallel::precision::{like, to_f32};
 use burn_parallel::rng::{RandomStreams, StreamCounter};
@@ -42,6 +43,10 @@ pub struct ParallelAttentionConfig {
     /// Init standard deviation of the output projection.
     #[config(default = 0.02)]
     pub proj_init_std: f64,
+    /// The attention core: fused flash-attention kernels or composed Burn ops
+    /// (`burn_parallel::attention`; `Auto`: fused where the backend has them and dropout is 0).
+    #[config(default = "burn_parallel::attention::AttentionKernel::Auto")]
+    pub kernel: AttentionKernel,
 }
 
 /// Causal multi-head self-attention with heads split over the TP group.
@@ -58,6 +63,9 @@ pub struct ParallelAttention<B: ParallelBackend> {
     pub local_heads: usize,
     /// Width of one head.
     pub d_head: usize,
+    /// The core runs the fused kernels ([`ParallelAttentionConfig::kernel`], resolved at init).
+    #[module(skip)]
+    pub fused: bool,
 }
 
 impl ParallelAttentionConfig {
@@ -67,16 +75,19 @@ impl ParallelAttentionConfig {
             return Err(ConfigError::NotDivisible { what: "hidden size", value: self.d_model, degree_name: "attention heads", degree: self.n_heads });
         }
         let local_heads = check_divisible("attention heads", self.n_heads, tp)?;
+        let d_head = self.d_model / self.n_heads;
+        let fused = self.kernel.resolve::<B>(device, d_head, self.dropout).map_err(ConfigError::Invalid)?;
         // q, k and v are generated as separate h → h weights (their own init streams, as the
         // unfused model's) and fused per head.
         let part = |name: &str| init.child(name).child("weight").normal(&[self.d_model, self.d_model], self.init_std);
-        let fused = fuse_qkv(&part("query"), &part("key"), &part("value"), self.n_heads);
+        let weights = fuse_qkv(&part("query"), &part("key"), &part("value"), self.n_heads);
         Ok(ParallelAttention {
-            qkv: ColumnLinearConfig::new(self.d_model, 3 * self.d_model).init_from(tp, fused, device)?,
+            qkv: ColumnLinearConfig::new(self.d_model, 3 * self.d_model).init_from(tp, weights, device)?,
             output: RowLinearConfig::new(self.d_model, self.d_model).with_init_std(self.proj_init_std).init(tp, &init.child("output"), device)?,
             dropout: ParallelDropout::new(self.dropout, init.seed, &init.child("dropout").path, DropoutRegion::Sharded, tp.rank()),
             local_heads,
-            d_head: self.d_model / self.n_heads,
+            d_head,
+            fused,
         })
     }
 }
@@ -133,10 +144,16 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     /// The attention core (no parameters): `q, k, v [b, s, h/t]` → context `[b, s, h/t]`:
     /// scores `[b, H/t, s, s]`, causal mask, softmax in f32, dropout, weighted sum. Selective
     /// recompute runs this part again in the backward instead of keeping its `s × s` tensors.
+    /// With [`fused`](Self::fused) one flash-attention op (`burn_parallel::attention`): no
+    /// `s × s` tensor at all, `o` and the f32 log-sum-exp kept for the backward.
     pub fn core(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, _] = q.dims();
         let heads = |t: Tensor<B, 3>| t.reshape([b, s, self.local_heads, self.d_head]).swap_dims(1, 2);
         let (q, k, v) = (heads(q), heads(k), heads(v));
+        if self.fused {
+            let o = causal_attention(q, k, v, 1.0 / (self.d_head as f32).sqrt());
+            return o.swap_dims(1, 2).reshape([b, s, self.local_heads * self.d_head]);
+        }
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((self.d_head as f32).sqrt());
         let mask = causal_mask::<B>(s, &scores.device());
         let scores = scores.mask_fill(mask, MASK_VALUE);

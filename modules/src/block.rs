@@ -48,6 +48,9 @@ pub struct TransformerBlockConfig {
     /// Sequence parallelism: inputs and outputs are `[b, s/t, h]` shards.
     #[config(default = false)]
     pub sequence_parallel: bool,
+    /// The attention core's kernel (see [`ParallelAttentionConfig::kernel`]).
+    #[config(default = "burn_parallel::attention::AttentionKernel::Auto")]
+    pub attention: burn_parallel::attention::AttentionKernel,
 }
 
 /// One transformer layer, split over the TP group.
@@ -82,6 +85,7 @@ impl TransformerBlockConfig {
                 .with_dropout(self.dropout)
                 .with_init_std(self.init_std)
                 .with_proj_init_std(self.proj_init_std)
+                .with_kernel(self.attention)
                 .init(tp, &init.child("attn"), device)?,
             ln2: ln(),
             mlp: ParallelMlpConfig::new(self.d_model, self.d_ff).with_init_std(self.init_std).with_proj_init_std(self.proj_init_std).init(

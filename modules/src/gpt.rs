@@ -78,6 +78,10 @@ pub struct GptConfig {
     /// softmax never whole: `crate::cross_entropy::chunked_loss_grad`); `None`: in one piece.
     #[config(default = "None")]
     pub loss_chunk: Option<usize>,
+    /// The attention core: fused flash-attention kernels where the backend has them and dropout
+    /// is 0 (`Auto`), always composed, or fused or an error (`burn_parallel::attention`).
+    #[config(default = "burn_parallel::attention::AttentionKernel::Auto")]
+    pub attention: burn_parallel::attention::AttentionKernel,
 }
 
 /// A GPT split over a TP group (a group of one gives the plain model).
@@ -157,7 +161,8 @@ impl GptConfig {
             .with_dropout(self.dropout)
             .with_proj_init_std(proj_std)
             .with_layer_norm_eps(self.layer_norm_eps)
-            .with_sequence_parallel(self.sequence_parallel);
+            .with_sequence_parallel(self.sequence_parallel)
+            .with_attention(self.attention);
         layers.map(|i| block.init(tp, &init.child("blocks").child(i), device)).collect()
     }
 

@@ -160,6 +160,9 @@ struct MemoryArgs {
     /// Cross-entropy rows per chunk.
     #[arg(long)]
     loss_chunk: Option<usize>,
+    /// The fused flash-attention kernels (CUDA/wgpu without dropout: no s² tensors kept).
+    #[arg(long)]
+    fused_attention: bool,
 }
 
 fn prepare(tokenizer: &str, out: &std::path::Path, shard_tokens: usize, val_fraction: f64, files: &[PathBuf]) -> Result<(), String> {
@@ -194,6 +197,7 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
         precision: a.precision.parse().map_err(|e: burn_parallel::precision::PrecisionError| e.to_string())?,
         dropout: a.dropout,
         loss_chunk: a.loss_chunk,
+        fused_attention: a.fused_attention,
     };
     let est = estimate(&shape, &plan)?;
     println!("{shape:?}\n{plan:?}\nMB per rank (every TP and DP rank of a pipeline stage alike):\n{}", table(&est));

@@ -12,6 +12,8 @@ mod cube;
 #[cfg(feature = "cube")]
 mod cube_vec;
 mod tuning;
+#[cfg(feature = "cube")]
+pub(crate) use tuning::bounds_checks as kernel_bounds_checks;
 
 #[cfg(feature = "cube")]
 use tuning::{affine_staging, backward_cache, backward_lean, backward_prefetch, backward_rows, bounds_checks, forward_cache, vector_cache};
@@ -132,11 +134,12 @@ impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B
     }
 }
 
-/// What a backend needs to run every parallel layer: collectives and the layer-norm op.
-/// Implemented for every backend that has both (Flex, CUDA, and their `Autodiff`).
-pub trait ParallelBackend: crate::CollectiveBackend + LayerNormBackend {}
+/// What a backend needs to run every parallel layer: collectives, the layer-norm op and the
+/// attention op. Implemented for every backend that has them (Flex, CUDA, wgpu, and their
+/// `Autodiff`).
+pub trait ParallelBackend: crate::CollectiveBackend + LayerNormBackend + crate::attention::AttentionBackend {}
 
-impl<B: crate::CollectiveBackend + LayerNormBackend> ParallelBackend for B {}
+impl<B: crate::CollectiveBackend + LayerNormBackend + crate::attention::AttentionBackend> ParallelBackend for B {}
 
 /// Layer norm over the last dim of `x` (any rank) through the backend's [`LayerNormBackend`].
 ///

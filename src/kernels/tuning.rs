@@ -137,7 +137,7 @@ pub fn set_bounds_checks(on: bool) {
 }
 
 #[cfg(feature = "cube")]
-pub(super) fn bounds_checks() -> bool {
+pub(crate) fn bounds_checks() -> bool {
     BOUNDS_CHECKS.load(Ordering::SeqCst)
 }
 

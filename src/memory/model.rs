@@ -22,7 +22,9 @@
 //!
 //! That is, with f = 4h, dropout, no SP: `N·h·(6 + 12/t)·e + b·s²·(a/t)·(8 + 2e)` bytes
 //! (Korthikanti's `sbh(10 + 24/t + 5as/(ht))` has 1-byte masks and keeps fewer tensors than
-//! Burn's autodiff does). Selective recompute drops the `s²` terms and keeps `[q|k|v]` packed;
+//! Burn's autodiff does). With the fused attention kernels (`burn_parallel::attention`, CUDA and
+//! wgpu) the `s²` terms become the f32 log-sum-exp `4·b·(a/t)·s`.
+//! Selective recompute drops the `s²` terms and keeps `[q|k|v]` packed;
 //! full recompute keeps the block input only and reruns one block at a time in the backward.
 //! The first stage adds the embedding dropout's mask, the last the final layer norm's input
 //! and output and the f32 shifted logits `N·V/t·4` (cross-entropy; with a chunked loss the
@@ -92,6 +94,9 @@ pub struct TrainPlan {
     pub dropout: bool,
     /// Cross-entropy rows per chunk (`None`: the whole batch at once).
     pub loss_chunk: Option<usize>,
+    /// The attention core runs the fused flash-attention kernels (CUDA/wgpu, no dropout):
+    /// it keeps the f32 log-sum-exp instead of the `s²` tensors.
+    pub fused_attention: bool,
 }
 
 /// One rank's predicted memory in bytes (the same for every TP and DP rank of a stage).
@@ -133,6 +138,10 @@ struct Dims {
     e: f64,
     drop: bool,
     chunk: Option<usize>,
+    /// Fused attention: `lse`, `[b, a/t, s]` f32, instead of the `s²` tensors.
+    fused: bool,
+    /// `b·(a/t)·s`: the rows of the attention core.
+    att_rows: f64,
 }
 
 impl Dims {
@@ -150,9 +159,21 @@ impl Dims {
             self.n
         }
     }
-    /// The `s²` tensors of the attention core (bytes).
+    /// The `s²` tensors of the attention core (bytes), or the fused kernel's f32 `lse`.
     fn core(&self) -> f64 {
+        if self.fused {
+            return self.att_rows * 4.0;
+        }
         2.0 * self.s2 * 4.0 + if self.drop { 2.0 } else { 1.0 } * self.s2 * self.e
+    }
+    /// The attention core's backward transient: the composed `4` f32 `s²` buffers, or the fused
+    /// kernels' `dq, dk, dv` and f32 `D` (and, in half precision, `dO` and `o` cast to f32).
+    fn core_transient(&self) -> f64 {
+        if self.fused {
+            let half = if self.e < 4.0 { 2.0 * self.n * self.h / self.t * 4.0 } else { 0.0 };
+            return 3.0 * self.n * self.h / self.t * self.e + self.att_rows * 4.0 + half;
+        }
+        4.0 * self.s2 * 4.0
     }
     /// Bytes a block keeps without recompute.
     fn block(&self) -> f64 {
@@ -170,7 +191,7 @@ impl Dims {
     }
     /// The largest transient of a block's backward.
     fn block_transient(&self, mode: Recompute) -> f64 {
-        let t = (3.0 * self.n * self.f / self.t * self.e).max(4.0 * self.s2 * 4.0);
+        let t = (3.0 * self.n * self.f / self.t * self.e).max(self.core_transient());
         if mode == Recompute::Full {
             t + self.block() - self.e * self.seq()
         } else {
@@ -232,6 +253,8 @@ pub fn estimate(g: &GptShape, plan: &TrainPlan) -> Result<Vec<RankMemory>, Strin
         e,
         drop: plan.dropout,
         chunk: plan.loss_chunk,
+        fused: plan.fused_attention && !plan.dropout,
+        att_rows: (plan.microbatch * g.heads / plan.tp * g.seq) as f64,
     };
     let mut out = Vec::with_capacity(plan.pp);
     for (r, rank_actions) in actions.iter().enumerate() {

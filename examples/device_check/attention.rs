@@ -1,0 +1,121 @@
+//! `attention`: the flash-attention kernels on CUDA against the composed reference (computed on
+//! the CPU from the same rounded inputs), f32 and bf16, raw `CubeBackend` and `Fusion`; then
+//! fused vs composed forward and forward+backward at GPT-2's shape (b 8, 12 heads, d 64) for
+//! T = 1024 and 2048 (`benches/torch_attention.py` times PyTorch's SDPA at the same shapes).
+
+use burn::backend::{Autodiff, Cuda, Flex};
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_parallel::attention::{causal_attention, AttentionBackend};
+use burn_parallel::rng::HostRng;
+
+use crate::kernels::K;
+use crate::Report;
+
+const SHAPES: &[[usize; 4]] = &[[1, 1, 1, 64], [2, 3, 37, 64], [1, 2, 100, 128], [1, 4, 257, 128], [2, 2, 1000, 64], [1, 2, 130, 80]];
+
+/// Inputs rounded to `dtype`, as f32 host data `[b, H, s, d]`.
+fn inputs(shape: [usize; 4], dtype: DType) -> [TensorData; 4] {
+    let dev = Default::default();
+    ["q", "k", "v", "do"].map(|name| {
+        let n = shape.iter().product::<usize>();
+        let t = Tensor::<Flex, 1>::from_data(TensorData::new(HostRng::new(11, name).normal_vec(n, 1.0), [n]), &dev);
+        TensorData::new(t.cast(dtype).cast(DType::F32).into_data().to_vec::<f32>().unwrap(), shape)
+    })
+}
+
+/// `[o, lse, dq, dk, dv]` as f32 host data.
+fn apply<B: AttentionBackend>(inp: &[TensorData; 4], dtype: DType) -> [TensorData; 5] {
+    let dev = Default::default();
+    let scale = 1.0 / (inp[0].shape[3] as f32).sqrt();
+    let t = |d: &TensorData| Tensor::<B, 4>::from_data(d.clone(), &dev).cast(dtype).into_primitive().tensor();
+    let (q, k, v, dout) = (t(&inp[0]), t(&inp[1]), t(&inp[2]), t(&inp[3]));
+    let (o, lse) = B::causal_attention(q.clone(), k.clone(), v.clone(), scale);
+    let (dq, dk, dv) = B::causal_attention_backward(dout, q, k, v, o.clone(), lse.clone(), scale);
+    let w = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p)).cast(DType::F32).into_data().convert::<f32>();
+    let lse = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)).into_data().convert::<f32>();
+    [w(o), lse, w(dq), w(dk), w(dv)]
+}
+
+/// Max |a − b| relative to max |b| (NaN: infinite).
+fn rel_err(a: &TensorData, b: &TensorData) -> f32 {
+    let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter().zip(&b).fold(0.0f32, |m, (x, y)| if (x - y).is_nan() { f32::INFINITY } else { m.max((x - y).abs()) }) / scale
+}
+
+fn check<B: AttentionBackend>(report: &mut Report, label: &str) {
+    for &shape in SHAPES {
+        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 2e-2)] {
+            let inp = inputs(shape, dtype);
+            let want = apply::<Flex>(&inp, DType::F32);
+            let got = apply::<B>(&inp, dtype);
+            let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
+            let detail = format!("rel err o/lse/dq/dk/dv = {} (tol {tol})", errs.iter().map(|e| format!("{e:.1e}")).collect::<Vec<_>>().join("/"));
+            report.check(&format!("attention {label} {shape:?} {dtype:?}"), if errs.iter().all(|e| *e <= tol) { Ok(detail) } else { Err(detail) });
+        }
+    }
+}
+
+/// The composed attention through Burn's autodiff (what the layer runs without the kernels).
+fn composed<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f32) -> Tensor<B, 4> {
+    let s = q.dims()[2];
+    let device = q.device();
+    let dtype = q.dtype();
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let i = Tensor::<B, 1, burn::tensor::Int>::arange(0..s as i64, &device);
+    let future = i.clone().reshape([1, s]).expand([s, s]).greater(i.reshape([s, 1]).expand([s, s]));
+    let scores = scores.mask_fill(future.reshape([1, 1, s, s]), -1.0e4);
+    softmax(scores.cast(DType::F32), 3).cast(dtype).matmul(v)
+}
+
+/// Milliseconds per call (3 warm-up calls, then `iters`, synchronised).
+fn ms<F: FnMut()>(mut f: F, iters: usize) -> f64 {
+    let dev = Default::default();
+    for _ in 0..3 {
+        f();
+    }
+    <Cuda as Backend>::sync(&dev).unwrap();
+    let t = std::time::Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    <Cuda as Backend>::sync(&dev).unwrap();
+    t.elapsed().as_secs_f64() * 1e3 / iters as f64
+}
+
+fn bench() {
+    type A = Autodiff<Cuda>;
+    println!("\n| attention (b 8, H 12, d 64, causal) | T | dtype | fused fwd ms | fused fwd+bwd ms | composed fwd+bwd ms | composed/fused |\n|---|---|---|---|---|---|---|");
+    let dev = Default::default();
+    for t in [1024, 2048] {
+        for dtype in [DType::BF16, DType::F32] {
+            let shape = [8, 12, t, 64];
+            let [q, k, v, g] = inputs(shape, DType::F32).map(|d| Tensor::<A, 4>::from_data(d, &dev).cast(dtype));
+            let [q, k, v] = [q, k, v].map(|x| x.detach().require_grad());
+            let scale = 0.125;
+            let fwd = ms(|| drop(causal_attention(q.clone().detach(), k.clone().detach(), v.clone().detach(), scale)), 10);
+            let step = |f: &dyn Fn() -> Tensor<A, 4>| {
+                ms(
+                    || {
+                        let grads = (f() * g.clone()).sum().backward();
+                        drop([&q, &k, &v].map(|x| x.grad(&grads)));
+                    },
+                    5,
+                )
+            };
+            let fused = step(&|| causal_attention(q.clone(), k.clone(), v.clone(), scale));
+            let comp = step(&|| composed(q.clone(), k.clone(), v.clone(), scale));
+            println!("| | {t} | {dtype:?} | {fwd:.3} | {fused:.3} | {comp:.3} | {:.2} |", comp / fused);
+        }
+    }
+}
+
+pub fn run(report: &mut Report, quick: bool) {
+    check::<K>(report, "cube");
+    check::<Cuda>(report, "fusion");
+    if !quick {
+        bench();
+    }
+}

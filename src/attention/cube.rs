@@ -1,0 +1,296 @@
+//! [`AttentionBackend`] for `CubeBackend` (the kernels of `kernels.rs`) and for `Fusion` (lazy
+//! custom operations of the fusion stream, as the layer norm's).
+//!
+//! Tiles: `lanes` units per row (the largest divisor of `d` up to `d / 16`, at most 8: about 16
+//! output columns per unit), rows per cube a power of two up to 64 (and `rows · lanes` ≤ the
+//! device's units per cube), the largest whose shared memory fits `min(device limit, 100 KiB)`
+//! (several cubes per multiprocessor on CUDA; lavapipe's 32 KiB gives smaller tiles).
+
+use std::marker::PhantomData;
+
+use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn_cubecl::cubecl::{CubeCount, CubeDim};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+
+use super::kernels::{self, Tiles};
+use super::{AttentionBackend, AttentionBackward, AttentionForward};
+
+/// The widest head the kernels take (registers: `d / lanes` ≤ 32 accumulators per unit).
+pub const MAX_HEAD: usize = 256;
+/// Shared memory a cube may use (bytes), below the device's limit.
+const SHARED_TARGET: usize = 100 << 10;
+/// Cubes per grid dimension (wgpu's usual limit).
+const MAX_GRID: usize = 65535;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Forward,
+    Dq,
+    Dkv,
+}
+
+/// Shared bytes of a kernel's tiles (f32; rows of `d + 1`).
+fn shared_bytes(kernel: Kernel, t: Tiles) -> usize {
+    let (r, c, ds) = (t.rows, t.cols, t.stride());
+    4 * match kernel {
+        Kernel::Forward => r * ds + c * ds + r * c,
+        Kernel::Dq => 2 * r * ds + 2 * c * ds + r * c,
+        Kernel::Dkv => 2 * r * ds + 2 * c * ds + 2 * r * c + 2 * c,
+    }
+}
+
+/// The tiles of `kernel` for heads of width `d` on a device with `shared` bytes and `units` per
+/// cube, or why none fit.
+fn tiles(kernel: Kernel, d: usize, shared: usize, units: usize) -> Result<Tiles, String> {
+    if d == 0 || d > MAX_HEAD {
+        return Err(format!("fused attention takes heads of width 1..={MAX_HEAD}, not {d}"));
+    }
+    let lanes = (1..=(d / 16).clamp(1, 8)).rev().find(|l| d.is_multiple_of(*l)).unwrap_or(1);
+    let limit = shared.min(SHARED_TARGET);
+    let mut rows = 64;
+    while rows >= 1 {
+        let t = Tiles { d, rows, cols: rows, lanes };
+        if rows * lanes <= units && shared_bytes(kernel, t) <= limit {
+            return Ok(t);
+        }
+        rows /= 2;
+    }
+    Err(format!("fused attention with heads of width {d} needs more shared memory than the device's {shared} bytes"))
+}
+
+fn device_tiles<R: CubeRuntime>(client: &burn_cubecl::cubecl::client::ComputeClient<R>, kernel: Kernel, d: usize) -> Result<Tiles, String> {
+    let hw = &client.properties().hardware;
+    tiles(kernel, d, hw.max_shared_memory_size, hw.max_units_per_cube as usize)
+}
+
+/// One cube per (batch·head, block of `rows` rows).
+fn grid(bh: usize, s: usize, rows: usize) -> CubeCount {
+    assert!(bh <= MAX_GRID, "fused attention: batch × heads = {bh} exceeds {MAX_GRID} cubes");
+    CubeCount::Static(bh as u32, s.div_ceil(rows).max(1) as u32, 1)
+}
+
+/// Launches without CubeCL's per-access bounds checks unless the layer norm's
+/// `set_bounds_checks(true)` (every access of the kernels is guarded by the sequence length).
+macro_rules! launch_attn {
+    ($($seg:ident)::+; $($arg:expr),* $(,)?) => {
+        if crate::kernels::kernel_bounds_checks() {
+            $($seg)::+::launch::<R>($($arg),*)
+        } else {
+            // SAFETY: every global access of the kernels is guarded by `s` (module docs of
+            // `kernels`), shared accesses are within the comptime tile sizes.
+            unsafe { $($seg)::+::launch_unchecked::<R>($($arg),*) }
+        }
+    };
+}
+
+/// A `[b, H, s, d]` output stored as `[b, s, H, d]` (what the attention layer's projection reads
+/// after swapping back: no copy there), returned as the `[b, H, s, d]` view.
+fn output_like<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
+    let [b, h, s, d] = x.shape().dims::<4>();
+    let t = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([b, s, h, d]), x.dtype);
+    burn_cubecl::ops::permute(t, &[0, 2, 1, 3])
+}
+
+fn check_same<R: CubeRuntime>(q: &CubeTensor<R>, others: &[(&str, &CubeTensor<R>)]) {
+    for (name, t) in others {
+        assert!(
+            t.shape() == q.shape() && t.dtype == q.dtype,
+            "fused attention: {name} is {:?} {:?}, q {:?} {:?}",
+            t.shape().as_slice(),
+            t.dtype,
+            q.shape().as_slice(),
+            q.dtype
+        );
+    }
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionBackend for CubeBackend<R, F, I, BT> {
+    fn fused_attention(device: &Self::Device, d_head: usize) -> Result<(), String> {
+        let client = R::client(device);
+        for kernel in [Kernel::Forward, Kernel::Dq, Kernel::Dkv] {
+            device_tiles(&client, kernel, d_head)?;
+        }
+        Ok(())
+    }
+
+    fn causal_attention(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, scale: f32) -> AttentionForward<Self> {
+        check_same(&q, &[("k", &k), ("v", &v)]);
+        let [b, h, s, d] = q.shape().dims::<4>();
+        let t = device_tiles(&q.client, Kernel::Forward, d).unwrap_or_else(|e| panic!("{e}"));
+        let o = output_like(&q);
+        let lse = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([b, h, s]), DType::F32);
+        let client = q.client.clone();
+        launch_attn!(kernels::attn_forward_kernel;
+            &client,
+            grid(b * h, s, t.rows),
+            CubeDim::new_2d(t.lanes as u32, t.rows as u32),
+            q.clone().into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            o.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            scale,
+            t,
+            q.dtype.into(),
+        );
+        (o, lse)
+    }
+
+    fn causal_attention_backward(
+        dout: CubeTensor<R>,
+        q: CubeTensor<R>,
+        k: CubeTensor<R>,
+        v: CubeTensor<R>,
+        o: CubeTensor<R>,
+        lse: CubeTensor<R>,
+        scale: f32,
+    ) -> AttentionBackward<Self> {
+        check_same(&q, &[("k", &k), ("v", &v), ("dO", &dout), ("o", &o)]);
+        let [b, h, s, d] = q.shape().dims::<4>();
+        let (tq, tkv) = [Kernel::Dq, Kernel::Dkv].map(|kernel| device_tiles(&q.client, kernel, d).unwrap_or_else(|e| panic!("{e}"))).into();
+        let delta = delta::<R, F, I, BT>(dout.clone(), o);
+        let lse = into_contiguous(lse);
+        let (dq, dk, dv) = (output_like(&q), output_like(&k), output_like(&v));
+        let client = q.client.clone();
+        launch_attn!(kernels::attn_backward_dq_kernel;
+            &client,
+            grid(b * h, s, tq.rows),
+            CubeDim::new_2d(tq.lanes as u32, tq.rows as u32),
+            dout.clone().into_tensor_arg(),
+            q.clone().into_tensor_arg(),
+            k.clone().into_tensor_arg(),
+            v.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            delta.clone().into_tensor_arg(),
+            dq.clone().into_tensor_arg(),
+            scale,
+            tq,
+            q.dtype.into(),
+        );
+        launch_attn!(kernels::attn_backward_dkv_kernel;
+            &client,
+            grid(b * h, s, tkv.rows),
+            CubeDim::new_2d(tkv.lanes as u32, tkv.rows as u32),
+            dout.into_tensor_arg(),
+            q.clone().into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            delta.into_tensor_arg(),
+            dk.clone().into_tensor_arg(),
+            dv.clone().into_tensor_arg(),
+            scale,
+            tkv,
+            q.dtype.into(),
+        );
+        (dq, dk, dv)
+    }
+}
+
+/// `D = Σ_x dO·o` in f32, `[b, H, s]` contiguous (Burn ops: one fused elementwise-and-sum).
+fn delta<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(dout: CubeTensor<R>, o: CubeTensor<R>) -> CubeTensor<R> {
+    type T<R, F, I, BT> = Tensor<CubeBackend<R, F, I, BT>, 4>;
+    let f = |x: CubeTensor<R>| T::<R, F, I, BT>::from_primitive(TensorPrimitive::Float(x)).cast(DType::F32);
+    into_contiguous((f(dout) * f(o)).sum_dim(3).into_primitive().tensor())
+}
+
+/// Under `Fusion` the kernels are lazy custom operations of the fusion stream (registered with
+/// their inputs and outputs, run on the inner backend's tensors when the stream executes).
+impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
+    fn fused_attention(device: &Self::Device, d_head: usize) -> Result<(), String> {
+        B::fused_attention(device, d_head)
+    }
+
+    fn causal_attention(
+        q: FusionTensor<B::FusionRuntime>,
+        k: FusionTensor<B::FusionRuntime>,
+        v: FusionTensor<B::FusionRuntime>,
+        scale: f32,
+    ) -> AttentionForward<Self> {
+        let stats = Shape::from(q.shape.as_slice()[..3].to_vec());
+        let outputs = vec![(q.shape.clone(), q.dtype), (stats, DType::F32)];
+        let mut out = AttentionFusionOp::<B>::register(vec![q, k, v], outputs, scale, false).into_iter();
+        (out.next().expect("o"), out.next().expect("lse"))
+    }
+
+    fn causal_attention_backward(
+        dout: FusionTensor<B::FusionRuntime>,
+        q: FusionTensor<B::FusionRuntime>,
+        k: FusionTensor<B::FusionRuntime>,
+        v: FusionTensor<B::FusionRuntime>,
+        o: FusionTensor<B::FusionRuntime>,
+        lse: FusionTensor<B::FusionRuntime>,
+        scale: f32,
+    ) -> AttentionBackward<Self> {
+        let outputs = [&q, &k, &v].map(|t| (t.shape.clone(), t.dtype)).to_vec();
+        let mut out = AttentionFusionOp::<B>::register(vec![dout, q, k, v, o, lse], outputs, scale, true).into_iter();
+        let mut next = || out.next().expect("three gradients");
+        (next(), next(), next())
+    }
+}
+
+/// The attention forward (inputs `q, k, v`; outputs `o, lse`) or backward (inputs
+/// `dO, q, k, v, o, lse`; outputs `dq, dk, dv`) as a fusion-stream operation.
+#[derive(Debug)]
+struct AttentionFusionOp<B> {
+    desc: CustomOpIr,
+    scale: f32,
+    backward: bool,
+    _b: PhantomData<B>,
+}
+
+impl<B: FusionBackend + AttentionBackend> AttentionFusionOp<B> {
+    fn register(inputs: Vec<FusionTensor<B::FusionRuntime>>, outputs: Vec<(Shape, DType)>, scale: f32, backward: bool) -> Vec<FusionTensor<B::FusionRuntime>> {
+        let client = inputs[0].client.clone();
+        let streams = OperationStreams::with_inputs(&inputs);
+        let outputs = outputs.into_iter().map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), shape, dtype)).collect::<Vec<_>>();
+        let name = if backward { "burn-parallel-attention-backward" } else { "burn-parallel-attention" };
+        let inputs = inputs.into_iter().map(|t| t.into_ir()).collect::<Vec<_>>();
+        let desc = CustomOpIr::new(name, &inputs, &outputs);
+        let op = Self { desc: desc.clone(), scale, backward, _b: PhantomData };
+        client.register(streams, OperationIr::Custom(desc), op)
+    }
+}
+
+impl<B: FusionBackend + AttentionBackend> Operation<B::FusionRuntime> for AttentionFusionOp<B> {
+    fn execute(&self, handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>) {
+        let mut inputs = self.desc.inputs.iter().map(|t| handles.get_float_tensor::<B>(t)).collect::<Vec<_>>().into_iter();
+        let mut next = || inputs.next().expect("as registered");
+        let outputs = if self.backward {
+            let (dq, dk, dv) = B::causal_attention_backward(next(), next(), next(), next(), next(), next(), self.scale);
+            vec![dq, dk, dv]
+        } else {
+            let (o, lse) = B::causal_attention(next(), next(), next(), self.scale);
+            vec![o, lse]
+        };
+        for (ir, tensor) in self.desc.outputs.iter().zip(outputs) {
+            handles.register_float_tensor::<B>(&ir.id, tensor);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_the_device_or_say_why() {
+        for kernel in [Kernel::Forward, Kernel::Dq, Kernel::Dkv] {
+            for d in [16, 48, 64, 80, 128, 256] {
+                for shared in [16 << 10, 32 << 10, 48 << 10, 227 << 10] {
+                    let t = tiles(kernel, d, shared, 256).unwrap();
+                    assert!(shared_bytes(kernel, t) <= shared && t.units() <= 256 && d.is_multiple_of(t.lanes), "{kernel:?} d {d} shared {shared}: {t:?}");
+                }
+            }
+        }
+        assert_eq!(tiles(Kernel::Forward, 64, 227 << 10, 1024).unwrap(), Tiles { d: 64, rows: 64, cols: 64, lanes: 4 });
+        assert!(tiles(Kernel::Forward, 512, 227 << 10, 1024).unwrap_err().contains("width 1..=256, not 512"));
+        assert!(tiles(Kernel::Dkv, 256, 1 << 10, 1024).unwrap_err().contains("more shared memory"));
+    }
+}

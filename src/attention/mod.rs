@@ -1,0 +1,264 @@
+//! Causal attention as a backend extension: fused flash-attention kernels (CubeCL) on Cube
+//! backends, composed Burn ops elsewhere, one autodiff op for all. Entry point:
+//! [`causal_attention`].
+//!
+//! Per head, `q, k, v: [s, d]`, `S = scale·q·kᵀ` with the future masked (`j > i`), softmax rows
+//! `P = exp(S − lse)` with `lse_i = log Σ_{j ≤ i} exp(S_ij)` (f32), `o = P·v`. The forward saves
+//! only `o` and `lse` (no `s × s` tensor); the backward, with `D_i = Σ_x dO_ix·o_ix`:
+//! `dP = dO·vᵀ`, `dS = P ∘ (dP − D)`, `dq = scale·dS·k`, `dk = scale·dSᵀ·q`, `dv = Pᵀ·dO`.
+//!
+//! Shapes: `q, k, v: [b, H, s, d]` (any strides), `o: [b, H, s, d]` in `q`'s dtype, `lse: [b, H, s]`
+//! f32. Everything accumulates in f32 whatever the storage dtype. No dropout (the attention layer
+//! keeps the composed path when attention dropout is on, see [`AttentionKernel`]).
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use burn::tensor::{Distribution, Tensor};
+//! use burn_parallel::attention::causal_attention;
+//!
+//! type B = Autodiff<Flex>;
+//! let dev = Default::default();
+//! let [q, k, v] = [0, 1, 2].map(|_| Tensor::<B, 4>::random([2, 3, 5, 8], Distribution::Default, &dev).require_grad());
+//! let o = causal_attention(q.clone(), k, v, 1.0 / 8f32.sqrt());
+//! assert_eq!(o.dims(), [2, 3, 5, 8]);
+//! let grads = o.sum().backward();
+//! assert_eq!(q.grad(&grads).unwrap().dims(), [2, 3, 5, 8]);
+//! ```
+
+#[cfg(feature = "cube")]
+mod cube;
+#[cfg(feature = "cube")]
+mod kernels;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use crate::precision::{cast_to, to_f32};
+
+/// Masked scores (`j > i`) before the softmax: `exp(MASKED − m) = 0` in f32 for any finite row max.
+pub const MASKED: f32 = -1.0e30;
+
+/// Forward: `(o [b, H, s, d], lse [b, H, s] f32)`.
+pub type AttentionForward<B> = (FloatTensor<B>, FloatTensor<B>);
+/// Backward: `(dq, dk, dv)`, each like its input.
+pub type AttentionBackward<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+fn wrap<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// A backend's causal attention (see the module docs). The default bodies compose Burn ops (and
+/// hold the `s × s` scores): the reference of the kernels' tests, and what CPU backends run.
+pub trait AttentionBackend: Backend {
+    /// `Ok` where this backend has fused kernels for heads of width `d_head` on `device`; else
+    /// why not (the attention layer then composes Burn ops, or refuses `AttentionKernel::Fused`).
+    fn fused_attention(device: &Self::Device, d_head: usize) -> Result<(), String> {
+        let _ = d_head;
+        Err(format!("the {} backend has no fused attention kernels (CubeCL backends do)", Self::name(device)))
+    }
+
+    /// `(o, lse)` of causal attention with scores scaled by `scale`.
+    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> AttentionForward<Self> {
+        let q = wrap::<Self, 4>(q);
+        let dtype = q.dtype();
+        let p = Probabilities::new(to_f32(q), to_f32(wrap(k)), scale);
+        let o = p.p.clone().matmul(to_f32(wrap::<Self, 4>(v)));
+        (prim(cast_to(o, dtype)), prim(p.lse.squeeze_dim::<3>(3)))
+    }
+
+    /// `(dq, dk, dv)` of [`causal_attention`](Self::causal_attention) for the output gradient `dout`.
+    fn causal_attention_backward(
+        dout: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        scale: f32,
+    ) -> AttentionBackward<Self> {
+        let (q, k, v) = (wrap::<Self, 4>(q), wrap::<Self, 4>(k), wrap::<Self, 4>(v));
+        let dtypes = [q.dtype(), k.dtype(), v.dtype()];
+        let (q, k, v, dout) = (to_f32(q), to_f32(k), to_f32(v), to_f32(wrap::<Self, 4>(dout)));
+        let delta = (dout.clone() * to_f32(wrap::<Self, 4>(o))).sum_dim(3);
+        let scores = masked_scores(q.clone(), k.clone(), scale);
+        let p = (scores - wrap::<Self, 3>(lse).unsqueeze_dim::<4>(3)).exp();
+        let dv = p.clone().swap_dims(2, 3).matmul(dout.clone());
+        let ds = p * (dout.matmul(v.swap_dims(2, 3)) - delta);
+        let dq = ds.clone().matmul(k).mul_scalar(scale);
+        let dk = ds.swap_dims(2, 3).matmul(q).mul_scalar(scale);
+        let [tq, tk, tv] = dtypes;
+        (prim(cast_to(dq, tq)), prim(cast_to(dk, tk)), prim(cast_to(dv, tv)))
+    }
+}
+
+/// `scale·q·kᵀ` with the future (`j > i`) set to [`MASKED`], `[b, H, s, s]`.
+fn masked_scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, scale: f32) -> Tensor<B, 4> {
+    let s = q.dims()[2];
+    let device = q.device();
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let i = Tensor::<B, 1, burn::tensor::Int>::arange(0..s as i64, &device);
+    let future = i.clone().reshape([1, s]).expand([s, s]).greater(i.reshape([s, 1]).expand([s, s]));
+    scores.mask_fill(future.reshape([1, 1, s, s]), MASKED)
+}
+
+/// Softmax rows of the masked scores with their log-sum-exp (the composed path, f32).
+struct Probabilities<B: Backend> {
+    p: Tensor<B, 4>,
+    lse: Tensor<B, 4>,
+}
+
+impl<B: Backend> Probabilities<B> {
+    fn new(q: Tensor<B, 4>, k: Tensor<B, 4>, scale: f32) -> Self {
+        let scores = masked_scores(q, k, scale);
+        let m = scores.clone().max_dim(3);
+        let e = (scores - m.clone()).exp();
+        let l = e.clone().sum_dim(3);
+        Self { p: e / l.clone(), lse: m + l.log() }
+    }
+}
+
+impl AttentionBackend for burn::backend::Flex {}
+
+#[derive(Debug)]
+struct AttentionBackwardOp {
+    scale: f32,
+}
+
+impl<B: AttentionBackend> Backward<B, 3> for AttentionBackwardOp {
+    // q, k, v, o, lse
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [pq, pk, pv] = ops.parents;
+        let dout = grads.consume::<B>(&ops.node);
+        let (q, k, v, o, lse) = ops.state;
+        let (dq, dk, dv) = B::causal_attention_backward(dout, q, k, v, o, lse, self.scale);
+        for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {
+    fn fused_attention(device: &Self::Device, d_head: usize) -> Result<(), String> {
+        B::fused_attention(device, d_head)
+    }
+
+    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> AttentionForward<Self> {
+        let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+        let (o, lse) = B::causal_attention(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), scale);
+        let out = match (AttentionBackwardOp { scale }).prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((q.primitive, k.primitive, v.primitive, o.clone(), lse.clone()), o),
+            OpsKind::UnTracked(prep) => prep.finish(o),
+        };
+        (out, <Self as AutodiffBackend>::from_inner(lse))
+    }
+
+    fn causal_attention_backward(
+        dout: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        scale: f32,
+    ) -> AttentionBackward<Self> {
+        let inner = |t: FloatTensor<Self>| <Self as AutodiffBackend>::inner(t);
+        let (dq, dk, dv) = B::causal_attention_backward(inner(dout), inner(q), inner(k), inner(v), inner(o), inner(lse), scale);
+        let outer = |t| <Self as AutodiffBackend>::from_inner(t);
+        (outer(dq), outer(dk), outer(dv))
+    }
+}
+
+/// Causal attention of `q, k, v: [b, H, s, d]` (scores scaled by `scale`) through the backend's
+/// [`AttentionBackend`]: `[b, H, s, d]` in `q`'s dtype.
+///
+/// # Panics
+/// If `k` or `v` differs from `q` in shape or dtype (the kernels index them by `q`'s).
+pub fn causal_attention<B: AttentionBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f32) -> Tensor<B, 4> {
+    for (name, t) in [("k", &k), ("v", &v)] {
+        assert!(
+            t.dims() == q.dims() && t.dtype() == q.dtype(),
+            "causal_attention: {name} is {:?} {:?} but q {:?} {:?}",
+            t.dims(),
+            t.dtype(),
+            q.dims(),
+            q.dtype()
+        );
+    }
+    let (o, _) = B::causal_attention(prim(q), prim(k), prim(v), scale);
+    wrap(o)
+}
+
+/// `(o, lse)` of [`causal_attention`] (for tests and the device checks: `lse: [b, H, s]` f32).
+pub fn causal_attention_lse<B: AttentionBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f32) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    let (o, lse) = B::causal_attention(prim(q), prim(k), prim(v), scale);
+    (wrap(o), wrap(lse))
+}
+
+/// Which attention the GPT's layers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+pub enum AttentionKernel {
+    /// The fused kernels where the backend has them and attention dropout is off, else composed.
+    #[default]
+    Auto,
+    /// Composed Burn ops (the `s × s` scores kept for the backward).
+    Composed,
+    /// The fused kernels; a backend without them, or attention dropout > 0, is an error.
+    Fused,
+}
+
+/// An attention kernel name that does not exist.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown attention kernel {0:?} (choose auto, composed or fused)")]
+pub struct UnknownAttentionKernel(pub String);
+
+impl std::str::FromStr for AttentionKernel {
+    type Err = UnknownAttentionKernel;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "composed" => Ok(Self::Composed),
+            "fused" | "flash" => Ok(Self::Fused),
+            other => Err(UnknownAttentionKernel(other.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for AttentionKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Composed => "composed",
+            Self::Fused => "fused",
+        })
+    }
+}
+
+impl AttentionKernel {
+    /// Whether layers with heads of width `d_head` and attention dropout `dropout` run the fused
+    /// kernels on `device`; `Err` (the reason, with the numbers) for `Fused` where they cannot.
+    pub fn resolve<B: AttentionBackend>(self, device: &B::Device, d_head: usize, dropout: f64) -> Result<bool, String> {
+        match self {
+            Self::Composed => Ok(false),
+            Self::Auto => Ok(dropout == 0.0 && B::fused_attention(device, d_head).is_ok()),
+            Self::Fused if dropout != 0.0 => Err(format!("fused attention has no dropout: attention dropout is {dropout} (use 0, or the composed attention)")),
+            Self::Fused => B::fused_attention(device, d_head).map(|()| true),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

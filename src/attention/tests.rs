@@ -1,0 +1,89 @@
+//! The attention op on `Autodiff<Flex>` (the composed default bodies behind the autodiff op)
+//! against Burn's autodiff of plain masked-softmax attention.
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::activation::softmax;
+use burn::tensor::{DType, Tensor, TensorData};
+
+use super::{causal_attention, causal_attention_lse, masked_scores, AttentionKernel};
+
+type A = Autodiff<Flex>;
+
+fn data(seed: u64, shape: [usize; 4]) -> TensorData {
+    let n: usize = shape.iter().product();
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let v = (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect::<Vec<_>>();
+    TensorData::new(v, shape)
+}
+
+fn max_diff(a: Tensor<A, 4>, b: Tensor<A, 4>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+/// `(o, dq, dk, dv)` for `y = Σ o ∘ w` through `attend`.
+fn run(attend: impl Fn(Tensor<A, 4>, Tensor<A, 4>, Tensor<A, 4>) -> Tensor<A, 4>, shape: [usize; 4]) -> [Tensor<A, 4>; 4] {
+    let dev = Default::default();
+    let [q, k, v] = [1, 2, 3].map(|s| Tensor::<A, 4>::from_data(data(s, shape), &dev).require_grad());
+    let w = Tensor::<A, 4>::from_data(data(4, shape), &dev);
+    let o = attend(q.clone(), k.clone(), v.clone());
+    let grads = (o.clone() * w).sum().backward();
+    let g = |t: &Tensor<A, 4>| Tensor::from_inner(t.grad(&grads).expect("tracked"));
+    [o.detach(), g(&q), g(&k), g(&v)]
+}
+
+#[test]
+fn the_attention_op_equals_autodiff_of_masked_softmax() {
+    for shape in [[2, 3, 7, 8], [1, 2, 1, 4], [1, 1, 33, 16]] {
+        let scale = 1.0 / (shape[3] as f32).sqrt();
+        let ours = run(|q, k, v| causal_attention(q, k, v, scale), shape);
+        let reference = run(|q, k, v| softmax(masked_scores(q, k, scale), 3).matmul(v), shape);
+        for (i, (a, b)) in ours.into_iter().zip(reference).enumerate() {
+            let d = max_diff(a, b);
+            assert!(d < 1e-5, "{shape:?}: output {i} (o, dq, dk, dv) differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn lse_is_the_log_sum_exp_of_the_visible_scores() {
+    let dev = Default::default();
+    let [q, k, v] = [1, 2, 3].map(|s| Tensor::<A, 4>::from_data(data(s, [1, 1, 3, 2]), &dev));
+    let (_, lse) = causal_attention_lse(q.clone(), k.clone(), v, 0.5);
+    let (q, k) = (q.into_data().to_vec::<f32>().unwrap(), k.into_data().to_vec::<f32>().unwrap());
+    let lse = lse.into_data().to_vec::<f32>().unwrap();
+    for i in 0..3 {
+        let s = (0..=i).map(|j| 0.5 * (q[2 * i] * k[2 * j] + q[2 * i + 1] * k[2 * j + 1]));
+        let want = s.map(f32::exp).sum::<f32>().ln();
+        assert!((lse[i] - want).abs() < 1e-6, "row {i}: {} vs {want}", lse[i]);
+    }
+}
+
+#[test]
+fn bf16_inputs_give_bf16_outputs_close_to_f32() {
+    let shape = [1, 2, 9, 8];
+    let dev = Default::default();
+    let [q, k, v] = [1, 2, 3].map(|s| Tensor::<A, 4>::from_data(data(s, shape), &dev));
+    let f = causal_attention(q.clone(), k.clone(), v.clone(), 0.35);
+    let h = causal_attention(q.cast(DType::BF16), k.cast(DType::BF16), v.cast(DType::BF16), 0.35);
+    assert_eq!(h.dtype(), DType::BF16);
+    let d = max_diff(f, h.cast(DType::F32));
+    assert!(d < 2e-2, "bf16 attention differs from f32 by {d}");
+}
+
+#[test]
+fn kernel_choice_parses_and_resolves() {
+    assert_eq!("fused".parse::<AttentionKernel>().unwrap(), AttentionKernel::Fused);
+    assert_eq!("flash".parse::<AttentionKernel>().unwrap(), AttentionKernel::Fused);
+    assert_eq!("bogus".parse::<AttentionKernel>().unwrap_err().to_string(), "unknown attention kernel \"bogus\" (choose auto, composed or fused)");
+    let dev = Default::default();
+    assert_eq!(AttentionKernel::Auto.resolve::<A>(&dev, 64, 0.0), Ok(false), "Flex composes");
+    let e = AttentionKernel::Fused.resolve::<A>(&dev, 64, 0.0).unwrap_err();
+    assert!(e.contains("no fused attention kernels"), "{e}");
+    let e = AttentionKernel::Fused.resolve::<A>(&dev, 64, 0.1).unwrap_err();
+    assert!(e.contains("attention dropout is 0.1"), "{e}");
+}

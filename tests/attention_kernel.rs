@@ -1,0 +1,160 @@
+//! The flash-attention kernels (forward `o` and `lse`, backward `dq, dk, dv`) against the composed
+//! reference on `Flex`, over head widths 16–128 (lane counts 1–8) and sequence lengths that are
+//! not multiples of the tiles, with strided (`[b, s, H, d]` viewed as `[b, H, s, d]`) inputs, on
+//! the raw Cube backend and under `Fusion`, with and without CubeCL's bounds checks.
+//! Runs with `--features wgpu` (CI: lavapipe); CUDA in the device binary (`device_check attention`).
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn::backend::{Autodiff, Flex, Wgpu};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn_parallel::attention::AttentionBackend;
+use burn_parallel::kernels::set_bounds_checks;
+use burn_parallel::rng::HostRng;
+
+type K = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+
+/// `[b, s, H, d]` data (as the attention layer's projections lay it out).
+fn data(name: &str, [b, h, s, d]: [usize; 4]) -> TensorData {
+    TensorData::new(HostRng::new(5, name).normal_vec(b * h * s * d, 1.0), [b, s, h, d])
+}
+
+/// `[o, lse, dq, dk, dv]` of the backend's attention op for the output gradient `do`.
+fn run<B: AttentionBackend>(shape: [usize; 4], strided: bool) -> [TensorData; 5] {
+    let dev = Default::default();
+    let scale = 1.0 / (shape[3] as f32).sqrt();
+    let t = |name: &str| {
+        let x = Tensor::<B, 4>::from_data(data(name, shape), &dev).swap_dims(1, 2);
+        let x = if strided { x } else { Tensor::from_data(x.into_data(), &dev) };
+        x.into_primitive().tensor()
+    };
+    let (q, k, v, dout) = (t("q"), t("k"), t("v"), t("do"));
+    // Freed NaN buffers first: a write the kernels skipped shows as NaN.
+    let poison = [(); 4].map(|_| Tensor::<B, 4>::full(shape, f32::NAN, &dev));
+    B::sync(&dev).expect("sync");
+    drop(poison);
+    let (o, lse) = B::causal_attention(q.clone(), k.clone(), v.clone(), scale);
+    let (dq, dk, dv) = B::causal_attention_backward(dout, q, k, v, o.clone(), lse.clone(), scale);
+    let w4 = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p)).into_data().convert::<f32>();
+    let lse = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)).into_data().convert::<f32>();
+    [w4(o), lse, w4(dq), w4(dk), w4(dv)]
+}
+
+fn max_rel(a: &TensorData, b: &TensorData) -> f32 {
+    assert_eq!(a.shape, b.shape);
+    let (x, y) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+    x.iter().zip(&y).map(|(p, q)| (p - q).abs() / (1.0 + q.abs())).map(|e| if e.is_nan() { f32::INFINITY } else { e }).fold(0.0, f32::max)
+}
+
+const SHAPES: [[usize; 4]; 6] = [[1, 1, 1, 64], [2, 3, 37, 64], [1, 2, 100, 128], [1, 1, 70, 48], [2, 1, 33, 16], [1, 2, 129, 32]];
+
+fn check<B: AttentionBackend>(label: &str, strided: bool) {
+    for shape in SHAPES {
+        let want = run::<Flex>(shape, false);
+        let got = run::<B>(shape, strided);
+        for (name, (g, w)) in ["o", "lse", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+            let e = max_rel(g, w);
+            assert!(e < 2e-5, "{label} {shape:?} strided {strided}: {name} differs by {e} (relative)");
+        }
+    }
+}
+
+#[test]
+fn fused_attention_matches_the_composed_reference() {
+    let dev = Default::default();
+    for d in [16, 32, 48, 64, 128] {
+        K::fused_attention(&dev, d).unwrap_or_else(|e| panic!("lavapipe, d {d}: {e}"));
+    }
+    check::<K>("cube", true);
+    check::<K>("cube", false);
+    check::<Wgpu>("fusion", true);
+    set_bounds_checks(true);
+    check::<K>("cube, bounds checks", true);
+    set_bounds_checks(false);
+}
+
+#[test]
+fn heads_too_wide_are_refused_with_the_numbers() {
+    let e = K::fused_attention(&Default::default(), 512).unwrap_err();
+    assert!(e.contains("width 1..=256, not 512"), "{e}");
+}
+
+/// The GPT with fused attention on wgpu (tp 1, and tp 2 with sequence parallelism on two thread
+/// ranks) equals the composed GPT on `Flex` at tp 1: logits, loss and every parameter gradient.
+#[test]
+fn gpt_with_fused_attention_equals_the_composed_gpt() {
+    use burn_parallel::attention::AttentionKernel;
+    use burn_parallel::params::named_grads;
+    use burn_parallel_modules::GptConfig;
+    use common::{assert_parity, world, Outcome};
+    let cfg = |kernel| GptConfig::new(64, 40, 64, 4, 2, 128).with_attention(kernel);
+    let ids = |name: &str| TensorData::new((0..3 * 40).map(|i| ((i * 7 + name.len() * 5) % 61) as i64).collect::<Vec<_>>(), [3, 40]);
+    fn outcome<B: burn::tensor::backend::AutodiffBackend + burn_parallel::ParallelBackend>(
+        cfg: &GptConfig,
+        c: &burn_parallel::Comm,
+        [x, t]: [TensorData; 2],
+        fused: bool,
+    ) -> Outcome {
+        let dev = Default::default();
+        let gpt = cfg.init::<B>(c, &dev).unwrap();
+        assert!(gpt.blocks.iter().all(|b| b.attn.fused == fused), "fused attention resolved to {}", !fused);
+        let (x, t) = (Tensor::<B, 2, burn::tensor::Int>::from_data(x, &dev), Tensor::<B, 2, burn::tensor::Int>::from_data(t, &dev));
+        let logits = gpt.forward(x.clone());
+        let grads = gpt.loss(x, t).backward();
+        Outcome { output: logits.into_data(), input_grad: None, params: named_grads(&gpt, &grads) }
+    }
+    let reference = world(1, |c| Ok(outcome::<Autodiff<Flex>>(&cfg(AttentionKernel::Auto), &c, [ids("x"), ids("target")], false))).remove(0);
+    for (t, sp) in [(1, false), (2, true)] {
+        let fused = cfg(AttentionKernel::Fused).with_sequence_parallel(sp);
+        let ranks = world(t, |c| Ok(outcome::<Autodiff<Wgpu>>(&fused, &c, [ids("x"), ids("target")], true)));
+        let n = assert_parity(&reference, &ranks, 2e-5);
+        assert!(n > 20 * t, "compared only {n} tensors");
+    }
+    let e = cfg(AttentionKernel::Fused).with_dropout(0.1).init::<Autodiff<Wgpu>>(&world(1, |c| Ok(c)).remove(0), &Default::default()).unwrap_err();
+    assert!(e.to_string().contains("attention dropout is 0.1"), "{e}");
+}
+
+/// Selective and full recompute rerun the fused kernels in the backward: the loss and every
+/// gradient equal no recompute's bit for bit (the kernels are deterministic: no atomics), tp 1
+/// and tp 2 with sequence parallelism.
+#[test]
+fn recompute_with_fused_attention_gives_the_gradients_of_no_recompute_bit_for_bit() {
+    use burn_parallel::attention::AttentionKernel;
+    use burn_parallel::params::named_param_grads;
+    use burn_parallel::recompute::Recompute;
+    use burn_parallel_modules::GptConfig;
+    type A = Autodiff<Wgpu>;
+    let run = |tp: usize, sp: bool, mode: Recompute| {
+        common::world(tp, |c| {
+            let dev = Default::default();
+            let gpt = GptConfig::new(64, 32, 64, 4, 2, 128).with_attention(AttentionKernel::Fused).with_sequence_parallel(sp).with_recompute(mode);
+            let gpt = gpt.init::<A>(&c, &dev).map_err(|e| e.to_string())?;
+            let ids = |k: usize| TensorData::new((0..2 * 32).map(|i| ((i * 5 + k) % 63) as i64).collect::<Vec<_>>(), [2, 32]);
+            let x = Tensor::<A, 2, burn::tensor::Int>::from_data(ids(0), &dev);
+            let (loss, grads) = gpt.forward_backward(x, Tensor::from_data(ids(1), &dev)).map_err(|e| e.to_string())?;
+            let named: Vec<(String, Vec<u32>)> = named_param_grads(&gpt, &grads)
+                .into_iter()
+                .map(|p| (p.path, p.grad.expect("a gradient").to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()))
+                .collect();
+            Ok((loss.to_bits(), named))
+        })
+    };
+    for (tp, sp) in [(1, false), (2, true)] {
+        // A first run of each mode warms cubecl's matmul autotuning (with a cold cache, the
+        // first calls of a shape run another matmul kernel than the tuned one: other rounding).
+        for mode in [Recompute::None, Recompute::Selective, Recompute::Full] {
+            run(tp, sp, mode);
+        }
+        let reference = run(tp, sp, Recompute::None);
+        for mode in [Recompute::Selective, Recompute::Full] {
+            for (r, (got, want)) in run(tp, sp, mode).iter().zip(&reference).enumerate() {
+                assert_eq!(got.0, want.0, "tp {tp} sp {sp} rank {r}: {mode:?} loss differs");
+                for ((path, g), (_, w)) in got.1.iter().zip(&want.1) {
+                    let diff = g.iter().zip(w).map(|(a, b)| (f32::from_bits(*a) - f32::from_bits(*b)).abs()).fold(0.0, f32::max);
+                    assert!(g == w, "tp {tp} sp {sp} rank {r}: {mode:?} gradient of {path} differs by up to {diff:e}");
+                }
+            }
+        }
+    }
+}
