@@ -111,7 +111,7 @@ fn gpt_with_fused_attention_equals_the_composed_gpt() {
         let n = assert_parity(&reference, &ranks, 2e-5);
         assert!(n > 20 * t, "compared only {n} tensors");
     }
-    let e = cfg(AttentionKernel::Fused).with_dropout(0.1).init::<Autodiff<Wgpu>>(&world(1, |c| Ok(c)).remove(0), &Default::default()).unwrap_err();
+    let e = cfg(AttentionKernel::Fused).with_dropout(0.1).init::<Autodiff<Wgpu>>(&world(1, Ok).remove(0), &Default::default()).unwrap_err();
     assert!(e.to_string().contains("attention dropout is 0.1"), "{e}");
 }
 
@@ -157,4 +157,41 @@ fn recompute_with_fused_attention_gives_the_gradients_of_no_recompute_bit_for_bi
             }
         }
     }
+}
+
+/// Bytes in use on the wgpu device after the stream drains (cubecl's pools).
+fn wgpu_in_use() -> u64 {
+    use burn_cubecl::cubecl::Runtime;
+    let dev = Default::default();
+    <K as burn::tensor::backend::Backend>::sync(&dev).expect("sync");
+    let client = burn::backend::wgpu::WgpuRuntime::client(&dev);
+    client.memory_usage().expect("memory usage").bytes_in_use
+}
+
+/// What the forward keeps for the backward, measured: with the graph of `o = attention(q, k, v)`
+/// alive, the composed path holds the `[b, H, s, s]` scores and probabilities (f32), the fused
+/// op only `o` and the f32 log-sum-exp.
+#[test]
+fn the_fused_forward_keeps_no_s_by_s_tensor() {
+    type A = Autodiff<K>;
+    let [b, h, s, d] = [1, 4, 256, 32];
+    let dev = Default::default();
+    let kept = |fused: bool| {
+        let [q, k, v] = ["q", "k", "v"].map(|n| Tensor::<A, 4>::from_data(data(n, [b, h, s, d]), &dev).swap_dims(1, 2).require_grad());
+        let base = wgpu_in_use();
+        let o = if fused {
+            burn_parallel::attention::causal_attention(q.clone(), k.clone(), v.clone(), 0.2)
+        } else {
+            let p = burn::tensor::activation::softmax(q.clone().matmul(k.clone().swap_dims(2, 3)).mul_scalar(0.2), 3);
+            p.matmul(v.clone())
+        };
+        let held = wgpu_in_use() - base;
+        drop(o.sum().backward());
+        held
+    };
+    let (fused, composed) = (kept(true), kept(false));
+    let (scores, io) = ((b * h * s * s * 4) as u64, (b * h * s * d * 4) as u64);
+    eprintln!("held by the forward: fused {fused} bytes, composed {composed} bytes (one f32 [b, H, s, s] = {scores})");
+    assert!(fused < 4 * io + scores / 4, "the fused forward holds {fused} bytes: more than o, lse and the copies of q/k/v ({io} bytes each)");
+    assert!(composed >= 2 * scores, "the composed forward should hold at least two s×s tensors, holds {composed}");
 }

@@ -373,8 +373,8 @@ pub fn collectives(quick: bool) -> Result<(), String> {
     let dev = Default::default();
     let sizes_mb: &[usize] = if quick { &[1, 64] } else { &[1, 4, 16, 64, 256, 1024] };
     println!("\nNCCL, world size 1 (overhead only: no data crosses a link; bus bandwidth is 0 by definition)");
-    println!("| op | MB | raw NCCL µs | tensor path µs | host-staged µs | tensor algbw GB/s |");
-    println!("|---|---|---|---|---|---|");
+    println!("| op | MB | raw NCCL µs | tensor path µs | tensor path, owned input µs | host-staged µs | tensor algbw GB/s |");
+    println!("|---|---|---|---|---|---|---|");
     for &mb in sizes_mb {
         let n = mb * (1 << 20) / 4;
         let x = Tensor::<K, 1>::random([n], Distribution::Default, &dev);
@@ -410,6 +410,14 @@ pub fn collectives(quick: bool) -> Result<(), String> {
                 },
                 iters,
             );
+            // all_reduce of a buffer the caller owns alone (a gradient bucket): in place.
+            let unique_t = if op == "all_reduce" {
+                let mut y = Some(x.clone().mul_scalar(1.0));
+                let t = time(|| y = Some(ops::all_reduce(y.take().expect("y"), ReduceOp::Sum, &nccl).unwrap()), iters);
+                format!("{:.1}", t * 1e6)
+            } else {
+                "-".into()
+            };
             let host_t = if mb <= 64 {
                 let d: TensorData = x.clone().into_data();
                 let t = time(
@@ -429,7 +437,7 @@ pub fn collectives(quick: bool) -> Result<(), String> {
             } else {
                 "-".into()
             };
-            println!("| {op} | {mb} | {:.1} | {:.1} | {host_t} | {:.0} |", raw_t * 1e6, tensor_t * 1e6, (mb << 20) as f64 / tensor_t / 1e9);
+            println!("| {op} | {mb} | {:.1} | {:.1} | {unique_t} | {host_t} | {:.0} |", raw_t * 1e6, tensor_t * 1e6, (mb << 20) as f64 / tensor_t / 1e9);
         }
     }
     Ok(())

@@ -18,6 +18,8 @@
 //!   [8192, 1024], for `ncu` (nothing timed).
 //! - `attention`: the flash-attention kernels against the composed reference (f32, bf16, raw and
 //!   under `Fusion`), then fused vs composed forward(+backward) at GPT-2's shape, T 1024 and 2048.
+//! - `burn-nn-gpt2` (only when named): plain Burn's GPT-2 124M (burn-nn layers, AdamW) tokens/s
+//!   in bf16 and f32, the baseline of the GPT-2 benchmark.
 //! - `memory` (only when named): the memory model against CUDA's bytes in use (one rank; f32,
 //!   bf16, recompute, chunked loss), after a forward and after a step.
 //! - `nccl-bench`: all-reduce / all-gather / reduce-scatter from 1 MB to 1 GB (world 1: overhead
@@ -35,6 +37,8 @@ mod kernels;
 mod memory;
 #[cfg(feature = "cuda")]
 mod nccl;
+#[cfg(feature = "cuda")]
+mod nn_gpt;
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
@@ -76,6 +80,10 @@ fn main() {
     let whats: Vec<&str> = args.iter().filter(|a| !a.starts_with("--")).map(String::as_str).collect();
     let on = |k: &str| whats.is_empty() || whats.contains(&"all") || whats.contains(&k);
     let quick = args.iter().any(|a| a == "--quick");
+    if let Err(e) = burn_parallel::cuda::check_cuda() {
+        eprintln!("device_check: {e}");
+        std::process::exit(2);
+    }
     let dir = burn_parallel::cuda::enable_kernel_caches(None);
     println!("kernel caches: {}", dir.display());
     let mut report = Report::default();
@@ -119,6 +127,9 @@ fn main() {
     }
     if whats.contains(&"memory") {
         memory::run(&mut report);
+    }
+    if whats.contains(&"burn-nn-gpt2") {
+        nn_gpt::run(&mut report);
     }
     if on("nccl-bench") {
         if let Err(e) = bench::collectives(quick) {

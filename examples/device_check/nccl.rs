@@ -105,6 +105,32 @@ fn device_checks<B: CollectiveBackend>(report: &mut Report, nccl: &Comm, name: &
     report.check(&format!("nccl {name} took the device-pointer path"), r);
 }
 
+/// An all-reduce of a tensor nobody else holds runs in place (the result is the input's
+/// buffer); of a shared one, into a new buffer (the input stays readable).
+fn in_place_checks(report: &mut Report, nccl: &Comm) {
+    let d = data(DType::F32);
+    let ptr = |t: &Tensor<K, 3>| -> Result<u64, String> {
+        let p = t.clone().into_primitive().tensor();
+        let r = p.client.get_resource(p.handle.clone()).map_err(|e| format!("{e:?}"))?;
+        Ok(r.resource().ptr)
+    };
+    let run = |shared: bool| -> Result<String, String> {
+        let x = tensor::<K>(&d);
+        let (before, keep) = (ptr(&x)?, shared.then(|| x.clone()));
+        let y = ops::all_reduce(x, ReduceOp::Sum, nccl).map_err(|e| e.to_string())?;
+        let after = ptr(&y)?;
+        same(&y.into_data(), &d)?;
+        match (shared, before == after) {
+            (false, true) => Ok("(same buffer)".into()),
+            (true, false) => same(&keep.expect("kept").into_data(), &d).map(|_| "(new buffer, input intact)".into()),
+            (false, false) => Err("a uniquely owned tensor was reduced into a new buffer".into()),
+            (true, true) => Err("a shared tensor was reduced in place".into()),
+        }
+    };
+    report.check("nccl all_reduce of a uniquely owned tensor runs in place", run(false));
+    report.check("nccl all_reduce of a shared tensor does not", run(true));
+}
+
 /// The mappings' autodiff ops through NCCL (called directly: with one rank the public mappings
 /// skip communication).
 fn mapping_checks(report: &mut Report, nccl: &Comm) {
@@ -137,5 +163,6 @@ pub fn run(report: &mut Report) {
     host_checks(report, &nccl, &local);
     device_checks::<K>(report, &nccl, "CubeBackend<Cuda>");
     device_checks::<Cuda>(report, &nccl, "Cuda (Fusion)");
+    in_place_checks(report, &nccl);
     mapping_checks(report, &nccl);
 }

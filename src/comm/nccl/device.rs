@@ -2,7 +2,8 @@
 //! collectives run on the tensors' device pointers (no host copy); with any other communicator
 //! they stage through the host. Under `Fusion` (burn's `Cuda`), `fusion_bridge` resolves to this.
 //!
-//! Per operation (module docs of [`super`]): make inputs contiguous and allocate outputs, pin
+//! Per operation (module docs of [`super`]): make inputs contiguous and allocate outputs (an
+//! all-reduce of a buffer the caller owns alone runs in place: no output allocated), pin
 //! both (`get_resource`), drain burn's stream for this thread (`client.sync()`), run NCCL on the
 //! communicator's stream and wait for it, release the pins. Layouts ([`layout`], tested on CPU):
 //! all-gather along `dim` gathers into `[n, ..shape]` and moves the rank axis next to `dim`;
@@ -50,8 +51,15 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> CollectiveBackend for Cube
         let Some(nccl) = nccl(comm) else { return staged::all_reduce::<Self>(x, op, comm) };
         check_device(nccl, &x.device)?;
         let x = into_contiguous(x);
-        let out = empty(&x, x.shape(), x.dtype);
         let (n, dtype) = (x.shape().num_elements(), x.dtype);
+        if x.can_mut() && x.is_contiguous_buffer() {
+            // In place (NCCL allows sendbuff == recvbuff): nobody else holds this buffer (a
+            // gradient bucket, a fresh result), so no copy and no second allocation.
+            // SAFETY: a pinned contiguous buffer of exactly n elements, owned by `x` alone.
+            with_ptrs(&[&x], |p| unsafe { nccl.all_reduce_raw(p[0], p[0], n, dtype, op) })?;
+            return Ok(x);
+        }
+        let out = empty(&x, x.shape(), x.dtype);
         // SAFETY: pinned contiguous buffers of n elements on the communicator's device.
         with_ptrs(&[&x, &out], |p| unsafe { nccl.all_reduce_raw(p[0], p[1], n, dtype, op) })?;
         Ok(out)
