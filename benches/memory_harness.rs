@@ -37,7 +37,7 @@ pub fn plan(dp: usize, pp: usize, tp: usize, batch: usize) -> TrainPlan {
         precision: Precision::F32,
         dropout: false,
         loss_chunk: None,
-        fused_attention: false,
+        attention: burn_parallel::attention::AttentionCore::Composed,
     }
 }
 
@@ -82,7 +82,8 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
         .with_precision(p.precision)
         .with_recompute(p.recompute)
         .with_dropout(if p.dropout { 0.1 } else { 0.0 })
-        .with_loss_chunk(p.loss_chunk);
+        .with_loss_chunk(p.loss_chunk)
+        .with_attention(p.attention.into());
     let per_replica = p.microbatch * p.microbatches;
     let results = run_world(p.dp * p.pp * p.tp, LocalWorldOptions::default(), |c| {
         let rank = c.global_rank();
@@ -178,6 +179,10 @@ pub fn grid() -> Vec<Case> {
         p.loss_chunk = Some(64);
         p
     };
+    let chunked_attention = |mut p: TrainPlan| {
+        p.attention = burn_parallel::attention::AttentionCore::Chunked(16);
+        p
+    };
     vec![
         Case { name: "tp 1", plan: plan(1, 1, 1, b) },
         Case { name: "tp 2", plan: plan(1, 1, 2, b) },
@@ -190,6 +195,8 @@ pub fn grid() -> Vec<Case> {
         Case { name: "dropout tp 2", plan: drop(plan(1, 1, 2, b)) },
         Case { name: "chunked loss (64 rows)", plan: chunk(plan(1, 1, 1, b)) },
         Case { name: "bf16 full, chunked loss", plan: chunk(rc(bf16(plan(1, 1, 1, b)), Recompute::Full)) },
+        Case { name: "chunked attention (16 rows)", plan: chunked_attention(plan(1, 1, 1, b)) },
+        Case { name: "bf16 chunked attention tp 2 SP", plan: chunked_attention(bf16(sp(plan(1, 1, 2, b)))) },
         Case { name: "dp 2", plan: plan(2, 1, 1, b) },
         Case { name: "dp 2 ZeRO", plan: zero(plan(2, 1, 1, b)) },
         Case { name: "dp 4 ZeRO bf16", plan: bf16(zero(plan(4, 1, 1, b))) },

@@ -2,7 +2,8 @@
 //! reference on `Flex`, over head widths 16–128 (lane counts 1–8) and sequence lengths that are
 //! not multiples of the tiles, with strided (`[b, s, H, d]` viewed as `[b, H, s, d]`) inputs, on
 //! the raw Cube backend and under `Fusion`, with and without CubeCL's bounds checks.
-//! Runs with `--features wgpu` (CI: lavapipe); CUDA in the device binary (`device_check attention`).
+//! Also the chunked op (Burn ops) on wgpu. Runs with `--features wgpu` (CI: lavapipe); CUDA in the
+//! device binary (`device_check attention`).
 #![cfg(feature = "wgpu")]
 
 mod common;
@@ -22,6 +23,11 @@ fn data(name: &str, [b, h, s, d]: [usize; 4]) -> TensorData {
 
 /// `[o, lse, dq, dk, dv]` of the backend's attention op for the output gradient `do`.
 fn run<B: AttentionBackend>(shape: [usize; 4], strided: bool) -> [TensorData; 5] {
+    run_with::<B>(shape, strided, None)
+}
+
+/// The same through the chunked op with `Some(rows)`.
+fn run_with<B: AttentionBackend>(shape: [usize; 4], strided: bool, rows: Option<usize>) -> [TensorData; 5] {
     let dev = Default::default();
     let scale = 1.0 / (shape[3] as f32).sqrt();
     let t = |name: &str| {
@@ -34,8 +40,14 @@ fn run<B: AttentionBackend>(shape: [usize; 4], strided: bool) -> [TensorData; 5]
     let poison = [(); 4].map(|_| Tensor::<B, 4>::full(shape, f32::NAN, &dev));
     B::sync(&dev).expect("sync");
     drop(poison);
-    let (o, lse) = B::causal_attention(q.clone(), k.clone(), v.clone(), scale);
-    let (dq, dk, dv) = B::causal_attention_backward(dout, q, k, v, o.clone(), lse.clone(), scale);
+    let (o, lse) = match rows {
+        Some(r) => B::causal_attention_chunked(q.clone(), k.clone(), v.clone(), scale, r),
+        None => B::causal_attention(q.clone(), k.clone(), v.clone(), scale),
+    };
+    let (dq, dk, dv) = match rows {
+        Some(r) => B::causal_attention_chunked_backward(dout, q, k, v, o.clone(), lse.clone(), scale, r),
+        None => B::causal_attention_backward(dout, q, k, v, o.clone(), lse.clone(), scale),
+    };
     let w4 = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p)).into_data().convert::<f32>();
     let lse = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)).into_data().convert::<f32>();
     [w4(o), lse, w4(dq), w4(dk), w4(dv)]
@@ -80,6 +92,20 @@ fn heads_too_wide_are_refused_with_the_numbers() {
     assert!(e.contains("width 1..=256, not 512"), "{e}");
 }
 
+/// The chunked op (Burn ops: the backend's matmuls, under `Fusion`) on wgpu equals the composed
+/// reference on `Flex`, strided inputs, a short last chunk.
+#[test]
+fn chunked_attention_on_wgpu_matches_the_composed_reference() {
+    for shape in [[2, 3, 37, 64]] {
+        let want = run::<Flex>(shape, false);
+        let got = run_with::<Wgpu>(shape, true, Some(16));
+        for (name, (g, w)) in ["o", "lse", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+            let e = max_rel(g, w);
+            assert!(e < 2e-5, "chunked {shape:?}: {name} differs by {e} (relative)");
+        }
+    }
+}
+
 /// The GPT with fused attention on wgpu (tp 1, and tp 2 with sequence parallelism on two thread
 /// ranks) equals the composed GPT on `Flex` at tp 1: logits, loss and every parameter gradient.
 #[test]
@@ -98,7 +124,7 @@ fn gpt_with_fused_attention_equals_the_composed_gpt() {
     ) -> Outcome {
         let dev = Default::default();
         let gpt = cfg.init::<B>(c, &dev).unwrap();
-        assert!(gpt.blocks.iter().all(|b| b.attn.fused == fused), "fused attention resolved to {}", !fused);
+        assert!(gpt.blocks.iter().all(|b| (b.attn.core == burn_parallel::attention::AttentionCore::Fused) == fused), "fused attention resolved to {}", !fused);
         let (x, t) = (Tensor::<B, 2, burn::tensor::Int>::from_data(x, &dev), Tensor::<B, 2, burn::tensor::Int>::from_data(t, &dev));
         let logits = gpt.forward(x.clone());
         let grads = gpt.loss(x, t).backward();

@@ -182,3 +182,25 @@ fn a_signal_to_the_launcher_stops_every_rank() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `burn-parallel memory --attention`: chunked and fused drop the `s²` terms from the table;
+/// a bad name or an attention without dropout under `--dropout` is a clear error.
+#[test]
+fn the_memory_command_takes_the_attention_core() {
+    let table = |extra: &[&str]| {
+        let mut args = vec!["memory", "--d-model", "64", "--heads", "4", "--layers", "2", "--seq-len", "512", "--batch-size", "2", "--vocab", "128"];
+        args.extend_from_slice(extra);
+        Command::new(BIN).args(&args).output().unwrap()
+    };
+    let peak = |o: &Output| -> String { text(o).lines().rfind(|l| l.contains('|')).unwrap_or_default().to_string() };
+    let (composed, chunked, fused) = (table(&[]), table(&["--attention", "chunked:64"]), table(&["--attention", "fused"]));
+    for o in [&composed, &chunked, &fused] {
+        assert!(o.status.success(), "{}", text(o));
+    }
+    assert!(text(&chunked).contains("Chunked(64)") && text(&fused).contains("Fused"), "{}", text(&chunked));
+    assert_ne!(peak(&composed), peak(&chunked), "chunked attention changes the table");
+    let bad = table(&["--attention", "chunked:0"]);
+    assert!(!bad.status.success() && text(&bad).contains("unknown attention kernel \"chunked:0\""), "{}", text(&bad));
+    let drop = table(&["--attention", "chunked", "--dropout"]);
+    assert!(!drop.status.success() && text(&drop).contains("--attention chunked:256 has no dropout"), "{}", text(&drop));
+}

@@ -7,7 +7,7 @@ use burn::backend::{Autodiff, Cuda, Flex};
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use burn_parallel::attention::{causal_attention, AttentionBackend};
+use burn_parallel::attention::{causal_attention, causal_attention_chunked, AttentionBackend};
 use burn_parallel::rng::HostRng;
 
 use crate::kernels::K;
@@ -25,14 +25,20 @@ fn inputs(shape: [usize; 4], dtype: DType) -> [TensorData; 4] {
     })
 }
 
-/// `[o, lse, dq, dk, dv]` as f32 host data.
-fn apply<B: AttentionBackend>(inp: &[TensorData; 4], dtype: DType) -> [TensorData; 5] {
+/// `[o, lse, dq, dk, dv]` as f32 host data (the fused op, or the chunked one with `Some(rows)`).
+fn apply<B: AttentionBackend>(inp: &[TensorData; 4], dtype: DType, rows: Option<usize>) -> [TensorData; 5] {
     let dev = Default::default();
     let scale = 1.0 / (inp[0].shape[3] as f32).sqrt();
     let t = |d: &TensorData| Tensor::<B, 4>::from_data(d.clone(), &dev).cast(dtype).into_primitive().tensor();
     let (q, k, v, dout) = (t(&inp[0]), t(&inp[1]), t(&inp[2]), t(&inp[3]));
-    let (o, lse) = B::causal_attention(q.clone(), k.clone(), v.clone(), scale);
-    let (dq, dk, dv) = B::causal_attention_backward(dout, q, k, v, o.clone(), lse.clone(), scale);
+    let (o, lse) = match rows {
+        Some(r) => B::causal_attention_chunked(q.clone(), k.clone(), v.clone(), scale, r),
+        None => B::causal_attention(q.clone(), k.clone(), v.clone(), scale),
+    };
+    let (dq, dk, dv) = match rows {
+        Some(r) => B::causal_attention_chunked_backward(dout, q, k, v, o.clone(), lse.clone(), scale, r),
+        None => B::causal_attention_backward(dout, q, k, v, o.clone(), lse.clone(), scale),
+    };
     let w = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p)).cast(DType::F32).into_data().convert::<f32>();
     let lse = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)).into_data().convert::<f32>();
     [w(o), lse, w(dq), w(dk), w(dv)]
@@ -45,12 +51,12 @@ fn rel_err(a: &TensorData, b: &TensorData) -> f32 {
     a.iter().zip(&b).fold(0.0f32, |m, (x, y)| if (x - y).is_nan() { f32::INFINITY } else { m.max((x - y).abs()) }) / scale
 }
 
-fn check<B: AttentionBackend>(report: &mut Report, label: &str) {
+fn check<B: AttentionBackend>(report: &mut Report, label: &str, rows: Option<usize>) {
     for &shape in SHAPES {
         for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 2e-2)] {
             let inp = inputs(shape, dtype);
-            let want = apply::<Flex>(&inp, DType::F32);
-            let got = apply::<B>(&inp, dtype);
+            let want = apply::<Flex>(&inp, DType::F32, None);
+            let got = apply::<B>(&inp, dtype, rows);
             let errs: Vec<f32> = got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).collect();
             let detail = format!("rel err o/lse/dq/dk/dv = {} (tol {tol})", errs.iter().map(|e| format!("{e:.1e}")).collect::<Vec<_>>().join("/"));
             report.check(&format!("attention {label} {shape:?} {dtype:?}"), if errs.iter().all(|e| *e <= tol) { Ok(detail) } else { Err(detail) });
@@ -87,7 +93,7 @@ fn ms<F: FnMut()>(mut f: F, iters: usize) -> f64 {
 
 fn bench() {
     type A = Autodiff<Cuda>;
-    println!("\n| attention (b 8, H 12, d 64, causal) | T | dtype | fused fwd ms | fused fwd+bwd ms | composed fwd+bwd ms | composed/fused |\n|---|---|---|---|---|---|---|");
+    println!("\n| attention (b 8, H 12, d 64, causal) | T | dtype | fused fwd ms | fused fwd+bwd ms | chunked:256 fwd+bwd ms | composed fwd+bwd ms | composed/fused | composed/chunked |\n|---|---|---|---|---|---|---|---|---|");
     let dev = Default::default();
     for t in [1024, 2048] {
         for dtype in [DType::BF16, DType::F32] {
@@ -106,15 +112,17 @@ fn bench() {
                 )
             };
             let fused = step(&|| causal_attention(q.clone(), k.clone(), v.clone(), scale));
+            let chunked = step(&|| causal_attention_chunked(q.clone(), k.clone(), v.clone(), scale, 256));
             let comp = step(&|| composed(q.clone(), k.clone(), v.clone(), scale));
-            println!("| | {t} | {dtype:?} | {fwd:.3} | {fused:.3} | {comp:.3} | {:.2} |", comp / fused);
+            println!("| | {t} | {dtype:?} | {fwd:.3} | {fused:.3} | {chunked:.3} | {comp:.3} | {:.2} | {:.2} |", comp / fused, comp / chunked);
         }
     }
 }
 
 pub fn run(report: &mut Report, quick: bool) {
-    check::<K>(report, "cube");
-    check::<Cuda>(report, "fusion");
+    check::<K>(report, "cube", None);
+    check::<Cuda>(report, "fusion", None);
+    check::<Cuda>(report, "chunked:64 fusion", Some(64));
     if !quick {
         bench();
     }

@@ -29,7 +29,7 @@ fn run_one(precision: Precision, mode: Recompute, chunk: Option<usize>, attentio
         .with_loss_chunk(chunk)
         .with_attention(attention);
     let mut gpt = config.init::<B>(&groups.tp, &device).map_err(|e| e.to_string())?;
-    let fused_attention = gpt.blocks[0].attn.fused;
+    let attention = gpt.blocks[0].attn.core;
     let mut opt = DistAdamW::<B>::new(DistAdamWConfig::new(), &groups);
     let ids = |step: usize| TensorData::new((0..BATCH * g.seq).map(|i| ((i * 7 + step * 13) % g.vocab) as i64).collect::<Vec<_>>(), [BATCH, g.seq]);
     let (mut after_forward, mut after_step) = (0u64, 0u64);
@@ -58,7 +58,7 @@ fn run_one(precision: Precision, mode: Recompute, chunk: Option<usize>, attentio
         precision,
         dropout: false,
         loss_chunk: chunk,
-        fused_attention,
+        attention,
     };
     let e = &estimate(&g, &plan)?[0];
     let state = e.params + e.optimizer;
@@ -74,6 +74,7 @@ pub fn run(report: &mut super::Report) {
         ("f32, composed attention", Precision::F32, Recompute::None, None, composed),
         ("bf16", Precision::Bf16, Recompute::None, None, fused),
         ("bf16, composed attention", Precision::Bf16, Recompute::None, None, composed),
+        ("bf16, chunked:64 attention", Precision::Bf16, Recompute::None, None, AttentionKernel::Chunked(64)),
         ("f32 selective, composed attention", Precision::F32, Recompute::Selective, None, composed),
         ("f32 full", Precision::F32, Recompute::Full, None, fused),
         ("bf16 full, chunked loss 512", Precision::Bf16, Recompute::Full, Some(512), fused),

@@ -66,11 +66,17 @@ pub(crate) fn memory_plan(args: &Args) -> burn_parallel::memory::TrainPlan {
         precision: args.precision,
         dropout: args.dropout > 0.0,
         loss_chunk: (args.loss_chunk > 0).then_some(args.loss_chunk),
-        // What `AttentionKernel::Auto`/`Fused` resolve to: the kernels on CUDA, without dropout.
-        fused_attention: args.device == crate::DeviceKind::Cuda
-            && args.attention != burn_parallel::attention::AttentionKernel::Composed
-            && args.dropout == 0.0
-            && args.d_model / args.heads.max(1) <= 256,
+        // What the layers resolve `--attention` to: the fused kernels only on CUDA.
+        attention: args
+            .attention
+            .resolve_with(
+                || match args.device == crate::DeviceKind::Cuda && args.d_model / args.heads.max(1) <= 256 {
+                    true => Ok(()),
+                    false => Err(String::new()),
+                },
+                args.dropout,
+            )
+            .unwrap_or_default(),
     }
 }
 

@@ -263,6 +263,10 @@ fn bad_memory_flags_are_clear_errors() {
     assert!(e.contains("sparse") && e.contains("composed"), "{e}");
     let e = error_of(&format!("{TINY} --steps 1 --attention fused"));
     assert!(e.contains("no fused attention kernels"), "fused attention on the CPU backend is refused: {e}");
+    let e = parse_error(&format!("{TINY} --attention chunked:0"));
+    assert!(e.contains("chunked:0") && e.contains("chunked:ROWS"), "{e}");
+    let e = error_of(&format!("{TINY} --steps 1 --attention chunked:4 --dropout 0.1"));
+    assert!(e.contains("chunked attention has no dropout"), "{e}");
     let e = parse_error(&format!("{TINY} --tokenizer gpt4"));
     assert!(e.contains("gpt4"), "{e}");
     let e = error_of(&format!("{TINY} --steps 1 --zero 1"));
@@ -276,4 +280,16 @@ fn a_preset_sets_the_shape_and_explicit_flags_override_it() {
     assert_eq!((a.d_model, a.layers, a.seq_len, a.loss_chunk), (768, 12, 1024, 1024));
     let a = parse("--model gpt2-124m --layers 2 --seq-len 64 --loss-chunk 0");
     assert_eq!((a.d_model, a.layers, a.seq_len, a.loss_chunk), (768, 2, 64, 0));
+}
+
+/// `--attention chunked:ROWS` (CPU: Burn ops on query chunks) trains with the composed run's
+/// losses (printed to 4 decimals), at tp 1 and tp 2 with sequence parallelism.
+#[test]
+fn chunked_attention_prints_the_composed_losses() {
+    for layout in ["", "--tp 2 --sequence-parallel"] {
+        let composed = losses(&format!("{TINY} --steps 3 {layout} --attention composed"));
+        let chunked = losses(&format!("{TINY} --steps 3 {layout} --attention chunked:5"));
+        assert_eq!(composed.len(), 3, "{composed:?}");
+        assert_eq!(chunked, composed, "{layout}");
+    }
 }

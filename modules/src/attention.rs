@@ -13,7 +13,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Tensor, TensorData};
-use burn_parallel::attention::{causal_attention, AttentionKernel};
+use burn_parallel::attention::{causal_attention, causal_attention_chunked, AttentionCore, AttentionKernel};
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp};
 use burn_parallel::precision::{like, to_f32};
 use burn_parallel::rng::{RandomStreams, StreamCounter};
@@ -63,9 +63,9 @@ pub struct ParallelAttention<B: ParallelBackend> {
     pub local_heads: usize,
     /// Width of one head.
     pub d_head: usize,
-    /// The core runs the fused kernels ([`ParallelAttentionConfig::kernel`], resolved at init).
+    /// What the core runs ([`ParallelAttentionConfig::kernel`], resolved at init).
     #[module(skip)]
-    pub fused: bool,
+    pub core: AttentionCore,
 }
 
 impl ParallelAttentionConfig {
@@ -76,7 +76,7 @@ impl ParallelAttentionConfig {
         }
         let local_heads = check_divisible("attention heads", self.n_heads, tp)?;
         let d_head = self.d_model / self.n_heads;
-        let fused = self.kernel.resolve::<B>(device, d_head, self.dropout).map_err(ConfigError::Invalid)?;
+        let core = self.kernel.resolve::<B>(device, d_head, self.dropout).map_err(ConfigError::Invalid)?;
         // q, k and v are generated as separate h → h weights (their own init streams, as the
         // unfused model's) and fused per head.
         let part = |name: &str| init.child(name).child("weight").normal(&[self.d_model, self.d_model], self.init_std);
@@ -87,7 +87,7 @@ impl ParallelAttentionConfig {
             dropout: ParallelDropout::new(self.dropout, init.seed, &init.child("dropout").path, DropoutRegion::Sharded, tp.rank()),
             local_heads,
             d_head,
-            fused,
+            core,
         })
     }
 }
@@ -144,22 +144,25 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     /// The attention core (no parameters): `q, k, v [b, s, h/t]` → context `[b, s, h/t]`:
     /// scores `[b, H/t, s, s]`, causal mask, softmax in f32, dropout, weighted sum. Selective
     /// recompute runs this part again in the backward instead of keeping its `s × s` tensors.
-    /// With [`fused`](Self::fused) one flash-attention op (`burn_parallel::attention`): no
-    /// `s × s` tensor at all, `o` and the f32 log-sum-exp kept for the backward.
+    /// With a fused or chunked [`core`](Self::core) one attention op (`burn_parallel::attention`):
+    /// no `s × s` tensor kept, `o` and the f32 log-sum-exp saved for the backward.
     pub fn core(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, _] = q.dims();
         let heads = |t: Tensor<B, 3>| t.reshape([b, s, self.local_heads, self.d_head]).swap_dims(1, 2);
         let (q, k, v) = (heads(q), heads(k), heads(v));
-        if self.fused {
-            let o = causal_attention(q, k, v, 1.0 / (self.d_head as f32).sqrt());
-            return o.swap_dims(1, 2).reshape([b, s, self.local_heads * self.d_head]);
+        let scale = 1.0 / (self.d_head as f32).sqrt();
+        let merge = |o: Tensor<B, 4>| o.swap_dims(1, 2).reshape([b, s, self.local_heads * self.d_head]);
+        match self.core {
+            AttentionCore::Fused => return merge(causal_attention(q, k, v, scale)),
+            AttentionCore::Chunked(rows) => return merge(causal_attention_chunked(q, k, v, scale, rows)),
+            AttentionCore::Composed => {}
         }
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((self.d_head as f32).sqrt());
         let mask = causal_mask::<B>(s, &scores.device());
         let scores = scores.mask_fill(mask, MASK_VALUE);
         // Softmax in f32 whatever the compute dtype (no-op for f32), as Megatron's fused softmax.
         let probs = self.dropout.forward(like(softmax(to_f32(scores.clone()), 3), &scores));
-        probs.matmul(v).swap_dims(1, 2).reshape([b, s, self.local_heads * self.d_head])
+        merge(probs.matmul(v))
     }
 
     /// The row-parallel output projection of a context: all-reduced `[b, s, h]`, or

@@ -25,6 +25,7 @@
 //! assert_eq!(q.grad(&grads).unwrap().dims(), [2, 3, 5, 8]);
 //! ```
 
+mod chunked;
 #[cfg(feature = "cube")]
 mod cube;
 #[cfg(feature = "cube")]
@@ -99,6 +100,30 @@ pub trait AttentionBackend: Backend {
         let [tq, tk, tv] = dtypes;
         (prim(cast_to(dq, tq)), prim(cast_to(dk, tk)), prim(cast_to(dv, tv)))
     }
+
+    /// `(o, lse)` of causal attention computed `rows` queries at a time (Burn ops on any
+    /// backend, no `s × s` tensor: see `chunked.rs`).
+    fn causal_attention_chunked(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32, rows: usize) -> AttentionForward<Self> {
+        let (o, lse) = chunked::forward(wrap::<Self, 4>(q), wrap(k), wrap(v), scale, rows);
+        (prim(o), prim(lse))
+    }
+
+    /// `(dq, dk, dv)` of [`causal_attention_chunked`](Self::causal_attention_chunked).
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_chunked_backward(
+        dout: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        scale: f32,
+        rows: usize,
+    ) -> AttentionBackward<Self> {
+        let saved = chunked::Saved { q: wrap(q), k: wrap(k), v: wrap(v), o: wrap(o), lse: wrap(lse) };
+        let [dq, dk, dv] = chunked::backward(wrap::<Self, 4>(dout), saved, scale, rows);
+        (prim(dq), prim(dk), prim(dv))
+    }
 }
 
 /// `scale·q·kᵀ` with the future (`j > i`) set to [`MASKED`], `[b, H, s, s]`.
@@ -132,6 +157,8 @@ impl AttentionBackend for burn::backend::Flex {}
 #[derive(Debug)]
 struct AttentionBackwardOp {
     scale: f32,
+    /// Query rows per chunk of the chunked path (`None`: the backend's fused or composed op).
+    rows: Option<usize>,
 }
 
 impl<B: AttentionBackend> Backward<B, 3> for AttentionBackwardOp {
@@ -142,7 +169,10 @@ impl<B: AttentionBackend> Backward<B, 3> for AttentionBackwardOp {
         let [pq, pk, pv] = ops.parents;
         let dout = grads.consume::<B>(&ops.node);
         let (q, k, v, o, lse) = ops.state;
-        let (dq, dk, dv) = B::causal_attention_backward(dout, q, k, v, o, lse, self.scale);
+        let (dq, dk, dv) = match self.rows {
+            Some(rows) => B::causal_attention_chunked_backward(dout, q, k, v, o, lse, self.scale, rows),
+            None => B::causal_attention_backward(dout, q, k, v, o, lse, self.scale),
+        };
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, grad);
@@ -157,13 +187,28 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
     }
 
     fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> AttentionForward<Self> {
-        let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
-        let (o, lse) = B::causal_attention(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), scale);
-        let out = match (AttentionBackwardOp { scale }).prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((q.primitive, k.primitive, v.primitive, o.clone(), lse.clone()), o),
-            OpsKind::UnTracked(prep) => prep.finish(o),
-        };
-        (out, <Self as AutodiffBackend>::from_inner(lse))
+        tracked::<B, C>(q, k, v, scale, None)
+    }
+
+    fn causal_attention_chunked(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32, rows: usize) -> AttentionForward<Self> {
+        tracked::<B, C>(q, k, v, scale, Some(rows))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_chunked_backward(
+        dout: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        scale: f32,
+        rows: usize,
+    ) -> AttentionBackward<Self> {
+        let inner = |t: FloatTensor<Self>| <Self as AutodiffBackend>::inner(t);
+        let (dq, dk, dv) = B::causal_attention_chunked_backward(inner(dout), inner(q), inner(k), inner(v), inner(o), inner(lse), scale, rows);
+        let outer = |t| <Self as AutodiffBackend>::from_inner(t);
+        (outer(dq), outer(dk), outer(dv))
     }
 
     fn causal_attention_backward(
@@ -182,13 +227,69 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
     }
 }
 
+/// The inner backend's attention (chunked with `Some(rows)`) as one tracked op saving
+/// `q, k, v, o, lse`.
+fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
+    q: FloatTensor<Autodiff<B, C>>,
+    k: FloatTensor<Autodiff<B, C>>,
+    v: FloatTensor<Autodiff<B, C>>,
+    scale: f32,
+    rows: Option<usize>,
+) -> AttentionForward<Autodiff<B, C>> {
+    let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+    let (qi, ki, vi) = (q.primitive.clone(), k.primitive.clone(), v.primitive.clone());
+    let (o, lse) = match rows {
+        Some(rows) => B::causal_attention_chunked(qi, ki, vi, scale, rows),
+        None => B::causal_attention(qi, ki, vi, scale),
+    };
+    let out = match (AttentionBackwardOp { scale, rows }).prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((q.primitive, k.primitive, v.primitive, o.clone(), lse.clone()), o),
+        OpsKind::UnTracked(prep) => prep.finish(o),
+    };
+    (out, <Autodiff<B, C> as AutodiffBackend>::from_inner(lse))
+}
+
 /// Causal attention of `q, k, v: [b, H, s, d]` (scores scaled by `scale`) through the backend's
 /// [`AttentionBackend`]: `[b, H, s, d]` in `q`'s dtype.
 ///
 /// # Panics
 /// If `k` or `v` differs from `q` in shape or dtype (the kernels index them by `q`'s).
 pub fn causal_attention<B: AttentionBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f32) -> Tensor<B, 4> {
-    for (name, t) in [("k", &k), ("v", &v)] {
+    causal_attention_lse(q, k, v, scale).0
+}
+
+/// `(o, lse)` of [`causal_attention`] (for tests and the device checks: `lse: [b, H, s]` f32).
+pub fn causal_attention_lse<B: AttentionBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f32) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    check_qkv(&q, &k, &v);
+    let (o, lse) = B::causal_attention(prim(q), prim(k), prim(v), scale);
+    (wrap(o), wrap(lse))
+}
+
+/// [`causal_attention`] computed `rows` queries at a time with Burn ops (any backend; keeps
+/// `o` and the f32 `lse` like the kernels, one `[b, H, rows, ≤ s]` chunk of scores at a time).
+///
+/// # Panics
+/// As [`causal_attention`], and if `rows` is 0.
+pub fn causal_attention_chunked<B: AttentionBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f32, rows: usize) -> Tensor<B, 4> {
+    causal_attention_chunked_lse(q, k, v, scale, rows).0
+}
+
+/// `(o, lse)` of [`causal_attention_chunked`].
+pub fn causal_attention_chunked_lse<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f32,
+    rows: usize,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    check_qkv(&q, &k, &v);
+    assert!(rows > 0, "chunked attention needs at least one query row per chunk");
+    let (o, lse) = B::causal_attention_chunked(prim(q), prim(k), prim(v), scale, rows);
+    (wrap(o), wrap(lse))
+}
+
+fn check_qkv<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>) {
+    for (name, t) in [("k", k), ("v", v)] {
         assert!(
             t.dims() == q.dims() && t.dtype() == q.dtype(),
             "causal_attention: {name} is {:?} {:?} but q {:?} {:?}",
@@ -198,17 +299,12 @@ pub fn causal_attention<B: AttentionBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v
             q.dtype()
         );
     }
-    let (o, _) = B::causal_attention(prim(q), prim(k), prim(v), scale);
-    wrap(o)
 }
 
-/// `(o, lse)` of [`causal_attention`] (for tests and the device checks: `lse: [b, H, s]` f32).
-pub fn causal_attention_lse<B: AttentionBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f32) -> (Tensor<B, 4>, Tensor<B, 3>) {
-    let (o, lse) = B::causal_attention(prim(q), prim(k), prim(v), scale);
-    (wrap(o), wrap(lse))
-}
+/// Query rows per chunk of `chunked` without a number.
+pub const DEFAULT_CHUNK_ROWS: usize = 256;
 
-/// Which attention the GPT's layers run.
+/// Which attention the GPT's layers run (resolved per backend into an [`AttentionCore`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 pub enum AttentionKernel {
     /// The fused kernels where the backend has them and attention dropout is off, else composed.
@@ -218,11 +314,44 @@ pub enum AttentionKernel {
     Composed,
     /// The fused kernels; a backend without them, or attention dropout > 0, is an error.
     Fused,
+    /// Burn ops on this many query rows at a time ([`causal_attention_chunked`]): any backend,
+    /// no `s × s` tensor kept; attention dropout > 0 is an error.
+    Chunked(usize),
+}
+
+/// What a layer's attention core runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum AttentionCore {
+    /// Masked softmax of Burn ops, with dropout; keeps the `s × s` tensors.
+    #[default]
+    Composed,
+    /// The backend's fused kernels ([`causal_attention`]).
+    Fused,
+    /// [`causal_attention_chunked`] with this many query rows per chunk.
+    Chunked(usize),
+}
+
+impl AttentionCore {
+    /// Keeps `o` and the f32 `lse` instead of the `s × s` tensors (fused or chunked).
+    pub fn keeps_lse_only(self) -> bool {
+        self != Self::Composed
+    }
+}
+
+impl From<AttentionCore> for AttentionKernel {
+    /// The kernel choice that resolves to `core` (where the backend allows it).
+    fn from(core: AttentionCore) -> Self {
+        match core {
+            AttentionCore::Composed => Self::Composed,
+            AttentionCore::Fused => Self::Fused,
+            AttentionCore::Chunked(rows) => Self::Chunked(rows),
+        }
+    }
 }
 
 /// An attention kernel name that does not exist.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown attention kernel {0:?} (choose auto, composed or fused)")]
+#[error("unknown attention kernel {0:?} (choose auto, composed, fused, chunked or chunked:ROWS with ROWS > 0)")]
 pub struct UnknownAttentionKernel(pub String);
 
 impl std::str::FromStr for AttentionKernel {
@@ -232,30 +361,46 @@ impl std::str::FromStr for AttentionKernel {
             "auto" => Ok(Self::Auto),
             "composed" => Ok(Self::Composed),
             "fused" | "flash" => Ok(Self::Fused),
-            other => Err(UnknownAttentionKernel(other.to_string())),
+            "chunked" => Ok(Self::Chunked(DEFAULT_CHUNK_ROWS)),
+            other => match other.strip_prefix("chunked:").map(str::parse::<usize>) {
+                Some(Ok(rows)) if rows > 0 => Ok(Self::Chunked(rows)),
+                _ => Err(UnknownAttentionKernel(other.to_string())),
+            },
         }
     }
 }
 
 impl std::fmt::Display for AttentionKernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Composed => "composed",
-            Self::Fused => "fused",
-        })
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Composed => f.write_str("composed"),
+            Self::Fused => f.write_str("fused"),
+            Self::Chunked(rows) => write!(f, "chunked:{rows}"),
+        }
     }
 }
 
 impl AttentionKernel {
-    /// Whether layers with heads of width `d_head` and attention dropout `dropout` run the fused
-    /// kernels on `device`; `Err` (the reason, with the numbers) for `Fused` where they cannot.
-    pub fn resolve<B: AttentionBackend>(self, device: &B::Device, d_head: usize, dropout: f64) -> Result<bool, String> {
+    /// The core that layers with heads of width `d_head` and attention dropout `dropout` run on
+    /// `device`; `Err` (the reason, with the numbers) for `Fused` or `Chunked` where they cannot.
+    pub fn resolve<B: AttentionBackend>(self, device: &B::Device, d_head: usize, dropout: f64) -> Result<AttentionCore, String> {
+        self.resolve_with(|| B::fused_attention(device, d_head), dropout)
+    }
+
+    /// [`resolve`](Self::resolve) with the backend's answer to "are there fused kernels for
+    /// this head width" given by `fused` (`Ok` or why not): for plans made without a backend.
+    pub fn resolve_with(self, fused: impl FnOnce() -> Result<(), String>, dropout: f64) -> Result<AttentionCore, String> {
+        let no_dropout = |what: &str| format!("{what} attention has no dropout: attention dropout is {dropout} (use 0, or the composed attention)");
         match self {
-            Self::Composed => Ok(false),
-            Self::Auto => Ok(dropout == 0.0 && B::fused_attention(device, d_head).is_ok()),
-            Self::Fused if dropout != 0.0 => Err(format!("fused attention has no dropout: attention dropout is {dropout} (use 0, or the composed attention)")),
-            Self::Fused => B::fused_attention(device, d_head).map(|()| true),
+            Self::Composed => Ok(AttentionCore::Composed),
+            Self::Auto if dropout != 0.0 => Ok(AttentionCore::Composed),
+            Self::Auto => Ok(if fused().is_ok() { AttentionCore::Fused } else { AttentionCore::Composed }),
+            Self::Fused if dropout != 0.0 => Err(no_dropout("fused")),
+            Self::Fused => fused().map(|()| AttentionCore::Fused),
+            Self::Chunked(_) if dropout != 0.0 => Err(no_dropout("chunked")),
+            Self::Chunked(0) => Err("chunked attention needs at least one query row per chunk".into()),
+            Self::Chunked(rows) => Ok(AttentionCore::Chunked(rows)),
         }
     }
 }

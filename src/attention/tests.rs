@@ -5,7 +5,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use super::{causal_attention, causal_attention_lse, masked_scores, AttentionKernel};
+use super::{causal_attention, causal_attention_chunked, causal_attention_chunked_lse, causal_attention_lse, masked_scores, AttentionCore, AttentionKernel};
 
 type A = Autodiff<Flex>;
 
@@ -79,11 +79,61 @@ fn bf16_inputs_give_bf16_outputs_close_to_f32() {
 fn kernel_choice_parses_and_resolves() {
     assert_eq!("fused".parse::<AttentionKernel>().unwrap(), AttentionKernel::Fused);
     assert_eq!("flash".parse::<AttentionKernel>().unwrap(), AttentionKernel::Fused);
-    assert_eq!("bogus".parse::<AttentionKernel>().unwrap_err().to_string(), "unknown attention kernel \"bogus\" (choose auto, composed or fused)");
+    assert_eq!(
+        "bogus".parse::<AttentionKernel>().unwrap_err().to_string(),
+        "unknown attention kernel \"bogus\" (choose auto, composed, fused, chunked or chunked:ROWS with ROWS > 0)"
+    );
     let dev = Default::default();
-    assert_eq!(AttentionKernel::Auto.resolve::<A>(&dev, 64, 0.0), Ok(false), "Flex composes");
+    assert_eq!(AttentionKernel::Auto.resolve::<A>(&dev, 64, 0.0), Ok(AttentionCore::Composed), "Flex composes");
     let e = AttentionKernel::Fused.resolve::<A>(&dev, 64, 0.0).unwrap_err();
     assert!(e.contains("no fused attention kernels"), "{e}");
     let e = AttentionKernel::Fused.resolve::<A>(&dev, 64, 0.1).unwrap_err();
     assert!(e.contains("attention dropout is 0.1"), "{e}");
+}
+
+#[test]
+fn the_chunked_op_equals_autodiff_of_masked_softmax() {
+    // Chunks of one row, of a few rows (the last one short), of all rows and more than all.
+    for (shape, rows) in [([2, 3, 7, 8], 1), ([2, 3, 7, 8], 3), ([1, 1, 33, 16], 8), ([1, 2, 5, 4], 5), ([1, 2, 5, 4], 64)] {
+        let scale = 1.0 / (shape[3] as f32).sqrt();
+        let ours = run(|q, k, v| causal_attention_chunked(q, k, v, scale, rows), shape);
+        let reference = run(|q, k, v| softmax(masked_scores(q, k, scale), 3).matmul(v), shape);
+        for (i, (a, b)) in ours.into_iter().zip(reference).enumerate() {
+            let d = max_diff(a, b);
+            assert!(d < 1e-5, "{shape:?} rows {rows}: output {i} (o, dq, dk, dv) differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn chunked_lse_and_bf16_match_the_composed_op() {
+    let dev = Default::default();
+    let shape = [2, 2, 11, 8];
+    let [q, k, v] = [1, 2, 3].map(|s| Tensor::<A, 4>::from_data(data(s, shape), &dev));
+    let (o, lse) = causal_attention_lse(q.clone(), k.clone(), v.clone(), 0.35);
+    let (oc, lsec) = causal_attention_chunked_lse(q.clone(), k.clone(), v.clone(), 0.35, 4);
+    assert!(max_diff(o.clone(), oc) < 1e-6);
+    let d: f32 = (lse - lsec).abs().max().into_scalar();
+    assert!(d < 1e-6, "lse differs by {d}");
+    let h = causal_attention_chunked(q.cast(DType::BF16), k.cast(DType::BF16), v.cast(DType::BF16), 0.35, 4);
+    assert_eq!(h.dtype(), DType::BF16);
+    let d = max_diff(o, h.cast(DType::F32));
+    assert!(d < 2e-2, "bf16 chunked attention differs from f32 by {d}");
+}
+
+#[test]
+fn chunked_choice_parses_and_resolves() {
+    assert_eq!("chunked".parse::<AttentionKernel>().unwrap(), AttentionKernel::Chunked(super::DEFAULT_CHUNK_ROWS));
+    assert_eq!("chunked:64".parse::<AttentionKernel>().unwrap(), AttentionKernel::Chunked(64));
+    assert_eq!(AttentionKernel::Chunked(64).to_string().parse::<AttentionKernel>().unwrap(), AttentionKernel::Chunked(64));
+    for bad in ["chunked:0", "chunked:x", "chunked:"] {
+        let e = bad.parse::<AttentionKernel>().unwrap_err().to_string();
+        assert!(e.contains(&format!("{bad:?}")) && e.contains("chunked:ROWS"), "{e}");
+    }
+    let dev = Default::default();
+    assert_eq!(AttentionKernel::Chunked(16).resolve::<A>(&dev, 64, 0.0), Ok(AttentionCore::Chunked(16)), "any backend chunks");
+    let e = AttentionKernel::Chunked(16).resolve::<A>(&dev, 64, 0.1).unwrap_err();
+    assert!(e.contains("chunked attention has no dropout") && e.contains("0.1"), "{e}");
+    assert!(AttentionKernel::Chunked(0).resolve::<A>(&dev, 64, 0.0).is_err());
+    assert_eq!(AttentionKernel::Auto.resolve::<A>(&dev, 64, 0.1), Ok(AttentionCore::Composed), "dropout composes");
 }

@@ -160,9 +160,11 @@ struct MemoryArgs {
     /// Cross-entropy rows per chunk.
     #[arg(long)]
     loss_chunk: Option<usize>,
-    /// The fused flash-attention kernels (CUDA/wgpu without dropout: no s² tensors kept).
-    #[arg(long)]
-    fused_attention: bool,
+    /// Attention core: composed (keeps the s² tensors), fused (the flash-attention kernels of
+    /// CUDA/wgpu; also what auto gives there) or chunked[:ROWS] (Burn ops, any backend); fused
+    /// and chunked keep the f32 log-sum-exp instead, and need no dropout.
+    #[arg(long, default_value = "composed")]
+    attention: String,
 }
 
 fn prepare(tokenizer: &str, out: &std::path::Path, shard_tokens: usize, val_fraction: f64, files: &[PathBuf]) -> Result<(), String> {
@@ -174,6 +176,16 @@ fn prepare(tokenizer: &str, out: &std::path::Path, shard_tokens: usize, val_frac
     let r = burn_parallel::data::prepare(&texts, tokenizer, out, shard_tokens, val_fraction).map_err(|e| e.to_string())?;
     println!("{} train tokens, {} validation tokens ({tokenizer}) in {} shards under {}", r.train_tokens, r.val_tokens, r.files.len(), out.display());
     Ok(())
+}
+
+/// The attention core of `--attention` for a plan (no backend: `auto` as on CUDA).
+fn attention_core(name: &str, dropout: bool) -> Result<burn_parallel::attention::AttentionCore, String> {
+    let kernel: burn_parallel::attention::AttentionKernel = name.parse().map_err(|e: burn_parallel::attention::UnknownAttentionKernel| e.to_string())?;
+    use burn_parallel::attention::AttentionKernel::{Auto, Composed};
+    if dropout && !matches!(kernel, Auto | Composed) {
+        return Err(format!("--attention {kernel} has no dropout (drop --dropout, or use --attention composed)"));
+    }
+    kernel.resolve_with(|| Ok(()), if dropout { 0.1 } else { 0.0 })
 }
 
 fn memory(a: MemoryArgs) -> Result<(), String> {
@@ -197,7 +209,7 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
         precision: a.precision.parse().map_err(|e: burn_parallel::precision::PrecisionError| e.to_string())?,
         dropout: a.dropout,
         loss_chunk: a.loss_chunk,
-        fused_attention: a.fused_attention,
+        attention: attention_core(&a.attention, a.dropout)?,
     };
     let est = estimate(&shape, &plan)?;
     println!("{shape:?}\n{plan:?}\nMB per rank (every TP and DP rank of a pipeline stage alike):\n{}", table(&est));

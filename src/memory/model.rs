@@ -23,7 +23,8 @@
 //! That is, with f = 4h, dropout, no SP: `N·h·(6 + 12/t)·e + b·s²·(a/t)·(8 + 2e)` bytes
 //! (Korthikanti's `sbh(10 + 24/t + 5as/(ht))` has 1-byte masks and keeps fewer tensors than
 //! Burn's autodiff does). With the fused attention kernels (`burn_parallel::attention`, CUDA and
-//! wgpu) the `s²` terms become the f32 log-sum-exp `4·b·(a/t)·s`.
+//! wgpu) or the chunked attention ops (any backend) the `s²` terms become the f32 log-sum-exp
+//! `4·b·(a/t)·s`.
 //! Selective recompute drops the `s²` terms and keeps `[q|k|v]` packed;
 //! full recompute keeps the block input only and reruns one block at a time in the backward.
 //! The first stage adds the embedding dropout's mask, the last the final layer norm's input
@@ -37,13 +38,15 @@
 //! accumulated over micro-batches; bf16 gradients are cast to f32 when accumulated or reduced).
 //! The peak is the largest of: the backward, piece by piece (head, blocks last to first): the
 //! activations not yet freed, the gradients produced so far, and the piece's transient (three
-//! `[N, V/t]` f32 buffers of the cross-entropy; a block's `3·N·f/t` or `4·b·(a/t)·s²`; under full
+//! `[N, V/t]` f32 buffers of the cross-entropy; a block's `3·N·f/t` or the attention core's `2·b·(a/t)·s²` f32 (and two in `e` in half
+//! precision: the probabilities' gradient and the scores' cast back); under full
 //! recompute the rerun block's activations), and the optimizer step (state + f32 gradients +
 //! the bucket's send and reduced buffers, then the new values, all-gathered under ZeRO). Plus
 //! the CPU backend's runtime: gemm keeps a 512 KiB scratch buffer per thread.
 
 use burn_parallel_schedules::{Action, Op};
 
+use crate::attention::AttentionCore;
 use crate::pipeline::StageLayout;
 use crate::precision::Precision;
 use crate::recompute::Recompute;
@@ -94,9 +97,9 @@ pub struct TrainPlan {
     pub dropout: bool,
     /// Cross-entropy rows per chunk (`None`: the whole batch at once).
     pub loss_chunk: Option<usize>,
-    /// The attention core runs the fused flash-attention kernels (CUDA/wgpu, no dropout):
-    /// it keeps the f32 log-sum-exp instead of the `s²` tensors.
-    pub fused_attention: bool,
+    /// What the attention core runs (`AttentionKernel::resolve`): the fused kernels (CUDA/wgpu)
+    /// or the chunked Burn ops keep the f32 log-sum-exp instead of the `s²` tensors.
+    pub attention: AttentionCore,
 }
 
 /// One rank's predicted memory in bytes (the same for every TP and DP rank of a stage).
@@ -138,10 +141,13 @@ struct Dims {
     e: f64,
     drop: bool,
     chunk: Option<usize>,
-    /// Fused attention: `lse`, `[b, a/t, s]` f32, instead of the `s²` tensors.
-    fused: bool,
+    /// The attention core (fused or chunked: `lse`, `[b, a/t, s]` f32, instead of the `s²`
+    /// tensors).
+    core: AttentionCore,
     /// `b·(a/t)·s`: the rows of the attention core.
     att_rows: f64,
+    /// Sequence length.
+    s: f64,
 }
 
 impl Dims {
@@ -159,21 +165,30 @@ impl Dims {
             self.n
         }
     }
-    /// The `s²` tensors of the attention core (bytes), or the fused kernel's f32 `lse`.
+    /// The `s²` tensors of the attention core (bytes), or the fused/chunked op's f32 `lse`.
     fn core(&self) -> f64 {
-        if self.fused {
+        if self.core.keeps_lse_only() {
             return self.att_rows * 4.0;
         }
         2.0 * self.s2 * 4.0 + if self.drop { 2.0 } else { 1.0 } * self.s2 * self.e
     }
-    /// The attention core's backward transient: the composed `4` f32 `s²` buffers, or the fused
-    /// kernels' `dq, dk, dv` and f32 `D` (and, in half precision, `dO` and `o` cast to f32).
+    /// The attention core's backward transient: the composed two f32 `s²` buffers (softmax
+    /// backward; in half precision also the probabilities' gradient and the scores' gradient in
+    /// `e`: measured 2.0 and 3.0 f32 `s²` above the backward's start at s 512); the fused
+    /// kernels' `dq, dk, dv` and f32 `D` (and, in half precision, `dO` and `o` cast to f32); the
+    /// chunked op's f32 `D`, `dk`/`dv` accumulators, the `dq` chunks and two f32 buffers of
+    /// the last chunk `[b, a/t, rows, s]` (in half precision `q, k, v, dO` cast to f32).
     fn core_transient(&self) -> f64 {
-        if self.fused {
-            let half = if self.e < 4.0 { 2.0 * self.n * self.h / self.t * 4.0 } else { 0.0 };
-            return 3.0 * self.n * self.h / self.t * self.e + self.att_rows * 4.0 + half;
+        let local = self.n * self.h / self.t;
+        let half = |tensors: f64| if self.e < 4.0 { tensors * local * 4.0 } else { 0.0 };
+        match self.core {
+            AttentionCore::Fused => 3.0 * local * self.e + self.att_rows * 4.0 + half(2.0),
+            AttentionCore::Chunked(rows) => {
+                let last = self.att_rows * (rows as f64).min(self.s);
+                self.att_rows * 4.0 + 2.0 * local * 4.0 + local * self.e + 2.0 * last * 4.0 + half(4.0)
+            }
+            AttentionCore::Composed => 2.0 * self.s2 * 4.0 + if self.e < 4.0 { 2.0 * self.s2 * self.e } else { 0.0 },
         }
-        4.0 * self.s2 * 4.0
     }
     /// Bytes a block keeps without recompute.
     fn block(&self) -> f64 {
@@ -253,8 +268,9 @@ pub fn estimate(g: &GptShape, plan: &TrainPlan) -> Result<Vec<RankMemory>, Strin
         e,
         drop: plan.dropout,
         chunk: plan.loss_chunk,
-        fused: plan.fused_attention && !plan.dropout,
+        core: if plan.dropout { AttentionCore::Composed } else { plan.attention },
         att_rows: (plan.microbatch * g.heads / plan.tp * g.seq) as f64,
+        s: g.seq as f64,
     };
     let mut out = Vec::with_capacity(plan.pp);
     for (r, rank_actions) in actions.iter().enumerate() {
