@@ -1,7 +1,9 @@
 //! Memory per rank, predicted (`burn_parallel::memory::estimate`) against measured (the tracking
 //! allocator, thread ranks on CPU) over a grid of layouts; the reductions each lever gives
 //! (measured); model-state bytes per parameter; step time of recompute and ZeRO against their
-//! baselines in the same run. `cargo bench --bench memory` (BENCH_MEM_WIDE=1: width 256).
+//! baselines in the same run; composed against chunked attention at s 1024 (peak and step time).
+//! `cargo bench --bench memory` (BENCH_MEM_WIDE=1: width 256; BENCH_MEM_ATTENTION_ONLY=1: only
+//! the attention table).
 
 #[path = "memory_harness.rs"]
 #[allow(dead_code)]
@@ -28,6 +30,10 @@ fn mb(x: f64) -> String {
 }
 
 fn main() {
+    if std::env::var("BENCH_MEM_ATTENTION_ONLY").is_ok() {
+        attention_cores();
+        return;
+    }
     let shape = shape();
     println!("GPT {shape:?}, global batch 8; MB = 10^6 bytes\n");
     println!("| layout | pp rank | predicted peak | measured peak | predicted / measured |\n|---|---|---|---|---|");
@@ -55,6 +61,26 @@ fn main() {
     }
     bytes_per_param(&shape);
     step_times(&shape);
+    attention_cores();
+}
+
+/// Composed against chunked attention at a long sequence (s 1024, where the `s²` tensors
+/// dominate): peak (predicted, measured) and step time, one rank, batch 2.
+fn attention_cores() {
+    use burn_parallel::attention::AttentionCore;
+    let shape = GptShape { vocab: 256, seq: 1024, hidden: 128, heads: 4, layers: 2, ffn: 512 };
+    println!(
+        "\nGPT {shape:?}, batch 2\n\n| attention | predicted peak | measured peak | s/step | peak vs composed | time vs composed |\n|---|---|---|---|---|---|"
+    );
+    let mut base = None;
+    for core in [AttentionCore::Composed, AttentionCore::Chunked(256), AttentionCore::Chunked(64)] {
+        let p = burn_parallel::memory::TrainPlan { attention: core, ..plan(1, 1, 1, 2) };
+        let est = burn_parallel::memory::estimate(&shape, &p).expect("plan")[0].peak;
+        let m = run(&shape, &p, 5);
+        let (peak, secs) = (m[0].peak as f64, m[0].step_secs);
+        let (bp, bt) = *base.get_or_insert((peak, secs));
+        println!("| {core:?} | {} | {} | {secs:.3} | {:.3} | {:.2} |", mb(est), mb(peak), peak / bp, secs / bt);
+    }
 }
 
 /// Model state (parameters + optimizer, measured after a step, minus gemm's scratch) per
