@@ -194,8 +194,9 @@ pub(crate) struct Args {
     /// Attention core: auto (the fused flash-attention kernels on CUDA/wgpu when --dropout is 0:
     /// no [b, heads, s, s] tensor stored; composed Burn ops on CPU); composed; fused (an error
     /// where the backend has no kernels or --dropout > 0); chunked[:ROWS] (Burn ops on ROWS
-    /// queries at a time, default 256, any backend: no [b, heads, s, s] tensor stored, the
-    /// backward recomputes the scores, about +1/4 of attention's FLOPs; --dropout must be 0).
+    /// queries at a time, default 256, any backend: no [b, heads, s, s] tensor stored; the
+    /// backward recomputes the scores, one matmul more of attention's six, but the masked half
+    /// of the scores is never computed; --dropout must be 0).
     #[arg(long, default_value = "auto", value_parser = parse_attention)]
     pub(crate) attention: AttentionKernel,
 }

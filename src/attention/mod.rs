@@ -1,6 +1,8 @@
 //! Causal attention as a backend extension: fused flash-attention kernels (CubeCL) on Cube
-//! backends, composed Burn ops elsewhere, one autodiff op for all. Entry point:
-//! [`causal_attention`].
+//! backends, composed Burn ops elsewhere, one autodiff op for all. Entry points:
+//! [`causal_attention`], and [`causal_attention_chunked`] (Burn ops on query chunks, any
+//! backend, the same memory as the kernels: `chunked.rs`). Layers pick one through
+//! [`AttentionKernel`], resolved per backend into an [`AttentionCore`].
 //!
 //! Per head, `q, k, v: [s, d]`, `S = scale·q·kᵀ` with the future masked (`j > i`), softmax rows
 //! `P = exp(S − lse)` with `lse_i = log Σ_{j ≤ i} exp(S_ij)` (f32), `o = P·v`. The forward saves
