@@ -3,7 +3,7 @@
 # budget (seconds since start; a step that no longer fits is skipped, so the command always ends
 # in time and its logs come back).
 # Build here (x86_64, no GPU needed):   scripts/build-device-bin.sh   (-> gpu-bin/, git-ignored)
-# Run there:  BUDGET=540 bash scripts/device-check.sh STEP...     (default: every step, in order)
+# Run there:  BUDGET=540 bash scripts/device-check.sh STEP...     (default: the open issues' steps, in order)
 #   steps: checks (kernels + nccl) kernels gpt gpt-local ln-bench ln-tune ln-profile (ncu, if installed)
 #   torch-ln nccl-bench torch-nccl gpt2 gpt2-f32 torch-gpt2 (GPT-2 124M: ours bf16/f32, PyTorch eager) memory
 #   attention torch-attention (flash-attention kernels: checks, then fused vs composed vs torch SDPA)
@@ -89,7 +89,9 @@ finish() { # name: appends its log; prints the summary lines
   rm -f "$f"
 }
 steps=("$@")
-((${#steps[@]})) || steps=(checks+gpt ln-bench torch-ln nccl-bench torch-nccl gpt-local)
+# Default: what the open issues still need, most important first (steps that no longer fit the
+# budget are skipped, so a short budget runs the head of this list).
+((${#steps[@]})) || steps=(attention+torch-attention gpt2 torch-gpt2 gpt2-chunked burn-nn-gpt2 memory checks nccl-bench ln-tune gpt2-composed gpt2-f32)
 for s in "${steps[@]}"; do
   IFS=+ read -r -a group <<< "$s"
   started=()
