@@ -68,15 +68,19 @@ pub fn forward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, sc
     (Tensor::cat(outs, 1).swap_dims(1, 2), Tensor::cat(lses, 2))
 }
 
-/// `acc[.., 0..n, ..] += part` (`part: [b, H, n, d]`), in place where `acc` is uniquely owned.
-fn add_rows<B: Backend>(acc: Tensor<B, 4>, part: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, h, s, d] = acc.dims();
-    let n = part.dims()[2];
-    if n == s {
-        return acc + part;
+/// `acc[.., 0..n, ..] += part` (`part: [b, H, n, d]`, `acc: [b, H, s, d]`, none yet: zeros),
+/// in place where `acc` is uniquely owned.
+fn add_rows<B: Backend>(acc: Option<Tensor<B, 4>>, part: Tensor<B, 4>, s: usize) -> Tensor<B, 4> {
+    let [b, h, n, d] = part.dims();
+    match acc {
+        None if n == s => part,
+        None => Tensor::zeros([b, h, s, d], &part.device()).slice_assign([0..b, 0..h, 0..n, 0..d], part),
+        Some(acc) if n == s => acc + part,
+        Some(acc) => {
+            let sum = rows_of(&acc, 0, n) + part;
+            acc.slice_assign([0..b, 0..h, 0..n, 0..d], sum)
+        }
     }
-    let sum = rows_of(&acc, 0, n) + part;
-    acc.slice_assign([0..b, 0..h, 0..n, 0..d], sum)
 }
 
 /// The saved state of a forward: `q, k, v, o [b, H, s, d]`, `lse [b, H, s]` f32.
@@ -91,20 +95,21 @@ pub struct Saved<B: Backend> {
 /// `(dq, dk, dv)`, each in its input's dtype, for the output gradient `dout`.
 pub fn backward<B: Backend>(dout: Tensor<B, 4>, saved: Saved<B>, scale: f32, rows: usize) -> [Tensor<B, 4>; 3] {
     let Saved { q, k, v, o, lse } = saved;
-    let [b, h, s, d] = q.dims();
+    let s = q.dims()[2];
     let dtypes = [q.dtype(), k.dtype(), v.dtype()];
     let (q, k, v, dout) = (to_f32(q), to_f32(k), to_f32(v), to_f32(dout));
     let delta = (dout.clone() * to_f32(o)).sum_dim(3);
     let lse = lse.unsqueeze_dim::<4>(3);
-    let zeros = || Tensor::<B, 4>::zeros([b, h, s, d], &q.device());
-    let (mut dk, mut dv, mut dqs) = (zeros(), zeros(), Vec::new());
+    let (mut dk, mut dv, mut dqs) = (None, None, Vec::new());
     for (c0, c1) in chunks(s, rows) {
         let (qc, doc, kk, vv) = (rows_of(&q, c0, c1), rows_of(&dout, c0, c1), rows_of(&k, 0, c1), rows_of(&v, 0, c1));
         let p = (chunk_scores(qc.clone(), kk.clone(), c0, scale) - rows_of(&lse, c0, c1)).exp();
-        dv = add_rows(dv, p.clone().swap_dims(2, 3).matmul(doc.clone()));
+        dv = Some(add_rows(dv, p.clone().swap_dims(2, 3).matmul(doc.clone()), s));
         let ds = p * (doc.matmul(vv.swap_dims(2, 3)) - rows_of(&delta, c0, c1));
         dqs.push(cast_to(ds.clone().matmul(kk).mul_scalar(scale), dtypes[0]));
-        dk = add_rows(dk, ds.swap_dims(2, 3).matmul(qc).mul_scalar(scale));
+        dk = Some(add_rows(dk, ds.swap_dims(2, 3).matmul(qc).mul_scalar(scale), s));
     }
-    [Tensor::cat(dqs, 2), cast_to(dk, dtypes[1]), cast_to(dv, dtypes[2])]
+    let (dk, dv) = (dk.expect("s > 0: one chunk at least"), dv.expect("s > 0"));
+    let dq = if dqs.len() == 1 { dqs.remove(0) } else { Tensor::cat(dqs, 2) };
+    [dq, cast_to(dk, dtypes[1]), cast_to(dv, dtypes[2])]
 }

@@ -42,8 +42,6 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use crate::precision::{cast_to, to_f32};
-
 /// Masked scores (`j > i`) before the softmax: `exp(MASKED − m) = 0` in f32 for any finite row max.
 pub const MASKED: f32 = -1.0e30;
 
@@ -60,8 +58,9 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
-/// A backend's causal attention (see the module docs). The default bodies compose Burn ops (and
-/// hold the `s × s` scores): the reference of the kernels' tests, and what CPU backends run.
+/// A backend's causal attention (see the module docs). The default bodies compose Burn ops
+/// (`chunked.rs`; `causal_attention` as one chunk of all rows, holding the `s × s` scores): the
+/// reference of the kernels' tests, and what CPU backends run.
 pub trait AttentionBackend: Backend {
     /// `Ok` where this backend has fused kernels for heads of width `d_head` on `device`; else
     /// why not (the attention layer then composes Burn ops, or refuses `AttentionKernel::Fused`).
@@ -70,13 +69,11 @@ pub trait AttentionBackend: Backend {
         Err(format!("the {} backend has no fused attention kernels (CubeCL backends do)", Self::name(device)))
     }
 
-    /// `(o, lse)` of causal attention with scores scaled by `scale`.
+    /// `(o, lse)` of causal attention with scores scaled by `scale` (default: the chunked
+    /// Burn ops with one chunk of all rows).
     fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> AttentionForward<Self> {
-        let q = wrap::<Self, 4>(q);
-        let dtype = q.dtype();
-        let p = Probabilities::new(to_f32(q), to_f32(wrap(k)), scale);
-        let o = p.p.clone().matmul(to_f32(wrap::<Self, 4>(v)));
-        (prim(cast_to(o, dtype)), prim(p.lse.squeeze_dim::<3>(3)))
+        let rows = burn::tensor::TensorMetadata::shape(&q)[2].max(1);
+        Self::causal_attention_chunked(q, k, v, scale, rows)
     }
 
     /// `(dq, dk, dv)` of [`causal_attention`](Self::causal_attention) for the output gradient `dout`.
@@ -89,18 +86,8 @@ pub trait AttentionBackend: Backend {
         lse: FloatTensor<Self>,
         scale: f32,
     ) -> AttentionBackward<Self> {
-        let (q, k, v) = (wrap::<Self, 4>(q), wrap::<Self, 4>(k), wrap::<Self, 4>(v));
-        let dtypes = [q.dtype(), k.dtype(), v.dtype()];
-        let (q, k, v, dout) = (to_f32(q), to_f32(k), to_f32(v), to_f32(wrap::<Self, 4>(dout)));
-        let delta = (dout.clone() * to_f32(wrap::<Self, 4>(o))).sum_dim(3);
-        let scores = masked_scores(q.clone(), k.clone(), scale);
-        let p = (scores - wrap::<Self, 3>(lse).unsqueeze_dim::<4>(3)).exp();
-        let dv = p.clone().swap_dims(2, 3).matmul(dout.clone());
-        let ds = p * (dout.matmul(v.swap_dims(2, 3)) - delta);
-        let dq = ds.clone().matmul(k).mul_scalar(scale);
-        let dk = ds.swap_dims(2, 3).matmul(q).mul_scalar(scale);
-        let [tq, tk, tv] = dtypes;
-        (prim(cast_to(dq, tq)), prim(cast_to(dk, tk)), prim(cast_to(dv, tv)))
+        let rows = burn::tensor::TensorMetadata::shape(&q)[2].max(1);
+        Self::causal_attention_chunked_backward(dout, q, k, v, o, lse, scale, rows)
     }
 
     /// `(o, lse)` of causal attention computed `rows` queries at a time (Burn ops on any
@@ -125,32 +112,6 @@ pub trait AttentionBackend: Backend {
         let saved = chunked::Saved { q: wrap(q), k: wrap(k), v: wrap(v), o: wrap(o), lse: wrap(lse) };
         let [dq, dk, dv] = chunked::backward(wrap::<Self, 4>(dout), saved, scale, rows);
         (prim(dq), prim(dk), prim(dv))
-    }
-}
-
-/// `scale·q·kᵀ` with the future (`j > i`) set to [`MASKED`], `[b, H, s, s]`.
-fn masked_scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, scale: f32) -> Tensor<B, 4> {
-    let s = q.dims()[2];
-    let device = q.device();
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-    let i = Tensor::<B, 1, burn::tensor::Int>::arange(0..s as i64, &device);
-    let future = i.clone().reshape([1, s]).expand([s, s]).greater(i.reshape([s, 1]).expand([s, s]));
-    scores.mask_fill(future.reshape([1, 1, s, s]), MASKED)
-}
-
-/// Softmax rows of the masked scores with their log-sum-exp (the composed path, f32).
-struct Probabilities<B: Backend> {
-    p: Tensor<B, 4>,
-    lse: Tensor<B, 4>,
-}
-
-impl<B: Backend> Probabilities<B> {
-    fn new(q: Tensor<B, 4>, k: Tensor<B, 4>, scale: f32) -> Self {
-        let scores = masked_scores(q, k, scale);
-        let m = scores.clone().max_dim(3);
-        let e = (scores - m.clone()).exp();
-        let l = e.clone().sum_dim(3);
-        Self { p: e / l.clone(), lse: m + l.log() }
     }
 }
 

@@ -5,9 +5,19 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use super::{causal_attention, causal_attention_chunked, causal_attention_chunked_lse, causal_attention_lse, masked_scores, AttentionCore, AttentionKernel};
+use super::{causal_attention, causal_attention_chunked, causal_attention_chunked_lse, causal_attention_lse, AttentionCore, AttentionKernel, MASKED};
 
 type A = Autodiff<Flex>;
+
+/// The reference: `scale·q·kᵀ` with the future (`j > i`) set to [`MASKED`], `[b, H, s, s]`.
+fn masked_scores(q: Tensor<A, 4>, k: Tensor<A, 4>, scale: f32) -> Tensor<A, 4> {
+    let s = q.dims()[2];
+    let device = q.device();
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let i = Tensor::<A, 1, burn::tensor::Int>::arange(0..s as i64, &device);
+    let future = i.clone().reshape([1, s]).expand([s, s]).greater(i.reshape([s, 1]).expand([s, s]));
+    scores.mask_fill(future.reshape([1, 1, s, s]), MASKED)
+}
 
 fn data(seed: u64, shape: [usize; 4]) -> TensorData {
     let n: usize = shape.iter().product();
