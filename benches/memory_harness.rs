@@ -75,6 +75,14 @@ pub struct Measured {
     pub step_secs: f64,
 }
 
+/// What `rank` holds once every rank finished the step: a rank that leaves a collective first
+/// still counts its contribution while slower peers read it (the thread world hands out shared
+/// buffers), so the state is read after a barrier.
+fn settled(world: &burn_parallel::Comm, rank: usize) -> Result<i64, String> {
+    world.barrier().map_err(|e| e.to_string())?;
+    Ok(memory::current(rank))
+}
+
 /// `steps` (≥ 3) training steps of every rank; the last one measured.
 pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
     let config = GptConfig::new(shape.vocab, shape.seq, shape.hidden, shape.heads, shape.layers, shape.ffn)
@@ -88,7 +96,7 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
     let results = run_world(p.dp * p.pp * p.tp, LocalWorldOptions::default(), |c| {
         let rank = c.global_rank();
         let cfg = ParallelConfig::new().with_data_parallel(p.dp).with_pipeline_parallel(p.pp).with_tensor_parallel(p.tp).with_virtual_stages(p.virtual_stages);
-        let groups = ProcessGroups::new(cfg, c).map_err(|e| e.to_string())?;
+        let groups = ProcessGroups::new(cfg, c.clone()).map_err(|e| e.to_string())?;
         let mut opt = DistAdamW::<B>::new(DistAdamWConfig::new().with_zero(p.zero), &groups);
         let batch = |step: usize| {
             let first = (step * per_replica * p.dp + groups.coords.dp * per_replica) as u64;
@@ -110,7 +118,7 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
                     .map_err(|e| e.to_string())?;
                 gpt = opt.step(1e-3, vec![(gpt, grads)], Some(1.0)).map_err(|e| e.to_string())?.0.remove(0);
             }
-            memory::current(rank)
+            settled(&c, rank)?
         } else {
             let opts = PipelineOptions { microbatches: p.microbatches, virtual_stages: p.virtual_stages, layout: None };
             let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
@@ -133,12 +141,25 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
                     s.part = part;
                 }
             }
-            memory::current(rank)
+            settled(&c, rank)?
         };
         let step_secs = t0.elapsed().as_secs_f64() / (steps - 2) as f64;
         Ok::<_, String>(Measured { pp_rank: groups.coords.pp, peak: memory::peak(rank), state, step_secs })
     });
     all_ok(results).expect("measurement run")
+}
+
+/// Model state (parameters + optimizer, held after 3 steps, less gemm's scratch) in bytes per
+/// parameter, on the lowest and the highest rank: `dp` replicas (ZeRO-1 if `zero`) in `precision`.
+/// The f32 gradients a step holds (4 B/param) are not in it.
+pub fn state_per_param(shape: &GptShape, dp: usize, zero: bool, precision: Precision) -> (f64, f64) {
+    let mut p = plan(dp, 1, 1, 8);
+    p.zero = zero;
+    p.precision = precision;
+    let params = memory::model::parameter_count(shape);
+    let per = |s: i64| (s as f64 - memory::model::GEMM_SCRATCH) / params;
+    let m = run(shape, &p, 3);
+    (per(m.iter().map(|x| x.state).min().unwrap()), per(m.iter().map(|x| x.state).max().unwrap()))
 }
 
 /// Measured and predicted peaks of every rank: (pp rank, measured, prediction).
