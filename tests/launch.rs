@@ -204,3 +204,23 @@ fn the_memory_command_takes_the_attention_core() {
     let drop = table(&["--attention", "chunked", "--dropout"]);
     assert!(!drop.status.success() && text(&drop).contains("--attention chunked:256 has no dropout"), "{}", text(&drop));
 }
+
+/// `burn-parallel memory` with a degree of 0, heads that tp does not divide, or an empty batch:
+/// one line with the numbers, never a panic (a division by zero inside the model).
+#[test]
+fn the_memory_command_refuses_impossible_layouts() {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["memory", "--d-model", "64", "--heads", "4", "--layers", "2", "--seq-len", "16", "--batch-size", "2", "--vocab", "128"];
+        args.extend_from_slice(extra);
+        Command::new(BIN).args(&args).output().unwrap()
+    };
+    for (extra, says) in [
+        (&["--tp", "0"][..], "tensor_parallel"),
+        (&["--tp", "3"][..], "attention heads = 4 is not divisible by tensor_parallel = 3"),
+        (&["--pp", "0"][..], "pipeline_parallel"),
+    ] {
+        let o = run(extra);
+        let t = text(&o);
+        assert!(!o.status.success() && t.contains(says) && !t.contains("panicked"), "{extra:?}: {t}");
+    }
+}

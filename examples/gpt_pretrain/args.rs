@@ -43,7 +43,8 @@ pub(crate) struct Args {
     #[arg(long, default_value = "byte", value_parser = parse_tokenizer)]
     pub(crate) tokenizer: Tokenizer,
     /// Model size: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b (GPT-2's shapes, context
-    /// 1024, the gpt2 tokenizer, batch 8); explicit size flags override it.
+    /// 1024, the gpt2 tokenizer, batch 8, GPT-3's learning rate for the size: 6e-4, 3e-4,
+    /// 2.5e-4, 2e-4); explicit flags override it.
     #[arg(long, value_enum, default_value_t = ModelPreset::Tiny)]
     pub(crate) model: ModelPreset,
     /// Peak TFLOP/s of one device for the MFU line (default: the detected card's bf16/f32 dense
@@ -88,7 +89,8 @@ pub(crate) struct Args {
     /// Dropout probability.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) dropout: f64,
-    /// Peak learning rate (linear warm-up, then cosine decay to 10%).
+    /// Peak learning rate (linear warm-up, then cosine decay to 10%); a GPT-2 preset sets its
+    /// own (see --model).
     #[arg(long, default_value_t = 3e-3)]
     pub(crate) lr: f64,
     /// Warm-up steps.
@@ -232,15 +234,27 @@ pub(crate) enum ModelPreset {
     Gpt2_1_5b,
 }
 
+/// What a preset sets (each only where its flag is not given).
+struct PresetValues {
+    d_model: usize,
+    layers: usize,
+    heads: usize,
+    seq_len: usize,
+    tokenizer: Tokenizer,
+    batch_size: usize,
+    /// GPT-3's peak learning rate for the size (Brown et al. 2020, table 2.1).
+    lr: f64,
+}
+
 impl ModelPreset {
-    /// (width, layers, heads, context, tokenizer, sequences per step).
-    fn shape(self) -> (usize, usize, usize, usize, Tokenizer, usize) {
+    fn values(self) -> PresetValues {
+        let v = |d_model, layers, heads, lr| PresetValues { d_model, layers, heads, seq_len: 1024, tokenizer: Tokenizer::Gpt2, batch_size: 8, lr };
         match self {
-            Self::Tiny => (128, 4, 4, 64, Tokenizer::Byte, 16),
-            Self::Gpt2_124m => (768, 12, 12, 1024, Tokenizer::Gpt2, 8),
-            Self::Gpt2_350m => (1024, 24, 16, 1024, Tokenizer::Gpt2, 8),
-            Self::Gpt2_774m => (1280, 36, 20, 1024, Tokenizer::Gpt2, 8),
-            Self::Gpt2_1_5b => (1600, 48, 25, 1024, Tokenizer::Gpt2, 8),
+            Self::Tiny => PresetValues { d_model: 128, layers: 4, heads: 4, seq_len: 64, tokenizer: Tokenizer::Byte, batch_size: 16, lr: 3e-3 },
+            Self::Gpt2_124m => v(768, 12, 12, 6e-4),
+            Self::Gpt2_350m => v(1024, 24, 16, 3e-4),
+            Self::Gpt2_774m => v(1280, 36, 20, 2.5e-4),
+            Self::Gpt2_1_5b => v(1600, 48, 25, 2e-4),
         }
     }
 }
@@ -256,24 +270,27 @@ impl Args {
         let matches = Self::command().try_get_matches_from(argv)?;
         let mut args = Self::from_arg_matches(&matches)?;
         let default = |id: &str| matches.value_source(id) != Some(clap::parser::ValueSource::CommandLine);
-        let (d, layers, heads, seq, tokenizer, batch) = args.model.shape();
+        let p = args.model.values();
         if default("d_model") {
-            args.d_model = d;
+            args.d_model = p.d_model;
         }
         if default("layers") {
-            args.layers = layers;
+            args.layers = p.layers;
         }
         if default("heads") {
-            args.heads = heads;
+            args.heads = p.heads;
         }
         if default("seq_len") {
-            args.seq_len = seq;
+            args.seq_len = p.seq_len;
         }
         if default("tokenizer") {
-            args.tokenizer = tokenizer;
+            args.tokenizer = p.tokenizer;
         }
         if default("batch_size") {
-            args.batch_size = batch;
+            args.batch_size = p.batch_size;
+        }
+        if default("lr") {
+            args.lr = p.lr;
         }
         if default("loss_chunk") && args.model != ModelPreset::Tiny {
             args.loss_chunk = 1024;

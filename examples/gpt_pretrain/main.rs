@@ -280,20 +280,33 @@ fn main_result(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Model FLOPs per token (`6·N + 12·L·h·s`, N without the position embedding, as nanoGPT),
-/// achieved TFLOP/s and MFU against `--peak-tflops` or the detected card's dense peak.
+/// Model FLOPs per token (`6·N + 12·L·h·s`), achieved TFLOP/s and MFU against `--peak-tflops`
+/// or the detected card's dense peak. N counts the weights a token multiplies: every parameter
+/// but the two embeddings (lookups, no FLOPs); the untied head is in it (nanoGPT's tied model
+/// counts the same matmul through its shared embedding). Thread ranks share one device; NCCL
+/// ranks have one each.
 fn throughput_line(args: &Args, tokens_per_sec: f64) -> String {
-    let c = gpt_config(args);
-    let shape =
-        burn_parallel::memory::GptShape { vocab: c.vocab_size, seq: args.seq_len, hidden: c.d_model, heads: c.n_heads, layers: c.n_layers, ffn: c.d_ff };
-    let n = burn_parallel::memory::model::parameter_count(&shape) - (args.seq_len * c.d_model) as f64;
-    let flops = 6.0 * n + 12.0 * (c.n_layers * c.d_model * args.seq_len) as f64;
+    let (flops, n) = model_flops(args);
     let achieved = tokens_per_sec * flops / 1e12;
-    let devices = (args.dp * args.pp * args.tp) as f64;
+    let devices = if args.comm == CommKind::Nccl { (args.dp * args.pp * args.tp) as f64 } else { 1.0 };
     let peak = args.peak_tflops.or_else(|| detected_peak(args));
     let mfu =
         peak.map_or("MFU: pass --peak-tflops".to_string(), |p| format!("MFU {:.1}% of {p} TFLOP/s x {devices} devices", 100.0 * achieved / (p * devices)));
     format!("model FLOPs/token {:.3e} ({:.2}M parameters); achieved {achieved:.3} TFLOP/s; {mfu}", flops, n / 1e6)
+}
+
+/// (model FLOPs per token, N): see [`throughput_line`].
+fn model_flops(args: &Args) -> (f64, f64) {
+    let c = gpt_config(args);
+    let embeddings = ((c.vocab_size + args.seq_len) * c.d_model) as f64;
+    let n = burn_parallel::memory::model::parameter_count(&gpt_shape(args)) - embeddings;
+    (6.0 * n + 12.0 * (c.n_layers * c.d_model * args.seq_len) as f64, n)
+}
+
+/// The model's shape as the memory model takes it.
+fn gpt_shape(args: &Args) -> burn_parallel::memory::GptShape {
+    let c = gpt_config(args);
+    burn_parallel::memory::GptShape { vocab: c.vocab_size, seq: args.seq_len, hidden: c.d_model, heads: c.n_heads, layers: c.n_layers, ffn: c.d_ff }
 }
 
 #[cfg(feature = "cuda")]
@@ -312,15 +325,7 @@ fn detected_peak(_: &Args) -> Option<f64> {
 /// The memory model's prediction for this run, per pipeline rank, next to each rank's measured
 /// peak host memory (thread ranks on CPU, where the tracking allocator sees every allocation).
 fn memory_table(args: &Args) -> Result<(), String> {
-    let config = gpt_config(args);
-    let shape = burn_parallel::memory::GptShape {
-        vocab: config.vocab_size,
-        seq: args.seq_len,
-        hidden: config.d_model,
-        heads: config.n_heads,
-        layers: config.n_layers,
-        ffn: config.d_ff,
-    };
+    let shape = gpt_shape(args);
     let plan = pipelined::memory_plan(args);
     let est = burn_parallel::memory::estimate(&shape, &plan)?;
     let measured = args.device == DeviceKind::Cpu && args.comm == CommKind::Local && burn_parallel::memory::installed();

@@ -277,9 +277,12 @@ fn bad_memory_flags_are_clear_errors() {
 fn a_preset_sets_the_shape_and_explicit_flags_override_it() {
     let parse = |flags: &str| Args::parse_with_presets(std::iter::once("gpt_pretrain".to_string()).chain(flags.split_whitespace().map(String::from))).unwrap();
     let a = parse("--model gpt2-124m");
-    assert_eq!((a.d_model, a.layers, a.seq_len, a.loss_chunk), (768, 12, 1024, 1024));
-    let a = parse("--model gpt2-124m --layers 2 --seq-len 64 --loss-chunk 0");
-    assert_eq!((a.d_model, a.layers, a.seq_len, a.loss_chunk), (768, 2, 64, 0));
+    assert_eq!((a.d_model, a.layers, a.seq_len, a.loss_chunk, a.lr), (768, 12, 1024, 1024, 6e-4));
+    let a = parse("--model gpt2-350m");
+    assert_eq!((a.d_model, a.layers, a.heads, a.lr), (1024, 24, 16, 3e-4));
+    let a = parse("--model gpt2-124m --layers 2 --seq-len 64 --loss-chunk 0 --lr 1e-3");
+    assert_eq!((a.d_model, a.layers, a.seq_len, a.loss_chunk, a.lr), (768, 2, 64, 0, 1e-3));
+    assert_eq!(parse("").lr, 3e-3);
 }
 
 /// `--attention chunked:ROWS` (CPU: Burn ops on query chunks) trains with the composed run's
@@ -292,4 +295,16 @@ fn chunked_attention_prints_the_composed_losses() {
         assert_eq!(composed.len(), 3, "{composed:?}");
         assert_eq!(chunked, composed, "{layout}");
     }
+}
+
+/// GPT-2 124M multiplies by 85.06M block weights and the 768 × 50304 head per token (the
+/// embeddings are lookups): 6 · 123.69M + 12 · 12 · 768 · 1024 FLOPs.
+#[test]
+fn model_flops_of_gpt2_124m_count_the_matmul_weights_only() {
+    let args = Args::parse_with_presets(["gpt_pretrain", "--model", "gpt2-124m", "--tokenizer", "gpt2"].map(String::from)).unwrap();
+    let (flops, n) = super::model_flops(&args);
+    let expected_n = 85_056_000.0 + 768.0 * 50_304.0;
+    assert!((n / expected_n - 1.0).abs() < 1e-3, "N {n} vs {expected_n}");
+    let expected = 6.0 * expected_n + 12.0 * 12.0 * 768.0 * 1024.0;
+    assert!((flops / expected - 1.0).abs() < 1e-3, "FLOPs/token {flops} vs {expected}");
 }

@@ -248,8 +248,24 @@ pub fn parameter_count(g: &GptShape) -> f64 {
     stage_params(g, 1, g.layers, true, true)
 }
 
+/// The plan's degrees are at least 1, the model splits over its tp, a micro-batch is not empty.
+fn check(g: &GptShape, plan: &TrainPlan) -> Result<(), String> {
+    let cfg = crate::ParallelConfig::new()
+        .with_data_parallel(plan.dp)
+        .with_pipeline_parallel(plan.pp)
+        .with_tensor_parallel(plan.tp)
+        .with_virtual_stages(plan.virtual_stages);
+    cfg.validate(cfg.world_size()).map_err(|e| e.to_string())?;
+    cfg.validate_model(&crate::ModelDims { hidden: g.hidden, heads: g.heads, ffn: g.ffn, vocab: g.vocab }).map_err(|e| e.to_string())?;
+    if plan.microbatch == 0 || plan.microbatches == 0 {
+        return Err(format!("a step needs at least one sample: micro-batch size {}, {} micro-batches", plan.microbatch, plan.microbatches));
+    }
+    Ok(())
+}
+
 /// Every pipeline rank's predicted memory.
 pub fn estimate(g: &GptShape, plan: &TrainPlan) -> Result<Vec<RankMemory>, String> {
+    check(g, plan)?;
     let stages = plan.pp * plan.virtual_stages;
     let layout = StageLayout::balanced(g.layers, stages).map_err(|e| e.to_string())?;
     let actions = actions(plan)?;
