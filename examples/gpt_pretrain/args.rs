@@ -34,8 +34,8 @@ pub(crate) struct Args {
     /// the example.
     #[arg(long)]
     pub(crate) data: Option<PathBuf>,
-    /// Prepared token shards (`DIR/train_*.bin`, `DIR/val_*.bin`, from `burn-parallel prepare`),
-    /// memory-mapped, instead of --data.
+    /// Prepared token shards (`DIR/train_*.bin`, `DIR/val_*.bin` from `burn-parallel prepare`,
+    /// or llm.c's `*_train_*.bin`, `*_val*.bin`), memory-mapped, instead of --data.
     #[arg(long)]
     pub(crate) shards: Option<PathBuf>,
     /// byte (vocabulary 256) or gpt2 (GPT-2's BPE, vocabulary 50257 padded to a multiple of 128 x

@@ -3,8 +3,10 @@
 //! Format (llm.c's, so its prepared FineWeb/TinyStories shards load as they are): a header of 256
 //! little-endian `i32` — `[0]` magic 20240520, `[1]` version 1, `[2]` the token count — then the
 //! tokens as little-endian `u16`. A file's size must be `1024 + 2 · count`. A set of shards
-//! (`train_000000.bin`, `train_000001.bin`, …) is read as one stream of tokens; a window may
-//! span two files.
+//! (`train_000000.bin`, `train_000001.bin`, …, or llm.c's `fineweb_train_000001.bin`,
+//! `tiny_shakespeare_val.bin`) is read as one stream of tokens; a window may span two files.
+//! Every token of a file is checked against the vocabulary once, when a window first reads
+//! from that file (one pass at memory speed; a dataset of many files is not scanned up front).
 
 use std::fs::File;
 use std::io::Write;
@@ -89,8 +91,10 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), Shar
     if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
         return Err(ShardError::Corrupt { path: path.to_path_buf(), position: i, token: *t, vocab });
     }
+    let count = i32::try_from(tokens.len())
+        .map_err(|_| ShardError::Invalid(format!("{}: {} tokens do not fit one shard (at most {}: the header's count is an i32)", path.display(), tokens.len(), i32::MAX)))?;
     let mut bytes = Vec::with_capacity(HEADER_BYTES + 2 * tokens.len());
-    for v in [SHARD_MAGIC, SHARD_VERSION, tokens.len() as i32].into_iter().chain(std::iter::repeat_n(0, 253)) {
+    for v in [SHARD_MAGIC, SHARD_VERSION, count].into_iter().chain(std::iter::repeat_n(0, 253)) {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
     for &t in tokens {
@@ -105,6 +109,8 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), Shar
 /// A set of shards read as one stream of tokens.
 pub struct TokenShards {
     files: Vec<(PathBuf, Mmap, usize)>,
+    /// Each file's vocabulary check, done when a window first reads from it.
+    checked: Vec<std::sync::OnceLock<Result<(), (usize, u32)>>>,
     /// Start of each file in the stream.
     starts: Vec<usize>,
     len: usize,
@@ -118,8 +124,8 @@ impl std::fmt::Debug for TokenShards {
 }
 
 impl TokenShards {
-    /// Opens `paths` (in order), checking each header and size; tokens are checked against
-    /// `vocab` as windows are read.
+    /// Opens `paths` (in order), checking each header and size; a file's tokens are checked
+    /// against `vocab` when a window first reads from it.
     pub fn open(paths: &[PathBuf], vocab: usize) -> Result<Self, ShardError> {
         if paths.is_empty() {
             return Err(ShardError::Invalid("no token shards given".into()));
@@ -131,19 +137,24 @@ impl TokenShards {
             len += count;
             files.push((p.clone(), map, count));
         }
-        Ok(Self { files, starts, len, vocab })
+        let checked = files.iter().map(|_| std::sync::OnceLock::new()).collect();
+        Ok(Self { files, checked, starts, len, vocab })
     }
 
-    /// The shards `DIR/{split}_*.bin`, sorted by name.
+    /// The shards of `split` in `DIR`: the `.bin` files whose name has `split` as one of its
+    /// `_`-separated words (`train_000000.bin`, `fineweb_train_000001.bin`,
+    /// `tiny_shakespeare_train.bin`), sorted by name.
     pub fn open_dir(dir: &Path, split: &str, vocab: usize) -> Result<Self, ShardError> {
         let entries = std::fs::read_dir(dir).map_err(|source| ShardError::Io { op: "list", path: dir.to_path_buf(), source })?;
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{split}_")) && n.ends_with(".bin")))
-            .collect();
+        let of_split = |n: &str| n.strip_suffix(".bin").is_some_and(|stem| stem.split('_').any(|w| w == split));
+        let mut paths: Vec<PathBuf> =
+            entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(of_split)).collect();
         paths.sort();
         if paths.is_empty() {
-            return Err(ShardError::Invalid(format!("{}: no {split}_*.bin shards (prepare them with `burn-parallel prepare`)", dir.display())));
+            return Err(ShardError::Invalid(format!(
+                "{}: no {split} shards (*_{split}_*.bin, {split}_*.bin, *_{split}.bin; prepare them with `burn-parallel prepare`)",
+                dir.display()
+            )));
         }
         Self::open(&paths, vocab)
     }
@@ -167,25 +178,33 @@ impl TokenShards {
         let mut f = self.starts.partition_point(|&s| s <= start) - 1;
         let mut at = start - self.starts[f];
         while out.len() < n {
-            let (path, map, count) = &self.files[f];
+            self.check(f)?;
+            let (_, map, count) = &self.files[f];
             let take = (n - out.len()).min(count - at);
             let bytes = &map[HEADER_BYTES + 2 * at..HEADER_BYTES + 2 * (at + take)];
-            for (i, c) in bytes.chunks_exact(2).enumerate() {
-                let t = u16::from_le_bytes([c[0], c[1]]) as u32;
-                if t as usize >= self.vocab {
-                    return Err(ShardError::Corrupt { path: path.clone(), position: at + i, token: t, vocab: self.vocab });
-                }
-                out.push(t);
-            }
+            out.extend(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32));
             (f, at) = (f + 1, 0);
         }
         Ok(out)
+    }
+
+    /// File `f`'s tokens are all inside the vocabulary (scanned once).
+    fn check(&self, f: usize) -> Result<(), ShardError> {
+        let (path, map, _) = &self.files[f];
+        let vocab = self.vocab;
+        let scan = || match map[HEADER_BYTES..].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).position(|t| t as usize >= vocab) {
+            Some(i) => Err((i, u16::from_le_bytes([map[HEADER_BYTES + 2 * i], map[HEADER_BYTES + 2 * i + 1]]) as u32)),
+            None => Ok(()),
+        };
+        self.checked[f].get_or_init(scan).map_err(|(position, token)| ShardError::Corrupt { path: path.clone(), position, token, vocab })
     }
 }
 
 fn map_shard(path: &Path) -> Result<(Mmap, usize), ShardError> {
     let f = File::open(path).map_err(|source| ShardError::Io { op: "open", path: path.to_path_buf(), source })?;
-    // SAFETY: the shard is only read; shards are written once before training reads them.
+    // SAFETY: the shard is only read, and shards are written once before training reads them.
+    // A file truncated or rewritten by another process while mapped is undefined behaviour
+    // (in practice SIGBUS on the first access past the new end): do not touch shards in use.
     let map = unsafe { Mmap::map(&f) }.map_err(|source| ShardError::Io { op: "map", path: path.to_path_buf(), source })?;
     let bytes = map.len() as u64;
     let word = |i: usize| i32::from_le_bytes(map[4 * i..4 * i + 4].try_into().expect("4 bytes"));
@@ -274,6 +293,24 @@ mod tests {
         std::fs::write(&p, &good).unwrap();
         let e = TokenShards::open(std::slice::from_ref(&p), 256).unwrap().window(0, 7).unwrap_err().to_string();
         assert!(e.contains("outside the vocabulary of 256") && e.contains("position 0"), "{e}");
+        // The whole file is checked when a window first reads it: a bad token past the window.
+        let mut late = good.clone();
+        let at = HEADER_BYTES + 2 * 6;
+        late[at..at + 2].copy_from_slice(&60000u16.to_le_bytes());
+        std::fs::write(&p, &late).unwrap();
+        let e = TokenShards::open(std::slice::from_ref(&p), 50257).unwrap().window(0, 2).unwrap_err().to_string();
+        assert!(e.contains("token 60000 at position 6"), "{e}");
+        std::fs::write(&p, &good).unwrap();
+        // llm.c's names: the split is a word of the name.
+        let llmc = dir.join("llmc");
+        std::fs::create_dir_all(&llmc).unwrap();
+        for n in ["fineweb_train_000001.bin", "fineweb_train_000002.bin", "tiny_shakespeare_val.bin", "interval_000000.bin"] {
+            std::fs::write(llmc.join(n), &good).unwrap();
+        }
+        assert_eq!(TokenShards::open_dir(&llmc, "train", 50257).unwrap().len(), 14);
+        assert_eq!(TokenShards::open_dir(&llmc, "val", 50257).unwrap().len(), 7, "interval_* is not a val shard");
+        let e = TokenShards::open_dir(&llmc, "test", 50257).unwrap_err().to_string();
+        assert!(e.contains("no test shards"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
