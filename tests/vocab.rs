@@ -42,29 +42,42 @@ impl ModuleMapper<B> for Loud {
 fn padded_logits_never_win_never_count_and_get_no_gradient() {
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new((0..16).map(|i| (i * 7 % USED) as i64).collect::<Vec<_>>(), [2, 8]), &Default::default());
     for tp in [1, 2] {
-        let out = world(tp, |c| {
-            let m = config(true).init::<B>(&c, &Default::default()).unwrap();
-            let local = 64 / c.size();
-            let m = m.map(&mut Loud(c.rank() * local, local));
-            let loss = m.loss(ids.clone(), ids.clone());
-            let value = loss.clone().into_scalar();
-            let grads = named_grads(&m, &loss.backward());
-            let head = grads.iter().find(|p| p.path == "head.weight").unwrap().grad.clone().unwrap().to_vec::<f32>().unwrap();
-            let first = c.rank() * local;
-            let mut pad_grad = 0f32;
-            for r in 0..16 {
-                for cc in (0..local).filter(|&cc| first + cc >= USED) {
-                    pad_grad = pad_grad.max(head[r * local + cc].abs());
+        let mut losses = Vec::new();
+        // The whole loss through autodiff, then the chunked loss (5 rows: chunks straddle the
+        // two sequences) through `loss` (evaluation) and through its training path.
+        for (chunk, train) in [(None, false), (Some(5), false), (Some(5), true)] {
+            let out = world(tp, |c| {
+                let m = config(true).with_loss_chunk(chunk).init::<B>(&c, &Default::default()).unwrap();
+                let local = 64 / c.size();
+                let m = m.map(&mut Loud(c.rank() * local, local));
+                let (value, grads) = if train {
+                    let (v, g) = m.forward_backward(ids.clone(), ids.clone()).map_err(|e| e.to_string())?;
+                    (v, burn_parallel::params::named_param_grads(&m, &g))
+                } else {
+                    let loss = m.loss(ids.clone(), ids.clone());
+                    (loss.clone().into_scalar(), named_grads(&m, &loss.backward()))
+                };
+                let head = grads.iter().find(|p| p.path == "head.weight").unwrap().grad.clone().unwrap().to_vec::<f32>().unwrap();
+                let first = c.rank() * local;
+                let mut pad_grad = 0f32;
+                for r in 0..16 {
+                    for cc in (0..local).filter(|&cc| first + cc >= USED) {
+                        pad_grad = pad_grad.max(head[r * local + cc].abs());
+                    }
                 }
+                let sampled = m.generate(&[1, 2, 3], 20, 1.0, 7).map_err(|e| e.to_string())?;
+                let padded = m.generate(&[1, USED], 1, 1.0, 7).unwrap_err().to_string();
+                assert!(padded.contains(&format!("prompt token {USED} is outside the vocabulary of {USED}")), "{padded}");
+                Ok((value, pad_grad, sampled))
+            });
+            for (loss, pad_grad, sampled) in out {
+                // The loss of a 40-way softmax at init, not of one dominated by the padded columns.
+                assert!(loss < 4.5, "tp {tp} chunk {chunk:?}: loss {loss} (ln 40 = 3.69; the padded logits would make it ~800)");
+                assert_eq!(pad_grad, 0.0, "tp {tp} chunk {chunk:?}: padded head columns get no gradient");
+                assert!(sampled.iter().all(|&t| t < USED), "tp {tp}: sampled a padded id: {sampled:?}");
+                losses.push(loss);
             }
-            let sampled = m.generate(&[1, 2, 3], 20, 1.0, 7).map_err(|e| e.to_string())?;
-            Ok((value, pad_grad, sampled))
-        });
-        for (loss, pad_grad, sampled) in out {
-            // The loss of a 40-way softmax at init, not of one dominated by the padded columns.
-            assert!(loss < 4.5, "tp {tp}: loss {loss} (ln 40 = 3.69; the padded logits would make it ~800)");
-            assert_eq!(pad_grad, 0.0, "tp {tp}: padded head columns get no gradient");
-            assert!(sampled.iter().all(|&t| t < USED), "tp {tp}: sampled a padded id: {sampled:?}");
         }
+        assert!(losses.iter().all(|l| (l - losses[0]).abs() < 1e-5), "tp {tp}: chunked and whole losses differ: {losses:?}");
     }
 }

@@ -269,11 +269,16 @@ pub(crate) fn head_logits<B: ParallelBackend>(h: &HeadRef<'_, B>, x: Tensor<B, 3
     }
 }
 
-/// Mean cross-entropy of the head's vocab-parallel logits for hidden states `x`.
-pub(crate) fn head_loss<B: ParallelBackend>(h: &HeadRef<'_, B>, x: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+/// Mean cross-entropy of the head's vocab-parallel logits for hidden states `x`; with `chunk`,
+/// `chunk` token rows at a time (the f32 softmax of all `[b·s, V/t]` never exists; the value
+/// is the same up to the order of the sum).
+pub(crate) fn head_loss<B: ParallelBackend>(h: &HeadRef<'_, B>, x: Tensor<B, 3>, targets: Tensor<B, 2, Int>, chunk: Option<usize>) -> Tensor<B, 1> {
     let logits = head_logits(h, x);
     let [b, s, v] = logits.dims();
-    vocab_parallel_cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]), h.vocab_start, &h.head.tp)
+    match chunk {
+        Some(rows) => crate::cross_entropy::chunked_loss_value(logits, targets.reshape([b * s]), h.vocab_start, &h.head.tp, rows),
+        None => vocab_parallel_cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]), h.vocab_start, &h.head.tp),
+    }
 }
 
 impl<B: ParallelBackend> Gpt<B> {
@@ -302,9 +307,11 @@ impl<B: ParallelBackend> Gpt<B> {
         gather_from_tp(self.forward(ids), self.tp())
     }
 
-    /// Mean next-token cross-entropy of `ids [b, s]` against `targets [b, s]` (replicated).
+    /// Mean next-token cross-entropy of `ids [b, s]` against `targets [b, s]` (replicated),
+    /// `GptConfig::loss_chunk` rows at a time when set (as in training: evaluation then never
+    /// holds the whole f32 softmax either).
     pub fn loss(&self, ids: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-        head_loss(&self.head_ref(), self.hidden(ids), targets)
+        head_loss(&self.head_ref(), self.hidden(ids), targets, self.loss_chunk)
     }
 
     /// The head's pieces.
@@ -365,7 +372,8 @@ impl<B: ParallelBackend> Gpt<B> {
     /// Runs without sequence parallelism (any context length). An empty prompt or a token id
     /// outside the vocabulary is an error.
     pub fn generate(&self, prompt: &[usize], n_new: usize, temperature: f64, seed: u64) -> Result<Vec<usize>, ConfigError> {
-        let vocab = self.wte.vocab_local * self.wte.tp.size();
+        // Padded ids (Megatron's divisible-by padding) are not tokens: refused like any other.
+        let vocab = self.vocab_used.unwrap_or(self.wte.vocab_local * self.wte.tp.size());
         if prompt.is_empty() {
             return Err(ConfigError::Invalid("generate needs a prompt of at least one token (got none)".into()));
         }

@@ -150,7 +150,7 @@ where
             (Some(ln_f), Some(head)) => {
                 let vocab_start = self.tp.rank() * self.config.vocab_size / self.tp.size();
                 let h = HeadRef { ln_f, head, vocab_start, vocab_used: self.config.vocab_used };
-                StageOutput::Loss(head_loss(&h, x, Tensor::from_data(mb.targets.clone(), &device)))
+                StageOutput::Loss(head_loss(&h, x, Tensor::from_data(mb.targets.clone(), &device), self.config.loss_chunk))
             }
             _ => StageOutput::Activation(x),
         }

@@ -150,7 +150,7 @@ where
             let targets = tokens.targets.expect("the last stage gets the targets");
             let (out, head) = match loss_chunk {
                 None => {
-                    let loss = head_loss(h, x.clone(), targets);
+                    let loss = head_loss(h, x.clone(), targets, None);
                     (loss.clone(), HeadTape::Plain { x, loss })
                 }
                 Some(rows) => {
