@@ -217,6 +217,7 @@ pub fn grid() -> Vec<Case> {
         Case { name: "chunked loss (64 rows)", plan: chunk(plan(1, 1, 1, b)) },
         Case { name: "bf16 full, chunked loss", plan: chunk(rc(bf16(plan(1, 1, 1, b)), Recompute::Full)) },
         Case { name: "chunked attention (16 rows)", plan: chunked_attention(plan(1, 1, 1, b)) },
+        Case { name: "selective chunked attention", plan: rc(chunked_attention(plan(1, 1, 1, b)), Recompute::Selective) },
         Case { name: "bf16 chunked attention tp 2 SP", plan: chunked_attention(bf16(sp(plan(1, 1, 2, b)))) },
         Case { name: "dp 2", plan: plan(2, 1, 1, b) },
         Case { name: "dp 2 ZeRO", plan: zero(plan(2, 1, 1, b)) },

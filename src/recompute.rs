@@ -15,7 +15,8 @@
 //! Modes (Megatron's): [`Recompute::Full`] keeps only each transformer block's input
 //! (`2·s·b·h` bytes in bf16) and reruns the whole block (+1 forward of the blocks);
 //! [`Recompute::Selective`] keeps everything but the attention core (scores, softmax,
-//! dropout: the `5·a·s²·b` term) and reruns only the core.
+//! dropout: the `5·a·s²·b` term) and reruns only the core; with a fused or chunked core
+//! (no `s²` tensor kept) it reruns nothing.
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;

@@ -63,12 +63,13 @@ fn model_state_per_parameter_is_what_precision_and_zero_promise() {
     }
 }
 
-/// With the fused attention kernels (CUDA/wgpu; not measurable on the CPU backend, which has
-/// none: `device_check memory` compares it on CUDA) each block keeps the f32 log-sum-exp instead
-/// of the composed core's `s²` tensors (two f32, one in the compute dtype), and dropout keeps
-/// the composed path.
+/// The model's terms for the fused attention kernels (a check of the model against its own
+/// statement, not a measurement: the CPU backend has no kernels; `device_check memory`
+/// measures them on CUDA): each block keeps the f32 log-sum-exp instead of the composed core's
+/// `s²` tensors (two f32, one in the compute dtype), dropout keeps the composed path, and
+/// selective recompute keeps what no recompute keeps (there is no `s²` tensor to drop).
 #[test]
-fn fused_attention_keeps_the_log_sum_exp_instead_of_the_scores() {
+fn the_model_of_fused_attention_keeps_the_log_sum_exp_instead_of_the_scores() {
     use burn_parallel::memory::estimate;
     let base = harness::plan(1, 1, 1, 4);
     let fused = burn_parallel::memory::TrainPlan { attention: burn_parallel::attention::AttentionCore::Fused, ..base.clone() };
@@ -80,6 +81,8 @@ fn fused_attention_keeps_the_log_sum_exp_instead_of_the_scores() {
     let dropout = burn_parallel::memory::TrainPlan { dropout: true, ..fused.clone() };
     let composed_dropout = burn_parallel::memory::TrainPlan { dropout: true, ..base };
     assert_eq!(estimate(&SHAPE, &dropout).unwrap(), estimate(&SHAPE, &composed_dropout).unwrap());
+    let selective = burn_parallel::memory::TrainPlan { recompute: burn_parallel::recompute::Recompute::Selective, ..fused.clone() };
+    assert_eq!(estimate(&SHAPE, &selective).unwrap()[0].activations, b.activations);
 }
 
 /// At a long sequence (the attention core dominates: `s² ≫ h·s`) the chunked attention's peak,

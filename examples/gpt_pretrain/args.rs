@@ -188,8 +188,9 @@ pub(crate) struct Args {
     /// traffic as the all-reduce it replaces). Needs --dp 2 or more.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub(crate) zero: u8,
-    /// Activation recompute: none; selective (rerun the attention core in the backward: drops
-    /// the [b, heads, s, s] tensors for a few % more compute); full (keep each block's input,
+    /// Activation recompute: none; selective (rerun the composed attention core in the backward:
+    /// drops the [b, heads, s, s] tensors for a few % more compute; the same as none with a
+    /// fused or chunked core, which keeps no such tensor); full (keep each block's input,
     /// rerun the block: +1 forward of every block, about +1/3 of the step's FLOPs).
     #[arg(long, default_value = "none", value_parser = parse_recompute)]
     pub(crate) recompute: Recompute,

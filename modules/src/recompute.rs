@@ -9,7 +9,10 @@
 //! - **Selective**: each block is cut in two graphs around its attention core: `x → [q|k|v]`
 //!   (layer norm, TP entry, projections) and `(x, context) → y` (output projection, residual,
 //!   MLP half), both kept; the core (`[b, H/t, s, s]` scores, softmax, dropout, weighted sum)
-//!   runs without a graph and is rerun in the backward from the saved `[q|k|v]`.
+//!   runs without a graph and is rerun in the backward from the saved `[q|k|v]`. A block whose
+//!   core is fused or chunked (it keeps only `o` and the f32 log-sum-exp) keeps its whole graph
+//!   instead: rerunning that core would save only the log-sum-exp (Megatron: selective
+//!   recompute is moot with flash attention).
 //!
 //! Backward walks the pieces in reverse: head (loss), blocks (last to first), embedding; each
 //! piece is one `backward()` with a TP barrier before it (Burn's post-backward clean-up locks
@@ -52,6 +55,9 @@ pub struct Pieces<'a, B: ParallelBackend> {
 enum BlockTape<B: AutodiffBackend> {
     Full { input: Tensor<B, 3>, streams: StreamSnapshot },
     Selective { x_in: Tensor<B, 3>, qkv: Tensor<B, 3>, x_out: Tensor<B, 3>, context: Tensor<B, 3>, y: Tensor<B, 3>, core: StreamSnapshot },
+    /// Selective recompute of a block whose core keeps only `o` and the log-sum-exp: the
+    /// block's whole graph from a fresh input leaf.
+    Graph { input: Tensor<B, 3>, output: Tensor<B, 3> },
 }
 
 /// What the blocks kept without recompute: their whole graph from a fresh input leaf.
@@ -129,6 +135,11 @@ where
                 let streams = StreamSnapshot::take(block.random_streams());
                 let y = detached(block).forward(cur.clone()).detach();
                 (y, BlockTape::Full { input: cur, streams })
+            }
+            _ if block.attn.core.keeps_lse_only() => {
+                let input = cur.detach().require_grad();
+                let output = block.forward(input.clone());
+                (output.clone().detach(), BlockTape::Graph { input, output })
             }
             _ => {
                 // Two fresh leaves of the same value: the two graphs of the block share no node.
@@ -218,6 +229,13 @@ where
                 barrier(pieces.tp)?;
                 let g = vjp(y, dy);
                 let dx = x.grad(&g).expect("a block uses its input");
+                merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
+                dx
+            }
+            BlockTape::Graph { input, output } => {
+                barrier(pieces.tp)?;
+                let g = vjp(output, dy);
+                let dx = input.grad(&g).expect("a block uses its input");
                 merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
                 dx
             }

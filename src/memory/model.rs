@@ -25,7 +25,8 @@
 //! Burn's autodiff does). With the fused attention kernels (`burn_parallel::attention`, CUDA and
 //! wgpu) or the chunked attention ops (any backend) the `s²` terms become the f32 log-sum-exp
 //! `4·b·(a/t)·s`.
-//! Selective recompute drops the `s²` terms and keeps `[q|k|v]` packed;
+//! Selective recompute drops the `s²` terms and keeps `[q|k|v]` packed (with a fused or chunked
+//! core it keeps the block's graph: nothing to drop);
 //! full recompute keeps the block input only and reruns one block at a time in the backward.
 //! The first stage adds the embedding dropout's mask, the last the final layer norm's input
 //! and output and the f32 shifted logits `N·V/t·4` (cross-entropy; with a chunked loss the
@@ -200,6 +201,8 @@ impl Dims {
     fn block_kept(&self, mode: Recompute) -> f64 {
         match mode {
             Recompute::None => self.block(),
+            // A fused or chunked core keeps only o and the lse: the block keeps its graph.
+            Recompute::Selective if self.core.keeps_lse_only() => self.block(),
             Recompute::Selective => self.block() - self.core(),
             Recompute::Full => self.e * self.seq(),
         }
