@@ -115,3 +115,24 @@ fn chunked_attention_at_a_long_sequence_is_predicted_and_drops_the_scores() {
         assert!(measured < 0.5 && (measured - predicted).abs() < 0.05, "{precision:?}: chunked/composed {measured:.3} measured, {predicted:.3} predicted");
     }
 }
+
+/// The tracker itself: a rank's allocation (zeroed or not), grown in place by realloc and freed
+/// by another thread, is counted on that rank, once, with its peak.
+#[test]
+fn the_tracker_counts_a_block_on_its_owner_through_realloc_and_a_foreign_free() {
+    let _one = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    const RANK: usize = 200;
+    burn_parallel::memory::set_rank(Some(RANK));
+    let start = burn_parallel::memory::current(RANK);
+    burn_parallel::memory::reset_peak(RANK);
+    let mut v = vec![0u8; 1 << 20];
+    assert_eq!(burn_parallel::memory::current(RANK) - start, 1 << 20);
+    v.reserve_exact(3 << 20);
+    assert_eq!(burn_parallel::memory::current(RANK) - start, 4 << 20, "realloc counts the new size only");
+    let w: Vec<u32> = Vec::with_capacity(1 << 18);
+    assert_eq!(burn_parallel::memory::current(RANK) - start, 5 << 20);
+    burn_parallel::memory::set_rank(None);
+    std::thread::spawn(move || drop((v, w))).join().unwrap();
+    assert_eq!(burn_parallel::memory::current(RANK), start, "freed on another thread, subtracted from the owner");
+    assert_eq!(burn_parallel::memory::peak(RANK) - start, 5 << 20);
+}

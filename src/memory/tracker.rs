@@ -17,8 +17,15 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 pub const MAX_TAGS: usize = 256;
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
-static CURRENT: [AtomicI64; MAX_TAGS] = [const { AtomicI64::new(0) }; MAX_TAGS];
-static PEAK: [AtomicI64; MAX_TAGS] = [const { AtomicI64::new(0) }; MAX_TAGS];
+
+/// One tag's counters on a cache line of their own (rank threads allocate concurrently).
+#[repr(align(64))]
+struct Counters {
+    current: AtomicI64,
+    peak: AtomicI64,
+}
+
+static TAGS: [Counters; MAX_TAGS] = [const { Counters { current: AtomicI64::new(0), peak: AtomicI64::new(0) } }; MAX_TAGS];
 
 thread_local! {
     static TAG: Cell<u16> = const { Cell::new(0) };
@@ -35,30 +42,39 @@ fn header(align: usize) -> usize {
 }
 
 fn account(tag: usize, delta: i64) {
-    let now = CURRENT[tag].fetch_add(delta, Ordering::Relaxed) + delta;
-    if delta > 0 {
-        PEAK[tag].fetch_max(now, Ordering::Relaxed);
+    let c = &TAGS[tag.min(MAX_TAGS - 1)];
+    let now = c.current.fetch_add(delta, Ordering::Relaxed) + delta;
+    if delta > 0 && now > c.peak.load(Ordering::Relaxed) {
+        c.peak.fetch_max(now, Ordering::Relaxed);
     }
+}
+
+/// Writes `tag` before the block at `base + h` and returns the block.
+///
+/// # Safety
+/// `base` is a block of at least `h + 1` bytes with `h >= 16`.
+unsafe fn tag_block(base: *mut u8, h: usize, tag: usize) -> *mut u8 {
+    // SAFETY: `base + h` is inside the block, `h >= 16`, so the 8 bytes before it are too.
+    unsafe {
+        let ptr = base.add(h);
+        (ptr.sub(8) as *mut u64).write_unaligned(tag as u64);
+        ptr
+    }
+}
+
+fn this_tag() -> usize {
+    TAG.try_with(|t| t.get()).unwrap_or(0) as usize
 }
 
 unsafe impl GlobalAlloc for TrackingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        INSTALLED.store(true, Ordering::Relaxed);
-        let h = header(layout.align());
-        let Ok(outer) = Layout::from_size_align(layout.size() + h, h) else { return std::ptr::null_mut() };
-        // SAFETY: `outer` has a non-zero size.
-        let base = unsafe { System.alloc(outer) };
-        if base.is_null() {
-            return base;
-        }
-        let tag = TAG.try_with(|t| t.get()).unwrap_or(0) as usize;
-        // SAFETY: `base + h` is inside the block, `h >= 16`, so the 8 bytes before it are too.
-        unsafe {
-            let ptr = base.add(h);
-            (ptr.sub(8) as *mut u64).write_unaligned(tag as u64);
-            account(tag, layout.size() as i64);
-            ptr
-        }
+        // SAFETY: forwarded with the same layout.
+        unsafe { self.alloc_with(layout, |outer| System.alloc(outer)) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the same layout (calloc keeps its lazily zeroed pages).
+        unsafe { self.alloc_with(layout, |outer| System.alloc_zeroed(outer)) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -66,9 +82,48 @@ unsafe impl GlobalAlloc for TrackingAllocator {
         // SAFETY: `ptr` came from `alloc` with this layout: the header is before it.
         unsafe {
             let tag = (ptr.sub(8) as *const u64).read_unaligned() as usize;
-            account(tag.min(MAX_TAGS - 1), -(layout.size() as i64));
+            account(tag, -(layout.size() as i64));
             System.dealloc(ptr.sub(h), Layout::from_size_align_unchecked(layout.size() + h, h));
         }
+    }
+
+    /// In place where the system can (mremap for large blocks); the block keeps its owner.
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let h = header(layout.align());
+        // SAFETY: `ptr` came from `alloc` with `layout`; the outer block starts `h` before it and
+        // System.realloc keeps its first `h` bytes (the header) at the new address.
+        unsafe {
+            let tag = (ptr.sub(8) as *const u64).read_unaligned() as usize;
+            let Some(outer) = new_size.checked_add(h) else { return std::ptr::null_mut() };
+            let base = System.realloc(ptr.sub(h), Layout::from_size_align_unchecked(layout.size() + h, h), outer);
+            if base.is_null() {
+                return base;
+            }
+            account(tag, new_size as i64 - layout.size() as i64);
+            base.add(h)
+        }
+    }
+}
+
+impl TrackingAllocator {
+    /// Allocates `layout` plus the header with `raw`, tagged with this thread's rank.
+    ///
+    /// # Safety
+    /// `raw` allocates the given non-zero-size layout (or returns null).
+    unsafe fn alloc_with(&self, layout: Layout, raw: impl FnOnce(Layout) -> *mut u8) -> *mut u8 {
+        if !INSTALLED.load(Ordering::Relaxed) {
+            INSTALLED.store(true, Ordering::Relaxed);
+        }
+        let h = header(layout.align());
+        let Ok(outer) = Layout::from_size_align(layout.size() + h, h) else { return std::ptr::null_mut() };
+        let base = raw(outer);
+        if base.is_null() {
+            return base;
+        }
+        let tag = this_tag();
+        account(tag, layout.size() as i64);
+        // SAFETY: `outer` is `h + size` bytes, `h >= 16`.
+        unsafe { tag_block(base, h, tag) }
     }
 }
 
@@ -89,17 +144,18 @@ fn tag(rank: usize) -> usize {
 
 /// Bytes `rank`'s allocations hold now.
 pub fn current(rank: usize) -> i64 {
-    CURRENT[tag(rank)].load(Ordering::Relaxed)
+    TAGS[tag(rank)].current.load(Ordering::Relaxed)
 }
 
 /// The most bytes `rank`'s allocations held at once since the last [`reset_peak`].
 pub fn peak(rank: usize) -> i64 {
-    PEAK[tag(rank)].load(Ordering::Relaxed)
+    TAGS[tag(rank)].peak.load(Ordering::Relaxed)
 }
 
 /// Starts a new peak measurement for `rank` from what it holds now.
 pub fn reset_peak(rank: usize) {
-    PEAK[tag(rank)].store(CURRENT[tag(rank)].load(Ordering::Relaxed), Ordering::Relaxed);
+    let c = &TAGS[tag(rank)];
+    c.peak.store(c.current.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
 /// `data` owned by this thread's rank: copied when the tracker is installed (a point-to-point
