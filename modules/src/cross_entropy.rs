@@ -8,6 +8,7 @@
 //! `∂loss/∂z_r = (softmax − onehot)_r / N` on each rank's own shard. The full `[N, V]` logits are
 //! never materialised. With t = 1 it equals `burn::nn::loss::CrossEntropyLoss`.
 
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use burn_parallel::collective::expect_comm;
 use burn_parallel::comm::ops::all_reduce;
@@ -26,6 +27,12 @@ pub fn vocab_parallel_cross_entropy_per_token<B: ParallelBackend>(
     vocab_start: usize,
     tp: &Comm,
 ) -> Tensor<B, 1> {
+    per_token_with_stats(logits, targets, vocab_start, tp).0
+}
+
+/// Per-token losses `[N]` and each row's softmax statistics: the global max `m` and
+/// `s = Σ_V exp(z − m)` (`[N, 1]` f32 each, detached).
+fn per_token_with_stats<B: ParallelBackend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>, vocab_start: usize, tp: &Comm) -> (Tensor<B, 1>, Tensor<B, 2>, Tensor<B, 2>) {
     // Log-sum-exp in f32 whatever the compute dtype (no-op for f32 logits).
     let logits = burn_parallel::precision::to_f32(logits);
     let [_, v_local] = logits.dims();
@@ -38,14 +45,15 @@ pub fn vocab_parallel_cross_entropy_per_token<B: ParallelBackend>(
     }
     let local_max = logits.clone().detach().max_dim(1);
     let max = if tp.size() == 1 { local_max } else { expect_comm(all_reduce(local_max, ReduceOp::Max, tp)) };
-    let shifted = logits - max;
+    let shifted = logits - max.clone();
     let sum_exp = reduce_from_tp(shifted.clone().exp().sum_dim(1), tp);
     let local_t = targets.sub_scalar(vocab_start as i64);
     let outside = local_t.clone().lower_elem(0).bool_or(local_t.clone().greater_equal_elem(v_local as i64));
     let idx = local_t.mask_fill(outside.clone(), 0).unsqueeze_dim::<2>(1);
     let picked = shifted.gather(1, idx) * outside.bool_not().float().unsqueeze_dim::<2>(1);
     let target_logit = reduce_from_tp(picked, tp);
-    (sum_exp.log() - target_logit).squeeze_dim::<1>(1)
+    let stats = sum_exp.clone().detach();
+    ((sum_exp.log() - target_logit).squeeze_dim::<1>(1), max, stats)
 }
 
 /// Mean cross-entropy (a one-element tensor, replicated over the TP group).
@@ -53,49 +61,71 @@ pub fn vocab_parallel_cross_entropy<B: ParallelBackend>(logits: Tensor<B, 2>, ta
     vocab_parallel_cross_entropy_per_token(logits, targets, vocab_start, tp).mean()
 }
 
-/// The mean loss of `logits [N, V/t]` (no graph), `rows` rows at a time: never more than
+/// Each token row's softmax statistics over the whole vocabulary (all TP ranks), kept by
+/// [`chunked_loss`] for [`chunked_loss_grad`]: `2 · N` f32.
+#[derive(Debug, Clone)]
+pub struct SoftmaxStats<B: Backend> {
+    /// `m_i = max_j z_ij` (global), `[N]` f32.
+    pub max: Tensor<B, 1>,
+    /// `s_i = Σ_j exp(z_ij − m_i)` (global), `[N]` f32.
+    pub sum_exp: Tensor<B, 1>,
+}
+
+impl<B: AutodiffBackend> SoftmaxStats<B> {
+    /// The statistics on the inner backend.
+    pub fn inner(self) -> SoftmaxStats<B::InnerBackend> {
+        SoftmaxStats { max: self.max.inner(), sum_exp: self.sum_exp.inner() }
+    }
+}
+
+/// Start and end of each `rows`-row chunk of `n` rows.
+fn chunks(n: usize, rows: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let rows = rows.max(1);
+    (0..n).step_by(rows).map(move |r| r..(r + rows).min(n))
+}
+
+/// The mean loss of `logits [b, s, V/t]` (no graph), `rows` rows at a time: never more than
 /// `rows × V/t` f32 values at once (a whole-batch cross-entropy holds `N × V/t` f32 for its
 /// backward). The collectives run per chunk, in the same order on every TP rank.
 pub fn chunked_loss_value<B: ParallelBackend>(logits: Tensor<B, 3>, targets: Tensor<B, 1, Int>, vocab_start: usize, tp: &Comm, rows: usize) -> Tensor<B, 1> {
-    let [b, s, v] = logits.dims();
-    let n = b * s;
-    let flat = logits.reshape([n, v]);
-    let parts: Vec<Tensor<B, 1>> = (0..n)
-        .step_by(rows.max(1))
-        .map(|r| {
-            let end = (r + rows.max(1)).min(n);
-            vocab_parallel_cross_entropy_per_token(flat.clone().slice(r..end), targets.clone().slice(r..end), vocab_start, tp).sum().unsqueeze()
-        })
-        .collect();
-    Tensor::cat(parts, 0).sum().div_scalar(n as f32)
+    chunked_loss(logits, targets, vocab_start, tp, rows).0
 }
 
-/// The gradient `∂(loss_scale · mean loss)/∂logits` of [`chunked_loss_value`], `[b, s, V/t]` in
-/// the logits' dtype, computed chunk by chunk (each chunk: a forward with a graph from a leaf,
-/// then its backward; `before_backward` runs first, e.g. a TP barrier).
-pub fn chunked_loss_grad<B, E>(
-    logits: Tensor<B, 3>,
-    targets: Tensor<B, 1, Int>,
-    vocab_start: usize,
-    tp: &Comm,
-    rows: usize,
-    loss_scale: f32,
-    before_backward: impl Fn() -> Result<(), E>,
-) -> Result<Tensor<B::InnerBackend, 3>, E>
-where
-    B: ParallelBackend + burn::tensor::backend::AutodiffBackend,
-{
+/// [`chunked_loss_value`] and the rows' softmax statistics its gradient needs.
+pub fn chunked_loss<B: ParallelBackend>(logits: Tensor<B, 3>, targets: Tensor<B, 1, Int>, vocab_start: usize, tp: &Comm, rows: usize) -> (Tensor<B, 1>, SoftmaxStats<B>) {
     let [b, s, v] = logits.dims();
     let n = b * s;
     let flat = logits.reshape([n, v]);
-    let mut parts = Vec::new();
-    for r in (0..n).step_by(rows.max(1)) {
-        let end = (r + rows.max(1)).min(n);
-        let leaf = flat.clone().slice(r..end).detach().require_grad();
-        let loss = vocab_parallel_cross_entropy_per_token(leaf.clone(), targets.clone().slice(r..end), vocab_start, tp).sum().mul_scalar(loss_scale / n as f32);
-        before_backward()?;
-        let g = loss.backward();
-        parts.push(leaf.grad(&g).expect("the loss uses its logits"));
+    let (mut losses, mut maxes, mut sums) = (Vec::new(), Vec::new(), Vec::new());
+    for c in chunks(n, rows) {
+        let (loss, max, sum) = per_token_with_stats(flat.clone().slice(c.clone()), targets.clone().slice(c), vocab_start, tp);
+        losses.push(loss.sum());
+        maxes.push(max.squeeze_dim::<1>(1));
+        sums.push(sum.squeeze_dim::<1>(1));
     }
-    Ok(Tensor::cat(parts, 0).reshape([b, s, v]))
+    let stats = SoftmaxStats { max: Tensor::cat(maxes, 0), sum_exp: Tensor::cat(sums, 0) };
+    (Tensor::cat(losses, 0).sum().div_scalar(n as f32), stats)
+}
+
+/// The gradient `∂(loss_scale · mean loss)/∂logits` of [`chunked_loss`], `[b, s, V/t]` in the
+/// logits' dtype, from the kept statistics, chunk by chunk and without communication (the
+/// gradient is local, module docs): `(exp(z − m) · g/s − onehot_y · g)` with `g = loss_scale/N`
+/// (the order in which autodiff of the loss computes it), written into one output buffer.
+pub fn chunked_loss_grad<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 1, Int>, stats: &SoftmaxStats<B>, vocab_start: usize, rows: usize, loss_scale: f32) -> Tensor<B, 3> {
+    let [b, s, v] = logits.dims();
+    let (n, dtype, device) = (b * s, logits.dtype(), logits.device());
+    let g = loss_scale / n as f32;
+    let flat = logits.reshape([n, v]);
+    let ids = Tensor::<B, 1, Int>::arange(vocab_start as i64..(vocab_start + v) as i64, &device).reshape([1, v]);
+    let mut out = Tensor::<B, 2>::empty([n, v], (&device, dtype));
+    for c in chunks(n, rows) {
+        let len = c.len();
+        let z = burn_parallel::precision::to_f32(flat.clone().slice(c.clone()));
+        let m = stats.max.clone().slice(c.clone()).reshape([len, 1]);
+        let scale = stats.sum_exp.clone().slice(c.clone()).reshape([len, 1]).recip().mul_scalar(g);
+        let hit = ids.clone().expand([len, v]).equal(targets.clone().slice(c.clone()).reshape([len, 1]).expand([len, v]));
+        let grad = (z - m).exp() * scale - hit.float().mul_scalar(g);
+        out = out.slice_assign([c, 0..v], grad.cast(dtype));
+    }
+    out.reshape([b, s, v])
 }

@@ -69,7 +69,7 @@ struct Kept<B: AutodiffBackend> {
 /// What the head kept: the loss's graph, or (chunked loss) the logits' graph and the targets.
 enum HeadTape<B: AutodiffBackend> {
     Plain { x: Tensor<B, 3>, loss: Tensor<B, 1> },
-    Chunked { x: Tensor<B, 3>, logits: Tensor<B, 3>, targets: Tensor<B, 1, Int>, rows: usize },
+    Chunked { x: Tensor<B, 3>, logits: Tensor<B, 3>, targets: Tensor<B, 1, Int>, rows: usize, stats: crate::cross_entropy::SoftmaxStats<B> },
 }
 
 /// What a recomputing forward kept for its backward.
@@ -168,8 +168,8 @@ where
                     let logits = head_logits(h, x.clone());
                     let [b, s] = targets.dims();
                     let targets = targets.reshape([b * s]);
-                    let loss = crate::cross_entropy::chunked_loss_value(logits.clone().detach(), targets.clone(), h.vocab_start, &h.head.tp, rows);
-                    (loss, HeadTape::Chunked { x, logits, targets, rows })
+                    let (loss, stats) = crate::cross_entropy::chunked_loss(logits.clone().detach(), targets.clone(), h.vocab_start, &h.head.tp, rows);
+                    (loss, HeadTape::Chunked { x, logits, targets, rows, stats })
                 }
             };
             (Output::Loss(out), Tape { embedded, kept, blocks, head: Some(head) })
@@ -202,10 +202,9 @@ where
             merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
             dx
         }
-        (Some(HeadTape::Chunked { x, logits, targets, rows }), _) => {
+        (Some(HeadTape::Chunked { x, logits, targets, rows, stats }), _) => {
             let h = pieces.head.as_ref().expect("a head tape comes from a head");
-            let dlogits =
-                crate::cross_entropy::chunked_loss_grad(logits.clone().detach(), targets, h.vocab_start, pieces.tp, rows, loss_scale, || barrier(pieces.tp))?;
+            let dlogits = crate::cross_entropy::chunked_loss_grad(logits.clone().inner(), targets.inner(), &stats.inner(), h.vocab_start, rows, loss_scale);
             barrier(pieces.tp)?;
             let g = vjp(logits, dlogits);
             let dx = x.grad(&g).expect("the head uses its input");
