@@ -9,12 +9,17 @@
 //! diagonal, `lse_c = log Σ_j exp(S_c)`, `o_c = exp(S_c − lse_c)·v_{<c1}`. The forward keeps
 //! `o` and `lse` only, like the kernels; the backward recomputes each chunk's `P` from `lse`:
 //! `dv_{<c1} += Pᵀ·dO_c`, `dS = P ∘ (dO_c·v_{<c1}ᵀ − D_c)`, `dq_c = scale·dS·k_{<c1}`,
-//! `dk_{<c1} += scale·dSᵀ·q_c` with `D = Σ_x dO ∘ o`. Everything in f32 (inputs cast), results
-//! cast back to each input's dtype.
+//! `dk_{<c1} += scale·dSᵀ·q_c` with `D = Σ_x dO ∘ o`.
+//!
+//! Precision, as the composed path and FlashAttention: the matmuls run in the inputs' dtype
+//! (bf16 on tensor cores), the softmax statistics, `P` and `dS` in f32, cast to the inputs'
+//! dtype as a matmul's operand (`P·v`, `Pᵀ·dO`, `dS·k`, `dSᵀ·q`); `D`, `lse` and the dk/dv
+//! accumulators are f32. In f32 every cast is a no-op.
 //!
 //! Memory: one chunk's `[b, H, c, ≤ s]` f32 scores/probabilities at a time instead of the
-//! `[b, H, s, s]` ones; `o` is built as `[b, s, H, d]` (what the attention layer reads after
-//! swapping the heads back: no copy there) and returned as its `[b, H, s, d]` view.
+//! `[b, H, s, s]` ones, and no f32 copy of a whole `q, k, v, dO` or `o`; `o` is built as
+//! `[b, s, H, d]` (what the attention layer reads after swapping the heads back: no copy there)
+//! and returned as its `[b, H, s, d]` view.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
@@ -22,12 +27,12 @@ use burn::tensor::{Bool, Int, Tensor};
 use super::MASKED;
 use crate::precision::{cast_to, to_f32};
 
-/// Rows `c0..c1` of the scores against keys `0..c1`: `scale·q_c·kᵀ` with `j > i` set to
-/// [`MASKED`], `[b, H, c1 − c0, c1]` f32.
+/// Rows `c0..c1` of the scores against keys `0..c1`: `scale·q_c·kᵀ` (the matmul in the inputs'
+/// dtype) with `j > i` set to [`MASKED`], `[b, H, c1 − c0, c1]` f32.
 fn chunk_scores<B: Backend>(qc: Tensor<B, 4>, kk: Tensor<B, 4>, c0: usize, scale: f32) -> Tensor<B, 4> {
     let (c1, c) = (kk.dims()[2], qc.dims()[2]);
     let device = qc.device();
-    let scores = qc.matmul(kk.swap_dims(2, 3)).mul_scalar(scale);
+    let scores = to_f32(qc.matmul(kk.swap_dims(2, 3))).mul_scalar(scale);
     scores.mask_fill(future(c0, c, c1, &device), MASKED)
 }
 
@@ -54,14 +59,13 @@ fn rows_of<B: Backend>(x: &Tensor<B, 4>, a: usize, b: usize) -> Tensor<B, 4> {
 pub fn forward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f32, rows: usize) -> (Tensor<B, 4>, Tensor<B, 3>) {
     let s = q.dims()[2];
     let dtype = q.dtype();
-    let (q, k, v) = (to_f32(q), to_f32(k), to_f32(v));
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for (c0, c1) in chunks(s, rows) {
         let scores = chunk_scores(rows_of(&q, c0, c1), rows_of(&k, 0, c1), c0, scale);
         let m = scores.clone().max_dim(3);
         let e = (scores - m.clone()).exp();
         let l = e.clone().sum_dim(3);
-        let o = (e / l.clone()).matmul(rows_of(&v, 0, c1));
+        let o = cast_to(e / l.clone(), v.dtype()).matmul(rows_of(&v, 0, c1));
         outs.push(cast_to(o, dtype).swap_dims(1, 2));
         lses.push((m + l.log()).squeeze_dim::<3>(3));
     }
@@ -96,20 +100,24 @@ pub struct Saved<B: Backend> {
 pub fn backward<B: Backend>(dout: Tensor<B, 4>, saved: Saved<B>, scale: f32, rows: usize) -> [Tensor<B, 4>; 3] {
     let Saved { q, k, v, o, lse } = saved;
     let s = q.dims()[2];
-    let dtypes = [q.dtype(), k.dtype(), v.dtype()];
-    let (q, k, v, dout) = (to_f32(q), to_f32(k), to_f32(v), to_f32(dout));
-    let delta = (dout.clone() * to_f32(o)).sum_dim(3);
+    let (dq_dtype, k_dtype, v_dtype) = (q.dtype(), k.dtype(), v.dtype());
     let lse = lse.unsqueeze_dim::<4>(3);
     let (mut dk, mut dv, mut dqs) = (None, None, Vec::new());
-    for (c0, c1) in chunks(s, rows) {
+    // Last chunk first: it sees every key, so the dk/dv accumulators start as its full-size
+    // result (no zeros), and the earlier chunks add into their first rows.
+    let all: Vec<_> = chunks(s, rows).collect();
+    for &(c0, c1) in all.iter().rev() {
         let (qc, doc, kk, vv) = (rows_of(&q, c0, c1), rows_of(&dout, c0, c1), rows_of(&k, 0, c1), rows_of(&v, 0, c1));
+        let delta = (to_f32(doc.clone()) * to_f32(rows_of(&o, c0, c1))).sum_dim(3);
         let p = (chunk_scores(qc.clone(), kk.clone(), c0, scale) - rows_of(&lse, c0, c1)).exp();
-        dv = Some(add_rows(dv, p.clone().swap_dims(2, 3).matmul(doc.clone()), s));
-        let ds = p * (doc.matmul(vv.swap_dims(2, 3)) - rows_of(&delta, c0, c1));
-        dqs.push(cast_to(ds.clone().matmul(kk).mul_scalar(scale), dtypes[0]));
-        dk = Some(add_rows(dk, ds.swap_dims(2, 3).matmul(qc).mul_scalar(scale), s));
+        let dp = to_f32(doc.clone().matmul(vv.swap_dims(2, 3)));
+        dv = Some(add_rows(dv, to_f32(cast_to(p.clone(), doc.dtype()).swap_dims(2, 3).matmul(doc)), s));
+        let ds = (p * (dp - delta)).mul_scalar(scale);
+        dqs.push(cast_to(cast_to(ds.clone(), kk.dtype()).matmul(kk), dq_dtype));
+        dk = Some(add_rows(dk, to_f32(cast_to(ds, qc.dtype()).swap_dims(2, 3).matmul(qc)), s));
     }
     let (dk, dv) = (dk.expect("s > 0: one chunk at least"), dv.expect("s > 0"));
+    dqs.reverse();
     let dq = if dqs.len() == 1 { dqs.remove(0) } else { Tensor::cat(dqs, 2) };
-    [dq, cast_to(dk, dtypes[1]), cast_to(dv, dtypes[2])]
+    [dq, cast_to(dk, k_dtype), cast_to(dv, v_dtype)]
 }

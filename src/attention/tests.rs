@@ -131,6 +131,24 @@ fn chunked_lse_and_bf16_match_the_composed_op() {
     assert!(d < 2e-2, "bf16 chunked attention differs from f32 by {d}");
 }
 
+/// bf16 in: the chunked op's matmuls run in bf16 (softmax, `P`, `dS` and the accumulators in
+/// f32); o, dq, dk and dv stay within bf16 rounding of the f32 reference (relative to each
+/// tensor's largest entry), for chunks of one row, a few rows and all rows.
+#[test]
+fn bf16_chunked_gradients_are_close_to_f32() {
+    let bf = |t: Tensor<A, 4>| t.cast(DType::BF16);
+    for (shape, rows) in [([1, 2, 9, 8], 1), ([2, 2, 13, 16], 4), ([1, 1, 33, 64], 64)] {
+        let scale = 1.0 / (shape[3] as f32).sqrt();
+        let ours = run(|q, k, v| causal_attention_chunked(bf(q), bf(k), bf(v), scale, rows).cast(DType::F32), shape);
+        let reference = run(|q, k, v| softmax(masked_scores(q, k, scale), 3).matmul(v), shape);
+        for (i, (a, b)) in ours.into_iter().zip(reference).enumerate() {
+            let big: f32 = b.clone().abs().max().into_scalar();
+            let d = max_diff(a, b);
+            assert!(d <= 2e-2 * big, "{shape:?} rows {rows}: output {i} (o, dq, dk, dv) differs by {d} (largest entry {big})");
+        }
+    }
+}
+
 #[test]
 fn chunked_choice_parses_and_resolves() {
     assert_eq!("chunked".parse::<AttentionKernel>().unwrap(), AttentionKernel::Chunked(super::DEFAULT_CHUNK_ROWS));

@@ -178,7 +178,9 @@ impl Dims {
     /// `e`: measured 2.0 and 3.0 f32 `s²` above the backward's start at s 512); the fused
     /// kernels' `dq, dk, dv` and f32 `D` (and, in half precision, `dO` and `o` cast to f32); the
     /// chunked op's f32 `D`, `dk`/`dv` accumulators, the `dq` chunks and two f32 buffers of
-    /// the last chunk `[b, a/t, rows, s]` (in half precision `q, k, v, dO` cast to f32).
+    /// the last chunk `[b, a/t, rows, s]` (`P`, `dP`; in half precision also `P` and `dS` as
+    /// half-precision matmul operands and one f32 product of a half-precision matmul before its
+    /// cast: Flex computes them in f32).
     fn core_transient(&self) -> f64 {
         let local = self.n * self.h / self.t;
         let half = |tensors: f64| if self.e < 4.0 { tensors * local * 4.0 } else { 0.0 };
@@ -186,7 +188,8 @@ impl Dims {
             AttentionCore::Fused => 3.0 * local * self.e + self.att_rows * 4.0 + half(2.0),
             AttentionCore::Chunked(rows) => {
                 let last = self.att_rows * (rows as f64).min(self.s);
-                self.att_rows * 4.0 + 2.0 * local * 4.0 + local * self.e + 2.0 * last * 4.0 + half(4.0)
+                let half_operands = if self.e < 4.0 { last * 4.0 + 2.0 * last * self.e } else { 0.0 };
+                self.att_rows * 4.0 + 2.0 * local * 4.0 + local * self.e + 2.0 * last * 4.0 + half_operands
             }
             AttentionCore::Composed => 2.0 * self.s2 * 4.0 + if self.e < 4.0 { 2.0 * self.s2 * self.e } else { 0.0 },
         }
