@@ -70,9 +70,7 @@ fn composed<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale
     let device = q.device();
     let dtype = q.dtype();
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-    let i = Tensor::<B, 1, burn::tensor::Int>::arange(0..s as i64, &device);
-    let future = i.clone().reshape([1, s]).expand([s, s]).greater(i.reshape([s, 1]).expand([s, s]));
-    let scores = scores.mask_fill(future.reshape([1, 1, s, s]), -1.0e4);
+    let scores = scores.mask_fill(burn_parallel::attention::future_mask(0, s, s, &device), -1.0e4);
     softmax(scores.cast(DType::F32), 3).cast(dtype).matmul(v)
 }
 

@@ -12,7 +12,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::softmax;
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use burn_parallel::attention::{causal_attention, causal_attention_chunked, AttentionCore, AttentionKernel};
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp};
 use burn_parallel::precision::{like, to_f32};
@@ -158,7 +158,7 @@ impl<B: ParallelBackend> ParallelAttention<B> {
             AttentionCore::Composed => {}
         }
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((self.d_head as f32).sqrt());
-        let mask = causal_mask::<B>(s, &scores.device());
+        let mask = burn_parallel::attention::future_mask::<B>(0, s, s, &scores.device());
         let scores = scores.mask_fill(mask, MASK_VALUE);
         // Softmax in f32 whatever the compute dtype (no-op for f32), as Megatron's fused softmax.
         let probs = self.dropout.forward(like(softmax(to_f32(scores.clone()), 3), &scores));
@@ -176,13 +176,6 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     }
 }
 
-/// `[1, 1, s, s]`, true above the diagonal (future positions).
-fn causal_mask<B: ParallelBackend>(s: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
-    let i = Tensor::<B, 1, burn::tensor::Int>::arange(0..s as i64, device);
-    let rows = i.clone().reshape([s, 1]).expand([s, s]);
-    let cols = i.reshape([1, s]).expand([s, s]);
-    cols.greater(rows).reshape([1, 1, s, s])
-}
 
 impl<B: ParallelBackend> RandomStreams for ParallelAttention<B> {
     fn random_streams(&self) -> Vec<StreamCounter> {

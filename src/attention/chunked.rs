@@ -33,11 +33,12 @@ fn chunk_scores<B: Backend>(qc: Tensor<B, 4>, kk: Tensor<B, 4>, c0: usize, scale
     let (c1, c) = (kk.dims()[2], qc.dims()[2]);
     let device = qc.device();
     let scores = to_f32(qc.matmul(kk.swap_dims(2, 3))).mul_scalar(scale);
-    scores.mask_fill(future(c0, c, c1, &device), MASKED)
+    scores.mask_fill(future_mask(c0, c, c1, &device), MASKED)
 }
 
-/// `[1, 1, c, c1]`: key `j` lies in the future of query `c0 + r`.
-fn future<B: Backend>(c0: usize, c: usize, c1: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+/// `[1, 1, c, c1]`: key `j` lies in the future of query `c0 + r` (true: masked). The causal
+/// mask of a whole sequence is `future_mask(0, s, s)`.
+pub fn future_mask<B: Backend>(c0: usize, c: usize, c1: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
     let cols = Tensor::<B, 1, Int>::arange(0..c1 as i64, device).reshape([1, c1]).expand([c, c1]);
     let rows = Tensor::<B, 1, Int>::arange(c0 as i64..(c0 + c) as i64, device).reshape([c, 1]).expand([c, c1]);
     cols.greater(rows).reshape([1, 1, c, c1])

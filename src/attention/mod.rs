@@ -28,6 +28,7 @@
 //! ```
 
 mod chunked;
+pub use chunked::future_mask;
 #[cfg(feature = "cube")]
 mod cube;
 #[cfg(feature = "cube")]

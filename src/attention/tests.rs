@@ -9,7 +9,8 @@ use super::{causal_attention, causal_attention_chunked, causal_attention_chunked
 
 type A = Autodiff<Flex>;
 
-/// The reference: `scale·q·kᵀ` with the future (`j > i`) set to [`MASKED`], `[b, H, s, s]`.
+/// The reference: `scale·q·kᵀ` with the future (`j > i`) set to [`MASKED`], `[b, H, s, s]`
+/// (its own mask, deliberately not the `future_mask` under test).
 fn masked_scores(q: Tensor<A, 4>, k: Tensor<A, 4>, scale: f32) -> Tensor<A, 4> {
     let s = q.dims()[2];
     let device = q.device();
