@@ -176,7 +176,6 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     }
 }
 
-
 impl<B: ParallelBackend> RandomStreams for ParallelAttention<B> {
     fn random_streams(&self) -> Vec<StreamCounter> {
         self.dropout.random_streams()

@@ -32,7 +32,12 @@ pub fn vocab_parallel_cross_entropy_per_token<B: ParallelBackend>(
 
 /// Per-token losses `[N]` and each row's softmax statistics: the global max `m` and
 /// `s = Σ_V exp(z − m)` (`[N, 1]` f32 each, detached).
-fn per_token_with_stats<B: ParallelBackend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>, vocab_start: usize, tp: &Comm) -> (Tensor<B, 1>, Tensor<B, 2>, Tensor<B, 2>) {
+fn per_token_with_stats<B: ParallelBackend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    vocab_start: usize,
+    tp: &Comm,
+) -> (Tensor<B, 1>, Tensor<B, 2>, Tensor<B, 2>) {
     // Log-sum-exp in f32 whatever the compute dtype (no-op for f32 logits).
     let logits = burn_parallel::precision::to_f32(logits);
     let [_, v_local] = logits.dims();
@@ -92,7 +97,13 @@ pub fn chunked_loss_value<B: ParallelBackend>(logits: Tensor<B, 3>, targets: Ten
 }
 
 /// [`chunked_loss_value`] and the rows' softmax statistics its gradient needs.
-pub fn chunked_loss<B: ParallelBackend>(logits: Tensor<B, 3>, targets: Tensor<B, 1, Int>, vocab_start: usize, tp: &Comm, rows: usize) -> (Tensor<B, 1>, SoftmaxStats<B>) {
+pub fn chunked_loss<B: ParallelBackend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 1, Int>,
+    vocab_start: usize,
+    tp: &Comm,
+    rows: usize,
+) -> (Tensor<B, 1>, SoftmaxStats<B>) {
     let [b, s, v] = logits.dims();
     let n = b * s;
     let flat = logits.reshape([n, v]);
@@ -111,7 +122,14 @@ pub fn chunked_loss<B: ParallelBackend>(logits: Tensor<B, 3>, targets: Tensor<B,
 /// logits' dtype, from the kept statistics, chunk by chunk and without communication (the
 /// gradient is local, module docs): `(exp(z − m) · g/s − onehot_y · g)` with `g = loss_scale/N`
 /// (the order in which autodiff of the loss computes it), written into one output buffer.
-pub fn chunked_loss_grad<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 1, Int>, stats: &SoftmaxStats<B>, vocab_start: usize, rows: usize, loss_scale: f32) -> Tensor<B, 3> {
+pub fn chunked_loss_grad<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 1, Int>,
+    stats: &SoftmaxStats<B>,
+    vocab_start: usize,
+    rows: usize,
+    loss_scale: f32,
+) -> Tensor<B, 3> {
     let [b, s, v] = logits.dims();
     let (n, dtype, device) = (b * s, logits.dtype(), logits.device());
     let g = loss_scale / n as f32;

@@ -53,11 +53,24 @@ pub struct Pieces<'a, B: ParallelBackend> {
 
 /// What a block kept.
 enum BlockTape<B: AutodiffBackend> {
-    Full { input: Tensor<B, 3>, streams: StreamSnapshot },
-    Selective { x_in: Tensor<B, 3>, qkv: Tensor<B, 3>, x_out: Tensor<B, 3>, context: Tensor<B, 3>, y: Tensor<B, 3>, core: StreamSnapshot },
+    Full {
+        input: Tensor<B, 3>,
+        streams: StreamSnapshot,
+    },
+    Selective {
+        x_in: Tensor<B, 3>,
+        qkv: Tensor<B, 3>,
+        x_out: Tensor<B, 3>,
+        context: Tensor<B, 3>,
+        y: Tensor<B, 3>,
+        core: StreamSnapshot,
+    },
     /// Selective recompute of a block whose core keeps only `o` and the log-sum-exp: the
     /// block's whole graph from a fresh input leaf.
-    Graph { input: Tensor<B, 3>, output: Tensor<B, 3> },
+    Graph {
+        input: Tensor<B, 3>,
+        output: Tensor<B, 3>,
+    },
 }
 
 /// What the blocks kept without recompute: their whole graph from a fresh input leaf.
@@ -130,51 +143,65 @@ where
         kept = Some(Kept { input, output });
     }
     for block in pieces.blocks.iter().filter(|_| mode != Recompute::None) {
-        let (next, tape) = match mode {
-            Recompute::Full => {
-                let streams = StreamSnapshot::take(block.random_streams());
-                let y = detached(block).forward(cur.clone()).detach();
-                (y, BlockTape::Full { input: cur, streams })
-            }
-            _ if block.attn.core.keeps_lse_only() => {
-                let input = cur.detach().require_grad();
-                let output = block.forward(input.clone());
-                (output.clone().detach(), BlockTape::Graph { input, output })
-            }
-            _ => {
-                // Two fresh leaves of the same value: the two graphs of the block share no node.
-                let x_in = cur.clone().detach().require_grad();
-                let qkv = block.attn_in(x_in.clone());
-                let core = StreamSnapshot::take(block.attn.random_streams());
-                let context = block.attn_core(qkv.clone().detach()).detach().require_grad();
-                let x_out = cur.detach().require_grad();
-                let y = block.attn_out_and_mlp(x_out.clone(), context.clone());
-                (y.clone().detach(), BlockTape::Selective { x_in, qkv, x_out, context, y, core })
-            }
-        };
+        let (next, tape) = block_forward(block, cur, mode);
         blocks.push(tape);
         cur = next;
     }
     match &pieces.head {
         Some(h) => {
-            let x = cur.detach().require_grad();
-            let targets = tokens.targets.expect("the last stage gets the targets");
-            let (out, head) = match loss_chunk {
-                None => {
-                    let loss = head_loss(h, x.clone(), targets, None);
-                    (loss.clone(), HeadTape::Plain { x, loss })
-                }
-                Some(rows) => {
-                    let logits = head_logits(h, x.clone());
-                    let [b, s] = targets.dims();
-                    let targets = targets.reshape([b * s]);
-                    let (loss, stats) = crate::cross_entropy::chunked_loss(logits.clone().detach(), targets.clone(), h.vocab_start, &h.head.tp, rows);
-                    (loss, HeadTape::Chunked { x, logits, targets, rows, stats })
-                }
-            };
-            (Output::Loss(out), Tape { embedded, kept, blocks, head: Some(head) })
+            let (loss, head) = head_forward(h, cur, tokens.targets.expect("the last stage gets the targets"), loss_chunk);
+            (Output::Loss(loss), Tape { embedded, kept, blocks, head: Some(head) })
         }
         None => (Output::Activation(cur), Tape { embedded, kept, blocks, head: None }),
+    }
+}
+
+/// One block under `mode` (full or selective): its output (detached) and what it keeps.
+fn block_forward<B: AutodiffBackend + ParallelBackend>(block: &TransformerBlock<B>, cur: Tensor<B, 3>, mode: Recompute) -> (Tensor<B, 3>, BlockTape<B>) {
+    match mode {
+        Recompute::Full => {
+            let streams = StreamSnapshot::take(block.random_streams());
+            let y = detached(block).forward(cur.clone()).detach();
+            (y, BlockTape::Full { input: cur, streams })
+        }
+        _ if block.attn.core.keeps_lse_only() => {
+            let input = cur.detach().require_grad();
+            let output = block.forward(input.clone());
+            (output.clone().detach(), BlockTape::Graph { input, output })
+        }
+        _ => {
+            // Two fresh leaves of the same value: the two graphs of the block share no node.
+            let x_in = cur.clone().detach().require_grad();
+            let qkv = block.attn_in(x_in.clone());
+            let core = StreamSnapshot::take(block.attn.random_streams());
+            let context = block.attn_core(qkv.clone().detach()).detach().require_grad();
+            let x_out = cur.detach().require_grad();
+            let y = block.attn_out_and_mlp(x_out.clone(), context.clone());
+            (y.clone().detach(), BlockTape::Selective { x_in, qkv, x_out, context, y, core })
+        }
+    }
+}
+
+/// The head and its loss from the last block's output: the loss and what the head keeps.
+fn head_forward<B: AutodiffBackend + ParallelBackend>(
+    h: &HeadRef<'_, B>,
+    cur: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    loss_chunk: Option<usize>,
+) -> (Tensor<B, 1>, HeadTape<B>) {
+    let x = cur.detach().require_grad();
+    match loss_chunk {
+        None => {
+            let loss = head_loss(h, x.clone(), targets, None);
+            (loss.clone(), HeadTape::Plain { x, loss })
+        }
+        Some(rows) => {
+            let logits = head_logits(h, x.clone());
+            let [b, s] = targets.dims();
+            let targets = targets.reshape([b * s]);
+            let (loss, stats) = crate::cross_entropy::chunked_loss(logits.clone().detach(), targets.clone(), h.vocab_start, &h.head.tp, rows);
+            (loss, HeadTape::Chunked { x, logits, targets, rows, stats })
+        }
     }
 }
 
@@ -192,75 +219,98 @@ where
     B: AutodiffBackend + ParallelBackend + BackwardWith,
     M: AutodiffModule<B>,
 {
-    let mut acc = GradientsParams::new();
-    let vjp = |y: Tensor<B, 3>, g: Tensor<B::InnerBackend, 3>| B::backward_with(y, g).expect("recomputed shapes match");
+    let mut chain = Chain { part, tp: pieces.tp, acc: GradientsParams::new() };
     let mut dy = match (tape.head, out_grad) {
-        (Some(HeadTape::Plain { x, loss }), _) => {
-            barrier(pieces.tp)?;
-            let g = loss.mul_scalar(loss_scale).backward();
-            let dx = x.grad(&g).expect("the head uses its input");
-            merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
-            dx
-        }
-        (Some(HeadTape::Chunked { x, logits, targets, rows, stats }), _) => {
-            let h = pieces.head.as_ref().expect("a head tape comes from a head");
-            let dlogits = crate::cross_entropy::chunked_loss_grad(logits.clone().inner(), targets.inner(), &stats.inner(), h.vocab_start, rows, loss_scale);
-            barrier(pieces.tp)?;
-            let g = vjp(logits, dlogits);
-            let dx = x.grad(&g).expect("the head uses its input");
-            merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
-            dx
-        }
+        (Some(head), _) => chain.head(pieces.head.as_ref().expect("a head tape comes from a head"), head, loss_scale)?,
         (None, Some(g)) => g,
         (None, None) => panic!("a non-last stage's backward needs the output gradient"),
     };
     if let Some(Kept { input, output }) = tape.kept {
-        barrier(pieces.tp)?;
-        let g = vjp(output, dy);
-        dy = input.grad(&g).expect("the blocks use their input");
-        merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
+        dy = chain.pull(output, dy, &input)?;
     }
     for (block, t) in pieces.blocks.iter().zip(tape.blocks).rev() {
-        dy = match t {
-            BlockTape::Full { input, streams } => {
-                let x = input.detach().require_grad();
-                let y = streams.replay(|| block.forward(x.clone()));
-                barrier(pieces.tp)?;
-                let g = vjp(y, dy);
-                let dx = x.grad(&g).expect("a block uses its input");
-                merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
-                dx
-            }
-            BlockTape::Graph { input, output } => {
-                barrier(pieces.tp)?;
-                let g = vjp(output, dy);
-                let dx = input.grad(&g).expect("a block uses its input");
-                merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
-                dx
-            }
-            BlockTape::Selective { x_in, qkv, x_out, context, y, core } => {
-                barrier(pieces.tp)?;
-                let g = vjp(y, dy);
-                let (d_context, dx_out) = (context.grad(&g).expect("the block uses its context"), x_out.grad(&g).expect("residual"));
-                merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
-                let qkv_leaf = qkv.clone().detach().require_grad();
-                let rerun = core.replay(|| block.attn_core(qkv_leaf.clone()));
-                barrier(pieces.tp)?;
-                let d_qkv = qkv_leaf.grad(&vjp(rerun, d_context)).expect("the core uses q, k, v");
-                barrier(pieces.tp)?;
-                let g = vjp(qkv, d_qkv);
-                let dx_in = x_in.grad(&g).expect("the projections use the input");
-                merge_grads(part, &mut acc, GradientsParams::from_grads(g, part));
-                dx_in + dx_out
-            }
-        };
+        dy = chain.block(block, t, dy)?;
     }
     match tape.embedded {
         Some(e) => {
             barrier(pieces.tp)?;
-            merge_grads(part, &mut acc, GradientsParams::from_grads(vjp(e, dy), part));
-            Ok((None, acc))
+            let g = B::backward_with(e, dy).expect("recomputed shapes match");
+            merge_grads(part, &mut chain.acc, GradientsParams::from_grads(g, part));
+            Ok((None, chain.acc))
         }
-        None => Ok((Some(dy), acc)),
+        None => Ok((Some(dy), chain.acc)),
+    }
+}
+
+/// The backward walk: the module whose parameter gradients it gathers, and the TP group
+/// whose ranks meet at a barrier before each `backward()`.
+struct Chain<'a, M> {
+    part: &'a M,
+    tp: &'a Comm,
+    acc: GradientsParams,
+}
+
+impl<M> Chain<'_, M> {
+    /// Backpropagates `dy` from `y`: the gradient of `x` (the piece's input leaf), the
+    /// parameters' gradients gathered.
+    fn pull<B>(&mut self, y: Tensor<B, 3>, dy: Tensor<B::InnerBackend, 3>, x: &Tensor<B, 3>) -> Result<Tensor<B::InnerBackend, 3>, CommError>
+    where
+        B: AutodiffBackend + BackwardWith,
+        M: AutodiffModule<B>,
+    {
+        barrier(self.tp)?;
+        let g = B::backward_with(y, dy).expect("recomputed shapes match");
+        let dx = x.grad(&g).expect("a piece uses its input");
+        merge_grads(self.part, &mut self.acc, GradientsParams::from_grads(g, self.part));
+        Ok(dx)
+    }
+
+    /// The head's backward from its loss (scaled by `loss_scale`): the gradient of its input.
+    fn head<B>(&mut self, h: &HeadRef<'_, B>, tape: HeadTape<B>, loss_scale: f32) -> Result<Tensor<B::InnerBackend, 3>, CommError>
+    where
+        B: AutodiffBackend + ParallelBackend + BackwardWith,
+        M: AutodiffModule<B>,
+    {
+        match tape {
+            HeadTape::Plain { x, loss } => {
+                barrier(self.tp)?;
+                let g = loss.mul_scalar(loss_scale).backward();
+                let dx = x.grad(&g).expect("the head uses its input");
+                merge_grads(self.part, &mut self.acc, GradientsParams::from_grads(g, self.part));
+                Ok(dx)
+            }
+            HeadTape::Chunked { x, logits, targets, rows, stats } => {
+                let dlogits = crate::cross_entropy::chunked_loss_grad(logits.clone().inner(), targets.inner(), &stats.inner(), h.vocab_start, rows, loss_scale);
+                self.pull(logits, dlogits, &x)
+            }
+        }
+    }
+
+    /// One block's backward from the gradient of its output: the gradient of its input.
+    fn block<B>(&mut self, block: &TransformerBlock<B>, tape: BlockTape<B>, dy: Tensor<B::InnerBackend, 3>) -> Result<Tensor<B::InnerBackend, 3>, CommError>
+    where
+        B: AutodiffBackend + ParallelBackend + BackwardWith,
+        M: AutodiffModule<B>,
+    {
+        match tape {
+            BlockTape::Full { input, streams } => {
+                let x = input.detach().require_grad();
+                let y = streams.replay(|| block.forward(x.clone()));
+                self.pull(y, dy, &x)
+            }
+            BlockTape::Graph { input, output } => self.pull(output, dy, &input),
+            BlockTape::Selective { x_in, qkv, x_out, context, y, core } => {
+                barrier(self.tp)?;
+                let g = B::backward_with(y, dy).expect("recomputed shapes match");
+                let (d_context, dx_out) = (context.grad(&g).expect("the block uses its context"), x_out.grad(&g).expect("residual"));
+                merge_grads(self.part, &mut self.acc, GradientsParams::from_grads(g, self.part));
+                let qkv_leaf = qkv.clone().detach().require_grad();
+                let rerun = core.replay(|| block.attn_core(qkv_leaf.clone()));
+                barrier(self.tp)?;
+                let d_qkv = qkv_leaf.grad(&B::backward_with(rerun, d_context).expect("recomputed shapes match")).expect("the core uses q, k, v");
+                let dx_in = self.pull(qkv, d_qkv, &x_in)?;
+                Ok(dx_in + dx_out)
+            }
+        }
     }
 }

@@ -91,8 +91,9 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), Shar
     if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
         return Err(ShardError::Corrupt { path: path.to_path_buf(), position: i, token: *t, vocab });
     }
-    let count = i32::try_from(tokens.len())
-        .map_err(|_| ShardError::Invalid(format!("{}: {} tokens do not fit one shard (at most {}: the header's count is an i32)", path.display(), tokens.len(), i32::MAX)))?;
+    let count = i32::try_from(tokens.len()).map_err(|_| {
+        ShardError::Invalid(format!("{}: {} tokens do not fit one shard (at most {}: the header's count is an i32)", path.display(), tokens.len(), i32::MAX))
+    })?;
     let mut bytes = Vec::with_capacity(HEADER_BYTES + 2 * tokens.len());
     for v in [SHARD_MAGIC, SHARD_VERSION, count].into_iter().chain(std::iter::repeat_n(0, 253)) {
         bytes.extend_from_slice(&v.to_le_bytes());
