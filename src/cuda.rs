@@ -109,10 +109,7 @@ mod tests {
     fn cuda_probe_never_panics() {
         match super::check_cuda() {
             Ok(n) => assert!(n >= 1),
-            Err(e) => assert!(
-                ["libcuda.so", "libnvrtc.so", "no device", "failed to initialise", "cannot count devices"].iter().any(|m| e.contains(m)),
-                "{e}"
-            ),
+            Err(e) => assert!(["libcuda.so", "libnvrtc.so", "no device", "failed to initialise", "cannot count devices"].iter().any(|m| e.contains(m)), "{e}"),
         }
     }
 

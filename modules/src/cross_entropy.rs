@@ -9,7 +9,7 @@
 //! never materialised. With t = 1 it equals `burn::nn::loss::CrossEntropyLoss`.
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 use burn_parallel::collective::expect_comm;
 use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::mappings::reduce_from_tp;
@@ -134,15 +134,18 @@ pub fn chunked_loss_grad<B: Backend>(
     let (n, dtype, device) = (b * s, logits.dtype(), logits.device());
     let g = loss_scale / n as f32;
     let flat = logits.reshape([n, v]);
-    let ids = Tensor::<B, 1, Int>::arange(vocab_start as i64..(vocab_start + v) as i64, &device).reshape([1, v]);
+    // This rank's column of each target (0 where it lies on another rank) and −g there (0).
+    let local = targets.sub_scalar(vocab_start as i64);
+    let elsewhere = local.clone().lower_elem(0).bool_or(local.clone().greater_equal_elem(v as i64));
+    let column = local.mask_fill(elsewhere.clone(), 0).reshape([n, 1]);
+    let minus_g = elsewhere.bool_not().float().mul_scalar(-g).reshape([n, 1]);
     let mut out = Tensor::<B, 2>::empty([n, v], (&device, dtype));
     for c in chunks(n, rows) {
         let len = c.len();
         let z = burn_parallel::precision::to_f32(flat.clone().slice(c.clone()));
         let m = stats.max.clone().slice(c.clone()).reshape([len, 1]);
         let scale = stats.sum_exp.clone().slice(c.clone()).reshape([len, 1]).recip().mul_scalar(g);
-        let hit = ids.clone().expand([len, v]).equal(targets.clone().slice(c.clone()).reshape([len, 1]).expand([len, v]));
-        let grad = (z - m).exp() * scale - hit.float().mul_scalar(g);
+        let grad = ((z - m).exp() * scale).scatter(1, column.clone().slice(c.clone()), minus_g.clone().slice(c.clone()), IndexingUpdateOp::Add);
         out = out.slice_assign([c, 0..v], grad.cast(dtype));
     }
     out.reshape([b, s, v])

@@ -225,13 +225,17 @@ impl Dims {
         let logits = self.n * self.v / self.t * if self.chunk.is_some() { self.e } else { 4.0 };
         self.e * (self.seq() + self.n * self.h) + logits
     }
-    /// Three `[rows, V/t]` f32 buffers of the cross-entropy's backward (all rows, or one chunk
-    /// next to the gradient of the logits gathered so far).
+    /// The head's largest transient: three `[rows, V/t]` f32 buffers of the cross-entropy's
+    /// backward (all rows), or with a chunked loss one chunk's next to the logits' gradient being
+    /// filled; at least the logits' matmul, whose f32 product Flex builds through one copy
+    /// (`2·N·V/t` f32, in bf16 too: Flex multiplies half precision in f32).
     fn head_transient(&self) -> f64 {
-        match self.chunk {
-            None => 3.0 * self.n * self.v / self.t * 4.0,
+        let logits_f32 = self.n * self.v / self.t * 4.0;
+        let backward = match self.chunk {
+            None => 3.0 * logits_f32,
             Some(rows) => self.n * self.v / self.t * self.e + 3.0 * (rows as f64).min(self.n) * self.v / self.t * 4.0,
-        }
+        };
+        backward.max(2.0 * logits_f32)
     }
 }
 
