@@ -15,7 +15,7 @@
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 
 use crate::comm::ops::all_reduce;
@@ -88,17 +88,29 @@ where
     Ok(grads)
 }
 
-/// Sums of squared gradients of one module: (TP-sharded parameters, replicated parameters).
-struct SquareSums<'a, D> {
+/// Sums of squared gradients of one module, per parameter, on the device: (TP-sharded
+/// parameters, replicated parameters).
+struct SquareSums<'a, B: Backend> {
     grads: &'a GradientsParams,
-    device: Option<D>,
+    device: Option<B::Device>,
     types: Vec<String>,
     path: Vec<String>,
-    sharded: f64,
-    replicated: f64,
+    sharded: Vec<Tensor<B, 1>>,
+    replicated: Vec<Tensor<B, 1>>,
 }
 
-impl<D> SquareSums<'_, D> {
+/// `Σ parts` (one-element tensors) on the device, 0 for none: the norm's partial sums stay on
+/// the device until the one read of the total (a read per parameter would drain a GPU's
+/// stream ~150 times a step for GPT-2).
+pub(crate) fn device_sum<B: Backend>(parts: Vec<Tensor<B, 1>>, device: &B::Device) -> Tensor<B, 1> {
+    if parts.is_empty() {
+        Tensor::zeros([1], device)
+    } else {
+        Tensor::cat(parts, 0).sum()
+    }
+}
+
+impl<B: Backend> SquareSums<'_, B> {
     fn is_sharded(&self) -> bool {
         let ty = self.types.last().map(String::as_str).unwrap_or("");
         let field = self.path.last().map(String::as_str).unwrap_or("");
@@ -106,7 +118,7 @@ impl<D> SquareSums<'_, D> {
     }
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for SquareSums<'_, burn::tensor::Device<B::InnerBackend>> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquareSums<'_, B::InnerBackend> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.push(name.to_string());
         self.types.push(container_type.to_string());
@@ -119,12 +131,12 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SquareSums<'_, burn::tensor::Devic
         let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) else { return };
         self.device.get_or_insert_with(|| g.device());
         // In f32 whatever the gradient dtype: an f16 sum of squares overflows at a norm of 256.
-        let sq: f64 = g.cast(burn::tensor::DType::F32).powi_scalar(2).sum().into_scalar().elem::<f32>() as f64;
+        let sq = g.cast(burn::tensor::DType::F32).powi_scalar(2).sum();
         // The parameter's own field name is the last path element for parameters of a struct.
         if self.is_sharded() {
-            self.sharded += sq;
+            self.sharded.push(sq);
         } else {
-            self.replicated += sq;
+            self.replicated.push(sq);
         }
     }
 }
@@ -138,18 +150,18 @@ where
     B::InnerBackend: CollectiveBackend,
     M: AutodiffModule<B>,
 {
-    let (mut sharded, mut replicated, mut device) = (0.0f64, 0.0f64, None);
+    let (mut sharded, mut replicated, mut device) = (Vec::new(), Vec::new(), None);
     for (module, grads) in parts {
-        let mut v = SquareSums { grads, device: None, types: Vec::new(), path: Vec::new(), sharded: 0.0, replicated: 0.0 };
+        let mut v = SquareSums::<B::InnerBackend> { grads, device: None, types: Vec::new(), path: Vec::new(), sharded: Vec::new(), replicated: Vec::new() };
         module.visit(&mut v);
-        sharded += v.sharded;
-        replicated += v.replicated;
+        sharded.extend(v.sharded);
+        replicated.extend(v.replicated);
         device = device.or(v.device);
     }
     let device = device.unwrap_or_default();
-    let t = Tensor::<B::InnerBackend, 1>::from_floats([sharded as f32], &device);
+    let t = device_sum(sharded, &device);
     let sharded = if tp.size() > 1 { all_reduce(t, ReduceOp::Sum, tp)? } else { t };
-    let stage_total = sharded + replicated as f32;
+    let stage_total = sharded + device_sum(replicated, &device);
     let total = if pp.size() > 1 { all_reduce(stage_total, ReduceOp::Sum, pp)? } else { stage_total };
     Ok(total.into_scalar().elem::<f32>().sqrt())
 }

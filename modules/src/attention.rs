@@ -3,9 +3,11 @@
 //! Query, key and value come from one fused column-parallel projection `h → 3h` whose columns are
 //! grouped by head, `[q₀ k₀ v₀ | q₁ k₁ v₁ | …]` (`d_head` each; Megatron's layout): a contiguous
 //! TP split holds whole heads, so rank r computes heads `[r·H/t, (r+1)·H/t)`, `[b, s, 3h/t]`,
-//! after one f whose backward all-reduces; attention
-//! runs locally on those `H/t` heads (`[b, H/t, s, s]` scores, causal mask, softmax, dropout with a
-//! per-rank mask); the output projection is row-parallel `h → h` with one all-reduce (g).
+//! after one f whose backward all-reduces; attention runs locally on those `H/t` heads, through
+//! the core [`ParallelAttentionConfig::kernel`] resolves to: composed (`[b, H/t, s, s]` scores,
+//! causal mask, softmax, dropout with a per-rank mask), the fused flash-attention kernels, or the
+//! chunked op (both: no `s × s` tensor kept, no dropout); the output projection is
+//! row-parallel `h → h` with one all-reduce (g).
 //! With t = 1 and dropout 0 it equals `burn::nn::attention::MultiHeadAttention` with an
 //! autoregressive mask.
 
@@ -43,8 +45,9 @@ pub struct ParallelAttentionConfig {
     /// Init standard deviation of the output projection.
     #[config(default = 0.02)]
     pub proj_init_std: f64,
-    /// The attention core: fused flash-attention kernels or composed Burn ops
-    /// (`burn_parallel::attention`; `Auto`: fused where the backend has them and dropout is 0).
+    /// The attention core (`burn_parallel::attention`): `Auto` (fused where the backend has the
+    /// kernels and dropout is 0, else composed), `Composed`, `Fused` (or an error) or
+    /// `Chunked(rows)` (Burn ops on query chunks, any backend, no dropout).
     #[config(default = "burn_parallel::attention::AttentionKernel::Auto")]
     pub kernel: AttentionKernel,
 }

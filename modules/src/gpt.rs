@@ -74,12 +74,14 @@ pub struct GptConfig {
     /// make-vocab-size-divisible-by): the padded entries' logits are masked.
     #[config(default = "None")]
     pub vocab_used: Option<usize>,
-    /// Training steps compute the cross-entropy this many token rows at a time (its f32
-    /// softmax never whole: `crate::cross_entropy::chunked_loss_grad`); `None`: in one piece.
+    /// The cross-entropy is computed this many token rows at a time, in training and in
+    /// [`Gpt::loss`] (its f32 softmax never whole: `crate::cross_entropy::chunked_loss`);
+    /// `None`: in one piece.
     #[config(default = "None")]
     pub loss_chunk: Option<usize>,
-    /// The attention core: fused flash-attention kernels where the backend has them and dropout
-    /// is 0 (`Auto`), always composed, or fused or an error (`burn_parallel::attention`).
+    /// The attention core (see `ParallelAttentionConfig::kernel`): `Auto` (fused kernels where
+    /// the backend has them and dropout is 0, else composed), `Composed`, `Fused` (or an
+    /// error), `Chunked(rows)`.
     #[config(default = "burn_parallel::attention::AttentionKernel::Auto")]
     pub attention: burn_parallel::attention::AttentionKernel,
 }

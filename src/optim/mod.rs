@@ -240,19 +240,19 @@ where
 
     /// The global L2 norm (the order of sums of `data_parallel::global_grad_norm`).
     fn global_norm(&self, entries: &[Entry<B::InnerBackend>], grads: &[Tensor<B::InnerBackend, 1>]) -> Result<f32, CommError> {
-        let (mut sharded, mut replicated) = (0.0f64, 0.0f64);
+        let (mut sharded, mut replicated) = (Vec::new(), Vec::new());
         for (e, g) in entries.iter().zip(grads) {
-            let sq = g.clone().powi_scalar(2).sum().into_scalar().elem::<f32>() as f64;
+            let sq = g.clone().powi_scalar(2).sum();
             if e.tp_split {
-                sharded += sq;
+                sharded.push(sq);
             } else {
-                replicated += sq;
+                replicated.push(sq);
             }
         }
         let device = grads.first().map(|g| g.device()).unwrap_or_default();
-        let t = Tensor::<B::InnerBackend, 1>::from_floats([sharded as f32], &device);
+        let t = crate::data_parallel::device_sum(sharded, &device);
         let sharded = if self.tp.size() > 1 { all_reduce(t, ReduceOp::Sum, &self.tp)? } else { t };
-        let mut total = sharded + replicated as f32;
+        let mut total = sharded + crate::data_parallel::device_sum(replicated, &device);
         if self.sharded() {
             total = all_reduce(total, ReduceOp::Sum, &self.dp)?;
         }
