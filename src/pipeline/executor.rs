@@ -95,8 +95,17 @@ struct StepState<B: AutodiffBackend, P: AutodiffModule<B>, const D: usize> {
     stash: HashMap<Key, GradientsParams>,
     /// Accumulated gradients per local stage.
     acc: Vec<GradientsAccumulator<P>>,
-    /// Sum of the micro-batch losses (last stage).
-    loss_sum: f32,
+    /// Sum of the micro-batch losses (last stage), on the device: read once per step.
+    loss_sum: Option<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend, P: AutodiffModule<B>, const D: usize> StepState<B, P, D> {
+    fn add_loss(&mut self, l: Tensor<B::InnerBackend, 1>) {
+        self.loss_sum = Some(match self.loss_sum.take() {
+            Some(sum) => sum + l,
+            None => l,
+        });
+    }
 }
 
 /// Replaces every parameter by a fresh autodiff leaf with the same value and id (or, with
@@ -224,7 +233,7 @@ where
             to_send: HashMap::new(),
             stash: HashMap::new(),
             acc: self.stages.iter().map(|_| GradientsAccumulator::new()).collect(),
-            loss_sum: 0.0,
+            loss_sum: None,
         };
         for step in steps(&self.plan.ranks[self.comm.rank()]) {
             match step {
@@ -232,7 +241,7 @@ where
                 Step::Compute(a) => self.compute(a, microbatches, &mut st)?,
             }
         }
-        let loss = self.share_loss(st.loss_sum / m as f32)?;
+        let loss = self.share_loss(st.loss_sum.take().map(|l| l.div_scalar(m as f32)))?;
         Ok(StepOutput { loss, grads: st.acc.iter_mut().map(|a| a.grads()).collect() })
     }
 
@@ -305,7 +314,7 @@ where
                 }
                 let grads = match out {
                     StageOutput::Loss(l) => {
-                        st.loss_sum += l.clone().into_scalar().elem::<f32>();
+                        st.add_loss(l.clone().inner());
                         l.div_scalar(self.plan.shape.microbatches as f32).backward()
                     }
                     StageOutput::Activation(y) => {
@@ -344,7 +353,7 @@ where
         let spec = &self.stages[self.local(s)].spec;
         let out_grad = match out {
             StageOutput::Loss(l) => {
-                st.loss_sum += l.into_scalar().elem::<f32>();
+                st.add_loss(l.inner());
                 None
             }
             StageOutput::Activation(_) => Some(st.out_grads.remove(&key).expect("validated plan: output gradient before backward").inner()),
@@ -377,10 +386,10 @@ where
         }
     }
 
-    /// Broadcasts the last stage's loss to every rank of the pipeline group.
-    fn share_loss(&self, loss: f32) -> Result<f32, PipelineError> {
+    /// Broadcasts the last stage's loss (`None` elsewhere) to every rank of the pipeline group.
+    fn share_loss(&self, loss: Option<Tensor<B::InnerBackend, 1>>) -> Result<f32, PipelineError> {
         let root = self.peer(self.plan.shape.stages() - 1);
-        let t = Tensor::<B, 1>::from_floats([loss], &self.device);
+        let t = Tensor::<B, 1>::from_inner(loss.unwrap_or_else(|| Tensor::zeros([1], &self.device)));
         Ok(broadcast(t, root, &self.comm)?.into_scalar().elem())
     }
 
@@ -390,7 +399,7 @@ where
         let _eval = super::EvaluationScope::enter();
         let shape = self.plan.shape;
         let (me, last) = (self.comm.rank(), shape.stages() - 1);
-        let mut total = 0.0f32;
+        let mut total: Option<Tensor<B::InnerBackend, 1>> = None;
         for (mb, batch) in microbatches.iter().enumerate() {
             let mb = mb + EVAL_TAG_OFFSET;
             let mut carry: Option<Tensor<B, D>> = None;
@@ -411,13 +420,19 @@ where
                 // Detached parameters: evaluation records no autodiff graph.
                 let part = stage.part.clone().map(&mut FreshLeaves { track: false });
                 match self.model.forward(&part, &stage.spec, input.map(|x| x.detach()), batch) {
-                    StageOutput::Loss(l) => total += l.into_scalar().elem::<f32>(),
+                    StageOutput::Loss(l) => {
+                        let l = l.inner();
+                        total = Some(match total.take() {
+                            Some(t) => t + l,
+                            None => l,
+                        });
+                    }
                     StageOutput::Activation(y) if s < last && self.peer(s + 1) != me => send(y.detach(), self.peer(s + 1), tag(Op::SendF, s, mb), &self.comm)?,
                     StageOutput::Activation(y) => carry = Some(y.detach()),
                 }
             }
         }
-        self.share_loss(total / microbatches.len().max(1) as f32)
+        self.share_loss(total.map(|t| t.div_scalar(microbatches.len().max(1) as f32)))
     }
 
     /// Applies one optimizer per stage (in chunk order) with the step's gradients.
