@@ -152,6 +152,27 @@ struct Dims {
 }
 
 impl Dims {
+    fn new(g: &GptShape, plan: &TrainPlan) -> Self {
+        Dims {
+            n: (plan.microbatch * g.seq) as f64,
+            h: g.hidden as f64,
+            f: g.ffn as f64,
+            v: g.vocab as f64,
+            t: plan.tp as f64,
+            s2: (plan.microbatch * g.heads / plan.tp * g.seq * g.seq) as f64,
+            sp: plan.sequence_parallel && plan.tp > 1,
+            e: match plan.precision {
+                Precision::F32 => 4.0,
+                Precision::Bf16 => 2.0,
+            },
+            drop: plan.dropout,
+            chunk: plan.loss_chunk,
+            core: if plan.dropout { AttentionCore::Composed } else { plan.attention },
+            att_rows: (plan.microbatch * g.heads / plan.tp * g.seq) as f64,
+            s: g.seq as f64,
+        }
+    }
+
     fn seq(&self) -> f64 {
         if self.sp {
             self.n * self.h / self.t
@@ -276,86 +297,93 @@ fn check(g: &GptShape, plan: &TrainPlan) -> Result<(), String> {
 /// Every pipeline rank's predicted memory.
 pub fn estimate(g: &GptShape, plan: &TrainPlan) -> Result<Vec<RankMemory>, String> {
     check(g, plan)?;
-    let stages = plan.pp * plan.virtual_stages;
-    let layout = StageLayout::balanced(g.layers, stages).map_err(|e| e.to_string())?;
+    let layout = StageLayout::balanced(g.layers, plan.pp * plan.virtual_stages).map_err(|e| e.to_string())?;
     let actions = actions(plan)?;
-    let e = match plan.precision {
-        Precision::F32 => 4.0,
-        Precision::Bf16 => 2.0,
-    };
-    let d = Dims {
-        n: (plan.microbatch * g.seq) as f64,
-        h: g.hidden as f64,
-        f: g.ffn as f64,
-        v: g.vocab as f64,
-        t: plan.tp as f64,
-        s2: (plan.microbatch * g.heads / plan.tp * g.seq * g.seq) as f64,
-        sp: plan.sequence_parallel && plan.tp > 1,
-        e,
-        drop: plan.dropout,
-        chunk: plan.loss_chunk,
-        core: if plan.dropout { AttentionCore::Composed } else { plan.attention },
-        att_rows: (plan.microbatch * g.heads / plan.tp * g.seq) as f64,
-        s: g.seq as f64,
-    };
+    let d = Dims::new(g, plan);
     let mut out = Vec::with_capacity(plan.pp);
     for (r, rank_actions) in actions.iter().enumerate() {
-        let chunks: Vec<usize> = (0..plan.virtual_stages).map(|c| r + c * plan.pp).collect();
-        let spec = |s: usize| layout.part(s);
-        let p: f64 = chunks.iter().map(|&s| stage_params(g, plan.tp, spec(s).layers.len(), spec(s).is_first(), spec(s).is_last())).sum();
+        let p: f64 = (0..plan.virtual_stages)
+            .map(|c| layout.part(r + c * plan.pp))
+            .map(|sp| stage_params(g, plan.tp, sp.layers.len(), sp.is_first(), sp.is_last()))
+            .sum();
         let shard = if plan.zero { p / plan.dp as f64 } else { p };
-        let params = p * e;
+        let params = p * d.e;
         let optimizer = 8.0 * shard + if plan.precision == Precision::Bf16 { 4.0 * shard } else { 0.0 };
         let grads = 4.0 * p;
-        // Activations of one chunk-micro-batch of each chunk, and the transients of its backward.
-        let chunk_kept = |s: usize| {
-            let sp = spec(s);
-            let mut k = sp.layers.len() as f64 * d.block_kept(plan.recompute);
-            if sp.is_first() && d.drop {
-                k += d.e * d.seq();
-            }
-            if sp.is_last() {
-                k += d.head();
-            } else if plan.pp > 1 {
-                k += d.e * d.seq();
-            }
-            k
-        };
-        // Replay this rank's actions: a forward adds its chunk-micro-batch's activations, a
-        // backward (B or I: ours frees the graph there) peaks, then frees them.
-        let accumulating = plan.pp > 1 && plan.microbatches > 1;
         let state = params + optimizer;
-        let (mut live, mut count, mut max_count) = (0.0f64, 0usize, 0usize);
-        let (mut fwd_bwd, mut transient, mut activations, mut grads_done) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-        for a in rank_actions {
-            match a.op {
-                Op::F => {
-                    live += chunk_kept(a.stage);
-                    count += 1;
-                    max_count = max_count.max(count);
-                }
-                Op::B | Op::I => {
-                    let kept = chunk_kept(a.stage);
-                    let (peak, t) = backward_peak(&d, g, plan, &spec(a.stage), kept, grads_done);
-                    if state + (live - kept) + peak > fwd_bwd {
-                        (fwd_bwd, transient, activations) = (state + (live - kept) + peak, t, live);
-                    }
-                    live -= kept;
-                    count -= 1;
-                    if accumulating {
-                        grads_done = grads;
-                    }
-                }
-                _ => {}
-            }
-        }
-        let c = max_count;
-        let optimizer_step = state + optimizer_transient(plan, p, e);
+        let run = replay(&d, g, plan, &layout, rank_actions, state, grads);
+        let optimizer_step = state + optimizer_transient(plan, p, d.e);
         let runtime = GEMM_SCRATCH;
-        let peak = fwd_bwd.max(optimizer_step) + runtime;
-        out.push(RankMemory { pp_rank: r, params, grads, optimizer, activations, transient, optimizer_step, runtime, peak, in_flight: c });
+        let peak = run.fwd_bwd.max(optimizer_step) + runtime;
+        out.push(RankMemory {
+            pp_rank: r,
+            params,
+            grads,
+            optimizer,
+            activations: run.activations,
+            transient: run.transient,
+            optimizer_step,
+            runtime,
+            peak,
+            in_flight: run.max_in_flight,
+        });
     }
     Ok(out)
+}
+
+/// What replaying one rank's actions found: its forward/backward peak (with the model state),
+/// the transient and the live activations at it, the most micro-batches in flight.
+struct Replay {
+    fwd_bwd: f64,
+    transient: f64,
+    activations: f64,
+    max_in_flight: usize,
+}
+
+/// Replays a rank's actions: a forward adds its chunk-micro-batch's activations, a backward (B
+/// or I: ours frees the graph there) peaks, then frees them; with accumulation over several
+/// micro-batches the f32 gradients stay after the first backward.
+fn replay(d: &Dims, g: &GptShape, plan: &TrainPlan, layout: &StageLayout, actions: &[Action], state: f64, grads: f64) -> Replay {
+    // Activations of one chunk-micro-batch of stage `s`.
+    let kept = |s: usize| {
+        let sp = layout.part(s);
+        let mut k = sp.layers.len() as f64 * d.block_kept(plan.recompute);
+        if sp.is_first() && d.drop {
+            k += d.e * d.seq();
+        }
+        if sp.is_last() {
+            k += d.head();
+        } else if plan.pp > 1 {
+            k += d.e * d.seq();
+        }
+        k
+    };
+    let accumulating = plan.pp > 1 && plan.microbatches > 1;
+    let (mut live, mut count, mut grads_done) = (0.0f64, 0usize, 0.0f64);
+    let mut run = Replay { fwd_bwd: 0.0, transient: 0.0, activations: 0.0, max_in_flight: 0 };
+    for a in actions {
+        match a.op {
+            Op::F => {
+                live += kept(a.stage);
+                count += 1;
+                run.max_in_flight = run.max_in_flight.max(count);
+            }
+            Op::B | Op::I => {
+                let k = kept(a.stage);
+                let (peak, t) = backward_peak(d, g, plan, &layout.part(a.stage), k, grads_done);
+                if state + (live - k) + peak > run.fwd_bwd {
+                    (run.fwd_bwd, run.transient, run.activations) = (state + (live - k) + peak, t, live);
+                }
+                live -= k;
+                count -= 1;
+                if accumulating {
+                    grads_done = grads;
+                }
+            }
+            _ => {}
+        }
+    }
+    run
 }
 
 /// The peak of one chunk-micro-batch's backward above the model state and the other
