@@ -210,7 +210,10 @@ fn the_memory_command_takes_the_attention_core() {
 #[test]
 fn the_memory_command_refuses_impossible_layouts() {
     let run = |extra: &[&str]| {
-        let mut args = vec!["memory", "--d-model", "64", "--heads", "4", "--layers", "2", "--seq-len", "16", "--batch-size", "2", "--vocab", "128"];
+        let mut args = vec!["memory", "--d-model", "64", "--heads", "4", "--layers", "2", "--seq-len", "16", "--vocab", "128"];
+        if !extra.contains(&"--batch-size") {
+            args.extend_from_slice(&["--batch-size", "2"]);
+        }
         args.extend_from_slice(extra);
         Command::new(BIN).args(&args).output().unwrap()
     };
@@ -218,6 +221,8 @@ fn the_memory_command_refuses_impossible_layouts() {
         (&["--tp", "0"][..], "tensor_parallel"),
         (&["--tp", "3"][..], "attention heads = 4 is not divisible by tensor_parallel = 3"),
         (&["--pp", "0"][..], "pipeline_parallel"),
+        (&["--dp", "0"][..], "data_parallel"),
+        (&["--batch-size", "0"][..], "a step needs at least one sample"),
     ] {
         let o = run(extra);
         let t = text(&o);

@@ -155,10 +155,26 @@ fn the_tracker_counts_a_block_on_its_owner_through_realloc_and_a_foreign_free() 
     assert_eq!(burn_parallel::memory::current(RANK) - start, 1 << 20);
     v.reserve_exact(3 << 20);
     assert_eq!(burn_parallel::memory::current(RANK) - start, 4 << 20, "realloc counts the new size only");
+    assert_eq!(burn_parallel::memory::peak(RANK) - start, 4 << 20, "realloc passes through: no new block next to the old one");
     let w: Vec<u32> = Vec::with_capacity(1 << 18);
     assert_eq!(burn_parallel::memory::current(RANK) - start, 5 << 20);
     burn_parallel::memory::set_rank(None);
     std::thread::spawn(move || drop((v, w))).join().unwrap();
     assert_eq!(burn_parallel::memory::current(RANK), start, "freed on another thread, subtracted from the owner");
     assert_eq!(burn_parallel::memory::peak(RANK) - start, 5 << 20);
+    // A block aligned past the header's 16 bytes: realloc moves it with its owner tag.
+    use std::alloc::{GlobalAlloc, Layout};
+    burn_parallel::memory::set_rank(Some(RANK));
+    let layout = Layout::from_size_align(1000, 64).unwrap();
+    let (p, q) = unsafe {
+        let p = ALLOC.alloc(layout);
+        let q = ALLOC.realloc(p, layout, 5000);
+        (p, q)
+    };
+    assert!(!p.is_null() && !q.is_null() && q as usize % 64 == 0);
+    assert_eq!(burn_parallel::memory::current(RANK), start + 5000);
+    burn_parallel::memory::set_rank(None);
+    let q = q as usize;
+    std::thread::spawn(move || unsafe { ALLOC.dealloc(q as *mut u8, Layout::from_size_align(5000, 64).unwrap()) }).join().unwrap();
+    assert_eq!(burn_parallel::memory::current(RANK), start, "the aligned block kept its owner through realloc");
 }

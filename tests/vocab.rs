@@ -3,7 +3,7 @@
 
 mod common;
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_parallel::params::named_grads;
 use burn_parallel_modules::GptConfig;
@@ -42,9 +42,9 @@ impl ModuleMapper<B> for Loud {
 fn padded_logits_never_win_never_count_and_get_no_gradient() {
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new((0..16).map(|i| (i * 7 % USED) as i64).collect::<Vec<_>>(), [2, 8]), &Default::default());
     for tp in [1, 2] {
-        let mut losses = Vec::new();
-        // The whole loss through autodiff, then the chunked loss (5 rows: chunks straddle the
-        // two sequences) through `loss` (evaluation) and through its training path.
+        let (mut losses, mut heads) = (Vec::new(), Vec::new());
+        // The whole loss through autodiff; with a chunked loss (5 rows: chunks straddle the two
+        // sequences), its evaluation value (`valid()`: no autodiff) and its training path.
         for (chunk, train) in [(None, false), (Some(5), false), (Some(5), true)] {
             let out = world(tp, |c| {
                 let m = config(true).with_loss_chunk(chunk).init::<B>(&c, &Default::default()).unwrap();
@@ -55,7 +55,8 @@ fn padded_logits_never_win_never_count_and_get_no_gradient() {
                     (v, burn_parallel::params::named_param_grads(&m, &g))
                 } else {
                     let loss = m.loss(ids.clone(), ids.clone());
-                    (loss.clone().into_scalar(), named_grads(&m, &loss.backward()))
+                    let value = m.valid().loss(ids.clone().inner(), ids.clone().inner()).into_scalar();
+                    (value, named_grads(&m, &loss.backward()))
                 };
                 let head = grads.iter().find(|p| p.path == "head.weight").unwrap().grad.clone().unwrap().to_vec::<f32>().unwrap();
                 let first = c.rank() * local;
@@ -68,15 +69,22 @@ fn padded_logits_never_win_never_count_and_get_no_gradient() {
                 let sampled = m.generate(&[1, 2, 3], 20, 1.0, 7).map_err(|e| e.to_string())?;
                 let padded = m.generate(&[1, USED], 1, 1.0, 7).unwrap_err().to_string();
                 assert!(padded.contains(&format!("prompt token {USED} is outside the vocabulary of {USED}")), "{padded}");
-                Ok((value, pad_grad, sampled))
+                Ok((value, pad_grad, sampled, head))
             });
-            for (loss, pad_grad, sampled) in out {
+            for (r, (loss, pad_grad, sampled, head)) in out.into_iter().enumerate() {
                 // The loss of a 40-way softmax at init, not of one dominated by the padded columns.
                 assert!(loss < 4.5, "tp {tp} chunk {chunk:?}: loss {loss} (ln 40 = 3.69; the padded logits would make it ~800)");
                 assert_eq!(pad_grad, 0.0, "tp {tp} chunk {chunk:?}: padded head columns get no gradient");
                 assert!(sampled.iter().all(|&t| t < USED), "tp {tp}: sampled a padded id: {sampled:?}");
                 losses.push(loss);
+                heads.push((r, head));
             }
+        }
+        // Every rank's head gradient is the same with the whole and with the chunked loss.
+        for (r, h) in &heads {
+            let reference = &heads.iter().find(|(q, _)| q == r).unwrap().1;
+            let d = h.iter().zip(reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d < 1e-6, "tp {tp} rank {r}: head gradient differs by {d} between the whole and the chunked loss");
         }
         assert!(losses.iter().all(|l| (l - losses[0]).abs() < 1e-5), "tp {tp}: chunked and whole losses differ: {losses:?}");
     }

@@ -138,7 +138,7 @@ pub fn chunked_loss_grad<B: Backend>(
     let local = targets.sub_scalar(vocab_start as i64);
     let elsewhere = local.clone().lower_elem(0).bool_or(local.clone().greater_equal_elem(v as i64));
     let column = local.mask_fill(elsewhere.clone(), 0).reshape([n, 1]);
-    let minus_g = elsewhere.bool_not().float().mul_scalar(-g).reshape([n, 1]);
+    let minus_g = elsewhere.bool_not().float().cast(burn::tensor::DType::F32).mul_scalar(-g).reshape([n, 1]);
     let mut out = Tensor::<B, 2>::empty([n, v], (&device, dtype));
     for c in chunks(n, rows) {
         let len = c.len();

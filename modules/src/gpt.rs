@@ -272,12 +272,16 @@ pub(crate) fn head_logits<B: ParallelBackend>(h: &HeadRef<'_, B>, x: Tensor<B, 3
 }
 
 /// Mean cross-entropy of the head's vocab-parallel logits for hidden states `x`; with `chunk`,
-/// `chunk` token rows at a time (the f32 softmax of all `[b·s, V/t]` never exists; the value
-/// is the same up to the order of the sum).
+/// when no graph is recorded (a backend without autodiff, or a pipeline evaluation), `chunk`
+/// token rows at a time (the f32 softmax of all `[b·s, V/t]` never exists; the value is the
+/// same up to the order of the sum). Under autodiff the loss is whole: a chunked loss with a
+/// graph keeps every chunk's softmax for the backward anyway, and Burn's slice backward fills
+/// a full-size gradient per chunk (training chunks through `recompute`'s head instead).
 pub(crate) fn head_loss<B: ParallelBackend>(h: &HeadRef<'_, B>, x: Tensor<B, 3>, targets: Tensor<B, 2, Int>, chunk: Option<usize>) -> Tensor<B, 1> {
     let logits = head_logits(h, x);
     let [b, s, v] = logits.dims();
-    match chunk {
+    let untracked = !B::ad_enabled(&logits.device()) || burn_parallel::pipeline::evaluating();
+    match chunk.filter(|_| untracked) {
         Some(rows) => crate::cross_entropy::chunked_loss_value(logits, targets.reshape([b * s]), h.vocab_start, &h.head.tp, rows),
         None => vocab_parallel_cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]), h.vocab_start, &h.head.tp),
     }
@@ -309,9 +313,11 @@ impl<B: ParallelBackend> Gpt<B> {
         gather_from_tp(self.forward(ids), self.tp())
     }
 
-    /// Mean next-token cross-entropy of `ids [b, s]` against `targets [b, s]` (replicated),
-    /// `GptConfig::loss_chunk` rows at a time when set (as in training: evaluation then never
-    /// holds the whole f32 softmax either).
+    /// Mean next-token cross-entropy of `ids [b, s]` against `targets [b, s]` (replicated).
+    /// With `GptConfig::loss_chunk`, on a backend without autodiff (evaluation through
+    /// `valid()`) it is computed that many rows at a time, as training does: evaluation never
+    /// holds the whole f32 softmax either. Under autodiff it is whole (see `forward_backward`
+    /// for the chunked training path).
     pub fn loss(&self, ids: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
         head_loss(&self.head_ref(), self.hidden(ids), targets, self.loss_chunk)
     }

@@ -140,7 +140,14 @@ fn bf16_chunked_gradients_are_close_to_f32() {
     let bf = |t: Tensor<A, 4>| t.cast(DType::BF16);
     for (shape, rows) in [([1, 2, 9, 8], 1), ([2, 2, 13, 16], 4), ([1, 1, 33, 64], 64)] {
         let scale = 1.0 / (shape[3] as f32).sqrt();
-        let ours = run(|q, k, v| causal_attention_chunked(bf(q), bf(k), bf(v), scale, rows).cast(DType::F32), shape);
+        let ours = run(
+            |q, k, v| {
+                let o = causal_attention_chunked(bf(q), bf(k), bf(v), scale, rows);
+                assert_eq!(o.dtype(), DType::BF16, "bf16 in, bf16 out");
+                o.cast(DType::F32)
+            },
+            shape,
+        );
         let reference = run(|q, k, v| softmax(masked_scores(q, k, scale), 3).matmul(v), shape);
         for (i, (a, b)) in ours.into_iter().zip(reference).enumerate() {
             let big: f32 = b.clone().abs().max().into_scalar();

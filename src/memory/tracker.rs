@@ -94,8 +94,9 @@ unsafe impl GlobalAlloc for TrackingAllocator {
         // System.realloc keeps its first `h` bytes (the header) at the new address.
         unsafe {
             let tag = (ptr.sub(8) as *const u64).read_unaligned() as usize;
-            let Some(outer) = new_size.checked_add(h) else { return std::ptr::null_mut() };
-            let base = System.realloc(ptr.sub(h), Layout::from_size_align_unchecked(layout.size() + h, h), outer);
+            // The new outer layout must be valid (size ≤ isize::MAX once aligned), as for alloc.
+            let Some(outer) = new_size.checked_add(h).and_then(|n| Layout::from_size_align(n, h).ok()) else { return std::ptr::null_mut() };
+            let base = System.realloc(ptr.sub(h), Layout::from_size_align_unchecked(layout.size() + h, h), outer.size());
             if base.is_null() {
                 return base;
             }
