@@ -171,7 +171,7 @@ fn the_tracker_counts_a_block_on_its_owner_through_realloc_and_a_foreign_free() 
         let q = ALLOC.realloc(p, layout, 5000);
         (p, q)
     };
-    assert!(!p.is_null() && !q.is_null() && q as usize % 64 == 0);
+    assert!(!p.is_null() && !q.is_null() && (q as usize).is_multiple_of(64));
     assert_eq!(burn_parallel::memory::current(RANK), start + 5000);
     burn_parallel::memory::set_rank(None);
     let q = q as usize;
