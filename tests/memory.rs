@@ -85,6 +85,20 @@ fn the_model_of_fused_attention_keeps_the_log_sum_exp_instead_of_the_scores() {
     assert_eq!(estimate(&SHAPE, &selective).unwrap()[0].activations, b.activations);
 }
 
+/// A one-rank plan's measured and predicted peak (bytes), asserted within ±10%.
+fn one_rank_within_ten_percent(shape: &GptShape, plan: &burn_parallel::memory::TrainPlan, label: &str) -> (f64, f64) {
+    let (_, measured, predicted) = compare(shape, plan).remove(0);
+    let ratio = predicted.peak / measured as f64;
+    eprintln!(
+        "{label}: predicted {:.2} MB, measured {:.2} MB ({ratio:.3}), transient {:.2} MB",
+        predicted.peak / 1e6,
+        measured as f64 / 1e6,
+        predicted.transient / 1e6
+    );
+    assert!((0.9..=1.1).contains(&ratio), "{label}: predicted {} vs measured {measured} bytes", predicted.peak);
+    (measured as f64, predicted.peak)
+}
+
 /// At a long sequence (the attention core dominates: `s² ≫ h·s`) the chunked attention's peak,
 /// measured, is predicted within ±10% (f32 and bf16, chunks of 64 of 512 rows), and it is a
 /// fraction of the composed core's, as predicted.
@@ -96,16 +110,7 @@ fn chunked_attention_at_a_long_sequence_is_predicted_and_drops_the_scores() {
     let shape = GptShape { vocab: 128, seq: 512, hidden: 32, heads: 4, layers: 2, ffn: 128 };
     let peak = |attention, precision| {
         let plan = burn_parallel::memory::TrainPlan { attention, precision, ..harness::plan(1, 1, 1, 2) };
-        let (_, measured, predicted) = compare(&shape, &plan).remove(0);
-        let ratio = predicted.peak / measured as f64;
-        eprintln!(
-            "{attention:?} {precision:?}: predicted {:.2} MB, measured {:.2} MB ({ratio:.3}), transient {:.2} MB",
-            predicted.peak / 1e6,
-            measured as f64 / 1e6,
-            predicted.transient / 1e6
-        );
-        assert!((0.9..=1.1).contains(&ratio), "{attention:?} {precision:?}: predicted {} vs measured {measured} bytes", predicted.peak);
-        (measured as f64, predicted.peak)
+        one_rank_within_ten_percent(&shape, &plan, &format!("{attention:?} {precision:?}"))
     };
     for precision in [Precision::F32, Precision::Bf16] {
         let (composed, composed_model) = peak(AttentionCore::Composed, precision);
@@ -128,15 +133,7 @@ fn a_large_vocabulary_head_is_predicted_with_and_without_the_chunked_loss() {
         let mut peaks = Vec::new();
         for loss_chunk in [None, Some(64)] {
             let plan = burn_parallel::memory::TrainPlan { precision, loss_chunk, ..harness::plan(1, 1, 1, 8) };
-            let (_, measured, predicted) = compare(&shape, &plan).remove(0);
-            let ratio = predicted.peak / measured as f64;
-            eprintln!(
-                "V 4096 {precision:?} loss chunk {loss_chunk:?}: predicted {:.2} MB, measured {:.2} MB ({ratio:.3})",
-                predicted.peak / 1e6,
-                measured as f64 / 1e6
-            );
-            assert!((0.9..=1.1).contains(&ratio), "{precision:?} chunk {loss_chunk:?}: predicted {} vs measured {measured}", predicted.peak);
-            peaks.push(measured);
+            peaks.push(one_rank_within_ten_percent(&shape, &plan, &format!("V 4096 {precision:?} loss chunk {loss_chunk:?}")).0);
         }
         assert!(peaks[1] < peaks[0], "{precision:?}: the chunked loss's peak {} is not below the whole loss's {}", peaks[1], peaks[0]);
     }

@@ -67,10 +67,7 @@ enum BlockTape<B: AutodiffBackend> {
     },
     /// Selective recompute of a block whose core keeps only `o` and the log-sum-exp: the
     /// block's whole graph from a fresh input leaf.
-    Graph {
-        input: Tensor<B, 3>,
-        output: Tensor<B, 3>,
-    },
+    Graph(Kept<B>),
 }
 
 /// What the blocks kept without recompute: their whole graph from a fresh input leaf.
@@ -167,7 +164,7 @@ fn block_forward<B: AutodiffBackend + ParallelBackend>(block: &TransformerBlock<
         _ if block.attn.core.keeps_lse_only() => {
             let input = cur.detach().require_grad();
             let output = block.forward(input.clone());
-            (output.clone().detach(), BlockTape::Graph { input, output })
+            (output.clone().detach(), BlockTape::Graph(Kept { input, output }))
         }
         _ => {
             // Two fresh leaves of the same value: the two graphs of the block share no node.
@@ -298,7 +295,7 @@ impl<M> Chain<'_, M> {
                 let y = streams.replay(|| block.forward(x.clone()));
                 self.pull(y, dy, &x)
             }
-            BlockTape::Graph { input, output } => self.pull(output, dy, &input),
+            BlockTape::Graph(Kept { input, output }) => self.pull(output, dy, &input),
             BlockTape::Selective { x_in, qkv, x_out, context, y, core } => {
                 barrier(self.tp)?;
                 let g = B::backward_with(y, dy).expect("recomputed shapes match");

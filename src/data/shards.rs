@@ -193,8 +193,9 @@ impl TokenShards {
     fn check(&self, f: usize) -> Result<(), ShardError> {
         let (path, map, _) = &self.files[f];
         let vocab = self.vocab;
-        let scan = || match map[HEADER_BYTES..].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).position(|t| t as usize >= vocab) {
-            Some(i) => Err((i, u16::from_le_bytes([map[HEADER_BYTES + 2 * i], map[HEADER_BYTES + 2 * i + 1]]) as u32)),
+        let scan = || match map[HEADER_BYTES..].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).enumerate().find(|&(_, t)| t as usize >= vocab)
+        {
+            Some(bad) => Err(bad),
             None => Ok(()),
         };
         self.checked[f].get_or_init(scan).map_err(|(position, token)| ShardError::Corrupt { path: path.clone(), position, token, vocab })
