@@ -14,6 +14,10 @@ pub(crate) enum DeviceKind {
     Cpu,
     /// One CUDA GPU shared by the rank threads (needs `--features cuda`).
     Cuda,
+    /// The default wgpu adapter (Vulkan/Metal/DX12) shared by the rank threads (needs
+    /// `--features wgpu`): burn's `Wgpu`, the same `Fusion<CubeBackend>` path and kernels as
+    /// `Cuda` (CI runs it on lavapipe, software Vulkan). f32 only where the adapter has no bf16.
+    Wgpu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]

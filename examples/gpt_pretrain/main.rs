@@ -271,6 +271,7 @@ fn main_result(args: &Args) -> Result<(), String> {
     let summary = match args.device {
         DeviceKind::Cpu => run::<burn::backend::Autodiff<burn::backend::Flex>>(args, Default::default(), &data, &start)?,
         DeviceKind::Cuda => run_cuda(args, &data, &start)?,
+        DeviceKind::Wgpu => run_wgpu(args, &data, &start)?,
     };
     println!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
     println!("{}", throughput_line(args, summary.tokens_per_sec));
@@ -398,6 +399,16 @@ fn run_nccl(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String
         return pipelined::train_rank::<B>(args, comm, device, data, start);
     }
     train_rank::<B>(args, comm, device, data, start)
+}
+
+#[cfg(feature = "wgpu")]
+fn run_wgpu(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String> {
+    run::<burn::backend::Autodiff<burn::backend::Wgpu>>(args, Default::default(), data, start)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn run_wgpu(_: &Args, _: &Corpus, _: &Start) -> Result<Summary, String> {
+    Err("this binary was built without wgpu: rebuild with `--features wgpu`".into())
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -308,3 +308,38 @@ fn model_flops_of_gpt2_124m_count_the_matmul_weights_only() {
     let expected = 6.0 * expected_n + 12.0 * 12.0 * 768.0 * 1024.0;
     assert!((flops / expected - 1.0).abs() < 1e-3, "FLOPs/token {flops} vs {expected}");
 }
+
+/// The loss of each `step N loss L` line.
+#[cfg(feature = "wgpu")]
+fn loss_values(lines: &[String]) -> Vec<f32> {
+    lines.iter().map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no loss in {l:?}"))).collect()
+}
+
+/// `--device wgpu` (burn's `Wgpu`: the `Fusion<CubeBackend>` path that `Cuda` takes, with the
+/// fused attention and layer-norm kernels, the device-side norm and loss sums and the chunked
+/// cross-entropy; lavapipe in CI) trains with the CPU run's losses, tp 2 with SP and pp 2 × dp 2
+/// with ZeRO and recompute; a checkpoint saved on wgpu resumes on the CPU with the CPU's losses.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_training_prints_the_cpu_losses_and_its_checkpoint_resumes_on_the_cpu() {
+    let close = |a: &[String], b: &[String], what: &str| {
+        let (a, b) = (loss_values(a), loss_values(b));
+        assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() < 2e-4, "{what}: step {} loss {x} on wgpu, {y} on the CPU ({a:?} vs {b:?})", i + 1);
+        }
+    };
+    for layout in ["--tp 2 --sequence-parallel --loss-chunk 24 --clip-grad 0.5", "--pp 2 --dp 2 --microbatches 2 --zero 1 --recompute selective"] {
+        let base = format!("{TINY} --steps 3 --layers 2 {layout}");
+        let cpu = losses(&base);
+        assert_eq!(cpu.len(), 3, "{layout}: {cpu:?}");
+        close(&losses(&format!("{base} --device wgpu")), &cpu, layout);
+    }
+    let dir = fresh("wgpu-to-cpu");
+    let base = format!("{TINY} --steps 4 --layers 2 --tp 2 --dropout 0.1");
+    let whole = losses(&base);
+    let first = losses(&format!("{base} --device wgpu --exit-at-step 2 --save-dir {}", dir.display()));
+    let rest = losses(&format!("{base} --resume latest --save-dir {}", dir.display()));
+    close(&[first, rest].concat(), &whole, "saved on wgpu, resumed on the CPU");
+    std::fs::remove_dir_all(dir).unwrap();
+}
