@@ -2,7 +2,8 @@
 //! reference on `Flex`, over head widths 16–128 (lane counts 1–8) and sequence lengths that are
 //! not multiples of the tiles, with strided (`[b, s, H, d]` viewed as `[b, H, s, d]`) inputs, on
 //! the raw Cube backend and under `Fusion`, with and without CubeCL's bounds checks.
-//! Also the chunked op (Burn ops) on wgpu. Runs with `--features wgpu` (CI: lavapipe); CUDA in the
+//! Also the chunked op (Burn ops) on wgpu, and the GPT with fused attention in f32 and in f16
+//! (the half-precision code of a bf16 GPU run; lavapipe has no bf16) against `Flex`. Runs with `--features wgpu` (CI: lavapipe); CUDA in the
 //! device binary (`device_check attention`).
 #![cfg(feature = "wgpu")]
 
@@ -220,4 +221,54 @@ fn the_fused_forward_keeps_no_s_by_s_tensor() {
     eprintln!("held by the forward: fused {fused} bytes, composed {composed} bytes (one f32 [b, H, s, s] = {scores})");
     assert!(fused < 4 * io + scores / 4, "the fused forward holds {fused} bytes: more than o, lse and the copies of q/k/v ({io} bytes each)");
     assert!(composed >= 2 * scores, "the composed forward should hold at least two s×s tensors, holds {composed}");
+}
+
+/// The half-precision path of a GPU run on wgpu: the GPT's parameters cast to f16 (lavapipe has
+/// no bf16; the casts, the f32 statistics, softmax and log-sum-exp and the kernels in the half
+/// type are bf16's code), fused attention, the chunked loss, tp 1 and tp 2 with SP, against the
+/// same f16 GPT on `Flex` at tp 1: loss and every parameter gradient within a few f16 ulps of
+/// the largest element. CUDA's bf16 is `device_check`'s and the GPT-2 benchmark's.
+#[test]
+fn half_precision_gpt_on_wgpu_equals_the_cpu() {
+    use burn::tensor::DType;
+    use burn_parallel::attention::AttentionKernel;
+    use burn_parallel::params::named_param_grads;
+    use burn_parallel::precision::cast_params;
+    use burn_parallel_modules::GptConfig;
+    use common::{expected_shard, max_abs_diff, world};
+    let cfg = |kernel| GptConfig::new(64, 40, 64, 4, 2, 128).with_attention(kernel).with_loss_chunk(Some(48));
+    let ids = |name: &str| TensorData::new((0..3 * 40).map(|i| ((i * 7 + name.len() * 5) % 61) as i64).collect::<Vec<_>>(), [3, 40]);
+    fn outcome<B: burn::tensor::backend::AutodiffBackend + burn_parallel::ParallelBackend + burn_parallel::BackwardWith>(
+        cfg: &GptConfig,
+        c: &burn_parallel::Comm,
+        [x, t]: [TensorData; 2],
+    ) -> (f32, Vec<burn_parallel::params::NamedParam>)
+    where
+        B::InnerBackend: burn_parallel::ParallelBackend,
+    {
+        let dev = Default::default();
+        let gpt = cast_params(cfg.init::<B>(c, &dev).unwrap(), DType::F16);
+        let (x, t) = (Tensor::<B, 2, burn::tensor::Int>::from_data(x, &dev), Tensor::<B, 2, burn::tensor::Int>::from_data(t, &dev));
+        let (loss, grads) = gpt.forward_backward(x, t).unwrap();
+        (loss, named_param_grads(&gpt, &grads))
+    }
+    let (loss, reference) = world(1, |c| Ok(outcome::<Autodiff<Flex>>(&cfg(AttentionKernel::Auto), &c, [ids("x"), ids("target")]))).remove(0);
+    let mut worst = 0f32;
+    for (t, sp) in [(1, false), (2, true)] {
+        let fused = cfg(AttentionKernel::Fused).with_sequence_parallel(sp);
+        for (r, (l, params)) in world(t, |c| Ok(outcome::<Autodiff<Wgpu>>(&fused, &c, [ids("x"), ids("target")]))).into_iter().enumerate() {
+            assert!((l - loss).abs() < 2e-3 * loss.abs(), "tp {t}: loss {l} on wgpu, {loss} on the CPU");
+            assert_eq!(params.len(), reference.len());
+            for (p, q) in reference.iter().zip(&params) {
+                let (gp, gq) = (p.grad.as_ref().unwrap(), q.grad.as_ref().unwrap_or_else(|| panic!("no grad for {}", q.path)));
+                assert_eq!(gq.dtype, burn::tensor::DType::F16, "{}", q.path);
+                let want = expected_shard(&gp.clone().convert::<f32>(), gq.shape.as_slice(), r, t).unwrap();
+                let scale = want.to_vec::<f32>().unwrap().iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
+                let err = max_abs_diff(&want, &gq.clone().convert::<f32>()).unwrap() / scale;
+                assert!(err < 2e-2, "tp {t} rank {r}: grad of {}: ‖diff‖∞ / ‖ref‖∞ = {err}", q.path);
+                worst = worst.max(err);
+            }
+        }
+    }
+    eprintln!("f16 on wgpu against f16 on the CPU: worst gradient ‖diff‖∞ / ‖ref‖∞ {worst}");
 }
