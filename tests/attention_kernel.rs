@@ -225,7 +225,8 @@ fn the_fused_forward_keeps_no_s_by_s_tensor() {
 
 /// The half-precision path of a GPU run on wgpu: the GPT's parameters cast to f16 (lavapipe has
 /// no bf16; the casts, the f32 statistics, softmax and log-sum-exp and the kernels in the half
-/// type are bf16's code), fused attention, the chunked loss, tp 1 and tp 2 with SP, against the
+/// type are bf16's code), the chunked loss, fused attention at tp 1 and tp 2 with SP, chunked
+/// attention (its matmuls in the half type) at tp 2 with SP, against the
 /// same f16 GPT on `Flex` at tp 1: loss and every parameter gradient within a few f16 ulps of
 /// the largest element. CUDA's bf16 is `device_check`'s and the GPT-2 benchmark's.
 #[test]
@@ -254,10 +255,10 @@ fn half_precision_gpt_on_wgpu_equals_the_cpu() {
     }
     let (loss, reference) = world(1, |c| Ok(outcome::<Autodiff<Flex>>(&cfg(AttentionKernel::Auto), &c, [ids("x"), ids("target")]))).remove(0);
     let mut worst = 0f32;
-    for (t, sp) in [(1, false), (2, true)] {
-        let fused = cfg(AttentionKernel::Fused).with_sequence_parallel(sp);
-        for (r, (l, params)) in world(t, |c| Ok(outcome::<Autodiff<Wgpu>>(&fused, &c, [ids("x"), ids("target")]))).into_iter().enumerate() {
-            assert!((l - loss).abs() < 2e-3 * loss.abs(), "tp {t}: loss {l} on wgpu, {loss} on the CPU");
+    for (t, sp, kernel) in [(1, false, AttentionKernel::Fused), (2, true, AttentionKernel::Fused), (2, true, AttentionKernel::Chunked(16))] {
+        let config = cfg(kernel).with_sequence_parallel(sp);
+        for (r, (l, params)) in world(t, |c| Ok(outcome::<Autodiff<Wgpu>>(&config, &c, [ids("x"), ids("target")]))).into_iter().enumerate() {
+            assert!((l - loss).abs() < 2e-3 * loss.abs(), "tp {t} {kernel:?}: loss {l} on wgpu, {loss} on the CPU");
             assert_eq!(params.len(), reference.len());
             for (p, q) in reference.iter().zip(&params) {
                 let (gp, gq) = (p.grad.as_ref().unwrap(), q.grad.as_ref().unwrap_or_else(|| panic!("no grad for {}", q.path)));
@@ -265,7 +266,7 @@ fn half_precision_gpt_on_wgpu_equals_the_cpu() {
                 let want = expected_shard(&gp.clone().convert::<f32>(), gq.shape.as_slice(), r, t).unwrap();
                 let scale = want.to_vec::<f32>().unwrap().iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
                 let err = max_abs_diff(&want, &gq.clone().convert::<f32>()).unwrap() / scale;
-                assert!(err < 2e-2, "tp {t} rank {r}: grad of {}: ‖diff‖∞ / ‖ref‖∞ = {err}", q.path);
+                assert!(err < 2e-2, "tp {t} {kernel:?} rank {r}: grad of {}: ‖diff‖∞ / ‖ref‖∞ = {err}", q.path);
                 worst = worst.max(err);
             }
         }
