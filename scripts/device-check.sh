@@ -90,8 +90,10 @@ finish() { # name: appends its log; prints the summary lines
 }
 steps=("$@")
 # Default: what the open issues still need, most important first (steps that no longer fit the
-# budget are skipped, so a short budget runs the head of this list).
-((${#steps[@]})) || steps=(attention+torch-attention gpt2 torch-gpt2 gpt2-chunked burn-nn-gpt2 memory checks nccl-bench ln-tune gpt2-composed gpt2-f32)
+# budget are skipped, so a short budget runs the head of this list). `memory` first: it is all
+# that #15 still needs (a small GPT, no timing: torch's SDPA is timed beside it while its
+# kernels compile); then #16's attention kernels and the GPT-2 benchmark.
+((${#steps[@]})) || steps=(memory+torch-attention attention gpt2 torch-gpt2 gpt2-chunked burn-nn-gpt2 checks nccl-bench ln-tune gpt2-composed gpt2-f32)
 for s in "${steps[@]}"; do
   IFS=+ read -r -a group <<< "$s"
   started=()
