@@ -79,10 +79,7 @@ pub fn dense_peak_tflops(ordinal: usize, bf16: bool) -> Option<f64> {
 /// Bytes of CUDA memory in use on `device` by this thread's stream (cubecl's memory pools, after
 /// draining the stream; cubecl keeps no peak).
 pub fn memory_in_use(device: &burn::backend::cuda::CudaDevice) -> Result<u64, String> {
-    use burn_cubecl::cubecl::Runtime;
-    let client = burn_cubecl::cubecl::cuda::CudaRuntime::client(device);
-    burn::tensor::read_sync(client.sync()).map_err(|e| format!("synchronising: {e:?}"))?;
-    client.memory_usage().map(|u| u.bytes_in_use).map_err(|e| format!("memory usage: {e:?}"))
+    crate::memory::cube_bytes_in_use::<burn::backend::Cuda, burn_cubecl::cubecl::cuda::CudaRuntime>(device)
 }
 
 /// Checks that NCCL can be loaded, without cudarc's panic when it cannot: cudarc looks for

@@ -188,11 +188,7 @@ fn recompute_with_fused_attention_gives_the_gradients_of_no_recompute_bit_for_bi
 
 /// Bytes in use on the wgpu device after the stream drains (cubecl's pools).
 fn wgpu_in_use() -> u64 {
-    use burn_cubecl::cubecl::Runtime;
-    let dev = Default::default();
-    <K as burn::tensor::backend::Backend>::sync(&dev).expect("sync");
-    let client = burn::backend::wgpu::WgpuRuntime::client(&dev);
-    client.memory_usage().expect("memory usage").bytes_in_use
+    burn_parallel::memory::cube_bytes_in_use::<K, burn::backend::wgpu::WgpuRuntime>(&Default::default()).expect("wgpu memory usage")
 }
 
 /// What the forward keeps for the backward, measured: with the graph of `o = attention(q, k, v)`

@@ -10,10 +10,7 @@ use burn::backend::{Autodiff, Wgpu};
 use burn_parallel::memory::GptShape;
 
 fn in_use() -> Result<u64, String> {
-    use burn_cubecl::cubecl::Runtime;
-    let dev = Default::default();
-    <Wgpu as burn::tensor::backend::Backend>::sync(&dev).map_err(|e| format!("sync: {e:?}"))?;
-    burn::backend::wgpu::WgpuRuntime::client(&dev).memory_usage().map(|u| u.bytes_in_use).map_err(|e| format!("memory usage: {e:?}"))
+    burn_parallel::memory::cube_bytes_in_use::<Wgpu, burn::backend::wgpu::WgpuRuntime>(&Default::default())
 }
 
 /// After the forward (model state + what the backward keeps: fused attention's log-sum-exp,

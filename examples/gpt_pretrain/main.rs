@@ -9,6 +9,7 @@
 mod args;
 mod checkpointing;
 mod corpus;
+mod device;
 mod pipelined;
 #[cfg(test)]
 mod tests;
@@ -28,10 +29,15 @@ use burn_parallel_modules::{Gpt, GptConfig};
 use checkpointing::Start;
 
 use corpus::{Corpus, Split};
+use device::DeviceBytes;
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// What rank 0 reports.
+/// What a rank reports (rank 0's losses, sample and throughput are printed).
 pub(crate) struct Summary {
+    /// The global rank.
+    pub(crate) rank: usize,
+    /// Device bytes in use after the last step (model state), on GPU backends.
+    pub(crate) device_bytes: Option<u64>,
     pub(crate) first_loss: f32,
     pub(crate) train_loss: f32,
     pub(crate) val_loss: f32,
@@ -101,7 +107,7 @@ pub(crate) fn progress(args: &Args, rank: usize, start: u64) -> ProgressBar {
 
 fn train_rank<B>(args: &Args, comm: Comm, device: B::Device, data: &Corpus, start: &Start) -> Result<Summary, String>
 where
-    B: AutodiffBackend + ParallelBackend + BackwardWith,
+    B: AutodiffBackend + ParallelBackend + BackwardWith + DeviceBytes,
     B::InnerBackend: ParallelBackend,
 {
     let rank = comm.global_rank();
@@ -144,6 +150,7 @@ where
     }
     bar.finish();
     checkpointing::finish(args, &mut saver, rank)?;
+    let device_bytes = B::bytes_in_use(&device);
     let tokens_per_sec = throughput.tokens_per_sec(train.step, tokens_per_step);
     let model = gpt.valid();
     let train_loss = evaluate(&model, &data.train, "train-eval", args, &device)?;
@@ -151,7 +158,7 @@ where
     let prompt: Vec<usize> = data.val.window(0, args.seq_len.min(16))?.into_iter().map(|t| t as usize).collect();
     let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed).map_err(|e| e.to_string())?;
     let sample = data.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>()).map_err(|e| e.to_string())?;
-    Ok(Summary { first_loss, train_loss, val_loss, tokens_per_sec, sample })
+    Ok(Summary { rank, device_bytes, first_loss, train_loss, val_loss, tokens_per_sec, sample })
 }
 
 /// Tokens per second over the steps after the first two (kernel compilation and warm-up on a
@@ -198,9 +205,10 @@ pub(crate) fn report(args: &Args, bar: &ProgressBar, rank: usize, step: usize, l
     }
 }
 
-fn run<B>(args: &Args, device: B::Device, data: &Corpus, start: &Start) -> Result<Summary, String>
+/// Every rank's summary, in rank order.
+fn run<B>(args: &Args, device: B::Device, data: &Corpus, start: &Start) -> Result<Vec<Summary>, String>
 where
-    B: AutodiffBackend + ParallelBackend + BackwardWith,
+    B: AutodiffBackend + ParallelBackend + BackwardWith + DeviceBytes,
     B::InnerBackend: ParallelBackend,
 {
     args.precision.check::<B::InnerBackend>(&device).map_err(|e| format!("--precision: {e}"))?;
@@ -209,10 +217,10 @@ where
     let world = args.dp * args.pp * args.tp;
     if args.pp > 1 {
         let results = run_world(world, opts, |comm| pipelined::train_rank::<B>(args, comm, device.clone(), data, start));
-        return Ok(all_ok(results)?.remove(0));
+        return all_ok(results);
     }
     let results = run_world(world, opts, |comm| train_rank::<B>(args, comm, device.clone(), data, start));
-    Ok(all_ok(results)?.remove(0))
+    all_ok(results)
 }
 
 fn load(args: &Args) -> Result<Corpus, String> {
@@ -268,16 +276,17 @@ fn main_result(args: &Args) -> Result<(), String> {
     }
     let data = load(args)?;
     tracing::info!(dp = args.dp, tp = args.tp, pp = args.pp, sequence_parallel = args.sequence_parallel, device = ?args.device, steps = args.steps, "training");
-    let summary = match args.device {
+    let summaries = match args.device {
         DeviceKind::Cpu => run::<burn::backend::Autodiff<burn::backend::Flex>>(args, Default::default(), &data, &start)?,
-        DeviceKind::Cuda => run_cuda(args, &data, &start)?,
-        DeviceKind::Wgpu => run_wgpu(args, &data, &start)?,
+        DeviceKind::Cuda => device::run_cuda(args, &data, &start)?,
+        DeviceKind::Wgpu => device::run_wgpu(args, &data, &start)?,
     };
+    let summary = &summaries[0];
     println!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
     println!("{}", throughput_line(args, summary.tokens_per_sec));
     println!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);
     println!("--- sample ---\n{}\n--------------", summary.sample);
-    memory_table(args)?;
+    memory_table(args, &summaries)?;
     Ok(())
 }
 
@@ -290,7 +299,7 @@ fn throughput_line(args: &Args, tokens_per_sec: f64) -> String {
     let (flops, n) = model_flops(args);
     let achieved = tokens_per_sec * flops / 1e12;
     let devices = if args.comm == CommKind::Nccl { (args.dp * args.pp * args.tp) as f64 } else { 1.0 };
-    let peak = args.peak_tflops.or_else(|| detected_peak(args));
+    let peak = args.peak_tflops.or_else(|| device::detected_peak(args));
     let mfu =
         peak.map_or("MFU: pass --peak-tflops".to_string(), |p| format!("MFU {:.1}% of {p} TFLOP/s x {devices} devices", 100.0 * achieved / (p * devices)));
     format!("model FLOPs/token {:.3e} ({:.2}M parameters); achieved {achieved:.3} TFLOP/s; {mfu}", flops, n / 1e6)
@@ -310,109 +319,38 @@ fn gpt_shape(args: &Args) -> burn_parallel::memory::GptShape {
     burn_parallel::memory::GptShape { vocab: c.vocab_size, seq: args.seq_len, hidden: c.d_model, heads: c.n_heads, layers: c.n_layers, ffn: c.d_ff }
 }
 
-#[cfg(feature = "cuda")]
-fn detected_peak(args: &Args) -> Option<f64> {
-    if args.device != DeviceKind::Cuda {
-        return None;
-    }
-    burn_parallel::cuda::dense_peak_tflops(0, args.precision == burn_parallel::precision::Precision::Bf16)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn detected_peak(_: &Args) -> Option<f64> {
-    None
-}
-
-/// The memory model's prediction for this run, per pipeline rank, next to each rank's measured
-/// peak host memory (thread ranks on CPU, where the tracking allocator sees every allocation).
-fn memory_table(args: &Args) -> Result<(), String> {
+/// The memory model's prediction for this run, per pipeline rank, next to each rank's
+/// measurement: on the CPU (thread ranks) the peak host bytes of its thread, which the tracking
+/// allocator sees whole; on a GPU the device bytes in use after the last step (cubecl keeps no
+/// peak), to compare with the predicted model state (parameters + optimizer state).
+fn memory_table(args: &Args, summaries: &[Summary]) -> Result<(), String> {
     let shape = gpt_shape(args);
     let plan = pipelined::memory_plan(args);
     let est = burn_parallel::memory::estimate(&shape, &plan)?;
-    let measured = args.device == DeviceKind::Cpu && args.comm == CommKind::Local && burn_parallel::memory::installed();
-    println!("memory per rank (MB; predicted by burn_parallel::memory, measured: peak host bytes of the rank's thread):");
-    println!("| rank | pp | params | grads | optimizer | activations | predicted peak | measured peak |");
-    let world = args.dp * args.pp * args.tp;
-    for rank in 0..world {
+    let host = args.device == DeviceKind::Cpu && args.comm == CommKind::Local && burn_parallel::memory::installed();
+    let mb = |b: f64| format!("{:.2}", b / 1e6);
+    if args.device == DeviceKind::Cpu {
+        println!("memory per rank (MB; predicted by burn_parallel::memory, measured: peak host bytes of the rank's thread):");
+        println!("| rank | pp | params | grads | optimizer | activations | predicted peak | measured peak |");
+    } else {
+        println!("memory per rank (MB; predicted by burn_parallel::memory, measured: device bytes in use after the last step):");
+        println!("| rank | pp | params | grads | optimizer | activations | predicted peak | predicted params + optimizer | measured after the last step |");
+    }
+    for rank in 0..args.dp * args.pp * args.tp {
         let pp = rank / (args.dp * args.tp);
         let e = &est[pp];
-        let m = if measured { format!("{:.2}", burn_parallel::memory::peak(rank) as f64 / 1e6) } else { "-".into() };
-        println!(
-            "| {rank} | {pp} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {m} |",
-            e.params / 1e6,
-            e.grads / 1e6,
-            e.optimizer / 1e6,
-            e.activations / 1e6,
-            e.peak / 1e6
-        );
+        let device = summaries.iter().find(|s| s.rank == rank).and_then(|s| s.device_bytes);
+        let measured = match (host, device) {
+            (true, _) => mb(burn_parallel::memory::peak(rank) as f64),
+            (false, Some(b)) => format!("{} | {}", mb(e.params + e.optimizer), mb(b as f64)),
+            (false, None) if args.device != DeviceKind::Cpu => format!("{} | -", mb(e.params + e.optimizer)),
+            (false, None) => "-".into(),
+        };
+        let cols = [e.params, e.grads, e.optimizer, e.activations, e.peak].map(mb).join(" | ");
+        println!("| {rank} | {pp} | {cols} | {measured} |");
     }
     Ok(())
 }
 
 #[global_allocator]
 static ALLOC: burn_parallel::memory::TrackingAllocator = burn_parallel::memory::TrackingAllocator;
-
-#[cfg(feature = "cuda")]
-fn run_cuda(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String> {
-    let devices = burn_parallel::cuda::check_cuda().map_err(|e| format!("--device cuda: {e}"))?;
-    tracing::info!(devices, "CUDA");
-    let dir = burn_parallel::cuda::enable_kernel_caches(args.kernel_cache.clone());
-    tracing::info!(cache = %dir.display(), "cubecl kernel and autotune caches");
-    if args.comm == CommKind::Nccl {
-        return run_nccl(args, data, start);
-    }
-    let summary = run::<burn::backend::Autodiff<burn::backend::Cuda>>(args, Default::default(), data, start)?;
-    // cubecl keeps no peak: what the pools hold after training (parameters, optimizer state and
-    // whatever cached blocks the pools kept).
-    match burn_parallel::cuda::memory_in_use(&Default::default()) {
-        Ok(bytes) => println!("CUDA memory in use after training (device 0): {:.1} MB", bytes as f64 / 1e6),
-        Err(e) => tracing::warn!(error = %e, "CUDA memory usage"),
-    }
-    Ok(summary)
-}
-
-/// This process is one rank of a launched job; NCCL connects it to the others.
-#[cfg(feature = "cuda")]
-fn run_nccl(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String> {
-    use burn_parallel::launch::{JobEnv, JobEnvError};
-    type B = burn::backend::Autodiff<burn::backend::Cuda>;
-    let env = match JobEnv::from_env() {
-        Ok(env) => env,
-        Err(JobEnvError::Missing) => JobEnv::from_lookup(|k| match k {
-            "RANK" => Some("0".into()),
-            "WORLD_SIZE" => Some("1".into()),
-            _ => std::env::var(k).ok(),
-        })
-        .map_err(|e| e.to_string())?,
-        Err(e) => return Err(e.to_string()),
-    };
-    // Cold CUDA kernel compilation can keep one rank minutes away from the first collective.
-    let env = JobEnv { timeout: Duration::from_secs(args.timeout_secs), ..env };
-    let world = args.dp * args.pp * args.tp;
-    if env.world_size != world {
-        return Err(format!("WORLD_SIZE={} but --dp {} x --pp {} x --tp {} = {world}", env.world_size, args.dp, args.pp, args.tp));
-    }
-    let comm = burn_parallel::NcclComm::from_env(&env).map_err(|e| e.to_string())?;
-    let device = burn::backend::cuda::CudaDevice::new(env.local_rank);
-    tracing::info!(rank = env.rank, world = env.world_size, gpu = env.local_rank, "NCCL rank");
-    if args.pp > 1 {
-        return pipelined::train_rank::<B>(args, comm, device, data, start);
-    }
-    train_rank::<B>(args, comm, device, data, start)
-}
-
-#[cfg(feature = "wgpu")]
-fn run_wgpu(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String> {
-    run::<burn::backend::Autodiff<burn::backend::Wgpu>>(args, Default::default(), data, start)
-}
-
-#[cfg(not(feature = "wgpu"))]
-fn run_wgpu(_: &Args, _: &Corpus, _: &Start) -> Result<Summary, String> {
-    Err("this binary was built without wgpu: rebuild with `--features wgpu`".into())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn run_cuda(_: &Args, _: &Corpus, _: &Start) -> Result<Summary, String> {
-    let _ = CommKind::Nccl;
-    Err("this binary was built without CUDA: rebuild with `--features cuda` (and CUDARC_CUDA_VERSION=13000)".into())
-}

@@ -125,7 +125,7 @@ where
 
 pub(crate) fn train_rank<B>(args: &Args, world: Comm, device: B::Device, data: &Corpus, start: &Start) -> Result<Summary, String>
 where
-    B: AutodiffBackend + ParallelBackend + BackwardWith,
+    B: AutodiffBackend + ParallelBackend + BackwardWith + crate::device::DeviceBytes,
     B::InnerBackend: ParallelBackend,
 {
     let cfg = ParallelConfig::new()
@@ -137,7 +137,7 @@ where
     let groups = ProcessGroups::new(cfg, world.clone()).map_err(|e| e.to_string())?;
     let model = GptPipeline { config: gpt_config(args), tp: groups.tp.clone() };
     let opts = PipelineOptions { microbatches: microbatches(args), virtual_stages: virtual_stages(args), layout: None };
-    let mut exec = Exec::<B>::new(model, schedule(args)?.as_ref(), &opts, groups.pp.clone(), device).map_err(|e| e.to_string())?;
+    let mut exec = Exec::<B>::new(model, schedule(args)?.as_ref(), &opts, groups.pp.clone(), device.clone()).map_err(|e| e.to_string())?;
     let mut optim = optimizer::<B>(args, &groups);
     restore_stages(start, &groups, &mut exec, &mut optim)?;
     let mut train = start.train_state();
@@ -177,11 +177,12 @@ where
     }
     bar.finish();
     checkpointing::finish(args, &mut saver, rank)?;
+    let device_bytes = B::bytes_in_use(&device);
     let tokens_per_sec = throughput.tokens_per_sec(train.step, tokens_per_step);
     let train_loss = evaluate(args, &exec, &data.train, "train-eval")?;
     let val_loss = evaluate(args, &exec, &data.val, "val")?;
     let sample = "(sampling needs the whole model on one rank: run with --pp 1 to see generated text)".to_string();
-    Ok(Summary { first_loss, train_loss, val_loss, tokens_per_sec, sample })
+    Ok(Summary { rank, device_bytes, first_loss, train_loss, val_loss, tokens_per_sec, sample })
 }
 
 /// This rank's stages, optimizers and streams after `train.step` steps.

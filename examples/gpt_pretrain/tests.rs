@@ -318,7 +318,8 @@ fn loss_values(lines: &[String]) -> Vec<f32> {
 /// `--device wgpu` (burn's `Wgpu`: the `Fusion<CubeBackend>` path that `Cuda` takes, with the
 /// fused attention and layer-norm kernels, the device-side norm and loss sums and the chunked
 /// cross-entropy; lavapipe in CI) trains with the CPU run's losses, tp 2 with SP and pp 2 × dp 2
-/// with ZeRO and recompute; a checkpoint saved on wgpu resumes on the CPU with the CPU's losses.
+/// with ZeRO and recompute; every rank's device bytes after the last step are the predicted
+/// model state; a checkpoint saved on wgpu resumes on the CPU with the CPU's losses.
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_training_prints_the_cpu_losses_and_its_checkpoint_resumes_on_the_cpu() {
@@ -329,11 +330,29 @@ fn wgpu_training_prints_the_cpu_losses_and_its_checkpoint_resumes_on_the_cpu() {
             assert!((x - y).abs() < 2e-4, "{what}: step {} loss {x} on wgpu, {y} on the CPU ({a:?} vs {b:?})", i + 1);
         }
     };
-    for layout in ["--tp 2 --sequence-parallel --loss-chunk 24 --clip-grad 0.5", "--pp 2 --dp 2 --microbatches 2 --zero 1 --recompute selective"] {
+    for (layout, world) in
+        [("--tp 2 --sequence-parallel --loss-chunk 24 --clip-grad 0.5", 2), ("--pp 2 --dp 2 --microbatches 2 --zero 1 --recompute selective", 4)]
+    {
         let base = format!("{TINY} --steps 3 --layers 2 {layout}");
         let cpu = losses(&base);
         assert_eq!(cpu.len(), 3, "{layout}: {cpu:?}");
-        close(&losses(&format!("{base} --device wgpu")), &cpu, layout);
+        let o = run(&format!("{base} --device wgpu"));
+        assert!(o.status.success(), "--device wgpu {layout} failed:\n{}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        let steps: Vec<String> = out.lines().filter_map(|l| l.find("step ").map(|i| l[i..].to_string())).filter(|l| l.contains(" loss ")).collect();
+        close(&steps, &cpu, layout);
+        // The memory table: each rank's device bytes after the last step against the predicted
+        // parameters + optimizer state (MB, 2 decimals).
+        let rows: Vec<Vec<f64>> = out
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| rank"))
+            .map(|l| l.split('|').filter_map(|c| c.trim().parse().ok()).collect())
+            .collect();
+        assert_eq!(rows.len(), world, "{layout}: one row per rank:\n{out}");
+        for r in &rows {
+            let (state, measured) = (r[r.len() - 2], r[r.len() - 1]);
+            assert!((measured - state).abs() <= 0.1 * state + 0.01, "{layout}: rank {} holds {measured} MB after the last step, predicted {state}", r[0]);
+        }
     }
     let dir = fresh("wgpu-to-cpu");
     let base = format!("{TINY} --steps 4 --layers 2 --tp 2 --dropout 0.1");
