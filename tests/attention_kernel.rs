@@ -232,7 +232,7 @@ fn half_precision_gpt_on_wgpu_equals_the_cpu() {
     use burn_parallel::params::named_param_grads;
     use burn_parallel::precision::cast_params;
     use burn_parallel_modules::GptConfig;
-    use common::{expected_shard, max_abs_diff, world};
+    use common::{close, world};
     let cfg = |kernel| GptConfig::new(64, 40, 64, 4, 2, 128).with_attention(kernel).with_loss_chunk(Some(48));
     let ids = |name: &str| TensorData::new((0..3 * 40).map(|i| ((i * 7 + name.len() * 5) % 61) as i64).collect::<Vec<_>>(), [3, 40]);
     fn outcome<B: burn::tensor::backend::AutodiffBackend + burn_parallel::ParallelBackend + burn_parallel::BackwardWith>(
@@ -259,11 +259,7 @@ fn half_precision_gpt_on_wgpu_equals_the_cpu() {
             for (p, q) in reference.iter().zip(&params) {
                 let (gp, gq) = (p.grad.as_ref().unwrap(), q.grad.as_ref().unwrap_or_else(|| panic!("no grad for {}", q.path)));
                 assert_eq!(gq.dtype, burn::tensor::DType::F16, "{}", q.path);
-                let want = expected_shard(&gp.clone().convert::<f32>(), gq.shape.as_slice(), r, t).unwrap();
-                let scale = want.to_vec::<f32>().unwrap().iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
-                let err = max_abs_diff(&want, &gq.clone().convert::<f32>()).unwrap() / scale;
-                assert!(err < 2e-2, "tp {t} {kernel:?} rank {r}: grad of {}: ‖diff‖∞ / ‖ref‖∞ = {err}", q.path);
-                worst = worst.max(err);
+                worst = worst.max(close(&format!("tp {t} {kernel:?}: grad of {}", q.path), gp, gq, r, t, 2e-2));
             }
         }
     }

@@ -339,12 +339,13 @@ fn memory_table(args: &Args, summaries: &[Summary]) -> Result<(), String> {
     for rank in 0..args.dp * args.pp * args.tp {
         let pp = rank / (args.dp * args.tp);
         let e = &est[pp];
-        let device = summaries.iter().find(|s| s.rank == rank).and_then(|s| s.device_bytes);
-        let measured = match (host, device) {
-            (true, _) => mb(burn_parallel::memory::peak(rank) as f64),
-            (false, Some(b)) => format!("{} | {}", mb(e.params + e.optimizer), mb(b as f64)),
-            (false, None) if args.device != DeviceKind::Cpu => format!("{} | -", mb(e.params + e.optimizer)),
-            (false, None) => "-".into(),
+        let measured = match args.device {
+            DeviceKind::Cpu if host => mb(burn_parallel::memory::peak(rank) as f64),
+            DeviceKind::Cpu => "-".into(),
+            _ => {
+                let device = summaries.iter().find(|s| s.rank == rank).and_then(|s| s.device_bytes);
+                format!("{} | {}", mb(e.params + e.optimizer), device.map_or("-".into(), |b| mb(b as f64)))
+            }
         };
         let cols = [e.params, e.grads, e.optimizer, e.activations, e.peak].map(mb).join(" | ");
         println!("| {rank} | {pp} | {cols} | {measured} |");

@@ -61,8 +61,13 @@ fn text(o: &Output) -> String {
 fn losses(flags: &str) -> Vec<String> {
     let o = run(flags);
     assert!(o.status.success(), "gpt_pretrain {flags} failed:\n{}", text(&o));
+    step_lines(&String::from_utf8_lossy(&o.stdout))
+}
+
+/// The `step N loss L` lines of a run's stdout.
+fn step_lines(stdout: &str) -> Vec<String> {
     // The test harness's "test tests::child_process ... " shares the first line.
-    String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.find("step ").map(|i| l[i..].to_string())).filter(|l| l.contains(" loss ")).collect()
+    stdout.lines().filter_map(|l| l.find("step ").map(|i| l[i..].to_string())).filter(|l| l.contains(" loss ")).collect()
 }
 
 fn fresh(name: &str) -> PathBuf {
@@ -339,8 +344,7 @@ fn wgpu_training_prints_the_cpu_losses_and_its_checkpoint_resumes_on_the_cpu() {
         let o = run(&format!("{base} --device wgpu"));
         assert!(o.status.success(), "--device wgpu {layout} failed:\n{}", text(&o));
         let out = String::from_utf8_lossy(&o.stdout);
-        let steps: Vec<String> = out.lines().filter_map(|l| l.find("step ").map(|i| l[i..].to_string())).filter(|l| l.contains(" loss ")).collect();
-        close(&steps, &cpu, layout);
+        close(&step_lines(&out), &cpu, layout);
         // The memory table: each rank's device bytes after the last step against the predicted
         // parameters + optimizer state (MB, 2 decimals).
         let rows: Vec<Vec<f64>> = out

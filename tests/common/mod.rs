@@ -76,6 +76,17 @@ pub fn assert_shard(what: &str, reference: &TensorData, local: &TensorData, rank
     assert!(d <= tol, "{what} (rank {rank} of tp={t}): max |diff| = {d:e} > {tol:e}");
 }
 
+/// `‖a − b‖∞ ≤ tol · max(‖a‖∞, 1e-5)` for the slice of `full` that `rank` of `t` holds.
+pub fn close(what: &str, full: &TensorData, local: &TensorData, rank: usize, t: usize, tol: f32) -> f32 {
+    let want = expected_shard(&full.clone().convert::<f32>(), local.shape.as_slice(), rank, t).unwrap();
+    // The floor: the key bias's gradient is exactly 0 in exact arithmetic (softmax ignores a
+    // shift shared by a row's scores), so only rounding noise (~1e-7) is there to compare.
+    let scale = want.to_vec::<f32>().unwrap().iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-5);
+    let err = max_abs_diff(&want, &local.clone().convert::<f32>()).unwrap() / scale;
+    assert!(err <= tol, "{what} (rank {rank} of {t}): ‖diff‖∞ / ‖ref‖∞ = {err}");
+    err
+}
+
 /// What one rank computed: output, input gradient, parameters with gradients.
 #[derive(Debug, Clone)]
 pub struct Outcome {
