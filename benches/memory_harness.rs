@@ -157,7 +157,7 @@ pub fn state_per_param(shape: &GptShape, dp: usize, zero: bool, precision: Preci
     p.zero = zero;
     p.precision = precision;
     let params = memory::model::parameter_count(shape);
-    let per = |s: i64| (s as f64 - memory::model::GEMM_SCRATCH) / params;
+    let per = |s: i64| (s as f64 - memory::model::gemm_scratch()) / params;
     let m = run(shape, &p, 3);
     (per(m.iter().map(|x| x.state).min().unwrap()), per(m.iter().map(|x| x.state).max().unwrap()))
 }

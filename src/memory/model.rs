@@ -43,7 +43,8 @@
 //! precision: the probabilities' gradient and the scores' cast back); under full
 //! recompute the rerun block's activations), and the optimizer step (state + f32 gradients +
 //! the bucket's send and reduced buffers, then the new values, all-gathered under ZeRO). Plus
-//! the CPU backend's runtime: gemm keeps a 512 KiB scratch buffer per thread.
+//! the CPU backend's runtime: gemm keeps a scratch slab of the L2 cache's size per thread
+//! ([`gemm_scratch`]).
 
 use burn_parallel_schedules::{Action, Op};
 
@@ -128,8 +129,12 @@ pub struct RankMemory {
     pub in_flight: usize,
 }
 
-/// gemm's per-thread scratch buffer, kept after the first matmul (burn-flex's gemm).
-pub const GEMM_SCRATCH: f64 = 512.0 * 1024.0;
+/// gemm's per-thread scratch buffer, kept after the first matmul (burn-flex's gemm): one slab
+/// of the L2 cache's size as gemm detects it (`gemm_common::cache::CACHE_INFO`; 512 KiB to a
+/// few MiB by CPU: a constant was right on one machine and 1.5 MiB short on the next).
+pub fn gemm_scratch() -> f64 {
+    gemm_common::cache::CACHE_INFO[1].cache_bytes as f64
+}
 
 struct Dims {
     n: f64,
@@ -313,7 +318,7 @@ pub fn estimate(g: &GptShape, plan: &TrainPlan) -> Result<Vec<RankMemory>, Strin
         let state = params + optimizer;
         let run = replay(&d, g, plan, &layout, rank_actions, state, grads);
         let optimizer_step = state + optimizer_transient(plan, p, d.e);
-        let runtime = GEMM_SCRATCH;
+        let runtime = gemm_scratch();
         let peak = run.fwd_bwd.max(optimizer_step) + runtime;
         out.push(RankMemory {
             pp_rank: r,
