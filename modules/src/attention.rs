@@ -15,7 +15,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
-use burn_parallel::attention::{causal_attention, causal_attention_chunked, AttentionCore, AttentionKernel};
+use burn_parallel::attention::{causal_attention, causal_attention_chunked, causal_attention_qkv, AttentionCore, AttentionKernel};
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp};
 use burn_parallel::precision::{like, to_f32};
 use burn_parallel::rng::{RandomStreams, StreamCounter};
@@ -117,8 +117,7 @@ impl<B: ParallelBackend> ParallelAttention<B> {
 
     /// Attention of this rank's heads: `[b, s, h]` (after f / all-gather) → `[b, s, h/t]`.
     fn context(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [q, k, v] = self.split_qkv(self.qkv.forward_parallel_input(x));
-        self.core(q, k, v)
+        self.core_qkv(self.qkv.forward_parallel_input(x))
     }
 
     /// The TP entry of the attention input: f (`[b, s, h]`, backward all-reduce) or, under
@@ -142,6 +141,22 @@ impl<B: ParallelBackend> ParallelAttention<B> {
         let (hl, d) = (self.local_heads, self.d_head);
         let grouped = fused.reshape([b, s, hl, 3, d]);
         [0, 1, 2].map(|i| grouped.clone().slice([0..b, 0..s, 0..hl, i..i + 1, 0..d]).reshape([b, s, hl * d]))
+    }
+
+    /// The attention core of a fused projection `[b, s, 3h/t]` → context `[b, s, h/t]`: with a
+    /// fused or chunked [`core`](Self::core) one op on the projection
+    /// ([`causal_attention_qkv`]: no slices of it, its gradient written by one concatenation);
+    /// composed, [`split_qkv`](Self::split_qkv) then [`core`](Self::core).
+    pub fn core_qkv(&self, qkv: Tensor<B, 3>) -> Tensor<B, 3> {
+        let scale = 1.0 / (self.d_head as f32).sqrt();
+        match self.core {
+            AttentionCore::Fused => causal_attention_qkv(qkv, self.local_heads, scale, None),
+            AttentionCore::Chunked(rows) => causal_attention_qkv(qkv, self.local_heads, scale, Some(rows)),
+            AttentionCore::Composed => {
+                let [q, k, v] = self.split_qkv(qkv);
+                self.core(q, k, v)
+            }
+        }
     }
 
     /// The attention core (no parameters): `q, k, v [b, s, h/t]` → context `[b, s, h/t]`:

@@ -110,8 +110,7 @@ impl<B: ParallelBackend> TransformerBlock<B> {
     /// The attention core of a fused q/k/v projection (no parameters; its dropout stream is
     /// the attention's): context `[b, s, h/t]`.
     pub fn attn_core(&self, qkv: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [q, k, v] = self.attn.split_qkv(qkv);
-        self.attn.core(q, k, v)
+        self.attn.core_qkv(qkv)
     }
 
     /// The rest of the block from its input `x` and the attention context: output projection,

@@ -1,7 +1,8 @@
 //! Causal attention as a backend extension: fused flash-attention kernels (CubeCL) on Cube
 //! backends, composed Burn ops elsewhere, one autodiff op for all. Entry points:
-//! [`causal_attention`], and [`causal_attention_chunked`] (Burn ops on query chunks, any
-//! backend, the same memory as the kernels: `chunked.rs`). Layers pick one through
+//! [`causal_attention`], [`causal_attention_chunked`] (Burn ops on query chunks, any
+//! backend, the same memory as the kernels: `chunked.rs`), and [`causal_attention_qkv`] (either,
+//! over a fused `[b, s, 3·H·d]` projection as one op: `packed.rs`). Layers pick one through
 //! [`AttentionKernel`], resolved per backend into an [`AttentionCore`].
 //!
 //! Per head, `q, k, v: [s, d]`, `S = scale·q·kᵀ` with the future masked (`j > i`), softmax rows
@@ -29,6 +30,8 @@
 
 mod chunked;
 pub use chunked::future_mask;
+mod packed;
+pub use packed::causal_attention_qkv;
 #[cfg(feature = "cube")]
 mod cube;
 #[cfg(feature = "cube")]
@@ -114,6 +117,28 @@ pub trait AttentionBackend: Backend {
         let [dq, dk, dv] = chunked::backward(wrap::<Self, 4>(dout), saved, scale, rows);
         (prim(dq), prim(dk), prim(dv))
     }
+
+    /// `(context [b, s, H·d], lse)` of causal attention over a fused projection
+    /// `qkv: [b, s, 3·H·d]` grouped per head (`packed.rs`): q, k, v viewed in `qkv`,
+    /// [`causal_attention`](Self::causal_attention) (the chunked op with `Some(rows)`), merged.
+    fn causal_attention_qkv(qkv: FloatTensor<Self>, heads: usize, scale: f32, rows: Option<usize>) -> AttentionForward<Self> {
+        packed::forward::<Self>(qkv, heads, scale, rows)
+    }
+
+    /// `dqkv [b, s, 3·H·d]` of [`causal_attention_qkv`](Self::causal_attention_qkv) for the
+    /// context's gradient: `(dq, dk, dv)` concatenated per head.
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_qkv_backward(
+        d_context: FloatTensor<Self>,
+        qkv: FloatTensor<Self>,
+        context: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        heads: usize,
+        scale: f32,
+        rows: Option<usize>,
+    ) -> FloatTensor<Self> {
+        packed::backward::<Self>(d_context, packed::Saved { qkv, context, lse }, heads, scale, rows)
+    }
 }
 
 impl AttentionBackend for burn::backend::Flex {}
@@ -188,6 +213,24 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         let (dq, dk, dv) = B::causal_attention_backward(inner(dout), inner(q), inner(k), inner(v), inner(o), inner(lse), scale);
         let outer = |t| <Self as AutodiffBackend>::from_inner(t);
         (outer(dq), outer(dk), outer(dv))
+    }
+
+    fn causal_attention_qkv(qkv: FloatTensor<Self>, heads: usize, scale: f32, rows: Option<usize>) -> AttentionForward<Self> {
+        packed::tracked::<B, C>(qkv, heads, scale, rows)
+    }
+
+    fn causal_attention_qkv_backward(
+        d_context: FloatTensor<Self>,
+        qkv: FloatTensor<Self>,
+        context: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        heads: usize,
+        scale: f32,
+        rows: Option<usize>,
+    ) -> FloatTensor<Self> {
+        let inner = |t: FloatTensor<Self>| <Self as AutodiffBackend>::inner(t);
+        let dqkv = B::causal_attention_qkv_backward(inner(d_context), inner(qkv), inner(context), inner(lse), heads, scale, rows);
+        <Self as AutodiffBackend>::from_inner(dqkv)
     }
 }
 

@@ -173,3 +173,36 @@ fn chunked_choice_parses_and_resolves() {
     assert!(AttentionKernel::Chunked(0).resolve::<A>(&dev, 64, 0.0).is_err());
     assert_eq!(AttentionKernel::Auto.resolve::<A>(&dev, 64, 0.1), Ok(AttentionCore::Composed), "dropout composes");
 }
+
+/// The packed op on a fused `[b, s, 3·H·d]` projection equals three tracked slices of it (head
+/// `j`'s q, k, v at columns `3jd`, `3jd + d`, `3jd + 2d`) through the attention op: the context
+/// and `dqkv`, fused and chunked (a short last chunk), one and several heads.
+#[test]
+fn attention_of_a_fused_projection_equals_attention_of_its_slices() {
+    use super::causal_attention_qkv;
+    let dev = Default::default();
+    for (heads, d, s, rows) in [(3, 4, 7, None), (3, 4, 7, Some(3)), (1, 8, 5, None), (2, 16, 33, Some(8))] {
+        let w = 3 * heads * d;
+        let qkv = Tensor::<A, 4>::from_data(data(9, [2, s, w, 1]), &dev).reshape([2, s, w]).require_grad();
+        let upstream = Tensor::<A, 4>::from_data(data(10, [2, s, heads * d, 1]), &dev).reshape([2, s, heads * d]);
+        let scale = 1.0 / (d as f32).sqrt();
+        let packed = causal_attention_qkv(qkv.clone(), heads, scale, rows);
+        let part = |i: usize| Tensor::stack::<4>((0..heads).map(|j| qkv.clone().narrow(2, (3 * j + i) * d, d)).collect(), 1);
+        let o = match rows {
+            None => causal_attention(part(0), part(1), part(2), scale),
+            Some(r) => causal_attention_chunked(part(0), part(1), part(2), scale, r),
+        };
+        let sliced = o.swap_dims(1, 2).reshape([2, s, heads * d]);
+        let grad = |y: Tensor<A, 3>| qkv.grad(&(y * upstream.clone()).sum().backward()).expect("tracked");
+        let context = (packed.clone() - sliced.clone()).abs().max().into_scalar();
+        let dqkv = (grad(packed) - grad(sliced)).abs().max().into_scalar();
+        assert!(context < 1e-6 && dqkv < 1e-6, "heads {heads} d {d} s {s} rows {rows:?}: context differs by {context}, dqkv by {dqkv}");
+    }
+}
+
+#[test]
+#[should_panic(expected = "width 20 is not 3 × 2 heads")]
+fn a_projection_width_that_is_not_three_whole_heads_panics_with_the_numbers() {
+    let qkv = Tensor::<A, 3>::zeros([1, 2, 20], &Default::default());
+    super::causal_attention_qkv(qkv, 2, 1.0, None);
+}
