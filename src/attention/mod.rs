@@ -124,21 +124,6 @@ pub trait AttentionBackend: Backend {
     fn causal_attention_qkv(qkv: FloatTensor<Self>, heads: usize, scale: f32, rows: Option<usize>) -> AttentionForward<Self> {
         packed::forward::<Self>(qkv, heads, scale, rows)
     }
-
-    /// `dqkv [b, s, 3·H·d]` of [`causal_attention_qkv`](Self::causal_attention_qkv) for the
-    /// context's gradient: `(dq, dk, dv)` concatenated per head.
-    #[allow(clippy::too_many_arguments)]
-    fn causal_attention_qkv_backward(
-        d_context: FloatTensor<Self>,
-        qkv: FloatTensor<Self>,
-        context: FloatTensor<Self>,
-        lse: FloatTensor<Self>,
-        heads: usize,
-        scale: f32,
-        rows: Option<usize>,
-    ) -> FloatTensor<Self> {
-        packed::backward::<Self>(d_context, packed::Saved { qkv, context, lse }, heads, scale, rows)
-    }
 }
 
 impl AttentionBackend for burn::backend::Flex {}
@@ -217,20 +202,6 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
 
     fn causal_attention_qkv(qkv: FloatTensor<Self>, heads: usize, scale: f32, rows: Option<usize>) -> AttentionForward<Self> {
         packed::tracked::<B, C>(qkv, heads, scale, rows)
-    }
-
-    fn causal_attention_qkv_backward(
-        d_context: FloatTensor<Self>,
-        qkv: FloatTensor<Self>,
-        context: FloatTensor<Self>,
-        lse: FloatTensor<Self>,
-        heads: usize,
-        scale: f32,
-        rows: Option<usize>,
-    ) -> FloatTensor<Self> {
-        let inner = |t: FloatTensor<Self>| <Self as AutodiffBackend>::inner(t);
-        let dqkv = B::causal_attention_qkv_backward(inner(d_context), inner(qkv), inner(context), inner(lse), heads, scale, rows);
-        <Self as AutodiffBackend>::from_inner(dqkv)
     }
 }
 

@@ -9,8 +9,9 @@
 //! each fill a zero `[b, s, 3·H·d]` gradient, assign their part and add the three: on a GPU
 //! about eight full-width passes of memory per layer where the concatenation writes one.
 //!
-//! Saved for the backward: `qkv` (what the three q, k, v copies held), the context (the buffer
-//! the output projection keeps anyway) and the f32 `lse`.
+//! Saved for the backward: the q, k, v views (or, where a view's offset is not aligned for a
+//! buffer view, as on CUDA for `d·e` < 512 bytes, the copies the slices take: what the three
+//! slices kept), the context (the buffer the output projection keeps anyway) and the f32 `lse`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -30,7 +31,7 @@ fn head_width(width: usize, heads: usize) -> usize {
 }
 
 /// `[q, k, v]`, each `[b, H, s, d]`, viewed in `qkv: [b, s, 3·H·d]`.
-pub(super) fn split<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> [Tensor<B, 4>; 3] {
+fn split<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> [Tensor<B, 4>; 3] {
     let [b, s, w] = qkv.dims();
     let d = head_width(w, heads);
     let grouped = qkv.reshape([b, s, heads, 3, d]);
@@ -49,39 +50,21 @@ fn heads_of<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
     x.reshape([b, s, heads, w / heads]).swap_dims(1, 2)
 }
 
-/// The default [`AttentionBackend::causal_attention_qkv`]: views, the backend's attention
-/// (chunked with `Some(rows)`), merge.
-pub(super) fn forward<B: AttentionBackend>(qkv: FloatTensor<B>, heads: usize, scale: f32, rows: Option<usize>) -> AttentionForward<B> {
+/// `(q, k, v)` viewed in `qkv`, and `(context, lse)` of the backend's attention over them
+/// (chunked with `Some(rows)`).
+fn attend<B: AttentionBackend>(qkv: FloatTensor<B>, heads: usize, scale: f32, rows: Option<usize>) -> ([FloatTensor<B>; 3], AttentionForward<B>) {
     let [q, k, v] = split::<B>(wrap(qkv), heads).map(prim);
     let (o, lse) = match rows {
-        Some(rows) => B::causal_attention_chunked(q, k, v, scale, rows),
-        None => B::causal_attention(q, k, v, scale),
+        Some(rows) => B::causal_attention_chunked(q.clone(), k.clone(), v.clone(), scale, rows),
+        None => B::causal_attention(q.clone(), k.clone(), v.clone(), scale),
     };
-    (prim(merge::<B>(wrap(o))), lse)
+    ([q, k, v], (prim(merge::<B>(wrap(o))), lse))
 }
 
-/// What [`backward`] reads: the forward's input and outputs.
-pub(super) struct Saved<B: Backend> {
-    pub qkv: FloatTensor<B>,
-    pub context: FloatTensor<B>,
-    pub lse: FloatTensor<B>,
-}
-
-/// The default [`AttentionBackend::causal_attention_qkv_backward`]: `dqkv [b, s, 3·H·d]` from
-/// the context's gradient, the backend's `(dq, dk, dv)` concatenated per head.
-pub(super) fn backward<B: AttentionBackend>(d_context: FloatTensor<B>, saved: Saved<B>, heads: usize, scale: f32, rows: Option<usize>) -> FloatTensor<B> {
-    let qkv = wrap::<B, 3>(saved.qkv);
-    let [b, s, w] = qkv.dims();
-    let d = head_width(w, heads);
-    let [q, k, v] = split(qkv, heads).map(prim);
-    let dout = prim(heads_of::<B>(wrap(d_context), heads));
-    let o = prim(heads_of::<B>(wrap(saved.context), heads));
-    let (dq, dk, dv) = match rows {
-        Some(rows) => B::causal_attention_chunked_backward(dout, q, k, v, o, saved.lse, scale, rows),
-        None => B::causal_attention_backward(dout, q, k, v, o, saved.lse, scale),
-    };
-    let part = |g: FloatTensor<B>| wrap::<B, 4>(g).swap_dims(1, 2).reshape([b, s, heads, 1, d]);
-    prim(Tensor::cat(vec![part(dq), part(dk), part(dv)], 3).reshape([b, s, w]))
+/// The default [`AttentionBackend::causal_attention_qkv`]: views, the backend's attention,
+/// merge.
+pub(super) fn forward<B: AttentionBackend>(qkv: FloatTensor<B>, heads: usize, scale: f32, rows: Option<usize>) -> AttentionForward<B> {
+    attend::<B>(qkv, heads, scale, rows).1
 }
 
 #[derive(Debug)]
@@ -92,31 +75,40 @@ struct PackedBackwardOp {
 }
 
 impl<B: AttentionBackend> Backward<B, 1> for PackedBackwardOp {
-    // qkv, context, lse
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+    // q, k, v (views of qkv, or the copies a misaligned view takes), context, lse
+    type State = ([FloatTensor<B>; 3], FloatTensor<B>, FloatTensor<B>);
 
+    /// `dqkv [b, s, 3·H·d]`: the backend's `(dq, dk, dv)` concatenated per head.
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [parent] = ops.parents;
         let d_context = grads.consume::<B>(&ops.node);
-        let (qkv, context, lse) = ops.state;
-        if let Some(node) = parent {
-            let dqkv = B::causal_attention_qkv_backward(d_context, qkv, context, lse, self.heads, self.scale, self.rows);
-            grads.register::<B>(node.id, dqkv);
-        }
+        let Some(node) = parent else { return };
+        let ([q, k, v], context, lse) = ops.state;
+        let [b, s, w] = wrap::<B, 3>(context.clone()).dims();
+        let d = w / self.heads;
+        let dout = prim(heads_of::<B>(wrap(d_context), self.heads));
+        let o = prim(heads_of::<B>(wrap(context), self.heads));
+        let (dq, dk, dv) = match self.rows {
+            Some(rows) => B::causal_attention_chunked_backward(dout, q, k, v, o, lse, self.scale, rows),
+            None => B::causal_attention_backward(dout, q, k, v, o, lse, self.scale),
+        };
+        let part = |g: FloatTensor<B>| wrap::<B, 4>(g).swap_dims(1, 2).reshape([b, s, self.heads, 1, d]);
+        let dqkv = Tensor::cat(vec![part(dq), part(dk), part(dv)], 3).reshape([b, s, 3 * w]);
+        grads.register::<B>(node.id, prim(dqkv));
     }
 }
 
-/// [`AttentionBackend::causal_attention_qkv`] under `Autodiff`: the inner backend's, as one
-/// tracked op with `qkv` its only parent.
+/// [`AttentionBackend::causal_attention_qkv`] under `Autodiff`: the inner backend's attention
+/// over views of `qkv`, one tracked op with `qkv` its only parent.
 pub(super) fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
     qkv: FloatTensor<Autodiff<B, C>>,
     heads: usize,
     scale: f32,
     rows: Option<usize>,
 ) -> AttentionForward<Autodiff<B, C>> {
-    let (context, lse) = B::causal_attention_qkv(qkv.primitive.clone(), heads, scale, rows);
+    let (qkv_views, (context, lse)) = attend::<B>(qkv.primitive.clone(), heads, scale, rows);
     let out = match (PackedBackwardOp { heads, scale, rows }).prepare::<C>([qkv.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((qkv.primitive, context.clone(), lse.clone()), context),
+        OpsKind::Tracked(prep) => prep.finish((qkv_views, context.clone(), lse.clone()), context),
         OpsKind::UnTracked(prep) => prep.finish(context),
     };
     (out, <Autodiff<B, C> as AutodiffBackend>::from_inner(lse))
