@@ -24,7 +24,14 @@ const STEPS: usize = 3;
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Opt {
     Burn,
-    Dist { zero: bool },
+    Dist {
+        zero: bool,
+    },
+    /// DistAdamW with fused updates of up to `bytes` of state per group (0: per parameter).
+    Grouped {
+        zero: bool,
+        bytes: usize,
+    },
 }
 
 /// Every parameter (path, bits) of rank `r` after `STEPS` steps of the flat GPT at dp × tp.
@@ -37,7 +44,10 @@ fn flat(dp: usize, tp: usize, config: &GptConfig, opt: Opt, clip: Option<f32>) -
         let mut model = config.init::<B>(&groups.tp, &Default::default()).map_err(|e| e.to_string())?;
         let mut burn_opt = AdamWConfig::new().with_weight_decay(0.1).init();
         let mut dist = DistAdamW::<B>::new(
-            DistAdamWConfig::new().with_weight_decay(0.1).with_zero(matches!(opt, Opt::Dist { zero: true })).with_bucket_bytes(3000),
+            match opt {
+                Opt::Grouped { zero, bytes } => DistAdamWConfig::new().with_weight_decay(0.1).with_zero(zero).with_bucket_bytes(3000).with_group_bytes(bytes),
+                _ => DistAdamWConfig::new().with_weight_decay(0.1).with_zero(matches!(opt, Opt::Dist { zero: true })).with_bucket_bytes(3000),
+            },
             &groups,
         );
         for step in 0..STEPS {
@@ -55,7 +65,7 @@ fn flat(dp: usize, tp: usize, config: &GptConfig, opt: Opt, clip: Option<f32>) -
                     };
                     burn_opt.step(2e-2, model, grads)
                 }
-                Opt::Dist { .. } => {
+                Opt::Dist { .. } | Opt::Grouped { .. } => {
                     let (mut m, _) = dist.step(2e-2, vec![(model, grads)], clip).map_err(|e| e.to_string())?;
                     m.remove(0)
                 }
@@ -91,6 +101,23 @@ fn plain_dp_in_f32_is_bitwise_burns_adamw_path() {
     let config = gpt(2, false, 0.0);
     for clip in [None, Some(0.05)] {
         assert_eq!(flat(2, 2, &config, Opt::Burn, clip), flat(2, 2, &config, Opt::Dist { zero: false }, clip), "clip {clip:?}");
+    }
+}
+
+/// The fused update (one flat tensor per group of parameters) is bitwise the per-parameter one:
+/// a group per parameter (0 bytes), groups of a few parameters (3000 bytes: the larger
+/// parameters alone, the small ones together), all of one dtype in one group (25 MiB),
+/// with plain DP and clipping, ZeRO with uneven rows (dp 3), and bf16 parameters with f32
+/// masters.
+#[test]
+fn fused_groups_give_bitwise_the_per_parameter_update() {
+    let (f32c, bf16) = (gpt(2, false, 0.0), gpt(2, false, 0.0).with_precision(Precision::Bf16));
+    for (config, dp, tp, zero) in [(&f32c, 2, 2, false), (&f32c, 3, 1, true), (&bf16, 2, 1, true), (&bf16, 1, 2, false)] {
+        let one = flat(dp, tp, config, Opt::Grouped { zero, bytes: 0 }, Some(0.05));
+        for bytes in [3000, 26214400] {
+            let what = format!("{:?} dp {dp} tp {tp} zero {zero} group bytes {bytes}", config.precision);
+            assert!(one == flat(dp, tp, config, Opt::Grouped { zero, bytes }, Some(0.05)), "{what}");
+        }
     }
 }
 
@@ -225,5 +252,20 @@ fn optimizer_checkpoints_reshard_between_zero_and_plain_dp_dp_sizes_and_precisio
         }
         std::fs::remove_dir_all(dir_a).unwrap();
         std::fs::remove_dir_all(dir_b).unwrap();
+    }
+}
+
+/// A resumed run regroups the loaded per-parameter state (moments, f32 masters, step counts)
+/// into fused groups: its losses are bitwise those of the uninterrupted run.
+#[test]
+fn resumed_state_regroups_into_the_uninterrupted_run() {
+    for (dp, zero, precision) in [(2, true, Precision::Bf16), (1, false, Precision::F32)] {
+        let bits = |l: &[f32]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let straight = run(dp, zero, precision, None, 4, None);
+        let dir = runner::temp_dir("opt-regroup");
+        run(dp, zero, precision, None, 2, Some(&dir));
+        let resumed = run(dp, zero, precision, Some(&dir), 2, None);
+        assert_eq!(bits(&straight[2..]), bits(&resumed), "dp {dp} zero {zero} {precision}: {straight:?} then {resumed:?}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

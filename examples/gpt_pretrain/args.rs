@@ -192,6 +192,13 @@ pub(crate) struct Args {
     /// traffic as the all-reduce it replaces). Needs --dp 2 or more.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub(crate) zero: u8,
+    /// MiB of f32 optimizer state per fused AdamW update (consecutive parameters updated as one
+    /// flat tensor: a few kernels per group instead of ~16 operations per parameter; bitwise
+    /// the same values). Default: 25 on --device cuda|wgpu, 0 (one parameter at a time) on the
+    /// CPU, where each intermediate is materialised for the whole group (more memory) and
+    /// large parameters update faster one by one.
+    #[arg(long)]
+    pub(crate) optimizer_group_mb: Option<usize>,
     /// Activation recompute: none; selective (rerun the composed attention core in the backward:
     /// drops the [b, heads, s, s] tensors for a few % more compute; the same as none with a
     /// fused or chunked core, which keeps no such tensor); full (keep each block's input,

@@ -62,13 +62,14 @@ fn gpt_config(args: &Args) -> GptConfig {
 }
 
 /// This rank's optimizer: AdamW (β₂ 0.95) with f32 masters, DP reduction, global clipping
-/// (`--clip-grad`) and ZeRO-1 (`--zero 1`).
+/// (`--clip-grad`), ZeRO-1 (`--zero 1`) and fused updates (`--optimizer-group-mb`).
 pub(crate) fn optimizer<B>(args: &Args, groups: &ProcessGroups) -> DistAdamW<B>
 where
     B: AutodiffBackend,
     B::InnerBackend: ParallelBackend,
 {
-    let config = DistAdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).with_zero(args.zero == 1);
+    let group_mb = args.optimizer_group_mb.unwrap_or(if args.device == DeviceKind::Cpu { 0 } else { 25 });
+    let config = DistAdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).with_zero(args.zero == 1).with_group_bytes(group_mb << 20);
     DistAdamW::new(config, groups)
 }
 

@@ -99,6 +99,22 @@ fn resume_prints_the_same_losses_bit_for_bit() {
     }
 }
 
+/// Fused optimizer updates (`--optimizer-group-mb`, the GPU devices' default) print the
+/// per-parameter losses bit for bit, also across a resume (the loaded state regroups).
+#[test]
+fn fused_optimizer_updates_print_the_per_parameter_losses() {
+    let dir = fresh("fused-optim");
+    let base = format!("{TINY} --steps 4 --dp 2 --zero 1 --precision bf16 --clip-grad 0.5");
+    let per_parameter = losses(&base);
+    assert_eq!(per_parameter.len(), 4, "{per_parameter:?}");
+    let fused = format!("{base} --optimizer-group-mb 1");
+    assert_eq!(losses(&fused), per_parameter);
+    let first = losses(&format!("{fused} --exit-at-step 2 --save-dir {}", dir.display()));
+    let rest = losses(&format!("{fused} --resume latest --save-dir {}", dir.display()));
+    assert_eq!([first, rest].concat(), per_parameter);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// Starts a run that stalls at `phase` of its first save and kills it there with SIGKILL.
 fn kill_at(phase: &str, flags: &str) {
     let mut c = child(flags).env("BURN_PARALLEL_CHECKPOINT_STALL", phase).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();

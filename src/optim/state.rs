@@ -4,14 +4,14 @@
 //! (`model.<p>`), so a bf16 run's checkpoint holds f32 weights. Who writes: under ZeRO each DP
 //! rank its own rows, else DP rank 0; TP-replicated tensors only TP rank 0.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
 
-use super::{DistAdamW, Slot};
+use super::{DistAdamW, Groups, Slot};
 use crate::checkpoint::{module_tensors, Checkpoint, CheckpointError, HostTensor, Rename, ShardContext, MODEL_PREFIX};
 use crate::sharding::{placement, tp_split_dim, ShardPlacement};
 use crate::CollectiveBackend;
@@ -88,15 +88,15 @@ where
                     let flat = t.clone().into_data();
                     HostTensor { name, data: TensorData::from_bytes(flat.bytes, shape.clone(), flat.dtype), placement: place.clone(), write }
                 };
-                let slot = self.slots.get(&s.id);
-                match slot.and_then(|x| x.master.as_ref()) {
+                let slot = self.state.slot(&s.id);
+                match slot.as_ref().and_then(|x| x.master.as_ref()) {
                     Some(master) => out.push(host(format!("{MODEL_PREFIX}{name}"), master)),
                     None => out.push(t),
                 }
                 if let Some(Slot { moments: Some((m, v)), step, .. }) = slot {
-                    counters.insert(format!("optim.step.{name}"), *step as u64);
-                    out.push(host(format!("optim.exp_avg.{name}"), m));
-                    out.push(host(format!("optim.exp_avg_sq.{name}"), v));
+                    counters.insert(format!("optim.step.{name}"), step as u64);
+                    out.push(host(format!("optim.exp_avg.{name}"), &m));
+                    out.push(host(format!("optim.exp_avg_sq.{name}"), &v));
                 }
             }
         }
@@ -108,7 +108,7 @@ where
     /// state changes. The parameters themselves are loaded with
     /// [`load_module_cast`](crate::checkpoint::load_module_cast).
     pub fn load<M: AutodiffModule<B>>(&mut self, ckpt: &Checkpoint, parts: &[(&M, Rename<'_>)], ctx: ShardContext) -> Result<(), CheckpointError> {
-        let mut slots = HashMap::new();
+        let mut slots = Vec::new();
         for (module, rename) in parts {
             let device: B::Device = module.devices().into_iter().next().unwrap_or_default();
             for s in params::<B, M>(module) {
@@ -126,10 +126,10 @@ where
                     Some(&step) => (Some((read(format!("optim.exp_avg.{name}"))?, read(format!("optim.exp_avg_sq.{name}"))?)), step as usize),
                     None => (None, 0),
                 };
-                slots.insert(s.id, Slot { master, moments, step });
+                slots.push((s.id, n, Slot { master, moments, step }));
             }
         }
-        self.slots = slots;
+        self.state = Groups::from_slots(slots);
         Ok(())
     }
 }
