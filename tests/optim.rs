@@ -269,3 +269,49 @@ fn resumed_state_regroups_into_the_uninterrupted_run() {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+/// Every float parameter's id and rank.
+struct Ids(Vec<(burn::module::ParamId, usize)>);
+
+impl burn::module::ModuleVisitor<B> for Ids {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        self.0.push((param.id, D));
+    }
+}
+
+/// Two parameters without a gradient in one step (as if frozen for it): they keep their values
+/// and state, their fused groups are broken up around them (their step counts lag from then
+/// on), and every parameter is bitwise the per-parameter update's after 4 steps; bf16 with f32
+/// masters, ZeRO over dp 2.
+#[test]
+fn parameters_without_a_gradient_break_their_group_up_bitwise() {
+    use burn::module::Module;
+    let config = gpt(2, false, 0.0).with_precision(Precision::Bf16);
+    let run = |bytes: usize| {
+        world(2, |c| {
+            let groups = ProcessGroups::new(ParallelConfig::new().with_data_parallel(2), c).map_err(|e| e.to_string())?;
+            let mut model = config.init::<B>(&groups.tp, &Default::default()).map_err(|e| e.to_string())?;
+            let mut opt = DistAdamW::<B>::new(DistAdamWConfig::new().with_zero(true).with_group_bytes(bytes), &groups);
+            let mut ids = Ids(Vec::new());
+            model.visit(&mut ids);
+            for step in 0..4 {
+                let range = GlobalSampler::replica_samples((step * GLOBAL_BATCH) as u64, GLOBAL_BATCH / 2, groups.coords.dp);
+                let (x, y) = samples(range);
+                let loss = model.loss(Tensor::<B, 2, Int>::from_data(x, &Default::default()), Tensor::from_data(y, &Default::default()));
+                let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+                if step == 1 {
+                    for &(id, rank) in [ids.0[3], ids.0[8]].iter() {
+                        let removed = if rank == 1 { grads.remove::<Inner, 1>(id).is_some() } else { grads.remove::<Inner, 2>(id).is_some() };
+                        assert!(removed, "parameter {id} of rank {rank} had a gradient");
+                    }
+                }
+                model = opt.step(1e-2, vec![(model, grads)], Some(1.0)).map_err(|e| e.to_string())?.0.remove(0);
+            }
+            Ok(named_params(&model).into_iter().map(|p| (p.path, p.value.convert::<f32>().to_vec::<f32>().unwrap())).collect::<Vec<_>>())
+        })
+    };
+    let per_parameter = run(0);
+    for bytes in [3000, 26214400] {
+        assert!(run(bytes) == per_parameter, "group bytes {bytes}");
+    }
+}

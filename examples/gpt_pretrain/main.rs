@@ -69,7 +69,11 @@ where
     B::InnerBackend: ParallelBackend,
 {
     let group_mb = args.optimizer_group_mb.unwrap_or(if args.device == DeviceKind::Cpu { 0 } else { 25 });
-    let config = DistAdamWConfig::new().with_beta_2(0.95).with_weight_decay(args.weight_decay).with_zero(args.zero == 1).with_group_bytes(group_mb << 20);
+    let config = DistAdamWConfig::new()
+        .with_beta_2(0.95)
+        .with_weight_decay(args.weight_decay)
+        .with_zero(args.zero == 1)
+        .with_group_bytes(group_mb.saturating_mul(1 << 20));
     DistAdamW::new(config, groups)
 }
 

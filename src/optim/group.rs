@@ -8,12 +8,15 @@
 //!
 //! A group holds parameters of one dtype and one state (same step count, moments and master
 //! present or not), in the order the step visits them, up to
-//! [`group_bytes`](super::DistAdamWConfig::group_bytes) of f32 state (at least one parameter).
-//! The grouping is planned at each step from the parameters that have gradients; when it
-//! differs from the stored one (the first step, after a checkpoint load, a parameter without a
-//! gradient) the state is regrouped once by concatenation.
+//! [`group_bytes`](super::DistAdamWConfig::group_bytes) per flat f32 tensor (at least one
+//! parameter; the group's moments and master are each that size). The grouping is planned at
+//! each step from the parameters that have gradients; when it differs from the stored one (the
+//! first step, after a checkpoint load, a parameter without a gradient) the state is regrouped
+//! by concatenation, one stored group at a time. A parameter that missed a step keeps a lower
+//! step count from then on, so it and its neighbours form separate groups (the values are the
+//! same, only less is fused).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use burn::module::ParamId;
 use burn::tensor::backend::Backend;
@@ -137,77 +140,107 @@ impl<I: Backend> Groups<I> {
 
     /// Takes out the state of `runs` (each a planned group's members), regrouping where the
     /// stored groups differ: a run equal to a stored group takes it as it is, any other run
-    /// concatenates its members' pieces. Members of no run keep their state, as single-member
-    /// groups where their group was broken up.
-    pub fn take(&mut self, runs: &[Vec<(ParamId, usize)>]) -> Vec<Group<I>> {
+    /// concatenates its members' pieces (a stored group is dropped as soon as its last piece is
+    /// copied: the regrouping holds one group's worth twice, not the whole state). Members of no
+    /// run keep their state; where their group was broken up, as single-member groups copied
+    /// out of it (a view would keep the whole group's tensors alive): their ids are returned
+    /// too, so the step can copy their parameter values likewise.
+    pub fn take(&mut self, runs: &[Vec<(ParamId, usize)>]) -> (Vec<Group<I>>, Vec<ParamId>) {
         let mut old: Vec<Option<Group<I>>> = std::mem::take(&mut self.groups).into_iter().map(Some).collect();
         let index = std::mem::take(&mut self.index);
-        let whole: HashMap<&[(ParamId, usize)], usize> =
-            old.iter().enumerate().map(|(g, x)| (x.as_ref().expect("all present").members.as_slice(), g)).collect();
-        let same: Vec<Option<usize>> = runs.iter().map(|r| whole.get(r.as_slice()).copied()).collect();
-        drop(whole);
-        // Pieces of the runs that regroup, read before any stored group moves.
-        let assembled: Vec<Option<Group<I>>> =
-            runs.iter().zip(&same).map(|(run, same)| if same.is_some() { None } else { Some(self.assemble(run, &old, &index)) }).collect();
-        let mut out = Vec::with_capacity(runs.len());
-        for (same, assembled) in same.into_iter().zip(assembled) {
-            match same {
-                Some(g) => out.push(old[g].take().expect("a stored group serves one run")),
-                None => out.push(assembled.expect("assembled")),
-            }
-        }
-        // Stored groups not taken whole: their members outside every run stay, one by one.
-        let in_runs: std::collections::HashSet<ParamId> = runs.iter().flatten().map(|(id, _)| *id).collect();
-        let mut rest = Vec::new();
-        for group in old.into_iter().flatten() {
+        let same: Vec<Option<usize>> = {
+            let whole: HashMap<&[(ParamId, usize)], usize> =
+                old.iter().enumerate().map(|(g, x)| (x.as_ref().expect("all present").members.as_slice(), g)).collect();
+            runs.iter().map(|r| whole.get(r.as_slice()).copied()).collect()
+        };
+        let in_runs: HashSet<ParamId> = runs.iter().flatten().map(|(id, _)| *id).collect();
+        let whole: HashSet<usize> = same.iter().flatten().copied().collect();
+        let (mut rest, mut left) = (Vec::new(), Vec::new());
+        for (g, slot) in old.iter_mut().enumerate() {
+            let Some(group) = slot.as_ref().filter(|_| !whole.contains(&g)) else { continue };
             if group.members.iter().all(|(id, _)| !in_runs.contains(id)) {
-                rest.push(group);
+                rest.extend(slot.take());
                 continue;
             }
             let mut at = 0;
             for &(id, len) in &group.members {
                 if !in_runs.contains(&id) {
-                    rest.push(Group { members: vec![(id, len)], state: cut(&group.state, at, len) });
+                    rest.push(Group { members: vec![(id, len)], state: copy(cut(&group.state, at, len)) });
+                    left.push(id);
                 }
                 at += len;
             }
         }
-        *self = Self::indexed(rest);
-        out
-    }
-
-    /// A run's group from its members' stored pieces (all of one signature by construction).
-    fn assemble(&self, run: &[(ParamId, usize)], old: &[Option<Group<I>>], index: &HashMap<ParamId, (usize, usize, usize)>) -> Group<I> {
-        let slots: Vec<Option<Slot<I>>> = run
-            .iter()
-            .map(|(id, len)| {
-                index.get(id).map(|&(g, at, n)| {
-                    assert_eq!(n, *len, "optimizer state of {id} has {n} elements, the parameter owns {len}");
-                    cut(&old[g].as_ref().expect("all present").state, at, n)
-                })
-            })
-            .collect();
-        let step = slots.first().and_then(|s| s.as_ref().map(|s| s.step)).unwrap_or(0);
-        let (mut masters, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new());
-        for s in slots.into_iter().flatten() {
-            masters.extend(s.master);
-            if let Some((m, v)) = s.moments {
-                ms.push(m);
-                vs.push(v);
+        // Pieces still to be copied out of each stored group.
+        let mut pending = vec![0usize; old.len()];
+        let stored = |run: &[(ParamId, usize)]| run.iter().filter_map(|(id, _)| index.get(id).map(|x| x.0)).collect::<Vec<_>>();
+        for (run, _) in runs.iter().zip(&same).filter(|(_, s)| s.is_none()) {
+            for g in stored(run) {
+                pending[g] += 1;
             }
         }
-        let n = run.len();
-        let full = |v: Vec<Tensor<I, 1>>| (v.len() == n).then(|| concat(v));
-        let moments = full(ms).zip(full(vs));
-        Group { members: run.to_vec(), state: Slot { master: full(masters), moments, step } }
+        let mut out = Vec::with_capacity(runs.len());
+        for (run, same) in runs.iter().zip(same) {
+            if let Some(g) = same {
+                out.push(old[g].take().expect("a stored group serves one run"));
+                continue;
+            }
+            out.push(assemble(run, &old, &index));
+            for g in stored(run) {
+                pending[g] -= 1;
+                if pending[g] == 0 {
+                    old[g] = None;
+                }
+            }
+        }
+        *self = Self::indexed(rest);
+        (out, left)
     }
+}
 
+/// A run's group from its members' stored pieces (all of one signature by construction).
+fn assemble<I: Backend>(run: &[(ParamId, usize)], old: &[Option<Group<I>>], index: &HashMap<ParamId, (usize, usize, usize)>) -> Group<I> {
+    let slots: Vec<Option<Slot<I>>> = run
+        .iter()
+        .map(|(id, len)| {
+            index.get(id).map(|&(g, at, n)| {
+                assert_eq!(n, *len, "optimizer state of {id} has {n} elements, the parameter owns {len}");
+                cut(&old[g].as_ref().expect("all present").state, at, n)
+            })
+        })
+        .collect();
+    let step = slots.first().and_then(|s| s.as_ref().map(|s| s.step)).unwrap_or(0);
+    let (mut masters, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+    for s in slots.into_iter().flatten() {
+        masters.extend(s.master);
+        if let Some((m, v)) = s.moments {
+            ms.push(m);
+            vs.push(v);
+        }
+    }
+    let n = run.len();
+    let full = |v: Vec<Tensor<I, 1>>| (v.len() == n).then(|| concat(v));
+    let moments = full(ms).zip(full(vs));
+    Group { members: run.to_vec(), state: Slot { master: full(masters), moments, step } }
+}
+
+impl<I: Backend> Groups<I> {
     /// Stores updated groups (after [`take`](Self::take)).
     pub fn put(&mut self, updated: Vec<Group<I>>) {
         let mut groups = std::mem::take(&mut self.groups);
         groups.extend(updated);
         *self = Self::indexed(groups);
     }
+}
+
+/// `t` in a buffer of its own (× 1: exact; a slice shares its whole source's buffer).
+pub(crate) fn own_copy<I: Backend, const D: usize>(t: Tensor<I, D>) -> Tensor<I, D> {
+    t.mul_scalar(1.0)
+}
+
+/// A member's state in buffers of its own.
+fn copy<I: Backend>(s: Slot<I>) -> Slot<I> {
+    Slot { master: s.master.map(own_copy), moments: s.moments.map(|(m, v)| (own_copy(m), own_copy(v))), step: s.step }
 }
 
 /// One member's state out of a group's.
@@ -245,7 +278,8 @@ mod tests {
         let mut g = Groups::<I>::from_slots(ids.iter().zip(data).map(|(id, d)| (*id, d.len(), slot(d, 3))).collect());
         let m = |i: usize| (ids[i], data[i].len());
         // a + b + c concatenated, d untouched.
-        let taken = g.take(&[vec![m(0), m(1), m(2)]]);
+        let (taken, left) = g.take(&[vec![m(0), m(1), m(2)]]);
+        assert!(left.is_empty(), "no stored group was broken up");
         assert_eq!(values(&taken[0].state).0, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         assert_eq!(values(&taken[0].state).2, vec![100.0, 200.0, 300.0, 400.0, 500.0, 600.0]);
         assert_eq!(g.len(), 1, "d stays");
@@ -253,10 +287,11 @@ mod tests {
         assert_eq!(g.len(), 4);
         assert_eq!(g.signature(&ids[1]), g.signature(&ids[3]));
         // The same group again comes back as it is; a different split cuts it.
-        let same = g.take(&[vec![m(0), m(1), m(2)]]);
+        let (same, _) = g.take(&[vec![m(0), m(1), m(2)]]);
         assert_eq!(same[0].members, vec![m(0), m(1), m(2)]);
         g.put(same);
-        let taken = g.take(&[vec![m(1), m(2), m(3)]]);
+        let (taken, left) = g.take(&[vec![m(1), m(2), m(3)]]);
+        assert_eq!(left, vec![ids[0]], "a is copied out of its broken group");
         assert_eq!(values(&taken[0].state).1, vec![30.0, 40.0, 50.0, 60.0, 70.0, 80.0]);
         assert_eq!(g.len(), 1, "a is left alone, out of its broken group");
         assert_eq!(values(&g.slot(&ids[0]).unwrap()), (vec![1.0, 2.0], vec![10.0, 20.0], vec![100.0, 200.0]));
@@ -269,7 +304,8 @@ mod tests {
         let new = ParamId::new();
         assert!(g.slot(&new).is_none());
         assert_ne!(g.signature(&new), g.signature(&ids[0]));
-        let fresh = g.take(&[vec![(new, 2)]]);
+        let (fresh, left) = g.take(&[vec![(new, 2)]]);
+        assert!(left.is_empty());
         assert!(fresh[0].state.moments.is_none() && fresh[0].state.master.is_none() && fresh[0].state.step == 0);
     }
 

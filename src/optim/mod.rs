@@ -24,7 +24,7 @@ mod group;
 pub mod shard;
 mod state;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use burn::config::Config;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -61,9 +61,10 @@ pub struct DistAdamWConfig {
     /// Bytes of f32 gradients per collective (all-reduce or reduce-scatter).
     #[config(default = 26214400)]
     pub bucket_bytes: usize,
-    /// Bytes of f32 state per fused update: consecutive parameters of one dtype are updated as
-    /// one flat tensor of up to this many bytes ([`group`] module: one set of tensor operations
-    /// for many parameters, as torch's `foreach` AdamW). 0 (default): one parameter at a time.
+    /// Fused updates: consecutive parameters of one dtype are updated as one flat tensor of up
+    /// to this many f32 bytes (the group's moments and master are each that size; [`group`]
+    /// module: one set of tensor operations for many parameters, as torch's `foreach` AdamW).
+    /// 0 (default): one parameter at a time.
     /// The values are bitwise the same either way. Meant for fusing GPU backends (CUDA, wgpu),
     /// where the host cost of ~16 operations per parameter dominates the step and a group's
     /// chain fuses into a few kernels (`gpt_pretrain` uses 25 MiB there). Not for the CPU: there
@@ -134,17 +135,26 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_, B> {
     }
 }
 
-/// Writes new flat values into the parameters (ids, `require_grad` kept).
+/// Writes new flat values into the parameters (ids, `require_grad` kept); copies the values of
+/// `copy` into buffers of their own.
 struct Apply<I: burn::tensor::backend::Backend> {
     values: HashMap<ParamId, Tensor<I, 1>>,
+    copy: HashSet<ParamId>,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for Apply<B::InnerBackend> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let Some(v) = self.values.remove(&param.id) else { return param };
         let require_grad = param.is_require_grad();
+        let value = match self.values.remove(&param.id) {
+            Some(v) => Some(v),
+            None if self.copy.remove(&param.id) => None,
+            None => return param,
+        };
         param.map(|old| {
-            let t = Tensor::<B, D>::from_inner(v.reshape(old.dims()));
+            let t = Tensor::<B, D>::from_inner(match value {
+                Some(v) => v.reshape(old.dims()),
+                None => group::own_copy(old.inner()),
+            });
             if require_grad {
                 t.require_grad()
             } else {
@@ -210,9 +220,9 @@ where
             }
             None => None,
         };
-        let own = self.update_all(&entries, grads, lr);
+        let (own, left) = self.update_all(&entries, grads, lr);
         let values = self.gather(&entries, own)?;
-        let mut apply = Apply { values: entries.iter().map(|e| e.id).zip(values).collect() };
+        let mut apply = Apply { values: entries.iter().map(|e| e.id).zip(values).collect(), copy: left.into_iter().collect() };
         Ok((modules.into_iter().map(|m| m.map(&mut apply)).collect(), norm))
     }
 
@@ -293,11 +303,18 @@ where
     }
 
     /// AdamW on this rank's rows of every entry, a group at a time; the new rows in each
-    /// parameter's dtype, in entry order.
-    fn update_all(&mut self, entries: &[Entry<B::InnerBackend>], grads: Vec<Tensor<B::InnerBackend, 1>>, lr: f64) -> Vec<Tensor<B::InnerBackend, 1>> {
+    /// parameter's dtype, in entry order, and the parameters without a gradient whose group
+    /// was broken up (their values may be views of its last update's buffer).
+    #[allow(clippy::type_complexity)]
+    fn update_all(
+        &mut self,
+        entries: &[Entry<B::InnerBackend>],
+        grads: Vec<Tensor<B::InnerBackend, 1>>,
+        lr: f64,
+    ) -> (Vec<Tensor<B::InnerBackend, 1>>, Vec<ParamId>) {
         let runs = self.plan(entries);
         let members: Vec<Vec<(ParamId, usize)>> = runs.iter().map(|r| entries[r.clone()].iter().map(|e| (e.id, self.own_range(e).len())).collect()).collect();
-        let groups = self.state.take(&members);
+        let (groups, left) = self.state.take(&members);
         let mut grads = grads.into_iter();
         let (mut own, mut updated) = (Vec::with_capacity(entries.len()), Vec::with_capacity(runs.len()));
         for (run, group) in runs.into_iter().zip(groups) {
@@ -307,7 +324,7 @@ where
             updated.push(group);
         }
         self.state.put(updated);
-        own
+        (own, left)
     }
 
     /// AdamW on a group's rows (`grad`: their f32 gradients, concatenated; Burn's operations,
