@@ -339,10 +339,11 @@ where
         let c = &self.config;
         let dtype = entries[0].dtype;
         let Group { members, state } = group;
+        let rows = || group::concat(entries.iter().map(|e| e.value.clone().slice(self.own_range(e))).collect());
         let current = match (state.master, dtype) {
             (Some(m), _) => m,
-            (None, DType::F32) => group::concat(entries.iter().map(|e| e.value.clone().slice(self.own_range(e))).collect()),
-            (None, _) => crate::precision::to_f32(group::concat(entries.iter().map(|e| e.value.clone().slice(self.own_range(e))).collect())),
+            (None, DType::F32) => rows(),
+            (None, _) => crate::precision::to_f32(rows()),
         };
         let (f1, f2) = (1.0 - c.beta_1, 1.0 - c.beta_2);
         let (m, v) = match state.moments {
