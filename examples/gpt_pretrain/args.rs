@@ -192,9 +192,9 @@ pub(crate) struct Args {
     /// traffic as the all-reduce it replaces). Needs --dp 2 or more.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub(crate) zero: u8,
-    /// MiB of f32 optimizer state per fused AdamW update (consecutive parameters updated as one
-    /// flat tensor: a few kernels per group instead of ~16 operations per parameter; bitwise
-    /// the same values). Default: 25 on --device cuda|wgpu, 0 (one parameter at a time) on the
+    /// Fused AdamW updates: consecutive parameters updated as one flat f32 tensor of up to this
+    /// many MiB (its moments and master each that size; a few kernels per group instead of ~16
+    /// operations per parameter; bitwise the same values). Default: 25 on --device cuda|wgpu, 0 (one parameter at a time) on the
     /// CPU, where each intermediate is materialised for the whole group (more memory) and
     /// large parameters update faster one by one.
     #[arg(long)]
