@@ -44,9 +44,13 @@ fn flat(dp: usize, tp: usize, config: &GptConfig, opt: Opt, clip: Option<f32>) -
         let mut model = config.init::<B>(&groups.tp, &Default::default()).map_err(|e| e.to_string())?;
         let mut burn_opt = AdamWConfig::new().with_weight_decay(0.1).init();
         let mut dist = DistAdamW::<B>::new(
-            match opt {
-                Opt::Grouped { zero, bytes } => DistAdamWConfig::new().with_weight_decay(0.1).with_zero(zero).with_bucket_bytes(3000).with_group_bytes(bytes),
-                _ => DistAdamWConfig::new().with_weight_decay(0.1).with_zero(matches!(opt, Opt::Dist { zero: true })).with_bucket_bytes(3000),
+            {
+                let (zero, bytes) = match opt {
+                    Opt::Grouped { zero, bytes } => (zero, bytes),
+                    Opt::Dist { zero } => (zero, 0),
+                    Opt::Burn => (false, 0),
+                };
+                DistAdamWConfig::new().with_weight_decay(0.1).with_zero(zero).with_bucket_bytes(3000).with_group_bytes(bytes)
             },
             &groups,
         );
