@@ -1,10 +1,11 @@
 //! The flash-attention kernels (forward `o` and `lse`, backward `dq, dk, dv`) against the composed
-//! reference on `Flex`, over head widths 16–128 (lane counts 1–8) and sequence lengths that are
-//! not multiples of the tiles, with strided (`[b, s, H, d]` viewed as `[b, H, s, d]`) inputs, on
-//! the raw Cube backend and under `Fusion`, with and without CubeCL's bounds checks.
-//! Also the chunked op (Burn ops) on wgpu, and the GPT with fused attention in f32 and in f16
-//! (the half-precision code of a bf16 GPU run; lavapipe has no bf16) against `Flex`. Runs with `--features wgpu` (CI: lavapipe); CUDA in the
-//! device binary (`device_check attention`).
+//! reference on `Flex`, over head widths 8–128 (register blocks of 1 × 1 to 4 × 4 per unit) and
+//! sequence lengths that are not multiples of the tiles, with strided (`[b, s, H, d]` viewed as
+//! `[b, H, s, d]`) inputs, on the raw Cube backend and under `Fusion`, with and without CubeCL's
+//! bounds checks. Also the chunked op (Burn ops) on wgpu, and the GPT with fused attention in f32
+//! and in f16 (the half-precision code of a bf16 GPU run; lavapipe has no bf16) against `Flex`.
+//! Runs with `--features wgpu` (CI: lavapipe); CUDA in the device binary
+//! (`device_check attention`).
 #![cfg(feature = "wgpu")]
 
 mod common;
@@ -60,7 +61,11 @@ fn max_rel(a: &TensorData, b: &TensorData) -> f32 {
     x.iter().zip(&y).map(|(p, q)| (p - q).abs() / (1.0 + q.abs())).map(|e| if e.is_nan() { f32::INFINITY } else { e }).fold(0.0, f32::max)
 }
 
-const SHAPES: [[usize; 4]; 6] = [[1, 1, 1, 64], [2, 3, 37, 64], [1, 2, 100, 128], [1, 1, 70, 48], [2, 1, 33, 16], [1, 2, 129, 32]];
+/// Head widths 8–128: on lavapipe's 32 KiB, d 8 runs 4 × 4 blocks per unit in 64 × 32 tiles
+/// (what d 64 runs on a GPU), d 16–64 2 × 2 or 1 × 1, d 48 three head columns per unit, d 33 one
+/// unit per row; sequence lengths below, at and past several tiles.
+const SHAPES: [[usize; 4]; 8] =
+    [[1, 1, 1, 64], [2, 3, 37, 64], [1, 2, 100, 128], [1, 1, 70, 48], [2, 1, 33, 16], [1, 2, 129, 32], [2, 2, 150, 8], [1, 1, 40, 33]];
 
 fn check<B: AttentionBackend>(label: &str, strided: bool) {
     for shape in SHAPES {
@@ -76,7 +81,7 @@ fn check<B: AttentionBackend>(label: &str, strided: bool) {
 #[test]
 fn fused_attention_matches_the_composed_reference() {
     let dev = Default::default();
-    for d in [16, 32, 48, 64, 128] {
+    for d in [8, 16, 32, 33, 48, 64, 128] {
         K::fused_attention(&dev, d).unwrap_or_else(|e| panic!("lavapipe, d {d}: {e}"));
     }
     check::<K>("cube", true);

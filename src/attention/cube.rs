@@ -1,10 +1,13 @@
 //! [`AttentionBackend`] for `CubeBackend` (the kernels of `kernels.rs`) and for `Fusion` (lazy
 //! custom operations of the fusion stream, as the layer norm's).
 //!
-//! Tiles: `lanes` units per row (the largest divisor of `d` up to `d / 16`, at most 8: about 16
-//! output columns per unit), rows per cube a power of two up to 64 (and `rows · lanes` ≤ the
-//! device's units per cube), the largest whose shared memory fits `min(device limit, 100 KiB)`
-//! (several cubes per multiprocessor on CUDA; lavapipe's 32 KiB gives smaller tiles).
+//! Tiles: `tx` units along a tile's columns (the largest of 16, 8, 4, 2, 1 dividing `d` with at
+//! most 32 head columns per unit; narrower only where nothing else fits), `ty = 16` along its
+//! rows (fewer only where the device's units or shared memory demand), and 4, 2 or 1 rows and
+//! columns per unit: the largest blocks whose
+//! registers (≤ 32 accumulators each) and shared memory (`min(device limit, 100 KiB)`: several
+//! cubes per multiprocessor on CUDA; lavapipe's 32 KiB gives smaller tiles) fit. On an H100 at
+//! `d = 64`: `64 × 64` tiles of 256 units, 4 × 4 scores per unit.
 
 use std::marker::PhantomData;
 
@@ -21,7 +24,7 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use super::kernels::{self, Tiles};
 use super::{AttentionBackend, AttentionBackward, AttentionForward};
 
-/// The widest head the kernels take (registers: `d / lanes` ≤ 32 accumulators per unit).
+/// The widest head the kernels take (registers: at most 32 head columns per unit, `tx` ≤ 16).
 pub const MAX_HEAD: usize = 256;
 /// Shared memory a cube may use (bytes), below the device's limit.
 const SHARED_TARGET: usize = 100 << 10;
@@ -35,31 +38,41 @@ enum Kernel {
     Dkv,
 }
 
-/// Shared bytes of a kernel's tiles (f32; rows of `d + 1`).
+/// Shared bytes of a kernel's tiles (f32; rows of `d + 1`, weight tiles of `C + 1` or `R + 1`).
 fn shared_bytes(kernel: Kernel, t: Tiles) -> usize {
     let (r, c, ds) = (t.rows, t.cols, t.stride());
     4 * match kernel {
-        Kernel::Forward => r * ds + c * ds + r * c,
-        Kernel::Dq => 2 * r * ds + 2 * c * ds + r * c,
-        Kernel::Dkv => 2 * r * ds + 2 * c * ds + 2 * r * c + 2 * c,
+        Kernel::Forward => r * ds + 2 * c * ds + r * (c + 1) + r * t.tx,
+        Kernel::Dq => 2 * r * ds + 2 * c * ds + r * (c + 1),
+        Kernel::Dkv => 2 * r * ds + 2 * c * ds + 2 * c * (r + 1) + 2 * c,
     }
 }
 
+/// Most accumulators of one kind per unit (`rows per unit × head columns per unit`).
+const MAX_ACC: usize = 32;
+
 /// The tiles of `kernel` for heads of width `d` on a device with `shared` bytes and `units` per
-/// cube, or why none fit.
+/// cube, or why none fit: the widest `tx` (16, 8, 4, 2, 1: dividing `d`, at most 32 head columns
+/// per unit unless none does) with the first `(ty, rows and columns per unit)` of (16, 4), (16, 2), (16, 1),
+/// (8, 1), (4, 1), (2, 1), (1, 1) that fits.
 fn tiles(kernel: Kernel, d: usize, shared: usize, units: usize) -> Result<Tiles, String> {
     if d == 0 || d > MAX_HEAD {
         return Err(format!("fused attention takes heads of width 1..={MAX_HEAD}, not {d}"));
     }
-    let lanes = (1..=(d / 16).clamp(1, 8)).rev().find(|l| d.is_multiple_of(*l)).unwrap_or(1);
     let limit = shared.min(SHARED_TARGET);
-    let mut rows = 64;
-    while rows >= 1 {
-        let t = Tiles { d, rows, cols: rows, lanes };
-        if rows * lanes <= units && shared_bytes(kernel, t) <= limit {
-            return Ok(t);
+    let blocks = [(16, 4), (16, 2), (16, 1), (8, 1), (4, 1), (2, 1), (1, 1)];
+    let divides = [16, 8, 4, 2, 1].into_iter().filter(|x| d.is_multiple_of(*x));
+    let mut widths = divides.clone().filter(|x| d / x <= MAX_ACC).collect::<Vec<_>>();
+    if widths.is_empty() {
+        widths.extend(divides.take(1)); // odd widths over 32: correct, registers spill
+    }
+    for tx in widths {
+        for (ty, per_unit) in blocks {
+            let t = Tiles { d, rows: ty * per_unit, cols: tx * per_unit, tx, ty };
+            if t.units() <= units && (per_unit == 1 || per_unit * t.dn() <= MAX_ACC) && shared_bytes(kernel, t) <= limit {
+                return Ok(t);
+            }
         }
-        rows /= 2;
     }
     Err(format!("fused attention with heads of width {d} needs more shared memory than the device's {shared} bytes"))
 }
@@ -129,7 +142,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         launch_attn!(kernels::attn_forward_kernel;
             &client,
             grid(b * h, s, t.rows),
-            CubeDim::new_2d(t.lanes as u32, t.rows as u32),
+            CubeDim::new_2d(t.tx as u32, t.ty as u32),
             q.clone().into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
@@ -161,7 +174,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         launch_attn!(kernels::attn_backward_dq_kernel;
             &client,
             grid(b * h, s, tq.rows),
-            CubeDim::new_2d(tq.lanes as u32, tq.rows as u32),
+            CubeDim::new_2d(tq.tx as u32, tq.ty as u32),
             dout.clone().into_tensor_arg(),
             q.clone().into_tensor_arg(),
             k.clone().into_tensor_arg(),
@@ -176,7 +189,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         launch_attn!(kernels::attn_backward_dkv_kernel;
             &client,
             grid(b * h, s, tkv.rows),
-            CubeDim::new_2d(tkv.lanes as u32, tkv.rows as u32),
+            CubeDim::new_2d(tkv.tx as u32, tkv.ty as u32),
             dout.into_tensor_arg(),
             q.clone().into_tensor_arg(),
             k.into_tensor_arg(),
@@ -282,15 +295,22 @@ mod tests {
     #[test]
     fn tiles_fit_the_device_or_say_why() {
         for kernel in [Kernel::Forward, Kernel::Dq, Kernel::Dkv] {
-            for d in [16, 48, 64, 80, 128, 256] {
-                for shared in [16 << 10, 32 << 10, 48 << 10, 227 << 10] {
+            for d in [8, 16, 48, 64, 80, 128, 256, 33] {
+                for shared in [32 << 10, 48 << 10, 227 << 10] {
                     let t = tiles(kernel, d, shared, 256).unwrap();
-                    assert!(shared_bytes(kernel, t) <= shared && t.units() <= 256 && d.is_multiple_of(t.lanes), "{kernel:?} d {d} shared {shared}: {t:?}");
+                    let fits = shared_bytes(kernel, t) <= shared && t.units() <= 256;
+                    let whole = d.is_multiple_of(t.tx) && t.rows.is_multiple_of(t.ty) && t.cols.is_multiple_of(t.tx);
+                    assert!(fits && whole && (t.rm() == 1 || t.rm() * t.dn() <= MAX_ACC), "{kernel:?} d {d} shared {shared}: {t:?}");
                 }
             }
         }
-        assert_eq!(tiles(Kernel::Forward, 64, 227 << 10, 1024).unwrap(), Tiles { d: 64, rows: 64, cols: 64, lanes: 4 });
+        // An H100 at d 64 and 128; lavapipe (32 KiB) at d 64; d 8 takes 4 × 4 blocks there too.
+        assert_eq!(tiles(Kernel::Forward, 64, 227 << 10, 1024).unwrap(), Tiles { d: 64, rows: 64, cols: 64, tx: 16, ty: 16 });
+        assert_eq!(tiles(Kernel::Dkv, 64, 227 << 10, 1024).unwrap(), Tiles { d: 64, rows: 64, cols: 64, tx: 16, ty: 16 });
+        assert_eq!(tiles(Kernel::Dkv, 128, 227 << 10, 1024).unwrap(), Tiles { d: 128, rows: 32, cols: 32, tx: 16, ty: 16 });
+        assert_eq!(tiles(Kernel::Forward, 64, 32 << 10, 256).unwrap(), Tiles { d: 64, rows: 32, cols: 32, tx: 16, ty: 16 });
+        assert_eq!(tiles(Kernel::Dkv, 8, 32 << 10, 256).unwrap(), Tiles { d: 8, rows: 64, cols: 32, tx: 8, ty: 16 });
         assert!(tiles(Kernel::Forward, 512, 227 << 10, 1024).unwrap_err().contains("width 1..=256, not 512"));
-        assert!(tiles(Kernel::Dkv, 256, 1 << 10, 1024).unwrap_err().contains("more shared memory"));
+        assert!(tiles(Kernel::Dkv, 256, 16 << 10, 1024).unwrap_err().contains("more shared memory"));
     }
 }

@@ -1,17 +1,25 @@
-//! The flash-attention kernels (CubeCL; see the parent module for the math). One cube per
-//! `(batch·head, block of rows)`; units `(u, r)` in a `CubeDim(c, rows)`: `r` is the row the unit
-//! works for, `u` its lane among the row's `c` units. Tiles are staged in shared memory as f32
-//! with a row stride of `d + 1` (no bank conflicts when lanes read different rows). Each unit
-//! accumulates `d / c` output columns (`u, u + c, …`) in registers; dot products over `d` read
-//! the shared tiles. Every global access is guarded by the sequence length; inputs are read
-//! through their strides (`[b, H, s, d]` views of any layout), outputs written through theirs.
+//! The flash-attention kernels (CubeCL; see the parent module for the math), register-blocked.
+//! One cube per `(batch·head, block of R rows)`; a `CubeDim(tx, ty)` of units, unit `(x, y)`
+//! owning rows `y + ty·i` (`i < R/ty`), columns `x + tx·j` of each `[R, C]` score tile
+//! (`j < C/tx`), and head dimensions `x + tx·k` (`k < d/tx`) of its rows' outputs:
 //!
-//! - [`attn_forward_kernel`]: rows are queries; per key tile: scores into shared memory, then
-//!   the online softmax (running max `m`, sum `l`, rescaled accumulators) and `P·v`.
-//! - [`attn_backward_dq_kernel`]: rows are queries; per key tile: `dS` into shared memory, then
-//!   `dq += dS·k`.
+//! - scores of a tile: `S_ij = Σ_x a_ix·b_jx` as outer products from shared memory, `R/ty + C/tx`
+//!   loads for `(R/ty)·(C/tx)` FMAs per `x` (the old one-row-per-unit kernels: 2 loads per FMA);
+//! - `acc_ik += Σ_j w_ij·v_jk` the same way, `w` through shared memory.
+//!
+//! Tiles are staged in shared memory as f32 with a row stride of `d + 1` (no bank conflicts when
+//! units read different rows); weight tiles with a row stride of `C + 1` (or `R + 1`). Every
+//! global access is guarded by the sequence length; inputs are read through their strides
+//! (`[b, H, s, d]` views of any layout), outputs written through theirs.
+//!
+//! - [`attn_forward_kernel`]: rows are queries; per key tile: scores, the tile's row maxima
+//!   (per-unit partials met in shared memory), `P` into shared memory, then `acc += P·v`, the
+//!   online softmax's running max `m` and per-unit partial sums `l` rescaled by `exp(m − m')`
+//!   (the partial sums meet in shared memory at the end).
+//! - [`attn_backward_dq_kernel`]: rows are queries; per key tile: `S` and `dP = dO·vᵀ`, `dS`
+//!   into shared memory, then `dq += dS·k`.
 //! - [`attn_backward_dkv_kernel`]: rows are keys; per query tile (from the key block's diagonal
-//!   on): `P` and `dS` into shared memory, then `dv += Pᵀ·dO`, `dk += dSᵀ·q`.
+//!   on): `Sᵀ` and `dPᵀ`, `P` and `dS` into shared memory, then `dv += Pᵀ·dO`, `dk += dSᵀ·q`.
 //!
 //! `q` is staged multiplied by `scale`, so `S = q̃·k`, `dk = Σ dS·q̃`, `dq = scale·Σ dS·k`.
 
@@ -28,26 +36,36 @@ use super::MASKED;
 pub struct Tiles {
     /// Head width.
     pub d: usize,
-    /// Rows per cube (queries, or keys for `dkv`).
+    /// Rows per cube (queries, or keys for `dkv`); a multiple of `ty`.
     pub rows: usize,
-    /// Rows of the other operand per tile (keys, or queries for `dkv`).
+    /// Rows of the other operand per tile (keys, or queries for `dkv`); a multiple of `tx`.
     pub cols: usize,
-    /// Units per row (divides `d`).
-    pub lanes: usize,
+    /// Units along the columns (divides `d`).
+    pub tx: usize,
+    /// Units along the rows.
+    pub ty: usize,
 }
 
 impl Tiles {
-    /// Shared-memory row stride.
+    /// Shared-memory row stride of the staged `[n, d]` tiles.
     pub const fn stride(&self) -> usize {
         self.d + 1
     }
-    /// Output columns per unit.
-    pub const fn per_unit(&self) -> usize {
-        self.d / self.lanes
+    /// Rows per unit.
+    pub const fn rm(&self) -> usize {
+        self.rows / self.ty
+    }
+    /// Tile columns per unit.
+    pub const fn cn(&self) -> usize {
+        self.cols / self.tx
+    }
+    /// Output columns (head dimensions) per unit.
+    pub const fn dn(&self) -> usize {
+        self.d / self.tx
     }
     /// Units per cube.
     pub const fn units(&self) -> usize {
-        self.rows * self.lanes
+        self.tx * self.ty
     }
 }
 
@@ -79,37 +97,74 @@ fn load_tile<F: Float>(x: &Tensor<F>, tile: &mut SharedMemory<f32>, bh: usize, r
     }
 }
 
-/// `Σ_x a[ai + x]·b[bi + x]` over `d`.
+/// This unit's `[R/ty, C/tx]` block of `a·bᵀ`: rows `y + ty·i` of `a` (`[R, d]` staged) against
+/// rows `x + tx·j` of `b` (`[C, d]` staged), row-major into a new array.
 #[cube]
-fn dot(a: &SharedMemory<f32>, ai: usize, b: &SharedMemory<f32>, bi: usize, #[comptime] d: usize) -> f32 {
-    let mut acc = f32::new(0.0);
+fn block_dot(a: &SharedMemory<f32>, b: &SharedMemory<f32>, #[comptime] t: Tiles) -> Array<f32> {
+    let (rm, cn, tx, ty, ds) = comptime![(t.rm(), t.cn(), t.tx, t.ty, t.stride())];
+    let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let mut out = zeros(comptime![rm * cn]);
+    let mut ra = Array::<f32>::new(rm);
+    let mut rb = Array::<f32>::new(cn);
+    let d = comptime![t.d];
     for x in 0..d {
-        acc += a[ai + x] * b[bi + x];
+        #[unroll]
+        for i in 0..rm {
+            ra[i] = a[(uy + i * ty) * ds + x];
+        }
+        #[unroll]
+        for j in 0..cn {
+            rb[j] = b[(ux + j * tx) * ds + x];
+        }
+        #[unroll]
+        for i in 0..rm {
+            #[unroll]
+            for j in 0..cn {
+                out[i * cn + j] += ra[i] * rb[j];
+            }
+        }
     }
-    acc
+    out
 }
 
-/// Writes this unit's columns `acc · factor` of row `row` of this head in `out`.
+/// `acc[i, k] += w[w0 + i·wstep] · v[jj, x + tx·k]` for this unit's rows `i` and head columns `k`
+/// (`v`: a `[C, d]` staged tile).
 #[cube]
-fn store_row<F: Float>(out: &mut Tensor<F>, acc: &Array<f32>, bh: usize, row: usize, factor: f32, #[comptime] t: Tiles) {
-    let (lanes, per_unit) = comptime![(t.lanes, t.per_unit())];
-    let heads = out.shape(1);
-    let base = (bh / heads) * out.stride(0) + (bh % heads) * out.stride(1) + row * out.stride(2);
-    let u = UNIT_POS_X as usize;
+fn block_acc(acc: &mut Array<f32>, w: &SharedMemory<f32>, w0: usize, #[comptime] wstep: usize, v: &SharedMemory<f32>, jj: usize, #[comptime] t: Tiles) {
+    let (rm, dn, tx, ds) = comptime![(t.rm(), t.dn(), t.tx, t.stride())];
+    let ux = UNIT_POS_X as usize;
+    let mut rv = Array::<f32>::new(dn);
     #[unroll]
-    for kx in 0..per_unit {
-        out[base + (u + kx * lanes) * out.stride(3)] = F::cast_from(acc[kx] * factor);
+    for k in 0..dn {
+        rv[k] = v[jj * ds + ux + k * tx];
+    }
+    #[unroll]
+    for i in 0..rm {
+        let wi = w[w0 + i * wstep];
+        #[unroll]
+        for k in 0..dn {
+            acc[i * dn + k] += wi * rv[k];
+        }
     }
 }
 
-/// `acc += w · tile[row j]` at this unit's columns.
+/// Writes this unit's `acc[i, k] · factor[i]` at row `row0 + y + ty·i`, columns `x + tx·k` of
+/// this head in `out` (rows past `s` skipped).
 #[cube]
-fn accumulate(acc: &mut Array<f32>, w: f32, tile: &SharedMemory<f32>, j: usize, #[comptime] t: Tiles) {
-    let (lanes, per_unit, ds) = comptime![(t.lanes, t.per_unit(), t.stride())];
-    let u = UNIT_POS_X as usize;
+fn store_block<F: Float>(out: &mut Tensor<F>, acc: &Array<f32>, factor: &Array<f32>, bh: usize, row0: usize, s: usize, #[comptime] t: Tiles) {
+    let (rm, dn, tx, ty) = comptime![(t.rm(), t.dn(), t.tx, t.ty)];
+    let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let base = head_base::<F>(out, bh);
+    let (rs, cs) = (out.stride(2), out.stride(3));
     #[unroll]
-    for kx in 0..per_unit {
-        acc[kx] += w * tile[j * ds + u + kx * lanes];
+    for i in 0..rm {
+        let row = row0 + uy + i * ty;
+        if row < s {
+            #[unroll]
+            for k in 0..dn {
+                out[base + row * rs + (ux + k * tx) * cs] = F::cast_from(acc[i * dn + k] * factor[i]);
+            }
+        }
     }
 }
 
@@ -121,6 +176,43 @@ fn zeros(#[comptime] n: usize) -> Array<f32> {
         a[i] = f32::new(0.0);
     }
     a
+}
+
+#[cube]
+fn filled(#[comptime] n: usize, value: f32) -> Array<f32> {
+    let mut a = Array::<f32>::new(n);
+    #[unroll]
+    for i in 0..n {
+        a[i] = value;
+    }
+    a
+}
+
+/// Row `i` of this unit's `part` (`[R/ty]`) summed or maxed over the `tx` units of its rows
+/// through `red` (`[R, tx]`); `part` is replaced by the result. Syncs the cube once, between
+/// the writes and the reads: callers sync again before `red` is written next.
+#[cube]
+fn across_units(part: &mut Array<f32>, red: &mut SharedMemory<f32>, #[comptime] take_max: bool, #[comptime] t: Tiles) {
+    let (rm, tx, ty) = comptime![(t.rm(), t.tx, t.ty)];
+    let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    #[unroll]
+    for i in 0..rm {
+        red[(uy + i * ty) * tx + ux] = part[i];
+    }
+    sync_cube();
+    #[unroll]
+    for i in 0..rm {
+        let row = (uy + i * ty) * tx;
+        let mut r = red[row];
+        for x in 1..tx {
+            if take_max {
+                r = max(r, red[row + x]);
+            } else {
+                r += red[row + x];
+            }
+        }
+        part[i] = r;
+    }
 }
 
 /// The forward: `o` (q's dtype, any strides) and `lse: [b·H·s]` f32.
@@ -135,61 +227,79 @@ pub fn attn_forward_kernel<F: Float>(
     #[comptime] t: Tiles,
     #[define(F)] _dtype: StorageType,
 ) {
-    let (rows, cols, lanes, ds, d) = comptime![(t.rows, t.cols, t.lanes, t.stride(), t.d)];
+    let (rows, cols, rm, cn, tx, ty, dn) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dn())];
+    let ps = comptime![cols + 1];
     let s = q.shape(2);
     let bh = CUBE_POS_X as usize;
     let q0 = CUBE_POS_Y as usize * rows;
-    let (r, u) = (UNIT_POS_Y as usize, UNIT_POS_X as usize);
-    let qi = q0 + r;
-    let mut sq = SharedMemory::<f32>::new(comptime![rows * (d + 1)]);
-    let mut skv = SharedMemory::<f32>::new(comptime![cols * (d + 1)]);
-    let mut ss = SharedMemory::<f32>::new(comptime![rows * cols]);
+    let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let mut sq = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
+    let mut sk = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
+    let mut sv = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
+    let mut sp = SharedMemory::<f32>::new(comptime![rows * (cols + 1)]);
+    let mut red = SharedMemory::<f32>::new(comptime![rows * tx]);
     load_tile::<F>(q, &mut sq, bh, q0, s, scale, rows, t);
-    let mut acc = zeros(comptime![t.per_unit()]);
-    let mut m = f32::new(MASKED);
-    let mut l = f32::new(0.0);
+    let mut acc = zeros(comptime![rm * dn]);
+    let mut m = filled(rm, f32::new(MASKED));
+    let mut l = zeros(rm);
+    let mut mt = Array::<f32>::new(rm);
     let kend = min(s, q0 + rows);
     for tile in 0..(kend + cols - 1) / cols {
         let k0 = tile * cols;
-        load_tile::<F>(k, &mut skv, bh, k0, s, 1.0, cols, t);
+        load_tile::<F>(k, &mut sk, bh, k0, s, 1.0, cols, t);
+        load_tile::<F>(v, &mut sv, bh, k0, s, 1.0, cols, t);
         sync_cube();
-        let mut jj = u;
-        while jj < cols {
-            let j = k0 + jj;
-            let mut score = f32::new(MASKED);
-            if j <= qi && j < s {
-                score = dot(&sq, r * ds, &skv, jj * ds, d);
-            }
-            ss[r * cols + jj] = score;
-            jj += lanes;
-        }
-        sync_cube();
-        load_tile::<F>(v, &mut skv, bh, k0, s, 1.0, cols, t);
-        sync_cube();
-        let mut mt = m;
-        for jj in 0..cols {
-            mt = max(mt, ss[r * cols + jj]);
-        }
-        let alpha = f32::exp(m - mt);
-        l *= alpha;
+        let mut sc = block_dot(&sq, &sk, t);
         #[unroll]
-        for kx in 0..comptime![t.per_unit()] {
-            acc[kx] *= alpha;
+        for i in 0..rm {
+            let qi = q0 + uy + i * ty;
+            let mut mx = f32::new(MASKED);
+            #[unroll]
+            for j in 0..cn {
+                let kj = k0 + ux + j * tx;
+                if kj > qi || kj >= s {
+                    sc[i * cn + j] = f32::new(MASKED);
+                }
+                mx = max(mx, sc[i * cn + j]);
+            }
+            mt[i] = mx;
         }
+        across_units(&mut mt, &mut red, true, t);
+        #[unroll]
+        for i in 0..rm {
+            let mnew = max(m[i], mt[i]);
+            let alpha = f32::exp(m[i] - mnew);
+            let mut sum = l[i] * alpha;
+            #[unroll]
+            for kk in 0..dn {
+                acc[i * dn + kk] *= alpha;
+            }
+            #[unroll]
+            for j in 0..cn {
+                let p = f32::exp(sc[i * cn + j] - mnew);
+                sum += p;
+                sp[(uy + i * ty) * ps + ux + j * tx] = p;
+            }
+            l[i] = sum;
+            m[i] = mnew;
+        }
+        sync_cube();
         for jj in 0..cols {
-            let p = f32::exp(ss[r * cols + jj] - mt);
-            l += p;
-            accumulate(&mut acc, p, &skv, jj, t);
+            block_acc(&mut acc, &sp, uy * ps + jj, comptime![ty * ps], &sv, jj, t);
         }
-        m = mt;
         sync_cube();
     }
-    if qi < s {
-        store_row::<F>(o, &acc, bh, qi, f32::new(1.0) / l, t);
-        if u == 0 {
-            lse[bh * s + qi] = m + f32::ln(l);
+    across_units(&mut l, &mut red, false, t);
+    let mut inv = Array::<f32>::new(rm);
+    #[unroll]
+    for i in 0..rm {
+        inv[i] = f32::new(1.0) / l[i];
+        let qi = q0 + uy + i * ty;
+        if ux == 0 && qi < s {
+            lse[bh * s + qi] = m[i] + f32::ln(l[i]);
         }
     }
+    store_block::<F>(o, &acc, &inv, bh, q0, s, t);
 }
 
 /// `dq` (any strides) from `dO`, `lse` and `delta = Σ_x dO·o` (`[b·H·s]` f32 each).
@@ -207,51 +317,59 @@ pub fn attn_backward_dq_kernel<F: Float>(
     #[comptime] t: Tiles,
     #[define(F)] _dtype: StorageType,
 ) {
-    let (rows, cols, lanes, ds, d) = comptime![(t.rows, t.cols, t.lanes, t.stride(), t.d)];
+    let (rows, cols, rm, cn, tx, ty, dn) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dn())];
+    let ps = comptime![cols + 1];
     let s = q.shape(2);
     let bh = CUBE_POS_X as usize;
     let q0 = CUBE_POS_Y as usize * rows;
-    let (r, u) = (UNIT_POS_Y as usize, UNIT_POS_X as usize);
-    let qi = q0 + r;
-    let mut sq = SharedMemory::<f32>::new(comptime![rows * (d + 1)]);
-    let mut sdo = SharedMemory::<f32>::new(comptime![rows * (d + 1)]);
-    let mut sk = SharedMemory::<f32>::new(comptime![cols * (d + 1)]);
-    let mut sv = SharedMemory::<f32>::new(comptime![cols * (d + 1)]);
-    let mut sds = SharedMemory::<f32>::new(comptime![rows * cols]);
+    let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let mut sq = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
+    let mut sdo = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
+    let mut sk = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
+    let mut sv = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
+    let mut sds = SharedMemory::<f32>::new(comptime![rows * (cols + 1)]);
     load_tile::<F>(q, &mut sq, bh, q0, s, scale, rows, t);
     load_tile::<F>(dout, &mut sdo, bh, q0, s, 1.0, rows, t);
-    let (mut lse_r, mut delta_r) = (f32::new(0.0), f32::new(0.0));
-    if qi < s {
-        lse_r = lse[bh * s + qi];
-        delta_r = delta[bh * s + qi];
+    let mut lse_r = zeros(rm);
+    let mut delta_r = zeros(rm);
+    #[unroll]
+    for i in 0..rm {
+        let qi = q0 + uy + i * ty;
+        if qi < s {
+            lse_r[i] = lse[bh * s + qi];
+            delta_r[i] = delta[bh * s + qi];
+        }
     }
-    let mut acc = zeros(comptime![t.per_unit()]);
+    let mut acc = zeros(comptime![rm * dn]);
     let kend = min(s, q0 + rows);
     for tile in 0..(kend + cols - 1) / cols {
         let k0 = tile * cols;
         load_tile::<F>(k, &mut sk, bh, k0, s, 1.0, cols, t);
         load_tile::<F>(v, &mut sv, bh, k0, s, 1.0, cols, t);
         sync_cube();
-        let mut jj = u;
-        while jj < cols {
-            let j = k0 + jj;
-            let mut ds_val = f32::new(0.0);
-            if j <= qi && j < s && qi < s {
-                let p = f32::exp(dot(&sq, r * ds, &sk, jj * ds, d) - lse_r);
-                ds_val = p * (dot(&sdo, r * ds, &sv, jj * ds, d) - delta_r);
+        let sc = block_dot(&sq, &sk, t);
+        let dp = block_dot(&sdo, &sv, t);
+        #[unroll]
+        for i in 0..rm {
+            let qi = q0 + uy + i * ty;
+            #[unroll]
+            for j in 0..cn {
+                let kj = k0 + ux + j * tx;
+                let mut ds_val = f32::new(0.0);
+                if kj <= qi && kj < s && qi < s {
+                    ds_val = f32::exp(sc[i * cn + j] - lse_r[i]) * (dp[i * cn + j] - delta_r[i]);
+                }
+                sds[(uy + i * ty) * ps + ux + j * tx] = ds_val;
             }
-            sds[r * cols + jj] = ds_val;
-            jj += lanes;
         }
         sync_cube();
         for jj in 0..cols {
-            accumulate(&mut acc, sds[r * cols + jj], &sk, jj, t);
+            block_acc(&mut acc, &sds, uy * ps + jj, comptime![ty * ps], &sk, jj, t);
         }
         sync_cube();
     }
-    if qi < s {
-        store_row::<F>(dq, &acc, bh, qi, scale, t);
-    }
+    let factor = filled(rm, scale);
+    store_block::<F>(dq, &acc, &factor, bh, q0, s, t);
 }
 
 /// `dk, dv` (any strides); rows are keys, tiles are queries.
@@ -270,78 +388,72 @@ pub fn attn_backward_dkv_kernel<F: Float>(
     #[comptime] t: Tiles,
     #[define(F)] _dtype: StorageType,
 ) {
-    let (rows, cols, lanes, ds, d) = comptime![(t.rows, t.cols, t.lanes, t.stride(), t.d)];
+    let (rows, cols, rm, cn, tx, ty, dn) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dn())];
+    let ps = comptime![rows + 1];
     let s = q.shape(2);
     let bh = CUBE_POS_X as usize;
     let j0 = CUBE_POS_Y as usize * rows;
-    let (r, u) = (UNIT_POS_Y as usize, UNIT_POS_X as usize);
-    let j = j0 + r;
-    let mut sk = SharedMemory::<f32>::new(comptime![rows * (d + 1)]);
-    let mut sv = SharedMemory::<f32>::new(comptime![rows * (d + 1)]);
-    let mut sq = SharedMemory::<f32>::new(comptime![cols * (d + 1)]);
-    let mut sdo = SharedMemory::<f32>::new(comptime![cols * (d + 1)]);
-    let mut sp = SharedMemory::<f32>::new(comptime![rows * cols]);
-    let mut sds = SharedMemory::<f32>::new(comptime![rows * cols]);
+    let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let mut sk = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
+    let mut sv = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
+    let mut sq = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
+    let mut sdo = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
+    let mut sp = SharedMemory::<f32>::new(comptime![cols * (rows + 1)]);
+    let mut sds = SharedMemory::<f32>::new(comptime![cols * (rows + 1)]);
     let mut sstat = SharedMemory::<f32>::new(comptime![2 * cols]);
-    let qt = qtile::<F>(k, v, &mut sk, &mut sv, bh, j0, s, t);
-    let mut acc_k = zeros(comptime![t.per_unit()]);
-    let mut acc_v = zeros(comptime![t.per_unit()]);
-    for tile in qt..(s + cols - 1) / cols {
+    load_tile::<F>(k, &mut sk, bh, j0, s, 1.0, rows, t);
+    load_tile::<F>(v, &mut sv, bh, j0, s, 1.0, rows, t);
+    let mut acc_k = zeros(comptime![rm * dn]);
+    let mut acc_v = zeros(comptime![rm * dn]);
+    for tile in j0 / cols..(s + cols - 1) / cols {
         let i0 = tile * cols;
         load_tile::<F>(q, &mut sq, bh, i0, s, scale, cols, t);
         load_tile::<F>(dout, &mut sdo, bh, i0, s, 1.0, cols, t);
-        let mut x = UNIT_POS as usize;
-        while x < cols {
-            let (mut a, mut b) = (f32::new(0.0), f32::new(0.0));
-            if i0 + x < s {
-                a = lse[bh * s + i0 + x];
-                b = delta[bh * s + i0 + x];
+        load_stats(lse, delta, &mut sstat, bh, i0, s, t);
+        sync_cube();
+        let sc = block_dot(&sk, &sq, t);
+        let dp = block_dot(&sv, &sdo, t);
+        #[unroll]
+        for i in 0..rm {
+            let kj = j0 + uy + i * ty;
+            #[unroll]
+            for j in 0..cn {
+                let qc = ux + j * tx;
+                let (mut p, mut ds_val) = (f32::new(0.0), f32::new(0.0));
+                if kj <= i0 + qc && i0 + qc < s {
+                    p = f32::exp(sc[i * cn + j] - sstat[qc]);
+                    ds_val = p * (dp[i * cn + j] - sstat[cols + qc]);
+                }
+                sp[qc * ps + uy + i * ty] = p;
+                sds[qc * ps + uy + i * ty] = ds_val;
             }
-            sstat[x] = a;
-            sstat[cols + x] = b;
-            x += comptime![t.units()];
         }
         sync_cube();
-        let mut ii = u;
-        while ii < cols {
-            let i = i0 + ii;
-            let (mut p, mut ds_val) = (f32::new(0.0), f32::new(0.0));
-            if j <= i && i < s {
-                p = f32::exp(dot(&sq, ii * ds, &sk, r * ds, d) - sstat[ii]);
-                ds_val = p * (dot(&sdo, ii * ds, &sv, r * ds, d) - sstat[cols + ii]);
-            }
-            sp[ii * rows + r] = p;
-            sds[ii * rows + r] = ds_val;
-            ii += lanes;
-        }
-        sync_cube();
-        for ii in 0..cols {
-            accumulate(&mut acc_v, sp[ii * rows + r], &sdo, ii, t);
-            accumulate(&mut acc_k, sds[ii * rows + r], &sq, ii, t);
+        for jj in 0..cols {
+            block_acc(&mut acc_v, &sp, jj * ps + uy, ty, &sdo, jj, t);
+            block_acc(&mut acc_k, &sds, jj * ps + uy, ty, &sq, jj, t);
         }
         sync_cube();
     }
-    if j < s {
-        store_row::<F>(dk, &acc_k, bh, j, 1.0, t);
-        store_row::<F>(dv, &acc_v, bh, j, 1.0, t);
-    }
+    let one = filled(rm, f32::new(1.0));
+    store_block::<F>(dk, &acc_k, &one, bh, j0, s, t);
+    store_block::<F>(dv, &acc_v, &one, bh, j0, s, t);
 }
 
-/// Stages the cube's key block `j0..j0 + rows` of `k` and `v`; returns the first query tile that
-/// sees it (causal: queries `i ≥ j0`).
+/// `lse` and `delta` of queries `i0..i0 + C` into `sstat[0..C]` and `sstat[C..2C]` (zeros past
+/// `s`), by all units of the cube.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn qtile<F: Float>(
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    sk: &mut SharedMemory<f32>,
-    sv: &mut SharedMemory<f32>,
-    bh: usize,
-    j0: usize,
-    s: usize,
-    #[comptime] t: Tiles,
-) -> usize {
-    load_tile::<F>(k, sk, bh, j0, s, 1.0, comptime![t.rows], t);
-    load_tile::<F>(v, sv, bh, j0, s, 1.0, comptime![t.rows], t);
-    j0 / comptime![t.cols]
+fn load_stats(lse: &Tensor<f32>, delta: &Tensor<f32>, sstat: &mut SharedMemory<f32>, bh: usize, i0: usize, s: usize, #[comptime] t: Tiles) {
+    let cols = comptime![t.cols];
+    let mut x = UNIT_POS as usize;
+    while x < cols {
+        let (mut a, mut b) = (f32::new(0.0), f32::new(0.0));
+        if i0 + x < s {
+            a = lse[bh * s + i0 + x];
+            b = delta[bh * s + i0 + x];
+        }
+        sstat[x] = a;
+        sstat[cols + x] = b;
+        x += comptime![t.units()];
+    }
 }
