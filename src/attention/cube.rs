@@ -43,7 +43,7 @@ fn shared_bytes(kernel: Kernel, t: Tiles) -> usize {
     let (r, c, ds) = (t.rows, t.cols, t.stride());
     4 * match kernel {
         Kernel::Forward => r * ds + 2 * c * ds + r * (c + 1) + r * t.tx,
-        Kernel::Dq => 2 * r * ds + 2 * c * ds + r * (c + 1),
+        Kernel::Dq => 2 * r * ds + c * ds + (c * ds).max(r * (c + 1)),
         Kernel::Dkv => 2 * r * ds + 2 * c * ds + 2 * c * (r + 1) + 2 * c,
     }
 }
@@ -310,6 +310,10 @@ mod tests {
         assert_eq!(tiles(Kernel::Dkv, 128, 227 << 10, 1024).unwrap(), Tiles { d: 128, rows: 32, cols: 32, tx: 16, ty: 16 });
         assert_eq!(tiles(Kernel::Forward, 64, 32 << 10, 256).unwrap(), Tiles { d: 64, rows: 32, cols: 32, tx: 16, ty: 16 });
         assert_eq!(tiles(Kernel::Dkv, 8, 32 << 10, 256).unwrap(), Tiles { d: 8, rows: 64, cols: 32, tx: 8, ty: 16 });
+        // Forward and dq at d 64 leave room for three cubes per H100 multiprocessor (228 KiB).
+        for kernel in [Kernel::Forward, Kernel::Dq] {
+            assert!(3 * (shared_bytes(kernel, tiles(kernel, 64, 227 << 10, 1024).unwrap()) + 1024) <= 228 << 10, "{kernel:?}");
+        }
         assert!(tiles(Kernel::Forward, 512, 227 << 10, 1024).unwrap_err().contains("width 1..=256, not 512"));
         assert!(tiles(Kernel::Dkv, 256, 16 << 10, 1024).unwrap_err().contains("more shared memory"));
     }

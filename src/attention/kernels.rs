@@ -17,7 +17,9 @@
 //!   online softmax's running max `m` and per-unit partial sums `l` rescaled by `exp(m − m')`
 //!   (the partial sums meet in shared memory at the end).
 //! - [`attn_backward_dq_kernel`]: rows are queries; per key tile: `S` and `dP = dO·vᵀ`, `dS`
-//!   into shared memory, then `dq += dS·k`.
+//!   into shared memory (`v`'s buffer, free by then), then `dq += dS·k`.
+//!
+//! Forward and dq run their row blocks last first (late causal rows see the most tiles).
 //! - [`attn_backward_dkv_kernel`]: rows are keys; per query tile (from the key block's diagonal
 //!   on): `Sᵀ` and `dPᵀ`, `P` and `dS` into shared memory, then `dv += Pᵀ·dO`, `dk += dSᵀ·q`.
 //!
@@ -168,6 +170,17 @@ fn store_block<F: Float>(out: &mut Tensor<F>, acc: &Array<f32>, factor: &Array<f
     }
 }
 
+/// This cube's row block, the last first: causal rows late in the sequence see the most tiles,
+/// so the longest cubes start first and the short ones fill the tail (dk/dv's blocks already
+/// run longest first).
+/// (Host-side, CubeCL's builtins are placeholder constants that make this overflow: only the
+/// kernel's expansion ever runs.)
+#[cube]
+#[allow(arithmetic_overflow)]
+fn last_first_block() -> usize {
+    (CUBE_COUNT_Y - 1 - CUBE_POS_Y) as usize
+}
+
 #[cube]
 fn zeros(#[comptime] n: usize) -> Array<f32> {
     let mut a = Array::<f32>::new(n);
@@ -231,7 +244,7 @@ pub fn attn_forward_kernel<F: Float>(
     let ps = comptime![cols + 1];
     let s = q.shape(2);
     let bh = CUBE_POS_X as usize;
-    let q0 = CUBE_POS_Y as usize * rows;
+    let q0 = last_first_block() * rows;
     let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
     let mut sq = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
     let mut sk = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
@@ -321,13 +334,13 @@ pub fn attn_backward_dq_kernel<F: Float>(
     let ps = comptime![cols + 1];
     let s = q.shape(2);
     let bh = CUBE_POS_X as usize;
-    let q0 = CUBE_POS_Y as usize * rows;
+    let q0 = last_first_block() * rows;
     let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
     let mut sq = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
     let mut sdo = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
     let mut sk = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
-    let mut sv = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
-    let mut sds = SharedMemory::<f32>::new(comptime![rows * (cols + 1)]);
+    // `v`'s tile, then (once `dP` is in registers) `dS`'s: one buffer of the larger size.
+    let mut svds = SharedMemory::<f32>::new(comptime![(cols * (t.d + 1)).max(rows * (cols + 1))]);
     load_tile::<F>(q, &mut sq, bh, q0, s, scale, rows, t);
     load_tile::<F>(dout, &mut sdo, bh, q0, s, 1.0, rows, t);
     let mut lse_r = zeros(rm);
@@ -345,10 +358,11 @@ pub fn attn_backward_dq_kernel<F: Float>(
     for tile in 0..(kend + cols - 1) / cols {
         let k0 = tile * cols;
         load_tile::<F>(k, &mut sk, bh, k0, s, 1.0, cols, t);
-        load_tile::<F>(v, &mut sv, bh, k0, s, 1.0, cols, t);
+        load_tile::<F>(v, &mut svds, bh, k0, s, 1.0, cols, t);
         sync_cube();
         let sc = block_dot(&sq, &sk, t);
-        let dp = block_dot(&sdo, &sv, t);
+        let dp = block_dot(&sdo, &svds, t);
+        sync_cube();
         #[unroll]
         for i in 0..rm {
             let qi = q0 + uy + i * ty;
@@ -359,12 +373,12 @@ pub fn attn_backward_dq_kernel<F: Float>(
                 if kj <= qi && kj < s && qi < s {
                     ds_val = f32::exp(sc[i * cn + j] - lse_r[i]) * (dp[i * cn + j] - delta_r[i]);
                 }
-                sds[(uy + i * ty) * ps + ux + j * tx] = ds_val;
+                svds[(uy + i * ty) * ps + ux + j * tx] = ds_val;
             }
         }
         sync_cube();
         for jj in 0..cols {
-            block_acc(&mut acc, &sds, uy * ps + jj, comptime![ty * ps], &sk, jj, t);
+            block_acc(&mut acc, &svds, uy * ps + jj, comptime![ty * ps], &sk, jj, t);
         }
         sync_cube();
     }
