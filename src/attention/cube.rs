@@ -1,13 +1,14 @@
 //! [`AttentionBackend`] for `CubeBackend` (the kernels of `kernels.rs`) and for `Fusion` (lazy
 //! custom operations of the fusion stream, as the layer norm's).
 //!
-//! Tiles: `tx` units along a tile's columns (the largest of 16, 8, 4, 2, 1 dividing `d` with at
-//! most 32 head columns per unit; narrower only where nothing else fits), `ty = 16` along its
-//! rows (fewer only where the device's units or shared memory demand), and 4, 2 or 1 rows and
-//! columns per unit: the largest blocks whose
-//! registers (≤ 32 accumulators each) and shared memory (`min(device limit, 100 KiB)`: several
-//! cubes per multiprocessor on CUDA; lavapipe's 32 KiB gives smaller tiles) fit. On an H100 at
-//! `d = 64`: `64 × 64` tiles of 256 units, 4 × 4 scores per unit.
+//! Tiles: shared-memory vectors of 4, 2 or 1 floats (the widest dividing `d`); `tx` units along a
+//! tile's columns (the largest of 16, 8, 4, 2, 1 dividing `d`'s vectors with at most 32 head
+//! columns per unit; narrower only where nothing else fits), `ty = 16` along its rows (fewer only
+//! where the device's units or shared memory demand), and 4, 2 or 1 rows and columns per unit:
+//! the largest blocks whose registers (≤ 32 accumulators each) and shared memory
+//! (`min(device limit, 110 KiB)`: two or three cubes per H100 multiprocessor; lavapipe's 32 KiB
+//! gives smaller tiles) fit. On an H100 at `d = 64`: `64 × 64` tiles of 256 units, 4 × 4 scores
+//! per unit, vectors of 4.
 
 use std::marker::PhantomData;
 
@@ -27,7 +28,7 @@ use super::{AttentionBackend, AttentionBackward, AttentionForward};
 /// The widest head the kernels take (registers: at most 32 head columns per unit, `tx` ≤ 16).
 pub const MAX_HEAD: usize = 256;
 /// Shared memory a cube may use (bytes), below the device's limit.
-const SHARED_TARGET: usize = 100 << 10;
+const SHARED_TARGET: usize = 110 << 10;
 /// Cubes per grid dimension (wgpu's usual limit).
 const MAX_GRID: usize = 65535;
 
@@ -38,13 +39,14 @@ enum Kernel {
     Dkv,
 }
 
-/// Shared bytes of a kernel's tiles (f32; rows of `d + 1`, weight tiles of `C + 1` or `R + 1`).
+/// Shared bytes of a kernel's tiles (f32; staged rows of `vstride` vectors, weight tiles of
+/// `C + 1` or `R + 1`).
 fn shared_bytes(kernel: Kernel, t: Tiles) -> usize {
-    let (r, c, ds) = (t.rows, t.cols, t.stride());
+    let (r, c, row) = (t.rows, t.cols, t.vstride() * t.vec);
     4 * match kernel {
-        Kernel::Forward => r * ds + 2 * c * ds + r * (c + 1) + r * t.tx,
-        Kernel::Dq => 2 * r * ds + c * ds + (c * ds).max(r * (c + 1)),
-        Kernel::Dkv => 2 * r * ds + 2 * c * ds + 2 * c * (r + 1) + 2 * c,
+        Kernel::Forward => (r + 2 * c) * row + r * (c + 1) + r * t.tx,
+        Kernel::Dq => (2 * r + 2 * c) * row + r * (c + 1),
+        Kernel::Dkv => (2 * r + 2 * c) * row + 2 * c * (r + 1) + 2 * c,
     }
 }
 
@@ -52,23 +54,26 @@ fn shared_bytes(kernel: Kernel, t: Tiles) -> usize {
 const MAX_ACC: usize = 32;
 
 /// The tiles of `kernel` for heads of width `d` on a device with `shared` bytes and `units` per
-/// cube, or why none fit: the widest `tx` (16, 8, 4, 2, 1: dividing `d`, at most 32 head columns
-/// per unit unless none does) with the first `(ty, rows and columns per unit)` of (16, 4), (16, 2), (16, 1),
-/// (8, 1), (4, 1), (2, 1), (1, 1) that fits.
+/// cube, or why none fit: vectors of 4, 2 or 1 floats (the widest dividing `d`), the widest `tx`
+/// (16, 8, 4, 2, 1: dividing the vectors per row, at most 32 head columns per unit unless none
+/// does) with the first `(ty, rows and columns per unit)` of (16, 4), (16, 2), (16, 1), (8, 1),
+/// (4, 1), (2, 1), (1, 1) that fits.
 fn tiles(kernel: Kernel, d: usize, shared: usize, units: usize) -> Result<Tiles, String> {
     if d == 0 || d > MAX_HEAD {
         return Err(format!("fused attention takes heads of width 1..={MAX_HEAD}, not {d}"));
     }
     let limit = shared.min(SHARED_TARGET);
     let blocks = [(16, 4), (16, 2), (16, 1), (8, 1), (4, 1), (2, 1), (1, 1)];
-    let divides = [16, 8, 4, 2, 1].into_iter().filter(|x| d.is_multiple_of(*x));
-    let mut widths = divides.clone().filter(|x| d / x <= MAX_ACC).collect::<Vec<_>>();
+    let vec = [4, 2, 1].into_iter().find(|n| d.is_multiple_of(*n)).unwrap_or(1);
+    let vs = d / vec;
+    let divides = [16, 8, 4, 2, 1].into_iter().filter(|x| vs.is_multiple_of(*x));
+    let mut widths = divides.clone().filter(|x| vs / x * vec <= MAX_ACC).collect::<Vec<_>>();
     if widths.is_empty() {
         widths.extend(divides.take(1)); // odd widths over 32: correct, registers spill
     }
     for tx in widths {
         for (ty, per_unit) in blocks {
-            let t = Tiles { d, rows: ty * per_unit, cols: tx * per_unit, tx, ty };
+            let t = Tiles { d, rows: ty * per_unit, cols: tx * per_unit, tx, ty, vec };
             if t.units() <= units && (per_unit == 1 || per_unit * t.dn() <= MAX_ACC) && shared_bytes(kernel, t) <= limit {
                 return Ok(t);
             }
@@ -143,6 +148,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             &client,
             grid(b * h, s, t.rows),
             CubeDim::new_2d(t.tx as u32, t.ty as u32),
+            t.vec,
             q.clone().into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
@@ -175,6 +181,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             &client,
             grid(b * h, s, tq.rows),
             CubeDim::new_2d(tq.tx as u32, tq.ty as u32),
+            tq.vec,
             dout.clone().into_tensor_arg(),
             q.clone().into_tensor_arg(),
             k.clone().into_tensor_arg(),
@@ -190,6 +197,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             &client,
             grid(b * h, s, tkv.rows),
             CubeDim::new_2d(tkv.tx as u32, tkv.ty as u32),
+            tkv.vec,
             dout.into_tensor_arg(),
             q.clone().into_tensor_arg(),
             k.into_tensor_arg(),
@@ -299,20 +307,21 @@ mod tests {
                 for shared in [32 << 10, 48 << 10, 227 << 10] {
                     let t = tiles(kernel, d, shared, 256).unwrap();
                     let fits = shared_bytes(kernel, t) <= shared && t.units() <= 256;
-                    let whole = d.is_multiple_of(t.tx) && t.rows.is_multiple_of(t.ty) && t.cols.is_multiple_of(t.tx);
+                    let whole = d.is_multiple_of(t.vec) && t.vs().is_multiple_of(t.tx) && t.rows.is_multiple_of(t.ty) && t.cols.is_multiple_of(t.tx);
                     assert!(fits && whole && (t.rm() == 1 || t.rm() * t.dn() <= MAX_ACC), "{kernel:?} d {d} shared {shared}: {t:?}");
                 }
             }
         }
         // An H100 at d 64 and 128; lavapipe (32 KiB) at d 64; d 8 takes 4 × 4 blocks there too.
-        assert_eq!(tiles(Kernel::Forward, 64, 227 << 10, 1024).unwrap(), Tiles { d: 64, rows: 64, cols: 64, tx: 16, ty: 16 });
-        assert_eq!(tiles(Kernel::Dkv, 64, 227 << 10, 1024).unwrap(), Tiles { d: 64, rows: 64, cols: 64, tx: 16, ty: 16 });
-        assert_eq!(tiles(Kernel::Dkv, 128, 227 << 10, 1024).unwrap(), Tiles { d: 128, rows: 32, cols: 32, tx: 16, ty: 16 });
-        assert_eq!(tiles(Kernel::Forward, 64, 32 << 10, 256).unwrap(), Tiles { d: 64, rows: 32, cols: 32, tx: 16, ty: 16 });
-        assert_eq!(tiles(Kernel::Dkv, 8, 32 << 10, 256).unwrap(), Tiles { d: 8, rows: 64, cols: 32, tx: 8, ty: 16 });
-        // Forward and dq at d 64 leave room for three cubes per H100 multiprocessor (228 KiB).
-        for kernel in [Kernel::Forward, Kernel::Dq] {
-            assert!(3 * (shared_bytes(kernel, tiles(kernel, 64, 227 << 10, 1024).unwrap()) + 1024) <= 228 << 10, "{kernel:?}");
+        let h100 = |kernel, d| tiles(kernel, d, 227 << 10, 1024).unwrap();
+        assert_eq!(h100(Kernel::Forward, 64), Tiles { d: 64, rows: 64, cols: 64, tx: 16, ty: 16, vec: 4 });
+        assert_eq!(h100(Kernel::Dkv, 64), Tiles { d: 64, rows: 64, cols: 64, tx: 16, ty: 16, vec: 4 });
+        assert_eq!(h100(Kernel::Dkv, 128), Tiles { d: 128, rows: 32, cols: 32, tx: 16, ty: 16, vec: 4 });
+        assert_eq!(tiles(Kernel::Forward, 64, 32 << 10, 256).unwrap(), Tiles { d: 64, rows: 32, cols: 32, tx: 16, ty: 16, vec: 4 });
+        assert_eq!(tiles(Kernel::Dkv, 8, 32 << 10, 256).unwrap(), Tiles { d: 8, rows: 64, cols: 8, tx: 2, ty: 16, vec: 4 });
+        // Cubes per H100 multiprocessor (228 KiB, 1 KiB reserved per cube) at d 64: 3, 2, 2.
+        for (kernel, cubes) in [(Kernel::Forward, 3), (Kernel::Dq, 2), (Kernel::Dkv, 2)] {
+            assert_eq!((228 << 10) / (shared_bytes(kernel, h100(kernel, 64)) + 1024), cubes, "{kernel:?}");
         }
         assert!(tiles(Kernel::Forward, 512, 227 << 10, 1024).unwrap_err().contains("width 1..=256, not 512"));
         assert!(tiles(Kernel::Dkv, 256, 16 << 10, 1024).unwrap_err().contains("more shared memory"));

@@ -1,15 +1,18 @@
 //! The flash-attention kernels (CubeCL; see the parent module for the math), register-blocked.
 //! One cube per `(batch·head, block of R rows)`; a `CubeDim(tx, ty)` of units, unit `(x, y)`
 //! owning rows `y + ty·i` (`i < R/ty`), columns `x + tx·j` of each `[R, C]` score tile
-//! (`j < C/tx`), and head dimensions `x + tx·k` (`k < d/tx`) of its rows' outputs:
+//! (`j < C/tx`), and the head-column vectors `x + tx·k` (`k < d/(N·tx)`) of its rows' outputs.
+//! Tiles of `q, k, v, dO` are staged in shared memory as f32 vectors of `N` (4 where `d` allows)
+//! consecutive head columns, rows `d/N` vectors apart rounded up to odd (units reading different
+//! rows hit different banks):
 //!
-//! - scores of a tile: `S_ij = Σ_x a_ix·b_jx` as outer products from shared memory, `R/ty + C/tx`
-//!   loads for `(R/ty)·(C/tx)` FMAs per `x` (the old one-row-per-unit kernels: 2 loads per FMA);
-//! - `acc_ik += Σ_j w_ij·v_jk` the same way, `w` through shared memory.
+//! - scores of a tile: `S_ij = Σ_x a_ix·b_jx` as outer products of vectors from shared memory:
+//!   `R/ty + C/tx` vector loads for `(R/ty)·(C/tx)·N` FMAs (4 × 4 blocks of vectors of 4: 8
+//!   loads for 64 FMAs; the first kernels, one row per unit and scalar loads: 2 loads per FMA);
+//! - `acc_ik += Σ_j w_ij·v_jk`: `w` (`P` or `dS`, scalars in shared memory with a row stride of
+//!   `C + 1` or `R + 1`) broadcast, `v` rows as vectors.
 //!
-//! Tiles are staged in shared memory as f32 with a row stride of `d + 1` (no bank conflicts when
-//! units read different rows); weight tiles with a row stride of `C + 1` (or `R + 1`). Every
-//! global access is guarded by the sequence length; inputs are read through their strides
+//! Every global access is guarded by the sequence length; inputs are read through their strides
 //! (`[b, H, s, d]` views of any layout), outputs written through theirs.
 //!
 //! - [`attn_forward_kernel`]: rows are queries; per key tile: scores, the tile's row maxima
@@ -17,13 +20,13 @@
 //!   online softmax's running max `m` and per-unit partial sums `l` rescaled by `exp(m − m')`
 //!   (the partial sums meet in shared memory at the end).
 //! - [`attn_backward_dq_kernel`]: rows are queries; per key tile: `S` and `dP = dO·vᵀ`, `dS`
-//!   into shared memory (`v`'s buffer, free by then), then `dq += dS·k`.
-//!
-//! Forward and dq run their row blocks last first (late causal rows see the most tiles).
+//!   into shared memory, then `dq += dS·k`.
 //! - [`attn_backward_dkv_kernel`]: rows are keys; per query tile (from the key block's diagonal
 //!   on): `Sᵀ` and `dPᵀ`, `P` and `dS` into shared memory, then `dv += Pᵀ·dO`, `dk += dSᵀ·q`.
 //!
-//! `q` is staged multiplied by `scale`, so `S = q̃·k`, `dk = Σ dS·q̃`, `dq = scale·Σ dS·k`.
+//! Forward and dq run their row blocks last first (late causal rows see the most tiles); dk/dv's
+//! blocks are longest first already. `q` is staged multiplied by `scale`, so `S = q̃·k`,
+//! `dk = Σ dS·q̃`, `dq = scale·Σ dS·k`.
 
 // Tile counts are written `(n + c − 1) / c` (the cube macro expands arithmetic, not `div_ceil`).
 #![allow(clippy::manual_div_ceil)]
@@ -46,12 +49,23 @@ pub struct Tiles {
     pub tx: usize,
     /// Units along the rows.
     pub ty: usize,
+    /// Floats per shared-memory vector (4, 2 or 1: divides `d`).
+    pub vec: usize,
 }
 
 impl Tiles {
-    /// Shared-memory row stride of the staged `[n, d]` tiles.
-    pub const fn stride(&self) -> usize {
-        self.d + 1
+    /// Vectors per staged row.
+    pub const fn vs(&self) -> usize {
+        self.d / self.vec
+    }
+    /// Shared-memory row stride of the staged `[n, d]` tiles, in vectors: odd, so that units
+    /// reading the same column of different rows hit different banks.
+    pub const fn vstride(&self) -> usize {
+        self.vs() | 1
+    }
+    /// Head-column vectors per unit (`x + tx·k`).
+    pub const fn dnv(&self) -> usize {
+        self.vs() / self.tx
     }
     /// Rows per unit.
     pub const fn rm(&self) -> usize {
@@ -63,7 +77,7 @@ impl Tiles {
     }
     /// Output columns (head dimensions) per unit.
     pub const fn dn(&self) -> usize {
-        self.d / self.tx
+        self.dnv() * self.vec
     }
     /// Units per cube.
     pub const fn units(&self) -> usize {
@@ -79,82 +93,120 @@ fn head_base<F: Float>(x: &Tensor<F>, bh: usize) -> usize {
 }
 
 /// Rows `row0..row0 + n` of this head's `[s, d]` matrix of `x`, times `scale`, into `tile`
-/// (row stride `d + 1`; zeros past `s`), by all units of the cube.
+/// (vectors of `N` consecutive head columns, row stride `vstride`; zeros past `s`), by all units
+/// of the cube.
 #[cube]
-fn load_tile<F: Float>(x: &Tensor<F>, tile: &mut SharedMemory<f32>, bh: usize, row0: usize, s: usize, scale: f32, #[comptime] n: usize, #[comptime] t: Tiles) {
-    let (d, ds, units) = comptime![(t.d, t.stride(), t.units())];
+#[allow(clippy::too_many_arguments)]
+fn load_tile<F: Float, N: Size>(
+    x: &Tensor<F>,
+    tile: &mut SharedMemory<Vector<f32, N>>,
+    bh: usize,
+    row0: usize,
+    s: usize,
+    scale: f32,
+    #[comptime] n: usize,
+    #[comptime] t: Tiles,
+) {
+    let (vs, vst, nv, units) = comptime![(t.vs(), t.vstride(), t.vec, t.units())];
     let base = head_base::<F>(x, bh);
     let (rs, cs) = (x.stride(2), x.stride(3));
     let mut i = UNIT_POS as usize;
-    while i < comptime![n * d] {
-        let rr = i / d;
-        let cc = i % d;
+    while i < comptime![n * vs] {
+        let rr = i / vs;
+        let cv = i % vs;
         let row = row0 + rr;
-        let mut val = f32::new(0.0);
+        let mut val = Vector::<f32, N>::new(0.0);
         if row < s {
-            val = f32::cast_from(x[base + row * rs + cc * cs]) * scale;
+            #[unroll]
+            for e in 0..nv {
+                val[e] = f32::cast_from(x[base + row * rs + (cv * nv + e) * cs]) * scale;
+            }
         }
-        tile[rr * ds + cc] = val;
+        tile[rr * vst + cv] = val;
         i += units;
     }
 }
 
 /// This unit's `[R/ty, C/tx]` block of `a·bᵀ`: rows `y + ty·i` of `a` (`[R, d]` staged) against
-/// rows `x + tx·j` of `b` (`[C, d]` staged), row-major into a new array.
+/// rows `x + tx·j` of `b` (`[C, d]` staged), row-major into a new array; per `N` head columns,
+/// `R/ty + C/tx` vector loads for `(R/ty)·(C/tx)·N` FMAs.
 #[cube]
-fn block_dot(a: &SharedMemory<f32>, b: &SharedMemory<f32>, #[comptime] t: Tiles) -> Array<f32> {
-    let (rm, cn, tx, ty, ds) = comptime![(t.rm(), t.cn(), t.tx, t.ty, t.stride())];
+fn block_dot<N: Size>(a: &SharedMemory<Vector<f32, N>>, b: &SharedMemory<Vector<f32, N>>, #[comptime] t: Tiles) -> Array<f32> {
+    let (rm, cn, tx, ty, vs, vst, nv) = comptime![(t.rm(), t.cn(), t.tx, t.ty, t.vs(), t.vstride(), t.vec)];
     let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
     let mut out = zeros(comptime![rm * cn]);
-    let mut ra = Array::<f32>::new(rm);
-    let mut rb = Array::<f32>::new(cn);
-    let d = comptime![t.d];
-    for x in 0..d {
+    let mut ra = Array::<Vector<f32, N>>::new(rm);
+    let mut rb = Array::<Vector<f32, N>>::new(cn);
+    for xv in 0..vs {
         #[unroll]
         for i in 0..rm {
-            ra[i] = a[(uy + i * ty) * ds + x];
+            ra[i] = a[(uy + i * ty) * vst + xv];
         }
         #[unroll]
         for j in 0..cn {
-            rb[j] = b[(ux + j * tx) * ds + x];
+            rb[j] = b[(ux + j * tx) * vst + xv];
         }
         #[unroll]
         for i in 0..rm {
+            let va = ra[i];
             #[unroll]
             for j in 0..cn {
-                out[i * cn + j] += ra[i] * rb[j];
+                let vb = rb[j];
+                let mut sum = out[i * cn + j];
+                #[unroll]
+                for e in 0..nv {
+                    sum += va[e] * vb[e];
+                }
+                out[i * cn + j] = sum;
             }
         }
     }
     out
 }
 
-/// `acc[i, k] += w[w0 + i·wstep] · v[jj, x + tx·k]` for this unit's rows `i` and head columns `k`
-/// (`v`: a `[C, d]` staged tile).
+/// `acc[i, k] += w[w0 + i·wstep] · v[jj, vector x + tx·k]` for this unit's rows `i` and head
+/// column vectors `k` (`v`: a `[C, d]` staged tile).
 #[cube]
-fn block_acc(acc: &mut Array<f32>, w: &SharedMemory<f32>, w0: usize, #[comptime] wstep: usize, v: &SharedMemory<f32>, jj: usize, #[comptime] t: Tiles) {
-    let (rm, dn, tx, ds) = comptime![(t.rm(), t.dn(), t.tx, t.stride())];
+#[allow(clippy::too_many_arguments)]
+fn block_acc<N: Size>(
+    acc: &mut Array<Vector<f32, N>>,
+    w: &SharedMemory<f32>,
+    w0: usize,
+    #[comptime] wstep: usize,
+    v: &SharedMemory<Vector<f32, N>>,
+    jj: usize,
+    #[comptime] t: Tiles,
+) {
+    let (rm, dnv, tx, vst) = comptime![(t.rm(), t.dnv(), t.tx, t.vstride())];
     let ux = UNIT_POS_X as usize;
-    let mut rv = Array::<f32>::new(dn);
+    let mut rv = Array::<Vector<f32, N>>::new(dnv);
     #[unroll]
-    for k in 0..dn {
-        rv[k] = v[jj * ds + ux + k * tx];
+    for k in 0..dnv {
+        rv[k] = v[jj * vst + ux + k * tx];
     }
     #[unroll]
     for i in 0..rm {
-        let wi = w[w0 + i * wstep];
+        let wi = Vector::<f32, N>::new(w[w0 + i * wstep]);
         #[unroll]
-        for k in 0..dn {
-            acc[i * dn + k] += wi * rv[k];
+        for k in 0..dnv {
+            acc[i * dnv + k] = acc[i * dnv + k] + wi * rv[k];
         }
     }
 }
 
-/// Writes this unit's `acc[i, k] · factor[i]` at row `row0 + y + ty·i`, columns `x + tx·k` of
-/// this head in `out` (rows past `s` skipped).
+/// Writes this unit's `acc[i, k] · factor[i]` at row `row0 + y + ty·i`, head columns
+/// `N·(x + tx·k) + e` of this head in `out` (rows past `s` skipped).
 #[cube]
-fn store_block<F: Float>(out: &mut Tensor<F>, acc: &Array<f32>, factor: &Array<f32>, bh: usize, row0: usize, s: usize, #[comptime] t: Tiles) {
-    let (rm, dn, tx, ty) = comptime![(t.rm(), t.dn(), t.tx, t.ty)];
+fn store_block<F: Float, N: Size>(
+    out: &mut Tensor<F>,
+    acc: &Array<Vector<f32, N>>,
+    factor: &Array<f32>,
+    bh: usize,
+    row0: usize,
+    s: usize,
+    #[comptime] t: Tiles,
+) {
+    let (rm, dnv, tx, ty, nv) = comptime![(t.rm(), t.dnv(), t.tx, t.ty, t.vec)];
     let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
     let base = head_base::<F>(out, bh);
     let (rs, cs) = (out.stride(2), out.stride(3));
@@ -163,8 +215,12 @@ fn store_block<F: Float>(out: &mut Tensor<F>, acc: &Array<f32>, factor: &Array<f
         let row = row0 + uy + i * ty;
         if row < s {
             #[unroll]
-            for k in 0..dn {
-                out[base + row * rs + (ux + k * tx) * cs] = F::cast_from(acc[i * dn + k] * factor[i]);
+            for k in 0..dnv {
+                let a = acc[i * dnv + k];
+                #[unroll]
+                for e in 0..nv {
+                    out[base + row * rs + ((ux + k * tx) * nv + e) * cs] = F::cast_from(a[e] * factor[i]);
+                }
             }
         }
     }
@@ -187,6 +243,16 @@ fn zeros(#[comptime] n: usize) -> Array<f32> {
     #[unroll]
     for i in 0..n {
         a[i] = f32::new(0.0);
+    }
+    a
+}
+
+#[cube]
+fn vzeros<N: Size>(#[comptime] n: usize) -> Array<Vector<f32, N>> {
+    let mut a = Array::<Vector<f32, N>>::new(n);
+    #[unroll]
+    for i in 0..n {
+        a[i] = Vector::<f32, N>::new(0.0);
     }
     a
 }
@@ -230,7 +296,7 @@ fn across_units(part: &mut Array<f32>, red: &mut SharedMemory<f32>, #[comptime] 
 
 /// The forward: `o` (q's dtype, any strides) and `lse: [b·H·s]` f32.
 #[cube(launch, launch_unchecked)]
-pub fn attn_forward_kernel<F: Float>(
+pub fn attn_forward_kernel<F: Float, N: Size>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
@@ -240,29 +306,29 @@ pub fn attn_forward_kernel<F: Float>(
     #[comptime] t: Tiles,
     #[define(F)] _dtype: StorageType,
 ) {
-    let (rows, cols, rm, cn, tx, ty, dn) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dn())];
+    let (rows, cols, rm, cn, tx, ty, dnv) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dnv())];
     let ps = comptime![cols + 1];
     let s = q.shape(2);
     let bh = CUBE_POS_X as usize;
     let q0 = last_first_block() * rows;
     let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
-    let mut sq = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
-    let mut sk = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
-    let mut sv = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
+    let mut sq = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
+    let mut sk = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
+    let mut sv = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
     let mut sp = SharedMemory::<f32>::new(comptime![rows * (cols + 1)]);
     let mut red = SharedMemory::<f32>::new(comptime![rows * tx]);
-    load_tile::<F>(q, &mut sq, bh, q0, s, scale, rows, t);
-    let mut acc = zeros(comptime![rm * dn]);
+    load_tile::<F, N>(q, &mut sq, bh, q0, s, scale, rows, t);
+    let mut acc = vzeros::<N>(comptime![rm * dnv]);
     let mut m = filled(rm, f32::new(MASKED));
     let mut l = zeros(rm);
     let mut mt = Array::<f32>::new(rm);
     let kend = min(s, q0 + rows);
     for tile in 0..(kend + cols - 1) / cols {
         let k0 = tile * cols;
-        load_tile::<F>(k, &mut sk, bh, k0, s, 1.0, cols, t);
-        load_tile::<F>(v, &mut sv, bh, k0, s, 1.0, cols, t);
+        load_tile::<F, N>(k, &mut sk, bh, k0, s, 1.0, cols, t);
+        load_tile::<F, N>(v, &mut sv, bh, k0, s, 1.0, cols, t);
         sync_cube();
-        let mut sc = block_dot(&sq, &sk, t);
+        let mut sc = block_dot::<N>(&sq, &sk, t);
         #[unroll]
         for i in 0..rm {
             let qi = q0 + uy + i * ty;
@@ -283,9 +349,10 @@ pub fn attn_forward_kernel<F: Float>(
             let mnew = max(m[i], mt[i]);
             let alpha = f32::exp(m[i] - mnew);
             let mut sum = l[i] * alpha;
+            let valpha = Vector::<f32, N>::new(alpha);
             #[unroll]
-            for kk in 0..dn {
-                acc[i * dn + kk] *= alpha;
+            for kk in 0..dnv {
+                acc[i * dnv + kk] = acc[i * dnv + kk] * valpha;
             }
             #[unroll]
             for j in 0..cn {
@@ -298,7 +365,7 @@ pub fn attn_forward_kernel<F: Float>(
         }
         sync_cube();
         for jj in 0..cols {
-            block_acc(&mut acc, &sp, uy * ps + jj, comptime![ty * ps], &sv, jj, t);
+            block_acc::<N>(&mut acc, &sp, uy * ps + jj, comptime![ty * ps], &sv, jj, t);
         }
         sync_cube();
     }
@@ -312,13 +379,13 @@ pub fn attn_forward_kernel<F: Float>(
             lse[bh * s + qi] = m[i] + f32::ln(l[i]);
         }
     }
-    store_block::<F>(o, &acc, &inv, bh, q0, s, t);
+    store_block::<F, N>(o, &acc, &inv, bh, q0, s, t);
 }
 
 /// `dq` (any strides) from `dO`, `lse` and `delta = Σ_x dO·o` (`[b·H·s]` f32 each).
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn attn_backward_dq_kernel<F: Float>(
+pub fn attn_backward_dq_kernel<F: Float, N: Size>(
     dout: &Tensor<F>,
     q: &Tensor<F>,
     k: &Tensor<F>,
@@ -330,19 +397,19 @@ pub fn attn_backward_dq_kernel<F: Float>(
     #[comptime] t: Tiles,
     #[define(F)] _dtype: StorageType,
 ) {
-    let (rows, cols, rm, cn, tx, ty, dn) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dn())];
+    let (rows, cols, rm, cn, tx, ty, dnv) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dnv())];
     let ps = comptime![cols + 1];
     let s = q.shape(2);
     let bh = CUBE_POS_X as usize;
     let q0 = last_first_block() * rows;
     let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
-    let mut sq = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
-    let mut sdo = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
-    let mut sk = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
-    // `v`'s tile, then (once `dP` is in registers) `dS`'s: one buffer of the larger size.
-    let mut svds = SharedMemory::<f32>::new(comptime![(cols * (t.d + 1)).max(rows * (cols + 1))]);
-    load_tile::<F>(q, &mut sq, bh, q0, s, scale, rows, t);
-    load_tile::<F>(dout, &mut sdo, bh, q0, s, 1.0, rows, t);
+    let mut sq = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
+    let mut sdo = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
+    let mut sk = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
+    let mut sv = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
+    let mut sds = SharedMemory::<f32>::new(comptime![rows * (cols + 1)]);
+    load_tile::<F, N>(q, &mut sq, bh, q0, s, scale, rows, t);
+    load_tile::<F, N>(dout, &mut sdo, bh, q0, s, 1.0, rows, t);
     let mut lse_r = zeros(rm);
     let mut delta_r = zeros(rm);
     #[unroll]
@@ -353,16 +420,15 @@ pub fn attn_backward_dq_kernel<F: Float>(
             delta_r[i] = delta[bh * s + qi];
         }
     }
-    let mut acc = zeros(comptime![rm * dn]);
+    let mut acc = vzeros::<N>(comptime![rm * dnv]);
     let kend = min(s, q0 + rows);
     for tile in 0..(kend + cols - 1) / cols {
         let k0 = tile * cols;
-        load_tile::<F>(k, &mut sk, bh, k0, s, 1.0, cols, t);
-        load_tile::<F>(v, &mut svds, bh, k0, s, 1.0, cols, t);
+        load_tile::<F, N>(k, &mut sk, bh, k0, s, 1.0, cols, t);
+        load_tile::<F, N>(v, &mut sv, bh, k0, s, 1.0, cols, t);
         sync_cube();
-        let sc = block_dot(&sq, &sk, t);
-        let dp = block_dot(&sdo, &svds, t);
-        sync_cube();
+        let sc = block_dot::<N>(&sq, &sk, t);
+        let dp = block_dot::<N>(&sdo, &sv, t);
         #[unroll]
         for i in 0..rm {
             let qi = q0 + uy + i * ty;
@@ -373,23 +439,23 @@ pub fn attn_backward_dq_kernel<F: Float>(
                 if kj <= qi && kj < s && qi < s {
                     ds_val = f32::exp(sc[i * cn + j] - lse_r[i]) * (dp[i * cn + j] - delta_r[i]);
                 }
-                svds[(uy + i * ty) * ps + ux + j * tx] = ds_val;
+                sds[(uy + i * ty) * ps + ux + j * tx] = ds_val;
             }
         }
         sync_cube();
         for jj in 0..cols {
-            block_acc(&mut acc, &svds, uy * ps + jj, comptime![ty * ps], &sk, jj, t);
+            block_acc::<N>(&mut acc, &sds, uy * ps + jj, comptime![ty * ps], &sk, jj, t);
         }
         sync_cube();
     }
     let factor = filled(rm, scale);
-    store_block::<F>(dq, &acc, &factor, bh, q0, s, t);
+    store_block::<F, N>(dq, &acc, &factor, bh, q0, s, t);
 }
 
 /// `dk, dv` (any strides); rows are keys, tiles are queries.
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn attn_backward_dkv_kernel<F: Float>(
+pub fn attn_backward_dkv_kernel<F: Float, N: Size>(
     dout: &Tensor<F>,
     q: &Tensor<F>,
     k: &Tensor<F>,
@@ -402,31 +468,31 @@ pub fn attn_backward_dkv_kernel<F: Float>(
     #[comptime] t: Tiles,
     #[define(F)] _dtype: StorageType,
 ) {
-    let (rows, cols, rm, cn, tx, ty, dn) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dn())];
+    let (rows, cols, rm, cn, tx, ty, dnv) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dnv())];
     let ps = comptime![rows + 1];
     let s = q.shape(2);
     let bh = CUBE_POS_X as usize;
     let j0 = CUBE_POS_Y as usize * rows;
     let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
-    let mut sk = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
-    let mut sv = SharedMemory::<f32>::new(comptime![rows * (t.d + 1)]);
-    let mut sq = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
-    let mut sdo = SharedMemory::<f32>::new(comptime![cols * (t.d + 1)]);
+    let mut sk = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
+    let mut sv = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
+    let mut sq = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
+    let mut sdo = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
     let mut sp = SharedMemory::<f32>::new(comptime![cols * (rows + 1)]);
     let mut sds = SharedMemory::<f32>::new(comptime![cols * (rows + 1)]);
     let mut sstat = SharedMemory::<f32>::new(comptime![2 * cols]);
-    load_tile::<F>(k, &mut sk, bh, j0, s, 1.0, rows, t);
-    load_tile::<F>(v, &mut sv, bh, j0, s, 1.0, rows, t);
-    let mut acc_k = zeros(comptime![rm * dn]);
-    let mut acc_v = zeros(comptime![rm * dn]);
+    load_tile::<F, N>(k, &mut sk, bh, j0, s, 1.0, rows, t);
+    load_tile::<F, N>(v, &mut sv, bh, j0, s, 1.0, rows, t);
+    let mut acc_k = vzeros::<N>(comptime![rm * dnv]);
+    let mut acc_v = vzeros::<N>(comptime![rm * dnv]);
     for tile in j0 / cols..(s + cols - 1) / cols {
         let i0 = tile * cols;
-        load_tile::<F>(q, &mut sq, bh, i0, s, scale, cols, t);
-        load_tile::<F>(dout, &mut sdo, bh, i0, s, 1.0, cols, t);
+        load_tile::<F, N>(q, &mut sq, bh, i0, s, scale, cols, t);
+        load_tile::<F, N>(dout, &mut sdo, bh, i0, s, 1.0, cols, t);
         load_stats(lse, delta, &mut sstat, bh, i0, s, t);
         sync_cube();
-        let sc = block_dot(&sk, &sq, t);
-        let dp = block_dot(&sv, &sdo, t);
+        let sc = block_dot::<N>(&sk, &sq, t);
+        let dp = block_dot::<N>(&sv, &sdo, t);
         #[unroll]
         for i in 0..rm {
             let kj = j0 + uy + i * ty;
@@ -444,14 +510,14 @@ pub fn attn_backward_dkv_kernel<F: Float>(
         }
         sync_cube();
         for jj in 0..cols {
-            block_acc(&mut acc_v, &sp, jj * ps + uy, ty, &sdo, jj, t);
-            block_acc(&mut acc_k, &sds, jj * ps + uy, ty, &sq, jj, t);
+            block_acc::<N>(&mut acc_v, &sp, jj * ps + uy, ty, &sdo, jj, t);
+            block_acc::<N>(&mut acc_k, &sds, jj * ps + uy, ty, &sq, jj, t);
         }
         sync_cube();
     }
     let one = filled(rm, f32::new(1.0));
-    store_block::<F>(dk, &acc_k, &one, bh, j0, s, t);
-    store_block::<F>(dv, &acc_v, &one, bh, j0, s, t);
+    store_block::<F, N>(dk, &acc_k, &one, bh, j0, s, t);
+    store_block::<F, N>(dv, &acc_v, &one, bh, j0, s, t);
 }
 
 /// `lse` and `delta` of queries `i0..i0 + C` into `sstat[0..C]` and `sstat[C..2C]` (zeros past
