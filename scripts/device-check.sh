@@ -7,6 +7,7 @@
 #   steps: checks (kernels + nccl) kernels gpt gpt-local ln-bench ln-tune ln-profile (ncu, if installed)
 #   torch-ln nccl-bench torch-nccl gpt2 gpt2-f32 torch-gpt2 (GPT-2 124M: ours bf16/f32, PyTorch eager) memory
 #   attention torch-attention (flash-attention kernels: checks, then fused vs composed vs torch SDPA)
+#   attn-profile (ncu, if installed: the flash kernels' registers per thread, occupancy, waves)
 #   burn-nn-gpt2 (plain Burn's GPT-2 124M) gpt2-composed (ours, composed attention); gpt2-chunked (ours, chunked attention);
 #   gpt2-optim-per-param (ours, AdamW one parameter at a time: against gpt2's fused 25 MiB groups);
 #   `a+b` runs two steps side by side (e.g. `checks+gpt`: correctness checks while the GPT's
@@ -35,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 limit_of() {
   case "$1" in
     checks) echo 300 ;; kernels) echo 180 ;; gpt) echo 300 ;; gpt-local) echo 240 ;;
-    ln-bench) echo 150 ;; ln-tune) echo 180 ;; ln-profile) echo 150 ;; torch-ln) echo 60 ;; nccl-bench) echo 90 ;;
+    ln-bench) echo 150 ;; attn-profile) echo 180 ;; ln-tune) echo 180 ;; ln-profile) echo 150 ;; torch-ln) echo 60 ;; nccl-bench) echo 90 ;;
     torch-nccl) echo 60 ;; gpt2) echo 420 ;; memory) echo 240 ;; gpt2-f32) echo 240 ;; torch-gpt2) echo 150 ;; attention) echo 240 ;; torch-attention) echo 60 ;; burn-nn-gpt2) echo 300 ;; gpt2-composed) echo 300 ;; gpt2-chunked) echo 300 ;; gpt2-optim-per-param) echo 300 ;; *) echo 0 ;;
   esac
 }
@@ -54,6 +55,11 @@ run_step() { # name: runs it in the foreground, log to $out/.steps/name.txt
       [ -n "$ncu" ] || { echo "ncu: not installed"; return 1; }
       exec "$ncu" --kernel-name regex:"ln_|binop|scalar" --launch-count 40 --section LaunchStats --section Occupancy --section SpeedOfLight \
         --section WarpStateStats ./device_check ln-profile ;;
+    attn-profile) # the flash kernels' first launches under Nsight Compute (registers decide cubes per SM)
+      local ncu
+      ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
+      [ -n "$ncu" ] || { echo "ncu: not installed"; return 1; }
+      exec "$ncu" --kernel-name regex:"attn_" --launch-count 6 --section LaunchStats --section Occupancy --section SpeedOfLight ./device_check attention ;;
     torch-ln) exec python3 "$root/benches/torch_layer_norm.py" ;;
     nccl-bench) exec ./device_check nccl-bench ;;
     torch-nccl) exec python3 "$root/benches/torch_collectives.py" ;;

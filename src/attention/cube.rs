@@ -6,7 +6,8 @@
 //! columns per unit; narrower only where nothing else fits), `ty = 16` along its rows (fewer only
 //! where the device's units or shared memory demand), and 4, 2 or 1 rows and columns per unit:
 //! the largest blocks whose registers (≤ 32 accumulators each) and shared memory
-//! (`min(device limit, 110 KiB)`: two or three cubes per H100 multiprocessor; lavapipe's 32 KiB
+//! (`min(device limit, 110 KiB)`: room for two or three cubes per H100 multiprocessor, registers
+//! permitting (not measured: cubecl-cuda gives no minimum-blocks hint); lavapipe's 32 KiB
 //! gives smaller tiles) fit. On an H100 at `d = 64`: `64 × 64` tiles of 256 units, 4 × 4 scores
 //! per unit, vectors of 4.
 
@@ -319,7 +320,8 @@ mod tests {
         assert_eq!(h100(Kernel::Dkv, 128), Tiles { d: 128, rows: 32, cols: 32, tx: 16, ty: 16, vec: 4 });
         assert_eq!(tiles(Kernel::Forward, 64, 32 << 10, 256).unwrap(), Tiles { d: 64, rows: 32, cols: 32, tx: 16, ty: 16, vec: 4 });
         assert_eq!(tiles(Kernel::Dkv, 8, 32 << 10, 256).unwrap(), Tiles { d: 8, rows: 64, cols: 8, tx: 2, ty: 16, vec: 4 });
-        // Cubes per H100 multiprocessor (228 KiB, 1 KiB reserved per cube) at d 64: 3, 2, 2.
+        // Cubes per H100 multiprocessor that shared memory allows (228 KiB, 1 KiB reserved per
+        // cube) at d 64: 3, 2, 2 (registers may allow fewer).
         for (kernel, cubes) in [(Kernel::Forward, 3), (Kernel::Dq, 2), (Kernel::Dkv, 2)] {
             assert_eq!((228 << 10) / (shared_bytes(kernel, h100(kernel, 64)) + 1024), cubes, "{kernel:?}");
         }

@@ -45,7 +45,7 @@ pub struct Tiles {
     pub rows: usize,
     /// Rows of the other operand per tile (keys, or queries for `dkv`); a multiple of `tx`.
     pub cols: usize,
-    /// Units along the columns (divides `d`).
+    /// Units along the columns (divides the vectors per row, `d / vec`).
     pub tx: usize,
     /// Units along the rows.
     pub ty: usize,
