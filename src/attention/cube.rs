@@ -1,4 +1,4 @@
-//! [`AttentionBackend`] for `CubeBackend` (the kernels of `kernels.rs`) and for `Fusion` (lazy
+//! [`AttentionBackend`] for `CubeBackend` (the kernels of `kernels/`) and for `Fusion` (lazy
 //! custom operations of the fusion stream, as the layer norm's).
 //!
 //! Tiles: shared-memory vectors of 4, 2 or 1 floats (the widest dividing `d`); `tx` units along a

@@ -1,0 +1,166 @@
+//! The backward kernels: `dq` (rows are queries) and `dk, dv` (rows are keys); the module docs
+//! of [`super`] give the tiling, the parent module's the math.
+
+// Tile counts are written `(n + c − 1) / c` (the cube macro expands arithmetic, not `div_ceil`).
+#![allow(clippy::manual_div_ceil)]
+
+use burn_cubecl::cubecl;
+use cubecl::prelude::*;
+
+use super::{block_acc, block_dot, filled, last_first_block, load_tile, store_block, vzeros, zeros, Tiles};
+
+/// `dq` (any strides) from `dO`, `lse` and `delta = Σ_x dO·o` (`[b·H·s]` f32 each).
+#[cube(launch, launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn attn_backward_dq_kernel<F: Float, N: Size>(
+    dout: &Tensor<F>,
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    dq: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] t: Tiles,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (rows, cols, rm, cn, tx, ty, dnv) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dnv())];
+    let ps = comptime![cols + 1];
+    let s = q.shape(2);
+    let bh = CUBE_POS_X as usize;
+    let q0 = last_first_block() * rows;
+    let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let mut sq = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
+    let mut sdo = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
+    let mut sk = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
+    let mut sv = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
+    let mut sds = SharedMemory::<f32>::new(comptime![rows * (cols + 1)]);
+    load_tile::<F, N>(q, &mut sq, bh, q0, s, scale, rows, t);
+    load_tile::<F, N>(dout, &mut sdo, bh, q0, s, 1.0, rows, t);
+    let mut lse_r = zeros(rm);
+    let mut delta_r = zeros(rm);
+    #[unroll]
+    for i in 0..rm {
+        let qi = q0 + uy + i * ty;
+        if qi < s {
+            lse_r[i] = lse[bh * s + qi];
+            delta_r[i] = delta[bh * s + qi];
+        }
+    }
+    let mut acc = vzeros::<N>(comptime![rm * dnv]);
+    let kend = min(s, q0 + rows);
+    for tile in 0..(kend + cols - 1) / cols {
+        let k0 = tile * cols;
+        load_tile::<F, N>(k, &mut sk, bh, k0, s, 1.0, cols, t);
+        load_tile::<F, N>(v, &mut sv, bh, k0, s, 1.0, cols, t);
+        sync_cube();
+        let sc = block_dot::<N>(&sq, &sk, t);
+        let dp = block_dot::<N>(&sdo, &sv, t);
+        #[unroll]
+        for i in 0..rm {
+            let qi = q0 + uy + i * ty;
+            #[unroll]
+            for j in 0..cn {
+                let kj = k0 + ux + j * tx;
+                let mut ds_val = f32::new(0.0);
+                if kj <= qi && kj < s && qi < s {
+                    ds_val = f32::exp(sc[i * cn + j] - lse_r[i]) * (dp[i * cn + j] - delta_r[i]);
+                }
+                sds[(uy + i * ty) * ps + ux + j * tx] = ds_val;
+            }
+        }
+        sync_cube();
+        for jj in 0..cols {
+            block_acc::<N>(&mut acc, &sds, uy * ps + jj, comptime![ty * ps], &sk, jj, t);
+        }
+        sync_cube();
+    }
+    let factor = filled(rm, scale);
+    store_block::<F, N>(dq, &acc, &factor, bh, q0, s, t);
+}
+
+/// `dk, dv` (any strides); rows are keys, tiles are queries.
+#[cube(launch, launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn attn_backward_dkv_kernel<F: Float, N: Size>(
+    dout: &Tensor<F>,
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] t: Tiles,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (rows, cols, rm, cn, tx, ty, dnv) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dnv())];
+    let ps = comptime![rows + 1];
+    let s = q.shape(2);
+    let bh = CUBE_POS_X as usize;
+    let j0 = CUBE_POS_Y as usize * rows;
+    let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let mut sk = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
+    let mut sv = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
+    let mut sq = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
+    let mut sdo = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
+    let mut sp = SharedMemory::<f32>::new(comptime![cols * (rows + 1)]);
+    let mut sds = SharedMemory::<f32>::new(comptime![cols * (rows + 1)]);
+    let mut sstat = SharedMemory::<f32>::new(comptime![2 * cols]);
+    load_tile::<F, N>(k, &mut sk, bh, j0, s, 1.0, rows, t);
+    load_tile::<F, N>(v, &mut sv, bh, j0, s, 1.0, rows, t);
+    let mut acc_k = vzeros::<N>(comptime![rm * dnv]);
+    let mut acc_v = vzeros::<N>(comptime![rm * dnv]);
+    for tile in j0 / cols..(s + cols - 1) / cols {
+        let i0 = tile * cols;
+        load_tile::<F, N>(q, &mut sq, bh, i0, s, scale, cols, t);
+        load_tile::<F, N>(dout, &mut sdo, bh, i0, s, 1.0, cols, t);
+        load_stats(lse, delta, &mut sstat, bh, i0, s, t);
+        sync_cube();
+        let sc = block_dot::<N>(&sk, &sq, t);
+        let dp = block_dot::<N>(&sv, &sdo, t);
+        #[unroll]
+        for i in 0..rm {
+            let kj = j0 + uy + i * ty;
+            #[unroll]
+            for j in 0..cn {
+                let qc = ux + j * tx;
+                let (mut p, mut ds_val) = (f32::new(0.0), f32::new(0.0));
+                if kj <= i0 + qc && i0 + qc < s {
+                    p = f32::exp(sc[i * cn + j] - sstat[qc]);
+                    ds_val = p * (dp[i * cn + j] - sstat[cols + qc]);
+                }
+                sp[qc * ps + uy + i * ty] = p;
+                sds[qc * ps + uy + i * ty] = ds_val;
+            }
+        }
+        sync_cube();
+        for jj in 0..cols {
+            block_acc::<N>(&mut acc_v, &sp, jj * ps + uy, ty, &sdo, jj, t);
+            block_acc::<N>(&mut acc_k, &sds, jj * ps + uy, ty, &sq, jj, t);
+        }
+        sync_cube();
+    }
+    let one = filled(rm, f32::new(1.0));
+    store_block::<F, N>(dk, &acc_k, &one, bh, j0, s, t);
+    store_block::<F, N>(dv, &acc_v, &one, bh, j0, s, t);
+}
+
+/// `lse` and `delta` of queries `i0..i0 + C` into `sstat[0..C]` and `sstat[C..2C]` (zeros past
+/// `s`), by all units of the cube.
+#[cube]
+fn load_stats(lse: &Tensor<f32>, delta: &Tensor<f32>, sstat: &mut SharedMemory<f32>, bh: usize, i0: usize, s: usize, #[comptime] t: Tiles) {
+    let cols = comptime![t.cols];
+    let mut x = UNIT_POS as usize;
+    while x < cols {
+        let (mut a, mut b) = (f32::new(0.0), f32::new(0.0));
+        if i0 + x < s {
+            a = lse[bh * s + i0 + x];
+            b = delta[bh * s + i0 + x];
+        }
+        sstat[x] = a;
+        sstat[cols + x] = b;
+        x += comptime![t.units()];
+    }
+}
