@@ -6,10 +6,12 @@
 //! columns per unit; narrower only where nothing else fits), `ty = 16` along its rows (fewer only
 //! where the device's units or shared memory demand), and 4, 2 or 1 rows and columns per unit:
 //! the largest blocks whose registers (≤ 32 accumulators each) and shared memory
-//! (`min(device limit, 110 KiB)`: room for two or three cubes per H100 multiprocessor, registers
-//! permitting (not measured: cubecl-cuda gives no minimum-blocks hint); lavapipe's 32 KiB
-//! gives smaller tiles) fit. On an H100 at `d = 64`: `64 × 64` tiles of 256 units, 4 × 4 scores
-//! per unit, vectors of 4.
+//! (`min(device limit, 110 KiB)`; lavapipe's 32 KiB gives smaller tiles) fit. On an H100 at
+//! `d = 64`: `64 × 64` tiles of 256 units, 4 × 4 scores per unit, vectors of 4; 71, 84 and
+//! 101 KiB for forward, dq and dk/dv, and (ptxas for sm_90a, `scripts/cuda-offline-check.sh`)
+//! 104–110, 128 and 128 registers per unit: two cubes per multiprocessor each, the forward held
+//! there by its registers (shared memory would allow three; cubecl-cuda gives no minimum-blocks
+//! hint).
 
 use std::marker::PhantomData;
 
@@ -34,15 +36,26 @@ const SHARED_TARGET: usize = 110 << 10;
 const MAX_GRID: usize = 65535;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
+pub(super) enum Kernel {
     Forward,
     Dq,
     Dkv,
 }
 
+impl Kernel {
+    #[cfg_attr(not(feature = "cuda-source"), allow(dead_code))]
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Kernel::Forward => "forward",
+            Kernel::Dq => "dq",
+            Kernel::Dkv => "dkv",
+        }
+    }
+}
+
 /// Shared bytes of a kernel's tiles (f32; staged rows of `vstride` vectors, weight tiles of
 /// `C + 1` or `R + 1`).
-fn shared_bytes(kernel: Kernel, t: Tiles) -> usize {
+pub(super) fn shared_bytes(kernel: Kernel, t: Tiles) -> usize {
     let (r, c, row) = (t.rows, t.cols, t.vstride() * t.vec);
     4 * match kernel {
         Kernel::Forward => (r + 2 * c) * row + r * (c + 1) + r * t.tx,
@@ -59,7 +72,7 @@ const MAX_ACC: usize = 32;
 /// (16, 8, 4, 2, 1: dividing the vectors per row, at most 32 head columns per unit unless none
 /// does) with the first `(ty, rows and columns per unit)` of (16, 4), (16, 2), (16, 1), (8, 1),
 /// (4, 1), (2, 1), (1, 1) that fits.
-fn tiles(kernel: Kernel, d: usize, shared: usize, units: usize) -> Result<Tiles, String> {
+pub(super) fn tiles(kernel: Kernel, d: usize, shared: usize, units: usize) -> Result<Tiles, String> {
     if d == 0 || d > MAX_HEAD {
         return Err(format!("fused attention takes heads of width 1..={MAX_HEAD}, not {d}"));
     }

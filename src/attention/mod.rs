@@ -34,6 +34,10 @@ mod packed;
 pub use packed::causal_attention_qkv;
 #[cfg(feature = "cube")]
 mod cube;
+#[cfg(feature = "cuda-source")]
+mod cuda_source;
+#[cfg(feature = "cuda-source")]
+pub use cuda_source::{attention_cuda_sources, CudaKernelSource};
 #[cfg(feature = "cube")]
 mod kernels;
 

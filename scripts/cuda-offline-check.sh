@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The flash-attention kernels compiled for an H100 without a GPU: their CUDA C++ as cubecl-cuda
+# generates it (`--features cuda-source`, example `cuda_source`), then NVRTC and ptxas for sm_90a
+# from NVIDIA's PyPI wheels (CUDA 13.0, the device's toolkit era; cuobjdump/nvdisasm 13.2, the
+# oldest on PyPI, for the SASS loop counts). Prints registers, spills and cubes per multiprocessor;
+# exit 1 if a kernel fails to compile or a library launch spills.
+#   scripts/cuda-offline-check.sh            # wheels cached under ~/.cache/burn-parallel-cuda
+#   CUDA_OFFLINE_ROOT=/usr/local/cuda scripts/cuda-offline-check.sh   # an installed toolkit
+# Exit 2 (nothing checked) when the wheels cannot be fetched.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="${CUDA_OFFLINE_ROOT:-}"
+if [ -z "$root" ]; then
+  cache="${BURN_PARALLEL_CUDA_CACHE:-$HOME/.cache/burn-parallel-cuda}/13.0.88"
+  root="$cache/nvidia/cu13"
+  if [ ! -x "$root/bin/ptxas" ] || [ ! -x "$root/bin/nvdisasm" ]; then
+    mkdir -p "$cache/wheels"
+    if ! python3 -m pip download --quiet --no-deps -d "$cache/wheels" \
+        nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.88 \
+        nvidia-cuda-cccl==13.0.85 nvidia-cuda-cuobjdump==13.2.86 nvidia-cuda-nvdisasm==13.2.86; then
+      echo "cuda-offline-check: NVIDIA's wheels could not be fetched from PyPI: nothing checked" >&2
+      exit 2
+    fi
+    for w in "$cache"/wheels/*.whl; do python3 -m zipfile -e "$w" "$cache"; done
+    chmod +x "$root"/bin/*
+  fi
+fi
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+cargo run --quiet --features cuda-source --example cuda_source -- "$out"
+python3 scripts/cuda_offline_compile.py "$out" "$root"
