@@ -7,9 +7,9 @@
 //! where the device's units or shared memory demand), and 4, 2 or 1 rows and columns per unit:
 //! the largest blocks whose registers (≤ 32 accumulators each) and shared memory
 //! (`min(device limit, 110 KiB)`; lavapipe's 32 KiB gives smaller tiles) fit. On an H100 at
-//! `d = 64`: `64 × 64` tiles of 256 units, 4 × 4 scores per unit, vectors of 4; 71, 84 and
-//! 101 KiB for forward, dq and dk/dv, and (ptxas for sm_90a, `scripts/cuda-offline-check.sh`)
-//! 104–110, 128 and 128 registers per unit: two cubes per multiprocessor each, the forward held
+//! `d = 64`: `64 × 64` tiles of 256 units, 4 × 4 scores per unit, vectors of 4; 72, 85 and
+//! 102.5 KiB for forward, dq and dk/dv, and (ptxas for sm_90a, `scripts/cuda-offline-check.sh`)
+//! about 100, 128 and 128 registers per unit: two cubes per multiprocessor each, the forward held
 //! there by its registers (shared memory would allow three; cubecl-cuda gives no minimum-blocks
 //! hint).
 
@@ -54,13 +54,13 @@ impl Kernel {
 }
 
 /// Shared bytes of a kernel's tiles (f32; staged rows of `vstride` vectors, weight tiles of
-/// `C + 1` or `R + 1`).
+/// `C` columns of `wstride` vectors of `rm`).
 pub(super) fn shared_bytes(kernel: Kernel, t: Tiles) -> usize {
-    let (r, c, row) = (t.rows, t.cols, t.vstride() * t.vec);
+    let (r, c, row, wcol) = (t.rows, t.cols, t.vstride() * t.vec, t.wstride() * t.rm());
     4 * match kernel {
-        Kernel::Forward => (r + 2 * c) * row + r * (c + 1) + r * t.tx,
-        Kernel::Dq => (2 * r + 2 * c) * row + r * (c + 1),
-        Kernel::Dkv => (2 * r + 2 * c) * row + 2 * c * (r + 1) + 2 * c,
+        Kernel::Forward => (r + 2 * c) * row + c * wcol + r * t.tx,
+        Kernel::Dq => (2 * r + 2 * c) * row + c * wcol,
+        Kernel::Dkv => (2 * r + 2 * c) * row + 2 * c * wcol + 2 * c,
     }
 }
 
@@ -163,6 +163,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             grid(b * h, s, t.rows),
             CubeDim::new_2d(t.tx as u32, t.ty as u32),
             t.vec,
+            t.rm(),
             q.clone().into_tensor_arg(),
             k.into_tensor_arg(),
             v.into_tensor_arg(),
@@ -196,6 +197,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             grid(b * h, s, tq.rows),
             CubeDim::new_2d(tq.tx as u32, tq.ty as u32),
             tq.vec,
+            tq.rm(),
             dout.clone().into_tensor_arg(),
             q.clone().into_tensor_arg(),
             k.clone().into_tensor_arg(),
@@ -212,6 +214,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             grid(b * h, s, tkv.rows),
             CubeDim::new_2d(tkv.tx as u32, tkv.ty as u32),
             tkv.vec,
+            tkv.rm(),
             dout.into_tensor_arg(),
             q.clone().into_tensor_arg(),
             k.into_tensor_arg(),
@@ -334,7 +337,7 @@ mod tests {
         assert_eq!(tiles(Kernel::Forward, 64, 32 << 10, 256).unwrap(), Tiles { d: 64, rows: 32, cols: 32, tx: 16, ty: 16, vec: 4 });
         assert_eq!(tiles(Kernel::Dkv, 8, 32 << 10, 256).unwrap(), Tiles { d: 8, rows: 64, cols: 8, tx: 2, ty: 16, vec: 4 });
         // Cubes per H100 multiprocessor that shared memory allows (228 KiB, 1 KiB reserved per
-        // cube) at d 64: 3, 2, 2 (registers may allow fewer).
+        // cube) at d 64: 3, 2, 2 (ptxas's registers allow 2, 2, 2: cuda-offline-check.sh).
         for (kernel, cubes) in [(Kernel::Forward, 3), (Kernel::Dq, 2), (Kernel::Dkv, 2)] {
             assert_eq!((228 << 10) / (shared_bytes(kernel, h100(kernel, 64)) + 1024), cubes, "{kernel:?}");
         }

@@ -67,7 +67,7 @@ pub fn attention_cuda_sources<R: Runtime>(client: &ComputeClient<R>, d: usize, d
             let t = tiles(kernel, d, H100_SHARED, H100_UNITS)?;
             let settings = KernelSettings::default().cube_dim(CubeDim::new_2d(t.tx as u32, t.ty as u32));
             // The generated kernel structs take the tensors' compilation arguments, the scalar's,
-            // the vector size `N`, the tiles and the element type, in that order.
+            // the vector sizes `N` and `M`, the tiles and the element type, in that order.
             macro_rules! task {
                 ($kernel:ident::$ty:ident, [$($tensor:ident),*]) => {
                     Box::new(KernelTask::new(kernels::$kernel::$ty::<R>::new(
@@ -79,6 +79,7 @@ pub fn attention_cuda_sources<R: Runtime>(client: &ComputeClient<R>, d: usize, d
                         },)*
                         (),
                         t.vec,
+                        t.rm(),
                         t,
                         elem,
                     )))

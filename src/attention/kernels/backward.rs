@@ -7,12 +7,12 @@
 use burn_cubecl::cubecl;
 use cubecl::prelude::*;
 
-use super::{block_acc, block_dot, filled, last_first_block, load_tile, store_block, vzeros, zeros, Tiles};
+use super::{block_acc, block_dot, filled, last_first_block, load_tile, store_block, store_weights, vzeros, zeros, Tiles};
 
 /// `dq` (any strides) from `dO`, `lse` and `delta = Σ_x dO·o` (`[b·H·s]` f32 each).
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn attn_backward_dq_kernel<F: Float, N: Size>(
+pub fn attn_backward_dq_kernel<F: Float, N: Size, M: Size>(
     dout: &Tensor<F>,
     q: &Tensor<F>,
     k: &Tensor<F>,
@@ -25,7 +25,6 @@ pub fn attn_backward_dq_kernel<F: Float, N: Size>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (rows, cols, rm, cn, tx, ty, dnv) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dnv())];
-    let ps = comptime![cols + 1];
     let s = q.shape(2);
     let bh = CUBE_POS_X as usize;
     let q0 = last_first_block() * rows;
@@ -34,7 +33,7 @@ pub fn attn_backward_dq_kernel<F: Float, N: Size>(
     let mut sdo = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
     let mut sk = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
     let mut sv = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
-    let mut sds = SharedMemory::<f32>::new(comptime![rows * (cols + 1)]);
+    let mut sds = SharedMemory::<Vector<f32, M>>::new(comptime![cols * t.wstride()]);
     load_tile::<F, N>(q, &mut sq, bh, q0, s, scale, rows, t);
     load_tile::<F, N>(dout, &mut sdo, bh, q0, s, 1.0, rows, t);
     let mut lse_r = zeros(rm);
@@ -54,7 +53,7 @@ pub fn attn_backward_dq_kernel<F: Float, N: Size>(
         load_tile::<F, N>(k, &mut sk, bh, k0, s, 1.0, cols, t);
         load_tile::<F, N>(v, &mut sv, bh, k0, s, 1.0, cols, t);
         sync_cube();
-        let sc = block_dot::<N>(&sq, &sk, t);
+        let mut ds = block_dot::<N>(&sq, &sk, t);
         let dp = block_dot::<N>(&sdo, &sv, t);
         #[unroll]
         for i in 0..rm {
@@ -64,14 +63,15 @@ pub fn attn_backward_dq_kernel<F: Float, N: Size>(
                 let kj = k0 + ux + j * tx;
                 let mut ds_val = f32::new(0.0);
                 if kj <= qi && kj < s && qi < s {
-                    ds_val = f32::exp(sc[i * cn + j] - lse_r[i]) * (dp[i * cn + j] - delta_r[i]);
+                    ds_val = f32::exp(ds[i * cn + j] - lse_r[i]) * (dp[i * cn + j] - delta_r[i]);
                 }
-                sds[(uy + i * ty) * ps + ux + j * tx] = ds_val;
+                ds[i * cn + j] = ds_val;
             }
         }
+        store_weights::<M>(&mut sds, &ds, t);
         sync_cube();
         for jj in 0..cols {
-            block_acc::<N>(&mut acc, &sds, uy * ps + jj, comptime![ty * ps], &sk, jj, t);
+            block_acc::<N, M>(&mut acc, &sds, &sk, jj, t);
         }
         sync_cube();
     }
@@ -82,7 +82,7 @@ pub fn attn_backward_dq_kernel<F: Float, N: Size>(
 /// `dk, dv` (any strides); rows are keys, tiles are queries.
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn attn_backward_dkv_kernel<F: Float, N: Size>(
+pub fn attn_backward_dkv_kernel<F: Float, N: Size, M: Size>(
     dout: &Tensor<F>,
     q: &Tensor<F>,
     k: &Tensor<F>,
@@ -96,7 +96,6 @@ pub fn attn_backward_dkv_kernel<F: Float, N: Size>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (rows, cols, rm, cn, tx, ty, dnv) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dnv())];
-    let ps = comptime![rows + 1];
     let s = q.shape(2);
     let bh = CUBE_POS_X as usize;
     let j0 = CUBE_POS_Y as usize * rows;
@@ -105,8 +104,8 @@ pub fn attn_backward_dkv_kernel<F: Float, N: Size>(
     let mut sv = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
     let mut sq = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
     let mut sdo = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
-    let mut sp = SharedMemory::<f32>::new(comptime![cols * (rows + 1)]);
-    let mut sds = SharedMemory::<f32>::new(comptime![cols * (rows + 1)]);
+    let mut sp = SharedMemory::<Vector<f32, M>>::new(comptime![cols * t.wstride()]);
+    let mut sds = SharedMemory::<Vector<f32, M>>::new(comptime![cols * t.wstride()]);
     let mut sstat = SharedMemory::<f32>::new(comptime![2 * cols]);
     load_tile::<F, N>(k, &mut sk, bh, j0, s, 1.0, rows, t);
     load_tile::<F, N>(v, &mut sv, bh, j0, s, 1.0, rows, t);
@@ -118,8 +117,8 @@ pub fn attn_backward_dkv_kernel<F: Float, N: Size>(
         load_tile::<F, N>(dout, &mut sdo, bh, i0, s, 1.0, cols, t);
         load_stats(lse, delta, &mut sstat, bh, i0, s, t);
         sync_cube();
-        let sc = block_dot::<N>(&sk, &sq, t);
-        let dp = block_dot::<N>(&sv, &sdo, t);
+        let mut pt = block_dot::<N>(&sk, &sq, t);
+        let mut ds = block_dot::<N>(&sv, &sdo, t);
         #[unroll]
         for i in 0..rm {
             let kj = j0 + uy + i * ty;
@@ -128,17 +127,19 @@ pub fn attn_backward_dkv_kernel<F: Float, N: Size>(
                 let qc = ux + j * tx;
                 let (mut p, mut ds_val) = (f32::new(0.0), f32::new(0.0));
                 if kj <= i0 + qc && i0 + qc < s {
-                    p = f32::exp(sc[i * cn + j] - sstat[qc]);
-                    ds_val = p * (dp[i * cn + j] - sstat[cols + qc]);
+                    p = f32::exp(pt[i * cn + j] - sstat[qc]);
+                    ds_val = p * (ds[i * cn + j] - sstat[cols + qc]);
                 }
-                sp[qc * ps + uy + i * ty] = p;
-                sds[qc * ps + uy + i * ty] = ds_val;
+                pt[i * cn + j] = p;
+                ds[i * cn + j] = ds_val;
             }
         }
+        store_weights::<M>(&mut sp, &pt, t);
+        store_weights::<M>(&mut sds, &ds, t);
         sync_cube();
         for jj in 0..cols {
-            block_acc::<N>(&mut acc_v, &sp, jj * ps + uy, ty, &sdo, jj, t);
-            block_acc::<N>(&mut acc_k, &sds, jj * ps + uy, ty, &sq, jj, t);
+            block_acc::<N, M>(&mut acc_v, &sp, &sdo, jj, t);
+            block_acc::<N, M>(&mut acc_k, &sds, &sq, jj, t);
         }
         sync_cube();
     }

@@ -9,8 +9,10 @@
 //! - scores of a tile: `S_ij = Σ_x a_ix·b_jx` as outer products of vectors from shared memory:
 //!   `R/ty + C/tx` vector loads for `(R/ty)·(C/tx)·N` FMAs (4 × 4 blocks of vectors of 4: 8
 //!   loads for 64 FMAs; the first kernels, one row per unit and scalar loads: 2 loads per FMA);
-//! - `acc_ik += Σ_j w_ij·v_jk`: `w` (`P` or `dS`, scalars in shared memory with a row stride of
-//!   `C + 1` or `R + 1`) broadcast, `v` rows as vectors.
+//! - `acc_ik += Σ_j w_ij·v_jk`: `w` (`P` or `dS`) staged column by column as vectors of `M =
+//!   R/ty` lanes, one per unit row (a unit's weights of column `j` in one vector load, shared by
+//!   the `tx` units of its row group), `v` rows as vectors: per `j`, `1 + d/(N·tx)` vector loads
+//!   for `(R/ty)·d/tx` FMAs (scalar weights took `R/ty` loads more).
 //!
 //! Every global access is guarded by the sequence length; inputs are read through their strides
 //! (`[b, H, s, d]` views of any layout), outputs written through theirs.
@@ -85,6 +87,11 @@ impl Tiles {
     /// Units per cube.
     pub const fn units(&self) -> usize {
         self.tx * self.ty
+    }
+    /// Shared-memory stride of a weight tile's columns, in vectors of `rm` (one per unit row):
+    /// odd, so that the units of a quarter warp storing different columns hit different banks.
+    pub const fn wstride(&self) -> usize {
+        self.ty | 1
     }
 }
 
@@ -167,21 +174,20 @@ fn block_dot<N: Size>(a: &SharedMemory<Vector<f32, N>>, b: &SharedMemory<Vector<
     out
 }
 
-/// `acc[i, k] += w[w0 + i·wstep] · v[jj, vector x + tx·k]` for this unit's rows `i` and head
-/// column vectors `k` (`v`: a `[C, d]` staged tile).
+/// `acc[i, k] += w[jj, i] · v[jj, vector x + tx·k]` for this unit's rows `i` and head column
+/// vectors `k` (`w`: a weight tile from [`store_weights`], `v`: a `[C, d]` staged tile): per
+/// `jj`, one vector load of the unit's `R/ty` weights and `d/(N·tx)` of `v`.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn block_acc<N: Size>(
+fn block_acc<N: Size, M: Size>(
     acc: &mut Array<Vector<f32, N>>,
-    w: &SharedMemory<f32>,
-    w0: usize,
-    #[comptime] wstep: usize,
+    w: &SharedMemory<Vector<f32, M>>,
     v: &SharedMemory<Vector<f32, N>>,
     jj: usize,
     #[comptime] t: Tiles,
 ) {
-    let (rm, dnv, tx, vst) = comptime![(t.rm(), t.dnv(), t.tx, t.vstride())];
-    let ux = UNIT_POS_X as usize;
+    let (rm, dnv, tx, vst, wst) = comptime![(t.rm(), t.dnv(), t.tx, t.vstride(), t.wstride())];
+    let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let wv = w[jj * wst + uy];
     let mut rv = Array::<Vector<f32, N>>::new(dnv);
     #[unroll]
     for k in 0..dnv {
@@ -189,11 +195,29 @@ fn block_acc<N: Size>(
     }
     #[unroll]
     for i in 0..rm {
-        let wi = Vector::<f32, N>::new(w[w0 + i * wstep]);
+        let wi = Vector::<f32, N>::new(wv[i]);
         #[unroll]
         for k in 0..dnv {
             acc[i * dnv + k] = acc[i * dnv + k] + wi * rv[k];
         }
+    }
+}
+
+/// This unit's `[R/ty, C/tx]` block `vals` (row-major, as [`block_dot`] gives it) into the
+/// weight tile `w`: column `x + tx·j` of the block at vector `(x + tx·j)·wstride + y`, lane `i`
+/// the unit's row `y + ty·i`.
+#[cube]
+fn store_weights<M: Size>(w: &mut SharedMemory<Vector<f32, M>>, vals: &Array<f32>, #[comptime] t: Tiles) {
+    let (rm, cn, tx, wst) = comptime![(t.rm(), t.cn(), t.tx, t.wstride())];
+    let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    #[unroll]
+    for j in 0..cn {
+        let mut col = Vector::<f32, M>::new(0.0);
+        #[unroll]
+        for i in 0..rm {
+            col[i] = vals[i * cn + j];
+        }
+        w[(ux + j * tx) * wst + uy] = col;
     }
 }
 
@@ -299,7 +323,7 @@ fn across_units(part: &mut Array<f32>, red: &mut SharedMemory<f32>, #[comptime] 
 
 /// The forward: `o` (q's dtype, any strides) and `lse: [b·H·s]` f32.
 #[cube(launch, launch_unchecked)]
-pub fn attn_forward_kernel<F: Float, N: Size>(
+pub fn attn_forward_kernel<F: Float, N: Size, M: Size>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
@@ -310,7 +334,6 @@ pub fn attn_forward_kernel<F: Float, N: Size>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (rows, cols, rm, cn, tx, ty, dnv) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dnv())];
-    let ps = comptime![cols + 1];
     let s = q.shape(2);
     let bh = CUBE_POS_X as usize;
     let q0 = last_first_block() * rows;
@@ -318,7 +341,7 @@ pub fn attn_forward_kernel<F: Float, N: Size>(
     let mut sq = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
     let mut sk = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
     let mut sv = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
-    let mut sp = SharedMemory::<f32>::new(comptime![rows * (cols + 1)]);
+    let mut sp = SharedMemory::<Vector<f32, M>>::new(comptime![cols * t.wstride()]);
     let mut red = SharedMemory::<f32>::new(comptime![rows * tx]);
     load_tile::<F, N>(q, &mut sq, bh, q0, s, scale, rows, t);
     let mut acc = vzeros::<N>(comptime![rm * dnv]);
@@ -361,14 +384,15 @@ pub fn attn_forward_kernel<F: Float, N: Size>(
             for j in 0..cn {
                 let p = f32::exp(sc[i * cn + j] - mnew);
                 sum += p;
-                sp[(uy + i * ty) * ps + ux + j * tx] = p;
+                sc[i * cn + j] = p;
             }
             l[i] = sum;
             m[i] = mnew;
         }
+        store_weights::<M>(&mut sp, &sc, t);
         sync_cube();
         for jj in 0..cols {
-            block_acc::<N>(&mut acc, &sp, uy * ps + jj, comptime![ty * ps], &sv, jj, t);
+            block_acc::<N, M>(&mut acc, &sp, &sv, jj, t);
         }
         sync_cube();
     }
