@@ -3,11 +3,12 @@
 cubecl-cuda does on an H100 (NVRTC, `--gpu-architecture=sm_90a -lineinfo`, CUDA's include
 directories), assemble the PTX with `ptxas -v`, and print each kernel's registers, spills and
 cubes per multiprocessor (H100: 65536 registers, 64 warps, 228 KiB of shared memory with 1 KiB
-reserved per cube, 32 cubes). With cuobjdump and nvdisasm, also the inner loops of the d 64
+reserved per cube, 32 cubes). cubecl-cuda hands the PTX to the driver, whose JIT assembles it:
+the device's register counts may differ from this ptxas's by a few. With cuobjdump and nvdisasm, also the inner loops of the d 64
 kernels in SASS (FMAs and shared-memory loads per iteration). No GPU or driver is needed.
 
 usage: cuda_offline_compile.py KERNEL_DIR CUDA_ROOT
-  CUDA_ROOT: lib/libnvrtc.so*, bin/ptxas and include/ (NVIDIA's nvidia-cuda-{nvrtc,nvcc,runtime,
+  CUDA_ROOT: lib/ (or lib64/) libnvrtc.so*, bin/ptxas and include/ (NVIDIA's nvidia-cuda-{nvrtc,nvcc,runtime,
   cccl} wheels unpacked; scripts/cuda-offline-check.sh fetches them)
 Exit status 1 if a kernel fails to compile or assemble, uses more shared memory than the tile
 picker budgeted, or is launched by the library (no bounds checks) and spills registers."""
@@ -17,8 +18,10 @@ SM_REGS, SM_WARPS, SM_SHARED, CUBE_RESERVED, SM_CUBES = 65536, 64, 228 << 10, 1 
 
 
 def nvrtc_lib(root):
-    """libnvrtc, its builtins loaded first (NVRTC dlopens them by name; the wheels set no rpath)."""
-    lib = lambda pattern: sorted(glob.glob(os.path.join(root, "lib", pattern)))
+    """libnvrtc, its builtins loaded first (NVRTC dlopens them by name; the wheels set no rpath);
+    under lib/ (the wheels), lib64/ or targets/*/lib/ (a toolkit install)."""
+    dirs = ["lib", "lib64"] + sorted(glob.glob(os.path.join(root, "targets", "*", "lib")))
+    lib = lambda pattern: sorted(l for d in dirs for l in glob.glob(os.path.join(root, d, pattern)))
     for builtins in lib("libnvrtc-builtins.so.*"):
         ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
     libs = lib("libnvrtc.so*")
@@ -50,9 +53,9 @@ def nvrtc_compile(lib, source, options):
 
 def cubes_per_sm(regs, units, shared):
     """(cubes per SM, limit by registers, limit by shared memory); registers are allocated per
-    warp in units of 256."""
+    warp in units of 256, from the 16384 of the warp's scheduler (four per SM)."""
     warps = -(-units // 32)
-    by_regs = (SM_REGS // (-(-regs * 32 // 256) * 256)) // warps
+    by_regs = (SM_REGS // 4 // (-(-regs * 32 // 256) * 256)) * 4 // warps
     by_shared = SM_SHARED // (shared + CUBE_RESERVED)
     return min(by_regs, SM_WARPS // warps, by_shared, SM_CUBES), by_regs, by_shared
 

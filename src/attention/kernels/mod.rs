@@ -89,7 +89,9 @@ impl Tiles {
         self.tx * self.ty
     }
     /// Shared-memory stride of a weight tile's columns, in vectors of `rm` (one per unit row):
-    /// odd, so that the units of a quarter warp storing different columns hit different banks.
+    /// odd, so that with `tx ≥ 8` the units of a quarter warp storing different columns hit
+    /// different banks (narrower `tx`, d ≤ 16 or odd widths, store 2-way conflicted: one store
+    /// per column per tile).
     pub const fn wstride(&self) -> usize {
         self.ty | 1
     }
