@@ -1,6 +1,7 @@
 //! Writes the flash-attention kernels' CUDA C++ (what cubecl-cuda gives NVRTC on an H100) without
 //! a GPU: `cargo run --features cuda-source --example cuda_source -- OUT_DIR`. One `.cu` file per
-//! kernel, head width (64 and 128: GPT-2's and the wide heads'; 80: the device check's odd one),
+//! kernel, head width (64 and 128: GPT-2's and the wide heads'; 80: the device check's odd one;
+//! 32: the tiny preset's),
 //! dtype and bounds-check mode, and `kernels.tsv` (file, entry, tiles, shared bytes) for
 //! `scripts/cuda_offline_compile.py` (NVRTC and ptxas; `scripts/cuda-offline-check.sh` runs both).
 
@@ -20,7 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut count = 0;
     for checked in [false, true] {
         for (dtype, name) in [(DType::F32, "f32"), (DType::BF16, "bf16"), (DType::F16, "f16")] {
-            for d in [64, 128, 80] {
+            for d in [64, 128, 80, 32] {
                 for k in attention_cuda_sources(&client, d, dtype, checked)? {
                     let file = format!("attn_{}_d{d}_{name}{}.cu", k.kernel, if checked { "_checked" } else { "" });
                     std::fs::write(out.join(&file), &k.source)?;
