@@ -3,7 +3,8 @@
 # generates it (`--features cuda-source`, example `cuda_source`), then NVRTC and ptxas for sm_90a
 # from NVIDIA's PyPI wheels (CUDA 13.0, the device's toolkit era; cuobjdump/nvdisasm 13.2, the
 # oldest on PyPI, for the SASS loop counts). Prints registers, spills and cubes per multiprocessor;
-# exit 1 if a kernel fails to compile or a library launch spills.
+# exit 1 if a kernel fails to compile, a library launch spills, or a kernel uses more shared
+# memory than the tile picker budgeted.
 #   scripts/cuda-offline-check.sh            # wheels cached under ~/.cache/burn-parallel-cuda
 #   CUDA_OFFLINE_ROOT=/usr/local/cuda scripts/cuda-offline-check.sh   # an installed toolkit
 # Exit 2 (nothing checked) when PyPI cannot be reached.
