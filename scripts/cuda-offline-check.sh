@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The flash-attention kernels compiled for an H100 without a GPU: their CUDA C++ as cubecl-cuda
-# generates it (`--features cuda-source`, example `cuda_source`), then NVRTC and ptxas for sm_90a
-# from NVIDIA's PyPI wheels (CUDA 13.0, the device's toolkit era; cuobjdump/nvdisasm 13.2, the
-# oldest on PyPI, for the SASS loop counts). Prints registers, spills and cubes per multiprocessor;
-# exit 1 if a kernel fails to compile, a library launch spills, or a kernel uses more shared
-# memory than the tile picker budgeted.
+# Our CubeCL kernels (flash attention, layer norm with its tuning knobs) compiled for an H100
+# without a GPU: their CUDA C++ as cubecl-cuda generates it (`--features cuda-source`, example
+# `cuda_source`), then NVRTC and ptxas for sm_90a from NVIDIA's PyPI wheels (CUDA 13.0, the
+# device's toolkit era; cuobjdump/nvdisasm 13.2, the oldest on PyPI, for the SASS loop counts).
+# Prints registers, spills and cubes per multiprocessor; exit 1 if a kernel fails to compile, a
+# flash-attention launch of the library spills, or an attention kernel uses more shared memory
+# than the tile picker budgeted (layer-norm spills are printed, not failed).
 #   scripts/cuda-offline-check.sh            # wheels cached under ~/.cache/burn-parallel-cuda
 #   CUDA_OFFLINE_ROOT=/usr/local/cuda scripts/cuda-offline-check.sh   # an installed toolkit
 # Exit 2 (nothing checked) when PyPI cannot be reached.

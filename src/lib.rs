@@ -41,6 +41,8 @@ pub mod collective;
 pub mod comm;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda-source")]
+pub mod cuda_source;
 pub mod data;
 pub mod data_parallel;
 pub mod error;

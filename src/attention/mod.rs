@@ -37,7 +37,7 @@ mod cube;
 #[cfg(feature = "cuda-source")]
 mod cuda_source;
 #[cfg(feature = "cuda-source")]
-pub use cuda_source::{attention_cuda_sources, CudaKernelSource};
+pub use cuda_source::attention_cuda_sources;
 #[cfg(feature = "cube")]
 mod kernels;
 

@@ -27,31 +27,10 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use super::{cube_vec, LayerNormBackend, LnBackward, LnForward};
 
-const BLOCK: u32 = 256;
+pub(super) const BLOCK: u32 = 256;
 const ROWS_PER_CHUNK: usize = 64;
 /// Cubes per grid dimension (wgpu's usual `max_compute_workgroups_per_dimension`).
 const MAX_GRID: usize = 65535;
-
-/// For the vectorized kernels (`v4`, if selected and the row fits): `(vector size, block, rows per
-/// cube, vectors per unit, plane reductions)`. The vector is the widest 128-bit-or-less load that
-/// divides `h`; plane reductions where the device has plane ops of exactly 32 lanes.
-fn vectorized<R: CubeRuntime>(
-    h: usize,
-    dtype: DType,
-    client: &burn_cubecl::cubecl::client::ComputeClient<R>,
-    one_plane: bool,
-    cache: usize,
-) -> Option<(usize, usize, usize, usize, bool)> {
-    if super::variant() != super::LnKernel::Vectorized {
-        return None;
-    }
-    let vector = client.io_optimized_vector_sizes(dtype.size()).find(|v| h.is_multiple_of(*v)).unwrap_or(1);
-    let hw = &client.properties().hardware;
-    let max_units = (hw.max_units_per_cube.min(hw.max_cube_dim.0)) as usize;
-    let (block, rows, per_unit) = cube_vec::geometry(h, vector, max_units, cache, one_plane)?;
-    let plane = client.features().plane.contains(burn_cubecl::cubecl::features::Plane::Ops) && hw.plane_size_min == 32 && hw.plane_size_max == 32;
-    Some((vector, block, rows, per_unit, plane))
-}
 
 /// Launches a `v4` kernel without CubeCL's per-access bounds checks unless
 /// `set_bounds_checks(true)`.
@@ -78,7 +57,9 @@ fn rows_grid(n: usize) -> CubeCount {
     CubeCount::Static(x as u32, n.div_ceil(x).max(1) as u32, 1)
 }
 
-mod kernel;
+pub(super) mod kernel;
+pub(super) mod plan;
+use plan::{backward_plan, forward_plan, partials_lanes, BackwardPlan, RowDevice};
 
 /// The kernels index γ/β (and `dy`) by `x`'s width and read them as `x`'s dtype, without
 /// CubeCL's bounds checks: anything else must stop here.
@@ -120,13 +101,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let rstd = empty(&x, Shape::new([n, 1]), DType::F32);
         let dtype = x.dtype;
         // v4's forward takes the row count as a u32 argument (v1 reads it from the tensor).
-        let geometry = vectorized(h, dtype, &x.client, true, super::forward_cache(dtype.size())).filter(|_| u32::try_from(n).is_ok());
-        if let Some((vector, block, rows, pu, plane)) = geometry {
+        let plan = forward_plan(&RowDevice::of(&x.client), h, dtype).filter(|_| u32::try_from(n).is_ok());
+        if let Some(p) = plan {
             launch_v4!(cube_vec::ln_forward_vec_kernel;
                 &x.client,
-                rows_grid(n.div_ceil(rows)),
-                CubeDim::new_2d(block as u32, rows as u32),
-                vector,
+                rows_grid(n.div_ceil(p.rows)),
+                CubeDim::new_2d(p.block as u32, p.rows as u32),
+                p.vector,
                 x.clone().into_tensor_arg(),
                 gamma.into_tensor_arg(),
                 beta.into_tensor_arg(),
@@ -134,14 +115,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
                 mean.clone().into_tensor_arg(),
                 rstd.clone().into_tensor_arg(),
                 n as u32,
-                (h / vector) as u32,
+                (h / p.vector) as u32,
                 1.0 / h as f32,
                 epsilon,
-                block,
-                rows,
-                pu,
-                plane,
-                rows > 1 && 2 * block * pu * vector * 4 <= 16 << 10 && super::affine_staging(),
+                p.block,
+                p.rows,
+                p.per_unit,
+                p.plane,
+                p.stage,
                 dtype.into(),
             );
             return (y, mean, rstd);
@@ -169,18 +150,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         check_operands(&x, &[("gamma", &gamma)], &[("dy", &dy)]);
         let [n, h] = x.shape().dims::<2>();
         let dtype = x.dtype;
-        // v4: the one-pass backward. It holds four cached arrays: the plain register cache, no
-        // one-plane rows with 32 values per array (they would spill); half of it for rows that
-        // fill a 256-unit cube anyway (more units, fewer registers each: on the H200 6–16%
-        // faster at h = 4096 and 8192, slower at h ≤ 1024).
-        let cache = super::vector_cache();
-        let geometry = vectorized(h, dtype, &x.client, false, cache).map(|g| match super::backward_cache() {
-            Some(c) => vectorized(h, dtype, &x.client, false, c).unwrap_or(g),
-            None if g.1 >= 256 => vectorized(h, dtype, &x.client, false, cache / 2).unwrap_or(g),
-            None => g,
-        });
-        if let Some((vector, block, _, pu, plane)) = geometry {
-            return fused_backward::<R, F, I, BT>(dy, x, gamma, mean, rstd, (vector, block, pu, plane));
+        // v4: the one-pass backward (see `backward_plan`).
+        if let Some(plan) = backward_plan(&RowDevice::of(&x.client), h, dtype) {
+            return fused_backward::<R, F, I, BT>(dy, x, gamma, mean, rstd, plan);
         }
         let dx = empty(&x, x.shape(), dtype);
         kernel::ln_backward_dx_kernel::launch::<R>(
@@ -228,10 +200,11 @@ fn fused_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
     gamma: CubeTensor<R>,
     mean: CubeTensor<R>,
     rstd: CubeTensor<R>,
-    (vector, block, per_unit, plane): (usize, usize, usize, bool),
+    plan: BackwardPlan,
 ) -> LnBackward<CubeBackend<R, F, I, BT>> {
     let [n, h] = x.shape().dims::<2>();
     let dtype = x.dtype;
+    let BackwardPlan { vector, block, per_unit, plane, prefetch, lean } = plan;
     let rows = cube_vec::rows_per_cube(block);
     let sms = multiprocessors(&x);
     let cubes = n.div_ceil(super::backward_rows()).max(2 * sms).min(n.div_ceil(rows)).clamp(1, MAX_GRID);
@@ -252,8 +225,8 @@ fn fused_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         block,
         per_unit,
         plane,
-        super::backward_prefetch(),
-        super::backward_lean(),
+        prefetch,
+        lean,
         dtype.into(),
     );
     let (dg, db) = partial_sums::<R, F, I, BT>(partial, dtype);
@@ -265,8 +238,7 @@ fn fused_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
 fn partial_sums<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(partial: CubeTensor<R>, dtype: DType) -> (CubeTensor<R>, CubeTensor<R>) {
     let width = partial.shape().dims::<2>()[1];
     let hw = &partial.client.properties().hardware;
-    let lanes = (hw.max_units_per_cube.min(hw.max_cube_dim.1) as usize / 32).clamp(1, 32);
-    let lanes = 1 << lanes.ilog2();
+    let lanes = partials_lanes(hw.max_units_per_cube.min(hw.max_cube_dim.1) as usize);
     let out = empty(&partial, Shape::new([width]), dtype);
     launch_v4!(cube_vec::ln_partials_sum_kernel;
         &partial.client,

@@ -11,7 +11,11 @@
 mod cube;
 #[cfg(feature = "cube")]
 mod cube_vec;
+#[cfg(feature = "cuda-source")]
+mod cuda_source;
 mod tuning;
+#[cfg(feature = "cuda-source")]
+pub use cuda_source::layer_norm_cuda_sources;
 #[cfg(feature = "cube")]
 pub(crate) use tuning::bounds_checks as kernel_bounds_checks;
 
