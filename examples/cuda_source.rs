@@ -1,7 +1,8 @@
 //! Writes our CubeCL kernels' CUDA C++ (what cubecl-cuda gives NVRTC on an H100) without a GPU:
 //! `cargo run --features cuda-source --example cuda_source -- OUT_DIR`. One `.cu` file per
 //! distinct kernel and `kernels.tsv` (file, entry, family, kernel, shape, dtype, bounds checks,
-//! variant, whether the library launches it by default, geometry, units, shared bytes, budget)
+//! whose launch it is (the library's or the tests'), variant, whether the library launches it by
+//! default, geometry, units, shared bytes, budget)
 //! for `scripts/cuda_offline_compile.py` (NVRTC and ptxas; `scripts/cuda-offline-check.sh` runs
 //! both).
 //!
@@ -25,13 +26,14 @@ const DTYPES: [(DType, &str); 3] = [(DType::F32, "f32"), (DType::BF16, "bf16"), 
 
 /// Layer-norm knob settings: (name, set it). Every setting starts from the defaults.
 type Knobs = (&'static str, fn());
-const LN_VARIANTS: [Knobs; 10] = [
+const LN_VARIANTS: [Knobs; 11] = [
     ("default", || {}),
     ("v1", || set_variant(LnKernel::Strided)),
     ("cache 8", || set_vector_cache(8)),
     ("cache 32", || set_vector_cache(32)),
     ("backward cache 4", || set_backward_cache(Some(4))),
     ("backward cache 8", || set_backward_cache(Some(8))),
+    ("backward cache 16", || set_backward_cache(Some(16))),
     ("staging", || set_affine_staging(true)),
     ("prefetch", || set_backward_prefetch(true)),
     ("lean", || set_backward_lean(true)),
@@ -60,7 +62,8 @@ impl Writer {
     /// Writes `k` unless a kernel of the same compile-time arguments was written already (cubecl
     /// lays out a kernel's shared arrays in a different order each time it compiles it, so the
     /// same kernel's source text differs between compilations); returns whether it wrote.
-    fn write(&mut self, k: &CudaKernelSource, shape: &str, dtype: &str, variant: &str) -> std::io::Result<bool> {
+    /// `tests`: listed as the tests' launch (bounds checks asked for) rather than the library's.
+    fn write(&mut self, k: &CudaKernelSource, shape: &str, dtype: &str, variant: &str, tests: bool) -> std::io::Result<bool> {
         // Attention's compile-time arguments include the head width; layer norm's geometry says all.
         let scope = if k.family == "attention" { shape } else { "" };
         if !self.seen.insert(format!("{} {} {scope} {dtype} {} {}", k.family, k.kernel, k.checked, k.geometry)) {
@@ -71,7 +74,8 @@ impl Writer {
         let budget = k.budget_bytes.map_or(String::new(), |b| b.to_string());
         let default = variant == "default";
         let geometry = format!("{}\t{}\t{}\t{budget}", k.geometry, k.units, k.shared_bytes);
-        let what = format!("{}\t{}\t{shape}\t{dtype}\t{}\t{variant}\t{default}", k.family, k.kernel, k.checked);
+        let role = if tests { "tests" } else { "library" };
+        let what = format!("{}\t{}\t{shape}\t{dtype}\t{}\t{role}\t{variant}\t{default}", k.family, k.kernel, k.checked);
         writeln!(self.table, "{file}\t{}\t{what}\t{geometry}", k.entry)?;
         Ok(true)
     }
@@ -82,13 +86,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&out)?;
     let client = WgpuRuntime::client(&WgpuDevice::default());
     let mut table = std::fs::File::create(out.join("kernels.tsv"))?;
-    writeln!(table, "file\tentry\tfamily\tkernel\tshape\tdtype\tchecked\tvariant\tdefault\tgeometry\tunits\tshared_bytes\tbudget_bytes")?;
+    writeln!(table, "file\tentry\tfamily\tkernel\tshape\tdtype\tchecked\trole\tvariant\tdefault\tgeometry\tunits\tshared_bytes\tbudget_bytes")?;
     let mut w = Writer { out: out.clone(), table, seen: HashSet::new() };
     for checked in [false, true] {
         for (dtype, name) in DTYPES {
             for d in [64, 128, 80, 32] {
                 for k in attention_cuda_sources(&client, d, dtype, checked)? {
-                    w.write(&k, &format!("d {d}"), name, "default")?;
+                    w.write(&k, &format!("d {d}"), name, "default", checked)?;
                 }
             }
         }
@@ -104,7 +108,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     reset_knobs();
                     set();
                     for k in layer_norm_cuda_sources(&client, h, dtype, checked)? {
-                        w.write(&k, &format!("h {h}"), name, variant)?;
+                        w.write(&k, &format!("h {h}"), name, variant, checked)?;
                     }
                 }
             }

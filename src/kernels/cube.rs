@@ -237,8 +237,7 @@ fn fused_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
 /// (sum and cast in one launch: launches dominate narrow rows), returned as two views.
 fn partial_sums<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(partial: CubeTensor<R>, dtype: DType) -> (CubeTensor<R>, CubeTensor<R>) {
     let width = partial.shape().dims::<2>()[1];
-    let hw = &partial.client.properties().hardware;
-    let lanes = partials_lanes(hw.max_units_per_cube.min(hw.max_cube_dim.1) as usize);
+    let lanes = partials_lanes(&RowDevice::of(&partial.client));
     let out = empty(&partial, Shape::new([width]), dtype);
     launch_v4!(cube_vec::ln_partials_sum_kernel;
         &partial.client,

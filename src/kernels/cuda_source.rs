@@ -14,7 +14,7 @@ use super::cube::kernel as v1;
 use super::cube::plan::{backward_plan, forward_plan, partials_lanes, RowDevice};
 use super::cube::BLOCK;
 use super::cube_vec::{self, rows_per_cube};
-use crate::cuda_source::{compile, CudaCompiler, CudaKernelSource, H100_UNITS};
+use crate::cuda_source::{compile, CudaCompiler, CudaKernelSource};
 
 /// A tensor argument's compilation argument (not in place).
 fn t() -> TensorCompilationArg {
@@ -37,14 +37,15 @@ fn settings(x: usize, y: usize) -> KernelSettings {
 /// in `dtype`, with the kernel variant and tuning knobs in effect (`set_variant`,
 /// `set_vector_cache`, `set_affine_staging`, …): `v4`'s forward, one-pass backward and partials
 /// sum, or `v1`'s forward, `dx` and dγ/dβ partials (then the same partials sum) where `v4` does
-/// not take the row. With CubeCL's bounds checks (`checked`) or without (the library's `v4`
+/// not take the row (also the forward of more than `u32::MAX` rows, which this listing does not
+/// see: the launch decides that on the row count). With CubeCL's bounds checks (`checked`) or without (the library's `v4`
 /// launches; `v1` always launches checked). `client`: any CubeCL client (its type registry).
 pub fn layer_norm_cuda_sources<R: Runtime>(client: &ComputeClient<R>, h: usize, dtype: DType, checked: bool) -> Result<Vec<CudaKernelSource>, String> {
     let elem: StorageType = dtype.into();
     let dev = RowDevice::cuda();
     let mut tasks = vec![forward_task(client, &dev, h, dtype, elem)];
     tasks.extend(backward_tasks(client, &dev, h, dtype, elem));
-    let lanes = partials_lanes(H100_UNITS);
+    let lanes = partials_lanes(&dev);
     let k = cube_vec::ln_partials_sum_kernel::LnPartialsSumKernel::<R>::new(settings(32, lanes), client.clone(), t(), t(), lanes, elem);
     tasks.push(Task { kernel: "partials_sum", geometry: format!("32 columns × {lanes} lanes"), units: 32 * lanes, task: Box::new(KernelTask::new(k)) });
     tasks
@@ -65,7 +66,7 @@ fn forward_task<R: Runtime>(client: &ComputeClient<R>, dev: &RowDevice, h: usize
         let k = v1::ln_forward_kernel::LnForwardKernel::<R>::new(settings(BLOCK as usize, 1), client.clone(), t(), t(), t(), t(), t(), t(), (), BLOCK, elem);
         return Task { kernel: "v1_forward", geometry: format!("{BLOCK} units per row"), units: BLOCK as usize, task: Box::new(KernelTask::new(k)) };
     };
-    let geometry = format!("{} units × {} rows, {} vectors of {} per unit, staging {}", p.block, p.rows, p.per_unit, p.vector, p.stage);
+    let geometry = format!("{} units × {} rows, {} vectors of {} per unit, planes {}, staging {}", p.block, p.rows, p.per_unit, p.vector, p.plane, p.stage);
     // Tensors x, γ, β, y, μ, r; scalars n, n_vec, 1/h, ε; the vector size; the comptime geometry.
     let k = cube_vec::ln_forward_vec_kernel::LnForwardVecKernel::<R>::new(
         settings(p.block, p.rows),
@@ -103,7 +104,10 @@ fn backward_tasks<R: Runtime>(client: &ComputeClient<R>, dev: &RowDevice, h: usi
         ];
     };
     let rows = rows_per_cube(p.block);
-    let geometry = format!("{} units × {rows} rows, {} vectors of {} per unit, prefetch {}, lean {}", p.block, p.per_unit, p.vector, p.prefetch, p.lean);
+    let geometry = format!(
+        "{} units × {rows} rows, {} vectors of {} per unit, planes {}, prefetch {}, lean {}",
+        p.block, p.per_unit, p.vector, p.plane, p.prefetch, p.lean
+    );
     // Tensors dy, x, γ, μ, r, dx, partials; the vector size; the comptime geometry and knobs.
     let k = cube_vec::ln_backward_fused_vec_kernel::LnBackwardFusedVecKernel::<R>::new(
         settings(p.block, rows),

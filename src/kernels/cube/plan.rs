@@ -18,8 +18,9 @@ pub(crate) struct RowDevice {
     /// `io_optimized_vector_sizes`).
     pub load_bits: usize,
     pub max_vector: usize,
-    /// Units per cube, along x included.
+    /// Units per cube, along x included; and along y (the partials' sum lays lanes there).
     pub max_units: usize,
+    pub max_units_y: usize,
     /// Plane ops of exactly 32 lanes.
     pub plane: bool,
 }
@@ -29,13 +30,14 @@ impl RowDevice {
         let hw = &client.properties().hardware;
         let plane = client.features().plane.contains(Plane::Ops) && hw.plane_size_min == 32 && hw.plane_size_max == 32;
         let max_units = hw.max_units_per_cube.min(hw.max_cube_dim.0) as usize;
-        Self { load_bits: hw.load_width as usize, max_vector: hw.max_vector_size, max_units, plane }
+        let max_units_y = hw.max_units_per_cube.min(hw.max_cube_dim.1) as usize;
+        Self { load_bits: hw.load_width as usize, max_vector: hw.max_vector_size, max_units, max_units_y, plane }
     }
 
     /// cubecl-cuda's properties on an H100 (and any CUDA device of compute capability ≥ 7).
     #[cfg(feature = "cuda-source")]
     pub(crate) fn cuda() -> Self {
-        Self { load_bits: 128, max_vector: usize::MAX, max_units: 1024, plane: true }
+        Self { load_bits: 128, max_vector: usize::MAX, max_units: 1024, max_units_y: 1024, plane: true }
     }
 
     /// The widest vector of `size`-byte elements that divides `h`.
@@ -108,8 +110,8 @@ pub(crate) fn backward_plan(dev: &RowDevice, h: usize, dtype: DType) -> Option<B
 }
 
 /// Lanes over chunks of the partials' column-sum kernel (a power of two, 32 columns per cube).
-pub(crate) fn partials_lanes(max_units: usize) -> usize {
-    let lanes = (max_units / 32).clamp(1, 32);
+pub(crate) fn partials_lanes(dev: &RowDevice) -> usize {
+    let lanes = (dev.max_units_y / 32).clamp(1, 32);
     1 << lanes.ilog2()
 }
 
@@ -121,7 +123,7 @@ mod tests {
     /// the load width and the runtime's maximum that divides the row).
     #[test]
     fn row_vectors_follow_the_load_width() {
-        let cuda = RowDevice { load_bits: 128, max_vector: usize::MAX, max_units: 1024, plane: true };
+        let cuda = RowDevice { load_bits: 128, max_vector: usize::MAX, max_units: 1024, max_units_y: 1024, plane: true };
         for (h, size, vector) in [(768, 4, 4), (768, 2, 8), (1600, 2, 8), (1004, 2, 4), (6, 4, 2), (7, 2, 1), (4096, 1, 16)] {
             assert_eq!(cuda.vector(h, size), vector, "h {h}, {size}-byte elements");
         }
