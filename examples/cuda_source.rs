@@ -61,13 +61,13 @@ struct Writer {
 impl Writer {
     /// Writes `k` unless a kernel of the same compile-time arguments was written already (cubecl
     /// lays out a kernel's shared arrays in a different order each time it compiles it, so the
-    /// same kernel's source text differs between compilations); returns whether it wrote.
-    /// `tests`: listed as the tests' launch (bounds checks asked for) rather than the library's.
-    fn write(&mut self, k: &CudaKernelSource, shape: &str, dtype: &str, variant: &str, tests: bool) -> std::io::Result<bool> {
+    /// same kernel's source text differs between compilations). `tests`: listed as the tests'
+    /// launch (bounds checks asked for) rather than the library's.
+    fn write(&mut self, k: &CudaKernelSource, shape: &str, dtype: &str, variant: &str, tests: bool) -> std::io::Result<()> {
         // Attention's compile-time arguments include the head width; layer norm's geometry says all.
         let scope = if k.family == "attention" { shape } else { "" };
         if !self.seen.insert(format!("{} {} {scope} {dtype} {} {}", k.family, k.kernel, k.checked, k.geometry)) {
-            return Ok(false);
+            return Ok(());
         }
         let file = format!("{:03}_{}_{}.cu", self.seen.len(), k.family, k.kernel);
         std::fs::write(self.out.join(&file), &k.source)?;
@@ -76,8 +76,7 @@ impl Writer {
         let geometry = format!("{}\t{}\t{}\t{budget}", k.geometry, k.units, k.shared_bytes);
         let role = if tests { "tests" } else { "library" };
         let what = format!("{}\t{}\t{shape}\t{dtype}\t{}\t{role}\t{variant}\t{default}", k.family, k.kernel, k.checked);
-        writeln!(self.table, "{file}\t{}\t{what}\t{geometry}", k.entry)?;
-        Ok(true)
+        writeln!(self.table, "{file}\t{}\t{what}\t{geometry}", k.entry)
     }
 }
 

@@ -95,9 +95,9 @@ fn forward_task<R: Runtime>(client: &ComputeClient<R>, dev: &RowDevice, h: usize
 /// `v4`'s one-pass backward where it takes the row, else `v1`'s `dx` and dγ/dβ partials.
 fn backward_tasks<R: Runtime>(client: &ComputeClient<R>, dev: &RowDevice, h: usize, dtype: DType, elem: StorageType) -> Vec<Task> {
     let Some(p) = backward_plan(dev, h, dtype) else {
-        let (b, units) = (BLOCK as usize, BLOCK as usize);
-        let dx = v1::ln_backward_dx_kernel::LnBackwardDxKernel::<R>::new(settings(b, 1), client.clone(), t(), t(), t(), t(), t(), t(), BLOCK, elem);
-        let params = v1::ln_backward_params_kernel::LnBackwardParamsKernel::<R>::new(settings(b, 1), client.clone(), t(), t(), t(), t(), t(), (), elem);
+        let units = BLOCK as usize;
+        let dx = v1::ln_backward_dx_kernel::LnBackwardDxKernel::<R>::new(settings(units, 1), client.clone(), t(), t(), t(), t(), t(), t(), BLOCK, elem);
+        let params = v1::ln_backward_params_kernel::LnBackwardParamsKernel::<R>::new(settings(units, 1), client.clone(), t(), t(), t(), t(), t(), (), elem);
         return vec![
             Task { kernel: "v1_backward_dx", geometry: format!("{BLOCK} units per row"), units, task: Box::new(KernelTask::new(dx)) },
             Task { kernel: "v1_backward_params", geometry: format!("{BLOCK} columns per cube"), units, task: Box::new(KernelTask::new(params)) },
