@@ -13,7 +13,8 @@ usage: cuda_offline_compile.py KERNEL_DIR CUDA_ROOT
   cccl} wheels unpacked; scripts/cuda-offline-check.sh fetches them)
 Exit status 1 if a kernel fails to compile or assemble, uses more shared memory than its launch
 code budgeted (attention's tile picker), or is a flash-attention kernel the library launches (no
-bounds checks) that spills registers; layer-norm spills are printed."""
+bounds checks) that spills registers, or is the tensor-core attention forward without HMMA
+instructions (tensor-core products) in its SASS; layer-norm spills are printed."""
 import csv, ctypes, glob, os, re, subprocess, sys
 
 SM_REGS, SM_WARPS, SM_SHARED, CUBE_RESERVED, SM_CUBES = 65536, 64, 228 << 10, 1 << 10, 32
@@ -77,6 +78,14 @@ def sass_loops(cubin, bindir):
     return [l for l in loops if l[1] and not l[4]]
 
 
+def sass_count(cubin, bindir, prefix):
+    """Instructions of the kernel's SASS whose opcode starts with `prefix`."""
+    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+    sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin], capture_output=True, text=True, env=env).stdout
+    ops = [t.split()[1] if t.startswith("@") else t.split()[0] for t in re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", sass)]
+    return sum(o.startswith(prefix) for o in ops)
+
+
 def main():
     kdir, root = sys.argv[1], sys.argv[2]
     lib, include, bindir = nvrtc_lib(root), os.path.join(root, "include"), os.path.join(root, "bin")
@@ -134,6 +143,14 @@ def main():
             if r["family"] == "attention" and r["shape"] == "d 64" and r["dtype"] in ("f32", "bf16"):
                 loops = "; ".join(f"{n} instr, {ffma} FFMA, {lds} LDS ({l128} .128)" for n, ffma, lds, l128, _ in sass_loops(r["cubin"], bindir))
                 print(f"  {r['kernel']} d 64 {r['dtype']}: {loops}")
+        # The tensor-core forward must run its products on tensor cores: HMMA in its SASS.
+        for r in rows + checked:
+            if r["kernel"] == "forward_tc":
+                hmma = sass_count(r["cubin"], bindir, "HMMA")
+                if r["shape"] == "d 64" and r["dtype"] == "bf16" and r["role"] == "library":
+                    print(f"  forward_tc d 64 bf16: {hmma} HMMA instructions")
+                if hmma == 0:
+                    failed.append(f"{r['file']} (forward_tc {r['shape']} {r['dtype']}): no HMMA instruction in its SASS")
     if not rows:
         failed.append(f"no kernels listed in {kdir}/kernels.tsv")
     for problem in failed:

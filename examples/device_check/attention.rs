@@ -1,13 +1,15 @@
 //! `attention`: the flash-attention kernels on CUDA against the composed reference (computed on
-//! the CPU from the same rounded inputs), f32 and bf16, raw `CubeBackend` and `Fusion`; then
-//! fused vs composed forward and forward+backward at GPT-2's shape (b 8, 12 heads, d 64) for
-//! T = 1024 and 2048 (`benches/torch_attention.py` times PyTorch's SDPA at the same shapes).
+//! the CPU from the same rounded inputs), f32 and bf16 (bf16's forward on tensor cores, and on
+//! the FMA kernel with `set_tensor_cores(false)`), raw `CubeBackend` and `Fusion`; then fused vs
+//! composed forward and forward+backward at GPT-2's shape (b 8, 12 heads, d 64) for T = 1024 and
+//! 2048, bf16's fused forward both ways (`benches/torch_attention.py` times PyTorch's SDPA at the
+//! same shapes).
 
 use burn::backend::{Autodiff, Cuda, Flex};
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use burn_parallel::attention::{causal_attention, causal_attention_chunked, AttentionBackend};
+use burn_parallel::attention::{causal_attention, causal_attention_chunked, set_tensor_cores, tensor_core_tiles, AttentionBackend};
 use burn_parallel::rng::HostRng;
 
 use crate::kernels::K;
@@ -91,7 +93,7 @@ fn ms<F: FnMut()>(mut f: F, iters: usize) -> f64 {
 
 fn bench() {
     type A = Autodiff<Cuda>;
-    println!("\n| attention (b 8, H 12, d 64, causal) | T | dtype | fused fwd ms | fused fwd+bwd ms | chunked:256 fwd+bwd ms | composed fwd+bwd ms | composed/fused | composed/chunked |\n|---|---|---|---|---|---|---|---|---|");
+    println!("\n| attention (b 8, H 12, d 64, causal) | T | dtype | fused fwd ms | FMA fwd ms | fused fwd+bwd ms | chunked:256 fwd+bwd ms | composed fwd+bwd ms | composed/fused | composed/chunked |\n|---|---|---|---|---|---|---|---|---|---|");
     let dev = Default::default();
     for t in [1024, 2048] {
         for dtype in [DType::BF16, DType::F32] {
@@ -99,7 +101,12 @@ fn bench() {
             let [q, k, v, g] = inputs(shape, DType::F32).map(|d| Tensor::<A, 4>::from_data(d, &dev).cast(dtype));
             let [q, k, v] = [q, k, v].map(|x| x.detach().require_grad());
             let scale = 0.125;
-            let fwd = ms(|| drop(causal_attention(q.clone().detach(), k.clone().detach(), v.clone().detach(), scale)), 10);
+            let forward = || ms(|| drop(causal_attention(q.clone().detach(), k.clone().detach(), v.clone().detach(), scale)), 10);
+            let fwd = forward();
+            // The FMA kernel's forward where bf16 ran on tensor cores (f32: the same kernel).
+            set_tensor_cores(false);
+            let fma = if dtype == DType::F32 { fwd } else { forward() };
+            set_tensor_cores(true);
             let step = |f: &dyn Fn() -> Tensor<A, 4>| {
                 ms(
                     || {
@@ -112,13 +119,24 @@ fn bench() {
             let fused = step(&|| causal_attention(q.clone(), k.clone(), v.clone(), scale));
             let chunked = step(&|| causal_attention_chunked(q.clone(), k.clone(), v.clone(), scale, 256));
             let comp = step(&|| composed(q.clone(), k.clone(), v.clone(), scale));
-            println!("| | {t} | {dtype:?} | {fwd:.3} | {fused:.3} | {chunked:.3} | {comp:.3} | {:.2} | {:.2} |", comp / fused, comp / chunked);
+            println!("| | {t} | {dtype:?} | {fwd:.3} | {fma:.3} | {fused:.3} | {chunked:.3} | {comp:.3} | {:.2} | {:.2} |", comp / fused, comp / chunked);
         }
     }
 }
 
 pub fn run(report: &mut Report, quick: bool) {
+    let client = <burn_cubecl::cubecl::cuda::CudaRuntime as burn_cubecl::cubecl::Runtime>::client(&Default::default());
+    for d in [64, 128] {
+        let tiles = tensor_core_tiles(&client, DType::BF16, d);
+        report.check(
+            &format!("attention bf16 forward on tensor cores at d {d}"),
+            tiles.map(|t| format!("{t:?}")).ok_or_else(|| "no bf16 cmma configuration found".to_string()),
+        );
+    }
     check::<K>(report, "cube", None);
+    set_tensor_cores(false);
+    check::<K>(report, "cube, FMA forward", None);
+    set_tensor_cores(true);
     check::<Cuda>(report, "fusion", None);
     check::<Cuda>(report, "chunked:64 fusion", Some(64));
     if !quick {

@@ -36,10 +36,14 @@ pub use packed::causal_attention_qkv;
 mod cube;
 #[cfg(feature = "cuda-source")]
 mod cuda_source;
+#[cfg(feature = "cube")]
+pub use cube::{set_tensor_cores, tensor_core_tiles};
 #[cfg(feature = "cuda-source")]
 pub use cuda_source::attention_cuda_sources;
 #[cfg(feature = "cube")]
 mod kernels;
+#[cfg(feature = "cube")]
+pub use kernels::TcTiles;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

@@ -40,6 +40,8 @@ use super::MASKED;
 
 mod backward;
 pub use backward::{attn_backward_dkv_kernel, attn_backward_dq_kernel};
+mod tensor_core;
+pub use tensor_core::{attn_forward_tc_kernel, TcTiles};
 
 /// The tile geometry of one kernel launch.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]

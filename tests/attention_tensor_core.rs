@@ -1,0 +1,84 @@
+//! The tensor-core attention forward (`cmma`, f16 here; bf16 is the same kernel on CUDA) where
+//! the wgpu device has cooperative matrices: `--features vulkan` (CubeCL's SPIR-V compiler) on
+//! Mesa ≥ 26's lavapipe, which `scripts/tensor-core-check.sh` runs in a Debian sid chroot.
+//! Elsewhere (WGSL, or an older lavapipe) the test says it skipped, unless
+//! `BURN_PARALLEL_REQUIRE_TENSOR_CORES=1` (the script's) makes that a failure.
+//!
+//! Against the composed reference on `Flex` in f32 (same f16-rounded inputs): `o`, `lse` and,
+//! through the FMA backward kernels fed the tensor-core forward's `o` and `lse`, `dq, dk, dv`;
+//! and against the FMA forward on the same f16 inputs (`set_tensor_cores(false)`). Head widths
+//! 8–128, sequence lengths off the tiles, strided inputs, raw Cube backend and `Fusion`.
+#![cfg(feature = "wgpu")]
+
+use burn::backend::{Flex, Wgpu};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_parallel::attention::{set_tensor_cores, tensor_core_tiles, AttentionBackend};
+use burn_parallel::rng::HostRng;
+
+type R = burn::backend::wgpu::WgpuRuntime;
+type K = burn_cubecl::CubeBackend<R, f32, i32, u32>;
+
+/// `[b, s, H, d]` data rounded to f16 (as the attention layer's projections lay it out).
+fn data(name: &str, [b, h, s, d]: [usize; 4]) -> TensorData {
+    let x = Tensor::<Flex, 1>::from_data(TensorData::new(HostRng::new(7, name).normal_vec(b * h * s * d, 1.0), [b * h * s * d]), &Default::default());
+    x.cast(DType::F16).cast(DType::F32).reshape([b, s, h, d]).into_data()
+}
+
+/// `[o, lse, dq, dk, dv]` (as f32) of the backend's attention on `dtype` inputs, `[b, H, s, d]`
+/// views of `[b, s, H, d]` tensors.
+fn run<B: AttentionBackend>(shape: [usize; 4], dtype: DType) -> [TensorData; 5] {
+    let dev = Default::default();
+    let scale = 1.0 / (shape[3] as f32).sqrt();
+    let t = |name: &str| Tensor::<B, 4>::from_data(data(name, shape), &dev).cast(dtype).swap_dims(1, 2).into_primitive().tensor();
+    let (q, k, v, dout) = (t("q"), t("k"), t("v"), t("do"));
+    let (o, lse) = B::causal_attention(q.clone(), k.clone(), v.clone(), scale);
+    let (dq, dk, dv) = B::causal_attention_backward(dout, q, k, v, o.clone(), lse.clone(), scale);
+    let w4 = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p)).cast(DType::F32).into_data();
+    let lse = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)).into_data();
+    [w4(o), lse, w4(dq), w4(dk), w4(dv)]
+}
+
+/// `max |a − b| / (1 + max |b|)`: errors relative to the tensor's scale (f16 rounds each value).
+fn err(a: &TensorData, b: &TensorData) -> f32 {
+    assert_eq!(a.shape, b.shape);
+    let (x, y) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+    let scale = 1.0 + y.iter().fold(0f32, |m, v| m.max(v.abs()));
+    x.iter().zip(&y).map(|(p, q)| (p - q).abs()).map(|e| if e.is_nan() { f32::INFINITY } else { e }).fold(0.0, f32::max) / scale
+}
+
+const SHAPES: [[usize; 4]; 6] = [[1, 1, 1, 64], [2, 3, 37, 64], [1, 2, 100, 128], [2, 1, 33, 16], [1, 2, 129, 32], [2, 2, 70, 8]];
+
+#[test]
+fn tensor_core_forward_matches_the_reference_and_the_fma_kernel() {
+    let dev = Default::default();
+    let client = <R as burn_cubecl::cubecl::Runtime>::client(&dev);
+    let Some(tiles) = tensor_core_tiles(&client, DType::F16, 64) else {
+        let required = std::env::var("BURN_PARALLEL_REQUIRE_TENSOR_CORES").is_ok_and(|v| v == "1");
+        assert!(!required, "BURN_PARALLEL_REQUIRE_TENSOR_CORES=1, but this wgpu device has no f16 × f16 → f32 cooperative matrices");
+        eprintln!("skipped: this wgpu device (or CubeCL's WGSL compiler) has no f16 cooperative matrices");
+        return;
+    };
+    eprintln!("tensor-core forward at d 64 on this device: {tiles:?}");
+    assert!(tensor_core_tiles(&client, DType::F32, 64).is_none(), "f32 inputs take the FMA kernel");
+    let mut worst = [0f32; 5];
+    for shape in SHAPES {
+        assert!(tensor_core_tiles(&client, DType::F16, shape[3]).is_some(), "{shape:?}: no tensor-core tiles");
+        let want = run::<Flex>(shape, DType::F32);
+        set_tensor_cores(false);
+        let fma = run::<K>(shape, DType::F16);
+        set_tensor_cores(true);
+        for (label, got) in [("cube", run::<K>(shape, DType::F16)), ("fusion", run::<Wgpu>(shape, DType::F16))] {
+            for (i, (name, (g, w))) in ["o", "lse", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)).enumerate() {
+                let e = err(g, w);
+                worst[i] = worst[i].max(e);
+                // f16 outputs (and P rounded to f16 before P·v): a few f16 ulps of the largest value.
+                let tol = if *name == "lse" { 1e-5 } else { 4e-3 };
+                assert!(e < tol, "{label} {shape:?}: {name} differs from the f32 reference by {e}");
+            }
+            // Against the FMA forward on the same f16 inputs: only P's rounding differs.
+            let (eo, el) = (err(&got[0], &fma[0]), err(&got[1], &fma[1]));
+            assert!(eo < 2e-3 && el < 1e-5, "{label} {shape:?}: tensor-core vs FMA forward: o {eo}, lse {el}");
+        }
+    }
+    eprintln!("tensor-core forward (f16) vs the f32 reference, worst o, lse, dq, dk, dv: {worst:?}");
+}
