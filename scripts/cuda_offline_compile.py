@@ -13,7 +13,7 @@ usage: cuda_offline_compile.py KERNEL_DIR CUDA_ROOT
   cccl} wheels unpacked; scripts/cuda-offline-check.sh fetches them)
 Exit status 1 if a kernel fails to compile or assemble, uses more shared memory than its launch
 code budgeted (attention's tile picker), or is a flash-attention kernel the library launches (no
-bounds checks) that spills registers, or is the tensor-core attention forward without HMMA
+bounds checks) that spills registers, or is a tensor-core attention kernel without HMMA
 instructions (tensor-core products) in its SASS; layer-norm spills are printed."""
 import csv, ctypes, glob, os, re, subprocess, sys
 
@@ -142,15 +142,16 @@ def main():
         for r in rows:
             if r["family"] == "attention" and r["shape"] == "d 64" and r["dtype"] in ("f32", "bf16"):
                 loops = "; ".join(f"{n} instr, {ffma} FFMA, {lds} LDS ({l128} .128)" for n, ffma, lds, l128, _ in sass_loops(r["cubin"], bindir))
-                print(f"  {r['kernel']} d 64 {r['dtype']}: {loops}")
-        # The tensor-core forward must run its products on tensor cores: HMMA in its SASS.
+                if loops:
+                    print(f"  {r['kernel']} d 64 {r['dtype']}: {loops}")
+        # The tensor-core kernels must run their products on tensor cores: HMMA in their SASS.
         for r in rows + checked:
-            if r["kernel"] == "forward_tc":
+            if r["kernel"].endswith("_tc"):
                 hmma = sass_count(r["cubin"], bindir, "HMMA")
                 if r["shape"] == "d 64" and r["dtype"] == "bf16" and r["role"] == "library":
-                    print(f"  forward_tc d 64 bf16: {hmma} HMMA instructions")
+                    print(f"  {r['kernel']} d 64 bf16: {hmma} HMMA instructions")
                 if hmma == 0:
-                    failed.append(f"{r['file']} (forward_tc {r['shape']} {r['dtype']}): no HMMA instruction in its SASS")
+                    failed.append(f"{r['file']} ({r['kernel']} {r['shape']} {r['dtype']}): no HMMA instruction in its SASS")
     if not rows:
         failed.append(f"no kernels listed in {kdir}/kernels.tsv")
     for problem in failed:

@@ -1,7 +1,9 @@
 //! [`AttentionBackend`] for `CubeBackend` (the kernels of `kernels/`) and for `Fusion` (lazy
-//! custom operations of the fusion stream, as the layer norm's).
+//! custom operations of the fusion stream, as the layer norm's). f16/bf16 inputs run the
+//! tensor-core kernels where [`tensor_core_tiles`] finds them (`cube/tensor_core.rs`); the rest,
+//! the FMA kernels, tiled as below.
 //!
-//! Tiles: shared-memory vectors of 4, 2 or 1 floats (the widest dividing `d`); `tx` units along a
+//! The FMA kernels' tiles: shared-memory vectors of 4, 2 or 1 floats (the widest dividing `d`); `tx` units along a
 //! tile's columns (the largest of 16, 8, 4, 2, 1 dividing `d`'s vectors with at most 32 head
 //! columns per unit; narrower only where nothing else fits), `ty = 16` along its rows (fewer only
 //! where the device's units or shared memory demand), and 4, 2 or 1 rows and columns per unit:
@@ -14,7 +16,6 @@
 //! hint).
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
 use burn_cubecl::cubecl::{CubeCount, CubeDim};
@@ -26,11 +27,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-use burn_cubecl::cubecl::client::ComputeClient;
-use burn_cubecl::cubecl::ir::features::MmaConfig;
-use burn_cubecl::cubecl::ir::StorageType;
-
-use super::kernels::{self, TcTiles, Tiles};
+use super::kernels::{self, Tiles};
 use super::{AttentionBackend, AttentionBackward, AttentionForward};
 
 /// The widest head the kernels take (registers: at most 32 head columns per unit, `tx` ≤ 16).
@@ -106,60 +103,6 @@ fn device_tiles<R: CubeRuntime>(client: &burn_cubecl::cubecl::client::ComputeCli
     tiles(kernel, d, hw.max_shared_memory_size, hw.max_units_per_cube as usize)
 }
 
-static TENSOR_CORES: AtomicBool = AtomicBool::new(true);
-
-/// Whether an f16/bf16 forward may run on tensor cores (the default, where
-/// [`tensor_core_tiles`] finds them); off, it runs the f32 FMA kernel as f32 inputs do. For
-/// benchmarks (process-wide).
-pub fn set_tensor_cores(on: bool) {
-    TENSOR_CORES.store(on, Ordering::SeqCst);
-}
-
-/// Fragment edges of the tensor-core forward, the first the device has wins.
-const FRAGMENTS: [usize; 2] = [16, 8];
-/// The widest head of the tensor-core forward (its output registers: `f·d/lanes` per lane).
-const MAX_TC_HEAD: usize = 128;
-
-/// The tensor-core forward's tiles for heads of width `d` with `f × f × f` fragments and planes
-/// of `lanes`: 4, 2 or 1 planes per cube and 64, 32, 16 or 8 keys per tile (a multiple of `f`),
-/// the first that fits the shared memory (`min(device, 110 KiB)`) and units; `None` where `d` is
-/// not a multiple of `f` up to 128, or `lanes` does not divide `f·d`.
-pub(super) fn tc_tiles(d: usize, f: usize, lanes: usize, shared: usize, units: usize) -> Option<TcTiles> {
-    if d == 0 || !d.is_multiple_of(f) || d > MAX_TC_HEAD || lanes == 0 || !(f * d).is_multiple_of(lanes) {
-        return None;
-    }
-    let limit = shared.min(SHARED_TARGET);
-    let shapes = [4, 2, 1].into_iter().flat_map(|planes| [64, 32, 16, 8].map(|cols| (planes, cols)));
-    shapes
-        .filter(|&(_, cols): &(usize, usize)| cols.is_multiple_of(f))
-        .map(|(planes, cols)| TcTiles { d, f, planes, cols, lanes })
-        .find(|t| t.units() <= units && t.shared_bytes() <= limit)
-}
-
-/// The tiles of the tensor-core forward for `dtype` inputs and heads of width `d` on this
-/// client's device, or `None` where it does not run there (f32 inputs, no `f × f × f`
-/// `dtype × dtype → f32` cooperative-matrix configuration, a plane size that varies, heads
-/// [`tc_tiles`] refuses, or [`set_tensor_cores`]`(false)`): the f32 FMA kernel runs instead.
-pub fn tensor_core_tiles<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType, d: usize) -> Option<TcTiles> {
-    if !TENSOR_CORES.load(Ordering::SeqCst) || !matches!(dtype, DType::F16 | DType::BF16) {
-        return None;
-    }
-    let (elem, acc): (StorageType, StorageType) = (dtype.into(), DType::F32.into());
-    let (props, features) = (client.properties(), client.features());
-    let hw = &props.hardware;
-    if hw.plane_size_min != hw.plane_size_max {
-        return None;
-    }
-    let has = |f: usize| {
-        let f = f as u32;
-        features.matmul.cmma.contains(&MmaConfig { a_type: elem, b_type: elem, cd_type: acc, m: f, n: f, k: f })
-    };
-    FRAGMENTS
-        .into_iter()
-        .filter(|&f| has(f))
-        .find_map(|f| tc_tiles(d, f, hw.plane_size_max as usize, hw.max_shared_memory_size, hw.max_units_per_cube as usize))
-}
-
 /// One cube per (batch·head, block of `rows` rows).
 fn grid(bh: usize, s: usize, rows: usize) -> CubeCount {
     assert!(bh <= MAX_GRID, "fused attention: batch × heads = {bh} exceeds {MAX_GRID} cubes");
@@ -179,6 +122,11 @@ macro_rules! launch_attn {
         }
     };
 }
+
+mod tensor_core;
+pub use tensor_core::{set_tensor_cores, tensor_core_tiles, TensorCoreTiles};
+#[cfg(feature = "cuda-source")]
+pub(super) use tensor_core::{tc_shared_bytes, tc_tiles};
 
 /// A `[b, H, s, d]` output stored as `[b, s, H, d]` (what the attention layer's projection reads
 /// after swapping back: no copy there), returned as the `[b, H, s, d]` view.
@@ -217,19 +165,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         let lse = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([b, h, s]), DType::F32);
         let client = q.client.clone();
         if let Some(t) = tensor_core_tiles(&client, q.dtype, d) {
-            launch_attn!(kernels::attn_forward_tc_kernel;
-                &client,
-                grid(b * h, s, t.rows()),
-                CubeDim::new_2d(t.lanes as u32, t.planes as u32),
-                q.clone().into_tensor_arg(),
-                k.into_tensor_arg(),
-                v.into_tensor_arg(),
-                o.clone().into_tensor_arg(),
-                lse.clone().into_tensor_arg(),
-                scale,
-                t,
-                q.dtype.into(),
-            );
+            tensor_core::forward(t.forward, [&q, &k, &v, &o, &lse], scale);
             return (o, lse);
         }
         let t = device_tiles(&q.client, Kernel::Forward, d).unwrap_or_else(|e| panic!("{e}"));
@@ -262,11 +198,15 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
     ) -> AttentionBackward<Self> {
         check_same(&q, &[("k", &k), ("v", &v), ("dO", &dout), ("o", &o)]);
         let [b, h, s, d] = q.shape().dims::<4>();
-        let (tq, tkv) = [Kernel::Dq, Kernel::Dkv].map(|kernel| device_tiles(&q.client, kernel, d).unwrap_or_else(|e| panic!("{e}"))).into();
         let delta = delta::<R, F, I, BT>(dout.clone(), o);
         let lse = into_contiguous(lse);
         let (dq, dk, dv) = (output_like(&q), output_like(&k), output_like(&v));
         let client = q.client.clone();
+        if let Some(tiles) = tensor_core_tiles(&client, q.dtype, d).and_then(|t| t.backward) {
+            tensor_core::backward(tiles, [&dout, &q, &k, &v, &lse, &delta, &dq, &dk, &dv], scale);
+            return (dq, dk, dv);
+        }
+        let (tq, tkv) = [Kernel::Dq, Kernel::Dkv].map(|kernel| device_tiles(&q.client, kernel, d).unwrap_or_else(|e| panic!("{e}"))).into();
         launch_attn!(kernels::attn_backward_dq_kernel;
             &client,
             grid(b * h, s, tq.rows),
@@ -418,31 +358,5 @@ mod tests {
         }
         assert!(tiles(Kernel::Forward, 512, 227 << 10, 1024).unwrap_err().contains("width 1..=256, not 512"));
         assert!(tiles(Kernel::Dkv, 256, 16 << 10, 1024).unwrap_err().contains("more shared memory"));
-    }
-
-    /// The tensor-core forward's picker: an H100's and lavapipe's tiles, every pick within its
-    /// budget and whole, heads it cannot take refused.
-    #[test]
-    fn tensor_core_tiles_fit_the_device_or_are_refused() {
-        let h100 = tc_tiles(64, 16, 32, 227 << 10, 1024).unwrap();
-        assert_eq!(h100, TcTiles { d: 64, f: 16, planes: 4, cols: 64, lanes: 32 });
-        // q, k, v rows of 72 halves; f32 scratch rows of 68; P rows of 72 halves; α: 53.25 KiB
-        // (ptxas reports the same for the compiled kernel: scripts/cuda-offline-check.sh).
-        assert_eq!(h100.shared_bytes(), 192 * 72 * 2 + 64 * 68 * 4 + 64 * 72 * 2 + 64 * 4);
-        assert_eq!(tc_tiles(128, 16, 32, 227 << 10, 1024).unwrap().shared_bytes(), 95488);
-        assert_eq!(tc_tiles(64, 8, 8, 32 << 10, 256).unwrap(), TcTiles { d: 64, f: 8, planes: 4, cols: 32, lanes: 8 });
-        for (f, lanes, shared, units) in [(16, 32, 227 << 10, 1024), (16, 32, 48 << 10, 1024), (8, 8, 32 << 10, 256), (16, 8, 32 << 10, 256)] {
-            for d in [8, 16, 32, 48, 64, 80, 128] {
-                let Some(t) = tc_tiles(d, f, lanes, shared, units) else {
-                    assert!(!d.is_multiple_of(f), "d {d} f {f} lanes {lanes} shared {shared}: refused");
-                    continue;
-                };
-                let whole = d.is_multiple_of(f) && t.cols.is_multiple_of(f) && (f * d).is_multiple_of(lanes);
-                assert!(whole && t.shared_bytes() <= shared.min(SHARED_TARGET) && t.units() <= units, "{t:?}");
-            }
-        }
-        assert_eq!(tc_tiles(72, 16, 32, 227 << 10, 1024), None);
-        assert_eq!(tc_tiles(256, 16, 32, 227 << 10, 1024), None);
-        assert_eq!(tc_tiles(64, 16, 32, 8 << 10, 1024), None);
     }
 }

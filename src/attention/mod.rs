@@ -37,7 +37,7 @@ mod cube;
 #[cfg(feature = "cuda-source")]
 mod cuda_source;
 #[cfg(feature = "cube")]
-pub use cube::{set_tensor_cores, tensor_core_tiles};
+pub use cube::{set_tensor_cores, tensor_core_tiles, TensorCoreTiles};
 #[cfg(feature = "cuda-source")]
 pub use cuda_source::attention_cuda_sources;
 #[cfg(feature = "cube")]

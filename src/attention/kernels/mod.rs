@@ -42,6 +42,8 @@ mod backward;
 pub use backward::{attn_backward_dkv_kernel, attn_backward_dq_kernel};
 mod tensor_core;
 pub use tensor_core::{attn_forward_tc_kernel, TcTiles};
+mod tensor_core_backward;
+pub use tensor_core_backward::{attn_backward_dkv_tc_kernel, attn_backward_dq_tc_kernel};
 
 /// The tile geometry of one kernel launch.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]

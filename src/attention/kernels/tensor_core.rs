@@ -75,17 +75,12 @@ impl TcTiles {
     pub const fn rows_per_lane(&self) -> usize {
         (self.f + self.lanes - 1) / self.lanes
     }
-    /// Shared bytes of a launch with 2-byte inputs.
-    pub const fn shared_bytes(&self) -> usize {
-        let frows = self.planes * self.f;
-        (self.rows() + 2 * self.cols) * self.hs() * 2 + frows * self.ss() * 4 + frows * self.ps() * 2 + frows * 4
-    }
 }
 
 /// Rows `row0..row0 + n` of this head's `[s, d]` matrix of `x` into `tile` (row stride `hs`,
 /// zeros past `s`), by all units of the cube.
 #[cube]
-fn stage<F: Float>(x: &Tensor<F>, tile: &mut SharedMemory<F>, bh: usize, row0: usize, s: usize, #[comptime] n: usize, #[comptime] t: TcTiles) {
+pub(super) fn stage<F: Float>(x: &Tensor<F>, tile: &mut SharedMemory<F>, bh: usize, row0: usize, s: usize, #[comptime] n: usize, #[comptime] t: TcTiles) {
     let (d, hs, units) = comptime![(t.d, t.hs(), t.units())];
     let base = head_base::<F>(x, bh);
     let (rs, cs) = (x.stride(2), x.stride(3));
@@ -103,73 +98,115 @@ fn stage<F: Float>(x: &Tensor<F>, tile: &mut SharedMemory<F>, bh: usize, row0: u
     }
 }
 
-/// This plane's `S = q·kᵀ` (`[f, C]`) into its rows of the scratch `ss`.
+/// One plane's product `O[f, n·f] = A[f, k·f] · B[k·f, n·f]` of shared-memory operands into an
+/// f32 scratch, `f × f × f` fragments; `B` given row-major, or (`bt`) as the rows of `Bᵀ` (a
+/// staged `[n·f, k·f]` tile read column-major: `q·kᵀ`). Strides in elements; `*len` bound slices.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub struct Product {
+    pub f: usize,
+    /// Output fragments along the columns.
+    pub n: usize,
+    /// Fragment steps along the contracted dimension.
+    pub k: usize,
+    pub sa: usize,
+    pub sb: usize,
+    pub so: usize,
+    pub bt: bool,
+    pub alen: usize,
+    pub blen: usize,
+    pub olen: usize,
+}
+
+/// [`Product`] `g` with `A` at `a0` of `a`, `B` at `b0` of `b`, `O` at `o0` of `out`, by the
+/// calling plane.
 #[cube]
-fn plane_scores<F: Float>(sq: &SharedMemory<F>, sk: &SharedMemory<F>, ss: &mut SharedMemory<f32>, #[comptime] t: TcTiles) {
-    let (f, hs, sst) = comptime![(t.f, t.hs(), t.ss())];
-    let (qlen, klen, slen) = comptime![(t.rows() * t.hs(), t.cols * t.hs(), t.rows() * t.ss())];
-    let w = UNIT_POS_Y as usize;
+#[allow(clippy::too_many_arguments)]
+pub(super) fn plane_matmul<F: Float>(
+    a: &SharedMemory<F>,
+    a0: usize,
+    b: &SharedMemory<F>,
+    b0: usize,
+    out: &mut SharedMemory<f32>,
+    o0: usize,
+    #[comptime] g: Product,
+) {
+    let (f, sb) = comptime![(g.f, g.sb)];
     #[unroll]
-    for n in 0..comptime![t.cols / t.f] {
+    for n in 0..comptime![g.n] {
         let acc = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, f, f, f, cmma::MatrixLayout::Undefined, f32::new(0.0));
         #[unroll]
-        for kk in 0..comptime![t.d / t.f] {
-            let a = cmma::Matrix::<F>::from_slice(
+        for kk in 0..comptime![g.k] {
+            let am = cmma::Matrix::<F>::from_slice(
                 cmma::MatrixIdent::A,
                 f,
                 f,
                 f,
                 cmma::MatrixLayout::RowMajor,
-                &sq.slice(w * f * hs + kk * f, qlen),
-                comptime![hs as u32],
+                &a.slice(a0 + kk * f, comptime![g.alen]),
+                comptime![g.sa as u32],
             );
-            let b = cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::B,
-                f,
-                f,
-                f,
-                cmma::MatrixLayout::ColMajor,
-                &sk.slice(n * f * hs + kk * f, klen),
-                comptime![hs as u32],
-            );
-            cmma::execute::<F, F, f32, f32>(&a, &b, &acc, &acc);
+            if comptime![g.bt] {
+                let bm = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::B,
+                    f,
+                    f,
+                    f,
+                    cmma::MatrixLayout::ColMajor,
+                    &b.slice(b0 + n * f * sb + kk * f, comptime![g.blen]),
+                    comptime![sb as u32],
+                );
+                cmma::execute::<F, F, f32, f32>(&am, &bm, &acc, &acc);
+            } else {
+                let bm = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::B,
+                    f,
+                    f,
+                    f,
+                    cmma::MatrixLayout::RowMajor,
+                    &b.slice(b0 + kk * f * sb + n * f, comptime![g.blen]),
+                    comptime![sb as u32],
+                );
+                cmma::execute::<F, F, f32, f32>(&am, &bm, &acc, &acc);
+            }
         }
-        cmma::store(&mut ss.slice_mut(w * f * sst + n * f, slen), &acc, comptime![sst as u32], cmma::MatrixLayout::RowMajor);
+        cmma::store(&mut out.slice_mut(o0 + n * f, comptime![g.olen]), &acc, comptime![g.so as u32], cmma::MatrixLayout::RowMajor);
     }
 }
 
-/// This plane's `P·v` (`[f, d]`) into its rows of the scratch `ss`.
-#[cube]
-fn plane_values<F: Float>(sp: &SharedMemory<F>, sv: &SharedMemory<F>, ss: &mut SharedMemory<f32>, #[comptime] t: TcTiles) {
-    let (f, hs, ps, sst) = comptime![(t.f, t.hs(), t.ps(), t.ss())];
-    let (plen, vlen, slen) = comptime![(t.rows() * t.ps(), t.cols * t.hs(), t.rows() * t.ss())];
-    let w = UNIT_POS_Y as usize;
-    #[unroll]
-    for c in 0..comptime![t.d / t.f] {
-        let acc = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, f, f, f, cmma::MatrixLayout::Undefined, f32::new(0.0));
-        #[unroll]
-        for kk in 0..comptime![t.cols / t.f] {
-            let a = cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::A,
-                f,
-                f,
-                f,
-                cmma::MatrixLayout::RowMajor,
-                &sp.slice(w * f * ps + kk * f, plen),
-                comptime![ps as u32],
-            );
-            let b = cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::B,
-                f,
-                f,
-                f,
-                cmma::MatrixLayout::RowMajor,
-                &sv.slice(kk * f * hs + c * f, vlen),
-                comptime![hs as u32],
-            );
-            cmma::execute::<F, F, f32, f32>(&a, &b, &acc, &acc);
+impl TcTiles {
+    /// `X[rows, ·] · Y[cols, ·]ᵀ` over the head: the plane's `[f, C]` scores from two staged
+    /// tiles of `d` columns (`rows` and `cols` rows), into the f32 scratch.
+    pub const fn scores(&self) -> Product {
+        let (rows, hs, ss) = (self.rows(), self.hs(), self.ss());
+        Product {
+            f: self.f,
+            n: self.cols / self.f,
+            k: self.d / self.f,
+            sa: hs,
+            sb: hs,
+            so: ss,
+            bt: true,
+            alen: rows * hs,
+            blen: self.cols * hs,
+            olen: rows * ss,
         }
-        cmma::store(&mut ss.slice_mut(w * f * sst + c * f, slen), &acc, comptime![sst as u32], cmma::MatrixLayout::RowMajor);
+    }
+    /// `W[rows, C] · Y[C, d]`: the plane's `[f, d]` from a weight tile (`P`, `dS`: row stride
+    /// `ps`) and a staged `[C, d]` tile, into the f32 scratch.
+    pub const fn weighted(&self) -> Product {
+        let (rows, hs, ss, ps) = (self.rows(), self.hs(), self.ss(), self.ps());
+        Product {
+            f: self.f,
+            n: self.d / self.f,
+            k: self.cols / self.f,
+            sa: ps,
+            sb: hs,
+            so: ss,
+            bt: false,
+            alen: rows * ps,
+            blen: self.cols * hs,
+            olen: rows * ss,
+        }
     }
 }
 
@@ -266,11 +303,11 @@ pub fn attn_forward_tc_kernel<F: Float>(
         stage::<F>(k, &mut sk, bh, k0, s, cols, t);
         stage::<F>(v, &mut sv, bh, k0, s, cols, t);
         sync_cube();
-        plane_scores::<F>(&sq, &sk, &mut ss, t);
+        plane_matmul::<F>(&sq, w * f * t.hs(), &sk, 0, &mut ss, w * f * sst, comptime![t.scores()]);
         sync_cube();
         plane_softmax::<F>(&ss, &mut sp, &mut sa, &mut m, &mut l, qw, k0, s, scale, t);
         sync_cube();
-        plane_values::<F>(&sp, &sv, &mut ss, t);
+        plane_matmul::<F>(&sp, w * f * t.ps(), &sv, 0, &mut ss, w * f * sst, comptime![t.weighted()]);
         sync_cube();
         #[unroll]
         for i in 0..per_lane {
