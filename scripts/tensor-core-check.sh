@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The tensor-core (cmma) attention forward tested on the CPU: Debian bookworm's lavapipe has no
+# The tensor-core (cmma) attention kernels (forward and backward) tested on the CPU: Debian bookworm's lavapipe has no
 # cooperative matrices, Debian sid's (Mesa >= 26) has them (8 x 8 x 8 f16 -> f32, 8-lane planes).
 # Builds the attention tests with `--features vulkan` (CubeCL's SPIR-V compiler: WGSL has no
 # cmma) here, then runs them in a minimal Debian sid chroot holding only Mesa's Vulkan drivers:
 #   tests/attention_tensor_core.rs (with BURN_PARALLEL_REQUIRE_TENSOR_CORES=1: a device without
 #   cooperative matrices fails instead of skipping), and from tests/attention_kernel.rs the f16
-#   GPT against the CPU (its fused forward runs on the tensor cores there; ATTENTION_KERNEL_TESTS
+#   GPT against the CPU (its fused attention runs on the tensor cores there; ATTENTION_KERNEL_TESTS
 #   selects others: "" runs all of that file, the FMA kernels through SPIR-V too, ~6 min).
 #   scripts/tensor-core-check.sh        # chroot kept in ~/.cache/burn-parallel-sid (~650 MB)
 # Needs root (chroot, a proc mount) and debootstrap (installed with apt-get when missing).
