@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The tensor-core (cmma) attention kernels (forward and backward) tested on the CPU: Debian bookworm's lavapipe has no
-# cooperative matrices, Debian sid's (Mesa >= 26) has them (8 x 8 x 8 f16 -> f32, 8-lane planes).
+# The tensor-core (cmma) attention kernels, forward and backward, tested on the CPU: Debian
+# bookworm's lavapipe has no cooperative matrices, Debian sid's (Mesa >= 26) has them (8 x 8 x 8
+# f16 -> f32, 8-lane planes).
 # Builds the attention tests with `--features vulkan` (CubeCL's SPIR-V compiler: WGSL has no
 # cmma) here, then runs them in a minimal Debian sid chroot holding only Mesa's Vulkan drivers:
 #   tests/attention_tensor_core.rs (with BURN_PARALLEL_REQUIRE_TENSOR_CORES=1: a device without
