@@ -11,8 +11,8 @@
 mod common;
 
 use burn::backend::{Autodiff, Flex, Wgpu};
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use burn_parallel::attention::AttentionBackend;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_parallel::attention::{tensor_core_tiles, AttentionBackend};
 use burn_parallel::kernels::set_bounds_checks;
 use burn_parallel::rng::HostRng;
 
@@ -96,6 +96,27 @@ fn fused_attention_matches_the_composed_reference() {
 fn heads_too_wide_are_refused_with_the_numbers() {
     let e = K::fused_attention(&Default::default(), 512).unwrap_err();
     assert!(e.contains("width 1..=256, not 512"), "{e}");
+    // The words for logs: the same refusal, through autodiff and fusion too.
+    let e = Autodiff::<Wgpu>::fused_attention_kernels(&Default::default(), DType::F32, 512);
+    assert!(e.contains("width 1..=256, not 512"), "{e}");
+}
+
+/// What the log says runs: the FMA kernels for f32, and for f16 the tensor cores where the
+/// device has f16 cooperative matrices (Mesa ≥ 26's lavapipe under SPIR-V), else the FMA kernels
+/// saying why; on the CPU backend, that it has no fused kernels.
+#[test]
+fn the_attention_kernels_that_run_are_named() {
+    let dev = Default::default();
+    let f32_words = Autodiff::<Wgpu>::fused_attention_kernels(&dev, DType::F32, 64);
+    assert_eq!(f32_words, "FMA kernels (F32 inputs: tensor cores take f16/bf16)");
+    let client = <burn::backend::wgpu::WgpuRuntime as burn_cubecl::cubecl::Runtime>::client(&dev);
+    let f16_words = <Wgpu>::fused_attention_kernels(&dev, DType::F16, 64);
+    match tensor_core_tiles(&client, DType::F16, 64) {
+        Some(t) => assert!(f16_words.starts_with(&format!("tensor cores ({0}×{0}×{0} F16 fragments", t.forward.f)), "{f16_words}"),
+        None => assert_eq!(f16_words, "FMA kernels (no F16 cooperative matrices for heads of 64 on this device)"),
+    }
+    let cpu = Flex::fused_attention_kernels(&Default::default(), DType::F32, 64);
+    assert!(cpu.contains("no fused attention kernels"), "{cpu}");
 }
 
 /// The chunked op (Burn ops: the backend's matmuls, under `Fusion`) on wgpu equals the composed

@@ -66,7 +66,11 @@ fn tensor_core_kernels_match_the_reference_and_the_fma_kernels() {
         let want = run::<Flex>(shape, DType::F32);
         set_tensor_cores(false);
         let fma = run::<K>(shape, DType::F16);
+        let off = <Wgpu>::fused_attention_kernels(&dev, DType::F16, shape[3]);
+        assert_eq!(off, "FMA kernels (tensor cores switched off)");
         set_tensor_cores(true);
+        let on = <Wgpu>::fused_attention_kernels(&dev, DType::F16, shape[3]);
+        assert!(on.starts_with(&format!("tensor cores ({0}×{0}×{0} F16 fragments", tiles.forward.f)) && on.contains("dk/dv"), "{on}");
         for (label, got) in [("cube", run::<K>(shape, DType::F16)), ("fusion", run::<Wgpu>(shape, DType::F16))] {
             for (i, (name, (g, w))) in ["o", "lse", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)).enumerate() {
                 let e = err(g, w);

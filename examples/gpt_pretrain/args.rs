@@ -213,6 +213,11 @@ pub(crate) struct Args {
     /// of the scores is never computed; --dropout must be 0).
     #[arg(long, default_value = "auto", value_parser = parse_attention)]
     pub(crate) attention: AttentionKernel,
+    /// The fused attention kernels on tensor cores for bf16 (CUDA's 16×16×16 wmma; cooperative
+    /// matrices on Vulkan) where the device has them: true; false runs the FMA kernels, as
+    /// f32 does (to compare, or to rule the tensor-core kernels out). The log says which run.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(crate) attention_tensor_cores: bool,
 }
 
 fn parse_attention(s: &str) -> Result<AttentionKernel, String> {

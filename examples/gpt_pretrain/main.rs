@@ -20,6 +20,7 @@ use args::{Args, CommKind, DeviceKind};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
+use burn_parallel::attention::AttentionCore;
 use burn_parallel::checkpoint::TrainState;
 use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::data::GlobalSampler;
@@ -217,6 +218,11 @@ where
     B::InnerBackend: ParallelBackend,
 {
     args.precision.check::<B::InnerBackend>(&device).map_err(|e| format!("--precision: {e}"))?;
+    burn_parallel::attention::set_tensor_cores(args.attention_tensor_cores);
+    let d_head = args.d_model / args.heads.max(1);
+    if args.attention.resolve::<B>(&device, d_head, args.dropout) == Ok(AttentionCore::Fused) {
+        tracing::info!(kernels = %B::fused_attention_kernels(&device, args.precision.dtype(), d_head), "fused attention");
+    }
     // Thread ranks follow NCCL's point-to-point rules, so what runs here runs on NCCL.
     let opts = LocalWorldOptions { timeout: Duration::from_secs(args.timeout_secs), p2p: P2pMode::Rendezvous };
     let world = args.dp * args.pp * args.tp;
@@ -244,11 +250,16 @@ fn load(args: &Args) -> Result<Corpus, String> {
     Ok(c)
 }
 
-fn main() {
+/// Logs to stderr at `RUST_LOG`'s level (default info).
+pub(crate) fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn main() {
+    init_logging();
     let args = Args::parse_with_presets(std::env::args_os()).unwrap_or_else(|e| e.exit());
     if let Err(e) = main_result(&args) {
         eprintln!("error: {e}");

@@ -28,6 +28,7 @@ const CHILD_ENV: &str = "GPT_PRETRAIN_TEST_CHILD_ARGS";
 #[ignore = "the child process of the tests below (runs only with their environment)"]
 fn child_process() {
     let Ok(flags) = std::env::var(CHILD_ENV) else { return };
+    super::init_logging();
     let args =
         Args::parse_with_presets(std::iter::once("gpt_pretrain".to_string()).chain(flags.split_whitespace().map(String::from))).unwrap_or_else(|e| e.exit());
     let code = match main_result(&args) {
@@ -288,6 +289,8 @@ fn bad_memory_flags_are_clear_errors() {
     assert!(e.contains("chunked:0") && e.contains("chunked:ROWS"), "{e}");
     let e = error_of(&format!("{TINY} --steps 1 --attention chunked:4 --dropout 0.1"));
     assert!(e.contains("chunked attention has no dropout"), "{e}");
+    let e = parse_error(&format!("{TINY} --attention-tensor-cores maybe"));
+    assert!(e.contains("maybe") && e.contains("--attention-tensor-cores"), "{e}");
     let e = parse_error(&format!("{TINY} --tokenizer gpt4"));
     assert!(e.contains("gpt4"), "{e}");
     let e = error_of(&format!("{TINY} --steps 1 --zero 1"));
@@ -334,6 +337,18 @@ fn model_flops_of_gpt2_124m_count_the_matmul_weights_only() {
 #[cfg(feature = "wgpu")]
 fn loss_values(lines: &[String]) -> Vec<f32> {
     lines.iter().map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no loss in {l:?}"))).collect()
+}
+
+/// The log names the attention kernels that run: on wgpu, with `--attention-tensor-cores false`,
+/// the FMA kernels, switched to.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_logs_which_attention_kernels_run() {
+    let o = child(&format!("{TINY} --steps 1 --device wgpu --attention-tensor-cores false")).env("RUST_LOG", "info").output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let log = String::from_utf8_lossy(&o.stderr);
+    let line = log.lines().find(|l| l.contains("fused attention")).unwrap_or_else(|| panic!("no 'fused attention' line in:\n{log}"));
+    assert!(line.contains("FMA kernels (tensor cores switched off)"), "{line}");
 }
 
 /// `--device wgpu` (burn's `Wgpu`: the `Fusion<CubeBackend>` path that `Cuda` takes, with the

@@ -124,9 +124,9 @@ macro_rules! launch_attn {
 }
 
 mod tensor_core;
-pub use tensor_core::{set_tensor_cores, tensor_core_tiles, TensorCoreTiles};
 #[cfg(feature = "cuda-source")]
 pub(super) use tensor_core::{tc_shared_bytes, tc_tiles};
+pub use tensor_core::{tensor_core_tiles, TensorCoreTiles};
 
 /// A `[b, H, s, d]` output stored as `[b, s, H, d]` (what the attention layer's projection reads
 /// after swapping back: no copy there), returned as the `[b, H, s, d]` view.
@@ -156,6 +156,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             device_tiles(&client, kernel, d_head)?;
         }
         Ok(())
+    }
+
+    fn fused_attention_kernels(device: &Self::Device, dtype: DType, d_head: usize) -> String {
+        match Self::fused_attention(device, d_head) {
+            Ok(()) => tensor_core::describe(&R::client(device), dtype, d_head),
+            Err(why) => why,
+        }
     }
 
     fn causal_attention(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, scale: f32) -> AttentionForward<Self> {
@@ -258,6 +265,10 @@ fn delta<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(dout: 
 impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
     fn fused_attention(device: &Self::Device, d_head: usize) -> Result<(), String> {
         B::fused_attention(device, d_head)
+    }
+
+    fn fused_attention_kernels(device: &Self::Device, dtype: DType, d_head: usize) -> String {
+        B::fused_attention_kernels(device, dtype, d_head)
     }
 
     fn causal_attention(

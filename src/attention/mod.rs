@@ -37,7 +37,7 @@ mod cube;
 #[cfg(feature = "cuda-source")]
 mod cuda_source;
 #[cfg(feature = "cube")]
-pub use cube::{set_tensor_cores, tensor_core_tiles, TensorCoreTiles};
+pub use cube::{tensor_core_tiles, TensorCoreTiles};
 #[cfg(feature = "cuda-source")]
 pub use cuda_source::attention_cuda_sources;
 #[cfg(feature = "cube")]
@@ -52,7 +52,23 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static TENSOR_CORES: AtomicBool = AtomicBool::new(true);
+
+/// Whether f16/bf16 fused attention may run on tensor cores (the default, where the device has
+/// them: [`tensor_core_tiles`](crate::attention::tensor_core_tiles) with the `cube` feature); off,
+/// it runs the FMA kernels as f32 inputs do. Process-wide; for benchmarks, tests and
+/// `gpt_pretrain --attention-tensor-cores false`. No effect on backends without fused kernels.
+pub fn set_tensor_cores(on: bool) {
+    TENSOR_CORES.store(on, Ordering::SeqCst);
+}
+
+/// The switch of [`set_tensor_cores`].
+pub fn tensor_cores_enabled() -> bool {
+    TENSOR_CORES.load(Ordering::SeqCst)
+}
 
 /// Masked scores (`j > i`) before the softmax: `exp(MASKED − m) = 0` in f32 for any finite row max.
 pub const MASKED: f32 = -1.0e30;
@@ -79,6 +95,16 @@ pub trait AttentionBackend: Backend {
     fn fused_attention(device: &Self::Device, d_head: usize) -> Result<(), String> {
         let _ = d_head;
         Err(format!("the {} backend has no fused attention kernels (CubeCL backends do)", Self::name(device)))
+    }
+
+    /// What fused attention of `dtype` inputs with heads of width `d_head` runs on `device`, in
+    /// words for logs: the kernels and their tiles, or why there are none.
+    fn fused_attention_kernels(device: &Self::Device, dtype: DType, d_head: usize) -> String {
+        let _ = dtype;
+        match Self::fused_attention(device, d_head) {
+            Ok(()) => "fused kernels".into(),
+            Err(why) => why,
+        }
     }
 
     /// `(o, lse)` of causal attention with scores scaled by `scale` (default: the chunked
@@ -166,6 +192,10 @@ impl<B: AttentionBackend> Backward<B, 3> for AttentionBackwardOp {
 impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {
     fn fused_attention(device: &Self::Device, d_head: usize) -> Result<(), String> {
         B::fused_attention(device, d_head)
+    }
+
+    fn fused_attention_kernels(device: &Self::Device, dtype: DType, d_head: usize) -> String {
+        B::fused_attention_kernels(device, dtype, d_head)
     }
 
     fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> AttentionForward<Self> {

@@ -5,8 +5,6 @@
 //! size, for heads that are a multiple of `f` up to 128; the backward where its own tiles fit too.
 //! Elsewhere (f32, WGSL, older drivers) the FMA kernels run.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use burn::tensor::{DType, TensorMetadata};
 use burn_cubecl::cubecl::client::ComputeClient;
 use burn_cubecl::cubecl::ir::features::MmaConfig;
@@ -17,15 +15,6 @@ use burn_cubecl::CubeRuntime;
 
 use super::{grid, kernels, Kernel, SHARED_TARGET};
 use crate::attention::kernels::TcTiles;
-
-static TENSOR_CORES: AtomicBool = AtomicBool::new(true);
-
-/// Whether f16/bf16 attention may run on tensor cores (the default, where
-/// [`tensor_core_tiles`] finds them); off, it runs the FMA kernels as f32 inputs do. For
-/// benchmarks and tests (process-wide).
-pub fn set_tensor_cores(on: bool) {
-    TENSOR_CORES.store(on, Ordering::SeqCst);
-}
 
 /// Fragment edges, the first the device has wins.
 const FRAGMENTS: [usize; 2] = [16, 8];
@@ -73,9 +62,9 @@ pub(in crate::attention) fn tc_tiles(kernel: Kernel, d: usize, f: usize, lanes: 
 /// The tensor-core kernels' tiles for `dtype` inputs and heads of width `d` on this client's
 /// device, or `None` where they do not run there (f32 inputs, no `f × f × f`
 /// `dtype × dtype → f32` cooperative-matrix configuration, a plane size that varies, heads
-/// [`tc_tiles`] refuses, or [`set_tensor_cores`]`(false)`): the FMA kernels run instead.
+/// [`tc_tiles`] refuses, or [`set_tensor_cores`](crate::attention::set_tensor_cores)`(false)`): the FMA kernels run instead.
 pub fn tensor_core_tiles<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType, d: usize) -> Option<TensorCoreTiles> {
-    if !TENSOR_CORES.load(Ordering::SeqCst) || !matches!(dtype, DType::F16 | DType::BF16) {
+    if !crate::attention::tensor_cores_enabled() || !matches!(dtype, DType::F16 | DType::BF16) {
         return None;
     }
     let (elem, acc): (StorageType, StorageType) = (dtype.into(), DType::F32.into());
@@ -92,6 +81,25 @@ pub fn tensor_core_tiles<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType
     let pick = |kernel| tc_tiles(kernel, d, f, hw.plane_size_max as usize, hw.max_shared_memory_size, hw.max_units_per_cube as usize);
     let backward = pick(Kernel::Dq).zip(pick(Kernel::Dkv));
     pick(Kernel::Forward).map(|forward| TensorCoreTiles { forward, backward })
+}
+
+/// What fused attention of `dtype` inputs with heads of width `d` runs on this client's device,
+/// in words (the kernels exist: [`AttentionBackend::fused_attention`](crate::attention::AttentionBackend::fused_attention)).
+pub(super) fn describe<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType, d: usize) -> String {
+    let tiles = |t: TcTiles| format!("{} planes × {} rows, {} per tile", t.planes, t.f, t.cols);
+    match tensor_core_tiles(client, dtype, d) {
+        Some(TensorCoreTiles { forward, backward }) => {
+            let backward = match backward {
+                Some((dq, dkv)) => format!("dq {}, dk/dv {}", tiles(dq), tiles(dkv)),
+                None => "FMA kernels (its tiles do not fit)".into(),
+            };
+            let f = forward.f;
+            format!("tensor cores ({f}×{f}×{f} {dtype:?} fragments, f32 accumulators): forward {}; backward {backward}", tiles(forward))
+        }
+        None if !crate::attention::tensor_cores_enabled() => "FMA kernels (tensor cores switched off)".into(),
+        None if !matches!(dtype, DType::F16 | DType::BF16) => format!("FMA kernels ({dtype:?} inputs: tensor cores take f16/bf16)"),
+        None => format!("FMA kernels (no {dtype:?} cooperative matrices for heads of {d} on this device)"),
+    }
 }
 
 fn cube_dim(t: TcTiles) -> CubeDim {
