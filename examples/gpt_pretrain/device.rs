@@ -85,6 +85,7 @@ fn run_nccl(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String
     let comm = burn_parallel::NcclComm::from_env(&env).map_err(|e| e.to_string())?;
     let device = burn::backend::cuda::CudaDevice::new(env.local_rank);
     tracing::info!(rank = env.rank, world = env.world_size, gpu = env.local_rank, "NCCL rank");
+    super::prepare::<B>(args, &device)?;
     if args.pp > 1 {
         return crate::pipelined::train_rank::<B>(args, comm, device, data, start);
     }

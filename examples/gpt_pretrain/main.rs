@@ -211,18 +211,25 @@ pub(crate) fn report(args: &Args, bar: &ProgressBar, rank: usize, step: usize, l
     }
 }
 
+/// Before any rank starts on `device`: the precision checked against the backend, the
+/// tensor-core switch set, and the fused attention kernels that will run logged.
+pub(crate) fn prepare<B: AutodiffBackend + ParallelBackend>(args: &Args, device: &B::Device) -> Result<(), String> {
+    args.precision.check::<B::InnerBackend>(device).map_err(|e| format!("--precision: {e}"))?;
+    burn_parallel::attention::set_tensor_cores(args.attention_tensor_cores);
+    let d_head = args.d_model / args.heads.max(1);
+    if args.attention.resolve::<B>(device, d_head, args.dropout) == Ok(AttentionCore::Fused) {
+        tracing::info!(kernels = %B::fused_attention_kernels(device, args.precision.dtype(), d_head), "fused attention");
+    }
+    Ok(())
+}
+
 /// Every rank's summary, in rank order.
 fn run<B>(args: &Args, device: B::Device, data: &Corpus, start: &Start) -> Result<Vec<Summary>, String>
 where
     B: AutodiffBackend + ParallelBackend + BackwardWith + DeviceBytes,
     B::InnerBackend: ParallelBackend,
 {
-    args.precision.check::<B::InnerBackend>(&device).map_err(|e| format!("--precision: {e}"))?;
-    burn_parallel::attention::set_tensor_cores(args.attention_tensor_cores);
-    let d_head = args.d_model / args.heads.max(1);
-    if args.attention.resolve::<B>(&device, d_head, args.dropout) == Ok(AttentionCore::Fused) {
-        tracing::info!(kernels = %B::fused_attention_kernels(&device, args.precision.dtype(), d_head), "fused attention");
-    }
+    prepare::<B>(args, &device)?;
     // Thread ranks follow NCCL's point-to-point rules, so what runs here runs on NCCL.
     let opts = LocalWorldOptions { timeout: Duration::from_secs(args.timeout_secs), p2p: P2pMode::Rendezvous };
     let world = args.dp * args.pp * args.tp;
