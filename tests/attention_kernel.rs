@@ -113,7 +113,7 @@ fn the_attention_kernels_that_run_are_named() {
     let f16_words = <Wgpu>::fused_attention_kernels(&dev, DType::F16, 64);
     match tensor_core_tiles(&client, DType::F16, 64) {
         Some(t) => assert!(f16_words.starts_with(&format!("tensor cores ({0}×{0}×{0} F16 fragments", t.forward.f)), "{f16_words}"),
-        None => assert_eq!(f16_words, "FMA kernels (no F16 cooperative matrices for heads of 64 on this device)"),
+        None => assert_eq!(f16_words, "FMA kernels (no F16 cooperative matrices of 16 or 8 with f32 accumulators on this device)"),
     }
     let cpu = Flex::fused_attention_kernels(&Default::default(), DType::F32, 64);
     assert!(cpu.contains("no fused attention kernels"), "{cpu}");

@@ -64,31 +64,42 @@ pub(in crate::attention) fn tc_tiles(kernel: Kernel, d: usize, f: usize, lanes: 
 /// `dtype × dtype → f32` cooperative-matrix configuration, a plane size that varies, heads
 /// [`tc_tiles`] refuses, or [`set_tensor_cores`](crate::attention::set_tensor_cores)`(false)`): the FMA kernels run instead.
 pub fn tensor_core_tiles<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType, d: usize) -> Option<TensorCoreTiles> {
-    if !crate::attention::tensor_cores_enabled() || !matches!(dtype, DType::F16 | DType::BF16) {
-        return None;
+    plan(client, dtype, d).ok()
+}
+
+/// [`tensor_core_tiles`], or why there are none (in words).
+fn plan<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType, d: usize) -> Result<TensorCoreTiles, String> {
+    if !crate::attention::tensor_cores_enabled() {
+        return Err("tensor cores switched off".into());
+    }
+    if !matches!(dtype, DType::F16 | DType::BF16) {
+        return Err(format!("{dtype:?} inputs: tensor cores take f16/bf16"));
     }
     let (elem, acc): (StorageType, StorageType) = (dtype.into(), DType::F32.into());
     let (props, features) = (client.properties(), client.features());
     let hw = &props.hardware;
     if hw.plane_size_min != hw.plane_size_max {
-        return None;
+        return Err(format!("planes of {} to {} lanes: the kernels need one plane size", hw.plane_size_min, hw.plane_size_max));
     }
     let has = |f: usize| {
         let f = f as u32;
         features.matmul.cmma.contains(&MmaConfig { a_type: elem, b_type: elem, cd_type: acc, m: f, n: f, k: f })
     };
-    let f = FRAGMENTS.into_iter().find(|&f| has(f))?;
+    let f =
+        FRAGMENTS.into_iter().find(|&f| has(f)).ok_or_else(|| format!("no {dtype:?} cooperative matrices of 16 or 8 with f32 accumulators on this device"))?;
     let pick = |kernel| tc_tiles(kernel, d, f, hw.plane_size_max as usize, hw.max_shared_memory_size, hw.max_units_per_cube as usize);
     let backward = pick(Kernel::Dq).zip(pick(Kernel::Dkv));
-    pick(Kernel::Forward).map(|forward| TensorCoreTiles { forward, backward })
+    let forward =
+        pick(Kernel::Forward).ok_or_else(|| format!("heads of {d}: {f}×{f}×{f} fragments take a multiple of {f} up to {MAX_TC_HEAD} whose tiles fit"))?;
+    Ok(TensorCoreTiles { forward, backward })
 }
 
 /// What fused attention of `dtype` inputs with heads of width `d` runs on this client's device,
 /// in words (the kernels exist: [`AttentionBackend::fused_attention`](crate::attention::AttentionBackend::fused_attention)).
 pub(super) fn describe<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType, d: usize) -> String {
     let tiles = |t: TcTiles| format!("{} planes × {} rows, {} per tile", t.planes, t.f, t.cols);
-    match tensor_core_tiles(client, dtype, d) {
-        Some(TensorCoreTiles { forward, backward }) => {
+    match plan(client, dtype, d) {
+        Ok(TensorCoreTiles { forward, backward }) => {
             let backward = match backward {
                 Some((dq, dkv)) => format!("dq {}, dk/dv {}", tiles(dq), tiles(dkv)),
                 None => "FMA kernels (its tiles do not fit)".into(),
@@ -96,9 +107,7 @@ pub(super) fn describe<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType, 
             let f = forward.f;
             format!("tensor cores ({f}×{f}×{f} {dtype:?} fragments, f32 accumulators): forward {}; backward {backward}", tiles(forward))
         }
-        None if !crate::attention::tensor_cores_enabled() => "FMA kernels (tensor cores switched off)".into(),
-        None if !matches!(dtype, DType::F16 | DType::BF16) => format!("FMA kernels ({dtype:?} inputs: tensor cores take f16/bf16)"),
-        None => format!("FMA kernels (no {dtype:?} cooperative matrices for heads of {d} on this device)"),
+        Err(why) => format!("FMA kernels ({why})"),
     }
 }
 
