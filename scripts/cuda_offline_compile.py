@@ -14,10 +14,16 @@ usage: cuda_offline_compile.py KERNEL_DIR CUDA_ROOT
 Exit status 1 if a kernel fails to compile or assemble, uses more shared memory than its launch
 code budgeted (attention's tile picker), or is a flash-attention kernel the library launches (no
 bounds checks) that spills registers, or is a tensor-core attention kernel without HMMA
-instructions (tensor-core products) in its SASS; layer-norm spills are printed."""
+instructions (tensor-core products) in its SASS; layer-norm spills are printed. cubecl lays out a
+kernel's shared arrays in an order that changes from process to process, and ptxas answers some
+orders of the register-bound tensor-core kernels (d 80: 168 registers) with an 8-byte spill and
+others with none: tensor-core spills up to LAYOUT_SPILL bytes are printed as layout-dependent, not
+failed; larger ones fail."""
 import csv, ctypes, glob, os, re, subprocess, sys
 
 SM_REGS, SM_WARPS, SM_SHARED, CUBE_RESERVED, SM_CUBES = 65536, 64, 228 << 10, 1 << 10, 32
+# Spill bytes (stores and loads each) of a tensor-core kernel that a shared-memory order alone can cause.
+LAYOUT_SPILL = 16
 
 
 def nvrtc_lib(root):
@@ -92,7 +98,7 @@ def main():
     options = ["--gpu-architecture=sm_90a", f"--include-path={include}", "-lineinfo"]
     if os.path.isdir(os.path.join(include, "cccl")):
         options.append(f"--include-path={os.path.join(include, 'cccl')}")
-    failed, checked, rows = [], [], []
+    failed, checked, rows, layout_spills = [], [], [], []
     with open(os.path.join(kdir, "kernels.tsv"), encoding="utf-8") as f:
         for row in csv.DictReader(f, delimiter="\t"):
             name = row["file"]
@@ -117,7 +123,10 @@ def main():
             (checked if row["role"] == "tests" else rows).append(row)
             if row["budget_bytes"] and int(row["shared_bytes"]) > int(row["budget_bytes"]):
                 failed.append(f"{name}: {row['shared_bytes']} bytes of shared memory, the launch code budgeted {row['budget_bytes']}")
-            if row["family"] == "attention" and row["role"] == "library" and row["spill"] != (0, 0):
+            layout_only = row["kernel"].endswith("_tc") and max(row["spill"]) <= LAYOUT_SPILL
+            if row["family"] == "attention" and row["role"] == "library" and row["spill"] != (0, 0) and layout_only:
+                layout_spills.append(f"{row['kernel']} {row['shape']} {row['dtype']} {row['spill'][0]}/{row['spill'][1]}")
+            elif row["family"] == "attention" and row["role"] == "library" and row["spill"] != (0, 0):
                 failed.append(f"{name} ({row['family']} {row['kernel']} {row['shape']} {row['dtype']}) spills {row['spill']} bytes (stores, loads)")
     print(f"NVRTC ({' '.join(options[:1] + options[2:3])}) and ptxas for sm_90a: {len(rows) + len(checked)} kernels compiled, {len(failed)} problems")
     for title, keep in [("launched by default", lambda r: r["default"] == "true"), ("the tuning knobs' variants", lambda r: r["default"] != "true")]:
@@ -131,6 +140,8 @@ def main():
             c = cubes_per_sm(r["regs"], int(r["units"]), int(r["shared_bytes"]))
             print(f"| {r['family']} | {r['kernel']} | {r['variant']} | {r['shape']} | {r['dtype']} | {r['geometry']} | {int(r['shared_bytes']) / 1024:.1f} "
                   f"| {r['regs']} | {r['spill'][0]}/{r['spill'][1]} | {c[0]} ({c[1]}, {c[2]}) |")
+    if layout_spills:
+        print(f"\ntensor-core kernels with a layout-dependent spill (<= {LAYOUT_SPILL} B; cubecl's shared-memory order of this run): " + "; ".join(layout_spills))
     spilled = [r for r in rows if r["spill"] != (0, 0) and r["family"] != "attention"]
     print("\nlayer-norm kernels that spill (stores/loads B; printed, not failed): "
           + ("; ".join(f"{r['kernel']} {r['variant']} {r['shape']} {r['dtype']} {r['spill'][0]}/{r['spill'][1]}" for r in spilled) or "none"))
