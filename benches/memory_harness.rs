@@ -57,6 +57,30 @@ fn tokens(range: std::ops::Range<u64>, seq: usize, vocab: usize) -> (TensorData,
     (TensorData::new(x, [n, seq]), TensorData::new(y, [n, seq]))
 }
 
+/// Bytes each rank holds after `calls` more pipelined evaluations (`PipelineExecutor::
+/// forward_loss`, `pp` stages, 4 micro-batches of 2) than after the first one: what evaluation
+/// leaves behind.
+pub fn evaluation_growth(shape: &GptShape, pp: usize, calls: usize) -> Vec<i64> {
+    let config = GptConfig::new(shape.vocab, shape.seq, shape.hidden, shape.heads, shape.layers, shape.ffn);
+    let (x, y) = tokens(0..8, shape.seq, shape.vocab);
+    let cut = |d: &TensorData, i| burn_parallel::comm::split_along(d, 0, 4, i).unwrap();
+    let mbs: Vec<_> = (0..4).map(|i| TokenBatch { inputs: cut(&x, i), targets: cut(&y, i) }).collect();
+    let results = run_world(pp, LocalWorldOptions::default(), |c| {
+        let groups = ProcessGroups::new(ParallelConfig::new().with_pipeline_parallel(pp), c.clone()).map_err(|e| e.to_string())?;
+        let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
+        let opts = PipelineOptions { microbatches: 4, virtual_stages: 1, layout: None };
+        let sched = schedule_by_name("1f1b").map_err(|e| e.to_string())?;
+        let exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
+        exec.forward_loss(&mbs).map_err(|e| e.to_string())?;
+        let before = settled(&c, c.global_rank())?;
+        for _ in 0..calls {
+            exec.forward_loss(&mbs).map_err(|e| e.to_string())?;
+        }
+        Ok::<i64, String>(settled(&c, c.global_rank())? - before)
+    });
+    all_ok(results).unwrap()
+}
+
 /// Every rank's measured peak (bytes) in the third training step (the first two create the
 /// optimizer state and warm the backend up), with its pipeline rank.
 pub fn measure(shape: &GptShape, p: &TrainPlan) -> Vec<(usize, i64)> {

@@ -1,6 +1,6 @@
 //! [`CollectiveBackend`]: collectives and Megatron's differentiable mappings on backend tensors.
 //!
-//! Every method has a default body that stages through the host and the [`Communicator`], so an
+//! Every method has a default body that stages through the host and the [`Communicator`](crate::comm::Communicator), so an
 //! inner backend is a one-line `impl`. The [`Autodiff`] implementation (written once, below)
 //! records the mappings as autodiff ops with hand-written backward passes:
 //!

@@ -85,6 +85,18 @@ fn the_model_of_fused_attention_keeps_the_log_sum_exp_instead_of_the_scores() {
     assert_eq!(estimate(&SHAPE, &selective).unwrap()[0].activations, b.activations);
 }
 
+/// Pipelined evaluation holds nothing once it returns: the GPT's stages evaluate on the inner
+/// backend (`PipelineModel::forward_valid`). On the autodiff backend, even with detached
+/// parameters, Burn 0.21 registers every operation in its graph until the next backward:
+/// ~0.1 MB per micro-batch and stage here, 2 MB over these 4 evaluations.
+#[test]
+fn pipelined_evaluation_leaves_nothing_behind() {
+    let _one = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let growth = harness::evaluation_growth(&SHAPE, 2, 4);
+    eprintln!("bytes held after 4 more evaluations, per rank: {growth:?}");
+    assert!(growth.iter().all(|&g| g.abs() < 16 << 10), "evaluation left {growth:?} bytes behind");
+}
+
 /// A one-rank plan's measured and predicted peak (bytes), asserted within ±10%.
 fn one_rank_within_ten_percent(shape: &GptShape, plan: &burn_parallel::memory::TrainPlan, label: &str) -> (f64, f64) {
     let (_, measured, predicted) = compare(shape, plan).remove(0);

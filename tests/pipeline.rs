@@ -118,7 +118,9 @@ fn interleaved_1f1b_equals_the_single_rank_step() {
 }
 
 /// Pipelined evaluation runs without dropout: `forward_loss` gives the same value twice and
-/// equals the unsplit model's `valid()` loss, though the model trains with dropout 0.5.
+/// equals the unsplit model's `valid()` loss, though the model trains with dropout 0.5; also
+/// with its stages tensor-parallel under sequence parallelism (`forward_valid` runs the TP
+/// collectives on the inner backend).
 #[test]
 fn pipelined_evaluation_runs_without_dropout() {
     let config = gpt().with_dropout(0.5);
@@ -130,19 +132,22 @@ fn pipelined_evaluation_runs_without_dropout() {
         Ok(model.loss(x, t).into_scalar())
     })
     .remove(0);
-    let cfg = ParallelConfig::new().with_pipeline_parallel(2);
-    let got = world(2, |c| {
-        let groups = ProcessGroups::new(cfg.clone(), c).map_err(|e| e.to_string())?;
-        let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
-        let opts = PipelineOptions { microbatches: 4, virtual_stages: 1, layout: None };
-        let sched = schedule_by_name("1f1b").map_err(|e| e.to_string())?;
-        let exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
-        let first = exec.forward_loss(&mbs).map_err(|e| e.to_string())?;
-        Ok((first, exec.forward_loss(&mbs).map_err(|e| e.to_string())?))
-    });
-    for (first, second) in got {
-        assert_eq!(first, second);
-        assert!((first - want).abs() < TOL, "pipelined eval loss {first} vs valid() {want}");
+    for tp in [1, 2] {
+        let config = config.clone().with_sequence_parallel(tp > 1);
+        let cfg = ParallelConfig::new().with_pipeline_parallel(2).with_tensor_parallel(tp);
+        let got = world(2 * tp, |c| {
+            let groups = ProcessGroups::new(cfg.clone(), c).map_err(|e| e.to_string())?;
+            let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
+            let opts = PipelineOptions { microbatches: 4, virtual_stages: 1, layout: None };
+            let sched = schedule_by_name("1f1b").map_err(|e| e.to_string())?;
+            let exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
+            let first = exec.forward_loss(&mbs).map_err(|e| e.to_string())?;
+            Ok((first, exec.forward_loss(&mbs).map_err(|e| e.to_string())?))
+        });
+        for (first, second) in got {
+            assert_eq!(first, second);
+            assert!((first - want).abs() < TOL, "tp {tp}: pipelined eval loss {first} vs valid() {want}");
+        }
     }
 }
 
@@ -247,11 +252,14 @@ fn a_deep_mlp_splits_through_the_same_wrapper_with_an_explicit_layout() {
         let opts = PipelineOptions { microbatches: 3, virtual_stages: 1, layout: Some(vec![2, 3]) };
         let exec = PipelineExecutor::<B, _, 2>::new(DeepMlp { width: 6, layers: 5 }, schedule_by_name("1f1b").unwrap().as_ref(), &opts, c, Default::default())
             .map_err(|e| e.to_string())?;
+        // A model without `forward_valid` evaluates on detached parameters.
+        let eval = exec.forward_loss(&data).map_err(|e| e.to_string())?;
         let out = exec.step(&data).map_err(|e| e.to_string())?;
         let first = exec.stages()[0].spec.layers.start;
-        Ok((out.loss, first, named_param_grads(&exec.stages()[0].part, &out.grads[0])))
+        Ok((eval, out.loss, first, named_param_grads(&exec.stages()[0].part, &out.grads[0])))
     });
-    for (loss, first, params) in out {
+    for (eval, loss, first, params) in out {
+        assert!((eval - ref_loss).abs() < TOL, "evaluation loss {eval} vs {ref_loss}");
         assert!((loss - ref_loss).abs() < TOL, "loss {loss} vs {ref_loss}");
         for p in params {
             let path = global_path(&p.path.replace("layers.", "blocks."), first).replace("blocks.", "layers.");

@@ -353,7 +353,7 @@ fn memory_table(args: &Args, summaries: &[Summary]) -> Result<(), String> {
     let host = args.device == DeviceKind::Cpu && args.comm == CommKind::Local && burn_parallel::memory::installed();
     let mb = |b: f64| format!("{:.2}", b / 1e6);
     if args.device == DeviceKind::Cpu {
-        println!("memory per rank (MB; predicted by burn_parallel::memory, measured: peak host bytes of the rank's thread):");
+        println!("memory per rank (MB; predicted by burn_parallel::memory, measured: peak host bytes of the rank's thread over the whole run, evaluation and checkpoints included):");
         println!("| rank | pp | params | grads | optimizer | activations | predicted peak | measured peak |");
     } else {
         println!("memory per rank (MB; predicted by burn_parallel::memory, measured: device bytes in use after the last step):");

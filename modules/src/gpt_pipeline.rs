@@ -137,27 +137,41 @@ where
     }
 
     fn forward(&self, part: &GptStage<B>, _spec: &PartSpec, input: Option<Tensor<B, 3>>, mb: &TokenBatch) -> StageOutput<B, 3> {
-        let device = part.drop_device(input.as_ref());
-        let mut x = match (input, &part.wte, &part.wpe) {
-            (Some(x), _, _) => x,
-            (None, Some(wte), Some(wpe)) => embed(wte, wpe, &part.drop, Tensor::from_data(mb.inputs.clone(), &device), self.config.sequence_parallel),
-            _ => panic!("the first stage holds the embeddings"),
-        };
-        for block in &part.blocks {
-            x = block.forward(x);
-        }
-        match (&part.ln_f, &part.head) {
-            (Some(ln_f), Some(head)) => {
-                let vocab_start = self.tp.rank() * self.config.vocab_size / self.tp.size();
-                let h = HeadRef { ln_f, head, vocab_start, vocab_used: self.config.vocab_used };
-                StageOutput::Loss(head_loss(&h, x, Tensor::from_data(mb.targets.clone(), &device), self.config.loss_chunk))
-            }
-            _ => StageOutput::Activation(x),
-        }
+        part.forward(self, input, mb)
+    }
+
+    /// The same forward on the inner backend: evaluation records no autodiff graph.
+    fn forward_valid(
+        &self,
+        part: &GptStage<B::InnerBackend>,
+        _spec: &PartSpec,
+        input: Option<Tensor<B::InnerBackend, 3>>,
+        mb: &TokenBatch,
+    ) -> Option<StageOutput<B::InnerBackend, 3>> {
+        Some(part.forward(self, input, mb))
     }
 }
 
 impl<B: ParallelBackend> GptStage<B> {
+    /// The stage on `input` (`None` on the first stage: the micro-batch's tokens), on any
+    /// backend: the autodiff one in training, its inner one in evaluation.
+    pub fn forward(&self, model: &GptPipeline, input: Option<Tensor<B, 3>>, mb: &TokenBatch) -> StageOutput<B, 3> {
+        let device = self.drop_device(input.as_ref());
+        let pieces = self.pieces(model);
+        let mut x = match (input, pieces.embed) {
+            (Some(x), _) => x,
+            (None, Some((wte, wpe, drop))) => embed(wte, wpe, drop, Tensor::from_data(mb.inputs.clone(), &device), pieces.sequence_parallel),
+            (None, None) => panic!("the first stage holds the embeddings"),
+        };
+        for block in pieces.blocks {
+            x = block.forward(x);
+        }
+        match pieces.head {
+            Some(h) => StageOutput::Loss(head_loss(&h, x, Tensor::from_data(mb.targets.clone(), &device), model.config.loss_chunk)),
+            None => StageOutput::Activation(x),
+        }
+    }
+
     /// The pieces recompute walks.
     pub fn pieces<'a>(&'a self, model: &'a GptPipeline) -> Pieces<'a, B> {
         let embed = match (&self.wte, &self.wpe) {

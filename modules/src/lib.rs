@@ -2,7 +2,7 @@
 //!
 //! Tensor-parallel layers and a GPT built on [`burn_parallel`]'s mappings. Each layer documents
 //! its collectives (forward and backward) and per-rank shapes; with a TP group of one, each equals
-//! its burn-nn counterpart (see [`reference`]).
+//! its burn-nn counterpart (see [`reference`](mod@reference)).
 //!
 //! Main types: [`ColumnLinear`], [`RowLinear`], [`VocabParallelEmbedding`],
 //! [`vocab_parallel_cross_entropy`], [`ParallelMlp`], [`ParallelAttention`], [`TransformerBlock`],

@@ -216,7 +216,7 @@ fn run_rendezvous(plan: &Plan, per_rank: &mut [Vec<Step>], repair: bool, costs: 
     }
 }
 
-/// The makespan of `plan` under NCCL's rules with `costs` (see [`run_rendezvous`]); `None` if it
+/// The makespan of `plan` under NCCL's rules with `costs` (see `run_rendezvous`); `None` if it
 /// deadlocks. This is what ranks that wait for every batch (as the executor does) experience;
 /// the buffered [`simulate`](crate::simulate) is a lower bound.
 pub fn rendezvous_makespan(plan: &Plan, costs: &crate::Costs) -> Option<f64> {

@@ -58,7 +58,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 static TENSOR_CORES: AtomicBool = AtomicBool::new(true);
 
 /// Whether f16/bf16 fused attention may run on tensor cores (the default, where the device has
-/// them: [`tensor_core_tiles`](crate::attention::tensor_core_tiles) with the `cube` feature); off,
+/// them: `attention::tensor_core_tiles` with the `cube` feature); off,
 /// it runs the FMA kernels as f32 inputs do. Process-wide; for benchmarks, tests and
 /// `gpt_pretrain --attention-tensor-cores false`. No effect on backends without fused kernels.
 pub fn set_tensor_cores(on: bool) {

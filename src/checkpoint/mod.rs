@@ -18,7 +18,7 @@
 //!   each tensor and copies it from the chunks that intersect it.
 //!
 //! Invariants: a directory is a checkpoint iff it is named `step-N` and holds `metadata.json`
-//! (written last, before the directory is renamed into place; see [`write`] for the protocol);
+//! (written last, before the directory is renamed into place; see [`write`](mod@write) for the protocol);
 //! each chunk is written by exactly one rank; the chunks of a tensor cover it exactly once
 //! (checked when saving and when opening); a load reads and checks everything before changing
 //! the model or optimizer. Several ranks (threads or processes) write into one directory: the

@@ -62,7 +62,7 @@ pub struct DistAdamWConfig {
     #[config(default = 26214400)]
     pub bucket_bytes: usize,
     /// Fused updates: consecutive parameters of one dtype are updated as one flat tensor of up
-    /// to this many f32 bytes (the group's moments and master are each that size; [`group`]
+    /// to this many f32 bytes (the group's moments and master are each that size; `group`
     /// module: one set of tensor operations for many parameters, as torch's `foreach` AdamW).
     /// 0 (default): one parameter at a time.
     /// The values are bitwise the same either way. Meant for fusing GPU backends (CUDA, wgpu),

@@ -219,7 +219,7 @@ where
     }
 
     /// Runs this rank's actions for one step over `microbatches`. Each run of consecutive
-    /// sends/receives of the plan is issued as one [`batch_p2p`] (an NCCL group); plans are made
+    /// sends/receives of the plan is issued as one [`batch_p2p`](crate::comm::ops::batch_p2p) (an NCCL group); plans are made
     /// safe for that by the schedules crate ([`burn_parallel_schedules::p2p`]).
     pub fn step(&self, microbatches: &[M::MicroBatch]) -> Result<StepOutput, PipelineError> {
         let m = self.plan.shape.microbatches;
@@ -394,45 +394,70 @@ where
     }
 
     /// Mean loss of `microbatches` by forward passes only (no backward; stage by stage), in an
-    /// [`EvaluationScope`](super::EvaluationScope) (no dropout).
+    /// [`EvaluationScope`](super::EvaluationScope) (no dropout). Each stage runs
+    /// [`PipelineModel::forward_valid`] on its parameters' inner module where the model has it
+    /// (no autodiff graph), else [`PipelineModel::forward`] on detached parameters.
     pub fn forward_loss(&self, microbatches: &[M::MicroBatch]) -> Result<f32, PipelineError> {
         let _eval = super::EvaluationScope::enter();
         let shape = self.plan.shape;
         let (me, last) = (self.comm.rank(), shape.stages() - 1);
+        let valid: Vec<_> = self.stages.iter().map(|stage| stage.part.valid()).collect();
         let mut total: Option<Tensor<B::InnerBackend, 1>> = None;
         for (mb, batch) in microbatches.iter().enumerate() {
             let mb = mb + EVAL_TAG_OFFSET;
-            let mut carry: Option<Tensor<B, D>> = None;
-            for stage in &self.stages {
+            let mut carry: Option<Tensor<B::InnerBackend, D>> = None;
+            for (stage, part) in self.stages.iter().zip(&valid) {
                 let s = stage.spec.stage;
                 let input = match s {
                     0 => None,
                     _ if self.peer(s - 1) == me => carry.take(),
-                    _ => Some(recv_as::<B, D>(
-                        self.model.activation_shape(batch),
-                        self.activation_dtype(),
-                        &self.device,
-                        self.peer(s - 1),
-                        tag(Op::SendF, s - 1, mb),
-                        &self.comm,
-                    )?),
+                    _ => Some(
+                        recv_as::<B, D>(
+                            self.model.activation_shape(batch),
+                            self.activation_dtype(),
+                            &self.device,
+                            self.peer(s - 1),
+                            tag(Op::SendF, s - 1, mb),
+                            &self.comm,
+                        )?
+                        .inner(),
+                    ),
                 };
-                // Detached parameters: evaluation records no autodiff graph.
-                let part = stage.part.clone().map(&mut FreshLeaves { track: false });
-                match self.model.forward(&part, &stage.spec, input.map(|x| x.detach()), batch) {
+                match self.evaluate_stage(stage, part, input, batch) {
                     StageOutput::Loss(l) => {
-                        let l = l.inner();
                         total = Some(match total.take() {
                             Some(t) => t + l,
                             None => l,
                         });
                     }
-                    StageOutput::Activation(y) if s < last && self.peer(s + 1) != me => send(y.detach(), self.peer(s + 1), tag(Op::SendF, s, mb), &self.comm)?,
-                    StageOutput::Activation(y) => carry = Some(y.detach()),
+                    StageOutput::Activation(y) if s < last && self.peer(s + 1) != me => {
+                        send(Tensor::<B, D>::from_inner(y), self.peer(s + 1), tag(Op::SendF, s, mb), &self.comm)?
+                    }
+                    StageOutput::Activation(y) => carry = Some(y),
                 }
             }
         }
         self.share_loss(total.map(|t| t.div_scalar(microbatches.len().max(1) as f32)))
+    }
+
+    /// One stage of [`forward_loss`](Self::forward_loss) on `input`: the model's
+    /// `forward_valid` on `part` (the stage's inner module), or its `forward` on detached
+    /// parameters (recorded in Burn's graph until the next backward: see `forward_valid`).
+    fn evaluate_stage(
+        &self,
+        stage: &Stage<M::Part>,
+        part: &<M::Part as AutodiffModule<B>>::InnerModule,
+        input: Option<Tensor<B::InnerBackend, D>>,
+        batch: &M::MicroBatch,
+    ) -> StageOutput<B::InnerBackend, D> {
+        if let Some(out) = self.model.forward_valid(part, &stage.spec, input.clone(), batch) {
+            return out;
+        }
+        let detached = stage.part.clone().map(&mut FreshLeaves { track: false });
+        match self.model.forward(&detached, &stage.spec, input.map(Tensor::from_inner), batch) {
+            StageOutput::Loss(l) => StageOutput::Loss(l.inner()),
+            StageOutput::Activation(y) => StageOutput::Activation(y.inner()),
+        }
     }
 
     /// Applies one optimizer per stage (in chunk order) with the step's gradients.

@@ -31,9 +31,11 @@
 //! peers from deadlocking on that clean-up.
 
 //!
-//! Evaluation ([`PipelineExecutor::forward_loss`]) runs under an [`EvaluationScope`]: the model
-//! stays on the autodiff backend there (where Burn 0.21's `ad_enabled()` is always true), so
-//! training-only layers ask [`evaluating`] instead (the modules crate's dropout does).
+//! Evaluation ([`PipelineExecutor::forward_loss`]) runs under an [`EvaluationScope`], each
+//! stage's [`PipelineModel::forward_valid`] (its inner module: no autodiff graph) where the
+//! model has one, else its `forward` on detached parameters. That one stays on the autodiff
+//! backend (where Burn 0.21's `ad_enabled()` is always true), so training-only layers ask
+//! [`evaluating`] instead (the modules crate's dropout does).
 
 mod executor;
 mod layout;

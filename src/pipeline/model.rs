@@ -4,16 +4,18 @@ use std::any::Any;
 
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 
 use super::layout::PartSpec;
 use crate::error::{CommError, ConfigError};
 use crate::Comm;
 
-/// What a stage's forward returns: the activation for the next stage, or (last stage) the loss.
+/// What a stage's forward returns: the activation for the next stage, or (last stage) the loss
+/// (on the autodiff backend in training, on its inner backend in
+/// [`forward_valid`](PipelineModel::forward_valid)).
 #[derive(Debug, Clone)]
-pub enum StageOutput<B: AutodiffBackend, const D: usize> {
+pub enum StageOutput<B: Backend, const D: usize> {
     /// Output activation `[.., D dims]`, sent to the next stage.
     Activation(Tensor<B, D>),
     /// Mean loss of the micro-batch (one element).
@@ -37,6 +39,22 @@ pub trait PipelineModel<B: AutodiffBackend, const D: usize>: Sync {
     fn activation_shape(&self, mb: &Self::MicroBatch) -> [usize; D];
     /// Runs `part` on a micro-batch; `input` is `None` on the first stage.
     fn forward(&self, part: &Self::Part, spec: &PartSpec, input: Option<Tensor<B, D>>, mb: &Self::MicroBatch) -> StageOutput<B, D>;
+
+    /// Evaluation without autodiff (optional): [`forward`](Self::forward) of `part.valid()` on
+    /// the inner backend, as the unsplit model evaluates. `None` (the default): the executor's
+    /// [`forward_loss`](super::PipelineExecutor::forward_loss) runs `forward` on detached
+    /// parameters instead, which Burn 0.21 still records in its autodiff graph (it registers
+    /// untracked operations too, and frees them only in the next `backward()`): host memory
+    /// that grows with every micro-batch evaluated until the next training step.
+    fn forward_valid(
+        &self,
+        _part: &<Self::Part as AutodiffModule<B>>::InnerModule,
+        _spec: &PartSpec,
+        _input: Option<Tensor<B::InnerBackend, D>>,
+        _mb: &Self::MicroBatch,
+    ) -> Option<StageOutput<B::InnerBackend, D>> {
+        None
+    }
 
     /// The dtype of the activations (and their gradients) between stages; `None`: the backend's
     /// default float dtype. A bf16 model returns `Some(BF16)`, so receives expect bf16.
