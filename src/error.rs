@@ -11,6 +11,12 @@ pub enum ConfigError {
         /// Which degree (`data_parallel`, `pipeline_parallel`, `tensor_parallel`, ...).
         name: &'static str,
     },
+    /// A model size of zero (hidden size, heads, layers, sequence length, ...).
+    #[error("{what} must be at least 1 (got 0)")]
+    ZeroSize {
+        /// Which size.
+        what: &'static str,
+    },
     /// `dp * pp * tp` does not match the number of ranks.
     #[error("world size {world} != data_parallel {dp} x pipeline_parallel {pp} x tensor_parallel {tp} = {product}")]
     WorldSizeMismatch {

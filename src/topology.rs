@@ -85,13 +85,19 @@ impl ParallelConfig {
         Ok(())
     }
 
-    /// Checks that every dimension tensor parallelism splits is divisible by `tensor_parallel`.
+    /// Checks that every dimension tensor parallelism splits is at least 1 and divisible by
+    /// `tensor_parallel` (the hidden size also by the heads).
     pub fn validate_model(&self, dims: &ModelDims) -> Result<(), ConfigError> {
         let tp = self.tensor_parallel;
         if tp == 0 {
             return Err(ConfigError::ZeroDegree { name: "tensor_parallel" });
         }
-        if dims.heads == 0 || !dims.hidden.is_multiple_of(dims.heads) {
+        for (what, value) in [("hidden size", dims.hidden), ("attention heads", dims.heads), ("ffn size", dims.ffn), ("vocab size", dims.vocab)] {
+            if value == 0 {
+                return Err(ConfigError::ZeroSize { what });
+            }
+        }
+        if !dims.hidden.is_multiple_of(dims.heads) {
             return Err(ConfigError::NotDivisible { what: "hidden size", value: dims.hidden, degree_name: "attention heads", degree: dims.heads });
         }
         for (what, value) in [("attention heads", dims.heads), ("hidden size", dims.hidden), ("ffn size", dims.ffn), ("vocab size", dims.vocab)] {
@@ -245,5 +251,14 @@ mod tests {
         assert_eq!(e.to_string(), "ffn size = 256 is not divisible by tensor_parallel = 3");
         let e = cfg(1, 1, 1).validate_model(&ModelDims { heads: 5, ..dims }).unwrap_err();
         assert!(e.to_string().contains("hidden size = 64 is not divisible by attention heads = 5"));
+        for (dims, what) in [
+            (ModelDims { hidden: 0, ..dims }, "hidden size"),
+            (ModelDims { heads: 0, ..dims }, "attention heads"),
+            (ModelDims { ffn: 0, ..dims }, "ffn size"),
+            (ModelDims { vocab: 0, ..dims }, "vocab size"),
+        ] {
+            let e = cfg(1, 1, 1).validate_model(&dims).unwrap_err();
+            assert_eq!(e.to_string(), format!("{what} must be at least 1 (got 0)"));
+        }
     }
 }

@@ -205,14 +205,17 @@ fn the_memory_command_takes_the_attention_core() {
     assert!(!drop.status.success() && text(&drop).contains("--attention chunked:256 has no dropout"), "{}", text(&drop));
 }
 
-/// `burn-parallel memory` with a degree of 0, heads that tp does not divide, or an empty batch:
-/// one line with the numbers, never a panic (a division by zero inside the model).
+/// `burn-parallel memory` with a degree of 0, heads that tp does not divide, an empty batch or
+/// sequence, or micro-batches without a pipeline: one line with the numbers, never a panic (a
+/// division by zero inside the model) nor a table of an impossible run.
 #[test]
 fn the_memory_command_refuses_impossible_layouts() {
     let run = |extra: &[&str]| {
-        let mut args = vec!["memory", "--d-model", "64", "--heads", "4", "--layers", "2", "--seq-len", "16", "--vocab", "128"];
-        if !extra.contains(&"--batch-size") {
-            args.extend_from_slice(&["--batch-size", "2"]);
+        let mut args = vec!["memory", "--d-model", "64", "--heads", "4", "--layers", "2", "--vocab", "128"];
+        for (flag, value) in [("--batch-size", "2"), ("--seq-len", "16")] {
+            if !extra.contains(&flag) {
+                args.extend_from_slice(&[flag, value]);
+            }
         }
         args.extend_from_slice(extra);
         Command::new(BIN).args(&args).output().unwrap()
@@ -223,6 +226,9 @@ fn the_memory_command_refuses_impossible_layouts() {
         (&["--pp", "0"][..], "pipeline_parallel"),
         (&["--dp", "0"][..], "data_parallel"),
         (&["--batch-size", "0"][..], "a step needs at least one sample"),
+        (&["--seq-len", "0"][..], "sequence length must be at least 1 (got 0)"),
+        (&["--d-ff", "0"][..], "ffn size must be at least 1 (got 0)"),
+        (&["--microbatches", "3"][..], "--microbatches needs --pp 2 or more"),
     ] {
         let o = run(extra);
         let t = text(&o);

@@ -305,3 +305,25 @@ fn sequence_length_not_divisible_by_tp_is_a_clear_error() {
     let e = small_gpt().init::<B>(&world(3, Ok).remove(0), &dev()).unwrap_err().to_string();
     assert_eq!(e, "attention heads = 4 is not divisible by tensor_parallel = 3");
 }
+
+/// Sizes of zero and a dropout that is no probability are errors of `GptConfig::validate`
+/// (`init` and the pipeline's `build_part` call it), not panics inside the first forward.
+#[test]
+fn zero_sizes_and_a_bad_dropout_are_clear_errors() {
+    let c = small_gpt();
+    let cases = [
+        (GptConfig { n_layers: 0, ..c.clone() }, "layers must be at least 1 (got 0)"),
+        (GptConfig { max_seq_len: 0, ..c.clone() }, "max_seq_len must be at least 1 (got 0)"),
+        (GptConfig { d_model: 0, ..c.clone() }, "hidden size must be at least 1 (got 0)"),
+        (GptConfig { d_ff: 0, ..c.clone() }, "ffn size must be at least 1 (got 0)"),
+        (GptConfig { vocab_size: 0, ..c.clone() }, "vocab size must be at least 1 (got 0)"),
+        (c.clone().with_loss_chunk(Some(0)), "loss chunk rows must be at least 1 (got 0)"),
+        (c.clone().with_dropout(1.0), "dropout 1 is not a probability in [0, 1)"),
+        (c.clone().with_dropout(-0.1), "dropout -0.1 is not a probability in [0, 1)"),
+    ];
+    for (cfg, want) in cases {
+        assert_eq!(cfg.validate(1).unwrap_err().to_string(), want);
+        assert_eq!(cfg.init::<B>(&world(1, Ok).remove(0), &dev()).unwrap_err().to_string(), want);
+    }
+    assert!(c.with_dropout(0.0).validate(2).is_ok());
+}

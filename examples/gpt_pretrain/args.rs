@@ -42,8 +42,9 @@ pub(crate) struct Args {
     /// or llm.c's `*_train_*.bin`, `*_val*.bin`), memory-mapped, instead of --data.
     #[arg(long)]
     pub(crate) shards: Option<PathBuf>,
-    /// byte (vocabulary 256) or gpt2 (GPT-2's BPE, vocabulary 50257 padded to a multiple of 128 x
-    /// --tp; padded logits are masked: never sampled, never in the loss).
+    /// byte (vocabulary 256, padded as gpt2's where --tp does not divide it) or gpt2 (GPT-2's BPE,
+    /// vocabulary 50257 padded to a multiple of 128 x --tp; padded logits are masked: never
+    /// sampled, never in the loss).
     #[arg(long, default_value = "byte", value_parser = parse_tokenizer)]
     pub(crate) tokenizer: Tokenizer,
     /// Model size: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b (GPT-2's shapes, context
@@ -313,6 +314,26 @@ impl Args {
             args.loss_chunk = 1024;
         }
         Ok(args)
+    }
+}
+
+impl Args {
+    /// The numbers no run can use (a negative learning rate, a clip that is not positive, ...):
+    /// an error naming the flag. Sizes and degrees are checked with the model.
+    pub(crate) fn check_numbers(&self) -> Result<(), String> {
+        let at_least_0: fn(f64) -> bool = |v| v.is_finite() && v >= 0.0;
+        let above_0: fn(f64) -> bool = |v| v.is_finite() && v > 0.0;
+        let checks = [
+            ("--lr", Some(self.lr), at_least_0, "at least 0"),
+            ("--weight-decay", Some(f64::from(self.weight_decay)), at_least_0, "at least 0"),
+            ("--temperature", Some(self.temperature), at_least_0, "at least 0 (0: greedy)"),
+            ("--clip-grad", self.clip_grad.map(f64::from), above_0, "above 0"),
+            ("--peak-tflops", self.peak_tflops, above_0, "above 0"),
+        ];
+        match checks.into_iter().find(|(_, value, ok, _)| value.is_some_and(|v| !ok(v))) {
+            Some((flag, Some(value), _, want)) => Err(format!("{flag} {}: must be a finite number {want}", value as f32)),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -47,6 +47,13 @@ pub(crate) fn check_args(args: &Args) -> Result<(), String> {
     if args.resume.as_deref() == Some("latest") && !save {
         return Err("--resume latest looks in --save-dir: pass it".into());
     }
+    if let Some(file) = &args.export {
+        let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        // The save directory is made by the run.
+        if !dir.is_dir() && args.save_dir.as_deref() != Some(dir) {
+            return Err(format!("--export {}: the directory {} does not exist (checked before training)", file.display(), dir.display()));
+        }
+    }
     if let Some(n) = args.exit_at_step {
         if n == 0 || n > args.steps {
             return Err(format!("--exit-at-step {n} must be between 1 and --steps {}", args.steps));
@@ -84,8 +91,12 @@ fn check_same_model(ckpt: &Checkpoint, args: &Args) -> Result<(), String> {
     let Some(theirs) = ckpt.metadata().sections.get("model") else { return Ok(()) };
     for key in ["vocab_size", "max_seq_len", "d_model", "n_heads", "n_layers", "d_ff"] {
         if theirs.get(key) != ours.get(key) {
+            let padding = match key {
+                "vocab_size" => format!(" (--tp {} pads the vocabulary to a multiple of 128 x --tp; a saved vocabulary loads where --tp divides it)", args.tp),
+                _ => String::new(),
+            };
             return Err(format!(
-                "--resume {}: the checkpoint is of another model: {key} = {} there, {} here",
+                "--resume {}: the checkpoint is of another model: {key} = {} there, {} here{padding}",
                 ckpt.dir().display(),
                 theirs.get(key).map_or("(none)".into(), |v| v.to_string()),
                 ours.get(key).map_or("(none)".into(), |v| v.to_string())

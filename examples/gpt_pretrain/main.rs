@@ -50,7 +50,8 @@ pub(crate) struct Summary {
 /// 128 × tp (or a resumed checkpoint's padding, see `checkpointing::open_start`).
 fn gpt_config(args: &Args) -> GptConfig {
     let used = args.tokenizer.vocab_size();
-    let vocab = args.vocab_override.unwrap_or_else(|| if used > 256 { burn_parallel::data::padded_vocab(used, args.tp) } else { used });
+    let padded = used > 256 || !used.is_multiple_of(args.tp);
+    let vocab = args.vocab_override.unwrap_or_else(|| if padded { burn_parallel::data::padded_vocab(used, args.tp) } else { used });
     GptConfig::new(vocab, args.seq_len, args.d_model, args.heads, args.layers, args.d_ff.unwrap_or(4 * args.d_model))
         .with_vocab_used((vocab > used).then_some(used))
         .with_dropout(args.dropout)
@@ -275,19 +276,20 @@ fn main() {
 }
 
 fn main_result(args: &Args) -> Result<(), String> {
+    checkpointing::check_args(args)?;
     let mut args = args.clone();
     let start = checkpointing::open_start(&mut args)?;
     let args = &args;
     if args.tp == 0 || args.pp == 0 || args.dp == 0 || args.steps == 0 || args.batch_size == 0 || args.eval_batches == 0 {
         return Err("--tp, --pp, --dp, --steps, --batch-size and --eval-batches must be at least 1".into());
     }
-    burn_parallel::ParallelConfig::new()
-        .with_tensor_parallel(args.tp)
-        .validate_model(&gpt_config(args).dims())
-        .map_err(|e| format!("--tp {}: {e}", args.tp))?;
+    args.check_numbers()?;
+    gpt_config(args).validate(args.tp).map_err(|e| match e {
+        burn_parallel::ConfigError::NotDivisible { .. } => format!("--tp {}: {e}", args.tp),
+        _ => format!("model: {e}"),
+    })?;
     gpt_config(args).check_seq_len(args.seq_len, args.tp).map_err(|e| format!("--seq-len: {e}"))?;
     pipelined::check_args(args)?;
-    checkpointing::check_args(args)?;
     if args.zero == 1 && args.dp == 1 {
         return Err("--zero 1 shards the optimizer over the --dp group: with --dp 1 there is nothing to shard (refused rather than ignored)".into());
     }

@@ -237,7 +237,9 @@ fn bad_checkpoint_flags_are_clear_errors() {
     assert!(e.contains("holds no committed checkpoint"), "{e}");
     losses(&format!("{two} --steps 2 {save}"));
     let e = error_of(&format!("{two} --steps 4 --resume latest {save} --tp 3"));
-    assert!(e.contains("--tp 3") && e.contains("not divisible by tensor_parallel = 3"), "{e}");
+    assert!(e.contains("vocab_size = 256 there, 384 here (--tp 3 pads the vocabulary"), "{e}");
+    let e = error_of(&format!("{two} --steps 4 --resume latest {save} --tp 8"));
+    assert!(e.contains("--tp 8") && e.contains("attention heads = 4 is not divisible by tensor_parallel = 8"), "{e}");
     let e = error_of(&format!("{two} --steps 4 --resume latest {save} --pp 4 --microbatches 4"));
     assert!(e.contains("2 layers cannot fill 4 pipeline stages"), "{e}");
     let e = error_of(&format!("{TINY} --layers 3 --steps 4 --resume latest {save}"));
@@ -297,6 +299,45 @@ fn bad_memory_flags_are_clear_errors() {
     assert!(e.contains("--zero 1") && e.contains("--dp 1"), "ZeRO without data parallelism is refused: {e}");
 }
 
+/// Sizes of zero, a dropout that is no probability and numbers no run can use are refused
+/// before anything is built, naming the value (they panicked deep inside or trained silently).
+#[test]
+fn bad_model_and_optimisation_numbers_are_clear_errors() {
+    for (flags, want) in [
+        ("--d-model 0", "hidden size must be at least 1 (got 0)"),
+        ("--seq-len 0", "max_seq_len must be at least 1 (got 0)"),
+        ("--layers 0", "layers must be at least 1 (got 0)"),
+        ("--d-ff 0", "ffn size must be at least 1 (got 0)"),
+        ("--heads 0", "attention heads must be at least 1 (got 0)"),
+        ("--dropout 1.5", "dropout 1.5 is not a probability in [0, 1)"),
+        ("--lr=-1", "--lr -1: must be a finite number at least 0"),
+        ("--lr nan", "--lr NaN: must be a finite number at least 0"),
+        ("--weight-decay=-0.1", "--weight-decay -0.1: must be a finite number at least 0"),
+        ("--temperature=-1", "--temperature -1: must be a finite number at least 0"),
+        ("--clip-grad 0", "--clip-grad 0: must be a finite number above 0"),
+        ("--peak-tflops 0", "--peak-tflops 0: must be a finite number above 0"),
+        ("--save-dir x --export /nonexistent/dir/m.safetensors", "the directory /nonexistent/dir does not exist (checked before training)"),
+    ] {
+        // Not TINY: its size flags would be given twice. Refused before the default model is built.
+        let e = error_of(&format!("--steps 1 --eval-batches 1 {flags}"));
+        assert!(e.contains(want), "{flags}: {e}");
+    }
+}
+
+/// The byte vocabulary is padded (masked) where --tp does not divide 256, as GPT-2's always is.
+#[test]
+fn the_byte_vocabulary_is_padded_where_tp_does_not_divide_it() {
+    let l = loss_values(&losses(
+        "--d-model 48 --heads 3 --seq-len 16 --batch-size 4 --eval-batches 1 --sample-tokens 4 --eval-every 0 --print-every 1 --steps 2 --tp 3",
+    ));
+    assert!(l.len() == 2 && l.iter().all(|x| x.is_finite()), "{l:?}");
+    let args = Args::parse_with_presets(["gpt_pretrain", "--tp", "3"]).unwrap();
+    let c = super::gpt_config(&args);
+    assert_eq!((c.vocab_size, c.vocab_used), (384, Some(256)));
+    let args = Args::parse_with_presets(["gpt_pretrain", "--tp", "4"]).unwrap();
+    assert_eq!((super::gpt_config(&args).vocab_size, super::gpt_config(&args).vocab_used), (256, None));
+}
+
 #[test]
 fn a_preset_sets_the_shape_and_explicit_flags_override_it() {
     let parse = |flags: &str| Args::parse_with_presets(std::iter::once("gpt_pretrain".to_string()).chain(flags.split_whitespace().map(String::from))).unwrap();
@@ -334,7 +375,6 @@ fn model_flops_of_gpt2_124m_count_the_matmul_weights_only() {
 }
 
 /// The loss of each `step N loss L` line.
-#[cfg(feature = "wgpu")]
 fn loss_values(lines: &[String]) -> Vec<f32> {
     lines.iter().map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no loss in {l:?}"))).collect()
 }

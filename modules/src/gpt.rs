@@ -120,9 +120,24 @@ impl GptConfig {
         ModelDims { hidden: self.d_model, heads: self.n_heads, ffn: self.d_ff, vocab: self.vocab_size }
     }
 
+    /// Checks this configuration for a TP group of `tp` ranks: every size at least 1 (sequence,
+    /// layers, loss chunk), the dropout a probability below 1, then the sizes tensor parallelism
+    /// splits ([`ParallelConfig::validate_model`]).
+    pub fn validate(&self, tp: usize) -> Result<(), ConfigError> {
+        for (what, value) in [("max_seq_len", self.max_seq_len), ("layers", self.n_layers), ("loss chunk rows", self.loss_chunk.unwrap_or(1))] {
+            if value == 0 {
+                return Err(ConfigError::ZeroSize { what });
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(ConfigError::Invalid(format!("dropout {} is not a probability in [0, 1)", self.dropout)));
+        }
+        ParallelConfig::new().with_tensor_parallel(tp).validate_model(&self.dims())
+    }
+
     /// Builds this rank's shard of the model for the TP group `tp`.
     pub fn init<B: ParallelBackend>(&self, tp: &Comm, device: &B::Device) -> Result<Gpt<B>, ConfigError> {
-        ParallelConfig::new().with_tensor_parallel(tp.size()).validate_model(&self.dims())?;
+        self.validate(tp.size())?;
         let (wte, wpe, drop) = self.init_embedding(tp, device)?;
         let (ln_f, head) = self.init_head(tp, device)?;
         let blocks = self.init_blocks(0..self.n_layers, tp, device)?;

@@ -12,7 +12,7 @@ use burn::tensor::{Tensor, TensorData};
 use burn_parallel::pipeline::{PartSpec, PipelineModel, StageGrads, StageOutput};
 use burn_parallel::recompute::Recompute;
 use burn_parallel::rng::{RandomStreams, StreamCounter};
-use burn_parallel::{BackwardWith, Comm, CommError, ConfigError, ParallelBackend, ParallelConfig};
+use burn_parallel::{BackwardWith, Comm, CommError, ConfigError, ParallelBackend};
 
 use crate::block::TransformerBlock;
 use crate::column_linear::ColumnLinear;
@@ -73,7 +73,7 @@ where
 
     fn build_part(&self, spec: &PartSpec, device: &B::Device) -> Result<GptStage<B>, ConfigError> {
         let c = &self.config;
-        ParallelConfig::new().with_tensor_parallel(self.tp.size()).validate_model(&c.dims())?;
+        c.validate(self.tp.size())?;
         let (wte, wpe, drop) = c.init_embedding(&self.tp, device)?;
         let first = spec.is_first();
         let (ln_f, head) = if spec.is_last() { c.init_head(&self.tp, device).map(|(l, h)| (Some(l), Some(h)))? } else { (None, None) };

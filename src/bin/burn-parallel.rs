@@ -191,6 +191,9 @@ fn attention_core(name: &str, dropout: bool) -> Result<burn_parallel::attention:
 fn memory(a: MemoryArgs) -> Result<(), String> {
     use burn_parallel::memory::{estimate, model::table, GptShape, TrainPlan};
     let shape = GptShape { vocab: a.vocab, seq: a.seq_len, hidden: a.d_model, heads: a.heads, layers: a.layers, ffn: a.d_ff.unwrap_or(4 * a.d_model) };
+    if a.pp == 1 && a.microbatches.is_some() {
+        return Err("--microbatches needs --pp 2 or more (without a pipeline a step is one micro-batch)".into());
+    }
     let m = if a.pp > 1 { a.microbatches.unwrap_or(2 * a.pp) } else { 1 };
     if m == 0 || !a.batch_size.is_multiple_of(m) {
         return Err(format!("--batch-size {} is not divisible by --microbatches {m}", a.batch_size));

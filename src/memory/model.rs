@@ -284,8 +284,12 @@ pub fn parameter_count(g: &GptShape) -> f64 {
     stage_params(g, 1, g.layers, true, true)
 }
 
-/// The plan's degrees are at least 1, the model splits over its tp, a micro-batch is not empty.
+/// The plan's degrees are at least 1, the model splits over its tp, a sequence is not empty, a
+/// micro-batch is not empty.
 fn check(g: &GptShape, plan: &TrainPlan) -> Result<(), String> {
+    if g.seq == 0 {
+        return Err(crate::ConfigError::ZeroSize { what: "sequence length" }.to_string());
+    }
     let cfg = crate::ParallelConfig::new()
         .with_data_parallel(plan.dp)
         .with_pipeline_parallel(plan.pp)
