@@ -49,8 +49,10 @@ pub(crate) fn check_args(args: &Args) -> Result<(), String> {
     }
     if let Some(file) = &args.export {
         let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        // The save directory is made by the run.
-        if !dir.is_dir() && args.save_dir.as_deref() != Some(dir) {
+        // The save directory (and the directories above it) are made by the run.
+        let plain = |p: &std::path::Path| p.components().filter(|c| *c != std::path::Component::CurDir).collect::<PathBuf>();
+        let made = args.save_dir.as_deref().is_some_and(|s| plain(s).starts_with(plain(dir)));
+        if !dir.is_dir() && !made {
             return Err(format!("--export {}: the directory {} does not exist (checked before training)", file.display(), dir.display()));
         }
     }
@@ -62,12 +64,13 @@ pub(crate) fn check_args(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens what `--resume` or `--init-from` name, and checks it is of this model. A resumed
-/// checkpoint's padded vocabulary is kept where the new `--tp` divides it (the padding to a
-/// multiple of 128 × tp differs between tp sizes).
+/// Opens what `--resume` or `--init-from` name, and checks it is of this model. Its padded
+/// vocabulary is kept where the new `--tp` divides it (the padding to a multiple of 128 × tp
+/// differs between tp sizes).
 pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
     if let Some(file) = &args.init_from {
         let ckpt = Checkpoint::open_safetensors(file, MODEL_PREFIX).map_err(|e| format!("--init-from: {e}"))?;
+        keep_saved_vocab(args, ckpt.tensor(&format!("{MODEL_PREFIX}wte.weight")).ok().map(|t| t.shape[0]));
         return Ok(Start::InitFrom(ckpt));
     }
     let Some(spec) = &args.resume else { return Ok(Start::Fresh) };
@@ -76,19 +79,39 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
         _ => PathBuf::from(spec),
     };
     let ckpt = Checkpoint::open(&path).map_err(|e| format!("--resume {spec}: {e}"))?;
-    let saved_vocab = ckpt.metadata().sections.get("model").and_then(|m| m.get("vocab_size")).and_then(|v| v.as_u64()).map(|v| v as usize);
-    if let Some(v) = saved_vocab.filter(|&v| v.is_multiple_of(args.tp) && v >= args.tokenizer.vocab_size()) {
-        args.vocab_override = Some(v);
-    }
+    keep_saved_vocab(args, saved_field(&ckpt, "vocab_size"));
     check_same_model(&ckpt, args)?;
     tracing::info!(dir = %ckpt.dir().display(), step = ckpt.metadata().step, layout = ?ckpt.metadata().layout, "resuming");
     Ok(Start::Resume(ckpt))
 }
 
-/// The shape-defining fields of the model config in the checkpoint must equal this run's.
+/// This run keeps a saved (padded) vocabulary of `saved` rows where `--tp` divides it and it
+/// holds the tokenizer's.
+fn keep_saved_vocab(args: &mut Args, saved: Option<usize>) {
+    if let Some(v) = saved.filter(|&v| v.is_multiple_of(args.tp) && v >= args.tokenizer.vocab_size()) {
+        args.vocab_override = Some(v);
+    }
+}
+
+/// A number of the checkpoint's saved model config.
+fn saved_field(ckpt: &Checkpoint, key: &str) -> Option<usize> {
+    ckpt.metadata().sections.get("model").and_then(|m| m.get(key)).and_then(|v| v.as_u64()).map(|v| v as usize)
+}
+
+/// The shape-defining fields of the model config in the checkpoint must equal this run's, and
+/// its tokenizer's vocabulary (`vocab_used`, or the whole vocabulary where unpadded) too.
 fn check_same_model(ckpt: &Checkpoint, args: &Args) -> Result<(), String> {
     let ours = serde_json::to_value(gpt_config(args)).expect("config serialises");
     let Some(theirs) = ckpt.metadata().sections.get("model") else { return Ok(()) };
+    let tokens = saved_field(ckpt, "vocab_used").or_else(|| saved_field(ckpt, "vocab_size"));
+    if let Some(tokens) = tokens.filter(|&t| t != args.tokenizer.vocab_size()) {
+        return Err(format!(
+            "--resume {}: the checkpoint is of another tokenizer: a vocabulary of {tokens} tokens there, {} here (--tokenizer {})",
+            ckpt.dir().display(),
+            args.tokenizer.vocab_size(),
+            args.tokenizer
+        ));
+    }
     for key in ["vocab_size", "max_seq_len", "d_model", "n_heads", "n_layers", "d_ff"] {
         if theirs.get(key) != ours.get(key) {
             let padding = match key {

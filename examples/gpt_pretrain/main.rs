@@ -47,7 +47,8 @@ pub(crate) struct Summary {
 }
 
 /// The model the flags describe. The vocabulary is the tokenizer's, padded to a multiple of
-/// 128 × tp (or a resumed checkpoint's padding, see `checkpointing::open_start`).
+/// 128 × tp for gpt2 and where tp does not divide the byte vocabulary (or a resumed or
+/// initialising checkpoint's padding, see `checkpointing::open_start`).
 fn gpt_config(args: &Args) -> GptConfig {
     let used = args.tokenizer.vocab_size();
     let padded = used > 256 || !used.is_multiple_of(args.tp);
@@ -284,10 +285,7 @@ fn main_result(args: &Args) -> Result<(), String> {
         return Err("--tp, --pp, --dp, --steps, --batch-size and --eval-batches must be at least 1".into());
     }
     args.check_numbers()?;
-    gpt_config(args).validate(args.tp).map_err(|e| match e {
-        burn_parallel::ConfigError::NotDivisible { .. } => format!("--tp {}: {e}", args.tp),
-        _ => format!("model: {e}"),
-    })?;
+    gpt_config(args).validate(args.tp).map_err(|e| model_error(args, e))?;
     gpt_config(args).check_seq_len(args.seq_len, args.tp).map_err(|e| format!("--seq-len: {e}"))?;
     pipelined::check_args(args)?;
     if args.zero == 1 && args.dp == 1 {
@@ -313,6 +311,22 @@ fn main_result(args: &Args) -> Result<(), String> {
     println!("--- sample ---\n{}\n--------------", summary.sample);
     memory_table(args, &summaries)?;
     Ok(())
+}
+
+/// A model error named by the flag behind it.
+fn model_error(args: &Args, e: burn_parallel::ConfigError) -> String {
+    use burn_parallel::ConfigError::{NotDivisible, ZeroSize};
+    let flag = match &e {
+        NotDivisible { degree_name: "tensor_parallel", .. } => format!("--tp {}", args.tp),
+        NotDivisible { .. } => "--d-model / --heads".into(),
+        ZeroSize { what } => {
+            let flags =
+                [("max_seq_len", "--seq-len"), ("hidden size", "--d-model"), ("layers", "--layers"), ("ffn size", "--d-ff"), ("attention heads", "--heads")];
+            flags.iter().find(|(w, _)| w == what).map_or("model".into(), |(_, f)| format!("{f} 0"))
+        }
+        _ => "model".into(),
+    };
+    format!("{flag}: {e}")
 }
 
 /// Model FLOPs per token (`6·N + 12·L·h·s`), achieved TFLOP/s and MFU against `--peak-tflops`

@@ -238,6 +238,8 @@ fn bad_checkpoint_flags_are_clear_errors() {
     losses(&format!("{two} --steps 2 {save}"));
     let e = error_of(&format!("{two} --steps 4 --resume latest {save} --tp 3"));
     assert!(e.contains("vocab_size = 256 there, 384 here (--tp 3 pads the vocabulary"), "{e}");
+    let e = error_of(&format!("{two} --steps 4 --resume latest {save} --tokenizer gpt2"));
+    assert!(e.contains("another tokenizer: a vocabulary of 256 tokens there, 50257 here (--tokenizer gpt2)"), "{e}");
     let e = error_of(&format!("{two} --steps 4 --resume latest {save} --tp 8"));
     assert!(e.contains("--tp 8") && e.contains("attention heads = 4 is not divisible by tensor_parallel = 8"), "{e}");
     let e = error_of(&format!("{two} --steps 4 --resume latest {save} --pp 4 --microbatches 4"));
@@ -269,6 +271,14 @@ fn an_exported_model_initialises_any_layout() {
     let scratch: f32 = losses(&format!("{TINY} --steps 3 --exit-at-step 1"))[0].rsplit(' ').next().unwrap().parse().unwrap();
     assert!((a - b).abs() < 1e-5 && (a - c).abs() < 1e-5, "{a} {b} {c}");
     assert!((a - scratch).abs() > 1e-3, "the exported weights are not the seed's: {a} vs {scratch}");
+    // The byte vocabulary padded at --tp 3 (256 → 384 rows) initialises tp 1 and 2 (which divide
+    // 384): the padding is kept, not redone for the new --tp.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let three = "--d-model 48 --heads 6 --seq-len 16 --batch-size 4 --eval-batches 1 --sample-tokens 4 --eval-every 0 --print-every 1 --steps 3";
+    losses(&format!("{three} --tp 3 --save-dir {} --export {}", dir.display(), file.display()));
+    let first = |layout: &str| loss_values(&losses(&format!("{three} --exit-at-step 1 --init-from {} {layout}", file.display())))[0];
+    let (a, b) = (first("--tp 1"), first("--tp 2"));
+    assert!((a - b).abs() < 1e-5, "{a} {b}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -304,12 +314,13 @@ fn bad_memory_flags_are_clear_errors() {
 #[test]
 fn bad_model_and_optimisation_numbers_are_clear_errors() {
     for (flags, want) in [
-        ("--d-model 0", "hidden size must be at least 1 (got 0)"),
-        ("--seq-len 0", "max_seq_len must be at least 1 (got 0)"),
-        ("--layers 0", "layers must be at least 1 (got 0)"),
-        ("--d-ff 0", "ffn size must be at least 1 (got 0)"),
-        ("--heads 0", "attention heads must be at least 1 (got 0)"),
-        ("--dropout 1.5", "dropout 1.5 is not a probability in [0, 1)"),
+        ("--d-model 0", "--d-model 0: hidden size must be at least 1 (got 0)"),
+        ("--seq-len 0", "--seq-len 0: max_seq_len must be at least 1 (got 0)"),
+        ("--layers 0", "--layers 0: layers must be at least 1 (got 0)"),
+        ("--d-ff 0", "--d-ff 0: ffn size must be at least 1 (got 0)"),
+        ("--heads 0", "--heads 0: attention heads must be at least 1 (got 0)"),
+        ("--heads 5", "--d-model / --heads: hidden size = 128 is not divisible by attention heads = 5"),
+        ("--dropout 1.5", "model: dropout 1.5 is not a probability in [0, 1)"),
         ("--lr=-1", "--lr -1: must be a finite number at least 0"),
         ("--lr nan", "--lr NaN: must be a finite number at least 0"),
         ("--weight-decay=-0.1", "--weight-decay -0.1: must be a finite number at least 0"),
@@ -321,6 +332,11 @@ fn bad_model_and_optimisation_numbers_are_clear_errors() {
         // Not TINY: its size flags would be given twice. Refused before the default model is built.
         let e = error_of(&format!("--steps 1 --eval-batches 1 {flags}"));
         assert!(e.contains(want), "{flags}: {e}");
+    }
+    // An export into the save directory, or next to it in a directory the run makes, is fine.
+    for flags in ["--save-dir /nonexistent/a/ck --export /nonexistent/a/m.safetensors", "--save-dir ./ck --export ck/m.safetensors"] {
+        let args = Args::parse_with_presets(format!("gpt_pretrain {flags}").split_whitespace()).unwrap();
+        assert_eq!(super::checkpointing::check_args(&args), Ok(()), "{flags}");
     }
 }
 
