@@ -57,6 +57,13 @@ fn tokens(range: std::ops::Range<u64>, seq: usize, vocab: usize) -> (TensorData,
     (TensorData::new(x, [n, seq]), TensorData::new(y, [n, seq]))
 }
 
+/// This rank's pipelined GPT under `schedule`.
+fn executor(config: &GptConfig, groups: &ProcessGroups, schedule: &str, opts: PipelineOptions) -> Result<PipelineExecutor<B, GptPipeline, 3>, String> {
+    let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
+    let sched = schedule_by_name(schedule).map_err(|e| e.to_string())?;
+    PipelineExecutor::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())
+}
+
 /// Bytes each rank holds after `calls` more pipelined evaluations (`PipelineExecutor::
 /// forward_loss`, `pp` stages, 4 micro-batches of 2) than after the first one: what evaluation
 /// leaves behind.
@@ -67,10 +74,7 @@ pub fn evaluation_growth(shape: &GptShape, pp: usize, calls: usize) -> Vec<i64> 
     let mbs: Vec<_> = (0..4).map(|i| TokenBatch { inputs: cut(&x, i), targets: cut(&y, i) }).collect();
     let results = run_world(pp, LocalWorldOptions::default(), |c| {
         let groups = ProcessGroups::new(ParallelConfig::new().with_pipeline_parallel(pp), c.clone()).map_err(|e| e.to_string())?;
-        let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
-        let opts = PipelineOptions { microbatches: 4, virtual_stages: 1, layout: None };
-        let sched = schedule_by_name("1f1b").map_err(|e| e.to_string())?;
-        let exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
+        let exec = executor(&config, &groups, "1f1b", PipelineOptions { microbatches: 4, virtual_stages: 1, layout: None })?;
         exec.forward_loss(&mbs).map_err(|e| e.to_string())?;
         let before = settled(&c, c.global_rank())?;
         for _ in 0..calls {
@@ -145,9 +149,7 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
             settled(&c, rank)?
         } else {
             let opts = PipelineOptions { microbatches: p.microbatches, virtual_stages: p.virtual_stages, layout: None };
-            let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
-            let sched = schedule_by_name(&p.schedule).map_err(|e| e.to_string())?;
-            let mut exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
+            let mut exec = executor(&config, &groups, &p.schedule, opts)?;
             for step in 0..steps {
                 if step == 2 {
                     t0 = std::time::Instant::now();

@@ -92,15 +92,14 @@ impl ParallelConfig {
         if tp == 0 {
             return Err(ConfigError::ZeroDegree { name: "tensor_parallel" });
         }
-        for (what, value) in [("hidden size", dims.hidden), ("attention heads", dims.heads), ("ffn size", dims.ffn), ("vocab size", dims.vocab)] {
-            if value == 0 {
-                return Err(ConfigError::ZeroSize { what });
-            }
+        let sizes = [("attention heads", dims.heads), ("hidden size", dims.hidden), ("ffn size", dims.ffn), ("vocab size", dims.vocab)];
+        if let Some(&(what, _)) = sizes.iter().find(|(_, value)| *value == 0) {
+            return Err(ConfigError::ZeroSize { what });
         }
         if !dims.hidden.is_multiple_of(dims.heads) {
             return Err(ConfigError::NotDivisible { what: "hidden size", value: dims.hidden, degree_name: "attention heads", degree: dims.heads });
         }
-        for (what, value) in [("attention heads", dims.heads), ("hidden size", dims.hidden), ("ffn size", dims.ffn), ("vocab size", dims.vocab)] {
+        for (what, value) in sizes {
             if value % tp != 0 {
                 return Err(ConfigError::NotDivisible { what, value, degree_name: "tensor_parallel", degree: tp });
             }

@@ -315,9 +315,7 @@ impl Args {
         }
         Ok(args)
     }
-}
 
-impl Args {
     /// The numbers no run can use (a negative learning rate, a clip that is not positive, ...):
     /// an error naming the flag. Sizes and degrees are checked with the model.
     pub(crate) fn check_numbers(&self) -> Result<(), String> {

@@ -285,8 +285,9 @@ fn main_result(args: &Args) -> Result<(), String> {
         return Err("--tp, --pp, --dp, --steps, --batch-size and --eval-batches must be at least 1".into());
     }
     args.check_numbers()?;
-    gpt_config(args).validate(args.tp).map_err(|e| model_error(args, e))?;
-    gpt_config(args).check_seq_len(args.seq_len, args.tp).map_err(|e| format!("--seq-len: {e}"))?;
+    let config = gpt_config(args);
+    config.validate(args.tp).map_err(|e| model_error(args, e))?;
+    config.check_seq_len(args.seq_len, args.tp).map_err(|e| format!("--seq-len: {e}"))?;
     pipelined::check_args(args)?;
     if args.zero == 1 && args.dp == 1 {
         return Err("--zero 1 shards the optimizer over the --dp group: with --dp 1 there is nothing to shard (refused rather than ignored)".into());
