@@ -141,9 +141,10 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
                     memory::reset_peak(rank);
                 }
                 let (x, y) = batch(step);
-                let (_, grads) = gpt
-                    .forward_backward(Tensor::<B, 2, Int>::from_data(x, &Default::default()), Tensor::from_data(y, &Default::default()))
-                    .map_err(|e| e.to_string())?;
+                let cut = |d: &TensorData, i| burn_parallel::comm::split_along(d, 0, p.microbatches, i).unwrap();
+                let dev = Default::default();
+                let mbs = (0..p.microbatches).map(|i| (Tensor::<B, 2, Int>::from_data(cut(&x, i), &dev), Tensor::from_data(cut(&y, i), &dev)));
+                let (_, grads) = gpt.forward_backward_accumulated(mbs.collect()).map_err(|e| e.to_string())?;
                 gpt = opt.step(1e-3, vec![(gpt, grads)], Some(1.0)).map_err(|e| e.to_string())?.0.remove(0);
             }
             settled(&c, rank)?
@@ -248,6 +249,8 @@ pub fn grid() -> Vec<Case> {
         Case { name: "dp 2", plan: plan(2, 1, 1, b) },
         Case { name: "dp 2 ZeRO", plan: zero(plan(2, 1, 1, b)) },
         Case { name: "dp 4 ZeRO bf16", plan: bf16(zero(plan(4, 1, 1, b))) },
+        Case { name: "accumulation m 4", plan: with_microbatches(plan(1, 1, 1, b), 4) },
+        Case { name: "accumulation m 2 bf16 tp 2 SP", plan: with_microbatches(bf16(sp(plan(1, 1, 2, b))), 2) },
         Case { name: "pp 2 1F1B m 4", plan: with_microbatches(plan(1, 2, 1, b), 4) },
         Case { name: "pp 4 1F1B m 4", plan: with_microbatches(plan(1, 4, 1, b), 4) },
         Case { name: "pp 2 GPipe m 4", plan: sched(with_microbatches(plan(1, 2, 1, b), 4), "gpipe", 1) },

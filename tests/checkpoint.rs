@@ -147,6 +147,29 @@ fn keep_k_latest_pointer_leftovers_and_one_timeline() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A step saved again (resharded in place) replaces the old one, with one complete `step-N`
+/// at every moment (an atomic exchange) and nothing left behind; once a checkpoint is renamed
+/// into place it is committed, even where `latest` cannot be rewritten.
+#[test]
+fn a_step_saved_again_replaces_it_and_a_failure_after_the_rename_keeps_the_commit() {
+    let dir = temp_dir("resave");
+    let mut saver = Checkpointer::new(CheckpointOptions { dir: dir.clone(), keep: 0, async_save: false }, single());
+    saver.save(tiny_snapshot(1, 1.0)).unwrap();
+    let r = saver.save(tiny_snapshot(1, 2.0)).unwrap();
+    assert_eq!(r.committed, Some(checkpoint_dir(&dir, 1)));
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    assert_eq!((ckpt.metadata().step, ckpt.read_full("model.w").unwrap().to_vec::<f32>().unwrap()), (1, vec![2.0; 6]));
+    let names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "leftovers: {names:?}");
+    // `latest` replaced by a non-empty directory: the pointer cannot be rewritten.
+    std::fs::remove_file(dir.join("latest")).unwrap();
+    std::fs::create_dir_all(dir.join("latest/in-the-way")).unwrap();
+    let r = saver.save(tiny_snapshot(2, 3.0)).unwrap();
+    assert_eq!(r.committed, Some(checkpoint_dir(&dir, 2)), "committed once renamed into place");
+    assert_eq!(latest_checkpoint(&dir).unwrap().unwrap().0, 2);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn asynchronous_saves_equal_synchronous_ones_and_report_background_errors() {
     let (sync_dir, async_dir) = (temp_dir("sync"), temp_dir("async"));

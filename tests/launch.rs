@@ -203,10 +203,26 @@ fn the_memory_command_takes_the_attention_core() {
     assert!(!bad.status.success() && text(&bad).contains("unknown attention kernel \"chunked:0\""), "{}", text(&bad));
     let drop = table(&["--attention", "chunked", "--dropout"]);
     assert!(!drop.status.success() && text(&drop).contains("--attention chunked:256 has no dropout"), "{}", text(&drop));
+    // Without a pipeline, micro-batches are gradient accumulation: a quarter of the activations.
+    let accumulated = table(&["--microbatches", "2"]);
+    assert!(accumulated.status.success(), "{}", text(&accumulated));
+    let activations = |o: &Output| peak(o).split('|').nth(5).and_then(|c| c.split_whitespace().next()?.parse::<f64>().ok()).unwrap();
+    let (one, two) = (activations(&composed), activations(&accumulated));
+    assert!((two / one - 0.5).abs() < 0.01, "activations {one} MB in one micro-batch, {two} MB in two");
+}
+
+/// `burn-parallel memory` takes the example's pipeline defaults: 2 × pp micro-batches, and two
+/// chunks per rank for the interleaved schedule.
+#[test]
+fn the_memory_command_takes_the_examples_pipeline_defaults() {
+    let args =
+        ["memory", "--d-model", "64", "--heads", "4", "--layers", "4", "--vocab", "128", "--batch-size", "8", "--pp", "2", "--schedule", "interleaved-1f1b"];
+    let o = Command::new(BIN).args(args).output().unwrap();
+    assert!(o.status.success() && text(&o).contains("virtual_stages: 2") && text(&o).contains("microbatches: 4"), "{}", text(&o));
 }
 
 /// `burn-parallel memory` with a degree of 0, heads that tp does not divide, an empty batch or
-/// sequence, or micro-batches without a pipeline: one line with the numbers, never a panic (a
+/// sequence, or micro-batches that do not divide the batch: one line with the numbers, never a panic (a
 /// division by zero inside the model) nor a table of an impossible run.
 #[test]
 fn the_memory_command_refuses_impossible_layouts() {
@@ -228,7 +244,8 @@ fn the_memory_command_refuses_impossible_layouts() {
         (&["--batch-size", "0"][..], "a step needs at least one sample"),
         (&["--seq-len", "0"][..], "sequence length must be at least 1 (got 0)"),
         (&["--d-ff", "0"][..], "ffn size must be at least 1 (got 0)"),
-        (&["--microbatches", "3"][..], "--microbatches needs --pp 2 or more"),
+        (&["--microbatches", "3"][..], "--batch-size 2 is not divisible by --microbatches 3"),
+        (&["--virtual-stages", "2"][..], "--virtual-stages splits a pipeline: it needs --pp 2 or more"),
     ] {
         let o = run(extra);
         let t = text(&o);

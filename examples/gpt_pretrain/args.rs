@@ -57,7 +57,7 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) peak_tflops: Option<f64>,
     /// Compute the cross-entropy this many token rows at a time in training steps (its f32
-    /// softmax is never whole: [b·s, V/t] f32 is 6.4 GB for GPT-2 at b 32, s 1024); 0: whole.
+    /// softmax is never whole: [b·s, V/t] f32 is 6.6 GB for GPT-2 at b 32, s 1024); 0: whole.
     /// Default 0 for the tiny model, 1024 for the GPT-2 presets.
     #[arg(long, default_value_t = 0)]
     pub(crate) loss_chunk: usize,
@@ -113,7 +113,7 @@ pub(crate) struct Args {
     /// Batches per evaluation.
     #[arg(long, default_value_t = 8)]
     pub(crate) eval_batches: usize,
-    /// Bytes of text to generate at the end.
+    /// Tokens to generate at the end (bytes with --tokenizer byte, BPE tokens with gpt2).
     #[arg(long, default_value_t = 300)]
     pub(crate) sample_tokens: usize,
     /// Sampling temperature (0: greedy).
@@ -141,7 +141,9 @@ pub(crate) struct Args {
     /// Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1.
     #[arg(long, default_value = "1f1b")]
     pub(crate) schedule: String,
-    /// Micro-batches per step (must divide --batch-size; default 2 × pp).
+    /// Micro-batches per step (must divide --batch-size): the pipeline's (default 2 × pp), or with
+    /// --pp 1 gradient accumulation (default 1): one micro-batch's activations at a time, the
+    /// same data and (within rounding) the same step.
     #[arg(long)]
     pub(crate) microbatches: Option<usize>,
     /// Model chunks per pipeline rank (interleaved-1f1b; default 2 for it, else 1).

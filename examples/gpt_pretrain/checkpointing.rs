@@ -70,6 +70,7 @@ pub(crate) fn check_args(args: &Args) -> Result<(), String> {
 pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
     if let Some(file) = &args.init_from {
         let ckpt = Checkpoint::open_safetensors(file, MODEL_PREFIX).map_err(|e| format!("--init-from: {e}"))?;
+        check_tokenizer(&ckpt, args, &format!("--init-from {}", file.display()))?;
         keep_saved_vocab(args, ckpt.tensor(&format!("{MODEL_PREFIX}wte.weight")).ok().map(|t| t.shape[0]));
         return Ok(Start::InitFrom(ckpt));
     }
@@ -98,20 +99,26 @@ fn saved_field(ckpt: &Checkpoint, key: &str) -> Option<usize> {
     ckpt.metadata().sections.get("model").and_then(|m| m.get(key)).and_then(|v| v.as_u64()).map(|v| v as usize)
 }
 
+/// The saved model config's tokenizer vocabulary (`vocab_used`, or the whole vocabulary where
+/// unpadded) must be this run's (`what`: the flag and its value, for the message).
+fn check_tokenizer(ckpt: &Checkpoint, args: &Args, what: &str) -> Result<(), String> {
+    let tokens = saved_field(ckpt, "vocab_used").or_else(|| saved_field(ckpt, "vocab_size"));
+    match tokens.filter(|&t| t != args.tokenizer.vocab_size()) {
+        Some(tokens) => Err(format!(
+            "{what}: the checkpoint is of another tokenizer: a vocabulary of {tokens} tokens there, {} here (--tokenizer {})",
+            args.tokenizer.vocab_size(),
+            args.tokenizer
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The shape-defining fields of the model config in the checkpoint must equal this run's, and
-/// its tokenizer's vocabulary (`vocab_used`, or the whole vocabulary where unpadded) too.
+/// its tokenizer's vocabulary too.
 fn check_same_model(ckpt: &Checkpoint, args: &Args) -> Result<(), String> {
     let ours = serde_json::to_value(gpt_config(args)).expect("config serialises");
     let Some(theirs) = ckpt.metadata().sections.get("model") else { return Ok(()) };
-    let tokens = saved_field(ckpt, "vocab_used").or_else(|| saved_field(ckpt, "vocab_size"));
-    if let Some(tokens) = tokens.filter(|&t| t != args.tokenizer.vocab_size()) {
-        return Err(format!(
-            "--resume {}: the checkpoint is of another tokenizer: a vocabulary of {tokens} tokens there, {} here (--tokenizer {})",
-            ckpt.dir().display(),
-            args.tokenizer.vocab_size(),
-            args.tokenizer
-        ));
-    }
+    check_tokenizer(ckpt, args, &format!("--resume {}", ckpt.dir().display()))?;
     for key in ["vocab_size", "max_seq_len", "d_model", "n_heads", "n_layers", "d_ff"] {
         if theirs.get(key) != ours.get(key) {
             let padding = match key {
@@ -166,7 +173,9 @@ where
 
 /// Loads `start` into this rank's parts and optimizer (weights only for `--init-from`). The
 /// checkpoint's f32 weights are converted to the parameters' dtype (bf16 under `--precision
-/// bf16`); the optimizer takes its f32 masters and moments from the checkpoint.
+/// bf16`); the optimizer takes its f32 masters and moments from the checkpoint, and from an
+/// `--init-from` file of f32 weights its masters (fresh moments): a bf16 run starts from the
+/// exported values, not from their bf16 rounding.
 pub(crate) fn restore<B, M>(start: &Start, groups: &ProcessGroups, parts: Vec<OwnedPart<'_, M>>, optim: &mut DistAdamW<B>) -> Result<Vec<M>, String>
 where
     B: AutodiffBackend,
@@ -191,7 +200,9 @@ where
         }
         modules.push(module);
     }
-    if full {
+    // An exported file has no optimizer counters: `load` then reads the f32 masters only.
+    let f32_weights = ckpt.metadata().tensors.values().all(|t| t.dtype == safetensors::Dtype::F32);
+    if full || f32_weights {
         let refs: Vec<Part<'_, M>> = modules.iter().zip(&parts).map(|(m, (_, r))| (m, *r)).collect();
         optim.load(ckpt, &refs, ctx).map_err(at)?;
     }

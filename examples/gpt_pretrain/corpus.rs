@@ -109,10 +109,7 @@ impl Corpus {
     /// Tokenizes `text` (raw bytes for the byte tokenizer) and splits the tokens into train
     /// (first 90%) and validation (last 10%); each needs room for a `seq_len + 1` window.
     pub fn from_text(text: &[u8], tokenizer: Tokenizer, seq_len: usize) -> Result<Self, String> {
-        let tokens = match tokenizer {
-            Tokenizer::Byte => text.iter().map(|&b| b as u32).collect(),
-            t => t.encode(&String::from_utf8_lossy(text)).map_err(|e| e.to_string())?,
-        };
+        let tokens = tokenizer.encode_bytes(text).map_err(|e| e.to_string())?;
         let cut = tokens.len() * 9 / 10;
         let val = tokens[cut..].to_vec();
         if val.len() <= seq_len + 1 {

@@ -1,10 +1,12 @@
-//! Pretrain a small GPT with tensor parallelism: `--tp N` ranks as threads share every layer.
+//! Pretrain a GPT with tensor, sequence, pipeline and data parallelism: `--tp N` ranks as threads
+//! share every layer, `--pp` splits the layers into stages, `--dp` replicates the model.
 //!
 //! ```text
 //! cargo run --release --example gpt_pretrain -- --tp 2 --steps 300
 //! cargo run --release --example gpt_pretrain -- --data ../shared/data/tinyshakespeare.txt --tp 2
 //! ```
-//! Byte-level tokenizer (vocabulary 256). Without `--data`, trains on a generated corpus.
+//! Byte-level tokens by default (`--tokenizer gpt2`: GPT-2's BPE; `--shards DIR`: prepared
+//! token shards). Without `--data` or `--shards`, trains on a generated corpus.
 
 mod args;
 mod checkpointing;
@@ -134,11 +136,14 @@ where
     let (mut first_loss, first_step) = (f32::NAN, train.step);
     let mut throughput = Throughput::new(first_step);
     let sampler = GlobalSampler::new(args.seed, "train");
+    let microbatches = pipelined::microbatches(args);
     while train.step < last {
         let (t0, step) = (Instant::now(), train.step as usize);
         let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
-        let (x, y) = Corpus::samples::<B>(&data.train, samples, args.seq_len, &sampler, &device)?;
-        let (loss, grads) = gpt.forward_backward(x, y).map_err(|e| e.to_string())?;
+        let (m, first) = (microbatches as u64, samples.start);
+        let per = (samples.end - first) / m;
+        let mbs = (0..m).map(|i| Corpus::samples::<B>(&data.train, first + i * per..first + (i + 1) * per, args.seq_len, &sampler, &device));
+        let (loss, grads) = gpt.forward_backward_accumulated(mbs.collect::<Result<_, _>>()?).map_err(|e| e.to_string())?;
         gpt = optim.step(lr_at(args, step), vec![(gpt, grads)], args.clip_grad).map_err(|e| e.to_string())?.0.remove(0);
         let loss = dp_mean(loss, &groups)?;
         advance(args, &mut train, step);

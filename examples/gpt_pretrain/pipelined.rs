@@ -19,8 +19,10 @@ use super::checkpointing::{self, Start};
 use super::corpus::{Corpus, Split};
 use super::{advance, dp_mean, gpt_config, lr_at, optimizer, progress, report, Args, Summary, Throughput};
 
-fn microbatches(args: &Args) -> usize {
-    args.microbatches.unwrap_or(2 * args.pp)
+/// Micro-batches per step: the pipeline's (default 2 × pp), or without a pipeline gradient
+/// accumulation over them (default 1).
+pub(crate) fn microbatches(args: &Args) -> usize {
+    args.microbatches.unwrap_or(if args.pp > 1 { 2 * args.pp } else { 1 })
 }
 
 fn virtual_stages(args: &Args) -> usize {
@@ -31,19 +33,21 @@ fn schedule(args: &Args) -> Result<Box<dyn Schedule>, String> {
     schedule_by_name(&args.schedule).map_err(|e| e.to_string())
 }
 
-/// The pipeline flags, checked before anything is built: they need `--pp` > 1, the schedule must
-/// exist, and the micro-batches must divide the batch.
+/// The pipeline flags, checked before anything is built: `--virtual-stages` needs `--pp` > 1,
+/// the schedule must exist, and the micro-batches (pipeline or accumulation) must divide the batch.
 pub(crate) fn check_args(args: &Args) -> Result<(), String> {
-    if args.pp == 1 {
-        if args.microbatches.is_some() || args.virtual_stages.is_some() {
-            return Err("--microbatches and --virtual-stages split a pipeline: they need --pp 2 or more".into());
-        }
-        return Ok(());
+    if args.pp == 1 && args.virtual_stages.is_some() {
+        return Err("--virtual-stages splits a pipeline: it needs --pp 2 or more".into());
     }
-    schedule(args)?;
+    if args.pp > 1 {
+        schedule(args)?;
+    }
     let m = microbatches(args);
+    if m == 0 {
+        return Err("--microbatches 0: a step needs at least one micro-batch".into());
+    }
     if !args.batch_size.is_multiple_of(m) {
-        let hint = if args.microbatches.is_none() { " (the default, 2 x --pp; pass --microbatches)" } else { "" };
+        let hint = if args.microbatches.is_none() && args.pp > 1 { " (the default, 2 x --pp; pass --microbatches)" } else { "" };
         return Err(format!("--batch-size {} is not divisible by --microbatches {m}{hint}", args.batch_size));
     }
     Ok(())
@@ -51,7 +55,7 @@ pub(crate) fn check_args(args: &Args) -> Result<(), String> {
 
 /// The memory model's description of this run.
 pub(crate) fn memory_plan(args: &Args) -> burn_parallel::memory::TrainPlan {
-    let m = if args.pp > 1 { microbatches(args) } else { 1 };
+    let m = microbatches(args);
     burn_parallel::memory::TrainPlan {
         dp: args.dp,
         pp: args.pp,
@@ -224,8 +228,13 @@ mod tests {
     fn pipeline_flags_are_checked_before_anything_is_built() {
         assert_eq!(check_args(&args("--pp 2")), Ok(()));
         assert_eq!(check_args(&args("--pp 3 --microbatches 4")), Ok(()));
-        let e = check_args(&args("--microbatches 4")).unwrap_err();
-        assert!(e.contains("they need --pp 2 or more"), "{e}");
+        assert_eq!(check_args(&args("--microbatches 4")), Ok(()), "gradient accumulation");
+        let e = check_args(&args("--microbatches 3")).unwrap_err();
+        assert_eq!(e, "--batch-size 16 is not divisible by --microbatches 3");
+        let e = check_args(&args("--microbatches 0")).unwrap_err();
+        assert!(e.contains("at least one micro-batch"), "{e}");
+        let e = check_args(&args("--virtual-stages 2")).unwrap_err();
+        assert!(e.contains("it needs --pp 2 or more"), "{e}");
         let e = check_args(&args("--pp 3")).unwrap_err();
         assert!(e.contains("--batch-size 16 is not divisible by --microbatches 6 (the default, 2 x --pp"), "{e}");
         let e = check_args(&args("--pp 2 --schedule nope")).unwrap_err();

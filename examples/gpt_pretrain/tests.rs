@@ -88,6 +88,7 @@ fn resume_prints_the_same_losses_bit_for_bit() {
         "--dp 2 --zero 1 --pp 2 --microbatches 2 --clip-grad 0.5",
         "--tp 2 --sequence-parallel --recompute full",
         "--pp 2 --microbatches 2 --recompute selective --precision bf16",
+        "--microbatches 2 --tp 2",
     ] {
         let dir = fresh("bitexact");
         let base = format!("{TINY} --steps 6 --dropout 0.1 --layers 4 {layout}");
@@ -268,6 +269,14 @@ fn an_exported_model_initialises_any_layout() {
     let scratch = loss_values(&losses(&format!("{TINY} --steps 3 --exit-at-step 1")))[0];
     assert!((a - b).abs() < 1e-5 && (a - c).abs() < 1e-5, "{a} {b} {c}");
     assert!((a - scratch).abs() > 1e-3, "the exported weights are not the seed's: {a} vs {scratch}");
+    // A bf16 run keeps the exported f32 values as its masters: at lr 0 its own export equals them.
+    let (again, out) = (dir.join("bf16"), dir.join("bf16.safetensors"));
+    losses(&format!("{TINY} --steps 1 --lr 0 --precision bf16 --init-from {} --save-dir {} --export {}", file.display(), again.display(), out.display()));
+    let weights = |f: &Path| Checkpoint::open_safetensors(f, "").unwrap().read_full("blocks.0.mlp.fc1.weight").unwrap().to_vec::<f32>().unwrap();
+    assert!(weights(&out) == weights(&file), "the masters are the exported f32 values, not their bf16 rounding");
+    // A model of byte tokens does not initialise a GPT-2-token run (the export names its config).
+    let e = error_of(&format!("{TINY} --steps 1 --init-from {} --tokenizer gpt2", file.display()));
+    assert!(e.contains("--init-from") && e.contains("another tokenizer: a vocabulary of 256 tokens there, 50257 here"), "{e}");
     // The byte vocabulary padded at --tp 3 (256 → 384 rows) initialises tp 1 and 2 (which divide
     // 384): the padding is kept, not redone for the new --tp.
     std::fs::remove_dir_all(&dir).unwrap();
@@ -372,6 +381,26 @@ fn chunked_attention_prints_the_composed_losses() {
         let chunked = losses(&format!("{TINY} --steps 3 {layout} --attention chunked:5"));
         assert_eq!(composed.len(), 3, "{composed:?}");
         assert_eq!(chunked, composed, "{layout}");
+    }
+}
+
+/// `--microbatches M` without a pipeline is gradient accumulation: it prints the losses of the
+/// pipeline over the same M micro-batches bit for bit (with dropout; tp 2, SP, bf16, full
+/// recompute), and those of one micro-batch within f32 rounding (no dropout: masks of other
+/// shapes draw other values).
+#[test]
+fn gradient_accumulation_prints_the_pipelines_losses() {
+    for layout in ["--dropout 0.1", "--tp 2 --sequence-parallel --precision bf16 --recompute full"] {
+        let base = format!("{TINY} --steps 3 --layers 2 --microbatches 4 {layout}");
+        let accumulated = losses(&base);
+        assert_eq!(accumulated.len(), 3, "{accumulated:?}");
+        assert_eq!(losses(&format!("{base} --pp 2")), accumulated, "{layout}");
+    }
+    let one = loss_values(&losses(&format!("{TINY} --steps 3 --layers 2")));
+    let four = loss_values(&losses(&format!("{TINY} --steps 3 --layers 2 --microbatches 4")));
+    assert_eq!(one.len(), 3);
+    for (a, b) in one.iter().zip(&four) {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "one micro-batch {one:?}, four {four:?}");
     }
 }
 

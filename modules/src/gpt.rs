@@ -13,14 +13,14 @@ use burn::module::{Module, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 use burn_parallel::mappings::{copy_to_tp, gather_from_tp, reduce_scatter_to_sp};
 use burn_parallel::precision::{cast_params, Precision};
 use burn_parallel::recompute::Recompute;
 use burn_parallel::{BackwardWith, CommError};
 
 use crate::recompute::{self, Output, Pieces, Tokens};
-use burn_parallel::rng::{HostRng, RandomStreams, StreamCounter};
+use burn_parallel::rng::{RandomStreams, StreamCounter};
 use burn_parallel::{Comm, ConfigError, ModelDims, ParallelBackend, ParallelConfig};
 
 use crate::block::{TransformerBlock, TransformerBlockConfig};
@@ -361,9 +361,51 @@ impl<B: ParallelBackend> Gpt<B> {
         B: AutodiffBackend + BackwardWith,
         B::InnerBackend: ParallelBackend,
     {
+        self.forward_backward_scaled(ids, targets, 1.0)
+    }
+
+    /// Gradient accumulation (Megatron's micro-batches without a pipeline): the forward and
+    /// backward of each `(ids, targets)` micro-batch in turn, its loss scaled by `1/m` (as the
+    /// pipeline executor scales each micro-batch), one micro-batch's activations alive at a
+    /// time; the gradients summed, half-precision ones in f32 (Megatron's main grads). Returns
+    /// the mean of the micro-batch losses and the summed gradients: for micro-batches of equal
+    /// size, the loss and gradient of the whole batch (within rounding). One micro-batch is
+    /// exactly [`forward_backward`](Self::forward_backward).
+    ///
+    /// # Panics
+    /// If `microbatches` is empty.
+    pub fn forward_backward_accumulated(&self, microbatches: Vec<(Tensor<B, 2, Int>, Tensor<B, 2, Int>)>) -> Result<(f32, GradientsParams), CommError>
+    where
+        B: AutodiffBackend + BackwardWith,
+        B::InnerBackend: ParallelBackend,
+    {
+        let m = microbatches.len();
+        assert!(m > 0, "gradient accumulation needs at least one micro-batch");
+        if m == 1 {
+            let (ids, targets) = microbatches.into_iter().next().expect("one micro-batch");
+            return self.forward_backward(ids, targets);
+        }
+        let half = matches!(self.wpe.val().dtype(), burn::tensor::DType::BF16 | burn::tensor::DType::F16);
+        let (mut acc, mut total) = (burn::optim::GradientsAccumulator::new(), 0.0f32);
+        for (ids, targets) in microbatches {
+            let (loss, grads) = self.forward_backward_scaled(ids, targets, 1.0 / m as f32)?;
+            acc.accumulate(self, if half { burn_parallel::precision::grads_to_f32(self, grads) } else { grads });
+            total += loss;
+        }
+        Ok((total / m as f32, acc.grads()))
+    }
+
+    /// [`forward_backward`](Self::forward_backward) with the loss scaled by `scale` in the
+    /// backward (the value returned is unscaled).
+    fn forward_backward_scaled(&self, ids: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>, scale: f32) -> Result<(f32, GradientsParams), CommError>
+    where
+        B: AutodiffBackend + BackwardWith,
+        B::InnerBackend: ParallelBackend,
+    {
         if self.recompute == Recompute::None && self.loss_chunk.is_none() {
             let loss = self.loss(ids, targets);
             let value = loss.clone().into_scalar().elem::<f32>();
+            let loss = if scale == 1.0 { loss } else { loss.mul_scalar(scale) };
             return Ok((value, GradientsParams::from_grads(loss.backward(), self)));
         }
         let pieces = self.pieces();
@@ -372,7 +414,7 @@ impl<B: ParallelBackend> Gpt<B> {
             Output::Loss(l) => l.into_scalar().elem::<f32>(),
             Output::Activation(_) => unreachable!("the whole model ends with its loss"),
         };
-        let (_, grads) = recompute::backward(&pieces, self, tape, None, 1.0)?;
+        let (_, grads) = recompute::backward(&pieces, self, tape, None, scale)?;
         Ok((value, grads))
     }
 
@@ -389,55 +431,6 @@ impl<B: ParallelBackend> Gpt<B> {
         }
         self
     }
-
-    /// Samples `n_new` tokens after `prompt` (temperature sampling; greedy when `temperature` is
-    /// 0). Every TP rank must call it with the same arguments; all get the same tokens.
-    /// Runs without sequence parallelism (any context length). An empty prompt or a token id
-    /// outside the vocabulary is an error.
-    pub fn generate(&self, prompt: &[usize], n_new: usize, temperature: f64, seed: u64) -> Result<Vec<usize>, ConfigError> {
-        // Padded ids (Megatron's divisible-by padding) are not tokens: refused like any other.
-        let vocab = self.vocab_used.unwrap_or(self.wte.vocab_local * self.wte.tp.size());
-        if prompt.is_empty() {
-            return Err(ConfigError::Invalid("generate needs a prompt of at least one token (got none)".into()));
-        }
-        if let Some(&t) = prompt.iter().find(|&&t| t >= vocab) {
-            return Err(ConfigError::Invalid(format!("prompt token {t} is outside the vocabulary of {vocab}")));
-        }
-        if self.sequence_parallel {
-            return self.clone().with_sequence_parallel(false).generate(prompt, n_new, temperature, seed);
-        }
-        let device = self.wpe.val().device();
-        let max = self.wpe.val().dims()[0];
-        let mut rng = HostRng::new(seed, "generate");
-        let mut tokens = prompt.to_vec();
-        for _ in 0..n_new {
-            let ctx = &tokens[tokens.len().saturating_sub(max)..];
-            let ids: Vec<i64> = ctx.iter().map(|&t| t as i64).collect();
-            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, ctx.len()]), &device);
-            let logits = self.logits(ids);
-            let [_, s, v] = logits.dims();
-            let last: Vec<f32> = logits.slice([0..1, s - 1..s]).reshape([v]).into_data().convert::<f32>().to_vec().expect("f32 logits");
-            tokens.push(sample(&last, temperature, &mut rng));
-        }
-        Ok(tokens)
-    }
-}
-
-fn sample(logits: &[f32], temperature: f64, rng: &mut HostRng) -> usize {
-    let argmax = || logits.iter().enumerate().fold(0, |best, (i, v)| if *v > logits[best] { i } else { best });
-    if temperature <= 0.0 {
-        return argmax();
-    }
-    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let w: Vec<f64> = logits.iter().map(|&l| ((l as f64 - m) / temperature).exp()).collect();
-    let mut u = rng.uniform() * w.iter().sum::<f64>();
-    for (i, wi) in w.iter().enumerate() {
-        u -= wi;
-        if u <= 0.0 {
-            return i;
-        }
-    }
-    argmax()
 }
 
 impl<B: ParallelBackend> RandomStreams for Gpt<B> {

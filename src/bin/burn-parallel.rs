@@ -1,5 +1,6 @@
 //! The `burn-parallel` command: `launch` starts a multi-process job (torchrun-style);
-//! `checkpoint inspect|verify|export` looks at checkpoints.
+//! `checkpoint inspect|verify|export` looks at checkpoints; `prepare` writes token shards;
+//! `memory` prints the memory model's per-rank table.
 //!
 //! ```text
 //! burn-parallel launch --nproc-per-node 4 -- ./my_training_program --its-flags
@@ -55,7 +56,7 @@ enum Cmd {
         /// byte or gpt2.
         #[arg(long, default_value = "gpt2")]
         tokenizer: String,
-        /// Output directory.
+        /// Output directory: new, or empty (written beside it, then renamed into place).
         #[arg(long)]
         out: PathBuf,
         /// Tokens per training shard.
@@ -133,10 +134,11 @@ struct MemoryArgs {
     /// Tensor-parallel degree.
     #[arg(long, default_value_t = 1)]
     tp: usize,
-    /// Chunks per pipeline rank.
-    #[arg(long, default_value_t = 1)]
-    virtual_stages: usize,
-    /// Micro-batches per step (pipeline; default 2 x pp).
+    /// Chunks per pipeline rank (interleaved-1f1b; default 2 for it, else 1: as the example).
+    #[arg(long)]
+    virtual_stages: Option<usize>,
+    /// Micro-batches per step: the pipeline's (default 2 x pp), or without a pipeline gradient
+    /// accumulation over them (default 1).
     #[arg(long)]
     microbatches: Option<usize>,
     /// Pipeline schedule.
@@ -169,10 +171,7 @@ struct MemoryArgs {
 
 fn prepare(tokenizer: &str, out: &std::path::Path, shard_tokens: usize, val_fraction: f64, files: &[PathBuf]) -> Result<(), String> {
     let tokenizer: burn_parallel::data::Tokenizer = tokenizer.parse().map_err(|e: burn_parallel::data::TokenizerError| e.to_string())?;
-    let texts = files
-        .iter()
-        .map(|f| std::fs::read(f).map(|b| String::from_utf8_lossy(&b).into_owned()).map_err(|e| format!("cannot read {}: {e}", f.display())))
-        .collect::<Result<Vec<_>, _>>()?;
+    let texts = files.iter().map(|f| std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))).collect::<Result<Vec<_>, _>>()?;
     let r = burn_parallel::data::prepare(&texts, tokenizer, out, shard_tokens, val_fraction).map_err(|e| e.to_string())?;
     println!("{} train tokens, {} validation tokens ({tokenizer}) in {} shards under {}", r.train_tokens, r.val_tokens, r.files.len(), out.display());
     Ok(())
@@ -191,10 +190,10 @@ fn attention_core(name: &str, dropout: bool) -> Result<burn_parallel::attention:
 fn memory(a: MemoryArgs) -> Result<(), String> {
     use burn_parallel::memory::{estimate, model::table, GptShape, TrainPlan};
     let shape = GptShape { vocab: a.vocab, seq: a.seq_len, hidden: a.d_model, heads: a.heads, layers: a.layers, ffn: a.d_ff.unwrap_or(4 * a.d_model) };
-    if a.pp == 1 && a.microbatches.is_some() {
-        return Err("--microbatches needs --pp 2 or more (without a pipeline a step is one micro-batch)".into());
+    if a.pp == 1 && a.virtual_stages.is_some_and(|v| v != 1) {
+        return Err("--virtual-stages splits a pipeline: it needs --pp 2 or more".into());
     }
-    let m = if a.pp > 1 { a.microbatches.unwrap_or(2 * a.pp) } else { 1 };
+    let m = a.microbatches.unwrap_or(if a.pp > 1 { 2 * a.pp } else { 1 });
     if m == 0 || !a.batch_size.is_multiple_of(m) {
         return Err(format!("--batch-size {} is not divisible by --microbatches {m}", a.batch_size));
     }
@@ -202,7 +201,7 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
         dp: a.dp,
         pp: a.pp,
         tp: a.tp,
-        virtual_stages: a.virtual_stages,
+        virtual_stages: a.virtual_stages.unwrap_or(if a.schedule.starts_with("interleaved") { 2 } else { 1 }),
         sequence_parallel: a.sequence_parallel,
         microbatch: a.batch_size / m,
         microbatches: m,

@@ -105,7 +105,8 @@ impl Checkpoint {
     }
 
     /// Opens a single safetensors file of whole tensors (e.g. an exported `model.safetensors`)
-    /// as a checkpoint whose tensor `n` is called `prefix + n` (no checksums, step 0).
+    /// as a checkpoint whose tensor `n` is called `prefix + n` (no checksums, step 0; our
+    /// export's model config, `__metadata__.burn_parallel_model`, as the section `model`).
     pub fn open_safetensors(path: impl AsRef<Path>, prefix: &str) -> Result<Self> {
         let path = path.as_ref();
         let (dir, name) = (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.file_name().map(|n| n.to_string_lossy().into_owned()));
@@ -117,6 +118,9 @@ impl Checkpoint {
             tensors.insert(format!("{prefix}{t}"), TensorMeta { dtype: info.dtype, shape: info.shape.clone(), chunks: vec![chunk] });
         }
         let size = mapped.map.len() as u64;
+        // Our export's model config (`__metadata__.burn_parallel_model`), as a checkpoint's.
+        let model = mapped.header.metadata().as_ref().and_then(|m| m.get("burn_parallel_model")).and_then(|j| serde_json::from_str(j).ok());
+        let sections = model.map(|m| BTreeMap::from([("model".to_string(), m)])).unwrap_or_default();
         let meta = Metadata {
             format: FORMAT_NAME.into(),
             version: FORMAT_VERSION,
@@ -124,7 +128,7 @@ impl Checkpoint {
             layout: ParallelConfig::new(),
             train: TrainState::default(),
             counters: BTreeMap::new(),
-            sections: BTreeMap::new(),
+            sections,
             files: BTreeMap::from([(name.clone(), size)]),
             tensors,
         };

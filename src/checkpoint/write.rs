@@ -55,6 +55,17 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(io("fsync", dir))
 }
 
+/// Creates `dir` and its missing ancestors, each made durable in its parent (a power loss after
+/// the first save must not lose the directory entry of a save directory whose files are synced).
+fn create_dir_synced(dir: &Path) -> Result<()> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).collect();
+    std::fs::create_dir_all(dir).map_err(io("create the save directory", dir))?;
+    for made in missing.iter().rev() {
+        sync_dir(made.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` and fsyncs it.
 pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(io("create", path))?;
@@ -100,7 +111,7 @@ fn stall_point(phase: &str) {
 /// Step 1 (rank 0): removes leftovers of interrupted saves and creates the temporary directory
 /// of `step`.
 pub(crate) fn prepare(save_dir: &Path, step: u64) -> Result<PathBuf> {
-    std::fs::create_dir_all(save_dir).map_err(io("create the save directory", save_dir))?;
+    create_dir_synced(save_dir)?;
     check_timeline(save_dir, step)?;
     for entry in std::fs::read_dir(save_dir).map_err(io("list", save_dir))? {
         let entry = entry.map_err(io("list", save_dir))?;
@@ -108,7 +119,10 @@ pub(crate) fn prepare(save_dir: &Path, step: u64) -> Result<PathBuf> {
         if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
             let p = entry.path();
             tracing::info!(path = %p.display(), "removing an interrupted save");
-            std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p)).map_err(io("remove", &p))?;
+            // Leftovers are never read: one that cannot go yet (e.g. still mapped on NFS) stays.
+            if let Err(e) = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p)) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove a leftover of an earlier save");
+            }
         }
     }
     // Not fsynced: a temporary directory lost in a crash loses nothing (the commit fsyncs).
@@ -216,7 +230,9 @@ fn merge(tmp: &Path, world: usize, header: CommitHeader) -> Result<Metadata> {
 }
 
 /// Step 3 (rank 0): merges, writes the metadata, renames into place, updates `latest`, keeps
-/// the newest `keep` checkpoints (0: all). Returns the committed directory.
+/// the newest `keep` checkpoints (0: all). Returns the committed directory. Once the rename is
+/// durable the checkpoint is committed: a failure to update `latest` (the newest `step-N` wins
+/// over a stale pointer anyway) or to delete old checkpoints is logged, not returned.
 pub(crate) fn commit(save_dir: &Path, tmp: &Path, world: usize, header: CommitHeader, keep: usize) -> Result<PathBuf> {
     let step = header.step;
     stall_point("data-written");
@@ -230,25 +246,71 @@ pub(crate) fn commit(save_dir: &Path, tmp: &Path, world: usize, header: CommitHe
     sync_dir(tmp)?;
     stall_point("metadata-written");
     let target = save_dir.join(step_dir_name(step));
-    if target.exists() {
-        // Re-saving a step (a run resumed from an older checkpoint): the old one goes first.
-        retire(save_dir, &target)?;
-    }
-    std::fs::rename(tmp, &target).map_err(io("rename into place", tmp))?;
-    sync_dir(save_dir)?;
+    let replaced = place(save_dir, tmp, &target)?;
     stall_point("renamed");
-    let latest = save_dir.join(LATEST_FILE);
-    let pointer = save_dir.join(format!("{TMP_PREFIX}{LATEST_FILE}"));
-    write_synced(&pointer, format!("{}\n", step_dir_name(step)).as_bytes())?;
-    std::fs::rename(&pointer, &latest).map_err(io("rename", &pointer))?;
-    sync_dir(save_dir)?;
-    if keep > 0 {
-        let all = committed_checkpoints(save_dir)?;
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
-            retire(save_dir, old)?;
+    let after = || -> Result<()> {
+        if let Some(old) = replaced {
+            std::fs::remove_dir_all(&old).map_err(io("remove the replaced", &old))?;
         }
+        let latest = save_dir.join(LATEST_FILE);
+        let pointer = save_dir.join(format!("{TMP_PREFIX}{LATEST_FILE}"));
+        write_synced(&pointer, format!("{}\n", step_dir_name(step)).as_bytes())?;
+        std::fs::rename(&pointer, &latest).map_err(io("rename", &pointer))?;
+        sync_dir(save_dir)?;
+        if keep > 0 {
+            let all = committed_checkpoints(save_dir)?;
+            for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+                retire(save_dir, old)?;
+            }
+        }
+        Ok(())
+    };
+    if let Err(e) = after() {
+        tracing::warn!(dir = %target.display(), error = %e, "checkpoint committed; updating `latest` or deleting old checkpoints failed");
     }
     Ok(target)
+}
+
+/// Renames the complete `tmp` to `target`, durably. Where `target` exists (a step saved again,
+/// e.g. resharded in place) the two are swapped atomically (Linux `renameat2`
+/// `RENAME_EXCHANGE`): at every moment one complete `step-N` exists; the old one, now at
+/// `tmp`, is returned for deletion (a crash leaves it as a `.tmp-*` leftover, which the next
+/// save removes). Without the exchange (another OS or file system) the old one is renamed away
+/// first and only deleted once the new one is in place.
+fn place(save_dir: &Path, tmp: &Path, target: &Path) -> Result<Option<PathBuf>> {
+    if !target.exists() {
+        std::fs::rename(tmp, target).map_err(io("rename into place", tmp))?;
+        sync_dir(save_dir)?;
+        return Ok(None);
+    }
+    if exchange(tmp, target) {
+        sync_dir(save_dir)?;
+        return Ok(Some(tmp.to_path_buf()));
+    }
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let trash = save_dir.join(format!("{TRASH_PREFIX}{name}"));
+    std::fs::rename(target, &trash).map_err(io("rename", target))?;
+    std::fs::rename(tmp, target).map_err(io("rename into place", tmp))?;
+    sync_dir(save_dir)?;
+    Ok(Some(trash))
+}
+
+/// Swaps two directory entries atomically where the OS and file system can (Linux 3.15+ on
+/// ext4, xfs, btrfs, tmpfs, ...); false where they cannot (nothing changed).
+fn exchange(a: &Path, b: &Path) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let (Ok(ca), Ok(cb)) = (std::ffi::CString::new(a.as_os_str().as_bytes()), std::ffi::CString::new(b.as_os_str().as_bytes())) else { return false };
+        // SAFETY: two NUL-terminated paths; renameat2 only reads them.
+        let r = unsafe { libc::syscall(libc::SYS_renameat2, libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+        r == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (a, b);
+        false
+    }
 }
 
 /// Deletes a committed checkpoint: renamed out of the `step-N` namespace first (atomic), then

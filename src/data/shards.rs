@@ -1,8 +1,9 @@
 //! Token shards: binary files of `u16` tokens, memory-mapped, read by global sample index.
 //!
 //! Format (llm.c's, so its prepared FineWeb/TinyStories shards load as they are): a header of 256
-//! little-endian `i32` — `[0]` magic 20240520, `[1]` version 1, `[2]` the token count — then the
-//! tokens as little-endian `u16`. A file's size must be `1024 + 2 · count`. A set of shards
+//! little-endian `i32` — `[0]` magic 20240520, `[1]` version 1, `[2]` the token count, and ours
+//! `[3]` the tokenizer's vocabulary (0 in llm.c's files: not checked) — then the tokens as
+//! little-endian `u16`. A file's size must be `1024 + 2 · count`. A set of shards
 //! (`train_000000.bin`, `train_000001.bin`, …, or llm.c's `fineweb_train_000001.bin`,
 //! `tiny_shakespeare_val.bin`) is read as one stream of tokens; a window may span two files.
 //! Every token of a file is checked against the vocabulary once, when a window first reads
@@ -78,12 +79,23 @@ pub enum ShardError {
         /// The vocabulary.
         vocab: usize,
     },
+    /// A shard written for another vocabulary (header word 3).
+    #[error("{}: written by a tokenizer of vocabulary {found}, read as one of {expected} (another tokenizer's shard)", path.display())]
+    Vocabulary {
+        /// The file.
+        path: PathBuf,
+        /// The header's vocabulary.
+        found: usize,
+        /// The reader's.
+        expected: usize,
+    },
     /// No shard, or too few tokens.
     #[error("{0}")]
     Invalid(String),
 }
 
-/// Writes `tokens` (each `< vocab ≤ 65536`) as one shard at `path` (fsynced).
+/// Writes `tokens` (each `< vocab ≤ 65536`) as one shard at `path` (fsynced), `vocab` in the
+/// header.
 pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), ShardError> {
     if vocab > 1 << 16 {
         return Err(ShardError::Invalid(format!("a vocabulary of {vocab} does not fit u16 shards")));
@@ -95,16 +107,15 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), Shar
         ShardError::Invalid(format!("{}: {} tokens do not fit one shard (at most {}: the header's count is an i32)", path.display(), tokens.len(), i32::MAX))
     })?;
     let mut bytes = Vec::with_capacity(HEADER_BYTES + 2 * tokens.len());
-    for v in [SHARD_MAGIC, SHARD_VERSION, count].into_iter().chain(std::iter::repeat_n(0, 253)) {
+    for v in [SHARD_MAGIC, SHARD_VERSION, count, vocab as i32].into_iter().chain(std::iter::repeat_n(0, 252)) {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
     for &t in tokens {
         bytes.extend_from_slice(&(t as u16).to_le_bytes());
     }
-    let io = |op| move |source| ShardError::Io { op, path: path.to_path_buf(), source };
-    let mut f = File::create(path).map_err(io("create"))?;
-    f.write_all(&bytes).map_err(io("write"))?;
-    f.sync_all().map_err(io("fsync"))
+    let mut f = File::create(path).map_err(io_error("create", path))?;
+    f.write_all(&bytes).map_err(io_error("write", path))?;
+    f.sync_all().map_err(io_error("fsync", path))
 }
 
 /// A set of shards read as one stream of tokens.
@@ -133,7 +144,10 @@ impl TokenShards {
         }
         let (mut files, mut starts, mut len) = (Vec::new(), Vec::new(), 0);
         for p in paths {
-            let (map, count) = map_shard(p)?;
+            let (map, count, found) = map_shard(p)?;
+            if found != 0 && found != vocab {
+                return Err(ShardError::Vocabulary { path: p.clone(), found, expected: vocab });
+            }
             starts.push(len);
             len += count;
             files.push((p.clone(), map, count));
@@ -202,7 +216,8 @@ impl TokenShards {
     }
 }
 
-fn map_shard(path: &Path) -> Result<(Mmap, usize), ShardError> {
+/// The file's map, token count and header vocabulary (0: not recorded).
+fn map_shard(path: &Path) -> Result<(Mmap, usize, usize), ShardError> {
     let f = File::open(path).map_err(|source| ShardError::Io { op: "open", path: path.to_path_buf(), source })?;
     // SAFETY: the shard is only read, and shards are written once before training reads them.
     // A file truncated or rewritten by another process while mapped is undefined behaviour
@@ -222,7 +237,8 @@ fn map_shard(path: &Path) -> Result<(Mmap, usize), ShardError> {
     if count < 0 || expected != bytes {
         return Err(ShardError::Truncated { path: path.to_path_buf(), count, expected, bytes });
     }
-    Ok((map, count as usize))
+    let vocab = word(3).max(0) as usize;
+    Ok((map, count as usize, vocab))
 }
 
 /// What [`prepare`] wrote.
@@ -236,33 +252,59 @@ pub struct Prepared {
     pub val_tokens: usize,
 }
 
-/// Tokenizes `texts` (documents; GPT-2 puts `<|endoftext|>` before each, as nanoGPT does) and
-/// writes `out/train_NNNNNN.bin` shards of at most `shard_tokens` tokens and, from the last
-/// `val_fraction` of the tokens, `out/val_000000.bin`.
-pub fn prepare(texts: &[String], tokenizer: Tokenizer, out: &Path, shard_tokens: usize, val_fraction: f64) -> Result<Prepared, ShardError> {
+/// Tokenizes `texts` (documents, as bytes: the byte tokenizer takes them as they are; GPT-2
+/// puts `<|endoftext|>` before each, as nanoGPT does) and writes the new directory `out`:
+/// `train_NNNNNN.bin` shards of at most `shard_tokens` tokens and, from the last `val_fraction`
+/// of the tokens, `val_000000.bin`. `out` must not exist or be empty (a reader takes every
+/// shard in it); the shards are written into `.NAME.partial` beside it and renamed into place
+/// once all are synced, so an interrupted prepare leaves no half set.
+pub fn prepare<T: AsRef<[u8]>>(texts: &[T], tokenizer: Tokenizer, out: &Path, shard_tokens: usize, val_fraction: f64) -> Result<Prepared, ShardError> {
     let mut tokens = Vec::new();
     for t in texts {
         if tokenizer == Tokenizer::Gpt2 {
             tokens.push(GPT2_EOT);
         }
-        tokens.extend(tokenizer.encode(t).map_err(|e| ShardError::Invalid(e.to_string()))?);
+        tokens.extend(tokenizer.encode_bytes(t.as_ref()).map_err(|e| ShardError::Invalid(e.to_string()))?);
     }
     let val = ((tokens.len() as f64) * val_fraction) as usize;
     if val == 0 || val >= tokens.len() {
         return Err(ShardError::Invalid(format!("{} tokens cannot be split with a validation fraction of {val_fraction}", tokens.len())));
     }
-    std::fs::create_dir_all(out).map_err(|source| ShardError::Io { op: "create", path: out.to_path_buf(), source })?;
+    let partial = partial_dir(out)?;
     let (train, valid) = tokens.split_at(tokens.len() - val);
     let mut report = Prepared { train_tokens: train.len(), val_tokens: valid.len(), ..Default::default() };
-    for (i, chunk) in train.chunks(shard_tokens.max(1)).enumerate() {
-        let p = out.join(format!("train_{i:06}.bin"));
-        write_shard(&p, chunk, tokenizer.vocab_size())?;
-        report.files.push(p);
+    let mut names: Vec<String> = (0..train.len().div_ceil(shard_tokens.max(1))).map(|i| format!("train_{i:06}.bin")).collect();
+    names.push("val_000000.bin".into());
+    for (name, chunk) in names.iter().zip(train.chunks(shard_tokens.max(1)).chain([valid])) {
+        write_shard(&partial.join(name), chunk, tokenizer.vocab_size())?;
     }
-    let p = out.join("val_000000.bin");
-    write_shard(&p, valid, tokenizer.vocab_size())?;
-    report.files.push(p);
+    File::open(&partial).and_then(|d| d.sync_all()).map_err(io_error("fsync", &partial))?;
+    // Onto a missing or empty directory, atomically.
+    std::fs::rename(&partial, out).map_err(io_error("rename into place", out))?;
+    report.files = names.iter().map(|n| out.join(n)).collect();
     Ok(report)
+}
+
+fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ShardError + 'a {
+    move |source| ShardError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// The empty staging directory `.NAME.partial` beside `out` (a stale one from an interrupted
+/// prepare removed), after checking that `out` is missing or empty.
+fn partial_dir(out: &Path) -> Result<PathBuf, ShardError> {
+    if out.exists() && std::fs::read_dir(out).map_err(io_error("list", out))?.next().is_some() {
+        return Err(ShardError::Invalid(format!(
+            "{} exists and is not empty: prepare writes a new directory of shards (a reader takes every shard in it); remove it or choose another",
+            out.display()
+        )));
+    }
+    let name = out.file_name().ok_or_else(|| ShardError::Invalid(format!("{}: not a directory name", out.display())))?;
+    let partial = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io_error("remove the interrupted", &partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io_error("create", &partial))?;
+    Ok(partial)
 }
 
 #[cfg(test)]
@@ -292,7 +334,10 @@ mod tests {
         v2[4] = 2;
         std::fs::write(&p, &v2).unwrap();
         assert!(TokenShards::open(std::slice::from_ref(&p), 50257).unwrap_err().to_string().contains("shard version 2"));
-        std::fs::write(&p, &good).unwrap();
+        // A token outside the vocabulary, in a file that records none (llm.c's: header word 3 is 0).
+        let mut unrecorded = good.clone();
+        unrecorded[12..16].copy_from_slice(&0i32.to_le_bytes());
+        std::fs::write(&p, &unrecorded).unwrap();
         let e = TokenShards::open(std::slice::from_ref(&p), 256).unwrap().window(0, 7).unwrap_err().to_string();
         assert!(e.contains("outside the vocabulary of 256") && e.contains("position 0"), "{e}");
         // The whole file is checked when a window first reads it: a bad token past the window.
@@ -310,9 +355,42 @@ mod tests {
             std::fs::write(llmc.join(n), &good).unwrap();
         }
         assert_eq!(TokenShards::open_dir(&llmc, "train", 50257).unwrap().len(), 14);
+        // Another tokenizer's shard (header word 3); llm.c's files record none (0).
+        let e = TokenShards::open_dir(&llmc, "train", 256).unwrap_err().to_string();
+        assert!(e.contains("written by a tokenizer of vocabulary 50257, read as one of 256"), "{e}");
+        std::fs::write(llmc.join("fineweb_train_000001.bin"), &unrecorded).unwrap();
+        assert_eq!(TokenShards::open(&[llmc.join("fineweb_train_000001.bin")], 50257).unwrap().len(), 7);
         assert_eq!(TokenShards::open_dir(&llmc, "val", 50257).unwrap().len(), 7, "interval_* is not a val shard");
         let e = TokenShards::open_dir(&llmc, "test", 50257).unwrap_err().to_string();
         assert!(e.contains("no test shards"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn prepare_writes_a_new_directory_and_keeps_the_bytes() {
+        let dir = std::env::temp_dir().join(format!("bp-prepare-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = dir.join("shards");
+        // A stale staging directory of an interrupted prepare is replaced.
+        let partial = dir.join(".shards.partial");
+        std::fs::create_dir_all(&partial).unwrap();
+        std::fs::write(partial.join("train_000009.bin"), b"stale").unwrap();
+        // Bytes that are not UTF-8 stay themselves under the byte tokenizer.
+        let text: Vec<u8> = b"caf\xe9 \xff\x00 ok".repeat(10);
+        let r = prepare(std::slice::from_ref(&text), Tokenizer::Byte, &out, 64, 0.25).unwrap();
+        assert_eq!((r.train_tokens + r.val_tokens, r.files.len()), (text.len(), 3), "{r:?}");
+        let train = TokenShards::open_dir(&out, "train", 256).unwrap();
+        let got: Vec<u8> = train.window(0, train.len()).unwrap().into_iter().map(|t| t as u8).collect();
+        assert_eq!(got, text[..r.train_tokens]);
+        assert!(!partial.exists(), "the staging directory is renamed into place");
+        // A second prepare into the same directory would mix two sets of shards: refused.
+        let e = prepare(&[text], Tokenizer::Byte, &out, 1000, 0.25).unwrap_err().to_string();
+        assert!(e.contains("exists and is not empty"), "{e}");
+        assert_eq!(TokenShards::open_dir(&out, "train", 256).unwrap().len(), r.train_tokens, "untouched");
+        // An empty directory is fine.
+        let empty = dir.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        prepare(&["some text to split".to_string()], Tokenizer::Gpt2, &empty, 1000, 0.25).unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -64,6 +64,15 @@ impl Tokenizer {
         }
     }
 
+    /// The tokens of `bytes`: the byte tokenizer takes them as they are (any bytes), GPT-2's
+    /// BPE their UTF-8 text (invalid sequences replaced by U+FFFD).
+    pub fn encode_bytes(self, bytes: &[u8]) -> Result<Vec<u32>, TokenizerError> {
+        match self {
+            Self::Byte => Ok(bytes.iter().map(|&b| u32::from(b)).collect()),
+            Self::Gpt2 => self.encode(&String::from_utf8_lossy(bytes)),
+        }
+    }
+
     /// The text of `tokens` (lossy where the BPE's bytes are not UTF-8).
     pub fn decode(self, tokens: &[u32]) -> Result<String, TokenizerError> {
         match self {

@@ -32,7 +32,9 @@
 //! and output and the f32 shifted logits `N·V/t·4` (cross-entropy; with a chunked loss the
 //! logits `N·V/t·e` instead). A pipeline rank holds the
 //! activations of the micro-batches its schedule has in flight (the schedule simulator's peak:
-//! 1F1B stage r holds min(p − r, m)) and, on non-last stages, each one's output.
+//! 1F1B stage r holds min(p − r, m)) and, on non-last stages, each one's output. Without a
+//! pipeline, `m` micro-batches are gradient accumulation: one in flight, the f32 gradients
+//! kept from the first backward on.
 //!
 //! Model state per rank (`P` its parameters): parameters `P·e`; AdamW moments `8·P/z` and, in
 //! bf16, the f32 master `4·P/z` (`z` = dp under ZeRO-1, else 1); gradients `4·P` (f32:
@@ -85,7 +87,7 @@ pub struct TrainPlan {
     pub sequence_parallel: bool,
     /// Sequences per micro-batch.
     pub microbatch: usize,
-    /// Micro-batches per step (1 without pipeline).
+    /// Micro-batches per step (without a pipeline: gradient accumulation over them).
     pub microbatches: usize,
     /// Pipeline schedule (`1f1b`, `gpipe`, `interleaved-1f1b`, `zb-h1`).
     pub schedule: String,
@@ -367,7 +369,7 @@ fn replay(d: &Dims, g: &GptShape, plan: &TrainPlan, layout: &StageLayout, action
         }
         k
     };
-    let accumulating = plan.pp > 1 && plan.microbatches > 1;
+    let accumulating = plan.microbatches > 1;
     let (mut live, mut count, mut grads_done) = (0.0f64, 0usize, 0.0f64);
     let mut run = Replay { fwd_bwd: 0.0, transient: 0.0, activations: 0.0, max_in_flight: 0 };
     for a in actions {
@@ -440,10 +442,12 @@ fn optimizer_transient(plan: &TrainPlan, p: f64, e: f64) -> f64 {
     reduce.max(update)
 }
 
-/// Every pipeline rank's computations in order (one forward and backward without pipeline).
+/// Every pipeline rank's computations in order (without a pipeline: each micro-batch's forward
+/// and backward, gradient accumulation).
 fn actions(plan: &TrainPlan) -> Result<Vec<Vec<Action>>, String> {
     if plan.pp == 1 {
-        return Ok(vec![vec![Action { op: Op::F, stage: 0, mb: 0 }, Action { op: Op::B, stage: 0, mb: 0 }]]);
+        // Gradient accumulation: each micro-batch's forward and backward in turn.
+        return Ok(vec![(0..plan.microbatches).flat_map(|mb| [Action { op: Op::F, stage: 0, mb }, Action { op: Op::B, stage: 0, mb }]).collect()]);
     }
     let shape = burn_parallel_schedules::PipelineShape::new(plan.pp, plan.virtual_stages, plan.microbatches);
     let schedule = burn_parallel_schedules::schedule_by_name(&plan.schedule).map_err(|e| e.to_string())?;

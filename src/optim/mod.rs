@@ -15,8 +15,8 @@
 //! State per parameter (its owned rows, flattened, f32): AdamW's two moments, the step count,
 //! and for non-f32 parameters the f32 master copy (for f32 parameters the parameter is the
 //! master). Model-state bytes per parameter and rank: bf16 params 2 + f32 gradients 4 + master
-//! and moments 12 = 18, and 2 + 4 + 12/dp with ZeRO (Megatron's figures); f32: 4 + 4 + 8 (+ 8/dp
-//! with ZeRO). Checkpoints ([`DistAdamW::state_tensors`], [`DistAdamW::load`]) store the master
+//! and moments 12 = 18, and 2 + 4 + 12/dp with ZeRO (Megatron's figures); f32: params 4 +
+//! gradients 4 + moments 8 = 16, and 4 + 4 + 8/dp with ZeRO. Checkpoints ([`DistAdamW::state_tensors`], [`DistAdamW::load`]) store the master
 //! as the model's weights and the moments as boxes of the whole tensors, so they load with or
 //! without ZeRO, at any dp and in either precision.
 
