@@ -183,6 +183,34 @@ fn a_signal_to_the_launcher_stops_every_rank() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A stop signal is passed on to the ranks, which get the grace period to finish (save a
+/// checkpoint) before they are killed; one that ignores it is killed when the grace ends.
+#[test]
+fn a_signal_to_the_launcher_gives_the_ranks_their_grace_period() {
+    let dir = std::env::temp_dir().join(format!("bp-launch-grace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = format!(
+        r#"if [ "$RANK" = 0 ]; then trap 'sleep 0.3; echo saved; exit 0' TERM; else trap '' TERM; fi; echo up > {}/up.$RANK; while true; do sleep 0.05; done"#,
+        dir.display()
+    );
+    let args = ["launch", "--nproc-per-node", "2", "--stop-grace-secs", "2", "--", "sh", "-c", &script];
+    let launcher = Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    while !(dir.join("up.0").exists() && dir.join("up.1").exists()) {
+        assert!(start.elapsed() < Duration::from_secs(10), "ranks never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let signalled = Instant::now();
+    Command::new("kill").args(["-TERM", &launcher.id().to_string()]).status().unwrap();
+    let out = launcher.wait_with_output().unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(128 + 15), "{t}");
+    assert!(t.contains("[rank 0] saved"), "rank 0 finished its save in the grace period: {t}");
+    let waited = signalled.elapsed();
+    assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(8), "rank 1 ignores SIGTERM: killed after the grace, waited {waited:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `burn-parallel memory --attention`: chunked and fused drop the `s²` terms from the table;
 /// a bad name or an attention without dropout under `--dropout` is a clear error.
 #[test]

@@ -182,6 +182,11 @@ pub(crate) struct Args {
     /// Initialise the weights from a model.safetensors (as written by --export) at any layout.
     #[arg(long)]
     pub(crate) init_from: Option<PathBuf>,
+    /// Append one JSON line per step (step, loss, lr, grad_norm, tokens_seen, tokens_per_sec,
+    /// elapsed_secs) and per evaluation (step, val_loss) to this file (`burn_parallel::metrics`;
+    /// a resumed run appends: the last record of a step counts).
+    #[arg(long)]
+    pub(crate) metrics: Option<PathBuf>,
     /// Print `step N loss L` every N steps on stdout (L printed exactly: bit-for-bit comparable).
     #[arg(long, default_value_t = 0)]
     pub(crate) print_every: usize,

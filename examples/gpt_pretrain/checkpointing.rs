@@ -209,9 +209,10 @@ where
     Ok(modules)
 }
 
-/// Whether to save after `done` steps of a run that ends at `last`.
-pub(crate) fn due(args: &Args, done: u64, last: u64) -> bool {
-    args.save_dir.is_some() && ((args.save_every > 0 && done.is_multiple_of(args.save_every as u64)) || done == last)
+/// Whether to save after `done` steps of a run that ends at `last` (or stops now: `stop`, a
+/// signal every rank agreed on).
+pub(crate) fn due(args: &Args, done: u64, last: u64, stop: Option<i32>) -> bool {
+    args.save_dir.is_some() && (stop.is_some() || (args.save_every > 0 && done.is_multiple_of(args.save_every as u64)) || done == last)
 }
 
 /// Saves (or, between saves, commits a finished asynchronous save).

@@ -150,6 +150,20 @@ impl Corpus {
         Ok((Tensor::from_data(TensorData::new(x, [n, seq]), device), Tensor::from_data(TensorData::new(y, [n, seq]), device)))
     }
 
+    /// The samples `samples` as `m` micro-batches of equal size, one after another.
+    pub fn microbatches<B: Backend>(
+        split: &Split,
+        samples: Range<u64>,
+        m: usize,
+        seq: usize,
+        sampler: &GlobalSampler,
+        device: &B::Device,
+    ) -> Result<Vec<Batch<B>>, String> {
+        let (m, first) = (m as u64, samples.start);
+        let per = (samples.end - first) / m;
+        (0..m).map(|i| Self::samples::<B>(split, first + i * per..first + (i + 1) * per, seq, sampler, device)).collect()
+    }
+
     /// Evaluation batch `i` of `batch` samples of the stream `name` (the same on every rank).
     pub fn eval_batch<B: Backend>(split: &Split, batch: usize, seq: usize, name: &str, i: usize, device: &B::Device) -> Result<Batch<B>, String> {
         let first = (i * batch) as u64;

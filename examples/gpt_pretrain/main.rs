@@ -13,6 +13,7 @@ mod checkpointing;
 mod corpus;
 mod device;
 mod pipelined;
+mod report;
 #[cfg(test)]
 mod tests;
 
@@ -33,7 +34,7 @@ use checkpointing::Start;
 
 use corpus::{Corpus, Split};
 use device::DeviceBytes;
-use indicatif::{ProgressBar, ProgressStyle};
+use report::{Reporter, Throughput};
 
 /// What a rank reports (rank 0's losses, sample and throughput are printed).
 pub(crate) struct Summary {
@@ -46,6 +47,25 @@ pub(crate) struct Summary {
     pub(crate) val_loss: f32,
     pub(crate) tokens_per_sec: f64,
     pub(crate) sample: String,
+    /// Stopped early by this signal after this many steps (`burn_parallel::preempt`).
+    pub(crate) stopped: Option<(i32, u64)>,
+}
+
+impl Summary {
+    /// A run stopped by `signal` after `steps` steps (saved, not evaluated).
+    pub(crate) fn stopped(rank: usize, signal: i32, steps: u64) -> Self {
+        let nan = f32::NAN;
+        Summary {
+            rank,
+            device_bytes: None,
+            first_loss: nan,
+            train_loss: nan,
+            val_loss: nan,
+            tokens_per_sec: 0.0,
+            sample: String::new(),
+            stopped: Some((signal, steps)),
+        }
+    }
 }
 
 /// The model the flags describe. The vocabulary is the tokenizer's, padded to a multiple of
@@ -105,16 +125,6 @@ fn evaluate<B: ParallelBackend>(gpt: &Gpt<B>, split: &Split, name: &str, args: &
     Ok(total / args.eval_batches as f32)
 }
 
-pub(crate) fn progress(args: &Args, rank: usize, start: u64) -> ProgressBar {
-    if rank != 0 {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(args.exit_at_step.unwrap_or(args.steps) as u64);
-    bar.set_position(start);
-    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}").unwrap().progress_chars("=> "));
-    bar
-}
-
 fn train_rank<B>(args: &Args, comm: Comm, device: B::Device, data: &Corpus, start: &Start) -> Result<Summary, String>
 where
     B: AutodiffBackend + ParallelBackend + BackwardWith + DeviceBytes,
@@ -131,38 +141,42 @@ where
     let mut train = start.train_state();
     let mut saver = checkpointing::saver(args, &groups, train.step)?;
     let last = args.exit_at_step.unwrap_or(args.steps) as u64;
-    let bar = progress(args, rank, train.step);
+    let mut reporter = Reporter::new(args, rank, train.step)?;
     let tokens_per_step = (args.dp * args.batch_size * args.seq_len) as f64;
     let (mut first_loss, first_step) = (f32::NAN, train.step);
     let mut throughput = Throughput::new(first_step);
     let sampler = GlobalSampler::new(args.seed, "train");
-    let microbatches = pipelined::microbatches(args);
+    let mut stopped = None;
     while train.step < last {
         let (t0, step) = (Instant::now(), train.step as usize);
         let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
-        let (m, first) = (microbatches as u64, samples.start);
-        let per = (samples.end - first) / m;
-        let mbs = (0..m).map(|i| Corpus::samples::<B>(&data.train, first + i * per..first + (i + 1) * per, args.seq_len, &sampler, &device));
-        let (loss, grads) = gpt.forward_backward_accumulated(mbs.collect::<Result<_, _>>()?).map_err(|e| e.to_string())?;
-        gpt = optim.step(lr_at(args, step), vec![(gpt, grads)], args.clip_grad).map_err(|e| e.to_string())?.0.remove(0);
+        let mbs = Corpus::microbatches::<B>(&data.train, samples, pipelined::microbatches(args), args.seq_len, &sampler, &device)?;
+        let (loss, grads) = gpt.forward_backward_accumulated(mbs).map_err(|e| e.to_string())?;
+        let (mut parts, norm) = optim.step(lr_at(args, step), vec![(gpt, grads)], args.clip_grad).map_err(|e| step_error(step, e))?;
+        gpt = parts.remove(0);
         let loss = dp_mean(loss, &groups)?;
         advance(args, &mut train, step);
         throughput.step_done(train.step);
         if train.step == first_step + 1 {
             first_loss = loss;
         }
-        report(args, &bar, rank, step, loss, tokens_per_step / t0.elapsed().as_secs_f64());
-        let save = checkpointing::due(args, train.step, last).then(|| checkpointing::snapshot(args, &groups, &train, &[(&gpt, &same)], &optim));
+        reporter.step(&train, loss, norm, tokens_per_step / t0.elapsed().as_secs_f64())?;
+        stopped = burn_parallel::preempt::agreed_stop(&groups.world).map_err(|e| e.to_string())?;
+        let save = checkpointing::due(args, train.step, last, stopped).then(|| checkpointing::snapshot(args, &groups, &train, &[(&gpt, &same)], &optim));
         checkpointing::after_step(&mut saver, save)?;
+        if stopped.is_some() {
+            break;
+        }
         if args.eval_every > 0 && (step + 1) % args.eval_every == 0 && step + 1 < args.steps {
             let val = evaluate(&gpt.valid(), &data.val, "val", args, &device)?;
-            if rank == 0 {
-                bar.suspend(|| tracing::info!(step = step + 1, train_loss = loss, val_loss = val, "evaluation"));
-            }
+            reporter.eval(train.step, loss, val)?;
         }
     }
-    bar.finish();
+    reporter.finish();
     checkpointing::finish(args, &mut saver, rank)?;
+    if let Some(signal) = stopped {
+        return Ok(Summary::stopped(rank, signal, train.step));
+    }
     let device_bytes = B::bytes_in_use(&device);
     let tokens_per_sec = throughput.tokens_per_sec(train.step, tokens_per_step);
     let model = gpt.valid();
@@ -171,34 +185,12 @@ where
     let prompt: Vec<usize> = data.val.window(0, args.seq_len.min(16))?.into_iter().map(|t| t as usize).collect();
     let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed).map_err(|e| e.to_string())?;
     let sample = data.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>()).map_err(|e| e.to_string())?;
-    Ok(Summary { rank, device_bytes, first_loss, train_loss, val_loss, tokens_per_sec, sample })
+    Ok(Summary { rank, device_bytes, first_loss, train_loss, val_loss, tokens_per_sec, sample, stopped: None })
 }
 
-/// Tokens per second over the steps after the first two (kernel compilation and warm-up on a
-/// GPU), or over every step of shorter runs.
-pub(crate) struct Throughput {
-    start: Instant,
-    first: u64,
-    warm: Option<(Instant, u64)>,
-}
-
-impl Throughput {
-    pub(crate) fn new(first: u64) -> Self {
-        Self { start: Instant::now(), first, warm: None }
-    }
-
-    pub(crate) fn step_done(&mut self, done: u64) {
-        if done == self.first + 2 {
-            self.warm = Some((Instant::now(), done));
-        }
-    }
-
-    pub(crate) fn tokens_per_sec(&self, done: u64, tokens_per_step: f64) -> f64 {
-        match self.warm {
-            Some((t, at)) if done > at => tokens_per_step * (done - at) as f64 / t.elapsed().as_secs_f64(),
-            _ => tokens_per_step * (done - self.first) as f64 / self.start.elapsed().as_secs_f64(),
-        }
-    }
+/// The error of optimizer step `step` (0-based), naming it.
+pub(crate) fn step_error(step: usize, e: burn_parallel::optim::OptimError) -> String {
+    format!("step {}: {e}", step + 1)
 }
 
 /// Counts step `step` as done: position in the data, tokens, learning rate.
@@ -207,15 +199,6 @@ pub(crate) fn advance(args: &Args, train: &mut TrainState, step: usize) {
     train.samples_seen += (args.dp * args.batch_size) as u64;
     train.tokens_seen += (args.dp * args.batch_size * args.seq_len) as u64;
     train.lr = lr_at(args, step);
-}
-
-/// Progress bar, and with `--print-every` the exact loss on stdout (rank 0).
-pub(crate) fn report(args: &Args, bar: &ProgressBar, rank: usize, step: usize, loss: f32, tokens_per_sec: f64) {
-    bar.set_message(format!("loss {loss:.4}  {tokens_per_sec:.0} tok/s"));
-    bar.inc(1);
-    if rank == 0 && args.print_every > 0 && (step + 1).is_multiple_of(args.print_every) {
-        bar.suspend(|| println!("step {} loss {loss:?}", step + 1));
-    }
 }
 
 /// Before any rank starts on `device`: the precision checked against the backend, the
@@ -283,6 +266,8 @@ fn main() {
 
 fn main_result(args: &Args) -> Result<(), String> {
     checkpointing::check_args(args)?;
+    // SIGTERM / Ctrl-C: every rank stops after the same step, saves (with --save-dir), exits 0.
+    burn_parallel::preempt::install();
     let mut args = args.clone();
     let start = checkpointing::open_start(&mut args)?;
     let args = &args;
@@ -300,6 +285,10 @@ fn main_result(args: &Args) -> Result<(), String> {
     if let Some(path) = &args.timeline {
         pipelined::write_timeline(args, path)?;
     }
+    if let Some(path) = &args.metrics {
+        // Opened (appending) before training, so a bad path fails now, not on every rank later.
+        burn_parallel::metrics::MetricsLog::append(path).map_err(|e| format!("--metrics: {e}"))?;
+    }
     if args.comm == CommKind::Nccl && args.device != DeviceKind::Cuda {
         return Err("--comm nccl needs --device cuda".into());
     }
@@ -311,6 +300,11 @@ fn main_result(args: &Args) -> Result<(), String> {
         DeviceKind::Wgpu => device::run_wgpu(args, &data, &start)?,
     };
     let summary = &summaries[0];
+    if let Some((signal, steps)) = summary.stopped {
+        let saved = args.save_dir.as_ref().map_or("no --save-dir: nothing saved".to_string(), |d| format!("saved in {}", d.display()));
+        println!("stopped by signal {signal} after step {steps} ({saved}; --resume latest goes on)");
+        return Ok(());
+    }
     println!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
     println!("{}", throughput_line(args, summary.tokens_per_sec));
     println!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);

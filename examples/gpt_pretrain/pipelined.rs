@@ -17,7 +17,8 @@ use burn_parallel_schedules::{render_svg, schedule_by_name, simulate, Costs, Pip
 
 use super::checkpointing::{self, Start};
 use super::corpus::{Corpus, Split};
-use super::{advance, dp_mean, gpt_config, lr_at, optimizer, progress, report, Args, Summary, Throughput};
+use super::report::{Reporter, Throughput};
+use super::{advance, dp_mean, gpt_config, lr_at, optimizer, step_error, Args, Summary};
 
 /// Micro-batches per step: the pipeline's (default 2 × pp), or without a pipeline gradient
 /// accumulation over them (default 1).
@@ -148,18 +149,19 @@ where
     let mut saver = checkpointing::saver(args, &groups, train.step)?;
     let last = args.exit_at_step.unwrap_or(args.steps) as u64;
     let rank = world.global_rank();
-    let bar = progress(args, rank, train.step);
+    let mut reporter = Reporter::new(args, rank, train.step)?;
     let tokens_per_step = (args.dp * args.batch_size * args.seq_len) as f64;
     let sampler = GlobalSampler::new(args.seed, "train");
     let (mut first_loss, first_step) = (f32::NAN, train.step);
     let mut throughput = Throughput::new(first_step);
+    let mut stopped = None;
     while train.step < last {
         let (t0, step) = (Instant::now(), train.step as usize);
         let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
         let mbs = split(args, &data.train, samples, &sampler)?;
         let out = exec.step(&mbs).map_err(|e| e.to_string())?;
         let parts = exec.stages().iter().map(|s| s.part.clone()).zip(out.grads).collect();
-        let (parts, _) = optim.step(lr_at(args, step), parts, args.clip_grad).map_err(|e| e.to_string())?;
+        let (parts, norm) = optim.step(lr_at(args, step), parts, args.clip_grad).map_err(|e| step_error(step, e))?;
         for (stage, part) in exec.stages_mut().iter_mut().zip(parts) {
             stage.part = part;
         }
@@ -169,24 +171,29 @@ where
         if train.step == first_step + 1 {
             first_loss = loss;
         }
-        report(args, &bar, rank, step, loss, tokens_per_step / t0.elapsed().as_secs_f64());
-        let save = checkpointing::due(args, train.step, last).then(|| snapshot(args, &groups, &train, &exec, &optim));
+        reporter.step(&train, loss, norm, tokens_per_step / t0.elapsed().as_secs_f64())?;
+        stopped = burn_parallel::preempt::agreed_stop(&groups.world).map_err(|e| e.to_string())?;
+        let save = checkpointing::due(args, train.step, last, stopped).then(|| snapshot(args, &groups, &train, &exec, &optim));
         checkpointing::after_step(&mut saver, save)?;
+        if stopped.is_some() {
+            break;
+        }
         if args.eval_every > 0 && (step + 1) % args.eval_every == 0 && step + 1 < args.steps {
             let val = evaluate(args, &exec, &data.val, "val")?;
-            if rank == 0 {
-                bar.suspend(|| tracing::info!(step = step + 1, train_loss = loss, val_loss = val, "evaluation"));
-            }
+            reporter.eval(train.step, loss, val)?;
         }
     }
-    bar.finish();
+    reporter.finish();
     checkpointing::finish(args, &mut saver, rank)?;
+    if let Some(signal) = stopped {
+        return Ok(Summary::stopped(rank, signal, train.step));
+    }
     let device_bytes = B::bytes_in_use(&device);
     let tokens_per_sec = throughput.tokens_per_sec(train.step, tokens_per_step);
     let train_loss = evaluate(args, &exec, &data.train, "train-eval")?;
     let val_loss = evaluate(args, &exec, &data.val, "val")?;
     let sample = "(sampling needs the whole model on one rank: run with --pp 1 to see generated text)".to_string();
-    Ok(Summary { rank, device_bytes, first_loss, train_loss, val_loss, tokens_per_sec, sample })
+    Ok(Summary { rank, device_bytes, first_loss, train_loss, val_loss, tokens_per_sec, sample, stopped: None })
 }
 
 /// This rank's stages, optimizers and streams after `train.step` steps.

@@ -193,6 +193,33 @@ fn sigkill_at_random_moments_never_loses_the_last_checkpoint() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// SIGTERM (a pre-empted job, or Ctrl-C): every rank stops after the same step, saves it and
+/// exits 0; the resumed run goes on with the uninterrupted losses, bit for bit.
+#[test]
+fn sigterm_saves_the_step_every_rank_stopped_at_and_the_resume_is_bit_exact() {
+    for layout in ["--tp 2 --dp 2", "--pp 2 --microbatches 2"] {
+        let dir = fresh("sigterm");
+        let base = format!("{TINY} --layers 2 --steps 120 --dropout 0.1 {layout}");
+        let whole = losses(&base);
+        let mut c = child(&format!("{base} --save-dir {}", dir.display())).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let mut lines = BufReader::new(c.stdout.take().unwrap()).lines().map_while(Result::ok);
+        let mut out: Vec<String> = lines.by_ref().take_while(|l| !l.contains("step 3 loss")).collect();
+        Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+        out.push("step 3 loss".into()); // the line take_while consumed (its loss is in `whole`)
+        out.extend(lines);
+        let status = c.wait().unwrap();
+        let all = out.join("\n");
+        assert!(status.success(), "{layout}: {status:?}\n{all}");
+        let at = all.find("stopped by signal 15 after step ").unwrap_or_else(|| panic!("{layout}: {all}"));
+        let step: usize = all[at..].split_whitespace().nth(6).and_then(|n| n.parse().ok()).unwrap();
+        assert!((3..120).contains(&step), "{layout}: stopped after step {step}");
+        assert_eq!(latest_step(&dir), Some(step as u64), "{layout}: the step it stopped after is saved");
+        let rest = losses(&format!("{base} --save-dir {} --resume latest", dir.display()));
+        assert_eq!(rest, whole[step..], "{layout}: the resumed run differs from the uninterrupted one");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
 #[test]
 fn a_failing_write_stops_training_with_the_error_and_keeps_the_previous_checkpoint() {
     use std::os::unix::process::CommandExt;
@@ -402,6 +429,50 @@ fn gradient_accumulation_prints_the_pipelines_losses() {
     for (a, b) in one.iter().zip(&four) {
         assert!((a - b).abs() <= 1e-5 * a.abs(), "one micro-batch {one:?}, four {four:?}");
     }
+}
+
+/// `--metrics FILE`: one JSON line per step (its loss the printed one, bit for bit; the gradient
+/// norm; the tokens seen) and one per evaluation; a resumed run appends.
+#[test]
+fn metrics_are_json_lines_and_a_resume_appends() {
+    use burn_parallel::metrics::{EvalMetrics, StepMetrics};
+    let dir = fresh("metrics");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("metrics.jsonl");
+    let tiny = TINY.replace("--eval-every 0", "--eval-every 2");
+    let base = format!("{tiny} --layers 2 --steps 4 --save-dir {} --metrics {}", dir.join("ckpt").display(), file.display());
+    let printed = [losses(&format!("{base} --exit-at-step 3")), losses(&format!("{base} --resume latest"))].concat();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let steps: Vec<StepMetrics> = text.lines().filter(|l| l.contains("\"loss\"")).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let evals: Vec<EvalMetrics> = text.lines().filter(|l| l.contains("val_loss")).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(steps.iter().map(|s| s.step).collect::<Vec<_>>(), [1, 2, 3, 4], "{text}");
+    let logged: Vec<String> = steps.iter().map(|s| format!("step {} loss {:?}", s.step, s.loss)).collect();
+    assert_eq!(logged, printed);
+    assert!(steps.iter().all(|s| s.grad_norm.is_some_and(|n| n.is_finite() && n > 0.0) && s.tokens_seen == s.step * 4 * 16), "{text}");
+    assert_eq!(evals.iter().map(|e| e.step).collect::<Vec<_>>(), [2], "{text}");
+    let e = error_of(&format!("{TINY} --steps 1 --metrics {}", dir.join("missing/m.jsonl").display()));
+    assert!(e.contains("--metrics: cannot open the metrics file"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A diverging run (an absurd learning rate) stops at the first non-finite gradient norm, naming
+/// the step, before the NaN reaches the weights: the checkpoint of the step before is the
+/// newest, and finite.
+#[test]
+fn a_diverging_run_stops_at_the_first_nonfinite_gradient_and_keeps_its_checkpoint() {
+    let dir = fresh("diverge");
+    let o = run(&format!("{TINY} --layers 2 --steps 20 --warmup 0 --lr 1e30 --save-dir {} --save-every 1", dir.display()));
+    let t = text(&o);
+    assert!(!o.status.success() && !t.contains("panicked"), "{t}");
+    let at = t.find(": the global gradient norm is").unwrap_or_else(|| panic!("{t}"));
+    let step: u64 = t[..at].rsplit("step ").next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{t}"));
+    assert_eq!(latest_step(&dir), Some(step - 1), "{t}");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    for name in ckpt.metadata().tensors.keys() {
+        let values = ckpt.read_full(name).unwrap().convert::<f32>().to_vec::<f32>().unwrap();
+        assert!(values.iter().all(|v| v.is_finite()), "{name} holds a non-finite value");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// GPT-2 124M multiplies by 85.06M block weights and the 768 × 50304 head per token (the

@@ -41,6 +41,10 @@ enum Cmd {
         /// Rendezvous port on rank 0.
         #[arg(long, default_value_t = 29500)]
         master_port: u16,
+        /// On Ctrl-C / SIGTERM / SIGHUP: seconds the ranks get (the signal passed on) to save
+        /// and exit before they are killed.
+        #[arg(long, default_value_t = 30)]
+        stop_grace_secs: u64,
         /// The program and its arguments (after `--`).
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -256,8 +260,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let code = match Cli::parse().command {
-        Cmd::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, command } => {
-            match launch(&LaunchOptions { nproc_per_node, nnodes, node_rank, master_addr, master_port, command }) {
+        Cmd::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, stop_grace_secs, command } => {
+            let grace = std::time::Duration::from_secs(stop_grace_secs);
+            match launch(&LaunchOptions { nproc_per_node, nnodes, node_rank, master_addr, master_port, command, grace }) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("burn-parallel launch: {e}");

@@ -14,8 +14,10 @@ extern "C" fn on_signal(sig: libc::c_int) {
     STOP_SIGNAL.store(sig, Ordering::SeqCst);
 }
 
-/// Ctrl-C / SIGTERM / SIGHUP on the launcher stop every rank (the ranks lead their own process
-/// groups, so the terminal's signal reaches only the launcher).
+/// Ctrl-C / SIGTERM / SIGHUP on the launcher stop every rank: the signal is passed on to each
+/// rank's process group (the ranks lead their own groups, so the terminal's signal reaches only
+/// the launcher), which gets [`LaunchOptions::grace`] to finish (e.g. save a checkpoint:
+/// `burn_parallel::preempt`) before SIGKILL.
 fn install_signal_handlers() {
     #[cfg(unix)]
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
@@ -41,6 +43,8 @@ pub struct LaunchOptions {
     pub master_port: u16,
     /// The program and its arguments.
     pub command: Vec<String>,
+    /// After a stop signal, how long the ranks may take to exit before they are killed.
+    pub grace: Duration,
 }
 
 /// Forwards a rank's output line by line (bytes that are not UTF-8 shown lossily: stopping at
@@ -107,7 +111,8 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
     let code = loop {
         let sig = STOP_SIGNAL.load(Ordering::SeqCst);
         if sig != 0 {
-            eprintln!("burn-parallel launch: got signal {sig}; stopping every rank");
+            eprintln!("burn-parallel launch: got signal {sig}; passing it on to every rank ({:?} to exit before SIGKILL)", o.grace);
+            signal_all(&mut children, sig, o.grace);
             stop(&mut children);
             break 128 + sig;
         }
@@ -140,6 +145,23 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(code)
+}
+
+/// Sends `sig` to every running rank's process group and waits up to `grace` for them to exit.
+fn signal_all(children: &mut [(usize, Child)], sig: i32, grace: Duration) {
+    for (_, c) in children.iter_mut() {
+        if !matches!(c.try_wait(), Ok(Some(_))) {
+            #[cfg(unix)]
+            // SAFETY: kill(2) on the process group the child leads; no memory is touched.
+            unsafe {
+                libc::kill(-(c.id() as i32), sig);
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline && children.iter_mut().any(|(_, c)| !matches!(c.try_wait(), Ok(Some(_)))) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Kills every rank's process group (what a rank started too, also for a rank that already

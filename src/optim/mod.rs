@@ -6,8 +6,11 @@
 //! 2. data parallelism: the mean over the DP group, by bucketed all-reduce; with **ZeRO-1** by
 //!    bucketed **reduce-scatter**, so each DP rank gets only the rows of each parameter it owns
 //!    ([`shard`]);
-//! 3. optional global-norm clipping over everything (TP-sharded parameters summed over TP,
-//!    replicated ones counted once, DP shards summed over DP under ZeRO, stages over PP);
+//! 3. the global gradient norm over everything (TP-sharded parameters summed over TP,
+//!    replicated ones counted once, DP shards summed over DP under ZeRO, stages over PP):
+//!    optional clipping to a maximum, and (by default, as Megatron's
+//!    `check_for_nan_in_loss_and_grad`) a NaN or infinite norm fails the step on every rank
+//!    alike with [`OptimError::NonFinite`] before anything changes;
 //! 4. AdamW on this rank's rows in f32, the same operations in the same order as Burn's
 //!    `AdamW` (so plain DP in f32 is bitwise Burn's optimizer);
 //! 5. the new values cast to the parameter dtype; under ZeRO **all-gathered** over DP.
@@ -73,6 +76,28 @@ pub struct DistAdamWConfig {
     /// (`benches/optim_step.rs`).
     #[config(default = 0)]
     pub group_bytes: usize,
+    /// Fail a step whose global gradient norm is NaN or infinite ([`OptimError::NonFinite`]),
+    /// before any parameter or state changes, instead of writing NaNs into the weights (and
+    /// from there into every later checkpoint). Costs the norm (one pass over the gradients and
+    /// a scalar all-reduce per model-parallel group) where no clipping computes it anyway.
+    #[config(default = true)]
+    pub check_finite: bool,
+}
+
+/// Why [`DistAdamW::step`] did not update.
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    /// A collective failed.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    /// The global gradient norm is not finite: some gradient on some rank holds a NaN or an
+    /// infinity (a diverging run, an overflow). Every rank of the model sees the same norm, so
+    /// all fail together; nothing was updated.
+    #[error("the global gradient norm is {norm} (a NaN or infinite gradient on some rank): the step is not applied, the parameters and optimizer state are unchanged (diverging? lower the learning rate or clip the gradients)")]
+    NonFinite {
+        /// The norm.
+        norm: f32,
+    },
 }
 
 /// AdamW with f32 master weights and optional ZeRO-1. See the [module docs](self).
@@ -199,8 +224,16 @@ where
 
     /// One step over this rank's `parts` with their gradients (see the [module docs](self));
     /// clips the global norm to `max_norm` if given. Returns the updated parts and the global
-    /// gradient norm (before clipping) when it was computed.
-    pub fn step<M: AutodiffModule<B>>(&mut self, lr: f64, parts: Vec<(M, GradientsParams)>, max_norm: Option<f32>) -> Result<(Vec<M>, Option<f32>), CommError> {
+    /// gradient norm (before clipping) when it was computed (with clipping or
+    /// [`check_finite`](DistAdamWConfig::check_finite)). A non-finite norm is
+    /// [`OptimError::NonFinite`]; the parts are consumed either way (clone them first to go on
+    /// without the step: Burn modules share their tensors, so a clone is cheap).
+    pub fn step<M: AutodiffModule<B>>(
+        &mut self,
+        lr: f64,
+        parts: Vec<(M, GradientsParams)>,
+        max_norm: Option<f32>,
+    ) -> Result<(Vec<M>, Option<f32>), OptimError> {
         let (mut modules, mut entries) = (Vec::new(), Vec::new());
         for (module, mut grads) in parts {
             let mut g = Gather::<B> { grads: &mut grads, path: Vec::new(), types: Vec::new(), out: Vec::new() };
@@ -209,17 +242,19 @@ where
             modules.push(module);
         }
         let mut grads = self.reduce(&mut entries)?;
-        let norm = match max_norm {
-            Some(max) => {
-                let norm = self.global_norm(&entries, &grads)?;
-                if norm > max {
-                    let factor = max / (norm + 1e-6);
-                    grads = grads.into_iter().map(|g| g.mul_scalar(factor)).collect();
-                }
-                Some(norm)
-            }
-            None => None,
+        let norm = match max_norm.is_some() || self.config.check_finite {
+            true => Some(self.global_norm(&entries, &grads)?),
+            false => None,
         };
+        if let Some(norm) = norm.filter(|n| !n.is_finite() && self.config.check_finite) {
+            return Err(OptimError::NonFinite { norm });
+        }
+        if let (Some(max), Some(norm)) = (max_norm, norm) {
+            if norm > max {
+                let factor = max / (norm + 1e-6);
+                grads = grads.into_iter().map(|g| g.mul_scalar(factor)).collect();
+            }
+        }
         let (own, left) = self.update_all(&entries, grads, lr);
         let values = self.gather(&entries, own)?;
         let mut apply = Apply { values: entries.iter().map(|e| e.id).zip(values).collect(), copy: left.into_iter().collect() };
