@@ -26,6 +26,9 @@ use burn::tensor::TensorData;
 use crate::error::CommError;
 use crate::{Comm, ReduceOp};
 
+/// The code [`request`] takes for a time limit (not a signal number: above them all).
+pub const TIME_LIMIT: i32 = 1000;
+
 /// The first stop signal this process received (0: none).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
@@ -67,7 +70,7 @@ pub fn agreed_stop(world: &Comm) -> Result<Option<i32>, CommError> {
 }
 
 /// Sets the stop signal as if `signal` had arrived (tests, or a program that decides to stop
-/// for its own reasons, e.g. a time limit).
+/// for its own reasons, e.g. a time limit: [`TIME_LIMIT`]).
 pub fn request(signal: i32) {
     SIGNAL.store(signal, Ordering::SeqCst);
 }

@@ -182,6 +182,11 @@ pub(crate) struct Args {
     /// Initialise the weights from a model.safetensors (as written by --export) at any layout.
     #[arg(long)]
     pub(crate) init_from: Option<PathBuf>,
+    /// Stop (and save, with --save-dir) after the first step that ends this many minutes after
+    /// training started (a scheduler's time limit; Megatron's --exit-duration-in-mins); the run
+    /// exits 0 and `--resume latest` goes on.
+    #[arg(long)]
+    pub(crate) time_limit_mins: Option<f64>,
     /// Append one JSON line per step (step, loss, lr, grad_norm, tokens_seen, tokens_per_sec,
     /// elapsed_secs) and per evaluation (step, val_loss) to this file (`burn_parallel::metrics`;
     /// a resumed run appends: the last record of a step counts).
@@ -334,6 +339,7 @@ impl Args {
             ("--temperature", Some(self.temperature), at_least_0, "at least 0 (0: greedy)"),
             ("--clip-grad", self.clip_grad.map(f64::from), above_0, "above 0"),
             ("--peak-tflops", self.peak_tflops, above_0, "above 0"),
+            ("--time-limit-mins", self.time_limit_mins, at_least_0, "at least 0"),
         ];
         match checks.into_iter().find(|(_, value, ok, _)| value.is_some_and(|v| !ok(v))) {
             Some((flag, Some(value), _, want)) => Err(format!("{flag} {}: must be a finite number {want}", value as f32)),

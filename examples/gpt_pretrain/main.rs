@@ -146,7 +146,7 @@ where
     let (mut first_loss, first_step) = (f32::NAN, train.step);
     let mut throughput = Throughput::new(first_step);
     let sampler = GlobalSampler::new(args.seed, "train");
-    let mut stopped = None;
+    let (mut stopped, started) = (None, Instant::now());
     while train.step < last {
         let (t0, step) = (Instant::now(), train.step as usize);
         let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
@@ -161,7 +161,7 @@ where
             first_loss = loss;
         }
         reporter.step(&train, loss, norm, tokens_per_step / t0.elapsed().as_secs_f64())?;
-        stopped = burn_parallel::preempt::agreed_stop(&groups.world).map_err(|e| e.to_string())?;
+        stopped = agreed_stop(args, &groups, started)?;
         let save = checkpointing::due(args, train.step, last, stopped).then(|| checkpointing::snapshot(args, &groups, &train, &[(&gpt, &same)], &optim));
         checkpointing::after_step(&mut saver, save)?;
         if stopped.is_some() {
@@ -186,6 +186,15 @@ where
     let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed).map_err(|e| e.to_string())?;
     let sample = data.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>()).map_err(|e| e.to_string())?;
     Ok(Summary { rank, device_bytes, first_loss, train_loss, val_loss, tokens_per_sec, sample, stopped: None })
+}
+
+/// Whether every rank stops after this step: a stop signal any rank received, or this rank's
+/// `--time-limit-mins` passed since `started` (`burn_parallel::preempt`).
+pub(crate) fn agreed_stop(args: &Args, groups: &ProcessGroups, started: Instant) -> Result<Option<i32>, String> {
+    if args.time_limit_mins.is_some_and(|m| started.elapsed().as_secs_f64() >= m * 60.0) {
+        burn_parallel::preempt::request(burn_parallel::preempt::TIME_LIMIT);
+    }
+    burn_parallel::preempt::agreed_stop(&groups.world).map_err(|e| e.to_string())
 }
 
 /// The error of optimizer step `step` (0-based), naming it.
@@ -302,7 +311,11 @@ fn main_result(args: &Args) -> Result<(), String> {
     let summary = &summaries[0];
     if let Some((signal, steps)) = summary.stopped {
         let saved = args.save_dir.as_ref().map_or("no --save-dir: nothing saved".to_string(), |d| format!("saved in {}", d.display()));
-        println!("stopped by signal {signal} after step {steps} ({saved}; --resume latest goes on)");
+        let why = match signal {
+            burn_parallel::preempt::TIME_LIMIT => format!("--time-limit-mins {}", args.time_limit_mins.unwrap_or_default()),
+            s => format!("signal {s}"),
+        };
+        println!("stopped by {why} after step {steps} ({saved}; --resume latest goes on)");
         return Ok(());
     }
     println!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);

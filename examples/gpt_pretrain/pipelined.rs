@@ -18,7 +18,7 @@ use burn_parallel_schedules::{render_svg, schedule_by_name, simulate, Costs, Pip
 use super::checkpointing::{self, Start};
 use super::corpus::{Corpus, Split};
 use super::report::{Reporter, Throughput};
-use super::{advance, dp_mean, gpt_config, lr_at, optimizer, step_error, Args, Summary};
+use super::{advance, agreed_stop, dp_mean, gpt_config, lr_at, optimizer, step_error, Args, Summary};
 
 /// Micro-batches per step: the pipeline's (default 2 × pp), or without a pipeline gradient
 /// accumulation over them (default 1).
@@ -154,7 +154,7 @@ where
     let sampler = GlobalSampler::new(args.seed, "train");
     let (mut first_loss, first_step) = (f32::NAN, train.step);
     let mut throughput = Throughput::new(first_step);
-    let mut stopped = None;
+    let (mut stopped, started) = (None, Instant::now());
     while train.step < last {
         let (t0, step) = (Instant::now(), train.step as usize);
         let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
@@ -172,7 +172,7 @@ where
             first_loss = loss;
         }
         reporter.step(&train, loss, norm, tokens_per_step / t0.elapsed().as_secs_f64())?;
-        stopped = burn_parallel::preempt::agreed_stop(&groups.world).map_err(|e| e.to_string())?;
+        stopped = agreed_stop(args, &groups, started)?;
         let save = checkpointing::due(args, train.step, last, stopped).then(|| snapshot(args, &groups, &train, &exec, &optim));
         checkpointing::after_step(&mut saver, save)?;
         if stopped.is_some() {

@@ -1,0 +1,229 @@
+//! Checkpoints, stops and crashes of the example, in real processes.
+
+use super::*;
+
+#[test]
+fn resume_prints_the_same_losses_bit_for_bit() {
+    for layout in [
+        "--tp 2",
+        "--dp 2 --pp 2 --microbatches 2",
+        "--tp 2 --sequence-parallel --dp 2",
+        "--pp 2 --schedule interleaved-1f1b --microbatches 4",
+        "--dp 2 --zero 1 --precision bf16 --tp 2",
+        "--dp 2 --zero 1 --pp 2 --microbatches 2 --clip-grad 0.5",
+        "--tp 2 --sequence-parallel --recompute full",
+        "--pp 2 --microbatches 2 --recompute selective --precision bf16",
+        "--microbatches 2 --tp 2",
+    ] {
+        let dir = fresh("bitexact");
+        let base = format!("{TINY} --steps 6 --dropout 0.1 --layers 4 {layout}");
+        let whole = losses(&base);
+        let first = losses(&format!("{base} --exit-at-step 3 --save-dir {}", dir.display()));
+        let rest = losses(&format!("{base} --resume latest --save-dir {}", dir.display()));
+        assert_eq!(whole.len(), 6, "{layout}: {whole:?}");
+        assert_eq!([first, rest].concat(), whole, "{layout}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn sigkill_at_each_phase_of_a_save_leaves_a_loadable_checkpoint() {
+    let base = format!("{TINY} --tp 2 --steps 5 --dropout 0.1");
+    let whole = losses(&base);
+    // (phase, newest committed step after the kill): the rename into place is the commit.
+    for (phase, expect) in [("data-written", 2), ("metadata-written", 2), ("renamed", 3), ("retiring", 3)] {
+        let dir = fresh(&format!("kill-{phase}"));
+        let save = format!("--save-dir {} --keep 1", dir.display());
+        losses(&format!("{base} {save} --exit-at-step 2"));
+        kill_at(phase, &format!("{base} {save} --resume latest --save-every 1"));
+        assert_eq!(latest_step(&dir), Some(expect), "{phase}");
+        Checkpoint::open(&dir).unwrap().verify().unwrap();
+        let rest = losses(&format!("{base} {save} --resume latest --save-every 1"));
+        assert_eq!(rest, whole[expect as usize..], "{phase}: the resumed run differs from the uninterrupted one");
+        let leftovers: Vec<_> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+        assert!(leftovers.is_empty(), "{phase}: the next saves leave {leftovers:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_never_loses_the_last_checkpoint() {
+    // A bigger model, saved every step: kills land in every phase of saving and training.
+    let base = "--d-model 192 --layers 2 --heads 4 --seq-len 32 --batch-size 4 --eval-batches 1 --sample-tokens 4 --eval-every 0 --tp 2 --steps 400 --save-every 1 --keep 2";
+    let dir = fresh("kill-random");
+    let flags = format!("{base} --save-dir {}", dir.display());
+    let mut rng = burn_parallel::rng::HostRng::new(11, "kill-delays");
+    let (mut last, mut interrupted_saves) = (0, 0);
+    for round in 0..8 {
+        let resume = if latest_step(&dir).is_some() { " --resume latest" } else { "" };
+        let mut c = child(&format!("{flags}{resume}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 1200));
+        kill(&mut c);
+        let step = latest_step(&dir).unwrap_or(0);
+        assert!(step >= last, "round {round}: the newest checkpoint went back from {last} to {step}");
+        last = step;
+        if step > 0 {
+            Checkpoint::open(&dir).unwrap().verify().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+        interrupted_saves +=
+            std::fs::read_dir(&dir).map(|d| d.filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp-step")).count()).unwrap_or(0);
+    }
+    assert!(last > 0, "no checkpoint was committed in 8 rounds");
+    eprintln!("random kills: newest checkpoint step {last}, {interrupted_saves} kills interrupted a save");
+    let done = run(&format!("{flags} --resume latest --exit-at-step {}", last + 1));
+    assert!(done.status.success(), "{}", text(&done));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// SIGTERM (a pre-empted job, or Ctrl-C): every rank stops after the same step, saves it and
+/// exits 0; the resumed run goes on with the uninterrupted losses, bit for bit.
+#[test]
+fn sigterm_saves_the_step_every_rank_stopped_at_and_the_resume_is_bit_exact() {
+    for layout in ["--tp 2 --dp 2", "--pp 2 --microbatches 2"] {
+        let dir = fresh("sigterm");
+        let base = format!("{TINY} --layers 2 --steps 120 --dropout 0.1 {layout}");
+        let whole = losses(&base);
+        let mut c = child(&format!("{base} --save-dir {}", dir.display())).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let mut lines = BufReader::new(c.stdout.take().unwrap()).lines().map_while(Result::ok);
+        let mut out: Vec<String> = lines.by_ref().take_while(|l| !l.contains("step 3 loss")).collect();
+        Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+        out.push("step 3 loss".into()); // the line take_while consumed (its loss is in `whole`)
+        out.extend(lines);
+        let status = c.wait().unwrap();
+        let all = out.join("\n");
+        assert!(status.success(), "{layout}: {status:?}\n{all}");
+        let at = all.find("stopped by signal 15 after step ").unwrap_or_else(|| panic!("{layout}: {all}"));
+        let step: usize = all[at..].split_whitespace().nth(6).and_then(|n| n.parse().ok()).unwrap();
+        assert!((3..120).contains(&step), "{layout}: stopped after step {step}");
+        assert_eq!(latest_step(&dir), Some(step as u64), "{layout}: the step it stopped after is saved");
+        let rest = losses(&format!("{base} --save-dir {} --resume latest", dir.display()));
+        assert_eq!(rest, whole[step..], "{layout}: the resumed run differs from the uninterrupted one");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+/// `--time-limit-mins`: the run stops after the first step past the limit, saves it and exits 0.
+#[test]
+fn a_time_limit_stops_and_saves_like_a_signal() {
+    let dir = fresh("time-limit");
+    let o = run(&format!("{TINY} --layers 2 --steps 100000 --tp 2 --time-limit-mins 0.005 --save-dir {}", dir.display()));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let at = t.find("stopped by --time-limit-mins 0.005 after step ").unwrap_or_else(|| panic!("{t}"));
+    let step: u64 = t[at..].split_whitespace().nth(6).and_then(|n| n.parse().ok()).unwrap();
+    assert!(step > 0 && step < 100000 && latest_step(&dir) == Some(step), "{t}");
+    let e = error_of(&format!("{TINY} --steps 1 --time-limit-mins=-1"));
+    assert!(e.contains("--time-limit-mins -1: must be a finite number at least 0"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_failing_write_stops_training_with_the_error_and_keeps_the_previous_checkpoint() {
+    use std::os::unix::process::CommandExt;
+    let dir = fresh("disk-full");
+    let flags = format!("{TINY} --tp 2 --steps 4 --save-dir {}", dir.display());
+    losses(&format!("{flags} --exit-at-step 2"));
+    let mut c = child(&format!("{flags} --resume latest --save-every 1"));
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            // Files may not grow past 64 KiB (writes fail with EFBIG, as on a full disk).
+            let lim = libc::rlimit { rlim_cur: 64 << 10, rlim_max: 64 << 10 };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = c.output().unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("checkpoint: cannot write") && t.contains("rank-0000") && t.contains("File too large"), "{t}");
+    assert_eq!(latest_step(&dir), Some(2));
+    Checkpoint::open(&dir).unwrap().verify().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_checkpoint_flags_are_clear_errors() {
+    let dir = fresh("bad-flags");
+    let save = format!("--save-dir {}", dir.display());
+    let two = format!("{TINY} --layers 2");
+    let e = error_of(&format!("{two} --steps 2 --resume latest {save}"));
+    assert!(e.contains("--resume latest") && e.contains("no checkpoint in") && e.contains("does not exist"), "{e}");
+    std::fs::create_dir_all(&dir).unwrap();
+    let e = error_of(&format!("{two} --steps 2 --resume latest {save}"));
+    assert!(e.contains("holds no committed checkpoint"), "{e}");
+    losses(&format!("{two} --steps 2 {save}"));
+    let e = error_of(&format!("{two} --steps 4 --resume latest {save} --tp 3"));
+    assert!(e.contains("vocab_size = 256 there, 384 here (--tp 3 pads the vocabulary"), "{e}");
+    let e = error_of(&format!("{two} --steps 4 --resume latest {save} --tokenizer gpt2"));
+    assert!(e.contains("another tokenizer: a vocabulary of 256 tokens there, 50257 here (--tokenizer gpt2)"), "{e}");
+    let e = error_of(&format!("{two} --steps 4 --resume latest {save} --tp 8"));
+    assert!(e.contains("--tp 8") && e.contains("attention heads = 4 is not divisible by tensor_parallel = 8"), "{e}");
+    let e = error_of(&format!("{two} --steps 4 --resume latest {save} --pp 4 --microbatches 4"));
+    assert!(e.contains("2 layers cannot fill 4 pipeline stages"), "{e}");
+    let e = error_of(&format!("{TINY} --layers 3 --steps 4 --resume latest {save}"));
+    assert!(e.contains("another model: n_layers = 2 there, 3 here"), "{e}");
+    let e = error_of(&format!("{two} --steps 4 --resume latest {save} --d-ff 64"));
+    assert!(e.contains("another model: d_ff = 128 there, 64 here"), "{e}");
+    let e = error_of(&format!("{two} --steps 4 {save}"));
+    assert!(e.contains("newer than step 0"), "a second run into a used save directory: {e}");
+    let e = error_of(&format!("{two} --steps 4 --save-every 2"));
+    assert!(e.contains("need --save-dir"), "{e}");
+    let file = dir.join("latest");
+    let e = error_of(&format!("{two} --steps 1 --save-dir {}", file.display()));
+    assert!(e.contains("--save-dir") && e.contains("latest is not a directory"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_exported_model_initialises_any_layout() {
+    let dir = fresh("export");
+    let file = dir.join("model.safetensors");
+    losses(&format!("{TINY} --steps 3 --tp 2 --save-dir {} --export {}", dir.display(), file.display()));
+    let first = |layout: &str| loss_values(&losses(&format!("{TINY} --steps 3 --exit-at-step 1 --init-from {} {layout}", file.display())))[0];
+    let (a, b, c) = (first("--tp 1"), first("--tp 4"), first("--pp 2 --microbatches 2"));
+    let scratch = loss_values(&losses(&format!("{TINY} --steps 3 --exit-at-step 1")))[0];
+    assert!((a - b).abs() < 1e-5 && (a - c).abs() < 1e-5, "{a} {b} {c}");
+    assert!((a - scratch).abs() > 1e-3, "the exported weights are not the seed's: {a} vs {scratch}");
+    // A bf16 run keeps the exported f32 values as its masters: at lr 0 its own export equals them.
+    let (again, out) = (dir.join("bf16"), dir.join("bf16.safetensors"));
+    losses(&format!("{TINY} --steps 1 --lr 0 --precision bf16 --init-from {} --save-dir {} --export {}", file.display(), again.display(), out.display()));
+    let weights = |f: &Path| Checkpoint::open_safetensors(f, "").unwrap().read_full("blocks.0.mlp.fc1.weight").unwrap().to_vec::<f32>().unwrap();
+    assert!(weights(&out) == weights(&file), "the masters are the exported f32 values, not their bf16 rounding");
+    // A model of byte tokens does not initialise a GPT-2-token run (the export names its config).
+    let e = error_of(&format!("{TINY} --steps 1 --init-from {} --tokenizer gpt2", file.display()));
+    assert!(e.contains("--init-from") && e.contains("another tokenizer: a vocabulary of 256 tokens there, 50257 here"), "{e}");
+    // The byte vocabulary padded at --tp 3 (256 → 384 rows) initialises tp 1 and 2 (which divide
+    // 384): the padding is kept, not redone for the new --tp.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let three = "--d-model 48 --heads 6 --seq-len 16 --batch-size 4 --eval-batches 1 --sample-tokens 4 --eval-every 0 --print-every 1 --steps 3";
+    losses(&format!("{three} --tp 3 --save-dir {} --export {}", dir.display(), file.display()));
+    let first = |layout: &str| loss_values(&losses(&format!("{three} --exit-at-step 1 --init-from {} {layout}", file.display())))[0];
+    let (a, b) = (first("--tp 1"), first("--tp 2"));
+    assert!((a - b).abs() < 1e-5, "{a} {b}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A diverging run (an absurd learning rate) stops at the first non-finite gradient norm, naming
+/// the step, before the NaN reaches the weights: the checkpoint of the step before is the
+/// newest, and finite.
+#[test]
+fn a_diverging_run_stops_at_the_first_nonfinite_gradient_and_keeps_its_checkpoint() {
+    let dir = fresh("diverge");
+    let o = run(&format!("{TINY} --layers 2 --steps 20 --warmup 0 --lr 1e30 --save-dir {} --save-every 1", dir.display()));
+    let t = text(&o);
+    assert!(!o.status.success() && !t.contains("panicked"), "{t}");
+    let at = t.find(": the global gradient norm is").unwrap_or_else(|| panic!("{t}"));
+    let step: u64 = t[..at].rsplit("step ").next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{t}"));
+    assert_eq!(latest_step(&dir), Some(step - 1), "{t}");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    for name in ckpt.metadata().tensors.keys() {
+        let values = ckpt.read_full(name).unwrap().convert::<f32>().to_vec::<f32>().unwrap();
+        assert!(values.iter().all(|v| v.is_finite()), "{name} holds a non-finite value");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
