@@ -65,8 +65,9 @@ run_step() { # name: runs it in the foreground, log to $out/.steps/name.txt
     nccl-bench) exec ./device_check nccl-bench ;;
     torch-nccl) exec python3 "$root/benches/torch_collectives.py" ;;
     # GPT-2 124M, B 8, T 1024 (the preset), the generated corpus through GPT-2's BPE: tokens/s and MFU.
-    gpt2) exec ./gpt_pretrain --model gpt2-124m --device cuda --precision bf16 --steps 25 --eval-every 0 --eval-batches 1 --sample-tokens 16 --print-every 5 --timeout-secs 900 ;;
-    gpt2-f32) exec ./gpt_pretrain --model gpt2-124m --device cuda --precision f32 --steps 15 --eval-every 0 --eval-batches 1 --sample-tokens 16 --print-every 5 --timeout-secs 900 ;;
+    # Each step's tokens/s, loss and gradient norm come back in $OUT/gpt2*.jsonl (--metrics).
+    gpt2) exec ./gpt_pretrain --model gpt2-124m --device cuda --precision bf16 --steps 25 --eval-every 0 --eval-batches 1 --sample-tokens 16 --print-every 5 --timeout-secs 900 --metrics "$out/gpt2.jsonl" ;;
+    gpt2-f32) exec ./gpt_pretrain --model gpt2-124m --device cuda --precision f32 --steps 15 --eval-every 0 --eval-batches 1 --sample-tokens 16 --print-every 5 --timeout-secs 900 --metrics "$out/gpt2-f32.jsonl" ;;
     torch-gpt2) exec python3 "$root/benches/torch_gpt2.py" ;;
     memory) exec ./device_check memory ;;
     attention) exec ./device_check attention ;;
@@ -86,7 +87,7 @@ start() { # name: starts the step in the background under its limit, clipped to 
   ((lim > left)) && lim=$left
   if ((lim < 20)); then echo "== $name: skipped (budget)" | tee -a "$log"; return 1; fi
   echo "== $name (limit ${lim}s, at ${SECONDS}s)"
-  ( t0=$SECONDS; timeout "$lim" bash -c "$(declare -f run_step); root='$root'; run_step $name" \
+  ( t0=$SECONDS; timeout "$lim" bash -c "$(declare -f run_step); root='$root'; out='$out'; run_step $name" \
       > "$out/.steps/$name.txt" 2>&1
     echo "rc=$? in $((SECONDS - t0))s" >> "$out/.steps/$name.txt" ) &
 }

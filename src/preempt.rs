@@ -1,8 +1,10 @@
 //! Graceful stop on a signal (preemption: Slurm and Kubernetes send SIGTERM some seconds before
-//! SIGKILL; Ctrl-C sends SIGINT), as Megatron's `--exit-signal-handler`: [`install`] the
-//! handler once, then after every step ask [`agreed_stop`] — one 4-byte max all-reduce over the
-//! world, so every rank stops after the same step whichever rank (or process) got the signal —
-//! and save before leaving. A second signal ends the process at once (exit code 128 + signal).
+//! SIGKILL; Ctrl-C sends SIGINT; a closed terminal SIGHUP), as Megatron's
+//! `--exit-signal-handler`: [`install`] the handler once training can be saved, then after every
+//! step ask [`agreed_stop`] — one 4-byte max all-reduce over the world, so every rank stops after
+//! the same step whichever rank (or process) got the signal — and save before leaving. A second
+//! Ctrl-C ends the process at once (exit code 130); repeated SIGTERM/SIGHUP are ignored (a
+//! scheduler and a launcher may both send one: the save must not be cut short).
 //!
 //! ```no_run
 //! # fn train_step() {}
@@ -32,19 +34,24 @@ pub const TIME_LIMIT: i32 = 1000;
 /// The first stop signal this process received (0: none).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
+/// A stop the program asked for ([`request`]; 0: none), kept apart from the signals so a real
+/// signal after it is still a first one.
+static REQUESTED: AtomicI32 = AtomicI32::new(0);
+
 #[cfg(unix)]
 extern "C" fn on_signal(sig: libc::c_int) {
-    if SIGNAL.swap(sig, Ordering::SeqCst) != 0 {
-        // SAFETY: _exit is async-signal-safe; a second signal means "now".
+    let first = SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+    if !first && sig == libc::SIGINT {
+        // SAFETY: _exit is async-signal-safe; a second Ctrl-C means "now".
         unsafe { libc::_exit(128 + sig) }
     }
 }
 
-/// Installs the handler of SIGTERM and SIGINT (idempotent). Until then, and on other systems,
-/// the signals keep their default action.
+/// Installs the handler of SIGTERM, SIGINT and SIGHUP (idempotent). Until then, and on other
+/// systems, the signals keep their default action (install it once there is something to save).
 pub fn install() {
     #[cfg(unix)]
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only touches an atomic and may call _exit (async-signal-safe).
         unsafe {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
@@ -52,27 +59,34 @@ pub fn install() {
     }
 }
 
-/// The stop signal this process received, if any (no communication).
+/// Why this process wants to stop, if it does (the signal it received, else a [`request`]; no
+/// communication).
 pub fn requested() -> Option<i32> {
-    Some(SIGNAL.load(Ordering::SeqCst)).filter(|&s| s != 0)
+    [SIGNAL.load(Ordering::SeqCst), REQUESTED.load(Ordering::SeqCst)].into_iter().find(|&s| s != 0)
 }
 
-/// Whether any rank of `world` received a stop signal: every rank gets the same answer (the
-/// largest signal number any rank saw). Call it at the same point of every step on every rank.
+/// Whether any rank of `world` wants to stop ([`requested`]): every rank gets the same answer.
+/// Call it at the same point of every step on every rank.
 pub fn agreed_stop(world: &Comm) -> Result<Option<i32>, CommError> {
-    let mine = SIGNAL.load(Ordering::SeqCst) as f32;
-    if world.size() == 1 {
-        return Ok(requested());
-    }
-    let all = world.all_reduce(TensorData::new(vec![mine], [1]), ReduceOp::Max)?;
-    let sig = all.to_vec::<f32>().map_err(|e| CommError::Backend(format!("stop flag: {e:?}")))?[0] as i32;
-    Ok(Some(sig).filter(|&s| s != 0))
+    agree(world, requested())
 }
 
-/// Sets the stop signal as if `signal` had arrived (tests, or a program that decides to stop
-/// for its own reasons, e.g. a time limit: [`TIME_LIMIT`]).
-pub fn request(signal: i32) {
-    SIGNAL.store(signal, Ordering::SeqCst);
+/// Every rank's `mine` combined: the largest code any rank of `world` passed, on every rank
+/// (one 4-byte max all-reduce; none for a world of one).
+pub fn agree(world: &Comm, mine: Option<i32>) -> Result<Option<i32>, CommError> {
+    if world.size() == 1 {
+        return Ok(mine);
+    }
+    let all = world.all_reduce(TensorData::new(vec![mine.unwrap_or(0) as f32], [1]), ReduceOp::Max)?;
+    let code = all.to_vec::<f32>().map_err(|e| CommError::Backend(format!("stop flag: {e:?}")))?[0] as i32;
+    Ok(Some(code).filter(|&s| s != 0))
+}
+
+/// Asks this process to stop as if a signal had arrived (a program's own reason, e.g. a time
+/// limit: [`TIME_LIMIT`]); 0 withdraws the request. Signals are kept apart: one arriving later
+/// is still handled as a first signal.
+pub fn request(code: i32) {
+    REQUESTED.store(code, Ordering::SeqCst);
 }
 
 #[cfg(test)]
@@ -80,18 +94,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_rank_agrees_on_a_signal_one_rank_saw() {
+    fn every_rank_agrees_on_what_one_rank_saw() {
         let world = crate::LocalWorld::new(3);
         let comms: Vec<Comm> = (0..3).map(|r| world.communicator(r)).collect();
-        let run = |comms: &[Comm]| -> Vec<Option<i32>> {
+        let run = |seen: [Option<i32>; 3]| -> Vec<Option<i32>> {
             std::thread::scope(|s| {
-                comms.iter().map(|c| s.spawn(|| agreed_stop(c).unwrap())).collect::<Vec<_>>().into_iter().map(|h| h.join().unwrap()).collect()
+                let handles: Vec<_> = comms.iter().zip(seen).map(|(c, mine)| s.spawn(move || agree(c, mine).unwrap())).collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
             })
         };
-        assert_eq!(run(&comms), [None, None, None]);
-        request(15);
-        assert_eq!(run(&comms), [Some(15); 3]);
-        assert_eq!(requested(), Some(15));
+        assert_eq!(run([None, None, None]), [None, None, None]);
+        assert_eq!(run([None, Some(15), None]), [Some(15); 3], "rank 1 alone got SIGTERM");
+        assert_eq!(run([Some(2), None, Some(TIME_LIMIT)]), [Some(TIME_LIMIT); 3]);
+        request(TIME_LIMIT);
+        assert_eq!(requested(), Some(TIME_LIMIT));
         request(0);
+        assert_eq!(requested(), None);
     }
 }

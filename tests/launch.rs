@@ -211,6 +211,37 @@ fn a_signal_to_the_launcher_gives_the_ranks_their_grace_period() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// After a stop signal: every rank exiting 0 (a clean, saved stop) makes the launcher exit 0; a
+/// second signal ends the grace period at once.
+#[test]
+fn a_clean_stop_exits_0_and_a_second_signal_ends_the_grace() {
+    let dir = std::env::temp_dir().join(format!("bp-launch-stop-{}", std::process::id()));
+    let run = |trap: &str, signals: u32| {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = format!("trap '{trap}' TERM; echo up > {}/up.$RANK; while true; do sleep 0.05; done", dir.display());
+        let args = ["launch", "--nproc-per-node", "2", "--stop-grace-secs", "30", "--", "sh", "-c", &script];
+        let mut launcher = Command::new(BIN).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let start = Instant::now();
+        while !(dir.join("up.0").exists() && dir.join("up.1").exists()) {
+            assert!(start.elapsed() < Duration::from_secs(10), "ranks never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let signalled = Instant::now();
+        for _ in 0..signals {
+            Command::new("kill").args(["-TERM", &launcher.id().to_string()]).status().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        (launcher.wait().unwrap().code(), signalled.elapsed())
+    };
+    let (code, _) = run("exit 0", 1);
+    assert_eq!(code, Some(0), "every rank stopped cleanly");
+    let (code, waited) = run("", 2);
+    assert_eq!(code, Some(128 + 15));
+    assert!(waited < Duration::from_secs(10), "the second signal ended the 30 s grace: {waited:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `burn-parallel memory --attention`: chunked and fused drop the `s²` terms from the table;
 /// a bad name or an attention without dropout under `--dropout` is a clear error.
 #[test]

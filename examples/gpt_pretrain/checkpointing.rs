@@ -232,6 +232,20 @@ pub(crate) fn after_step(saver: &mut Option<Checkpointer>, save: Option<Snapshot
     res.map_err(|e| format!("checkpoint: {e}"))
 }
 
+/// The error of optimizer step `step` (0-based), naming it. A non-finite gradient norm (every
+/// rank gets it at the same step) first completes the save in flight (`--async-save`), so the
+/// newest checkpoint is the last good one.
+pub(crate) fn step_failed(saver: &mut Option<Checkpointer>, step: usize, e: burn_parallel::optim::OptimError) -> String {
+    let msg = format!("step {}: {e}", step + 1);
+    match (saver, &e) {
+        (Some(s), burn_parallel::optim::OptimError::NonFinite { .. }) => match s.finish() {
+            Ok(_) => msg,
+            Err(f) => format!("{msg}; the checkpoint being saved failed too: {f}"),
+        },
+        _ => msg,
+    }
+}
+
 /// Ends the run's saving: waits for an asynchronous save; `--export` writes the newest
 /// checkpoint's model (rank 0).
 pub(crate) fn finish(args: &Args, saver: &mut Option<Checkpointer>, rank: usize) -> Result<(), String> {

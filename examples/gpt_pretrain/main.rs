@@ -16,15 +16,15 @@ mod pipelined;
 mod report;
 #[cfg(test)]
 mod tests;
+mod training;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use args::{Args, CommKind, DeviceKind};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use burn_parallel::attention::AttentionCore;
-use burn_parallel::checkpoint::TrainState;
 use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::data::GlobalSampler;
 use burn_parallel::optim::{DistAdamW, DistAdamWConfig};
@@ -34,7 +34,7 @@ use checkpointing::Start;
 
 use corpus::{Corpus, Split};
 use device::DeviceBytes;
-use report::{Reporter, Throughput};
+use training::Loop;
 
 /// What a rank reports (rank 0's losses, sample and throughput are printed).
 pub(crate) struct Summary {
@@ -138,76 +138,32 @@ where
     let mut optim = optimizer::<B>(args, &groups);
     let same = |p: &str| p.to_string();
     let mut gpt = checkpointing::restore(start, &groups, vec![(gpt, &same)], &mut optim)?.remove(0);
-    let mut train = start.train_state();
-    let mut saver = checkpointing::saver(args, &groups, train.step)?;
-    let last = args.exit_at_step.unwrap_or(args.steps) as u64;
-    let mut reporter = Reporter::new(args, rank, train.step)?;
-    let tokens_per_step = (args.dp * args.batch_size * args.seq_len) as f64;
-    let (mut first_loss, first_step) = (f32::NAN, train.step);
-    let mut throughput = Throughput::new(first_step);
+    let mut run = Loop::new(args, &groups, start)?;
     let sampler = GlobalSampler::new(args.seed, "train");
-    let (mut stopped, started) = (None, Instant::now());
-    while train.step < last {
-        let (t0, step) = (Instant::now(), train.step as usize);
-        let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
-        let mbs = Corpus::microbatches::<B>(&data.train, samples, pipelined::microbatches(args), args.seq_len, &sampler, &device)?;
+    while run.running() {
+        let mbs = Corpus::microbatches::<B>(&data.train, run.samples(), pipelined::microbatches(args), args.seq_len, &sampler, &device)?;
         let (loss, grads) = gpt.forward_backward_accumulated(mbs).map_err(|e| e.to_string())?;
-        let (mut parts, norm) = optim.step(lr_at(args, step), vec![(gpt, grads)], args.clip_grad).map_err(|e| step_error(step, e))?;
+        let (mut parts, norm) = optim.step(run.lr(), vec![(gpt, grads)], args.clip_grad).map_err(|e| run.failed(e))?;
         gpt = parts.remove(0);
-        let loss = dp_mean(loss, &groups)?;
-        advance(args, &mut train, step);
-        throughput.step_done(train.step);
-        if train.step == first_step + 1 {
-            first_loss = loss;
-        }
-        reporter.step(&train, loss, norm, tokens_per_step / t0.elapsed().as_secs_f64())?;
-        stopped = agreed_stop(args, &groups, started)?;
-        let save = checkpointing::due(args, train.step, last, stopped).then(|| checkpointing::snapshot(args, &groups, &train, &[(&gpt, &same)], &optim));
-        checkpointing::after_step(&mut saver, save)?;
-        if stopped.is_some() {
+        if !run.done(loss, norm, |train| checkpointing::snapshot(args, &groups, train, &[(&gpt, &same)], &optim))? {
             break;
         }
-        if args.eval_every > 0 && (step + 1) % args.eval_every == 0 && step + 1 < args.steps {
-            let val = evaluate(&gpt.valid(), &data.val, "val", args, &device)?;
-            reporter.eval(train.step, loss, val)?;
+        if run.eval_due() {
+            run.evaluated(evaluate(&gpt.valid(), &data.val, "val", args, &device)?);
         }
     }
-    reporter.finish();
-    checkpointing::finish(args, &mut saver, rank)?;
-    if let Some(signal) = stopped {
-        return Ok(Summary::stopped(rank, signal, train.step));
+    let ended = run.finish()?;
+    if let Some((signal, steps)) = ended.stopped {
+        return Ok(Summary::stopped(rank, signal, steps));
     }
     let device_bytes = B::bytes_in_use(&device);
-    let tokens_per_sec = throughput.tokens_per_sec(train.step, tokens_per_step);
     let model = gpt.valid();
     let train_loss = evaluate(&model, &data.train, "train-eval", args, &device)?;
     let val_loss = evaluate(&model, &data.val, "val", args, &device)?;
     let prompt: Vec<usize> = data.val.window(0, args.seq_len.min(16))?.into_iter().map(|t| t as usize).collect();
     let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed).map_err(|e| e.to_string())?;
     let sample = data.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>()).map_err(|e| e.to_string())?;
-    Ok(Summary { rank, device_bytes, first_loss, train_loss, val_loss, tokens_per_sec, sample, stopped: None })
-}
-
-/// Whether every rank stops after this step: a stop signal any rank received, or this rank's
-/// `--time-limit-mins` passed since `started` (`burn_parallel::preempt`).
-pub(crate) fn agreed_stop(args: &Args, groups: &ProcessGroups, started: Instant) -> Result<Option<i32>, String> {
-    if args.time_limit_mins.is_some_and(|m| started.elapsed().as_secs_f64() >= m * 60.0) {
-        burn_parallel::preempt::request(burn_parallel::preempt::TIME_LIMIT);
-    }
-    burn_parallel::preempt::agreed_stop(&groups.world).map_err(|e| e.to_string())
-}
-
-/// The error of optimizer step `step` (0-based), naming it.
-pub(crate) fn step_error(step: usize, e: burn_parallel::optim::OptimError) -> String {
-    format!("step {}: {e}", step + 1)
-}
-
-/// Counts step `step` as done: position in the data, tokens, learning rate.
-pub(crate) fn advance(args: &Args, train: &mut TrainState, step: usize) {
-    train.step += 1;
-    train.samples_seen += (args.dp * args.batch_size) as u64;
-    train.tokens_seen += (args.dp * args.batch_size * args.seq_len) as u64;
-    train.lr = lr_at(args, step);
+    Ok(Summary { rank, device_bytes, first_loss: ended.first_loss, train_loss, val_loss, tokens_per_sec: ended.tokens_per_sec, sample, stopped: None })
 }
 
 /// Before any rank starts on `device`: the precision checked against the backend, the
@@ -275,8 +231,6 @@ fn main() {
 
 fn main_result(args: &Args) -> Result<(), String> {
     checkpointing::check_args(args)?;
-    // SIGTERM / Ctrl-C: every rank stops after the same step, saves (with --save-dir), exits 0.
-    burn_parallel::preempt::install();
     let mut args = args.clone();
     let start = checkpointing::open_start(&mut args)?;
     let args = &args;
@@ -302,6 +256,9 @@ fn main_result(args: &Args) -> Result<(), String> {
         return Err("--comm nccl needs --device cuda".into());
     }
     let data = load(args)?;
+    // From here on SIGTERM / SIGHUP / Ctrl-C stop every rank after the same step and save it
+    // (before, they end the process at once: there is nothing to save yet).
+    burn_parallel::preempt::install();
     tracing::info!(dp = args.dp, tp = args.tp, pp = args.pp, sequence_parallel = args.sequence_parallel, device = ?args.device, steps = args.steps, "training");
     let summaries = match args.device {
         DeviceKind::Cpu => run::<burn::backend::Autodiff<burn::backend::Flex>>(args, Default::default(), &data, &start)?,
@@ -310,12 +267,16 @@ fn main_result(args: &Args) -> Result<(), String> {
     };
     let summary = &summaries[0];
     if let Some((signal, steps)) = summary.stopped {
-        let saved = args.save_dir.as_ref().map_or("no --save-dir: nothing saved".to_string(), |d| format!("saved in {}", d.display()));
         let why = match signal {
             burn_parallel::preempt::TIME_LIMIT => format!("--time-limit-mins {}", args.time_limit_mins.unwrap_or_default()),
             s => format!("signal {s}"),
         };
-        println!("stopped by {why} after step {steps} ({saved}; --resume latest goes on)");
+        let line = match &args.save_dir {
+            Some(dir) => format!("stopped by {why} after step {steps} (saved in {}; --resume latest goes on)", dir.display()),
+            None if signal == burn_parallel::preempt::TIME_LIMIT => format!("stopped by {why} after step {steps} (no --save-dir: nothing saved)"),
+            None => return Err(format!("stopped by {why} after step {steps}: nothing saved (no --save-dir)")),
+        };
+        println!("{line}");
         return Ok(());
     }
     println!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);

@@ -3,7 +3,6 @@
 
 use std::ops::Range;
 use std::path::Path;
-use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
@@ -17,8 +16,8 @@ use burn_parallel_schedules::{render_svg, schedule_by_name, simulate, Costs, Pip
 
 use super::checkpointing::{self, Start};
 use super::corpus::{Corpus, Split};
-use super::report::{Reporter, Throughput};
-use super::{advance, agreed_stop, dp_mean, gpt_config, lr_at, optimizer, step_error, Args, Summary};
+use super::training::Loop;
+use super::{gpt_config, optimizer, Args, Summary};
 
 /// Micro-batches per step: the pipeline's (default 2 × pp), or without a pipeline gradient
 /// accumulation over them (default 1).
@@ -145,55 +144,33 @@ where
     let mut exec = Exec::<B>::new(model, schedule(args)?.as_ref(), &opts, groups.pp.clone(), device.clone()).map_err(|e| e.to_string())?;
     let mut optim = optimizer::<B>(args, &groups);
     restore_stages(start, &groups, &mut exec, &mut optim)?;
-    let mut train = start.train_state();
-    let mut saver = checkpointing::saver(args, &groups, train.step)?;
-    let last = args.exit_at_step.unwrap_or(args.steps) as u64;
     let rank = world.global_rank();
-    let mut reporter = Reporter::new(args, rank, train.step)?;
-    let tokens_per_step = (args.dp * args.batch_size * args.seq_len) as f64;
+    let mut run = Loop::new(args, &groups, start)?;
     let sampler = GlobalSampler::new(args.seed, "train");
-    let (mut first_loss, first_step) = (f32::NAN, train.step);
-    let mut throughput = Throughput::new(first_step);
-    let (mut stopped, started) = (None, Instant::now());
-    while train.step < last {
-        let (t0, step) = (Instant::now(), train.step as usize);
-        let samples = GlobalSampler::replica_samples(train.samples_seen, args.batch_size, groups.coords.dp);
-        let mbs = split(args, &data.train, samples, &sampler)?;
+    while run.running() {
+        let mbs = split(args, &data.train, run.samples(), &sampler)?;
         let out = exec.step(&mbs).map_err(|e| e.to_string())?;
         let parts = exec.stages().iter().map(|s| s.part.clone()).zip(out.grads).collect();
-        let (parts, norm) = optim.step(lr_at(args, step), parts, args.clip_grad).map_err(|e| step_error(step, e))?;
+        let (parts, norm) = optim.step(run.lr(), parts, args.clip_grad).map_err(|e| run.failed(e))?;
         for (stage, part) in exec.stages_mut().iter_mut().zip(parts) {
             stage.part = part;
         }
-        let loss = dp_mean(out.loss, &groups)?;
-        advance(args, &mut train, step);
-        throughput.step_done(train.step);
-        if train.step == first_step + 1 {
-            first_loss = loss;
-        }
-        reporter.step(&train, loss, norm, tokens_per_step / t0.elapsed().as_secs_f64())?;
-        stopped = agreed_stop(args, &groups, started)?;
-        let save = checkpointing::due(args, train.step, last, stopped).then(|| snapshot(args, &groups, &train, &exec, &optim));
-        checkpointing::after_step(&mut saver, save)?;
-        if stopped.is_some() {
+        if !run.done(out.loss, norm, |train| snapshot(args, &groups, train, &exec, &optim))? {
             break;
         }
-        if args.eval_every > 0 && (step + 1) % args.eval_every == 0 && step + 1 < args.steps {
-            let val = evaluate(args, &exec, &data.val, "val")?;
-            reporter.eval(train.step, loss, val)?;
+        if run.eval_due() {
+            run.evaluated(evaluate(args, &exec, &data.val, "val")?);
         }
     }
-    reporter.finish();
-    checkpointing::finish(args, &mut saver, rank)?;
-    if let Some(signal) = stopped {
-        return Ok(Summary::stopped(rank, signal, train.step));
+    let ended = run.finish()?;
+    if let Some((signal, steps)) = ended.stopped {
+        return Ok(Summary::stopped(rank, signal, steps));
     }
     let device_bytes = B::bytes_in_use(&device);
-    let tokens_per_sec = throughput.tokens_per_sec(train.step, tokens_per_step);
     let train_loss = evaluate(args, &exec, &data.train, "train-eval")?;
     let val_loss = evaluate(args, &exec, &data.val, "val")?;
     let sample = "(sampling needs the whole model on one rank: run with --pp 1 to see generated text)".to_string();
-    Ok(Summary { rank, device_bytes, first_loss, train_loss, val_loss, tokens_per_sec, sample, stopped: None })
+    Ok(Summary { rank, device_bytes, first_loss: ended.first_loss, train_loss, val_loss, tokens_per_sec: ended.tokens_per_sec, sample, stopped: None })
 }
 
 /// This rank's stages, optimizers and streams after `train.step` steps.

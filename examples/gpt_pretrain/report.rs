@@ -36,7 +36,7 @@ impl Reporter {
     }
 
     /// A step is done (`train` counts it): the bar, the exact loss line, the metrics record.
-    pub(crate) fn step(&mut self, train: &TrainState, loss: f32, grad_norm: Option<f32>, tokens_per_sec: f64) -> Result<(), String> {
+    pub(crate) fn step(&mut self, train: &TrainState, loss: f32, grad_norm: Option<f32>, tokens_per_sec: f64) {
         let norm = grad_norm.map_or(String::new(), |n| format!("  |g| {n:.3}"));
         self.bar.set_message(format!("loss {loss:.4}{norm}  {tokens_per_sec:.0} tok/s"));
         self.bar.inc(1);
@@ -52,21 +52,25 @@ impl Reporter {
             tokens_per_sec,
             elapsed_secs: self.start.elapsed().as_secs_f64(),
         };
-        match &mut self.metrics {
-            Some(log) => log.write(&record()).map_err(|e| e.to_string()),
-            None => Ok(()),
+        let record = record();
+        self.record(&record);
+    }
+
+    /// Appends a metrics record; a failed write (a full disk) is logged once and ends the
+    /// metrics file, not the run.
+    fn record<T: serde::Serialize>(&mut self, record: &T) {
+        if let Some(Err(e)) = self.metrics.as_mut().map(|log| log.write(record)) {
+            self.bar.suspend(|| tracing::warn!(error = %e, "--metrics: no more records are written"));
+            self.metrics = None;
         }
     }
 
     /// An evaluation after `step` steps.
-    pub(crate) fn eval(&mut self, step: u64, train_loss: f32, val_loss: f32) -> Result<(), String> {
-        if let Some(log) = &mut self.metrics {
-            log.write(&EvalMetrics { step, val_loss }).map_err(|e| e.to_string())?;
-        }
+    pub(crate) fn eval(&mut self, step: u64, train_loss: f32, val_loss: f32) {
+        self.record(&EvalMetrics { step, val_loss });
         if self.rank0 {
             self.bar.suspend(|| tracing::info!(step, train_loss, val_loss, "evaluation"));
         }
-        Ok(())
     }
 
     /// The run's steps are over.

@@ -60,7 +60,7 @@ enum Cmd {
         /// byte or gpt2.
         #[arg(long, default_value = "gpt2")]
         tokenizer: String,
-        /// Output directory: new, or empty (written beside it, then renamed into place).
+        /// Output directory: new, or empty (shards written in OUT/.partial, then moved in).
         #[arg(long)]
         out: PathBuf,
         /// Tokens per training shard.
@@ -205,7 +205,7 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
         dp: a.dp,
         pp: a.pp,
         tp: a.tp,
-        virtual_stages: a.virtual_stages.unwrap_or(if a.schedule.starts_with("interleaved") { 2 } else { 1 }),
+        virtual_stages: a.virtual_stages.unwrap_or(if a.pp > 1 && a.schedule.starts_with("interleaved") { 2 } else { 1 }),
         sequence_parallel: a.sequence_parallel,
         microbatch: a.batch_size / m,
         microbatches: m,

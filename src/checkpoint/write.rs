@@ -249,9 +249,6 @@ pub(crate) fn commit(save_dir: &Path, tmp: &Path, world: usize, header: CommitHe
     let replaced = place(save_dir, tmp, &target)?;
     stall_point("renamed");
     let after = || -> Result<()> {
-        if let Some(old) = replaced {
-            std::fs::remove_dir_all(&old).map_err(io("remove the replaced", &old))?;
-        }
         let latest = save_dir.join(LATEST_FILE);
         let pointer = save_dir.join(format!("{TMP_PREFIX}{LATEST_FILE}"));
         write_synced(&pointer, format!("{}\n", step_dir_name(step)).as_bytes())?;
@@ -263,7 +260,10 @@ pub(crate) fn commit(save_dir: &Path, tmp: &Path, world: usize, header: CommitHe
                 retire(save_dir, old)?;
             }
         }
-        Ok(())
+        match replaced {
+            Some(old) => std::fs::remove_dir_all(&old).map_err(io("remove the replaced", &old)),
+            None => Ok(()),
+        }
     };
     if let Err(e) = after() {
         tracing::warn!(dir = %target.display(), error = %e, "checkpoint committed; updating `latest` or deleting old checkpoints failed");

@@ -252,13 +252,18 @@ pub struct Prepared {
     pub val_tokens: usize,
 }
 
+/// The staging directory inside a prepare's output directory (a reader never takes it).
+const STAGING: &str = ".partial";
+
 /// Tokenizes `texts` (documents, as bytes: the byte tokenizer takes them as they are; GPT-2
-/// puts `<|endoftext|>` before each, as nanoGPT does) and writes the new directory `out`:
-/// `train_NNNNNN.bin` shards of at most `shard_tokens` tokens and, from the last `val_fraction`
-/// of the tokens, `val_000000.bin`. `out` must not exist or be empty (a reader takes every
-/// shard in it); the shards are written into `.NAME.partial` beside it and renamed into place
-/// once all are synced, so an interrupted prepare leaves no half set.
+/// puts `<|endoftext|>` before each, as nanoGPT does) and writes into `out` (missing or empty:
+/// a reader takes every shard in it) `train_NNNNNN.bin` shards of at most `shard_tokens` tokens
+/// and, from the last `val_fraction` of the tokens, `val_000000.bin`. `out` is checked before
+/// anything is tokenized. The shards are written and synced in `out/.partial`, then moved in
+/// with the validation shard last: an interrupted prepare leaves no set a reader takes (no
+/// `val` shard, or nothing at all), and a directory that holds only `.partial` counts as empty.
 pub fn prepare<T: AsRef<[u8]>>(texts: &[T], tokenizer: Tokenizer, out: &Path, shard_tokens: usize, val_fraction: f64) -> Result<Prepared, ShardError> {
+    check_out(out)?;
     let mut tokens = Vec::new();
     for t in texts {
         if tokenizer == Tokenizer::Gpt2 {
@@ -270,18 +275,23 @@ pub fn prepare<T: AsRef<[u8]>>(texts: &[T], tokenizer: Tokenizer, out: &Path, sh
     if val == 0 || val >= tokens.len() {
         return Err(ShardError::Invalid(format!("{} tokens cannot be split with a validation fraction of {val_fraction}", tokens.len())));
     }
-    let partial = partial_dir(out)?;
+    let staging = out.join(STAGING);
+    std::fs::create_dir_all(&staging).map_err(io_error("create", &staging))?;
     let (train, valid) = tokens.split_at(tokens.len() - val);
     let mut report = Prepared { train_tokens: train.len(), val_tokens: valid.len(), ..Default::default() };
     let mut names: Vec<String> = (0..train.len().div_ceil(shard_tokens.max(1))).map(|i| format!("train_{i:06}.bin")).collect();
     names.push("val_000000.bin".into());
     for (name, chunk) in names.iter().zip(train.chunks(shard_tokens.max(1)).chain([valid])) {
-        write_shard(&partial.join(name), chunk, tokenizer.vocab_size())?;
+        write_shard(&staging.join(name), chunk, tokenizer.vocab_size())?;
     }
-    File::open(&partial).and_then(|d| d.sync_all()).map_err(io_error("fsync", &partial))?;
-    // Onto a missing or empty directory, atomically.
-    std::fs::rename(&partial, out).map_err(io_error("rename into place", out))?;
-    report.files = names.iter().map(|n| out.join(n)).collect();
+    sync_dir(&staging)?;
+    for name in &names {
+        let to = out.join(name);
+        std::fs::rename(staging.join(name), &to).map_err(io_error("move into place", &to))?;
+        report.files.push(to);
+    }
+    sync_dir(out)?;
+    std::fs::remove_dir(&staging).map_err(io_error("remove", &staging))?;
     Ok(report)
 }
 
@@ -289,22 +299,34 @@ fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
     move |source| ShardError::Io { op, path: path.to_path_buf(), source }
 }
 
-/// The empty staging directory `.NAME.partial` beside `out` (a stale one from an interrupted
-/// prepare removed), after checking that `out` is missing or empty.
-fn partial_dir(out: &Path) -> Result<PathBuf, ShardError> {
-    if out.exists() && std::fs::read_dir(out).map_err(io_error("list", out))?.next().is_some() {
+fn sync_dir(dir: &Path) -> Result<(), ShardError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("fsync", dir))
+}
+
+/// `out` is missing, or an empty directory (a stale `.partial` of an interrupted prepare is
+/// removed).
+fn check_out(out: &Path) -> Result<(), ShardError> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        return Err(ShardError::Invalid(format!("{} exists and is not a directory", out.display())));
+    }
+    let mut entries = Vec::new();
+    for e in std::fs::read_dir(out).map_err(io_error("list", out))? {
+        entries.push(e.map_err(io_error("list", out))?.file_name());
+    }
+    if entries.iter().any(|n| n != STAGING) {
         return Err(ShardError::Invalid(format!(
-            "{} exists and is not empty: prepare writes a new directory of shards (a reader takes every shard in it); remove it or choose another",
+            "{} exists and is not empty: prepare writes a new set of shards (a reader takes every shard in it); remove it or choose another",
             out.display()
         )));
     }
-    let name = out.file_name().ok_or_else(|| ShardError::Invalid(format!("{}: not a directory name", out.display())))?;
-    let partial = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(io_error("remove the interrupted", &partial))?;
+    let staging = out.join(STAGING);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io_error("remove the interrupted", &staging))?;
     }
-    std::fs::create_dir_all(&partial).map_err(io_error("create", &partial))?;
-    Ok(partial)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -372,7 +394,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let out = dir.join("shards");
         // A stale staging directory of an interrupted prepare is replaced.
-        let partial = dir.join(".shards.partial");
+        let partial = out.join(".partial");
         std::fs::create_dir_all(&partial).unwrap();
         std::fs::write(partial.join("train_000009.bin"), b"stale").unwrap();
         // Bytes that are not UTF-8 stay themselves under the byte tokenizer.
@@ -382,15 +404,27 @@ mod tests {
         let train = TokenShards::open_dir(&out, "train", 256).unwrap();
         let got: Vec<u8> = train.window(0, train.len()).unwrap().into_iter().map(|t| t as u8).collect();
         assert_eq!(got, text[..r.train_tokens]);
-        assert!(!partial.exists(), "the staging directory is renamed into place");
+        assert!(!partial.exists(), "the staging directory is gone");
         // A second prepare into the same directory would mix two sets of shards: refused.
         let e = prepare(&[text], Tokenizer::Byte, &out, 1000, 0.25).unwrap_err().to_string();
         assert!(e.contains("exists and is not empty"), "{e}");
         assert_eq!(TokenShards::open_dir(&out, "train", 256).unwrap().len(), r.train_tokens, "untouched");
-        // An empty directory is fine.
+        // An empty directory is fine, also behind a symbolic link (or a mount point).
         let empty = dir.join("empty");
         std::fs::create_dir_all(&empty).unwrap();
-        prepare(&["some text to split".to_string()], Tokenizer::Gpt2, &empty, 1000, 0.25).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&empty, &link).unwrap();
+        prepare(&["some text to split".to_string()], Tokenizer::Gpt2, &link, 1000, 0.25).unwrap();
+        assert_eq!(TokenShards::open_dir(&empty, "val", 50257).unwrap().len(), 1);
+        // A file is no directory.
+        let e = prepare(&["text"], Tokenizer::Byte, &partial_file(&dir), 1000, 0.25).unwrap_err().to_string();
+        assert!(e.contains("exists and is not a directory"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn partial_file(dir: &Path) -> PathBuf {
+        let f = dir.join("a-file");
+        std::fs::write(&f, b"x").unwrap();
+        f
     }
 }

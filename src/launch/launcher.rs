@@ -3,21 +3,26 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// The signal that asked the launcher to stop (0: none).
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
+/// Signals received (a second one ends the grace period).
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
 #[cfg(unix)]
 extern "C" fn on_signal(sig: libc::c_int) {
-    STOP_SIGNAL.store(sig, Ordering::SeqCst);
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+    let _ = STOP_SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
 }
 
 /// Ctrl-C / SIGTERM / SIGHUP on the launcher stop every rank: the signal is passed on to each
 /// rank's process group (the ranks lead their own groups, so the terminal's signal reaches only
 /// the launcher), which gets [`LaunchOptions::grace`] to finish (e.g. save a checkpoint:
-/// `burn_parallel::preempt`) before SIGKILL.
+/// `burn_parallel::preempt`) before SIGKILL; a second signal ends the grace at once. The
+/// launcher then exits 0 if every rank exited 0 (a clean stop), else 128 + the signal.
 fn install_signal_handlers() {
     #[cfg(unix)]
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
@@ -112,9 +117,9 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
         let sig = STOP_SIGNAL.load(Ordering::SeqCst);
         if sig != 0 {
             eprintln!("burn-parallel launch: got signal {sig}; passing it on to every rank ({:?} to exit before SIGKILL)", o.grace);
-            signal_all(&mut children, sig, o.grace);
+            let clean = signal_all(&mut children, sig, o.grace);
             stop(&mut children);
-            break 128 + sig;
+            break if clean { 0 } else { 128 + sig };
         }
         let mut running = 0;
         let mut failed = None;
@@ -147,8 +152,9 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
     Ok(code)
 }
 
-/// Sends `sig` to every running rank's process group and waits up to `grace` for them to exit.
-fn signal_all(children: &mut [(usize, Child)], sig: i32, grace: Duration) {
+/// Sends `sig` to every running rank's process group and waits up to `grace` (or until another
+/// signal) for them to exit; whether every rank exited 0.
+fn signal_all(children: &mut [(usize, Child)], sig: i32, grace: Duration) -> bool {
     for (_, c) in children.iter_mut() {
         if !matches!(c.try_wait(), Ok(Some(_))) {
             #[cfg(unix)]
@@ -159,9 +165,10 @@ fn signal_all(children: &mut [(usize, Child)], sig: i32, grace: Duration) {
         }
     }
     let deadline = std::time::Instant::now() + grace;
-    while std::time::Instant::now() < deadline && children.iter_mut().any(|(_, c)| !matches!(c.try_wait(), Ok(Some(_)))) {
+    while std::time::Instant::now() < deadline && SIGNALS.load(Ordering::SeqCst) < 2 && children.iter_mut().any(|(_, c)| !matches!(c.try_wait(), Ok(Some(_)))) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    children.iter_mut().all(|(_, c)| matches!(c.try_wait(), Ok(Some(s)) if s.success()))
 }
 
 /// Kills every rank's process group (what a rank started too, also for a rank that already

@@ -246,8 +246,10 @@ where
             true => Some(self.global_norm(&entries, &grads)?),
             false => None,
         };
-        if let Some(norm) = norm.filter(|n| !n.is_finite() && self.config.check_finite) {
-            return Err(OptimError::NonFinite { norm });
+        if let Some(norm) = norm.filter(|_| self.config.check_finite) {
+            if self.non_finite_anywhere(norm)? {
+                return Err(OptimError::NonFinite { norm });
+            }
         }
         if let (Some(max), Some(norm)) = (max_norm, norm) {
             if norm > max {
@@ -304,6 +306,19 @@ where
             total = all_reduce(total, ReduceOp::Sum, &self.pp)?;
         }
         Ok(total.into_scalar().elem::<f32>().sqrt())
+    }
+
+    /// Whether the norm is non-finite on any rank. The norm is all-reduced over TP (sharded
+    /// parameters), DP under ZeRO and PP, but the replicated parameters' part is this TP rank's
+    /// own: were it to differ between TP ranks (it should not), a max over TP keeps them from
+    /// deciding differently and one of them waiting in a collective the others never join.
+    fn non_finite_anywhere(&self, norm: f32) -> Result<bool, CommError> {
+        let flag = if norm.is_finite() { 0.0f32 } else { 1.0 };
+        if self.tp.size() == 1 {
+            return Ok(flag > 0.0);
+        }
+        let all = self.tp.all_reduce(burn::tensor::TensorData::new(vec![flag], [1]), ReduceOp::Max)?;
+        Ok(all.to_vec::<f32>().map_err(|e| CommError::Backend(format!("non-finite flag: {e:?}")))?[0] > 0.0)
     }
 
     /// The rows of `e` this rank updates (element range of the flat tensor).

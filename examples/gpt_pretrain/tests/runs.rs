@@ -150,6 +150,10 @@ fn metrics_are_json_lines_and_a_resume_appends() {
     assert_eq!(evals.iter().map(|e| e.step).collect::<Vec<_>>(), [2], "{text}");
     let e = error_of(&format!("{TINY} --steps 1 --metrics {}", dir.join("missing/m.jsonl").display()));
     assert!(e.contains("--metrics: cannot open the metrics file"), "{e}");
+    // A full disk ends the metrics file, not the run.
+    let o = child(&format!("{TINY} --steps 2 --metrics /dev/full")).env("RUST_LOG", "warn").output().unwrap();
+    let log = super::text(&o);
+    assert!(o.status.success() && log.contains("--metrics: no more records are written"), "{log}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -1,0 +1,143 @@
+//! What one rank's training loop does around each step, the same for the whole model and for
+//! pipeline stages: the position in the data and the learning rate, reporting, the agreed stop
+//! (signals, `--time-limit-mins`), saving when due or stopping, evaluation when due.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use burn_parallel::checkpoint::{Checkpointer, Snapshot, TrainState};
+use burn_parallel::data::GlobalSampler;
+use burn_parallel::optim::OptimError;
+use burn_parallel::ProcessGroups;
+
+use super::checkpointing::{self, Start};
+use super::report::{Reporter, Throughput};
+use super::{dp_mean, Args};
+
+/// One rank's loop state.
+pub(crate) struct Loop<'a> {
+    args: &'a Args,
+    groups: &'a ProcessGroups,
+    /// The position: steps, samples and tokens done, learning rate.
+    pub(crate) train: TrainState,
+    saver: Option<Checkpointer>,
+    reporter: Reporter,
+    throughput: Throughput,
+    first: (f32, u64),
+    last: u64,
+    started: Instant,
+    step_started: Instant,
+    stopped: Option<i32>,
+    /// The last step's loss (mean over replicas).
+    loss: f32,
+}
+
+/// How a rank's loop ended.
+pub(crate) struct Ended {
+    /// The first step's loss (mean over replicas).
+    pub(crate) first_loss: f32,
+    /// Tokens per second over the warm steps.
+    pub(crate) tokens_per_sec: f64,
+    /// The signal (or `preempt::TIME_LIMIT`) every rank stopped for, and the steps done.
+    pub(crate) stopped: Option<(i32, u64)>,
+}
+
+impl<'a> Loop<'a> {
+    /// The loop of this rank of `groups`, from `start`.
+    pub(crate) fn new(args: &'a Args, groups: &'a ProcessGroups, start: &Start) -> Result<Self, String> {
+        let train = start.train_state();
+        let saver = checkpointing::saver(args, groups, train.step)?;
+        let reporter = Reporter::new(args, groups.world.global_rank(), train.step)?;
+        let (first, now) = ((f32::NAN, train.step), Instant::now());
+        let last = args.exit_at_step.unwrap_or(args.steps) as u64;
+        Ok(Self {
+            args,
+            groups,
+            throughput: Throughput::new(train.step),
+            train,
+            saver,
+            reporter,
+            first,
+            last,
+            started: now,
+            step_started: now,
+            stopped: None,
+            loss: f32::NAN,
+        })
+    }
+
+    /// Whether another step runs; starts its clock.
+    pub(crate) fn running(&mut self) -> bool {
+        self.step_started = Instant::now();
+        self.train.step < self.last
+    }
+
+    /// The 0-based index of the step that runs now.
+    pub(crate) fn step(&self) -> usize {
+        self.train.step as usize
+    }
+
+    /// The learning rate of the step that runs now.
+    pub(crate) fn lr(&self) -> f64 {
+        super::lr_at(self.args, self.step())
+    }
+
+    /// This replica's samples of the step that runs now.
+    pub(crate) fn samples(&self) -> Range<u64> {
+        GlobalSampler::replica_samples(self.train.samples_seen, self.args.batch_size, self.groups.coords.dp)
+    }
+
+    /// The error of the optimizer step: see [`checkpointing::step_failed`].
+    pub(crate) fn failed(&mut self, e: OptimError) -> String {
+        let step = self.step();
+        checkpointing::step_failed(&mut self.saver, step, e)
+    }
+
+    /// The step is applied (`loss` this replica's, `norm` the optimizer's): counts it, reports
+    /// it, agrees on stopping, and saves when due or stopping (`snapshot` of the new state).
+    /// Returns whether to go on.
+    pub(crate) fn done(&mut self, loss: f32, norm: Option<f32>, snapshot: impl FnOnce(&TrainState) -> Snapshot) -> Result<bool, String> {
+        let (args, step) = (self.args, self.step());
+        let loss = dp_mean(loss, self.groups)?;
+        self.loss = loss;
+        self.train.step += 1;
+        self.train.samples_seen += (args.dp * args.batch_size) as u64;
+        self.train.tokens_seen += (args.dp * args.batch_size * args.seq_len) as u64;
+        self.train.lr = super::lr_at(args, step);
+        self.throughput.step_done(self.train.step);
+        if self.train.step == self.first.1 + 1 {
+            self.first.0 = loss;
+        }
+        self.reporter.step(&self.train, loss, norm, self.tokens_per_step() / self.step_started.elapsed().as_secs_f64());
+        if args.time_limit_mins.is_some_and(|m| self.started.elapsed().as_secs_f64() >= m * 60.0) {
+            burn_parallel::preempt::request(burn_parallel::preempt::TIME_LIMIT);
+        }
+        self.stopped = burn_parallel::preempt::agreed_stop(&self.groups.world).map_err(|e| e.to_string())?;
+        let save = checkpointing::due(args, self.train.step, self.last, self.stopped).then(|| snapshot(&self.train));
+        checkpointing::after_step(&mut self.saver, save)?;
+        Ok(self.stopped.is_none())
+    }
+
+    /// Whether to evaluate after the step just done (`--eval-every`, not after the last).
+    pub(crate) fn eval_due(&self) -> bool {
+        let done = self.train.step as usize;
+        self.args.eval_every > 0 && done.is_multiple_of(self.args.eval_every) && done < self.args.steps
+    }
+
+    /// The evaluation after the step just done.
+    pub(crate) fn evaluated(&mut self, val_loss: f32) {
+        self.reporter.eval(self.train.step, self.loss, val_loss);
+    }
+
+    /// The loop is over: the save in flight committed, `--export` written.
+    pub(crate) fn finish(mut self) -> Result<Ended, String> {
+        self.reporter.finish();
+        checkpointing::finish(self.args, &mut self.saver, self.groups.world.global_rank())?;
+        let tokens_per_sec = self.throughput.tokens_per_sec(self.train.step, self.tokens_per_step());
+        Ok(Ended { first_loss: self.first.0, tokens_per_sec, stopped: self.stopped.map(|s| (s, self.train.step)) })
+    }
+
+    fn tokens_per_step(&self) -> f64 {
+        (self.args.dp * self.args.batch_size * self.args.seq_len) as f64
+    }
+}
