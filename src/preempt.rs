@@ -47,15 +47,29 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// Installs the handler of SIGTERM, SIGINT and SIGHUP (idempotent). Until then, and on other
-/// systems, the signals keep their default action (install it once there is something to save).
+/// Installs the handler of SIGTERM, SIGINT and SIGHUP (idempotent), except for a signal this
+/// process was told to ignore (`nohup`'s SIGHUP). Until then, and on other systems, the signals
+/// keep their default action (install it once there is something to save).
 pub fn install() {
     #[cfg(unix)]
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        if ignored(sig) {
+            continue;
+        }
         // SAFETY: the handler only touches an atomic and may call _exit (async-signal-safe).
         unsafe {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
         }
+    }
+}
+
+/// Whether `sig` is set to be ignored (e.g. SIGHUP under `nohup`).
+#[cfg(unix)]
+pub fn ignored(sig: libc::c_int) -> bool {
+    // SAFETY: sigaction with no new action only reads the current one into `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
     }
 }
 

@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData};
 use burn_parallel::checkpoint::*;
 use common::runner::*;
 
@@ -167,6 +167,28 @@ fn a_step_saved_again_replaces_it_and_a_failure_after_the_rename_keeps_the_commi
     let r = saver.save(tiny_snapshot(2, 3.0)).unwrap();
     assert_eq!(r.committed, Some(checkpoint_dir(&dir, 2)), "committed once renamed into place");
     assert_eq!(latest_checkpoint(&dir).unwrap().unwrap().0, 2);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A resizable dimension (a vocabulary padded anew): the part both shapes have is read, the rest
+/// of the model's box is zero, saved rows past the model's are dropped; any other dimension, or
+/// any tensor without the rule, must still match.
+#[test]
+fn a_resizable_dimension_reads_the_common_part_and_zero_beyond() {
+    let dir = temp_dir("resize");
+    let mut saver = Checkpointer::new(CheckpointOptions { dir: dir.clone(), keep: 0, async_save: false }, single());
+    let mut snap = tiny_snapshot(1, 0.0);
+    snap.tensors[0].data = TensorData::new((1..=6).map(|v| v as f32).collect::<Vec<_>>(), [2, 3]);
+    saver.save(snap).unwrap();
+    let plain = Checkpoint::open(&dir).unwrap();
+    let e = plain.read("model.w", DType::F32, &[4, 3], &[0, 0], &[4, 3]).unwrap_err().to_string();
+    assert!(e.contains("[2, 3]") && e.contains("[4, 3]"), "{e}");
+    let ckpt = Checkpoint::open(&dir).unwrap().with_resizable(|name| (name == "model.w").then_some(0));
+    let grown = ckpt.read("model.w", DType::F32, &[4, 3], &[1, 0], &[3, 3]).unwrap().to_vec::<f32>().unwrap();
+    assert_eq!(grown, [4.0, 5.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    let shrunk = ckpt.read("model.w", DType::F32, &[1, 3], &[0, 0], &[1, 3]).unwrap().to_vec::<f32>().unwrap();
+    assert_eq!(shrunk, [1.0, 2.0, 3.0]);
+    assert!(ckpt.read("model.w", DType::F32, &[2, 4], &[0, 0], &[2, 4]).is_err(), "only dimension 0 may differ");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

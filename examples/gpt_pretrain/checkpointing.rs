@@ -66,13 +66,13 @@ pub(crate) fn check_args(args: &Args) -> Result<(), String> {
 
 /// Opens what `--resume` or `--init-from` name, and checks it is of this model. Its padded
 /// vocabulary is kept where the new `--tp` divides it (the padding to a multiple of 128 × tp
-/// differs between tp sizes).
+/// differs between tp sizes); elsewhere it is padded anew ([`repadded`]).
 pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
     if let Some(file) = &args.init_from {
         let ckpt = Checkpoint::open_safetensors(file, MODEL_PREFIX).map_err(|e| format!("--init-from: {e}"))?;
         check_tokenizer(&ckpt, args, &format!("--init-from {}", file.display()))?;
-        keep_saved_vocab(args, ckpt.tensor(&format!("{MODEL_PREFIX}wte.weight")).ok().map(|t| t.shape[0]));
-        return Ok(Start::InitFrom(ckpt));
+        keep_saved_vocab(args, saved_vocab(&ckpt));
+        return Ok(Start::InitFrom(repadded(ckpt, args)));
     }
     let Some(spec) = &args.resume else { return Ok(Start::Fresh) };
     let path = match (spec.as_str(), &args.save_dir) {
@@ -80,10 +80,10 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
         _ => PathBuf::from(spec),
     };
     let ckpt = Checkpoint::open(&path).map_err(|e| format!("--resume {spec}: {e}"))?;
-    keep_saved_vocab(args, saved_field(&ckpt, "vocab_size"));
+    keep_saved_vocab(args, saved_vocab(&ckpt));
     check_same_model(&ckpt, args)?;
     tracing::info!(dir = %ckpt.dir().display(), step = ckpt.metadata().step, layout = ?ckpt.metadata().layout, "resuming");
-    Ok(Start::Resume(ckpt))
+    Ok(Start::Resume(repadded(ckpt, args)))
 }
 
 /// This run keeps a saved (padded) vocabulary of `saved` rows where `--tp` divides it and it
@@ -92,6 +92,28 @@ fn keep_saved_vocab(args: &mut Args, saved: Option<usize>) {
     if let Some(v) = saved.filter(|&v| v.is_multiple_of(args.tp) && v >= args.tokenizer.vocab_size()) {
         args.vocab_override = Some(v);
     }
+}
+
+/// The checkpoint's (padded) vocabulary: the token embedding's rows.
+fn saved_vocab(ckpt: &Checkpoint) -> Option<usize> {
+    ckpt.tensor(&format!("{MODEL_PREFIX}wte.weight")).ok().map(|t| t.shape[0])
+}
+
+/// `ckpt`, read with this run's vocabulary padding where it differs from the saved one (a
+/// `--tp` that does not divide the saved padded vocabulary, e.g. 256 bytes saved at tp 1 and
+/// resumed at tp 3, which pads to 384): the token embedding's rows and the head's columns load
+/// where both have them; rows past the saved ones are zero, saved padding past ours is dropped.
+/// Both are padding (masked: never a token, never in the loss), so the model is the same.
+fn repadded(ckpt: Checkpoint, args: &Args) -> Checkpoint {
+    if saved_vocab(&ckpt) == Some(gpt_config(args).vocab_size) {
+        return ckpt;
+    }
+    tracing::info!(saved = ?saved_vocab(&ckpt), ours = gpt_config(args).vocab_size, "the vocabulary is padded anew for --tp {}", args.tp);
+    ckpt.with_resizable(|name| match name {
+        n if n.ends_with("wte.weight") => Some(0),
+        n if n.ends_with("head.weight") => Some(1),
+        _ => None,
+    })
 }
 
 /// A number of the checkpoint's saved model config.
@@ -119,14 +141,11 @@ fn check_same_model(ckpt: &Checkpoint, args: &Args) -> Result<(), String> {
     let ours = serde_json::to_value(gpt_config(args)).expect("config serialises");
     let Some(theirs) = ckpt.metadata().sections.get("model") else { return Ok(()) };
     check_tokenizer(ckpt, args, &format!("--resume {}", ckpt.dir().display()))?;
-    for key in ["vocab_size", "max_seq_len", "d_model", "n_heads", "n_layers", "d_ff"] {
+    // The vocabulary's padding may differ (the tokens are checked above): see `repadded`.
+    for key in ["max_seq_len", "d_model", "n_heads", "n_layers", "d_ff"] {
         if theirs.get(key) != ours.get(key) {
-            let padding = match key {
-                "vocab_size" => format!(" (--tp {} pads the vocabulary to a multiple of 128 x --tp; a saved vocabulary loads where --tp divides it)", args.tp),
-                _ => String::new(),
-            };
             return Err(format!(
-                "--resume {}: the checkpoint is of another model: {key} = {} there, {} here{padding}",
+                "--resume {}: the checkpoint is of another model: {key} = {} there, {} here",
                 ckpt.dir().display(),
                 theirs.get(key).map_or("(none)".into(), |v| v.to_string()),
                 ours.get(key).map_or("(none)".into(), |v| v.to_string())

@@ -8,6 +8,15 @@
 //! Byte-level tokens by default (`--tokenizer gpt2`: GPT-2's BPE; `--shards DIR`: prepared
 //! token shards). Without `--data` or `--shards`, trains on a generated corpus.
 
+/// `println!` that ignores a closed stdout (a hung-up terminal: SIGHUP stops the run cleanly,
+/// and its last lines must not turn that into a panic).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 mod args;
 mod checkpointing;
 mod corpus;
@@ -224,7 +233,8 @@ fn main() {
     init_logging();
     let args = Args::parse_with_presets(std::env::args_os()).unwrap_or_else(|e| e.exit());
     if let Err(e) = main_result(&args) {
-        eprintln!("error: {e}");
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "error: {e}");
         std::process::exit(1);
     }
 }
@@ -276,13 +286,13 @@ fn main_result(args: &Args) -> Result<(), String> {
             None if signal == burn_parallel::preempt::TIME_LIMIT => format!("stopped by {why} after step {steps} (no --save-dir: nothing saved)"),
             None => return Err(format!("stopped by {why} after step {steps}: nothing saved (no --save-dir)")),
         };
-        println!("{line}");
+        say!("{line}");
         return Ok(());
     }
-    println!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
-    println!("{}", throughput_line(args, summary.tokens_per_sec));
-    println!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);
-    println!("--- sample ---\n{}\n--------------", summary.sample);
+    say!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
+    say!("{}", throughput_line(args, summary.tokens_per_sec));
+    say!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);
+    say!("--- sample ---\n{}\n--------------", summary.sample);
     memory_table(args, &summaries)?;
     Ok(())
 }
@@ -343,11 +353,11 @@ fn memory_table(args: &Args, summaries: &[Summary]) -> Result<(), String> {
     let host = args.device == DeviceKind::Cpu && args.comm == CommKind::Local && burn_parallel::memory::installed();
     let mb = |b: f64| format!("{:.2}", b / 1e6);
     if args.device == DeviceKind::Cpu {
-        println!("memory per rank (MB; predicted by burn_parallel::memory, measured: peak host bytes of the rank's thread over the whole run, evaluation and checkpoints included):");
-        println!("| rank | pp | params | grads | optimizer | activations | predicted peak | measured peak |");
+        say!("memory per rank (MB; predicted by burn_parallel::memory, measured: peak host bytes of the rank's thread over the whole run, evaluation and checkpoints included):");
+        say!("| rank | pp | params | grads | optimizer | activations | predicted peak | measured peak |");
     } else {
-        println!("memory per rank (MB; predicted by burn_parallel::memory, measured: device bytes in use after the last step):");
-        println!("| rank | pp | params | grads | optimizer | activations | predicted peak | predicted params + optimizer | measured after the last step |");
+        say!("memory per rank (MB; predicted by burn_parallel::memory, measured: device bytes in use after the last step):");
+        say!("| rank | pp | params | grads | optimizer | activations | predicted peak | predicted params + optimizer | measured after the last step |");
     }
     for rank in 0..args.dp * args.pp * args.tp {
         let pp = rank / (args.dp * args.tp);
@@ -361,7 +371,7 @@ fn memory_table(args: &Args, summaries: &[Summary]) -> Result<(), String> {
             }
         };
         let cols = [e.params, e.grads, e.optimizer, e.activations, e.peak].map(mb).join(" | ");
-        println!("| {rank} | {pp} | {cols} | {measured} |");
+        say!("| {rank} | {pp} | {cols} | {measured} |");
     }
     Ok(())
 }

@@ -41,7 +41,7 @@ impl Reporter {
         self.bar.set_message(format!("loss {loss:.4}{norm}  {tokens_per_sec:.0} tok/s"));
         self.bar.inc(1);
         if self.rank0 && self.print_every > 0 && train.step.is_multiple_of(self.print_every as u64) {
-            self.bar.suspend(|| println!("step {} loss {loss:?}", train.step));
+            self.bar.suspend(|| say!("step {} loss {loss:?}", train.step));
         }
         let record = || StepMetrics {
             step: train.step,

@@ -30,7 +30,12 @@ pub struct Checkpoint {
     verified: Mutex<HashSet<(String, usize)>>,
     /// Chunks carry checksums (false for an imported `model.safetensors`).
     checksums: bool,
+    /// Which dimension of a tensor may differ in size from the model's ([`Checkpoint::with_resizable`]).
+    resizable: Option<Resizable>,
 }
+
+/// A tensor name's resizable dimension, if it has one.
+type Resizable = Arc<dyn Fn(&str) -> Option<usize> + Send + Sync>;
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,7 +106,7 @@ impl Checkpoint {
                 return Err(CheckpointError::Format { path: file.clone(), msg: format!("tensor {name} names a data file missing from \"files\"") });
             }
         }
-        Ok(Self { dir, meta, files: Mutex::default(), verified: Mutex::default(), checksums: true })
+        Ok(Self { dir, meta, files: Mutex::default(), verified: Mutex::default(), checksums: true, resizable: None })
     }
 
     /// Opens a single safetensors file of whole tensors (e.g. an exported `model.safetensors`)
@@ -133,7 +138,7 @@ impl Checkpoint {
             tensors,
         };
         let files = Mutex::new(HashMap::from([(name, Arc::new(mapped))]));
-        Ok(Self { dir, meta, files, verified: Mutex::default(), checksums: false })
+        Ok(Self { dir, meta, files, verified: Mutex::default(), checksums: false, resizable: None })
     }
 
     /// The checkpoint directory.
@@ -155,20 +160,37 @@ impl Checkpoint {
         })
     }
 
+    /// The same checkpoint, where tensor `name`'s dimension `dim(name)` may differ in size from
+    /// the model's (a vocabulary padded for another TP size: Megatron's
+    /// make-vocab-size-divisible-by): a read takes the part both have and leaves the rest of the
+    /// model's box zero. Every other dimension, and every other tensor, must match as before.
+    pub fn with_resizable(mut self, dim: impl Fn(&str) -> Option<usize> + Send + Sync + 'static) -> Self {
+        self.resizable = Some(Arc::new(dim));
+        self
+    }
+
+    /// Whether the saved `saved` and the model's `model` shapes of `name` agree, but for its
+    /// resizable dimension.
+    fn shapes_agree(&self, name: &str, saved: &[usize], model: &[usize]) -> bool {
+        let free = self.resizable.as_ref().and_then(|f| f(name));
+        saved.len() == model.len() && saved.iter().zip(model).enumerate().all(|(d, (a, b))| a == b || free == Some(d))
+    }
+
     /// Reads the box `offset`/`shape` of tensor `name`, which must have the global shape
-    /// `global_shape` and the dtype `dtype` (errors name both sides otherwise). Each chunk read
-    /// is checked against its checksum once.
+    /// `global_shape` (but for a [resizable](Self::with_resizable) dimension) and the dtype
+    /// `dtype` (errors name both sides otherwise). Each chunk read is checked against its
+    /// checksum once.
     pub fn read(&self, name: &str, dtype: DType, global_shape: &[usize], offset: &[usize], shape: &[usize]) -> Result<TensorData> {
         let t = self.tensor(name)?;
-        if t.shape != global_shape {
+        if !self.shapes_agree(name, &t.shape, global_shape) {
             return Err(CheckpointError::ShapeMismatch { name: name.into(), checkpoint: t.shape.clone(), model: global_shape.to_vec() });
         }
         let want = to_safetensors_dtype(dtype).ok_or_else(|| CheckpointError::Invalid(format!("tensor {name}: dtype {dtype:?} cannot be checkpointed")))?;
         if t.dtype != want {
             return Err(CheckpointError::DtypeMismatch { name: name.into(), checkpoint: t.dtype, model: want });
         }
-        if offset.len() != shape.len() || shape.len() != t.shape.len() || (0..shape.len()).any(|d| offset[d] + shape[d] > t.shape[d]) {
-            return Err(CheckpointError::Invalid(format!("tensor {name}: box at {offset:?} of shape {shape:?} lies outside its shape {:?}", t.shape)));
+        if offset.len() != shape.len() || shape.len() != global_shape.len() || (0..shape.len()).any(|d| offset[d] + shape[d] > global_shape[d]) {
+            return Err(CheckpointError::Invalid(format!("tensor {name}: box at {offset:?} of shape {shape:?} lies outside its shape {global_shape:?}")));
         }
         let elem = t.dtype.bitsize() / 8;
         let mut out = vec![0u8; volume(shape) * elem];

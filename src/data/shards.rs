@@ -318,7 +318,7 @@ fn check_out(out: &Path) -> Result<(), ShardError> {
     }
     if entries.iter().any(|n| n != STAGING) {
         return Err(ShardError::Invalid(format!(
-            "{} exists and is not empty: prepare writes a new set of shards (a reader takes every shard in it); remove it or choose another",
+            "{} exists and is not empty: prepare writes a new set of shards (a reader takes every shard in it; an interrupted prepare leaves train shards without the val shard); remove it or choose another",
             out.display()
         )));
     }

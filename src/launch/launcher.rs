@@ -9,23 +9,30 @@ use std::time::Duration;
 /// The signal that asked the launcher to stop (0: none).
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-/// Signals received (a second one ends the grace period).
-static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+/// Ctrl-Cs received (a second one ends the grace period; repeated SIGTERM/SIGHUP do not: a
+/// batch script and a scheduler may both send one).
+static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
 
 #[cfg(unix)]
 extern "C" fn on_signal(sig: libc::c_int) {
-    SIGNALS.fetch_add(1, Ordering::SeqCst);
+    if sig == libc::SIGINT {
+        INTERRUPTS.fetch_add(1, Ordering::SeqCst);
+    }
     let _ = STOP_SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
 }
 
 /// Ctrl-C / SIGTERM / SIGHUP on the launcher stop every rank: the signal is passed on to each
 /// rank's process group (the ranks lead their own groups, so the terminal's signal reaches only
 /// the launcher), which gets [`LaunchOptions::grace`] to finish (e.g. save a checkpoint:
-/// `burn_parallel::preempt`) before SIGKILL; a second signal ends the grace at once. The
+/// `burn_parallel::preempt`) before SIGKILL; a second Ctrl-C ends the grace at once (repeated
+/// SIGTERM/SIGHUP are ignored). The
 /// launcher then exits 0 if every rank exited 0 (a clean stop), else 128 + the signal.
 fn install_signal_handlers() {
     #[cfg(unix)]
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        if crate::preempt::ignored(sig) {
+            continue; // nohup
+        }
         // SAFETY: the handler only stores into an atomic (async-signal-safe).
         unsafe {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
@@ -165,7 +172,12 @@ fn signal_all(children: &mut [(usize, Child)], sig: i32, grace: Duration) -> boo
         }
     }
     let deadline = std::time::Instant::now() + grace;
-    while std::time::Instant::now() < deadline && SIGNALS.load(Ordering::SeqCst) < 2 && children.iter_mut().any(|(_, c)| !matches!(c.try_wait(), Ok(Some(_)))) {
+    // A Ctrl-C on top of the signal that started the stop ends the grace (as it ends a rank).
+    let allowed = usize::from(sig == libc::SIGINT);
+    while std::time::Instant::now() < deadline
+        && INTERRUPTS.load(Ordering::SeqCst) <= allowed
+        && children.iter_mut().any(|(_, c)| !matches!(c.try_wait(), Ok(Some(_))))
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     children.iter_mut().all(|(_, c)| matches!(c.try_wait(), Ok(Some(s)) if s.success()))
