@@ -23,8 +23,6 @@
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use burn::tensor::TensorData;
-
 use crate::error::CommError;
 use crate::{Comm, ReduceOp};
 
@@ -91,8 +89,7 @@ pub fn agree(world: &Comm, mine: Option<i32>) -> Result<Option<i32>, CommError> 
     if world.size() == 1 {
         return Ok(mine);
     }
-    let all = world.all_reduce(TensorData::new(vec![mine.unwrap_or(0) as f32], [1]), ReduceOp::Max)?;
-    let code = all.to_vec::<f32>().map_err(|e| CommError::Backend(format!("stop flag: {e:?}")))?[0] as i32;
+    let code = crate::comm::ops::all_reduce_scalar(mine.unwrap_or(0) as f32, ReduceOp::Max, world)? as i32;
     Ok(Some(code).filter(|&s| s != 0))
 }
 

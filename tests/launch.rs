@@ -160,17 +160,22 @@ fn leftovers_of_a_rank_are_stopped_and_odd_bytes_are_forwarded() {
     assert!(out.status.success() && t.contains("[rank 0] odd \u{FFFD} byte") && t.contains("[rank 0] after"), "{t:?}");
 }
 
+/// Waits (10 s at most) until ranks 0 and 1 wrote `dir/NAME.0` and `dir/NAME.1`.
+fn wait_for_ranks(dir: &std::path::Path, name: &str) {
+    let start = Instant::now();
+    while !(dir.join(format!("{name}.0")).exists() && dir.join(format!("{name}.1")).exists()) {
+        assert!(start.elapsed() < Duration::from_secs(10), "ranks never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_signal_to_the_launcher_stops_every_rank() {
     let dir = std::env::temp_dir().join(format!("bp-launch-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let script = format!("echo $$ > {}/pid.$RANK; sleep 60", dir.display());
     let mut launcher = Command::new(BIN).args(["launch", "--nproc-per-node", "2", "--", "sh", "-c", &script]).stdout(Stdio::null()).spawn().unwrap();
-    let start = Instant::now();
-    while !(dir.join("pid.0").exists() && dir.join("pid.1").exists()) {
-        assert!(start.elapsed() < Duration::from_secs(10), "ranks never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_ranks(&dir, "pid");
     std::thread::sleep(Duration::from_millis(100));
     Command::new("kill").args(["-TERM", &launcher.id().to_string()]).status().unwrap();
     let status = launcher.wait().unwrap();
@@ -195,11 +200,7 @@ fn a_signal_to_the_launcher_gives_the_ranks_their_grace_period() {
     );
     let args = ["launch", "--nproc-per-node", "2", "--stop-grace-secs", "2", "--", "sh", "-c", &script];
     let launcher = Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let start = Instant::now();
-    while !(dir.join("up.0").exists() && dir.join("up.1").exists()) {
-        assert!(start.elapsed() < Duration::from_secs(10), "ranks never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_ranks(&dir, "up");
     let signalled = Instant::now();
     Command::new("kill").args(["-TERM", &launcher.id().to_string()]).status().unwrap();
     let out = launcher.wait_with_output().unwrap();
@@ -222,11 +223,7 @@ fn a_clean_stop_exits_0_and_a_second_signal_ends_the_grace() {
         let script = format!("trap '{trap}' TERM HUP INT; echo up > {}/up.$RANK; while true; do sleep 0.05; done", dir.display());
         let args = ["launch", "--nproc-per-node", "2", "--stop-grace-secs", "30", "--", "sh", "-c", &script];
         let mut launcher = Command::new(BIN).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        let start = Instant::now();
-        while !(dir.join("up.0").exists() && dir.join("up.1").exists()) {
-            assert!(start.elapsed() < Duration::from_secs(10), "ranks never started");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_ranks(&dir, "up");
         let signalled = Instant::now();
         for sig in signals {
             Command::new("kill").args([*sig, &launcher.id().to_string()]).status().unwrap();

@@ -159,8 +159,11 @@ impl Corpus {
         sampler: &GlobalSampler,
         device: &B::Device,
     ) -> Result<Vec<Batch<B>>, String> {
-        let (m, first) = (m as u64, samples.start);
-        let per = (samples.end - first) / m;
+        let (m, first, n) = (m as u64, samples.start, samples.end - samples.start);
+        if m == 0 || !n.is_multiple_of(m) {
+            return Err(format!("--batch-size {n} is not divisible by --microbatches {m}"));
+        }
+        let per = n / m;
         (0..m).map(|i| Self::samples::<B>(split, first + i * per..first + (i + 1) * per, seq, sampler, device)).collect()
     }
 

@@ -5,7 +5,6 @@ use std::ops::Range;
 use std::path::Path;
 
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::TensorData;
 use burn_parallel::checkpoint::{Snapshot, TrainState};
 use burn_parallel::data::GlobalSampler;
 use burn_parallel::optim::DistAdamW;
@@ -95,16 +94,10 @@ pub(crate) fn write_timeline(args: &Args, path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// `m` micro-batches cut from the samples `samples` (of `split`, drawn by `sampler`).
+/// The pipeline's micro-batches of the samples `samples` (of `split`, drawn by `sampler`).
 fn split(args: &Args, split: &Split, samples: Range<u64>, sampler: &GlobalSampler) -> Result<Vec<TokenBatch>, String> {
-    let m = microbatches(args);
-    if !args.batch_size.is_multiple_of(m) {
-        return Err(format!("--batch-size {} is not divisible by --microbatches {m}", args.batch_size));
-    }
-    let (x, y) = Corpus::samples::<burn::backend::Flex>(split, samples, args.seq_len, sampler, &Default::default())?;
-    let (x, y) = (x.into_data(), y.into_data());
-    let cut = |d: &TensorData, i: usize| burn_parallel::comm::split_along(d, 0, m, i).map(|t| t.convert::<i64>());
-    (0..m).map(|i| Ok(TokenBatch { inputs: cut(&x, i)?, targets: cut(&y, i)? })).collect()
+    let mbs = Corpus::microbatches::<burn::backend::Flex>(split, samples, microbatches(args), args.seq_len, sampler, &Default::default())?;
+    Ok(mbs.into_iter().map(|(x, y)| TokenBatch { inputs: x.into_data().convert::<i64>(), targets: y.into_data().convert::<i64>() }).collect())
 }
 
 type Exec<B> = PipelineExecutor<B, GptPipeline, 3>;

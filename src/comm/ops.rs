@@ -11,6 +11,13 @@ fn wrap<B: CollectiveBackend, const D: usize>(p: burn::tensor::ops::FloatTensor<
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
+/// One number reduced over the group on the host (flags, signals: no backend, no tensor);
+/// every rank gets the result.
+pub fn all_reduce_scalar(value: f32, op: ReduceOp, comm: &Comm) -> Result<f32, CommError> {
+    let all = comm.all_reduce(burn::tensor::TensorData::new(vec![value], [1]), op)?;
+    all.to_vec::<f32>().map(|v| v[0]).map_err(|e| CommError::Backend(format!("a reduced scalar: {e:?}")))
+}
+
 /// Element-wise reduction over the group; every rank gets the result.
 pub fn all_reduce<B: CollectiveBackend, const D: usize>(x: Tensor<B, D>, op: ReduceOp, comm: &Comm) -> Result<Tensor<B, D>, CommError> {
     B::collective_all_reduce(x.into_primitive().tensor(), op, comm).map(wrap)

@@ -317,8 +317,7 @@ where
         if self.tp.size() == 1 {
             return Ok(flag > 0.0);
         }
-        let all = self.tp.all_reduce(burn::tensor::TensorData::new(vec![flag], [1]), ReduceOp::Max)?;
-        Ok(all.to_vec::<f32>().map_err(|e| CommError::Backend(format!("non-finite flag: {e:?}")))?[0] > 0.0)
+        Ok(crate::comm::ops::all_reduce_scalar(flag, ReduceOp::Max, &self.tp)? > 0.0)
     }
 
     /// The rows of `e` this rank updates (element range of the flat tensor).

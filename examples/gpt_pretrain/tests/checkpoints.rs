@@ -84,13 +84,7 @@ fn sigterm_saves_the_step_every_rank_stopped_at_and_the_resume_is_bit_exact() {
         let dir = fresh("sigterm");
         // Far more steps than run before the signal lands (the schedule spans them all).
         let base = format!("{TINY} --layers 2 --steps 1000000 --dropout 0.1 {layout}");
-        let mut c = child(&format!("{base} --save-dir {}", dir.display())).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-        let mut lines = BufReader::new(c.stdout.take().unwrap()).lines().map_while(Result::ok);
-        let mut out: Vec<String> = lines.by_ref().take_while(|l| !l.contains("step 3 loss")).collect();
-        Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
-        out.extend(lines);
-        let status = c.wait().unwrap();
-        let all = out.join("\n");
+        let (status, all) = signalled_after_step_3(&format!("{base} --save-dir {}", dir.display()), "-TERM", false);
         assert!(status.success(), "{layout}: {status:?}\n{all}");
         let at = all.find("stopped by signal 15 after step ").unwrap_or_else(|| panic!("{layout}: {all}"));
         let step: usize = all[at..].split_whitespace().nth(6).and_then(|n| n.parse().ok()).unwrap();
@@ -104,24 +98,33 @@ fn sigterm_saves_the_step_every_rank_stopped_at_and_the_resume_is_bit_exact() {
     }
     // A hung-up terminal: SIGHUP, and stdout is gone (writes fail). The stop is still clean.
     let dir = fresh("sighup");
-    let mut c = child(&format!("{TINY} --layers 2 --steps 1000000 --save-dir {}", dir.display())).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-    let mut lines = BufReader::new(c.stdout.take().unwrap()).lines().map_while(Result::ok);
-    let _ = lines.by_ref().take_while(|l| !l.contains("step 3 loss")).count();
-    drop(lines);
-    Command::new("kill").args(["-HUP", &c.id().to_string()]).status().unwrap();
-    let status = c.wait().unwrap();
-    assert!(status.success() && latest_step(&dir).is_some_and(|s| s >= 3), "{status:?}");
+    let (status, all) = signalled_after_step_3(&format!("{TINY} --layers 2 --steps 1000000 --save-dir {}", dir.display()), "-HUP", true);
+    assert!(status.success() && latest_step(&dir).is_some_and(|s| s >= 3), "{status:?}\n{all}");
     std::fs::remove_dir_all(dir).unwrap();
     // Without --save-dir nothing can be saved: the stop is an error (a scheduler must not take
     // it for a finished run).
-    let mut c = child(&format!("{TINY} --layers 2 --steps 1000000")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let (status, all) = signalled_after_step_3(&format!("{TINY} --layers 2 --steps 1000000"), "-TERM", false);
+    assert!(!status.success() && all.contains("nothing saved (no --save-dir)"), "{all}");
+}
+
+/// Runs `flags` in a child and sends it `signal` (`-TERM`, `-HUP`) once it printed step 3;
+/// its exit status and output (stdout, then stderr). With `hang_up` its stdout is closed before
+/// the signal (a terminal gone); otherwise it is read to the end (a closed pipe would fail the
+/// child's next print).
+fn signalled_after_step_3(flags: &str, signal: &str, hang_up: bool) -> (std::process::ExitStatus, String) {
+    let mut c = child(flags).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(c.stdout.take().unwrap()).lines().map_while(Result::ok);
-    let _ = lines.by_ref().take_while(|l| !l.contains("step 3 loss")).count();
-    Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
-    let _ = lines.count(); // read to the end: a closed pipe would fail the child's next print
+    let mut out: Vec<String> = lines.by_ref().take_while(|l| !l.contains("step 3 loss")).collect();
+    if hang_up {
+        drop(lines);
+        Command::new("kill").args([signal, &c.id().to_string()]).status().unwrap();
+    } else {
+        Command::new("kill").args([signal, &c.id().to_string()]).status().unwrap();
+        out.extend(lines);
+    }
     let o = c.wait_with_output().unwrap();
-    let t = text(&o);
-    assert!(!o.status.success() && t.contains("nothing saved (no --save-dir)"), "{t}");
+    out.push(String::from_utf8_lossy(&o.stderr).into_owned());
+    (o.status, out.join("\n"))
 }
 
 /// A vocabulary padded for one `--tp` resumes at a `--tp` that pads it otherwise (256 bytes,
