@@ -68,7 +68,7 @@ pub mod world;
 pub use collective::CollectiveBackend;
 #[cfg(feature = "cuda")]
 pub use comm::nccl::{NcclComm, NcclId, NcclOptions};
-pub use comm::{Comm, Communicator, LocalWorld, LocalWorldOptions, P2pMode, RecvOp, ReduceOp, SendOp, TensorSpec};
+pub use comm::{Comm, Communicator, LocalWorld, LocalWorldOptions, P2pMode, RecvOp, ReduceOp, SendOp, TcpComm, TensorSpec};
 pub use error::{CommError, ConfigError, RankError};
 pub use grad::{backward_with, BackwardWith, GradMismatch};
 pub use kernels::{LayerNormBackend, ParallelBackend};

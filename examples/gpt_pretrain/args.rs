@@ -28,6 +28,9 @@ pub(crate) enum CommKind {
     /// `burn-parallel launch --nproc-per-node N -- gpt_pretrain ...`, torchrun or Slurm; without
     /// those variables: a world of one).
     Nccl,
+    /// One process per rank on the CPU, TCP between them (`--device cpu`; start with `burn-parallel
+    /// launch` as for NCCL): the thread ranks' numbers bit for bit, from separate processes.
+    Tcp,
 }
 
 /// Pretrain a small GPT on a text file with tensor parallelism across local threads.
@@ -149,7 +152,7 @@ pub(crate) struct Args {
     /// Model chunks per pipeline rank (interleaved-1f1b; default 2 for it, else 1).
     #[arg(long)]
     pub(crate) virtual_stages: Option<usize>,
-    /// How ranks talk: threads of this process, or NCCL between processes.
+    /// How ranks talk: threads of this process, or processes over NCCL (GPUs) or TCP (CPUs).
     #[arg(long, value_enum, default_value_t = CommKind::Local)]
     pub(crate) comm: CommKind,
     /// Write the pipeline plan's timeline (simulated with forward 1, backward 2) to this SVG file.

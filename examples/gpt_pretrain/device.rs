@@ -1,6 +1,6 @@
 //! The devices the example runs on: CUDA (thread ranks sharing GPU 0, or one NCCL process per
-//! rank and GPU), wgpu (thread ranks sharing the default adapter), and what each rank's device
-//! holds after training ([`DeviceBytes`]).
+//! rank and GPU), wgpu (thread ranks sharing the default adapter), the CPU as one TCP process per
+//! rank, and what each rank's device holds after training ([`DeviceBytes`]).
 
 use std::time::Duration;
 
@@ -64,8 +64,38 @@ pub(crate) fn run_cuda(args: &Args, data: &Corpus, start: &Start) -> Result<Vec<
 /// This process is one rank of a launched job; NCCL connects it to the others.
 #[cfg(feature = "cuda")]
 fn run_nccl(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String> {
-    use burn_parallel::launch::{JobEnv, JobEnvError};
     type B = burn::backend::Autodiff<burn::backend::Cuda>;
+    let env = job_env(args)?;
+    let comm = burn_parallel::NcclComm::from_env(&env).map_err(|e| e.to_string())?;
+    let device = burn::backend::cuda::CudaDevice::new(env.local_rank);
+    tracing::info!(rank = env.rank, world = env.world_size, gpu = env.local_rank, "NCCL rank");
+    super::prepare::<B>(args, &device)?;
+    if args.pp > 1 {
+        return crate::pipelined::train_rank::<B>(args, comm, device, data, start);
+    }
+    super::train_rank::<B>(args, comm, device, data, start)
+}
+
+/// `--comm tcp`: this process is one CPU rank of a launched job; TCP connects it to the others
+/// (`burn_parallel::TcpComm`). Everything this process allocates is this rank's (its memory row).
+pub(crate) fn run_tcp(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String> {
+    type B = burn::backend::Autodiff<burn::backend::Flex>;
+    let env = job_env(args)?;
+    burn_parallel::memory::set_rank(Some(env.rank));
+    let comm = burn_parallel::TcpComm::from_env(&env).map_err(|e| e.to_string())?;
+    tracing::info!(rank = env.rank, world = env.world_size, "TCP rank");
+    let device = Default::default();
+    super::prepare::<B>(args, &device)?;
+    if args.pp > 1 {
+        return crate::pipelined::train_rank::<B>(args, comm, device, data, start);
+    }
+    super::train_rank::<B>(args, comm, device, data, start)
+}
+
+/// This process's place in a launched job (torchrun/Slurm variables; without them a world of
+/// one), checked against the layout's world size; `--timeout-secs` bounds every wait.
+fn job_env(args: &Args) -> Result<burn_parallel::launch::JobEnv, String> {
+    use burn_parallel::launch::{JobEnv, JobEnvError};
     let env = match JobEnv::from_env() {
         Ok(env) => env,
         Err(JobEnvError::Missing) => JobEnv::from_lookup(|k| match k {
@@ -82,19 +112,12 @@ fn run_nccl(args: &Args, data: &Corpus, start: &Start) -> Result<Summary, String
     if env.world_size != world {
         return Err(format!("WORLD_SIZE={} but --dp {} x --pp {} x --tp {} = {world}", env.world_size, args.dp, args.pp, args.tp));
     }
-    let comm = burn_parallel::NcclComm::from_env(&env).map_err(|e| e.to_string())?;
-    let device = burn::backend::cuda::CudaDevice::new(env.local_rank);
-    tracing::info!(rank = env.rank, world = env.world_size, gpu = env.local_rank, "NCCL rank");
-    super::prepare::<B>(args, &device)?;
-    if args.pp > 1 {
-        return crate::pipelined::train_rank::<B>(args, comm, device, data, start);
-    }
-    super::train_rank::<B>(args, comm, device, data, start)
+    Ok(env)
 }
 
 #[cfg(not(feature = "cuda"))]
 pub(crate) fn run_cuda(_: &Args, _: &Corpus, _: &Start) -> Result<Vec<Summary>, String> {
-    let _ = (CommKind::Nccl, DeviceKind::Cuda, Duration::ZERO);
+    let _ = (CommKind::Nccl, DeviceKind::Cuda);
     Err("this binary was built without CUDA: rebuild with `--features cuda` (and CUDARC_CUDA_VERSION=13000)".into())
 }
 

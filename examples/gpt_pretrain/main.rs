@@ -265,12 +265,16 @@ fn main_result(args: &Args) -> Result<(), String> {
     if args.comm == CommKind::Nccl && args.device != DeviceKind::Cuda {
         return Err("--comm nccl needs --device cuda".into());
     }
+    if args.comm == CommKind::Tcp && args.device != DeviceKind::Cpu {
+        return Err("--comm tcp runs CPU ranks: use --device cpu (GPU processes talk NCCL: --comm nccl)".into());
+    }
     let data = load(args)?;
     // From here on SIGTERM / SIGHUP / Ctrl-C stop every rank after the same step and save it
     // (before, they end the process at once: there is nothing to save yet).
     burn_parallel::preempt::install();
     tracing::info!(dp = args.dp, tp = args.tp, pp = args.pp, sequence_parallel = args.sequence_parallel, device = ?args.device, steps = args.steps, "training");
     let summaries = match args.device {
+        DeviceKind::Cpu if args.comm == CommKind::Tcp => vec![device::run_tcp(args, &data, &start)?],
         DeviceKind::Cpu => run::<burn::backend::Autodiff<burn::backend::Flex>>(args, Default::default(), &data, &start)?,
         DeviceKind::Cuda => device::run_cuda(args, &data, &start)?,
         DeviceKind::Wgpu => device::run_wgpu(args, &data, &start)?,
@@ -289,10 +293,13 @@ fn main_result(args: &Args) -> Result<(), String> {
         say!("{line}");
         return Ok(());
     }
-    say!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
-    say!("{}", throughput_line(args, summary.tokens_per_sec));
-    say!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);
-    say!("--- sample ---\n{}\n--------------", summary.sample);
+    // One process per rank (NCCL, TCP): rank 0 tells the run; every rank its memory row.
+    if summary.rank == 0 {
+        say!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
+        say!("{}", throughput_line(args, summary.tokens_per_sec));
+        say!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);
+        say!("--- sample ---\n{}\n--------------", summary.sample);
+    }
     memory_table(args, &summaries)?;
     Ok(())
 }
@@ -350,16 +357,24 @@ fn memory_table(args: &Args, summaries: &[Summary]) -> Result<(), String> {
     let shape = gpt_shape(args);
     let plan = pipelined::memory_plan(args);
     let est = burn_parallel::memory::estimate(&shape, &plan)?;
-    let host = args.device == DeviceKind::Cpu && args.comm == CommKind::Local && burn_parallel::memory::installed();
+    // Thread ranks: each thread's bytes; a TCP process: everything it allocates (its rank's).
+    let host = args.device == DeviceKind::Cpu && burn_parallel::memory::installed();
+    let processes = args.comm != CommKind::Local;
     let mb = |b: f64| format!("{:.2}", b / 1e6);
-    if args.device == DeviceKind::Cpu {
-        say!("memory per rank (MB; predicted by burn_parallel::memory, measured: peak host bytes of the rank's thread over the whole run, evaluation and checkpoints included):");
+    if processes && summaries[0].rank != 0 {
+        // Rank 0 printed the table's head.
+    } else if args.device == DeviceKind::Cpu {
+        let whose = if processes { "process" } else { "thread" };
+        say!("memory per rank (MB; predicted by burn_parallel::memory, measured: peak host bytes of the rank's {whose} over the whole run, evaluation and checkpoints included):");
         say!("| rank | pp | params | grads | optimizer | activations | predicted peak | measured peak |");
     } else {
         say!("memory per rank (MB; predicted by burn_parallel::memory, measured: device bytes in use after the last step):");
         say!("| rank | pp | params | grads | optimizer | activations | predicted peak | predicted params + optimizer | measured after the last step |");
     }
     for rank in 0..args.dp * args.pp * args.tp {
+        if processes && summaries.iter().all(|s| s.rank != rank) {
+            continue;
+        }
         let pp = rank / (args.dp * args.tp);
         let e = &est[pp];
         let measured = match args.device {

@@ -15,6 +15,7 @@ mod local;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod ops;
+mod tcp;
 
 use std::any::Any;
 use std::fmt::Debug;
@@ -26,6 +27,7 @@ use crate::error::CommError;
 
 pub use host::{concat_along, reduce_all, split_along};
 pub use local::{LocalWorld, LocalWorldOptions, P2pMode};
+pub use tcp::TcpComm;
 
 /// Shared handle on a communicator.
 pub type Comm = Arc<dyn Communicator>;

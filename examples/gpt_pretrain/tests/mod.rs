@@ -8,10 +8,14 @@
 //!   a failing write stops training and keeps the previous checkpoint; SIGTERM and
 //!   `--time-limit-mins` stop every rank after one step and save it; a diverging run stops
 //!   before a NaN reaches the weights; bad checkpoint flags; `--export` + `--init-from`.
+//! - `processes.rs`: one process per rank over TCP (`--comm tcp`): the thread ranks' losses bit
+//!   for bit, their checkpoint resumed on threads, a killed rank process named by the others at
+//!   once, SIGTERM to one rank process stopping every rank after the same step.
 //! - `runs.rs`: flags and presets, bad numbers, fused optimizer updates, chunked attention,
 //!   gradient accumulation, `--metrics`, model FLOPs, and `--device wgpu` against the CPU.
 
 mod checkpoints;
+mod processes;
 mod runs;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,134 @@
+//! One process per rank over TCP (`--comm tcp`), started as `burn-parallel launch` would (the
+//! torchrun variables): the thread ranks' losses bit for bit, a checkpoint the processes write
+//! resumes on threads, a killed rank process is named by the others at once (no hang), and
+//! SIGTERM to one rank's process alone stops every rank after the same step, saved.
+
+use std::io::Read;
+use std::process::ExitStatus;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use super::*;
+
+/// Starts the `n` rank processes of one `--comm tcp` job.
+fn ranks(n: usize, flags: &str) -> Vec<Child> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    (0..n)
+        .map(|r| {
+            child(&format!("{flags} --comm tcp"))
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", n.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Reads a pipe to its end in a thread (a rank blocked on a full pipe would stall the job).
+fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_string(&mut s);
+        }
+        s
+    })
+}
+
+/// Waits for every rank: (exit status, stdout, stderr) each; what was already taken from a
+/// pipe is not in it.
+fn finish(procs: Vec<Child>) -> Vec<(ExitStatus, String, String)> {
+    let pipes: Vec<_> = procs.into_iter().map(|mut c| (drain(c.stdout.take()), drain(c.stderr.take()), c)).collect();
+    pipes.into_iter().map(|(o, e, mut c)| (c.wait().unwrap(), o.join().unwrap(), e.join().unwrap())).collect()
+}
+
+/// Reads rank 0's stdout until its `step N loss` line; the lines read, and the rest in a thread.
+fn until_step(c: &mut Child, step: usize) -> (Vec<String>, JoinHandle<String>) {
+    let mut reader = BufReader::new(c.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 0 {
+        seen.push(line.trim_end().to_string());
+        line.clear();
+        if seen.last().unwrap().contains(&format!("step {step} loss")) {
+            return (seen, drain(Some(reader)));
+        }
+    }
+    panic!("rank 0 never printed step {step}:\n{}", seen.join("\n"));
+}
+
+#[test]
+fn tcp_rank_processes_print_the_thread_ranks_losses_and_their_checkpoint_resumes_on_threads() {
+    for layout in ["--dp 2 --tp 2 --dropout 0.1", "--pp 2 --tp 2 --microbatches 4 --sequence-parallel"] {
+        let base = format!("{TINY} --layers 2 --steps 6 {layout}");
+        let whole = losses(&base);
+        let dir = fresh("tcp");
+        let out = finish(ranks(4, &format!("{base} --exit-at-step 3 --save-dir {}", dir.display())));
+        for (rank, (status, stdout, stderr)) in out.iter().enumerate() {
+            assert!(status.success(), "{layout}: rank {rank}: {status:?}\n{stdout}\n{stderr}");
+        }
+        assert_eq!(step_lines(&out[0].1), whole[..3], "{layout}: processes and threads differ");
+        assert!(out[1..].iter().all(|o| step_lines(&o.1).is_empty()), "{layout}: only rank 0 prints the losses");
+        assert!(out[3].1.contains("| 3 | "), "{layout}: each process prints its memory row:\n{}", out[3].1);
+        assert_eq!(latest_step(&dir), Some(3), "{layout}");
+        let rest = losses(&format!("{base} --resume latest --save-dir {}", dir.display()));
+        assert_eq!(rest, whole[3..], "{layout}: the processes' checkpoint resumed on threads differs");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn a_killed_rank_process_is_named_by_the_others_at_once_and_the_last_checkpoint_resumes() {
+    let base = format!("{TINY} --layers 2 --steps 12 --dp 2 --tp 2");
+    let whole = losses(&base);
+    let dir = fresh("tcp-kill");
+    let mut procs = ranks(4, &format!("{base} --save-every 2 --timeout-secs 600 --save-dir {}", dir.display()));
+    let (_, rest0) = until_step(&mut procs[0], 5);
+    let killed = Instant::now();
+    kill(&mut procs[2]);
+    let out = finish(procs);
+    let _ = rest0.join();
+    assert!(killed.elapsed() < Duration::from_secs(60), "the other ranks took {:?} (a hang?)", killed.elapsed());
+    for rank in [0, 1, 3] {
+        let (status, _, stderr) = &out[rank];
+        assert!(!status.success(), "rank {rank} exited 0 without rank 2");
+        // Each names rank 2, directly or as the cause of the rank it waited for.
+        let named = stderr.find("rank 2 is gone: its connection").map(|at| &stderr[at..]);
+        assert!(named.is_some_and(|t| t.contains("(the process exited or was killed)")), "rank {rank}:\n{stderr}");
+    }
+    let step = latest_step(&dir).expect("a checkpoint") as usize;
+    assert!(step >= 4, "latest is step {step}");
+    let resumed = losses(&format!("{base} --resume latest --save-dir {}", dir.display()));
+    assert_eq!(resumed, whole[step..], "the last checkpoint before the kill resumes the uninterrupted run");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn sigterm_to_one_rank_process_stops_every_rank_after_the_same_step() {
+    let base = format!("{TINY} --layers 2 --steps 1000000 --dp 2 --tp 2 --dropout 0.1");
+    let dir = fresh("tcp-term");
+    let mut procs = ranks(4, &format!("{base} --save-dir {}", dir.display()));
+    let (_, rest0) = until_step(&mut procs[0], 3);
+    Command::new("kill").args(["-TERM", &procs[3].id().to_string()]).status().unwrap();
+    let out = finish(procs);
+    let rest0 = rest0.join().unwrap();
+    let said = |rank: usize| if rank == 0 { rest0.clone() } else { out[rank].1.clone() };
+    let mut steps = Vec::new();
+    for (rank, (status, _, stderr)) in out.iter().enumerate() {
+        assert!(status.success(), "rank {rank}: {status:?}\n{}\n{stderr}", said(rank));
+        let text = said(rank);
+        let at = text.find("stopped by signal 15 after step ").unwrap_or_else(|| panic!("rank {rank}: {text}"));
+        steps.push(text[at..].split_whitespace().nth(6).and_then(|n| n.parse::<usize>().ok()).unwrap());
+    }
+    assert!(steps.iter().all(|s| *s == steps[0] && *s >= 3), "every rank stops after the same step: {steps:?}");
+    let step = steps[0];
+    assert_eq!(latest_step(&dir), Some(step as u64));
+    let end = format!("--exit-at-step {}", step + 2);
+    let resumed = losses(&format!("{base} {end} --resume latest --save-dir {}", dir.display()));
+    assert_eq!(resumed, losses(&format!("{base} {end}"))[step..]);
+    std::fs::remove_dir_all(dir).unwrap();
+}

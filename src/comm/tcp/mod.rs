@@ -1,0 +1,341 @@
+//! The TCP communicator: one process per rank on CPUs, started by `burn-parallel launch` (or
+//! torchrun/Slurm) — torch.distributed's gloo role, where [`NcclComm`](crate::NcclComm) is NCCL's.
+//!
+//! [`TcpComm::from_env`] joins the job's [`rendezvous`](crate::launch::rendezvous) and connects
+//! every pair of ranks (a full mesh, [`mesh`]). Each connection has a reader thread that files
+//! incoming frames ([`wire`]) by (sender, group, collective number or tag); operations write their
+//! frames and wait for the ones they need.
+//!
+//! # Collectives: the thread world's results, bit for bit
+//! Every member sends its contribution to every other member and reduces what it received in
+//! group order with the same host functions as [`LocalWorld`](crate::LocalWorld): results are
+//! identical on every rank and to a thread world's (so a job's losses do not depend on whether
+//! its ranks are threads or processes). Reduce-scatter sends each member only its slice. The
+//! traffic is `(n − 1) ×` the tensor per rank (a ring moves `2 (n − 1)/n ×`): meant for CPU
+//! jobs and tests, not for bandwidth.
+//!
+//! # Point-to-point
+//! Buffered, as gloo: a send returns once its bytes are written; a receive takes the next tensor
+//! its peer sent under the same tag on the same group and checks its shape and dtype.
+//!
+//! # Never a silent hang
+//! A rank whose process exits or is killed closes its connections: a peer waiting for it fails
+//! at once with [`CommError::PeerGone`] naming it (frames it sent before are still delivered).
+//! A rank that is alive but never arrives fails the waiter after the job's timeout
+//! ([`CommError::Timeout`], naming the ranks whose frames are missing); a write that cannot
+//! proceed for that long (a stopped process) fails likewise. Ranks calling different collectives
+//! at the same point fail with [`CommError::Mismatch`].
+
+mod mesh;
+#[cfg(test)]
+mod tests;
+mod wire;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burn::tensor::TensorData;
+
+use super::host::{concat_along, reduce_all, same_shapes, split_along};
+use super::{Comm, Communicator, ReduceOp, TensorSpec};
+use crate::error::CommError;
+use crate::launch::JobEnv;
+use wire::{Frame, Head, Inbox, Kind, WaitError};
+
+/// One group's name, members and collective counter (shared by every handle on it).
+#[derive(Debug)]
+struct Group {
+    label: String,
+    members: Vec<usize>,
+    seq: AtomicU64,
+}
+
+/// A group's name and members.
+type GroupKey = (String, Vec<usize>);
+
+/// One process's connections.
+#[derive(Debug)]
+struct Shared {
+    me: usize,
+    timeout: Duration,
+    writers: Vec<Option<Mutex<TcpStream>>>,
+    inbox: Arc<Inbox>,
+    groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
+    /// Set once this rank told every peer it failed.
+    aborted: AtomicBool,
+}
+
+impl Shared {
+    fn group(&self, name: &str, members: Vec<usize>) -> Arc<Group> {
+        let label = format!("{name}[{}]", members.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","));
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.entry((name.to_string(), members.clone())).or_insert_with(|| Arc::new(Group { label, members, seq: AtomicU64::new(0) })).clone()
+    }
+}
+
+impl Drop for Shared {
+    /// Closes every connection (the peers' readers see the end; ours stop).
+    fn drop(&mut self) {
+        for w in self.writers.iter().flatten() {
+            let _ = w.lock().unwrap_or_else(|e| e.into_inner()).shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// One rank's handle on one group of a multi-process job over TCP. See the module docs.
+#[derive(Debug)]
+pub struct TcpComm {
+    shared: Arc<Shared>,
+    group: Arc<Group>,
+    rank: usize,
+}
+
+/// Files what `peer` sends until its connection ends, then records why it ended. What it
+/// receives is counted as rank `me`'s memory (`crate::memory`).
+fn spawn_reader(me: usize, peer: usize, stream: TcpStream, inbox: Arc<Inbox>) -> std::io::Result<()> {
+    std::thread::Builder::new().name(format!("tcp-from-{peer}")).spawn(move || {
+        crate::memory::set_rank(Some(me));
+        let mut r = std::io::BufReader::with_capacity(1 << 16, stream);
+        let why = loop {
+            match wire::read_frame(&mut r) {
+                Ok(Some(f)) if f.kind == Kind::Abort => inbox.mark_gone(peer, format!("it failed: {}", f.op)),
+                Ok(Some(f)) => inbox.push(peer, f),
+                Ok(None) => break "its connection closed (the process exited or was killed)".to_string(),
+                Err(e) => break closed_why(&e),
+            }
+        };
+        inbox.mark_gone(peer, why);
+    })?;
+    Ok(())
+}
+
+/// Why a connection that failed while reading ended.
+fn closed_why(e: &std::io::Error) -> String {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    match e.kind() {
+        // A process killed with unread data on its socket resets the connection.
+        ConnectionReset | ConnectionAborted | BrokenPipe => "its connection was reset (the process exited or was killed)".into(),
+        UnexpectedEof => "its connection closed mid-message (the process exited or was killed)".into(),
+        _ => format!("its connection failed: {e}"),
+    }
+}
+
+impl TcpComm {
+    /// Joins the job `env` describes (rank, world size, `MASTER_ADDR:MASTER_PORT`; `env.timeout`
+    /// bounds the connection and every later operation) and returns the world communicator.
+    pub fn from_env(env: &JobEnv) -> Result<Comm, CommError> {
+        let streams = mesh::connect_mesh(env)?;
+        let inbox = Arc::new(Inbox::default());
+        let io = |e: std::io::Error| CommError::Backend(format!("tcp, rank {}: {e}", env.rank));
+        let mut writers = Vec::with_capacity(streams.len());
+        for (peer, s) in streams.into_iter().enumerate() {
+            let Some(s) = s else {
+                writers.push(None);
+                continue;
+            };
+            s.set_write_timeout(Some(env.timeout.max(Duration::from_millis(1)))).map_err(io)?;
+            spawn_reader(env.rank, peer, s.try_clone().map_err(io)?, inbox.clone()).map_err(io)?;
+            writers.push(Some(Mutex::new(s)));
+        }
+        let shared =
+            Arc::new(Shared { me: env.rank, timeout: env.timeout, writers, inbox, groups: Mutex::new(HashMap::new()), aborted: AtomicBool::new(false) });
+        let group = shared.group("world", (0..env.world_size).collect());
+        Ok(Arc::new(TcpComm { shared, group, rank: env.rank }))
+    }
+
+    fn me(&self) -> usize {
+        self.shared.me
+    }
+
+    fn bad(&self, op: &str, detail: String) -> CommError {
+        CommError::BadInput { group: self.group.label.clone(), op: op.into(), detail }
+    }
+
+    /// Sends one frame to global rank `dst` (to ourselves: straight into the inbox).
+    fn send_frame(&self, dst: usize, head: Head<'_>, data: Option<&TensorData>, name: &str) -> Result<(), CommError> {
+        if dst == self.me() {
+            let f = Frame { kind: head.kind, group: head.group.into(), key: head.key, op: head.op.into(), data: data.cloned() };
+            self.shared.inbox.push(dst, f);
+            return Ok(());
+        }
+        let w = self.shared.writers[dst].as_ref().expect("a connection to every other rank");
+        let mut stream = w.lock().unwrap_or_else(|e| e.into_inner());
+        wire::write_frame(&mut *stream, head, data).map_err(|e| {
+            // A frame cut short leaves the stream out of step: nothing more goes over it.
+            let _ = stream.shutdown(Shutdown::Both);
+            let (group, rank) = (self.group.label.clone(), self.me());
+            match e.kind() {
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                    CommError::Timeout { op: format!("{name} (sending)"), group, rank, missing: vec![dst], waited: self.shared.timeout }
+                }
+                _ => {
+                    let reason = self.shared.inbox.gone_reason(dst, Duration::from_millis(500)).unwrap_or_else(|| format!("sending to it failed: {e}"));
+                    CommError::PeerGone { op: name.into(), group, rank, peer: dst, reason }
+                }
+            }
+        })
+    }
+
+    /// Tells every peer (once, best effort) that this rank failed with `e`, so none of them waits
+    /// for it (they fail naming it and `e`, as a thread world's peers do); returns `e`.
+    fn fail(&self, e: CommError) -> CommError {
+        if !self.shared.aborted.swap(true, Ordering::SeqCst) {
+            let text = e.to_string();
+            let head = Head { kind: Kind::Abort, group: &self.group.label, key: 0, op: &text };
+            for w in self.shared.writers.iter().flatten() {
+                let _ = wire::write_frame(&mut *w.lock().unwrap_or_else(|e| e.into_inner()), head, None);
+            }
+        }
+        e
+    }
+
+    /// Takes frames for `slots`, mapping a failed wait to the error naming who is missing.
+    fn take(&self, slots: &[wire::Slot], name: &str) -> Result<Vec<Frame>, CommError> {
+        let start = Instant::now();
+        let (group, rank) = (self.group.label.clone(), self.me());
+        self.shared.inbox.take(slots, self.shared.timeout).map_err(|e| match e {
+            WaitError::Timeout(missing) => CommError::Timeout { op: name.into(), group, rank, missing, waited: start.elapsed() },
+            WaitError::Gone(peer, reason) => CommError::PeerGone { op: name.into(), group, rank, peer, reason },
+        })
+    }
+
+    /// The group's next collective `op`: sends `out(i)` to every other member `i` and returns
+    /// what each sent (by group rank; `None` at our own index and where nothing was sent).
+    fn exchange<'a>(&self, op: &str, out: impl Fn(usize) -> Option<&'a TensorData>) -> Result<Vec<Option<TensorData>>, CommError> {
+        let g = &self.group;
+        let seq = g.seq.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{op} #{seq}");
+        let head = Head { kind: Kind::Collective, group: &g.label, key: seq, op };
+        for (i, &dst) in g.members.iter().enumerate() {
+            if i != self.rank {
+                self.send_frame(dst, head, out(i), &name).map_err(|e| self.fail(e))?;
+            }
+        }
+        let others: Vec<usize> = g.members.iter().copied().filter(|&r| r != self.me()).collect();
+        let slots: Vec<wire::Slot> = others.iter().map(|&src| (src, Kind::Collective, g.label.clone(), seq)).collect();
+        let frames = self.take(&slots, &name).map_err(|e| self.fail(e))?;
+        let mut parts: Vec<Option<TensorData>> = g.members.iter().map(|_| None).collect();
+        for (f, src) in frames.into_iter().zip(others) {
+            if f.op != op {
+                let other_op = format!("{} #{seq}", f.op);
+                return Err(self.fail(CommError::Mismatch { group: g.label.clone(), rank: self.me(), op: name, other_rank: src, other_op }));
+            }
+            parts[g.members.iter().position(|&m| m == src).expect("a member")] = f.data;
+        }
+        Ok(parts)
+    }
+
+    /// Every member's tensor, ours included, in group order.
+    fn gather_parts(&self, op: &str, data: TensorData) -> Result<Vec<TensorData>, CommError> {
+        let mut parts = self.exchange(op, |_| Some(&data))?;
+        parts[self.rank] = Some(data);
+        parts.into_iter().map(|p| p.ok_or_else(|| self.bad(op, "a member sent no tensor".into()))).collect()
+    }
+}
+
+impl Communicator for TcpComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.group.members.len()
+    }
+
+    fn global_ranks(&self) -> &[usize] {
+        &self.group.members
+    }
+
+    fn label(&self) -> &str {
+        &self.group.label
+    }
+
+    fn all_reduce(&self, data: TensorData, op: ReduceOp) -> Result<TensorData, CommError> {
+        let name = format!("all_reduce({op:?})");
+        let parts = self.gather_parts(&name, data)?;
+        reduce_all(&parts.iter().collect::<Vec<_>>(), op).map_err(|d| self.bad(&name, d))
+    }
+
+    fn all_gather(&self, data: TensorData, dim: usize) -> Result<TensorData, CommError> {
+        let name = format!("all_gather(dim={dim})");
+        let parts = self.gather_parts(&name, data)?;
+        let refs: Vec<&TensorData> = parts.iter().collect();
+        same_shapes(&refs).map_err(|d| self.bad(&name, d))?;
+        concat_along(&refs, dim).map_err(|d| self.bad(&name, d))
+    }
+
+    fn reduce_scatter(&self, data: TensorData, dim: usize, op: ReduceOp) -> Result<TensorData, CommError> {
+        let name = format!("reduce_scatter({op:?}, dim={dim})");
+        let n = self.size();
+        let mut pieces = (0..n).map(|j| split_along(&data, dim, n, j)).collect::<Result<Vec<_>, _>>().map_err(|d| self.bad(&name, d))?;
+        let mut parts = self.exchange(&name, |i| Some(&pieces[i]))?;
+        parts[self.rank] = Some(pieces.swap_remove(self.rank));
+        let parts = parts.into_iter().map(|p| p.ok_or_else(|| self.bad(&name, "a member sent no tensor".into()))).collect::<Result<Vec<_>, _>>()?;
+        // Element-wise in group order: the slice of the thread world's full reduction, bit for bit.
+        reduce_all(&parts.iter().collect::<Vec<_>>(), op).map_err(|d| self.bad(&name, d))
+    }
+
+    fn broadcast(&self, data: Option<TensorData>, root: usize) -> Result<TensorData, CommError> {
+        let name = format!("broadcast(root={root})");
+        if root >= self.size() {
+            return Err(self.bad(&name, format!("root {root} outside a group of {}", self.size())));
+        }
+        let mine = if self.rank == root { data } else { None };
+        let mut parts = self.exchange(&name, |_| mine.as_ref())?;
+        let got = if self.rank == root { mine } else { parts[root].take() };
+        got.ok_or_else(|| self.bad(&name, format!("root {root} passed no tensor")))
+    }
+
+    fn send(&self, data: TensorData, peer: usize, tag: u64) -> Result<(), CommError> {
+        let name = format!("send(to={peer}, tag={tag})");
+        let dst = *self.group.members.get(peer).ok_or_else(|| self.bad(&name, format!("peer {peer} outside a group of {}", self.size())))?;
+        self.send_frame(dst, Head { kind: Kind::P2p, group: &self.group.label, key: tag, op: "send" }, Some(&data), &name).map_err(|e| self.fail(e))
+    }
+
+    fn recv(&self, peer: usize, tag: u64, expect: &TensorSpec) -> Result<TensorData, CommError> {
+        let name = format!("recv(from={peer}, tag={tag}, {:?} {:?})", expect.shape, expect.dtype);
+        let src = *self.group.members.get(peer).ok_or_else(|| self.bad(&name, format!("peer {peer} outside a group of {}", self.size())))?;
+        let frame = self.take(&[(src, Kind::P2p, self.group.label.clone(), tag)], &name).map_err(|e| self.fail(e))?.remove(0);
+        let data = frame.data.ok_or_else(|| self.bad(&name, "a message without a tensor".into()))?;
+        if data.shape.as_slice() != expect.shape.as_slice() || data.dtype != expect.dtype {
+            return Err(self.fail(CommError::P2pMismatch {
+                sender: src,
+                receiver: self.me(),
+                sent_shape: data.shape.to_vec(),
+                sent_dtype: format!("{:?}", data.dtype),
+                expected_shape: expect.shape.clone(),
+                expected_dtype: format!("{:?}", expect.dtype),
+            }));
+        }
+        Ok(data)
+    }
+
+    fn barrier(&self) -> Result<(), CommError> {
+        self.exchange("barrier", |_| None).map(|_| ())
+    }
+
+    fn new_group(&self, name: &str, global_ranks: &[usize]) -> Result<Comm, CommError> {
+        let me = self.me();
+        let mut seen = std::collections::HashSet::new();
+        if let Some(d) = global_ranks.iter().find(|r| !seen.insert(**r)) {
+            return Err(CommError::InvalidGroup(format!("{name}: rank {d} listed twice in {global_ranks:?}")));
+        }
+        if let Some(r) = global_ranks.iter().find(|r| !self.group.members.contains(r)) {
+            return Err(CommError::InvalidGroup(format!("{name}: rank {r} is not in the parent group {}", self.group.label)));
+        }
+        let rank = global_ranks
+            .iter()
+            .position(|&r| r == me)
+            .ok_or_else(|| CommError::InvalidGroup(format!("{name}: rank {me} creates {global_ranks:?} without being in it")))?;
+        let group = self.shared.group(name, global_ranks.to_vec());
+        Ok(Arc::new(TcpComm { shared: self.shared.clone(), group, rank }))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
