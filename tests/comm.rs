@@ -304,12 +304,15 @@ fn flat_collective_layouts_match_concat_and_split() {
 }
 
 /// `common::world` runs on the communicator CI asks for (`BURN_PARALLEL_TEST_COMM=nccl-emu`
-/// with `--features cuda`: the NCCL communicator over the emulator).
+/// with `--features cuda`: the NCCL communicator over the emulator; `tcp`: `TcpComm`).
 #[test]
 fn world_uses_the_requested_communicator() {
-    let emulated = cfg!(feature = "cuda") && std::env::var("BURN_PARALLEL_TEST_COMM").as_deref() == Ok("nccl-emu");
+    let asked = std::env::var("BURN_PARALLEL_TEST_COMM");
+    let emulated = cfg!(feature = "cuda") && asked.as_deref() == Ok("nccl-emu");
+    let tcp = asked.as_deref() == Ok("tcp");
     let kinds = world(2, |c| Ok(format!("{c:?}")));
     for k in kinds {
         assert_eq!(k.starts_with("NcclComm("), emulated, "{k}");
+        assert_eq!(k.starts_with("TcpComm("), tcp, "{k}");
     }
 }

@@ -23,14 +23,34 @@ pub const TOL: f32 = 1e-5;
 ///
 /// With `--features cuda` and `BURN_PARALLEL_TEST_COMM=nccl-emu`, the ranks talk through
 /// `NcclComm` over the NCCL emulator instead (CI runs the parity suites that way), so the NCCL
-/// communicator's own logic is checked with several ranks without GPUs.
+/// communicator's own logic is checked with several ranks without GPUs; with
+/// `BURN_PARALLEL_TEST_COMM=tcp`, through `TcpComm` over loopback (each rank its own
+/// connections, as rank processes have; CI runs the parity suites that way too).
 pub fn world<T: Send>(n: usize, f: impl Fn(Comm) -> Result<T, String> + Send + Sync) -> Vec<T> {
     #[cfg(feature = "cuda")]
     if std::env::var("BURN_PARALLEL_TEST_COMM").as_deref() == Ok("nccl-emu") {
         return emulated_nccl(n, f);
     }
+    if std::env::var("BURN_PARALLEL_TEST_COMM").as_deref() == Ok("tcp") {
+        let comms = burn_parallel::TcpComm::loopback_world(n, Duration::from_secs(60)).unwrap_or_else(|e| panic!("TCP world of {n}: {e}"));
+        return on_threads(comms, "TCP", f);
+    }
     let opts = LocalWorldOptions { timeout: Duration::from_secs(30), p2p: P2pMode::Rendezvous };
     all_ok(run_world(n, opts, f)).unwrap_or_else(|e| panic!("world of {n} failed:\n{e}"))
+}
+
+/// Runs `f` with each communicator on its own thread; every rank's value, or a panic listing
+/// every rank's error.
+fn on_threads<T: Send>(comms: Vec<Comm>, what: &str, f: impl Fn(Comm) -> Result<T, String> + Send + Sync) -> Vec<T> {
+    let n = comms.len();
+    let f = &f;
+    let results: Vec<Result<T, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms.into_iter().map(|c| s.spawn(move || f(c))).collect();
+        handles.into_iter().enumerate().map(|(r, h)| h.join().unwrap_or_else(|p| Err(format!("rank {r} panicked: {}", panic_text(&p))))).collect()
+    });
+    let errors: Vec<String> = results.iter().enumerate().filter_map(|(r, x)| x.as_ref().err().map(|e| format!("rank {r}: {e}"))).collect();
+    assert!(errors.is_empty(), "{what} world of {n} failed:\n{}", errors.join("\n"));
+    results.into_iter().map(|r| r.unwrap_or_else(|_| unreachable!("checked"))).collect()
 }
 
 /// A deterministic `N(0,1)` tensor of `shape` named `name`.
@@ -189,18 +209,9 @@ pub fn global_path(path: &str, first_layer: usize) -> String {
 /// `world` over emulated NCCL communicators (60 s timeouts).
 #[cfg(feature = "cuda")]
 fn emulated_nccl<T: Send>(n: usize, f: impl Fn(Comm) -> Result<T, String> + Send + Sync) -> Vec<T> {
-    let comms = burn_parallel::NcclComm::emulated_world(n, Duration::from_secs(60));
-    let f = &f;
-    let results: Vec<Result<T, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms.into_iter().map(|c| s.spawn(move || f(c))).collect();
-        handles.into_iter().enumerate().map(|(r, h)| h.join().unwrap_or_else(|p| Err(format!("rank {r} panicked: {}", panic_text(&p))))).collect()
-    });
-    let errors: Vec<String> = results.iter().enumerate().filter_map(|(r, x)| x.as_ref().err().map(|e| format!("rank {r}: {e}"))).collect();
-    assert!(errors.is_empty(), "emulated NCCL world of {n} failed:\n{}", errors.join("\n"));
-    results.into_iter().map(|r| r.unwrap_or_else(|_| unreachable!("checked"))).collect()
+    on_threads(burn_parallel::NcclComm::emulated_world(n, Duration::from_secs(60)), "emulated NCCL", f)
 }
 
-#[cfg(feature = "cuda")]
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
 }

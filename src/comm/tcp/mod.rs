@@ -87,11 +87,16 @@ impl Drop for Shared {
 }
 
 /// One rank's handle on one group of a multi-process job over TCP. See the module docs.
-#[derive(Debug)]
 pub struct TcpComm {
     shared: Arc<Shared>,
     group: Arc<Group>,
     rank: usize,
+}
+
+impl std::fmt::Debug for TcpComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TcpComm({}, rank {})", self.group.label, self.rank)
+    }
 }
 
 /// Files what `peer` sends until its connection ends, then records why it ended. What it
@@ -145,6 +150,21 @@ impl TcpComm {
             Arc::new(Shared { me: env.rank, timeout: env.timeout, writers, inbox, groups: Mutex::new(HashMap::new()), aborted: AtomicBool::new(false) });
         let group = shared.group("world", (0..env.world_size).collect());
         Ok(Arc::new(TcpComm { shared, group, rank: env.rank }))
+    }
+
+    /// `size` ranks of one job inside this process, each with its own connections over loopback
+    /// (hand each communicator to its own thread): for tests, as `NcclComm::emulated_world`.
+    pub fn loopback_world(size: usize, timeout: Duration) -> Result<Vec<Comm>, CommError> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| CommError::Backend(format!("tcp: no free loopback port: {e}")))?
+            .port();
+        let env =
+            |rank| JobEnv { rank, world_size: size, local_rank: rank, local_world_size: size, master_addr: "127.0.0.1".into(), master_port: port, timeout };
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..size).map(|r| s.spawn(move || Self::from_env(&env(r)))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(CommError::Backend("tcp: a connecting thread panicked".into())))).collect()
+        })
     }
 
     fn me(&self) -> usize {

@@ -7,22 +7,18 @@ use burn::tensor::{DType, TensorData};
 use super::TcpComm;
 use crate::comm::{Comm, RecvOp, ReduceOp, SendOp, TensorSpec};
 use crate::error::CommError;
-use crate::launch::JobEnv;
 use crate::{run_world, LocalWorldOptions};
-
-fn env(rank: usize, n: usize, port: u16, timeout: Duration) -> JobEnv {
-    JobEnv { rank, world_size: n, local_rank: rank, local_world_size: n, master_addr: "127.0.0.1".into(), master_port: port, timeout }
-}
 
 /// Runs `f` on `n` TCP ranks (threads of this process, each with its own connections).
 fn tcp_world<T: Send>(n: usize, timeout: Duration, f: impl Fn(Comm) -> T + Sync) -> Vec<T> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let comms = TcpComm::loopback_world(n, timeout).unwrap();
     std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .map(|r| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
                 s.spawn({
                     let f = &f;
-                    move || f(TcpComm::from_env(&env(r, n, port, timeout)).unwrap())
+                    move || f(c)
                 })
             })
             .collect();
