@@ -40,6 +40,9 @@ fn script(c: Comm) -> Vec<TensorData> {
         out.push(c.all_reduce(tensor(r, [3, 5], 0.3), op).unwrap());
     }
     out.push(c.all_reduce(tensor(r, [2, 7], 1.1).convert_dtype(DType::BF16), ReduceOp::Sum).unwrap());
+    // Large enough to be a reduce-scatter + all-gather (on 4 ranks), odd sizes.
+    out.push(c.all_reduce(tensor(r, [257, 301], 0.4), ReduceOp::Sum).unwrap());
+    out.push(c.all_reduce(tensor(r, [257, 301], 0.6).convert_dtype(DType::BF16), ReduceOp::Mean).unwrap());
     out.push(c.all_gather(tensor(r, [2, 3], 0.7), 1).unwrap());
     out.push(c.reduce_scatter(tensor(r, [4, 6], 0.2), 0, ReduceOp::Sum).unwrap());
     out.push(c.reduce_scatter(tensor(r, [3, 8], 0.9), 1, ReduceOp::Mean).unwrap());
@@ -76,7 +79,7 @@ fn every_operation_equals_the_thread_worlds_bit_for_bit() {
         }
     }
     // The inputs differ per rank, so the results above are not trivially equal.
-    assert_ne!(tcp[0][4].as_bytes(), tensor(0, [2, 3], 0.7).as_bytes());
+    assert_ne!(tcp[0][6].as_bytes(), tensor(0, [2, 3], 0.7).as_bytes());
 }
 
 #[test]
@@ -93,8 +96,11 @@ fn mismatches_are_errors_naming_both_ranks() {
     });
     for (rank, e) in got.iter().enumerate() {
         assert!(matches!(e, CommError::Mismatch { rank: r, other_rank: o, .. } if *r == rank && *o == 1 - rank), "{e}");
-        assert!(e.to_string().contains("barrier #0") && e.to_string().contains("all_reduce(Sum) #0"), "{e}");
+        assert!(e.to_string().contains("barrier #0") && e.to_string().contains("all_reduce(Sum) of [1, 1] F32 #0"), "{e}");
     }
+    // Equal element counts, other shapes: refused, not reduced.
+    let got = tcp_world(2, Duration::from_secs(30), |c| c.all_reduce(tensor(0, [2 + c.rank(), 3 - c.rank()], 1.0), ReduceOp::Sum).unwrap_err());
+    assert!(got[0].to_string().contains("all_reduce(Sum) of [3, 2] F32 #0"), "{}", got[0]);
     let got = tcp_world(2, Duration::from_secs(30), |c| {
         if c.rank() == 0 {
             c.send(tensor(0, [2, 3], 1.0), 1, 4).map(|_| None)
