@@ -1,5 +1,7 @@
 //! DistAdamW's step with fused updates (one flat update per 25 MiB group of
-//! parameter state) against one parameter at a time (`group_bytes` 0), in the same run, on a
+//! parameter state) against one parameter at a time (`group_bytes` 0), and without the
+//! non-finite guard (`check_finite`, whose global norm is one more pass over the gradients
+//! when nothing clips), in the same run, on a
 //! GPT with GPT-2's 12 layers (its number of parameter tensors) at a small width, so that the
 //! per-operation cost of the step shows rather than its arithmetic. Only the optimizer step is
 //! timed (synced before and after), over `BENCH_STEPS` steps (default 8) after 2 warm-up steps.
@@ -36,8 +38,9 @@ fn steps() -> usize {
     std::env::var("BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(8)
 }
 
-/// Milliseconds per optimizer step and the number of parameter tensors.
-fn time_step<B>(config: &GptConfig, group_bytes: usize) -> (f64, usize)
+/// Milliseconds per optimizer step, per forward + backward, and the number of parameter tensors
+/// (`check`: the non-finite guard, `DistAdamWConfig::check_finite`).
+fn time_step<B>(config: &GptConfig, group_bytes: usize, check: bool) -> (f64, f64, usize)
 where
     B: AutodiffBackend + ParallelBackend,
     B::InnerBackend: ParallelBackend,
@@ -47,12 +50,16 @@ where
         let dev = B::Device::default();
         let mut model = config.init::<B>(&groups.tp, &dev).map_err(|e| e.to_string())?;
         let tensors = named_params(&model).len();
-        let mut opt = DistAdamW::<B>::new(DistAdamWConfig::new().with_group_bytes(group_bytes), &groups);
-        let mut total = 0.0;
+        let mut opt = DistAdamW::<B>::new(DistAdamWConfig::new().with_group_bytes(group_bytes).with_check_finite(check), &groups);
+        let (mut total, mut fwd_bwd) = (0.0, 0.0);
         for s in 0..2 + steps() {
             let (x, y) = batch::<B>(s, &dev);
+            let start = Instant::now();
             let grads = GradientsParams::from_grads(model.loss(x, y).backward(), &model);
             B::sync(&dev).map_err(|e| format!("{e:?}"))?;
+            if s >= 2 {
+                fwd_bwd += start.elapsed().as_secs_f64();
+            }
             let start = Instant::now();
             model = opt.step(1e-3, vec![(model, grads)], None).map_err(|e| e.to_string())?.0.remove(0);
             B::sync(&dev).map_err(|e| format!("{e:?}"))?;
@@ -60,7 +67,7 @@ where
                 total += start.elapsed().as_secs_f64();
             }
         }
-        Ok::<_, String>((total / steps() as f64 * 1e3, tensors))
+        Ok::<_, String>((total / steps() as f64 * 1e3, fwd_bwd / steps() as f64 * 1e3, tensors))
     });
     all_ok(res).expect("bench world").remove(0)
 }
@@ -70,14 +77,17 @@ where
     B: AutodiffBackend + ParallelBackend,
     B::InnerBackend: ParallelBackend,
 {
-    let (per, n) = time_step::<B>(config, 0);
-    let (fused, _) = time_step::<B>(config, FUSED);
-    println!("| {backend} | {:?} | d {} | {n} | {per:.2} | {fused:.2} | {:.2} |", config.precision, config.d_model, fused / per);
+    let (per, fwd_bwd, n) = time_step::<B>(config, 0, true);
+    let (fused, _, _) = time_step::<B>(config, FUSED, true);
+    let (unchecked, _, _) = time_step::<B>(config, 0, false);
+    let (p, d) = (config.precision, config.d_model);
+    let guard = (per - unchecked) / (fwd_bwd + per);
+    println!("| {backend} | {p:?} | d {d} | {n} | {per:.2} | {fused:.2} | {:.2} | {unchecked:.2} | {fwd_bwd:.2} | {:.1}% |", fused / per, 100.0 * guard);
 }
 
 fn main() {
-    println!("| backend | parameters | width | tensors | per parameter ms | fused ms | fused / per parameter |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| backend | parameters | width | tensors | per parameter ms | fused ms | fused / per parameter | no finite check ms | forward + backward ms | the check's share of a step |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for d in [16, 64] {
         let config = GptConfig::new(VOCAB, SEQ, d, 4, 12, 4 * d);
         row::<Autodiff<Flex>>("Flex (CPU)", &config);
