@@ -85,11 +85,15 @@ pub(crate) fn run_tcp(args: &Args, data: &Corpus, start: &Start) -> Result<Summa
     let comm = burn_parallel::TcpComm::from_env(&env).map_err(|e| e.to_string())?;
     tracing::info!(rank = env.rank, world = env.world_size, "TCP rank");
     let device = Default::default();
-    super::prepare::<B>(args, &device)?;
-    if args.pp > 1 {
-        return crate::pipelined::train_rank::<B>(args, comm, device, data, start);
+    let result = super::prepare::<B>(args, &device).and_then(|_| match args.pp {
+        1 => super::train_rank::<B>(args, comm.clone(), device, data, start),
+        _ => crate::pipelined::train_rank::<B>(args, comm.clone(), device, data, start),
+    });
+    if let (Err(e), Some(tcp)) = (&result, comm.as_any().downcast_ref::<burn_parallel::TcpComm>()) {
+        // The other ranks fail naming this one and why (not "its connection closed").
+        tcp.abort(e);
     }
-    super::train_rank::<B>(args, comm, device, data, start)
+    result
 }
 
 /// This process's place in a launched job (torchrun/Slurm variables; without them a world of

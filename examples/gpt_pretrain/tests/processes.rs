@@ -83,8 +83,8 @@ fn tcp_rank_processes_print_the_thread_ranks_losses_and_their_checkpoint_resumes
 
 #[test]
 fn a_killed_rank_process_is_named_by_the_others_at_once_and_the_last_checkpoint_resumes() {
-    let base = format!("{TINY} --layers 2 --steps 12 --dp 2 --tp 2");
-    let whole = losses(&base);
+    // Far more steps than run before the kill lands (the schedule spans them all).
+    let base = format!("{TINY} --layers 2 --steps 1000000 --dp 2 --tp 2");
     let dir = fresh("tcp-kill");
     let mut procs = ranks(4, &format!("{base} --save-every 2 --timeout-secs 600 --save-dir {}", dir.display()));
     let (_, rest0) = until_step(&mut procs[0], 5);
@@ -102,8 +102,9 @@ fn a_killed_rank_process_is_named_by_the_others_at_once_and_the_last_checkpoint_
     }
     let step = latest_step(&dir).expect("a checkpoint") as usize;
     assert!(step >= 4, "latest is step {step}");
-    let resumed = losses(&format!("{base} --resume latest --save-dir {}", dir.display()));
-    assert_eq!(resumed, whole[step..], "the last checkpoint before the kill resumes the uninterrupted run");
+    let end = format!("--exit-at-step {}", step + 2);
+    let resumed = losses(&format!("{base} {end} --resume latest --save-dir {}", dir.display()));
+    assert_eq!(resumed, losses(&format!("{base} {end}"))[step..], "the last checkpoint before the kill resumes the uninterrupted run");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

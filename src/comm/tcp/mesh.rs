@@ -1,16 +1,19 @@
 //! Connecting every pair of ranks: a full mesh of TCP connections.
 //!
-//! 1. Every rank listens on an ephemeral port of every interface.
+//! 1. Every rank listens on an ephemeral port of every interface (IPv4, or IPv6 where the
+//!    master's name has IPv6 addresses only, as the rendezvous does).
 //! 2. The job's [`rendezvous`] (rank 0 at `MASTER_ADDR:MASTER_PORT`; it checks the world size and
 //!    names missing ranks) hands every rank a job nonce and rank 0's port.
 //! 3. Every other rank connects to rank 0 and introduces itself (magic, nonce, rank, its port);
 //!    rank 0 answers each with the address table (the address each rank connected from, and its
-//!    port).
+//!    port; a loopback one is taken to mean rank 0's host, as reached by the reader).
 //! 4. Rank `r` connects to ranks `1..r` and accepts ranks `r+1..` (a listener queues connections
 //!    before anyone accepts them, so no order of arrival deadlocks). A hello with another nonce
 //!    (a stale process of an earlier job) or garbage is dropped.
 //!
-//! Everything has the job's timeout; errors name the ranks.
+//! The rendezvous has the job's timeout, and the connections after it the timeout again; a
+//! refused connection fails at once (every listener exists before the rendezvous); errors name
+//! the ranks. A world of one connects nothing.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -80,15 +83,31 @@ fn accept(
     Ok(())
 }
 
+/// Every listener is bound before the rendezvous, so a refused connection means the rank's
+/// process is gone (or the address is wrong): an error at once, naming it.
 fn connect(env: &JobEnv, addr: SocketAddr, rank: usize, deadline: Instant) -> Result<TcpStream, CommError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match TcpStream::connect_timeout(&addr, left.clamp(Duration::from_millis(1), Duration::from_secs(2))) {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => return Err(err(env, format!("cannot reach rank {rank} at {addr}: {e}"))),
+            Err(e) if Instant::now() >= deadline || e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(err(env, format!("cannot reach rank {rank} at {addr}: {e}")))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// Listens where the rendezvous does: every IPv4 interface, or every IPv6 one when the master's
+/// name resolves to IPv6 addresses only.
+fn listen(env: &JobEnv) -> Result<TcpListener, CommError> {
+    let resolved: Vec<SocketAddr> = (env.master_addr.as_str(), env.master_port).to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
+    let any: IpAddr = if !resolved.is_empty() && resolved.iter().all(|a| a.is_ipv6()) {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    TcpListener::bind((any, 0)).map_err(|e| err(env, format!("cannot listen: {e}")))
 }
 
 /// The job's nonce: tells this job's connections from a stale process's.
@@ -99,11 +118,15 @@ fn nonce() -> u64 {
 
 /// One connection to every other rank (`None` at this rank's own index).
 pub(super) fn connect_mesh(env: &JobEnv) -> Result<Vec<Option<TcpStream>>, CommError> {
-    let deadline = Instant::now().checked_add(env.timeout).unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
-    let listener = TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| err(env, format!("cannot listen: {e}")))?;
+    if env.world_size == 1 {
+        return Ok(vec![None]);
+    }
+    let listener = listen(env)?;
     let port = listener.local_addr().map_err(|e| err(env, e))?.port();
     let blob = (env.rank == 0).then(|| [nonce().to_le_bytes().as_slice(), &port.to_le_bytes()].concat());
     let blob = rendezvous(env, blob).map_err(|e| err(env, e))?;
+    // Everyone has arrived: the connections get the whole timeout again.
+    let deadline = Instant::now().checked_add(env.timeout).unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
     let nonce = u64::from_le_bytes(blob.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| err(env, "short rendezvous blob"))?);
     let port0 = u16::from_le_bytes(blob.get(8..10).and_then(|b| b.try_into().ok()).ok_or_else(|| err(env, "short rendezvous blob"))?);
     let n = env.world_size;
@@ -123,7 +146,7 @@ pub(super) fn connect_mesh(env: &JobEnv) -> Result<Vec<Option<TcpStream>>, CommE
             .ok_or_else(|| err(env, format!("cannot resolve {}", env.master_addr)))?;
         let mut s = connect(env, addr0, 0, deadline)?;
         s.write_all(&hello(nonce, env.rank, port)).map_err(|e| err(env, e))?;
-        let table = read_table(env, &mut s, deadline)?;
+        let table = read_table(env, &mut s, deadline, addr0.ip())?;
         peers[0] = Some((s, port0));
         for (r, addr) in table.iter().enumerate().take(env.rank).skip(1) {
             let mut s = connect(env, *addr, r, deadline)?;
@@ -156,7 +179,9 @@ fn address_table(env: &JobEnv, peers: &[Option<(TcpStream, u16)>]) -> Result<Str
     Ok(lines.join("\n"))
 }
 
-fn read_table(env: &JobEnv, s: &mut TcpStream, deadline: Instant) -> Result<Vec<SocketAddr>, CommError> {
+/// The address table rank 0 sent. A loopback entry is a rank on rank 0's host that reached it
+/// through a loopback name: from here, it is at the address we reached rank 0 at (`host0`).
+fn read_table(env: &JobEnv, s: &mut TcpStream, deadline: Instant, host0: IpAddr) -> Result<Vec<SocketAddr>, CommError> {
     s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))).map_err(|e| err(env, e))?;
     let mut len = [0u8; 4];
     s.read_exact(&mut len).map_err(|e| err(env, format!("no address table from rank 0: {e}")))?;
@@ -167,6 +192,7 @@ fn read_table(env: &JobEnv, s: &mut TcpStream, deadline: Instant) -> Result<Vec<
         .split('\n')
         .enumerate()
         .map(|(r, l)| if r == 0 { Ok(SocketAddr::from(([0, 0, 0, 0], 0))) } else { l.parse().map_err(|_| err(env, format!("bad address {l:?}"))) })
+        .map(|a: Result<SocketAddr, CommError>| a.map(|a| if a.ip().is_loopback() { SocketAddr::new(host0, a.port()) } else { a }))
         .collect::<Result<_, _>>()?;
     if table.len() != env.world_size {
         return Err(err(env, format!("address table of {} ranks", table.len())));

@@ -23,10 +23,19 @@
 //! # Never a silent hang
 //! A rank whose process exits or is killed closes its connections: a peer waiting for it fails
 //! at once with [`CommError::PeerGone`] naming it (frames it sent before are still delivered).
+//! A rank that fails an operation sends every peer an abort frame with its error (and
+//! [`TcpComm::abort`] does so for any other error, e.g. the example's on every failing rank):
+//! peers waiting for it fail naming it and that error, and a collective it gave up on is not
+//! completed with its frame (once the abort has arrived: nothing waits for an acknowledgement).
 //! A rank that is alive but never arrives fails the waiter after the job's timeout
 //! ([`CommError::Timeout`], naming the ranks whose frames are missing); a write that cannot
 //! proceed for that long (a stopped process) fails likewise. Ranks calling different collectives
-//! at the same point fail with [`CommError::Mismatch`].
+//! at the same point fail with [`CommError::Mismatch`]; a tensor a frame cannot carry (bool,
+//! more than 255 dimensions) with [`CommError::BadInput`].
+//!
+//! Each rank holds two descriptors per peer (a writer and its reader's clone): a world of 64
+//! needs ~130 per process, a [`loopback_world`](TcpComm::loopback_world) of `n` ranks in one
+//! process ~`2n²` (the usual 1024-descriptor limit allows about 22).
 
 mod mesh;
 #[cfg(test)]
@@ -60,6 +69,9 @@ struct Group {
 /// all-gather (`benches/collectives.rs`: at 4 ranks on 2 cores, 0.63× the direct exchange's time
 /// at 64 MiB; below 256 KiB the second round trip costs more than the bytes it saves).
 const SPLIT_ALL_REDUCE_BYTES: usize = 256 << 10;
+
+/// How long an abort frame may wait for a peer that does not read (the rank is failing anyway).
+const ABORT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A group's name and members.
 type GroupKey = (String, Vec<usize>);
@@ -114,7 +126,7 @@ fn spawn_reader(me: usize, peer: usize, stream: TcpStream, inbox: Arc<Inbox>) ->
         let mut r = std::io::BufReader::with_capacity(1 << 16, stream);
         let why = loop {
             match wire::read_frame(&mut r) {
-                Ok(Some(f)) if f.kind == Kind::Abort => inbox.mark_gone(peer, format!("it failed: {}", f.op)),
+                Ok(Some(f)) if f.kind == Kind::Abort => inbox.mark_aborted(peer, f.group, f.key, format!("it failed: {}", f.op)),
                 Ok(Some(f)) => inbox.push(peer, f),
                 Ok(None) => break "its connection closed (the process exited or was killed)".to_string(),
                 Err(e) => break closed_why(&e),
@@ -143,16 +155,21 @@ impl TcpComm {
         let streams = mesh::connect_mesh(env)?;
         let inbox = Arc::new(Inbox::default());
         let io = |e: std::io::Error| CommError::Backend(format!("tcp, rank {}: {e}", env.rank));
-        let mut writers = Vec::with_capacity(streams.len());
-        for (peer, s) in streams.into_iter().enumerate() {
-            let Some(s) = s else {
-                writers.push(None);
-                continue;
-            };
-            s.set_write_timeout(Some(env.timeout.max(Duration::from_millis(1)))).map_err(io)?;
-            spawn_reader(env.rank, peer, s.try_clone().map_err(io)?, inbox.clone()).map_err(io)?;
-            writers.push(Some(Mutex::new(s)));
+        let readers = streams
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.set_write_timeout(Some(env.timeout.max(Duration::from_millis(1)))).and_then(|_| s.try_clone())).transpose())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(io)?;
+        for (peer, r) in readers.into_iter().enumerate() {
+            if let Some(r) = r {
+                if let Err(e) = spawn_reader(env.rank, peer, r, inbox.clone()) {
+                    // The readers started so far must not keep their peers' connections open.
+                    streams.iter().flatten().for_each(|s| drop(s.shutdown(Shutdown::Both)));
+                    return Err(io(e));
+                }
+            }
         }
+        let writers = streams.into_iter().map(|s| s.map(Mutex::new)).collect();
         let shared =
             Arc::new(Shared { me: env.rank, timeout: env.timeout, writers, inbox, groups: Mutex::new(HashMap::new()), aborted: AtomicBool::new(false) });
         let group = shared.group("world", (0..env.world_size).collect());
@@ -184,6 +201,9 @@ impl TcpComm {
 
     /// Sends one frame to global rank `dst` (to ourselves: straight into the inbox).
     fn send_frame(&self, dst: usize, head: Head<'_>, data: Option<&TensorData>, name: &str) -> Result<(), CommError> {
+        if let Some(d) = data {
+            wire::check_sendable(d).map_err(|why| self.bad(name, why))?;
+        }
         if dst == self.me() {
             let f = Frame { kind: head.kind, group: head.group.into(), key: head.key, op: head.op.into(), data: data.cloned() };
             self.shared.inbox.push(dst, f);
@@ -191,42 +211,70 @@ impl TcpComm {
         }
         let w = self.shared.writers[dst].as_ref().expect("a connection to every other rank");
         let mut stream = w.lock().unwrap_or_else(|e| e.into_inner());
-        wire::write_frame(&mut *stream, head, data).map_err(|e| {
-            // A frame cut short leaves the stream out of step: nothing more goes over it.
-            let _ = stream.shutdown(Shutdown::Both);
-            let (group, rank) = (self.group.label.clone(), self.me());
-            match e.kind() {
-                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
-                    CommError::Timeout { op: format!("{name} (sending)"), group, rank, missing: vec![dst], waited: self.shared.timeout }
-                }
-                _ => {
-                    let reason = self.shared.inbox.gone_reason(dst, Duration::from_millis(500)).unwrap_or_else(|| format!("sending to it failed: {e}"));
-                    CommError::PeerGone { op: name.into(), group, rank, peer: dst, reason }
-                }
-            }
-        })
+        let Err(e) = wire::write_frame(&mut *stream, head, data) else { return Ok(()) };
+        let (group, rank) = (self.group.label.clone(), self.me());
+        let stalled = matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock);
+        if stalled {
+            // Before the shutdown, whose end our reader would take for the peer's death.
+            let why = format!("it stopped reading: rank {rank} could not send to it for {:?} (a stopped or hung process?)", self.shared.timeout);
+            self.shared.inbox.mark_gone(dst, why);
+        }
+        // A frame cut short leaves the stream out of step: nothing more goes over it.
+        let _ = stream.shutdown(Shutdown::Both);
+        drop(stream);
+        if stalled {
+            return Err(CommError::Timeout { op: format!("{name} (sending)"), group, rank, missing: vec![dst], waited: self.shared.timeout });
+        }
+        let reason = self.shared.inbox.gone_reason(dst, Duration::from_millis(500)).unwrap_or_else(|| format!("sending to it failed: {e}"));
+        Err(CommError::PeerGone { op: name.into(), group, rank, peer: dst, reason })
     }
 
-    /// Tells every peer (once, best effort) that this rank failed with `e`, so none of them waits
-    /// for it (they fail naming it and `e`, as a thread world's peers do); returns `e`.
-    fn fail(&self, e: CommError) -> CommError {
-        if !self.shared.aborted.swap(true, Ordering::SeqCst) {
-            let text = e.to_string();
-            let head = Head { kind: Kind::Abort, group: &self.group.label, key: 0, op: &text };
-            for w in self.shared.writers.iter().flatten() {
-                let _ = wire::write_frame(&mut *w.lock().unwrap_or_else(|e| e.into_inner()), head, None);
-            }
-        }
+    /// Tells every peer (once, best effort, a few seconds each at most) that this rank failed
+    /// with `e` and gave up on collective `seq` of this group (if any), so none of them waits
+    /// for it or completes that collective (they fail naming it and `e`, as a thread world's
+    /// peers do); returns `e`.
+    fn fail(&self, e: CommError, seq: Option<u64>) -> CommError {
+        self.announce(&e.to_string(), seq);
         e
     }
 
-    /// Takes frames for `slots`, mapping a failed wait to the error naming who is missing.
-    fn take(&self, slots: &[wire::Slot], name: &str) -> Result<Vec<Frame>, CommError> {
+    fn announce(&self, text: &str, seq: Option<u64>) {
+        if self.shared.aborted.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let head = Head { kind: Kind::Abort, group: &self.group.label, key: seq.unwrap_or(wire::NO_COLLECTIVE), op: text };
+        for w in self.shared.writers.iter().flatten() {
+            let mut stream = w.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = stream.set_write_timeout(Some(ABORT_WRITE_TIMEOUT.min(self.shared.timeout.max(Duration::from_millis(1)))));
+            let _ = wire::write_frame(&mut *stream, head, None);
+            let _ = stream.set_write_timeout(Some(self.shared.timeout.max(Duration::from_millis(1))));
+        }
+    }
+
+    /// Tells every other rank that this one failed (`reason`), so that none waits for it: their
+    /// waits fail naming this rank and `reason` instead of "its connection closed". Call it
+    /// before a rank exits with an error that is not a communication error (a checkpoint write,
+    /// bad data); communication errors announce themselves. Once per communicator world.
+    pub fn abort(&self, reason: &str) {
+        self.announce(reason, None);
+    }
+
+    /// Takes frames for `slots`, mapping a failed wait to the error naming who is missing. For
+    /// collective `(op, seq)` a peer's frame of another operation is a mismatch, even where a
+    /// peer abandoned it.
+    fn take(&self, slots: &[wire::Slot], name: &str, collective: Option<(&str, u64)>) -> Result<Vec<Frame>, CommError> {
         let start = Instant::now();
         let (group, rank) = (self.group.label.clone(), self.me());
         self.shared.inbox.take(slots, self.shared.timeout).map_err(|e| match e {
             WaitError::Timeout(missing) => CommError::Timeout { op: name.into(), group, rank, missing, waited: start.elapsed() },
             WaitError::Gone(peer, reason) => CommError::PeerGone { op: name.into(), group, rank, peer, reason },
+            WaitError::Abandoned(peer, reason, ops) => {
+                let other = collective.and_then(|(op, seq)| ops.into_iter().find(|(_, o)| o != op).map(|(r, o)| (r, format!("{o} #{seq}"))));
+                match other {
+                    Some((other_rank, other_op)) => CommError::Mismatch { group, rank, op: name.into(), other_rank, other_op },
+                    None => CommError::PeerGone { op: name.into(), group, rank, peer, reason },
+                }
+            }
         })
     }
 
@@ -239,17 +287,17 @@ impl TcpComm {
         let head = Head { kind: Kind::Collective, group: &g.label, key: seq, op };
         for (i, &dst) in g.members.iter().enumerate() {
             if i != self.rank {
-                self.send_frame(dst, head, out(i), &name).map_err(|e| self.fail(e))?;
+                self.send_frame(dst, head, out(i), &name).map_err(|e| self.fail(e, Some(seq)))?;
             }
         }
         let others: Vec<usize> = g.members.iter().copied().filter(|&r| r != self.me()).collect();
         let slots: Vec<wire::Slot> = others.iter().map(|&src| (src, Kind::Collective, g.label.clone(), seq)).collect();
-        let frames = self.take(&slots, &name).map_err(|e| self.fail(e))?;
+        let frames = self.take(&slots, &name, Some((op, seq))).map_err(|e| self.fail(e, Some(seq)))?;
         let mut parts: Vec<Option<TensorData>> = g.members.iter().map(|_| None).collect();
         for (f, src) in frames.into_iter().zip(others) {
             if f.op != op {
                 let other_op = format!("{} #{seq}", f.op);
-                return Err(self.fail(CommError::Mismatch { group: g.label.clone(), rank: self.me(), op: name, other_rank: src, other_op }));
+                return Err(self.fail(CommError::Mismatch { group: g.label.clone(), rank: self.me(), op: name, other_rank: src, other_op }, Some(seq)));
             }
             parts[g.members.iter().position(|&m| m == src).expect("a member")] = f.data;
         }
@@ -327,7 +375,8 @@ impl Communicator for TcpComm {
     fn reduce_scatter(&self, data: TensorData, dim: usize, op: ReduceOp) -> Result<TensorData, CommError> {
         let name = format!("reduce_scatter({op:?}, dim={dim})");
         let n = self.size();
-        let mut pieces = (0..n).map(|j| split_along(&data, dim, n, j)).collect::<Result<Vec<_>, _>>().map_err(|d| self.bad(&name, d))?;
+        // A bad input fails here, before the exchange: the peers are told (not left waiting).
+        let mut pieces = (0..n).map(|j| split_along(&data, dim, n, j)).collect::<Result<Vec<_>, _>>().map_err(|d| self.fail(self.bad(&name, d), None))?;
         let mut parts = self.exchange(&name, |i| Some(&pieces[i]))?;
         parts[self.rank] = Some(pieces.swap_remove(self.rank));
         let parts = parts.into_iter().map(|p| p.ok_or_else(|| self.bad(&name, "a member sent no tensor".into()))).collect::<Result<Vec<_>, _>>()?;
@@ -338,7 +387,7 @@ impl Communicator for TcpComm {
     fn broadcast(&self, data: Option<TensorData>, root: usize) -> Result<TensorData, CommError> {
         let name = format!("broadcast(root={root})");
         if root >= self.size() {
-            return Err(self.bad(&name, format!("root {root} outside a group of {}", self.size())));
+            return Err(self.fail(self.bad(&name, format!("root {root} outside a group of {}", self.size())), None));
         }
         let mine = if self.rank == root { data } else { None };
         let mut parts = self.exchange(&name, |_| mine.as_ref())?;
@@ -348,24 +397,27 @@ impl Communicator for TcpComm {
 
     fn send(&self, data: TensorData, peer: usize, tag: u64) -> Result<(), CommError> {
         let name = format!("send(to={peer}, tag={tag})");
-        let dst = *self.group.members.get(peer).ok_or_else(|| self.bad(&name, format!("peer {peer} outside a group of {}", self.size())))?;
-        self.send_frame(dst, Head { kind: Kind::P2p, group: &self.group.label, key: tag, op: "send" }, Some(&data), &name).map_err(|e| self.fail(e))
+        let dst = *self.group.members.get(peer).ok_or_else(|| self.fail(self.bad(&name, format!("peer {peer} outside a group of {}", self.size())), None))?;
+        self.send_frame(dst, Head { kind: Kind::P2p, group: &self.group.label, key: tag, op: "send" }, Some(&data), &name).map_err(|e| self.fail(e, None))
     }
 
     fn recv(&self, peer: usize, tag: u64, expect: &TensorSpec) -> Result<TensorData, CommError> {
         let name = format!("recv(from={peer}, tag={tag}, {:?} {:?})", expect.shape, expect.dtype);
-        let src = *self.group.members.get(peer).ok_or_else(|| self.bad(&name, format!("peer {peer} outside a group of {}", self.size())))?;
-        let frame = self.take(&[(src, Kind::P2p, self.group.label.clone(), tag)], &name).map_err(|e| self.fail(e))?.remove(0);
+        let src = *self.group.members.get(peer).ok_or_else(|| self.fail(self.bad(&name, format!("peer {peer} outside a group of {}", self.size())), None))?;
+        let frame = self.take(&[(src, Kind::P2p, self.group.label.clone(), tag)], &name, None).map_err(|e| self.fail(e, None))?.remove(0);
         let data = frame.data.ok_or_else(|| self.bad(&name, "a message without a tensor".into()))?;
         if data.shape.as_slice() != expect.shape.as_slice() || data.dtype != expect.dtype {
-            return Err(self.fail(CommError::P2pMismatch {
-                sender: src,
-                receiver: self.me(),
-                sent_shape: data.shape.to_vec(),
-                sent_dtype: format!("{:?}", data.dtype),
-                expected_shape: expect.shape.clone(),
-                expected_dtype: format!("{:?}", expect.dtype),
-            }));
+            return Err(self.fail(
+                CommError::P2pMismatch {
+                    sender: src,
+                    receiver: self.me(),
+                    sent_shape: data.shape.to_vec(),
+                    sent_dtype: format!("{:?}", data.dtype),
+                    expected_shape: expect.shape.clone(),
+                    expected_dtype: format!("{:?}", expect.dtype),
+                },
+                None,
+            ));
         }
         Ok(data)
     }

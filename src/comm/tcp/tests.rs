@@ -132,7 +132,8 @@ fn a_rank_that_is_gone_is_named_at_once() {
         let text = e.to_string();
         assert!(text.contains("rank 2 is gone: its connection closed (the process exited or was killed)"), "{e}");
         if !matches!(e, CommError::PeerGone { peer: 2, .. }) {
-            assert!(text.contains(&format!("rank {} is gone: it failed: rank {}", 1 - rank, 1 - rank)), "{e}");
+            let other = 1 - rank;
+            assert!(text.contains(&format!("rank {other} is gone: ")) && text.contains(&format!("it failed: rank {other} waited")), "{e}");
         }
     }
     // What rank 2 sent before it went is still delivered.
@@ -147,15 +148,54 @@ fn a_rank_that_is_gone_is_named_at_once() {
     assert_eq!(got0[0].as_ref().unwrap().as_bytes(), tensor(1, [1, 3], 2.0).as_bytes());
 }
 
+/// Rank 1 arrives only after rank 0 timed out: rank 0's error names it; rank 1 then finds the
+/// collective abandoned (rank 0's frame is there, but must not complete it), as on threads.
 #[test]
-fn a_rank_that_never_arrives_times_out_naming_it() {
-    let got = tcp_world(2, Duration::from_secs(1), |c| {
-        if c.rank() == 1 {
-            std::thread::sleep(Duration::from_secs(3));
+fn a_rank_that_never_arrives_times_out_naming_it_and_late_arrivals_fail() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let rx = std::sync::Mutex::new(rx);
+    let got = tcp_world(2, Duration::from_secs(2), |c| {
+        if c.rank() == 0 {
+            let e = c.barrier().unwrap_err();
+            tx.send(()).unwrap();
+            return e;
+        }
+        rx.lock().unwrap().recv_timeout(Duration::from_secs(60)).expect("rank 0 never timed out");
+        // Rank 0's abort was written before it returned; give our reader time to file it (an
+        // abort still in flight cannot stop a collective, as no ack is awaited).
+        std::thread::sleep(Duration::from_secs(1));
+        c.barrier().unwrap_err()
+    });
+    assert!(matches!(&got[0], CommError::Timeout { rank: 0, missing, .. } if missing == &vec![1]), "{}", got[0]);
+    assert!(matches!(&got[1], CommError::PeerGone { rank: 1, peer: 0, .. }), "{}", got[1]);
+    assert!(got[1].to_string().contains("it abandoned this collective: it failed: timeout"), "{}", got[1]);
+}
+
+/// A tensor a frame cannot carry is the sender's error; the receiver learns why at once.
+#[test]
+fn an_unsendable_tensor_is_an_error_the_receiver_hears_of() {
+    let got = tcp_world(2, Duration::from_secs(60), |c| {
+        if c.rank() == 0 {
+            let bools = TensorData::new(vec![true, false], [2]);
+            return c.send(bools, 1, 0).unwrap_err();
+        }
+        c.recv(0, 0, &TensorSpec { shape: vec![2], dtype: DType::U8 }).unwrap_err()
+    });
+    assert!(matches!(&got[0], CommError::BadInput { .. }) && got[0].to_string().contains("bool tensors are not sent"), "{}", got[0]);
+    assert!(got[1].to_string().contains("rank 0 is gone: it failed: ") && got[1].to_string().contains("bool tensors"), "{}", got[1]);
+}
+
+/// A rank that fails for a reason of its own (not communication) says why before it goes.
+#[test]
+fn an_aborting_rank_is_named_with_its_reason() {
+    let got = tcp_world(3, Duration::from_secs(60), |c| {
+        if c.rank() == 2 {
+            c.as_any().downcast_ref::<TcpComm>().unwrap().abort("checkpoint: disk on fire");
             return None;
         }
         Some(c.barrier().unwrap_err())
     });
-    let e = got[0].as_ref().unwrap();
-    assert!(matches!(e, CommError::Timeout { rank: 0, ref missing, .. } if missing == &vec![1]), "{e}");
+    for e in got.iter().take(2).map(|e| e.as_ref().unwrap()) {
+        assert!(e.to_string().contains("rank 2 is gone: it failed: checkpoint: disk on fire"), "{e}");
+    }
 }

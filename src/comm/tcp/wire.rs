@@ -7,7 +7,7 @@
 //! `u8`, the dimensions (`u64` each), the byte count `u64` (checked against shape × dtype) and the
 //! bytes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -39,10 +39,14 @@ pub(super) enum Kind {
     Collective = 0,
     /// A point-to-point message under tag `key`.
     P2p = 1,
-    /// The sender failed an operation (`op` holds its error) and waits for nobody any more:
-    /// nobody waits for it either.
+    /// The sender failed (`op` holds its error) and waits for nobody any more: nobody waits for
+    /// it either, and nobody completes the collective `key` of `group` it gave up on
+    /// ([`NO_COLLECTIVE`]: none) with the frame it may have sent for it.
     Abort = 2,
 }
+
+/// An abort frame's key when the sender gave up on no collective.
+pub(super) const NO_COLLECTIVE: u64 = u64::MAX;
 
 /// Where a frame goes in the receiver's inbox: (sender's global rank, kind, group label, key).
 pub(super) type Slot = (usize, Kind, String, u64);
@@ -65,8 +69,21 @@ fn dtype_code(dtype: DType) -> std::io::Result<u8> {
     code.map(|c| c as u8).ok_or_else(|| std::io::Error::other(format!("dtype {dtype:?} cannot be sent")))
 }
 
+/// Whether a frame can carry `d` (a dtype with a code, at most 255 dimensions).
+pub(super) fn check_sendable(d: &TensorData) -> Result<(), String> {
+    dtype_code(d.dtype).map_err(|e| e.to_string())?;
+    if d.shape.len() > u8::MAX as usize {
+        return Err(format!("a tensor of {} dimensions cannot be sent (at most 255)", d.shape.len()));
+    }
+    Ok(())
+}
+
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let b = &s.as_bytes()[..end];
     out.extend_from_slice(&(b.len() as u16).to_le_bytes());
     out.extend_from_slice(b);
 }
@@ -127,10 +144,15 @@ fn get_str(r: &mut impl Read) -> std::io::Result<String> {
 /// Reads the next frame; `None` at a clean end of the stream (between frames).
 pub(super) fn read_frame(r: &mut impl Read) -> std::io::Result<Option<Frame>> {
     let mut magic = [0u8; 4];
-    match r.read(&mut magic[..1])? {
-        0 => return Ok(None),
-        _ => r.read_exact(&mut magic[1..])?,
+    loop {
+        match r.read(&mut magic[..1]) {
+            Ok(0) => return Ok(None),
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
     }
+    r.read_exact(&mut magic[1..])?;
     if &magic != MAGIC {
         return Err(bad(format!("bad frame magic {magic:?}")));
     }
@@ -169,6 +191,8 @@ fn read_tensor(r: &mut impl Read) -> std::io::Result<TensorData> {
 pub(super) struct InboxState {
     queues: HashMap<Slot, VecDeque<Frame>>,
     gone: HashMap<usize, String>,
+    /// Collectives a sender gave up on (its abort): never completed with its frame.
+    abandoned: HashSet<Slot>,
 }
 
 /// What the reader threads fill and the communicators wait on.
@@ -184,6 +208,9 @@ pub(super) enum WaitError {
     Timeout(Vec<usize>),
     /// A missing frame's sender can no longer send (its connection ended): who and why.
     Gone(usize, String),
+    /// A sender gave up on this collective (who and why), and the operations of the frames that
+    /// are there (sender, name): a mismatch among them is the better error.
+    Abandoned(usize, String, Vec<(usize, String)>),
 }
 
 impl Inbox {
@@ -201,6 +228,18 @@ impl Inbox {
     /// Records that `src`'s connection ended.
     pub fn mark_gone(&self, src: usize, why: String) {
         self.lock().gone.entry(src).or_insert(why);
+        self.cv.notify_all();
+    }
+
+    /// Records that `src` failed (`why`) and gave up on collective `key` of `group` (unless
+    /// [`NO_COLLECTIVE`]).
+    pub fn mark_aborted(&self, src: usize, group: String, key: u64, why: String) {
+        let mut st = self.lock();
+        if key != NO_COLLECTIVE {
+            st.abandoned.insert((src, Kind::Collective, group, key));
+        }
+        st.gone.entry(src).or_insert(why);
+        drop(st);
         self.cv.notify_all();
     }
 
@@ -227,6 +266,11 @@ impl Inbox {
         let start = Instant::now();
         let mut st = self.lock();
         loop {
+            if let Some(s) = slots.iter().find(|s| st.abandoned.contains(*s)) {
+                let why = st.gone.get(&s.0).cloned().unwrap_or_default();
+                let ops = slots.iter().filter_map(|s| st.queues.get(s).and_then(VecDeque::front).map(|f| (s.0, f.op.clone()))).collect();
+                return Err(WaitError::Abandoned(s.0, format!("it abandoned this collective: {why}"), ops));
+            }
             let missing: Vec<&Slot> = slots
                 .iter()
                 .enumerate()
