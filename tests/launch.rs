@@ -141,6 +141,42 @@ fn the_launcher_stops_everyone_and_returns_the_failing_code() {
     assert!(out.status.success() && text(&out).contains("[rank 1] ok 1"));
 }
 
+/// `--max-restarts`: a failure stops every rank and starts them all again, with
+/// TORCHELASTIC_RESTART_COUNT counting the starts; a job that keeps failing ends with its code
+/// once no restart is left; a stop signal is never followed by a restart.
+#[test]
+fn max_restarts_starts_every_rank_again_until_none_is_left() {
+    let dir = std::env::temp_dir().join(format!("bp-restarts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("starts");
+    // Rank 1 fails on the first start only (once every rank started); the others would wait.
+    let script = format!(
+        r#"echo "$RANK:$TORCHELASTIC_RESTART_COUNT:$TORCHELASTIC_MAX_RESTARTS" >> {0}; if [ "$TORCHELASTIC_RESTART_COUNT" = 0 ]; then if [ "$RANK" = 1 ]; then while [ "$(grep -c ':0:' {0})" -lt 3 ]; do sleep 0.05; done; exit 3; fi; sleep 30; fi; echo "done $RANK""#,
+        log.display()
+    );
+    let start = Instant::now();
+    let out = Command::new(BIN).args(["launch", "--nproc-per-node", "3", "--max-restarts", "2", "--", "sh", "-c", &script]).output().unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(start.elapsed() < Duration::from_secs(20), "the first start was not stopped");
+    assert!(t.contains("rank 1 failed with exit code 3; starting every rank again (restart 1 of 2)") && t.contains("[rank 2] done 2"), "{t}");
+    let mut starts: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(String::from).collect();
+    starts.sort();
+    assert_eq!(starts, ["0:0:2", "0:1:2", "1:0:2", "1:1:2", "2:0:2", "2:1:2"]);
+    // Always failing: 1 + 2 starts, then its code.
+    std::fs::remove_file(&log).unwrap();
+    let always = format!(r#"echo "$RANK:$TORCHELASTIC_RESTART_COUNT" >> {}; exit 5"#, log.display());
+    let out = Command::new(BIN).args(["launch", "--nproc-per-node", "1", "--max-restarts", "2", "--", "sh", "-c", &always]).output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(text(&out).contains("no restart is left (2 done)"), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 3);
+    // Without --max-restarts, the first failure ends the job.
+    std::fs::remove_file(&log).unwrap();
+    let out = Command::new(BIN).args(["launch", "--nproc-per-node", "1", "--", "sh", "-c", &always]).output().unwrap();
+    assert_eq!((out.status.code(), std::fs::read_to_string(&log).unwrap().lines().count()), (Some(5), 1));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A failed rank's background processes die with it (they held its output pipes open, and the
 /// launcher waited for them), and so do a finished rank's; output that is not UTF-8 is shown
 /// lossily instead of closing the pipe (the rank died of SIGPIPE on its next write).

@@ -171,8 +171,10 @@ pub(crate) struct Args {
     /// Write checkpoints in a background thread (training waits only for the copy to host memory).
     #[arg(long)]
     pub(crate) async_save: bool,
-    /// Resume from a checkpoint directory, or `latest` (the newest in --save-dir): model,
-    /// optimizer, data position, dropout streams, step. Any dp/pp/tp/SP layout can load it.
+    /// Resume from a checkpoint directory, `latest` (the newest in --save-dir) or `auto` (the
+    /// newest in --save-dir if there is one, else a fresh start: for jobs that restart
+    /// themselves, e.g. `burn-parallel launch --max-restarts`): model, optimizer, data position,
+    /// dropout streams, step. Any dp/pp/tp/SP layout can load it.
     #[arg(long)]
     pub(crate) resume: Option<String>,
     /// Stop after this step (saving a checkpoint with --save-dir), as a pre-empted job would;

@@ -44,8 +44,10 @@ pub(crate) fn check_args(args: &Args) -> Result<(), String> {
     if args.resume.is_some() && args.init_from.is_some() {
         return Err("--resume and --init-from exclude each other (--init-from loads weights only)".into());
     }
-    if args.resume.as_deref() == Some("latest") && !save {
-        return Err("--resume latest looks in --save-dir: pass it".into());
+    if let Some(spec @ ("latest" | "auto")) = args.resume.as_deref() {
+        if !save {
+            return Err(format!("--resume {spec} looks in --save-dir: pass it"));
+        }
     }
     if let Some(file) = &args.export {
         let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
@@ -76,9 +78,14 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
     }
     let Some(spec) = &args.resume else { return Ok(Start::Fresh) };
     let path = match (spec.as_str(), &args.save_dir) {
-        ("latest", Some(dir)) => dir.clone(),
+        ("latest" | "auto", Some(dir)) => dir.clone(),
         _ => PathBuf::from(spec),
     };
+    if spec == "auto" && latest_checkpoint(&path).map_err(|e| format!("--resume auto: {e}"))?.is_none() {
+        // A first start (or a restart before the first save): nothing to resume.
+        tracing::info!(dir = %path.display(), "--resume auto: no checkpoint yet, starting fresh");
+        return Ok(Start::Fresh);
+    }
     let ckpt = Checkpoint::open(&path).map_err(|e| format!("--resume {spec}: {e}"))?;
     keep_saved_vocab(args, saved_vocab(&ckpt));
     check_same_model(&ckpt, args)?;

@@ -24,7 +24,7 @@ struct Cli {
 enum Cmd {
     /// Start PROGRAM once per local rank with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
     /// MASTER_ADDR and MASTER_PORT set; prefix output by rank; if one rank fails, stop the others
-    /// and exit with its code.
+    /// and exit with its code (or, with --max-restarts, start them all again).
     Launch {
         /// Processes on this node (one per GPU).
         #[arg(long, default_value_t = 1)]
@@ -45,6 +45,11 @@ enum Cmd {
         /// and exit before they are killed.
         #[arg(long, default_value_t = 30)]
         stop_grace_secs: u64,
+        /// When a rank fails: stop the others and start every rank again, up to this many times
+        /// (torchrun's flag; they see TORCHELASTIC_RESTART_COUNT). With `gpt_pretrain --save-dir
+        /// D --resume auto` the job goes on from its newest checkpoint.
+        #[arg(long, default_value_t = 0)]
+        max_restarts: usize,
         /// The program and its arguments (after `--`).
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -260,9 +265,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let code = match Cli::parse().command {
-        Cmd::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, stop_grace_secs, command } => {
+        Cmd::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, stop_grace_secs, max_restarts, command } => {
             let grace = std::time::Duration::from_secs(stop_grace_secs);
-            match launch(&LaunchOptions { nproc_per_node, nnodes, node_rank, master_addr, master_port, command, grace }) {
+            match launch(&LaunchOptions { nproc_per_node, nnodes, node_rank, master_addr, master_port, command, grace, max_restarts }) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("burn-parallel launch: {e}");

@@ -1,5 +1,6 @@
 //! `burn-parallel launch`: start one process per local rank with the torchrun variables set,
-//! prefix their output by rank, and stop everything when one fails.
+//! prefix their output by rank, and stop everything when one fails (then, with
+//! `--max-restarts`, start them all again).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -57,6 +58,19 @@ pub struct LaunchOptions {
     pub command: Vec<String>,
     /// After a stop signal, how long the ranks may take to exit before they are killed.
     pub grace: Duration,
+    /// How many times to start every rank again after one failed (torchrun's
+    /// `--max-restarts`; 0: the job fails with the first failure). The ranks see
+    /// `TORCHELASTIC_RESTART_COUNT` (0 on the first start) and `TORCHELASTIC_MAX_RESTARTS`; a
+    /// program that resumes its newest checkpoint (`gpt_pretrain --resume auto`) goes on from it.
+    pub max_restarts: usize,
+}
+
+/// How one start of the ranks ended.
+enum Attempt {
+    /// Every rank exited 0, or a stop signal ended the job: the launcher's exit code.
+    Done(i32),
+    /// A rank failed (the others were stopped).
+    Failed { rank: usize, code: i32 },
 }
 
 /// Forwards a rank's output line by line (bytes that are not UTF-8 shown lossily: stopping at
@@ -79,14 +93,44 @@ fn pipe_lines<R: std::io::Read + Send + 'static>(r: R, rank: usize, err: bool) -
 }
 
 /// Runs the job's processes of this node; returns the exit code of the first process that failed
-/// (after stopping the others), or 0 when all succeed.
+/// (after stopping the others) once no restart is left, or 0 when all succeed. With
+/// [`LaunchOptions::max_restarts`], a failure stops every rank and starts them all again. Each
+/// node's launcher restarts its own ranks; a failure anywhere fails every rank (their peers are
+/// gone), so every node restarts.
 pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
-    let (program, args) = o.command.split_first().ok_or("nothing to launch: give a program after --")?;
+    if o.command.is_empty() {
+        return Err("nothing to launch: give a program after --".into());
+    }
     if o.nproc_per_node == 0 || o.nnodes == 0 || o.node_rank >= o.nnodes {
         return Err(format!("invalid layout: --nproc-per-node {} --nnodes {} --node-rank {}", o.nproc_per_node, o.nnodes, o.node_rank));
     }
-    let world = o.nproc_per_node * o.nnodes;
     install_signal_handlers();
+    let mut attempt = 0;
+    loop {
+        match run_attempt(o, attempt)? {
+            Attempt::Done(code) => return Ok(code),
+            Attempt::Failed { rank, code } if attempt < o.max_restarts && STOP_SIGNAL.load(Ordering::SeqCst) == 0 => {
+                attempt += 1;
+                eprintln!(
+                    "burn-parallel launch: rank {rank} failed with exit code {code}; starting every rank again (restart {attempt} of {})",
+                    o.max_restarts
+                );
+            }
+            Attempt::Failed { rank, code } => {
+                if o.max_restarts > 0 {
+                    eprintln!("burn-parallel launch: rank {rank} failed with exit code {code} and no restart is left ({} done)", attempt);
+                }
+                return Ok(code);
+            }
+        }
+    }
+}
+
+/// Starts every local rank (start number `attempt`) and waits until they all exited, one failed
+/// (the others are stopped) or a stop signal came (passed on, with the grace period).
+fn run_attempt(o: &LaunchOptions, attempt: usize) -> Result<Attempt, String> {
+    let (program, args) = o.command.split_first().expect("checked");
+    let world = o.nproc_per_node * o.nnodes;
     let mut children: Vec<(usize, Child)> = Vec::new();
     let mut pipes = Vec::new();
     for local in 0..o.nproc_per_node {
@@ -106,6 +150,8 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
             .env("LOCAL_WORLD_SIZE", o.nproc_per_node.to_string())
             .env("MASTER_ADDR", &o.master_addr)
             .env("MASTER_PORT", o.master_port.to_string())
+            .env("TORCHELASTIC_RESTART_COUNT", attempt.to_string())
+            .env("TORCHELASTIC_MAX_RESTARTS", o.max_restarts.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn();
@@ -120,13 +166,13 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
         pipes.push(pipe_lines(child.stderr.take().expect("piped"), rank, true));
         children.push((rank, child));
     }
-    let code = loop {
+    let outcome = loop {
         let sig = STOP_SIGNAL.load(Ordering::SeqCst);
         if sig != 0 {
             eprintln!("burn-parallel launch: got signal {sig}; passing it on to every rank ({:?} to exit before SIGKILL)", o.grace);
             let clean = signal_all(&mut children, sig, o.grace);
             stop(&mut children);
-            break if clean { 0 } else { 128 + sig };
+            break Attempt::Done(if clean { 0 } else { 128 + sig });
         }
         let mut running = 0;
         let mut failed = None;
@@ -142,12 +188,12 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
         if let Some((rank, code)) = failed {
             eprintln!("burn-parallel launch: rank {rank} failed with exit code {code}; stopping the other ranks");
             stop(&mut children);
-            break code;
+            break Attempt::Failed { rank, code };
         }
         if running == 0 {
             // What the ranks left running in the background would keep their output pipes open.
             stop(&mut children);
-            break 0;
+            break Attempt::Done(0);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -156,7 +202,7 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
     while pipes.iter().any(|p| !p.is_finished()) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(code)
+    Ok(outcome)
 }
 
 /// Sends `sig` to every running rank's process group and waits up to `grace` (or until another

@@ -133,3 +133,81 @@ fn sigterm_to_one_rank_process_stops_every_rank_after_the_same_step() {
     assert_eq!(resumed, losses(&format!("{base} {end}"))[step..]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+const LAUNCH_ENV: &str = "GPT_PRETRAIN_TEST_LAUNCH";
+
+/// `burn-parallel launch` (the library's `launch`) in a child of the tests, starting the test
+/// binary's `child_process` per rank: `GPT_PRETRAIN_TEST_LAUNCH="NPROC MAX_RESTARTS PORT"`.
+#[test]
+#[ignore = "the launcher process of the test below (runs only with its environment)"]
+fn launcher_process() {
+    let Ok(spec) = std::env::var(LAUNCH_ENV) else { return };
+    let n: Vec<usize> = spec.split_whitespace().map(|w| w.parse().unwrap()).collect();
+    let exe = std::env::current_exe().unwrap().display().to_string();
+    let command = [exe.as_str(), "tests::child_process", "--exact", "--ignored", "--nocapture", "--test-threads", "1"].map(String::from).to_vec();
+    let options = burn_parallel::launch::LaunchOptions {
+        nproc_per_node: n[0],
+        nnodes: 1,
+        node_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: n[2] as u16,
+        command,
+        grace: Duration::from_secs(30),
+        max_restarts: n[1],
+    };
+    std::process::exit(burn_parallel::launch::launch(&options).unwrap_or(2));
+}
+
+/// The pid of the rank process whose environment has all of `vars` (Linux `/proc`).
+fn rank_pid(vars: &[String]) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        let env: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        vars.iter().all(|v| env.contains(&v.as_bytes())).then_some(pid)
+    })
+}
+
+/// A rank process killed in the middle of a job under `launch --max-restarts 1`: every rank is
+/// started again, resumes the newest checkpoint (`--resume auto`; the first start had none) and
+/// finishes; the losses before the kill and after the restart are the uninterrupted run's.
+#[test]
+fn a_job_restarted_by_the_launcher_goes_on_from_its_newest_checkpoint() {
+    let base = format!("{TINY} --layers 2 --steps 1000000 --dp 2 --tp 2 --dropout 0.1 --exit-at-step 12");
+    let whole = losses(&base);
+    let dir = fresh("restart");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let marker = format!("BP_TEST_RESTART_JOB={}-{port}", std::process::id());
+    let flags = format!("{base} --comm tcp --save-every 2 --resume auto --save-dir {}", dir.display());
+    let mut launcher = Command::new(std::env::current_exe().unwrap())
+        .args(["tests::processes::launcher_process", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env(CHILD_ENV, &flags)
+        .env(LAUNCH_ENV, format!("4 1 {port}"))
+        .env(marker.split_once('=').unwrap().0, marker.split_once('=').unwrap().1)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = drain(launcher.stderr.take());
+    let (seen, rest) = until_step(&mut launcher, 5);
+    let victim = [marker.clone(), "RANK=2".into(), "TORCHELASTIC_RESTART_COUNT=0".into()];
+    let pid = rank_pid(&victim).expect("rank 2's process of the first start");
+    Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    let status = launcher.wait().unwrap();
+    let out = format!("{}\n{}", seen.join("\n"), rest.join().unwrap());
+    let err = stderr.join().unwrap();
+    assert!(status.success(), "{status:?}\n{out}\n{err}");
+    assert!(err.contains("starting every rank again (restart 1 of 1)"), "{err}");
+    // Rank 0's steps: the first start's, then the restart's from its checkpoint on.
+    let lines = step_lines(&out);
+    let numbers: Vec<usize> = lines.iter().map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap()).collect();
+    let cut = (1..numbers.len()).find(|&i| numbers[i] <= numbers[i - 1]).unwrap_or_else(|| panic!("no restart in {numbers:?}"));
+    let resumed_from = numbers[cut] - 1;
+    assert!(resumed_from >= 4 && resumed_from % 2 == 0, "resumed after step {resumed_from}: {numbers:?}");
+    assert_eq!(lines[..cut], whole[..cut], "the first start");
+    assert_eq!(lines[cut..], whole[resumed_from..], "the restart goes on as the uninterrupted run");
+    assert_eq!(latest_step(&dir), Some(12));
+    std::fs::remove_dir_all(dir).unwrap();
+}
