@@ -205,7 +205,7 @@ fn a_job_restarted_by_the_launcher_goes_on_from_its_newest_checkpoint() {
     let numbers: Vec<usize> = lines.iter().map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap()).collect();
     let cut = (1..numbers.len()).find(|&i| numbers[i] <= numbers[i - 1]).unwrap_or_else(|| panic!("no restart in {numbers:?}"));
     let resumed_from = numbers[cut] - 1;
-    assert!(resumed_from >= 4 && resumed_from % 2 == 0, "resumed after step {resumed_from}: {numbers:?}");
+    assert!(resumed_from >= 4 && resumed_from.is_multiple_of(2), "resumed after step {resumed_from}: {numbers:?}");
     assert_eq!(lines[..cut], whole[..cut], "the first start");
     assert_eq!(lines[cut..], whole[resumed_from..], "the restart goes on as the uninterrupted run");
     assert_eq!(latest_step(&dir), Some(12));
