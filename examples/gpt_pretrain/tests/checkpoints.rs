@@ -220,7 +220,11 @@ fn bad_checkpoint_flags_are_clear_errors() {
     assert!(e.contains("newer than step 0"), "a second run into a used save directory: {e}");
     let e = error_of(&format!("{two} --steps 4 --save-every 2"));
     assert!(e.contains("need --save-dir"), "{e}");
+    let e = error_of(&format!("{two} --steps 4 --resume auto"));
+    assert!(e.contains("--resume auto looks in --save-dir"), "{e}");
     let file = dir.join("latest");
+    let e = error_of(&format!("{two} --steps 1 --resume auto --save-dir {}", file.display()));
+    assert!(e.contains("--resume auto") && e.contains("latest is not a directory"), "a save directory that cannot be read is no fresh start: {e}");
     let e = error_of(&format!("{two} --steps 1 --save-dir {}", file.display()));
     assert!(e.contains("--save-dir") && e.contains("latest is not a directory"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
