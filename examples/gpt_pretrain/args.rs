@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use burn_parallel::attention::AttentionKernel;
 use burn_parallel::data::Tokenizer;
+use burn_parallel::optim::schedule::DecayStyle;
 use burn_parallel::precision::Precision;
 use burn_parallel::recompute::Recompute;
 use clap::{Parser, ValueEnum};
@@ -97,13 +98,24 @@ pub(crate) struct Args {
     /// Dropout probability.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) dropout: f64,
-    /// Peak learning rate (linear warm-up, then cosine decay to 10%); a GPT-2 preset sets its
-    /// own (see --model).
+    /// Peak learning rate (linear warm-up, then --lr-decay to --min-lr-ratio of it); a GPT-2
+    /// preset sets its own (see --model).
     #[arg(long, default_value_t = 3e-3)]
     pub(crate) lr: f64,
     /// Warm-up steps.
     #[arg(long, default_value_t = 20)]
     pub(crate) warmup: usize,
+    /// The decay after the warm-up, over the rest of --steps: cosine, linear, constant, or wsd
+    /// (warm-up, stable, decay: the peak until the last --wsd-decay-steps, then linear)
+    /// (`burn_parallel::optim::schedule`).
+    #[arg(long, default_value_t = DecayStyle::Cosine)]
+    pub(crate) lr_decay: DecayStyle,
+    /// The final learning rate as a fraction of the peak (Megatron's --min-lr / --lr).
+    #[arg(long, default_value_t = 0.1)]
+    pub(crate) min_lr_ratio: f64,
+    /// --lr-decay wsd: steps of the final decay (default: a tenth of the steps after the warm-up).
+    #[arg(long)]
+    pub(crate) wsd_decay_steps: Option<usize>,
     /// AdamW weight decay.
     #[arg(long, default_value_t = 0.1)]
     pub(crate) weight_decay: f32,
@@ -172,9 +184,9 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) async_save: bool,
     /// Resume from a checkpoint directory, `latest` (the newest in --save-dir) or `auto` (the
-    /// newest in --save-dir if there is one, else a fresh start: for jobs that restart
-    /// themselves, e.g. `burn-parallel launch --max-restarts`): model, optimizer, data position,
-    /// dropout streams, step. Any dp/pp/tp/SP layout can load it.
+    /// newest in --save-dir if there is one, else a fresh start or --init-from's weights: for
+    /// jobs that restart themselves, e.g. `burn-parallel launch --max-restarts`): model,
+    /// optimizer, data position, dropout streams, step. Any dp/pp/tp/SP layout can load it.
     #[arg(long)]
     pub(crate) resume: Option<String>,
     /// Stop after this step (saving a checkpoint with --save-dir), as a pre-empted job would;

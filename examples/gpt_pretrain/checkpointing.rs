@@ -41,8 +41,8 @@ pub(crate) fn check_args(args: &Args) -> Result<(), String> {
     if !save && (args.save_every > 0 || args.async_save || args.export.is_some()) {
         return Err("--save-every, --async-save and --export need --save-dir".into());
     }
-    if args.resume.is_some() && args.init_from.is_some() {
-        return Err("--resume and --init-from exclude each other (--init-from loads weights only)".into());
+    if args.init_from.is_some() && args.resume.as_ref().is_some_and(|r| r != "auto") {
+        return Err("--resume and --init-from exclude each other (--init-from loads weights only; --resume auto takes both: the newest checkpoint if there is one, else the weights)".into());
     }
     if let Some(spec @ ("latest" | "auto")) = args.resume.as_deref() {
         if !save {
@@ -70,22 +70,25 @@ pub(crate) fn check_args(args: &Args) -> Result<(), String> {
 /// vocabulary is kept where the new `--tp` divides it (the padding to a multiple of 128 × tp
 /// differs between tp sizes); elsewhere it is padded anew ([`repadded`]).
 pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
-    if let Some(file) = &args.init_from {
+    let resume = match (args.resume.as_deref(), &args.save_dir) {
+        // A first start (or a restart before the first save) has nothing to resume.
+        (Some("auto"), Some(dir)) if latest_checkpoint(dir).map_err(|e| format!("--resume auto: {e}"))?.is_none() => {
+            tracing::info!(dir = %dir.display(), "--resume auto: no checkpoint yet, starting afresh");
+            None
+        }
+        (spec, _) => spec.map(String::from),
+    };
+    if let Some(file) = args.init_from.as_ref().filter(|_| resume.is_none()) {
         let ckpt = Checkpoint::open_safetensors(file, MODEL_PREFIX).map_err(|e| format!("--init-from: {e}"))?;
         check_tokenizer(&ckpt, args, &format!("--init-from {}", file.display()))?;
         keep_saved_vocab(args, saved_vocab(&ckpt));
         return Ok(Start::InitFrom(repadded(ckpt, args)));
     }
-    let Some(spec) = &args.resume else { return Ok(Start::Fresh) };
+    let Some(spec) = &resume else { return Ok(Start::Fresh) };
     let path = match (spec.as_str(), &args.save_dir) {
         ("latest" | "auto", Some(dir)) => dir.clone(),
         _ => PathBuf::from(spec),
     };
-    if spec == "auto" && latest_checkpoint(&path).map_err(|e| format!("--resume auto: {e}"))?.is_none() {
-        // A first start (or a restart before the first save): nothing to resume.
-        tracing::info!(dir = %path.display(), "--resume auto: no checkpoint yet, starting fresh");
-        return Ok(Start::Fresh);
-    }
     let ckpt = Checkpoint::open(&path).map_err(|e| format!("--resume {spec}: {e}"))?;
     keep_saved_vocab(args, saved_vocab(&ckpt));
     check_same_model(&ckpt, args)?;

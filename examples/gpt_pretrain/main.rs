@@ -41,6 +41,7 @@ use burn_parallel::{all_ok, run_world, BackwardWith, Comm, LocalWorldOptions, P2
 use burn_parallel_modules::{Gpt, GptConfig};
 use checkpointing::Start;
 
+use burn_parallel::optim::schedule::LrSchedule;
 use corpus::{Corpus, Split};
 use device::DeviceBytes;
 use training::Loop;
@@ -117,12 +118,28 @@ pub(crate) fn dp_mean(value: f32, groups: &ProcessGroups) -> Result<f32, String>
     Ok(all_reduce(t, ReduceOp::Mean, &groups.dp).map_err(|e| e.to_string())?.into_scalar())
 }
 
-pub(crate) fn lr_at(args: &Args, step: usize) -> f64 {
-    if step < args.warmup {
-        return args.lr * (step + 1) as f64 / args.warmup as f64;
+/// The learning-rate schedule the flags describe (`burn_parallel::optim::schedule`); an error
+/// names the flag.
+pub(crate) fn lr_schedule(args: &Args) -> Result<LrSchedule, String> {
+    use burn_parallel::optim::schedule::{DecayStyle, LrScheduleConfig, ScheduleError};
+    if args.wsd_decay_steps.is_some() && args.lr_decay != DecayStyle::Wsd {
+        return Err(format!("--wsd-decay-steps needs --lr-decay wsd (not {})", args.lr_decay));
     }
-    let progress = (step - args.warmup) as f64 / (args.steps - args.warmup).max(1) as f64;
-    args.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+    let config = LrScheduleConfig::new(args.lr, args.steps)
+        .with_warmup_steps(args.warmup)
+        .with_decay(args.lr_decay)
+        .with_min_ratio(args.min_lr_ratio)
+        .with_decay_steps(args.wsd_decay_steps);
+    config.init().map_err(|e| match e {
+        ScheduleError::BadFloor(_) => format!("--min-lr-ratio: {e}"),
+        ScheduleError::DecayTooLong { .. } => format!("--wsd-decay-steps: {e}"),
+        ScheduleError::BadPeak(_) => format!("--lr: {e}"),
+    })
+}
+
+/// The learning rate of the 0-based step (the schedule was checked at startup).
+pub(crate) fn lr_at(args: &Args, step: usize) -> f64 {
+    lr_schedule(args).expect("checked by main_result").lr(step)
 }
 
 fn evaluate<B: ParallelBackend>(gpt: &Gpt<B>, split: &Split, name: &str, args: &Args, device: &B::Device) -> Result<f32, String> {
@@ -248,6 +265,7 @@ fn main_result(args: &Args) -> Result<(), String> {
         return Err("--tp, --pp, --dp, --steps, --batch-size and --eval-batches must be at least 1".into());
     }
     args.check_numbers()?;
+    lr_schedule(args)?;
     let config = gpt_config(args);
     config.validate(args.tp).map_err(|e| model_error(args, e))?;
     config.check_seq_len(args.seq_len, args.tp).map_err(|e| format!("--seq-len: {e}"))?;

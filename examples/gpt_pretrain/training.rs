@@ -8,7 +8,7 @@ use std::time::Instant;
 use burn_parallel::checkpoint::{Checkpointer, Snapshot, TrainState};
 use burn_parallel::data::GlobalSampler;
 use burn_parallel::optim::OptimError;
-use burn_parallel::ProcessGroups;
+use burn_parallel::{ProcessGroups, ReduceOp};
 
 use super::checkpointing::{self, Start};
 use super::report::{Reporter, Throughput};
@@ -46,6 +46,7 @@ impl<'a> Loop<'a> {
     /// The loop of this rank of `groups`, from `start`.
     pub(crate) fn new(args: &'a Args, groups: &'a ProcessGroups, start: &Start) -> Result<Self, String> {
         let train = start.train_state();
+        agree_on_start(groups, train.step)?;
         let saver = checkpointing::saver(args, groups, train.step)?;
         let reporter = Reporter::new(args, groups.world.global_rank(), train.step)?;
         let (first, now) = ((f32::NAN, train.step), Instant::now());
@@ -140,4 +141,21 @@ impl<'a> Loop<'a> {
     fn tokens_per_step(&self) -> f64 {
         (self.args.dp * self.args.batch_size * self.args.seq_len) as f64
     }
+}
+
+/// Every rank starts from the same step: rank processes pick the newest checkpoint each on its
+/// own (`--resume latest|auto`), and a save directory seen differently (a stale network file
+/// system cache after a restart) would have them train from different states.
+fn agree_on_start(groups: &ProcessGroups, step: u64) -> Result<(), String> {
+    use burn_parallel::comm::ops::all_reduce_scalar;
+    let step = step as f32; // exact below 2^24 steps
+    let world = &groups.world;
+    let newest = all_reduce_scalar(step, ReduceOp::Max, world).map_err(|e| e.to_string())?;
+    let oldest = -all_reduce_scalar(-step, ReduceOp::Max, world).map_err(|e| e.to_string())?;
+    if newest != oldest {
+        return Err(format!(
+            "the ranks start from different steps ({oldest} to {newest}; this one {step}): they read different checkpoints of the save directory, which every rank must see alike"
+        ));
+    }
+    Ok(())
 }

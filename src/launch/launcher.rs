@@ -65,6 +65,9 @@ pub struct LaunchOptions {
     pub max_restarts: usize,
 }
 
+/// The pause before a restart.
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
+
 /// How one start of the ranks ended.
 enum Attempt {
     /// Every rank exited 0, or a stop signal ended the job: the launcher's exit code.
@@ -115,10 +118,17 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
                     "burn-parallel launch: rank {rank} failed with exit code {code}; starting every rank again (restart {attempt} of {})",
                     o.max_restarts
                 );
+                // A pause, so that a job failing as it starts does not spend its restarts at once.
+                std::thread::sleep(RESTART_PAUSE);
+                if STOP_SIGNAL.load(Ordering::SeqCst) != 0 {
+                    return Ok(code);
+                }
             }
             Attempt::Failed { rank, code } => {
-                if o.max_restarts > 0 {
-                    eprintln!("burn-parallel launch: rank {rank} failed with exit code {code} and no restart is left ({} done)", attempt);
+                if STOP_SIGNAL.load(Ordering::SeqCst) != 0 {
+                    eprintln!("burn-parallel launch: rank {rank} failed with exit code {code}; stopping (a stop signal came: no restart)");
+                } else if o.max_restarts > 0 {
+                    eprintln!("burn-parallel launch: rank {rank} failed with exit code {code} and no restart is left ({attempt} done)");
                 }
                 return Ok(code);
             }
@@ -188,6 +198,9 @@ fn run_attempt(o: &LaunchOptions, attempt: usize) -> Result<Attempt, String> {
         if let Some((rank, code)) = failed {
             eprintln!("burn-parallel launch: rank {rank} failed with exit code {code}; stopping the other ranks");
             stop(&mut children);
+            if attempt < o.max_restarts {
+                wait_gone(&children);
+            }
             break Attempt::Failed { rank, code };
         }
         if running == 0 {
@@ -245,6 +258,21 @@ fn stop(children: &mut [(usize, Child)]) {
     }
     for (_, c) in children.iter_mut() {
         let _ = c.wait();
+    }
+}
+
+/// Before a restart: what the stopped ranks started may take a moment to die (holding ports,
+/// files, GPU memory); waits until each rank's group is empty (at most 5 s: a dead member no
+/// init reaps still counts).
+fn wait_gone(children: &[(usize, Child)]) {
+    #[cfg(unix)]
+    {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        // SAFETY: kill(2) with signal 0 only checks whether the group still has a member.
+        let alive = |c: &Child| unsafe { libc::kill(-(c.id() as i32), 0) } == 0;
+        while children.iter().any(|(_, c)| alive(c)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

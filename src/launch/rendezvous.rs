@@ -178,9 +178,12 @@ fn serve(env: &JobEnv, addr: &str, payload: Vec<u8>, deadline: Instant) -> Resul
     Ok(payload)
 }
 
+/// Rank 0 through any of its name's addresses (`localhost` may resolve to `::1` before
+/// `127.0.0.1`, and rank 0 listens on one family), retried until the deadline (rank 0 may not be
+/// listening yet).
 fn connect(addr: &str, deadline: Instant) -> Option<TcpStream> {
     while Instant::now() < deadline {
-        if let Some(sa) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+        for sa in addr.to_socket_addrs().map(|a| a.collect::<Vec<_>>()).unwrap_or_default() {
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
             if let Ok(s) = TcpStream::connect_timeout(&sa, left.min(Duration::from_secs(2))) {
                 return Some(s);

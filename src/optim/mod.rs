@@ -24,6 +24,7 @@
 //! without ZeRO, at any dp and in either precision.
 
 mod group;
+pub mod schedule;
 pub mod shard;
 mod state;
 

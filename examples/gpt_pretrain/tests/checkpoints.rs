@@ -245,6 +245,15 @@ fn an_exported_model_initialises_any_layout() {
     losses(&format!("{TINY} --steps 1 --lr 0 --precision bf16 --init-from {} --save-dir {} --export {}", file.display(), again.display(), out.display()));
     let weights = |f: &Path| Checkpoint::open_safetensors(f, "").unwrap().read_full("blocks.0.mlp.fc1.weight").unwrap().to_vec::<f32>().unwrap();
     assert!(weights(&out) == weights(&file), "the masters are the exported f32 values, not their bf16 rounding");
+    // --resume auto with --init-from (a fine-tune that restarts itself): the exported weights on
+    // the first start, the newest checkpoint after; the two parts are the whole run.
+    let tune = dir.join("tune");
+    let whole = losses(&format!("{TINY} --steps 4 --init-from {}", file.display()));
+    let auto = format!("{TINY} --steps 4 --init-from {} --resume auto --save-dir {}", file.display(), tune.display());
+    let parts = [losses(&format!("{auto} --exit-at-step 2")), losses(&auto)].concat();
+    assert_eq!(parts, whole, "--init-from, then --resume auto");
+    let e = error_of(&format!("{TINY} --steps 1 --init-from {} --resume latest --save-dir {}", file.display(), tune.display()));
+    assert!(e.contains("--resume and --init-from exclude each other"), "{e}");
     // A model of byte tokens does not initialise a GPT-2-token run (the export names its config).
     let e = error_of(&format!("{TINY} --steps 1 --init-from {} --tokenizer gpt2", file.display()));
     assert!(e.contains("--init-from") && e.contains("another tokenizer: a vocabulary of 256 tokens there, 50257 here"), "{e}");

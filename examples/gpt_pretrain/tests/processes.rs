@@ -134,6 +134,32 @@ fn sigterm_to_one_rank_process_stops_every_rank_after_the_same_step() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Rank processes that found different checkpoints (each reads the save directory on its own)
+/// refuse to train from different states.
+#[test]
+fn rank_processes_resuming_different_checkpoints_refuse_to_train() {
+    let base = format!("{TINY} --layers 2 --steps 6 --dp 2");
+    let dir = fresh("tcp-apart");
+    losses(&format!("{base} --exit-at-step 4 --save-every 2 --save-dir {}", dir.display()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let procs = [2, 4].iter().enumerate().map(|(r, step)| {
+        child(&format!("{base} --comm tcp --resume {}", dir.join(format!("step-{step:06}")).display()))
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    });
+    for (rank, (status, _, stderr)) in finish(procs.collect()).into_iter().enumerate() {
+        assert!(!status.success(), "rank {rank} trained");
+        assert!(stderr.contains("the ranks start from different steps (2 to 4"), "rank {rank}:\n{stderr}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 const LAUNCH_ENV: &str = "GPT_PRETRAIN_TEST_LAUNCH";
 
 /// `burn-parallel launch` (the library's `launch`) in a child of the tests, starting the test
@@ -173,7 +199,7 @@ fn rank_pid(vars: &[String]) -> Option<i32> {
 /// finishes; the losses before the kill and after the restart are the uninterrupted run's.
 #[test]
 fn a_job_restarted_by_the_launcher_goes_on_from_its_newest_checkpoint() {
-    let base = format!("{TINY} --layers 2 --steps 1000000 --dp 2 --tp 2 --dropout 0.1 --exit-at-step 12");
+    let base = format!("{TINY} --layers 2 --steps 1000000 --dp 2 --tp 2 --dropout 0.1 --exit-at-step 20");
     let whole = losses(&base);
     let dir = fresh("restart");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -191,7 +217,7 @@ fn a_job_restarted_by_the_launcher_goes_on_from_its_newest_checkpoint() {
         .spawn()
         .unwrap();
     let stderr = drain(launcher.stderr.take());
-    let (seen, rest) = until_step(&mut launcher, 5);
+    let (seen, rest) = until_step(&mut launcher, 3);
     let victim = [marker.clone(), "RANK=2".into(), "TORCHELASTIC_RESTART_COUNT=0".into()];
     let pid = rank_pid(&victim).expect("rank 2's process of the first start");
     Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
@@ -200,14 +226,14 @@ fn a_job_restarted_by_the_launcher_goes_on_from_its_newest_checkpoint() {
     let err = stderr.join().unwrap();
     assert!(status.success(), "{status:?}\n{out}\n{err}");
     assert!(err.contains("starting every rank again (restart 1 of 1)"), "{err}");
-    // Rank 0's steps: the first start's, then the restart's from its checkpoint on.
-    let lines = step_lines(&out);
-    let numbers: Vec<usize> = lines.iter().map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap()).collect();
-    let cut = (1..numbers.len()).find(|&i| numbers[i] <= numbers[i - 1]).unwrap_or_else(|| panic!("no restart in {numbers:?}"));
-    let resumed_from = numbers[cut] - 1;
-    assert!(resumed_from >= 4 && resumed_from.is_multiple_of(2), "resumed after step {resumed_from}: {numbers:?}");
-    assert_eq!(lines[..cut], whole[..cut], "the first start");
-    assert_eq!(lines[cut..], whole[resumed_from..], "the restart goes on as the uninterrupted run");
-    assert_eq!(latest_step(&dir), Some(12));
+    // Rank 0's steps: the first start's, then (after the restarted test harness's header)
+    // the restart's from its checkpoint on.
+    let at = out.match_indices("[rank 0] running 1 test").nth(1).map(|(i, _)| i).unwrap_or_else(|| panic!("rank 0 never started again:\n{out}"));
+    let (first, second) = (step_lines(&out[..at]), step_lines(&out[at..]));
+    let resumed_from: usize = second[0].split_whitespace().nth(1).unwrap().parse::<usize>().unwrap() - 1;
+    assert!(resumed_from >= 2 && resumed_from.is_multiple_of(2), "resumed after step {resumed_from}: {second:?}");
+    assert_eq!(first, whole[..first.len()], "the first start");
+    assert_eq!(second, whole[resumed_from..], "the restart goes on as the uninterrupted run");
+    assert_eq!(latest_step(&dir), Some(20));
     std::fs::remove_dir_all(dir).unwrap();
 }

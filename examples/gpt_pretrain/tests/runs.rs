@@ -58,6 +58,9 @@ fn bad_model_and_optimisation_numbers_are_clear_errors() {
         ("--temperature=-1", "--temperature -1: must be a finite number at least 0"),
         ("--clip-grad 0", "--clip-grad 0: must be a finite number above 0"),
         ("--peak-tflops 0", "--peak-tflops 0: must be a finite number above 0"),
+        ("--min-lr-ratio 1.5", "--min-lr-ratio: the final learning rate must be 0 to 1 times the peak, got 1.5"),
+        ("--wsd-decay-steps 2", "--wsd-decay-steps needs --lr-decay wsd (not cosine)"),
+        ("--lr-decay wsd --warmup 0 --wsd-decay-steps 2", "--wsd-decay-steps: 2 decay steps do not fit the 1 steps after the warm-up"),
         ("--save-dir x --export /nonexistent/dir/m.safetensors", "the directory /nonexistent/dir does not exist (checked before training)"),
     ] {
         // Not TINY: its size flags would be given twice. Refused before the default model is built.
@@ -154,6 +157,28 @@ fn metrics_are_json_lines_and_a_resume_appends() {
     let o = child(&format!("{TINY} --steps 2 --metrics /dev/full")).env("RUST_LOG", "warn").output().unwrap();
     let log = super::text(&o);
     assert!(o.status.success() && log.contains("--metrics: no more records are written"), "{log}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `--lr-decay`: the learning rate each step logs (`--metrics`) is the schedule's
+/// (`burn_parallel::optim::schedule`): WSD holds the peak, then falls to the floor at the end.
+#[test]
+fn the_learning_rate_follows_the_chosen_schedule() {
+    use burn_parallel::metrics::StepMetrics;
+    let dir = fresh("schedule");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lrs = |flags: &str, name: &str| {
+        let file = dir.join(name);
+        losses(&format!("{TINY} --steps 6 --warmup 1 --lr 0.001 --metrics {} {flags}", file.display()));
+        let text = std::fs::read_to_string(&file).unwrap();
+        text.lines().filter(|l| l.contains("\"loss\"")).map(|l| serde_json::from_str::<StepMetrics>(l).unwrap().lr).collect::<Vec<f64>>()
+    };
+    let wsd = lrs("--lr-decay wsd --wsd-decay-steps 2 --min-lr-ratio 0", "wsd.jsonl");
+    assert_eq!(wsd, [0.001, 0.001, 0.001, 0.001, 0.0005, 0.0], "peak, stable, then linear to 0 over the last 2");
+    let constant = lrs("--lr-decay constant", "constant.jsonl");
+    assert!(constant.iter().all(|&l| l == 0.001), "{constant:?}");
+    let linear = lrs("--lr-decay linear", "linear.jsonl");
+    assert!(linear[1..].windows(2).all(|w| w[1] < w[0]) && (linear[5] - 0.001 * (0.1 + 0.9 * 0.2)).abs() < 1e-12, "{linear:?}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -98,6 +98,23 @@ fn connect(env: &JobEnv, addr: SocketAddr, rank: usize, deadline: Instant) -> Re
     }
 }
 
+/// Rank 0 at `port0`, through whichever of its name's addresses answers (`localhost` may
+/// resolve to `::1` first and to `127.0.0.1`, where an IPv4 listener is); the connection and
+/// the address that answered.
+fn connect_master(env: &JobEnv, port0: u16, deadline: Instant) -> Result<(TcpStream, SocketAddr), CommError> {
+    let addrs: Vec<SocketAddr> = (env.master_addr.as_str(), port0).to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
+    let mut last = err(env, format!("cannot resolve {}", env.master_addr));
+    for (i, &a) in addrs.iter().enumerate() {
+        // The last address gets the whole deadline; the others a quick try.
+        let until = if i + 1 == addrs.len() { deadline } else { deadline.min(Instant::now() + Duration::from_secs(1)) };
+        match connect(env, a, 0, until) {
+            Ok(s) => return Ok((s, a)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// Listens where the rendezvous does: every IPv4 interface, or every IPv6 one when the master's
 /// name resolves to IPv6 addresses only.
 fn listen(env: &JobEnv) -> Result<TcpListener, CommError> {
@@ -139,12 +156,7 @@ pub(super) fn connect_mesh(env: &JobEnv) -> Result<Vec<Option<TcpStream>>, CommE
             s.write_all(&(table.len() as u32).to_le_bytes()).and_then(|_| s.write_all(table.as_bytes())).map_err(|e| err(env, format!("rank {r}: {e}")))?;
         }
     } else {
-        let addr0 = (env.master_addr.as_str(), port0)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| err(env, format!("cannot resolve {}", env.master_addr)))?;
-        let mut s = connect(env, addr0, 0, deadline)?;
+        let (mut s, addr0) = connect_master(env, port0, deadline)?;
         s.write_all(&hello(nonce, env.rank, port)).map_err(|e| err(env, e))?;
         let table = read_table(env, &mut s, deadline, addr0.ip())?;
         peers[0] = Some((s, port0));

@@ -243,11 +243,26 @@ impl TcpComm {
             return;
         }
         let head = Head { kind: Kind::Abort, group: &self.group.label, key: seq.unwrap_or(wire::NO_COLLECTIVE), op: text };
-        for w in self.shared.writers.iter().flatten() {
-            let mut stream = w.lock().unwrap_or_else(|e| e.into_inner());
+        let tell = |stream: &mut TcpStream| {
             let _ = stream.set_write_timeout(Some(ABORT_WRITE_TIMEOUT.min(self.shared.timeout.max(Duration::from_millis(1)))));
-            let _ = wire::write_frame(&mut *stream, head, None);
+            if wire::write_frame(&mut *stream, head, None).is_err() {
+                // Half a frame must not be read as the next one.
+                let _ = stream.shutdown(Shutdown::Both);
+            }
             let _ = stream.set_write_timeout(Some(self.shared.timeout.max(Duration::from_millis(1))));
+        };
+        // First the peers whose connection is free (another thread may be blocked writing to a
+        // stopped peer), then the others.
+        let mut busy = Vec::new();
+        for w in self.shared.writers.iter().flatten() {
+            match w.try_lock() {
+                Ok(mut stream) => tell(&mut stream),
+                Err(std::sync::TryLockError::Poisoned(p)) => tell(&mut p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => busy.push(w),
+            }
+        }
+        for w in busy {
+            tell(&mut w.lock().unwrap_or_else(|e| e.into_inner()));
         }
     }
 
