@@ -110,7 +110,9 @@ pub(crate) struct Args {
     /// (`burn_parallel::optim::schedule`).
     #[arg(long, default_value_t = DecayStyle::Cosine)]
     pub(crate) lr_decay: DecayStyle,
-    /// The final learning rate as a fraction of the peak (Megatron's --min-lr / --lr).
+    /// The learning rate the decay falls to, as a fraction of the peak (Megatron's --min-lr /
+    /// --lr): linear and cosine reach it at --steps, one past the last step (as Megatron's);
+    /// wsd at the last step.
     #[arg(long, default_value_t = 0.1)]
     pub(crate) min_lr_ratio: f64,
     /// --lr-decay wsd: steps of the final decay (default: a tenth of the steps after the warm-up).

@@ -92,6 +92,7 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
     let ckpt = Checkpoint::open(&path).map_err(|e| format!("--resume {spec}: {e}"))?;
     keep_saved_vocab(args, saved_vocab(&ckpt));
     check_same_model(&ckpt, args)?;
+    warn_schedule_changes(&ckpt, args);
     tracing::info!(dir = %ckpt.dir().display(), step = ckpt.metadata().step, layout = ?ckpt.metadata().layout, "resuming");
     Ok(Start::Resume(repadded(ckpt, args)))
 }
@@ -163,6 +164,28 @@ fn check_same_model(ckpt: &Checkpoint, args: &Args) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The flags that shape the learning rate (and where the weights first came from) as saved and
+/// as now: a resume follows this run's, so a change jumps the learning rate (Megatron refuses
+/// it unless told to override; here it is a warning: extending --steps is common).
+fn warn_schedule_changes(ckpt: &Checkpoint, args: &Args) {
+    let Some(saved) = ckpt.metadata().sections.get("args") else { return };
+    let now = serde_json::to_value(args).expect("arguments serialise");
+    let keys = ["lr", "warmup", "steps", "lr_decay", "min_lr_ratio", "wsd_decay_steps", "init_from"];
+    let changed: Vec<String> = keys
+        .iter()
+        .filter_map(|k| {
+            let (then, here) = (saved.get(*k)?, now.get(*k)?);
+            (then != here).then(|| format!("--{} {then} there, {here} here", k.replace('_', "-")))
+        })
+        .collect();
+    if !changed.is_empty() {
+        tracing::warn!(
+            "--resume: the learning-rate schedule's flags differ from the checkpoint's ({}): this run's apply from the resumed step on",
+            changed.join("; ")
+        );
+    }
 }
 
 /// This rank's checkpointer (`None` without `--save-dir`); refuses a save directory that holds

@@ -132,14 +132,9 @@ pub(crate) fn lr_schedule(args: &Args) -> Result<LrSchedule, String> {
         .with_decay_steps(args.wsd_decay_steps);
     config.init().map_err(|e| match e {
         ScheduleError::BadFloor(_) => format!("--min-lr-ratio: {e}"),
-        ScheduleError::DecayTooLong { .. } => format!("--wsd-decay-steps: {e}"),
+        ScheduleError::DecayTooLong { .. } | ScheduleError::NoDecaySteps => format!("--wsd-decay-steps: {e}"),
         ScheduleError::BadPeak(_) => format!("--lr: {e}"),
     })
-}
-
-/// The learning rate of the 0-based step (the schedule was checked at startup).
-pub(crate) fn lr_at(args: &Args, step: usize) -> f64 {
-    lr_schedule(args).expect("checked by main_result").lr(step)
 }
 
 fn evaluate<B: ParallelBackend>(gpt: &Gpt<B>, split: &Split, name: &str, args: &Args, device: &B::Device) -> Result<f32, String> {

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use burn_parallel::checkpoint::{Checkpointer, Snapshot, TrainState};
 use burn_parallel::data::GlobalSampler;
+use burn_parallel::optim::schedule::LrSchedule;
 use burn_parallel::optim::OptimError;
 use burn_parallel::{ProcessGroups, ReduceOp};
 
@@ -21,6 +22,8 @@ pub(crate) struct Loop<'a> {
     /// The position: steps, samples and tokens done, learning rate.
     pub(crate) train: TrainState,
     saver: Option<Checkpointer>,
+    /// The learning rate of each step.
+    schedule: LrSchedule,
     reporter: Reporter,
     throughput: Throughput,
     first: (f32, u64),
@@ -47,6 +50,7 @@ impl<'a> Loop<'a> {
     pub(crate) fn new(args: &'a Args, groups: &'a ProcessGroups, start: &Start) -> Result<Self, String> {
         let train = start.train_state();
         agree_on_start(groups, train.step)?;
+        let schedule = super::lr_schedule(args)?;
         let saver = checkpointing::saver(args, groups, train.step)?;
         let reporter = Reporter::new(args, groups.world.global_rank(), train.step)?;
         let (first, now) = ((f32::NAN, train.step), Instant::now());
@@ -54,6 +58,7 @@ impl<'a> Loop<'a> {
         Ok(Self {
             args,
             groups,
+            schedule,
             throughput: Throughput::new(train.step),
             train,
             saver,
@@ -80,7 +85,7 @@ impl<'a> Loop<'a> {
 
     /// The learning rate of the step that runs now.
     pub(crate) fn lr(&self) -> f64 {
-        super::lr_at(self.args, self.step())
+        self.schedule.lr(self.step())
     }
 
     /// This replica's samples of the step that runs now.
@@ -104,7 +109,7 @@ impl<'a> Loop<'a> {
         self.train.step += 1;
         self.train.samples_seen += (args.dp * args.batch_size) as u64;
         self.train.tokens_seen += (args.dp * args.batch_size * args.seq_len) as u64;
-        self.train.lr = super::lr_at(args, step);
+        self.train.lr = self.schedule.lr(step);
         self.throughput.step_done(self.train.step);
         if self.train.step == self.first.1 + 1 {
             self.first.0 = loss;
@@ -147,11 +152,14 @@ impl<'a> Loop<'a> {
 /// own (`--resume latest|auto`), and a save directory seen differently (a stale network file
 /// system cache after a restart) would have them train from different states.
 fn agree_on_start(groups: &ProcessGroups, step: u64) -> Result<(), String> {
-    use burn_parallel::comm::ops::all_reduce_scalar;
-    let step = step as f32; // exact below 2^24 steps
     let world = &groups.world;
-    let newest = all_reduce_scalar(step, ReduceOp::Max, world).map_err(|e| e.to_string())?;
-    let oldest = -all_reduce_scalar(-step, ReduceOp::Max, world).map_err(|e| e.to_string())?;
+    if world.size() == 1 {
+        return Ok(());
+    }
+    // One all-reduce of [s, −s] with Max: the newest and the oldest start (f64: exact).
+    let both = burn::tensor::TensorData::new(vec![step as f64, -(step as f64)], [2]);
+    let got = world.all_reduce(both, ReduceOp::Max).map_err(|e| e.to_string())?.to_vec::<f64>().map_err(|e| format!("{e:?}"))?;
+    let (newest, oldest) = (got[0], -got[1]);
     if newest != oldest {
         return Err(format!(
             "the ranks start from different steps ({oldest} to {newest}; this one {step}): they read different checkpoints of the save directory, which every rank must see alike"

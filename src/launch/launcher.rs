@@ -120,8 +120,10 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
                 );
                 // A pause, so that a job failing as it starts does not spend its restarts at once.
                 std::thread::sleep(RESTART_PAUSE);
-                if STOP_SIGNAL.load(Ordering::SeqCst) != 0 {
-                    return Ok(code);
+                let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+                if sig != 0 {
+                    eprintln!("burn-parallel launch: got signal {sig} before the restart: stopping");
+                    return Ok(128 + sig);
                 }
             }
             Attempt::Failed { rank, code } => {
@@ -268,8 +270,14 @@ fn wait_gone(children: &[(usize, Child)]) {
     #[cfg(unix)]
     {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        // SAFETY: kill(2) with signal 0 only checks whether the group still has a member.
-        let alive = |c: &Child| unsafe { libc::kill(-(c.id() as i32), 0) } == 0;
+        // SAFETY: kill(2) with signal 0 only checks whether the group still has a member;
+        // waitpid(2) on the group with WNOHANG reaps members that became ours (the launcher as
+        // PID 1 or a subreaper adopts them), else they would stay as zombies.
+        let alive = |c: &Child| unsafe {
+            let group = -(c.id() as i32);
+            while libc::waitpid(group, std::ptr::null_mut(), libc::WNOHANG) > 0 {}
+            libc::kill(group, 0) == 0
+        };
         while children.iter().any(|(_, c)| alive(c)) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -9,9 +9,12 @@
 //!   - [`Constant`](DecayStyle::Constant): 1 (no decay),
 //!   - [`Linear`](DecayStyle::Linear): `1 − p`,
 //!   - [`Cosine`](DecayStyle::Cosine): `(1 + cos πp) / 2`,
-//!   - [`Wsd`](DecayStyle::Wsd) (warm-up, stable, decay): 1 until the last `D` steps
-//!     ([`LrScheduleConfig::decay_steps`], default a tenth of `T − W`), then linear to 0 over
-//!     them: the floor at the last step.
+//!
+//!   Megatron's convention: step `W` runs at the peak, and `p` reaches 1 at step `T`, one past
+//!   the last step (which runs at `f(1 − 1/(T − W))`, just above the floor);
+//!   - [`Wsd`](DecayStyle::Wsd) (warm-up, stable, decay; torchtitan's): 1 until the last `D`
+//!     steps ([`LrScheduleConfig::decay_steps`], default a tenth of `T − W`), then linear to 0
+//!     over them: the first of them already below the peak, the last step at the floor.
 //!
 //! ```
 //! use burn_parallel::optim::schedule::{DecayStyle, LrScheduleConfig};
@@ -29,11 +32,12 @@ use burn::config::Config;
 pub enum DecayStyle {
     /// No decay.
     Constant,
-    /// Linear to the floor at the last step.
+    /// Linear toward the floor (reached one step past the run, as Megatron's).
     Linear,
-    /// Half a cosine to the floor at the last step.
+    /// Half a cosine toward the floor (reached one step past the run, as Megatron's).
     Cosine,
-    /// Warm-up, stable at the peak, then linear to the floor over the last `decay_steps`.
+    /// Warm-up, stable at the peak, then linear to the floor over the last `decay_steps` (the
+    /// last step at the floor).
     Wsd,
 }
 
@@ -71,6 +75,9 @@ pub enum ScheduleError {
     /// A peak that is negative or not finite.
     #[error("the peak learning rate must be finite and at least 0, got {0}")]
     BadPeak(f64),
+    /// WSD with no decay step.
+    #[error("a WSD schedule needs at least 1 decay step")]
+    NoDecaySteps,
     /// WSD's decay does not fit after the warm-up.
     #[error("{decay} decay steps do not fit the {after} steps after the warm-up")]
     DecayTooLong {
@@ -97,7 +104,8 @@ pub struct LrScheduleConfig {
     /// The final learning rate as a fraction of the peak.
     #[config(default = 0.1)]
     pub min_ratio: f64,
-    /// WSD: steps of the final decay (default: a tenth of the steps after the warm-up, at least 1).
+    /// WSD: steps of the final decay (default: a tenth of the steps after the warm-up, at least
+    /// 1); the other styles ignore it.
     #[config(default = "None")]
     pub decay_steps: Option<usize>,
 }
@@ -121,7 +129,10 @@ impl LrScheduleConfig {
         // A warm-up longer than the run is allowed: the run ends in it.
         let after = self.total_steps.saturating_sub(self.warmup_steps);
         let decay_steps = self.decay_steps.unwrap_or((after / 10).max(1));
-        if self.decay == DecayStyle::Wsd && (decay_steps == 0 || decay_steps > after.max(1)) {
+        if self.decay == DecayStyle::Wsd && decay_steps == 0 {
+            return Err(ScheduleError::NoDecaySteps);
+        }
+        if self.decay == DecayStyle::Wsd && decay_steps > after.max(1) {
             return Err(ScheduleError::DecayTooLong { decay: decay_steps, after });
         }
         Ok(LrSchedule { config: self.clone(), decay_steps })
@@ -129,8 +140,8 @@ impl LrScheduleConfig {
 }
 
 impl LrSchedule {
-    /// The learning rate of the 0-based step `step` (past the run: the floor's, or the peak for
-    /// `Constant`).
+    /// The learning rate of the 0-based step `step` (steps past the run continue the shape,
+    /// clamped at the floor).
     pub fn lr(&self, step: usize) -> f64 {
         let c = &self.config;
         if step < c.warmup_steps {
@@ -212,7 +223,8 @@ mod tests {
         assert!(e(LrScheduleConfig::new(f64::NAN, 5)).contains("got NaN"));
         let wsd = LrScheduleConfig::new(1.0, 10).with_warmup_steps(4).with_decay(DecayStyle::Wsd);
         assert_eq!(e(wsd.clone().with_decay_steps(Some(7))), "7 decay steps do not fit the 6 steps after the warm-up");
-        assert!(wsd.with_decay_steps(Some(6)).init().is_ok());
+        assert!(wsd.clone().with_decay_steps(Some(6)).init().is_ok());
+        assert_eq!(e(wsd.with_decay_steps(Some(0))), "a WSD schedule needs at least 1 decay step");
         assert_eq!("wsd".parse::<DecayStyle>(), Ok(DecayStyle::Wsd));
         assert!("step".parse::<DecayStyle>().unwrap_err().contains("constant, linear, cosine or wsd"));
     }

@@ -204,6 +204,14 @@ fn bad_checkpoint_flags_are_clear_errors() {
     let e = error_of(&format!("{two} --steps 2 --resume latest {save}"));
     assert!(e.contains("holds no committed checkpoint"), "{e}");
     losses(&format!("{two} --steps 2 {save}"));
+    // A schedule that differs from the checkpoint's is a warning naming the flags.
+    let o = run(&format!("{two} --steps 3 --lr 0.01 --resume latest {save}"));
+    let t = text(&o);
+    assert!(
+        o.status.success()
+            && t.contains("the learning-rate schedule's flags differ from the checkpoint's (--lr 0.003 there, 0.01 here; --steps 2 there, 3 here)"),
+        "{t}"
+    );
     let e = error_of(&format!("{two} --steps 4 --resume latest {save} --tp 3"));
     assert!(e.contains("attention heads = 4 is not divisible by tensor_parallel = 3"), "the padding is no obstacle: {e}");
     let e = error_of(&format!("{two} --steps 4 --resume latest {save} --tokenizer gpt2"));
