@@ -170,8 +170,17 @@ fn max_restarts_starts_every_rank_again_until_none_is_left() {
     assert_eq!(out.status.code(), Some(5), "{}", text(&out));
     assert!(text(&out).contains("no restart is left (2 done)"), "{}", text(&out));
     assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 3);
-    // Without --max-restarts, the first failure ends the job.
+    // A stop signal (here during the pause before the first restart) ends the job, 128 + 15.
     std::fs::remove_file(&log).unwrap();
+    let launcher =
+        Command::new(BIN).args(["launch", "--nproc-per-node", "1", "--max-restarts", "2", "--", "sh", "-c", &always]).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    Command::new("kill").args(["-TERM", &launcher.id().to_string()]).status().unwrap();
+    let out = launcher.wait_with_output().unwrap();
+    let starts = std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0);
+    assert_eq!((out.status.code(), starts <= 1), (Some(128 + 15), true), "{} starts; {}", starts, String::from_utf8_lossy(&out.stderr));
+    // Without --max-restarts, the first failure ends the job.
+    let _ = std::fs::remove_file(&log);
     let out = Command::new(BIN).args(["launch", "--nproc-per-node", "1", "--", "sh", "-c", &always]).output().unwrap();
     assert_eq!((out.status.code(), std::fs::read_to_string(&log).unwrap().lines().count()), (Some(5), 1));
     let _ = std::fs::remove_dir_all(&dir);

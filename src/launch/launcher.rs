@@ -127,8 +127,11 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
                 }
             }
             Attempt::Failed { rank, code } => {
-                if STOP_SIGNAL.load(Ordering::SeqCst) != 0 {
-                    eprintln!("burn-parallel launch: rank {rank} failed with exit code {code}; stopping (a stop signal came: no restart)");
+                let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+                if sig != 0 {
+                    // Asked to stop: as a stop at any other moment, 128 + the signal.
+                    eprintln!("burn-parallel launch: rank {rank} failed with exit code {code}; got signal {sig}: stopping (no restart)");
+                    return Ok(128 + sig);
                 } else if o.max_restarts > 0 {
                     eprintln!("burn-parallel launch: rank {rank} failed with exit code {code} and no restart is left ({attempt} done)");
                 }

@@ -40,9 +40,9 @@ fn script(c: Comm) -> Vec<TensorData> {
         out.push(c.all_reduce(tensor(r, [3, 5], 0.3), op).unwrap());
     }
     out.push(c.all_reduce(tensor(r, [2, 7], 1.1).convert_dtype(DType::BF16), ReduceOp::Sum).unwrap());
-    // Large enough to be a reduce-scatter + all-gather (on 4 ranks), odd sizes.
+    // Large enough to be a reduce-scatter + all-gather (≥ 256 KiB, on 4 ranks), odd sizes.
     out.push(c.all_reduce(tensor(r, [257, 301], 0.4), ReduceOp::Sum).unwrap());
-    out.push(c.all_reduce(tensor(r, [257, 301], 0.6).convert_dtype(DType::BF16), ReduceOp::Mean).unwrap());
+    out.push(c.all_reduce(tensor(r, [513, 301], 0.6).convert_dtype(DType::BF16), ReduceOp::Mean).unwrap());
     out.push(c.all_gather(tensor(r, [2, 3], 0.7), 1).unwrap());
     out.push(c.reduce_scatter(tensor(r, [4, 6], 0.2), 0, ReduceOp::Sum).unwrap());
     out.push(c.reduce_scatter(tensor(r, [3, 8], 0.9), 1, ReduceOp::Mean).unwrap());
