@@ -420,18 +420,7 @@ impl Communicator for LocalComm {
     }
 
     fn new_group(&self, name: &str, global_ranks: &[usize]) -> Result<Comm, CommError> {
-        let me = self.global_rank();
-        let mut seen = std::collections::HashSet::new();
-        if let Some(d) = global_ranks.iter().find(|r| !seen.insert(**r)) {
-            return Err(CommError::InvalidGroup(format!("{name}: rank {d} listed twice in {global_ranks:?}")));
-        }
-        if let Some(r) = global_ranks.iter().find(|r| !self.group.members.contains(r)) {
-            return Err(CommError::InvalidGroup(format!("{name}: rank {r} is not in the parent group {}", self.group.label)));
-        }
-        let rank = global_ranks
-            .iter()
-            .position(|&r| r == me)
-            .ok_or_else(|| CommError::InvalidGroup(format!("{name}: rank {me} creates {global_ranks:?} without being in it")))?;
+        let rank = super::new_group_rank(name, global_ranks, &self.group.members, &self.group.label, self.global_rank())?;
         let group = self.world.group(name, global_ranks.to_vec());
         Ok(Arc::new(LocalComm { world: self.world.clone(), group, rank }))
     }

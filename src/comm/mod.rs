@@ -29,6 +29,19 @@ pub use host::{concat_along, reduce_all, split_along};
 pub use local::{LocalWorld, LocalWorldOptions, P2pMode};
 pub use tcp::TcpComm;
 
+/// The caller's rank in a new group of `global_ranks` (a subset of `parent`'s members, listing
+/// the caller `me` once): the checks every communicator's `new_group` makes.
+pub(crate) fn new_group_rank(name: &str, global_ranks: &[usize], parent: &[usize], parent_label: &str, me: usize) -> Result<usize, CommError> {
+    let mut seen = std::collections::HashSet::new();
+    if let Some(d) = global_ranks.iter().find(|r| !seen.insert(**r)) {
+        return Err(CommError::InvalidGroup(format!("{name}: rank {d} listed twice in {global_ranks:?}")));
+    }
+    if let Some(r) = global_ranks.iter().find(|r| !parent.contains(r)) {
+        return Err(CommError::InvalidGroup(format!("{name}: rank {r} is not in the parent group {parent_label}")));
+    }
+    global_ranks.iter().position(|&r| r == me).ok_or_else(|| CommError::InvalidGroup(format!("{name}: rank {me} creates {global_ranks:?} without being in it")))
+}
+
 /// Shared handle on a communicator.
 pub type Comm = Arc<dyn Communicator>;
 

@@ -8,4 +8,5 @@ mod rendezvous;
 
 pub use env::{JobEnv, JobEnvError};
 pub use launcher::{launch, LaunchOptions};
+pub(crate) use rendezvous::every_interface;
 pub use rendezvous::{rendezvous, RendezvousError, MAX_PAYLOAD};

@@ -116,13 +116,19 @@ fn read_hello(stream: &mut TcpStream) -> Result<(usize, usize), String> {
 /// `127.0.1.1` from `/etc/hosts`) that no other node can connect to. IPv6 only if the name
 /// resolves to nothing else.
 fn listen(env: &JobEnv, addr: &str) -> Result<TcpListener, RendezvousError> {
-    let resolved: Vec<std::net::SocketAddr> = (env.master_addr.as_str(), env.master_port).to_socket_addrs().map_err(io(addr))?.collect();
-    let any: std::net::IpAddr = if !resolved.is_empty() && resolved.iter().all(|a| a.is_ipv6()) {
+    (env.master_addr.as_str(), env.master_port).to_socket_addrs().map_err(io(addr))?;
+    TcpListener::bind((every_interface(env), env.master_port)).map_err(io(addr))
+}
+
+/// The unspecified address of the master's family: IPv6 where its name resolves to IPv6
+/// addresses only, else IPv4 (also where it does not resolve).
+pub(crate) fn every_interface(env: &JobEnv) -> std::net::IpAddr {
+    let resolved: Vec<std::net::SocketAddr> = (env.master_addr.as_str(), env.master_port).to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
+    if !resolved.is_empty() && resolved.iter().all(|a| a.is_ipv6()) {
         std::net::Ipv6Addr::UNSPECIFIED.into()
     } else {
         std::net::Ipv4Addr::UNSPECIFIED.into()
-    };
-    TcpListener::bind((any, env.master_port)).map_err(io(addr))
+    }
 }
 
 fn serve(env: &JobEnv, addr: &str, payload: Vec<u8>, deadline: Instant) -> Result<Vec<u8>, RendezvousError> {

@@ -10,12 +10,22 @@ use std::time::Instant;
 
 use super::*;
 
+/// A free loopback port (for a job's rendezvous).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// Starts the `n` rank processes of one `--comm tcp` job.
 fn ranks(n: usize, flags: &str) -> Vec<Child> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    ranks_with(n, |_| flags.to_string())
+}
+
+/// Starts the `n` rank processes of one `--comm tcp` job, rank `r` with `flags(r)`.
+fn ranks_with(n: usize, flags: impl Fn(usize) -> String) -> Vec<Child> {
+    let port = free_port();
     (0..n)
         .map(|r| {
-            child(&format!("{flags} --comm tcp"))
+            child(&format!("{} --comm tcp", flags(r)))
                 .env("RANK", r.to_string())
                 .env("WORLD_SIZE", n.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
@@ -141,19 +151,9 @@ fn rank_processes_resuming_different_checkpoints_refuse_to_train() {
     let base = format!("{TINY} --layers 2 --steps 6 --dp 2");
     let dir = fresh("tcp-apart");
     losses(&format!("{base} --exit-at-step 4 --save-every 2 --save-dir {}", dir.display()));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let procs = [2, 4].iter().enumerate().map(|(r, step)| {
-        child(&format!("{base} --comm tcp --resume {}", dir.join(format!("step-{step:06}")).display()))
-            .env("RANK", r.to_string())
-            .env("WORLD_SIZE", "2")
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    });
-    for (rank, (status, _, stderr)) in finish(procs.collect()).into_iter().enumerate() {
+    // Rank 0 resumes step 2, rank 1 step 4.
+    let procs = ranks_with(2, |r| format!("{base} --resume {}", dir.join(format!("step-{:06}", 2 + 2 * r)).display()));
+    for (rank, (status, _, stderr)) in finish(procs).into_iter().enumerate() {
         assert!(!status.success(), "rank {rank} trained");
         assert!(stderr.contains("the ranks start from different steps (2 to 4"), "rank {rank}:\n{stderr}");
     }
@@ -203,7 +203,7 @@ fn a_job_restarted_by_the_launcher_goes_on_from_its_newest_checkpoint() {
     let base = format!("{TINY} --layers 2 --steps 1000000 --dp 2 --tp 2 --dropout 0.1 --exit-at-step 150");
     let whole = losses(&base);
     let dir = fresh("restart");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let marker = format!("BP_TEST_RESTART_JOB={}-{port}", std::process::id());
     let flags = format!("{base} --comm tcp --save-every 5 --resume auto --save-dir {}", dir.display());
     let mut launcher = Command::new(std::env::current_exe().unwrap())

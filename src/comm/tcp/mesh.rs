@@ -118,13 +118,7 @@ fn connect_master(env: &JobEnv, port0: u16, deadline: Instant) -> Result<(TcpStr
 /// Listens where the rendezvous does: every IPv4 interface, or every IPv6 one when the master's
 /// name resolves to IPv6 addresses only.
 fn listen(env: &JobEnv) -> Result<TcpListener, CommError> {
-    let resolved: Vec<SocketAddr> = (env.master_addr.as_str(), env.master_port).to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
-    let any: IpAddr = if !resolved.is_empty() && resolved.iter().all(|a| a.is_ipv6()) {
-        std::net::Ipv6Addr::UNSPECIFIED.into()
-    } else {
-        std::net::Ipv4Addr::UNSPECIFIED.into()
-    };
-    TcpListener::bind((any, 0)).map_err(|e| err(env, format!("cannot listen: {e}")))
+    TcpListener::bind((crate::launch::every_interface(env), 0)).map_err(|e| err(env, format!("cannot listen: {e}")))
 }
 
 /// The job's nonce: tells this job's connections from a stale process's.

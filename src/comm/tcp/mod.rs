@@ -323,6 +323,11 @@ impl TcpComm {
     fn gather_parts(&self, op: &str, data: TensorData) -> Result<Vec<TensorData>, CommError> {
         let mut parts = self.exchange(op, |_| Some(&data))?;
         parts[self.rank] = Some(data);
+        self.every(op, parts)
+    }
+
+    /// The parts of an exchange (ours filled in), each member's present.
+    fn every(&self, op: &str, parts: Vec<Option<TensorData>>) -> Result<Vec<TensorData>, CommError> {
         parts.into_iter().map(|p| p.ok_or_else(|| self.bad(op, "a member sent no tensor".into()))).collect()
     }
 }
@@ -362,16 +367,16 @@ impl Communicator for TcpComm {
             let bytes = data.as_bytes()[bound(j) * width..bound(j + 1) * width].to_vec();
             TensorData::from_bytes_vec(bytes, [bound(j + 1) - bound(j)], data.dtype)
         };
-        let runs: Vec<TensorData> = (0..n).map(run).collect();
+        let mut runs: Vec<TensorData> = (0..n).map(run).collect();
         let mut parts = self.exchange(&format!("{name}: reduce"), |i| Some(&runs[i]))?;
-        parts[self.rank] = Some(run(self.rank));
-        let parts = parts.into_iter().map(|p| p.ok_or_else(|| self.bad(&name, "a member sent no tensor".into()))).collect::<Result<Vec<_>, _>>()?;
+        parts[self.rank] = Some(runs.swap_remove(self.rank));
+        let parts = self.every(&name, parts)?;
         let mine = reduce_all(&parts.iter().collect::<Vec<_>>(), op).map_err(|d| self.bad(&name, d))?;
         let mut reduced = self.exchange(&format!("{name}: gather"), |_| Some(&mine))?;
         reduced[self.rank] = Some(mine);
         let mut bytes = Vec::with_capacity(count * width);
-        for r in reduced {
-            bytes.extend_from_slice(r.ok_or_else(|| self.bad(&name, "a member sent no tensor".into()))?.as_bytes());
+        for r in self.every(&name, reduced)? {
+            bytes.extend_from_slice(r.as_bytes());
         }
         if bytes.len() != count * width {
             return Err(self.bad(&name, format!("the reduced runs hold {} bytes, not {}", bytes.len(), count * width)));
@@ -394,7 +399,7 @@ impl Communicator for TcpComm {
         let mut pieces = (0..n).map(|j| split_along(&data, dim, n, j)).collect::<Result<Vec<_>, _>>().map_err(|d| self.fail(self.bad(&name, d), None))?;
         let mut parts = self.exchange(&name, |i| Some(&pieces[i]))?;
         parts[self.rank] = Some(pieces.swap_remove(self.rank));
-        let parts = parts.into_iter().map(|p| p.ok_or_else(|| self.bad(&name, "a member sent no tensor".into()))).collect::<Result<Vec<_>, _>>()?;
+        let parts = self.every(&name, parts)?;
         // Element-wise in group order: the slice of the thread world's full reduction, bit for bit.
         reduce_all(&parts.iter().collect::<Vec<_>>(), op).map_err(|d| self.bad(&name, d))
     }
@@ -442,18 +447,7 @@ impl Communicator for TcpComm {
     }
 
     fn new_group(&self, name: &str, global_ranks: &[usize]) -> Result<Comm, CommError> {
-        let me = self.me();
-        let mut seen = std::collections::HashSet::new();
-        if let Some(d) = global_ranks.iter().find(|r| !seen.insert(**r)) {
-            return Err(CommError::InvalidGroup(format!("{name}: rank {d} listed twice in {global_ranks:?}")));
-        }
-        if let Some(r) = global_ranks.iter().find(|r| !self.group.members.contains(r)) {
-            return Err(CommError::InvalidGroup(format!("{name}: rank {r} is not in the parent group {}", self.group.label)));
-        }
-        let rank = global_ranks
-            .iter()
-            .position(|&r| r == me)
-            .ok_or_else(|| CommError::InvalidGroup(format!("{name}: rank {me} creates {global_ranks:?} without being in it")))?;
+        let rank = super::new_group_rank(name, global_ranks, &self.group.members, &self.group.label, self.global_rank())?;
         let group = self.shared.group(name, global_ranks.to_vec());
         Ok(Arc::new(TcpComm { shared: self.shared.clone(), group, rank }))
     }
