@@ -111,10 +111,16 @@ pub(crate) fn device_sum<B: Backend>(parts: Vec<Tensor<B, 1>>, device: &B::Devic
 }
 
 impl<B: Backend> SquareSums<'_, B> {
+    fn leaf(&self) -> (&str, &str) {
+        (self.types.last().map(String::as_str).unwrap_or(""), self.path.last().map(String::as_str).unwrap_or(""))
+    }
     fn is_sharded(&self) -> bool {
-        let ty = self.types.last().map(String::as_str).unwrap_or("");
-        let field = self.path.last().map(String::as_str).unwrap_or("");
+        let (ty, field) = self.leaf();
         crate::sharding::tp_split_dim(ty, field).is_some()
+    }
+    fn is_replica(&self) -> bool {
+        let (ty, field) = self.leaf();
+        crate::sharding::is_stage_replica(ty, field)
     }
 }
 
@@ -133,7 +139,9 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SquareSums<'_, B::InnerBackend> {
         // In f32 whatever the gradient dtype: an f16 sum of squares overflows at a norm of 256.
         let sq = g.cast(burn::tensor::DType::F32).powi_scalar(2).sum();
         // The parameter's own field name is the last path element for parameters of a struct.
-        if self.is_sharded() {
+        if self.is_replica() {
+            // The last stage's copy of tied embeddings: the first stage counts it.
+        } else if self.is_sharded() {
             self.sharded.push(sq);
         } else {
             self.replicated.push(sq);

@@ -313,6 +313,12 @@ fn the_memory_command_takes_the_attention_core() {
     let activations = |o: &Output| peak(o).split('|').nth(5).and_then(|c| c.split_whitespace().next()?.parse::<f64>().ok()).unwrap();
     let (one, two) = (activations(&composed), activations(&accumulated));
     assert!((two / one - 0.5).abs() < 0.01, "activations {one} MB in one micro-batch, {two} MB in two");
+    // Tied embeddings: the parameters column loses the head's 64 × 128 f32 weights (the table
+    // rounds to 0.01 MB).
+    let tied = table(&["--tie-embeddings"]);
+    assert!(tied.status.success(), "{}", text(&tied));
+    let params = |o: &Output| peak(o).split('|').nth(2).and_then(|c| c.split_whitespace().next()?.parse::<f64>().ok()).unwrap();
+    assert!((params(&composed) - params(&tied) - 64.0 * 128.0 * 4.0 / 1e6).abs() < 0.011, "{} vs {}", text(&composed), text(&tied));
 }
 
 /// `burn-parallel memory` takes the example's pipeline defaults: 2 × pp micro-batches, and two

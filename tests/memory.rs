@@ -15,7 +15,7 @@ static ALLOC: TrackingAllocator = TrackingAllocator;
 /// Measuring tests run one at a time (the tracker counts per rank number, not per test).
 static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-pub const SHAPE: GptShape = GptShape { vocab: 256, seq: 64, hidden: 128, heads: 4, layers: 4, ffn: 512 };
+pub const SHAPE: GptShape = GptShape { vocab: 256, seq: 64, hidden: 128, heads: 4, layers: 4, ffn: 512, tied_embeddings: false };
 
 #[test]
 fn predicted_peak_of_every_rank_is_within_ten_percent_of_the_measured_one() {
@@ -43,6 +43,33 @@ fn predicted_peak_of_every_rank_is_within_ten_percent_of_the_measured_one() {
     }
     eprintln!("{} layouts: worst |predicted/measured − 1| = {worst:.3}", grid.len());
     assert!(bad.is_empty(), "outside ±10%:\n{}", bad.join("\n"));
+}
+
+/// Tied embeddings: without a pipeline the head's `h·V` parameters (and their moments) are gone,
+/// measured as predicted; a pipeline's last stage still holds its replica. Each peak within
+/// ±10% of the measurement.
+#[test]
+fn tied_embeddings_are_predicted_on_every_rank() {
+    let _one = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let tied = GptShape { tied_embeddings: true, vocab: 4096, ..SHAPE };
+    let untied = GptShape { tied_embeddings: false, ..tied };
+    let flat = harness::plan(1, 1, 1, 8);
+    let (t, u) = (one_rank_within_ten_percent(&tied, &flat, "tied"), one_rank_within_ten_percent(&untied, &flat, "untied"));
+    // The head's h·V weights: the f32 value and two moments (12 B each) at least; its gradient
+    // too where the peak holds every gradient.
+    let head = (SHAPE.hidden * 4096) as f64;
+    let (measured, predicted) = (u.0 - t.0, u.1 - t.1);
+    eprintln!("untied − tied: measured {:.2} MB, predicted {:.2} MB ({:.1} B per head weight)", measured / 1e6, predicted / 1e6, predicted / head);
+    assert!((12.0 * head..=16.0 * head).contains(&predicted), "predicted saving {predicted} for {head} head weights");
+    assert!((measured - predicted).abs() < 0.1 * predicted, "measured saving {measured} vs predicted {predicted}");
+    // At this vocabulary the first stage peaks in the lookup's backward (its dense gradient).
+    for (shape, name) in [(&tied, "tied"), (&untied, "untied")] {
+        for (r, measured, predicted) in compare(shape, &harness::with_microbatches(harness::plan(1, 2, 1, 8), 4)) {
+            let ratio = predicted.peak / measured as f64;
+            eprintln!("{name} pp 2, rank {r}: predicted {:.2} MB, measured {:.2} MB ({ratio:.3})", predicted.peak / 1e6, measured as f64 / 1e6);
+            assert!((0.9..=1.1).contains(&ratio), "{name} pp 2 rank {r}: {ratio}");
+        }
+    }
 }
 
 /// Model state per parameter on every rank, against the figures the precision and ZeRO promise:
@@ -119,7 +146,7 @@ fn chunked_attention_at_a_long_sequence_is_predicted_and_drops_the_scores() {
     use burn_parallel::attention::AttentionCore;
     use burn_parallel::precision::Precision;
     let _one = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
-    let shape = GptShape { vocab: 128, seq: 512, hidden: 32, heads: 4, layers: 2, ffn: 128 };
+    let shape = GptShape { vocab: 128, seq: 512, hidden: 32, heads: 4, layers: 2, ffn: 128, tied_embeddings: false };
     let peak = |attention, precision| {
         let plan = burn_parallel::memory::TrainPlan { attention, precision, ..harness::plan(1, 1, 1, 2) };
         one_rank_within_ten_percent(&shape, &plan, &format!("{attention:?} {precision:?}"))
@@ -140,7 +167,7 @@ fn chunked_attention_at_a_long_sequence_is_predicted_and_drops_the_scores() {
 fn a_large_vocabulary_head_is_predicted_with_and_without_the_chunked_loss() {
     use burn_parallel::precision::Precision;
     let _one = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
-    let shape = GptShape { vocab: 4096, seq: 64, hidden: 64, heads: 4, layers: 1, ffn: 256 };
+    let shape = GptShape { vocab: 4096, seq: 64, hidden: 64, heads: 4, layers: 1, ffn: 256, tied_embeddings: false };
     for precision in [Precision::F32, Precision::Bf16] {
         let mut peaks = Vec::new();
         for loss_chunk in [None, Some(64)] {

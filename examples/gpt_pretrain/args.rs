@@ -95,6 +95,13 @@ pub(crate) struct Args {
     /// MLP inner width (default 4 × d_model).
     #[arg(long)]
     pub(crate) d_ff: Option<usize>,
+    /// Tied embeddings (GPT-2's, Megatron's default): the head is the token embedding, V·h
+    /// fewer parameters (GPT-2 124M has 124M with it, 163M without). Under --pp the last stage
+    /// holds a replica; costs one all-reduce of its V/tp·h gradient between the first and last
+    /// stage per step. Off by default (the presets too: the device benchmark's PyTorch model is
+    /// untied).
+    #[arg(long)]
+    pub(crate) tie_embeddings: bool,
     /// Dropout probability.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) dropout: f64,

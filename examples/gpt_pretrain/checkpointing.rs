@@ -81,6 +81,7 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
     if let Some(file) = args.init_from.as_ref().filter(|_| resume.is_none()) {
         let ckpt = Checkpoint::open_safetensors(file, MODEL_PREFIX).map_err(|e| format!("--init-from: {e}"))?;
         check_tokenizer(&ckpt, args, &format!("--init-from {}", file.display()))?;
+        check_tying(&ckpt, args, &format!("--init-from {}", file.display()))?;
         keep_saved_vocab(args, saved_vocab(&ckpt));
         return Ok(Start::InitFrom(repadded(ckpt, args)));
     }
@@ -92,6 +93,7 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
     let ckpt = Checkpoint::open(&path).map_err(|e| format!("--resume {spec}: {e}"))?;
     keep_saved_vocab(args, saved_vocab(&ckpt));
     check_same_model(&ckpt, args)?;
+    check_tying(&ckpt, args, &format!("--resume {}", ckpt.dir().display()))?;
     warn_schedule_changes(&ckpt, args);
     tracing::info!(dir = %ckpt.dir().display(), step = ckpt.metadata().step, layout = ?ckpt.metadata().layout, "resuming");
     Ok(Start::Resume(repadded(ckpt, args)))
@@ -143,6 +145,18 @@ fn check_tokenizer(ckpt: &Checkpoint, args: &Args, what: &str) -> Result<(), Str
             args.tokenizer
         )),
         None => Ok(()),
+    }
+}
+
+/// A model with tied embeddings has no `head.weight` (its head is the token embedding); one
+/// with an untied head has it: the checkpoint (or exported model) must be of the kind this run
+/// builds (`what`: the flag and its value, for the message).
+fn check_tying(ckpt: &Checkpoint, args: &Args, what: &str) -> Result<(), String> {
+    let own_head = ckpt.tensor(&format!("{MODEL_PREFIX}head.weight")).is_ok();
+    match (own_head, args.tie_embeddings) {
+        (true, true) => Err(format!("{what}: the checkpoint's head has its own weight (head.weight), not tied to the token embedding: drop --tie-embeddings")),
+        (false, false) => Err(format!("{what}: the checkpoint's head is tied to the token embedding (it has no head.weight): pass --tie-embeddings")),
+        _ => Ok(()),
     }
 }
 

@@ -94,6 +94,7 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_recompute(args.recompute)
         .with_loss_chunk((args.loss_chunk > 0).then_some(args.loss_chunk))
         .with_attention(args.attention)
+        .with_tie_embeddings(args.tie_embeddings)
 }
 
 /// This rank's optimizer: AdamW (β₂ 0.95) with f32 masters, DP reduction, global clipping
@@ -335,9 +336,9 @@ fn model_error(args: &Args, e: burn_parallel::ConfigError) -> String {
 
 /// Model FLOPs per token (`6·N + 12·L·h·s`), achieved TFLOP/s and MFU against `--peak-tflops`
 /// or the detected card's dense peak. N counts the weights a token multiplies: every parameter
-/// but the two embeddings (lookups, no FLOPs); the untied head is in it (nanoGPT's tied model
-/// counts the same matmul through its shared embedding). Thread ranks share one device; NCCL
-/// ranks have one each.
+/// but the two embeddings (lookups, no FLOPs), and the head's `h·V` (its own, or with
+/// `--tie-embeddings` the embedding's: the same matmul, as nanoGPT counts it). Thread ranks
+/// share one device; NCCL ranks have one each.
 fn throughput_line(args: &Args, tokens_per_sec: f64) -> String {
     let (flops, n) = model_flops(args);
     let achieved = tokens_per_sec * flops / 1e12;
@@ -345,21 +346,31 @@ fn throughput_line(args: &Args, tokens_per_sec: f64) -> String {
     let peak = args.peak_tflops.or_else(|| device::detected_peak(args));
     let mfu =
         peak.map_or("MFU: pass --peak-tflops".to_string(), |p| format!("MFU {:.1}% of {p} TFLOP/s x {devices} devices", 100.0 * achieved / (p * devices)));
-    format!("model FLOPs/token {:.3e} ({:.2}M parameters); achieved {achieved:.3} TFLOP/s; {mfu}", flops, n / 1e6)
+    let total = burn_parallel::memory::model::parameter_count(&gpt_shape(args));
+    format!("model FLOPs/token {:.3e} (N = {:.2}M matmul weights of {:.2}M parameters); achieved {achieved:.3} TFLOP/s; {mfu}", flops, n / 1e6, total / 1e6)
 }
 
 /// (model FLOPs per token, N): see [`throughput_line`].
 fn model_flops(args: &Args) -> (f64, f64) {
     let c = gpt_config(args);
     let embeddings = ((c.vocab_size + args.seq_len) * c.d_model) as f64;
-    let n = burn_parallel::memory::model::parameter_count(&gpt_shape(args)) - embeddings;
+    let untied = burn_parallel::memory::GptShape { tied_embeddings: false, ..gpt_shape(args) };
+    let n = burn_parallel::memory::model::parameter_count(&untied) - embeddings;
     (6.0 * n + 12.0 * (c.n_layers * c.d_model * args.seq_len) as f64, n)
 }
 
 /// The model's shape as the memory model takes it.
 fn gpt_shape(args: &Args) -> burn_parallel::memory::GptShape {
     let c = gpt_config(args);
-    burn_parallel::memory::GptShape { vocab: c.vocab_size, seq: args.seq_len, hidden: c.d_model, heads: c.n_heads, layers: c.n_layers, ffn: c.d_ff }
+    burn_parallel::memory::GptShape {
+        vocab: c.vocab_size,
+        seq: args.seq_len,
+        hidden: c.d_model,
+        heads: c.n_heads,
+        layers: c.n_layers,
+        ffn: c.d_ff,
+        tied_embeddings: c.tie_embeddings,
+    }
 }
 
 /// The memory model's prediction for this run, per pipeline rank, next to each rank's

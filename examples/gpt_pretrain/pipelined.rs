@@ -143,7 +143,11 @@ where
     while run.running() {
         let mbs = split(args, &data.train, run.samples(), &sampler)?;
         let out = exec.step(&mbs).map_err(|e| e.to_string())?;
-        let parts = exec.stages().iter().map(|s| s.part.clone()).zip(out.grads).collect();
+        let grads = match args.tie_embeddings {
+            true => exec.all_reduce_tied_grads(out.grads, groups.embedding.as_ref()).map_err(|e| e.to_string())?,
+            false => out.grads,
+        };
+        let parts = exec.stages().iter().map(|s| s.part.clone()).zip(grads).collect();
         let (parts, norm) = optim.step(run.lr(), parts, args.clip_grad).map_err(|e| run.failed(e))?;
         for (stage, part) in exec.stages_mut().iter_mut().zip(parts) {
             stage.part = part;

@@ -3,10 +3,12 @@
 //! `ids [b, s] → wte (vocab-parallel) + wpe (replicated) → dropout → N × pre-LN block → LN →
 //! head (column-parallel over the vocabulary) → logits [b, s, V/t] → vocab-parallel CE`.
 //!
-//! The head is **untied** from the token embedding: it is its own column-parallel `[h, V]` weight.
-//! That keeps the first and last pipeline stages independent (no embedding-group all-reduce) at the
-//! price of `V·h` more parameters. Initialisation is seeded per parameter path (see
-//! [`crate::init`]); the output projections of each block use `0.02/√(2L)` as in GPT-2.
+//! The head is **untied** by default: its own column-parallel `[h, V]` weight, `V·h` more
+//! parameters than GPT-2, whose head is the token embedding (`GptConfig::tie_embeddings`: logits
+//! `x · Eᵀ` on the embedding's vocabulary shard, see [`crate::tied_head`]; split into a pipeline,
+//! the last stage holds a replica whose gradient is summed with the first stage's).
+//! Initialisation is seeded per parameter path (see [`crate::init`]); the output projections of
+//! each block use `0.02/√(2L)` as in GPT-2.
 
 use burn::config::Config;
 use burn::module::{Module, Param};
@@ -30,6 +32,7 @@ use crate::dropout::{DropoutRegion, ParallelDropout};
 use crate::embedding::{VocabParallelEmbedding, VocabParallelEmbeddingConfig};
 use crate::init::{param, ParamInit};
 use crate::layer_norm::{ParallelLayerNorm, ParallelLayerNormConfig};
+use crate::tied_head::HeadWeight;
 
 /// Token embedding, position embedding and their dropout (what runs before the first block).
 type Embedding<B> = (VocabParallelEmbedding<B>, Param<Tensor<B, 2>>, ParallelDropout);
@@ -84,6 +87,10 @@ pub struct GptConfig {
     /// error), `Chunked(rows)`.
     #[config(default = "burn_parallel::attention::AttentionKernel::Auto")]
     pub attention: burn_parallel::attention::AttentionKernel,
+    /// Tied embeddings (GPT-2; Megatron's default): the head's weight is the token embedding
+    /// `[V, h]` transposed, no `head` parameter. See [`crate::tied_head`].
+    #[config(default = false)]
+    pub tie_embeddings: bool,
 }
 
 /// A GPT split over a TP group (a group of one gives the plain model).
@@ -99,8 +106,9 @@ pub struct Gpt<B: ParallelBackend> {
     pub blocks: Vec<TransformerBlock<B>>,
     /// Final layer norm, replicated.
     pub ln_f: ParallelLayerNorm<B>,
-    /// Output head `h → V/t`, column-parallel over the vocabulary (untied).
-    pub head: ColumnLinear<B>,
+    /// Output head `h → V/t`, column-parallel over the vocabulary; `None` with tied embeddings
+    /// (the head is `wte`'s table).
+    pub head: Option<ColumnLinear<B>>,
     /// Sequence parallelism on.
     pub sequence_parallel: bool,
     /// Activation recompute of [`Gpt::forward_backward`].
@@ -140,6 +148,7 @@ impl GptConfig {
         self.validate(tp.size())?;
         let (wte, wpe, drop) = self.init_embedding(tp, device)?;
         let (ln_f, head) = self.init_head(tp, device)?;
+        let head = (!self.tie_embeddings).then_some(head);
         let blocks = self.init_blocks(0..self.n_layers, tp, device)?;
         Ok(self.in_precision(Gpt {
             wte,
@@ -261,8 +270,10 @@ const PADDED_LOGIT: f32 = -1.0e30;
 pub struct HeadRef<'a, B: ParallelBackend> {
     /// Final layer norm.
     pub ln_f: &'a ParallelLayerNorm<B>,
-    /// Vocab-parallel head.
-    pub head: &'a ColumnLinear<B>,
+    /// Vocab-parallel head: its own weight, or the tied embedding's.
+    pub head: HeadWeight<'a, B>,
+    /// The TP group.
+    pub tp: &'a Comm,
     /// First vocabulary id of this rank.
     pub vocab_start: usize,
     /// Ids from here on are padding (`None`: no padding).
@@ -274,7 +285,7 @@ pub struct HeadRef<'a, B: ParallelBackend> {
 /// entries masked.
 pub(crate) fn head_logits<B: ParallelBackend>(h: &HeadRef<'_, B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let x = h.ln_f.forward(x);
-    let logits = if h.ln_f.sequence_parallel { h.head.forward_sp(x) } else { h.head.forward(x) };
+    let logits = h.head.logits(x, h.ln_f.sequence_parallel, h.tp);
     let [b, s, v] = logits.dims();
     match h.vocab_used {
         Some(used) if used < h.vocab_start + v => {
@@ -297,15 +308,15 @@ pub(crate) fn head_loss<B: ParallelBackend>(h: &HeadRef<'_, B>, x: Tensor<B, 3>,
     let [b, s, v] = logits.dims();
     let untracked = !B::ad_enabled(&logits.device()) || burn_parallel::pipeline::evaluating();
     match chunk.filter(|_| untracked) {
-        Some(rows) => crate::cross_entropy::chunked_loss_value(logits, targets.reshape([b * s]), h.vocab_start, &h.head.tp, rows),
-        None => vocab_parallel_cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]), h.vocab_start, &h.head.tp),
+        Some(rows) => crate::cross_entropy::chunked_loss_value(logits, targets.reshape([b * s]), h.vocab_start, h.tp, rows),
+        None => vocab_parallel_cross_entropy(logits.reshape([b * s, v]), targets.reshape([b * s]), h.vocab_start, h.tp),
     }
 }
 
 impl<B: ParallelBackend> Gpt<B> {
     /// The TP group.
     pub fn tp(&self) -> &Comm {
-        &self.head.tp
+        &self.wte.tp
     }
 
     /// Output of the last block: `[b, s] → [b, s, h]` (replicated), or this rank's sequence
@@ -339,7 +350,11 @@ impl<B: ParallelBackend> Gpt<B> {
 
     /// The head's pieces.
     pub fn head_ref(&self) -> HeadRef<'_, B> {
-        HeadRef { ln_f: &self.ln_f, head: &self.head, vocab_start: self.wte.vocab_start, vocab_used: self.vocab_used }
+        let head = match &self.head {
+            Some(head) => HeadWeight::Own(head),
+            None => HeadWeight::Tied(&self.wte.weight),
+        };
+        HeadRef { ln_f: &self.ln_f, head, tp: self.tp(), vocab_start: self.wte.vocab_start, vocab_used: self.vocab_used }
     }
 
     /// The pieces recompute walks.

@@ -1,8 +1,11 @@
 //! The GPT as a [`PipelineModel`]: blocks are the layers; the first stage also holds the token
 //! and position embeddings, the last the final layer norm, the vocab-parallel head and the loss.
 //! Works with tensor parallelism: each stage's layers are split over the `tp` group.
-//! The head is untied, so the first and last stages share no parameter (no embedding-group
-//! reduction).
+//! With tied embeddings (`GptConfig::tie_embeddings`) the last stage's head holds a replica of
+//! the first stage's token embedding ([`TiedHead`]): both are named by `tied_params`, their
+//! gradients summed by `PipelineExecutor::all_reduce_tied_grads` over the embedding group, and
+//! the replica saves and loads as `wte.weight`. A stage both first and last uses the embedding
+//! itself.
 
 use std::any::Any;
 
@@ -17,10 +20,12 @@ use burn_parallel::{BackwardWith, Comm, CommError, ConfigError, ParallelBackend}
 use crate::block::TransformerBlock;
 use crate::column_linear::ColumnLinear;
 use crate::dropout::ParallelDropout;
-use crate::embedding::VocabParallelEmbedding;
+use crate::embedding::{VocabParallelEmbedding, VocabParallelEmbeddingConfig};
 use crate::gpt::{embed, head_loss, GptConfig, HeadRef};
+use crate::init::ParamInit;
 use crate::layer_norm::ParallelLayerNorm;
 use crate::recompute::{self, Output, Pieces, Tape, Tokens};
+use crate::tied_head::{HeadWeight, TiedHead};
 
 /// The GPT split for pipelining (and tensor parallelism over `tp`).
 #[derive(Debug, Clone)]
@@ -55,8 +60,11 @@ pub struct GptStage<B: ParallelBackend> {
     pub first_layer: usize,
     /// Final layer norm (last stage).
     pub ln_f: Option<ParallelLayerNorm<B>>,
-    /// Vocab-parallel head (last stage).
+    /// Vocab-parallel head (last stage, untied embeddings).
     pub head: Option<ColumnLinear<B>>,
+    /// The replica of the token embedding the head uses (last stage, tied embeddings, unless
+    /// it is also the first stage).
+    pub tied_head: Option<TiedHead<B>>,
 }
 
 impl<B> PipelineModel<B, 3> for GptPipeline
@@ -75,8 +83,12 @@ where
         let c = &self.config;
         c.validate(self.tp.size())?;
         let (wte, wpe, drop) = c.init_embedding(&self.tp, device)?;
-        let first = spec.is_first();
-        let (ln_f, head) = if spec.is_last() { c.init_head(&self.tp, device).map(|(l, h)| (Some(l), Some(h)))? } else { (None, None) };
+        let (first, last, tied) = (spec.is_first(), spec.is_last(), c.tie_embeddings);
+        let (ln_f, head) = if last { c.init_head(&self.tp, device).map(|(l, h)| (Some(l), Some(h)))? } else { (None, None) };
+        let tied_head = match last && tied && !first {
+            true => Some(TiedHead::init(&VocabParallelEmbeddingConfig::new(c.vocab_size, c.d_model), &self.tp, &ParamInit::new(c.seed).child("wte"), device)?),
+            false => None,
+        };
         Ok(c.in_precision(GptStage {
             wte: first.then_some(wte),
             wpe: first.then_some(wpe),
@@ -84,7 +96,8 @@ where
             blocks: c.init_blocks(spec.layers.clone(), &self.tp, device)?,
             first_layer: spec.layers.start,
             ln_f,
-            head,
+            head: head.filter(|_| !tied),
+            tied_head,
         }))
     }
 
@@ -103,7 +116,7 @@ where
         }
         let device = part.drop_device(input.as_ref());
         let ids = input.is_none().then(|| Tensor::from_data(mb.inputs.clone(), &device));
-        let targets = part.head.is_some().then(|| Tensor::from_data(mb.targets.clone(), &device));
+        let targets = part.ln_f.is_some().then(|| Tensor::from_data(mb.targets.clone(), &device));
         let (out, tape) = recompute::forward(&part.pieces(self), input, Tokens { ids, targets }, self.config.recompute, self.config.loss_chunk);
         let out = match out {
             Output::Loss(l) => StageOutput::Loss(l),
@@ -125,8 +138,22 @@ where
     }
 
     /// A stage numbers its blocks from 0; the unsplit [`Gpt`](crate::Gpt) from its first layer.
+    /// The tied head's replica is the embedding's table, `wte.weight`.
     fn global_param_path(&self, spec: &PartSpec, path: &str) -> String {
-        global_block_path(path, spec.layers.start)
+        match path.strip_prefix("tied_head.") {
+            Some(field) => format!("wte.{field}"),
+            None => global_block_path(path, spec.layers.start),
+        }
+    }
+
+    /// With tied embeddings: the token embedding of a first stage and the replica of a last
+    /// stage (none where one stage is both).
+    fn tied_params(&self, _spec: &PartSpec, part: &GptStage<B>) -> Vec<burn::module::ParamId> {
+        match (&part.wte, &part.tied_head) {
+            (Some(wte), None) if self.config.tie_embeddings && part.ln_f.is_none() => vec![wte.weight.id],
+            (None, Some(t)) => vec![t.weight.id],
+            _ => Vec::new(),
+        }
     }
 
     fn activation_shape(&self, mb: &TokenBatch) -> [usize; 3] {
@@ -179,8 +206,14 @@ impl<B: ParallelBackend> GptStage<B> {
             _ => None,
         };
         let vocab_start = model.tp.rank() * model.config.vocab_size / model.tp.size();
-        let head = match (&self.ln_f, &self.head) {
-            (Some(ln_f), Some(head)) => Some(HeadRef { ln_f, head, vocab_start, vocab_used: model.config.vocab_used }),
+        let weight = match (&self.head, &self.tied_head, &self.wte) {
+            (Some(head), _, _) => Some(HeadWeight::Own(head)),
+            (None, Some(t), _) => Some(HeadWeight::Tied(&t.weight)),
+            (None, None, Some(wte)) => Some(HeadWeight::Tied(&wte.weight)),
+            (None, None, None) => None,
+        };
+        let head = match (&self.ln_f, weight) {
+            (Some(ln_f), Some(head)) => Some(HeadRef { ln_f, head, tp: &model.tp, vocab_start, vocab_used: model.config.vocab_used }),
             _ => None,
         };
         Pieces { embed, blocks: &self.blocks, head, sequence_parallel: model.config.sequence_parallel, tp: &model.tp }

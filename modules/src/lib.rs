@@ -43,6 +43,7 @@ pub mod mlp;
 pub mod recompute;
 pub mod reference;
 pub mod row_linear;
+pub mod tied_head;
 
 pub use attention::{ParallelAttention, ParallelAttentionConfig};
 pub use block::{TransformerBlock, TransformerBlockConfig};
@@ -56,3 +57,4 @@ pub use init::ParamInit;
 pub use layer_norm::{ParallelLayerNorm, ParallelLayerNormConfig};
 pub use mlp::{ParallelMlp, ParallelMlpConfig};
 pub use row_linear::{RowLinear, RowLinearConfig};
+pub use tied_head::{HeadWeight, TiedHead};

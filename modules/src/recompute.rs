@@ -196,7 +196,7 @@ fn head_forward<B: AutodiffBackend + ParallelBackend>(
             let logits = head_logits(h, x.clone());
             let [b, s] = targets.dims();
             let targets = targets.reshape([b * s]);
-            let (loss, stats) = crate::cross_entropy::chunked_loss(logits.clone().detach(), targets.clone(), h.vocab_start, &h.head.tp, rows);
+            let (loss, stats) = crate::cross_entropy::chunked_loss(logits.clone().detach(), targets.clone(), h.vocab_start, h.tp, rows);
             (loss, HeadTape::Chunked { x, logits, targets, rows, stats })
         }
     }

@@ -40,8 +40,8 @@ pub struct NnGpt<B: Backend> {
     pub blocks: Vec<NnBlock<B>>,
     /// Final layer norm.
     pub ln_f: LayerNorm<B>,
-    /// Untied head `h → V`, no bias.
-    pub head: Linear<B>,
+    /// Untied head `h → V`, no bias; `None` with tied embeddings (logits `x · wteᵀ`).
+    pub head: Option<Linear<B>>,
 }
 
 fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, std: f64, init: &ParamInit, dev: &B::Device) -> Linear<B> {
@@ -83,7 +83,7 @@ impl GptConfig {
             wpe: param(init.child("wpe").child("weight").normal(&[self.max_seq_len, h], std), device),
             blocks,
             ln_f: ln(),
-            head: linear(h, self.vocab_size, false, std, &init.child("head"), device),
+            head: (!self.tie_embeddings).then(|| linear(h, self.vocab_size, false, std, &init.child("head"), device)),
         }
     }
 }
@@ -100,7 +100,11 @@ impl<B: Backend> NnGpt<B> {
             x = x + a;
             x = x.clone() + blk.fc2.forward(gelu(blk.fc1.forward(blk.ln2.forward(x))));
         }
-        self.head.forward(self.ln_f.forward(x))
+        let x = self.ln_f.forward(x);
+        match &self.head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.wte.weight.val().transpose().unsqueeze::<3>()),
+        }
     }
 
     /// Mean next-token cross-entropy (burn-nn `CrossEntropyLoss`).

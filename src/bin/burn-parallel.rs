@@ -131,6 +131,10 @@ struct MemoryArgs {
     /// MLP width (default 4 x d-model).
     #[arg(long)]
     d_ff: Option<usize>,
+    /// Tied embeddings: the head is the token embedding (no head parameters of its own; the
+    /// last pipeline stage holds a replica).
+    #[arg(long)]
+    tie_embeddings: bool,
     /// Sequences per step per data-parallel replica.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -198,7 +202,15 @@ fn attention_core(name: &str, dropout: bool) -> Result<burn_parallel::attention:
 
 fn memory(a: MemoryArgs) -> Result<(), String> {
     use burn_parallel::memory::{estimate, model::table, GptShape, TrainPlan};
-    let shape = GptShape { vocab: a.vocab, seq: a.seq_len, hidden: a.d_model, heads: a.heads, layers: a.layers, ffn: a.d_ff.unwrap_or(4 * a.d_model) };
+    let shape = GptShape {
+        vocab: a.vocab,
+        seq: a.seq_len,
+        hidden: a.d_model,
+        heads: a.heads,
+        layers: a.layers,
+        ffn: a.d_ff.unwrap_or(4 * a.d_model),
+        tied_embeddings: a.tie_embeddings,
+    };
     if a.pp == 1 && a.virtual_stages.is_some_and(|v| v != 1) {
         return Err("--virtual-stages splits a pipeline: it needs --pp 2 or more".into());
     }

@@ -6,7 +6,9 @@
 //! the parameter) and the counter `optim.step.<path>` for its step count. Where a shard sits in
 //! the whole tensor follows [`crate::sharding`]; a tensor held by several ranks (replicated over
 //! TP, or any tensor on DP replicas) is written by one of them only: DP rank 0, and TP rank 0
-//! for replicated ones.
+//! for replicated ones; a stage replica (the last stage's copy of tied embeddings,
+//! [`crate::sharding::is_stage_replica`]) by the stage that owns it, and loads from its global
+//! name like any other parameter.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -20,7 +22,7 @@ use burn::tensor::{Tensor, TensorCreationOptions, TensorData};
 use super::error::{CheckpointError, Result};
 use super::read::Checkpoint;
 use crate::rng::StreamCounter;
-use crate::sharding::{placement, tp_split_dim, ShardPlacement};
+use crate::sharding::{is_stage_replica, placement, tp_split_dim, ShardPlacement};
 use crate::topology::ProcessGroups;
 
 /// Prefix of parameter tensors.
@@ -87,9 +89,16 @@ impl Walk {
     }
     /// The current parameter's local path and TP split dimension.
     fn current(&self) -> (String, Option<usize>) {
-        let ty = self.types.last().map(String::as_str).unwrap_or("");
-        let field = self.path.last().map(String::as_str).unwrap_or("");
+        let (ty, field) = self.leaf();
         (self.path.join("."), tp_split_dim(ty, field))
+    }
+    fn leaf(&self) -> (&str, &str) {
+        (self.types.last().map(String::as_str).unwrap_or(""), self.path.last().map(String::as_str).unwrap_or(""))
+    }
+    /// Whether the current parameter is a replica another stage writes (tied embeddings).
+    fn replica(&self) -> bool {
+        let (ty, field) = self.leaf();
+        is_stage_replica(ty, field)
     }
 }
 
@@ -117,7 +126,7 @@ impl<B: Backend> ModuleVisitor<B> for Collect<'_> {
         let (path, dim) = self.walk.current();
         let data = param.val().into_data();
         let placement = placement(data.shape.as_slice(), dim, self.ctx.tp_rank, self.ctx.tp_size);
-        let write = self.ctx.writes(&placement);
+        let write = self.ctx.writes(&placement) && !self.walk.replica();
         self.out.push(HostTensor { name: format!("{MODEL_PREFIX}{}", (self.rename)(&path)), data, placement, write });
     }
 }
@@ -232,7 +241,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for CollectAdamW<'_, B> {
             let Some(t) = t else { continue };
             let data = t.into_data();
             let placement = placement(data.shape.as_slice(), dim, self.ctx.tp_rank, self.ctx.tp_size);
-            let write = self.ctx.writes(&placement);
+            let write = self.ctx.writes(&placement) && !self.walk.replica();
             self.out.push(HostTensor { name: format!("optim.{what}.{name}"), data, placement, write });
         }
     }

@@ -39,7 +39,11 @@
 //! Model state per rank (`P` its parameters): parameters `P·e`; AdamW moments `8·P/z` and, in
 //! bf16, the f32 master `4·P/z` (`z` = dp under ZeRO-1, else 1); gradients `4·P` (f32:
 //! accumulated over micro-batches; bf16 gradients are cast to f32 when accumulated or reduced).
-//! The peak is the largest of: the backward, piece by piece (head, blocks last to first): the
+//! With tied embeddings the head has no `h·V/t` weight of its own, except on a pipeline's last
+//! stage (the replica of the first stage's table).
+//! The peak is the largest of: the backward, piece by piece (head, blocks last to first, the
+//! embedding: three `[V/t, h]` tables in `e`, the lookup's dense gradient, its copy and the
+//! accumulated sum; measured at V = 4096, where it sets the first stage's peak): the
 //! activations not yet freed, the gradients produced so far, and the piece's transient (three
 //! `[N, V/t]` f32 buffers of the cross-entropy; a block's `3·N·f/t` or the attention core's `2·b·(a/t)·s²` f32 (and two in `e` in half
 //! precision: the probabilities' gradient and the scores' cast back); under full
@@ -70,6 +74,9 @@ pub struct GptShape {
     pub layers: usize,
     /// MLP width.
     pub ffn: usize,
+    /// Tied embeddings: the head is the token embedding (no `h·V` head of its own, except the
+    /// last stage's replica in a pipeline).
+    pub tied_embeddings: bool,
 }
 
 /// How it is trained.
@@ -276,7 +283,10 @@ fn stage_params(g: &GptShape, t: usize, layers: usize, first: bool, last: bool) 
         p += v / t * h + g.seq as f64 * h;
     }
     if last {
-        p += 2.0 * h + h * v / t;
+        p += 2.0 * h;
+    }
+    if last && !(first && g.tied_embeddings) {
+        p += h * v / t;
     }
     p
 }
@@ -409,6 +419,11 @@ fn backward_peak(d: &Dims, g: &GptShape, plan: &TrainPlan, spec: &crate::pipelin
     }
     for _ in spec.layers.clone() {
         pieces.push((d.block_kept(plan.recompute), d.block_transient(plan.recompute), block_params));
+    }
+    if spec.is_first() {
+        // The lookup's backward builds the dense `[V/t, h]` gradient of the table (and a copy).
+        let table = g.vocab as f64 / plan.tp as f64 * g.hidden as f64 * d.e;
+        pieces.push((0.0, 3.0 * table, stage_params(g, plan.tp, 0, true, false) * 4.0));
     }
     let (mut remaining, mut done, mut peak, mut at) = (kept, grads_live, 0.0f64, 0.0f64);
     for (k, t, p) in pieces {

@@ -7,7 +7,8 @@
 //!    bucketed **reduce-scatter**, so each DP rank gets only the rows of each parameter it owns
 //!    ([`shard`]);
 //! 3. the global gradient norm over everything (TP-sharded parameters summed over TP,
-//!    replicated ones counted once, DP shards summed over DP under ZeRO, stages over PP):
+//!    replicated ones counted once, DP shards summed over DP under ZeRO, stages over PP; the
+//!    last stage's replica of tied embeddings is the first stage's, counted there):
 //!    optional clipping to a maximum, and (by default, as Megatron's
 //!    `check_for_nan_in_loss_and_grad`) a NaN or infinite norm fails the step on every rank
 //!    alike with [`OptimError::NonFinite`] before anything changes;
@@ -122,6 +123,8 @@ struct Entry<I: burn::tensor::backend::Backend> {
     dtype: DType,
     split: RowSplit,
     tp_split: bool,
+    /// A stage replica of tied embeddings (left out of the norm).
+    replica: bool,
     /// Taken (and freed) by the reduction.
     grad: Option<Tensor<I, 1>>,
     value: Tensor<I, 1>,
@@ -155,6 +158,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_, B> {
             dtype: value.dtype(),
             split: RowSplit::of(&dims),
             tp_split: tp_split_dim(ty, field).is_some(),
+            replica: crate::sharding::is_stage_replica(ty, field),
             grad: Some(crate::precision::to_f32(g).reshape([n])),
             value: value.reshape([n]),
         });
@@ -288,7 +292,8 @@ where
     /// The global L2 norm (the order of sums of `data_parallel::global_grad_norm`).
     fn global_norm(&self, entries: &[Entry<B::InnerBackend>], grads: &[Tensor<B::InnerBackend, 1>]) -> Result<f32, CommError> {
         let (mut sharded, mut replicated) = (Vec::new(), Vec::new());
-        for (e, g) in entries.iter().zip(grads) {
+        // A stage replica (tied embeddings) has the owner's gradient: counted there, once.
+        for (e, g) in entries.iter().zip(grads).filter(|(e, _)| !e.replica) {
             let sq = g.clone().powi_scalar(2).sum();
             if e.tp_split {
                 sharded.push(sq);

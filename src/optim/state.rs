@@ -2,7 +2,8 @@
 //! (`optim.exp_avg.<p>`, `optim.exp_avg_sq.<p>`, counter `optim.step.<p>`), each rank's rows
 //! as boxes of the whole tensors; the f32 master weights are saved as the model's weights
 //! (`model.<p>`), so a bf16 run's checkpoint holds f32 weights. Who writes: under ZeRO each DP
-//! rank its own rows, else DP rank 0; TP-replicated tensors only TP rank 0.
+//! rank its own rows, else DP rank 0; TP-replicated tensors only TP rank 0; a stage replica
+//! (tied embeddings' copy on the last stage) never: its owner stage writes the tensor.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -13,7 +14,7 @@ use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData};
 
 use super::{DistAdamW, Groups, Slot};
 use crate::checkpoint::{module_tensors, Checkpoint, CheckpointError, HostTensor, Rename, ShardContext, MODEL_PREFIX};
-use crate::sharding::{placement, tp_split_dim, ShardPlacement};
+use crate::sharding::{is_stage_replica, placement, tp_split_dim, ShardPlacement};
 use crate::CollectiveBackend;
 
 /// A parameter as the visitor sees it.
@@ -23,6 +24,8 @@ struct Seen {
     shape: Vec<usize>,
     dtype: DType,
     split_dim: Option<usize>,
+    /// A stage replica (tied embeddings): another stage writes it.
+    replica: bool,
 }
 
 #[derive(Default)]
@@ -44,8 +47,8 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Params {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let value = param.val();
         let (ty, field) = (self.types.last().map(String::as_str).unwrap_or(""), self.path.last().map(String::as_str).unwrap_or(""));
-        let split_dim = tp_split_dim(ty, field);
-        self.out.push(Seen { id: param.id, path: self.path.join("."), shape: value.dims().to_vec(), dtype: value.dtype(), split_dim });
+        let (split_dim, replica) = (tp_split_dim(ty, field), is_stage_replica(ty, field));
+        self.out.push(Seen { id: param.id, path: self.path.join("."), shape: value.dims().to_vec(), dtype: value.dtype(), split_dim, replica });
     }
 }
 
@@ -83,7 +86,7 @@ where
                 let name = rename(&s.path);
                 let rows = self.owned(s.shape.first().copied().unwrap_or(1));
                 let (place, shape) = rows_place(&s, ctx, &rows);
-                let write = (ctx.tp_rank == 0 || s.split_dim.is_some()) && (self.sharded() || ctx.dp_rank == 0);
+                let write = (ctx.tp_rank == 0 || s.split_dim.is_some()) && (self.sharded() || ctx.dp_rank == 0) && !s.replica;
                 let host = |name: String, t: &Tensor<B::InnerBackend, 1>| {
                     let flat = t.clone().into_data();
                     HostTensor { name, data: TensorData::from_bytes(flat.bytes, shape.clone(), flat.dtype), placement: place.clone(), write }

@@ -46,6 +46,10 @@ pub enum PipelineError {
         /// Micro-batches given.
         got: usize,
     },
+    /// Tied parameters ([`PipelineModel::tied_params`]) that do not pair up: ranks holding
+    /// different numbers of them, or one without a gradient.
+    #[error("tied parameters: {0}")]
+    Tied(String),
 }
 
 /// One stage held by this rank.

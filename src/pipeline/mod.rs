@@ -40,6 +40,7 @@
 mod executor;
 mod layout;
 mod model;
+mod tied;
 
 use std::cell::Cell;
 use std::marker::PhantomData;

@@ -107,6 +107,14 @@ pub trait PipelineModel<B: AutodiffBackend, const D: usize>: Sync {
         path.to_string()
     }
 
+    /// Parameters of `spec`'s part that are one parameter with a part on another pipeline rank
+    /// (tied embeddings: the first stage's token embedding and the last stage's replica of it in
+    /// the head), in the same order on every rank that holds one. Their gradients are summed
+    /// over those ranks by [`PipelineExecutor::all_reduce_tied_grads`](super::PipelineExecutor::all_reduce_tied_grads). None by default.
+    fn tied_params(&self, _spec: &PartSpec, _part: &Self::Part) -> Vec<burn::module::ParamId> {
+        Vec::new()
+    }
+
     /// Called after each backward (`B` or `I`) of `spec`'s stage on micro-batch `mb`, outside
     /// autodiff (profiling, logging, gradient hooks). Does nothing by default.
     fn after_backward(&self, _spec: &PartSpec, _mb: usize) {}

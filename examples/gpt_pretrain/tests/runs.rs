@@ -192,6 +192,15 @@ fn model_flops_of_gpt2_124m_count_the_matmul_weights_only() {
     assert!((n / expected_n - 1.0).abs() < 1e-3, "N {n} vs {expected_n}");
     let expected = 6.0 * expected_n + 12.0 * 12.0 * 768.0 * 1024.0;
     assert!((flops / expected - 1.0).abs() < 1e-3, "FLOPs/token {flops} vs {expected}");
+    // Tied embeddings: the same matmuls (the head multiplies by the embedding's table), and
+    // GPT-2's 124.48M parameters (wte 50304 x 768, wpe 1024 x 768, the blocks, the final layer
+    // norm).
+    let tied = Args::parse_with_presets(["gpt_pretrain", "--model", "gpt2-124m", "--tie-embeddings"].map(String::from)).unwrap();
+    assert_eq!(super::super::model_flops(&tied), (flops, n));
+    let total = burn_parallel::memory::model::parameter_count(&super::super::gpt_shape(&tied));
+    let blocks = 12.0 * (12.0 * 768.0 * 768.0 + 13.0 * 768.0);
+    assert_eq!(total, 50_304.0 * 768.0 + 1024.0 * 768.0 + blocks + 2.0 * 768.0);
+    assert_eq!(total, 124_475_904.0);
 }
 
 /// The log names the attention kernels that run: on wgpu, with `--attention-tensor-cores false`,
@@ -251,4 +260,42 @@ fn wgpu_training_prints_the_cpu_losses_and_its_checkpoint_resumes_on_the_cpu() {
     let rest = losses(&format!("{base} --resume latest --save-dir {}", dir.display()));
     close(&[first, rest].concat(), &whole, "saved on wgpu, resumed on the CPU");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `--tie-embeddings`: pipeline stages split over tp print one rank's losses (within f32
+/// rounding: the embedding's two gradients meet in another order), not the untied model's; a
+/// checkpoint or an exported model goes only into a model tied the same way.
+#[test]
+fn tied_embeddings_train_alike_on_any_layout_and_load_only_when_tied_alike() {
+    let base = format!("{TINY} --steps 3 --layers 2 --microbatches 2 --clip-grad 0.5 --tie-embeddings");
+    let one = loss_values(&losses(&base));
+    // The same global batch: --batch-size is per DP replica.
+    for layout in ["--pp 2 --tp 2", "--pp 2 --dp 2 --zero 1 --sequence-parallel --tp 2"] {
+        let split = loss_values(&losses(&format!(
+            "{} {layout}",
+            if layout.contains("--dp 2") { base.replace("--batch-size 4", "--batch-size 2") } else { base.clone() }
+        )));
+        assert_eq!(split.len(), 3);
+        for (a, b) in one.iter().zip(&split) {
+            assert!((a - b).abs() <= 2e-5 * a.abs(), "{layout}: {split:?} vs one rank {one:?}");
+        }
+    }
+    let untied = loss_values(&losses(&format!("{TINY} --steps 3 --layers 2 --microbatches 2 --clip-grad 0.5")));
+    assert!((untied[2] - one[2]).abs() > 1e-4, "tied {one:?} vs untied {untied:?}");
+    let dir = fresh("tied");
+    let file = dir.join("tied.safetensors");
+    losses(&format!("{base} --pp 2 --save-dir {} --export {}", dir.display(), file.display()));
+    let e = error_of(&format!("{TINY} --steps 4 --layers 2 --save-dir {} --resume latest", dir.display()));
+    assert!(e.contains("tied to the token embedding (it has no head.weight): pass --tie-embeddings"), "{e}");
+    let e = error_of(&format!("{TINY} --steps 4 --layers 2 --init-from {}", file.display()));
+    assert!(e.contains("--init-from") && e.contains("pass --tie-embeddings"), "{e}");
+    let resumed = losses(&format!("{} --save-dir {} --resume latest", base.replace("--steps 3", "--steps 4"), dir.display()));
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    let untied_dir = fresh("untied");
+    losses(&format!("{TINY} --steps 1 --layers 2 --save-dir {}", untied_dir.display()));
+    let e = error_of(&format!("{base} --save-dir {} --resume latest", untied_dir.display()));
+    assert!(e.contains("head has its own weight (head.weight), not tied to the token embedding: drop --tie-embeddings"), "{e}");
+    for d in [dir, untied_dir] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }
