@@ -47,7 +47,9 @@ where
         .with_precision(l.precision)
         .with_recompute(l.recompute)
         .with_loss_chunk(l.loss_chunk)
-        .with_attention(l.attention);
+        .with_attention(l.attention)
+        .with_tie_embeddings(g.tied_embeddings)
+        .with_activation(g.activation);
     let mut gpt = config.init::<B>(&groups.tp, &device).map_err(|e| e.to_string())?;
     let attention = gpt.blocks[0].attn.core;
     let mut opt = DistAdamW::<B>::new(DistAdamWConfig::new(), &groups);

@@ -19,9 +19,27 @@ static ALLOC: TrackingAllocator = TrackingAllocator;
 
 fn shape() -> GptShape {
     if std::env::var("BENCH_MEM_WIDE").is_ok() {
-        GptShape { vocab: 512, seq: 128, hidden: 256, heads: 8, layers: 4, ffn: 1024, tied_embeddings: false }
+        GptShape {
+            vocab: 512,
+            seq: 128,
+            hidden: 256,
+            heads: 8,
+            layers: 4,
+            ffn: 1024,
+            tied_embeddings: false,
+            activation: burn_parallel::activation::Activation::Gelu,
+        }
     } else {
-        GptShape { vocab: 256, seq: 64, hidden: 128, heads: 4, layers: 4, ffn: 512, tied_embeddings: false }
+        GptShape {
+            vocab: 256,
+            seq: 64,
+            hidden: 128,
+            heads: 4,
+            layers: 4,
+            ffn: 512,
+            tied_embeddings: false,
+            activation: burn_parallel::activation::Activation::Gelu,
+        }
     }
 }
 
@@ -72,7 +90,16 @@ fn main() {
 /// dominate): peak (predicted, measured) and step time, one rank, batch 2.
 fn attention_cores() {
     use burn_parallel::attention::AttentionCore;
-    let shape = GptShape { vocab: 256, seq: 1024, hidden: 128, heads: 4, layers: 2, ffn: 512, tied_embeddings: false };
+    let shape = GptShape {
+        vocab: 256,
+        seq: 1024,
+        hidden: 128,
+        heads: 4,
+        layers: 2,
+        ffn: 512,
+        tied_embeddings: false,
+        activation: burn_parallel::activation::Activation::Gelu,
+    };
     println!(
         "\nGPT {shape:?}, batch 2\n\n| attention | predicted peak | measured peak | s/step | peak vs composed | time vs composed |\n|---|---|---|---|---|---|"
     );
@@ -91,7 +118,16 @@ fn attention_cores() {
 /// holds, against Megatron's bf16 figures. On a wider model than the grid's (13.2M parameters),
 /// so the runtime's fixed ~0.2 MB of bookkeeping is 0.02 B/param instead of 0.2.
 fn bytes_per_param() {
-    let shape = GptShape { vocab: 512, seq: 64, hidden: 512, heads: 8, layers: 4, ffn: 2048, tied_embeddings: false };
+    let shape = GptShape {
+        vocab: 512,
+        seq: 64,
+        hidden: 512,
+        heads: 8,
+        layers: 4,
+        ffn: 2048,
+        tied_embeddings: false,
+        activation: burn_parallel::activation::Activation::Gelu,
+    };
     println!(
         "\nGPT {shape:?} ({:.1}M parameters), global batch 8\n\n| precision, optimizer | model state B/param, lowest rank (+ 4 B f32 gradients) | highest rank | target |\n|---|---|---|---|",
         burn_parallel::memory::model::parameter_count(&shape) / 1e6

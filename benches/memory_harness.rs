@@ -120,7 +120,8 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
         .with_dropout(if p.dropout { 0.1 } else { 0.0 })
         .with_loss_chunk(p.loss_chunk)
         .with_attention(p.attention.into())
-        .with_tie_embeddings(shape.tied_embeddings);
+        .with_tie_embeddings(shape.tied_embeddings)
+        .with_activation(shape.activation);
     let per_replica = p.microbatch * p.microbatches;
     let results = run_world(p.dp * p.pp * p.tp, LocalWorldOptions::default(), |c| {
         let rank = c.global_rank();
@@ -152,6 +153,9 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
         } else {
             let opts = PipelineOptions { microbatches: p.microbatches, virtual_stages: p.virtual_stages, layout: None };
             let mut exec = executor(&config, &groups, &p.schedule, opts)?;
+            if shape.tied_embeddings {
+                opt.tie(exec.tied_params(), groups.embedding.as_ref()).map_err(|e| e.to_string())?;
+            }
             for step in 0..steps {
                 if step == 2 {
                     t0 = std::time::Instant::now();
@@ -163,8 +167,7 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
                 let cut = |d: &TensorData, i| burn_parallel::comm::split_along(d, 0, p.microbatches, i).unwrap();
                 let mbs: Vec<_> = (0..p.microbatches).map(|i| TokenBatch { inputs: cut(&x, i), targets: cut(&y, i) }).collect();
                 let out = exec.step(&mbs).map_err(|e| e.to_string())?;
-                let grads = exec.all_reduce_tied_grads(out.grads, groups.embedding.as_ref()).map_err(|e| e.to_string())?;
-                let parts = exec.stages().iter().map(|s| s.part.clone()).zip(grads).collect();
+                let parts = exec.stages().iter().map(|s| s.part.clone()).zip(out.grads).collect();
                 let (parts, _) = opt.step(1e-3, parts, Some(1.0)).map_err(|e| e.to_string())?;
                 for (s, part) in exec.stages_mut().iter_mut().zip(parts) {
                     s.part = part;

@@ -35,6 +35,7 @@
 //! }
 //! ```
 
+pub mod activation;
 pub mod attention;
 pub mod checkpoint;
 pub mod collective;

@@ -17,10 +17,12 @@
 //!
 //! A `TiedHead`'s weight is also a **stage replica** ([`is_stage_replica`]): the last pipeline
 //! stage's copy of the token embedding that the first stage owns (tied embeddings). Its gradient
-//! is summed with the owner's ([`PipelineExecutor::all_reduce_tied_grads`]), so the two stay
-//! equal; the global gradient norm counts it once (the owner's) and checkpoints hold the owner's
-//! copy only (the replica loads it back by its global path).
+//! is summed with the owner's ([`DistAdamW::tie`], or
+//! [`PipelineExecutor::all_reduce_tied_grads`]), so the two stay equal; the global gradient norm
+//! counts it once (the owner's) and checkpoints hold the owner's copy only (the replica loads it
+//! back by its global path).
 //!
+//! [`DistAdamW::tie`]: crate::optim::DistAdamW::tie
 //! [`PipelineExecutor::all_reduce_tied_grads`]: crate::pipeline::PipelineExecutor::all_reduce_tied_grads
 
 /// The dimension along which the TP group splits the parameter `field` of a module of type

@@ -80,6 +80,38 @@ fn tied_gpt_equals_the_burn_nn_model_with_a_tied_head() {
     assert!(max_abs_diff(ours.2.grad.as_ref().unwrap(), wte.grad.as_ref().unwrap()).unwrap() < TOL);
 }
 
+/// With the model whole on a rank, recompute (full, selective) and the chunked loss
+/// backpropagate the head and the embedding as separate pieces: the table's two gradients still
+/// meet, as in the plain backward.
+#[test]
+fn recompute_and_the_chunked_loss_sum_the_tables_two_gradients() {
+    use burn_parallel::recompute::Recompute;
+    let cfg = tied(2).with_dropout(0.1);
+    let grads = |cfg: GptConfig| {
+        world(1, |c| {
+            let gpt = cfg.init::<B>(&c, &Default::default()).unwrap();
+            let (_, g) = gpt.forward_backward(ids("in", [3, 8]), ids("tg", [3, 8])).map_err(|e| e.to_string())?;
+            Ok(named_param_grads(&gpt, &g))
+        })
+        .remove(0)
+    };
+    let plain = grads(cfg.clone());
+    assert!(plain.iter().any(|p| p.path == "wte.weight") && !plain.iter().any(|p| p.path.starts_with("head")));
+    for (name, variant) in [
+        ("full", cfg.clone().with_recompute(Recompute::Full)),
+        ("selective", cfg.clone().with_recompute(Recompute::Selective)),
+        ("chunked loss", cfg.clone().with_loss_chunk(Some(5))),
+    ] {
+        let got = grads(variant);
+        assert_eq!(got.len(), plain.len(), "{name}");
+        for (a, b) in plain.iter().zip(&got) {
+            assert_eq!(a.path, b.path);
+            let d = max_abs_diff(a.grad.as_ref().unwrap(), b.grad.as_ref().unwrap()).unwrap();
+            assert!(d < TOL, "{name}: grad of {}: {d}", a.path);
+        }
+    }
+}
+
 /// One pipelined step of the tied GPT on a `pp × tp` world: per rank its TP rank and every
 /// gradient (global paths: the replica is `wte.weight`), before and after the tied all-reduce.
 type Piped = (usize, Vec<NamedParam>, Vec<NamedParam>);
@@ -168,6 +200,7 @@ fn train(layout: ParallelConfig, steps: usize) -> Vec<(Vec<NamedParam>, Vec<f32>
         let opts = PipelineOptions { microbatches: 2, virtual_stages: 1, layout: None };
         let sched = schedule_by_name(if pp > 1 { "1f1b" } else { "gpipe" }).unwrap();
         let mut exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
+        optim.tie(exec.tied_params(), groups.embedding.as_ref()).map_err(|e| e.to_string())?;
         let mut norms = Vec::new();
         for step in 0..steps {
             let range = GlobalSampler::replica_samples((step * 8) as u64, 8 / dp, groups.coords.dp);
@@ -175,8 +208,7 @@ fn train(layout: ParallelConfig, steps: usize) -> Vec<(Vec<NamedParam>, Vec<f32>
             let cut = |d: &TensorData, i| burn_parallel::comm::split_along(d, 0, 2, i).unwrap();
             let mbs: Vec<_> = (0..2).map(|i| TokenBatch { inputs: cut(&x, i), targets: cut(&y, i) }).collect();
             let out = exec.step(&mbs).map_err(|e| e.to_string())?;
-            let grads = exec.all_reduce_tied_grads(out.grads, groups.embedding.as_ref()).map_err(|e| e.to_string())?;
-            let parts = exec.stages().iter().map(|s| s.part.clone()).zip(grads).collect();
+            let parts = exec.stages().iter().map(|s| s.part.clone()).zip(out.grads).collect();
             let (parts, norm) = optim.step(3e-3, parts, Some(0.05)).map_err(|e| e.to_string())?;
             for (stage, part) in exec.stages_mut().iter_mut().zip(parts) {
                 stage.part = part;
@@ -217,6 +249,34 @@ fn training_keeps_the_copies_equal_and_matches_one_rank() {
             assert_eq!(first.value, last.value, "rank {rank} and {}: the copies drifted apart", rank + 4);
         }
     }
+}
+
+/// A last stage's replica stepped by `DistAdamW` that was never tied is refused before any
+/// collective (its gradient would be the head's part alone).
+#[test]
+fn an_untied_replica_is_refused_by_the_optimizer() {
+    let layout = ParallelConfig::new().with_pipeline_parallel(2);
+    let opts = burn_parallel::LocalWorldOptions { timeout: std::time::Duration::from_secs(2), ..Default::default() };
+    let results = burn_parallel::run_world(2, opts, |c| {
+        let groups = ProcessGroups::new(layout.clone(), c).map_err(|e| e.to_string())?;
+        let exec = PipelineExecutor::<B, _, 3>::new(
+            GptPipeline { config: tied(2), tp: groups.tp.clone() },
+            schedule_by_name("1f1b").unwrap().as_ref(),
+            &PipelineOptions { microbatches: 2, virtual_stages: 1, layout: None },
+            groups.pp.clone(),
+            Default::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        let mbs: Vec<_> = (0..2).map(|i| TokenBatch { inputs: tokens(&format!("x{i}"), [1, 8]), targets: tokens(&format!("y{i}"), [1, 8]) }).collect();
+        let out = exec.step(&mbs).map_err(|e| e.to_string())?;
+        let mut optim = DistAdamW::<B>::new(DistAdamWConfig::new(), &groups);
+        let parts = exec.stages().iter().map(|s| s.part.clone()).zip(out.grads).collect();
+        optim.step(1e-3, parts, Some(1.0)).map(|_| ()).map_err(|e| e.to_string())
+    });
+    let last = results[1].as_ref().expect_err("the last stage must refuse").to_string();
+    assert!(last.contains("stepped without DistAdamW::tie"), "{last}");
+    // The first stage, left alone in the norm's all-reduce, times out naming it.
+    assert!(results[0].is_err());
 }
 
 /// Ranks of one embedding group that tie different numbers of parameters (here a model tied on

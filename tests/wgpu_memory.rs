@@ -19,7 +19,16 @@ fn in_use() -> Result<u64, String> {
 /// `device_check memory`'s).
 #[test]
 fn predicted_memory_is_within_ten_percent_of_wgpus_bytes_in_use() {
-    let shape = GptShape { vocab: 1024, seq: 128, hidden: 128, heads: 4, layers: 2, ffn: 512, tied_embeddings: false };
+    let shape = GptShape {
+        vocab: 1024,
+        seq: 128,
+        hidden: 128,
+        heads: 4,
+        layers: 2,
+        ffn: 512,
+        tied_embeddings: false,
+        activation: burn_parallel::activation::Activation::Gelu,
+    };
     let keep = ["f32", "f32, composed attention", "f32 selective, composed attention", "f32 full"];
     for l in cube_memory::layouts(false).into_iter().filter(|l| keep.contains(&l.name)) {
         let m = cube_memory::measure::<Autodiff<Wgpu>>(&shape, 4, &l, in_use).unwrap();

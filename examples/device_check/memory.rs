@@ -11,7 +11,16 @@ mod cube_memory;
 use burn::backend::{Autodiff, Cuda};
 use burn_parallel::memory::GptShape;
 
-const SHAPE: GptShape = GptShape { vocab: 1024, seq: 256, hidden: 256, heads: 4, layers: 4, ffn: 1024, tied_embeddings: false };
+const SHAPE: GptShape = GptShape {
+    vocab: 1024,
+    seq: 256,
+    hidden: 256,
+    heads: 4,
+    layers: 4,
+    ffn: 1024,
+    tied_embeddings: false,
+    activation: burn_parallel::activation::Activation::Gelu,
+};
 const BATCH: usize = 8;
 
 /// Prints the table; a layout that fails or misses ±10% is reported.

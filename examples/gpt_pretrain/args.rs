@@ -102,6 +102,11 @@ pub(crate) struct Args {
     /// untied).
     #[arg(long)]
     pub(crate) tie_embeddings: bool,
+    /// The MLPs' activation: gelu (x·Φ(x)), or gelu-tanh (GPT-2's tanh approximation,
+    /// HuggingFace's gelu_new: what pretrained GPT-2 weights expect; composed of Burn's ops, it
+    /// keeps two [b·s, ffn/tp] tensors more per block).
+    #[arg(long, default_value = "gelu", value_parser = parse_activation)]
+    pub(crate) activation: burn_parallel::activation::Activation,
     /// Dropout probability.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) dropout: f64,
@@ -372,6 +377,10 @@ impl Args {
             _ => Ok(()),
         }
     }
+}
+
+fn parse_activation(s: &str) -> Result<burn_parallel::activation::Activation, String> {
+    s.parse().map_err(|e: burn_parallel::activation::UnknownActivation| e.to_string())
 }
 
 fn parse_recompute(s: &str) -> Result<Recompute, String> {

@@ -82,6 +82,7 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
         let ckpt = Checkpoint::open_safetensors(file, MODEL_PREFIX).map_err(|e| format!("--init-from: {e}"))?;
         check_tokenizer(&ckpt, args, &format!("--init-from {}", file.display()))?;
         check_tying(&ckpt, args, &format!("--init-from {}", file.display()))?;
+        check_activation(&ckpt, args, &format!("--init-from {}", file.display()))?;
         keep_saved_vocab(args, saved_vocab(&ckpt));
         return Ok(Start::InitFrom(repadded(ckpt, args)));
     }
@@ -94,6 +95,7 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
     keep_saved_vocab(args, saved_vocab(&ckpt));
     check_same_model(&ckpt, args)?;
     check_tying(&ckpt, args, &format!("--resume {}", ckpt.dir().display()))?;
+    check_activation(&ckpt, args, &format!("--resume {}", ckpt.dir().display()))?;
     warn_schedule_changes(&ckpt, args);
     tracing::info!(dir = %ckpt.dir().display(), step = ckpt.metadata().step, layout = ?ckpt.metadata().layout, "resuming");
     Ok(Start::Resume(repadded(ckpt, args)))
@@ -157,6 +159,24 @@ fn check_tying(ckpt: &Checkpoint, args: &Args, what: &str) -> Result<(), String>
         (true, true) => Err(format!("{what}: the checkpoint's head has its own weight (head.weight), not tied to the token embedding: drop --tie-embeddings")),
         (false, false) => Err(format!("{what}: the checkpoint's head is tied to the token embedding (it has no head.weight): pass --tie-embeddings")),
         _ => Ok(()),
+    }
+}
+
+/// The saved model config's MLP activation (GeLU where a config predates the field; nothing
+/// to check in a file without a config) must be this run's: the weights would load, but they
+/// were trained for the other function (GPT-2's are for the tanh approximation).
+fn check_activation(ckpt: &Checkpoint, args: &Args, what: &str) -> Result<(), String> {
+    let Some(model) = ckpt.metadata().sections.get("model") else { return Ok(()) };
+    let saved: burn_parallel::activation::Activation = match model.get("activation") {
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| format!("{what}: the checkpoint's activation: {e}"))?,
+        None => Default::default(),
+    };
+    match saved == args.activation {
+        true => Ok(()),
+        false => Err(format!(
+            "{what}: the checkpoint's model computes its MLPs with --activation {saved}, this run with {}: pass --activation {saved}",
+            args.activation
+        )),
     }
 }
 

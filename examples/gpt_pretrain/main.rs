@@ -95,6 +95,7 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_loss_chunk((args.loss_chunk > 0).then_some(args.loss_chunk))
         .with_attention(args.attention)
         .with_tie_embeddings(args.tie_embeddings)
+        .with_activation(args.activation)
 }
 
 /// This rank's optimizer: AdamW (β₂ 0.95) with f32 masters, DP reduction, global clipping
@@ -370,6 +371,7 @@ fn gpt_shape(args: &Args) -> burn_parallel::memory::GptShape {
         layers: c.n_layers,
         ffn: c.d_ff,
         tied_embeddings: c.tie_embeddings,
+        activation: c.activation,
     }
 }
 

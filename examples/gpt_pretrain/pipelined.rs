@@ -137,17 +137,17 @@ where
     let mut exec = Exec::<B>::new(model, schedule(args)?.as_ref(), &opts, groups.pp.clone(), device.clone()).map_err(|e| e.to_string())?;
     let mut optim = optimizer::<B>(args, &groups);
     restore_stages(start, &groups, &mut exec, &mut optim)?;
+    if args.tie_embeddings {
+        // The first stage's embedding and the last stage's replica: their gradients summed.
+        optim.tie(exec.tied_params(), groups.embedding.as_ref()).map_err(|e| e.to_string())?;
+    }
     let rank = world.global_rank();
     let mut run = Loop::new(args, &groups, start)?;
     let sampler = GlobalSampler::new(args.seed, "train");
     while run.running() {
         let mbs = split(args, &data.train, run.samples(), &sampler)?;
         let out = exec.step(&mbs).map_err(|e| e.to_string())?;
-        let grads = match args.tie_embeddings {
-            true => exec.all_reduce_tied_grads(out.grads, groups.embedding.as_ref()).map_err(|e| e.to_string())?,
-            false => out.grads,
-        };
-        let parts = exec.stages().iter().map(|s| s.part.clone()).zip(grads).collect();
+        let parts = exec.stages().iter().map(|s| s.part.clone()).zip(out.grads).collect();
         let (parts, norm) = optim.step(run.lr(), parts, args.clip_grad).map_err(|e| run.failed(e))?;
         for (stage, part) in exec.stages_mut().iter_mut().zip(parts) {
             stage.part = part;

@@ -51,6 +51,9 @@ pub struct TransformerBlockConfig {
     /// The attention core's kernel (see [`ParallelAttentionConfig::kernel`]).
     #[config(default = "burn_parallel::attention::AttentionKernel::Auto")]
     pub attention: burn_parallel::attention::AttentionKernel,
+    /// The MLP's activation.
+    #[config(default = "burn_parallel::activation::Activation::Gelu")]
+    pub activation: burn_parallel::activation::Activation,
 }
 
 /// One transformer layer, split over the TP group.
@@ -88,11 +91,11 @@ impl TransformerBlockConfig {
                 .with_kernel(self.attention)
                 .init(tp, &init.child("attn"), device)?,
             ln2: ln(),
-            mlp: ParallelMlpConfig::new(self.d_model, self.d_ff).with_init_std(self.init_std).with_proj_init_std(self.proj_init_std).init(
-                tp,
-                &init.child("mlp"),
-                device,
-            )?,
+            mlp: ParallelMlpConfig::new(self.d_model, self.d_ff)
+                .with_init_std(self.init_std)
+                .with_proj_init_std(self.proj_init_std)
+                .with_activation(self.activation)
+                .init(tp, &init.child("mlp"), device)?,
             drop_attn: drop("drop_attn"),
             drop_mlp: drop("drop_mlp"),
             sequence_parallel: self.sequence_parallel,

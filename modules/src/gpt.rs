@@ -91,6 +91,10 @@ pub struct GptConfig {
     /// `[V, h]` transposed, no `head` parameter. See [`crate::tied_head`].
     #[config(default = false)]
     pub tie_embeddings: bool,
+    /// The MLPs' activation: GeLU, or GPT-2's tanh approximation (what pretrained GPT-2
+    /// weights expect).
+    #[config(default = "burn_parallel::activation::Activation::Gelu")]
+    pub activation: burn_parallel::activation::Activation,
 }
 
 /// A GPT split over a TP group (a group of one gives the plain model).
@@ -148,7 +152,6 @@ impl GptConfig {
         self.validate(tp.size())?;
         let (wte, wpe, drop) = self.init_embedding(tp, device)?;
         let (ln_f, head) = self.init_head(tp, device)?;
-        let head = (!self.tie_embeddings).then_some(head);
         let blocks = self.init_blocks(0..self.n_layers, tp, device)?;
         Ok(self.in_precision(Gpt {
             wte,
@@ -188,16 +191,19 @@ impl GptConfig {
             .with_proj_init_std(proj_std)
             .with_layer_norm_eps(self.layer_norm_eps)
             .with_sequence_parallel(self.sequence_parallel)
-            .with_attention(self.attention);
+            .with_attention(self.attention)
+            .with_activation(self.activation);
         layers.map(|i| block.init(tp, &init.child("blocks").child(i), device)).collect()
     }
 
-    /// Final layer norm and the vocab-parallel head (what runs after the last block).
-    pub(crate) fn init_head<B: ParallelBackend>(&self, tp: &Comm, device: &B::Device) -> Result<(ParallelLayerNorm<B>, ColumnLinear<B>), ConfigError> {
+    /// Final layer norm and the vocab-parallel head (what runs after the last block; no head of
+    /// its own with tied embeddings).
+    pub(crate) fn init_head<B: ParallelBackend>(&self, tp: &Comm, device: &B::Device) -> Result<(ParallelLayerNorm<B>, Option<ColumnLinear<B>>), ConfigError> {
         let init = ParamInit::new(self.seed);
+        let head = ColumnLinearConfig::new(self.d_model, self.vocab_size).with_bias(false);
         Ok((
             ParallelLayerNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).with_sequence_parallel(self.sequence_parallel).init(tp, device),
-            ColumnLinearConfig::new(self.d_model, self.vocab_size).with_bias(false).init(tp, &init.child("head"), device)?,
+            (!self.tie_embeddings).then(|| head.init(tp, &init.child("head"), device)).transpose()?,
         ))
     }
 }

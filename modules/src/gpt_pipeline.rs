@@ -3,7 +3,8 @@
 //! Works with tensor parallelism: each stage's layers are split over the `tp` group.
 //! With tied embeddings (`GptConfig::tie_embeddings`) the last stage's head holds a replica of
 //! the first stage's token embedding ([`TiedHead`]): both are named by `tied_params`, their
-//! gradients summed by `PipelineExecutor::all_reduce_tied_grads` over the embedding group, and
+//! gradients summed over the embedding group (`DistAdamW::tie`, or
+//! `PipelineExecutor::all_reduce_tied_grads` after a loop's own DP reduction), and
 //! the replica saves and loads as `wte.weight`. A stage both first and last uses the embedding
 //! itself.
 
@@ -84,7 +85,7 @@ where
         c.validate(self.tp.size())?;
         let (wte, wpe, drop) = c.init_embedding(&self.tp, device)?;
         let (first, last, tied) = (spec.is_first(), spec.is_last(), c.tie_embeddings);
-        let (ln_f, head) = if last { c.init_head(&self.tp, device).map(|(l, h)| (Some(l), Some(h)))? } else { (None, None) };
+        let (ln_f, head) = if last { c.init_head(&self.tp, device).map(|(l, h)| (Some(l), h))? } else { (None, None) };
         let tied_head = match last && tied && !first {
             true => Some(TiedHead::init(&VocabParallelEmbeddingConfig::new(c.vocab_size, c.d_model), &self.tp, &ParamInit::new(c.seed).child("wte"), device)?),
             false => None,
@@ -96,7 +97,7 @@ where
             blocks: c.init_blocks(spec.layers.clone(), &self.tp, device)?,
             first_layer: spec.layers.start,
             ln_f,
-            head: head.filter(|_| !tied),
+            head,
             tied_head,
         }))
     }

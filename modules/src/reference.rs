@@ -7,7 +7,6 @@ use burn::module::{Module, Param};
 use burn::nn::attention::{generate_autoregressive_mask, MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -42,6 +41,9 @@ pub struct NnGpt<B: Backend> {
     pub ln_f: LayerNorm<B>,
     /// Untied head `h → V`, no bias; `None` with tied embeddings (logits `x · wteᵀ`).
     pub head: Option<Linear<B>>,
+    /// The MLPs' activation.
+    #[module(skip)]
+    pub activation: burn_parallel::activation::Activation,
 }
 
 fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, std: f64, init: &ParamInit, dev: &B::Device) -> Linear<B> {
@@ -84,6 +86,7 @@ impl GptConfig {
             blocks,
             ln_f: ln(),
             head: (!self.tie_embeddings).then(|| linear(h, self.vocab_size, false, std, &init.child("head"), device)),
+            activation: self.activation,
         }
     }
 }
@@ -98,7 +101,7 @@ impl<B: Backend> NnGpt<B> {
             let mask = generate_autoregressive_mask::<B>(b, s, &device);
             let a = blk.attn.forward(MhaInput::self_attn(blk.ln1.forward(x.clone())).mask_attn(mask)).context;
             x = x + a;
-            x = x.clone() + blk.fc2.forward(gelu(blk.fc1.forward(blk.ln2.forward(x))));
+            x = x.clone() + blk.fc2.forward(self.activation.forward(blk.fc1.forward(blk.ln2.forward(x))));
         }
         let x = self.ln_f.forward(x);
         match &self.head {

@@ -9,8 +9,8 @@
 //! Where the model is whole on a rank (no pipeline) the head reads the embedding's own parameter
 //! ([`HeadWeight::Tied`]): autodiff sums the lookup's and the head's gradients into it. A
 //! pipeline's last stage holds a **replica**, [`TiedHead`], initialised from the same stream as
-//! the embedding; `PipelineExecutor::all_reduce_tied_grads` sums its gradient with the first
-//! stage's so both take the same steps. `burn_parallel::sharding::is_stage_replica` names it:
+//! the embedding; its gradient is summed with the first stage's after the DP reduction
+//! (`DistAdamW::tie`, or `PipelineExecutor::all_reduce_tied_grads`) so both take the same steps. `burn_parallel::sharding::is_stage_replica` names it:
 //! the global gradient norm counts it once and checkpoints hold only the first stage's copy
 //! (the replica loads it back as `wte.weight`).
 

@@ -108,6 +108,26 @@ enum CheckpointCmd {
         #[arg(long, default_value = "model.safetensors")]
         out: PathBuf,
     },
+    /// Write the model as a HuggingFace GPT-2 directory (`OUT/model.safetensors` in
+    /// `GPT2LMHeadModel`'s names and layouts, `OUT/config.json`): `transformers` loads it with
+    /// `GPT2LMHeadModel.from_pretrained(OUT)`. Padded vocabulary rows are dropped.
+    ExportHf {
+        /// Checkpoint or save directory.
+        dir: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Convert a HuggingFace GPT-2 (a directory with `model.safetensors` and `config.json`, or
+    /// the `.safetensors` file with its `config.json` beside it) into this crate's export layout,
+    /// for `gpt_pretrain --init-from OUT --tie-embeddings --activation gelu-tanh`.
+    ImportHf {
+        /// HuggingFace directory or `.safetensors` file.
+        from: PathBuf,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// The run the memory model describes (the example's flags and defaults).
@@ -135,6 +155,10 @@ struct MemoryArgs {
     /// last pipeline stage holds a replica).
     #[arg(long)]
     tie_embeddings: bool,
+    /// The MLPs' activation: gelu, or gelu-tanh (GPT-2's approximation; keeps two [N, ffn/tp]
+    /// tensors more per block).
+    #[arg(long, default_value = "gelu", value_parser = parse_activation)]
+    activation: burn_parallel::activation::Activation,
     /// Sequences per step per data-parallel replica.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -210,6 +234,7 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
         layers: a.layers,
         ffn: a.d_ff.unwrap_or(4 * a.d_model),
         tied_embeddings: a.tie_embeddings,
+        activation: a.activation,
     };
     if a.pp == 1 && a.virtual_stages.is_some_and(|v| v != 1) {
         return Err("--virtual-stages splits a pipeline: it needs --pp 2 or more".into());
@@ -266,6 +291,35 @@ fn checkpoint(action: CheckpointCmd) -> Result<(), CheckpointError> {
             let ckpt = Checkpoint::open(&dir)?;
             let bytes = export_model(&ckpt, &out)?;
             println!("{} -> {} ({bytes} bytes of tensors)", ckpt.dir().display(), out.display());
+        }
+        CheckpointCmd::ExportHf { dir, out } => {
+            let ckpt = Checkpoint::open(&dir)?;
+            let c = burn_parallel::checkpoint::hf::export_hf(&ckpt, &out)?;
+            println!(
+                "{} -> {} (GPT-2: {} layers, width {}, {} heads, vocabulary {})",
+                ckpt.dir().display(),
+                out.display(),
+                c.n_layer,
+                c.n_embd,
+                c.n_head,
+                c.vocab_size
+            );
+        }
+        CheckpointCmd::ImportHf { from, out } => {
+            let c = burn_parallel::checkpoint::hf::import_hf(&from, &out)?;
+            let tied = if c.tie_word_embeddings { " --tie-embeddings" } else { "" };
+            let act = if c.activation()? == burn_parallel::activation::Activation::GeluTanh { " --activation gelu-tanh" } else { "" };
+            println!(
+                "{} -> {} (GPT-2: {} layers, width {}, {} heads, context {}, vocabulary {}); train it with --init-from {}{tied}{act}",
+                from.display(),
+                out.display(),
+                c.n_layer,
+                c.n_embd,
+                c.n_head,
+                c.n_positions,
+                c.vocab_size,
+                out.display()
+            );
         }
     }
     Ok(())
@@ -329,4 +383,8 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+fn parse_activation(s: &str) -> Result<burn_parallel::activation::Activation, String> {
+    s.parse().map_err(|e: burn_parallel::activation::UnknownActivation| e.to_string())
 }

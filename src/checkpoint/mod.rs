@@ -56,6 +56,7 @@
 mod error;
 mod export;
 pub mod format;
+pub mod hf;
 mod read;
 mod saver;
 mod state;

@@ -77,6 +77,8 @@ pub struct GptShape {
     /// Tied embeddings: the head is the token embedding (no `h·V` head of its own, except the
     /// last stage's replica in a pipeline).
     pub tied_embeddings: bool,
+    /// The MLPs' activation (GPT-2's tanh approximation keeps two `[N, f/t]` tensors more).
+    pub activation: crate::activation::Activation,
 }
 
 /// How it is trained.
@@ -163,6 +165,8 @@ struct Dims {
     att_rows: f64,
     /// Sequence length.
     s: f64,
+    /// `[N, f/t]` tensors the activation keeps of its own (GeLU none, the tanh approximation 2).
+    act_kept: f64,
 }
 
 impl Dims {
@@ -184,6 +188,7 @@ impl Dims {
             core: if plan.dropout { AttentionCore::Composed } else { plan.attention },
             att_rows: (plan.microbatch * g.heads / plan.tp * g.seq) as f64,
             s: g.seq as f64,
+            act_kept: if g.activation == crate::activation::Activation::GeluTanh { 2.0 } else { 0.0 },
         }
     }
 
@@ -233,7 +238,8 @@ impl Dims {
     fn block(&self) -> f64 {
         let (e, seq, nh) = (self.e, self.seq(), self.n * self.h);
         let masks = if self.drop { 2.0 * seq } else { 0.0 };
-        e * (seq + nh + 3.0 * nh / self.t + nh / self.t + masks + seq + nh + 2.0 * self.n * self.f / self.t) + self.core() + 2.0 * 2.0 * self.rows() * 4.0
+        let mlp = (2.0 + self.act_kept) * self.n * self.f / self.t;
+        e * (seq + nh + 3.0 * nh / self.t + nh / self.t + masks + seq + nh + mlp) + self.core() + 2.0 * 2.0 * self.rows() * 4.0
     }
     /// Bytes a block keeps under `mode`.
     fn block_kept(&self, mode: Recompute) -> f64 {

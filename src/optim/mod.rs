@@ -5,7 +5,7 @@
 //! 1. gradients are taken in f32 (cast from bf16: accumulation and reduction in f32);
 //! 2. data parallelism: the mean over the DP group, by bucketed all-reduce; with **ZeRO-1** by
 //!    bucketed **reduce-scatter**, so each DP rank gets only the rows of each parameter it owns
-//!    ([`shard`]);
+//!    ([`shard`]); then tied parameters ([`DistAdamW::tie`]) summed over their copies;
 //! 3. the global gradient norm over everything (TP-sharded parameters summed over TP,
 //!    replicated ones counted once, DP shards summed over DP under ZeRO, stages over PP; the
 //!    last stage's replica of tied embeddings is the first stage's, counted there):
@@ -28,6 +28,7 @@ mod group;
 pub mod schedule;
 pub mod shard;
 mod state;
+mod tied;
 
 use std::collections::{HashMap, HashSet};
 
@@ -100,6 +101,9 @@ pub enum OptimError {
         /// The norm.
         norm: f32,
     },
+    /// Tied parameters that do not pair up ([`DistAdamW::tie`]).
+    #[error(transparent)]
+    Tied(#[from] crate::pipeline::TiedError),
 }
 
 /// AdamW with f32 master weights and optional ZeRO-1. See the [module docs](self).
@@ -109,6 +113,7 @@ pub struct DistAdamW<B: AutodiffBackend> {
     tp: Comm,
     pp: Comm,
     state: Groups<B::InnerBackend>,
+    tied: tied::Tied,
 }
 
 impl<B: AutodiffBackend> std::fmt::Debug for DistAdamW<B> {
@@ -215,7 +220,7 @@ where
     /// An optimizer for this rank of `groups` (DP group: reduction and ZeRO; TP and PP: the
     /// global norm).
     pub fn new(config: DistAdamWConfig, groups: &ProcessGroups) -> Self {
-        Self { config, dp: groups.dp.clone(), tp: groups.tp.clone(), pp: groups.pp.clone(), state: Groups::default() }
+        Self { config, dp: groups.dp.clone(), tp: groups.tp.clone(), pp: groups.pp.clone(), state: Groups::default(), tied: tied::Tied::default() }
     }
 
     /// The configuration.
@@ -246,7 +251,9 @@ where
             entries.extend(g.out);
             modules.push(module);
         }
+        self.check_tied(&entries)?;
         let mut grads = self.reduce(&mut entries)?;
+        self.sum_tied(&entries, &mut grads)?;
         let norm = match max_norm.is_some() || self.config.check_finite {
             true => Some(self.global_norm(&entries, &grads)?),
             false => None,

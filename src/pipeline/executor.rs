@@ -46,10 +46,9 @@ pub enum PipelineError {
         /// Micro-batches given.
         got: usize,
     },
-    /// Tied parameters ([`PipelineModel::tied_params`]) that do not pair up: ranks holding
-    /// different numbers of them, or one without a gradient.
-    #[error("tied parameters: {0}")]
-    Tied(String),
+    /// Tied parameters ([`PipelineModel::tied_params`]) that do not pair up.
+    #[error(transparent)]
+    Tied(#[from] super::TiedError),
 }
 
 /// One stage held by this rank.

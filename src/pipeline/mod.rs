@@ -40,13 +40,14 @@
 mod executor;
 mod layout;
 mod model;
-mod tied;
+pub(crate) mod tied;
 
 use std::cell::Cell;
 use std::marker::PhantomData;
 
 pub use executor::{PipelineError, PipelineExecutor, PipelineModel, PipelineOptions, Stage, StageGrads, StageOutput, StepOutput};
 pub use layout::{PartSpec, StageLayout};
+pub use tied::TiedError;
 
 thread_local! {
     static EVALUATING: Cell<usize> = const { Cell::new(0) };

@@ -110,7 +110,9 @@ pub trait PipelineModel<B: AutodiffBackend, const D: usize>: Sync {
     /// Parameters of `spec`'s part that are one parameter with a part on another pipeline rank
     /// (tied embeddings: the first stage's token embedding and the last stage's replica of it in
     /// the head), in the same order on every rank that holds one. Their gradients are summed
-    /// over those ranks by [`PipelineExecutor::all_reduce_tied_grads`](super::PipelineExecutor::all_reduce_tied_grads). None by default.
+    /// over those ranks after the DP reduction, by [`DistAdamW::tie`](crate::optim::DistAdamW::tie)
+    /// or [`PipelineExecutor::all_reduce_tied_grads`](super::PipelineExecutor::all_reduce_tied_grads).
+    /// None by default.
     fn tied_params(&self, _spec: &PartSpec, _part: &Self::Part) -> Vec<burn::module::ParamId> {
         Vec::new()
     }

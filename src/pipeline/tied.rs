@@ -3,25 +3,86 @@
 //! A model whose token embedding `E [V, h]` is also its head's weight (GPT-2's tied embeddings)
 //! holds `E` twice once split: the first stage owns it, the last stage holds a replica for its
 //! head ([`PipelineModel::tied_params`] names both). In a step each gets a partial gradient (the
-//! lookup's on the first stage, the head's on the last);
-//! [`PipelineExecutor::all_reduce_tied_grads`] sums them over the pipeline's embedding group
-//! (`ProcessGroups::embedding`: its first and last stage, per TP rank and DP replica) so that
-//! both hold the whole `∂L/∂E`, bitwise the same sum on both, and take the same optimizer step:
-//! the copies never drift apart. Stages of one rank (interleaved schedules on a pipeline of one)
-//! are summed locally first. Forward: nothing; backward: one all-reduce of this rank's `V/t · h`
-//! shard per step (Megatron's `_allreduce_word_embedding_grads`), plus two scalar all-reduces that
-//! check every member holds as many tied parameters.
+//! lookup's on the first stage, the head's on the last); they are summed over the pipeline's
+//! embedding group (`ProcessGroups::embedding`: its first and last stage, per TP rank and DP
+//! replica), stages of one rank (interleaved schedules on a pipeline of one) locally first, so
+//! both copies hold the whole `∂L/∂E` and take the same optimizer step.
+//!
+//! The sum comes **after** the DP reduction, as Megatron's `finalize_model_grads` orders it: the
+//! two copies are reduced over DP by different communicators at different bucket offsets (NCCL
+//! may add in another order there), but the embedding group then adds the same two tensors, so
+//! both get the same bits on any communicator and the copies never drift. `DistAdamW` does it
+//! inside its step ([`DistAdamW::tie`](crate::optim::DistAdamW::tie)); a loop that reduces DP
+//! itself calls [`PipelineExecutor::all_reduce_tied_grads`] after it. Cost: one all-reduce of this
+//! rank's `V/t · h` (or its ZeRO shard) per step over a group of two (Megatron's
+//! `_allreduce_word_embedding_grads`).
 
 use std::collections::HashMap;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 
-use super::{PipelineError, PipelineExecutor, PipelineModel};
+use super::{PipelineExecutor, PipelineModel};
 use crate::comm::ops::{all_reduce, all_reduce_scalar};
+use crate::error::CommError;
 use crate::{BackwardWith, CollectiveBackend, Comm, ReduceOp};
+
+/// Tied parameters that do not pair up.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TiedError {
+    /// A collective failed.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    /// Ranks holding different numbers of tied parameters, a tied parameter without a gradient,
+    /// a replica no one ties. Every member of the group gets it.
+    #[error("tied parameters: {0}")]
+    Mismatch(String),
+}
+
+/// The number of tied sets this rank holds (`local`; `Err`: something is wrong here), checked
+/// against every other member of `group` in one exchange, so that all fail together (none is
+/// left waiting in the sum).
+pub(crate) fn agree_on_count(local: Result<usize, String>, group: Option<&Comm>) -> Result<usize, TiedError> {
+    let Some(g) = group.filter(|g| g.size() > 1) else { return local.map_err(TiedError::Mismatch) };
+    let mine = local.as_ref().map_or(-1.0, |n| *n as f32);
+    let (lo, hi) = (-all_reduce_scalar(-mine, ReduceOp::Max, g)?, all_reduce_scalar(mine, ReduceOp::Max, g)?);
+    match local {
+        Err(e) => Err(TiedError::Mismatch(e)),
+        Ok(_) if lo < 0.0 => {
+            Err(TiedError::Mismatch(format!("another rank of group {} could not collect its tied parameters (its error says why)", g.label())))
+        }
+        Ok(n) if lo != hi => Err(TiedError::Mismatch(format!("the ranks of group {} tie between {lo} and {hi} parameters (this rank: {n})", g.label()))),
+        Ok(n) => Ok(n),
+    }
+}
+
+/// Each set's sum: its members (this rank's copies) added in order, then all-reduced over
+/// `group`.
+pub(crate) fn sum_sets<I: CollectiveBackend>(sets: Vec<Vec<Tensor<I, 1>>>, group: Option<&Comm>) -> Result<Vec<Tensor<I, 1>>, TiedError> {
+    let group = group.filter(|g| g.size() > 1);
+    let mut out = Vec::with_capacity(sets.len());
+    for set in sets {
+        let local = set.into_iter().reduce(|a, b| a + b).ok_or_else(|| TiedError::Mismatch("a tied set without a member on this rank".into()))?;
+        out.push(match group {
+            Some(g) => all_reduce(local, ReduceOp::Sum, g)?,
+            None => local,
+        });
+    }
+    Ok(out)
+}
+
+/// This rank's tied sets from each stage's tied parameters: set `k` holds every stage's `k`-th;
+/// stages that tie must tie as many.
+pub(crate) fn sets_of(per_stage: &[Vec<ParamId>]) -> Result<Vec<Vec<ParamId>>, String> {
+    let held: Vec<&Vec<ParamId>> = per_stage.iter().filter(|t| !t.is_empty()).collect();
+    let count = held.first().map_or(0, |t| t.len());
+    if held.iter().any(|t| t.len() != count) {
+        return Err(format!("this rank's stages tie different numbers of parameters: {:?}", held.iter().map(|t| t.len()).collect::<Vec<_>>()));
+    }
+    Ok((0..count).map(|k| held.iter().map(|t| t[k]).collect()).collect())
+}
 
 impl<B, M, const D: usize> PipelineExecutor<B, M, D>
 where
@@ -29,83 +90,74 @@ where
     B::InnerBackend: CollectiveBackend,
     M: PipelineModel<B, D>,
 {
-    /// Sums the gradients of the tied parameters ([`PipelineModel::tied_params`]) of this rank's
-    /// stages over `group`, the pipeline's first and last stage (`ProcessGroups::embedding`;
-    /// `None` on the middle stages, which hold none). Call it after [`step`](Self::step), before
-    /// the DP reduction and the optimizer. A no-op for a model without tied parameters.
+    /// The tied parameters ([`PipelineModel::tied_params`]) of each of this rank's stages.
+    pub fn tied_params(&self) -> Vec<Vec<ParamId>> {
+        self.stages().iter().map(|s| self.model().tied_params(&s.spec, &s.part)).collect()
+    }
+
+    /// Sums the gradients of the tied parameters of this rank's stages over `group`, the
+    /// pipeline's first and last stage (`ProcessGroups::embedding`; `None` on the middle stages,
+    /// which hold none), for a training loop that reduces DP itself: call it **after** the DP
+    /// reduction (`all_reduce_gradients`) and before clipping and the optimizer (Megatron's
+    /// order: the copies are reduced over DP by different communicators, maybe in different
+    /// orders, but here both add the same two tensors, so they stay bitwise alike on any
+    /// communicator). With `DistAdamW`, call [`DistAdamW::tie`](crate::optim::DistAdamW::tie)
+    /// once instead. Every member of `group` must call it (two scalar all-reduces check they tie
+    /// alike, then one all-reduce per tied parameter).
     ///
     /// # Errors
-    /// A collective failed, a tied parameter has no gradient, or the members of `group` hold
-    /// different numbers of tied parameters (every member returns the error).
-    pub fn all_reduce_tied_grads(&self, mut grads: Vec<GradientsParams>, group: Option<&Comm>) -> Result<Vec<GradientsParams>, PipelineError> {
+    /// A collective failed, or the members of `group` do not tie alike (every member returns
+    /// the error).
+    pub fn all_reduce_tied_grads(&self, mut grads: Vec<GradientsParams>, group: Option<&Comm>) -> Result<Vec<GradientsParams>, TiedError> {
         assert_eq!(grads.len(), self.stages().len(), "one gradient set per stage of this rank");
-        let tied: Vec<Vec<ParamId>> = self.stages().iter().map(|s| self.model().tied_params(&s.spec, &s.part)).collect();
-        let held: Vec<&Vec<ParamId>> = tied.iter().filter(|t| !t.is_empty()).collect();
-        let count = held.first().map_or(0, |t| t.len());
-        if held.iter().any(|t| t.len() != count) {
-            return Err(mismatch(format!("this rank's stages tie different numbers of parameters: {:?}", held.iter().map(|t| t.len()).collect::<Vec<_>>())));
+        let tied = self.tied_params();
+        let mut flats: HashMap<ParamId, Tensor<B::InnerBackend, 1>> = HashMap::new();
+        for ((stage, g), ids) in self.stages().iter().zip(&mut grads).zip(&tied) {
+            stage.part.visit(&mut Take::<B::InnerBackend> { ids, grads: g, out: &mut flats });
         }
-        let group = group.filter(|g| g.size() > 1);
-        if let Some(g) = group {
-            let (lo, hi) = (-all_reduce_scalar(-(count as f32), ReduceOp::Max, g)?, all_reduce_scalar(count as f32, ReduceOp::Max, g)?);
-            if lo != hi {
-                return Err(mismatch(format!("the ranks of group {} tie between {lo} and {hi} parameters (this rank: {count})", g.label())));
+        let local = sets_of(&tied).and_then(|sets| match sets.iter().flatten().find(|id| !flats.contains_key(id)) {
+            Some(id) => Err(format!("tied parameter {id} has no gradient")),
+            None => Ok(sets),
+        });
+        let sets = local.clone().unwrap_or_default();
+        agree_on_count(local.map(|s| s.len()), group)?;
+        let members = sets.iter().map(|set| set.iter().map(|id| flats[id].clone()).collect()).collect();
+        let sums = sum_sets(members, group)?;
+        let mut values = HashMap::new();
+        for (set, sum) in sets.iter().zip(sums) {
+            for id in set {
+                values.insert(*id, sum.clone());
             }
         }
-        if count == 0 {
-            return Ok(grads);
-        }
-        let mut sums: Vec<Option<Flat<B::InnerBackend>>> = vec![None; count];
-        for ((stage, g), ids) in self.stages().iter().zip(&mut grads).zip(&tied) {
-            let mut take = Take::<B::InnerBackend> { index: ids.iter().enumerate().map(|(k, id)| (*id, k)).collect(), grads: g, out: vec![None; ids.len()] };
-            stage.part.visit(&mut take);
-            for (k, got) in take.out.into_iter().enumerate() {
-                let (flat, shape) = got.ok_or_else(|| mismatch(format!("tied parameter {k} of stage {} has no gradient", stage.spec.stage)))?;
-                sums[k] = Some(match sums[k].take() {
-                    Some((sum, s)) => (sum + flat, s),
-                    None => (flat, shape),
-                });
-            }
-        }
-        let mut summed = Vec::with_capacity(count);
-        for (sum, shape) in sums.into_iter().flatten() {
-            summed.push((if let Some(g) = group { all_reduce(sum, ReduceOp::Sum, g)? } else { sum }, shape));
-        }
-        for ((stage, g), ids) in self.stages().iter().zip(&mut grads).zip(&tied) {
-            let values = ids.iter().zip(&summed).map(|(id, s)| (*id, s.0.clone())).collect();
-            stage.part.visit(&mut Put::<B::InnerBackend> { values, grads: g });
+        for (stage, g) in self.stages().iter().zip(&mut grads) {
+            stage.part.visit(&mut Put::<B::InnerBackend> { values: &mut values, grads: g });
         }
         Ok(grads)
     }
 }
 
-fn mismatch(what: String) -> PipelineError {
-    PipelineError::Tied(what)
-}
-
-/// A gradient flattened, with its shape.
-type Flat<I> = (Tensor<I, 1>, Vec<usize>);
-
-/// Removes the gradients of the tied parameters (flattened, with their shapes).
-struct Take<'a, I: burn::tensor::backend::Backend> {
-    index: HashMap<ParamId, usize>,
+/// Removes the gradients of `ids` (flattened).
+struct Take<'a, I: Backend> {
+    ids: &'a [ParamId],
     grads: &'a mut GradientsParams,
-    out: Vec<Option<Flat<I>>>,
+    out: &'a mut HashMap<ParamId, Tensor<I, 1>>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Take<'_, B::InnerBackend> {
     fn visit_float<const N: usize>(&mut self, param: &Param<Tensor<B, N>>) {
-        let Some(&k) = self.index.get(&param.id) else { return };
+        if !self.ids.contains(&param.id) {
+            return;
+        }
         if let Some(g) = self.grads.remove::<B::InnerBackend, N>(param.id) {
-            let shape = g.dims().to_vec();
-            self.out[k] = Some((g.reshape([shape.iter().product::<usize>()]), shape));
+            let n = g.dims().iter().product::<usize>();
+            self.out.insert(param.id, g.reshape([n]));
         }
     }
 }
 
 /// Registers the summed gradients back, in each parameter's shape.
-struct Put<'a, I: burn::tensor::backend::Backend> {
-    values: HashMap<ParamId, Tensor<I, 1>>,
+struct Put<'a, I: Backend> {
+    values: &'a mut HashMap<ParamId, Tensor<I, 1>>,
     grads: &'a mut GradientsParams,
 }
 

@@ -148,11 +148,12 @@ impl Rank {
                 let cut = |d: &TensorData, i| burn_parallel::comm::split_along(d, 0, m, i).unwrap();
                 let mbs: Vec<_> = (0..m).map(|i| TokenBatch { inputs: cut(&x, i), targets: cut(&y, i) }).collect();
                 let out = exec.step(&mbs).map_err(|e| e.to_string())?;
-                let grads = match exec.model().config.tie_embeddings {
-                    true => exec.all_reduce_tied_grads(out.grads, g.embedding.as_ref()).map_err(|e| e.to_string())?,
-                    false => out.grads,
+                let synced: Vec<_> = exec.stages().iter().zip(out.grads).map(|(s, gr)| all_reduce_gradients(&s.part, gr, &g.dp, 4096).unwrap()).collect();
+                // Tied embeddings: the two copies' gradients summed after the DP reduction.
+                let synced = match exec.model().config.tie_embeddings {
+                    true => exec.all_reduce_tied_grads(synced, g.embedding.as_ref()).map_err(|e| e.to_string())?,
+                    false => synced,
                 };
-                let synced: Vec<_> = exec.stages().iter().zip(grads).map(|(s, gr)| all_reduce_gradients(&s.part, gr, &g.dp, 4096).unwrap()).collect();
                 let parts = exec.stages().iter().map(|s| &s.part).zip(synced).collect();
                 let (_, grads) = clip_grad_norm::<B, _>(parts, 1.0, &g.tp, &g.pp).map_err(|e| e.to_string())?;
                 exec.update(optims, lr, grads);

@@ -298,3 +298,35 @@ fn a_diverging_run_stops_at_the_first_nonfinite_gradient_and_keeps_its_checkpoin
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+/// A HuggingFace GPT-2 (random, in `GPT2LMHeadModel`'s layout, written by `tests/gpt2_numpy.py`)
+/// imported with `checkpoint::hf::import_hf` initialises a run with GPT-2's tied head and tanh
+/// GeLU, at any layout alike; without them the run is refused, naming the flag. Skipped, saying
+/// so, without python3 with numpy and safetensors.
+#[test]
+fn an_imported_huggingface_gpt2_initialises_a_run() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/gpt2_numpy.py");
+    if !Command::new("python3").args(["-c", "import numpy, safetensors.numpy"]).status().is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: python3 with numpy and safetensors is not available (it writes the HuggingFace model)");
+        return;
+    }
+    let dir = fresh("hf");
+    std::fs::create_dir_all(&dir).unwrap();
+    // TINY's shape: width 32, 4 heads, context 16; 2 layers; the byte vocabulary.
+    let made = Command::new("python3").arg(script).arg("make").arg(&dir).args(["2", "32", "4", "256", "16", "3", "gelu_new", "tied"]).status().unwrap();
+    assert!(made.success());
+    let file = dir.join("ours.safetensors");
+    burn_parallel::checkpoint::hf::import_hf(&dir, &file).unwrap();
+    let base = format!("{TINY} --layers 2 --init-from {}", file.display());
+    let gpt2 = format!("{base} --tie-embeddings --activation gelu-tanh");
+    let first = |layout: &str| loss_values(&losses(&format!("{gpt2} --steps 2 --exit-at-step 1 {layout}")))[0];
+    let (a, b) = (first(""), first("--pp 2 --tp 2 --microbatches 2"));
+    assert!((a - b).abs() < 1e-5, "one rank {a}, pp 2 x tp 2 {b}");
+    // Weights of scale 0.2 predict far from uniform: not the seed's ln 256 = 5.55.
+    assert!((a - 256f32.ln()).abs() > 0.1, "{a}");
+    let e = error_of(&format!("{base} --steps 1 --tie-embeddings"));
+    assert!(e.contains("--init-from") && e.contains("pass --activation gelu-tanh"), "{e}");
+    let e = error_of(&format!("{base} --steps 1 --activation gelu-tanh"));
+    assert!(e.contains("pass --tie-embeddings"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,301 @@
+//! GPT-2 in HuggingFace's layout (`transformers`' `GPT2LMHeadModel`: the `model.safetensors` and
+//! `config.json` of the `gpt2` hub repositories) ↔ this crate's export layout
+//! ([`export_model`](super::export_model), what `--init-from` reads).
+//!
+//! | ours | HuggingFace | how |
+//! | --- | --- | --- |
+//! | `wte.weight [V, h]` | `wte.weight [V, h]` | the same (ours: padded rows dropped on export) |
+//! | `wpe [s, h]` | `wpe.weight [s, h]` | the same |
+//! | `blocks.N.ln1.{gamma,beta}` | `h.N.ln_1.{weight,bias}` | the same |
+//! | `blocks.N.attn.qkv.weight [h, 3h]` | `h.N.attn.c_attn.weight [h, 3h]` | columns `[q k v]` ↔ grouped per head `[q_j k_j v_j]` |
+//! | `blocks.N.attn.qkv.bias [3h]` | `h.N.attn.c_attn.bias` | likewise |
+//! | `blocks.N.attn.output.{weight,bias}` | `h.N.attn.c_proj.{weight,bias}` | the same (`Conv1D` is `[in, out]`, as Burn) |
+//! | `blocks.N.ln2.{gamma,beta}` | `h.N.ln_2.{weight,bias}` | the same |
+//! | `blocks.N.mlp.fc1.{weight,bias}` | `h.N.mlp.c_fc.{weight,bias}` | the same |
+//! | `blocks.N.mlp.fc2.{weight,bias}` | `h.N.mlp.c_proj.{weight,bias}` | the same |
+//! | `ln_f.{gamma,beta}` | `ln_f.{weight,bias}` | the same |
+//! | `head.weight [h, V]` (untied) | `lm_head.weight [V, h]` | transposed; absent when tied (GPT-2's own) |
+//!
+//! HuggingFace's names may carry `transformer.`; its causal-mask buffers (`h.N.attn.bias`,
+//! `h.N.attn.masked_bias`) are not parameters and are skipped. The model config travels as
+//! `config.json` there and as `__metadata__.burn_parallel_model` here (the fields of
+//! `GptConfig`). GPT-2 computes its MLP with the tanh GeLU (`activation_function: gelu_new`):
+//! run an imported model with `--activation gelu-tanh` (the imported config says so).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use burn::tensor::TensorData;
+use serde::{Deserialize, Serialize};
+
+use super::error::{CheckpointError, Result};
+use super::read::Checkpoint;
+use super::state::MODEL_PREFIX;
+use super::write::write_safetensors;
+use crate::activation::Activation;
+
+/// The fields of HuggingFace's `GPT2Config` the conversion reads and writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HfGpt2Config {
+    /// Width.
+    pub n_embd: usize,
+    /// Attention heads.
+    pub n_head: usize,
+    /// Blocks.
+    pub n_layer: usize,
+    /// Positions (context).
+    pub n_positions: usize,
+    /// Vocabulary (the tokenizer's: no padding).
+    pub vocab_size: usize,
+    /// MLP width (`None`: 4 × n_embd).
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    /// `gelu_new` (tanh, GPT-2's) or `gelu`.
+    #[serde(default = "gelu_new")]
+    pub activation_function: String,
+    /// Layer-norm epsilon.
+    #[serde(default = "eps")]
+    pub layer_norm_epsilon: f64,
+    /// Whether the head is the token embedding (GPT-2: yes).
+    #[serde(default = "yes")]
+    pub tie_word_embeddings: bool,
+    /// `gpt2`.
+    #[serde(default = "gpt2")]
+    pub model_type: String,
+    /// `["GPT2LMHeadModel"]`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+}
+
+fn gelu_new() -> String {
+    "gelu_new".into()
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+fn gpt2() -> String {
+    "gpt2".into()
+}
+
+impl HfGpt2Config {
+    /// The activation it names.
+    pub fn activation(&self) -> Result<Activation> {
+        match self.activation_function.as_str() {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+            "gelu" => Ok(Activation::Gelu),
+            other => Err(CheckpointError::Invalid(format!("activation_function {other:?}: only gelu_new (tanh) and gelu are supported"))),
+        }
+    }
+
+    /// This config as `GptConfig`'s fields (the JSON our export's `burn_parallel_model` holds).
+    pub fn to_model_json(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::json!({
+            "vocab_size": self.vocab_size,
+            "max_seq_len": self.n_positions,
+            "d_model": self.n_embd,
+            "n_heads": self.n_head,
+            "n_layers": self.n_layer,
+            "d_ff": self.n_inner.unwrap_or(4 * self.n_embd),
+            "layer_norm_eps": self.layer_norm_epsilon,
+            "tie_embeddings": self.tie_word_embeddings,
+            "activation": self.activation()?,
+        }))
+    }
+
+    /// The config of a model whose `GptConfig` JSON (our export's `burn_parallel_model`) is
+    /// `model`; the vocabulary is the tokenizer's (`vocab_used`), not the padded one.
+    pub fn from_model_json(model: &serde_json::Value) -> Result<Self> {
+        let field =
+            |k: &str| model.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| CheckpointError::Invalid(format!("the model config has no {k}")));
+        let activation: Activation = model
+            .get("activation")
+            .map(|v| serde_json::from_value(v.clone()))
+            .transpose()
+            .map_err(|e| CheckpointError::Invalid(format!("activation: {e}")))?
+            .unwrap_or_default();
+        Ok(Self {
+            n_embd: field("d_model")?,
+            n_head: field("n_heads")?,
+            n_layer: field("n_layers")?,
+            n_positions: field("max_seq_len")?,
+            vocab_size: model.get("vocab_used").and_then(|v| v.as_u64()).map(|v| v as usize).map_or_else(|| field("vocab_size"), Ok)?,
+            n_inner: Some(field("d_ff")?),
+            activation_function: activation.hf_name().into(),
+            layer_norm_epsilon: model.get("layer_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5),
+            tie_word_embeddings: model.get("tie_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
+            model_type: gpt2(),
+            architectures: vec!["GPT2LMHeadModel".into()],
+        })
+    }
+}
+
+/// Renames of one block's tensors: (ours, HuggingFace's), regrouped q/k/v aside.
+const BLOCK: [(&str, &str); 10] = [
+    ("ln1.gamma", "ln_1.weight"),
+    ("ln1.beta", "ln_1.bias"),
+    ("attn.output.weight", "attn.c_proj.weight"),
+    ("attn.output.bias", "attn.c_proj.bias"),
+    ("ln2.gamma", "ln_2.weight"),
+    ("ln2.beta", "ln_2.bias"),
+    ("mlp.fc1.weight", "mlp.c_fc.weight"),
+    ("mlp.fc1.bias", "mlp.c_fc.bias"),
+    ("mlp.fc2.weight", "mlp.c_proj.weight"),
+    ("mlp.fc2.bias", "mlp.c_proj.bias"),
+];
+
+/// Renames outside the blocks.
+const TOP: [(&str, &str); 4] = [("wte.weight", "wte.weight"), ("wpe", "wpe.weight"), ("ln_f.gamma", "ln_f.weight"), ("ln_f.beta", "ln_f.bias")];
+
+/// Our tensors (export names, no `model.` prefix) of HuggingFace's `tensors` for `config`.
+pub fn from_hf(tensors: &BTreeMap<String, TensorData>, config: &HfGpt2Config) -> Result<BTreeMap<String, TensorData>> {
+    let get = |name: &str| {
+        tensors
+            .get(name)
+            .or_else(|| tensors.get(&format!("transformer.{name}")))
+            .map(|t| t.clone().convert::<f32>())
+            .ok_or_else(|| CheckpointError::Invalid(format!("the HuggingFace GPT-2 has no tensor {name} (config: {} layers)", config.n_layer)))
+    };
+    let mut out = BTreeMap::new();
+    for (ours, theirs) in TOP {
+        out.insert(ours.to_string(), get(theirs)?);
+    }
+    for n in 0..config.n_layer {
+        for (ours, theirs) in BLOCK {
+            out.insert(format!("blocks.{n}.{ours}"), get(&format!("h.{n}.{theirs}"))?);
+        }
+        for field in ["weight", "bias"] {
+            let qkv = get(&format!("h.{n}.attn.c_attn.{field}"))?;
+            out.insert(format!("blocks.{n}.attn.qkv.{field}"), regroup(&qkv, config.n_head, true)?);
+        }
+    }
+    if !config.tie_word_embeddings {
+        out.insert("head.weight".into(), transpose(&get("lm_head.weight")?)?);
+    }
+    Ok(out)
+}
+
+/// HuggingFace's tensors and config of our export's `tensors` with model config `model` (its
+/// `GptConfig` JSON): padded vocabulary rows (and head columns) beyond `vocab_used` dropped.
+pub fn to_hf(tensors: &BTreeMap<String, TensorData>, model: &serde_json::Value) -> Result<(BTreeMap<String, TensorData>, HfGpt2Config)> {
+    let config = HfGpt2Config::from_model_json(model)?;
+    let get =
+        |name: &str| tensors.get(name).map(|t| t.clone().convert::<f32>()).ok_or_else(|| CheckpointError::Invalid(format!("the model has no tensor {name}")));
+    let mut out = BTreeMap::new();
+    for (ours, theirs) in TOP {
+        out.insert(theirs.to_string(), get(ours)?);
+    }
+    let wte = out.remove("wte.weight").expect("inserted above");
+    out.insert("wte.weight".into(), rows(&wte, config.vocab_size)?);
+    for n in 0..config.n_layer {
+        for (ours, theirs) in BLOCK {
+            out.insert(format!("h.{n}.{theirs}"), get(&format!("blocks.{n}.{ours}"))?);
+        }
+        for field in ["weight", "bias"] {
+            let qkv = get(&format!("blocks.{n}.attn.qkv.{field}"))?;
+            out.insert(format!("h.{n}.attn.c_attn.{field}"), regroup(&qkv, config.n_head, false)?);
+        }
+    }
+    if !config.tie_word_embeddings {
+        out.insert("lm_head.weight".into(), rows(&transpose(&get("head.weight")?)?, config.vocab_size)?);
+    }
+    Ok((out, config))
+}
+
+/// Reads a HuggingFace GPT-2 (`dir/model.safetensors` and `dir/config.json`, or a
+/// `.safetensors` file with its `config.json` beside it) and writes it in our export layout to
+/// `out` (what `--init-from` reads). Returns the config read.
+pub fn import_hf(from: &Path, out: &Path) -> Result<HfGpt2Config> {
+    let (file, dir) = if from.is_dir() {
+        (from.join("model.safetensors"), from.to_path_buf())
+    } else {
+        (from.to_path_buf(), from.parent().unwrap_or(Path::new(".")).to_path_buf())
+    };
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| CheckpointError::io("read", &config_path, e))?;
+    let config: HfGpt2Config = serde_json::from_str(&text).map_err(|e| CheckpointError::Invalid(format!("{}: {e}", config_path.display())))?;
+    let ckpt = Checkpoint::open_safetensors(&file, "")?;
+    let names: Vec<String> = ckpt.metadata().tensors.keys().filter(|n| !n.ends_with(".attn.bias") && !n.ends_with(".attn.masked_bias")).cloned().collect();
+    let tensors = names.into_iter().map(|n| ckpt.read_full(&n).map(|d| (n, d))).collect::<Result<BTreeMap<_, _>>>()?;
+    let ours: Vec<(String, TensorData)> = from_hf(&tensors, &config)?.into_iter().collect();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string()), ("burn_parallel_model".to_string(), config.to_model_json()?.to_string())]);
+    write_safetensors(out, &ours, meta)?;
+    Ok(config)
+}
+
+/// Writes the model of checkpoint `ckpt` as a HuggingFace GPT-2 directory `out`
+/// (`model.safetensors` with `__metadata__ {"format": "pt"}`, and `config.json`).
+pub fn export_hf(ckpt: &Checkpoint, out: &Path) -> Result<HfGpt2Config> {
+    let model =
+        ckpt.metadata().sections.get("model").ok_or_else(|| CheckpointError::Invalid(format!("{}: no model config to export", ckpt.dir().display())))?;
+    let ours: BTreeMap<String, TensorData> =
+        super::full_tensors(ckpt, MODEL_PREFIX)?.into_iter().map(|(n, d)| (n.trim_start_matches(MODEL_PREFIX).to_string(), d)).collect();
+    let (tensors, config) = to_hf(&ours, model)?;
+    std::fs::create_dir_all(out).map_err(|e| CheckpointError::io("create", out, e))?;
+    let tensors: Vec<(String, TensorData)> = tensors.into_iter().collect();
+    write_safetensors(&out.join("model.safetensors"), &tensors, HashMap::from([("format".to_string(), "pt".to_string())]))?;
+    let json = serde_json::to_string_pretty(&config).expect("config serialises");
+    super::write::write_synced(&out.join("config.json"), json.as_bytes())?;
+    Ok(config)
+}
+
+/// The last dimension of a `[rows, 3h]` (or `[3h]`) q/k/v tensor between HuggingFace's `[q k v]`
+/// and ours, grouped per head `[q_j k_j v_j]` (`to_ours`), or back.
+fn regroup(t: &TensorData, heads: usize, to_ours: bool) -> Result<TensorData> {
+    let shape = t.shape.as_slice().to_vec();
+    let width = *shape.last().ok_or_else(|| CheckpointError::Invalid("a q/k/v tensor of no dimension".into()))?;
+    if width % 3 != 0 || (width / 3) % heads.max(1) != 0 {
+        return Err(CheckpointError::Invalid(format!("a q/k/v tensor of width {width} does not split into 3 x {heads} heads")));
+    }
+    let (h, d) = (width / 3, width / 3 / heads);
+    let v = t.to_vec::<f32>().map_err(|e| CheckpointError::Invalid(format!("{e:?}")))?;
+    let mut out = vec![0f32; v.len()];
+    for (src_row, dst_row) in v.chunks(width).zip(out.chunks_mut(width)) {
+        for part in 0..3 {
+            for j in 0..heads {
+                let theirs = part * h + j * d;
+                let ours = j * 3 * d + part * d;
+                let (from, to) = if to_ours { (theirs, ours) } else { (ours, theirs) };
+                dst_row[to..to + d].copy_from_slice(&src_row[from..from + d]);
+            }
+        }
+    }
+    Ok(TensorData::new(out, shape))
+}
+
+/// A 2-d tensor transposed.
+fn transpose(t: &TensorData) -> Result<TensorData> {
+    let [r, c] = t.shape.as_slice() else { return Err(CheckpointError::Invalid(format!("transpose of a {:?} tensor", t.shape))) };
+    let v = t.to_vec::<f32>().map_err(|e| CheckpointError::Invalid(format!("{e:?}")))?;
+    Ok(TensorData::new((0..r * c).map(|i| v[(i % r) * c + i / r]).collect::<Vec<f32>>(), [*c, *r]))
+}
+
+/// The first `n` rows of a 2-d tensor (`n` at most its rows).
+fn rows(t: &TensorData, n: usize) -> Result<TensorData> {
+    let [r, c] = t.shape.as_slice() else { return Err(CheckpointError::Invalid(format!("rows of a {:?} tensor", t.shape))) };
+    if n > *r {
+        return Err(CheckpointError::Invalid(format!("a vocabulary of {n} tokens in a table of {r} rows")));
+    }
+    let v = t.to_vec::<f32>().map_err(|e| CheckpointError::Invalid(format!("{e:?}")))?;
+    Ok(TensorData::new(v[..n * c].to_vec(), [n, *c]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regroup_and_transpose_round_trip() {
+        let t = TensorData::new((0..2 * 12).map(|x| x as f32).collect::<Vec<_>>(), [2, 12]);
+        let ours = regroup(&t, 2, true).unwrap();
+        // h = 4, d = 2: ours is [q0 k0 v0 q1 k1 v1] of theirs [q0 q1 k0 k1 v0 v1].
+        assert_eq!(ours.to_vec::<f32>().unwrap()[..12], [0., 1., 4., 5., 8., 9., 2., 3., 6., 7., 10., 11.]);
+        assert_eq!(regroup(&ours, 2, false).unwrap(), t);
+        let m = TensorData::new((0..6).map(|x| x as f32).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(transpose(&m).unwrap().to_vec::<f32>().unwrap(), [0., 3., 1., 4., 2., 5.]);
+        assert_eq!(transpose(&transpose(&m).unwrap()).unwrap(), m);
+        assert!(regroup(&TensorData::new(vec![0f32; 10], [10]), 2, true).is_err());
+    }
+}
