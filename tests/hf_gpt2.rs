@@ -76,7 +76,8 @@ fn an_imported_huggingface_gpt2_gives_numpys_logits_at_tp_1_and_2() {
             // Through the command line: it names the flags the model needs.
             let o = Command::new(BIN).args(["checkpoint", "import-hf"]).arg(&dir).arg("--out").arg(&file).output().unwrap();
             let text = String::from_utf8_lossy(&o.stdout);
-            assert!(o.status.success() && text.contains("--tie-embeddings --activation gelu-tanh"), "{text}{}", String::from_utf8_lossy(&o.stderr));
+            let flags = "--d-model 16 --heads 4 --layers 2 --d-ff 64 --seq-len 8 --tie-embeddings --activation gelu-tanh";
+            assert!(o.status.success() && text.contains(flags), "{text}{}", String::from_utf8_lossy(&o.stderr));
         } else {
             let hf = import_hf(&dir, &file).unwrap();
             assert_eq!((hf.n_layer, hf.n_embd, hf.n_head, hf.vocab_size, hf.tie_word_embeddings), (2, 16, 4, 50, tied));

@@ -83,6 +83,7 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
         check_tokenizer(&ckpt, args, &format!("--init-from {}", file.display()))?;
         check_tying(&ckpt, args, &format!("--init-from {}", file.display()))?;
         check_activation(&ckpt, args, &format!("--init-from {}", file.display()))?;
+        check_same_model(&ckpt, args, &format!("--init-from {}", file.display()))?;
         keep_saved_vocab(args, saved_vocab(&ckpt));
         return Ok(Start::InitFrom(repadded(ckpt, args)));
     }
@@ -93,7 +94,7 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
     };
     let ckpt = Checkpoint::open(&path).map_err(|e| format!("--resume {spec}: {e}"))?;
     keep_saved_vocab(args, saved_vocab(&ckpt));
-    check_same_model(&ckpt, args)?;
+    check_same_model(&ckpt, args, &format!("--resume {}", ckpt.dir().display()))?;
     check_tying(&ckpt, args, &format!("--resume {}", ckpt.dir().display()))?;
     check_activation(&ckpt, args, &format!("--resume {}", ckpt.dir().display()))?;
     warn_schedule_changes(&ckpt, args);
@@ -180,18 +181,18 @@ fn check_activation(ckpt: &Checkpoint, args: &Args, what: &str) -> Result<(), St
     }
 }
 
-/// The shape-defining fields of the model config in the checkpoint must equal this run's, and
-/// its tokenizer's vocabulary too.
-fn check_same_model(ckpt: &Checkpoint, args: &Args) -> Result<(), String> {
+/// The shape-defining fields of the model config in the checkpoint (or exported model) must
+/// equal this run's, and its tokenizer's vocabulary too: the heads too, which no tensor shape
+/// shows (the fused q/k/v columns are grouped per head). `what`: the flag and its value.
+fn check_same_model(ckpt: &Checkpoint, args: &Args, what: &str) -> Result<(), String> {
     let ours = serde_json::to_value(gpt_config(args)).expect("config serialises");
     let Some(theirs) = ckpt.metadata().sections.get("model") else { return Ok(()) };
-    check_tokenizer(ckpt, args, &format!("--resume {}", ckpt.dir().display()))?;
+    check_tokenizer(ckpt, args, what)?;
     // The vocabulary's padding may differ (the tokens are checked above): see `repadded`.
-    for key in ["max_seq_len", "d_model", "n_heads", "n_layers", "d_ff"] {
+    for key in ["max_seq_len", "d_model", "n_heads", "n_layers", "d_ff", "layer_norm_eps"] {
         if theirs.get(key) != ours.get(key) {
             return Err(format!(
-                "--resume {}: the checkpoint is of another model: {key} = {} there, {} here",
-                ckpt.dir().display(),
+                "{what}: the checkpoint is of another model: {key} = {} there, {} here",
                 theirs.get(key).map_or("(none)".into(), |v| v.to_string()),
                 ours.get(key).map_or("(none)".into(), |v| v.to_string())
             ));

@@ -309,17 +309,20 @@ fn checkpoint(action: CheckpointCmd) -> Result<(), CheckpointError> {
             let c = burn_parallel::checkpoint::hf::import_hf(&from, &out)?;
             let tied = if c.tie_word_embeddings { " --tie-embeddings" } else { "" };
             let act = if c.activation()? == burn_parallel::activation::Activation::GeluTanh { " --activation gelu-tanh" } else { "" };
-            println!(
-                "{} -> {} (GPT-2: {} layers, width {}, {} heads, context {}, vocabulary {}); train it with --init-from {}{tied}{act}",
-                from.display(),
-                out.display(),
-                c.n_layer,
+            let tokenizer = match c.vocab_size {
+                50257 => " --tokenizer gpt2",
+                256 => " --tokenizer byte",
+                _ => " (a vocabulary of neither tokenizer: gpt_pretrain cannot feed it)",
+            };
+            let shape = format!(
+                "--d-model {} --heads {} --layers {} --d-ff {} --seq-len {}",
                 c.n_embd,
                 c.n_head,
-                c.n_positions,
-                c.vocab_size,
-                out.display()
+                c.n_layer,
+                c.n_inner.unwrap_or(4 * c.n_embd),
+                c.n_positions
             );
+            println!("{} -> {}; train it with:\n  gpt_pretrain --init-from {} {shape}{tied}{act}{tokenizer}", from.display(), out.display(), out.display());
         }
     }
     Ok(())

@@ -16,8 +16,11 @@
 //! | `ln_f.{gamma,beta}` | `ln_f.{weight,bias}` | the same |
 //! | `head.weight [h, V]` (untied) | `lm_head.weight [V, h]` | transposed; absent when tied (GPT-2's own) |
 //!
-//! HuggingFace's names may carry `transformer.`; its causal-mask buffers (`h.N.attn.bias`,
-//! `h.N.attn.masked_bias`) are not parameters and are skipped. The model config travels as
+//! HuggingFace's names may carry `transformer.` (the export writes it, as `save_pretrained`
+//! does: everything but `lm_head.weight` belongs to `GPT2LMHeadModel.transformer`); its
+//! causal-mask buffers (`h.N.attn.bias`, `h.N.attn.masked_bias`) are not parameters and are
+//! skipped. Attention variants GPT-2 does not use (`scale_attn_weights: false`,
+//! `scale_attn_by_inverse_layer_idx: true`) are refused. The model config travels as
 //! `config.json` there and as `__metadata__.burn_parallel_model` here (the fields of
 //! `GptConfig`). GPT-2 computes its MLP with the tanh GeLU (`activation_function: gelu_new`):
 //! run an imported model with `--activation gelu-tanh` (the imported config says so).
@@ -65,6 +68,18 @@ pub struct HfGpt2Config {
     /// `["GPT2LMHeadModel"]`.
     #[serde(default)]
     pub architectures: Vec<String>,
+    /// Scores scaled by `1/√d_head` (GPT-2: yes; ours always).
+    #[serde(default = "yes")]
+    pub scale_attn_weights: bool,
+    /// Scores further scaled by `1/(layer + 1)` (GPT-2: no; ours never).
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    /// Beginning-of-text token (GPT-2's `<|endoftext|>` 50256; none for other vocabularies).
+    #[serde(default)]
+    pub bos_token_id: Option<usize>,
+    /// End-of-text token (as `bos_token_id`).
+    #[serde(default)]
+    pub eos_token_id: Option<usize>,
 }
 
 fn gelu_new() -> String {
@@ -90,8 +105,15 @@ impl HfGpt2Config {
         }
     }
 
-    /// This config as `GptConfig`'s fields (the JSON our export's `burn_parallel_model` holds).
+    /// This config as `GptConfig`'s fields (the JSON our export's `burn_parallel_model` holds);
+    /// attention variants GPT-2 does not use are refused.
     pub fn to_model_json(&self) -> Result<serde_json::Value> {
+        if !self.scale_attn_weights || self.scale_attn_by_inverse_layer_idx {
+            return Err(CheckpointError::Invalid(format!(
+                "scale_attn_weights {} / scale_attn_by_inverse_layer_idx {}: only GPT-2's attention (true / false) is supported",
+                self.scale_attn_weights, self.scale_attn_by_inverse_layer_idx
+            )));
+        }
         Ok(serde_json::json!({
             "vocab_size": self.vocab_size,
             "max_seq_len": self.n_positions,
@@ -128,6 +150,16 @@ impl HfGpt2Config {
             tie_word_embeddings: model.get("tie_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
             model_type: gpt2(),
             architectures: vec!["GPT2LMHeadModel".into()],
+            scale_attn_weights: true,
+            scale_attn_by_inverse_layer_idx: false,
+            bos_token_id: None,
+            eos_token_id: None,
+        })
+        .map(|mut c| {
+            // GPT-2's vocabulary: its <|endoftext|> (HuggingFace's default); none elsewhere.
+            let end = (c.vocab_size == 50257).then_some(50256);
+            (c.bos_token_id, c.eos_token_id) = (end, end);
+            c
         })
     }
 }
@@ -178,7 +210,8 @@ pub fn from_hf(tensors: &BTreeMap<String, TensorData>, config: &HfGpt2Config) ->
 }
 
 /// HuggingFace's tensors and config of our export's `tensors` with model config `model` (its
-/// `GptConfig` JSON): padded vocabulary rows (and head columns) beyond `vocab_used` dropped.
+/// `GptConfig` JSON): padded vocabulary rows (and head columns) beyond `vocab_used` dropped;
+/// names as `save_pretrained` writes them (`transformer.` but for `lm_head.weight`).
 pub fn to_hf(tensors: &BTreeMap<String, TensorData>, model: &serde_json::Value) -> Result<(BTreeMap<String, TensorData>, HfGpt2Config)> {
     let config = HfGpt2Config::from_model_json(model)?;
     let get =
@@ -198,6 +231,7 @@ pub fn to_hf(tensors: &BTreeMap<String, TensorData>, model: &serde_json::Value) 
             out.insert(format!("h.{n}.attn.c_attn.{field}"), regroup(&qkv, config.n_head, false)?);
         }
     }
+    let mut out: BTreeMap<String, TensorData> = out.into_iter().map(|(n, t)| (format!("transformer.{n}"), t)).collect();
     if !config.tie_word_embeddings {
         out.insert("lm_head.weight".into(), rows(&transpose(&get("head.weight")?)?, config.vocab_size)?);
     }

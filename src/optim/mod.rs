@@ -251,7 +251,7 @@ where
             entries.extend(g.out);
             modules.push(module);
         }
-        self.check_tied(&entries)?;
+        self.check_tied_agreed(&entries)?;
         let mut grads = self.reduce(&mut entries)?;
         self.sum_tied(&entries, &mut grads)?;
         let norm = match max_norm.is_some() || self.config.check_finite {

@@ -8,15 +8,18 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 
 use super::{DistAdamW, Entry, OptimError};
+use crate::comm::ops::all_reduce_scalar;
 use crate::pipeline::tied::{agree_on_count, sets_of, sum_sets};
 use crate::pipeline::TiedError;
-use crate::{CollectiveBackend, Comm};
+use crate::{CollectiveBackend, Comm, ReduceOp};
 
-/// The tied sets of this rank (each: its copies of one parameter) and the group that sums them.
+/// The tied sets of this rank (each: its copies of one parameter), the group that sums them,
+/// and whether the stages have agreed that the step's parameters pair up.
 #[derive(Default)]
 pub(super) struct Tied {
     sets: Vec<Vec<ParamId>>,
     group: Option<Comm>,
+    agreed: bool,
 }
 
 impl<B> DistAdamW<B>
@@ -35,7 +38,25 @@ where
         let local = sets_of(&per_stage);
         let sets = local.clone().unwrap_or_default();
         agree_on_count(local.map(|s| s.len()), group)?;
-        self.tied = Tied { sets, group: group.cloned() };
+        self.tied = Tied { sets, group: group.cloned(), agreed: false };
+        Ok(())
+    }
+
+    /// [`check_tied`](Self::check_tied); on the first step (after `new` or `tie`) agreed over
+    /// the pipeline group (a max of an error flag), so that a stage that refuses fails every
+    /// stage at once instead of leaving them in the step's next collective.
+    pub(super) fn check_tied_agreed(&mut self, entries: &[Entry<B::InnerBackend>]) -> Result<(), OptimError> {
+        let local = self.check_tied(entries);
+        if self.tied.agreed {
+            return local;
+        }
+        let flag = if local.is_err() { 1.0 } else { 0.0 };
+        let any = if self.pp.size() > 1 { all_reduce_scalar(flag, ReduceOp::Max, &self.pp)? } else { flag };
+        local?;
+        if any > 0.0 {
+            return Err(TiedError::Mismatch(format!("another stage of pipeline group {} refused the step (its error says why)", self.pp.label())).into());
+        }
+        self.tied.agreed = true;
         Ok(())
     }
 

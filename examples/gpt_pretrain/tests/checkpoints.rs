@@ -328,5 +328,8 @@ fn an_imported_huggingface_gpt2_initialises_a_run() {
     assert!(e.contains("--init-from") && e.contains("pass --activation gelu-tanh"), "{e}");
     let e = error_of(&format!("{base} --steps 1 --activation gelu-tanh"));
     assert!(e.contains("pass --tie-embeddings"), "{e}");
+    // Eight heads of 4 fit every tensor's shape, but not its q/k/v columns: refused by name.
+    let e = error_of(&format!("{} --steps 1", gpt2.replace("--heads 4", "--heads 8")));
+    assert!(e.contains("--init-from") && e.contains("n_heads = 4 there, 8 here"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
