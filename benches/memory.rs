@@ -28,6 +28,7 @@ fn shape() -> GptShape {
             ffn: 1024,
             tied_embeddings: false,
             activation: burn_parallel::activation::Activation::Gelu,
+            arch: burn_parallel::arch::Arch::GPT2,
         }
     } else {
         GptShape {
@@ -39,6 +40,7 @@ fn shape() -> GptShape {
             ffn: 512,
             tied_embeddings: false,
             activation: burn_parallel::activation::Activation::Gelu,
+            arch: burn_parallel::arch::Arch::GPT2,
         }
     }
 }
@@ -99,6 +101,7 @@ fn attention_cores() {
         ffn: 512,
         tied_embeddings: false,
         activation: burn_parallel::activation::Activation::Gelu,
+        arch: burn_parallel::arch::Arch::GPT2,
     };
     println!(
         "\nGPT {shape:?}, batch 2\n\n| attention | predicted peak | measured peak | s/step | peak vs composed | time vs composed |\n|---|---|---|---|---|---|"
@@ -127,6 +130,7 @@ fn bytes_per_param() {
         ffn: 2048,
         tied_embeddings: false,
         activation: burn_parallel::activation::Activation::Gelu,
+        arch: burn_parallel::arch::Arch::GPT2,
     };
     println!(
         "\nGPT {shape:?} ({:.1}M parameters), global batch 8\n\n| precision, optimizer | model state B/param, lowest rank (+ 4 B f32 gradients) | highest rank | target |\n|---|---|---|---|",

@@ -121,7 +121,10 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
         .with_loss_chunk(p.loss_chunk)
         .with_attention(p.attention.into())
         .with_tie_embeddings(shape.tied_embeddings)
-        .with_activation(shape.activation);
+        .with_activation(shape.activation)
+        .with_norm(shape.arch.norm)
+        .with_position(shape.arch.position)
+        .with_bias(!shape.arch.no_bias);
     let per_replica = p.microbatch * p.microbatches;
     let results = run_world(p.dp * p.pp * p.tp, LocalWorldOptions::default(), |c| {
         let rank = c.global_rank();

@@ -2,11 +2,15 @@
 //! approximation (`0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, HuggingFace's `gelu_new`,
 //! Megatron's `--openai-gelu`), which pretrained GPT-2 weights expect.
 //!
+//! [`Activation::SwiGlu`] (Llama, Megatron's `--swiglu`) is gated: the MLP gets a second
+//! column-parallel projection `gate` and computes `silu(x·G) ⊙ (x·A)` before its row-parallel
+//! output; [`Activation::forward`] is the element-wise part, `silu`, applied to the gate.
+//!
 //! The approximation is composed of Burn's ops (Burn 0.21 has no fused kernel for it): under
 //! autodiff it keeps two `[.., ffn/t]` tensors more per block than `Gelu` (the `tanh` output and
 //! `1 + tanh`; `burn_parallel::memory` counts them).
 
-use burn::tensor::activation::{gelu, gelu_approximate};
+use burn::tensor::activation::{gelu, gelu_approximate, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
@@ -18,6 +22,8 @@ pub enum Activation {
     Gelu,
     /// GPT-2's tanh approximation (HuggingFace `gelu_new`): Burn's `gelu_approximate`.
     GeluTanh,
+    /// Gated: `silu(x·G) ⊙ (x·A)` (the MLP holds the gate `G`); `forward` is `silu`.
+    SwiGlu,
 }
 
 impl Activation {
@@ -26,21 +32,29 @@ impl Activation {
         match self {
             Self::Gelu => gelu(x),
             Self::GeluTanh => gelu_approximate(x),
+            Self::SwiGlu => silu(x),
         }
     }
 
-    /// Its name in HuggingFace's `GPT2Config::activation_function`.
+    /// Whether the MLP is gated (holds a `gate` projection).
+    pub fn gated(self) -> bool {
+        self == Self::SwiGlu
+    }
+
+    /// Its name in HuggingFace's configs (`GPT2Config::activation_function`, Llama's
+    /// `hidden_act`).
     pub fn hf_name(self) -> &'static str {
         match self {
             Self::Gelu => "gelu",
             Self::GeluTanh => "gelu_new",
+            Self::SwiGlu => "silu",
         }
     }
 }
 
 /// An activation name that does not exist.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown activation {0:?} (choose gelu or gelu-tanh)")]
+#[error("unknown activation {0:?} (choose gelu, gelu-tanh or swiglu)")]
 pub struct UnknownActivation(pub String);
 
 impl std::str::FromStr for Activation {
@@ -49,6 +63,7 @@ impl std::str::FromStr for Activation {
         match s {
             "gelu" => Ok(Self::Gelu),
             "gelu-tanh" => Ok(Self::GeluTanh),
+            "swiglu" => Ok(Self::SwiGlu),
             other => Err(UnknownActivation(other.to_string())),
         }
     }
@@ -59,6 +74,7 @@ impl std::fmt::Display for Activation {
         f.write_str(match self {
             Self::Gelu => "gelu",
             Self::GeluTanh => "gelu-tanh",
+            Self::SwiGlu => "swiglu",
         })
     }
 }
@@ -70,10 +86,10 @@ mod tests {
 
     #[test]
     fn names_and_values() {
-        for a in [Activation::Gelu, Activation::GeluTanh] {
+        for a in [Activation::Gelu, Activation::GeluTanh, Activation::SwiGlu] {
             assert_eq!(a.to_string().parse::<Activation>(), Ok(a));
         }
-        assert!("relu".parse::<Activation>().unwrap_err().to_string().contains("choose gelu or gelu-tanh"));
+        assert!("relu".parse::<Activation>().unwrap_err().to_string().contains("choose gelu, gelu-tanh or swiglu"));
         let x = Tensor::<Flex, 1>::from_floats([-2.0, -0.5, 0.0, 1.0, 3.0], &Default::default());
         let exact: Vec<f32> = Activation::Gelu.forward(x.clone()).into_data().to_vec().unwrap();
         let tanh: Vec<f32> = Activation::GeluTanh.forward(x).into_data().to_vec().unwrap();

@@ -36,6 +36,7 @@
 //! ```
 
 pub mod activation;
+pub mod arch;
 pub mod attention;
 pub mod checkpoint;
 pub mod collective;

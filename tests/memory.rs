@@ -24,6 +24,7 @@ pub const SHAPE: GptShape = GptShape {
     ffn: 512,
     tied_embeddings: false,
     activation: burn_parallel::activation::Activation::Gelu,
+    arch: burn_parallel::arch::Arch::GPT2,
 };
 
 #[test]
@@ -95,6 +96,38 @@ fn the_tanh_gelu_keeps_two_more_tensors_per_block() {
     eprintln!("gelu-tanh − gelu: measured {:.2} MB, predicted {:.2} MB, two [N, ffn] f32 per block {:.2} MB", measured / 1e6, predicted / 1e6, two / 1e6);
     assert!((predicted - two).abs() < 1.0, "predicted {predicted} vs {two}");
     assert!((measured - two).abs() < 0.25 * two, "measured {measured} vs {two}");
+}
+
+/// Llama-style blocks (RMS norms, RoPE, SwiGLU, no biases) on one rank and split (pp 2 × tp 2
+/// with SP and 4 micro-batches; tp 2 with full recompute): each rank's peak within ±10% of the
+/// model. SwiGLU alone keeps three `[N, ffn]` tensors more per block than GeLU, and its gate's
+/// weights: measured as predicted.
+#[test]
+fn llama_style_models_are_predicted_on_every_rank() {
+    use burn_parallel::activation::Activation;
+    use burn_parallel::arch::Arch;
+    let _one = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let llama = GptShape { activation: Activation::SwiGlu, arch: Arch::LLAMA, ..SHAPE };
+    let flat = harness::plan(1, 1, 1, 8);
+    one_rank_within_ten_percent(&llama, &flat, "llama");
+    let mut split = harness::with_microbatches(harness::plan(1, 2, 2, 8), 4);
+    split.sequence_parallel = true;
+    let mut full = harness::plan(1, 1, 2, 8);
+    full.recompute = burn_parallel::recompute::Recompute::Full;
+    for (plan, name) in [(split, "pp 2 x tp 2 sp"), (full, "tp 2 full recompute")] {
+        for (r, measured, predicted) in compare(&llama, &plan) {
+            let ratio = predicted.peak / measured as f64;
+            eprintln!("llama {name}, rank {r}: predicted {:.2} MB, measured {:.2} MB ({ratio:.3})", predicted.peak / 1e6, measured as f64 / 1e6);
+            assert!((0.9..=1.1).contains(&ratio), "llama {name} rank {r}: {ratio}");
+        }
+    }
+    let swiglu = GptShape { activation: Activation::SwiGlu, ..SHAPE };
+    let (gelu, gated) = (one_rank_within_ten_percent(&SHAPE, &flat, "gelu"), one_rank_within_ten_percent(&swiglu, &flat, "swiglu"));
+    let three = 3.0 * (8 * SHAPE.seq * SHAPE.ffn * SHAPE.layers) as f64 * 4.0;
+    let (measured, predicted) = (gated.0 - gelu.0, gated.1 - gelu.1);
+    eprintln!("swiglu − gelu: measured {:.2} MB, predicted {:.2} MB, three [N, ffn] f32 per block {:.2} MB", measured / 1e6, predicted / 1e6, three / 1e6);
+    assert!(predicted > three, "predicted {predicted} vs at least {three}");
+    assert!((measured - predicted).abs() < 0.15 * predicted, "measured {measured} vs predicted {predicted}");
 }
 
 /// Model state per parameter on every rank, against the figures the precision and ZeRO promise:
@@ -180,6 +213,7 @@ fn chunked_attention_at_a_long_sequence_is_predicted_and_drops_the_scores() {
         ffn: 128,
         tied_embeddings: false,
         activation: burn_parallel::activation::Activation::Gelu,
+        arch: burn_parallel::arch::Arch::GPT2,
     };
     let peak = |attention, precision| {
         let plan = burn_parallel::memory::TrainPlan { attention, precision, ..harness::plan(1, 1, 1, 2) };
@@ -210,6 +244,7 @@ fn a_large_vocabulary_head_is_predicted_with_and_without_the_chunked_loss() {
         ffn: 256,
         tied_embeddings: false,
         activation: burn_parallel::activation::Activation::Gelu,
+        arch: burn_parallel::arch::Arch::GPT2,
     };
     for precision in [Precision::F32, Precision::Bf16] {
         let mut peaks = Vec::new();

@@ -209,7 +209,7 @@ fn tp1_gpt_equals_burn_nn_gpt() {
     let grads = named_grads(&nn, &loss.clone().backward());
     assert!(max_abs_diff(&ours.0, &logits).unwrap() < TOL);
     assert!(max_abs_diff(&ours.1, &loss.into_data()).unwrap() < TOL);
-    let mut ref_by_path: std::collections::HashMap<String, _> = grads.into_iter().map(|p| (p.path.replace("mlp.", ""), p)).collect();
+    let mut ref_by_path: std::collections::HashMap<String, _> = grads.into_iter().map(|p| (p.path.replace("mlp.", "").replace(".Layer.", "."), p)).collect();
     // burn-nn's separate q, k, v are our fused projection, grouped by head.
     for i in 0..cfg.n_layers {
         for field in ["weight", "bias"] {

@@ -28,6 +28,7 @@ fn predicted_memory_is_within_ten_percent_of_wgpus_bytes_in_use() {
         ffn: 512,
         tied_embeddings: false,
         activation: burn_parallel::activation::Activation::Gelu,
+        arch: burn_parallel::arch::Arch::GPT2,
     };
     let keep = ["f32", "f32, composed attention", "f32 selective, composed attention", "f32 full"];
     for l in cube_memory::layouts(false).into_iter().filter(|l| keep.contains(&l.name)) {

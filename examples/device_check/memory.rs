@@ -20,6 +20,7 @@ const SHAPE: GptShape = GptShape {
     ffn: 1024,
     tied_embeddings: false,
     activation: burn_parallel::activation::Activation::Gelu,
+    arch: burn_parallel::arch::Arch::GPT2,
 };
 const BATCH: usize = 8;
 

@@ -105,8 +105,25 @@ pub(crate) struct Args {
     /// The MLPs' activation: gelu (x·Φ(x)), or gelu-tanh (GPT-2's tanh approximation,
     /// HuggingFace's gelu_new: what pretrained GPT-2 weights expect; composed of Burn's ops, it
     /// keeps two [b·s, ffn/tp] tensors more per block).
+    /// SwiGLU (Llama's, `swiglu`) adds a gate projection (h·ffn/tp more weights per block) and
+    /// keeps three [b·s, ffn/tp] tensors more per block; Llama sizes --d-ff at about 8/3 × d_model.
     #[arg(long, default_value = "gelu", value_parser = parse_activation)]
     pub(crate) activation: burn_parallel::activation::Activation,
+    /// The norms: layer-norm (GPT-2), or rms-norm (Llama: x/√(mean(x²)+ε)·γ, no β; one f32
+    /// statistic per row instead of two, composed ops on every device, no fused kernel).
+    #[arg(long, default_value = "layer-norm", value_parser = parse_norm)]
+    pub(crate) norm: burn_parallel::arch::Norm,
+    /// Positions: learned (GPT-2's wpe table), or rope (Llama's rotary embedding of queries and
+    /// keys, rotate-half pairs; no wpe; costs a few element-wise ops per block). Needs an even
+    /// head width.
+    #[arg(long, default_value = "learned", value_parser = parse_position)]
+    pub(crate) position: burn_parallel::arch::Position,
+    /// RoPE's base θ (with --position rope; Llama 2: 10000, Llama 3: 500000).
+    #[arg(long, default_value_t = 10000.0)]
+    pub(crate) rope_theta: f64,
+    /// No biases in the attention's and the MLPs' projections (Llama).
+    #[arg(long)]
+    pub(crate) no_bias: bool,
     /// Dropout probability.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) dropout: f64,
@@ -377,6 +394,14 @@ impl Args {
             _ => Ok(()),
         }
     }
+}
+
+fn parse_norm(s: &str) -> Result<burn_parallel::arch::Norm, String> {
+    s.parse().map_err(|e: burn_parallel::arch::UnknownChoice| e.to_string())
+}
+
+fn parse_position(s: &str) -> Result<burn_parallel::arch::Position, String> {
+    s.parse().map_err(|e: burn_parallel::arch::UnknownChoice| e.to_string())
 }
 
 fn parse_activation(s: &str) -> Result<burn_parallel::activation::Activation, String> {

@@ -198,6 +198,22 @@ fn check_same_model(ckpt: &Checkpoint, args: &Args, what: &str) -> Result<(), St
             ));
         }
     }
+    check_architecture(theirs, &ours, what)
+}
+
+/// The Llama-style choices (norms, positions, biases; RoPE's θ where positions are rotary) of
+/// the saved config must be this run's; a config from before them had GPT-2's.
+fn check_architecture(theirs: &serde_json::Value, ours: &serde_json::Value, what: &str) -> Result<(), String> {
+    use serde_json::json;
+    let rotary = ours.get("position") == Some(&json!("Rope"));
+    let fields = [("norm", json!("LayerNorm"), "--norm"), ("position", json!("Learned"), "--position"), ("bias", json!(true), "--no-bias")];
+    let theta = rotary.then_some(("rope_theta", json!(10000.0), "--rope-theta"));
+    for (key, default, flag) in fields.into_iter().chain(theta) {
+        let (then, now) = (theirs.get(key).unwrap_or(&default), ours.get(key).unwrap_or(&default));
+        if then != now {
+            return Err(format!("{what}: the checkpoint is of another model: {key} = {then} there, {now} here ({flag})"));
+        }
+    }
     Ok(())
 }
 

@@ -96,6 +96,10 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_attention(args.attention)
         .with_tie_embeddings(args.tie_embeddings)
         .with_activation(args.activation)
+        .with_norm(args.norm)
+        .with_position(args.position)
+        .with_rope_theta(args.rope_theta)
+        .with_bias(!args.no_bias)
 }
 
 /// This rank's optimizer: AdamW (β₂ 0.95) with f32 masters, DP reduction, global clipping
@@ -354,7 +358,8 @@ fn throughput_line(args: &Args, tokens_per_sec: f64) -> String {
 /// (model FLOPs per token, N): see [`throughput_line`].
 fn model_flops(args: &Args) -> (f64, f64) {
     let c = gpt_config(args);
-    let embeddings = ((c.vocab_size + args.seq_len) * c.d_model) as f64;
+    let wpe = if c.position == burn_parallel::arch::Position::Learned { args.seq_len } else { 0 };
+    let embeddings = ((c.vocab_size + wpe) * c.d_model) as f64;
     let untied = burn_parallel::memory::GptShape { tied_embeddings: false, ..gpt_shape(args) };
     let n = burn_parallel::memory::model::parameter_count(&untied) - embeddings;
     (6.0 * n + 12.0 * (c.n_layers * c.d_model * args.seq_len) as f64, n)
@@ -372,6 +377,7 @@ fn gpt_shape(args: &Args) -> burn_parallel::memory::GptShape {
         ffn: c.d_ff,
         tied_embeddings: c.tie_embeddings,
         activation: c.activation,
+        arch: burn_parallel::arch::Arch { norm: c.norm, position: c.position, no_bias: !c.bias },
     }
 }
 

@@ -8,6 +8,8 @@
 //! causal mask, softmax, dropout with a per-rank mask), the fused flash-attention kernels, or the
 //! chunked op (both: no `s × s` tensor kept, no dropout); the output projection is
 //! row-parallel `h → h` with one all-reduce (g).
+//! With `rope_theta`, queries and keys are rotated ([`crate::rope`]) right after the projection;
+//! `bias = false` drops the projections' biases (Llama).
 //! With t = 1 and dropout 0 it equals `burn::nn::attention::MultiHeadAttention` with an
 //! autoregressive mask.
 
@@ -50,6 +52,12 @@ pub struct ParallelAttentionConfig {
     /// `Chunked(rows)` (Burn ops on query chunks, any backend, no dropout).
     #[config(default = "burn_parallel::attention::AttentionKernel::Auto")]
     pub kernel: AttentionKernel,
+    /// Biases on the q/k/v and output projections.
+    #[config(default = true)]
+    pub bias: bool,
+    /// Rotary position embedding of queries and keys with this base `θ` (`None`: none).
+    #[config(default = "None")]
+    pub rope_theta: Option<f64>,
 }
 
 /// Causal multi-head self-attention with heads split over the TP group.
@@ -69,6 +77,9 @@ pub struct ParallelAttention<B: ParallelBackend> {
     /// What the core runs ([`ParallelAttentionConfig::kernel`], resolved at init).
     #[module(skip)]
     pub core: AttentionCore,
+    /// RoPE base `θ` (`None`: no rotary embedding).
+    #[module(skip)]
+    pub rope_theta: Option<f64>,
 }
 
 impl ParallelAttentionConfig {
@@ -80,17 +91,25 @@ impl ParallelAttentionConfig {
         let local_heads = check_divisible("attention heads", self.n_heads, tp)?;
         let d_head = self.d_model / self.n_heads;
         let core = self.kernel.resolve::<B>(device, d_head, self.dropout).map_err(ConfigError::Invalid)?;
+        if self.rope_theta.is_some() && !d_head.is_multiple_of(2) {
+            return Err(ConfigError::Invalid(format!("rotary position embedding needs an even head width, got {d_head}")));
+        }
         // q, k and v are generated as separate h → h weights (their own init streams, as the
         // unfused model's) and fused per head.
         let part = |name: &str| init.child(name).child("weight").normal(&[self.d_model, self.d_model], self.init_std);
         let weights = fuse_qkv(&part("query"), &part("key"), &part("value"), self.n_heads);
         Ok(ParallelAttention {
-            qkv: ColumnLinearConfig::new(self.d_model, 3 * self.d_model).init_from(tp, weights, device)?,
-            output: RowLinearConfig::new(self.d_model, self.d_model).with_init_std(self.proj_init_std).init(tp, &init.child("output"), device)?,
+            qkv: ColumnLinearConfig::new(self.d_model, 3 * self.d_model).with_bias(self.bias).init_from(tp, weights, device)?,
+            output: RowLinearConfig::new(self.d_model, self.d_model).with_init_std(self.proj_init_std).with_bias(self.bias).init(
+                tp,
+                &init.child("output"),
+                device,
+            )?,
             dropout: ParallelDropout::new(self.dropout, init.seed, &init.child("dropout").path, DropoutRegion::Sharded, tp.rank()),
             local_heads,
             d_head,
             core,
+            rope_theta: self.rope_theta,
         })
     }
 }
@@ -117,7 +136,7 @@ impl<B: ParallelBackend> ParallelAttention<B> {
 
     /// Attention of this rank's heads: `[b, s, h]` (after f / all-gather) → `[b, s, h/t]`.
     fn context(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.core_qkv(self.qkv.forward_parallel_input(x))
+        self.core_qkv(self.project_qkv(x))
     }
 
     /// The TP entry of the attention input: f (`[b, s, h]`, backward all-reduce) or, under
@@ -130,9 +149,14 @@ impl<B: ParallelBackend> ParallelAttention<B> {
         }
     }
 
-    /// This rank's fused projection of an entered input, `[b, s, 3h/t]` grouped by head.
+    /// This rank's fused projection of an entered input, `[b, s, 3h/t]` grouped by head
+    /// (queries and keys rotated with RoPE).
     pub fn project_qkv(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.qkv.forward_parallel_input(x)
+        let qkv = self.qkv.forward_parallel_input(x);
+        match self.rope_theta {
+            Some(theta) => crate::rope::rope_qkv(qkv, self.local_heads, self.d_head, theta),
+            None => qkv,
+        }
     }
 
     /// Query, key and value `[b, s, h/t]` (heads in order) of a fused projection.

@@ -54,6 +54,15 @@ pub struct TransformerBlockConfig {
     /// The MLP's activation.
     #[config(default = "burn_parallel::activation::Activation::Gelu")]
     pub activation: burn_parallel::activation::Activation,
+    /// Layer norms or RMS norms.
+    #[config(default = "burn_parallel::arch::Norm::LayerNorm")]
+    pub norm: burn_parallel::arch::Norm,
+    /// Biases on the attention's and the MLP's projections.
+    #[config(default = true)]
+    pub bias: bool,
+    /// RoPE base `θ` of the attention (`None`: no rotary embedding).
+    #[config(default = "None")]
+    pub rope_theta: Option<f64>,
 }
 
 /// One transformer layer, split over the TP group.
@@ -78,8 +87,13 @@ pub struct TransformerBlock<B: ParallelBackend> {
 impl TransformerBlockConfig {
     /// Builds this rank's shard.
     pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<TransformerBlock<B>, ConfigError> {
-        let ln =
-            || ParallelLayerNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).with_sequence_parallel(self.sequence_parallel).init(tp, device);
+        let ln = || {
+            ParallelLayerNormConfig::new(self.d_model)
+                .with_epsilon(self.layer_norm_eps)
+                .with_sequence_parallel(self.sequence_parallel)
+                .with_norm(self.norm)
+                .init(tp, device)
+        };
         let region = if self.sequence_parallel { DropoutRegion::Sharded } else { DropoutRegion::Replicated };
         let drop = |name: &str| ParallelDropout::new(self.dropout, init.seed, &init.child(name).path, region, tp.rank());
         Ok(TransformerBlock {
@@ -89,12 +103,15 @@ impl TransformerBlockConfig {
                 .with_init_std(self.init_std)
                 .with_proj_init_std(self.proj_init_std)
                 .with_kernel(self.attention)
+                .with_bias(self.bias)
+                .with_rope_theta(self.rope_theta)
                 .init(tp, &init.child("attn"), device)?,
             ln2: ln(),
             mlp: ParallelMlpConfig::new(self.d_model, self.d_ff)
                 .with_init_std(self.init_std)
                 .with_proj_init_std(self.proj_init_std)
                 .with_activation(self.activation)
+                .with_bias(self.bias)
                 .init(tp, &init.child("mlp"), device)?,
             drop_attn: drop("drop_attn"),
             drop_mlp: drop("drop_mlp"),

@@ -23,8 +23,8 @@ impl<B: ParallelBackend> Gpt<B> {
         if self.sequence_parallel {
             return self.clone().with_sequence_parallel(false).generate(prompt, n_new, temperature, seed);
         }
-        let device = self.wpe.val().device();
-        let max = self.wpe.val().dims()[0];
+        let device = self.wte.weight.val().device();
+        let max = self.max_seq_len;
         let mut rng = HostRng::new(seed, "generate");
         let mut tokens = prompt.to_vec();
         for _ in 0..n_new {

@@ -34,8 +34,9 @@ use crate::init::{param, ParamInit};
 use crate::layer_norm::{ParallelLayerNorm, ParallelLayerNormConfig};
 use crate::tied_head::HeadWeight;
 
-/// Token embedding, position embedding and their dropout (what runs before the first block).
-type Embedding<B> = (VocabParallelEmbedding<B>, Param<Tensor<B, 2>>, ParallelDropout);
+/// Token embedding, position embedding (none with RoPE) and their dropout (what runs before
+/// the first block).
+type Embedding<B> = (VocabParallelEmbedding<B>, Option<Param<Tensor<B, 2>>>, ParallelDropout);
 
 /// Configuration of a [`Gpt`].
 #[derive(Config, Debug)]
@@ -95,6 +96,19 @@ pub struct GptConfig {
     /// weights expect).
     #[config(default = "burn_parallel::activation::Activation::Gelu")]
     pub activation: burn_parallel::activation::Activation,
+    /// Layer norms (GPT-2) or RMS norms (Llama), in the blocks and before the head.
+    #[config(default = "burn_parallel::arch::Norm::LayerNorm")]
+    pub norm: burn_parallel::arch::Norm,
+    /// A learned position embedding `wpe` (GPT-2), or rotary embedding of queries and keys
+    /// (Llama: no `wpe`).
+    #[config(default = "burn_parallel::arch::Position::Learned")]
+    pub position: burn_parallel::arch::Position,
+    /// RoPE's base `θ` (with `Position::Rope`).
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+    /// Biases on the attention's and the MLPs' projections (Llama has none).
+    #[config(default = true)]
+    pub bias: bool,
 }
 
 /// A GPT split over a TP group (a group of one gives the plain model).
@@ -102,8 +116,8 @@ pub struct GptConfig {
 pub struct Gpt<B: ParallelBackend> {
     /// Token embedding, vocab-parallel.
     pub wte: VocabParallelEmbedding<B>,
-    /// Position embedding `[max_seq_len, h]`, replicated.
-    pub wpe: Param<Tensor<B, 2>>,
+    /// Position embedding `[max_seq_len, h]`, replicated (`None` with RoPE).
+    pub wpe: Option<Param<Tensor<B, 2>>>,
     /// Dropout on the embedding sum (replicated region).
     pub drop: ParallelDropout,
     /// Transformer blocks.
@@ -124,6 +138,9 @@ pub struct Gpt<B: ParallelBackend> {
     /// Cross-entropy rows per chunk in [`Gpt::forward_backward`].
     #[module(skip)]
     pub loss_chunk: Option<usize>,
+    /// Longest sequence (the generation window).
+    #[module(skip)]
+    pub max_seq_len: usize,
 }
 
 impl GptConfig {
@@ -143,6 +160,15 @@ impl GptConfig {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(ConfigError::Invalid(format!("dropout {} is not a probability in [0, 1)", self.dropout)));
+        }
+        if self.position == burn_parallel::arch::Position::Rope {
+            let d_head = self.d_model / self.n_heads.max(1);
+            if !(d_head.is_multiple_of(2) && self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+                return Err(ConfigError::Invalid(format!(
+                    "rotary position embedding needs an even head width and θ > 0: head width {d_head}, θ {}",
+                    self.rope_theta
+                )));
+            }
         }
         ParallelConfig::new().with_tensor_parallel(tp).validate_model(&self.dims())
     }
@@ -164,6 +190,7 @@ impl GptConfig {
             recompute: self.recompute,
             vocab_used: self.vocab_used,
             loss_chunk: self.loss_chunk,
+            max_seq_len: self.max_seq_len,
         }))
     }
 
@@ -172,7 +199,8 @@ impl GptConfig {
         let init = ParamInit::new(self.seed);
         Ok((
             VocabParallelEmbeddingConfig::new(self.vocab_size, self.d_model).init(tp, &init.child("wte"), device)?,
-            param(init.child("wpe").child("weight").normal(&[self.max_seq_len, self.d_model], 0.02), device),
+            (self.position == burn_parallel::arch::Position::Learned)
+                .then(|| param(init.child("wpe").child("weight").normal(&[self.max_seq_len, self.d_model], 0.02), device)),
             ParallelDropout::new(self.dropout, self.seed, "drop", self.dropout_region(), tp.rank()),
         ))
     }
@@ -192,7 +220,10 @@ impl GptConfig {
             .with_layer_norm_eps(self.layer_norm_eps)
             .with_sequence_parallel(self.sequence_parallel)
             .with_attention(self.attention)
-            .with_activation(self.activation);
+            .with_activation(self.activation)
+            .with_norm(self.norm)
+            .with_bias(self.bias)
+            .with_rope_theta(self.rope());
         layers.map(|i| block.init(tp, &init.child("blocks").child(i), device)).collect()
     }
 
@@ -202,7 +233,11 @@ impl GptConfig {
         let init = ParamInit::new(self.seed);
         let head = ColumnLinearConfig::new(self.d_model, self.vocab_size).with_bias(false);
         Ok((
-            ParallelLayerNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).with_sequence_parallel(self.sequence_parallel).init(tp, device),
+            ParallelLayerNormConfig::new(self.d_model)
+                .with_epsilon(self.layer_norm_eps)
+                .with_sequence_parallel(self.sequence_parallel)
+                .with_norm(self.norm)
+                .init(tp, device),
             (!self.tie_embeddings).then(|| head.init(tp, &init.child("head"), device)).transpose()?,
         ))
     }
@@ -215,6 +250,11 @@ impl GptConfig {
             Precision::F32 => module,
             p => cast_params(module, p.dtype()),
         }
+    }
+
+    /// RoPE's `θ` where positions are rotary.
+    pub fn rope(&self) -> Option<f64> {
+        (self.position == burn_parallel::arch::Position::Rope).then_some(self.rope_theta)
     }
 
     fn dropout_region(&self) -> DropoutRegion {
@@ -245,26 +285,34 @@ impl GptConfig {
 /// Embedding sum with dropout: `ids [b, s] → [b, s, h]`, or this rank's shard `[b, s/t, h]`
 /// under sequence parallelism (the vocab-parallel partial sums are reduce-scattered along the
 /// sequence, then this rank's positions added; `wpe` enters through f so its gradient is summed
-/// over the TP group).
+/// over the TP group). Without `wpe` (RoPE) the token embedding alone.
 pub(crate) fn embed<B: ParallelBackend>(
     wte: &VocabParallelEmbedding<B>,
-    wpe: &Param<Tensor<B, 2>>,
+    wpe: Option<&Param<Tensor<B, 2>>>,
     drop: &ParallelDropout,
     ids: Tensor<B, 2, Int>,
     sequence_parallel: bool,
 ) -> Tensor<B, 3> {
     let [_, s] = ids.dims();
-    let max = wpe.val().dims()[0];
-    assert!(s <= max, "sequence length {s} exceeds max_seq_len {max}");
+    if let Some(wpe) = wpe {
+        let max = wpe.val().dims()[0];
+        assert!(s <= max, "sequence length {s} exceeds max_seq_len {max}");
+    }
     if !sequence_parallel {
-        return drop.forward(wte.forward(ids) + wpe.val().slice(0..s).unsqueeze::<3>());
+        let x = wte.forward(ids);
+        return drop.forward(match wpe {
+            Some(wpe) => x + wpe.val().slice(0..s).unsqueeze::<3>(),
+            None => x,
+        });
     }
     let (tp, t) = (&wte.tp, wte.tp.size());
     assert!(s % t == 0, "sequence length {s} is not divisible by tensor_parallel = {t} (sequence parallelism)");
     let (chunk, r) = (s / t, tp.rank());
     let x = reduce_scatter_to_sp(wte.forward_partial(ids), 1, tp);
-    let pos = copy_to_tp(wpe.val(), tp).slice(r * chunk..(r + 1) * chunk).unsqueeze::<3>();
-    drop.forward(x + pos)
+    drop.forward(match wpe {
+        Some(wpe) => x + copy_to_tp(wpe.val(), tp).slice(r * chunk..(r + 1) * chunk).unsqueeze::<3>(),
+        None => x,
+    })
 }
 
 /// Logits of padded vocabulary entries (ids ≥ the tokenizer's vocabulary): never sampled,
@@ -328,7 +376,7 @@ impl<B: ParallelBackend> Gpt<B> {
     /// Output of the last block: `[b, s] → [b, s, h]` (replicated), or this rank's sequence
     /// shard `[b, s/t, h]` under sequence parallelism.
     pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let mut x = embed(&self.wte, &self.wpe, &self.drop, ids, self.sequence_parallel);
+        let mut x = embed(&self.wte, self.wpe.as_ref(), &self.drop, ids, self.sequence_parallel);
         for block in &self.blocks {
             x = block.forward(x);
         }
@@ -366,7 +414,7 @@ impl<B: ParallelBackend> Gpt<B> {
     /// The pieces recompute walks.
     pub fn pieces(&self) -> Pieces<'_, B> {
         Pieces {
-            embed: Some((&self.wte, &self.wpe, &self.drop)),
+            embed: Some((&self.wte, self.wpe.as_ref(), &self.drop)),
             blocks: &self.blocks,
             head: Some(self.head_ref()),
             sequence_parallel: self.sequence_parallel,
@@ -406,7 +454,7 @@ impl<B: ParallelBackend> Gpt<B> {
             let (ids, targets) = microbatches.into_iter().next().expect("one micro-batch");
             return self.forward_backward(ids, targets);
         }
-        let half = matches!(self.wpe.val().dtype(), burn::tensor::DType::BF16 | burn::tensor::DType::F16);
+        let half = matches!(self.wte.weight.val().dtype(), burn::tensor::DType::BF16 | burn::tensor::DType::F16);
         let (mut acc, mut total) = (burn::optim::GradientsAccumulator::new(), 0.0f32);
         for (ids, targets) in microbatches {
             let (loss, grads) = self.forward_backward_scaled(ids, targets, 1.0 / m as f32)?;

@@ -51,7 +51,7 @@ pub struct TokenBatch {
 pub struct GptStage<B: ParallelBackend> {
     /// Token embedding (first stage).
     pub wte: Option<VocabParallelEmbedding<B>>,
-    /// Position embedding (first stage).
+    /// Position embedding (first stage; none with RoPE).
     pub wpe: Option<Param<Tensor<B, 2>>>,
     /// Embedding dropout.
     pub drop: ParallelDropout,
@@ -92,7 +92,7 @@ where
         };
         Ok(c.in_precision(GptStage {
             wte: first.then_some(wte),
-            wpe: first.then_some(wpe),
+            wpe: wpe.filter(|_| first),
             drop,
             blocks: c.init_blocks(spec.layers.clone(), &self.tp, device)?,
             first_layer: spec.layers.start,
@@ -202,10 +202,7 @@ impl<B: ParallelBackend> GptStage<B> {
 
     /// The pieces recompute walks.
     pub fn pieces<'a>(&'a self, model: &'a GptPipeline) -> Pieces<'a, B> {
-        let embed = match (&self.wte, &self.wpe) {
-            (Some(wte), Some(wpe)) => Some((wte, wpe, &self.drop)),
-            _ => None,
-        };
+        let embed = self.wte.as_ref().map(|wte| (wte, self.wpe.as_ref(), &self.drop));
         let vocab_start = model.tp.rank() * model.config.vocab_size / model.tp.size();
         let weight = match (&self.head, &self.tied_head, &self.wte) {
             (Some(head), _, _) => Some(HeadWeight::Own(head)),
@@ -221,9 +218,9 @@ impl<B: ParallelBackend> GptStage<B> {
     }
 
     fn drop_device(&self, input: Option<&Tensor<B, 3>>) -> B::Device {
-        match (input, &self.wpe) {
+        match (input, &self.wte) {
             (Some(x), _) => x.device(),
-            (None, Some(w)) => w.val().device(),
+            (None, Some(w)) => w.weight.val().device(),
             (None, None) => Default::default(),
         }
     }

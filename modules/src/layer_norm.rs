@@ -7,11 +7,15 @@
 //! sequence shard `[b, s/t, h]`, so `γ, β` only see that rank's tokens: they enter the op through
 //! f (`copy_to_tp`: identity forward, **all-reduce backward**), which sums their gradients over the
 //! TP group during the backward itself (Megatron-LM#1446) — nothing to remember after backward.
+//!
+//! With [`Norm::RmsNorm`] it is Llama's RMS norm, `x / √(mean(x²) + ε) · γ` (no `β`), through
+//! [`rms_norm`]; the same SP rule.
 
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorData};
-use burn_parallel::kernels::layer_norm;
+use burn_parallel::arch::Norm;
+use burn_parallel::kernels::{layer_norm, rms_norm};
 use burn_parallel::mappings::copy_to_tp;
 use burn_parallel::{Comm, ParallelBackend};
 
@@ -28,6 +32,9 @@ pub struct ParallelLayerNormConfig {
     /// Whether inputs are sequence shards (γ, β gradients summed over the TP group).
     #[config(default = false)]
     pub sequence_parallel: bool,
+    /// Layer norm, or RMS norm (no `β`).
+    #[config(default = "burn_parallel::arch::Norm::LayerNorm")]
+    pub norm: Norm,
 }
 
 /// Layer norm with replicated `γ, β` (see the module docs for the SP rule).
@@ -35,7 +42,7 @@ pub struct ParallelLayerNormConfig {
 pub struct ParallelLayerNorm<B: ParallelBackend> {
     /// Scale `[h]` (starts at 1).
     pub gamma: Param<Tensor<B, 1>>,
-    /// Shift `[h]` (starts at 0).
+    /// Shift `[h]` (starts at 0); none in an RMS norm.
     pub beta: Option<Param<Tensor<B, 1>>>,
     /// ε.
     pub epsilon: f64,
@@ -44,6 +51,9 @@ pub struct ParallelLayerNorm<B: ParallelBackend> {
     /// The TP group.
     #[module(skip)]
     pub tp: Comm,
+    /// Layer norm or RMS norm.
+    #[module(skip)]
+    pub norm: Norm,
 }
 
 impl ParallelLayerNormConfig {
@@ -51,10 +61,11 @@ impl ParallelLayerNormConfig {
     pub fn init<B: ParallelBackend>(&self, tp: &Comm, device: &B::Device) -> ParallelLayerNorm<B> {
         ParallelLayerNorm {
             gamma: param(TensorData::ones::<f32, _>([self.d_model]), device),
-            beta: Some(param(TensorData::zeros::<f32, _>([self.d_model]), device)),
+            beta: (self.norm == Norm::LayerNorm).then(|| param(TensorData::zeros::<f32, _>([self.d_model]), device)),
             epsilon: self.epsilon,
             sequence_parallel: self.sequence_parallel,
             tp: tp.clone(),
+            norm: self.norm,
         }
     }
 }
@@ -64,6 +75,9 @@ impl<B: ParallelBackend> ParallelLayerNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let rep = |p: Tensor<B, 1>| if self.sequence_parallel { copy_to_tp(p, &self.tp) } else { p };
         let gamma = rep(self.gamma.val());
+        if self.norm == Norm::RmsNorm {
+            return rms_norm(x, gamma, self.epsilon as f32);
+        }
         let beta = match &self.beta {
             Some(b) => rep(b.val()),
             None => Tensor::zeros(gamma.dims(), (&gamma.device(), gamma.dtype())),

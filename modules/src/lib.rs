@@ -42,6 +42,7 @@ pub mod layer_norm;
 pub mod mlp;
 pub mod recompute;
 pub mod reference;
+pub mod rope;
 pub mod row_linear;
 pub mod tied_head;
 

@@ -34,8 +34,8 @@ use crate::dropout::ParallelDropout;
 use crate::embedding::VocabParallelEmbedding;
 use crate::gpt::{embed, head_logits, head_loss, HeadRef};
 
-/// The embedding of a first stage: token table, position table, dropout.
-pub type EmbedPieces<'a, B> = (&'a VocabParallelEmbedding<B>, &'a Param<Tensor<B, 2>>, &'a ParallelDropout);
+/// The embedding of a first stage: token table, position table (none with RoPE), dropout.
+pub type EmbedPieces<'a, B> = (&'a VocabParallelEmbedding<B>, Option<&'a Param<Tensor<B, 2>>>, &'a ParallelDropout);
 
 /// The pieces of a GPT part that recompute walks.
 pub struct Pieces<'a, B: ParallelBackend> {

@@ -1,31 +1,59 @@
 //! The same GPT built only from burn-nn layers, on one device: the baseline that the parallel
 //! model must equal (parity tests) and the throughput baseline of the benchmark.
 //!
-//! Weights come from the same `(seed, path)` streams as [`Gpt`](crate::Gpt), in full.
+//! Weights come from the same `(seed, path)` streams as [`Gpt`](crate::Gpt), in full. The
+//! Llama-style options use burn-nn's own layers too: `RmsNorm`, `SwiGlu` (its inner linear is
+//! the gate, its outer one `fc1`) and `RotaryEncoding` (burn-nn rotates interleaved pairs
+//! `(x_{2i}, x_{2i+1})`; the head dims are reordered around it so that it rotates our pairs
+//! `(x_i, x_{i+d/2})`), with the attention written out (burn-nn's has no rotary hook).
 
 use burn::module::{Module, Param};
 use burn::nn::attention::{generate_autoregressive_mask, MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{
+    Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding, RotaryEncodingConfig, SwiGlu,
+    SwiGluConfig,
+};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use burn_parallel::arch::{Norm, Position};
 
 use crate::gpt::GptConfig;
 use crate::init::{param, ParamInit};
 
-/// A burn-nn transformer block (pre-LN, GeLU MLP).
+/// burn-nn's layer norm or RMS norm.
+#[derive(Module, Debug)]
+pub enum NnNorm<B: Backend> {
+    /// `LayerNorm`.
+    Layer(LayerNorm<B>),
+    /// `RmsNorm`.
+    Rms(RmsNorm<B>),
+}
+
+impl<B: Backend> NnNorm<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Self::Layer(n) => n.forward(x),
+            Self::Rms(n) => n.forward(x),
+        }
+    }
+}
+
+/// A burn-nn transformer block (pre-norm, GeLU or SwiGLU MLP).
 #[derive(Module, Debug)]
 pub struct NnBlock<B: Backend> {
-    /// Layer norm before attention.
-    pub ln1: LayerNorm<B>,
-    /// burn-nn multi-head attention (causal mask).
+    /// Norm before attention.
+    pub ln1: NnNorm<B>,
+    /// burn-nn multi-head attention (causal mask; its linears only, with RoPE).
     pub attn: MultiHeadAttention<B>,
-    /// Layer norm before the MLP.
-    pub ln2: LayerNorm<B>,
+    /// Norm before the MLP.
+    pub ln2: NnNorm<B>,
     /// `h → ffn`.
     pub fc1: Linear<B>,
     /// `ffn → h`.
     pub fc2: Linear<B>,
+    /// SwiGLU: `silu(x·gate) ⊙ x·fc1` (`linear_outer` is `fc1`).
+    pub swiglu: Option<SwiGlu<B>>,
 }
 
 /// A GPT from burn-nn layers only.
@@ -33,12 +61,14 @@ pub struct NnBlock<B: Backend> {
 pub struct NnGpt<B: Backend> {
     /// Token embedding `[V, h]`.
     pub wte: Embedding<B>,
-    /// Position embedding `[max_seq_len, h]`.
-    pub wpe: Param<Tensor<B, 2>>,
+    /// Position embedding `[max_seq_len, h]` (`None` with RoPE).
+    pub wpe: Option<Param<Tensor<B, 2>>>,
+    /// burn-nn's rotary encoding of one head's width (with RoPE).
+    pub rope: Option<RotaryEncoding<B>>,
     /// Blocks.
     pub blocks: Vec<NnBlock<B>>,
-    /// Final layer norm.
-    pub ln_f: LayerNorm<B>,
+    /// Final norm.
+    pub ln_f: NnNorm<B>,
     /// Untied head `h → V`, no bias; `None` with tied embeddings (logits `x · wteᵀ`).
     pub head: Option<Linear<B>>,
     /// The MLPs' activation.
@@ -58,35 +88,51 @@ impl GptConfig {
     pub fn init_reference<B: Backend>(&self, device: &B::Device) -> NnGpt<B> {
         let init = ParamInit::new(self.seed);
         let (h, std) = (self.d_model, 0.02);
-        let proj_std = 0.02 / ((2 * self.n_layers.max(1)) as f64).sqrt();
-        let ln = || LayerNormConfig::new(h).with_epsilon(self.layer_norm_eps).init(device);
-        let blocks = (0..self.n_layers)
-            .map(|i| {
-                let bi = init.child("blocks").child(i);
-                let (ai, mi) = (bi.child("attn"), bi.child("mlp"));
-                let mut attn = MultiHeadAttentionConfig::new(h, self.n_heads).with_dropout(0.0).init(device);
-                attn.query = linear(h, h, true, std, &ai.child("query"), device);
-                attn.key = linear(h, h, true, std, &ai.child("key"), device);
-                attn.value = linear(h, h, true, std, &ai.child("value"), device);
-                attn.output = linear(h, h, true, proj_std, &ai.child("output"), device);
-                NnBlock {
-                    ln1: ln(),
-                    attn,
-                    ln2: ln(),
-                    fc1: linear(h, self.d_ff, true, std, &mi.child("fc1"), device),
-                    fc2: linear(self.d_ff, h, true, proj_std, &mi.child("fc2"), device),
-                }
-            })
-            .collect();
+        let blocks = (0..self.n_layers).map(|i| self.reference_block(&init.child("blocks").child(i), device)).collect();
         let mut wte = EmbeddingConfig::new(self.vocab_size, h).init(device);
         wte.weight = param(init.child("wte").child("weight").normal(&[self.vocab_size, h], std), device);
+        let rope = self.rope().map(|theta| RotaryEncodingConfig::new(self.max_seq_len, h / self.n_heads).with_theta(theta as f32).init(device));
         NnGpt {
             wte,
-            wpe: param(init.child("wpe").child("weight").normal(&[self.max_seq_len, h], std), device),
+            wpe: (self.position == Position::Learned).then(|| param(init.child("wpe").child("weight").normal(&[self.max_seq_len, h], std), device)),
+            rope,
             blocks,
-            ln_f: ln(),
+            ln_f: self.reference_norm(device),
             head: (!self.tie_embeddings).then(|| linear(h, self.vocab_size, false, std, &init.child("head"), device)),
             activation: self.activation,
+        }
+    }
+
+    fn reference_norm<B: Backend>(&self, device: &B::Device) -> NnNorm<B> {
+        match self.norm {
+            Norm::LayerNorm => NnNorm::Layer(LayerNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).init(device)),
+            Norm::RmsNorm => NnNorm::Rms(RmsNormConfig::new(self.d_model).with_epsilon(self.layer_norm_eps).init(device)),
+        }
+    }
+
+    fn reference_block<B: Backend>(&self, bi: &ParamInit, device: &B::Device) -> NnBlock<B> {
+        let (h, std, bias) = (self.d_model, 0.02, self.bias);
+        let proj_std = 0.02 / ((2 * self.n_layers.max(1)) as f64).sqrt();
+        let (ai, mi) = (bi.child("attn"), bi.child("mlp"));
+        let mut attn = MultiHeadAttentionConfig::new(h, self.n_heads).with_dropout(0.0).init(device);
+        attn.query = linear(h, h, bias, std, &ai.child("query"), device);
+        attn.key = linear(h, h, bias, std, &ai.child("key"), device);
+        attn.value = linear(h, h, bias, std, &ai.child("value"), device);
+        attn.output = linear(h, h, bias, proj_std, &ai.child("output"), device);
+        let fc1 = linear(h, self.d_ff, bias, std, &mi.child("fc1"), device);
+        let swiglu = self.activation.gated().then(|| {
+            let mut g = SwiGluConfig::new(h, self.d_ff).with_bias(bias).init(device);
+            g.linear_inner = linear(h, self.d_ff, bias, std, &mi.child("gate"), device);
+            g.linear_outer = fc1.clone();
+            g
+        });
+        NnBlock {
+            ln1: self.reference_norm(device),
+            attn,
+            ln2: self.reference_norm(device),
+            fc1,
+            fc2: linear(self.d_ff, h, bias, proj_std, &mi.child("fc2"), device),
+            swiglu,
         }
     }
 }
@@ -96,12 +142,25 @@ impl<B: Backend> NnGpt<B> {
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
         let device = ids.device();
-        let mut x = self.wte.forward(ids) + self.wpe.val().slice(0..s).unsqueeze::<3>();
+        let mut x = self.wte.forward(ids);
+        if let Some(wpe) = &self.wpe {
+            x = x + wpe.val().slice(0..s).unsqueeze::<3>();
+        }
         for blk in &self.blocks {
-            let mask = generate_autoregressive_mask::<B>(b, s, &device);
-            let a = blk.attn.forward(MhaInput::self_attn(blk.ln1.forward(x.clone())).mask_attn(mask)).context;
+            let a = match &self.rope {
+                Some(rope) => rope_attention(&blk.attn, rope, blk.ln1.forward(x.clone())),
+                None => {
+                    let mask = generate_autoregressive_mask::<B>(b, s, &device);
+                    blk.attn.forward(MhaInput::self_attn(blk.ln1.forward(x.clone())).mask_attn(mask)).context
+                }
+            };
             x = x + a;
-            x = x.clone() + blk.fc2.forward(self.activation.forward(blk.fc1.forward(blk.ln2.forward(x))));
+            let y = blk.ln2.forward(x.clone());
+            let inner = match &blk.swiglu {
+                Some(swiglu) => swiglu.forward(y),
+                None => self.activation.forward(blk.fc1.forward(y)),
+            };
+            x = x.clone() + blk.fc2.forward(inner);
         }
         let x = self.ln_f.forward(x);
         match &self.head {
@@ -117,4 +176,24 @@ impl<B: Backend> NnGpt<B> {
         let ce = CrossEntropyLossConfig::new().init(&logits.device());
         ce.forward(logits.reshape([b * s, v]), targets.reshape([b * s]))
     }
+}
+
+/// Causal attention with burn-nn's rotary encoding of queries and keys, through `attn`'s
+/// linears: `[b, s, h]` → `[b, s, h]`.
+fn rope_attention<B: Backend>(attn: &MultiHeadAttention<B>, rope: &RotaryEncoding<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, s, h] = x.dims();
+    let (heads, d) = (attn.n_heads, attn.d_k);
+    let split = |t: Tensor<B, 3>| t.reshape([b, s, heads, d]).swap_dims(1, 2); // [b, heads, s, d]
+                                                                               // Our pairs (i, i + d/2) become burn-nn's adjacent pairs (2i, 2i + 1), and back.
+    let rotate = |t: Tensor<B, 4>| {
+        let paired = t.reshape([b, heads, s, 2, d / 2]).swap_dims(3, 4).reshape([b, heads, s, d]);
+        rope.forward(paired).reshape([b, heads, s, d / 2, 2]).swap_dims(3, 4).reshape([b, heads, s, d])
+    };
+    let q = rotate(split(attn.query.forward(x.clone())));
+    let k = rotate(split(attn.key.forward(x.clone())));
+    let v = split(attn.value.forward(x));
+    let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f32).sqrt());
+    let mask = generate_autoregressive_mask::<B>(b, s, &scores.device()).unsqueeze_dim::<4>(1).expand([b, heads, s, s]);
+    let probs = burn::tensor::activation::softmax(scores.mask_fill(mask, -1.0e4), 3);
+    attn.output.forward(probs.matmul(v).swap_dims(1, 2).reshape([b, s, h]))
 }

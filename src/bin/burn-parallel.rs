@@ -155,10 +155,19 @@ struct MemoryArgs {
     /// last pipeline stage holds a replica).
     #[arg(long)]
     tie_embeddings: bool,
-    /// The MLPs' activation: gelu, or gelu-tanh (GPT-2's approximation; keeps two [N, ffn/tp]
-    /// tensors more per block).
+    /// The MLPs' activation: gelu, gelu-tanh (GPT-2's approximation; keeps two [N, ffn/tp]
+    /// tensors more per block) or swiglu (a gate projection; three more).
     #[arg(long, default_value = "gelu", value_parser = parse_activation)]
     activation: burn_parallel::activation::Activation,
+    /// The norms: layer-norm or rms-norm (no β, one f32 statistic per row).
+    #[arg(long, default_value = "layer-norm", value_parser = parse_norm)]
+    norm: burn_parallel::arch::Norm,
+    /// Positions: learned (a wpe table) or rope (none).
+    #[arg(long, default_value = "learned", value_parser = parse_position)]
+    position: burn_parallel::arch::Position,
+    /// No biases in the attention's and MLPs' projections.
+    #[arg(long)]
+    no_bias: bool,
     /// Sequences per step per data-parallel replica.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -235,6 +244,7 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
         ffn: a.d_ff.unwrap_or(4 * a.d_model),
         tied_embeddings: a.tie_embeddings,
         activation: a.activation,
+        arch: burn_parallel::arch::Arch { norm: a.norm, position: a.position, no_bias: a.no_bias },
     };
     if a.pp == 1 && a.virtual_stages.is_some_and(|v| v != 1) {
         return Err("--virtual-stages splits a pipeline: it needs --pp 2 or more".into());
@@ -386,6 +396,14 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+fn parse_norm(s: &str) -> Result<burn_parallel::arch::Norm, String> {
+    s.parse().map_err(|e: burn_parallel::arch::UnknownChoice| e.to_string())
+}
+
+fn parse_position(s: &str) -> Result<burn_parallel::arch::Position, String> {
+    s.parse().map_err(|e: burn_parallel::arch::UnknownChoice| e.to_string())
 }
 
 fn parse_activation(s: &str) -> Result<burn_parallel::activation::Activation, String> {

@@ -138,6 +138,7 @@ impl HfGpt2Config {
             .transpose()
             .map_err(|e| CheckpointError::Invalid(format!("activation: {e}")))?
             .unwrap_or_default();
+        refuse_non_gpt2(model, activation)?;
         Ok(Self {
             n_embd: field("d_model")?,
             n_head: field("n_heads")?,
@@ -161,6 +162,29 @@ impl HfGpt2Config {
             (c.bos_token_id, c.eos_token_id) = (end, end);
             c
         })
+    }
+}
+
+/// GPT-2 has layer norms, a learned position embedding, biases and a GeLU: a model with RMS
+/// norms, RoPE, no biases or SwiGLU (a Llama-style model) has no `GPT2LMHeadModel` form.
+fn refuse_non_gpt2(model: &serde_json::Value, activation: Activation) -> Result<()> {
+    let text = |k: &str, default: &str| model.get(k).and_then(|v| v.as_str()).unwrap_or(default).to_string();
+    let mut other = Vec::new();
+    if text("norm", "LayerNorm") != "LayerNorm" {
+        other.push("RMS norms".to_string());
+    }
+    if text("position", "Learned") != "Learned" {
+        other.push("rotary position embedding".into());
+    }
+    if model.get("bias").and_then(|v| v.as_bool()) == Some(false) {
+        other.push("no biases".into());
+    }
+    if activation.gated() {
+        other.push(format!("--activation {activation}"));
+    }
+    match other.is_empty() {
+        true => Ok(()),
+        false => Err(CheckpointError::Invalid(format!("the model is not a GPT-2 ({}): HuggingFace's GPT2LMHeadModel has no such layers", other.join(", ")))),
     }
 }
 
@@ -331,5 +355,24 @@ mod tests {
         assert_eq!(transpose(&m).unwrap().to_vec::<f32>().unwrap(), [0., 3., 1., 4., 2., 5.]);
         assert_eq!(transpose(&transpose(&m).unwrap()).unwrap(), m);
         assert!(regroup(&TensorData::new(vec![0f32; 10], [10]), 2, true).is_err());
+    }
+
+    /// A Llama-style model has no GPT-2 form: each of its choices is named; GPT-2's own
+    /// (including a config from before the fields existed) passes.
+    #[test]
+    fn only_gpt2_models_export() {
+        let gpt2 = serde_json::json!({"d_model": 8, "n_heads": 2, "n_layers": 1, "max_seq_len": 4, "vocab_size": 16, "d_ff": 32});
+        assert!(HfGpt2Config::from_model_json(&gpt2).is_ok());
+        let explicit = serde_json::json!({"norm": "LayerNorm", "position": "Learned", "bias": true, "activation": "GeluTanh"});
+        let mut both = gpt2.clone();
+        both.as_object_mut().unwrap().extend(explicit.as_object().unwrap().clone());
+        assert!(HfGpt2Config::from_model_json(&both).is_ok());
+        let mut llama = gpt2;
+        let arch = serde_json::json!({"norm": "RmsNorm", "position": "Rope", "bias": false, "activation": "SwiGlu"});
+        llama.as_object_mut().unwrap().extend(arch.as_object().unwrap().clone());
+        let e = HfGpt2Config::from_model_json(&llama).unwrap_err().to_string();
+        for part in ["RMS norms", "rotary position embedding", "no biases", "--activation swiglu"] {
+            assert!(e.contains(part), "{part}: {e}");
+        }
     }
 }

@@ -6,6 +6,11 @@
 //! `dx = r·(g − mean_h(g) − x̂·mean_h(g·x̂))`, `dγ = Σ_n dy·x̂`, `dβ = Σ_n dy`.
 //! The kernels accumulate in f32 whatever the storage dtype (f32, bf16, f16) and keep `μ, r` in
 //! f32; so does the composed fallback (half-precision inputs are computed in f32).
+//!
+//! RMS norm ([`rms_norm`], Llama's): `y = x·r·γ` with `r = 1/√(mean_h(x²) + ε)`, saving `r`;
+//! backward with `x̂ = x·r`, `g = dy·γ`: `dx = r·(g − x̂·mean_h(g·x̂))`, `dγ = Σ_n dy·x̂`. One
+//! autodiff op of composed Burn ops on every backend (statistics in f32): it keeps `x` and `r`
+//! only, as the layer norm does.
 
 #[cfg(feature = "cube")]
 mod cube;
@@ -47,6 +52,8 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
 pub type LnForward<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 /// Backward: `(dx [n, h], dgamma [h], dbeta [h])`.
 pub type LnBackward<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+/// RMS norm forward `(y [n, h], rstd [n, 1])`, or backward `(dx [n, h], dgamma [h])`.
+pub type RmsPair<B> = (FloatTensor<B>, FloatTensor<B>);
 
 /// A backend's layer norm on rows (see the module docs). Default bodies compose Burn ops.
 pub trait LayerNormBackend: Backend {
@@ -81,6 +88,29 @@ pub trait LayerNormBackend: Backend {
         use crate::precision::cast_to;
         (prim(cast_to(dx, x_dtype)), prim(cast_to(dgamma, g_dtype)), prim(cast_to(dbeta, g_dtype)))
     }
+
+    /// RMS-normalises each row of `x: [n, h]` with `gamma: [h]`: `(y, rstd [n, 1] f32)`.
+    fn rms_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f32) -> RmsPair<Self> {
+        let x = wrap::<Self, 2>(x);
+        let dtype = x.dtype();
+        let (x, gamma) = (stat(x), stat(wrap::<Self, 1>(gamma)));
+        let rstd = x.clone().square().mean_dim(1).add_scalar(epsilon).sqrt().recip();
+        let y = x * rstd.clone() * gamma.unsqueeze();
+        (prim(crate::precision::cast_to(y, dtype)), prim(rstd))
+    }
+
+    /// Gradients `(dx, dgamma)` of [`rms_norm_rows`](Self::rms_norm_rows) for `dy`.
+    fn rms_norm_rows_backward(dy: FloatTensor<Self>, x: FloatTensor<Self>, gamma: FloatTensor<Self>, rstd: FloatTensor<Self>) -> RmsPair<Self> {
+        let (dy, x, gamma) = (wrap::<Self, 2>(dy), wrap::<Self, 2>(x), wrap::<Self, 1>(gamma));
+        let (x_dtype, g_dtype) = (x.dtype(), gamma.dtype());
+        let (dy, x, gamma, rstd) = (stat(dy), stat(x), stat(gamma), wrap::<Self, 2>(rstd));
+        let xhat = x * rstd.clone();
+        let dgamma = (dy.clone() * xhat.clone()).sum_dim(0).squeeze_dim::<1>(0);
+        let g = dy * gamma.unsqueeze();
+        let dx = rstd * (g.clone() - xhat.clone() * (g * xhat).mean_dim(1));
+        use crate::precision::cast_to;
+        (prim(cast_to(dx, x_dtype)), prim(cast_to(dgamma, g_dtype)))
+    }
 }
 
 /// Half-precision values in f32 for the composed path's statistics (f32 and f64 unchanged).
@@ -113,7 +143,44 @@ impl<B: LayerNormBackend> Backward<B, 3> for LayerNormBackward {
     }
 }
 
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: LayerNormBackend> Backward<B, 2> for RmsNormBackward {
+    // x, gamma, rstd
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px, pg] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, gamma, rstd) = ops.state;
+        let (dx, dg) = B::rms_norm_rows_backward(dy, x, gamma, rstd);
+        for (parent, grad) in [(px, dx), (pg, dg)] {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
 impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B, C> {
+    fn rms_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f32) -> RmsPair<Self> {
+        let nodes = [x.node.clone(), gamma.node.clone()];
+        let (y, rstd) = B::rms_norm_rows(x.primitive.clone(), gamma.primitive.clone(), epsilon);
+        let y = match RmsNormBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive, gamma.primitive, rstd.clone()), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (y, <Self as AutodiffBackend>::from_inner(rstd))
+    }
+
+    fn rms_norm_rows_backward(dy: FloatTensor<Self>, x: FloatTensor<Self>, gamma: FloatTensor<Self>, rstd: FloatTensor<Self>) -> RmsPair<Self> {
+        let inner = |t: FloatTensor<Self>| <Self as AutodiffBackend>::inner(t);
+        let (dx, dg) = B::rms_norm_rows_backward(inner(dy), inner(x), inner(gamma), inner(rstd));
+        let outer = |t| <Self as AutodiffBackend>::from_inner(t);
+        (outer(dx), outer(dg))
+    }
+
     fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f32) -> LnForward<Self> {
         let nodes = [x.node.clone(), gamma.node.clone(), beta.node.clone()];
         let (y, mean, rstd) = B::layer_norm_rows(x.primitive.clone(), gamma.primitive.clone(), beta.primitive, epsilon);
@@ -169,6 +236,27 @@ pub fn layer_norm<B: LayerNormBackend, const D: usize>(x: Tensor<B, D>, gamma: T
     wrap::<B, 2>(y).reshape(dims)
 }
 
+/// RMS norm over the last dim of `x` (any rank) with `γ: [h]` through the backend's
+/// [`LayerNormBackend`] (see the module docs).
+///
+/// # Panics
+/// If `γ` is not `[h]` or not in `x`'s dtype.
+pub fn rms_norm<B: LayerNormBackend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>, epsilon: f32) -> Tensor<B, D> {
+    let dims = x.dims();
+    let h = dims[D - 1];
+    assert!(
+        gamma.dims() == [h] && gamma.dtype() == x.dtype(),
+        "rms_norm: gamma is {:?} {:?} but x {:?} {:?} needs [{h}]",
+        gamma.dims(),
+        gamma.dtype(),
+        dims,
+        x.dtype()
+    );
+    let rows = x.reshape([dims.iter().product::<usize>() / h.max(1), h]);
+    let (y, _) = B::rms_norm_rows(prim(rows), prim(gamma), epsilon);
+    wrap::<B, 2>(y).reshape(dims)
+}
+
 #[cfg(test)]
 mod tests {
     use burn::backend::{Autodiff, Flex};
@@ -211,5 +299,30 @@ mod tests {
                 assert_eq!(some[i], if track[i] { all[i].clone() } else { None }, "input {i} with tracking {track:?}");
             }
         }
+    }
+
+    /// The RMS-norm op's output and gradients equal autodiff through burn-nn's formula
+    /// (`x / √(mean(x²) + ε) · γ`, composed ops), in f32; in bf16 within bf16's precision.
+    #[test]
+    fn rms_norm_equals_the_composed_formula() {
+        use super::rms_norm;
+        let xs: Vec<f32> = (0..40).map(|i| ((i * 7) % 13) as f32 / 3.0 - 2.0).collect();
+        let gs: Vec<f32> = (0..8).map(|i| 0.5 + i as f32 / 5.0).collect();
+        let w = t((0..40).map(|i| ((i * 3) % 7) as f32 - 3.0).collect(), [5, 8]);
+        let run = |op: bool| {
+            let (x, g) = (t(xs.clone(), [5, 8]).require_grad(), t(gs.clone(), [8]).require_grad());
+            let y = if op { rms_norm(x.clone(), g.clone(), 1e-5) } else { x.clone() / (x.clone().square().mean_dim(1) + 1e-5).sqrt() * g.clone().unsqueeze() };
+            let gr = (y.clone() * w.clone()).sum().backward();
+            [y.into_data(), x.grad(&gr).unwrap().into_data(), g.grad(&gr).unwrap().into_data()]
+        };
+        let (ours, theirs) = (run(true), run(false));
+        for (what, (a, b)) in ["y", "dx", "dgamma"].iter().zip(ours.iter().zip(&theirs)) {
+            a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(2e-6));
+            assert!(a.to_vec::<f32>().unwrap().iter().any(|v| v.abs() > 0.1), "{what} is not trivially zero");
+        }
+        // bf16 storage, f32 statistics: within bf16's rounding of the f32 result.
+        let xb = t(xs.clone(), [5, 8]).cast(burn::tensor::DType::BF16);
+        let yb = rms_norm(xb, t(gs.clone(), [8]).cast(burn::tensor::DType::BF16), 1e-5).cast(burn::tensor::DType::F32);
+        yb.into_data().assert_approx_eq::<f32>(&ours[0], burn::tensor::Tolerance::absolute(3e-2));
     }
 }

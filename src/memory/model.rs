@@ -59,6 +59,8 @@ use crate::pipeline::StageLayout;
 use crate::precision::Precision;
 use crate::recompute::Recompute;
 
+pub use super::table::table;
+
 /// The shapes of the GPT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GptShape {
@@ -77,8 +79,13 @@ pub struct GptShape {
     /// Tied embeddings: the head is the token embedding (no `h·V` head of its own, except the
     /// last stage's replica in a pipeline).
     pub tied_embeddings: bool,
-    /// The MLPs' activation (GPT-2's tanh approximation keeps two `[N, f/t]` tensors more).
+    /// The MLPs' activation (GPT-2's tanh approximation keeps two `[N, f/t]` tensors more,
+    /// SwiGLU three more and a gate `h·f/t`).
     pub activation: crate::activation::Activation,
+    /// Norms, position encoding, biases (a Llama-style model: RMS norms keep one f32 statistic
+    /// per row instead of two and have no `β`; RoPE has no `wpe` and keeps only its `[s, 3·d]`
+    /// tables; no biases).
+    pub arch: crate::arch::Arch,
 }
 
 /// How it is trained.
@@ -165,8 +172,12 @@ struct Dims {
     att_rows: f64,
     /// Sequence length.
     s: f64,
-    /// `[N, f/t]` tensors the activation keeps of its own (GeLU none, the tanh approximation 2).
+    /// `[N, f/t]` tensors the activation keeps of its own (GeLU none, the tanh approximation 2,
+    /// SwiGLU 3: the gate's output, its sigmoid and silu, beside the up projection's output
+    /// and the product that GeLU's two stand for).
     act_kept: f64,
+    /// f32 statistics per row of a norm (layer norm: μ and 1/σ; RMS norm: 1/rms).
+    norm_stats: f64,
 }
 
 impl Dims {
@@ -188,7 +199,12 @@ impl Dims {
             core: if plan.dropout { AttentionCore::Composed } else { plan.attention },
             att_rows: (plan.microbatch * g.heads / plan.tp * g.seq) as f64,
             s: g.seq as f64,
-            act_kept: if g.activation == crate::activation::Activation::GeluTanh { 2.0 } else { 0.0 },
+            act_kept: match g.activation {
+                crate::activation::Activation::Gelu => 0.0,
+                crate::activation::Activation::GeluTanh => 2.0,
+                crate::activation::Activation::SwiGlu => 3.0,
+            },
+            norm_stats: if g.arch.norm == crate::arch::Norm::RmsNorm { 1.0 } else { 2.0 },
         }
     }
 
@@ -239,7 +255,7 @@ impl Dims {
         let (e, seq, nh) = (self.e, self.seq(), self.n * self.h);
         let masks = if self.drop { 2.0 * seq } else { 0.0 };
         let mlp = (2.0 + self.act_kept) * self.n * self.f / self.t;
-        e * (seq + nh + 3.0 * nh / self.t + nh / self.t + masks + seq + nh + mlp) + self.core() + 2.0 * 2.0 * self.rows() * 4.0
+        e * (seq + nh + 3.0 * nh / self.t + nh / self.t + masks + seq + nh + mlp) + self.core() + 2.0 * self.norm_stats * self.rows() * 4.0
     }
     /// Bytes a block keeps under `mode`.
     fn block_kept(&self, mode: Recompute) -> f64 {
@@ -283,13 +299,16 @@ impl Dims {
 /// Parameters of `layers` blocks (this TP rank's shards), with the embedding and/or head.
 fn stage_params(g: &GptShape, t: usize, layers: usize, first: bool, last: bool) -> f64 {
     let (h, f, v, t) = (g.hidden as f64, g.ffn as f64, g.vocab as f64, t as f64);
-    let block = 4.0 * h * h / t + 3.0 * h / t + h + 2.0 * h * f / t + f / t + h + 4.0 * h;
-    let mut p = layers as f64 * block;
+    let (bias, norm) = (!g.arch.no_bias, if g.arch.norm == crate::arch::Norm::RmsNorm { h } else { 2.0 * h });
+    let mlp_matrices = if g.activation.gated() { 3.0 } else { 2.0 };
+    let attention = 4.0 * h * h / t + if bias { 3.0 * h / t + h } else { 0.0 };
+    let mlp = mlp_matrices * h * f / t + if bias { (mlp_matrices - 1.0) * f / t + h } else { 0.0 };
+    let mut p = layers as f64 * (attention + mlp + 2.0 * norm);
     if first {
-        p += v / t * h + g.seq as f64 * h;
+        p += v / t * h + if g.arch.position == crate::arch::Position::Learned { g.seq as f64 * h } else { 0.0 };
     }
     if last {
-        p += 2.0 * h;
+        p += norm;
     }
     if last && !(first && g.tied_embeddings) {
         p += h * v / t;
@@ -473,27 +492,4 @@ fn actions(plan: &TrainPlan) -> Result<Vec<Vec<Action>>, String> {
     let shape = burn_parallel_schedules::PipelineShape::new(plan.pp, plan.virtual_stages, plan.microbatches);
     let schedule = burn_parallel_schedules::schedule_by_name(&plan.schedule).map_err(|e| e.to_string())?;
     Ok(schedule.plan(&shape).map_err(|e| e.to_string())?.ranks)
-}
-
-/// A per-rank table (MB).
-pub fn table(estimates: &[RankMemory]) -> String {
-    let mb = |x: f64| x / 1e6;
-    let mut s = String::from(
-        "| pp rank | params | grads | optimizer | activations (in flight) | transient | optimizer step | peak |\n|---|---|---|---|---|---|---|---|\n",
-    );
-    for r in estimates {
-        s.push_str(&format!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} ({}) | {:.2} | {:.2} | {:.2} |\n",
-            r.pp_rank,
-            mb(r.params),
-            mb(r.grads),
-            mb(r.optimizer),
-            mb(r.activations),
-            r.in_flight,
-            mb(r.transient),
-            mb(r.optimizer_step),
-            mb(r.peak)
-        ));
-    }
-    s
 }

@@ -299,3 +299,44 @@ fn tied_embeddings_train_alike_on_any_layout_and_load_only_when_tied_alike() {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
+
+/// Llama-style blocks (`--norm rms-norm --position rope --activation swiglu --no-bias`): split
+/// over pp × tp with SP, or dp × tp with ZeRO-1, the runs print one rank's losses (within f32
+/// rounding), not the GPT-2 model's; a checkpoint resumes at another layout, and only into the
+/// same architecture (each flag named); unknown names are refused.
+#[test]
+fn llama_style_runs_train_alike_on_any_layout_and_resume_only_alike() {
+    let arch = "--norm rms-norm --position rope --rope-theta 500000 --activation swiglu --no-bias --d-ff 64";
+    let base = format!("{TINY} --steps 3 --layers 2 --microbatches 2 --clip-grad 0.5 {arch}");
+    let one = loss_values(&losses(&base));
+    for layout in ["--pp 2 --tp 2 --sequence-parallel", "--dp 2 --zero 1 --tp 2"] {
+        let flags = if layout.contains("--dp 2") { base.replace("--batch-size 4", "--batch-size 2") } else { base.clone() };
+        let split = loss_values(&losses(&format!("{flags} {layout}")));
+        assert_eq!(split.len(), 3);
+        for (a, b) in one.iter().zip(&split) {
+            assert!((a - b).abs() <= 2e-5 * a.abs(), "{layout}: {split:?} vs one rank {one:?}");
+        }
+    }
+    let gpt2 = loss_values(&losses(&base.replace(arch, "--d-ff 64")));
+    assert!((gpt2[2] - one[2]).abs() > 1e-4, "llama {one:?} vs gpt-2 {gpt2:?}");
+    let dir = fresh("llama");
+    losses(&format!("{base} --pp 2 --tp 2 --save-dir {}", dir.display()));
+    let resumed = losses(&format!("{} --save-dir {} --resume latest", base.replace("--steps 3", "--steps 4"), dir.display()));
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    for (flag, other, named) in [
+        ("--norm rms-norm", "--norm layer-norm", "--norm"),
+        ("--position rope", "--position learned", "--position"),
+        ("--no-bias", "", "--no-bias"),
+        ("--rope-theta 500000", "--rope-theta 10000", "--rope-theta"),
+    ] {
+        let e = error_of(&format!("{} --save-dir {} --resume latest", base.replace("--steps 3", "--steps 5").replace(flag, other), dir.display()));
+        assert!(e.contains("the checkpoint is of another model") && e.contains(&format!("({named})")), "{flag}: {e}");
+    }
+    let e = error_of(&format!("{} --save-dir {} --resume latest", base.replace("--steps 3", "--steps 5").replace("swiglu", "gelu"), dir.display()));
+    assert!(e.contains("pass --activation swiglu"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+    assert!(parse_error(&format!("{TINY} --norm batch-norm")).contains("choose layer-norm or rms-norm"));
+    assert!(parse_error(&format!("{TINY} --position alibi")).contains("choose learned or rope"));
+    let e = error_of(&format!("{} --steps 1 --position rope", TINY.replace("--d-model 32", "--d-model 24").replace("--heads 4", "--heads 8")));
+    assert!(e.contains("even head width") && e.contains("head width 3"), "{e}");
+}

@@ -1,0 +1,76 @@
+//! Rotary position embedding (RoPE) of the fused q/k/v projection.
+//!
+//! For position `p` and head dim `d`, pairs `(x_i, x_{i+d/2})`, `i < d/2` (the rotate-half
+//! convention of Megatron and HuggingFace's Llama) are rotated by `p·θ^(−2i/d)`:
+//! `x' = x·cos + rotate_half(x)·sin` with `rotate_half(x) = [−x_{d/2..d}, x_{0..d/2}]`, applied to
+//! the query and the key of every head, the value untouched. It works on the fused projection
+//! `[b, s, 3h/t]` grouped per head (`[q_j k_j v_j]`) in place of the layout, so every attention
+//! core (composed, fused kernels, chunked) takes the rotated tensor as it is. No parameters and
+//! no communication: a TP rank's heads are whole and the sequence is whole inside attention
+//! (under SP after the all-gather; a pipeline stage sees whole sequences), so position `p` is
+//! the row index. The tables are built on the device from `θ^(−2i/d)` (computed in f64, then
+//! f32) times the positions in f32, as HuggingFace does, and cast to the activations' dtype.
+//! Under autodiff the rotation keeps only the two `[s, 3·d]` tables.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// `cos` and `sin` tables `[1, s, 1, 3, d]` of the fused layout: the query's and key's angles,
+/// ones and zeros for the value.
+fn tables<B: Backend>(s: usize, d: usize, theta: f64, like: &Tensor<B, 3>) -> (Tensor<B, 5>, Tensor<B, 5>) {
+    let device = like.device();
+    let half = d / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| theta.powf(-2.0 * i as f64 / d as f64) as f32).collect();
+    let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device);
+    let pos = Tensor::<B, 1, Int>::arange(0..s as i64, &device).float();
+    let angles = pos.reshape([s, 1]) * inv_freq.reshape([1, half]); // [s, d/2]
+    let full = |t: Tensor<B, 2>| Tensor::cat(vec![t.clone(), t], 1).reshape([s, 1, d]); // [s, 1, d]
+    let (cos, sin) = (full(angles.clone().cos()), full(angles.sin()));
+    let (ones, zeros) = (Tensor::ones([s, 1, d], &device), Tensor::zeros([s, 1, d], &device));
+    let layout = |qk: Tensor<B, 3>, v: Tensor<B, 3>| Tensor::cat(vec![qk.clone(), qk, v], 1).reshape([1, s, 1, 3, d]).cast(like.dtype());
+    (layout(cos, ones), layout(sin, zeros))
+}
+
+/// RoPE of a fused projection `qkv [b, s, heads·3·d]` grouped per head (`[q_j k_j v_j]`, `d`
+/// wide each): queries and keys rotated by their row's position, values unchanged.
+///
+/// # Panics
+/// If `d` is odd or the width is not `heads·3·d`.
+pub fn rope_qkv<B: Backend>(qkv: Tensor<B, 3>, heads: usize, d: usize, theta: f64) -> Tensor<B, 3> {
+    let [b, s, w] = qkv.dims();
+    assert!(d.is_multiple_of(2) && w == heads * 3 * d, "rope_qkv: width {w} is not {heads} heads × 3 × {d} with {d} even");
+    let (cos, sin) = tables(s, d, theta, &qkv);
+    let x = qkv.reshape([b, s, heads, 3, d]);
+    let half = d / 2;
+    let x1 = x.clone().slice([0..b, 0..s, 0..heads, 0..3, 0..half]);
+    let x2 = x.clone().slice([0..b, 0..s, 0..heads, 0..3, half..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 4);
+    (x * cos + rotated * sin).reshape([b, s, w])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    /// Against the formula by hand in f64: one head, positions 0..5, d = 4.
+    #[test]
+    fn rotates_queries_and_keys_by_position_and_leaves_values() {
+        let (s, d, theta) = (5, 4, 100.0f64);
+        let vals: Vec<f32> = (0..s * 3 * d).map(|i| ((i * 5) % 11) as f32 / 4.0 - 1.0).collect();
+        let x = Tensor::<Flex, 3>::from_data(TensorData::new(vals.clone(), [1, s, 3 * d]), &Default::default());
+        let out: Vec<f32> = rope_qkv(x, 1, d, theta).into_data().to_vec().unwrap();
+        for p in 0..s {
+            for part in 0..3 {
+                let at = |i: usize| vals[p * 3 * d + part * d + i] as f64;
+                for i in 0..d {
+                    let (j, sign) = if i < d / 2 { (i + d / 2, -1.0) } else { (i - d / 2, 1.0) };
+                    let angle = p as f64 * theta.powf(-2.0 * (i % (d / 2)) as f64 / d as f64);
+                    let want = if part == 2 { at(i) } else { at(i) * angle.cos() + sign * at(j) * angle.sin() };
+                    let got = out[p * 3 * d + part * d + i] as f64;
+                    assert!((got - want).abs() < 1e-5, "p {p} part {part} i {i}: {got} vs {want}");
+                }
+            }
+        }
+    }
+}
