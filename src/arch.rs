@@ -7,6 +7,8 @@
 //!   ε)`, no `β` (Llama, Megatron's `--normalization RMSNorm`). Both replicated over TP, their
 //!   `γ` gradients summed over the TP group under sequence parallelism; both one autodiff op
 //!   keeping `x` and the f32 statistics ([`crate::kernels::rms_norm`]).
+//! - Grouped-query attention (`kv_heads`): fewer key/value heads than query heads, each shared
+//!   by `heads / kv_heads` query heads (Llama 2 70B, Llama 3; `kv_heads` divisible by TP).
 //! - [`Position::Learned`]: a `[max_seq_len, h]` table added to the token embedding (GPT-2);
 //!   [`Position::Rope`]: rotary position embedding on each head's query and key (no parameters;
 //!   Megatron's and HuggingFace's rotate-half convention: the pairs are `(x_i, x_{i+d/2})`,
@@ -95,13 +97,16 @@ pub struct Arch {
     pub position: Position,
     /// Linears without biases (attention and MLP; Llama).
     pub no_bias: bool,
+    /// Key/value heads of grouped-query attention (`None`: one per query head).
+    pub kv_heads: Option<usize>,
 }
 
 impl Arch {
     /// GPT-2's: layer norms, learned positions, biases (the default).
-    pub const GPT2: Arch = Arch { norm: Norm::LayerNorm, position: Position::Learned, no_bias: false };
-    /// Llama's: RMS norms, rotary positions, no biases (with `Activation::SwiGlu`).
-    pub const LLAMA: Arch = Arch { norm: Norm::RmsNorm, position: Position::Rope, no_bias: true };
+    pub const GPT2: Arch = Arch { norm: Norm::LayerNorm, position: Position::Learned, no_bias: false, kv_heads: None };
+    /// Llama's: RMS norms, rotary positions, no biases (with `Activation::SwiGlu`; its
+    /// grouped-query attention: set `kv_heads`).
+    pub const LLAMA: Arch = Arch { norm: Norm::RmsNorm, position: Position::Rope, no_bias: true, kv_heads: None };
 }
 
 #[cfg(test)]

@@ -5,12 +5,13 @@
 //! our logits. Skips, saying so, without python3 with numpy and safetensors (CI installs them).
 
 mod common;
+#[path = "common/numpy.rs"]
+mod numpy;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use burn::tensor::{Int, Tensor, TensorData};
 use burn_parallel::activation::Activation;
 use burn_parallel::checkpoint::hf::{export_hf, import_hf};
 use burn_parallel::checkpoint::*;
@@ -18,43 +19,13 @@ use burn_parallel::ParallelConfig;
 use burn_parallel_modules::GptConfig;
 use common::runner::temp_dir;
 use common::*;
+use numpy::{assert_close, ours, python};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/gpt2_numpy.py");
 const BIN: &str = env!("CARGO_BIN_EXE_burn-parallel");
-const IDS: [[i64; 8]; 2] = [[1, 7, 3, 49, 0, 12, 12, 5], [48, 2, 2, 9, 31, 40, 6, 17]];
 
-fn python() -> bool {
-    let ok = Command::new("python3").args(["-c", "import numpy, safetensors.numpy"]).status().is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIPPED: python3 with numpy and safetensors is not available (the numpy GPT-2 reference)");
-    }
-    ok
-}
-
-/// numpy's logits of `IDS` for the HuggingFace model in `dir`, flattened `[2, 8, V]`.
 fn numpy_logits(dir: &Path) -> Vec<f32> {
-    let ids = serde_json::to_string(&IDS).unwrap();
-    let o = Command::new("python3").arg(SCRIPT).arg("logits").arg(dir).arg(ids).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: Vec<Vec<Vec<f64>>> = serde_json::from_slice(&o.stdout).unwrap();
-    v.into_iter().flatten().flatten().map(|x| x as f32).collect()
-}
-
-/// Our full logits `[2, 8, V]` of `IDS`, flattened, each row cut to its first `keep` entries.
-fn ours(gpt: &burn_parallel_modules::Gpt<B>, keep: usize) -> Vec<f32> {
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(IDS.concat(), [2, 8]), &Default::default());
-    let logits = gpt.logits(ids);
-    let v = logits.dims()[2];
-    let all: Vec<f32> = logits.into_data().to_vec().unwrap();
-    all.chunks(v).flat_map(|row| row[..keep].to_vec()).collect()
-}
-
-fn assert_close(what: &str, a: &[f32], b: &[f32]) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let scale = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
-    assert!(worst < 2e-5 * scale.max(1.0), "{what}: max |ours − numpy| = {worst} (logits up to {scale})");
-    assert!(scale > 0.5, "{what}: logits this small would hide a wrong layout ({scale})");
+    numpy::logits(SCRIPT, dir)
 }
 
 #[test]
@@ -79,7 +50,7 @@ fn an_imported_huggingface_gpt2_gives_numpys_logits_at_tp_1_and_2() {
             let flags = "--d-model 16 --heads 4 --layers 2 --d-ff 64 --seq-len 8 --tie-embeddings --activation gelu-tanh";
             assert!(o.status.success() && text.contains(flags), "{text}{}", String::from_utf8_lossy(&o.stderr));
         } else {
-            let hf = import_hf(&dir, &file).unwrap();
+            let burn_parallel::checkpoint::hf::HfConfig::Gpt2(hf) = import_hf(&dir, &file).unwrap() else { panic!("a GPT-2 config") };
             assert_eq!((hf.n_layer, hf.n_embd, hf.n_head, hf.vocab_size, hf.tie_word_embeddings), (2, 16, 4, 50, tied));
         }
         let ckpt = Checkpoint::open_safetensors(&file, MODEL_PREFIX).unwrap();

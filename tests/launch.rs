@@ -315,6 +315,10 @@ fn the_memory_command_takes_the_attention_core() {
     assert!((two / one - 0.5).abs() < 0.01, "activations {one} MB in one micro-batch, {two} MB in two");
     // Tied embeddings: the parameters column loses the head's 64 × 128 f32 weights (the table
     // rounds to 0.01 MB).
+    // A Llama-style block: RMS norms without β, no wpe, no biases, a gate, half the key/value
+    // heads: other parameters (checked against the model's count in tests/memory.rs).
+    let llama = table(&["--norm", "rms-norm", "--position", "rope", "--no-bias", "--activation", "swiglu", "--kv-heads", "2"]);
+    assert!(llama.status.success() && peak(&llama) != peak(&composed), "{}", text(&llama));
     let tied = table(&["--tie-embeddings"]);
     assert!(tied.status.success(), "{}", text(&tied));
     let params = |o: &Output| peak(o).split('|').nth(2).and_then(|c| c.split_whitespace().next()?.parse::<f64>().ok()).unwrap();
@@ -356,6 +360,9 @@ fn the_memory_command_refuses_impossible_layouts() {
         (&["--d-ff", "0"][..], "ffn size must be at least 1 (got 0)"),
         (&["--microbatches", "3"][..], "--batch-size 2 is not divisible by --microbatches 3"),
         (&["--virtual-stages", "2"][..], "--virtual-stages splits a pipeline: it needs --pp 2 or more"),
+        (&["--kv-heads", "3"][..], "3 key/value heads must divide 4 attention heads"),
+        (&["--kv-heads", "2", "--tp", "4"][..], "be divisible by tensor_parallel = 4"),
+        (&["--norm", "batch-norm"][..], "unknown norm \"batch-norm\" (choose layer-norm or rms-norm)"),
     ] {
         let o = run(extra);
         let t = text(&o);

@@ -1,5 +1,5 @@
-//! Llama-style blocks (RMS norms, rotary position embedding, SwiGLU, no biases), each option
-//! alone and all together: at tp 1 the model equals burn-nn's layers (`RmsNorm`, `SwiGlu`,
+//! Llama-style blocks (RMS norms, rotary position embedding, SwiGLU, no biases, grouped-query
+//! attention), each option alone and all together: at tp 1 the model equals burn-nn's layers (`RmsNorm`, `SwiGlu`,
 //! `RotaryEncoding`); at tp 2 and 4, with and without SP, the forward and every gradient equal
 //! tp 1's; split into pipelines (1F1B pp 2 × tp 2 with SP, interleaved) every gradient equals the
 //! single rank's; recompute (full, selective, with dropout) and gradient accumulation give the
@@ -20,9 +20,11 @@ use burn_parallel_modules::{GptConfig, GptPipeline, TokenBatch};
 use burn_parallel_schedules::schedule_by_name;
 use common::*;
 
-/// A Llama-style GPT: vocabulary 32, sequence 8, width 16, 4 heads (head width 4), `d_ff` 24.
+/// A Llama-style GPT: vocabulary 32, sequence 8, width 32, 8 heads (head width 4) sharing 4
+/// key/value heads, `d_ff` 48.
 fn llama(layers: usize) -> GptConfig {
-    GptConfig::new(32, 8, 16, 4, layers, 24)
+    GptConfig::new(32, 8, 32, 8, layers, 48)
+        .with_kv_heads(Some(4))
         .with_norm(Norm::RmsNorm)
         .with_position(Position::Rope)
         .with_rope_theta(500.0)
@@ -37,7 +39,9 @@ fn variants() -> Vec<(&'static str, GptConfig)> {
         ("rms-norm", base.clone().with_norm(Norm::RmsNorm)),
         ("rope", base.clone().with_position(Position::Rope).with_rope_theta(500.0)),
         ("swiglu", base.clone().with_activation(Activation::SwiGlu)),
-        ("no bias", base.with_bias(false)),
+        ("no bias", base.clone().with_bias(false)),
+        ("gqa", base.clone().with_kv_heads(Some(2))),
+        ("mqa", base.with_kv_heads(Some(1))),
         ("llama", llama(2)),
     ]
 }
@@ -80,6 +84,11 @@ fn each_option_equals_burn_nn_layers() {
             "rope" => assert!(!paths.contains(&"wpe")),
             "swiglu" => assert!(paths.contains(&"blocks.1.mlp.gate.weight")),
             "no bias" => assert!(!paths.iter().any(|p| p.contains(".bias")), "{paths:?}"),
+            "gqa" | "mqa" => {
+                let qkv = ours.2.iter().find(|p| p.path == "blocks.0.attn.qkv.weight").unwrap();
+                let kv = if name == "gqa" { 2 } else { 1 };
+                assert_eq!(qkv.value.shape.as_slice(), [16, 16 + 2 * kv * 4], "{name}");
+            }
             _ => assert!(!paths.iter().any(|p| p.contains(".bias") || p.ends_with("beta") || *p == "wpe")),
         }
     }
@@ -212,11 +221,61 @@ fn bf16_llama_at_tp2_equals_tp1() {
     assert!(max_abs_diff(&one.1, &two.1).unwrap() < 5e-2, "logits");
 }
 
-/// An odd head width cannot rotate pairs; θ must be positive: clear errors at init.
+/// Grouped-query attention through the chunked attention op (the fused kernels' algorithm as
+/// Burn ops) gives the composed core's loss and gradients, at tp 2 with SP.
 #[test]
-fn rope_shapes_that_cannot_rotate_are_refused() {
+fn grouped_query_attention_through_the_chunked_core_equals_the_composed_core() {
+    use burn_parallel::attention::AttentionKernel;
+    let grads = |cfg: GptConfig| {
+        world(2, |c| {
+            let gpt = cfg.init::<B>(&c, &Default::default()).unwrap();
+            let loss = gpt.loss(ids("in", [3, 8]), ids("tg", [3, 8]));
+            Ok((loss.clone().into_data(), named_grads(&gpt, &loss.backward())))
+        })
+        .remove(1)
+    };
+    let cfg = llama(2).with_sequence_parallel(true);
+    let (composed, chunked) = (grads(cfg.clone().with_attention(AttentionKernel::Composed)), grads(cfg.with_attention(AttentionKernel::Chunked(3))));
+    assert!(max_abs_diff(&composed.0, &chunked.0).unwrap() < TOL);
+    for (a, b) in composed.1.iter().zip(&chunked.1) {
+        let d = max_abs_diff(a.grad.as_ref().unwrap(), b.grad.as_ref().unwrap()).unwrap();
+        assert!(d < TOL, "grad of {}: {d}", a.path);
+    }
+}
+
+/// An odd head width cannot rotate pairs; θ must be positive; key/value heads must divide the
+/// heads and split over TP: clear errors at init.
+#[test]
+fn shapes_that_cannot_rotate_or_group_are_refused() {
+    let e = llama(1).with_kv_heads(Some(3)).validate(1).unwrap_err().to_string();
+    assert_eq!(e, "attention heads = 8 is not divisible by key/value heads = 3");
+    let e = llama(1).with_kv_heads(Some(2)).validate(4).unwrap_err().to_string();
+    assert_eq!(e, "key/value heads = 2 is not divisible by tensor_parallel = 4");
     let e = GptConfig::new(32, 8, 12, 4, 1, 24).with_position(Position::Rope).validate(1).unwrap_err().to_string();
     assert!(e.contains("even head width") && e.contains("head width 3"), "{e}");
     let e = llama(1).with_rope_theta(0.0).validate(1).unwrap_err().to_string();
     assert!(e.contains("θ 0"), "{e}");
+}
+
+/// The memory model's parameter count of each variant is the model's own.
+#[test]
+fn the_memory_model_counts_each_variants_parameters() {
+    use burn::module::Module;
+    use burn_parallel::arch::Arch;
+    use burn_parallel::memory::{model::parameter_count, GptShape};
+    for (name, cfg) in variants().into_iter().chain([("llama tied", llama(2).with_tie_embeddings(true))]) {
+        let n = world(1, |c| Ok(cfg.init::<B>(&c, &Default::default()).map_err(|e| e.to_string())?.num_params())).remove(0);
+        let shape = GptShape {
+            vocab: cfg.vocab_size,
+            seq: cfg.max_seq_len,
+            hidden: cfg.d_model,
+            heads: cfg.n_heads,
+            layers: cfg.n_layers,
+            ffn: cfg.d_ff,
+            tied_embeddings: cfg.tie_embeddings,
+            activation: cfg.activation,
+            arch: Arch { norm: cfg.norm, position: cfg.position, no_bias: !cfg.bias, kv_heads: cfg.kv_heads },
+        };
+        assert_eq!(parameter_count(&shape), n as f64, "{name}");
+    }
 }

@@ -98,7 +98,7 @@ fn the_tanh_gelu_keeps_two_more_tensors_per_block() {
     assert!((measured - two).abs() < 0.25 * two, "measured {measured} vs {two}");
 }
 
-/// Llama-style blocks (RMS norms, RoPE, SwiGLU, no biases) on one rank and split (pp 2 × tp 2
+/// Llama-style blocks (RMS norms, RoPE, SwiGLU, no biases, 2 key/value heads of 4) on one rank and split (pp 2 × tp 2
 /// with SP and 4 micro-batches; tp 2 with full recompute): each rank's peak within ±10% of the
 /// model. SwiGLU alone keeps three `[N, ffn]` tensors more per block than GeLU, and its gate's
 /// weights: measured as predicted.
@@ -107,7 +107,7 @@ fn llama_style_models_are_predicted_on_every_rank() {
     use burn_parallel::activation::Activation;
     use burn_parallel::arch::Arch;
     let _one = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
-    let llama = GptShape { activation: Activation::SwiGlu, arch: Arch::LLAMA, ..SHAPE };
+    let llama = GptShape { activation: Activation::SwiGlu, arch: Arch { kv_heads: Some(2), ..Arch::LLAMA }, ..SHAPE };
     let flat = harness::plan(1, 1, 1, 8);
     one_rank_within_ten_percent(&llama, &flat, "llama");
     let mut split = harness::with_microbatches(harness::plan(1, 2, 2, 8), 4);

@@ -118,12 +118,20 @@ pub(crate) struct Args {
     /// head width.
     #[arg(long, default_value = "learned", value_parser = parse_position)]
     pub(crate) position: burn_parallel::arch::Position,
+    /// The norms' ε (layer norm or RMS norm; Llama's files say 1e-5 or 1e-6).
+    #[arg(long, default_value_t = 1e-5)]
+    pub(crate) norm_eps: f64,
     /// RoPE's base θ (with --position rope; Llama 2: 10000, Llama 3: 500000).
     #[arg(long, default_value_t = 10000.0)]
     pub(crate) rope_theta: f64,
     /// No biases in the attention's and the MLPs' projections (Llama).
     #[arg(long)]
     pub(crate) no_bias: bool,
+    /// Grouped-query attention: this many key/value heads, each shared by --heads / N query
+    /// heads (Llama 2 70B, Llama 3: 8); must divide --heads and be divisible by --tp. The
+    /// q/k/v projection shrinks to (heads + 2N)·head-width columns. Default: one per head.
+    #[arg(long)]
+    pub(crate) kv_heads: Option<usize>,
     /// Dropout probability.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) dropout: f64,

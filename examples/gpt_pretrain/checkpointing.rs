@@ -189,24 +189,34 @@ fn check_same_model(ckpt: &Checkpoint, args: &Args, what: &str) -> Result<(), St
     let Some(theirs) = ckpt.metadata().sections.get("model") else { return Ok(()) };
     check_tokenizer(ckpt, args, what)?;
     // The vocabulary's padding may differ (the tokens are checked above): see `repadded`.
-    for key in ["max_seq_len", "d_model", "n_heads", "n_layers", "d_ff", "layer_norm_eps"] {
+    // Rotary positions have no table: the context length is free (a Llama fine-tuned shorter).
+    let rotary = ours.get("position") == Some(&serde_json::json!("Rope"));
+    let keys = ["max_seq_len", "d_model", "n_heads", "n_layers", "d_ff", "layer_norm_eps"];
+    for key in keys.into_iter().filter(|k| !(rotary && *k == "max_seq_len")) {
         if theirs.get(key) != ours.get(key) {
             return Err(format!(
-                "{what}: the checkpoint is of another model: {key} = {} there, {} here",
+                "{what}: the checkpoint is of another model: {key} = {} there, {} here{}",
                 theirs.get(key).map_or("(none)".into(), |v| v.to_string()),
-                ours.get(key).map_or("(none)".into(), |v| v.to_string())
+                ours.get(key).map_or("(none)".into(), |v| v.to_string()),
+                if key == "layer_norm_eps" { " (--norm-eps)" } else { "" }
             ));
         }
     }
     check_architecture(theirs, &ours, what)
 }
 
-/// The Llama-style choices (norms, positions, biases; RoPE's θ where positions are rotary) of
+/// The Llama-style choices (norms, positions, biases, key/value heads; RoPE's θ where positions
+/// are rotary) of
 /// the saved config must be this run's; a config from before them had GPT-2's.
 fn check_architecture(theirs: &serde_json::Value, ours: &serde_json::Value, what: &str) -> Result<(), String> {
     use serde_json::json;
     let rotary = ours.get("position") == Some(&json!("Rope"));
-    let fields = [("norm", json!("LayerNorm"), "--norm"), ("position", json!("Learned"), "--position"), ("bias", json!(true), "--no-bias")];
+    let fields = [
+        ("norm", json!("LayerNorm"), "--norm"),
+        ("position", json!("Learned"), "--position"),
+        ("bias", json!(true), "--no-bias"),
+        ("kv_heads", json!(null), "--kv-heads"),
+    ];
     let theta = rotary.then_some(("rope_theta", json!(10000.0), "--rope-theta"));
     for (key, default, flag) in fields.into_iter().chain(theta) {
         let (then, now) = (theirs.get(key).unwrap_or(&default), ours.get(key).unwrap_or(&default));

@@ -100,6 +100,8 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_position(args.position)
         .with_rope_theta(args.rope_theta)
         .with_bias(!args.no_bias)
+        .with_kv_heads(args.kv_heads.filter(|&k| k != args.heads))
+        .with_layer_norm_eps(args.norm_eps)
 }
 
 /// This rank's optimizer: AdamW (β₂ 0.95) with f32 masters, DP reduction, global clipping
@@ -377,7 +379,7 @@ fn gpt_shape(args: &Args) -> burn_parallel::memory::GptShape {
         ffn: c.d_ff,
         tied_embeddings: c.tie_embeddings,
         activation: c.activation,
-        arch: burn_parallel::arch::Arch { norm: c.norm, position: c.position, no_bias: !c.bias },
+        arch: burn_parallel::arch::Arch { norm: c.norm, position: c.position, no_bias: !c.bias, kv_heads: c.kv_heads },
     }
 }
 

@@ -8,6 +8,11 @@
 //! causal mask, softmax, dropout with a per-rank mask), the fused flash-attention kernels, or the
 //! chunked op (both: no `s × s` tensor kept, no dropout); the output projection is
 //! row-parallel `h → h` with one all-reduce (g).
+//! Grouped-query attention (`kv_heads` G < H, Llama 2 70B / Llama 3): G key/value heads, each
+//! shared by `r = H/G` query heads; the fused projection `h → (H + 2G)·d` is grouped per key/value
+//! group, `[q_{g,0} … q_{g,r−1} k_g v_g | …]` (Megatron's layout), so a contiguous TP split holds
+//! whole groups (G must be divisible by the TP size); the core repeats each key/value head for
+//! its `r` query heads (the repeat's backward sums their gradients).
 //! With `rope_theta`, queries and keys are rotated ([`crate::rope`]) right after the projection;
 //! `bias = false` drops the projections' biases (Llama).
 //! With t = 1 and dropout 0 it equals `burn::nn::attention::MultiHeadAttention` with an
@@ -58,13 +63,18 @@ pub struct ParallelAttentionConfig {
     /// Rotary position embedding of queries and keys with this base `θ` (`None`: none).
     #[config(default = "None")]
     pub rope_theta: Option<f64>,
+    /// Key/value heads over all ranks (grouped-query attention; `None`: one per query head).
+    /// Must divide `n_heads` and be divisible by the TP size.
+    #[config(default = "None")]
+    pub kv_heads: Option<usize>,
 }
 
 /// Causal multi-head self-attention with heads split over the TP group.
 #[derive(Module, Debug)]
 pub struct ParallelAttention<B: ParallelBackend> {
-    /// Fused column-parallel q/k/v projection `[h, 3h/t]`, columns grouped by head (see the
-    /// module docs; [`fuse_qkv`] builds it from separate q, k, v).
+    /// Fused column-parallel q/k/v projection `[h, (H + 2G)·d/t]`, columns grouped by head
+    /// (or key/value group; see the module docs; [`fuse_qkv_grouped`] builds it from separate
+    /// q, k, v).
     pub qkv: ColumnLinear<B>,
     /// Row-parallel output projection.
     pub output: RowLinear<B>,
@@ -80,6 +90,9 @@ pub struct ParallelAttention<B: ParallelBackend> {
     /// RoPE base `θ` (`None`: no rotary embedding).
     #[module(skip)]
     pub rope_theta: Option<f64>,
+    /// Key/value heads on this rank (`local_heads` without grouped-query attention).
+    #[module(skip)]
+    pub local_groups: usize,
 }
 
 impl ParallelAttentionConfig {
@@ -94,12 +107,18 @@ impl ParallelAttentionConfig {
         if self.rope_theta.is_some() && !d_head.is_multiple_of(2) {
             return Err(ConfigError::Invalid(format!("rotary position embedding needs an even head width, got {d_head}")));
         }
-        // q, k and v are generated as separate h → h weights (their own init streams, as the
-        // unfused model's) and fused per head.
-        let part = |name: &str| init.child(name).child("weight").normal(&[self.d_model, self.d_model], self.init_std);
-        let weights = fuse_qkv(&part("query"), &part("key"), &part("value"), self.n_heads);
+        let groups = self.kv_heads.unwrap_or(self.n_heads);
+        if groups == 0 || !self.n_heads.is_multiple_of(groups) {
+            return Err(ConfigError::NotDivisible { what: "attention heads", value: self.n_heads, degree_name: "key/value heads", degree: groups });
+        }
+        let local_groups = check_divisible("key/value heads", groups, tp)?;
+        // q, k and v are generated as separate h → h (k, v: h → G·d) weights (their own init
+        // streams, as the unfused model's) and fused per head or group.
+        let part = |name: &str, width: usize| init.child(name).child("weight").normal(&[self.d_model, width], self.init_std);
+        let kv = groups * d_head;
+        let weights = fuse_qkv_grouped(&part("query", self.d_model), &part("key", kv), &part("value", kv), self.n_heads, groups);
         Ok(ParallelAttention {
-            qkv: ColumnLinearConfig::new(self.d_model, 3 * self.d_model).with_bias(self.bias).init_from(tp, weights, device)?,
+            qkv: ColumnLinearConfig::new(self.d_model, self.d_model + 2 * kv).with_bias(self.bias).init_from(tp, weights, device)?,
             output: RowLinearConfig::new(self.d_model, self.d_model).with_init_std(self.proj_init_std).with_bias(self.bias).init(
                 tp,
                 &init.child("output"),
@@ -110,6 +129,7 @@ impl ParallelAttentionConfig {
             d_head,
             core,
             rope_theta: self.rope_theta,
+            local_groups,
         })
     }
 }
@@ -154,17 +174,23 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     pub fn project_qkv(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let qkv = self.qkv.forward_parallel_input(x);
         match self.rope_theta {
-            Some(theta) => crate::rope::rope_qkv(qkv, self.local_heads, self.d_head, theta),
+            Some(theta) => crate::rope::rope_qkv(qkv, self.local_groups, self.local_heads / self.local_groups, self.d_head, theta),
             None => qkv,
         }
     }
 
-    /// Query, key and value `[b, s, h/t]` (heads in order) of a fused projection.
+    /// Query `[b, s, h/t]` (heads in order), key and value `[b, s, G·d/t]` (groups in order)
+    /// of a fused projection.
     pub fn split_qkv(&self, fused: Tensor<B, 3>) -> [Tensor<B, 3>; 3] {
         let [b, s, _] = fused.dims();
-        let (hl, d) = (self.local_heads, self.d_head);
-        let grouped = fused.reshape([b, s, hl, 3, d]);
-        [0, 1, 2].map(|i| grouped.clone().slice([0..b, 0..s, 0..hl, i..i + 1, 0..d]).reshape([b, s, hl * d]))
+        let (gl, d) = (self.local_groups, self.d_head);
+        let r = self.local_heads / gl;
+        let grouped = fused.reshape([b, s, gl, r + 2, d]);
+        let part = |parts: std::ops::Range<usize>| {
+            let n = parts.len();
+            grouped.clone().slice([0..b, 0..s, 0..gl, parts, 0..d]).reshape([b, s, gl * n * d])
+        };
+        [part(0..r), part(r..r + 1), part(r + 1..r + 2)]
     }
 
     /// The attention core of a fused projection `[b, s, 3h/t]` → context `[b, s, h/t]`: with a
@@ -173,6 +199,11 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     /// composed, [`split_qkv`](Self::split_qkv) then [`core`](Self::core).
     pub fn core_qkv(&self, qkv: Tensor<B, 3>) -> Tensor<B, 3> {
         let scale = 1.0 / (self.d_head as f32).sqrt();
+        if self.local_groups != self.local_heads {
+            // Grouped-query attention: q and the repeated k, v as separate heads.
+            let [q, k, v] = self.split_qkv(qkv);
+            return self.core(q, k, v);
+        }
         match self.core {
             AttentionCore::Fused => causal_attention_qkv(qkv, self.local_heads, scale, None),
             AttentionCore::Chunked(rows) => causal_attention_qkv(qkv, self.local_heads, scale, Some(rows)),
@@ -183,15 +214,24 @@ impl<B: ParallelBackend> ParallelAttention<B> {
         }
     }
 
-    /// The attention core (no parameters): `q, k, v [b, s, h/t]` → context `[b, s, h/t]`:
+    /// The attention core (no parameters): `q [b, s, h/t]`, `k, v [b, s, G·d/t]` (each key/value
+    /// head repeated for its query heads) → context `[b, s, h/t]`:
     /// scores `[b, H/t, s, s]`, causal mask, softmax in f32, dropout, weighted sum. Selective
     /// recompute runs this part again in the backward instead of keeping its `s × s` tensors.
     /// With a fused or chunked [`core`](Self::core) one attention op (`burn_parallel::attention`):
     /// no `s × s` tensor kept, `o` and the f32 log-sum-exp saved for the backward.
     pub fn core(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, _] = q.dims();
-        let heads = |t: Tensor<B, 3>| t.reshape([b, s, self.local_heads, self.d_head]).swap_dims(1, 2);
-        let (q, k, v) = (heads(q), heads(k), heads(v));
+        let (hl, gl, d) = (self.local_heads, self.local_groups, self.d_head);
+        let q = q.reshape([b, s, hl, d]).swap_dims(1, 2);
+        let kv = |t: Tensor<B, 3>| {
+            let t = t.reshape([b, s, gl, d]).swap_dims(1, 2);
+            if gl == hl {
+                return t;
+            }
+            t.unsqueeze_dim::<5>(2).expand([b, gl, hl / gl, s, d]).reshape([b, hl, s, d])
+        };
+        let (k, v) = (kv(k), kv(v));
         let scale = 1.0 / (self.d_head as f32).sqrt();
         let merge = |o: Tensor<B, 4>| o.swap_dims(1, 2).reshape([b, s, self.local_heads * self.d_head]);
         match self.core {
@@ -224,26 +264,10 @@ impl<B: ParallelBackend> RandomStreams for ParallelAttention<B> {
     }
 }
 
-/// The fused `[h, 3h]` weight (or `[3h]` bias, as `[1, h]` rows) of separate q, k, v `[h_in, h]`
-/// tensors: columns grouped per head, `[q_j k_j v_j]` for head `j` (each `h / heads` wide).
+/// The fused `[h, 3h]` weight (or `[3h]` bias) of separate q, k, v `[h_in, h]` tensors: columns
+/// grouped per head, `[q_j k_j v_j]` for head `j` (each `h / heads` wide).
 pub fn fuse_qkv(q: &TensorData, k: &TensorData, v: &TensorData, heads: usize) -> TensorData {
-    let shape = q.shape.as_slice().to_vec();
-    let (rows, h) = match shape.as_slice() {
-        [r, h] => (*r, *h),
-        [h] => (1, *h),
-        other => panic!("fuse_qkv of a {other:?} tensor"),
-    };
-    let d = h / heads;
-    let (q, k, v) = [q, k, v].map(|t| t.clone().convert::<f32>().to_vec::<f32>().expect("f32")).into();
-    let mut out = Vec::with_capacity(rows * 3 * h);
-    for r in 0..rows {
-        for j in 0..heads {
-            for part in [&q, &k, &v] {
-                out.extend_from_slice(&part[r * h + j * d..r * h + (j + 1) * d]);
-            }
-        }
-    }
-    let mut out_shape = shape;
-    *out_shape.last_mut().unwrap() = 3 * h;
-    TensorData::new(out, out_shape)
+    fuse_qkv_grouped(q, k, v, heads, heads)
 }
+
+pub use burn_parallel::qkv::fuse_qkv_grouped;

@@ -63,6 +63,9 @@ pub struct TransformerBlockConfig {
     /// RoPE base `θ` of the attention (`None`: no rotary embedding).
     #[config(default = "None")]
     pub rope_theta: Option<f64>,
+    /// Key/value heads (grouped-query attention; `None`: one per query head).
+    #[config(default = "None")]
+    pub kv_heads: Option<usize>,
 }
 
 /// One transformer layer, split over the TP group.
@@ -105,6 +108,7 @@ impl TransformerBlockConfig {
                 .with_kernel(self.attention)
                 .with_bias(self.bias)
                 .with_rope_theta(self.rope_theta)
+                .with_kv_heads(self.kv_heads)
                 .init(tp, &init.child("attn"), device)?,
             ln2: ln(),
             mlp: ParallelMlpConfig::new(self.d_model, self.d_ff)

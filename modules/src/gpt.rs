@@ -109,6 +109,10 @@ pub struct GptConfig {
     /// Biases on the attention's and the MLPs' projections (Llama has none).
     #[config(default = true)]
     pub bias: bool,
+    /// Key/value heads: grouped-query attention with this many (dividing `n_heads`, divisible
+    /// by the TP size); `None`: one per query head.
+    #[config(default = "None")]
+    pub kv_heads: Option<usize>,
 }
 
 /// A GPT split over a TP group (a group of one gives the plain model).
@@ -150,8 +154,8 @@ impl GptConfig {
     }
 
     /// Checks this configuration for a TP group of `tp` ranks: every size at least 1 (sequence,
-    /// layers, loss chunk), the dropout a probability below 1, then the sizes tensor parallelism
-    /// splits ([`ParallelConfig::validate_model`]).
+    /// layers, loss chunk), the dropout a probability below 1, the sizes tensor parallelism
+    /// splits ([`ParallelConfig::validate_model`]), then key/value heads and RoPE's head width.
     pub fn validate(&self, tp: usize) -> Result<(), ConfigError> {
         for (what, value) in [("max_seq_len", self.max_seq_len), ("layers", self.n_layers), ("loss chunk rows", self.loss_chunk.unwrap_or(1))] {
             if value == 0 {
@@ -160,6 +164,20 @@ impl GptConfig {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(ConfigError::Invalid(format!("dropout {} is not a probability in [0, 1)", self.dropout)));
+        }
+        ParallelConfig::new().with_tensor_parallel(tp).validate_model(&self.dims())?;
+        self.validate_arch(tp)
+    }
+
+    /// Grouped-query heads (dividing the heads, divisible by `tp`) and RoPE's even head width.
+    fn validate_arch(&self, tp: usize) -> Result<(), ConfigError> {
+        if let Some(g) = self.kv_heads {
+            if g == 0 || !self.n_heads.is_multiple_of(g) {
+                return Err(ConfigError::NotDivisible { what: "attention heads", value: self.n_heads, degree_name: "key/value heads", degree: g });
+            }
+            if !g.is_multiple_of(tp) {
+                return Err(ConfigError::NotDivisible { what: "key/value heads", value: g, degree_name: "tensor_parallel", degree: tp });
+            }
         }
         if self.position == burn_parallel::arch::Position::Rope {
             let d_head = self.d_model / self.n_heads.max(1);
@@ -170,7 +188,7 @@ impl GptConfig {
                 )));
             }
         }
-        ParallelConfig::new().with_tensor_parallel(tp).validate_model(&self.dims())
+        Ok(())
     }
 
     /// Builds this rank's shard of the model for the TP group `tp`.
@@ -223,7 +241,8 @@ impl GptConfig {
             .with_activation(self.activation)
             .with_norm(self.norm)
             .with_bias(self.bias)
-            .with_rope_theta(self.rope());
+            .with_rope_theta(self.rope())
+            .with_kv_heads(self.kv_heads);
         layers.map(|i| block.init(tp, &init.child("blocks").child(i), device)).collect()
     }
 

@@ -74,6 +74,9 @@ pub struct NnGpt<B: Backend> {
     /// The MLPs' activation.
     #[module(skip)]
     pub activation: burn_parallel::activation::Activation,
+    /// Key/value heads (grouped-query attention when fewer than the heads).
+    #[module(skip)]
+    pub kv_heads: usize,
 }
 
 fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, std: f64, init: &ParamInit, dev: &B::Device) -> Linear<B> {
@@ -100,6 +103,7 @@ impl GptConfig {
             ln_f: self.reference_norm(device),
             head: (!self.tie_embeddings).then(|| linear(h, self.vocab_size, false, std, &init.child("head"), device)),
             activation: self.activation,
+            kv_heads: self.kv_heads.unwrap_or(self.n_heads),
         }
     }
 
@@ -116,8 +120,9 @@ impl GptConfig {
         let (ai, mi) = (bi.child("attn"), bi.child("mlp"));
         let mut attn = MultiHeadAttentionConfig::new(h, self.n_heads).with_dropout(0.0).init(device);
         attn.query = linear(h, h, bias, std, &ai.child("query"), device);
-        attn.key = linear(h, h, bias, std, &ai.child("key"), device);
-        attn.value = linear(h, h, bias, std, &ai.child("value"), device);
+        let kv = self.kv_heads.unwrap_or(self.n_heads) * (h / self.n_heads);
+        attn.key = linear(h, kv, bias, std, &ai.child("key"), device);
+        attn.value = linear(h, kv, bias, std, &ai.child("value"), device);
         attn.output = linear(h, h, bias, proj_std, &ai.child("output"), device);
         let fc1 = linear(h, self.d_ff, bias, std, &mi.child("fc1"), device);
         let swiglu = self.activation.gated().then(|| {
@@ -147,9 +152,10 @@ impl<B: Backend> NnGpt<B> {
             x = x + wpe.val().slice(0..s).unsqueeze::<3>();
         }
         for blk in &self.blocks {
-            let a = match &self.rope {
-                Some(rope) => rope_attention(&blk.attn, rope, blk.ln1.forward(x.clone())),
-                None => {
+            let written_out = self.rope.is_some() || self.kv_heads != blk.attn.n_heads;
+            let a = match written_out {
+                true => manual_attention(&blk.attn, self.rope.as_ref(), self.kv_heads, blk.ln1.forward(x.clone())),
+                false => {
                     let mask = generate_autoregressive_mask::<B>(b, s, &device);
                     blk.attn.forward(MhaInput::self_attn(blk.ln1.forward(x.clone())).mask_attn(mask)).context
                 }
@@ -178,20 +184,25 @@ impl<B: Backend> NnGpt<B> {
     }
 }
 
-/// Causal attention with burn-nn's rotary encoding of queries and keys, through `attn`'s
-/// linears: `[b, s, h]` → `[b, s, h]`.
-fn rope_attention<B: Backend>(attn: &MultiHeadAttention<B>, rope: &RotaryEncoding<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+/// Causal attention through `attn`'s linears, with burn-nn's rotary encoding of queries and keys
+/// (if any) and `groups` key/value heads (query head `j` reads group `j·groups/heads`):
+/// `[b, s, h]` → `[b, s, h]`.
+fn manual_attention<B: Backend>(attn: &MultiHeadAttention<B>, rope: Option<&RotaryEncoding<B>>, groups: usize, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, s, h] = x.dims();
     let (heads, d) = (attn.n_heads, attn.d_k);
-    let split = |t: Tensor<B, 3>| t.reshape([b, s, heads, d]).swap_dims(1, 2); // [b, heads, s, d]
-                                                                               // Our pairs (i, i + d/2) become burn-nn's adjacent pairs (2i, 2i + 1), and back.
+    let split = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, d]).swap_dims(1, 2); // [b, n, s, d]
+                                                                                     // Our pairs (i, i + d/2) become burn-nn's adjacent pairs (2i, 2i + 1), and back.
     let rotate = |t: Tensor<B, 4>| {
-        let paired = t.reshape([b, heads, s, 2, d / 2]).swap_dims(3, 4).reshape([b, heads, s, d]);
-        rope.forward(paired).reshape([b, heads, s, d / 2, 2]).swap_dims(3, 4).reshape([b, heads, s, d])
+        let Some(rope) = rope else { return t };
+        let n = t.dims()[1];
+        let paired = t.reshape([b, n, s, 2, d / 2]).swap_dims(3, 4).reshape([b, n, s, d]);
+        rope.forward(paired).reshape([b, n, s, d / 2, 2]).swap_dims(3, 4).reshape([b, n, s, d])
     };
-    let q = rotate(split(attn.query.forward(x.clone())));
-    let k = rotate(split(attn.key.forward(x.clone())));
-    let v = split(attn.value.forward(x));
+    // Each query head's key/value head, picked one by one.
+    let per_head = |t: Tensor<B, 4>| Tensor::cat((0..heads).map(|j| t.clone().slice([0..b, j * groups / heads..j * groups / heads + 1])).collect(), 1);
+    let q = rotate(split(attn.query.forward(x.clone()), heads));
+    let k = per_head(rotate(split(attn.key.forward(x.clone()), groups)));
+    let v = per_head(split(attn.value.forward(x), groups));
     let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f32).sqrt());
     let mask = generate_autoregressive_mask::<B>(b, s, &scores.device()).unsqueeze_dim::<4>(1).expand([b, heads, s, s]);
     let probs = burn::tensor::activation::softmax(scores.mask_fill(mask, -1.0e4), 3);

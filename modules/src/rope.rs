@@ -15,9 +15,9 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
-/// `cos` and `sin` tables `[1, s, 1, 3, d]` of the fused layout: the query's and key's angles,
-/// ones and zeros for the value.
-fn tables<B: Backend>(s: usize, d: usize, theta: f64, like: &Tensor<B, 3>) -> (Tensor<B, 5>, Tensor<B, 5>) {
+/// `cos` and `sin` tables `[1, s, 1, parts, d]` of the fused layout: the queries' and key's
+/// angles (the first `parts − 1`), ones and zeros for the value (the last).
+fn tables<B: Backend>(s: usize, d: usize, parts: usize, theta: f64, like: &Tensor<B, 3>) -> (Tensor<B, 5>, Tensor<B, 5>) {
     let device = like.device();
     let half = d / 2;
     let inv_freq: Vec<f32> = (0..half).map(|i| theta.powf(-2.0 * i as f64 / d as f64) as f32).collect();
@@ -27,23 +27,29 @@ fn tables<B: Backend>(s: usize, d: usize, theta: f64, like: &Tensor<B, 3>) -> (T
     let full = |t: Tensor<B, 2>| Tensor::cat(vec![t.clone(), t], 1).reshape([s, 1, d]); // [s, 1, d]
     let (cos, sin) = (full(angles.clone().cos()), full(angles.sin()));
     let (ones, zeros) = (Tensor::ones([s, 1, d], &device), Tensor::zeros([s, 1, d], &device));
-    let layout = |qk: Tensor<B, 3>, v: Tensor<B, 3>| Tensor::cat(vec![qk.clone(), qk, v], 1).reshape([1, s, 1, 3, d]).cast(like.dtype());
+    let layout = |qk: Tensor<B, 3>, v: Tensor<B, 3>| {
+        let mut all = vec![qk; parts - 1];
+        all.push(v);
+        Tensor::cat(all, 1).reshape([1, s, 1, parts, d]).cast(like.dtype())
+    };
     (layout(cos, ones), layout(sin, zeros))
 }
 
-/// RoPE of a fused projection `qkv [b, s, heads·3·d]` grouped per head (`[q_j k_j v_j]`, `d`
-/// wide each): queries and keys rotated by their row's position, values unchanged.
+/// RoPE of a fused projection `qkv [b, s, groups·(r + 2)·d]` grouped per key/value group
+/// (`[q_{g,0} … q_{g,r−1} k_g v_g]`, `d` wide each; `r = 1`: per head, `[q_j k_j v_j]`): queries
+/// and keys rotated by their row's position, values unchanged.
 ///
 /// # Panics
-/// If `d` is odd or the width is not `heads·3·d`.
-pub fn rope_qkv<B: Backend>(qkv: Tensor<B, 3>, heads: usize, d: usize, theta: f64) -> Tensor<B, 3> {
+/// If `d` is odd or the width is not `groups·(r + 2)·d`.
+pub fn rope_qkv<B: Backend>(qkv: Tensor<B, 3>, groups: usize, r: usize, d: usize, theta: f64) -> Tensor<B, 3> {
     let [b, s, w] = qkv.dims();
-    assert!(d.is_multiple_of(2) && w == heads * 3 * d, "rope_qkv: width {w} is not {heads} heads × 3 × {d} with {d} even");
-    let (cos, sin) = tables(s, d, theta, &qkv);
-    let x = qkv.reshape([b, s, heads, 3, d]);
+    let parts = r + 2;
+    assert!(d.is_multiple_of(2) && w == groups * parts * d, "rope_qkv: width {w} is not {groups} groups × {parts} × {d} with {d} even");
+    let (cos, sin) = tables(s, d, parts, theta, &qkv);
+    let x = qkv.reshape([b, s, groups, parts, d]);
     let half = d / 2;
-    let x1 = x.clone().slice([0..b, 0..s, 0..heads, 0..3, 0..half]);
-    let x2 = x.clone().slice([0..b, 0..s, 0..heads, 0..3, half..d]);
+    let x1 = x.clone().slice([0..b, 0..s, 0..groups, 0..parts, 0..half]);
+    let x2 = x.clone().slice([0..b, 0..s, 0..groups, 0..parts, half..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 4);
     (x * cos + rotated * sin).reshape([b, s, w])
 }
@@ -59,7 +65,7 @@ mod tests {
         let (s, d, theta) = (5, 4, 100.0f64);
         let vals: Vec<f32> = (0..s * 3 * d).map(|i| ((i * 5) % 11) as f32 / 4.0 - 1.0).collect();
         let x = Tensor::<Flex, 3>::from_data(TensorData::new(vals.clone(), [1, s, 3 * d]), &Default::default());
-        let out: Vec<f32> = rope_qkv(x, 1, d, theta).into_data().to_vec().unwrap();
+        let out: Vec<f32> = rope_qkv(x, 1, 1, d, theta).into_data().to_vec().unwrap();
         for p in 0..s {
             for part in 0..3 {
                 let at = |i: usize| vals[p * 3 * d + part * d + i] as f64;

@@ -168,6 +168,9 @@ struct MemoryArgs {
     /// No biases in the attention's and MLPs' projections.
     #[arg(long)]
     no_bias: bool,
+    /// Key/value heads (grouped-query attention; default: one per head).
+    #[arg(long)]
+    kv_heads: Option<usize>,
     /// Sequences per step per data-parallel replica.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -244,7 +247,7 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
         ffn: a.d_ff.unwrap_or(4 * a.d_model),
         tied_embeddings: a.tie_embeddings,
         activation: a.activation,
-        arch: burn_parallel::arch::Arch { norm: a.norm, position: a.position, no_bias: a.no_bias },
+        arch: burn_parallel::arch::Arch { norm: a.norm, position: a.position, no_bias: a.no_bias, kv_heads: a.kv_heads },
     };
     if a.pp == 1 && a.virtual_stages.is_some_and(|v| v != 1) {
         return Err("--virtual-stages splits a pipeline: it needs --pp 2 or more".into());
@@ -305,34 +308,11 @@ fn checkpoint(action: CheckpointCmd) -> Result<(), CheckpointError> {
         CheckpointCmd::ExportHf { dir, out } => {
             let ckpt = Checkpoint::open(&dir)?;
             let c = burn_parallel::checkpoint::hf::export_hf(&ckpt, &out)?;
-            println!(
-                "{} -> {} (GPT-2: {} layers, width {}, {} heads, vocabulary {})",
-                ckpt.dir().display(),
-                out.display(),
-                c.n_layer,
-                c.n_embd,
-                c.n_head,
-                c.vocab_size
-            );
+            println!("{} -> {} ({})", ckpt.dir().display(), out.display(), c.describe());
         }
         CheckpointCmd::ImportHf { from, out } => {
             let c = burn_parallel::checkpoint::hf::import_hf(&from, &out)?;
-            let tied = if c.tie_word_embeddings { " --tie-embeddings" } else { "" };
-            let act = if c.activation()? == burn_parallel::activation::Activation::GeluTanh { " --activation gelu-tanh" } else { "" };
-            let tokenizer = match c.vocab_size {
-                50257 => " --tokenizer gpt2",
-                256 => " --tokenizer byte",
-                _ => " (a vocabulary of neither tokenizer: gpt_pretrain cannot feed it)",
-            };
-            let shape = format!(
-                "--d-model {} --heads {} --layers {} --d-ff {} --seq-len {}",
-                c.n_embd,
-                c.n_head,
-                c.n_layer,
-                c.n_inner.unwrap_or(4 * c.n_embd),
-                c.n_positions
-            );
-            println!("{} -> {}; train it with:\n  gpt_pretrain --init-from {} {shape}{tied}{act}{tokenizer}", from.display(), out.display(), out.display());
+            println!("{} -> {} ({}); train it with:\n  gpt_pretrain --init-from {} {}", from.display(), out.display(), c.describe(), out.display(), c.flags()?);
         }
     }
     Ok(())

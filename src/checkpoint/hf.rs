@@ -24,6 +24,9 @@
 //! `config.json` there and as `__metadata__.burn_parallel_model` here (the fields of
 //! `GptConfig`). GPT-2 computes its MLP with the tanh GeLU (`activation_function: gelu_new`):
 //! run an imported model with `--activation gelu-tanh` (the imported config says so).
+//!
+//! A `config.json` whose `model_type` is `llama` is read as Llama ([`super::hf_llama`]), and a
+//! Llama-style model exports as one: [`import_hf`] and [`export_hf`] take either ([`HfConfig`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -32,10 +35,51 @@ use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 
 use super::error::{CheckpointError, Result};
+use super::hf_llama::HfLlamaConfig;
 use super::read::Checkpoint;
 use super::state::MODEL_PREFIX;
 use super::write::write_safetensors;
 use crate::activation::Activation;
+
+/// A HuggingFace model's config: GPT-2 or Llama.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HfConfig {
+    /// `GPT2LMHeadModel`.
+    Gpt2(HfGpt2Config),
+    /// `LlamaForCausalLM`.
+    Llama(HfLlamaConfig),
+}
+
+impl HfConfig {
+    /// The `gpt_pretrain` flags of the model (and its tokenizer where it is one of ours).
+    pub fn flags(&self) -> Result<String> {
+        let (flags, vocab) = match self {
+            Self::Gpt2(c) => (c.flags()?, c.vocab_size),
+            Self::Llama(c) => (c.flags(), c.vocab_size),
+        };
+        let tokenizer = match vocab {
+            50257 => " --tokenizer gpt2",
+            256 => " --tokenizer byte",
+            _ => " (a vocabulary of neither tokenizer: gpt_pretrain cannot feed it)",
+        };
+        Ok(format!("{flags}{tokenizer}"))
+    }
+
+    /// One line: the architecture and its sizes.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Gpt2(c) => format!("GPT-2: {} layers, width {}, {} heads, vocabulary {}", c.n_layer, c.n_embd, c.n_head, c.vocab_size),
+            Self::Llama(c) => format!(
+                "Llama: {} layers, width {}, {} heads ({} key/value), vocabulary {}",
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.kv_heads(),
+                c.vocab_size
+            ),
+        }
+    }
+}
 
 /// The fields of HuggingFace's `GPT2Config` the conversion reads and writes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +140,20 @@ fn gpt2() -> String {
 }
 
 impl HfGpt2Config {
+    /// The `gpt_pretrain` flags of this model.
+    pub fn flags(&self) -> Result<String> {
+        let tied = if self.tie_word_embeddings { " --tie-embeddings" } else { "" };
+        let act = if self.activation()? == Activation::GeluTanh { " --activation gelu-tanh" } else { "" };
+        Ok(format!(
+            "--d-model {} --heads {} --layers {} --d-ff {} --seq-len {}{tied}{act}",
+            self.n_embd,
+            self.n_head,
+            self.n_layer,
+            self.n_inner.unwrap_or(4 * self.n_embd),
+            self.n_positions
+        ))
+    }
+
     /// The activation it names.
     pub fn activation(&self) -> Result<Activation> {
         match self.activation_function.as_str() {
@@ -182,6 +240,10 @@ fn refuse_non_gpt2(model: &serde_json::Value, activation: Activation) -> Result<
     if activation.gated() {
         other.push(format!("--activation {activation}"));
     }
+    let heads = model.get("n_heads").and_then(|v| v.as_u64());
+    if let Some(kv) = model.get("kv_heads").and_then(|v| v.as_u64()).filter(|&kv| Some(kv) != heads) {
+        other.push(format!("{kv} key/value heads"));
+    }
     match other.is_empty() {
         true => Ok(()),
         false => Err(CheckpointError::Invalid(format!("the model is not a GPT-2 ({}): HuggingFace's GPT2LMHeadModel has no such layers", other.join(", ")))),
@@ -262,10 +324,10 @@ pub fn to_hf(tensors: &BTreeMap<String, TensorData>, model: &serde_json::Value) 
     Ok((out, config))
 }
 
-/// Reads a HuggingFace GPT-2 (`dir/model.safetensors` and `dir/config.json`, or a
+/// Reads a HuggingFace GPT-2 or Llama (`dir/model.safetensors` and `dir/config.json`, or a
 /// `.safetensors` file with its `config.json` beside it) and writes it in our export layout to
 /// `out` (what `--init-from` reads). Returns the config read.
-pub fn import_hf(from: &Path, out: &Path) -> Result<HfGpt2Config> {
+pub fn import_hf(from: &Path, out: &Path) -> Result<HfConfig> {
     let (file, dir) = if from.is_dir() {
         (from.join("model.safetensors"), from.to_path_buf())
     } else {
@@ -273,65 +335,79 @@ pub fn import_hf(from: &Path, out: &Path) -> Result<HfGpt2Config> {
     };
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| CheckpointError::io("read", &config_path, e))?;
-    let config: HfGpt2Config = serde_json::from_str(&text).map_err(|e| CheckpointError::Invalid(format!("{}: {e}", config_path.display())))?;
+    let invalid = |e: serde_json::Error| CheckpointError::Invalid(format!("{}: {e}", config_path.display()));
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(invalid)?;
+    let config = match value.get("model_type").and_then(|v| v.as_str()) {
+        Some("llama") => HfConfig::Llama(serde_json::from_value(value).map_err(invalid)?),
+        _ => HfConfig::Gpt2(serde_json::from_value(value).map_err(invalid)?),
+    };
     let ckpt = Checkpoint::open_safetensors(&file, "")?;
-    let names: Vec<String> = ckpt.metadata().tensors.keys().filter(|n| !n.ends_with(".attn.bias") && !n.ends_with(".attn.masked_bias")).cloned().collect();
+    // Buffers, not parameters: GPT-2's causal masks, old Llama files' rotary frequencies.
+    let buffer = |n: &str| n.ends_with(".attn.bias") || n.ends_with(".attn.masked_bias") || n.ends_with("rotary_emb.inv_freq");
+    let names: Vec<String> = ckpt.metadata().tensors.keys().filter(|n| !buffer(n)).cloned().collect();
     let tensors = names.into_iter().map(|n| ckpt.read_full(&n).map(|d| (n, d))).collect::<Result<BTreeMap<_, _>>>()?;
-    let ours: Vec<(String, TensorData)> = from_hf(&tensors, &config)?.into_iter().collect();
-    let meta = HashMap::from([("format".to_string(), "pt".to_string()), ("burn_parallel_model".to_string(), config.to_model_json()?.to_string())]);
-    write_safetensors(out, &ours, meta)?;
+    let (ours, model) = match &config {
+        HfConfig::Gpt2(c) => (from_hf(&tensors, c)?, c.to_model_json()?),
+        HfConfig::Llama(c) => (super::hf_llama::from_hf(&tensors, c)?, c.to_model_json()?),
+    };
+    let meta = HashMap::from([("format".to_string(), "pt".to_string()), ("burn_parallel_model".to_string(), model.to_string())]);
+    write_safetensors(out, &ours.into_iter().collect::<Vec<_>>(), meta)?;
     Ok(config)
 }
 
-/// Writes the model of checkpoint `ckpt` as a HuggingFace GPT-2 directory `out`
-/// (`model.safetensors` with `__metadata__ {"format": "pt"}`, and `config.json`).
-pub fn export_hf(ckpt: &Checkpoint, out: &Path) -> Result<HfGpt2Config> {
+/// Writes the model of checkpoint `ckpt` as a HuggingFace directory `out` (`model.safetensors`
+/// with `__metadata__ {"format": "pt"}`, and `config.json`): a Llama-style model as Llama, any
+/// other as GPT-2 (or an error naming what GPT-2 lacks).
+pub fn export_hf(ckpt: &Checkpoint, out: &Path) -> Result<HfConfig> {
     let model =
         ckpt.metadata().sections.get("model").ok_or_else(|| CheckpointError::Invalid(format!("{}: no model config to export", ckpt.dir().display())))?;
     let ours: BTreeMap<String, TensorData> =
         super::full_tensors(ckpt, MODEL_PREFIX)?.into_iter().map(|(n, d)| (n.trim_start_matches(MODEL_PREFIX).to_string(), d)).collect();
-    let (tensors, config) = to_hf(&ours, model)?;
+    let (tensors, config, json) = match HfLlamaConfig::from_model_json(model) {
+        Ok(_) => {
+            let (t, c) = super::hf_llama::to_hf(&ours, model)?;
+            let json = serde_json::to_string_pretty(&c).expect("config serialises");
+            (t, HfConfig::Llama(c), json)
+        }
+        Err(_) => {
+            let (t, c) = to_hf(&ours, model)?;
+            let json = serde_json::to_string_pretty(&c).expect("config serialises");
+            (t, HfConfig::Gpt2(c), json)
+        }
+    };
     std::fs::create_dir_all(out).map_err(|e| CheckpointError::io("create", out, e))?;
     let tensors: Vec<(String, TensorData)> = tensors.into_iter().collect();
     write_safetensors(&out.join("model.safetensors"), &tensors, HashMap::from([("format".to_string(), "pt".to_string())]))?;
-    let json = serde_json::to_string_pretty(&config).expect("config serialises");
     super::write::write_synced(&out.join("config.json"), json.as_bytes())?;
     Ok(config)
 }
 
 /// The last dimension of a `[rows, 3h]` (or `[3h]`) q/k/v tensor between HuggingFace's `[q k v]`
-/// and ours, grouped per head `[q_j k_j v_j]` (`to_ours`), or back.
+/// and ours, grouped per head `[q_j k_j v_j]` (`to_ours`), or back ([`crate::qkv`]).
 fn regroup(t: &TensorData, heads: usize, to_ours: bool) -> Result<TensorData> {
-    let shape = t.shape.as_slice().to_vec();
-    let width = *shape.last().ok_or_else(|| CheckpointError::Invalid("a q/k/v tensor of no dimension".into()))?;
+    let width = *t.shape.last().ok_or_else(|| CheckpointError::Invalid("a q/k/v tensor of no dimension".into()))?;
     if width % 3 != 0 || (width / 3) % heads.max(1) != 0 {
         return Err(CheckpointError::Invalid(format!("a q/k/v tensor of width {width} does not split into 3 x {heads} heads")));
     }
-    let (h, d) = (width / 3, width / 3 / heads);
-    let v = t.to_vec::<f32>().map_err(|e| CheckpointError::Invalid(format!("{e:?}")))?;
-    let mut out = vec![0f32; v.len()];
-    for (src_row, dst_row) in v.chunks(width).zip(out.chunks_mut(width)) {
-        for part in 0..3 {
-            for j in 0..heads {
-                let theirs = part * h + j * d;
-                let ours = j * 3 * d + part * d;
-                let (from, to) = if to_ours { (theirs, ours) } else { (ours, theirs) };
-                dst_row[to..to + d].copy_from_slice(&src_row[from..from + d]);
-            }
+    let t = t.clone().convert::<f32>();
+    Ok(match to_ours {
+        true => {
+            let [q, k, v]: [TensorData; 3] = crate::qkv::split_last(&t, &[width / 3; 3]).try_into().expect("three parts");
+            crate::qkv::fuse_qkv_grouped(&q, &k, &v, heads, heads)
         }
-    }
-    Ok(TensorData::new(out, shape))
+        false => crate::qkv::concat_last(&crate::qkv::split_qkv_grouped(&t, heads, heads)),
+    })
 }
 
 /// A 2-d tensor transposed.
-fn transpose(t: &TensorData) -> Result<TensorData> {
+pub(super) fn transpose(t: &TensorData) -> Result<TensorData> {
     let [r, c] = t.shape.as_slice() else { return Err(CheckpointError::Invalid(format!("transpose of a {:?} tensor", t.shape))) };
     let v = t.to_vec::<f32>().map_err(|e| CheckpointError::Invalid(format!("{e:?}")))?;
     Ok(TensorData::new((0..r * c).map(|i| v[(i % r) * c + i / r]).collect::<Vec<f32>>(), [*c, *r]))
 }
 
 /// The first `n` rows of a 2-d tensor (`n` at most its rows).
-fn rows(t: &TensorData, n: usize) -> Result<TensorData> {
+pub(super) fn rows(t: &TensorData, n: usize) -> Result<TensorData> {
     let [r, c] = t.shape.as_slice() else { return Err(CheckpointError::Invalid(format!("rows of a {:?} tensor", t.shape))) };
     if n > *r {
         return Err(CheckpointError::Invalid(format!("a vocabulary of {n} tokens in a table of {r} rows")));
@@ -368,10 +444,10 @@ mod tests {
         both.as_object_mut().unwrap().extend(explicit.as_object().unwrap().clone());
         assert!(HfGpt2Config::from_model_json(&both).is_ok());
         let mut llama = gpt2;
-        let arch = serde_json::json!({"norm": "RmsNorm", "position": "Rope", "bias": false, "activation": "SwiGlu"});
+        let arch = serde_json::json!({"norm": "RmsNorm", "position": "Rope", "bias": false, "activation": "SwiGlu", "kv_heads": 1});
         llama.as_object_mut().unwrap().extend(arch.as_object().unwrap().clone());
         let e = HfGpt2Config::from_model_json(&llama).unwrap_err().to_string();
-        for part in ["RMS norms", "rotary position embedding", "no biases", "--activation swiglu"] {
+        for part in ["RMS norms", "rotary position embedding", "no biases", "--activation swiglu", "1 key/value heads"] {
             assert!(e.contains(part), "{part}: {e}");
         }
     }

@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | block input `x` | seq | layer norm 1 |
 //! | LN1 output (SP: all-gathered) | `N·h` | the q/k/v linears |
-//! | q, k, v | `3·N·h/t` | the two attention matmuls |
+//! | q, k, v | `3·N·h/t` (grouped-query: the projection `N·(h + 2·G·d)/t` and the repeated k, v `2·N·h/t`) | the two attention matmuls |
 //! | scores − max, exp (f32) | `2·b·(a/t)·s²` (×4 bytes) | exp, the softmax division |
 //! | probs (no dropout) or dropout mask + dropped probs | `1` or `2 · b·(a/t)·s²` | the matmul with v |
 //! | context | `N·h/t` | the output projection |
@@ -59,6 +59,7 @@ use crate::pipeline::StageLayout;
 use crate::precision::Precision;
 use crate::recompute::Recompute;
 
+use super::steps::{actions, optimizer_transient};
 pub use super::table::table;
 
 /// The shapes of the GPT.
@@ -178,6 +179,9 @@ struct Dims {
     act_kept: f64,
     /// f32 statistics per row of a norm (layer norm: μ and 1/σ; RMS norm: 1/rms).
     norm_stats: f64,
+    /// `[N, ·/t]` widths the attention keeps of q, k, v: `3h`, or with grouped-query attention
+    /// the projection `h + 2·G·d` and the repeated keys and values `2h`.
+    qkv_kept: f64,
 }
 
 impl Dims {
@@ -205,6 +209,10 @@ impl Dims {
                 crate::activation::Activation::SwiGlu => 3.0,
             },
             norm_stats: if g.arch.norm == crate::arch::Norm::RmsNorm { 1.0 } else { 2.0 },
+            qkv_kept: match g.arch.kv_heads.filter(|&k| k != g.heads) {
+                Some(k) => (g.hidden + 2 * k * (g.hidden / g.heads) + 2 * g.hidden) as f64,
+                None => 3.0 * g.hidden as f64,
+            },
         }
     }
 
@@ -255,7 +263,7 @@ impl Dims {
         let (e, seq, nh) = (self.e, self.seq(), self.n * self.h);
         let masks = if self.drop { 2.0 * seq } else { 0.0 };
         let mlp = (2.0 + self.act_kept) * self.n * self.f / self.t;
-        e * (seq + nh + 3.0 * nh / self.t + nh / self.t + masks + seq + nh + mlp) + self.core() + 2.0 * self.norm_stats * self.rows() * 4.0
+        e * (seq + nh + self.qkv_kept * self.n / self.t + nh / self.t + masks + seq + nh + mlp) + self.core() + 2.0 * self.norm_stats * self.rows() * 4.0
     }
     /// Bytes a block keeps under `mode`.
     fn block_kept(&self, mode: Recompute) -> f64 {
@@ -301,7 +309,8 @@ fn stage_params(g: &GptShape, t: usize, layers: usize, first: bool, last: bool) 
     let (h, f, v, t) = (g.hidden as f64, g.ffn as f64, g.vocab as f64, t as f64);
     let (bias, norm) = (!g.arch.no_bias, if g.arch.norm == crate::arch::Norm::RmsNorm { h } else { 2.0 * h });
     let mlp_matrices = if g.activation.gated() { 3.0 } else { 2.0 };
-    let attention = 4.0 * h * h / t + if bias { 3.0 * h / t + h } else { 0.0 };
+    let kv = g.arch.kv_heads.map_or(h, |k| (k * (g.hidden / g.heads)) as f64);
+    let attention = (2.0 * h + 2.0 * kv) * h / t + if bias { (h + 2.0 * kv) / t + h } else { 0.0 };
     let mlp = mlp_matrices * h * f / t + if bias { (mlp_matrices - 1.0) * f / t + h } else { 0.0 };
     let mut p = layers as f64 * (attention + mlp + 2.0 * norm);
     if first {
@@ -334,6 +343,11 @@ fn check(g: &GptShape, plan: &TrainPlan) -> Result<(), String> {
         .with_virtual_stages(plan.virtual_stages);
     cfg.validate(cfg.world_size()).map_err(|e| e.to_string())?;
     cfg.validate_model(&crate::ModelDims { hidden: g.hidden, heads: g.heads, ffn: g.ffn, vocab: g.vocab }).map_err(|e| e.to_string())?;
+    if let Some(k) = g.arch.kv_heads {
+        if k == 0 || !g.heads.is_multiple_of(k) || !k.is_multiple_of(plan.tp) {
+            return Err(format!("{k} key/value heads must divide {} attention heads and be divisible by tensor_parallel = {}", g.heads, plan.tp));
+        }
+    }
     if plan.microbatch == 0 || plan.microbatches == 0 {
         return Err(format!("a step needs at least one sample: micro-batch size {}, {} micro-batches", plan.microbatch, plan.microbatches));
     }
@@ -461,35 +475,4 @@ fn backward_peak(d: &Dims, g: &GptShape, plan: &TrainPlan, spec: &crate::pipelin
         }
     }
     (peak.max(kept + grads_live), at)
-}
-
-/// What the optimizer step holds above the model state (`p` parameters of `e` bytes), at its
-/// largest: the f32 gradients, then per bucket (`q` bytes) its packed send buffer and the
-/// reduction. On thread ranks a reduce-scatter reduces the whole bucket on every rank and keeps
-/// this rank's rows twice (split, then as the result tensor): `4p + q + 2q/dp`; an all-reduce
-/// `4p + q`. Then the update: the reduced gradients and the new values (under ZeRO: this rank's
-/// rows, the all-gathered bucket and the unpacked parameters).
-fn optimizer_transient(plan: &TrainPlan, p: f64, e: f64) -> f64 {
-    let d = plan.dp as f64;
-    let q = (p * 4.0).min(crate::data_parallel::DEFAULT_BUCKET_BYTES as f64);
-    let zero = plan.zero && plan.dp > 1;
-    let reduce = match (plan.dp, zero) {
-        (1, _) => 4.0 * p,
-        (_, true) => 4.0 * p + q + 2.0 * q / d,
-        (_, false) => 4.0 * p + q,
-    };
-    let update = if zero { 4.0 * p / d + p * e / d + 2.0 * p * e } else { 4.0 * p + p * e };
-    reduce.max(update)
-}
-
-/// Every pipeline rank's computations in order (without a pipeline: each micro-batch's forward
-/// and backward, gradient accumulation).
-fn actions(plan: &TrainPlan) -> Result<Vec<Vec<Action>>, String> {
-    if plan.pp == 1 {
-        // Gradient accumulation: each micro-batch's forward and backward in turn.
-        return Ok(vec![(0..plan.microbatches).flat_map(|mb| [Action { op: Op::F, stage: 0, mb }, Action { op: Op::B, stage: 0, mb }]).collect()]);
-    }
-    let shape = burn_parallel_schedules::PipelineShape::new(plan.pp, plan.virtual_stages, plan.microbatches);
-    let schedule = burn_parallel_schedules::schedule_by_name(&plan.schedule).map_err(|e| e.to_string())?;
-    Ok(schedule.plan(&shape).map_err(|e| e.to_string())?.ranks)
 }

@@ -300,13 +300,14 @@ fn tied_embeddings_train_alike_on_any_layout_and_load_only_when_tied_alike() {
     }
 }
 
-/// Llama-style blocks (`--norm rms-norm --position rope --activation swiglu --no-bias`): split
+/// Llama-style blocks (`--norm rms-norm --position rope --activation swiglu --no-bias
+/// --kv-heads 2`): split
 /// over pp × tp with SP, or dp × tp with ZeRO-1, the runs print one rank's losses (within f32
 /// rounding), not the GPT-2 model's; a checkpoint resumes at another layout, and only into the
 /// same architecture (each flag named); unknown names are refused.
 #[test]
 fn llama_style_runs_train_alike_on_any_layout_and_resume_only_alike() {
-    let arch = "--norm rms-norm --position rope --rope-theta 500000 --activation swiglu --no-bias --d-ff 64";
+    let arch = "--norm rms-norm --position rope --rope-theta 500000 --activation swiglu --no-bias --kv-heads 2 --d-ff 64";
     let base = format!("{TINY} --steps 3 --layers 2 --microbatches 2 --clip-grad 0.5 {arch}");
     let one = loss_values(&losses(&base));
     for layout in ["--pp 2 --tp 2 --sequence-parallel", "--dp 2 --zero 1 --tp 2"] {
@@ -328,6 +329,7 @@ fn llama_style_runs_train_alike_on_any_layout_and_resume_only_alike() {
         ("--position rope", "--position learned", "--position"),
         ("--no-bias", "", "--no-bias"),
         ("--rope-theta 500000", "--rope-theta 10000", "--rope-theta"),
+        ("--kv-heads 2", "--kv-heads 1", "--kv-heads"),
     ] {
         let e = error_of(&format!("{} --save-dir {} --resume latest", base.replace("--steps 3", "--steps 5").replace(flag, other), dir.display()));
         assert!(e.contains("the checkpoint is of another model") && e.contains(&format!("({named})")), "{flag}: {e}");
@@ -339,4 +341,6 @@ fn llama_style_runs_train_alike_on_any_layout_and_resume_only_alike() {
     assert!(parse_error(&format!("{TINY} --position alibi")).contains("choose learned or rope"));
     let e = error_of(&format!("{} --steps 1 --position rope", TINY.replace("--d-model 32", "--d-model 24").replace("--heads 4", "--heads 8")));
     assert!(e.contains("even head width") && e.contains("head width 3"), "{e}");
+    let e = error_of(&format!("{TINY} --steps 1 --kv-heads 2 --tp 4"));
+    assert!(e.contains("key/value heads = 2 is not divisible by tensor_parallel = 4"), "{e}");
 }

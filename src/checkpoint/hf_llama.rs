@@ -1,0 +1,267 @@
+//! Llama in HuggingFace's layout (`transformers`' `LlamaForCausalLM`: `model.safetensors` and
+//! `config.json`) ↔ this crate's export layout, for a GPT built with `--norm rms-norm --position
+//! rope --activation swiglu --no-bias [--kv-heads G]`.
+//!
+//! | ours | HuggingFace | how |
+//! | --- | --- | --- |
+//! | `wte.weight [V, h]` | `model.embed_tokens.weight [V, h]` | the same (padded rows dropped on export) |
+//! | `blocks.N.ln1.gamma` | `model.layers.N.input_layernorm.weight` | the same |
+//! | `blocks.N.attn.qkv.weight [h, (H + 2G)·d]` | `…self_attn.{q,k,v}_proj.weight` `[H·d, h]`, `[G·d, h]` | transposed, fused per key/value group ([`crate::qkv`]) |
+//! | `blocks.N.attn.output.weight [h, h]` | `…self_attn.o_proj.weight` | transposed (`nn.Linear` is `[out, in]`) |
+//! | `blocks.N.ln2.gamma` | `…post_attention_layernorm.weight` | the same |
+//! | `blocks.N.mlp.gate.weight [h, f]` | `…mlp.gate_proj.weight [f, h]` | transposed |
+//! | `blocks.N.mlp.fc1.weight [h, f]` | `…mlp.up_proj.weight [f, h]` | transposed |
+//! | `blocks.N.mlp.fc2.weight [f, h]` | `…mlp.down_proj.weight [h, f]` | transposed |
+//! | `ln_f.gamma` | `model.norm.weight` | the same |
+//! | `head.weight [h, V]` (untied) | `lm_head.weight [V, h]` | transposed; absent when tied |
+//!
+//! HuggingFace's rotary embedding rotates the pairs `(x_i, x_{i+d/2})` of the stored q/k
+//! projections (its conversion script permutes Meta's weights into that order), as ours does:
+//! the weights need no permutation. Refused: another `hidden_act` than `silu`, attention or MLP
+//! biases, `rope_scaling` (Llama 3.1's long-context frequencies), a `head_dim` other than
+//! `hidden_size / num_attention_heads`.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::TensorData;
+use serde::{Deserialize, Serialize};
+
+use super::error::{CheckpointError, Result};
+use crate::qkv::{fuse_qkv_grouped, split_qkv_grouped};
+
+/// The fields of HuggingFace's `LlamaConfig` the conversion reads and writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HfLlamaConfig {
+    /// Width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (`None`: one per query head).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Blocks.
+    pub num_hidden_layers: usize,
+    /// Longest context it was trained for.
+    pub max_position_embeddings: usize,
+    /// Vocabulary (the tokenizer's).
+    pub vocab_size: usize,
+    /// RMS-norm epsilon (HuggingFace's default 1e-6).
+    #[serde(default = "eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE's base.
+    #[serde(default = "theta")]
+    pub rope_theta: f64,
+    /// `silu` (SwiGLU's gate).
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+    /// Whether the head is the token embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v/o (refused when true).
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on the MLP (refused when true).
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// RoPE frequency scaling (refused unless absent or null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Head width (must be `hidden_size / num_attention_heads` where given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// `llama`.
+    #[serde(default = "llama")]
+    pub model_type: String,
+    /// `["LlamaForCausalLM"]`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+}
+
+fn eps() -> f64 {
+    1e-6
+}
+fn theta() -> f64 {
+    10000.0
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn llama() -> String {
+    "llama".into()
+}
+
+impl HfLlamaConfig {
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// The variants this conversion does not carry are refused, naming the field.
+    pub fn check(&self) -> Result<()> {
+        let heads = self.num_attention_heads.max(1);
+        let problem = if self.hidden_act != "silu" {
+            Some(format!("hidden_act {:?}: only silu (SwiGLU) is supported", self.hidden_act))
+        } else if self.attention_bias || self.mlp_bias {
+            Some(format!("attention_bias {} / mlp_bias {}: biases are not supported", self.attention_bias, self.mlp_bias))
+        } else if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            Some(format!("rope_scaling {}: scaled rotary frequencies are not supported", self.rope_scaling.as_ref().unwrap()))
+        } else if self.head_dim.is_some_and(|d| d * heads != self.hidden_size) {
+            Some(format!("head_dim {:?} is not hidden_size {} / {heads} heads", self.head_dim, self.hidden_size))
+        } else if !self.num_attention_heads.is_multiple_of(self.kv_heads().max(1)) || !self.hidden_size.is_multiple_of(heads) {
+            Some(format!("{} heads of {} key/value heads in width {}", self.num_attention_heads, self.kv_heads(), self.hidden_size))
+        } else {
+            None
+        };
+        problem.map_or(Ok(()), |p| Err(CheckpointError::Invalid(format!("Llama config: {p}"))))
+    }
+
+    /// This config as `GptConfig`'s fields (our export's `burn_parallel_model`).
+    pub fn to_model_json(&self) -> Result<serde_json::Value> {
+        self.check()?;
+        Ok(serde_json::json!({
+            "vocab_size": self.vocab_size,
+            "max_seq_len": self.max_position_embeddings,
+            "d_model": self.hidden_size,
+            "n_heads": self.num_attention_heads,
+            "kv_heads": (self.kv_heads() != self.num_attention_heads).then_some(self.kv_heads()),
+            "n_layers": self.num_hidden_layers,
+            "d_ff": self.intermediate_size,
+            "layer_norm_eps": self.rms_norm_eps,
+            "tie_embeddings": self.tie_word_embeddings,
+            "activation": "SwiGlu",
+            "norm": "RmsNorm",
+            "position": "Rope",
+            "rope_theta": self.rope_theta,
+            "bias": false,
+        }))
+    }
+
+    /// The config of a model whose `GptConfig` JSON is `model` (the tokenizer's vocabulary,
+    /// `vocab_used`, not the padded one); a model that is not Llama-style is refused.
+    pub fn from_model_json(model: &serde_json::Value) -> Result<Self> {
+        let text = |k: &str| model.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let llama_style = [("norm", "RmsNorm"), ("position", "Rope"), ("activation", "SwiGlu")].iter().all(|(k, v)| text(k) == *v)
+            && model.get("bias").and_then(|v| v.as_bool()) == Some(false);
+        if !llama_style {
+            return Err(CheckpointError::Invalid(
+                "the model is not Llama-style (it needs --norm rms-norm --position rope --activation swiglu --no-bias)".into(),
+            ));
+        }
+        let field =
+            |k: &str| model.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| CheckpointError::Invalid(format!("the model config has no {k}")));
+        let heads = field("n_heads")?;
+        Ok(Self {
+            hidden_size: field("d_model")?,
+            intermediate_size: field("d_ff")?,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(model.get("kv_heads").and_then(|v| v.as_u64()).map_or(heads, |v| v as usize)),
+            num_hidden_layers: field("n_layers")?,
+            max_position_embeddings: field("max_seq_len")?,
+            vocab_size: model.get("vocab_used").and_then(|v| v.as_u64()).map(|v| v as usize).map_or_else(|| field("vocab_size"), Ok)?,
+            rms_norm_eps: model.get("layer_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5),
+            rope_theta: model.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0),
+            hidden_act: silu(),
+            tie_word_embeddings: model.get("tie_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
+            attention_bias: false,
+            mlp_bias: false,
+            rope_scaling: None,
+            head_dim: None,
+            model_type: llama(),
+            architectures: vec!["LlamaForCausalLM".into()],
+        })
+    }
+
+    /// The `gpt_pretrain` flags of this model (its context length is not one: RoPE has no
+    /// position table, pick `--seq-len`).
+    pub fn flags(&self) -> String {
+        let mut f = format!(
+            "--d-model {} --heads {} --layers {} --d-ff {} --norm rms-norm --position rope --rope-theta {} --activation swiglu --no-bias",
+            self.hidden_size, self.num_attention_heads, self.num_hidden_layers, self.intermediate_size, self.rope_theta
+        );
+        if self.kv_heads() != self.num_attention_heads {
+            f += &format!(" --kv-heads {}", self.kv_heads());
+        }
+        if self.rms_norm_eps != 1e-5 {
+            f += &format!(" --norm-eps {:e}", self.rms_norm_eps);
+        }
+        if self.tie_word_embeddings {
+            f += " --tie-embeddings";
+        }
+        f
+    }
+}
+
+/// Renames of one block's tensors that are transposed: (ours, HuggingFace's, under
+/// `model.layers.N.`).
+const LINEARS: [(&str, &str); 4] = [
+    ("attn.output.weight", "self_attn.o_proj.weight"),
+    ("mlp.gate.weight", "mlp.gate_proj.weight"),
+    ("mlp.fc1.weight", "mlp.up_proj.weight"),
+    ("mlp.fc2.weight", "mlp.down_proj.weight"),
+];
+
+/// Renames kept as they are.
+const NORMS: [(&str, &str); 2] = [("ln1.gamma", "input_layernorm.weight"), ("ln2.gamma", "post_attention_layernorm.weight")];
+
+/// Our tensors (export names) of HuggingFace's `tensors` (names with or without `model.`).
+pub fn from_hf(tensors: &BTreeMap<String, TensorData>, config: &HfLlamaConfig) -> Result<BTreeMap<String, TensorData>> {
+    config.check()?;
+    let get = |name: &str| {
+        tensors
+            .get(name)
+            .or_else(|| tensors.get(name.strip_prefix("model.").unwrap_or(name)))
+            .map(|t| t.clone().convert::<f32>())
+            .ok_or_else(|| CheckpointError::Invalid(format!("the HuggingFace Llama has no tensor {name} (config: {} layers)", config.num_hidden_layers)))
+    };
+    let t = |name: &str| get(name).and_then(|d| super::hf::transpose(&d));
+    let (heads, groups) = (config.num_attention_heads, config.kv_heads());
+    let mut out = BTreeMap::from([("wte.weight".to_string(), get("model.embed_tokens.weight")?), ("ln_f.gamma".to_string(), get("model.norm.weight")?)]);
+    for n in 0..config.num_hidden_layers {
+        let layer = format!("model.layers.{n}.");
+        for (ours, theirs) in NORMS {
+            out.insert(format!("blocks.{n}.{ours}"), get(&format!("{layer}{theirs}"))?);
+        }
+        for (ours, theirs) in LINEARS {
+            out.insert(format!("blocks.{n}.{ours}"), t(&format!("{layer}{theirs}"))?);
+        }
+        let [q, k, v] = ["q", "k", "v"].map(|p| t(&format!("{layer}self_attn.{p}_proj.weight")));
+        out.insert(format!("blocks.{n}.attn.qkv.weight"), fuse_qkv_grouped(&q?, &k?, &v?, heads, groups));
+    }
+    if !config.tie_word_embeddings {
+        out.insert("head.weight".into(), t("lm_head.weight")?);
+    }
+    Ok(out)
+}
+
+/// HuggingFace's tensors (`save_pretrained`'s names: `model.` but for `lm_head.weight`) and
+/// config of our export's `tensors` with model config `model`; padded vocabulary rows dropped.
+pub fn to_hf(tensors: &BTreeMap<String, TensorData>, model: &serde_json::Value) -> Result<(BTreeMap<String, TensorData>, HfLlamaConfig)> {
+    let config = HfLlamaConfig::from_model_json(model)?;
+    let get =
+        |name: &str| tensors.get(name).map(|t| t.clone().convert::<f32>()).ok_or_else(|| CheckpointError::Invalid(format!("the model has no tensor {name}")));
+    let t = |name: &str| get(name).and_then(|d| super::hf::transpose(&d));
+    let (heads, groups) = (config.num_attention_heads, config.kv_heads());
+    let mut out = BTreeMap::from([
+        ("model.embed_tokens.weight".to_string(), super::hf::rows(&get("wte.weight")?, config.vocab_size)?),
+        ("model.norm.weight".to_string(), get("ln_f.gamma")?),
+    ]);
+    for n in 0..config.num_hidden_layers {
+        let layer = format!("model.layers.{n}.");
+        for (ours, theirs) in NORMS {
+            out.insert(format!("{layer}{theirs}"), get(&format!("blocks.{n}.{ours}"))?);
+        }
+        for (ours, theirs) in LINEARS {
+            out.insert(format!("{layer}{theirs}"), t(&format!("blocks.{n}.{ours}"))?);
+        }
+        let parts = split_qkv_grouped(&get(&format!("blocks.{n}.attn.qkv.weight"))?, heads, groups);
+        for (p, part) in ["q", "k", "v"].iter().zip(parts) {
+            out.insert(format!("{layer}self_attn.{p}_proj.weight"), super::hf::transpose(&part)?);
+        }
+    }
+    if !config.tie_word_embeddings {
+        out.insert("lm_head.weight".into(), super::hf::rows(&t("head.weight")?, config.vocab_size)?);
+    }
+    Ok((out, config))
+}

@@ -1,0 +1,165 @@
+//! HuggingFace Llama interop against an independent numpy Llama (`tests/llama_numpy.py`): a
+//! random model in `LlamaForCausalLM`'s layout (grouped-query attention, RoPE θ, RMS norms,
+//! SwiGLU; tied or not), written and run by numpy, imported (`checkpoint::hf::import_hf`, and
+//! through the command line, which names the flags) and loaded at tp 1 and 2 gives numpy's
+//! logits; our Llama-style GPT exported with `export_hf` gives numpy our logits and imports back
+//! to the same tensors. Skips, saying so, without python3 with numpy and safetensors.
+
+mod common;
+#[path = "common/numpy.rs"]
+mod numpy;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use burn_parallel::activation::Activation;
+use burn_parallel::arch::{Norm, Position};
+use burn_parallel::checkpoint::hf::{export_hf, import_hf, HfConfig};
+use burn_parallel::checkpoint::*;
+use burn_parallel::ParallelConfig;
+use burn_parallel_modules::GptConfig;
+use common::runner::temp_dir;
+use common::*;
+use numpy::{assert_close, ours, python};
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/llama_numpy.py");
+const BIN: &str = env!("CARGO_BIN_EXE_burn-parallel");
+
+/// Our Llama-style GPT of width 16, 4 heads sharing `kv` key/value heads, 2 layers, ffn 40.
+fn llama(vocab: usize, kv: usize, tied: bool, eps: f64) -> GptConfig {
+    GptConfig::new(vocab, 8, 16, 4, 2, 40)
+        .with_norm(Norm::RmsNorm)
+        .with_position(Position::Rope)
+        .with_rope_theta(500.0)
+        .with_activation(Activation::SwiGlu)
+        .with_bias(false)
+        .with_kv_heads((kv != 4).then_some(kv))
+        .with_tie_embeddings(tied)
+        .with_layer_norm_eps(eps)
+}
+
+#[test]
+fn an_imported_huggingface_llama_gives_numpys_logits_at_tp_1_and_2() {
+    if !python() {
+        return;
+    }
+    for (kv, tied) in [(2, false), (4, true)] {
+        let dir = temp_dir(&format!("hf-llama-{kv}"));
+        let args = ["2", "16", "4", &kv.to_string(), "40", "50", "3", "500.0", if tied { "tied" } else { "untied" }].map(String::from);
+        assert!(Command::new("python3").arg(SCRIPT).arg("make").arg(&dir).args(args).status().unwrap().success());
+        let file = dir.join("ours.safetensors");
+        if !tied {
+            // Through the command line: it names every flag the model needs.
+            let o = Command::new(BIN).args(["checkpoint", "import-hf"]).arg(&dir).arg("--out").arg(&file).output().unwrap();
+            let text = String::from_utf8_lossy(&o.stdout);
+            let flags = "--d-model 16 --heads 4 --layers 2 --d-ff 40 --norm rms-norm --position rope --rope-theta 500 --activation swiglu --no-bias --kv-heads 2 --norm-eps 1e-6";
+            assert!(o.status.success() && text.contains(flags) && text.contains("Llama: 2 layers"), "{text}{}", String::from_utf8_lossy(&o.stderr));
+        } else {
+            let HfConfig::Llama(hf) = import_hf(&dir, &file).unwrap() else { panic!("a Llama config") };
+            assert_eq!((hf.num_hidden_layers, hf.kv_heads(), hf.tie_word_embeddings), (2, 4, true));
+        }
+        let ckpt = Checkpoint::open_safetensors(&file, MODEL_PREFIX).unwrap();
+        assert_eq!(ckpt.metadata().tensors.contains_key("model.head.weight"), !tied, "a head of its own only when untied");
+        let cfg = llama(50, kv, tied, 1e-6);
+        let reference = numpy::logits(SCRIPT, &dir);
+        for t in [1, 2] {
+            let logits = world(t, |c| {
+                let gpt = cfg.init::<B>(&c, &Default::default()).map_err(|e| e.to_string())?;
+                let ctx = ShardContext { tp_rank: c.rank(), tp_size: t, dp_rank: 0 };
+                let same = |p: &str| p.to_string();
+                let gpt = load_module(&ckpt, gpt, MODEL_PREFIX, &same, ctx).map_err(|e| e.to_string())?;
+                Ok(ours(&gpt, 50))
+            });
+            for l in &logits {
+                assert_close(&format!("kv {kv} tied {tied} tp {t}"), l, &reference);
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+/// Saves `cfg`'s model (perturbed: logits of order 1) as a checkpoint in `dir`; its logits.
+fn save(cfg: &GptConfig, dir: &Path) -> Vec<f32> {
+    let noise = Perturb::default();
+    world(1, |c| {
+        let gpt = noise.apply(cfg.init::<B>(&c, &Default::default()).map_err(|e| e.to_string())?, &c);
+        let same = |p: &str| p.to_string();
+        let snapshot = Snapshot {
+            step: 1,
+            layout: ParallelConfig::new(),
+            train: TrainState::default(),
+            tensors: module_tensors(&gpt, &same, ShardContext::single()),
+            counters: BTreeMap::new(),
+            sections: BTreeMap::from([("model".to_string(), serde_json::to_value(cfg).unwrap())]),
+        };
+        let mut saver = Checkpointer::new(CheckpointOptions { dir: dir.to_path_buf(), keep: 0, async_save: false }, c);
+        saver.save(snapshot).map_err(|e| e.to_string())?;
+        saver.finish().map_err(|e| e.to_string())?;
+        Ok(ours(&gpt, 50))
+    })
+    .remove(0)
+}
+
+#[test]
+fn our_llama_exported_for_huggingface_gives_numpy_our_logits() {
+    if !python() {
+        return;
+    }
+    // A padded vocabulary (64 rows, 50 tokens) and an untied head; then tied, one key/value head.
+    for (kv, tied, vocab) in [(2, false, 64), (1, true, 50)] {
+        let cfg = llama(vocab, kv, tied, 1e-5).with_vocab_used((vocab > 50).then_some(50));
+        let (dir, out) = (temp_dir(&format!("hf-llama-export-{kv}")), temp_dir(&format!("hf-llama-export-{kv}-out")));
+        let logits = save(&cfg, &dir);
+        if tied {
+            let o = Command::new(BIN).args(["checkpoint", "export-hf"]).arg(&dir).arg("--out").arg(&out).output().unwrap();
+            assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("Llama"), "{}", String::from_utf8_lossy(&o.stderr));
+        } else {
+            assert!(matches!(export_hf(&Checkpoint::open(&dir).unwrap(), &out).unwrap(), HfConfig::Llama(_)));
+        }
+        let hf: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!((hf["model_type"].as_str(), hf["vocab_size"].as_u64(), hf["num_key_value_heads"].as_u64()), (Some("llama"), Some(50), Some(kv as u64)));
+        assert_close(&format!("exported kv {kv} tied {tied}"), &logits, &numpy::logits(SCRIPT, &out));
+        // And back: the same tensors (padding rows aside).
+        let back = out.join("back.safetensors");
+        import_hf(&out, &back).unwrap();
+        let (a, b) = (Checkpoint::open(&dir).unwrap(), Checkpoint::open_safetensors(&back, MODEL_PREFIX).unwrap());
+        let names = full_tensors(&b, MODEL_PREFIX).unwrap();
+        assert_eq!(names.len(), a.metadata().tensors.len(), "every tensor back");
+        for (name, t) in names {
+            // Padded vocabulary: the embedding's first rows, the head's first columns.
+            let whole = a.read_full(&name).unwrap();
+            let (cols, all) = (*whole.shape.last().unwrap(), whole.to_vec::<f32>().unwrap());
+            let keep = *t.shape.last().unwrap();
+            let kept: Vec<f32> = all.chunks(cols).flat_map(|row| row[..keep].to_vec()).take(t.num_elements()).collect();
+            assert_eq!(t.to_vec::<f32>().unwrap(), kept, "{name}");
+        }
+        for d in [dir, out] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
+}
+
+/// What the conversion does not carry is refused, naming the field.
+#[test]
+fn llama_variants_the_conversion_does_not_carry_are_refused() {
+    use burn_parallel::checkpoint::hf_llama::HfLlamaConfig;
+    let base = serde_json::json!({"hidden_size": 16, "intermediate_size": 40, "num_attention_heads": 4, "num_hidden_layers": 1,
+        "max_position_embeddings": 8, "vocab_size": 50, "model_type": "llama"});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = base.clone();
+        c[k] = v;
+        serde_json::from_value::<HfLlamaConfig>(c).unwrap().check().map_err(|e| e.to_string())
+    };
+    assert!(with("hidden_act", "silu".into()).is_ok());
+    for (k, v, says) in [
+        ("hidden_act", serde_json::json!("gelu"), "hidden_act \"gelu\""),
+        ("attention_bias", serde_json::json!(true), "biases are not supported"),
+        ("rope_scaling", serde_json::json!({"rope_type": "llama3", "factor": 8.0}), "scaled rotary frequencies"),
+        ("head_dim", serde_json::json!(8), "head_dim Some(8)"),
+        ("num_key_value_heads", serde_json::json!(3), "4 heads of 3 key/value heads"),
+    ] {
+        let e = with(k, v).unwrap_err();
+        assert!(e.contains(says), "{k}: {e}");
+    }
+}
