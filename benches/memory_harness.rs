@@ -124,7 +124,8 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
         .with_activation(shape.activation)
         .with_norm(shape.arch.norm)
         .with_position(shape.arch.position)
-        .with_bias(!shape.arch.no_bias);
+        .with_bias(!shape.arch.no_bias)
+        .with_kv_heads(shape.arch.kv_heads.filter(|&k| k != shape.heads));
     let per_replica = p.microbatch * p.microbatches;
     let results = run_world(p.dp * p.pp * p.tp, LocalWorldOptions::default(), |c| {
         let rank = c.global_rank();

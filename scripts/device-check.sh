@@ -11,6 +11,7 @@
 #   burn-nn-gpt2 (plain Burn's GPT-2 124M) gpt2-composed (ours, composed attention); gpt2-chunked (ours, chunked attention);
 #   gpt2-optim-per-param (ours, AdamW one parameter at a time: against gpt2's fused 25 MiB groups);
 #   gpt2-fma (ours, bf16 attention on the FMA kernels: what the tensor-core kernels gain end to end);
+#   llama (a Llama-style GPT on CUDA, fused attention with grouped-query heads, f32 and bf16, against the CPU);
 #   `a+b` runs two steps side by side (e.g. `checks+gpt`: correctness checks while the GPT's
 #   kernels compile — never two benchmarks).
 # Output: $OUT/log.txt (every step's full log) and $OUT/cache.tgz (cubecl's kernel and autotune
@@ -38,7 +39,7 @@ limit_of() {
   case "$1" in
     checks) echo 300 ;; kernels) echo 180 ;; gpt) echo 300 ;; gpt-local) echo 240 ;;
     ln-bench) echo 150 ;; attn-profile) echo 180 ;; ln-tune) echo 180 ;; ln-profile) echo 150 ;; torch-ln) echo 60 ;; nccl-bench) echo 90 ;;
-    torch-nccl) echo 60 ;; gpt2) echo 420 ;; memory) echo 240 ;; gpt2-f32) echo 240 ;; torch-gpt2) echo 150 ;; attention) echo 240 ;; torch-attention) echo 60 ;; burn-nn-gpt2) echo 300 ;; gpt2-composed) echo 300 ;; gpt2-chunked) echo 300 ;; gpt2-fma) echo 300 ;; gpt2-optim-per-param) echo 300 ;; *) echo 0 ;;
+    torch-nccl) echo 60 ;; gpt2) echo 420 ;; memory) echo 240 ;; gpt2-f32) echo 240 ;; torch-gpt2) echo 150 ;; attention) echo 240 ;; torch-attention) echo 60 ;; burn-nn-gpt2) echo 300 ;; gpt2-composed) echo 300 ;; gpt2-chunked) echo 300 ;; gpt2-fma) echo 300 ;; gpt2-optim-per-param) echo 300 ;; llama) echo 240 ;; *) echo 0 ;;
   esac
 }
 run_step() { # name: runs it in the foreground, log to $out/.steps/name.txt
@@ -71,6 +72,7 @@ run_step() { # name: runs it in the foreground, log to $out/.steps/name.txt
     torch-gpt2) exec python3 "$root/benches/torch_gpt2.py" ;;
     memory) exec ./device_check memory ;;
     attention) exec ./device_check attention ;;
+    llama) exec ./device_check llama ;;
     burn-nn-gpt2) exec ./device_check burn-nn-gpt2 ;;
     gpt2-composed) exec ./gpt_pretrain --model gpt2-124m --device cuda --precision bf16 --attention composed --steps 15 --eval-every 0 --eval-batches 1 --sample-tokens 16 --print-every 5 --timeout-secs 900 ;;
     gpt2-chunked) exec ./gpt_pretrain --model gpt2-124m --device cuda --precision bf16 --attention chunked:256 --steps 15 --eval-every 0 --eval-batches 1 --sample-tokens 16 --print-every 5 --timeout-secs 900 ;;
@@ -104,7 +106,7 @@ steps=("$@")
 # budget are skipped, so a short budget runs the head of this list). `memory` first: it is all
 # that #15 still needs (a small GPT, no timing: torch's SDPA is timed beside it while its
 # kernels compile); then #16's attention kernels and the GPT-2 benchmark.
-((${#steps[@]})) || steps=(memory+torch-attention attention gpt2 torch-gpt2 gpt2-chunked burn-nn-gpt2 gpt2-fma gpt2-optim-per-param checks nccl-bench ln-tune gpt2-composed gpt2-f32)
+((${#steps[@]})) || steps=(memory+torch-attention attention gpt2 torch-gpt2 gpt2-chunked burn-nn-gpt2 gpt2-fma gpt2-optim-per-param checks nccl-bench ln-tune gpt2-composed gpt2-f32 llama)
 for s in "${steps[@]}"; do
   IFS=+ read -r -a group <<< "$s"
   started=()

@@ -79,6 +79,36 @@ fn an_imported_huggingface_llama_gives_numpys_logits_at_tp_1_and_2() {
     }
 }
 
+/// A hub model in shards (`model-0000N-of-0000M.safetensors` and the index's `weight_map`)
+/// imports as the single file does.
+#[test]
+fn a_sharded_huggingface_llama_imports_like_one_file() {
+    if !python() {
+        return;
+    }
+    let dir = temp_dir("hf-llama-shards");
+    let args = ["1", "16", "4", "2", "40", "50", "4", "10000.0", "untied"].map(String::from);
+    assert!(Command::new("python3").arg(SCRIPT).arg("make").arg(&dir).args(args).status().unwrap().success());
+    let (single, sharded) = (dir.join("single.safetensors"), dir.join("sharded.safetensors"));
+    import_hf(&dir, &single).unwrap();
+    let whole = Checkpoint::open_safetensors(dir.join("model.safetensors"), "").unwrap();
+    let names: Vec<String> = whole.metadata().tensors.keys().cloned().collect();
+    let mut map = serde_json::Map::new();
+    for (i, half) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let tensors: Vec<_> = half.iter().map(|n| (n.clone(), whole.read_full(n).unwrap())).collect();
+        write::write_safetensors(&dir.join(&file), &tensors, Default::default()).unwrap();
+        map.extend(half.iter().map(|n| (n.clone(), serde_json::json!(file))));
+    }
+    drop(whole);
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    import_hf(&dir, &sharded).unwrap();
+    let (a, b) = (Checkpoint::open_safetensors(&single, MODEL_PREFIX).unwrap(), Checkpoint::open_safetensors(&sharded, MODEL_PREFIX).unwrap());
+    assert_eq!(full_tensors(&a, MODEL_PREFIX).unwrap(), full_tensors(&b, MODEL_PREFIX).unwrap());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// Saves `cfg`'s model (perturbed: logits of order 1) as a checkpoint in `dir`; its logits.
 fn save(cfg: &GptConfig, dir: &Path) -> Vec<f32> {
     let noise = Perturb::default();
@@ -119,6 +149,8 @@ fn our_llama_exported_for_huggingface_gives_numpy_our_logits() {
         }
         let hf: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!((hf["model_type"].as_str(), hf["vocab_size"].as_u64(), hf["num_key_value_heads"].as_u64()), (Some("llama"), Some(50), Some(kv as u64)));
+        // No end-of-text id of LlamaConfig's defaults (1, 2): ordinary tokens of this vocabulary.
+        assert!(hf["eos_token_id"].is_null() && hf["bos_token_id"].is_null(), "{hf}");
         assert_close(&format!("exported kv {kv} tied {tied}"), &logits, &numpy::logits(SCRIPT, &out));
         // And back: the same tensors (padding rows aside).
         let back = out.join("back.safetensors");
@@ -152,14 +184,29 @@ fn llama_variants_the_conversion_does_not_carry_are_refused() {
         serde_json::from_value::<HfLlamaConfig>(c).unwrap().check().map_err(|e| e.to_string())
     };
     assert!(with("hidden_act", "silu".into()).is_ok());
+    assert!(with("head_dim", serde_json::json!(4)).is_ok() && with("rope_scaling", serde_json::json!({"rope_type": "default"})).is_ok());
+    // transformers 5 keeps θ in rope_parameters.
+    let mut v5 = base.clone();
+    v5["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 500000.0});
+    let v5: HfLlamaConfig = serde_json::from_value(v5).unwrap();
+    assert_eq!(v5.to_model_json().unwrap()["rope_theta"], serde_json::json!(500000.0));
+    assert!(v5.flags().contains("--rope-theta 500000"), "{}", v5.flags());
     for (k, v, says) in [
         ("hidden_act", serde_json::json!("gelu"), "hidden_act \"gelu\""),
         ("attention_bias", serde_json::json!(true), "biases are not supported"),
         ("rope_scaling", serde_json::json!({"rope_type": "llama3", "factor": 8.0}), "scaled rotary frequencies"),
         ("head_dim", serde_json::json!(8), "head_dim Some(8)"),
         ("num_key_value_heads", serde_json::json!(3), "4 heads of 3 key/value heads"),
+        ("num_key_value_heads", serde_json::json!(0), "4 heads with 0 key/value heads"),
+        ("rope_parameters", serde_json::json!({"rope_type": "llama3", "rope_theta": 500000.0}), "rope_parameters"),
     ] {
         let e = with(k, v).unwrap_err();
         assert!(e.contains(says), "{k}: {e}");
     }
+    // Another architecture's config is refused by name, not read as GPT-2.
+    let dir = temp_dir("hf-mistral");
+    std::fs::write(dir.join("config.json"), serde_json::json!({"model_type": "mistral", "hidden_size": 16}).to_string()).unwrap();
+    let e = import_hf(&dir, &dir.join("out.safetensors")).unwrap_err().to_string();
+    assert!(e.contains("model_type \"mistral\": only gpt2 and llama are supported"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -18,6 +18,8 @@
 //!   [8192, 1024], for `ncu` (nothing timed).
 //! - `attention`: the flash-attention kernels against the composed reference (f32, bf16, raw and
 //!   under `Fusion`), then fused vs composed forward(+backward) at GPT-2's shape, T 1024 and 2048.
+//! - `llama`: a Llama-style GPT (RMS norms, RoPE, SwiGLU, grouped-query attention) on CUDA
+//!   (fused attention kernels, bf16 too) against the CPU: loss and every gradient.
 //! - `burn-nn-gpt2` (only when named): plain Burn's GPT-2 124M (burn-nn layers, AdamW) tokens/s
 //!   in bf16 and f32, the baseline of the GPT-2 benchmark.
 //! - `memory` (only when named): the memory model against CUDA's bytes in use (one rank; f32,
@@ -33,6 +35,8 @@ mod attention;
 mod bench;
 #[cfg(feature = "cuda")]
 mod kernels;
+#[cfg(feature = "cuda")]
+mod llama;
 #[cfg(feature = "cuda")]
 mod memory;
 #[cfg(feature = "cuda")]
@@ -97,6 +101,9 @@ fn main() {
     }
     if on("attention") {
         attention::run(&mut report, quick);
+    }
+    if on("llama") {
+        llama::run(&mut report);
     }
     // v4 as the library runs it (register cache 16, no bounds checks, one-pass backward with 64
     // rows per cube and its cache halved for wide rows), and with the backward's cache at 16.

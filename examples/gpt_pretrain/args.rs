@@ -68,6 +68,10 @@ pub(crate) struct Args {
     /// The padded vocabulary of a checkpoint being resumed (set by the program).
     #[arg(skip)]
     pub(crate) vocab_override: Option<usize>,
+    /// The longer context of a rotary checkpoint being resumed or initialised from (set by the
+    /// program).
+    #[arg(skip)]
+    pub(crate) context_override: Option<usize>,
     /// Tensor-parallel degree: ranks (threads) that each hold 1/tp of every layer.
     #[arg(long, default_value_t = 1)]
     pub(crate) tp: usize,

@@ -85,6 +85,7 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
         check_activation(&ckpt, args, &format!("--init-from {}", file.display()))?;
         check_same_model(&ckpt, args, &format!("--init-from {}", file.display()))?;
         keep_saved_vocab(args, saved_vocab(&ckpt));
+        keep_saved_context(args, &ckpt);
         return Ok(Start::InitFrom(repadded(ckpt, args)));
     }
     let Some(spec) = &resume else { return Ok(Start::Fresh) };
@@ -95,6 +96,7 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
     let ckpt = Checkpoint::open(&path).map_err(|e| format!("--resume {spec}: {e}"))?;
     keep_saved_vocab(args, saved_vocab(&ckpt));
     check_same_model(&ckpt, args, &format!("--resume {}", ckpt.dir().display()))?;
+    keep_saved_context(args, &ckpt);
     check_tying(&ckpt, args, &format!("--resume {}", ckpt.dir().display()))?;
     check_activation(&ckpt, args, &format!("--resume {}", ckpt.dir().display()))?;
     warn_schedule_changes(&ckpt, args);
@@ -107,6 +109,15 @@ pub(crate) fn open_start(args: &mut Args) -> Result<Start, String> {
 fn keep_saved_vocab(args: &mut Args, saved: Option<usize>) {
     if let Some(v) = saved.filter(|&v| v.is_multiple_of(args.tp) && v >= args.tokenizer.vocab_size()) {
         args.vocab_override = Some(v);
+    }
+}
+
+/// A rotary model trained (or imported) with a longer context than this run's `--seq-len`
+/// keeps it as its `max_seq_len` (no table depends on it: it bounds generation, and what an
+/// export tells HuggingFace, `max_position_embeddings`).
+fn keep_saved_context(args: &mut Args, ckpt: &Checkpoint) {
+    if args.position == burn_parallel::arch::Position::Rope {
+        args.context_override = saved_field(ckpt, "max_seq_len").filter(|&s| s > args.seq_len);
     }
 }
 
@@ -206,8 +217,7 @@ fn check_same_model(ckpt: &Checkpoint, args: &Args, what: &str) -> Result<(), St
 }
 
 /// The Llama-style choices (norms, positions, biases, key/value heads; RoPE's θ where positions
-/// are rotary) of
-/// the saved config must be this run's; a config from before them had GPT-2's.
+/// are rotary) of the saved config must be this run's; a config from before them had GPT-2's.
 fn check_architecture(theirs: &serde_json::Value, ours: &serde_json::Value, what: &str) -> Result<(), String> {
     use serde_json::json;
     let rotary = ours.get("position") == Some(&json!("Rope"));
@@ -218,9 +228,18 @@ fn check_architecture(theirs: &serde_json::Value, ours: &serde_json::Value, what
         ("kv_heads", json!(null), "--kv-heads"),
     ];
     let theta = rotary.then_some(("rope_theta", json!(10000.0), "--rope-theta"));
+    // One key/value head per head is no grouping: the same as none.
+    let plain = |m: &serde_json::Value| m.get("kv_heads").filter(|&k| Some(k) == m.get("n_heads")).is_some();
+    let (mut theirs, mut ours) = (theirs.clone(), ours.clone());
+    for m in [&mut theirs, &mut ours] {
+        if plain(m) {
+            m["kv_heads"] = json!(null);
+        }
+    }
     for (key, default, flag) in fields.into_iter().chain(theta) {
         let (then, now) = (theirs.get(key).unwrap_or(&default), ours.get(key).unwrap_or(&default));
-        if then != now {
+        let same_number = then.as_f64().zip(now.as_f64()).is_some_and(|(a, b)| a == b);
+        if then != now && !same_number {
             return Err(format!("{what}: the checkpoint is of another model: {key} = {then} there, {now} here ({flag})"));
         }
     }

@@ -85,7 +85,7 @@ fn gpt_config(args: &Args) -> GptConfig {
     let used = args.tokenizer.vocab_size();
     let padded = used > 256 || !used.is_multiple_of(args.tp);
     let vocab = args.vocab_override.unwrap_or_else(|| if padded { burn_parallel::data::padded_vocab(used, args.tp) } else { used });
-    GptConfig::new(vocab, args.seq_len, args.d_model, args.heads, args.layers, args.d_ff.unwrap_or(4 * args.d_model))
+    GptConfig::new(vocab, args.context_override.unwrap_or(args.seq_len), args.d_model, args.heads, args.layers, args.d_ff.unwrap_or(4 * args.d_model))
         .with_vocab_used((vocab > used).then_some(used))
         .with_dropout(args.dropout)
         .with_seed(args.seed)

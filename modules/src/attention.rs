@@ -1,7 +1,8 @@
 //! Tensor-parallel causal self-attention: heads split over the TP group.
 //!
 //! Query, key and value come from one fused column-parallel projection `h → 3h` whose columns are
-//! grouped by head, `[q₀ k₀ v₀ | q₁ k₁ v₁ | …]` (`d_head` each; Megatron's layout): a contiguous
+//! grouped by head, `[q₀ k₀ v₀ | q₁ k₁ v₁ | …]` (`d_head` each; Megatron's layout; grouped-query
+//! attention below groups them per key/value head): a contiguous
 //! TP split holds whole heads, so rank r computes heads `[r·H/t, (r+1)·H/t)`, `[b, s, 3h/t]`,
 //! after one f whose backward all-reduces; attention runs locally on those `H/t` heads, through
 //! the core [`ParallelAttentionConfig::kernel`] resolves to: composed (`[b, H/t, s, s]` scores,
@@ -169,8 +170,9 @@ impl<B: ParallelBackend> ParallelAttention<B> {
         }
     }
 
-    /// This rank's fused projection of an entered input, `[b, s, 3h/t]` grouped by head
-    /// (queries and keys rotated with RoPE).
+    /// This rank's fused projection of an entered input, `[b, s, (H + 2G)·d/t]` grouped by head
+    /// (`3h/t` without grouped-query attention) or key/value group (queries and keys rotated
+    /// with RoPE).
     pub fn project_qkv(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let qkv = self.qkv.forward_parallel_input(x);
         match self.rope_theta {
@@ -193,10 +195,11 @@ impl<B: ParallelBackend> ParallelAttention<B> {
         [part(0..r), part(r..r + 1), part(r + 1..r + 2)]
     }
 
-    /// The attention core of a fused projection `[b, s, 3h/t]` → context `[b, s, h/t]`: with a
-    /// fused or chunked [`core`](Self::core) one op on the projection
-    /// ([`causal_attention_qkv`]: no slices of it, its gradient written by one concatenation);
-    /// composed, [`split_qkv`](Self::split_qkv) then [`core`](Self::core).
+    /// The attention core of a fused projection `[b, s, (H + 2G)·d/t]` → context `[b, s, h/t]`:
+    /// with a fused or chunked [`core`](Self::core) and one key/value head per head, one op on
+    /// the projection ([`causal_attention_qkv`]: no slices of it, its gradient written by one
+    /// concatenation); composed, or grouped-query, [`split_qkv`](Self::split_qkv) then
+    /// [`core`](Self::core).
     pub fn core_qkv(&self, qkv: Tensor<B, 3>) -> Tensor<B, 3> {
         let scale = 1.0 / (self.d_head as f32).sqrt();
         if self.local_groups != self.local_heads {

@@ -126,7 +126,8 @@ impl TransformerBlockConfig {
 
 impl<B: ParallelBackend> TransformerBlock<B> {
     /// The block's first part for selective recompute: `x →` layer norm → TP entry → this
-    /// rank's fused q/k/v projection, `[b, s, 3h/t]`.
+    /// rank's fused q/k/v projection, `[b, s, (H + 2G)·d/t]` (`3h/t` without grouped-query
+    /// attention).
     pub fn attn_in(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.attn.project_qkv(self.attn.enter(self.ln1.forward(x), self.sequence_parallel))
     }

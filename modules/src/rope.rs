@@ -4,13 +4,16 @@
 //! convention of Megatron and HuggingFace's Llama) are rotated by `p·θ^(−2i/d)`:
 //! `x' = x·cos + rotate_half(x)·sin` with `rotate_half(x) = [−x_{d/2..d}, x_{0..d/2}]`, applied to
 //! the query and the key of every head, the value untouched. It works on the fused projection
-//! `[b, s, 3h/t]` grouped per head (`[q_j k_j v_j]`) in place of the layout, so every attention
-//! core (composed, fused kernels, chunked) takes the rotated tensor as it is. No parameters and
-//! no communication: a TP rank's heads are whole and the sequence is whole inside attention
-//! (under SP after the all-gather; a pipeline stage sees whole sequences), so position `p` is
-//! the row index. The tables are built on the device from `θ^(−2i/d)` (computed in f64, then
-//! f32) times the positions in f32, as HuggingFace does, and cast to the activations' dtype.
-//! Under autodiff the rotation keeps only the two `[s, 3·d]` tables.
+//! `[b, s, 3h/t]` grouped per head (`[q_j k_j v_j]`; grouped-query attention: per key/value
+//! group, `[q_{g,0} … q_{g,r−1} k_g v_g]`) in place of the layout, so every attention core
+//! (composed, fused kernels, chunked) takes the rotated tensor as it is. No parameters and no
+//! communication: a TP rank's heads are whole and the sequence is whole inside attention (under
+//! SP after the all-gather; a pipeline stage sees whole sequences), so position `p` is the row
+//! index. The tables are built on the device from `θ^(−2i/d)` (computed in f64, then rounded to
+//! f32; HuggingFace computes it in f32, an ulp apart) times the positions in f32, as HuggingFace
+//! multiplies them, and cast to the activations' dtype.
+//! Under autodiff the rotation keeps only the two `[s, (r + 2)·d]` tables. They are built per
+//! call (per block and micro-batch: a few small device ops and a `d/2`-float upload).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};

@@ -339,13 +339,18 @@ pub fn import_hf(from: &Path, out: &Path) -> Result<HfConfig> {
     let value: serde_json::Value = serde_json::from_str(&text).map_err(invalid)?;
     let config = match value.get("model_type").and_then(|v| v.as_str()) {
         Some("llama") => HfConfig::Llama(serde_json::from_value(value).map_err(invalid)?),
-        _ => HfConfig::Gpt2(serde_json::from_value(value).map_err(invalid)?),
+        Some("gpt2") | None => HfConfig::Gpt2(serde_json::from_value(value).map_err(invalid)?),
+        Some(other) => return Err(CheckpointError::Invalid(format!("{}: model_type {other:?}: only gpt2 and llama are supported", config_path.display()))),
     };
-    let ckpt = Checkpoint::open_safetensors(&file, "")?;
-    // Buffers, not parameters: GPT-2's causal masks, old Llama files' rotary frequencies.
-    let buffer = |n: &str| n.ends_with(".attn.bias") || n.ends_with(".attn.masked_bias") || n.ends_with("rotary_emb.inv_freq");
-    let names: Vec<String> = ckpt.metadata().tensors.keys().filter(|n| !buffer(n)).cloned().collect();
-    let tensors = names.into_iter().map(|n| ckpt.read_full(&n).map(|d| (n, d))).collect::<Result<BTreeMap<_, _>>>()?;
+    let mut tensors = BTreeMap::new();
+    for file in weight_files(&file, &dir)? {
+        let ckpt = Checkpoint::open_safetensors(&file, "")?;
+        // Buffers, not parameters: GPT-2's causal masks, old Llama files' rotary frequencies.
+        let buffer = |n: &str| n.ends_with(".attn.bias") || n.ends_with(".attn.masked_bias") || n.ends_with("rotary_emb.inv_freq");
+        for n in ckpt.metadata().tensors.keys().filter(|n| !buffer(n)) {
+            tensors.insert(n.clone(), ckpt.read_full(n)?);
+        }
+    }
     let (ours, model) = match &config {
         HfConfig::Gpt2(c) => (from_hf(&tensors, c)?, c.to_model_json()?),
         HfConfig::Llama(c) => (super::hf_llama::from_hf(&tensors, c)?, c.to_model_json()?),
@@ -353,6 +358,20 @@ pub fn import_hf(from: &Path, out: &Path) -> Result<HfConfig> {
     let meta = HashMap::from([("format".to_string(), "pt".to_string()), ("burn_parallel_model".to_string(), model.to_string())]);
     write_safetensors(out, &ours.into_iter().collect::<Vec<_>>(), meta)?;
     Ok(config)
+}
+
+/// The safetensors files of a model: `file` itself, or where it does not exist the shards
+/// that `dir/model.safetensors.index.json`'s `weight_map` names (hub models of several GB).
+fn weight_files(file: &Path, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if file.exists() || !index.exists() {
+        return Ok(vec![file.to_path_buf()]);
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| CheckpointError::io("read", &index, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| CheckpointError::Invalid(format!("{}: {e}", index.display())))?;
+    let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| CheckpointError::Invalid(format!("{}: no weight_map", index.display())))?;
+    let files: std::collections::BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
 
 /// Writes the model of checkpoint `ckpt` as a HuggingFace directory `out` (`model.safetensors`
@@ -363,13 +382,13 @@ pub fn export_hf(ckpt: &Checkpoint, out: &Path) -> Result<HfConfig> {
         ckpt.metadata().sections.get("model").ok_or_else(|| CheckpointError::Invalid(format!("{}: no model config to export", ckpt.dir().display())))?;
     let ours: BTreeMap<String, TensorData> =
         super::full_tensors(ckpt, MODEL_PREFIX)?.into_iter().map(|(n, d)| (n.trim_start_matches(MODEL_PREFIX).to_string(), d)).collect();
-    let (tensors, config, json) = match HfLlamaConfig::from_model_json(model) {
-        Ok(_) => {
+    let (tensors, config, json) = match HfLlamaConfig::is_llama_style(model) {
+        true => {
             let (t, c) = super::hf_llama::to_hf(&ours, model)?;
             let json = serde_json::to_string_pretty(&c).expect("config serialises");
             (t, HfConfig::Llama(c), json)
         }
-        Err(_) => {
+        false => {
             let (t, c) = to_hf(&ours, model)?;
             let json = serde_json::to_string_pretty(&c).expect("config serialises");
             (t, HfConfig::Gpt2(c), json)

@@ -65,9 +65,20 @@ pub struct HfLlamaConfig {
     /// Biases on the MLP (refused when true).
     #[serde(default)]
     pub mlp_bias: bool,
-    /// RoPE frequency scaling (refused unless absent or null).
+    /// RoPE frequency scaling (refused unless absent, null or of type `default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5's RoPE settings (`rope_theta`, `rope_type`): read in place of the
+    /// top-level fields where present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// Beginning-of-text token(s) (exported: GPT-2's end-of-text for its vocabulary, else
+    /// null, so that no foreign id stops generation).
+    #[serde(default)]
+    pub bos_token_id: Option<serde_json::Value>,
+    /// End-of-text token(s) (a number or a list; as `bos_token_id`).
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
     /// Head width (must be `hidden_size / num_attention_heads` where given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
@@ -98,6 +109,25 @@ impl HfLlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// RoPE's base: transformers 5's `rope_parameters.rope_theta`, else the top-level field.
+    pub fn theta(&self) -> f64 {
+        self.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()).unwrap_or(self.rope_theta)
+    }
+
+    /// A RoPE variant other than the plain one (`rope_scaling` or `rope_parameters` of a type
+    /// other than `default`).
+    fn scaled_rope(&self) -> Option<String> {
+        let scaled = |v: &serde_json::Value| {
+            let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str());
+            !v.is_null() && kind != Some("default")
+        };
+        match (&self.rope_scaling, &self.rope_parameters) {
+            (Some(v), _) if scaled(v) => Some(format!("rope_scaling {v}")),
+            (_, Some(v)) if v.get("rope_type").is_some() && scaled(v) => Some(format!("rope_parameters {v}")),
+            _ => None,
+        }
+    }
+
     /// The variants this conversion does not carry are refused, naming the field.
     pub fn check(&self) -> Result<()> {
         let heads = self.num_attention_heads.max(1);
@@ -105,11 +135,13 @@ impl HfLlamaConfig {
             Some(format!("hidden_act {:?}: only silu (SwiGLU) is supported", self.hidden_act))
         } else if self.attention_bias || self.mlp_bias {
             Some(format!("attention_bias {} / mlp_bias {}: biases are not supported", self.attention_bias, self.mlp_bias))
-        } else if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            Some(format!("rope_scaling {}: scaled rotary frequencies are not supported", self.rope_scaling.as_ref().unwrap()))
+        } else if let Some(rope) = self.scaled_rope() {
+            Some(format!("{rope}: scaled rotary frequencies are not supported"))
+        } else if self.kv_heads() == 0 || self.num_attention_heads == 0 {
+            Some(format!("{} heads with {} key/value heads", self.num_attention_heads, self.kv_heads()))
         } else if self.head_dim.is_some_and(|d| d * heads != self.hidden_size) {
             Some(format!("head_dim {:?} is not hidden_size {} / {heads} heads", self.head_dim, self.hidden_size))
-        } else if !self.num_attention_heads.is_multiple_of(self.kv_heads().max(1)) || !self.hidden_size.is_multiple_of(heads) {
+        } else if !self.num_attention_heads.is_multiple_of(self.kv_heads()) || !self.hidden_size.is_multiple_of(heads) {
             Some(format!("{} heads of {} key/value heads in width {}", self.num_attention_heads, self.kv_heads(), self.hidden_size))
         } else {
             None
@@ -133,18 +165,22 @@ impl HfLlamaConfig {
             "activation": "SwiGlu",
             "norm": "RmsNorm",
             "position": "Rope",
-            "rope_theta": self.rope_theta,
+            "rope_theta": self.theta(),
             "bias": false,
         }))
+    }
+
+    /// Whether the `GptConfig` JSON `model` is Llama-style (RMS norms, RoPE, SwiGLU, no biases).
+    pub fn is_llama_style(model: &serde_json::Value) -> bool {
+        let text = |k: &str| model.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        [("norm", "RmsNorm"), ("position", "Rope"), ("activation", "SwiGlu")].iter().all(|(k, v)| text(k) == *v)
+            && model.get("bias").and_then(|v| v.as_bool()) == Some(false)
     }
 
     /// The config of a model whose `GptConfig` JSON is `model` (the tokenizer's vocabulary,
     /// `vocab_used`, not the padded one); a model that is not Llama-style is refused.
     pub fn from_model_json(model: &serde_json::Value) -> Result<Self> {
-        let text = |k: &str| model.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-        let llama_style = [("norm", "RmsNorm"), ("position", "Rope"), ("activation", "SwiGlu")].iter().all(|(k, v)| text(k) == *v)
-            && model.get("bias").and_then(|v| v.as_bool()) == Some(false);
-        if !llama_style {
+        if !Self::is_llama_style(model) {
             return Err(CheckpointError::Invalid(
                 "the model is not Llama-style (it needs --norm rms-norm --position rope --activation swiglu --no-bias)".into(),
             ));
@@ -152,6 +188,10 @@ impl HfLlamaConfig {
         let field =
             |k: &str| model.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| CheckpointError::Invalid(format!("the model config has no {k}")));
         let heads = field("n_heads")?;
+        let vocab = model.get("vocab_used").and_then(|v| v.as_u64()).map(|v| v as usize).map_or_else(|| field("vocab_size"), Ok)?;
+        // GPT-2's end-of-text for its vocabulary; no id otherwise (LlamaConfig's defaults, 1
+        // and 2, would stop generation at ordinary tokens of ours).
+        let end = if vocab == 50257 { serde_json::json!(50256) } else { serde_json::Value::Null };
         Ok(Self {
             hidden_size: field("d_model")?,
             intermediate_size: field("d_ff")?,
@@ -159,7 +199,7 @@ impl HfLlamaConfig {
             num_key_value_heads: Some(model.get("kv_heads").and_then(|v| v.as_u64()).map_or(heads, |v| v as usize)),
             num_hidden_layers: field("n_layers")?,
             max_position_embeddings: field("max_seq_len")?,
-            vocab_size: model.get("vocab_used").and_then(|v| v.as_u64()).map(|v| v as usize).map_or_else(|| field("vocab_size"), Ok)?,
+            vocab_size: vocab,
             rms_norm_eps: model.get("layer_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5),
             rope_theta: model.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0),
             hidden_act: silu(),
@@ -167,6 +207,9 @@ impl HfLlamaConfig {
             attention_bias: false,
             mlp_bias: false,
             rope_scaling: None,
+            rope_parameters: None,
+            bos_token_id: Some(end.clone()),
+            eos_token_id: Some(end),
             head_dim: None,
             model_type: llama(),
             architectures: vec!["LlamaForCausalLM".into()],
@@ -178,7 +221,11 @@ impl HfLlamaConfig {
     pub fn flags(&self) -> String {
         let mut f = format!(
             "--d-model {} --heads {} --layers {} --d-ff {} --norm rms-norm --position rope --rope-theta {} --activation swiglu --no-bias",
-            self.hidden_size, self.num_attention_heads, self.num_hidden_layers, self.intermediate_size, self.rope_theta
+            self.hidden_size,
+            self.num_attention_heads,
+            self.num_hidden_layers,
+            self.intermediate_size,
+            self.theta()
         );
         if self.kv_heads() != self.num_attention_heads {
             f += &format!(" --kv-heads {}", self.kv_heads());

@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | block input `x` | seq | layer norm 1 |
 //! | LN1 output (SP: all-gathered) | `N·h` | the q/k/v linears |
-//! | q, k, v | `3·N·h/t` (grouped-query: the projection `N·(h + 2·G·d)/t` and the repeated k, v `2·N·h/t`) | the two attention matmuls |
+//! | q, k, v | `3·N·h/t` (grouped-query: q and the repeated k, v) | the two attention matmuls |
 //! | scores − max, exp (f32) | `2·b·(a/t)·s²` (×4 bytes) | exp, the softmax division |
 //! | probs (no dropout) or dropout mask + dropped probs | `1` or `2 · b·(a/t)·s²` | the matmul with v |
 //! | context | `N·h/t` | the output projection |
@@ -179,9 +179,6 @@ struct Dims {
     act_kept: f64,
     /// f32 statistics per row of a norm (layer norm: μ and 1/σ; RMS norm: 1/rms).
     norm_stats: f64,
-    /// `[N, ·/t]` widths the attention keeps of q, k, v: `3h`, or with grouped-query attention
-    /// the projection `h + 2·G·d` and the repeated keys and values `2h`.
-    qkv_kept: f64,
 }
 
 impl Dims {
@@ -209,10 +206,6 @@ impl Dims {
                 crate::activation::Activation::SwiGlu => 3.0,
             },
             norm_stats: if g.arch.norm == crate::arch::Norm::RmsNorm { 1.0 } else { 2.0 },
-            qkv_kept: match g.arch.kv_heads.filter(|&k| k != g.heads) {
-                Some(k) => (g.hidden + 2 * k * (g.hidden / g.heads) + 2 * g.hidden) as f64,
-                None => 3.0 * g.hidden as f64,
-            },
         }
     }
 
@@ -263,7 +256,7 @@ impl Dims {
         let (e, seq, nh) = (self.e, self.seq(), self.n * self.h);
         let masks = if self.drop { 2.0 * seq } else { 0.0 };
         let mlp = (2.0 + self.act_kept) * self.n * self.f / self.t;
-        e * (seq + nh + self.qkv_kept * self.n / self.t + nh / self.t + masks + seq + nh + mlp) + self.core() + 2.0 * self.norm_stats * self.rows() * 4.0
+        e * (seq + nh + 3.0 * nh / self.t + nh / self.t + masks + seq + nh + mlp) + self.core() + 2.0 * self.norm_stats * self.rows() * 4.0
     }
     /// Bytes a block keeps under `mode`.
     fn block_kept(&self, mode: Recompute) -> f64 {

@@ -337,7 +337,8 @@ fn an_imported_huggingface_gpt2_initialises_a_run() {
 /// A HuggingFace Llama (random, in `LlamaForCausalLM`'s layout with 2 key/value heads of 4,
 /// written by `tests/llama_numpy.py`) imported with `import_hf` initialises a run with the flags
 /// the import names, at any layout alike (tp 2 splits the key/value heads too); a context
-/// shorter than the file's (RoPE has no table) is accepted; a wrong ε or key/value count is
+/// shorter than the file's (RoPE has no table) is accepted, and the file's is kept in its
+/// checkpoints (what an export tells HuggingFace); a wrong ε or key/value count is
 /// refused by name. Skipped, saying so, without python3 with numpy and safetensors.
 #[test]
 fn an_imported_huggingface_llama_initialises_a_run() {
@@ -361,6 +362,11 @@ fn an_imported_huggingface_llama_initialises_a_run() {
     let (a, b) = (first(""), first("--pp 2 --tp 2 --microbatches 2 --sequence-parallel"));
     assert!((a - b).abs() < 1e-5, "one rank {a}, pp 2 x tp 2 {b}");
     assert!((a - 256f32.ln()).abs() > 0.1, "{a}");
+    // Trained at --seq-len 16, the model keeps the file's context (64) for an export.
+    let ck = dir.join("ck");
+    losses(&format!("{llama} --steps 1 --save-dir {}", ck.display()));
+    let saved = Checkpoint::open(&latest_checkpoint(&ck).unwrap().unwrap().1).unwrap();
+    assert_eq!(saved.metadata().sections["model"]["max_seq_len"], 64);
     let e = error_of(&format!("{} --steps 1", llama.replace("--norm-eps 1e-6", "")));
     assert!(e.contains("layer_norm_eps") && e.contains("(--norm-eps)"), "{e}");
     let e = error_of(&format!("{} --steps 1", llama.replace("--kv-heads 2", "--kv-heads 4")));
