@@ -1,7 +1,7 @@
 //! Architecture choices of the GPT family beyond GPT-2: the normalisation and the position
 //! encoding (with [`Activation::SwiGlu`](crate::activation::Activation) and linears without
-//! biases, a Llama-style block: `--norm rms-norm --position rope --activation swiglu --bias
-//! false`).
+//! biases, a Llama-style block: `--norm rms-norm --position rope --activation swiglu
+//! --no-bias`).
 //!
 //! - [`Norm::LayerNorm`]: `(x − μ)·r·γ + β`; [`Norm::RmsNorm`]: `x·r·γ` with `r = 1/√(mean(x²) +
 //!   ε)`, no `β` (Llama, Megatron's `--normalization RMSNorm`). Both replicated over TP, their

@@ -92,8 +92,8 @@ pub struct GptConfig {
     /// `[V, h]` transposed, no `head` parameter. See [`crate::tied_head`].
     #[config(default = false)]
     pub tie_embeddings: bool,
-    /// The MLPs' activation: GeLU, or GPT-2's tanh approximation (what pretrained GPT-2
-    /// weights expect).
+    /// The MLPs' activation: GeLU, GPT-2's tanh approximation (what pretrained GPT-2 weights
+    /// expect), or SwiGLU (Llama: the MLP gets a gate projection).
     #[config(default = "burn_parallel::activation::Activation::Gelu")]
     pub activation: burn_parallel::activation::Activation,
     /// Layer norms (GPT-2) or RMS norms (Llama), in the blocks and before the head.

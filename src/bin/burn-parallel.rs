@@ -108,9 +108,9 @@ enum CheckpointCmd {
         #[arg(long, default_value = "model.safetensors")]
         out: PathBuf,
     },
-    /// Write the model as a HuggingFace GPT-2 directory (`OUT/model.safetensors` in
-    /// `GPT2LMHeadModel`'s names and layouts, `OUT/config.json`): `transformers` loads it with
-    /// `GPT2LMHeadModel.from_pretrained(OUT)`. Padded vocabulary rows are dropped.
+    /// Write the model as a HuggingFace directory (`OUT/model.safetensors`, `OUT/config.json`):
+    /// a Llama-style model as `LlamaForCausalLM`, any other as `GPT2LMHeadModel` (or an error
+    /// naming what GPT-2 lacks). Padded vocabulary rows are dropped.
     ExportHf {
         /// Checkpoint or save directory.
         dir: PathBuf,
@@ -118,9 +118,10 @@ enum CheckpointCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Convert a HuggingFace GPT-2 (a directory with `model.safetensors` and `config.json`, or
-    /// the `.safetensors` file with its `config.json` beside it) into this crate's export layout,
-    /// for `gpt_pretrain --init-from OUT --tie-embeddings --activation gelu-tanh`.
+    /// Convert a HuggingFace GPT-2 or Llama (by `model_type`; a directory with
+    /// `model.safetensors`, or shards and their index, and `config.json`, or the `.safetensors`
+    /// file with its `config.json` beside it) into this crate's export layout for
+    /// `gpt_pretrain --init-from OUT`; prints the flags the model needs.
     ImportHf {
         /// HuggingFace directory or `.safetensors` file.
         from: PathBuf,

@@ -84,7 +84,7 @@ pub struct GptShape {
     /// SwiGLU three more and a gate `h·f/t`).
     pub activation: crate::activation::Activation,
     /// Norms, position encoding, biases (a Llama-style model: RMS norms keep one f32 statistic
-    /// per row instead of two and have no `β`; RoPE has no `wpe` and keeps only its `[s, 3·d]`
+    /// per row instead of two and have no `β`; RoPE has no `wpe` and keeps only its `[s, (r + 2)·d]`
     /// tables; no biases).
     pub arch: crate::arch::Arch,
 }
