@@ -34,6 +34,7 @@ pub mod column_linear;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;
+mod ends;
 pub mod generate;
 pub mod gpt;
 pub mod gpt_pipeline;
