@@ -12,7 +12,8 @@
 //! - [`Position::Learned`]: a `[max_seq_len, h]` table added to the token embedding (GPT-2);
 //!   [`Position::Rope`]: rotary position embedding on each head's query and key (no parameters;
 //!   Megatron's and HuggingFace's rotate-half convention: the pairs are `(x_i, x_{i+d/2})`,
-//!   angle `pos · θ^(−2i/d)`, `θ` = `rope_theta`, 10000 by default).
+//!   angle `pos · θ^(−2i/d)`, `θ` = `rope_theta`, 10000 by default; [`Rope`]), with Llama
+//!   3.1's long-context [`RopeScaling`] of the frequencies optionally.
 
 use serde::{Deserialize, Serialize};
 
@@ -109,6 +110,118 @@ impl Arch {
     pub const LLAMA: Arch = Arch { norm: Norm::RmsNorm, position: Position::Rope, no_bias: true, kv_heads: None };
 }
 
+/// Rotary embedding settings: the base `θ` and Llama 3.1's frequency scaling, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Rope {
+    /// The base: pair `i` of a `d`-wide head turns by `θ^(−2i/d)` per position.
+    pub theta: f64,
+    /// Long-context scaling of the frequencies (`None`: plain RoPE).
+    pub scaling: Option<RopeScaling>,
+}
+
+impl Rope {
+    /// Plain RoPE with base `theta`.
+    pub fn new(theta: f64) -> Self {
+        Self { theta, scaling: None }
+    }
+
+    /// The `d/2` inverse frequencies `θ^(−2i/d)` in f64, scaled where `scaling` says.
+    pub fn inv_freq(&self, d: usize) -> Vec<f64> {
+        let plain = (0..d / 2).map(|i| self.theta.powf(-2.0 * i as f64 / d as f64));
+        plain.map(|f| self.scaling.map_or(f, |s| s.scale(f))).collect()
+    }
+}
+
+/// Llama 3.1's RoPE scaling (HuggingFace `rope_type: "llama3"`; Meta's `apply_scaling`,
+/// torchtitan's `scaled_rope`), for a frequency `f` of wavelength `λ = 2π/f`, with the
+/// pretraining context `L` = `original_max_position_embeddings`:
+/// - `λ < L/high_freq_factor` (fast pairs, short-range): `f` unchanged;
+/// - `λ > L/low_freq_factor` (slow pairs): `f / factor`;
+/// - between: `(1 − α)·f/factor + α·f` with `α = (L/λ − low) / (high − low)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    /// How much longer the new context is (Llama 3.1: 8; Llama 3.2: 32).
+    pub factor: f64,
+    /// Wavelengths above `L/low_freq_factor` are divided by `factor` (Llama 3.1: 1).
+    pub low_freq_factor: f64,
+    /// Wavelengths below `L/high_freq_factor` are kept (Llama 3.1: 4).
+    pub high_freq_factor: f64,
+    /// The pretraining context `L` (Llama 3.1: 8192).
+    pub original_max_position_embeddings: usize,
+}
+
+/// Scaling parameters that define no frequencies: what was given and what is needed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid RoPE scaling {got}: {need}")]
+pub struct InvalidRopeScaling {
+    /// The parameters (or the text) given.
+    pub got: String,
+    /// What they must satisfy.
+    pub need: &'static str,
+}
+
+impl RopeScaling {
+    /// Llama 3.1's (and 3.3's): factor 8, low 1, high 4, original context 8192.
+    pub const LLAMA3_1: RopeScaling = RopeScaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 };
+
+    /// `f` scaled (see the type's formula).
+    pub fn scale(&self, f: f64) -> f64 {
+        let wavelen = 2.0 * std::f64::consts::PI / f;
+        let context = self.original_max_position_embeddings as f64;
+        if wavelen < context / self.high_freq_factor {
+            f
+        } else if wavelen > context / self.low_freq_factor {
+            f / self.factor
+        } else {
+            let alpha = (context / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor);
+            (1.0 - alpha) * f / self.factor + alpha * f
+        }
+    }
+
+    /// Factor ≥ 1, `0 < low < high`, a context > 0, all finite.
+    pub fn validate(&self) -> Result<(), InvalidRopeScaling> {
+        let finite = [self.factor, self.low_freq_factor, self.high_freq_factor].iter().all(|v| v.is_finite());
+        let ok = finite && self.factor >= 1.0 && self.low_freq_factor > 0.0 && self.high_freq_factor > self.low_freq_factor;
+        if !ok || self.original_max_position_embeddings == 0 {
+            return Err(InvalidRopeScaling { got: self.to_string(), need: "factor ≥ 1, 0 < low_freq_factor < high_freq_factor, original context > 0" });
+        }
+        Ok(())
+    }
+}
+
+/// `llama3:factor,low,high,original` (the flag's form).
+impl std::fmt::Display for RopeScaling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "llama3:{},{},{},{}", self.factor, self.low_freq_factor, self.high_freq_factor, self.original_max_position_embeddings)
+    }
+}
+
+/// `llama3` (Llama 3.1's [`RopeScaling::LLAMA3_1`]) or `llama3:factor,low,high,original`
+/// (Llama 3.2: `llama3:32,1,4,8192`), validated.
+impl std::str::FromStr for RopeScaling {
+    type Err = InvalidRopeScaling;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidRopeScaling { got: format!("{s:?}"), need: "write llama3 or llama3:FACTOR,LOW,HIGH,ORIGINAL_CONTEXT" };
+        let scaling = match s.split_once(':') {
+            None if s == "llama3" => Self::LLAMA3_1,
+            Some(("llama3", rest)) => {
+                let v: Vec<&str> = rest.split(',').map(str::trim).collect();
+                let [factor, low, high, context] = v[..] else { return Err(bad()) };
+                let num = |t: &str| t.parse::<f64>().map_err(|_| bad());
+                Self {
+                    factor: num(factor)?,
+                    low_freq_factor: num(low)?,
+                    high_freq_factor: num(high)?,
+                    original_max_position_embeddings: context.parse().map_err(|_| bad())?,
+                }
+            }
+            _ => return Err(bad()),
+        };
+        scaling.validate()?;
+        Ok(scaling)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +236,48 @@ mod tests {
         }
         assert_eq!("alibi".parse::<Position>().unwrap_err().to_string(), "unknown position \"alibi\" (choose learned or rope)");
         assert_eq!("batch-norm".parse::<Norm>().unwrap_err().to_string(), "unknown norm \"batch-norm\" (choose layer-norm or rms-norm)");
+    }
+
+    /// Llama 3.1's rule by hand at d = 128, θ = 500000 (Meta's `apply_scaling`): the fast pairs
+    /// unchanged, the slow ones divided by 8, the middle ones interpolated (strictly between).
+    #[test]
+    fn llama3_scaling_keeps_fast_pairs_divides_slow_ones_and_blends_between() {
+        let (d, theta) = (128, 500000.0f64);
+        let plain = Rope::new(theta).inv_freq(d);
+        let scaled = Rope { theta, scaling: Some(RopeScaling::LLAMA3_1) }.inv_freq(d);
+        let (mut kept, mut divided, mut blended) = (0, 0, 0);
+        for (i, (&f, &g)) in plain.iter().zip(&scaled).enumerate() {
+            assert_eq!(f, theta.powf(-2.0 * i as f64 / d as f64));
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < 8192.0 / 4.0 {
+                assert_eq!(g, f, "pair {i}");
+                kept += 1;
+            } else if wavelen > 8192.0 {
+                assert_eq!(g, f / 8.0, "pair {i}");
+                divided += 1;
+            } else {
+                let alpha = (8192.0 / wavelen - 1.0) / 3.0;
+                assert!((g - ((1.0 - alpha) * f / 8.0 + alpha * f)).abs() <= 1e-15 * f);
+                assert!(f / 8.0 < g && g < f, "pair {i}: {g} not between {} and {f}", f / 8.0);
+                blended += 1;
+            }
+        }
+        assert!(kept > 0 && divided > 0 && blended > 0, "{kept} {divided} {blended}");
+    }
+
+    #[test]
+    fn rope_scaling_flags_parse_print_and_refuse() {
+        assert_eq!("llama3".parse::<RopeScaling>(), Ok(RopeScaling::LLAMA3_1));
+        let s: RopeScaling = "llama3:32,1,4,8192".parse().unwrap();
+        assert_eq!((s.factor, s.original_max_position_embeddings), (32.0, 8192));
+        assert_eq!(s.to_string().parse::<RopeScaling>(), Ok(s));
+        assert_eq!(
+            "yarn".parse::<RopeScaling>().unwrap_err().to_string(),
+            "invalid RoPE scaling \"yarn\": write llama3 or llama3:FACTOR,LOW,HIGH,ORIGINAL_CONTEXT"
+        );
+        assert!("llama3:8,1,4".parse::<RopeScaling>().is_err());
+        let e = "llama3:8,4,1,8192".parse::<RopeScaling>().unwrap_err().to_string();
+        assert!(e.contains("llama3:8,4,1,8192") && e.contains("low_freq_factor < high_freq_factor"), "{e}");
+        assert!("llama3:0.5,1,4,8192".parse::<RopeScaling>().is_err());
     }
 }

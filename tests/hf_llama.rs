@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 
 use burn_parallel::activation::Activation;
-use burn_parallel::arch::{Norm, Position};
+use burn_parallel::arch::{Norm, Position, RopeScaling};
 use burn_parallel::checkpoint::hf::{export_hf, import_hf, HfConfig};
 use burn_parallel::checkpoint::*;
 use burn_parallel::ParallelConfig;
@@ -172,6 +172,65 @@ fn our_llama_exported_for_huggingface_gives_numpy_our_logits() {
     }
 }
 
+/// Llama 3.1's scaled RoPE (`rope_type: "llama3"`, transformers 5's `rope_parameters`): at head
+/// width 8 and original context 64 its four pairs are kept, blended and divided; the import
+/// names `--rope-scaling`, gives numpy's logits at tp 1 and 2 (which differ from plain RoPE's),
+/// and the export writes `rope_scaling` back (numpy reads it, giving our logits).
+#[test]
+fn a_huggingface_llama_3_1_with_scaled_rope_gives_numpys_logits_both_ways() {
+    if !python() {
+        return;
+    }
+    let (dir, out) = (temp_dir("hf-llama31"), temp_dir("hf-llama31-out"));
+    let args = ["2", "32", "4", "2", "40", "50", "7", "500.0", "untied", "8,1,4,64"].map(String::from);
+    assert!(Command::new("python3").arg(SCRIPT).arg("make").arg(&dir).args(args).status().unwrap().success());
+    let file = dir.join("ours.safetensors");
+    let o = Command::new(BIN).args(["checkpoint", "import-hf"]).arg(&dir).arg("--out").arg(&file).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("--kv-heads 2 --rope-scaling llama3:8,1,4,64 --norm-eps 1e-6"), "{text}{}", String::from_utf8_lossy(&o.stderr));
+    let scaling = RopeScaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 64 };
+    let cfg = GptConfig::new(50, 8, 32, 4, 2, 40)
+        .with_norm(Norm::RmsNorm)
+        .with_position(Position::Rope)
+        .with_rope_theta(500.0)
+        .with_rope_scaling(Some(scaling))
+        .with_activation(Activation::SwiGlu)
+        .with_bias(false)
+        .with_kv_heads(Some(2))
+        .with_layer_norm_eps(1e-6);
+    let ckpt = Checkpoint::open_safetensors(&file, MODEL_PREFIX).unwrap();
+    assert_eq!(ckpt.metadata().sections["model"]["rope_scaling"], serde_json::to_value(scaling).unwrap());
+    let reference = numpy::logits(SCRIPT, &dir);
+    for t in [1, 2] {
+        let logits = world(t, |c| {
+            let gpt = cfg.init::<B>(&c, &Default::default()).map_err(|e| e.to_string())?;
+            let ctx = ShardContext { tp_rank: c.rank(), tp_size: t, dp_rank: 0 };
+            let gpt = load_module(&ckpt, gpt, MODEL_PREFIX, &|p: &str| p.to_string(), ctx).map_err(|e| e.to_string())?;
+            Ok(ours(&gpt, 50))
+        });
+        logits.iter().for_each(|l| assert_close(&format!("llama 3.1 tp {t}"), l, &reference));
+    }
+    // The same weights with plain RoPE give other logits: the scaling is not a no-op here.
+    let config = dir.join("config.json");
+    let mut plain: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    plain.as_object_mut().unwrap().remove("rope_parameters");
+    std::fs::write(&config, plain.to_string()).unwrap();
+    let unscaled = numpy::logits(SCRIPT, &dir);
+    let moved = reference.iter().zip(&unscaled).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(moved > 1e-2, "scaled and plain RoPE logits differ by {moved} only");
+    // Out again: rope_scaling in HuggingFace's form, numpy gives our logits.
+    let logits = save(&cfg, &dir.join("ckpt"));
+    export_hf(&Checkpoint::open(dir.join("ckpt")).unwrap(), &out).unwrap();
+    let hf: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let want =
+        serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+    assert_eq!(hf["rope_scaling"], want, "{hf}");
+    assert_close("exported llama 3.1", &logits, &numpy::logits(SCRIPT, &out));
+    for d in [dir, out] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
 /// What the conversion does not carry is refused, naming the field.
 #[test]
 fn llama_variants_the_conversion_does_not_carry_are_refused() {
@@ -194,11 +253,18 @@ fn llama_variants_the_conversion_does_not_carry_are_refused() {
     for (k, v, says) in [
         ("hidden_act", serde_json::json!("gelu"), "hidden_act \"gelu\""),
         ("attention_bias", serde_json::json!(true), "biases are not supported"),
-        ("rope_scaling", serde_json::json!({"rope_type": "llama3", "factor": 8.0}), "scaled rotary frequencies"),
+        ("rope_scaling", serde_json::json!({"rope_type": "llama3", "factor": 8.0}), "no number low_freq_factor"),
+        ("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 4.0}), "only the default and llama3"),
+        ("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0}), "only the default and llama3"),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}),
+            "low_freq_factor < high_freq_factor",
+        ),
         ("head_dim", serde_json::json!(8), "head_dim Some(8)"),
         ("num_key_value_heads", serde_json::json!(3), "4 heads of 3 key/value heads"),
         ("num_key_value_heads", serde_json::json!(0), "4 heads with 0 key/value heads"),
-        ("rope_parameters", serde_json::json!({"rope_type": "llama3", "rope_theta": 500000.0}), "rope_parameters"),
+        ("rope_parameters", serde_json::json!({"rope_type": "dynamic", "rope_theta": 500000.0}), "only the default and llama3"),
     ] {
         let e = with(k, v).unwrap_err();
         assert!(e.contains(says), "{k}: {e}");

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_parallel::activation::Activation;
-use burn_parallel::arch::{Norm, Position};
+use burn_parallel::arch::{Norm, Position, RopeScaling};
 use burn_parallel::params::{named_grads, named_param_grads, NamedParam};
 use burn_parallel::pipeline::{PipelineExecutor, PipelineModel, PipelineOptions};
 use burn_parallel::rng::HostRng;
@@ -35,12 +35,17 @@ fn llama(layers: usize) -> GptConfig {
         .with_bias(false)
 }
 
+/// Llama 3.1's RoPE scaling on a short original context (the tests' sequences are 8 long).
+const SCALED: RopeScaling = RopeScaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 64 };
+
 /// Each option alone on the GPT-2 model, then all of them.
 fn variants() -> Vec<(&'static str, GptConfig)> {
     let base = GptConfig::new(32, 8, 16, 4, 2, 24);
     vec![
         ("rms-norm", base.clone().with_norm(Norm::RmsNorm)),
         ("rope", base.clone().with_position(Position::Rope).with_rope_theta(500.0)),
+        // Head width 8, original context 64: pairs kept, blended and divided (Llama 3.1's rule).
+        ("rope llama3", GptConfig::new(32, 8, 32, 4, 2, 24).with_position(Position::Rope).with_rope_theta(500.0).with_rope_scaling(Some(SCALED))),
         ("swiglu", base.clone().with_activation(Activation::SwiGlu)),
         ("no bias", base.clone().with_bias(false)),
         ("gqa", base.clone().with_kv_heads(Some(2))),
@@ -133,6 +138,12 @@ fn each_option_equals_burn_nn_layers() {
         match name {
             "rms-norm" => assert!(!paths.iter().any(|p| p.ends_with("beta")) && paths.contains(&"ln_f.gamma")),
             "rope" => assert!(!paths.contains(&"wpe")),
+            "rope llama3" => {
+                // The scaling moves the logits (small at init: 2e-4) well beyond the tolerance.
+                let plain = cfg.clone().with_rope_scaling(None).init_reference::<B>(&Default::default()).map(&mut GainNoise(Vec::new()));
+                let moved = max_abs_diff(&ours.0, &plain.forward(x.clone()).into_data()).unwrap();
+                assert!(moved > 10.0 * TOL && !paths.contains(&"wpe"), "{name}: plain RoPE's logits differ by {moved} only");
+            }
             "swiglu" => assert!(paths.contains(&"blocks.1.mlp.gate.weight")),
             "no bias" => assert!(!paths.iter().any(|p| p.contains(".bias")), "{paths:?}"),
             "gqa" | "mqa" => {
@@ -344,6 +355,11 @@ fn shapes_that_cannot_rotate_or_group_are_refused() {
     assert!(e.contains("even head width") && e.contains("head width 3"), "{e}");
     let e = llama(1).with_rope_theta(0.0).validate(1).unwrap_err().to_string();
     assert!(e.contains("θ 0"), "{e}");
+    let e = GptConfig::new(32, 8, 16, 4, 1, 24).with_rope_scaling(Some(SCALED)).validate(1).unwrap_err().to_string();
+    assert!(e.contains("RoPE scaling needs rotary positions"), "{e}");
+    let wrong = RopeScaling { high_freq_factor: 0.5, ..SCALED };
+    let e = llama(1).with_rope_scaling(Some(wrong)).validate(1).unwrap_err().to_string();
+    assert!(e.contains("llama3:8,1,0.5,64") && e.contains("low_freq_factor < high_freq_factor"), "{e}");
 }
 
 /// The memory model's parameter count of each variant is the model's own.

@@ -1,13 +1,15 @@
 """An independent Llama in numpy, on HuggingFace's layout: the reference of tests/hf_llama.rs.
 
-    llama_numpy.py make DIR LAYERS WIDTH HEADS KV_HEADS FFN VOCAB SEED THETA TIED
+    llama_numpy.py make DIR LAYERS WIDTH HEADS KV_HEADS FFN VOCAB SEED THETA TIED [SCALING]
         writes a random LlamaForCausalLM-layout model: DIR/model.safetensors (names prefixed
-        `model.` but lm_head, nn.Linear weights [out, in]) and DIR/config.json
+        `model.` but lm_head, nn.Linear weights [out, in]) and DIR/config.json; SCALING
+        `FACTOR,LOW,HIGH,ORIGINAL` writes Llama 3.1's RoPE scaling in transformers 5's form
+        (`rope_parameters` with `rope_type: "llama3"` and θ)
     llama_numpy.py logits DIR IDS
         prints the logits [batch, seq, vocab] of the token ids IDS (JSON [[...], ...]) as JSON
 
 The forward is written from HuggingFace's modeling_llama (RMS norms, rotary embedding with
-rotate_half on q and k, repeat_kv for grouped-query attention, causal softmax attention,
+rotate_half on q and k, Llama 3.1's frequencies from modeling_rope_utils' llama3 rule, repeat_kv for grouped-query attention, causal softmax attention,
 down(silu(gate(x)) * up(x)), final norm, lm_head or the tied embedding), in float64, sharing no
 code with the Rust model.
 """
@@ -20,7 +22,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 
-def make(d, layers, width, heads, kv, ffn, vocab, seed, theta, tied):
+def make(d, layers, width, heads, kv, ffn, vocab, seed, theta, tied, scaling=None):
     rng = np.random.default_rng(seed)
     t = {}
     dh = width // heads
@@ -66,6 +68,11 @@ def make(d, layers, width, heads, kv, ffn, vocab, seed, theta, tied):
         "rope_scaling": None,
         "torch_dtype": "float32",
     }
+    if scaling is not None:
+        factor, low, high, original = scaling
+        original = int(original)
+        config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
+                                     "high_freq_factor": high, "original_max_position_embeddings": original}
     with open(f"{d}/config.json", "w") as f:
         json.dump(config, f)
 
@@ -79,10 +86,31 @@ def rotate_half(x):
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def rope(x, theta):
+def llama3(inv_freq, c):
+    """HuggingFace's _compute_llama3_parameters on the settings dict c."""
+    factor, low, high = c["factor"], c["low_freq_factor"], c["high_freq_factor"]
+    old = c["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return np.where(medium, smoothed, scaled)
+
+
+def rope_settings(c):
+    """The RoPE scaling dict of a config (rope_parameters with a type, else rope_scaling)."""
+    p = c.get("rope_parameters")
+    s = p if p and "rope_type" in p else c.get("rope_scaling")
+    return s if s and s.get("rope_type", s.get("type")) == "llama3" else None
+
+
+def rope(x, theta, scaling):
     """x: [b, heads, s, d], rotated by position (HuggingFace's LlamaRotaryEmbedding)."""
     s, d = x.shape[2], x.shape[3]
     inv_freq = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    if scaling is not None:
+        inv_freq = llama3(inv_freq, scaling)
     angles = np.outer(np.arange(s), inv_freq)
     emb = np.concatenate([angles, angles], axis=-1)
     return x * np.cos(emb) + rotate_half(x) * np.sin(emb)
@@ -96,14 +124,16 @@ def logits(d, ids):
     b, s = ids.shape
     h, a, kv, eps = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]
     dh = h // a
+    theta = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta"))
+    scaling = rope_settings(c)
     x = w["model.embed_tokens.weight"][ids]
     mask = np.tril(np.ones((s, s), dtype=bool))
     for n in range(c["num_hidden_layers"]):
         g = lambda k: w[f"model.layers.{n}.{k}"]
         y = rms_norm(x, g("input_layernorm.weight"), eps)
         heads = lambda m, count: (y @ m.T).reshape(b, s, count, dh).transpose(0, 2, 1, 3)
-        q = rope(heads(g("self_attn.q_proj.weight"), a), c["rope_theta"])
-        k = rope(heads(g("self_attn.k_proj.weight"), kv), c["rope_theta"])
+        q = rope(heads(g("self_attn.q_proj.weight"), a), theta, scaling)
+        k = rope(heads(g("self_attn.k_proj.weight"), kv), theta, scaling)
         v = heads(g("self_attn.v_proj.weight"), kv)
         k, v = np.repeat(k, a // kv, axis=1), np.repeat(v, a // kv, axis=1)  # repeat_kv
         scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(dh)
@@ -125,7 +155,8 @@ if __name__ == "__main__":
     cmd, d = sys.argv[1], sys.argv[2]
     if cmd == "make":
         layers, width, heads, kv, ffn, vocab, seed = map(int, sys.argv[3:10])
-        make(d, layers, width, heads, kv, ffn, vocab, seed, float(sys.argv[10]), sys.argv[11] == "tied")
+        scaling = [float(v) for v in sys.argv[12].split(",")] if len(sys.argv) > 12 else None
+        make(d, layers, width, heads, kv, ffn, vocab, seed, float(sys.argv[10]), sys.argv[11] == "tied", scaling)
     elif cmd == "logits":
         print(json.dumps(logits(d, json.loads(sys.argv[3])).tolist()))
     else:

@@ -128,6 +128,11 @@ pub(crate) struct Args {
     /// RoPE's base θ (with --position rope; Llama 2: 10000, Llama 3: 500000).
     #[arg(long, default_value_t = 10000.0)]
     pub(crate) rope_theta: f64,
+    /// Llama 3.1's long-context RoPE frequency scaling (with --position rope): `llama3`
+    /// (factor 8, low 1, high 4, original context 8192) or `llama3:FACTOR,LOW,HIGH,ORIGINAL`
+    /// (Llama 3.2: llama3:32,1,4,8192). No cost: the tables change, nothing else.
+    #[arg(long)]
+    pub(crate) rope_scaling: Option<burn_parallel::arch::RopeScaling>,
     /// No biases in the attention's and the MLPs' projections (Llama).
     #[arg(long)]
     pub(crate) no_bias: bool,

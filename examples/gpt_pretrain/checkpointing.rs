@@ -216,8 +216,8 @@ fn check_same_model(ckpt: &Checkpoint, args: &Args, what: &str) -> Result<(), St
     check_architecture(theirs, &ours, what)
 }
 
-/// The Llama-style choices (norms, positions, biases, key/value heads; RoPE's θ where positions
-/// are rotary) of the saved config must be this run's; a config from before them had GPT-2's.
+/// The Llama-style choices (norms, positions, biases, key/value heads; RoPE's θ and scaling where
+/// positions are rotary) of the saved config must be this run's; a config from before them had GPT-2's.
 fn check_architecture(theirs: &serde_json::Value, ours: &serde_json::Value, what: &str) -> Result<(), String> {
     use serde_json::json;
     let rotary = ours.get("position") == Some(&json!("Rope"));
@@ -227,7 +227,7 @@ fn check_architecture(theirs: &serde_json::Value, ours: &serde_json::Value, what
         ("bias", json!(true), "--no-bias"),
         ("kv_heads", json!(null), "--kv-heads"),
     ];
-    let theta = rotary.then_some(("rope_theta", json!(10000.0), "--rope-theta"));
+    let rope = [("rope_theta", json!(10000.0), "--rope-theta"), ("rope_scaling", json!(null), "--rope-scaling")];
     // One key/value head per head is no grouping: the same as none.
     let plain = |m: &serde_json::Value| m.get("kv_heads").filter(|&k| Some(k) == m.get("n_heads")).is_some();
     let (mut theirs, mut ours) = (theirs.clone(), ours.clone());
@@ -236,7 +236,7 @@ fn check_architecture(theirs: &serde_json::Value, ours: &serde_json::Value, what
             m["kv_heads"] = json!(null);
         }
     }
-    for (key, default, flag) in fields.into_iter().chain(theta) {
+    for (key, default, flag) in fields.into_iter().chain(rope.into_iter().filter(|_| rotary)) {
         let (then, now) = (theirs.get(key).unwrap_or(&default), ours.get(key).unwrap_or(&default));
         let same_number = then.as_f64().zip(now.as_f64()).is_some_and(|(a, b)| a == b);
         if then != now && !same_number {

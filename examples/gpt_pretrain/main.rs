@@ -99,6 +99,7 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_norm(args.norm)
         .with_position(args.position)
         .with_rope_theta(args.rope_theta)
+        .with_rope_scaling(args.rope_scaling)
         .with_bias(!args.no_bias)
         .with_kv_heads(args.kv_heads.filter(|&k| k != args.heads))
         .with_layer_norm_eps(args.norm_eps)

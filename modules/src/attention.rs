@@ -14,7 +14,7 @@
 //! group, `[q_{g,0} … q_{g,r−1} k_g v_g | …]` (Megatron's layout), so a contiguous TP split holds
 //! whole groups (G must be divisible by the TP size); the core repeats each key/value head for
 //! its `r` query heads (the repeat's backward sums their gradients).
-//! With `rope_theta`, queries and keys are rotated ([`crate::rope`]) right after the projection;
+//! With `rope`, queries and keys are rotated ([`crate::rope`]) right after the projection;
 //! `bias = false` drops the projections' biases (Llama).
 //! With t = 1 and dropout 0 it equals `burn::nn::attention::MultiHeadAttention` with an
 //! autoregressive mask.
@@ -61,9 +61,10 @@ pub struct ParallelAttentionConfig {
     /// Biases on the q/k/v and output projections.
     #[config(default = true)]
     pub bias: bool,
-    /// Rotary position embedding of queries and keys with this base `θ` (`None`: none).
+    /// Rotary position embedding of queries and keys with this base `θ` and frequency scaling
+    /// (`None`: none).
     #[config(default = "None")]
-    pub rope_theta: Option<f64>,
+    pub rope: Option<burn_parallel::arch::Rope>,
     /// Key/value heads over all ranks (grouped-query attention; `None`: one per query head).
     /// Must divide `n_heads` and be divisible by the TP size.
     #[config(default = "None")]
@@ -88,9 +89,9 @@ pub struct ParallelAttention<B: ParallelBackend> {
     /// What the core runs ([`ParallelAttentionConfig::kernel`], resolved at init).
     #[module(skip)]
     pub core: AttentionCore,
-    /// RoPE base `θ` (`None`: no rotary embedding).
+    /// RoPE's base and scaling (`None`: no rotary embedding).
     #[module(skip)]
-    pub rope_theta: Option<f64>,
+    pub rope: Option<burn_parallel::arch::Rope>,
     /// Key/value heads on this rank (`local_heads` without grouped-query attention).
     #[module(skip)]
     pub local_groups: usize,
@@ -105,7 +106,7 @@ impl ParallelAttentionConfig {
         let local_heads = check_divisible("attention heads", self.n_heads, tp)?;
         let d_head = self.d_model / self.n_heads;
         let core = self.kernel.resolve::<B>(device, d_head, self.dropout).map_err(ConfigError::Invalid)?;
-        if self.rope_theta.is_some() && !d_head.is_multiple_of(2) {
+        if self.rope.is_some() && !d_head.is_multiple_of(2) {
             return Err(ConfigError::Invalid(format!("rotary position embedding needs an even head width, got {d_head}")));
         }
         let groups = self.kv_heads.unwrap_or(self.n_heads);
@@ -129,7 +130,7 @@ impl ParallelAttentionConfig {
             local_heads,
             d_head,
             core,
-            rope_theta: self.rope_theta,
+            rope: self.rope,
             local_groups,
         })
     }
@@ -175,8 +176,8 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     /// with RoPE).
     pub fn project_qkv(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let qkv = self.qkv.forward_parallel_input(x);
-        match self.rope_theta {
-            Some(theta) => crate::rope::rope_qkv(qkv, self.local_groups, self.local_heads / self.local_groups, self.d_head, theta),
+        match &self.rope {
+            Some(rope) => crate::rope::rope_qkv(qkv, self.local_groups, self.local_heads / self.local_groups, self.d_head, rope),
             None => qkv,
         }
     }

@@ -60,9 +60,9 @@ pub struct TransformerBlockConfig {
     /// Biases on the attention's and the MLP's projections.
     #[config(default = true)]
     pub bias: bool,
-    /// RoPE base `θ` of the attention (`None`: no rotary embedding).
+    /// RoPE's base `θ` and scaling in the attention (`None`: no rotary embedding).
     #[config(default = "None")]
-    pub rope_theta: Option<f64>,
+    pub rope: Option<burn_parallel::arch::Rope>,
     /// Key/value heads (grouped-query attention; `None`: one per query head).
     #[config(default = "None")]
     pub kv_heads: Option<usize>,
@@ -107,7 +107,7 @@ impl TransformerBlockConfig {
                 .with_proj_init_std(self.proj_init_std)
                 .with_kernel(self.attention)
                 .with_bias(self.bias)
-                .with_rope_theta(self.rope_theta)
+                .with_rope(self.rope)
                 .with_kv_heads(self.kv_heads)
                 .init(tp, &init.child("attn"), device)?,
             ln2: ln(),

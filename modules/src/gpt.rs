@@ -108,6 +108,10 @@ pub struct GptConfig {
     /// RoPE's base `θ` (with `Position::Rope`).
     #[config(default = 10000.0)]
     pub rope_theta: f64,
+    /// Llama 3.1's long-context scaling of RoPE's frequencies (with `Position::Rope`; `None`:
+    /// plain RoPE).
+    #[config(default = "None")]
+    pub rope_scaling: Option<burn_parallel::arch::RopeScaling>,
     /// Biases on the attention's and the MLPs' projections (Llama has none).
     #[config(default = true)]
     pub bias: bool,
@@ -181,6 +185,9 @@ impl GptConfig {
                 return Err(ConfigError::NotDivisible { what: "key/value heads", value: g, degree_name: "tensor_parallel", degree: tp });
             }
         }
+        if self.rope_scaling.is_some() && self.position != burn_parallel::arch::Position::Rope {
+            return Err(ConfigError::Invalid("RoPE scaling needs rotary positions (position Rope)".into()));
+        }
         if self.position == burn_parallel::arch::Position::Rope {
             let d_head = self.d_model / self.n_heads.max(1);
             if !(d_head.is_multiple_of(2) && self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
@@ -188,6 +195,9 @@ impl GptConfig {
                     "rotary position embedding needs an even head width and θ > 0: head width {d_head}, θ {}",
                     self.rope_theta
                 )));
+            }
+            if let Some(scaling) = &self.rope_scaling {
+                scaling.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
             }
         }
         Ok(())
@@ -243,7 +253,7 @@ impl GptConfig {
             .with_activation(self.activation)
             .with_norm(self.norm)
             .with_bias(self.bias)
-            .with_rope_theta(self.rope())
+            .with_rope(self.rope())
             .with_kv_heads(self.kv_heads);
         layers.map(|i| block.init(tp, &init.child("blocks").child(i), device)).collect()
     }
@@ -273,9 +283,10 @@ impl GptConfig {
         }
     }
 
-    /// RoPE's `θ` where positions are rotary.
-    pub fn rope(&self) -> Option<f64> {
-        (self.position == burn_parallel::arch::Position::Rope).then_some(self.rope_theta)
+    /// RoPE's base and scaling where positions are rotary.
+    pub fn rope(&self) -> Option<burn_parallel::arch::Rope> {
+        let rope = burn_parallel::arch::Rope { theta: self.rope_theta, scaling: self.rope_scaling };
+        (self.position == burn_parallel::arch::Position::Rope).then_some(rope)
     }
 
     fn dropout_region(&self) -> DropoutRegion {

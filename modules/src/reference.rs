@@ -94,7 +94,13 @@ impl GptConfig {
         let blocks = (0..self.n_layers).map(|i| self.reference_block(&init.child("blocks").child(i), device)).collect();
         let mut wte = EmbeddingConfig::new(self.vocab_size, h).init(device);
         wte.weight = param(init.child("wte").child("weight").normal(&[self.vocab_size, h], std), device);
-        let rope = self.rope().map(|theta| RotaryEncodingConfig::new(self.max_seq_len, h / self.n_heads).with_theta(theta as f32).init(device));
+        let rope = self.rope().map(|rope| {
+            let config = RotaryEncodingConfig::new(self.max_seq_len, h / self.n_heads).with_theta(rope.theta as f32);
+            match rope.scaling {
+                Some(scaling) => config.init_with_frequency_scaling(|f| llama3_scaled(f, &scaling), device),
+                None => config.init(device),
+            }
+        });
         NnGpt {
             wte,
             wpe: (self.position == Position::Learned).then(|| param(init.child("wpe").child("weight").normal(&[self.max_seq_len, h], std), device)),
@@ -187,6 +193,18 @@ impl<B: Backend> NnGpt<B> {
 /// Causal attention through `attn`'s linears, with burn-nn's rotary encoding of queries and keys
 /// (if any) and `groups` key/value heads (query head `j` reads group `j·groups/heads`):
 /// `[b, s, h]` → `[b, s, h]`.
+/// Llama 3.1's frequency scaling written with tensor ops (masks), independently of
+/// [`RopeScaling::scale`](burn_parallel::arch::RopeScaling::scale).
+fn llama3_scaled<B: Backend>(f: Tensor<B, 1>, s: &burn_parallel::arch::RopeScaling) -> Tensor<B, 1> {
+    let context = s.original_max_position_embeddings as f32;
+    let (factor, low, high) = (s.factor as f32, s.low_freq_factor as f32, s.high_freq_factor as f32);
+    let wavelen = f.clone().recip().mul_scalar(2.0 * std::f32::consts::PI);
+    let alpha = wavelen.clone().recip().mul_scalar(context).sub_scalar(low).div_scalar(high - low);
+    let blended = alpha.clone().neg().add_scalar(1.0) * f.clone().div_scalar(factor) + alpha * f.clone();
+    let slow = blended.mask_where(wavelen.clone().greater_elem(context / low), f.clone().div_scalar(factor));
+    slow.mask_where(wavelen.lower_elem(context / high), f)
+}
+
 fn manual_attention<B: Backend>(attn: &MultiHeadAttention<B>, rope: Option<&RotaryEncoding<B>>, groups: usize, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, s, h] = x.dims();
     let (heads, d) = (attn.n_heads, attn.d_k);

@@ -9,21 +9,22 @@
 //! (composed, fused kernels, chunked) takes the rotated tensor as it is. No parameters and no
 //! communication: a TP rank's heads are whole and the sequence is whole inside attention (under
 //! SP after the all-gather; a pipeline stage sees whole sequences), so position `p` is the row
-//! index. The tables are built on the device from `θ^(−2i/d)` (computed in f64, then rounded to
-//! f32; HuggingFace computes it in f32, an ulp apart) times the positions in f32, as HuggingFace
+//! index. The tables are built on the device from `θ^(−2i/d)` (scaled as Llama 3.1 does with
+//! [`RopeScaling`](burn_parallel::arch::RopeScaling); computed in f64, then rounded to f32; HuggingFace computes it in f32, an ulp apart) times the positions in f32, as HuggingFace
 //! multiplies them, and cast to the activations' dtype.
 //! Under autodiff the rotation keeps only the two `[s, (r + 2)·d]` tables. They are built per
 //! call (per block and micro-batch: a few small device ops and a `d/2`-float upload).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use burn_parallel::arch::Rope;
 
 /// `cos` and `sin` tables `[1, s, 1, parts, d]` of the fused layout: the queries' and key's
 /// angles (the first `parts − 1`), ones and zeros for the value (the last).
-fn tables<B: Backend>(s: usize, d: usize, parts: usize, theta: f64, like: &Tensor<B, 3>) -> (Tensor<B, 5>, Tensor<B, 5>) {
+fn tables<B: Backend>(s: usize, d: usize, parts: usize, rope: &Rope, like: &Tensor<B, 3>) -> (Tensor<B, 5>, Tensor<B, 5>) {
     let device = like.device();
     let half = d / 2;
-    let inv_freq: Vec<f32> = (0..half).map(|i| theta.powf(-2.0 * i as f64 / d as f64) as f32).collect();
+    let inv_freq: Vec<f32> = rope.inv_freq(d).into_iter().map(|f| f as f32).collect();
     let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device);
     let pos = Tensor::<B, 1, Int>::arange(0..s as i64, &device).float();
     let angles = pos.reshape([s, 1]) * inv_freq.reshape([1, half]); // [s, d/2]
@@ -40,15 +41,16 @@ fn tables<B: Backend>(s: usize, d: usize, parts: usize, theta: f64, like: &Tenso
 
 /// RoPE of a fused projection `qkv [b, s, groups·(r + 2)·d]` grouped per key/value group
 /// (`[q_{g,0} … q_{g,r−1} k_g v_g]`, `d` wide each; `r = 1`: per head, `[q_j k_j v_j]`): queries
-/// and keys rotated by their row's position, values unchanged.
+/// and keys rotated by their row's position, values unchanged; `rope`: the base and any
+/// frequency scaling ([`Rope::inv_freq`]).
 ///
 /// # Panics
 /// If `d` is odd or the width is not `groups·(r + 2)·d`.
-pub fn rope_qkv<B: Backend>(qkv: Tensor<B, 3>, groups: usize, r: usize, d: usize, theta: f64) -> Tensor<B, 3> {
+pub fn rope_qkv<B: Backend>(qkv: Tensor<B, 3>, groups: usize, r: usize, d: usize, rope: &Rope) -> Tensor<B, 3> {
     let [b, s, w] = qkv.dims();
     let parts = r + 2;
     assert!(d.is_multiple_of(2) && w == groups * parts * d, "rope_qkv: width {w} is not {groups} groups × {parts} × {d} with {d} even");
-    let (cos, sin) = tables(s, d, parts, theta, &qkv);
+    let (cos, sin) = tables(s, d, parts, rope, &qkv);
     let x = qkv.reshape([b, s, groups, parts, d]);
     let half = d / 2;
     let x1 = x.clone().slice([0..b, 0..s, 0..groups, 0..parts, 0..half]);
@@ -68,7 +70,7 @@ mod tests {
         let (s, d, theta) = (5, 4, 100.0f64);
         let vals: Vec<f32> = (0..s * 3 * d).map(|i| ((i * 5) % 11) as f32 / 4.0 - 1.0).collect();
         let x = Tensor::<Flex, 3>::from_data(TensorData::new(vals.clone(), [1, s, 3 * d]), &Default::default());
-        let out: Vec<f32> = rope_qkv(x, 1, 1, d, theta).into_data().to_vec().unwrap();
+        let out: Vec<f32> = rope_qkv(x, 1, 1, d, &Rope::new(theta)).into_data().to_vec().unwrap();
         for p in 0..s {
             for part in 0..3 {
                 let at = |i: usize| vals[p * 3 * d + part * d + i] as f64;

@@ -17,9 +17,11 @@
 //!
 //! HuggingFace's rotary embedding rotates the pairs `(x_i, x_{i+d/2})` of the stored q/k
 //! projections (its conversion script permutes Meta's weights into that order), as ours does:
-//! the weights need no permutation. Refused: another `hidden_act` than `silu`, attention or MLP
-//! biases, `rope_scaling` (Llama 3.1's long-context frequencies), a `head_dim` other than
-//! `hidden_size / num_attention_heads`.
+//! the weights need no permutation. Llama 3.1's scaled frequencies (`rope_type: "llama3"`, in
+//! `rope_scaling` or transformers 5's `rope_parameters`) become the model's
+//! [`RopeScaling`] and are written back on export. Refused: another
+//! `hidden_act` than `silu`, attention or MLP biases, other RoPE scalings (linear, dynamic,
+//! yarn, …), a `head_dim` other than `hidden_size / num_attention_heads`.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +29,7 @@ use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 
 use super::error::{CheckpointError, Result};
+use crate::arch::RopeScaling;
 use crate::qkv::{fuse_qkv_grouped, split_qkv_grouped};
 
 /// The fields of HuggingFace's `LlamaConfig` the conversion reads and writes.
@@ -65,7 +68,8 @@ pub struct HfLlamaConfig {
     /// Biases on the MLP (refused when true).
     #[serde(default)]
     pub mlp_bias: bool,
-    /// RoPE frequency scaling (refused unless absent, null or of type `default`).
+    /// RoPE frequency scaling: absent, null, of type `default`, or `llama3` (Llama 3.1); other
+    /// types are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
     /// transformers 5's RoPE settings (`rope_theta`, `rope_type`): read in place of the
@@ -114,29 +118,42 @@ impl HfLlamaConfig {
         self.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()).unwrap_or(self.rope_theta)
     }
 
-    /// A RoPE variant other than the plain one (`rope_scaling` or `rope_parameters` of a type
-    /// other than `default`).
-    fn scaled_rope(&self) -> Option<String> {
-        let scaled = |v: &serde_json::Value| {
-            let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str());
-            !v.is_null() && kind != Some("default")
-        };
-        match (&self.rope_scaling, &self.rope_parameters) {
-            (Some(v), _) if scaled(v) => Some(format!("rope_scaling {v}")),
-            (_, Some(v)) if v.get("rope_type").is_some() && scaled(v) => Some(format!("rope_parameters {v}")),
-            _ => None,
+    /// The RoPE scaling's settings: transformers 5's `rope_parameters` where it names a
+    /// `rope_type`, else `rope_scaling` (`None`, null or of type `default`: plain RoPE).
+    fn rope_settings(&self) -> Option<&serde_json::Value> {
+        let typed = self.rope_parameters.as_ref().filter(|v| v.get("rope_type").is_some());
+        let kind = |v: &serde_json::Value| v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).map(str::to_string);
+        typed.or(self.rope_scaling.as_ref()).filter(|v| !v.is_null() && kind(v).as_deref() != Some("default"))
+    }
+
+    /// Llama 3.1's frequency scaling where the config asks for it (`rope_type: "llama3"` with
+    /// its four numbers); other scalings (linear, dynamic, yarn, …) are refused by name.
+    pub fn scaling(&self) -> Result<Option<RopeScaling>> {
+        let Some(v) = self.rope_settings() else { return Ok(None) };
+        let bad = |why: &str| CheckpointError::Invalid(format!("Llama config: RoPE scaling {v}: {why}"));
+        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str());
+        if kind != Some("llama3") {
+            return Err(bad("only the default and llama3 (Llama 3.1) frequencies are supported"));
         }
+        let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| bad(&format!("no number {k}")));
+        let scaling = RopeScaling {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        };
+        scaling.validate().map_err(|e| bad(&e.to_string()))?;
+        Ok(Some(scaling))
     }
 
     /// The variants this conversion does not carry are refused, naming the field.
     pub fn check(&self) -> Result<()> {
+        self.scaling()?;
         let heads = self.num_attention_heads.max(1);
         let problem = if self.hidden_act != "silu" {
             Some(format!("hidden_act {:?}: only silu (SwiGLU) is supported", self.hidden_act))
         } else if self.attention_bias || self.mlp_bias {
             Some(format!("attention_bias {} / mlp_bias {}: biases are not supported", self.attention_bias, self.mlp_bias))
-        } else if let Some(rope) = self.scaled_rope() {
-            Some(format!("{rope}: scaled rotary frequencies are not supported"))
         } else if self.kv_heads() == 0 || self.num_attention_heads == 0 {
             Some(format!("{} heads with {} key/value heads", self.num_attention_heads, self.kv_heads()))
         } else if self.head_dim.is_some_and(|d| d * heads != self.hidden_size) {
@@ -166,6 +183,7 @@ impl HfLlamaConfig {
             "norm": "RmsNorm",
             "position": "Rope",
             "rope_theta": self.theta(),
+            "rope_scaling": self.scaling()?,
             "bias": false,
         }))
     }
@@ -206,7 +224,7 @@ impl HfLlamaConfig {
             tie_word_embeddings: model.get("tie_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
             attention_bias: false,
             mlp_bias: false,
-            rope_scaling: None,
+            rope_scaling: Self::scaling_json(model)?,
             rope_parameters: None,
             bos_token_id: Some(end.clone()),
             eos_token_id: Some(end),
@@ -214,6 +232,15 @@ impl HfLlamaConfig {
             model_type: llama(),
             architectures: vec!["LlamaForCausalLM".into()],
         })
+    }
+
+    /// `rope_scaling` as HuggingFace writes it (`rope_type: "llama3"`) from a `GptConfig`'s.
+    fn scaling_json(model: &serde_json::Value) -> Result<Option<serde_json::Value>> {
+        let Some(v) = model.get("rope_scaling").filter(|v| !v.is_null()) else { return Ok(None) };
+        let scaling: RopeScaling = serde_json::from_value(v.clone()).map_err(|e| CheckpointError::Invalid(format!("the model's rope_scaling {v}: {e}")))?;
+        let mut out = serde_json::to_value(scaling).expect("scaling serialises");
+        out["rope_type"] = serde_json::json!("llama3");
+        Ok(Some(out))
     }
 
     /// The `gpt_pretrain` flags of this model (its context length is not one: RoPE has no
@@ -229,6 +256,9 @@ impl HfLlamaConfig {
         );
         if self.kv_heads() != self.num_attention_heads {
             f += &format!(" --kv-heads {}", self.kv_heads());
+        }
+        if let Ok(Some(scaling)) = self.scaling() {
+            f += &format!(" --rope-scaling {scaling}");
         }
         if self.rms_norm_eps != 1e-5 {
             f += &format!(" --norm-eps {:e}", self.rms_norm_eps);

@@ -100,7 +100,7 @@ fn adamw<M: AutodiffModule<B>>() -> Optim<M> {
 /// This rank's model and optimizer state.
 pub enum Runner {
     Flat { gpt: Box<Gpt<B>>, optim: Optim<Gpt<B>> },
-    Piped { exec: Exec, optims: Vec<Optim<GptStage<B>>> },
+    Piped { exec: Box<Exec>, optims: Vec<Optim<GptStage<B>>> },
 }
 
 /// One rank of a run.
@@ -124,7 +124,7 @@ impl Rank {
             let sched = schedule_by_name(layout.schedule()).unwrap();
             let exec = Exec::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
             let optims = exec.stages().iter().map(|_| adamw()).collect();
-            Runner::Piped { exec, optims }
+            Runner::Piped { exec: Box::new(exec), optims }
         };
         Ok(Self { layout, groups, runner, train: TrainState::default() })
     }

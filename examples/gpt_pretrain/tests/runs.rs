@@ -330,6 +330,7 @@ fn llama_style_runs_train_alike_on_any_layout_and_resume_only_alike() {
         ("--no-bias", "", "--no-bias"),
         ("--rope-theta 500000", "--rope-theta 10000", "--rope-theta"),
         ("--kv-heads 2", "--kv-heads 1", "--kv-heads"),
+        ("--rope-theta 500000", "--rope-theta 500000 --rope-scaling llama3:8,1,4,64", "--rope-scaling"),
     ] {
         let e = error_of(&format!("{} --save-dir {} --resume latest", base.replace("--steps 3", "--steps 5").replace(flag, other), dir.display()));
         assert!(e.contains("the checkpoint is of another model") && e.contains(&format!("({named})")), "{flag}: {e}");
@@ -339,6 +340,9 @@ fn llama_style_runs_train_alike_on_any_layout_and_resume_only_alike() {
     std::fs::remove_dir_all(dir).unwrap();
     assert!(parse_error(&format!("{TINY} --norm batch-norm")).contains("choose layer-norm or rms-norm"));
     assert!(parse_error(&format!("{TINY} --position alibi")).contains("choose learned or rope"));
+    assert!(parse_error(&format!("{TINY} --rope-scaling yarn")).contains("write llama3 or llama3:FACTOR,LOW,HIGH,ORIGINAL_CONTEXT"));
+    let e = error_of(&format!("{TINY} --steps 1 --rope-scaling llama3"));
+    assert!(e.contains("RoPE scaling needs rotary positions"), "{e}");
     let e = error_of(&format!("{} --steps 1 --position rope", TINY.replace("--d-model 32", "--d-model 24").replace("--heads 4", "--heads 8")));
     assert!(e.contains("even head width") && e.contains("head width 3"), "{e}");
     let e = error_of(&format!("{TINY} --steps 1 --kv-heads 2 --tp 4"));
