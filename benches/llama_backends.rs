@@ -2,8 +2,8 @@
 //! 32; width 128, 2 layers, sequence 64, batch 2, vocabulary 256) on a Cube backend against the same model on
 //! the CPU: the loss and every parameter's gradient. On a Cube backend the attention runs the
 //! fused kernels (`Auto`: grouped-query attention splits the projection and repeats the keys and
-//! values before them; the rotation is applied before either), the RMS norm is composed ops
-//! under `Fusion`; in bf16 (rotation tables cast to bf16, f32 RMS statistics) against the CPU's
+//! values before them; the rotation is applied before either), the RMS norm the layer norm's
+//! `v4` kernels with their `rms` switch (as a lazy op under `Fusion`); in bf16 (rotation tables cast to bf16, f32 RMS statistics) against the CPU's
 //! f32. Tolerances: f32 1e-3 of each gradient's largest entry (the kernels sum in other orders),
 //! bf16 the loss within 2% and each gradient within 8e-2.
 //!
@@ -73,7 +73,8 @@ where
     let (loss_tol, grad_tol) = if precision == Precision::F32 { (1e-4, 1e-3) } else { (2e-2, 8e-2) };
     let (loss, grads, core) = grads::<B>(&config().with_precision(precision))?;
     let (err, at) = worst(&cpu_grads, &grads)?;
-    let detail = format!("attention {core:?}: loss {loss} (CPU {cpu_loss}), worst gradient {err:.2e} ({at})");
+    let norm = if B::rms_norm_fused(128, precision.dtype(), &Default::default()) { "fused" } else { "composed" };
+    let detail = format!("attention {core:?}, RMS norm {norm}: loss {loss} (CPU {cpu_loss}), worst gradient {err:.2e} ({at})");
     match (loss - cpu_loss).abs() <= loss_tol * cpu_loss.abs() && err <= grad_tol && grads.len() == cpu_grads.len() {
         true => Ok(detail),
         false => Err(detail),

@@ -11,7 +11,8 @@
 #   burn-nn-gpt2 (plain Burn's GPT-2 124M) gpt2-composed (ours, composed attention); gpt2-chunked (ours, chunked attention);
 #   gpt2-optim-per-param (ours, AdamW one parameter at a time: against gpt2's fused 25 MiB groups);
 #   gpt2-fma (ours, bf16 attention on the FMA kernels: what the tensor-core kernels gain end to end);
-#   llama (a Llama-style GPT on CUDA, fused attention with grouped-query heads, f32 and bf16, against the CPU);
+#   llama (a Llama-style GPT on CUDA, fused attention with grouped-query heads and the RMS-norm kernels, f32 and bf16,
+#     against the CPU; then the RMS-norm kernels alone against the composed formula, timed);
 #   `a+b` runs two steps side by side (e.g. `checks+gpt`: correctness checks while the GPT's
 #   kernels compile — never two benchmarks).
 # Output: $OUT/log.txt (every step's full log) and $OUT/cache.tgz (cubecl's kernel and autotune

@@ -133,8 +133,10 @@ fn llama_style_models_are_predicted_on_every_rank() {
 /// Model state per parameter on every rank, against the figures the precision and ZeRO promise:
 /// f32 params 4 + moments 8; bf16 params 2 + f32 master 4 + moments 8; ZeRO-1 shards the last
 /// 12 over dp. Above them only the runtime's fixed bookkeeping (~0.2 MB, 0.2 B/param on this
-/// 0.87M-parameter model; 0.01 at 13M in `cargo bench --bench memory`): an unsharded moment, a
-/// master kept in f32 for f32 weights, or a gathered buffer left behind all show.
+/// 0.87M-parameter model; 0.01 at 13M in `cargo bench --bench memory`), which varies with the
+/// threads' interleaving: up to 0.34 B/param seen on a loaded 2-core CI machine (0.2 quiet), so
+/// 0.5 is allowed. An unsharded moment (+6 at dp 4), a master kept in f32 for f32 weights (+4),
+/// or a gathered buffer left behind (+1.5) all show.
 #[test]
 fn model_state_per_parameter_is_what_precision_and_zero_promise() {
     use burn_parallel::precision::Precision;
@@ -144,7 +146,7 @@ fn model_state_per_parameter_is_what_precision_and_zero_promise() {
     {
         let (lo, hi) = harness::state_per_param(&SHAPE, dp, zero, precision);
         eprintln!("dp {dp} zero {zero} {precision}: {lo:.3}..{hi:.3} B/param (promised {promised})");
-        assert!(lo >= promised - 0.05 && hi <= promised + 0.3, "dp {dp} zero {zero} {precision}: {lo:.3}..{hi:.3} B/param, promised {promised}");
+        assert!(lo >= promised - 0.05 && hi <= promised + 0.5, "dp {dp} zero {zero} {precision}: {lo:.3}..{hi:.3} B/param, promised {promised}");
     }
 }
 

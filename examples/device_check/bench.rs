@@ -19,7 +19,7 @@ use crate::kernels::K;
 /// The benchmark shapes `[rows, hidden]` (ln-bench and ln-tune).
 const SHAPES: [[usize; 2]; 4] = [[8192, 768], [8192, 1024], [16384, 4096], [4096, 8192]];
 
-fn time<F: FnMut()>(f: F, iters: usize) -> f64 {
+pub(crate) fn time<F: FnMut()>(f: F, iters: usize) -> f64 {
     time_on::<K, F>(f, iters)
 }
 

@@ -114,7 +114,7 @@ pub(crate) struct Args {
     #[arg(long, default_value = "gelu", value_parser = parse_activation)]
     pub(crate) activation: burn_parallel::activation::Activation,
     /// The norms: layer-norm (GPT-2), or rms-norm (Llama: x/√(mean(x²)+ε)·γ, no β; one f32
-    /// statistic per row instead of two, composed ops on every device, no fused kernel).
+    /// statistic per row instead of two; fused kernels on wgpu/CUDA, composed ops on the CPU).
     #[arg(long, default_value = "layer-norm", value_parser = parse_norm)]
     pub(crate) norm: burn_parallel::arch::Norm,
     /// Positions: learned (GPT-2's wpe table), or rope (Llama's rotary embedding of queries and

@@ -9,8 +9,11 @@
 //!   chunk's rows (coalesced reads), writing f32 partials `[chunks, 2h]` (dγ's, then dβ's),
 //!   summed over chunks by the same column-sum kernel as `v4`'s.
 //!
+//! The RMS norm runs `v4`'s kernels with their `rms` switch (one reduction per row, no β, no
+//! `μ`) where `v4` takes the row, else the composed ops.
+//!
 //! Under `Fusion` (burn's default `Wgpu`/`Cuda`) the kernels are lazy custom operations of the
-//! fusion stream (see the impl below).
+//! fusion stream (`fusion.rs`).
 
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
 use burn_cubecl::cubecl::{CubeCount, CubeDim};
@@ -19,13 +22,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use std::marker::PhantomData;
-
-use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
-
-use super::{cube_vec, LayerNormBackend, LnBackward, LnForward};
+use super::{cube_vec, LayerNormBackend, LnBackward, LnForward, RmsPair};
 
 pub(super) const BLOCK: u32 = 256;
 const ROWS_PER_CHUNK: usize = 64;
@@ -57,9 +54,10 @@ fn rows_grid(n: usize) -> CubeCount {
     CubeCount::Static(x as u32, n.div_ceil(x).max(1) as u32, 1)
 }
 
+mod fusion;
 pub(super) mod kernel;
 pub(super) mod plan;
-use plan::{backward_plan, forward_plan, partials_lanes, BackwardPlan, RowDevice};
+use plan::{backward_plan, forward_plan, partials_lanes, BackwardPlan, ForwardPlan, RowDevice};
 
 /// The kernels index γ/β (and `dy`) by `x`'s width and read them as `x`'s dtype, without
 /// CubeCL's bounds checks: anything else must stop here.
@@ -103,28 +101,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         // v4's forward takes the row count as a u32 argument (v1 reads it from the tensor).
         let plan = forward_plan(&RowDevice::of(&x.client), h, dtype).filter(|_| u32::try_from(n).is_ok());
         if let Some(p) = plan {
-            launch_v4!(cube_vec::ln_forward_vec_kernel;
-                &x.client,
-                rows_grid(n.div_ceil(p.rows)),
-                CubeDim::new_2d(p.block as u32, p.rows as u32),
-                p.vector,
-                x.clone().into_tensor_arg(),
-                gamma.into_tensor_arg(),
-                beta.into_tensor_arg(),
-                y.clone().into_tensor_arg(),
-                mean.clone().into_tensor_arg(),
-                rstd.clone().into_tensor_arg(),
-                n as u32,
-                (h / p.vector) as u32,
-                1.0 / h as f32,
-                epsilon,
-                p.block,
-                p.rows,
-                p.per_unit,
-                p.plane,
-                p.stage,
-                dtype.into(),
-            );
+            forward_v4(&x, &gamma, &beta, [&y, &mean, &rstd], epsilon, p, false);
             return (y, mean, rstd);
         }
         kernel::ln_forward_kernel::launch::<R>(
@@ -152,7 +129,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let dtype = x.dtype;
         // v4: the one-pass backward (see `backward_plan`).
         if let Some(plan) = backward_plan(&RowDevice::of(&x.client), h, dtype) {
-            return fused_backward::<R, F, I, BT>(dy, x, gamma, mean, rstd, plan);
+            return fused_backward::<R, F, I, BT>(dy, x, gamma, mean, rstd, plan, false);
         }
         let dx = empty(&x, x.shape(), dtype);
         kernel::ln_backward_dx_kernel::launch::<R>(
@@ -187,6 +164,75 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let (dg, db) = partial_sums::<R, F, I, BT>(partial, dtype);
         (dx, dg, db)
     }
+
+    fn rms_norm_fused(h: usize, dtype: DType, device: &R::Device) -> bool {
+        let dev = RowDevice::of(&R::client(device));
+        forward_plan(&dev, h, dtype).is_some() && backward_plan(&dev, h, dtype).is_some()
+    }
+
+    fn rms_norm_rows(x: CubeTensor<R>, gamma: CubeTensor<R>, epsilon: f32) -> RmsPair<Self> {
+        let (x, gamma) = (into_contiguous(x), into_contiguous(gamma));
+        check_operands(&x, &[("gamma", &gamma)], &[]);
+        let [n, h] = x.shape().dims::<2>();
+        let plan = forward_plan(&RowDevice::of(&x.client), h, x.dtype).filter(|_| u32::try_from(n).is_ok());
+        let Some(p) = plan else { return super::composed_rms_norm_rows::<Self>(x, gamma, epsilon) };
+        let y = empty(&x, x.shape(), x.dtype);
+        let rstd = empty(&x, Shape::new([n, 1]), DType::F32);
+        // The kernel reads no β and writes no μ under `rms`: γ and a one-element tensor stand in.
+        let unused = empty(&x, Shape::new([1, 1]), DType::F32);
+        forward_v4(&x, &gamma, &gamma, [&y, &unused, &rstd], epsilon, p, true);
+        (y, rstd)
+    }
+
+    fn rms_norm_rows_backward(dy: CubeTensor<R>, x: CubeTensor<R>, gamma: CubeTensor<R>, rstd: CubeTensor<R>) -> RmsPair<Self> {
+        let (dy, x, gamma, rstd) = (into_contiguous(dy), into_contiguous(x), into_contiguous(gamma), into_contiguous(rstd));
+        check_operands(&x, &[("gamma", &gamma)], &[("dy", &dy)]);
+        let h = x.shape().dims::<2>()[1];
+        let Some(plan) = backward_plan(&RowDevice::of(&x.client), h, x.dtype) else {
+            return super::composed_rms_norm_rows_backward::<Self>(dy, x, gamma, rstd);
+        };
+        // μ is not read under `rms`: r stands in (same shape, read-only).
+        let (dx, dg, _) = fused_backward::<R, F, I, BT>(dy, x, gamma, rstd.clone(), rstd, plan, true);
+        (dx, dg)
+    }
+}
+
+/// `v4`'s forward launch (`outputs`: y, μ, r; with `rms` β is not read and μ not written).
+fn forward_v4<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    gamma: &CubeTensor<R>,
+    beta: &CubeTensor<R>,
+    outputs: [&CubeTensor<R>; 3],
+    epsilon: f32,
+    p: ForwardPlan,
+    rms: bool,
+) {
+    let [n, h] = x.shape().dims::<2>();
+    let [y, mean, rstd] = outputs;
+    // v4's forward takes the row count as a u32 argument (v1 reads it from the tensor).
+    launch_v4!(cube_vec::ln_forward_vec_kernel;
+        &x.client,
+        rows_grid(n.div_ceil(p.rows)),
+        CubeDim::new_2d(p.block as u32, p.rows as u32),
+        p.vector,
+        x.clone().into_tensor_arg(),
+        gamma.clone().into_tensor_arg(),
+        beta.clone().into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        mean.clone().into_tensor_arg(),
+        rstd.clone().into_tensor_arg(),
+        n as u32,
+        (h / p.vector) as u32,
+        1.0 / h as f32,
+        epsilon,
+        p.block,
+        p.rows,
+        p.per_unit,
+        p.plane,
+        p.stage,
+        rms,
+        x.dtype.into(),
+    );
 }
 
 /// The one-pass `v4` backward ([`cube_vec::ln_backward_fused_vec_kernel`]): `dx` and f32 dγ/dβ
@@ -194,6 +240,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
 /// the partials, `2h` f32 per cube, stay small next to the rows' `3h` elements of traffic), but
 /// at least two per multiprocessor. On the H200 (BENCHMARKS.md) 64 rows per cube beat 16 and 4
 /// at [16384, 4096]; at [4096, 8192], 64 rows would leave 64 cubes for 132 multiprocessors.
+/// With `rms`, the RMS norm's (μ not read; the third output is `Σ dy`, unused).
 fn fused_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     dy: CubeTensor<R>,
     x: CubeTensor<R>,
@@ -201,6 +248,7 @@ fn fused_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
     mean: CubeTensor<R>,
     rstd: CubeTensor<R>,
     plan: BackwardPlan,
+    rms: bool,
 ) -> LnBackward<CubeBackend<R, F, I, BT>> {
     let [n, h] = x.shape().dims::<2>();
     let dtype = x.dtype;
@@ -227,6 +275,7 @@ fn fused_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         plane,
         prefetch,
         lean,
+        rms,
         dtype.into(),
     );
     let (dg, db) = partial_sums::<R, F, I, BT>(partial, dtype);
@@ -251,74 +300,4 @@ fn partial_sums<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
     let both = Tensor::<CubeBackend<R, F, I, BT>, 1>::from_primitive(TensorPrimitive::Float(out));
     let half = |range| both.clone().slice([range]).into_primitive().tensor();
     (half(0..width / 2), half(width / 2..width))
-}
-
-/// Under `Fusion` (burn's default `Wgpu` and `Cuda`) the kernels are lazy custom operations of
-/// the fusion stream: registered with their inputs and outputs (no flush of the stream, no wait),
-/// run on the inner backend's tensors when the stream executes.
-impl<B: FusionBackend + LayerNormBackend> LayerNormBackend for Fusion<B> {
-    fn layer_norm_rows(
-        x: FusionTensor<B::FusionRuntime>,
-        gamma: FusionTensor<B::FusionRuntime>,
-        beta: FusionTensor<B::FusionRuntime>,
-        epsilon: f32,
-    ) -> LnForward<Self> {
-        let n = x.shape[0];
-        let outputs = [(x.shape.clone(), x.dtype), (Shape::new([n, 1]), DType::F32), (Shape::new([n, 1]), DType::F32)];
-        let [y, mean, rstd] = LnFusionOp::<B>::register([x, gamma, beta], outputs, Some(epsilon));
-        (y, mean, rstd)
-    }
-
-    fn layer_norm_rows_backward(
-        dy: FusionTensor<B::FusionRuntime>,
-        x: FusionTensor<B::FusionRuntime>,
-        gamma: FusionTensor<B::FusionRuntime>,
-        mean: FusionTensor<B::FusionRuntime>,
-        rstd: FusionTensor<B::FusionRuntime>,
-    ) -> LnBackward<Self> {
-        let (h, dtype) = (gamma.shape.clone(), gamma.dtype);
-        let outputs = [(x.shape.clone(), x.dtype), (h.clone(), dtype), (h, dtype)];
-        let [dx, dg, db] = LnFusionOp::<B>::register([dy, x, gamma, mean, rstd], outputs, None);
-        (dx, dg, db)
-    }
-}
-
-/// The layer-norm forward (`epsilon: Some`, inputs `x, γ, β`) or backward (`None`, inputs
-/// `dy, x, γ, μ, r`) as a fusion-stream operation with three outputs.
-#[derive(Debug)]
-struct LnFusionOp<B> {
-    desc: CustomOpIr,
-    epsilon: Option<f32>,
-    _b: PhantomData<B>,
-}
-
-impl<B: FusionBackend + LayerNormBackend> LnFusionOp<B> {
-    /// Registers the operation on the inputs' stream; returns its outputs (shape, dtype each).
-    fn register<const N: usize>(
-        inputs: [FusionTensor<B::FusionRuntime>; N],
-        outputs: [(Shape, DType); 3],
-        epsilon: Option<f32>,
-    ) -> [FusionTensor<B::FusionRuntime>; 3] {
-        let client = inputs[0].client.clone();
-        let streams = OperationStreams::with_inputs(&inputs);
-        let outputs = outputs.map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), shape, dtype));
-        let name = if epsilon.is_some() { "burn-parallel-layer-norm" } else { "burn-parallel-layer-norm-backward" };
-        let desc = CustomOpIr::new(name, &inputs.map(|t| t.into_ir()), &outputs);
-        let op = Self { desc: desc.clone(), epsilon, _b: PhantomData };
-        client.register(streams, OperationIr::Custom(desc), op).try_into().expect("three outputs")
-    }
-}
-
-impl<B: FusionBackend + LayerNormBackend> Operation<B::FusionRuntime> for LnFusionOp<B> {
-    fn execute(&self, handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>) {
-        let mut inputs = self.desc.inputs.iter().map(|t| handles.get_float_tensor::<B>(t)).collect::<Vec<_>>().into_iter();
-        let mut next = || inputs.next().expect("as registered");
-        let (a, b, c) = match self.epsilon {
-            Some(epsilon) => B::layer_norm_rows(next(), next(), next(), epsilon),
-            None => B::layer_norm_rows_backward(next(), next(), next(), next(), next()),
-        };
-        for (ir, tensor) in self.desc.outputs.iter().zip([a, b, c]) {
-            handles.register_float_tensor::<B>(&ir.id, tensor);
-        }
-    }
 }

@@ -33,8 +33,8 @@ fn settings(x: usize, y: usize) -> KernelSettings {
     KernelSettings::default().cube_dim(CubeDim::new_2d(x as u32, y as u32))
 }
 
-/// The CUDA C++ of the layer-norm kernels the library launches on an H100 for rows of width `h`
-/// in `dtype`, with the kernel variant and tuning knobs in effect (`set_variant`,
+/// The CUDA C++ of the layer-norm kernels (and the RMS norm's `rms_forward`/`rms_backward`) the
+/// library launches on an H100 for rows of width `h` in `dtype`, with the kernel variant and tuning knobs in effect (`set_variant`,
 /// `set_vector_cache`, `set_affine_staging`, …): `v4`'s forward, one-pass backward and partials
 /// sum, or `v1`'s forward, `dx` and dγ/dβ partials (then the same partials sum) where `v4` does
 /// not take the row (also the forward of more than `u32::MAX` rows, which this listing does not
@@ -43,8 +43,15 @@ fn settings(x: usize, y: usize) -> KernelSettings {
 pub fn layer_norm_cuda_sources<R: Runtime>(client: &ComputeClient<R>, h: usize, dtype: DType, checked: bool) -> Result<Vec<CudaKernelSource>, String> {
     let elem: StorageType = dtype.into();
     let dev = RowDevice::cuda();
-    let mut tasks = vec![forward_task(client, &dev, h, dtype, elem)];
-    tasks.extend(backward_tasks(client, &dev, h, dtype, elem));
+    let mut tasks = vec![forward_task(client, &dev, h, dtype, elem, false)];
+    tasks.extend(backward_tasks(client, &dev, h, dtype, elem, false));
+    // The RMS norm's `v4` kernels (the composed ops run where `v4` does not take the row).
+    if forward_plan(&dev, h, dtype).is_some() {
+        tasks.push(forward_task(client, &dev, h, dtype, elem, true));
+    }
+    if backward_plan(&dev, h, dtype).is_some() {
+        tasks.extend(backward_tasks(client, &dev, h, dtype, elem, true));
+    }
     let lanes = partials_lanes(&dev);
     let k = cube_vec::ln_partials_sum_kernel::LnPartialsSumKernel::<R>::new(settings(32, lanes), client.clone(), t(), t(), lanes, elem);
     tasks.push(Task { kernel: "partials_sum", geometry: format!("32 columns × {lanes} lanes"), units: 32 * lanes, task: Box::new(KernelTask::new(k)) });
@@ -60,8 +67,8 @@ pub fn layer_norm_cuda_sources<R: Runtime>(client: &ComputeClient<R>, h: usize, 
         .collect()
 }
 
-/// `v4`'s forward where it takes the row, else `v1`'s.
-fn forward_task<R: Runtime>(client: &ComputeClient<R>, dev: &RowDevice, h: usize, dtype: DType, elem: StorageType) -> Task {
+/// `v4`'s forward where it takes the row, else `v1`'s (`rms`: the RMS norm's, `v4` only).
+fn forward_task<R: Runtime>(client: &ComputeClient<R>, dev: &RowDevice, h: usize, dtype: DType, elem: StorageType, rms: bool) -> Task {
     let Some(p) = forward_plan(dev, h, dtype) else {
         let k = v1::ln_forward_kernel::LnForwardKernel::<R>::new(settings(BLOCK as usize, 1), client.clone(), t(), t(), t(), t(), t(), t(), (), BLOCK, elem);
         return Task { kernel: "v1_forward", geometry: format!("{BLOCK} units per row"), units: BLOCK as usize, task: Box::new(KernelTask::new(k)) };
@@ -87,13 +94,16 @@ fn forward_task<R: Runtime>(client: &ComputeClient<R>, dev: &RowDevice, h: usize
         p.per_unit,
         p.plane,
         p.stage,
+        rms,
         elem,
     );
-    Task { kernel: "forward", geometry, units: p.block * p.rows, task: Box::new(KernelTask::new(k)) }
+    let kernel = if rms { "rms_forward" } else { "forward" };
+    Task { kernel, geometry, units: p.block * p.rows, task: Box::new(KernelTask::new(k)) }
 }
 
-/// `v4`'s one-pass backward where it takes the row, else `v1`'s `dx` and dγ/dβ partials.
-fn backward_tasks<R: Runtime>(client: &ComputeClient<R>, dev: &RowDevice, h: usize, dtype: DType, elem: StorageType) -> Vec<Task> {
+/// `v4`'s one-pass backward where it takes the row, else `v1`'s `dx` and dγ/dβ partials (`rms`:
+/// the RMS norm's, `v4` only).
+fn backward_tasks<R: Runtime>(client: &ComputeClient<R>, dev: &RowDevice, h: usize, dtype: DType, elem: StorageType, rms: bool) -> Vec<Task> {
     let Some(p) = backward_plan(dev, h, dtype) else {
         let units = BLOCK as usize;
         let dx = v1::ln_backward_dx_kernel::LnBackwardDxKernel::<R>::new(settings(units, 1), client.clone(), t(), t(), t(), t(), t(), t(), BLOCK, elem);
@@ -125,7 +135,9 @@ fn backward_tasks<R: Runtime>(client: &ComputeClient<R>, dev: &RowDevice, h: usi
         p.plane,
         p.prefetch,
         p.lean,
+        rms,
         elem,
     );
-    vec![Task { kernel: "backward", geometry, units: p.block * rows, task: Box::new(KernelTask::new(k)) }]
+    let kernel = if rms { "rms_backward" } else { "backward" };
+    vec![Task { kernel, geometry, units: p.block * rows, task: Box::new(KernelTask::new(k)) }]
 }

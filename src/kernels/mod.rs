@@ -9,8 +9,10 @@
 //!
 //! RMS norm ([`rms_norm`], Llama's): `y = x·r·γ` with `r = 1/√(mean_h(x²) + ε)`, saving `r`;
 //! backward with `x̂ = x·r`, `g = dy·γ`: `dx = r·(g − x̂·mean_h(g·x̂))`, `dγ = Σ_n dy·x̂`. One
-//! autodiff op of composed Burn ops on every backend (statistics in f32): it keeps `x` and `r`
-//! only, as the layer norm does.
+//! autodiff op keeping `x` and `r` only, as the layer norm does: on Cube backends the layer
+//! norm's `v4` kernels with their `rms` switch (one reduction per row, no β; where `v4` takes
+//! the row, see [`LayerNormBackend::rms_norm_fused`]), composed Burn ops elsewhere (statistics
+//! in f32).
 
 #[cfg(feature = "cube")]
 mod cube;
@@ -91,26 +93,44 @@ pub trait LayerNormBackend: Backend {
 
     /// RMS-normalises each row of `x: [n, h]` with `gamma: [h]`: `(y, rstd [n, 1] f32)`.
     fn rms_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f32) -> RmsPair<Self> {
-        let x = wrap::<Self, 2>(x);
-        let dtype = x.dtype();
-        let (x, gamma) = (stat(x), stat(wrap::<Self, 1>(gamma)));
-        let rstd = x.clone().square().mean_dim(1).add_scalar(epsilon).sqrt().recip();
-        let y = x * rstd.clone() * gamma.unsqueeze();
-        (prim(crate::precision::cast_to(y, dtype)), prim(rstd))
+        composed_rms_norm_rows::<Self>(x, gamma, epsilon)
     }
 
     /// Gradients `(dx, dgamma)` of [`rms_norm_rows`](Self::rms_norm_rows) for `dy`.
     fn rms_norm_rows_backward(dy: FloatTensor<Self>, x: FloatTensor<Self>, gamma: FloatTensor<Self>, rstd: FloatTensor<Self>) -> RmsPair<Self> {
-        let (dy, x, gamma) = (wrap::<Self, 2>(dy), wrap::<Self, 2>(x), wrap::<Self, 1>(gamma));
-        let (x_dtype, g_dtype) = (x.dtype(), gamma.dtype());
-        let (dy, x, gamma, rstd) = (stat(dy), stat(x), stat(gamma), wrap::<Self, 2>(rstd));
-        let xhat = x * rstd.clone();
-        let dgamma = (dy.clone() * xhat.clone()).sum_dim(0).squeeze_dim::<1>(0);
-        let g = dy * gamma.unsqueeze();
-        let dx = rstd * (g.clone() - xhat.clone() * (g * xhat).mean_dim(1));
-        use crate::precision::cast_to;
-        (prim(cast_to(dx, x_dtype)), prim(cast_to(dgamma, g_dtype)))
+        composed_rms_norm_rows_backward::<Self>(dy, x, gamma, rstd)
     }
+
+    /// Whether the RMS norm of rows `h` wide in `dtype` runs fused kernels on `device` (forward
+    /// and backward), not composed ops.
+    fn rms_norm_fused(h: usize, dtype: burn::tensor::DType, device: &Self::Device) -> bool {
+        let _ = (h, dtype, device);
+        false
+    }
+}
+
+/// The RMS norm's forward in Burn ops (statistics in f32): the default, and the Cube backends'
+/// fallback for rows their kernels do not take.
+fn composed_rms_norm_rows<B: Backend>(x: FloatTensor<B>, gamma: FloatTensor<B>, epsilon: f32) -> RmsPair<B> {
+    let x = wrap::<B, 2>(x);
+    let dtype = x.dtype();
+    let (x, gamma) = (stat(x), stat(wrap::<B, 1>(gamma)));
+    let rstd = x.clone().square().mean_dim(1).add_scalar(epsilon).sqrt().recip();
+    let y = x * rstd.clone() * gamma.unsqueeze();
+    (prim(crate::precision::cast_to(y, dtype)), prim(rstd))
+}
+
+/// The RMS norm's backward in Burn ops (see [`composed_rms_norm_rows`]).
+fn composed_rms_norm_rows_backward<B: Backend>(dy: FloatTensor<B>, x: FloatTensor<B>, gamma: FloatTensor<B>, rstd: FloatTensor<B>) -> RmsPair<B> {
+    let (dy, x, gamma) = (wrap::<B, 2>(dy), wrap::<B, 2>(x), wrap::<B, 1>(gamma));
+    let (x_dtype, g_dtype) = (x.dtype(), gamma.dtype());
+    let (dy, x, gamma, rstd) = (stat(dy), stat(x), stat(gamma), wrap::<B, 2>(rstd));
+    let xhat = x * rstd.clone();
+    let dgamma = (dy.clone() * xhat.clone()).sum_dim(0).squeeze_dim::<1>(0);
+    let g = dy * gamma.unsqueeze();
+    let dx = rstd * (g.clone() - xhat.clone() * (g * xhat).mean_dim(1));
+    use crate::precision::cast_to;
+    (prim(cast_to(dx, x_dtype)), prim(cast_to(dgamma, g_dtype)))
 }
 
 /// Half-precision values in f32 for the composed path's statistics (f32 and f64 unchanged).
@@ -172,6 +192,10 @@ impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         (y, <Self as AutodiffBackend>::from_inner(rstd))
+    }
+
+    fn rms_norm_fused(h: usize, dtype: burn::tensor::DType, device: &Self::Device) -> bool {
+        B::rms_norm_fused(h, dtype, device)
     }
 
     fn rms_norm_rows_backward(dy: FloatTensor<Self>, x: FloatTensor<Self>, gamma: FloatTensor<Self>, rstd: FloatTensor<Self>) -> RmsPair<Self> {

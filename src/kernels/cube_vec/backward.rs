@@ -16,6 +16,9 @@ use super::{lanes_sum, row_sum, rows_per_cube};
 /// slots are summed in shared memory and written as f32 partials `[cubes, 2h]` (dγ's, then dβ's),
 /// summed over cubes by [`ln_partials_sum_kernel`].
 ///
+/// With `rms`, the RMS norm's backward (`x̂ = x·r`, `dx = r·(g − x̂·mean(g·x̂))`: one reduction
+/// per row; `mean` is not read, pass any `[n, 1]` f32 tensor; the dβ partials are `Σ dy`, unused).
+///
 /// Experimental, off by default and not yet timed on a GPU: `prefetch` loads the next row
 /// group's `dy`, `x`, μ, r before the current group is computed (the kernel runs ~2 cubes per
 /// multiprocessor, so its loads are latency-bound); `lean` keeps γ of the unit's columns in
@@ -35,6 +38,7 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
     #[comptime] plane: bool,
     #[comptime] prefetch: bool,
     #[comptime] lean: bool,
+    #[comptime] rms: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let n = x.shape(0);
@@ -96,7 +100,10 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
             dys[k] = next_dy[k];
             xr[k] = next_x[k];
         }
-        let m = next_mr[0];
+        let mut m = next_mr[0];
+        if comptime![rms] {
+            m = f32::new(0.0);
+        }
         let r = next_mr[1];
         if comptime![prefetch] {
             fetch_row::<F, N>(dy, x, mean, rstd, &mut next_dy, &mut next_x, &mut next_mr, (group + cubes) * rows + ty, n, nv, block, per_unit);
@@ -124,7 +131,10 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
             sg += lanes_sum::<N>(g);
             sgx += lanes_sum::<N>(g * xhat);
         }
-        let mean_g = row_sum(&mut smem, sg, block, plane, lean) / hf;
+        let mut mean_g = f32::new(0.0);
+        if comptime![!rms] {
+            mean_g = row_sum(&mut smem, sg, block, plane, lean) / hf;
+        }
         let mean_gx = row_sum(&mut smem, sgx, block, plane, lean) / hf;
         #[unroll]
         for k in 0..per_unit {

@@ -24,16 +24,19 @@ use super::{lanes_sum, my_row, row_sum};
 
 /// A row's layout in the cube (`block` units per row, `per_unit` vectors per unit; `plane`:
 /// 32-lane plane reductions; `stage`: γ/β staged in shared memory as f32, see
-/// [`stage_affine`]).
+/// [`stage_affine`]; `rms`: the RMS norm, see [`ln_forward_vec_kernel`]).
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 struct RowGeometry {
     block: usize,
     per_unit: usize,
     plane: bool,
     stage: bool,
+    rms: bool,
 }
 
 /// The forward over `[n_rows, n_vec × N]` (`inv_h = 1/h`, rounded to f32), `rows` rows per cube.
+/// With `rms`, the RMS norm `y = x·r·γ`, `r = 1/√(mean(x²) + ε)`: one reduction, β not read
+/// (pass any `[h]` tensor of the dtype), `mean` not written (pass any f32 tensor).
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn ln_forward_vec_kernel<F: Float, N: Size>(
@@ -52,10 +55,11 @@ pub fn ln_forward_vec_kernel<F: Float, N: Size>(
     #[comptime] per_unit: usize,
     #[comptime] plane: bool,
     #[comptime] stage: bool,
+    #[comptime] rms: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let mut smem = SharedMemory::<f32>::new(comptime![block * rows]);
-    let geo = comptime![RowGeometry { block, per_unit, plane, stage }];
+    let geo = comptime![RowGeometry { block, per_unit, plane, stage, rms }];
     let (n, nv) = (n_rows as usize, n_vec as usize);
     let row = my_row();
     let mut vals = Array::<Vector<f32, N>>::new(per_unit);
@@ -115,17 +119,20 @@ fn load_row<F: Float, N: Size>(x: &Tensor<Vector<F, N>>, vals: &mut Array<Vector
 }
 
 /// Mean and (biased) variance of the row from the units' shares: the mean, then `Σ (x − μ)²`
-/// from the registers (two reductions).
+/// from the registers (two reductions). With `geo.rms`: 0 and `mean(x²)` (one reduction).
 #[cube]
 fn row_stats<N: Size>(vals: &Array<Vector<f32, N>>, nv: usize, inv_h: f32, smem: &mut SharedMemory<f32>, #[comptime] geo: RowGeometry) -> (f32, f32) {
     let (block, per_unit, plane) = comptime![(geo.block, geo.per_unit, geo.plane)];
     let tid = UNIT_POS_X as usize;
-    let mut acc = f32::new(0.0);
-    #[unroll]
-    for k in 0..per_unit {
-        acc += lanes_sum::<N>(vals[k]);
+    let mut m = f32::new(0.0);
+    if comptime![!geo.rms] {
+        let mut acc = f32::new(0.0);
+        #[unroll]
+        for k in 0..per_unit {
+            acc += lanes_sum::<N>(vals[k]);
+        }
+        m = row_sum(smem, acc, block, plane, true) * inv_h;
     }
-    let m = row_sum(smem, acc, block, plane, true) * inv_h;
     let mut acc2 = f32::new(0.0);
     #[unroll]
     for k in 0..per_unit {
@@ -168,7 +175,13 @@ fn normalize_row<F: Float, N: Size>(
         let c = tid + k * block;
         if valid && c < nv {
             let xhat = (vals[k] - Vector::new(m)) * Vector::new(r);
-            if comptime![geo.stage] {
+            if comptime![geo.rms] {
+                if comptime![geo.stage] {
+                    y[base + c] = Vector::cast_from(xhat * affine[c]);
+                } else {
+                    y[base + c] = Vector::cast_from(xhat * Vector::<f32, N>::cast_from(gamma[c]));
+                }
+            } else if comptime![geo.stage] {
                 y[base + c] = Vector::cast_from(xhat * affine[c] + affine[comptime![block * per_unit] + c]);
             } else {
                 let g = Vector::<f32, N>::cast_from(gamma[c]);
@@ -178,7 +191,9 @@ fn normalize_row<F: Float, N: Size>(
         }
     }
     if valid && tid == 0 {
-        mean[row] = m;
+        if comptime![!geo.rms] {
+            mean[row] = m;
+        }
         rstd[row] = r;
     }
 }
