@@ -142,9 +142,9 @@ impl Rope {
 pub struct RopeScaling {
     /// How much longer the new context is (Llama 3.1: 8; Llama 3.2: 32).
     pub factor: f64,
-    /// Wavelengths above `L/low_freq_factor` are divided by `factor` (Llama 3.1: 1).
+    /// Frequencies of wavelength above `L/low_freq_factor` are divided by `factor` (Llama 3.1: 1).
     pub low_freq_factor: f64,
-    /// Wavelengths below `L/high_freq_factor` are kept (Llama 3.1: 4).
+    /// Frequencies of wavelength below `L/high_freq_factor` are kept (Llama 3.1: 4).
     pub high_freq_factor: f64,
     /// The pretraining context `L` (Llama 3.1: 8192).
     pub original_max_position_embeddings: usize,

@@ -61,6 +61,7 @@ pub mod params;
 pub mod pipeline;
 pub mod precision;
 pub mod preempt;
+pub mod presets;
 pub mod qkv;
 pub mod recompute;
 pub mod rng;

@@ -210,10 +210,20 @@ fn a_huggingface_llama_3_1_with_scaled_rope_gives_numpys_logits_both_ways() {
         });
         logits.iter().for_each(|l| assert_close(&format!("llama 3.1 tp {t}"), l, &reference));
     }
-    // The same weights with plain RoPE give other logits: the scaling is not a no-op here.
+    // The legacy form of the hub's Llama 3.1/3.2 configs (`rope_scaling`, θ at the top level)
+    // imports the same scaling and numpy gives the same logits.
     let config = dir.join("config.json");
-    let mut plain: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
-    plain.as_object_mut().unwrap().remove("rope_parameters");
+    let mut legacy: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let mut settings = legacy.as_object_mut().unwrap().remove("rope_parameters").unwrap();
+    settings.as_object_mut().unwrap().remove("rope_theta");
+    legacy["rope_scaling"] = settings;
+    std::fs::write(&config, legacy.to_string()).unwrap();
+    let HfConfig::Llama(hf) = import_hf(&dir, &dir.join("legacy.safetensors")).unwrap() else { panic!("a Llama config") };
+    assert_eq!((hf.scaling().unwrap(), hf.theta()), (Some(scaling), 500.0));
+    assert_close("llama 3.1 legacy config", &numpy::logits(SCRIPT, &dir), &reference);
+    // The same weights with plain RoPE give other logits: the scaling is not a no-op here.
+    let mut plain = legacy.clone();
+    plain["rope_scaling"] = serde_json::Value::Null;
     std::fs::write(&config, plain.to_string()).unwrap();
     let unscaled = numpy::logits(SCRIPT, &dir);
     let moved = reference.iter().zip(&unscaled).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -250,6 +260,15 @@ fn llama_variants_the_conversion_does_not_carry_are_refused() {
     let v5: HfLlamaConfig = serde_json::from_value(v5).unwrap();
     assert_eq!(v5.to_model_json().unwrap()["rope_theta"], serde_json::json!(500000.0));
     assert!(v5.flags().contains("--rope-theta 500000"), "{}", v5.flags());
+    // Both forms given: they must agree (transformers would take rope_scaling).
+    let llama3 = |factor: f64| serde_json::json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+    let mut both = base.clone();
+    (both["rope_scaling"], both["rope_parameters"]) = (llama3(8.0), llama3(8.0));
+    let both_same: HfLlamaConfig = serde_json::from_value(both.clone()).unwrap();
+    assert_eq!(both_same.scaling().unwrap().map(|s| s.factor), Some(8.0));
+    both["rope_parameters"] = llama3(32.0);
+    let e = serde_json::from_value::<HfLlamaConfig>(both).unwrap().check().unwrap_err().to_string();
+    assert!(e.contains("disagree"), "{e}");
     for (k, v, says) in [
         ("hidden_act", serde_json::json!("gelu"), "hidden_act \"gelu\""),
         ("attention_bias", serde_json::json!(true), "biases are not supported"),
@@ -265,6 +284,12 @@ fn llama_variants_the_conversion_does_not_carry_are_refused() {
         ("num_key_value_heads", serde_json::json!(3), "4 heads of 3 key/value heads"),
         ("num_key_value_heads", serde_json::json!(0), "4 heads with 0 key/value heads"),
         ("rope_parameters", serde_json::json!({"rope_type": "dynamic", "rope_theta": 500000.0}), "only the default and llama3"),
+        ("rope_parameters", serde_json::json!({"type": "yarn", "factor": 4.0}), "only the default and llama3"),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192.5}),
+            "no whole number original_max_position_embeddings",
+        ),
     ] {
         let e = with(k, v).unwrap_err();
         assert!(e.contains(says), "{k}: {e}");

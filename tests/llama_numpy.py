@@ -99,9 +99,8 @@ def llama3(inv_freq, c):
 
 
 def rope_settings(c):
-    """The RoPE scaling dict of a config (rope_parameters with a type, else rope_scaling)."""
-    p = c.get("rope_parameters")
-    s = p if p and "rope_type" in p else c.get("rope_scaling")
+    """The RoPE scaling dict of a config, as transformers reads it: rope_scaling or rope_parameters."""
+    s = c.get("rope_scaling") or c.get("rope_parameters")
     return s if s and s.get("rope_type", s.get("type")) == "llama3" else None
 
 

@@ -6,11 +6,22 @@
 #![cfg(feature = "wgpu")]
 
 use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use burn_parallel::kernels::{rms_norm, set_affine_staging, set_bounds_checks, set_variant, set_vector_cache, LayerNormBackend, LnKernel};
+use burn_parallel::kernels::{
+    rms_norm, set_affine_staging, set_backward_cache, set_backward_lean, set_backward_prefetch, set_backward_rows, set_bounds_checks, set_variant,
+    set_vector_cache, LayerNormBackend, LnKernel,
+};
 use burn_parallel::rng::HostRng;
 
 type K = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+
+/// The kernels' knobs are process-wide: one test at a time.
+static KNOBS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn knobs() -> std::sync::MutexGuard<'static, ()> {
+    KNOBS.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Widths: one element, odd, a plane's worth, GPT-2's and Llama-like ones, `v4`'s widest f32
 /// row (16384) and one past it (composed).
@@ -27,9 +38,16 @@ fn run<B: LayerNormBackend>(x: &TensorData, g: &TensorData, dy: &TensorData, dty
     let dev = Default::default();
     let t2 = |d: &TensorData| Tensor::<B, 2>::from_data(d.clone(), &dev).cast(dtype).into_primitive().tensor();
     let t1 = |d: &TensorData| Tensor::<B, 1>::from_data(d.clone(), &dev).cast(dtype).into_primitive().tensor();
-    // Freed NaN buffers of the outputs' sizes first: a write the kernels skipped shows as NaN.
+    // Freed NaN buffers of the outputs' sizes first (synced: under Fusion they must exist): the
+    // pool hands them out again, so a write the kernels skipped shows as NaN.
     let [n, h] = [x.shape.as_slice()[0], x.shape.as_slice()[1]];
-    drop([(); 3].map(|_| Tensor::<B, 2>::full([n, h], f32::NAN, &dev)));
+    let poison = (
+        [(); 2].map(|_| Tensor::<B, 2>::full([n, h], f32::NAN, &dev)),
+        Tensor::<B, 2>::full([n, 1], f32::NAN, &dev),
+        Tensor::<B, 1>::full([h], f32::NAN, &dev),
+    );
+    B::sync(&dev).expect("sync");
+    drop(poison);
     let (y, rstd) = B::rms_norm_rows(t2(x), t1(g), 1e-5);
     let (dx, dg) = B::rms_norm_rows_backward(t2(dy), t2(x), t1(g), rstd.clone());
     let w2 = |p| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(p)).cast(DType::F32).into_data();
@@ -68,6 +86,7 @@ fn check_shapes(expect_fused: impl Fn(usize) -> bool) {
 
 #[test]
 fn rms_kernels_match_the_composed_reference() {
+    let _one = knobs();
     let v4 = |h: usize| h <= 16384;
     set_variant(LnKernel::Vectorized);
     check_shapes(v4);
@@ -82,6 +101,21 @@ fn rms_kernels_match_the_composed_reference() {
     set_affine_staging(true);
     check_shapes(v4);
     set_affine_staging(false);
+    // The backward's knobs: a cube per row group (many partials), other register caches, the
+    // next group's rows (and the unused μ) loaded early, the lean row code.
+    set_backward_rows(1);
+    check_shapes(v4);
+    set_backward_rows(64);
+    set_backward_cache(Some(4));
+    check_shapes(v4);
+    set_backward_cache(None);
+    for (prefetch, lean) in [(true, false), (true, true)] {
+        set_backward_prefetch(prefetch);
+        set_backward_lean(lean);
+        check_shapes(v4);
+    }
+    set_backward_prefetch(false);
+    set_backward_lean(false);
     for cache in [4, 32] {
         set_vector_cache(cache);
         check_shapes(|h| h <= 1024 * cache);
@@ -93,11 +127,13 @@ fn rms_kernels_match_the_composed_reference() {
 /// within 1e-2 of the reference on the same rounded inputs.
 #[test]
 fn half_precision_rms_kernels_accumulate_in_f32() {
+    let _one = knobs();
     let rounded = |d: TensorData| Tensor::<Flex, 2>::from_data(d, &Default::default()).cast(DType::F16).cast(DType::F32).into_data();
     for [n, h] in [[3usize, 7], [129, 768], [5, 4097]] {
         let x = rounded(data(&format!("hx{n}x{h}"), &[n, h], 0.5));
         let g = TensorData::new(rounded(data("hg", &[1, h], 1.0)).to_vec::<f32>().unwrap(), [h]);
         let dy = rounded(data("hdy", &[n, h], 0.0));
+        assert!(K::rms_norm_fused(h, DType::F16, &Default::default()), "h {h}: the kernels take f16 rows");
         let want = run::<Flex>(&x, &g, &dy, DType::F32);
         let got = run::<K>(&x, &g, &dy, DType::F16);
         for (i, what) in ["y", "r", "dx", "dgamma"].iter().enumerate() {
@@ -129,6 +165,7 @@ fn autodiff_through_the_rms_kernels_equals_the_cpu() {
         let f32s = |d: TensorData| d.convert::<f32>();
         vec![f32s(z.inner().into_data()), f32s(x0.grad(&gr).unwrap().into_data()), f32s(g0.grad(&gr).unwrap().into_data())]
     }
+    let _one = knobs();
     assert!(K::rms_norm_fused(96, DType::F32, &Default::default()));
     let want = grads::<Autodiff<Flex>>();
     for got in [grads::<Autodiff<K>>(), grads::<Autodiff<burn::backend::Wgpu>>()] {

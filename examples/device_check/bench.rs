@@ -23,7 +23,7 @@ pub(crate) fn time<F: FnMut()>(f: F, iters: usize) -> f64 {
     time_on::<K, F>(f, iters)
 }
 
-fn time_on<B: Backend, F: FnMut()>(mut f: F, iters: usize) -> f64 {
+pub(crate) fn time_on<B: Backend, F: FnMut()>(mut f: F, iters: usize) -> f64 {
     let dev = Default::default();
     for _ in 0..3 {
         f();

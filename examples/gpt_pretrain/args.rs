@@ -6,6 +6,7 @@ use burn_parallel::attention::AttentionKernel;
 use burn_parallel::data::Tokenizer;
 use burn_parallel::optim::schedule::DecayStyle;
 use burn_parallel::precision::Precision;
+use burn_parallel::presets::{LlamaValues, ModelPreset, PresetValues};
 use burn_parallel::recompute::Recompute;
 use clap::{Parser, ValueEnum};
 
@@ -46,15 +47,20 @@ pub(crate) struct Args {
     /// or llm.c's `*_train_*.bin`, `*_val*.bin`), memory-mapped, instead of --data.
     #[arg(long)]
     pub(crate) shards: Option<PathBuf>,
-    /// byte (vocabulary 256, padded as gpt2's where --tp does not divide it) or gpt2 (GPT-2's BPE,
+    /// byte (vocabulary 256, padded as gpt2's where --tp does not divide it), gpt2 (GPT-2's BPE,
     /// vocabulary 50257 padded to a multiple of 128 x --tp; padded logits are masked: never
-    /// sampled, never in the loss).
+    /// sampled, never in the loss), or llama3:PATH (Llama 3's BPE from its tokenizer.model, the
+    /// hub repository's original/tokenizer.model: vocabulary 128256).
     #[arg(long, default_value = "byte", value_parser = parse_tokenizer)]
     pub(crate) tokenizer: Tokenizer,
     /// Model size: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b (GPT-2's shapes, context
     /// 1024, the gpt2 tokenizer, batch 8, GPT-3's learning rate for the size: 6e-4, 3e-4,
-    /// 2.5e-4, 2e-4); explicit flags override it.
-    #[arg(long, value_enum, default_value_t = ModelPreset::Tiny)]
+    /// 2.5e-4, 2e-4), llama3.2-1b, llama3.2-3b, llama3.1-8b, llama3.1-70b, llama3.1-405b
+    /// (Llama 3's blocks: widths, 8 key/value heads, SwiGLU, RMS norms, RoPE θ 500000 with Llama
+    /// 3.1's scaling, tied embeddings for 3.2; context 8192, batch 8; learning rate 3e-4, 1.5e-4
+    /// for 70B, 8e-5 for 405B; the gpt2 tokenizer: Llama 3's is not shipped, so the vocabulary
+    /// is GPT-2's, not 128256); explicit flags override it.
+    #[arg(long, default_value = "tiny", value_parser = parse_preset)]
     pub(crate) model: ModelPreset,
     /// Peak TFLOP/s of one device for the MFU line (default: the detected card's bf16/f32 dense
     /// peak on CUDA; none on CPU).
@@ -130,7 +136,9 @@ pub(crate) struct Args {
     pub(crate) rope_theta: f64,
     /// Llama 3.1's long-context RoPE frequency scaling (with --position rope): `llama3`
     /// (factor 8, low 1, high 4, original context 8192) or `llama3:FACTOR,LOW,HIGH,ORIGINAL`
-    /// (Llama 3.2: llama3:32,1,4,8192). No cost: the tables change, nothing else.
+    /// (Llama 3.2: llama3:32,1,4,8192); Megatron's --use-rope-scaling / --rope-scaling-factor.
+    /// No cost: the tables change, nothing else. --init-from may change it (and --rope-theta):
+    /// a long-context extension; --resume keeps it.
     #[arg(long)]
     pub(crate) rope_scaling: Option<burn_parallel::arch::RopeScaling>,
     /// No biases in the attention's and the MLPs' projections (Llama).
@@ -306,52 +314,12 @@ fn parse_precision(s: &str) -> Result<Precision, String> {
     s.parse().map_err(|e: burn_parallel::precision::PrecisionError| e.to_string())
 }
 
+fn parse_preset(s: &str) -> Result<ModelPreset, String> {
+    s.parse().map_err(|e: burn_parallel::arch::UnknownChoice| e.to_string())
+}
+
 fn parse_tokenizer(s: &str) -> Result<Tokenizer, String> {
     s.parse().map_err(|e: burn_parallel::data::TokenizerError| e.to_string())
-}
-
-/// GPT-2's shapes (context 1024, vocabulary 50257 padded, GPT-2's BPE), or the tiny default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-pub(crate) enum ModelPreset {
-    /// d 128, 4 layers, 4 heads, context 64, byte tokens (the defaults).
-    Tiny,
-    /// GPT-2 small: d 768, 12 layers, 12 heads.
-    #[value(name = "gpt2-124m")]
-    Gpt2_124m,
-    /// GPT-2 medium: d 1024, 24 layers, 16 heads.
-    #[value(name = "gpt2-350m")]
-    Gpt2_350m,
-    /// GPT-2 large: d 1280, 36 layers, 20 heads.
-    #[value(name = "gpt2-774m")]
-    Gpt2_774m,
-    /// GPT-2 XL: d 1600, 48 layers, 25 heads.
-    #[value(name = "gpt2-1.5b")]
-    Gpt2_1_5b,
-}
-
-/// What a preset sets (each only where its flag is not given).
-struct PresetValues {
-    d_model: usize,
-    layers: usize,
-    heads: usize,
-    seq_len: usize,
-    tokenizer: Tokenizer,
-    batch_size: usize,
-    /// GPT-3's peak learning rate for the size (Brown et al. 2020, table 2.1).
-    lr: f64,
-}
-
-impl ModelPreset {
-    fn values(self) -> PresetValues {
-        let v = |d_model, layers, heads, lr| PresetValues { d_model, layers, heads, seq_len: 1024, tokenizer: Tokenizer::Gpt2, batch_size: 8, lr };
-        match self {
-            Self::Tiny => PresetValues { d_model: 128, layers: 4, heads: 4, seq_len: 64, tokenizer: Tokenizer::Byte, batch_size: 16, lr: 3e-3 },
-            Self::Gpt2_124m => v(768, 12, 12, 6e-4),
-            Self::Gpt2_350m => v(1024, 24, 16, 3e-4),
-            Self::Gpt2_774m => v(1280, 36, 20, 2.5e-4),
-            Self::Gpt2_1_5b => v(1600, 48, 25, 2e-4),
-        }
-    }
 }
 
 impl Args {
@@ -366,23 +334,18 @@ impl Args {
         let mut args = Self::from_arg_matches(&matches)?;
         let default = |id: &str| matches.value_source(id) != Some(clap::parser::ValueSource::CommandLine);
         let p = args.model.values();
-        if default("d_model") {
-            args.d_model = p.d_model;
-        }
-        if default("layers") {
-            args.layers = p.layers;
-        }
-        if default("heads") {
-            args.heads = p.heads;
-        }
-        if default("seq_len") {
-            args.seq_len = p.seq_len;
-        }
+        let set = |id: &str, field: &mut usize, value: usize| {
+            if default(id) {
+                *field = value;
+            }
+        };
+        set("d_model", &mut args.d_model, p.d_model);
+        set("layers", &mut args.layers, p.layers);
+        set("heads", &mut args.heads, p.heads);
+        set("seq_len", &mut args.seq_len, p.seq_len);
+        set("batch_size", &mut args.batch_size, p.batch_size);
         if default("tokenizer") {
-            args.tokenizer = p.tokenizer;
-        }
-        if default("batch_size") {
-            args.batch_size = p.batch_size;
+            args.tokenizer = if args.model == ModelPreset::Tiny { Tokenizer::Byte } else { Tokenizer::Gpt2 };
         }
         if default("lr") {
             args.lr = p.lr;
@@ -390,7 +353,42 @@ impl Args {
         if default("loss_chunk") && args.model != ModelPreset::Tiny {
             args.loss_chunk = 1024;
         }
+        if let Some(l) = p.llama {
+            args.apply_llama(&p, &l, &default);
+        }
         Ok(args)
+    }
+
+    /// A Llama preset's block where its flags are not given (`--no-bias` and
+    /// `--tie-embeddings` are switches: a preset turns them on).
+    fn apply_llama(&mut self, p: &PresetValues, l: &LlamaValues, default: &dyn Fn(&str) -> bool) {
+        use burn_parallel::arch::{Norm, Position};
+        if default("d_ff") {
+            self.d_ff = Some(p.d_ff);
+        }
+        if default("kv_heads") {
+            self.kv_heads = Some(l.kv_heads);
+        }
+        if default("norm") {
+            self.norm = Norm::RmsNorm;
+        }
+        if default("position") {
+            self.position = Position::Rope;
+        }
+        if default("activation") {
+            self.activation = burn_parallel::activation::Activation::SwiGlu;
+        }
+        if default("rope_theta") {
+            self.rope_theta = l.rope_theta;
+        }
+        if default("rope_scaling") {
+            self.rope_scaling = Some(l.rope_scaling);
+        }
+        if default("norm_eps") {
+            self.norm_eps = p.norm_eps;
+        }
+        self.no_bias = true;
+        self.tie_embeddings |= p.tie_embeddings;
     }
 
     /// The numbers no run can use (a negative learning rate, a clip that is not positive, ...):

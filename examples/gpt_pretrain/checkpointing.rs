@@ -217,7 +217,9 @@ fn check_same_model(ckpt: &Checkpoint, args: &Args, what: &str) -> Result<(), St
 }
 
 /// The Llama-style choices (norms, positions, biases, key/value heads; RoPE's θ and scaling where
-/// positions are rotary) of the saved config must be this run's; a config from before them had GPT-2's.
+/// positions are rotary) of the saved config must be this run's; a config from before them had
+/// GPT-2's. Under `--init-from` RoPE's θ and scaling may change (they have no weights: a
+/// long-context extension of a pretrained model), with a warning; a resume keeps them.
 fn check_architecture(theirs: &serde_json::Value, ours: &serde_json::Value, what: &str) -> Result<(), String> {
     use serde_json::json;
     let rotary = ours.get("position") == Some(&json!("Rope"));
@@ -240,6 +242,10 @@ fn check_architecture(theirs: &serde_json::Value, ours: &serde_json::Value, what
         let (then, now) = (theirs.get(key).unwrap_or(&default), ours.get(key).unwrap_or(&default));
         let same_number = then.as_f64().zip(now.as_f64()).is_some_and(|(a, b)| a == b);
         if then != now && !same_number {
+            if key.starts_with("rope_") && what.starts_with("--init-from") {
+                tracing::warn!("{what}: {key} = {then} there, {now} here ({flag}): the rotary frequencies change from the model's");
+                continue;
+            }
             return Err(format!("{what}: the checkpoint is of another model: {key} = {then} there, {now} here ({flag})"));
         }
     }

@@ -60,9 +60,10 @@ enum Cmd {
         action: CheckpointCmd,
     },
     /// Tokenize text files into binary token shards (`OUT/train_NNNNNN.bin`, `OUT/val_000000.bin`:
-    /// llm.c's format, u16 tokens), one document per file, for `gpt_pretrain --shards OUT`.
+    /// llm.c's format, u16 tokens; u32 for Llama 3's vocabulary), one document per file, for
+    /// `gpt_pretrain --shards OUT`.
     Prepare {
-        /// byte or gpt2.
+        /// byte, gpt2, or llama3:PATH (Llama 3's tokenizer.model).
         #[arg(long, default_value = "gpt2")]
         tokenizer: String,
         /// Output directory: new, or empty (shards written in OUT/.partial, then moved in).
@@ -80,7 +81,7 @@ enum Cmd {
     },
     /// Predict every pipeline rank's memory (parameters, gradients, optimizer state,
     /// activations, peak) of a GPT training run: the model of `burn_parallel::memory`.
-    Memory(MemoryArgs),
+    Memory(Box<MemoryArgs>),
     /// Join a rendezvous from the environment and print what rank 0 handed out (a smoke test).
     #[command(hide = true)]
     RendezvousCheck,
@@ -134,47 +135,53 @@ enum CheckpointCmd {
 /// The run the memory model describes (the example's flags and defaults).
 #[derive(clap::Args)]
 struct MemoryArgs {
-    /// Vocabulary.
-    #[arg(long, default_value_t = 256)]
-    vocab: usize,
-    /// Context length.
-    #[arg(long, default_value_t = 64)]
-    seq_len: usize,
+    /// A named model (its shape, vocabulary and context; explicit flags override each):
+    /// tiny (the default), gpt2-124m … gpt2-1.5b, llama3.2-1b, llama3.2-3b, llama3.1-8b,
+    /// llama3.1-70b, llama3.1-405b (vocabulary 128256, context 8192, Llama 3's block).
+    #[arg(long, default_value = "tiny", value_parser = parse_preset)]
+    model: burn_parallel::presets::ModelPreset,
+    /// Vocabulary (default: the model's).
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Context length (default: the model's).
+    #[arg(long)]
+    seq_len: Option<usize>,
     /// Width.
-    #[arg(long, default_value_t = 128)]
-    d_model: usize,
+    #[arg(long)]
+    d_model: Option<usize>,
     /// Attention heads.
-    #[arg(long, default_value_t = 4)]
-    heads: usize,
+    #[arg(long)]
+    heads: Option<usize>,
     /// Blocks.
-    #[arg(long, default_value_t = 4)]
-    layers: usize,
-    /// MLP width (default 4 x d-model).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// MLP width (default: the Llama model's, else 4 x d-model).
     #[arg(long)]
     d_ff: Option<usize>,
     /// Tied embeddings: the head is the token embedding (no head parameters of its own; the
-    /// last pipeline stage holds a replica).
+    /// last pipeline stage holds a replica). Llama 3.2's are tied.
     #[arg(long)]
     tie_embeddings: bool,
     /// The MLPs' activation: gelu, gelu-tanh (GPT-2's approximation; keeps two [N, ffn/tp]
-    /// tensors more per block) or swiglu (a gate projection; three more).
-    #[arg(long, default_value = "gelu", value_parser = parse_activation)]
-    activation: burn_parallel::activation::Activation,
-    /// The norms: layer-norm or rms-norm (no β, one f32 statistic per row).
-    #[arg(long, default_value = "layer-norm", value_parser = parse_norm)]
-    norm: burn_parallel::arch::Norm,
-    /// Positions: learned (a wpe table) or rope (none).
-    #[arg(long, default_value = "learned", value_parser = parse_position)]
-    position: burn_parallel::arch::Position,
-    /// No biases in the attention's and MLPs' projections.
+    /// tensors more per block) or swiglu (a gate projection; three more). Default: the model's.
+    #[arg(long, value_parser = parse_activation)]
+    activation: Option<burn_parallel::activation::Activation>,
+    /// The norms: layer-norm or rms-norm (no β, one f32 statistic per row). Default: the model's.
+    #[arg(long, value_parser = parse_norm)]
+    norm: Option<burn_parallel::arch::Norm>,
+    /// Positions: learned (a wpe table) or rope (none). Default: the model's.
+    #[arg(long, value_parser = parse_position)]
+    position: Option<burn_parallel::arch::Position>,
+    /// No biases in the attention's and MLPs' projections (a Llama model has none).
     #[arg(long)]
     no_bias: bool,
-    /// Key/value heads (grouped-query attention; default: one per head).
+    /// Key/value heads (grouped-query attention; default: the model's, else one per head).
     #[arg(long)]
     kv_heads: Option<usize>,
-    /// Sequences per step per data-parallel replica.
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
+    /// Sequences per step per data-parallel replica (default: the model's: 16 tiny, 8 GPT-2 and
+    /// Llama).
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Data-parallel degree.
     #[arg(long, default_value_t = 1)]
     dp: usize,
@@ -237,25 +244,33 @@ fn attention_core(name: &str, dropout: bool) -> Result<burn_parallel::attention:
     kernel.resolve_with(|| Ok(()), if dropout { 0.1 } else { 0.0 })
 }
 
+/// The model `--model` names with the flags given over it, and the batch size.
+fn memory_shape(a: &MemoryArgs) -> (burn_parallel::memory::GptShape, usize) {
+    let p = a.model.values();
+    let mut shape = p.shape(a.seq_len.unwrap_or(p.seq_len));
+    shape.vocab = a.vocab.unwrap_or(shape.vocab);
+    shape.hidden = a.d_model.unwrap_or(shape.hidden);
+    shape.heads = a.heads.unwrap_or(shape.heads);
+    shape.layers = a.layers.unwrap_or(shape.layers);
+    shape.ffn = a.d_ff.unwrap_or(if p.llama.is_some() { p.d_ff } else { 4 * shape.hidden });
+    shape.tied_embeddings |= a.tie_embeddings;
+    shape.activation = a.activation.unwrap_or(shape.activation);
+    shape.arch.norm = a.norm.unwrap_or(shape.arch.norm);
+    shape.arch.position = a.position.unwrap_or(shape.arch.position);
+    shape.arch.no_bias |= a.no_bias;
+    shape.arch.kv_heads = a.kv_heads.or(shape.arch.kv_heads);
+    (shape, a.batch_size.unwrap_or(p.batch_size))
+}
+
 fn memory(a: MemoryArgs) -> Result<(), String> {
-    use burn_parallel::memory::{estimate, model::table, GptShape, TrainPlan};
-    let shape = GptShape {
-        vocab: a.vocab,
-        seq: a.seq_len,
-        hidden: a.d_model,
-        heads: a.heads,
-        layers: a.layers,
-        ffn: a.d_ff.unwrap_or(4 * a.d_model),
-        tied_embeddings: a.tie_embeddings,
-        activation: a.activation,
-        arch: burn_parallel::arch::Arch { norm: a.norm, position: a.position, no_bias: a.no_bias, kv_heads: a.kv_heads },
-    };
+    use burn_parallel::memory::{estimate, model::table, TrainPlan};
+    let (shape, batch_size) = memory_shape(&a);
     if a.pp == 1 && a.virtual_stages.is_some_and(|v| v != 1) {
         return Err("--virtual-stages splits a pipeline: it needs --pp 2 or more".into());
     }
     let m = a.microbatches.unwrap_or(if a.pp > 1 { 2 * a.pp } else { 1 });
-    if m == 0 || !a.batch_size.is_multiple_of(m) {
-        return Err(format!("--batch-size {} is not divisible by --microbatches {m}", a.batch_size));
+    if m == 0 || !batch_size.is_multiple_of(m) {
+        return Err(format!("--batch-size {batch_size} is not divisible by --microbatches {m}"));
     }
     let plan = TrainPlan {
         dp: a.dp,
@@ -263,7 +278,7 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
         tp: a.tp,
         virtual_stages: a.virtual_stages.unwrap_or(if a.pp > 1 && a.schedule.starts_with("interleaved") { 2 } else { 1 }),
         sequence_parallel: a.sequence_parallel,
-        microbatch: a.batch_size / m,
+        microbatch: batch_size / m,
         microbatches: m,
         schedule: a.schedule,
         recompute: a.recompute.parse().map_err(|e: burn_parallel::recompute::UnknownRecompute| e.to_string())?,
@@ -349,7 +364,7 @@ fn main() {
                 2
             }
         },
-        Cmd::Memory(a) => match memory(a) {
+        Cmd::Memory(a) => match memory(*a) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("burn-parallel memory: {e}");
@@ -384,6 +399,10 @@ fn parse_norm(s: &str) -> Result<burn_parallel::arch::Norm, String> {
 }
 
 fn parse_position(s: &str) -> Result<burn_parallel::arch::Position, String> {
+    s.parse().map_err(|e: burn_parallel::arch::UnknownChoice| e.to_string())
+}
+
+fn parse_preset(s: &str) -> Result<burn_parallel::presets::ModelPreset, String> {
     s.parse().map_err(|e: burn_parallel::arch::UnknownChoice| e.to_string())
 }
 

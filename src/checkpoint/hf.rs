@@ -60,7 +60,8 @@ impl HfConfig {
         let tokenizer = match vocab {
             50257 => " --tokenizer gpt2",
             256 => " --tokenizer byte",
-            _ => " (a vocabulary of neither tokenizer: gpt_pretrain cannot feed it)",
+            128256 => " --tokenizer llama3:PATH (Llama 3's tokenizer.model: the hub repository's original/tokenizer.model)",
+            _ => " (a vocabulary of none of the tokenizers: gpt_pretrain cannot feed it)",
         };
         Ok(format!("{flags}{tokenizer}"))
     }

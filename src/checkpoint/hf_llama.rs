@@ -107,6 +107,16 @@ fn llama() -> String {
     "llama".into()
 }
 
+/// `v` where it is a settings object with a type.
+fn typed(v: &Option<serde_json::Value>) -> Option<&serde_json::Value> {
+    v.as_ref().filter(|v| kind(v).is_some())
+}
+
+/// A RoPE settings object's type: `rope_type`, or the older `type`.
+fn kind(v: &serde_json::Value) -> Option<String> {
+    v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).map(str::to_string)
+}
+
 impl HfLlamaConfig {
     /// Key/value heads.
     pub fn kv_heads(&self) -> usize {
@@ -118,29 +128,39 @@ impl HfLlamaConfig {
         self.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()).unwrap_or(self.rope_theta)
     }
 
-    /// The RoPE scaling's settings: transformers 5's `rope_parameters` where it names a
-    /// `rope_type`, else `rope_scaling` (`None`, null or of type `default`: plain RoPE).
-    fn rope_settings(&self) -> Option<&serde_json::Value> {
-        let typed = self.rope_parameters.as_ref().filter(|v| v.get("rope_type").is_some());
-        let kind = |v: &serde_json::Value| v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).map(str::to_string);
-        typed.or(self.rope_scaling.as_ref()).filter(|v| !v.is_null() && kind(v).as_deref() != Some("default"))
+    /// The RoPE scaling's settings (`None`: plain RoPE): `rope_scaling` where it is given (as
+    /// transformers reads a legacy config: `rope_scaling or rope_parameters`), else transformers
+    /// 5's `rope_parameters`; a type (`rope_type`, or the older `type`) of `default` is plain.
+    /// Both given with different settings is refused.
+    fn rope_settings(&self) -> Result<Option<&serde_json::Value>> {
+        let (legacy, v5) = (typed(&self.rope_scaling), typed(&self.rope_parameters));
+        if let (Some(a), Some(b)) = (legacy, v5) {
+            let numbers = ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"];
+            if kind(a) != kind(b) || numbers.iter().any(|k| a.get(k).and_then(|x| x.as_f64()) != b.get(k).and_then(|x| x.as_f64())) {
+                return Err(CheckpointError::Invalid(format!("Llama config: rope_scaling {a} and rope_parameters {b} disagree")));
+            }
+        }
+        // A config with no type is GPT-NeoX-era plain RoPE (its `rope_parameters` may hold θ only).
+        let any = legacy.or(v5).or(self.rope_scaling.as_ref().filter(|v| !v.is_null()));
+        Ok(any.filter(|v| kind(v).as_deref() != Some("default")))
     }
 
     /// Llama 3.1's frequency scaling where the config asks for it (`rope_type: "llama3"` with
-    /// its four numbers); other scalings (linear, dynamic, yarn, …) are refused by name.
+    /// its four numbers; the context a whole number); other scalings (linear, dynamic, yarn, …)
+    /// are refused by name.
     pub fn scaling(&self) -> Result<Option<RopeScaling>> {
-        let Some(v) = self.rope_settings() else { return Ok(None) };
+        let Some(v) = self.rope_settings()? else { return Ok(None) };
         let bad = |why: &str| CheckpointError::Invalid(format!("Llama config: RoPE scaling {v}: {why}"));
-        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str());
-        if kind != Some("llama3") {
+        if kind(v).as_deref() != Some("llama3") {
             return Err(bad("only the default and llama3 (Llama 3.1) frequencies are supported"));
         }
         let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| bad(&format!("no number {k}")));
+        let context = v.get("original_max_position_embeddings").and_then(|x| x.as_u64().or_else(|| x.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as u64)));
         let scaling = RopeScaling {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+            original_max_position_embeddings: context.ok_or_else(|| bad("no whole number original_max_position_embeddings"))? as usize,
         };
         scaling.validate().map_err(|e| bad(&e.to_string()))?;
         Ok(Some(scaling))
@@ -210,13 +230,16 @@ impl HfLlamaConfig {
         // GPT-2's end-of-text for its vocabulary; no id otherwise (LlamaConfig's defaults, 1
         // and 2, would stop generation at ordinary tokens of ours).
         let end = if vocab == 50257 { serde_json::json!(50256) } else { serde_json::Value::Null };
+        let rope_scaling = Self::scaling_json(model)?;
+        // Scaled RoPE: at least the original context (HuggingFace warns below it).
+        let original = rope_scaling.as_ref().and_then(|v| v["original_max_position_embeddings"].as_u64()).unwrap_or(0) as usize;
         Ok(Self {
             hidden_size: field("d_model")?,
             intermediate_size: field("d_ff")?,
             num_attention_heads: heads,
             num_key_value_heads: Some(model.get("kv_heads").and_then(|v| v.as_u64()).map_or(heads, |v| v as usize)),
             num_hidden_layers: field("n_layers")?,
-            max_position_embeddings: field("max_seq_len")?,
+            max_position_embeddings: field("max_seq_len")?.max(original),
             vocab_size: vocab,
             rms_norm_eps: model.get("layer_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5),
             rope_theta: model.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0),
@@ -224,7 +247,7 @@ impl HfLlamaConfig {
             tie_word_embeddings: model.get("tie_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
             attention_bias: false,
             mlp_bias: false,
-            rope_scaling: Self::scaling_json(model)?,
+            rope_scaling,
             rope_parameters: None,
             bos_token_id: Some(end.clone()),
             eos_token_id: Some(end),

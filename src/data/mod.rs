@@ -1,4 +1,4 @@
-//! Training data: tokenizers (bytes, GPT-2's BPE), token shards, and the data position as a
+//! Training data: tokenizers (bytes, GPT-2's BPE, Llama 3's from its file), token shards, and the data position as a
 //! global sample counter.
 //!
 //! Training consumes samples `0, 1, 2, ...` of one global stream; sample `i` is a window of a
@@ -9,13 +9,16 @@
 //! ([`TrainState::samples_seen`](crate::checkpoint::TrainState)) resumes the data order at any
 //! data-parallel degree (Megatron's consumed-samples counter).
 
+mod llama3;
 pub mod shards;
 pub mod tokenizer;
 
 use std::ops::Range;
 
+#[doc(hidden)]
+pub use llama3::write_cl100k_tiktoken;
 pub use shards::{prepare, write_shard, ShardError, TokenShards};
-pub use tokenizer::{padded_vocab, Tokenizer, TokenizerError};
+pub use tokenizer::{padded_vocab, Llama3Bpe, Tokenizer, TokenizerError};
 
 use crate::rng::HostRng;
 

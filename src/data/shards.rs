@@ -1,9 +1,12 @@
-//! Token shards: binary files of `u16` tokens, memory-mapped, read by global sample index.
+//! Token shards: binary files of `u16` (or `u32`) tokens, memory-mapped, read by global sample
+//! index.
 //!
 //! Format (llm.c's, so its prepared FineWeb/TinyStories shards load as they are): a header of 256
 //! little-endian `i32` — `[0]` magic 20240520, `[1]` version 1, `[2]` the token count, and ours
 //! `[3]` the tokenizer's vocabulary (0 in llm.c's files: not checked) — then the tokens as
-//! little-endian `u16`. A file's size must be `1024 + 2 · count`. A set of shards
+//! little-endian `u16`. A file's size must be `1024 + 2 · count`. Vocabularies past 65536
+//! (Llama 3's 128256) are written as version 2 (ours): the same header, `u32` tokens, `1024 +
+//! 4 · count` bytes. A set of shards
 //! (`train_000000.bin`, `train_000001.bin`, …, or llm.c's `fineweb_train_000001.bin`,
 //! `tiny_shakespeare_val.bin`) is read as one stream of tokens; a window may span two files.
 //! Every token of a file is checked against the vocabulary once, when a window first reads
@@ -15,12 +18,14 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use super::tokenizer::{Tokenizer, GPT2_EOT};
+use super::tokenizer::Tokenizer;
 
 /// `header[0]` of a shard.
 pub const SHARD_MAGIC: i32 = 20240520;
-/// `header[1]` of a shard (u16 tokens).
+/// `header[1]` of a shard of u16 tokens (llm.c's).
 pub const SHARD_VERSION: i32 = 1;
+/// `header[1]` of a shard of u32 tokens (vocabularies past 65536).
+pub const SHARD_VERSION_U32: i32 = 2;
 /// Bytes before the tokens.
 pub const HEADER_BYTES: usize = 256 * 4;
 
@@ -48,7 +53,7 @@ pub enum ShardError {
         bytes: u64,
     },
     /// Another shard version.
-    #[error("{}: shard version {found} (this build reads {SHARD_VERSION}: u16 tokens)", path.display())]
+    #[error("{}: shard version {found} (this build reads {SHARD_VERSION}: u16 tokens, and {SHARD_VERSION_U32}: u32 tokens)", path.display())]
     Version {
         /// The file.
         path: PathBuf,
@@ -94,11 +99,12 @@ pub enum ShardError {
     Invalid(String),
 }
 
-/// Writes `tokens` (each `< vocab ≤ 65536`) as one shard at `path` (fsynced), `vocab` in the
-/// header.
+/// Writes `tokens` (each `< vocab`) as one shard at `path` (fsynced), `vocab` in the header:
+/// u16 tokens (version 1) where `vocab ≤ 65536`, else u32 (version 2).
 pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), ShardError> {
-    if vocab > 1 << 16 {
-        return Err(ShardError::Invalid(format!("a vocabulary of {vocab} does not fit u16 shards")));
+    let wide = vocab > 1 << 16;
+    if vocab > i32::MAX as usize {
+        return Err(ShardError::Invalid(format!("a vocabulary of {vocab} does not fit the header")));
     }
     if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
         return Err(ShardError::Corrupt { path: path.to_path_buf(), position: i, token: *t, vocab });
@@ -106,12 +112,16 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), Shar
     let count = i32::try_from(tokens.len()).map_err(|_| {
         ShardError::Invalid(format!("{}: {} tokens do not fit one shard (at most {}: the header's count is an i32)", path.display(), tokens.len(), i32::MAX))
     })?;
-    let mut bytes = Vec::with_capacity(HEADER_BYTES + 2 * tokens.len());
-    for v in [SHARD_MAGIC, SHARD_VERSION, count, vocab as i32].into_iter().chain(std::iter::repeat_n(0, 252)) {
+    let (version, width) = if wide { (SHARD_VERSION_U32, 4) } else { (SHARD_VERSION, 2) };
+    let mut bytes = Vec::with_capacity(HEADER_BYTES + width * tokens.len());
+    for v in [SHARD_MAGIC, version, count, vocab as i32].into_iter().chain(std::iter::repeat_n(0, 252)) {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
     for &t in tokens {
-        bytes.extend_from_slice(&(t as u16).to_le_bytes());
+        match wide {
+            true => bytes.extend_from_slice(&t.to_le_bytes()),
+            false => bytes.extend_from_slice(&(t as u16).to_le_bytes()),
+        }
     }
     let mut f = File::create(path).map_err(io_error("create", path))?;
     f.write_all(&bytes).map_err(io_error("write", path))?;
@@ -120,7 +130,8 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), Shar
 
 /// A set of shards read as one stream of tokens.
 pub struct TokenShards {
-    files: Vec<(PathBuf, Mmap, usize)>,
+    /// Each file, its map, token count and bytes per token.
+    files: Vec<(PathBuf, Mmap, usize, usize)>,
     /// Each file's vocabulary check, done when a window first reads from it.
     checked: Vec<std::sync::OnceLock<Result<(), (usize, u32)>>>,
     /// Start of each file in the stream.
@@ -144,13 +155,13 @@ impl TokenShards {
         }
         let (mut files, mut starts, mut len) = (Vec::new(), Vec::new(), 0);
         for p in paths {
-            let (map, count, found) = map_shard(p)?;
+            let (map, count, found, width) = map_shard(p)?;
             if found != 0 && found != vocab {
                 return Err(ShardError::Vocabulary { path: p.clone(), found, expected: vocab });
             }
             starts.push(len);
             len += count;
-            files.push((p.clone(), map, count));
+            files.push((p.clone(), map, count, width));
         }
         let checked = files.iter().map(|_| std::sync::OnceLock::new()).collect();
         Ok(Self { files, checked, starts, len, vocab })
@@ -194,10 +205,9 @@ impl TokenShards {
         let mut at = start - self.starts[f];
         while out.len() < n {
             self.check(f)?;
-            let (_, map, count) = &self.files[f];
+            let (_, map, count, width) = &self.files[f];
             let take = (n - out.len()).min(count - at);
-            let bytes = &map[HEADER_BYTES + 2 * at..HEADER_BYTES + 2 * (at + take)];
-            out.extend(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32));
+            out.extend(tokens(&map[HEADER_BYTES + width * at..HEADER_BYTES + width * (at + take)], *width));
             (f, at) = (f + 1, 0);
         }
         Ok(out)
@@ -205,10 +215,9 @@ impl TokenShards {
 
     /// File `f`'s tokens are all inside the vocabulary (scanned once).
     fn check(&self, f: usize) -> Result<(), ShardError> {
-        let (path, map, _) = &self.files[f];
+        let (path, map, _, width) = &self.files[f];
         let vocab = self.vocab;
-        let scan = || match map[HEADER_BYTES..].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).enumerate().find(|&(_, t)| t as usize >= vocab)
-        {
+        let scan = || match tokens(&map[HEADER_BYTES..], *width).enumerate().find(|&(_, t)| t as usize >= vocab) {
             Some(bad) => Err(bad),
             None => Ok(()),
         };
@@ -216,8 +225,13 @@ impl TokenShards {
     }
 }
 
-/// The file's map, token count and header vocabulary (0: not recorded).
-fn map_shard(path: &Path) -> Result<(Mmap, usize, usize), ShardError> {
+/// Little-endian tokens of `width` bytes (2 or 4).
+fn tokens(bytes: &[u8], width: usize) -> impl Iterator<Item = u32> + '_ {
+    bytes.chunks_exact(width).map(move |c| if width == 2 { u16::from_le_bytes([c[0], c[1]]) as u32 } else { u32::from_le_bytes([c[0], c[1], c[2], c[3]]) })
+}
+
+/// The file's map, token count, header vocabulary (0: not recorded) and bytes per token.
+fn map_shard(path: &Path) -> Result<(Mmap, usize, usize, usize), ShardError> {
     let f = File::open(path).map_err(|source| ShardError::Io { op: "open", path: path.to_path_buf(), source })?;
     // SAFETY: the shard is only read, and shards are written once before training reads them.
     // A file truncated or rewritten by another process while mapped is undefined behaviour
@@ -229,16 +243,18 @@ fn map_shard(path: &Path) -> Result<(Mmap, usize, usize), ShardError> {
         let magic = if map.len() >= 4 { word(0) as i64 } else { -1 };
         return Err(ShardError::Foreign { path: path.to_path_buf(), magic, bytes });
     }
-    if word(1) != SHARD_VERSION {
-        return Err(ShardError::Version { path: path.to_path_buf(), found: word(1) });
-    }
+    let width = match word(1) {
+        SHARD_VERSION => 2,
+        SHARD_VERSION_U32 => 4,
+        found => return Err(ShardError::Version { path: path.to_path_buf(), found }),
+    };
     let count = word(2) as i64;
-    let expected = HEADER_BYTES as u64 + 2 * count.max(0) as u64;
+    let expected = HEADER_BYTES as u64 + width as u64 * count.max(0) as u64;
     if count < 0 || expected != bytes {
         return Err(ShardError::Truncated { path: path.to_path_buf(), count, expected, bytes });
     }
     let vocab = word(3).max(0) as usize;
-    Ok((map, count as usize, vocab))
+    Ok((map, count as usize, vocab, width))
 }
 
 /// What [`prepare`] wrote.
@@ -256,7 +272,7 @@ pub struct Prepared {
 const STAGING: &str = ".partial";
 
 /// Tokenizes `texts` (documents, as bytes: the byte tokenizer takes them as they are; GPT-2
-/// puts `<|endoftext|>` before each, as nanoGPT does) and writes into `out` (missing or empty:
+/// puts `<|endoftext|>` before each, as nanoGPT does, Llama 3 `<|begin_of_text|>`) and writes into `out` (missing or empty:
 /// a reader takes every shard in it) `train_NNNNNN.bin` shards of at most `shard_tokens` tokens
 /// and, from the last `val_fraction` of the tokens, `val_000000.bin`. `out` is checked before
 /// anything is tokenized. The shards are written and synced in `out/.partial`, then moved in
@@ -266,9 +282,7 @@ pub fn prepare<T: AsRef<[u8]>>(texts: &[T], tokenizer: Tokenizer, out: &Path, sh
     check_out(out)?;
     let mut tokens = Vec::new();
     for t in texts {
-        if tokenizer == Tokenizer::Gpt2 {
-            tokens.push(GPT2_EOT);
-        }
+        tokens.extend(tokenizer.document_start());
         tokens.extend(tokenizer.encode_bytes(t.as_ref()).map_err(|e| ShardError::Invalid(e.to_string()))?);
     }
     let val = ((tokens.len() as f64) * val_fraction) as usize;
@@ -331,7 +345,33 @@ fn check_out(out: &Path) -> Result<(), ShardError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tokenizer::GPT2_EOT;
     use super::*;
+
+    /// A vocabulary past 65536 (Llama 3's) is written as u32 shards (version 2) and read back
+    /// exactly; tokens past the vocabulary are refused as in u16 shards.
+    #[test]
+    fn wide_vocabularies_use_u32_shards() {
+        let dir = std::env::temp_dir().join(format!("burn-parallel-u32-shards-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tokens: Vec<u32> = (0..1000u32).map(|i| (i * 7919) % 128256).collect();
+        let path = dir.join("train_000000.bin");
+        write_shard(&path, &tokens, 128256).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!((bytes.len(), i32::from_le_bytes(bytes[4..8].try_into().unwrap())), (HEADER_BYTES + 4 * 1000, SHARD_VERSION_U32));
+        let shards = TokenShards::open(std::slice::from_ref(&path), 128256).unwrap();
+        assert_eq!(shards.window(0, 1000).unwrap(), tokens);
+        assert_eq!(shards.window(500, 3).unwrap(), tokens[500..503]);
+        let e = write_shard(&path, &[128256], 128256).unwrap_err().to_string();
+        assert!(e.contains("token 128256 at position 0 is outside the vocabulary of 128256"), "{e}");
+        // The u16 reader's refusal of a version it does not know still names both.
+        let mut odd = bytes.clone();
+        odd[4..8].copy_from_slice(&3i32.to_le_bytes());
+        std::fs::write(&path, odd).unwrap();
+        let e = TokenShards::open(std::slice::from_ref(&path), 128256).unwrap_err().to_string();
+        assert!(e.contains("shard version 3 (this build reads 1: u16 tokens, and 2: u32 tokens)"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn shards_round_trip_across_files_and_refuse_bad_files() {
@@ -352,10 +392,15 @@ mod tests {
         std::fs::write(&p, &good[..good.len() - 2]).unwrap();
         let e = TokenShards::open(std::slice::from_ref(&p), 50257).unwrap_err().to_string();
         assert!(e.contains("the header says 7 tokens") && e.contains("truncated"), "{e}");
-        let mut v2 = good.clone();
-        v2[4] = 2;
-        std::fs::write(&p, &v2).unwrap();
-        assert!(TokenShards::open(std::slice::from_ref(&p), 50257).unwrap_err().to_string().contains("shard version 2"));
+        let mut v9 = good.clone();
+        v9[4] = 9;
+        std::fs::write(&p, &v9).unwrap();
+        assert!(TokenShards::open(std::slice::from_ref(&p), 50257).unwrap_err().to_string().contains("shard version 9"));
+        // A u16 file marked as u32 tokens: its size is not the header's count of 4-byte tokens.
+        let mut wide = good.clone();
+        wide[4] = 2;
+        std::fs::write(&p, &wide).unwrap();
+        assert!(TokenShards::open(std::slice::from_ref(&p), 50257).unwrap_err().to_string().contains("truncated"));
         // A token outside the vocabulary, in a file that records none (llm.c's: header word 3 is 0).
         let mut unrecorded = good.clone();
         unrecorded[12..16].copy_from_slice(&0i32.to_le_bytes());

@@ -66,7 +66,7 @@ fn check_operands<R: CubeRuntime>(x: &CubeTensor<R>, params: &[(&str, &CubeTenso
     for (name, p) in params {
         assert!(
             p.shape().as_slice() == [h] && p.dtype == x.dtype,
-            "layer norm: {name} is {:?} {:?}, x {:?} {:?}",
+            "norm kernels: {name} is {:?} {:?}, x {:?} {:?}",
             p.shape().as_slice(),
             p.dtype,
             x.shape().as_slice(),
@@ -76,7 +76,7 @@ fn check_operands<R: CubeRuntime>(x: &CubeTensor<R>, params: &[(&str, &CubeTenso
     for (name, t) in like_x {
         assert!(
             t.shape() == x.shape() && t.dtype == x.dtype,
-            "layer norm: {name} is {:?} {:?}, x {:?} {:?}",
+            "norm kernels: {name} is {:?} {:?}, x {:?} {:?}",
             t.shape().as_slice(),
             t.dtype,
             x.shape().as_slice(),
@@ -191,7 +191,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormB
         let Some(plan) = backward_plan(&RowDevice::of(&x.client), h, x.dtype) else {
             return super::composed_rms_norm_rows_backward::<Self>(dy, x, gamma, rstd);
         };
-        // μ is not read under `rms`: r stands in (same shape, read-only).
+        // μ is loaded but unused under `rms`: r stands in (same shape, read-only).
         let (dx, dg, _) = fused_backward::<R, F, I, BT>(dy, x, gamma, rstd.clone(), rstd, plan, true);
         (dx, dg)
     }
@@ -240,7 +240,7 @@ fn forward_v4<R: CubeRuntime>(
 /// the partials, `2h` f32 per cube, stay small next to the rows' `3h` elements of traffic), but
 /// at least two per multiprocessor. On the H200 (BENCHMARKS.md) 64 rows per cube beat 16 and 4
 /// at [16384, 4096]; at [4096, 8192], 64 rows would leave 64 cubes for 132 multiprocessors.
-/// With `rms`, the RMS norm's (μ not read; the third output is `Σ dy`, unused).
+/// With `rms`, the RMS norm's (μ loaded but unused; the third output is zeros).
 fn fused_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     dy: CubeTensor<R>,
     x: CubeTensor<R>,

@@ -339,7 +339,7 @@ fn an_imported_huggingface_gpt2_initialises_a_run() {
 /// the import names, at any layout alike (tp 2 splits the key/value heads too); a context
 /// shorter than the file's (RoPE has no table) is accepted, and the file's is kept in its
 /// checkpoints (what an export tells HuggingFace); a wrong ε or key/value count is
-/// refused by name. Skipped, saying so, without python3 with numpy and safetensors.
+/// refused by name; another RoPE θ and scaling are taken (a context extension). Skipped, saying so, without python3 with numpy and safetensors.
 #[test]
 fn an_imported_huggingface_llama_initialises_a_run() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/llama_numpy.py");
@@ -371,5 +371,11 @@ fn an_imported_huggingface_llama_initialises_a_run() {
     assert!(e.contains("layer_norm_eps") && e.contains("(--norm-eps)"), "{e}");
     let e = error_of(&format!("{} --steps 1", llama.replace("--kv-heads 2", "--kv-heads 4")));
     assert!(e.contains("--init-from") && e.contains("(--kv-heads)"), "{e}");
+    // A long-context extension: --init-from with another θ and Llama 3.1's scaling trains (the
+    // rotary frequencies have no weights), to another first loss.
+    let longer =
+        loss_values(&losses(&format!("{} --steps 2 --exit-at-step 1 --rope-scaling llama3:8,1,4,4", llama.replace("--rope-theta 10000", "--rope-theta 500"))))
+            [0];
+    assert!(longer.is_finite() && (longer - a).abs() > 1e-6, "{longer} vs {a}");
     std::fs::remove_dir_all(dir).unwrap();
 }

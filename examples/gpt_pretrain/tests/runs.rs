@@ -98,6 +98,24 @@ fn a_preset_sets_the_shape_and_explicit_flags_override_it() {
     let a = parse("--model gpt2-124m --layers 2 --seq-len 64 --loss-chunk 0 --lr 1e-3");
     assert_eq!((a.d_model, a.layers, a.seq_len, a.loss_chunk, a.lr), (768, 2, 64, 0, 1e-3));
     assert_eq!(parse("").lr, 3e-3);
+    // Llama 3's presets: the block's flags, its scaled RoPE, explicit flags over each.
+    let a = parse("--model llama3.2-1b");
+    assert_eq!((a.d_model, a.layers, a.heads, a.kv_heads, a.d_ff, a.seq_len, a.batch_size), (2048, 16, 32, Some(8), Some(8192), 8192, 8));
+    assert_eq!((a.norm.to_string(), a.position.to_string(), a.activation.to_string()), ("rms-norm".into(), "rope".into(), "swiglu".into()));
+    assert!(a.no_bias && a.tie_embeddings && a.rope_theta == 500000.0 && a.lr == 3e-4);
+    assert_eq!(a.rope_scaling.map(|s| s.to_string()), Some("llama3:32,1,4,8192".into()));
+    let a = parse("--model llama3.1-70b --kv-heads 16 --rope-scaling llama3 --rope-theta 10000 --d-ff 100");
+    assert_eq!((a.d_model, a.kv_heads, a.d_ff, a.rope_theta, a.lr, a.tie_embeddings), (8192, Some(16), Some(100), 10000.0, 1.5e-4, false));
+    assert_eq!(a.rope_scaling, Some(burn_parallel::arch::RopeScaling::LLAMA3_1));
+}
+
+/// A Llama preset shrunk by flags trains (its block, scaled RoPE and tied embeddings through
+/// the example), and an unknown model names the choices.
+#[test]
+fn a_shrunk_llama_preset_trains() {
+    let run = losses(&format!("{TINY} --model llama3.2-1b --kv-heads 2 --layers 2 --d-ff 64 --tokenizer byte --steps 2"));
+    assert_eq!(run.len(), 2, "{run:?}");
+    assert!(parse_error(&format!("{TINY} --model llama2-7b")).contains("unknown model \"llama2-7b\" (choose tiny, gpt2-124m"));
 }
 
 /// `--attention chunked:ROWS` (CPU: Burn ops on query chunks) trains with the composed run's
@@ -347,4 +365,31 @@ fn llama_style_runs_train_alike_on_any_layout_and_resume_only_alike() {
     assert!(e.contains("even head width") && e.contains("head width 3"), "{e}");
     let e = error_of(&format!("{TINY} --steps 1 --kv-heads 2 --tp 4"));
     assert!(e.contains("key/value heads = 2 is not divisible by tensor_parallel = 4"), "{e}");
+}
+
+/// `--tokenizer llama3:PATH` (here a tiktoken file of cl100k_base's ranks: Llama 3's format and
+/// split pattern, 100256 ranks + 256 special tokens) feeds training from the text corpus and
+/// from prepared u32 shards (`<|begin_of_text|>` before each document); the first loss is about
+/// ln V; a checkpoint of it resumes only with a tokenizer of its vocabulary.
+#[test]
+fn a_llama3_tokenizer_file_feeds_text_and_shards() {
+    let dir = fresh("llama3-tokenizer");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokenizer.model");
+    burn_parallel::data::write_cl100k_tiktoken(&file).unwrap();
+    let tok = format!("--tokenizer llama3:{}", file.display());
+    let text = loss_values(&losses(&format!("{TINY} --steps 2 {tok} --save-dir {}", dir.join("ck").display())));
+    assert!((text[0] - (100512f32).ln()).abs() < 0.5, "{text:?}");
+    let tokenizer: burn_parallel::data::Tokenizer = format!("llama3:{}", file.display()).parse().unwrap();
+    let docs: Vec<String> = (0..40).map(|i| format!("Document {i}: the quick brown fox jumps over the lazy dog, {} times.", i * 7)).collect();
+    let shards = dir.join("shards");
+    burn_parallel::data::prepare(&docs, tokenizer, &shards, 200, 0.2).unwrap();
+    let first = std::fs::read(shards.join("train_000000.bin")).unwrap();
+    assert_eq!(i32::from_le_bytes(first[4..8].try_into().unwrap()), 2, "u32 shards");
+    assert_eq!(u32::from_le_bytes(first[1024..1028].try_into().unwrap()), 100256, "<|begin_of_text|> first");
+    let from_shards = losses(&format!("{TINY} --steps 2 {tok} --shards {}", shards.display()));
+    assert_eq!(from_shards.len(), 2, "{from_shards:?}");
+    let e = error_of(&format!("{TINY} --steps 3 --save-dir {} --resume latest", dir.join("ck").display()));
+    assert!(e.contains("another tokenizer: a vocabulary of 100512 tokens there, 256 here"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -43,7 +43,9 @@ impl<B: FusionBackend + LayerNormBackend> LayerNormBackend for Fusion<B> {
 
     fn rms_norm_rows(x: FusionTensor<B::FusionRuntime>, gamma: FusionTensor<B::FusionRuntime>, epsilon: f32) -> RmsPair<Self> {
         let n = x.shape[0];
-        let outputs = [(x.shape.clone(), x.dtype), (Shape::new([n, 1]), DType::F32)];
+        // r is f32 (f64 for f64 rows, which only the composed fallback takes).
+        let stat = if x.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let outputs = [(x.shape.clone(), x.dtype), (Shape::new([n, 1]), stat)];
         let [y, rstd] = NormFusionOp::<B>::register([x, gamma], outputs, Kind::RmsNorm(epsilon));
         (y, rstd)
     }

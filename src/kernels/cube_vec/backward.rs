@@ -17,7 +17,8 @@ use super::{lanes_sum, row_sum, rows_per_cube};
 /// summed over cubes by [`ln_partials_sum_kernel`].
 ///
 /// With `rms`, the RMS norm's backward (`x̂ = x·r`, `dx = r·(g − x̂·mean(g·x̂))`: one reduction
-/// per row; `mean` is not read, pass any `[n, 1]` f32 tensor; the dβ partials are `Σ dy`, unused).
+/// per row; `mean[row]` is loaded but unused, pass any `[n, 1]` f32 tensor; the dβ partials are
+/// zeros).
 ///
 /// Experimental, off by default and not yet timed on a GPU: `prefetch` loads the next row
 /// group's `dy`, `x`, μ, r before the current group is computed (the kernel runs ~2 cubes per
@@ -119,7 +120,9 @@ pub fn ln_backward_fused_vec_kernel<F: Float, N: Size>(
                 let d = Vector::<f32, N>::cast_from(dys[k]);
                 xhat = (Vector::<f32, N>::cast_from(xr[k]) - Vector::new(m)) * Vector::new(r);
                 dgs[k] += d * xhat;
-                dbs[k] += d;
+                if comptime![!rms] {
+                    dbs[k] += d;
+                }
                 if comptime![lean] {
                     g = d * gam[k];
                 } else {
