@@ -215,6 +215,27 @@ mod tests {
         }
     }
 
+    /// Each Llama preset's block as Meta's config.json has it: 8 key/value heads, θ 500000,
+    /// scaling factor 32 for 3.2 and 8 for 3.1 (low 1, high 4, original 8192), ε 1e-5, tied
+    /// for 3.2 only; and its learning rate.
+    #[test]
+    fn llama_presets_have_metas_rope_and_norms() {
+        for (p, factor, tied, lr) in [
+            (ModelPreset::Llama3_2_1b, 32.0, true, 3e-4),
+            (ModelPreset::Llama3_2_3b, 32.0, true, 3e-4),
+            (ModelPreset::Llama3_1_8b, 8.0, false, 3e-4),
+            (ModelPreset::Llama3_1_70b, 8.0, false, 1.5e-4),
+            (ModelPreset::Llama3_1_405b, 8.0, false, 8e-5),
+        ] {
+            let v = p.values();
+            let l = v.llama.expect("a Llama block");
+            let scaling = RopeScaling { factor, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 };
+            assert_eq!((l.kv_heads, l.rope_theta, l.rope_scaling, v.norm_eps, v.tie_embeddings, v.lr), (8, 500000.0, scaling, 1e-5, tied, lr), "{p}");
+            assert_eq!((v.vocab, v.seq_len), (128256, 8192), "{p}");
+        }
+        assert!(ModelPreset::all().filter(|p| p.values().llama.is_none()).all(|p| p.values().d_ff == 4 * p.values().d_model));
+    }
+
     #[test]
     fn names_round_trip_and_unknown_names_list_the_choices() {
         for p in ModelPreset::all() {

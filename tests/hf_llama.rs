@@ -301,3 +301,29 @@ fn llama_variants_the_conversion_does_not_carry_are_refused() {
     assert!(e.contains("model_type \"mistral\": only gpt2 and llama are supported"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The export's begin/end-of-text ids: GPT-2's for its vocabulary, Llama 3's for its, none for
+/// any other; scaled RoPE's context (factor × original) bounds `max_position_embeddings` from
+/// below.
+#[test]
+fn exported_special_ids_follow_the_vocabulary() {
+    use burn_parallel::checkpoint::hf_llama::HfLlamaConfig;
+    let model = |vocab: usize| {
+        let mut m = serde_json::to_value(llama(vocab, 2, false, 1e-5)).unwrap();
+        m["vocab_used"] = serde_json::json!(vocab);
+        m
+    };
+    for (vocab, bos, eos) in [
+        (50257, serde_json::json!(50256), serde_json::json!(50256)),
+        (128256, serde_json::json!(128000), serde_json::json!(128001)),
+        (50, serde_json::Value::Null, serde_json::Value::Null),
+    ] {
+        let hf = HfLlamaConfig::from_model_json(&model(vocab)).unwrap();
+        assert_eq!((hf.bos_token_id, hf.eos_token_id), (Some(bos), Some(eos)), "vocabulary {vocab}");
+        assert_eq!(hf.max_position_embeddings, 8);
+    }
+    let mut scaled = model(50);
+    scaled["rope_scaling"] = serde_json::to_value(RopeScaling::LLAMA3_1).unwrap();
+    let hf = HfLlamaConfig::from_model_json(&scaled).unwrap();
+    assert_eq!((hf.max_position_embeddings, hf.scaling().unwrap()), (65536, Some(RopeScaling::LLAMA3_1)));
+}

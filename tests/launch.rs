@@ -325,29 +325,32 @@ fn the_memory_command_takes_the_attention_core() {
     assert!((params(&composed) - params(&tied) - 64.0 * 128.0 * 4.0 / 1e6).abs() < 0.011, "{} vs {}", text(&composed), text(&tied));
 }
 
-/// `burn-parallel memory --model`: Llama 3.1 8B's shape (vocabulary 128256, context 8192, 8
-/// key/value heads) with explicit flags over it; bf16 parameters of 8.03B over tp 8 × pp 4 are
-/// about 0.5 GB per rank; an unknown name lists the choices.
+/// `burn-parallel memory --model`: Llama 3.1 8B's shape (vocabulary 128256 padded to 129024 at
+/// tp 8 as gpt_pretrain pads it, context 8192, 8 key/value heads, the loss in chunks of 1024
+/// rows) with explicit flags over it; bf16 parameters of 8.03B over tp 8 × pp 4 are about 0.5
+/// GB per rank; switches a model sets can be turned off; an unknown name lists the choices.
 #[test]
 fn the_memory_command_takes_a_named_model() {
     let run = |extra: &[&str]| Command::new(BIN).args(["memory", "--model", "llama3.1-8b"]).args(extra).output().unwrap();
     let o = run(&["--tp", "8", "--pp", "4", "--precision", "bf16", "--attention", "fused"]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
-    assert!(out.contains("vocab: 128256, seq: 8192, hidden: 4096, heads: 32, layers: 32, ffn: 14336, tied_embeddings: false, activation: SwiGlu"), "{out}");
-    assert!(out.contains("kv_heads: Some(8)") && out.contains("microbatch: 1, microbatches: 8"), "{out}");
+    assert!(out.contains("vocab: 129024, seq: 8192, hidden: 4096, heads: 32, layers: 32, ffn: 14336, tied_embeddings: false, activation: SwiGlu"), "{out}");
+    assert!(out.contains("kv_heads: Some(8)") && out.contains("microbatch: 1, microbatches: 8") && out.contains("loss_chunk: Some(1024)"), "{out}");
     // bf16 parameters: 2 B × 8.03B / (tp 8 × pp 4), the first and last stages holding the
     // embedding and the head.
     let params: Vec<f64> =
         out.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| pp")).map(|l| l.split('|').nth(2).unwrap().trim().parse().unwrap()).collect();
     let total: f64 = params.iter().sum::<f64>() * 8.0 * 1e6;
     assert!((total / (2.0 * 8_030_261_248.0) - 1.0).abs() < 0.01, "{params:?}: {total} B");
-    let o = run(&["--seq-len", "2048", "--kv-heads", "4", "--batch-size", "2"]);
-    assert!(
-        o.status.success() && text(&o).contains("seq: 2048") && text(&o).contains("kv_heads: Some(4)") && text(&o).contains("microbatch: 2"),
-        "{}",
-        text(&o)
-    );
+    let o = run(&["--seq-len", "2048", "--kv-heads", "4", "--batch-size", "2", "--loss-chunk", "0", "--vocab", "1000"]);
+    let out = text(&o);
+    assert!(o.status.success() && out.contains("vocab: 1000, seq: 2048") && out.contains("kv_heads: Some(4)") && out.contains("microbatch: 2"), "{out}");
+    assert!(out.contains("loss_chunk: None") && out.contains("no_bias: true"), "{out}");
+    let o = Command::new(BIN).args(["memory", "--model", "llama3.2-1b", "--tie-embeddings", "false", "--no-bias", "false"]).output().unwrap();
+    assert!(o.status.success() && text(&o).contains("tied_embeddings: false") && text(&o).contains("no_bias: false"), "{}", text(&o));
+    let o = Command::new(BIN).args(["memory", "--model", "llama3.2-1b"]).output().unwrap();
+    assert!(o.status.success() && text(&o).contains("tied_embeddings: true"), "{}", text(&o));
     let o = Command::new(BIN).args(["memory", "--model", "gpt-5"]).output().unwrap();
     assert!(!o.status.success() && text(&o).contains("unknown model \"gpt-5\" (choose tiny"), "{}", text(&o));
 }

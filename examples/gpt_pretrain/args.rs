@@ -58,8 +58,9 @@ pub(crate) struct Args {
     /// 2.5e-4, 2e-4), llama3.2-1b, llama3.2-3b, llama3.1-8b, llama3.1-70b, llama3.1-405b
     /// (Llama 3's blocks: widths, 8 key/value heads, SwiGLU, RMS norms, RoPE θ 500000 with Llama
     /// 3.1's scaling, tied embeddings for 3.2; context 8192, batch 8; learning rate 3e-4, 1.5e-4
-    /// for 70B, 8e-5 for 405B; the gpt2 tokenizer: Llama 3's is not shipped, so the vocabulary
-    /// is GPT-2's, not 128256); explicit flags override it.
+    /// for 70B, 8e-5 for 405B; the gpt2 tokenizer unless --tokenizer llama3:PATH gives Llama 3's
+    /// tokenizer.model, which is not shipped: the vocabulary is then GPT-2's, not 128256, and
+    /// a warning says so); explicit flags override it.
     #[arg(long, default_value = "tiny", value_parser = parse_preset)]
     pub(crate) model: ModelPreset,
     /// Peak TFLOP/s of one device for the MFU line (default: the detected card's bf16/f32 dense
@@ -108,9 +109,9 @@ pub(crate) struct Args {
     /// Tied embeddings (GPT-2's, Megatron's default): the head is the token embedding, V·h
     /// fewer parameters (GPT-2 124M has 124M with it, 163M without). Under --pp the last stage
     /// holds a replica; costs one all-reduce of its V/tp·h gradient between the first and last
-    /// stage per step. Off by default (the presets too: the device benchmark's PyTorch model is
-    /// untied).
-    #[arg(long)]
+    /// stage per step. Off by default (the GPT-2 presets too: the device benchmark's PyTorch
+    /// model is untied; on for Llama 3.2's); `--tie-embeddings false` unties a preset's.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub(crate) tie_embeddings: bool,
     /// The MLPs' activation: gelu (x·Φ(x)), or gelu-tanh (GPT-2's tanh approximation,
     /// HuggingFace's gelu_new: what pretrained GPT-2 weights expect; composed of Burn's ops, it
@@ -141,8 +142,9 @@ pub(crate) struct Args {
     /// a long-context extension; --resume keeps it.
     #[arg(long)]
     pub(crate) rope_scaling: Option<burn_parallel::arch::RopeScaling>,
-    /// No biases in the attention's and the MLPs' projections (Llama).
-    #[arg(long)]
+    /// No biases in the attention's and the MLPs' projections (Llama; its presets set it,
+    /// `--no-bias false` keeps them).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub(crate) no_bias: bool,
     /// Grouped-query attention: this many key/value heads, each shared by --heads / N query
     /// heads (Llama 2 70B, Llama 3: 8); must divide --heads and be divisible by --tp. The
@@ -359,6 +361,19 @@ impl Args {
         Ok(args)
     }
 
+    /// A Llama preset without Llama 3's tokenizer trains on another vocabulary: said once.
+    pub(crate) fn warn_preset_tokenizer(&self) {
+        let llama = self.model.values().llama.is_some();
+        if llama && !matches!(self.tokenizer, Tokenizer::Llama3(_)) {
+            tracing::warn!(
+                "--model {}: Llama 3's vocabulary (128256) needs --tokenizer llama3:PATH to its tokenizer.model; this run's is {}'s ({} tokens)",
+                self.model,
+                self.tokenizer,
+                self.tokenizer.vocab_size()
+            );
+        }
+    }
+
     /// A Llama preset's block where its flags are not given (`--no-bias` and
     /// `--tie-embeddings` are switches: a preset turns them on).
     fn apply_llama(&mut self, p: &PresetValues, l: &LlamaValues, default: &dyn Fn(&str) -> bool) {
@@ -387,8 +402,12 @@ impl Args {
         if default("norm_eps") {
             self.norm_eps = p.norm_eps;
         }
-        self.no_bias = true;
-        self.tie_embeddings |= p.tie_embeddings;
+        if default("no_bias") {
+            self.no_bias = true;
+        }
+        if default("tie_embeddings") {
+            self.tie_embeddings = p.tie_embeddings;
+        }
     }
 
     /// The numbers no run can use (a negative learning rate, a clip that is not positive, ...):

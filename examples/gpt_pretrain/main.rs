@@ -269,6 +269,7 @@ fn main_result(args: &Args) -> Result<(), String> {
         return Err("--tp, --pp, --dp, --steps, --batch-size and --eval-batches must be at least 1".into());
     }
     args.check_numbers()?;
+    args.warn_preset_tokenizer();
     lr_schedule(args)?;
     let config = gpt_config(args);
     config.validate(args.tp).map_err(|e| model_error(args, e))?;

@@ -159,9 +159,10 @@ struct MemoryArgs {
     #[arg(long)]
     d_ff: Option<usize>,
     /// Tied embeddings: the head is the token embedding (no head parameters of its own; the
-    /// last pipeline stage holds a replica). Llama 3.2's are tied.
-    #[arg(long)]
-    tie_embeddings: bool,
+    /// last pipeline stage holds a replica). Default: the model's (Llama 3.2's are tied);
+    /// `--tie-embeddings false` unties.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    tie_embeddings: Option<bool>,
     /// The MLPs' activation: gelu, gelu-tanh (GPT-2's approximation; keeps two [N, ffn/tp]
     /// tensors more per block) or swiglu (a gate projection; three more). Default: the model's.
     #[arg(long, value_parser = parse_activation)]
@@ -172,9 +173,10 @@ struct MemoryArgs {
     /// Positions: learned (a wpe table) or rope (none). Default: the model's.
     #[arg(long, value_parser = parse_position)]
     position: Option<burn_parallel::arch::Position>,
-    /// No biases in the attention's and MLPs' projections (a Llama model has none).
-    #[arg(long)]
-    no_bias: bool,
+    /// No biases in the attention's and MLPs' projections (default: the model's; a Llama model
+    /// has none; `--no-bias false` keeps them).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    no_bias: Option<bool>,
     /// Key/value heads (grouped-query attention; default: the model's, else one per head).
     #[arg(long)]
     kv_heads: Option<usize>,
@@ -216,7 +218,8 @@ struct MemoryArgs {
     /// Dropout on.
     #[arg(long)]
     dropout: bool,
-    /// Cross-entropy rows per chunk.
+    /// Cross-entropy rows per chunk (default: 1024 for a named model, as gpt_pretrain; 0: the
+    /// whole logits at once).
     #[arg(long)]
     loss_chunk: Option<usize>,
     /// Attention core: composed (keeps the s² tensors), fused (the flash-attention kernels of
@@ -248,16 +251,18 @@ fn attention_core(name: &str, dropout: bool) -> Result<burn_parallel::attention:
 fn memory_shape(a: &MemoryArgs) -> (burn_parallel::memory::GptShape, usize) {
     let p = a.model.values();
     let mut shape = p.shape(a.seq_len.unwrap_or(p.seq_len));
-    shape.vocab = a.vocab.unwrap_or(shape.vocab);
+    // A named model's vocabulary padded as gpt_pretrain pads it (a multiple of 128 × tp).
+    let tiny = a.model == burn_parallel::presets::ModelPreset::Tiny;
+    shape.vocab = a.vocab.unwrap_or(if tiny { shape.vocab } else { burn_parallel::data::padded_vocab(shape.vocab, a.tp) });
     shape.hidden = a.d_model.unwrap_or(shape.hidden);
     shape.heads = a.heads.unwrap_or(shape.heads);
     shape.layers = a.layers.unwrap_or(shape.layers);
     shape.ffn = a.d_ff.unwrap_or(if p.llama.is_some() { p.d_ff } else { 4 * shape.hidden });
-    shape.tied_embeddings |= a.tie_embeddings;
+    shape.tied_embeddings = a.tie_embeddings.unwrap_or(shape.tied_embeddings);
     shape.activation = a.activation.unwrap_or(shape.activation);
     shape.arch.norm = a.norm.unwrap_or(shape.arch.norm);
     shape.arch.position = a.position.unwrap_or(shape.arch.position);
-    shape.arch.no_bias |= a.no_bias;
+    shape.arch.no_bias = a.no_bias.unwrap_or(shape.arch.no_bias);
     shape.arch.kv_heads = a.kv_heads.or(shape.arch.kv_heads);
     (shape, a.batch_size.unwrap_or(p.batch_size))
 }
@@ -285,7 +290,8 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
         zero: a.zero == 1,
         precision: a.precision.parse().map_err(|e: burn_parallel::precision::PrecisionError| e.to_string())?,
         dropout: a.dropout,
-        loss_chunk: a.loss_chunk,
+        // As gpt_pretrain: 1024 rows for a named model, 0 for the whole logits.
+        loss_chunk: a.loss_chunk.map_or((a.model != burn_parallel::presets::ModelPreset::Tiny).then_some(1024), |c| (c > 0).then_some(c)),
         attention: attention_core(&a.attention, a.dropout)?,
     };
     let est = estimate(&shape, &plan)?;

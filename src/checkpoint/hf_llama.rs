@@ -76,8 +76,8 @@ pub struct HfLlamaConfig {
     /// top-level fields where present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<serde_json::Value>,
-    /// Beginning-of-text token(s) (exported: GPT-2's end-of-text for its vocabulary, else
-    /// null, so that no foreign id stops generation).
+    /// Beginning-of-text token(s) (exported: GPT-2's end-of-text for its vocabulary, Llama 3's
+    /// `<|begin_of_text|>` for its, else null, so that no foreign id stops generation).
     #[serde(default)]
     pub bos_token_id: Option<serde_json::Value>,
     /// End-of-text token(s) (a number or a list; as `bos_token_id`).
@@ -227,12 +227,19 @@ impl HfLlamaConfig {
             |k: &str| model.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| CheckpointError::Invalid(format!("the model config has no {k}")));
         let heads = field("n_heads")?;
         let vocab = model.get("vocab_used").and_then(|v| v.as_u64()).map(|v| v as usize).map_or_else(|| field("vocab_size"), Ok)?;
-        // GPT-2's end-of-text for its vocabulary; no id otherwise (LlamaConfig's defaults, 1
-        // and 2, would stop generation at ordinary tokens of ours).
-        let end = if vocab == 50257 { serde_json::json!(50256) } else { serde_json::Value::Null };
+        // GPT-2's end-of-text for its vocabulary, Llama 3's <|begin_of_text|>/<|end_of_text|> for
+        // its; no id otherwise (LlamaConfig's defaults, 1 and 2, would stop generation at
+        // ordinary tokens of ours).
+        let (begin, end) = match vocab {
+            50257 => (serde_json::json!(50256), serde_json::json!(50256)),
+            128256 => (serde_json::json!(128000), serde_json::json!(128001)),
+            _ => (serde_json::Value::Null, serde_json::Value::Null),
+        };
         let rope_scaling = Self::scaling_json(model)?;
-        // Scaled RoPE: at least the original context (HuggingFace warns below it).
-        let original = rope_scaling.as_ref().and_then(|v| v["original_max_position_embeddings"].as_u64()).unwrap_or(0) as usize;
+        // Scaled RoPE: at least the scaled context, factor × original (HuggingFace warns unless
+        // above the original).
+        let scaled = |v: &serde_json::Value| Some(v["original_max_position_embeddings"].as_u64()? as f64 * v["factor"].as_f64()?);
+        let original = rope_scaling.as_ref().and_then(scaled).unwrap_or(0.0) as usize;
         Ok(Self {
             hidden_size: field("d_model")?,
             intermediate_size: field("d_ff")?,
@@ -249,7 +256,7 @@ impl HfLlamaConfig {
             mlp_bias: false,
             rope_scaling,
             rope_parameters: None,
-            bos_token_id: Some(end.clone()),
+            bos_token_id: Some(begin),
             eos_token_id: Some(end),
             head_dim: None,
             model_type: llama(),

@@ -63,15 +63,18 @@ impl std::hash::Hash for Llama3Bpe {
 }
 
 impl Llama3Bpe {
-    /// The tokenizer of the file at `path`, read once per process (later calls with the same
-    /// path get the same one).
+    /// The tokenizer of the file at `path`, read once per process (later calls for the same
+    /// file, however its path is written, get the same one).
     pub fn load(path: &Path) -> Result<&'static Self, TokenizerError> {
         static LOADED: std::sync::Mutex<Vec<&'static Llama3Bpe>> = std::sync::Mutex::new(Vec::new());
+        // One tokenizer per file, however the path is spelled.
+        let canonical =
+            std::fs::canonicalize(path).map_err(|e| TokenizerError::File { path: path.display().to_string(), why: format!("cannot read it: {e}") })?;
         let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(bpe) = loaded.iter().find(|b| b.path == path) {
+        if let Some(bpe) = loaded.iter().find(|b| b.path == canonical) {
             return Ok(bpe);
         }
-        let bpe: &'static Self = Box::leak(Box::new(Self::read(path)?));
+        let bpe: &'static Self = Box::leak(Box::new(Self::read(&canonical)?));
         loaded.push(bpe);
         Ok(bpe)
     }
@@ -86,7 +89,7 @@ impl Llama3Bpe {
         Ok(Self { path: path.to_path_buf(), base, bpe })
     }
 
-    /// The file it was read from.
+    /// The file it was read from (its canonical path).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -148,6 +151,10 @@ fn parse_ranks(text: &str) -> Result<rustc_hash::FxHashMap<Vec<u8>, u32>, String
     if ranks.is_empty() {
         return Err("no tokens".into());
     }
+    // Byte-level BPE needs every single byte as a token (tiktoken-rs panics on one missing).
+    if let Some(b) = (0..=255u8).find(|b| !ranks.contains_key(&vec![*b])) {
+        return Err(format!("the single byte {b:#04x} has no rank (a byte-level BPE ranks all 256 bytes)"));
+    }
     Ok(ranks)
 }
 
@@ -198,7 +205,10 @@ mod tests {
 
     #[test]
     fn bad_files_name_the_line() {
-        assert!(parse_ranks("YQ== 0\nYg== 1\n").is_ok());
+        let bytes: String = (0..=255u8).map(|b| format!("{} {b}\n", base64::engine::general_purpose::STANDARD.encode([b]))).collect();
+        assert_eq!(parse_ranks(&format!("{bytes}YWI= 256\n")).unwrap().len(), 257);
+        let e = parse_ranks("YQ== 0\nYg== 1\n").unwrap_err();
+        assert_eq!(e, "the single byte 0x00 has no rank (a byte-level BPE ranks all 256 bytes)");
         assert!(parse_ranks("YQ== 0\nYg==\n").unwrap_err().starts_with("line 2: not two fields"));
         assert!(parse_ranks("YQ== 0\n!!! 1\n").unwrap_err().starts_with("line 2: not base64"));
         assert!(parse_ranks("YQ== 0\nYg== x\n").unwrap_err().contains("rank \"x\" is not a number"));

@@ -5,8 +5,8 @@
 //! little-endian `i32` — `[0]` magic 20240520, `[1]` version 1, `[2]` the token count, and ours
 //! `[3]` the tokenizer's vocabulary (0 in llm.c's files: not checked) — then the tokens as
 //! little-endian `u16`. A file's size must be `1024 + 2 · count`. Vocabularies past 65536
-//! (Llama 3's 128256) are written as version 2 (ours): the same header, `u32` tokens, `1024 +
-//! 4 · count` bytes. A set of shards
+//! (Llama 3's 128256) take llm.c's Llama 3 format: magic 20240801, version 7, `u32` tokens,
+//! `1024 + 4 · count` bytes (the same header otherwise). A set of shards
 //! (`train_000000.bin`, `train_000001.bin`, …, or llm.c's `fineweb_train_000001.bin`,
 //! `tiny_shakespeare_val.bin`) is read as one stream of tokens; a window may span two files.
 //! Every token of a file is checked against the vocabulary once, when a window first reads
@@ -20,12 +20,14 @@ use memmap2::Mmap;
 
 use super::tokenizer::Tokenizer;
 
-/// `header[0]` of a shard.
+/// `header[0]` of a shard of u16 tokens (llm.c's GPT-2 shards).
 pub const SHARD_MAGIC: i32 = 20240520;
-/// `header[1]` of a shard of u16 tokens (llm.c's).
+/// `header[1]` of a shard of u16 tokens.
 pub const SHARD_VERSION: i32 = 1;
-/// `header[1]` of a shard of u32 tokens (vocabularies past 65536).
-pub const SHARD_VERSION_U32: i32 = 2;
+/// `header[0]` of a shard of u32 tokens (llm.c's Llama 3 shards).
+pub const SHARD_MAGIC_U32: i32 = 20240801;
+/// `header[1]` of a shard of u32 tokens.
+pub const SHARD_VERSION_U32: i32 = 7;
 /// Bytes before the tokens.
 pub const HEADER_BYTES: usize = 256 * 4;
 
@@ -43,7 +45,7 @@ pub enum ShardError {
         source: std::io::Error,
     },
     /// Not a token shard.
-    #[error("{}: not a token shard (magic {magic}, expected {SHARD_MAGIC}; {bytes} bytes)", path.display())]
+    #[error("{}: not a token shard (magic {magic}, expected {SHARD_MAGIC} or {SHARD_MAGIC_U32}; {bytes} bytes)", path.display())]
     Foreign {
         /// The file.
         path: PathBuf,
@@ -53,7 +55,7 @@ pub enum ShardError {
         bytes: u64,
     },
     /// Another shard version.
-    #[error("{}: shard version {found} (this build reads {SHARD_VERSION}: u16 tokens, and {SHARD_VERSION_U32}: u32 tokens)", path.display())]
+    #[error("{}: shard version {found} (this build reads {SHARD_VERSION}: u16 tokens, magic {SHARD_MAGIC}; {SHARD_VERSION_U32}: u32 tokens, magic {SHARD_MAGIC_U32})", path.display())]
     Version {
         /// The file.
         path: PathBuf,
@@ -100,7 +102,7 @@ pub enum ShardError {
 }
 
 /// Writes `tokens` (each `< vocab`) as one shard at `path` (fsynced), `vocab` in the header:
-/// u16 tokens (version 1) where `vocab ≤ 65536`, else u32 (version 2).
+/// u16 tokens (magic 20240520, version 1) where `vocab ≤ 65536`, else u32 (20240801, 7).
 pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), ShardError> {
     let wide = vocab > 1 << 16;
     if vocab > i32::MAX as usize {
@@ -112,9 +114,9 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), Shar
     let count = i32::try_from(tokens.len()).map_err(|_| {
         ShardError::Invalid(format!("{}: {} tokens do not fit one shard (at most {}: the header's count is an i32)", path.display(), tokens.len(), i32::MAX))
     })?;
-    let (version, width) = if wide { (SHARD_VERSION_U32, 4) } else { (SHARD_VERSION, 2) };
+    let (magic, version, width) = if wide { (SHARD_MAGIC_U32, SHARD_VERSION_U32, 4) } else { (SHARD_MAGIC, SHARD_VERSION, 2) };
     let mut bytes = Vec::with_capacity(HEADER_BYTES + width * tokens.len());
-    for v in [SHARD_MAGIC, version, count, vocab as i32].into_iter().chain(std::iter::repeat_n(0, 252)) {
+    for v in [magic, version, count, vocab as i32].into_iter().chain(std::iter::repeat_n(0, 252)) {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
     for &t in tokens {
@@ -239,14 +241,14 @@ fn map_shard(path: &Path) -> Result<(Mmap, usize, usize, usize), ShardError> {
     let map = unsafe { Mmap::map(&f) }.map_err(|source| ShardError::Io { op: "map", path: path.to_path_buf(), source })?;
     let bytes = map.len() as u64;
     let word = |i: usize| i32::from_le_bytes(map[4 * i..4 * i + 4].try_into().expect("4 bytes"));
-    if map.len() < HEADER_BYTES || word(0) != SHARD_MAGIC {
+    if map.len() < HEADER_BYTES || (word(0) != SHARD_MAGIC && word(0) != SHARD_MAGIC_U32) {
         let magic = if map.len() >= 4 { word(0) as i64 } else { -1 };
         return Err(ShardError::Foreign { path: path.to_path_buf(), magic, bytes });
     }
-    let width = match word(1) {
-        SHARD_VERSION => 2,
-        SHARD_VERSION_U32 => 4,
-        found => return Err(ShardError::Version { path: path.to_path_buf(), found }),
+    let width = match (word(0), word(1)) {
+        (SHARD_MAGIC, SHARD_VERSION) => 2,
+        (SHARD_MAGIC_U32, SHARD_VERSION_U32) => 4,
+        (_, found) => return Err(ShardError::Version { path: path.to_path_buf(), found }),
     };
     let count = word(2) as i64;
     let expected = HEADER_BYTES as u64 + width as u64 * count.max(0) as u64;
@@ -272,7 +274,8 @@ pub struct Prepared {
 const STAGING: &str = ".partial";
 
 /// Tokenizes `texts` (documents, as bytes: the byte tokenizer takes them as they are; GPT-2
-/// puts `<|endoftext|>` before each, as nanoGPT does, Llama 3 `<|begin_of_text|>`) and writes into `out` (missing or empty:
+/// puts `<|endoftext|>` before each, as nanoGPT does, Llama 3 `<|begin_of_text|>` before and
+/// `<|end_of_text|>` after each, as torchtitan does) and writes into `out` (missing or empty:
 /// a reader takes every shard in it) `train_NNNNNN.bin` shards of at most `shard_tokens` tokens
 /// and, from the last `val_fraction` of the tokens, `val_000000.bin`. `out` is checked before
 /// anything is tokenized. The shards are written and synced in `out/.partial`, then moved in
@@ -284,6 +287,7 @@ pub fn prepare<T: AsRef<[u8]>>(texts: &[T], tokenizer: Tokenizer, out: &Path, sh
     for t in texts {
         tokens.extend(tokenizer.document_start());
         tokens.extend(tokenizer.encode_bytes(t.as_ref()).map_err(|e| ShardError::Invalid(e.to_string()))?);
+        tokens.extend(tokenizer.document_end());
     }
     let val = ((tokens.len() as f64) * val_fraction) as usize;
     if val == 0 || val >= tokens.len() {
@@ -348,7 +352,7 @@ mod tests {
     use super::super::tokenizer::GPT2_EOT;
     use super::*;
 
-    /// A vocabulary past 65536 (Llama 3's) is written as u32 shards (version 2) and read back
+    /// A vocabulary past 65536 (Llama 3's) is written as llm.c's u32 shards and read back
     /// exactly; tokens past the vocabulary are refused as in u16 shards.
     #[test]
     fn wide_vocabularies_use_u32_shards() {
@@ -358,7 +362,8 @@ mod tests {
         let path = dir.join("train_000000.bin");
         write_shard(&path, &tokens, 128256).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        assert_eq!((bytes.len(), i32::from_le_bytes(bytes[4..8].try_into().unwrap())), (HEADER_BYTES + 4 * 1000, SHARD_VERSION_U32));
+        let word = |i: usize| i32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+        assert_eq!((bytes.len(), word(0), word(1)), (HEADER_BYTES + 4 * 1000, 20240801, 7), "llm.c's Llama 3 shard header");
         let shards = TokenShards::open(std::slice::from_ref(&path), 128256).unwrap();
         assert_eq!(shards.window(0, 1000).unwrap(), tokens);
         assert_eq!(shards.window(500, 3).unwrap(), tokens[500..503]);
@@ -369,7 +374,7 @@ mod tests {
         odd[4..8].copy_from_slice(&3i32.to_le_bytes());
         std::fs::write(&path, odd).unwrap();
         let e = TokenShards::open(std::slice::from_ref(&path), 128256).unwrap_err().to_string();
-        assert!(e.contains("shard version 3 (this build reads 1: u16 tokens, and 2: u32 tokens)"), "{e}");
+        assert!(e.contains("shard version 3 (this build reads 1: u16 tokens, magic 20240520; 7: u32 tokens, magic 20240801)"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -396,11 +401,15 @@ mod tests {
         v9[4] = 9;
         std::fs::write(&p, &v9).unwrap();
         assert!(TokenShards::open(std::slice::from_ref(&p), 50257).unwrap_err().to_string().contains("shard version 9"));
-        // A u16 file marked as u32 tokens: its size is not the header's count of 4-byte tokens.
+        // A u16 file marked as u32 tokens: its size is not the header's count of 4-byte tokens;
+        // u16's version under u32's magic is neither.
         let mut wide = good.clone();
-        wide[4] = 2;
+        wide[..8].copy_from_slice(&[20240801i32.to_le_bytes(), 7i32.to_le_bytes()].concat());
         std::fs::write(&p, &wide).unwrap();
         assert!(TokenShards::open(std::slice::from_ref(&p), 50257).unwrap_err().to_string().contains("truncated"));
+        wide[4] = 1;
+        std::fs::write(&p, &wide).unwrap();
+        assert!(TokenShards::open(std::slice::from_ref(&p), 50257).unwrap_err().to_string().contains("shard version 1"));
         // A token outside the vocabulary, in a file that records none (llm.c's: header word 3 is 0).
         let mut unrecorded = good.clone();
         unrecorded[12..16].copy_from_slice(&0i32.to_le_bytes());

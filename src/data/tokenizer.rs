@@ -108,6 +108,16 @@ impl Tokenizer {
         }
     }
 
+    /// The token that ends each document of a prepared corpus: Llama 3's `<|end_of_text|>`
+    /// (torchtitan encodes documents with both ends; generation stops there); none for GPT-2
+    /// (its `<|endoftext|>` starts the next) and bytes.
+    pub fn document_end(self) -> Option<u32> {
+        match self {
+            Self::Llama3(bpe) => Some(bpe.begin_of_text() + 1),
+            _ => None,
+        }
+    }
+
     /// The token ids of `text` (special tokens are ordinary text).
     pub fn encode(self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         match self {

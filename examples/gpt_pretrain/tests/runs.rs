@@ -107,6 +107,10 @@ fn a_preset_sets_the_shape_and_explicit_flags_override_it() {
     let a = parse("--model llama3.1-70b --kv-heads 16 --rope-scaling llama3 --rope-theta 10000 --d-ff 100");
     assert_eq!((a.d_model, a.kv_heads, a.d_ff, a.rope_theta, a.lr, a.tie_embeddings), (8192, Some(16), Some(100), 10000.0, 1.5e-4, false));
     assert_eq!(a.rope_scaling, Some(burn_parallel::arch::RopeScaling::LLAMA3_1));
+    // Switches a preset sets can be turned off.
+    let a = parse("--model llama3.2-3b --tie-embeddings false --no-bias false");
+    assert!(!a.tie_embeddings && !a.no_bias && a.d_model == 3072);
+    assert!(parse("--tie-embeddings").tie_embeddings && !parse("").tie_embeddings && parse("--no-bias --tie-embeddings true").no_bias);
 }
 
 /// A Llama preset shrunk by flags trains (its block, scaled RoPE and tied embeddings through
@@ -369,7 +373,8 @@ fn llama_style_runs_train_alike_on_any_layout_and_resume_only_alike() {
 
 /// `--tokenizer llama3:PATH` (here a tiktoken file of cl100k_base's ranks: Llama 3's format and
 /// split pattern, 100256 ranks + 256 special tokens) feeds training from the text corpus and
-/// from prepared u32 shards (`<|begin_of_text|>` before each document); the first loss is about
+/// from prepared u32 shards (`<|begin_of_text|>` before each document, `<|end_of_text|>` after);
+/// the first loss is about
 /// ln V; a checkpoint of it resumes only with a tokenizer of its vocabulary.
 #[test]
 fn a_llama3_tokenizer_file_feeds_text_and_shards() {
@@ -385,11 +390,17 @@ fn a_llama3_tokenizer_file_feeds_text_and_shards() {
     let shards = dir.join("shards");
     burn_parallel::data::prepare(&docs, tokenizer, &shards, 200, 0.2).unwrap();
     let first = std::fs::read(shards.join("train_000000.bin")).unwrap();
-    assert_eq!(i32::from_le_bytes(first[4..8].try_into().unwrap()), 2, "u32 shards");
-    assert_eq!(u32::from_le_bytes(first[1024..1028].try_into().unwrap()), 100256, "<|begin_of_text|> first");
+    assert_eq!(i32::from_le_bytes(first[..4].try_into().unwrap()), 20240801, "llm.c's u32 shards");
+    let token = |i: usize| u32::from_le_bytes(first[1024 + 4 * i..1028 + 4 * i].try_into().unwrap());
+    assert_eq!(token(0), 100256, "<|begin_of_text|> first");
+    let first_doc = tokenizer.encode(&docs[0]).unwrap();
+    assert_eq!(token(first_doc.len() + 1), 100257, "<|end_of_text|> after the document");
+    assert_eq!(token(first_doc.len() + 2), 100256, "the next document begins");
     let from_shards = losses(&format!("{TINY} --steps 2 {tok} --shards {}", shards.display()));
     assert_eq!(from_shards.len(), 2, "{from_shards:?}");
     let e = error_of(&format!("{TINY} --steps 3 --save-dir {} --resume latest", dir.join("ck").display()));
     assert!(e.contains("another tokenizer: a vocabulary of 100512 tokens there, 256 here"), "{e}");
+    let resumed = losses(&format!("{TINY} --steps 3 {tok} --save-dir {} --resume latest", dir.join("ck").display()));
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
     std::fs::remove_dir_all(dir).unwrap();
 }
