@@ -67,6 +67,7 @@ where
         after_step = in_use()?;
     }
     let plan = TrainPlan {
+        cp: 1,
         dp: 1,
         pp: 1,
         tp: 1,

@@ -25,6 +25,7 @@ pub struct Case {
 pub fn plan(dp: usize, pp: usize, tp: usize, batch: usize) -> TrainPlan {
     TrainPlan {
         dp,
+        cp: 1,
         pp,
         tp,
         virtual_stages: 1,
@@ -59,7 +60,7 @@ fn tokens(range: std::ops::Range<u64>, seq: usize, vocab: usize) -> (TensorData,
 
 /// This rank's pipelined GPT under `schedule`.
 fn executor(config: &GptConfig, groups: &ProcessGroups, schedule: &str, opts: PipelineOptions) -> Result<PipelineExecutor<B, GptPipeline, 3>, String> {
-    let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
+    let model = GptPipeline { config: config.clone(), tp: groups.tp.clone(), cp: Some(burn_parallel::ContextParallel::new(groups.cp.clone())) };
     let sched = schedule_by_name(schedule).map_err(|e| e.to_string())?;
     PipelineExecutor::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())
 }
@@ -127,18 +128,26 @@ pub fn run(shape: &GptShape, p: &TrainPlan, steps: usize) -> Vec<Measured> {
         .with_bias(!shape.arch.no_bias)
         .with_kv_heads(shape.arch.kv_heads.filter(|&k| k != shape.heads));
     let per_replica = p.microbatch * p.microbatches;
-    let results = run_world(p.dp * p.pp * p.tp, LocalWorldOptions::default(), |c| {
+    let results = run_world(p.dp * p.cp * p.pp * p.tp, LocalWorldOptions::default(), |c| {
         let rank = c.global_rank();
-        let cfg = ParallelConfig::new().with_data_parallel(p.dp).with_pipeline_parallel(p.pp).with_tensor_parallel(p.tp).with_virtual_stages(p.virtual_stages);
+        let cfg = ParallelConfig::new()
+            .with_data_parallel(p.dp)
+            .with_context_parallel(p.cp)
+            .with_pipeline_parallel(p.pp)
+            .with_tensor_parallel(p.tp)
+            .with_virtual_stages(p.virtual_stages);
         let groups = ProcessGroups::new(cfg, c.clone()).map_err(|e| e.to_string())?;
+        let cp = burn_parallel::ContextParallel::new(groups.cp.clone());
         let mut opt = DistAdamW::<B>::new(DistAdamWConfig::new().with_zero(p.zero), &groups);
         let batch = |step: usize| {
             let first = (step * per_replica * p.dp + groups.coords.dp * per_replica) as u64;
-            tokens(first..first + per_replica as u64, shape.seq, shape.vocab)
+            let (x, y) = tokens(first..first + per_replica as u64, shape.seq, shape.vocab);
+            (cp.split_data(&x, 1).unwrap(), cp.split_data(&y, 1).unwrap())
         };
         let mut t0 = std::time::Instant::now();
         let state = if p.pp == 1 {
-            let mut gpt = config.init::<B>(&groups.tp, &Default::default()).map_err(|e| e.to_string())?;
+            let gpt = config.init::<B>(&groups.tp, &Default::default()).map_err(|e| e.to_string())?;
+            let mut gpt = gpt.with_context_parallel(cp.clone()).map_err(|e| e.to_string())?;
             for step in 0..steps {
                 if step == 2 {
                     t0 = std::time::Instant::now();
@@ -240,8 +249,15 @@ pub fn grid() -> Vec<Case> {
         p.attention = burn_parallel::attention::AttentionCore::Chunked(16);
         p
     };
+    let cp = |mut p: TrainPlan, c: usize| {
+        p.cp = c;
+        p
+    };
     vec![
         Case { name: "tp 1", plan: plan(1, 1, 1, b) },
+        Case { name: "cp 2", plan: cp(plan(1, 1, 1, b), 2) },
+        Case { name: "cp 2 tp 2 SP", plan: cp(sp(plan(1, 1, 2, b)), 2) },
+        Case { name: "cp 2 pp 2", plan: cp(with_microbatches(plan(1, 2, 1, b), 4), 2) },
         Case { name: "tp 2", plan: plan(1, 1, 2, b) },
         Case { name: "tp 4", plan: plan(1, 1, 4, b) },
         Case { name: "tp 2 SP", plan: sp(plan(1, 1, 2, b)) },

@@ -18,12 +18,14 @@ pub enum ConfigError {
         what: &'static str,
     },
     /// `dp * pp * tp` does not match the number of ranks.
-    #[error("world size {world} != data_parallel {dp} x pipeline_parallel {pp} x tensor_parallel {tp} = {product}")]
+    #[error("world size {world} != data_parallel {dp} x context_parallel {cp} x pipeline_parallel {pp} x tensor_parallel {tp} = {product}")]
     WorldSizeMismatch {
         /// Number of ranks launched.
         world: usize,
         /// Data-parallel degree.
         dp: usize,
+        /// Context-parallel degree.
+        cp: usize,
         /// Pipeline-parallel degree.
         pp: usize,
         /// Tensor-parallel degree.

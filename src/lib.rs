@@ -5,8 +5,10 @@
 //! model.
 //!
 //! Main types:
-//! - [`ParallelConfig`]: the degrees (dp, pp, tp, virtual stages, sequence parallel), Megatron rank
-//!   order and groups; [`ProcessGroups`]: one rank's communicators.
+//! - [`ParallelConfig`]: the degrees (dp, cp, pp, tp, virtual stages, sequence parallel),
+//!   Megatron rank order and groups; [`ProcessGroups`]: one rank's communicators.
+//! - [`ContextParallel`]: a sequence split over ranks (load-balanced chunks, keys and values
+//!   all-gathered in attention).
 //! - [`Communicator`] / [`Comm`]: collectives and point-to-point; [`LocalWorld`] runs ranks as
 //!   threads; [`run_world`] drives a world and collects each rank's result or error.
 //! - [`mappings`]: Megatron's f/g and the sequence-parallel mappings as autodiff ops.
@@ -41,6 +43,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod collective;
 pub mod comm;
+pub mod context;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda-source")]
@@ -73,6 +76,7 @@ pub use collective::CollectiveBackend;
 #[cfg(feature = "cuda")]
 pub use comm::nccl::{NcclComm, NcclId, NcclOptions};
 pub use comm::{Comm, Communicator, LocalWorld, LocalWorldOptions, P2pMode, RecvOp, ReduceOp, SendOp, TcpComm, TensorSpec};
+pub use context::ContextParallel;
 pub use error::{CommError, ConfigError, RankError};
 pub use grad::{backward_with, BackwardWith, GradMismatch};
 pub use kernels::{LayerNormBackend, ParallelBackend};

@@ -1,16 +1,23 @@
 //! Parallel layout: degrees, rank ↔ coordinates, and process groups.
 //!
-//! Ranks are laid out in Megatron order: **tensor-parallel fastest, then data-parallel, then
-//! pipeline**: `rank = tp + tp_size * (dp + dp_size * pp)`. With 16 ranks, tp=2, pp=4 (so dp=2):
-//! TP groups `[0,1] [2,3] …`, DP groups `[0,2] [1,3] [4,6] …`, PP groups `[0,4,8,12] [1,5,9,13] …`.
+//! Ranks are laid out in Megatron order: **tensor-parallel fastest, then context-parallel, then
+//! data-parallel, then pipeline**: `rank = tp + T·(cp + C·(dp + D·pp))`. With 16 ranks, tp=2,
+//! pp=4 (so dp=2): TP groups `[0,1] [2,3] …`, DP groups `[0,2] [1,3] [4,6] …`, PP groups
+//! `[0,4,8,12] [1,5,9,13] …`.
+//!
+//! Context parallelism (`context_parallel` C > 1, [`crate::context`]) splits each sample's
+//! sequence over C ranks that hold the same parameters: their gradients are reduced with the
+//! data-parallel replicas', so the **DP group holds D·C ranks** (Megatron's data-parallel group
+//! with context parallelism), in `(dp, cp)` order; the data a rank reads follows its `dp`
+//! coordinate alone (the C ranks of a replica read the same samples).
 
 use burn::config::Config;
 
 use crate::comm::Comm;
 use crate::error::{CommError, ConfigError};
 
-/// Parallel degrees of a run. `data_parallel * pipeline_parallel * tensor_parallel` must equal the
-/// world size.
+/// Parallel degrees of a run. `data_parallel * context_parallel * pipeline_parallel *
+/// tensor_parallel` must equal the world size.
 #[derive(Config, Debug, PartialEq, Eq)]
 pub struct ParallelConfig {
     /// Data-parallel degree (model replicas).
@@ -22,6 +29,9 @@ pub struct ParallelConfig {
     /// Tensor-parallel degree (ranks sharing every layer).
     #[config(default = 1)]
     pub tensor_parallel: usize,
+    /// Context-parallel degree (ranks sharing each sample's sequence; [`crate::context`]).
+    #[config(default = 1)]
+    pub context_parallel: usize,
     /// Model chunks per pipeline rank (interleaved schedules); 1 otherwise.
     #[config(default = 1)]
     pub virtual_stages: usize,
@@ -30,11 +40,13 @@ pub struct ParallelConfig {
     pub sequence_parallel: bool,
 }
 
-/// Where a rank sits in the (dp, pp, tp) grid.
+/// Where a rank sits in the (dp, cp, pp, tp) grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RankCoords {
-    /// Data-parallel index.
+    /// Data-parallel index (which samples the rank reads).
     pub dp: usize,
+    /// Context-parallel index (which chunks of the sequence; 0 without context parallelism).
+    pub cp: usize,
     /// Pipeline stage index.
     pub pp: usize,
     /// Tensor-parallel index.
@@ -55,10 +67,17 @@ pub struct ModelDims {
 }
 
 impl ParallelConfig {
-    /// `data_parallel * pipeline_parallel * tensor_parallel` (saturating: absurd degrees fail
-    /// [`validate`](Self::validate) instead of wrapping around to a plausible world size).
+    /// `data_parallel * context_parallel * pipeline_parallel * tensor_parallel` (saturating:
+    /// absurd degrees fail [`validate`](Self::validate) instead of wrapping around to a
+    /// plausible world size).
     pub fn world_size(&self) -> usize {
-        self.data_parallel.saturating_mul(self.pipeline_parallel).saturating_mul(self.tensor_parallel)
+        self.data_parallel.saturating_mul(self.context_parallel).saturating_mul(self.pipeline_parallel).saturating_mul(self.tensor_parallel)
+    }
+
+    /// The ranks holding one parameter shard: `data_parallel * context_parallel` (the DP group's
+    /// size, see the module docs).
+    pub fn replicas(&self) -> usize {
+        self.data_parallel * self.context_parallel
     }
 
     /// Checks the degrees against a world size.
@@ -67,6 +86,7 @@ impl ParallelConfig {
             ("data_parallel", self.data_parallel),
             ("pipeline_parallel", self.pipeline_parallel),
             ("tensor_parallel", self.tensor_parallel),
+            ("context_parallel", self.context_parallel),
             ("virtual_stages", self.virtual_stages),
         ] {
             if v == 0 {
@@ -77,6 +97,7 @@ impl ParallelConfig {
             return Err(ConfigError::WorldSizeMismatch {
                 world,
                 dp: self.data_parallel,
+                cp: self.context_parallel,
                 pp: self.pipeline_parallel,
                 tp: self.tensor_parallel,
                 product: self.world_size(),
@@ -114,14 +135,15 @@ impl ParallelConfig {
             return Err(ConfigError::RankOutOfRange { rank, world });
         }
         let tp = rank % self.tensor_parallel;
-        let dp = (rank / self.tensor_parallel) % self.data_parallel;
-        let pp = rank / (self.tensor_parallel * self.data_parallel);
-        Ok(RankCoords { dp, pp, tp })
+        let cp = (rank / self.tensor_parallel) % self.context_parallel;
+        let dp = (rank / (self.tensor_parallel * self.context_parallel)) % self.data_parallel;
+        let pp = rank / (self.tensor_parallel * self.context_parallel * self.data_parallel);
+        Ok(RankCoords { dp, cp, pp, tp })
     }
 
     /// Global rank of coordinates (inverse of [`coords`](Self::coords)).
     pub fn rank_of(&self, c: RankCoords) -> usize {
-        c.tp + self.tensor_parallel * (c.dp + self.data_parallel * c.pp)
+        c.tp + self.tensor_parallel * (c.cp + self.context_parallel * (c.dp + self.data_parallel * c.pp))
     }
 
     /// Global ranks of the TP group containing `rank`, in TP order.
@@ -130,10 +152,18 @@ impl ParallelConfig {
         Ok((0..self.tensor_parallel).map(|tp| self.rank_of(RankCoords { tp, ..c })).collect())
     }
 
-    /// Global ranks of the DP group containing `rank`, in DP order.
+    /// Global ranks of the DP group containing `rank` (with its context-parallel ranks: every
+    /// rank holding the same parameter shard), in `(dp, cp)` order.
     pub fn dp_group(&self, rank: usize) -> Result<Vec<usize>, ConfigError> {
         let c = self.coords(rank)?;
-        Ok((0..self.data_parallel).map(|dp| self.rank_of(RankCoords { dp, ..c })).collect())
+        let (d, k) = (self.data_parallel, self.context_parallel);
+        Ok((0..d * k).map(|i| self.rank_of(RankCoords { dp: i / k, cp: i % k, ..c })).collect())
+    }
+
+    /// Global ranks of the context-parallel group containing `rank`, in CP order.
+    pub fn cp_group(&self, rank: usize) -> Result<Vec<usize>, ConfigError> {
+        let c = self.coords(rank)?;
+        Ok((0..self.context_parallel).map(|cp| self.rank_of(RankCoords { cp, ..c })).collect())
     }
 
     /// Global ranks of the pipeline group containing `rank`, in stage order.
@@ -169,8 +199,11 @@ pub struct ProcessGroups {
     pub world: Comm,
     /// Ranks sharing this rank's layers (tensor parallel).
     pub tp: Comm,
-    /// Ranks holding replicas of this rank's shard (data parallel).
+    /// Ranks holding replicas of this rank's shard (data parallel, with the context-parallel
+    /// ranks: `data_parallel · context_parallel` ranks).
     pub dp: Comm,
+    /// Ranks sharing this rank's samples along the sequence (context parallel).
+    pub cp: Comm,
     /// Ranks holding the other stages of this rank's pipeline.
     pub pp: Comm,
     /// First and last stage of this pipeline (tied embeddings); `None` on middle stages.
@@ -185,10 +218,11 @@ impl ProcessGroups {
         let coords = config.coords(rank)?;
         let tp = world.new_group("tp", &config.tp_group(rank)?)?;
         let dp = world.new_group("dp", &config.dp_group(rank)?)?;
+        let cp = world.new_group("cp", &config.cp_group(rank)?)?;
         let pp = world.new_group("pp", &config.pp_group(rank)?)?;
         let members = config.embedding_group(rank)?;
         let embedding = if members.contains(&rank) { Some(world.new_group("embedding", &members)?) } else { None };
-        Ok(Self { config, coords, world, tp, dp, pp, embedding })
+        Ok(Self { config, coords, world, tp, dp, cp, pp, embedding })
     }
 }
 
@@ -224,14 +258,32 @@ mod tests {
         for r in 0..16 {
             assert_eq!(c.rank_of(c.coords(r).unwrap()), r);
         }
-        assert_eq!(c.coords(13).unwrap(), RankCoords { dp: 0, pp: 3, tp: 1 });
+        assert_eq!(c.coords(13).unwrap(), RankCoords { dp: 0, cp: 0, pp: 3, tp: 1 });
         assert_eq!(c.all_tp_groups().len(), 8);
+    }
+
+    /// Megatron's order with context parallelism: tp, cp, dp, pp; the DP group holds the
+    /// replica's context-parallel ranks.
+    #[test]
+    fn context_parallel_order_16_ranks() {
+        let c = cfg(2, 2, 2).with_context_parallel(2);
+        assert_eq!(c.world_size(), 16);
+        assert_eq!(c.tp_group(5).unwrap(), vec![4, 5]);
+        assert_eq!(c.cp_group(5).unwrap(), vec![5, 7]);
+        assert_eq!(c.dp_group(5).unwrap(), vec![1, 3, 5, 7]);
+        assert_eq!(c.pp_group(5).unwrap(), vec![5, 13]);
+        assert_eq!(c.coords(7).unwrap(), RankCoords { dp: 1, cp: 1, pp: 0, tp: 1 });
+        for r in 0..16 {
+            assert_eq!(c.rank_of(c.coords(r).unwrap()), r);
+        }
+        assert_eq!(c.replicas(), 4);
+        assert!(matches!(c.clone().with_context_parallel(0).validate(0), Err(ConfigError::ZeroDegree { name: "context_parallel" })));
     }
 
     #[test]
     fn world_size_mismatch_names_numbers() {
         let e = cfg(2, 2, 2).validate(6).unwrap_err();
-        assert_eq!(e.to_string(), "world size 6 != data_parallel 2 x pipeline_parallel 2 x tensor_parallel 2 = 8");
+        assert_eq!(e.to_string(), "world size 6 != data_parallel 2 x context_parallel 1 x pipeline_parallel 2 x tensor_parallel 2 = 8");
         assert!(matches!(cfg(1, 0, 1).validate(0), Err(ConfigError::ZeroDegree { name: "pipeline_parallel" })));
         assert!(cfg(1, 1, 4).coords(4).is_err());
         // (2^63 + 1) × 2 would wrap around to 2 on 64 bits.

@@ -60,7 +60,7 @@ fn piped(config: &GptConfig) -> Run {
     let ranks = world(4, |c| {
         let groups = ProcessGroups::new(ParallelConfig::new().with_pipeline_parallel(2).with_tensor_parallel(2), c).map_err(|e| e.to_string())?;
         let opts = PipelineOptions { microbatches: M, virtual_stages: 1, layout: None };
-        let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
+        let model = GptPipeline { config: config.clone(), tp: groups.tp.clone(), cp: None };
         let exec = PipelineExecutor::<B, _, 3>::new(model, schedule_by_name("1f1b").unwrap().as_ref(), &opts, groups.pp.clone(), Default::default())
             .map_err(|e| e.to_string())?;
         let mbs: Vec<_> = microbatches(M).into_iter().map(|(inputs, targets)| TokenBatch { inputs, targets }).collect();

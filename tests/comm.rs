@@ -93,7 +93,7 @@ fn wrong_world_size_is_a_clear_error() {
     let res = run_world(3, short(), |c| ProcessGroups::new(cfg.clone(), c).map(|_| ()));
     for r in res {
         let e = r.unwrap_err().to_string();
-        assert!(e.contains("world size 3 != data_parallel 2 x pipeline_parallel 1 x tensor_parallel 2 = 4"), "{e}");
+        assert!(e.contains("world size 3 != data_parallel 2 x context_parallel 1 x pipeline_parallel 1 x tensor_parallel 2 = 4"), "{e}");
     }
 }
 

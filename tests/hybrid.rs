@@ -59,7 +59,7 @@ fn hybrid_rank(c: burn_parallel::Comm) -> Result<(ProcessGroups, Exec), String> 
     let cfg = ParallelConfig::new().with_data_parallel(DP).with_pipeline_parallel(PP).with_tensor_parallel(TP);
     let g = ProcessGroups::new(cfg, c).map_err(|e| e.to_string())?;
     let opts = PipelineOptions { microbatches: M, virtual_stages: 1, layout: None };
-    let model = GptPipeline { config: gpt(), tp: g.tp.clone() };
+    let model = GptPipeline { config: gpt(), tp: g.tp.clone(), cp: None };
     let exec = Exec::new(model, schedule_by_name("1f1b").unwrap().as_ref(), &opts, g.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
     Ok((g, exec))
 }

@@ -184,7 +184,7 @@ fn pipelined(cfg: &GptConfig, schedule: &str, pp: usize, tp: usize, v: usize, mb
     let layout = ParallelConfig::new().with_pipeline_parallel(pp).with_tensor_parallel(tp).with_virtual_stages(v);
     world(pp * tp, |c| {
         let groups = ProcessGroups::new(layout.clone(), c).map_err(|e| e.to_string())?;
-        let model = GptPipeline { config: cfg.clone(), tp: groups.tp.clone() };
+        let model = GptPipeline { config: cfg.clone(), tp: groups.tp.clone(), cp: None };
         let opts = PipelineOptions { microbatches: mbs.len(), virtual_stages: v, layout: None };
         let sched = schedule_by_name(schedule).map_err(|e| e.to_string())?;
         let exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;

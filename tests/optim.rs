@@ -151,7 +151,7 @@ fn zero1_with_pipeline_and_tensor_parallelism() {
             let cfg = ParallelConfig::new().with_data_parallel(2).with_pipeline_parallel(2).with_tensor_parallel(2);
             let groups = ProcessGroups::new(cfg, c).map_err(|e| e.to_string())?;
             let opts = PipelineOptions { microbatches: 2, virtual_stages: 1, layout: None };
-            let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
+            let model = GptPipeline { config: config.clone(), tp: groups.tp.clone(), cp: None };
             let mut exec = PipelineExecutor::<B, _, 3>::new(model, schedule_by_name("1f1b").unwrap().as_ref(), &opts, groups.pp.clone(), Default::default())
                 .map_err(|e| e.to_string())?;
             let mut opt = DistAdamW::<B>::new(DistAdamWConfig::new().with_zero(zero).with_bucket_bytes(2000), &groups);

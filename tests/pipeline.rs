@@ -52,7 +52,7 @@ fn pipelined(config: &GptConfig, schedule: &str, pp: usize, tp: usize, v: usize,
     let cfg = ParallelConfig::new().with_pipeline_parallel(pp).with_tensor_parallel(tp);
     world(pp * tp, |c| {
         let groups = ProcessGroups::new(cfg.clone(), c).map_err(|e| e.to_string())?;
-        let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
+        let model = GptPipeline { config: config.clone(), tp: groups.tp.clone(), cp: None };
         let opts = PipelineOptions { microbatches: m, virtual_stages: v, layout: None };
         let sched = schedule_by_name(schedule).map_err(|e| e.to_string())?;
         let exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
@@ -137,7 +137,7 @@ fn pipelined_evaluation_runs_without_dropout() {
         let cfg = ParallelConfig::new().with_pipeline_parallel(2).with_tensor_parallel(tp);
         let got = world(2 * tp, |c| {
             let groups = ProcessGroups::new(cfg.clone(), c).map_err(|e| e.to_string())?;
-            let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
+            let model = GptPipeline { config: config.clone(), tp: groups.tp.clone(), cp: None };
             let opts = PipelineOptions { microbatches: 4, virtual_stages: 1, layout: None };
             let sched = schedule_by_name("1f1b").map_err(|e| e.to_string())?;
             let exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;

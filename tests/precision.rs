@@ -81,7 +81,7 @@ fn bf16_pipeline_equals_tp1_and_accumulates_in_f32() {
     let ranks = world(4, |c| {
         let groups = ProcessGroups::new(ParallelConfig::new().with_pipeline_parallel(2).with_tensor_parallel(2), c).map_err(|e| e.to_string())?;
         let opts = PipelineOptions { microbatches: 2, virtual_stages: 1, layout: None };
-        let model = GptPipeline { config: config(false), tp: groups.tp.clone() };
+        let model = GptPipeline { config: config(false), tp: groups.tp.clone(), cp: None };
         let exec = PipelineExecutor::<B, _, 3>::new(model, schedule_by_name("1f1b").unwrap().as_ref(), &opts, groups.pp.clone(), Default::default())
             .map_err(|e| e.to_string())?;
         let (x, y) = batch();

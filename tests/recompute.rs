@@ -80,7 +80,7 @@ fn piped_chunked(schedule: &str, v: usize, mode: Recompute, chunk: Option<usize>
         CHUNK.set(chunk);
         let groups = ProcessGroups::new(ParallelConfig::new().with_pipeline_parallel(2).with_tensor_parallel(2), c).map_err(|e| e.to_string())?;
         let opts = PipelineOptions { microbatches: 4, virtual_stages: v, layout: None };
-        let model = GptPipeline { config: config(false, mode).with_loss_chunk(CHUNK.get()), tp: groups.tp.clone() };
+        let model = GptPipeline { config: config(false, mode).with_loss_chunk(CHUNK.get()), tp: groups.tp.clone(), cp: None };
         let exec = PipelineExecutor::<B, _, 3>::new(model, schedule_by_name(schedule).unwrap().as_ref(), &opts, groups.pp.clone(), Default::default())
             .map_err(|e| e.to_string())?;
         let (x, y) = samples(0..8);

@@ -120,7 +120,7 @@ fn pipelined(cfg: &GptConfig, schedule: &str, pp: usize, tp: usize, v: usize, mb
     let layout = ParallelConfig::new().with_pipeline_parallel(pp).with_tensor_parallel(tp).with_virtual_stages(v);
     world(pp * tp, |c| {
         let groups = ProcessGroups::new(layout.clone(), c).map_err(|e| e.to_string())?;
-        let model = GptPipeline { config: cfg.clone(), tp: groups.tp.clone() };
+        let model = GptPipeline { config: cfg.clone(), tp: groups.tp.clone(), cp: None };
         let opts = PipelineOptions { microbatches: mbs.len(), virtual_stages: v, layout: None };
         let sched = schedule_by_name(schedule).map_err(|e| e.to_string())?;
         let exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
@@ -196,7 +196,7 @@ fn train(layout: ParallelConfig, steps: usize) -> Vec<(Vec<NamedParam>, Vec<f32>
     world(layout.world_size(), |c| {
         let groups = ProcessGroups::new(layout.clone(), c).map_err(|e| e.to_string())?;
         let mut optim = DistAdamW::<B>::new(DistAdamWConfig::new().with_zero(dp > 1).with_bucket_bytes(2000), &groups);
-        let model = GptPipeline { config: cfg.clone(), tp: groups.tp.clone() };
+        let model = GptPipeline { config: cfg.clone(), tp: groups.tp.clone(), cp: None };
         let opts = PipelineOptions { microbatches: 2, virtual_stages: 1, layout: None };
         let sched = schedule_by_name(if pp > 1 { "1f1b" } else { "gpipe" }).unwrap();
         let mut exec = PipelineExecutor::<B, _, 3>::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
@@ -260,7 +260,7 @@ fn an_untied_replica_is_refused_by_the_optimizer() {
     let results = burn_parallel::run_world(2, opts, |c| {
         let groups = ProcessGroups::new(layout.clone(), c).map_err(|e| e.to_string())?;
         let exec = PipelineExecutor::<B, _, 3>::new(
-            GptPipeline { config: tied(2), tp: groups.tp.clone() },
+            GptPipeline { config: tied(2), tp: groups.tp.clone(), cp: None },
             schedule_by_name("1f1b").unwrap().as_ref(),
             &PipelineOptions { microbatches: 2, virtual_stages: 1, layout: None },
             groups.pp.clone(),
@@ -289,7 +289,7 @@ fn stages_that_tie_differently_are_a_clear_error() {
         let groups = ProcessGroups::new(layout.clone(), c).map_err(|e| e.to_string())?;
         let cfg = tied(2).with_tie_embeddings(groups.coords.pp == 1);
         let exec = PipelineExecutor::<B, _, 3>::new(
-            GptPipeline { config: cfg, tp: groups.tp.clone() },
+            GptPipeline { config: cfg, tp: groups.tp.clone(), cp: None },
             schedule_by_name("1f1b").unwrap().as_ref(),
             &PipelineOptions { microbatches: 2, virtual_stages: 1, layout: None },
             groups.pp.clone(),

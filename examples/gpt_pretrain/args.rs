@@ -202,13 +202,20 @@ pub(crate) struct Args {
     /// (--seq-len must be divisible by --tp).
     #[arg(long)]
     pub(crate) sequence_parallel: bool,
-    /// Data-parallel degree: model replicas, each on its own data (world = dp × pp × tp threads).
+    /// Data-parallel degree: model replicas, each on its own data (world = dp × cp × pp × tp threads).
     #[arg(long, default_value_t = 1)]
     pub(crate) dp: usize,
+    /// Context-parallel degree: each sequence split over this many ranks in load-balanced
+    /// chunks, keys and values all-gathered in every attention (Megatron's
+    /// --context-parallel-size; costs an all-gather per layer forward, a reduce-scatter
+    /// backward). --seq-len must be divisible by 2 × cp; the attention runs composed; no text
+    /// sample is generated.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) cp: usize,
     /// Clip the global gradient norm (over all TP/PP ranks, each parameter counted once) to this.
     #[arg(long)]
     pub(crate) clip_grad: Option<f32>,
-    /// Pipeline-parallel degree: ranks holding consecutive stages (world = dp × pp × tp threads).
+    /// Pipeline-parallel degree: ranks holding consecutive stages (world = dp × cp × pp × tp threads).
     #[arg(long, default_value_t = 1)]
     pub(crate) pp: usize,
     /// Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1.
@@ -408,6 +415,11 @@ impl Args {
         if default("tie_embeddings") {
             self.tie_embeddings = p.tie_embeddings;
         }
+    }
+
+    /// Ranks of the run: dp × cp × pp × tp.
+    pub(crate) fn world(&self) -> usize {
+        self.dp * self.cp * self.pp * self.tp
     }
 
     /// The numbers no run can use (a negative learning rate, a clip that is not positive, ...):

@@ -112,9 +112,9 @@ fn job_env(args: &Args) -> Result<burn_parallel::launch::JobEnv, String> {
     };
     // Cold CUDA kernel compilation can keep one rank minutes away from the first collective.
     let env = JobEnv { timeout: Duration::from_secs(args.timeout_secs), ..env };
-    let world = args.dp * args.pp * args.tp;
+    let world = args.world();
     if env.world_size != world {
-        return Err(format!("WORLD_SIZE={} but --dp {} x --pp {} x --tp {} = {world}", env.world_size, args.dp, args.pp, args.tp));
+        return Err(format!("WORLD_SIZE={} but --dp {} x --cp {} x --pp {} x --tp {} = {world}", env.world_size, args.dp, args.cp, args.pp, args.tp));
     }
     Ok(env)
 }

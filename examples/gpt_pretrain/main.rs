@@ -33,11 +33,13 @@ use args::{Args, CommKind, DeviceKind};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
-use burn_parallel::attention::AttentionCore;
+use burn_parallel::attention::{AttentionCore, AttentionKernel};
 use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::data::GlobalSampler;
 use burn_parallel::optim::{DistAdamW, DistAdamWConfig};
-use burn_parallel::{all_ok, run_world, BackwardWith, Comm, LocalWorldOptions, P2pMode, ParallelBackend, ParallelConfig, ProcessGroups, ReduceOp};
+use burn_parallel::{
+    all_ok, run_world, BackwardWith, Comm, ContextParallel, LocalWorldOptions, P2pMode, ParallelBackend, ParallelConfig, ProcessGroups, ReduceOp,
+};
 use burn_parallel_modules::{Gpt, GptConfig};
 use checkpointing::Start;
 
@@ -93,7 +95,8 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_precision(args.precision)
         .with_recompute(args.recompute)
         .with_loss_chunk((args.loss_chunk > 0).then_some(args.loss_chunk))
-        .with_attention(args.attention)
+        // Context parallelism runs the composed core: `auto` resolves to it.
+        .with_attention(if args.cp > 1 && args.attention == AttentionKernel::Auto { AttentionKernel::Composed } else { args.attention })
         .with_tie_embeddings(args.tie_embeddings)
         .with_activation(args.activation)
         .with_norm(args.norm)
@@ -146,13 +149,24 @@ pub(crate) fn lr_schedule(args: &Args) -> Result<LrSchedule, String> {
     })
 }
 
-fn evaluate<B: ParallelBackend>(gpt: &Gpt<B>, split: &Split, name: &str, args: &Args, device: &B::Device) -> Result<f32, String> {
+/// The mean loss of `--eval-batches` batches of `split` (this rank's chunks of each sequence
+/// under context parallelism, averaged over the CP group).
+fn evaluate<B: ParallelBackend>(gpt: &Gpt<B>, split: &Split, name: &str, args: &Args, device: &B::Device, cp: &ContextParallel) -> Result<f32, String> {
     let mut total = 0.0;
     for i in 0..args.eval_batches {
         let (x, y) = Corpus::eval_batch::<B>(split, args.batch_size, args.seq_len, name, i, device)?;
-        total += gpt.loss(x, y).into_scalar().elem::<f32>();
+        total += gpt.loss(cp.split(x, 1), cp.split(y, 1)).into_scalar().elem::<f32>();
     }
-    Ok(total / args.eval_batches as f32)
+    cp_mean(total / args.eval_batches as f32, cp)
+}
+
+/// The mean of a value over the context-parallel group (each rank's loss covers its chunks).
+pub(crate) fn cp_mean(value: f32, cp: &ContextParallel) -> Result<f32, String> {
+    if cp.size() == 1 {
+        return Ok(value);
+    }
+    let t = burn::tensor::Tensor::<burn::backend::Flex, 1>::from_floats([value], &Default::default());
+    Ok(all_reduce(t, ReduceOp::Mean, cp.comm()).map_err(|e| e.to_string())?.into_scalar())
 }
 
 fn train_rank<B>(args: &Args, comm: Comm, device: B::Device, data: &Corpus, start: &Start) -> Result<Summary, String>
@@ -162,9 +176,15 @@ where
 {
     let rank = comm.global_rank();
     let config = gpt_config(args);
-    let layout = ParallelConfig::new().with_data_parallel(args.dp).with_tensor_parallel(args.tp).with_sequence_parallel(args.sequence_parallel);
+    let layout = ParallelConfig::new()
+        .with_data_parallel(args.dp)
+        .with_context_parallel(args.cp)
+        .with_tensor_parallel(args.tp)
+        .with_sequence_parallel(args.sequence_parallel);
     let groups = ProcessGroups::new(layout, comm).map_err(|e| e.to_string())?;
+    let cp = ContextParallel::new(groups.cp.clone());
     let gpt: Gpt<B> = config.init(&groups.tp, &device).map_err(|e| format!("invalid model for --tp {}: {e}", args.tp))?;
+    let gpt = gpt.with_context_parallel(cp.clone()).map_err(|e| format!("--cp {}: {e}", args.cp))?;
     let mut optim = optimizer::<B>(args, &groups);
     let same = |p: &str| p.to_string();
     let mut gpt = checkpointing::restore(start, &groups, vec![(gpt, &same)], &mut optim)?.remove(0);
@@ -172,6 +192,7 @@ where
     let sampler = GlobalSampler::new(args.seed, "train");
     while run.running() {
         let mbs = Corpus::microbatches::<B>(&data.train, run.samples(), pipelined::microbatches(args), args.seq_len, &sampler, &device)?;
+        let mbs = mbs.into_iter().map(|(x, y)| (cp.split(x, 1), cp.split(y, 1))).collect();
         let (loss, grads) = gpt.forward_backward_accumulated(mbs).map_err(|e| e.to_string())?;
         let (mut parts, norm) = optim.step(run.lr(), vec![(gpt, grads)], args.clip_grad).map_err(|e| run.failed(e))?;
         gpt = parts.remove(0);
@@ -179,7 +200,7 @@ where
             break;
         }
         if run.eval_due() {
-            run.evaluated(evaluate(&gpt.valid(), &data.val, "val", args, &device)?);
+            run.evaluated(evaluate(&gpt.valid(), &data.val, "val", args, &device, &cp)?);
         }
     }
     let ended = run.finish()?;
@@ -188,11 +209,15 @@ where
     }
     let device_bytes = B::bytes_in_use(&device);
     let model = gpt.valid();
-    let train_loss = evaluate(&model, &data.train, "train-eval", args, &device)?;
-    let val_loss = evaluate(&model, &data.val, "val", args, &device)?;
-    let prompt: Vec<usize> = data.val.window(0, args.seq_len.min(16))?.into_iter().map(|t| t as usize).collect();
-    let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed).map_err(|e| e.to_string())?;
-    let sample = data.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>()).map_err(|e| e.to_string())?;
+    let train_loss = evaluate(&model, &data.train, "train-eval", args, &device, &cp)?;
+    let val_loss = evaluate(&model, &data.val, "val", args, &device, &cp)?;
+    let sample = if args.cp > 1 {
+        "(sampling needs whole sequences on one rank: run with --cp 1 to see generated text)".to_string()
+    } else {
+        let prompt: Vec<usize> = data.val.window(0, args.seq_len.min(16))?.into_iter().map(|t| t as usize).collect();
+        let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed).map_err(|e| e.to_string())?;
+        data.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>()).map_err(|e| e.to_string())?
+    };
     Ok(Summary { rank, device_bytes, first_loss: ended.first_loss, train_loss, val_loss, tokens_per_sec: ended.tokens_per_sec, sample, stopped: None })
 }
 
@@ -217,7 +242,7 @@ where
     prepare::<B>(args, &device)?;
     // Thread ranks follow NCCL's point-to-point rules, so what runs here runs on NCCL.
     let opts = LocalWorldOptions { timeout: Duration::from_secs(args.timeout_secs), p2p: P2pMode::Rendezvous };
-    let world = args.dp * args.pp * args.tp;
+    let world = args.world();
     if args.pp > 1 {
         let results = run_world(world, opts, |comm| pipelined::train_rank::<B>(args, comm, device.clone(), data, start));
         return all_ok(results);
@@ -265,15 +290,21 @@ fn main_result(args: &Args) -> Result<(), String> {
     let mut args = args.clone();
     let start = checkpointing::open_start(&mut args)?;
     let args = &args;
-    if args.tp == 0 || args.pp == 0 || args.dp == 0 || args.steps == 0 || args.batch_size == 0 || args.eval_batches == 0 {
-        return Err("--tp, --pp, --dp, --steps, --batch-size and --eval-batches must be at least 1".into());
+    if args.tp == 0 || args.pp == 0 || args.dp == 0 || args.cp == 0 || args.steps == 0 || args.batch_size == 0 || args.eval_batches == 0 {
+        return Err("--tp, --pp, --dp, --cp, --steps, --batch-size and --eval-batches must be at least 1".into());
     }
     args.check_numbers()?;
     args.warn_preset_tokenizer();
     lr_schedule(args)?;
     let config = gpt_config(args);
     config.validate(args.tp).map_err(|e| model_error(args, e))?;
-    config.check_seq_len(args.seq_len, args.tp).map_err(|e| format!("--seq-len: {e}"))?;
+    config.check_seq_len_cp(args.seq_len, args.tp, args.cp).map_err(|e| format!("--seq-len: {e}"))?;
+    if args.cp > 1 && config.attention != AttentionKernel::Composed {
+        return Err(format!(
+            "--attention {}: context parallelism (--cp {}) runs the composed attention core (queries attend to the gathered keys by position); use --attention composed (or auto)",
+            args.attention, args.cp
+        ));
+    }
     pipelined::check_args(args)?;
     if args.zero == 1 && args.dp == 1 {
         return Err("--zero 1 shards the optimizer over the --dp group: with --dp 1 there is nothing to shard (refused rather than ignored)".into());
@@ -295,7 +326,7 @@ fn main_result(args: &Args) -> Result<(), String> {
     // From here on SIGTERM / SIGHUP / Ctrl-C stop every rank after the same step and save it
     // (before, they end the process at once: there is nothing to save yet).
     burn_parallel::preempt::install();
-    tracing::info!(dp = args.dp, tp = args.tp, pp = args.pp, sequence_parallel = args.sequence_parallel, device = ?args.device, steps = args.steps, "training");
+    tracing::info!(dp = args.dp, cp = args.cp, tp = args.tp, pp = args.pp, sequence_parallel = args.sequence_parallel, device = ?args.device, steps = args.steps, "training");
     let summaries = match args.device {
         DeviceKind::Cpu if args.comm == CommKind::Tcp => vec![device::run_tcp(args, &data, &start)?],
         DeviceKind::Cpu => run::<burn::backend::Autodiff<burn::backend::Flex>>(args, Default::default(), &data, &start)?,
@@ -318,7 +349,7 @@ fn main_result(args: &Args) -> Result<(), String> {
     }
     // One process per rank (NCCL, TCP): rank 0 tells the run; every rank its memory row.
     if summary.rank == 0 {
-        say!("dp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
+        say!("dp={} cp={} pp={} tp={} steps={} tokens/s={:.0}", args.dp, args.cp, args.pp, args.tp, args.steps, summary.tokens_per_sec);
         say!("{}", throughput_line(args, summary.tokens_per_sec));
         say!("loss: first step {:.4} -> final train {:.4}, validation {:.4}", summary.first_loss, summary.train_loss, summary.val_loss);
         say!("--- sample ---\n{}\n--------------", summary.sample);
@@ -351,7 +382,7 @@ fn model_error(args: &Args, e: burn_parallel::ConfigError) -> String {
 fn throughput_line(args: &Args, tokens_per_sec: f64) -> String {
     let (flops, n) = model_flops(args);
     let achieved = tokens_per_sec * flops / 1e12;
-    let devices = if args.comm == CommKind::Nccl { (args.dp * args.pp * args.tp) as f64 } else { 1.0 };
+    let devices = if args.comm == CommKind::Nccl { args.world() as f64 } else { 1.0 };
     let peak = args.peak_tflops.or_else(|| device::detected_peak(args));
     let mfu =
         peak.map_or("MFU: pass --peak-tflops".to_string(), |p| format!("MFU {:.1}% of {p} TFLOP/s x {devices} devices", 100.0 * achieved / (p * devices)));
@@ -407,11 +438,11 @@ fn memory_table(args: &Args, summaries: &[Summary]) -> Result<(), String> {
         say!("memory per rank (MB; predicted by burn_parallel::memory, measured: device bytes in use after the last step):");
         say!("| rank | pp | params | grads | optimizer | activations | predicted peak | predicted params + optimizer | measured after the last step |");
     }
-    for rank in 0..args.dp * args.pp * args.tp {
+    for rank in 0..args.world() {
         if processes && summaries.iter().all(|s| s.rank != rank) {
             continue;
         }
-        let pp = rank / (args.dp * args.tp);
+        let pp = rank / (args.dp * args.cp * args.tp);
         let e = &est[pp];
         let measured = match args.device {
             DeviceKind::Cpu if host => mb(burn_parallel::memory::peak(rank) as f64),

@@ -9,7 +9,7 @@ use burn_parallel::checkpoint::{Snapshot, TrainState};
 use burn_parallel::data::GlobalSampler;
 use burn_parallel::optim::DistAdamW;
 use burn_parallel::pipeline::{PipelineExecutor, PipelineModel, PipelineOptions};
-use burn_parallel::{BackwardWith, Comm, ParallelBackend, ParallelConfig, ProcessGroups};
+use burn_parallel::{BackwardWith, Comm, ContextParallel, ParallelBackend, ParallelConfig, ProcessGroups};
 use burn_parallel_modules::{GptPipeline, TokenBatch};
 use burn_parallel_schedules::{render_svg, schedule_by_name, simulate, Costs, PipelineShape, Schedule};
 
@@ -57,6 +57,7 @@ pub(crate) fn memory_plan(args: &Args) -> burn_parallel::memory::TrainPlan {
     let m = microbatches(args);
     burn_parallel::memory::TrainPlan {
         dp: args.dp,
+        cp: args.cp,
         pp: args.pp,
         tp: args.tp,
         virtual_stages: if args.pp > 1 { virtual_stages(args) } else { 1 },
@@ -94,10 +95,12 @@ pub(crate) fn write_timeline(args: &Args, path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The pipeline's micro-batches of the samples `samples` (of `split`, drawn by `sampler`).
-fn split(args: &Args, split: &Split, samples: Range<u64>, sampler: &GlobalSampler) -> Result<Vec<TokenBatch>, String> {
+/// The pipeline's micro-batches of the samples `samples` (of `split`, drawn by `sampler`):
+/// this rank's chunks of each sequence under context parallelism.
+fn split(args: &Args, split: &Split, samples: Range<u64>, sampler: &GlobalSampler, cp: &ContextParallel) -> Result<Vec<TokenBatch>, String> {
     let mbs = Corpus::microbatches::<burn::backend::Flex>(split, samples, microbatches(args), args.seq_len, sampler, &Default::default())?;
-    Ok(mbs.into_iter().map(|(x, y)| TokenBatch { inputs: x.into_data().convert::<i64>(), targets: y.into_data().convert::<i64>() }).collect())
+    let ids = |t: burn::tensor::Tensor<burn::backend::Flex, 2, burn::tensor::Int>| cp.split(t, 1).into_data().convert::<i64>();
+    Ok(mbs.into_iter().map(|(x, y)| TokenBatch { inputs: ids(x), targets: ids(y) }).collect())
 }
 
 type Exec<B> = PipelineExecutor<B, GptPipeline, 3>;
@@ -130,9 +133,11 @@ where
         .with_tensor_parallel(args.tp)
         .with_pipeline_parallel(args.pp)
         .with_virtual_stages(virtual_stages(args))
-        .with_sequence_parallel(args.sequence_parallel);
+        .with_sequence_parallel(args.sequence_parallel)
+        .with_context_parallel(args.cp);
     let groups = ProcessGroups::new(cfg, world.clone()).map_err(|e| e.to_string())?;
-    let model = GptPipeline { config: gpt_config(args), tp: groups.tp.clone() };
+    let cp = ContextParallel::new(groups.cp.clone());
+    let model = GptPipeline { config: gpt_config(args), tp: groups.tp.clone(), cp: Some(cp.clone()) };
     let opts = PipelineOptions { microbatches: microbatches(args), virtual_stages: virtual_stages(args), layout: None };
     let mut exec = Exec::<B>::new(model, schedule(args)?.as_ref(), &opts, groups.pp.clone(), device.clone()).map_err(|e| e.to_string())?;
     let mut optim = optimizer::<B>(args, &groups);
@@ -145,7 +150,7 @@ where
     let mut run = Loop::new(args, &groups, start)?;
     let sampler = GlobalSampler::new(args.seed, "train");
     while run.running() {
-        let mbs = split(args, &data.train, run.samples(), &sampler)?;
+        let mbs = split(args, &data.train, run.samples(), &sampler, &cp)?;
         let out = exec.step(&mbs).map_err(|e| e.to_string())?;
         let parts = exec.stages().iter().map(|s| s.part.clone()).zip(out.grads).collect();
         let (parts, norm) = optim.step(run.lr(), parts, args.clip_grad).map_err(|e| run.failed(e))?;
@@ -156,7 +161,7 @@ where
             break;
         }
         if run.eval_due() {
-            run.evaluated(evaluate(args, &exec, &data.val, "val")?);
+            run.evaluated(evaluate(args, &exec, &data.val, "val", &cp)?);
         }
     }
     let ended = run.finish()?;
@@ -164,8 +169,8 @@ where
         return Ok(Summary::stopped(rank, signal, steps));
     }
     let device_bytes = B::bytes_in_use(&device);
-    let train_loss = evaluate(args, &exec, &data.train, "train-eval")?;
-    let val_loss = evaluate(args, &exec, &data.val, "val")?;
+    let train_loss = evaluate(args, &exec, &data.train, "train-eval", &cp)?;
+    let val_loss = evaluate(args, &exec, &data.val, "val", &cp)?;
     let sample = "(sampling needs the whole model on one rank: run with --pp 1 to see generated text)".to_string();
     Ok(Summary { rank, device_bytes, first_loss: ended.first_loss, train_loss, val_loss, tokens_per_sec: ended.tokens_per_sec, sample, stopped: None })
 }
@@ -182,7 +187,7 @@ where
     checkpointing::snapshot(args, groups, train, &parts, optim)
 }
 
-fn evaluate<B, M>(args: &Args, exec: &PipelineExecutor<B, M, 3>, split_data: &Split, name: &str) -> Result<f32, String>
+fn evaluate<B, M>(args: &Args, exec: &PipelineExecutor<B, M, 3>, split_data: &Split, name: &str, cp: &ContextParallel) -> Result<f32, String>
 where
     B: AutodiffBackend + ParallelBackend + BackwardWith,
     M: burn_parallel::pipeline::PipelineModel<B, 3, MicroBatch = TokenBatch>,
@@ -190,10 +195,10 @@ where
     let mut total = 0.0;
     for i in 0..args.eval_batches {
         let first = (i * args.batch_size) as u64;
-        let batch = split(args, split_data, first..first + args.batch_size as u64, &GlobalSampler::new(0, name))?;
+        let batch = split(args, split_data, first..first + args.batch_size as u64, &GlobalSampler::new(0, name), cp)?;
         total += exec.forward_loss(&batch).map_err(|e| e.to_string())?;
     }
-    Ok(total / args.eval_batches as f32)
+    crate::cp_mean(total / args.eval_batches as f32, cp)
 }
 
 #[cfg(test)]

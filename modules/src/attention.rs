@@ -16,6 +16,10 @@
 //! its `r` query heads (the repeat's backward sums their gradients).
 //! With `rope`, queries and keys are rotated ([`crate::rope`]) right after the projection;
 //! `bias = false` drops the projections' biases (Llama).
+//! With context parallelism ([`ParallelAttention::cp`], `burn_parallel::context`) the layer
+//! sees this rank's `s/C` tokens: queries and keys are rotated by their positions, keys and
+//! values are all-gathered over the CP group (backward: reduce-scatter) and the composed core
+//! masks by position, `[b, H/t, s/C, s]` scores.
 //! With t = 1 and dropout 0 it equals `burn::nn::attention::MultiHeadAttention` with an
 //! autoregressive mask.
 
@@ -95,6 +99,10 @@ pub struct ParallelAttention<B: ParallelBackend> {
     /// Key/value heads on this rank (`local_heads` without grouped-query attention).
     #[module(skip)]
     pub local_groups: usize,
+    /// The context-parallel group this rank's sequence chunks belong to (`None`: whole
+    /// sequences; set by `Gpt::with_context_parallel`).
+    #[module(skip)]
+    pub cp: Option<burn_parallel::ContextParallel>,
 }
 
 impl ParallelAttentionConfig {
@@ -132,6 +140,7 @@ impl ParallelAttentionConfig {
             core,
             rope: self.rope,
             local_groups,
+            cp: None,
         })
     }
 }
@@ -176,9 +185,14 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     /// with RoPE).
     pub fn project_qkv(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let qkv = self.qkv.forward_parallel_input(x);
-        match &self.rope {
-            Some(rope) => crate::rope::rope_qkv(qkv, self.local_groups, self.local_heads / self.local_groups, self.d_head, rope),
-            None => qkv,
+        let Some(rope) = &self.rope else { return qkv };
+        let (groups, r, d) = (self.local_groups, self.local_heads / self.local_groups, self.d_head);
+        match self.cp.as_ref().filter(|cp| cp.size() > 1) {
+            Some(cp) => {
+                let positions = cp.positions(qkv.dims()[1]);
+                crate::rope::rope_qkv_at(qkv, groups, r, d, rope, &positions)
+            }
+            None => crate::rope::rope_qkv(qkv, groups, r, d, rope),
         }
     }
 
@@ -203,8 +217,9 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     /// [`core`](Self::core).
     pub fn core_qkv(&self, qkv: Tensor<B, 3>) -> Tensor<B, 3> {
         let scale = 1.0 / (self.d_head as f32).sqrt();
-        if self.local_groups != self.local_heads {
-            // Grouped-query attention: q and the repeated k, v as separate heads.
+        if self.local_groups != self.local_heads || self.context_parallel().is_some() {
+            // Grouped-query attention: q and the repeated k, v as separate heads; context
+            // parallelism: k, v gathered.
             let [q, k, v] = self.split_qkv(qkv);
             return self.core(q, k, v);
         }
@@ -224,16 +239,23 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     /// recompute runs this part again in the backward instead of keeping its `s × s` tensors.
     /// With a fused or chunked [`core`](Self::core) one attention op (`burn_parallel::attention`):
     /// no `s × s` tensor kept, `o` and the f32 log-sum-exp saved for the backward.
+    /// Under context parallelism `q, k, v` hold this rank's `s/C` tokens: `k` and `v` are
+    /// all-gathered to the whole `s` and masked by position.
     pub fn core(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, _] = q.dims();
+        let (k, v) = match self.context_parallel() {
+            Some(cp) => (cp.gather(k, 1), cp.gather(v, 1)),
+            None => (k, v),
+        };
+        let sk = k.dims()[1];
         let (hl, gl, d) = (self.local_heads, self.local_groups, self.d_head);
         let q = q.reshape([b, s, hl, d]).swap_dims(1, 2);
         let kv = |t: Tensor<B, 3>| {
-            let t = t.reshape([b, s, gl, d]).swap_dims(1, 2);
+            let t = t.reshape([b, sk, gl, d]).swap_dims(1, 2);
             if gl == hl {
                 return t;
             }
-            t.unsqueeze_dim::<5>(2).expand([b, gl, hl / gl, s, d]).reshape([b, hl, s, d])
+            t.unsqueeze_dim::<5>(2).expand([b, gl, hl / gl, sk, d]).reshape([b, hl, sk, d])
         };
         let (k, v) = (kv(k), kv(v));
         let scale = 1.0 / (self.d_head as f32).sqrt();
@@ -244,11 +266,19 @@ impl<B: ParallelBackend> ParallelAttention<B> {
             AttentionCore::Composed => {}
         }
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((self.d_head as f32).sqrt());
-        let mask = burn_parallel::attention::future_mask::<B>(0, s, s, &scores.device());
+        let mask = match self.context_parallel() {
+            Some(cp) => position_mask::<B>(&cp.positions(s), &cp.gathered_positions(s), &scores.device()),
+            None => burn_parallel::attention::future_mask::<B>(0, s, s, &scores.device()),
+        };
         let scores = scores.mask_fill(mask, MASK_VALUE);
         // Softmax in f32 whatever the compute dtype (no-op for f32), as Megatron's fused softmax.
         let probs = self.dropout.forward(like(softmax(to_f32(scores.clone()), 3), &scores));
         merge(probs.matmul(v))
+    }
+
+    /// The context-parallel group when it splits the sequence (more than one rank).
+    pub fn context_parallel(&self) -> Option<&burn_parallel::ContextParallel> {
+        self.cp.as_ref().filter(|cp| cp.size() > 1)
     }
 
     /// The row-parallel output projection of a context: all-reduced `[b, s, h]`, or
@@ -266,6 +296,15 @@ impl<B: ParallelBackend> RandomStreams for ParallelAttention<B> {
     fn random_streams(&self) -> Vec<StreamCounter> {
         self.dropout.random_streams()
     }
+}
+
+/// `[1, 1, queries, keys]`: key position > query position (true: masked), the causal mask of
+/// tokens at any positions (context parallelism's chunks).
+fn position_mask<B: burn::tensor::backend::Backend>(queries: &[usize], keys: &[usize], device: &B::Device) -> Tensor<B, 4, burn::tensor::Bool> {
+    let int = |p: &[usize]| Tensor::<B, 1, burn::tensor::Int>::from_data(TensorData::new(p.iter().map(|&x| x as i64).collect::<Vec<_>>(), [p.len()]), device);
+    let (nq, nk) = (queries.len(), keys.len());
+    let q = int(queries).reshape([nq, 1]).expand([nq, nk]);
+    int(keys).reshape([1, nk]).expand([nq, nk]).greater(q).reshape([1, 1, nq, nk])
 }
 
 /// The fused `[h, 3h]` weight (or `[3h]` bias) of separate q, k, v `[h_in, h]` tensors: columns

@@ -39,6 +39,11 @@ pub struct VocabParallelEmbedding<B: ParallelBackend> {
     /// The TP group.
     #[module(skip)]
     pub tp: Comm,
+    /// The context-parallel group the model's sequences are split over (`None`: whole
+    /// sequences): the position embedding takes this rank's positions. Set by
+    /// `Gpt::with_context_parallel`.
+    #[module(skip)]
+    pub cp: Option<burn_parallel::ContextParallel>,
 }
 
 impl VocabParallelEmbeddingConfig {
@@ -46,7 +51,7 @@ impl VocabParallelEmbeddingConfig {
     pub fn init<B: ParallelBackend>(&self, tp: &Comm, init: &ParamInit, device: &B::Device) -> Result<VocabParallelEmbedding<B>, ConfigError> {
         let local = check_divisible("vocab size", self.n_embedding, tp)?;
         let w = init.child("weight").normal(&[self.n_embedding, self.d_model], self.init_std);
-        Ok(VocabParallelEmbedding { weight: param(shard(w, 0, tp), device), vocab_start: tp.rank() * local, vocab_local: local, tp: tp.clone() })
+        Ok(VocabParallelEmbedding { weight: param(shard(w, 0, tp), device), vocab_start: tp.rank() * local, vocab_local: local, tp: tp.clone(), cp: None })
     }
 }
 

@@ -17,7 +17,8 @@ use crate::tied_head::HeadWeight;
 /// Embedding sum with dropout: `ids [b, s] → [b, s, h]`, or this rank's shard `[b, s/t, h]`
 /// under sequence parallelism (the vocab-parallel partial sums are reduce-scattered along the
 /// sequence, then this rank's positions added; `wpe` enters through f so its gradient is summed
-/// over the TP group). Without `wpe` (RoPE) the token embedding alone.
+/// over the TP group). Without `wpe` (RoPE) the token embedding alone. Under context parallelism
+/// (`wte.cp`) `ids` are this rank's chunks and `wpe`'s rows are taken at their positions.
 pub(crate) fn embed<B: ParallelBackend>(
     wte: &VocabParallelEmbedding<B>,
     wpe: Option<&Param<Tensor<B, 2>>>,
@@ -26,14 +27,26 @@ pub(crate) fn embed<B: ParallelBackend>(
     sequence_parallel: bool,
 ) -> Tensor<B, 3> {
     let [_, s] = ids.dims();
+    let cp = wte.cp.as_ref().filter(|cp| cp.size() > 1);
+    let positions: Vec<usize> = cp.map_or_else(|| (0..s).collect(), |cp| cp.positions(s));
     if let Some(wpe) = wpe {
-        let max = wpe.val().dims()[0];
-        assert!(s <= max, "sequence length {s} exceeds max_seq_len {max}");
+        let (max, longest) = (wpe.val().dims()[0], s * cp.map_or(1, |cp| cp.size()));
+        assert!(longest <= max, "sequence length {longest} exceeds max_seq_len {max}");
     }
+    // `wpe`'s rows at `positions[range]`: a slice of whole sequences, a gather of CP chunks.
+    let rows = |w: Tensor<B, 2>, range: std::ops::Range<usize>| match cp {
+        None => w.slice(range),
+        Some(_) => {
+            let at: Vec<i64> = positions[range].iter().map(|&p| p as i64).collect();
+            let n = at.len();
+            let device = w.device();
+            w.select(0, Tensor::<B, 1, Int>::from_data(burn::tensor::TensorData::new(at, [n]), &device))
+        }
+    };
     if !sequence_parallel {
         let x = wte.forward(ids);
         return drop.forward(match wpe {
-            Some(wpe) => x + wpe.val().slice(0..s).unsqueeze::<3>(),
+            Some(wpe) => x + rows(wpe.val(), 0..s).unsqueeze::<3>(),
             None => x,
         });
     }
@@ -42,7 +55,7 @@ pub(crate) fn embed<B: ParallelBackend>(
     let (chunk, r) = (s / t, tp.rank());
     let x = reduce_scatter_to_sp(wte.forward_partial(ids), 1, tp);
     drop.forward(match wpe {
-        Some(wpe) => x + copy_to_tp(wpe.val(), tp).slice(r * chunk..(r + 1) * chunk).unsqueeze::<3>(),
+        Some(wpe) => x + rows(copy_to_tp(wpe.val(), tp), r * chunk..(r + 1) * chunk).unsqueeze::<3>(),
         None => x,
     })
 }

@@ -35,6 +35,9 @@ pub struct GptPipeline {
     pub config: GptConfig,
     /// The tensor-parallel group of this rank.
     pub tp: Comm,
+    /// The context-parallel group (`None`: whole sequences; see `Gpt::with_context_parallel`:
+    /// the micro-batches then hold this rank's chunks, and the stages exchange them).
+    pub cp: Option<burn_parallel::ContextParallel>,
 }
 
 /// One micro-batch of token ids and next-token targets, `[b, s]` integers on the host.
@@ -90,7 +93,7 @@ where
             true => Some(TiedHead::init(&VocabParallelEmbeddingConfig::new(c.vocab_size, c.d_model), &self.tp, &ParamInit::new(c.seed).child("wte"), device)?),
             false => None,
         };
-        Ok(c.in_precision(GptStage {
+        let mut stage = GptStage {
             wte: first.then_some(wte),
             wpe: wpe.filter(|_| first),
             drop,
@@ -99,11 +102,20 @@ where
             ln_f,
             head,
             tied_head,
-        }))
+        };
+        if let Some(cp) = &self.cp {
+            crate::gpt::attach_context_parallel(stage.wte.as_mut(), &mut stage.blocks, cp.clone())?;
+        }
+        Ok(c.in_precision(stage))
     }
 
     fn tensor_parallel_group(&self) -> Option<&Comm> {
         Some(&self.tp)
+    }
+
+    /// The TP group and the context-parallel group (both run collectives in the backward).
+    fn backward_groups(&self) -> Vec<&Comm> {
+        std::iter::once(&self.tp).chain(self.cp.as_ref().map(|cp| cp.comm())).collect()
     }
 
     fn activation_dtype(&self) -> Option<burn::tensor::DType> {
@@ -214,7 +226,8 @@ impl<B: ParallelBackend> GptStage<B> {
             (Some(ln_f), Some(head)) => Some(HeadRef { ln_f, head, tp: &model.tp, vocab_start, vocab_used: model.config.vocab_used }),
             _ => None,
         };
-        Pieces { embed, blocks: &self.blocks, head, sequence_parallel: model.config.sequence_parallel, tp: &model.tp }
+        let cp = model.cp.as_ref().map(|cp| cp.comm());
+        Pieces { embed, blocks: &self.blocks, head, sequence_parallel: model.config.sequence_parallel, tp: &model.tp, cp }
     }
 
     fn drop_device(&self, input: Option<&Tensor<B, 3>>) -> B::Device {

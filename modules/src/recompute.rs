@@ -15,7 +15,7 @@
 //!   recompute is moot with flash attention).
 //!
 //! Backward walks the pieces in reverse: head (loss), blocks (last to first), embedding; each
-//! piece is one `backward()` with a TP barrier before it (Burn's post-backward clean-up locks
+//! piece is one `backward()` with a TP (and context-parallel) barrier before it (Burn's post-backward clean-up locks
 //! every graph, see `PipelineModel::tensor_parallel_group`). The gradients (of the inputs and
 //! of every parameter) equal those without recompute bit for bit: the same operations on the
 //! same values, with the same dropout masks.
@@ -49,6 +49,8 @@ pub struct Pieces<'a, B: ParallelBackend> {
     pub sequence_parallel: bool,
     /// The TP group.
     pub tp: &'a Comm,
+    /// The context-parallel group (its collectives run in the backward too).
+    pub cp: Option<&'a Comm>,
 }
 
 /// What a block kept.
@@ -107,9 +109,10 @@ pub struct Tokens<B: AutodiffBackend> {
     pub targets: Option<Tensor<B, 2, Int>>,
 }
 
-fn barrier(tp: &Comm) -> Result<(), CommError> {
-    if tp.size() > 1 {
-        tp.barrier()?;
+/// Barriers on the TP group, then the context-parallel group (each of more than one rank).
+fn barrier(tp: &Comm, cp: Option<&Comm>) -> Result<(), CommError> {
+    for group in std::iter::once(tp).chain(cp).filter(|g| g.size() > 1) {
+        group.barrier()?;
     }
     Ok(())
 }
@@ -216,7 +219,7 @@ where
     B: AutodiffBackend + ParallelBackend + BackwardWith,
     M: AutodiffModule<B>,
 {
-    let mut chain = Chain { part, tp: pieces.tp, acc: GradientsParams::new() };
+    let mut chain = Chain { part, tp: pieces.tp, cp: pieces.cp, acc: GradientsParams::new() };
     let mut dy = match (tape.head, out_grad) {
         (Some(head), _) => chain.head(pieces.head.as_ref().expect("a head tape comes from a head"), head, loss_scale)?,
         (None, Some(g)) => g,
@@ -230,7 +233,7 @@ where
     }
     match tape.embedded {
         Some(e) => {
-            barrier(pieces.tp)?;
+            barrier(pieces.tp, pieces.cp)?;
             let g = B::backward_with(e, dy).expect("recomputed shapes match");
             merge_grads(part, &mut chain.acc, GradientsParams::from_grads(g, part));
             Ok((None, chain.acc))
@@ -244,6 +247,7 @@ where
 struct Chain<'a, M> {
     part: &'a M,
     tp: &'a Comm,
+    cp: Option<&'a Comm>,
     acc: GradientsParams,
 }
 
@@ -255,7 +259,7 @@ impl<M> Chain<'_, M> {
         B: AutodiffBackend + BackwardWith,
         M: AutodiffModule<B>,
     {
-        barrier(self.tp)?;
+        barrier(self.tp, self.cp)?;
         let g = B::backward_with(y, dy).expect("recomputed shapes match");
         let dx = x.grad(&g).expect("a piece uses its input");
         merge_grads(self.part, &mut self.acc, GradientsParams::from_grads(g, self.part));
@@ -270,7 +274,7 @@ impl<M> Chain<'_, M> {
     {
         match tape {
             HeadTape::Plain { x, loss } => {
-                barrier(self.tp)?;
+                barrier(self.tp, self.cp)?;
                 let g = loss.mul_scalar(loss_scale).backward();
                 let dx = x.grad(&g).expect("the head uses its input");
                 merge_grads(self.part, &mut self.acc, GradientsParams::from_grads(g, self.part));
@@ -297,13 +301,13 @@ impl<M> Chain<'_, M> {
             }
             BlockTape::Graph(Kept { input, output }) => self.pull(output, dy, &input),
             BlockTape::Selective { x_in, qkv, x_out, context, y, core } => {
-                barrier(self.tp)?;
+                barrier(self.tp, self.cp)?;
                 let g = B::backward_with(y, dy).expect("recomputed shapes match");
                 let (d_context, dx_out) = (context.grad(&g).expect("the block uses its context"), x_out.grad(&g).expect("residual"));
                 merge_grads(self.part, &mut self.acc, GradientsParams::from_grads(g, self.part));
                 let qkv_leaf = qkv.clone().detach().require_grad();
                 let rerun = core.replay(|| block.attn_core(qkv_leaf.clone()));
-                barrier(self.tp)?;
+                barrier(self.tp, self.cp)?;
                 let d_qkv = qkv_leaf.grad(&B::backward_with(rerun, d_context).expect("recomputed shapes match")).expect("the core uses q, k, v");
                 let dx_in = self.pull(qkv, d_qkv, &x_in)?;
                 Ok(dx_in + dx_out)

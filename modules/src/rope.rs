@@ -9,7 +9,8 @@
 //! (composed, fused kernels, chunked) takes the rotated tensor as it is. No parameters and no
 //! communication: a TP rank's heads are whole and the sequence is whole inside attention (under
 //! SP after the all-gather; a pipeline stage sees whole sequences), so position `p` is the row
-//! index. The tables are built on the device from `θ^(−2i/d)` (scaled as Llama 3.1 does with
+//! index; under context parallelism the rows are the rank's chunks ([`rope_qkv_at`] with their
+//! positions), rotated before the keys are gathered. The tables are built on the device from `θ^(−2i/d)` (scaled as Llama 3.1 does with
 //! [`RopeScaling`](burn_parallel::arch::RopeScaling); computed in f64, then rounded to f32; HuggingFace computes it in f32, an ulp apart) times the positions in f32, as HuggingFace
 //! multiplies them, and cast to the activations' dtype.
 //! Under autodiff the rotation keeps only the two `[s, (r + 2)·d]` tables. They are built per
@@ -21,12 +22,17 @@ use burn_parallel::arch::Rope;
 
 /// `cos` and `sin` tables `[1, s, 1, parts, d]` of the fused layout: the queries' and key's
 /// angles (the first `parts − 1`), ones and zeros for the value (the last).
-fn tables<B: Backend>(s: usize, d: usize, parts: usize, rope: &Rope, like: &Tensor<B, 3>) -> (Tensor<B, 5>, Tensor<B, 5>) {
+fn tables<B: Backend>(positions: Option<&[usize]>, d: usize, parts: usize, rope: &Rope, like: &Tensor<B, 3>) -> (Tensor<B, 5>, Tensor<B, 5>) {
     let device = like.device();
+    let s = like.dims()[1];
     let half = d / 2;
     let inv_freq: Vec<f32> = rope.inv_freq(d).into_iter().map(|f| f as f32).collect();
     let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(inv_freq, [half]), &device);
-    let pos = Tensor::<B, 1, Int>::arange(0..s as i64, &device).float();
+    let pos = match positions {
+        Some(p) => Tensor::<B, 1, Int>::from_data(TensorData::new(p.iter().map(|&x| x as i64).collect::<Vec<_>>(), [s]), &device),
+        None => Tensor::<B, 1, Int>::arange(0..s as i64, &device),
+    }
+    .float();
     let angles = pos.reshape([s, 1]) * inv_freq.reshape([1, half]); // [s, d/2]
     let full = |t: Tensor<B, 2>| Tensor::cat(vec![t.clone(), t], 1).reshape([s, 1, d]); // [s, 1, d]
     let (cos, sin) = (full(angles.clone().cos()), full(angles.sin()));
@@ -47,10 +53,23 @@ fn tables<B: Backend>(s: usize, d: usize, parts: usize, rope: &Rope, like: &Tens
 /// # Panics
 /// If `d` is odd or the width is not `groups·(r + 2)·d`.
 pub fn rope_qkv<B: Backend>(qkv: Tensor<B, 3>, groups: usize, r: usize, d: usize, rope: &Rope) -> Tensor<B, 3> {
+    rotate(qkv, groups, r, d, rope, None)
+}
+
+/// [`rope_qkv`] of rows at the given positions (context parallelism's chunks; one per row).
+///
+/// # Panics
+/// As [`rope_qkv`], and if `positions` is not one per row.
+pub fn rope_qkv_at<B: Backend>(qkv: Tensor<B, 3>, groups: usize, r: usize, d: usize, rope: &Rope, positions: &[usize]) -> Tensor<B, 3> {
+    assert_eq!(positions.len(), qkv.dims()[1], "rope_qkv_at: one position per row");
+    rotate(qkv, groups, r, d, rope, Some(positions))
+}
+
+fn rotate<B: Backend>(qkv: Tensor<B, 3>, groups: usize, r: usize, d: usize, rope: &Rope, positions: Option<&[usize]>) -> Tensor<B, 3> {
     let [b, s, w] = qkv.dims();
     let parts = r + 2;
     assert!(d.is_multiple_of(2) && w == groups * parts * d, "rope_qkv: width {w} is not {groups} groups × {parts} × {d} with {d} even");
-    let (cos, sin) = tables(s, d, parts, rope, &qkv);
+    let (cos, sin) = tables(positions, d, parts, rope, &qkv);
     let x = qkv.reshape([b, s, groups, parts, d]);
     let half = d / 2;
     let x1 = x.clone().slice([0..b, 0..s, 0..groups, 0..parts, 0..half]);

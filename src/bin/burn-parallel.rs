@@ -187,6 +187,10 @@ struct MemoryArgs {
     /// Data-parallel degree.
     #[arg(long, default_value_t = 1)]
     dp: usize,
+    /// Context-parallel degree (each sequence split over this many ranks; the attention runs
+    /// composed).
+    #[arg(long, default_value_t = 1)]
+    cp: usize,
     /// Pipeline-parallel degree.
     #[arg(long, default_value_t = 1)]
     pp: usize,
@@ -238,9 +242,11 @@ fn prepare(tokenizer: &str, out: &std::path::Path, shard_tokens: usize, val_frac
 }
 
 /// The attention core of `--attention` for a plan (no backend: `auto` as on CUDA).
-fn attention_core(name: &str, dropout: bool) -> Result<burn_parallel::attention::AttentionCore, String> {
+fn attention_core(name: &str, dropout: bool, cp: usize) -> Result<burn_parallel::attention::AttentionCore, String> {
     let kernel: burn_parallel::attention::AttentionKernel = name.parse().map_err(|e: burn_parallel::attention::UnknownAttentionKernel| e.to_string())?;
     use burn_parallel::attention::AttentionKernel::{Auto, Composed};
+    // Context parallelism runs the composed core (as gpt_pretrain resolves `auto`).
+    let kernel = if cp > 1 && kernel == Auto { Composed } else { kernel };
     if dropout && !matches!(kernel, Auto | Composed) {
         return Err(format!("--attention {kernel} has no dropout (drop --dropout, or use --attention composed)"));
     }
@@ -279,6 +285,7 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
     }
     let plan = TrainPlan {
         dp: a.dp,
+        cp: a.cp,
         pp: a.pp,
         tp: a.tp,
         virtual_stages: a.virtual_stages.unwrap_or(if a.pp > 1 && a.schedule.starts_with("interleaved") { 2 } else { 1 }),
@@ -292,7 +299,7 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
         dropout: a.dropout,
         // As gpt_pretrain: 1024 rows for a named model, 0 for the whole logits.
         loss_chunk: a.loss_chunk.map_or((a.model != burn_parallel::presets::ModelPreset::Tiny).then_some(1024), |c| (c > 0).then_some(c)),
-        attention: attention_core(&a.attention, a.dropout)?,
+        attention: attention_core(&a.attention, a.dropout, a.cp)?,
     };
     let est = estimate(&shape, &plan)?;
     println!("{shape:?}\n{plan:?}\nMB per rank (every TP and DP rank of a pipeline stage alike):\n{}", table(&est));

@@ -35,14 +35,15 @@ pub struct ShardContext {
     pub tp_rank: usize,
     /// TP degree.
     pub tp_size: usize,
-    /// Rank in the DP group (replica 0 writes).
+    /// Rank in the DP group (replica 0 writes; with context parallelism the DP group holds the
+    /// context-parallel ranks too, so one of them writes).
     pub dp_rank: usize,
 }
 
 impl ShardContext {
     /// This rank's context from its process groups.
     pub fn new(groups: &ProcessGroups) -> Self {
-        Self { tp_rank: groups.coords.tp, tp_size: groups.tp.size(), dp_rank: groups.coords.dp }
+        Self { tp_rank: groups.coords.tp, tp_size: groups.tp.size(), dp_rank: groups.dp.rank() }
     }
 
     /// A rank that holds whole tensors alone (tp = dp = 1).

@@ -94,6 +94,9 @@ pub struct GptShape {
 pub struct TrainPlan {
     /// Data-parallel degree.
     pub dp: usize,
+    /// Context-parallel degree (`crate::context`: a rank holds `seq / cp` tokens of each
+    /// sequence and the gathered keys and values of all of them; ZeRO shards over `dp · cp`).
+    pub cp: usize,
     /// Pipeline stages (ranks).
     pub pp: usize,
     /// Tensor-parallel degree.
@@ -121,6 +124,13 @@ pub struct TrainPlan {
     /// What the attention core runs (`AttentionKernel::resolve`): the fused kernels (CUDA/wgpu)
     /// or the chunked Burn ops keep the f32 log-sum-exp instead of the `s²` tensors.
     pub attention: AttentionCore,
+}
+
+impl TrainPlan {
+    /// The ranks holding the same parameter shard (the DP group, CP ranks included).
+    pub fn replicas(&self) -> usize {
+        self.dp * self.cp
+    }
 }
 
 /// One rank's predicted memory in bytes (the same for every TP and DP rank of a stage).
@@ -171,6 +181,8 @@ struct Dims {
     core: AttentionCore,
     /// `b·(a/t)·s`: the rows of the attention core.
     att_rows: f64,
+    /// Context parallelism: the all-gathered keys and values a block keeps (elements).
+    gathered_kv: f64,
     /// Sequence length.
     s: f64,
     /// `[N, f/t]` tensors the activation keeps of its own (GeLU none, the tanh approximation 2,
@@ -183,13 +195,16 @@ struct Dims {
 
 impl Dims {
     fn new(g: &GptShape, plan: &TrainPlan) -> Self {
+        // Context parallelism: this rank's tokens, queries against every key.
+        let local = g.seq / plan.cp.max(1);
+        let kv_width = g.arch.kv_heads.unwrap_or(g.heads) * (g.hidden / g.heads);
         Dims {
-            n: (plan.microbatch * g.seq) as f64,
+            n: (plan.microbatch * local) as f64,
             h: g.hidden as f64,
             f: g.ffn as f64,
             v: g.vocab as f64,
             t: plan.tp as f64,
-            s2: (plan.microbatch * g.heads / plan.tp * g.seq * g.seq) as f64,
+            s2: (plan.microbatch * g.heads / plan.tp * local * g.seq) as f64,
             sp: plan.sequence_parallel && plan.tp > 1,
             e: match plan.precision {
                 Precision::F32 => 4.0,
@@ -198,7 +213,8 @@ impl Dims {
             drop: plan.dropout,
             chunk: plan.loss_chunk,
             core: if plan.dropout { AttentionCore::Composed } else { plan.attention },
-            att_rows: (plan.microbatch * g.heads / plan.tp * g.seq) as f64,
+            att_rows: (plan.microbatch * g.heads / plan.tp * local) as f64,
+            gathered_kv: if plan.cp > 1 { (2 * plan.microbatch * g.seq * kv_width / plan.tp) as f64 } else { 0.0 },
             s: g.seq as f64,
             act_kept: match g.activation {
                 crate::activation::Activation::Gelu => 0.0,
@@ -256,7 +272,7 @@ impl Dims {
         let (e, seq, nh) = (self.e, self.seq(), self.n * self.h);
         let masks = if self.drop { 2.0 * seq } else { 0.0 };
         let mlp = (2.0 + self.act_kept) * self.n * self.f / self.t;
-        e * (seq + nh + 3.0 * nh / self.t + nh / self.t + masks + seq + nh + mlp) + self.core() + 2.0 * self.norm_stats * self.rows() * 4.0
+        e * (seq + nh + 3.0 * nh / self.t + nh / self.t + masks + seq + nh + mlp + self.gathered_kv) + self.core() + 2.0 * self.norm_stats * self.rows() * 4.0
     }
     /// Bytes a block keeps under `mode`.
     fn block_kept(&self, mode: Recompute) -> f64 {
@@ -331,6 +347,7 @@ fn check(g: &GptShape, plan: &TrainPlan) -> Result<(), String> {
     }
     let cfg = crate::ParallelConfig::new()
         .with_data_parallel(plan.dp)
+        .with_context_parallel(plan.cp)
         .with_pipeline_parallel(plan.pp)
         .with_tensor_parallel(plan.tp)
         .with_virtual_stages(plan.virtual_stages);
@@ -340,6 +357,10 @@ fn check(g: &GptShape, plan: &TrainPlan) -> Result<(), String> {
         if k == 0 || !g.heads.is_multiple_of(k) || !k.is_multiple_of(plan.tp) {
             return Err(format!("{k} key/value heads must divide {} attention heads and be divisible by tensor_parallel = {}", g.heads, plan.tp));
         }
+    }
+    crate::context::check_seq_len(g.seq, plan.cp).map_err(|e| e.to_string())?;
+    if plan.cp > 1 && plan.attention != AttentionCore::Composed {
+        return Err(format!("context parallelism (cp {}) runs the composed attention core, not {:?}", plan.cp, plan.attention));
     }
     if plan.microbatch == 0 || plan.microbatches == 0 {
         return Err(format!("a step needs at least one sample: micro-batch size {}, {} micro-batches", plan.microbatch, plan.microbatches));
@@ -359,7 +380,7 @@ pub fn estimate(g: &GptShape, plan: &TrainPlan) -> Result<Vec<RankMemory>, Strin
             .map(|c| layout.part(r + c * plan.pp))
             .map(|sp| stage_params(g, plan.tp, sp.layers.len(), sp.is_first(), sp.is_last()))
             .sum();
-        let shard = if plan.zero { p / plan.dp as f64 } else { p };
+        let shard = if plan.zero { p / plan.replicas() as f64 } else { p };
         let params = p * d.e;
         let optimizer = 8.0 * shard + if plan.precision == Precision::Bf16 { 4.0 * shard } else { 0.0 };
         let grads = 4.0 * p;

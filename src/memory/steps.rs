@@ -10,12 +10,13 @@ use super::model::TrainPlan;
 /// reduction. On thread ranks a reduce-scatter reduces the whole bucket on every rank and keeps
 /// this rank's rows twice (split, then as the result tensor): `4p + q + 2q/dp`; an all-reduce
 /// `4p + q`. Then the update: the reduced gradients and the new values (under ZeRO: this rank's
-/// rows, the all-gathered bucket and the unpacked parameters).
+/// rows, the all-gathered bucket and the unpacked parameters). `dp` counts the context-parallel
+/// ranks too (the DP group's size).
 pub(super) fn optimizer_transient(plan: &TrainPlan, p: f64, e: f64) -> f64 {
-    let d = plan.dp as f64;
+    let d = plan.replicas() as f64;
     let q = (p * 4.0).min(crate::data_parallel::DEFAULT_BUCKET_BYTES as f64);
-    let zero = plan.zero && plan.dp > 1;
-    let reduce = match (plan.dp, zero) {
+    let zero = plan.zero && plan.replicas() > 1;
+    let reduce = match (plan.replicas(), zero) {
         (1, _) => 4.0 * p,
         (_, true) => 4.0 * p + q + 2.0 * q / d,
         (_, false) => 4.0 * p + q,

@@ -308,8 +308,8 @@ where
                 st.inflight.insert(key, (input, out, part, saved));
             }
             Op::B | Op::I => {
-                if let Some(tp) = self.model.tensor_parallel_group().filter(|tp| tp.size() > 1) {
-                    tp.barrier()?;
+                for group in self.model.backward_groups().into_iter().filter(|g| g.size() > 1) {
+                    group.barrier()?;
                 }
                 let (input, out, part, saved) = st.inflight.remove(&key).expect("validated plan: forward before backward");
                 if let Some(saved) = saved {

@@ -71,6 +71,15 @@ pub trait PipelineModel<B: AutodiffBackend, const D: usize>: Sync {
         None
     }
 
+    /// Every group whose collectives run inside this model's backward (the TP group, and the
+    /// context-parallel group where the sequence is split): the executor puts a barrier on each,
+    /// in this order, before every backward (see
+    /// [`tensor_parallel_group`](Self::tensor_parallel_group)). A rank's peers in each group
+    /// have then finished their previous backward and its clean-up.
+    fn backward_groups(&self) -> Vec<&Comm> {
+        self.tensor_parallel_group().into_iter().collect()
+    }
+
     /// Activation recompute (optional): runs `part` forward keeping only what its backward
     /// needs, returning the output (an activation without graph, or the loss) and that state.
     /// `None` (the default) means the executor runs [`forward`](Self::forward) and keeps its

@@ -1,4 +1,4 @@
-//! One rank of a GPT training run at any dp × pp × tp (× virtual stages, SP) layout, with
+//! One rank of a GPT training run at any dp × cp × pp × tp (× virtual stages, SP) layout, with
 //! checkpoints: the harness of the checkpoint tests.
 
 use std::path::Path;
@@ -13,7 +13,7 @@ use burn_parallel::data::GlobalSampler;
 use burn_parallel::data_parallel::{all_reduce_gradients, clip_grad_norm};
 use burn_parallel::pipeline::{PipelineExecutor, PipelineModel, PipelineOptions};
 use burn_parallel::rng::{HostRng, RandomStreams};
-use burn_parallel::{Comm, ParallelConfig, ProcessGroups, ReduceOp};
+use burn_parallel::{Comm, ContextParallel, ParallelConfig, ProcessGroups, ReduceOp};
 use burn_parallel_modules::{Gpt, GptConfig, GptPipeline, GptStage, TokenBatch};
 use burn_parallel_schedules::schedule_by_name;
 
@@ -34,16 +34,18 @@ pub struct Layout {
     pub tp: usize,
     pub v: usize,
     pub sp: bool,
+    /// Context-parallel ranks per replica.
+    pub cp: usize,
 }
 
-/// `dp × pp × tp`, one virtual stage, no SP.
+/// `dp × pp × tp`, one virtual stage, no SP, no context parallelism.
 pub const fn layout(dp: usize, pp: usize, tp: usize) -> Layout {
-    Layout { dp, pp, tp, v: 1, sp: false }
+    Layout { dp, pp, tp, v: 1, sp: false, cp: 1 }
 }
 
 impl Layout {
     pub fn world(&self) -> usize {
-        self.dp * self.pp * self.tp
+        self.dp * self.cp * self.pp * self.tp
     }
     pub fn config(&self) -> ParallelConfig {
         ParallelConfig::new()
@@ -52,6 +54,7 @@ impl Layout {
             .with_tensor_parallel(self.tp)
             .with_virtual_stages(self.v)
             .with_sequence_parallel(self.sp)
+            .with_context_parallel(self.cp)
     }
     fn per_replica(&self) -> usize {
         GLOBAL_BATCH / self.dp
@@ -115,12 +118,14 @@ impl Rank {
     /// This rank of `layout` with the GPT `config`, fresh from the seed.
     pub fn new(layout: Layout, config: &GptConfig, comm: Comm) -> Result<Self, String> {
         let groups = ProcessGroups::new(layout.config(), comm).map_err(|e| e.to_string())?;
+        let cp = ContextParallel::new(groups.cp.clone());
         let runner = if layout.pp == 1 {
-            Runner::Flat { gpt: Box::new(config.init(&groups.tp, &Default::default()).map_err(|e| e.to_string())?), optim: adamw() }
+            let gpt = config.init(&groups.tp, &Default::default()).and_then(|g| g.with_context_parallel(cp)).map_err(|e| e.to_string())?;
+            Runner::Flat { gpt: Box::new(gpt), optim: adamw() }
         } else {
             let m = layout.per_replica().min(4);
             let opts = PipelineOptions { microbatches: m, virtual_stages: layout.v, layout: None };
-            let model = GptPipeline { config: config.clone(), tp: groups.tp.clone() };
+            let model = GptPipeline { config: config.clone(), tp: groups.tp.clone(), cp: Some(cp) };
             let sched = schedule_by_name(layout.schedule()).unwrap();
             let exec = Exec::new(model, sched.as_ref(), &opts, groups.pp.clone(), Default::default()).map_err(|e| e.to_string())?;
             let optims = exec.stages().iter().map(|_| adamw()).collect();
@@ -133,6 +138,9 @@ impl Rank {
     pub fn step(&mut self) -> Result<f32, String> {
         let range = GlobalSampler::replica_samples(self.train.samples_seen, self.layout.per_replica(), self.groups.coords.dp);
         let (x, y) = samples(range);
+        // This rank's chunks of each sequence (all of it without context parallelism).
+        let cp = ContextParallel::new(self.groups.cp.clone());
+        let (x, y) = (cp.split_data(&x, 1)?, cp.split_data(&y, 1)?);
         let (g, lr) = (&self.groups, 3e-3);
         let loss = match &mut self.runner {
             Runner::Flat { gpt, optim } => {
