@@ -257,6 +257,7 @@ pub fn grid() -> Vec<Case> {
         Case { name: "tp 1", plan: plan(1, 1, 1, b) },
         Case { name: "cp 2", plan: cp(plan(1, 1, 1, b), 2) },
         Case { name: "cp 2 tp 2 SP", plan: cp(sp(plan(1, 1, 2, b)), 2) },
+        Case { name: "cp 2 chunked attention (16 rows)", plan: cp(chunked_attention(plan(1, 1, 1, b)), 2) },
         Case { name: "cp 2 pp 2", plan: cp(with_microbatches(plan(1, 2, 1, b), 4), 2) },
         Case { name: "tp 2", plan: plan(1, 1, 2, b) },
         Case { name: "tp 4", plan: plan(1, 1, 4, b) },

@@ -129,7 +129,9 @@ impl ContextParallel {
         if c == 1 {
             return x;
         }
-        let n = x.dims()[dim] / (2 * c);
+        let s = x.dims()[dim];
+        assert!(s.is_multiple_of(2 * c), "context parallelism: {s} tokens do not split into {} chunks", 2 * c);
+        let n = s / (2 * c);
         let (r, late) = (self.rank(), 2 * c - 1 - self.rank());
         Tensor::cat(vec![x.clone().narrow(dim, r * n, n), x.narrow(dim, late * n, n)], dim)
     }

@@ -17,7 +17,7 @@ pub enum ConfigError {
         /// Which size.
         what: &'static str,
     },
-    /// `dp * pp * tp` does not match the number of ranks.
+    /// `dp * cp * pp * tp` does not match the number of ranks.
     #[error("world size {world} != data_parallel {dp} x context_parallel {cp} x pipeline_parallel {pp} x tensor_parallel {tp} = {product}")]
     WorldSizeMismatch {
         /// Number of ranks launched.
@@ -30,7 +30,7 @@ pub enum ConfigError {
         pp: usize,
         /// Tensor-parallel degree.
         tp: usize,
-        /// `dp * pp * tp`.
+        /// `dp * cp * pp * tp`.
         product: usize,
     },
     /// A model dimension that must be split evenly is not divisible by a degree.

@@ -4,15 +4,15 @@
 //! group, which holds the CP ranks) equal the unsplit model's, for the GPT-2 model (learned
 //! positions) and the Llama model (RoPE, grouped-query attention), at cp 2 and 4, with tp 2,
 //! with SP; training runs at dp × cp × pp × tp equal the single rank's step by step, recompute
-//! gives the plain gradients with dropout on, checkpoints move between CP layouts, and bad
-//! layouts are clear errors.
+//! gives the plain gradients with dropout on, checkpoints move between CP layouts, generation
+//! samples the unsplit model's tokens, and bad layouts are clear errors.
 
 mod common;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_parallel::activation::Activation;
 use burn_parallel::arch::{Norm, Position};
-use burn_parallel::attention::AttentionKernel;
+use burn_parallel::attention::{AttentionCore, AttentionKernel};
 use burn_parallel::params::{named_grads, named_param_grads, NamedParam};
 use burn_parallel::recompute::Recompute;
 use burn_parallel::rng::HostRng;
@@ -45,10 +45,12 @@ fn tokens(name: &str, shape: [usize; 2]) -> TensorData {
     TensorData::new((0..shape[0] * shape[1]).map(|_| (rng.next_u64() % 32) as i64).collect::<Vec<_>>(), shape)
 }
 
-/// The unsplit model's logits, loss and every gradient (parameters perturbed by `noise`).
+/// The unsplit model's logits, loss and every gradient (composed attention; parameters perturbed
+/// by `noise`).
 fn reference(cfg: &GptConfig, noise: &Perturb, x: &TensorData, y: &TensorData) -> (TensorData, f32, Vec<NamedParam>) {
     world(1, |c| {
-        let gpt = noise.apply(cfg.init::<B>(&c, &Default::default()).map_err(|e| e.to_string())?, &c);
+        let unsplit = cfg.clone().with_attention(AttentionKernel::Composed);
+        let gpt = noise.apply(unsplit.init::<B>(&c, &Default::default()).map_err(|e| e.to_string())?, &c);
         let ids = |d: &TensorData| Tensor::<B, 2, Int>::from_data(d.clone(), &Default::default());
         let logits = gpt.forward(ids(x)).into_data();
         let loss = gpt.loss(ids(x), ids(y));
@@ -88,10 +90,13 @@ fn check_layout(cfg: &GptConfig, cp: usize, tp: usize) -> Vec<usize> {
     })
 }
 
-/// Logits, loss and every gradient equal the unsplit model's over cp 2 and 4, with tp 2 and SP.
+/// Logits, loss and every gradient equal the unsplit model's (composed attention) over cp 2 and
+/// 4, with tp 2 and SP, through the composed and the chunked attention core (3 query rows per
+/// chunk: chunks of 2, 4 and 8 rows that do not divide evenly).
 #[test]
 fn context_parallel_equals_the_unsplit_model() {
-    for (name, base) in [("gpt2", gpt2()), ("llama", llama())] {
+    let chunked = |c: GptConfig| c.with_attention(AttentionKernel::Chunked(3));
+    for (name, base) in [("gpt2", gpt2()), ("llama", llama()), ("gpt2 chunked", chunked(gpt2())), ("llama chunked", chunked(llama()))] {
         for (cp, tp, sp) in [(2, 1, false), (4, 1, false), (2, 2, false), (2, 2, true)] {
             let n = check_layout(&base.clone().with_sequence_parallel(sp), cp, tp);
             assert!(n.iter().all(|&k| k > 15), "{name} cp {cp} tp {tp}: compared {n:?} tensors");
@@ -189,8 +194,25 @@ fn bad_layouts_are_clear_errors() {
     let e = gpt2().check_seq_len_cp(32, 1, 2).unwrap_err().to_string();
     assert!(e.contains("exceeds max_seq_len 16"), "{e}");
     let errors = world(2, |c: Comm| {
-        let gpt = gpt2().with_attention(AttentionKernel::Chunked(4)).init::<B>(&c.new_group("tp", &[c.rank()]).unwrap(), &Default::default()).unwrap();
+        let mut gpt = gpt2().init::<B>(&c.new_group("tp", &[c.global_rank()]).unwrap(), &Default::default()).unwrap();
+        // The fused kernels (CUDA, wgpu) take whole sequences only.
+        gpt.blocks[1].attn.core = AttentionCore::Fused;
         Ok(gpt.with_context_parallel(ContextParallel::new(c)).unwrap_err().to_string())
     });
-    assert!(errors[0].contains("context parallelism (2 ranks) runs the composed attention core") && errors[0].contains("Chunked(4)"), "{}", errors[0]);
+    assert!(errors[0].contains("context parallelism (2 ranks) runs the composed or chunked attention core") && errors[0].contains("Fused"), "{}", errors[0]);
+}
+
+/// Generation on a context-parallel model runs on whole sequences: every CP rank samples the
+/// unsplit model's tokens.
+#[test]
+fn generation_samples_the_unsplit_models_tokens() {
+    let prompt = [3, 1, 4, 1, 5];
+    for cfg in [gpt2(), llama()] {
+        let want = world(1, |c| Ok(cfg.init::<B>(&c, &Default::default()).unwrap().generate(&prompt, 12, 0.8, 7).unwrap())).remove(0);
+        let got = world(2, |c| {
+            let gpt = cfg.init::<B>(&c.new_group("tp", &[c.global_rank()]).unwrap(), &Default::default()).unwrap();
+            gpt.with_context_parallel(ContextParallel::new(c)).unwrap().generate(&prompt, 12, 0.8, 7).map_err(|e| e.to_string())
+        });
+        assert_eq!(got, vec![want.clone(), want]);
+    }
 }

@@ -208,8 +208,8 @@ pub(crate) struct Args {
     /// Context-parallel degree: each sequence split over this many ranks in load-balanced
     /// chunks, keys and values all-gathered in every attention (Megatron's
     /// --context-parallel-size; costs an all-gather per layer forward, a reduce-scatter
-    /// backward). --seq-len must be divisible by 2 × cp; the attention runs composed; no text
-    /// sample is generated.
+    /// backward). --seq-len must be divisible by 2 × cp; the attention runs chunked or composed
+    /// (auto: chunked on GPUs, composed on the CPU; the fused kernels are refused).
     #[arg(long, default_value_t = 1)]
     pub(crate) cp: usize,
     /// Clip the global gradient norm (over all TP/PP ranks, each parameter counted once) to this.
@@ -251,7 +251,7 @@ pub(crate) struct Args {
     /// Resume from a checkpoint directory, `latest` (the newest in --save-dir) or `auto` (the
     /// newest in --save-dir if there is one, else a fresh start or --init-from's weights: for
     /// jobs that restart themselves, e.g. `burn-parallel launch --max-restarts`): model,
-    /// optimizer, data position, dropout streams, step. Any dp/pp/tp/SP layout can load it.
+    /// optimizer, data position, dropout streams, step. Any dp/cp/pp/tp/SP layout can load it.
     #[arg(long)]
     pub(crate) resume: Option<String>,
     /// Stop after this step (saving a checkpoint with --save-dir), as a pre-empted job would;

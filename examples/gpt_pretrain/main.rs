@@ -95,8 +95,7 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_precision(args.precision)
         .with_recompute(args.recompute)
         .with_loss_chunk((args.loss_chunk > 0).then_some(args.loss_chunk))
-        // Context parallelism runs the composed core: `auto` resolves to it.
-        .with_attention(if args.cp > 1 && args.attention == AttentionKernel::Auto { AttentionKernel::Composed } else { args.attention })
+        .with_attention(context_parallel_attention(args))
         .with_tie_embeddings(args.tie_embeddings)
         .with_activation(args.activation)
         .with_norm(args.norm)
@@ -106,6 +105,19 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_bias(!args.no_bias)
         .with_kv_heads(args.kv_heads.filter(|&k| k != args.heads))
         .with_layer_norm_eps(args.norm_eps)
+}
+
+/// `--attention` under `--cp` (the fused kernels take whole sequences): `auto` is the chunked
+/// core on the GPU backends (no `s/C × s` scores kept; composed with attention dropout) and the
+/// composed one on the CPU, as without context parallelism.
+fn context_parallel_attention(args: &Args) -> AttentionKernel {
+    match (args.cp > 1, args.attention) {
+        (true, AttentionKernel::Auto) if args.device != DeviceKind::Cpu && args.dropout == 0.0 => {
+            AttentionKernel::Chunked(burn_parallel::attention::DEFAULT_CHUNK_ROWS)
+        }
+        (true, AttentionKernel::Auto) => AttentionKernel::Composed,
+        (_, kernel) => kernel,
+    }
 }
 
 /// This rank's optimizer: AdamW (β₂ 0.95) with f32 masters, DP reduction, global clipping
@@ -211,13 +223,9 @@ where
     let model = gpt.valid();
     let train_loss = evaluate(&model, &data.train, "train-eval", args, &device, &cp)?;
     let val_loss = evaluate(&model, &data.val, "val", args, &device, &cp)?;
-    let sample = if args.cp > 1 {
-        "(sampling needs whole sequences on one rank: run with --cp 1 to see generated text)".to_string()
-    } else {
-        let prompt: Vec<usize> = data.val.window(0, args.seq_len.min(16))?.into_iter().map(|t| t as usize).collect();
-        let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed).map_err(|e| e.to_string())?;
-        data.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>()).map_err(|e| e.to_string())?
-    };
+    let prompt: Vec<usize> = data.val.window(0, args.seq_len.min(16))?.into_iter().map(|t| t as usize).collect();
+    let tokens = model.generate(&prompt, args.sample_tokens, args.temperature, args.seed).map_err(|e| e.to_string())?;
+    let sample = data.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>()).map_err(|e| e.to_string())?;
     Ok(Summary { rank, device_bytes, first_loss: ended.first_loss, train_loss, val_loss, tokens_per_sec: ended.tokens_per_sec, sample, stopped: None })
 }
 
@@ -299,15 +307,15 @@ fn main_result(args: &Args) -> Result<(), String> {
     let config = gpt_config(args);
     config.validate(args.tp).map_err(|e| model_error(args, e))?;
     config.check_seq_len_cp(args.seq_len, args.tp, args.cp).map_err(|e| format!("--seq-len: {e}"))?;
-    if args.cp > 1 && config.attention != AttentionKernel::Composed {
+    if args.cp > 1 && config.attention == AttentionKernel::Fused {
         return Err(format!(
-            "--attention {}: context parallelism (--cp {}) runs the composed attention core (queries attend to the gathered keys by position); use --attention composed (or auto)",
+            "--attention {}: context parallelism (--cp {}) runs the chunked or composed attention core (queries attend to the gathered keys by position); use --attention chunked, composed or auto",
             args.attention, args.cp
         ));
     }
     pipelined::check_args(args)?;
-    if args.zero == 1 && args.dp == 1 {
-        return Err("--zero 1 shards the optimizer over the --dp group: with --dp 1 there is nothing to shard (refused rather than ignored)".into());
+    if args.zero == 1 && args.dp * args.cp == 1 {
+        return Err("--zero 1 shards the optimizer over the --dp group (with --cp: its dp × cp ranks): with --dp 1 there is nothing to shard (refused rather than ignored)".into());
     }
     if let Some(path) = &args.timeline {
         pipelined::write_timeline(args, path)?;

@@ -19,7 +19,9 @@
 //! With context parallelism ([`ParallelAttention::cp`], `burn_parallel::context`) the layer
 //! sees this rank's `s/C` tokens: queries and keys are rotated by their positions, keys and
 //! values are all-gathered over the CP group (backward: reduce-scatter) and the composed core
-//! masks by position, `[b, H/t, s/C, s]` scores.
+//! masks by position, `[b, H/t, s/C, s]` scores; the chunked core puts the keys in position
+//! order and runs each of the rank's two query chunks against the keys up to its end (no
+//! `s/C × s` tensor kept). The fused kernels take whole sequences only.
 //! With t = 1 and dropout 0 it equals `burn::nn::attention::MultiHeadAttention` with an
 //! autoregressive mask.
 
@@ -27,7 +29,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
-use burn_parallel::attention::{causal_attention, causal_attention_chunked, causal_attention_qkv, AttentionCore, AttentionKernel};
+use burn_parallel::attention::{causal_attention, causal_attention_chunked, causal_attention_chunked_at, causal_attention_qkv, AttentionCore, AttentionKernel};
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp};
 use burn_parallel::precision::{like, to_f32};
 use burn_parallel::rng::{RandomStreams, StreamCounter};
@@ -260,6 +262,9 @@ impl<B: ParallelBackend> ParallelAttention<B> {
         let (k, v) = (kv(k), kv(v));
         let scale = 1.0 / (self.d_head as f32).sqrt();
         let merge = |o: Tensor<B, 4>| o.swap_dims(1, 2).reshape([b, s, self.local_heads * self.d_head]);
+        if let (Some(cp), AttentionCore::Chunked(rows)) = (self.context_parallel(), self.core) {
+            return merge(chunked_context_parallel(q, k, v, scale, rows, cp));
+        }
         match self.core {
             AttentionCore::Fused => return merge(causal_attention(q, k, v, scale)),
             AttentionCore::Chunked(rows) => return merge(causal_attention_chunked(q, k, v, scale, rows)),
@@ -296,6 +301,31 @@ impl<B: ParallelBackend> RandomStreams for ParallelAttention<B> {
     fn random_streams(&self) -> Vec<StreamCounter> {
         self.dropout.random_streams()
     }
+}
+
+/// Context parallelism through the chunked core: `q [b, H, s/C, d]` (this rank's chunks `r` and
+/// `2C−1−r`), the gathered `k, v [b, H, s, d]` (rank order) put in position order; each query
+/// chunk of `n` attends to the keys up to its end ([`causal_attention_chunked_at`]).
+fn chunked_context_parallel<B: ParallelBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f32,
+    rows: usize,
+    cp: &burn_parallel::ContextParallel,
+) -> Tensor<B, 4> {
+    let (c, r, n) = (cp.size(), cp.rank(), q.dims()[2] / 2);
+    // Chunk j sits on rank j (its first half) for j < C, else on rank 2C−1−j (its second).
+    let in_order = |t: Tensor<B, 4>| {
+        let at = |j: usize| if j < c { 2 * j * n } else { (2 * (2 * c - 1 - j) + 1) * n };
+        Tensor::cat((0..2 * c).map(|j| t.clone().narrow(2, at(j), n)).collect(), 2)
+    };
+    let (k, v) = (in_order(k), in_order(v));
+    let half = |i: usize, chunk: usize| {
+        let end = (chunk + 1) * n;
+        causal_attention_chunked_at(q.clone().narrow(2, i * n, n), k.clone().narrow(2, 0, end), v.clone().narrow(2, 0, end), scale, rows, chunk * n)
+    };
+    Tensor::cat(vec![half(0, r), half(1, 2 * c - 1 - r)], 2)
 }
 
 /// `[1, 1, queries, keys]`: key position > query position (true: masked), the causal mask of

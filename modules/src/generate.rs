@@ -9,8 +9,9 @@ use crate::gpt::Gpt;
 impl<B: ParallelBackend> Gpt<B> {
     /// Samples `n_new` tokens after `prompt` (temperature sampling; greedy when `temperature` is
     /// 0). Every TP rank must call it with the same arguments; all get the same tokens.
-    /// Runs without sequence parallelism (any context length). An empty prompt or a token id
-    /// outside the vocabulary is an error.
+    /// Runs without sequence parallelism (any context length) and without context parallelism
+    /// (each CP rank generates the whole sequence, as the TP ranks do). An empty prompt or a
+    /// token id outside the vocabulary is an error.
     pub fn generate(&self, prompt: &[usize], n_new: usize, temperature: f64, seed: u64) -> Result<Vec<usize>, ConfigError> {
         // Padded ids (Megatron's divisible-by padding) are not tokens: refused like any other.
         let vocab = self.vocab_used.unwrap_or(self.wte.vocab_local * self.wte.tp.size());
@@ -22,6 +23,9 @@ impl<B: ParallelBackend> Gpt<B> {
         }
         if self.sequence_parallel {
             return self.clone().with_sequence_parallel(false).generate(prompt, n_new, temperature, seed);
+        }
+        if self.wte.cp.is_some() {
+            return self.clone().whole_sequences().generate(prompt, n_new, temperature, seed);
         }
         let device = self.wte.weight.val().device();
         let max = self.max_seq_len;

@@ -455,11 +455,21 @@ impl<B: ParallelBackend> Gpt<B> {
     /// is given are then this rank's chunks (`ContextParallel::split_data` of the whole
     /// `[b, s]`), its logits theirs, and its loss their mean; average the gradients over the DP
     /// group (which holds the CP ranks). Each block's keys and values are all-gathered over
-    /// `cp`. Needs the composed attention core (the fused and chunked kernels take whole causal
+    /// `cp`. Needs the composed or chunked attention core (the fused kernels take whole causal
     /// sequences): an error names it otherwise.
     pub fn with_context_parallel(mut self, cp: burn_parallel::ContextParallel) -> Result<Self, ConfigError> {
         attach_context_parallel(Some(&mut self.wte), &mut self.blocks, cp)?;
         Ok(self)
+    }
+
+    /// The same model without context parallelism (parameters shared): it takes whole
+    /// sequences again (generation).
+    pub(crate) fn whole_sequences(mut self) -> Self {
+        self.wte.cp = None;
+        for b in &mut self.blocks {
+            b.attn.cp = None;
+        }
+        self
     }
 
     /// The same model with sequence parallelism switched on or off (parameters shared), for
@@ -485,9 +495,9 @@ pub(crate) fn attach_context_parallel<B: ParallelBackend>(
     cp: burn_parallel::ContextParallel,
 ) -> Result<(), ConfigError> {
     if cp.size() > 1 {
-        if let Some(b) = blocks.iter().find(|b| b.attn.core != burn_parallel::attention::AttentionCore::Composed) {
+        if let Some(b) = blocks.iter().find(|b| b.attn.core == burn_parallel::attention::AttentionCore::Fused) {
             return Err(ConfigError::Invalid(format!(
-                "context parallelism ({} ranks) runs the composed attention core (queries attend to the gathered keys by position), but the blocks run {:?}: choose the composed attention",
+                "context parallelism ({} ranks) runs the composed or chunked attention core (queries attend to the gathered keys by position), but the blocks run {:?}: choose the chunked or composed attention",
                 cp.size(),
                 b.attn.core
             )));

@@ -16,6 +16,10 @@
 //! dtype as a matmul's operand (`P·v`, `Pᵀ·dO`, `dS·k`, `dSᵀ·q`); `D`, `lse` and the dk/dv
 //! accumulators are f32. In f32 every cast is a no-op.
 //!
+//! Context parallelism (`offset` > 0 in [`forward_at`], [`backward_at`]): queries at positions
+//! `offset..offset + s_q` against keys `0..s_k` (`s_k ≥ offset + s_q`), a chunk seeing keys
+//! `j < offset + c1`; `dk`, `dv` are `s_k` long (zero past the last query's position).
+//!
 //! Memory: one chunk's `[b, H, c, ≤ s]` f32 scores/probabilities at a time instead of the
 //! `[b, H, s, s]` ones, and no f32 copy of a whole `q, k, v, dO` or `o`; `o` is built as
 //! `[b, s, H, d]` (what the attention layer reads after swapping the heads back: no copy there)
@@ -56,17 +60,18 @@ fn rows_of<B: Backend>(x: &Tensor<B, 4>, a: usize, b: usize) -> Tensor<B, 4> {
     x.clone().slice([0..n, 0..h, a..b, 0..d])
 }
 
-/// `(o [b, H, s, d] view of [b, s, H, d], lse [b, H, s] f32)`.
-pub fn forward<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f32, rows: usize) -> (Tensor<B, 4>, Tensor<B, 3>) {
+/// `(o [b, H, s, d] view of [b, s, H, d], lse [b, H, s] f32)` of queries at positions
+/// `offset..offset + s_q` (0: the whole causal sequence; see the module docs).
+pub fn forward_at<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f32, rows: usize, offset: usize) -> (Tensor<B, 4>, Tensor<B, 3>) {
     let s = q.dims()[2];
     let dtype = q.dtype();
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for (c0, c1) in chunks(s, rows) {
-        let scores = chunk_scores(rows_of(&q, c0, c1), rows_of(&k, 0, c1), c0, scale);
+        let scores = chunk_scores(rows_of(&q, c0, c1), rows_of(&k, 0, offset + c1), offset + c0, scale);
         let m = scores.clone().max_dim(3);
         let e = (scores - m.clone()).exp();
         let l = e.clone().sum_dim(3);
-        let o = cast_to(e / l.clone(), v.dtype()).matmul(rows_of(&v, 0, c1));
+        let o = cast_to(e / l.clone(), v.dtype()).matmul(rows_of(&v, 0, offset + c1));
         outs.push(cast_to(o, dtype).swap_dims(1, 2));
         lses.push((m + l.log()).squeeze_dim::<3>(3));
     }
@@ -97,10 +102,11 @@ pub struct Saved<B: Backend> {
     pub lse: Tensor<B, 3>,
 }
 
-/// `(dq, dk, dv)`, each in its input's dtype, for the output gradient `dout`.
-pub fn backward<B: Backend>(dout: Tensor<B, 4>, saved: Saved<B>, scale: f32, rows: usize) -> [Tensor<B, 4>; 3] {
+/// `(dq, dk, dv)` of [`forward_at`], each in its input's dtype, for the output gradient
+/// `dout`: `dk`, `dv` as long as `k`.
+pub fn backward_at<B: Backend>(dout: Tensor<B, 4>, saved: Saved<B>, scale: f32, rows: usize, offset: usize) -> [Tensor<B, 4>; 3] {
     let Saved { q, k, v, o, lse } = saved;
-    let s = q.dims()[2];
+    let (s, sk) = (q.dims()[2], k.dims()[2]);
     let (dq_dtype, k_dtype, v_dtype) = (q.dtype(), k.dtype(), v.dtype());
     let lse = lse.unsqueeze_dim::<4>(3);
     let (mut dk, mut dv, mut dqs) = (None, None, Vec::new());
@@ -108,14 +114,14 @@ pub fn backward<B: Backend>(dout: Tensor<B, 4>, saved: Saved<B>, scale: f32, row
     // result (no zeros), and the earlier chunks add into their first rows.
     let all: Vec<_> = chunks(s, rows).collect();
     for &(c0, c1) in all.iter().rev() {
-        let (qc, doc, kk, vv) = (rows_of(&q, c0, c1), rows_of(&dout, c0, c1), rows_of(&k, 0, c1), rows_of(&v, 0, c1));
+        let (qc, doc, kk, vv) = (rows_of(&q, c0, c1), rows_of(&dout, c0, c1), rows_of(&k, 0, offset + c1), rows_of(&v, 0, offset + c1));
         let delta = (to_f32(doc.clone()) * to_f32(rows_of(&o, c0, c1))).sum_dim(3);
-        let p = (chunk_scores(qc.clone(), kk.clone(), c0, scale) - rows_of(&lse, c0, c1)).exp();
+        let p = (chunk_scores(qc.clone(), kk.clone(), offset + c0, scale) - rows_of(&lse, c0, c1)).exp();
         let dp = to_f32(doc.clone().matmul(vv.swap_dims(2, 3)));
-        dv = Some(add_rows(dv, to_f32(cast_to(p.clone(), doc.dtype()).swap_dims(2, 3).matmul(doc)), s));
+        dv = Some(add_rows(dv, to_f32(cast_to(p.clone(), doc.dtype()).swap_dims(2, 3).matmul(doc)), sk));
         let ds = (p * (dp - delta)).mul_scalar(scale);
         dqs.push(cast_to(cast_to(ds.clone(), kk.dtype()).matmul(kk), dq_dtype));
-        dk = Some(add_rows(dk, to_f32(cast_to(ds, qc.dtype()).swap_dims(2, 3).matmul(qc)), s));
+        dk = Some(add_rows(dk, to_f32(cast_to(ds, qc.dtype()).swap_dims(2, 3).matmul(qc)), sk));
     }
     let (dk, dv) = (dk.expect("s > 0: one chunk at least"), dv.expect("s > 0"));
     dqs.reverse();

@@ -131,7 +131,20 @@ pub trait AttentionBackend: Backend {
     /// `(o, lse)` of causal attention computed `rows` queries at a time (Burn ops on any
     /// backend, no `s × s` tensor: see `chunked.rs`).
     fn causal_attention_chunked(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32, rows: usize) -> AttentionForward<Self> {
-        let (o, lse) = chunked::forward(wrap::<Self, 4>(q), wrap(k), wrap(v), scale, rows);
+        Self::causal_attention_chunked_at(q, k, v, scale, rows, 0)
+    }
+
+    /// [`causal_attention_chunked`](Self::causal_attention_chunked) of queries at positions
+    /// `offset..offset + s_q` against keys `0..s_k` (context parallelism; `chunked.rs`).
+    fn causal_attention_chunked_at(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+        rows: usize,
+        offset: usize,
+    ) -> AttentionForward<Self> {
+        let (o, lse) = chunked::forward_at(wrap::<Self, 4>(q), wrap(k), wrap(v), scale, rows, offset);
         (prim(o), prim(lse))
     }
 
@@ -147,8 +160,24 @@ pub trait AttentionBackend: Backend {
         scale: f32,
         rows: usize,
     ) -> AttentionBackward<Self> {
+        Self::causal_attention_chunked_backward_at(dout, q, k, v, o, lse, scale, rows, 0)
+    }
+
+    /// `(dq, dk, dv)` of [`causal_attention_chunked_at`](Self::causal_attention_chunked_at).
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_chunked_backward_at(
+        dout: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        scale: f32,
+        rows: usize,
+        offset: usize,
+    ) -> AttentionBackward<Self> {
         let saved = chunked::Saved { q: wrap(q), k: wrap(k), v: wrap(v), o: wrap(o), lse: wrap(lse) };
-        let [dq, dk, dv] = chunked::backward(wrap::<Self, 4>(dout), saved, scale, rows);
+        let [dq, dk, dv] = chunked::backward_at(wrap::<Self, 4>(dout), saved, scale, rows, offset);
         (prim(dq), prim(dk), prim(dv))
     }
 
@@ -167,6 +196,8 @@ struct AttentionBackwardOp {
     scale: f32,
     /// Query rows per chunk of the chunked path (`None`: the backend's fused or composed op).
     rows: Option<usize>,
+    /// The chunked path's first query position.
+    offset: usize,
 }
 
 impl<B: AttentionBackend> Backward<B, 3> for AttentionBackwardOp {
@@ -178,7 +209,7 @@ impl<B: AttentionBackend> Backward<B, 3> for AttentionBackwardOp {
         let dout = grads.consume::<B>(&ops.node);
         let (q, k, v, o, lse) = ops.state;
         let (dq, dk, dv) = match self.rows {
-            Some(rows) => B::causal_attention_chunked_backward(dout, q, k, v, o, lse, self.scale, rows),
+            Some(rows) => B::causal_attention_chunked_backward_at(dout, q, k, v, o, lse, self.scale, rows, self.offset),
             None => B::causal_attention_backward(dout, q, k, v, o, lse, self.scale),
         };
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
@@ -199,15 +230,26 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
     }
 
     fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> AttentionForward<Self> {
-        tracked::<B, C>(q, k, v, scale, None)
+        tracked::<B, C>(q, k, v, scale, None, 0)
     }
 
     fn causal_attention_chunked(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32, rows: usize) -> AttentionForward<Self> {
-        tracked::<B, C>(q, k, v, scale, Some(rows))
+        tracked::<B, C>(q, k, v, scale, Some(rows), 0)
+    }
+
+    fn causal_attention_chunked_at(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+        rows: usize,
+        offset: usize,
+    ) -> AttentionForward<Self> {
+        tracked::<B, C>(q, k, v, scale, Some(rows), offset)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn causal_attention_chunked_backward(
+    fn causal_attention_chunked_backward_at(
         dout: FloatTensor<Self>,
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -216,9 +258,10 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         lse: FloatTensor<Self>,
         scale: f32,
         rows: usize,
+        offset: usize,
     ) -> AttentionBackward<Self> {
         let inner = |t: FloatTensor<Self>| <Self as AutodiffBackend>::inner(t);
-        let (dq, dk, dv) = B::causal_attention_chunked_backward(inner(dout), inner(q), inner(k), inner(v), inner(o), inner(lse), scale, rows);
+        let (dq, dk, dv) = B::causal_attention_chunked_backward_at(inner(dout), inner(q), inner(k), inner(v), inner(o), inner(lse), scale, rows, offset);
         let outer = |t| <Self as AutodiffBackend>::from_inner(t);
         (outer(dq), outer(dk), outer(dv))
     }
@@ -251,14 +294,15 @@ fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
     v: FloatTensor<Autodiff<B, C>>,
     scale: f32,
     rows: Option<usize>,
+    offset: usize,
 ) -> AttentionForward<Autodiff<B, C>> {
     let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
     let (qi, ki, vi) = (q.primitive.clone(), k.primitive.clone(), v.primitive.clone());
     let (o, lse) = match rows {
-        Some(rows) => B::causal_attention_chunked(qi, ki, vi, scale, rows),
+        Some(rows) => B::causal_attention_chunked_at(qi, ki, vi, scale, rows, offset),
         None => B::causal_attention(qi, ki, vi, scale),
     };
-    let out = match (AttentionBackwardOp { scale, rows }).prepare::<C>(nodes).compute_bound().stateful() {
+    let out = match (AttentionBackwardOp { scale, rows, offset }).prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish((q.primitive, k.primitive, v.primitive, o.clone(), lse.clone()), o),
         OpsKind::UnTracked(prep) => prep.finish(o),
     };
@@ -315,6 +359,37 @@ fn check_qkv<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>) {
             q.dtype()
         );
     }
+}
+
+/// [`causal_attention_chunked`] of queries at positions `offset..offset + s_q` (`q: [b, H, s_q,
+/// d]`) against keys and values at `0..s_k` (`[b, H, s_k, d]`): a context-parallel rank's chunk
+/// of queries against the gathered sequence. Keys past the last query's position are never read
+/// (their gradients are zero).
+///
+/// # Panics
+/// If `k` and `v` differ in shape or dtype, differ from `q` but in length, `s_k < offset + s_q`,
+/// or `rows` is 0.
+pub fn causal_attention_chunked_at<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f32,
+    rows: usize,
+    offset: usize,
+) -> Tensor<B, 4> {
+    let ([b, h, sq, d], [kb, kh, sk, kd]) = (q.dims(), k.dims());
+    assert!(
+        k.dims() == v.dims() && k.dtype() == v.dtype() && k.dtype() == q.dtype(),
+        "causal_attention_chunked_at: k {:?} {:?}, v {:?} {:?}, q {:?}",
+        k.dims(),
+        k.dtype(),
+        v.dims(),
+        v.dtype(),
+        q.dtype()
+    );
+    assert!([kb, kh, kd] == [b, h, d] && sk >= offset + sq, "causal_attention_chunked_at: q {:?} at {offset} against k {:?}", q.dims(), k.dims());
+    assert!(rows > 0, "chunked attention needs at least one query row per chunk");
+    wrap(B::causal_attention_chunked_at(prim(q), prim(k), prim(v), scale, rows, offset).0)
 }
 
 /// Query rows per chunk of `chunked` without a number.

@@ -314,8 +314,8 @@ fn checkpoint(action: CheckpointCmd) -> Result<(), CheckpointError> {
             println!("{}: step {} (format version {})", ckpt.dir().display(), m.step, m.version);
             let l = &m.layout;
             println!(
-                "layout: dp {} pp {} tp {} virtual stages {} sequence parallel {}",
-                l.data_parallel, l.pipeline_parallel, l.tensor_parallel, l.virtual_stages, l.sequence_parallel
+                "layout: dp {} cp {} pp {} tp {} virtual stages {} sequence parallel {}",
+                l.data_parallel, l.context_parallel, l.pipeline_parallel, l.tensor_parallel, l.virtual_stages, l.sequence_parallel
             );
             println!("train: {} tokens, {} samples, lr {:e}", m.train.tokens_seen, m.train.samples_seen, m.train.lr);
             println!("files: {} ({} bytes)", m.files.len(), m.files.values().sum::<u64>());

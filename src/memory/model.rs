@@ -36,8 +36,14 @@
 //! pipeline, `m` micro-batches are gradient accumulation: one in flight, the f32 gradients
 //! kept from the first backward on.
 //!
+//! Context parallelism (`cp` C, composed attention only): `N = b·s/C` tokens, the scores
+//! `b·(a/t)·(s/C)·s`, plus the all-gathered keys and values `2·b·s·h/t` kept (grouped-query
+//! attention: repeated per query head; selective recompute drops them with the core) and, in
+//! the backward, their gradients and (thread ranks) the reduce-scatter's staged copies, `2·`
+//! that, transient.
+//!
 //! Model state per rank (`P` its parameters): parameters `P·e`; AdamW moments `8·P/z` and, in
-//! bf16, the f32 master `4·P/z` (`z` = dp under ZeRO-1, else 1); gradients `4·P` (f32:
+//! bf16, the f32 master `4·P/z` (`z` = dp × cp under ZeRO-1, else 1); gradients `4·P` (f32:
 //! accumulated over micro-batches; bf16 gradients are cast to f32 when accumulated or reduced).
 //! With tied embeddings the head has no `h·V/t` weight of its own, except on a pipeline's last
 //! stage (the replica of the first stage's table).
@@ -197,7 +203,6 @@ impl Dims {
     fn new(g: &GptShape, plan: &TrainPlan) -> Self {
         // Context parallelism: this rank's tokens, queries against every key.
         let local = g.seq / plan.cp.max(1);
-        let kv_width = g.arch.kv_heads.unwrap_or(g.heads) * (g.hidden / g.heads);
         Dims {
             n: (plan.microbatch * local) as f64,
             h: g.hidden as f64,
@@ -214,7 +219,9 @@ impl Dims {
             chunk: plan.loss_chunk,
             core: if plan.dropout { AttentionCore::Composed } else { plan.attention },
             att_rows: (plan.microbatch * g.heads / plan.tp * local) as f64,
-            gathered_kv: if plan.cp > 1 { (2 * plan.microbatch * g.seq * kv_width / plan.tp) as f64 } else { 0.0 },
+            // The gathered keys and values as the matmuls keep them: `[b, a/t, s, d]` each
+            // (grouped-query attention: repeated for every query head).
+            gathered_kv: if plan.cp > 1 { (2 * plan.microbatch * g.seq * g.hidden / plan.tp) as f64 } else { 0.0 },
             s: g.seq as f64,
             act_kept: match g.activation {
                 crate::activation::Activation::Gelu => 0.0,
@@ -264,7 +271,9 @@ impl Dims {
                 let half_operands = if self.e < 4.0 { last * 4.0 + 2.0 * last * self.e } else { 0.0 };
                 self.att_rows * 4.0 + 2.0 * local * 4.0 + local * self.e + 2.0 * last * 4.0 + half_operands
             }
-            AttentionCore::Composed => 2.0 * self.s2 * 4.0 + if self.e < 4.0 { 2.0 * self.s2 * self.e } else { 0.0 },
+            // Context parallelism: the gathered keys' and values' gradients, and on thread
+            // ranks their staged copies for the reduce-scatter.
+            AttentionCore::Composed => 2.0 * self.s2 * 4.0 + if self.e < 4.0 { 2.0 * self.s2 * self.e } else { 0.0 } + 2.0 * self.gathered_kv * self.e,
         }
     }
     /// Bytes a block keeps without recompute.
@@ -280,7 +289,8 @@ impl Dims {
             Recompute::None => self.block(),
             // A fused or chunked core keeps only o and the lse: the block keeps its graph.
             Recompute::Selective if self.core.keeps_lse_only() => self.block(),
-            Recompute::Selective => self.block() - self.core(),
+            // The core (with context parallelism its gathered keys and values) is rerun.
+            Recompute::Selective => self.block() - self.core() - self.e * self.gathered_kv,
             Recompute::Full => self.e * self.seq(),
         }
     }
@@ -359,8 +369,12 @@ fn check(g: &GptShape, plan: &TrainPlan) -> Result<(), String> {
         }
     }
     crate::context::check_seq_len(g.seq, plan.cp).map_err(|e| e.to_string())?;
-    if plan.cp > 1 && plan.attention != AttentionCore::Composed {
-        return Err(format!("context parallelism (cp {}) runs the composed attention core, not {:?}", plan.cp, plan.attention));
+    let local = g.seq / plan.cp.max(1);
+    if plan.sequence_parallel && !local.is_multiple_of(plan.tp) {
+        return Err(format!("sequence parallelism splits each rank's {local} tokens over tensor_parallel = {}: not divisible", plan.tp));
+    }
+    if plan.cp > 1 && plan.attention == AttentionCore::Fused {
+        return Err(format!("context parallelism (cp {}) runs the composed or chunked attention core, not {:?}", plan.cp, plan.attention));
     }
     if plan.microbatch == 0 || plan.microbatches == 0 {
         return Err(format!("a step needs at least one sample: micro-batch size {}, {} micro-batches", plan.microbatch, plan.microbatches));

@@ -15,6 +15,7 @@
 //!   gradient accumulation, `--metrics`, model FLOPs, and `--device wgpu` against the CPU.
 
 mod checkpoints;
+mod context;
 mod processes;
 mod runs;
 

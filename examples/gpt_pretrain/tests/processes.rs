@@ -16,7 +16,7 @@ fn free_port() -> u16 {
 }
 
 /// Starts the `n` rank processes of one `--comm tcp` job.
-fn ranks(n: usize, flags: &str) -> Vec<Child> {
+pub(super) fn ranks(n: usize, flags: &str) -> Vec<Child> {
     ranks_with(n, |_| flags.to_string())
 }
 
@@ -51,7 +51,7 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
 
 /// Waits for every rank: (exit status, stdout, stderr) each; what was already taken from a
 /// pipe is not in it.
-fn finish(procs: Vec<Child>) -> Vec<(ExitStatus, String, String)> {
+pub(super) fn finish(procs: Vec<Child>) -> Vec<(ExitStatus, String, String)> {
     let pipes: Vec<_> = procs.into_iter().map(|mut c| (drain(c.stdout.take()), drain(c.stderr.take()), c)).collect();
     pipes.into_iter().map(|(o, e, mut c)| (c.wait().unwrap(), o.join().unwrap(), e.join().unwrap())).collect()
 }
