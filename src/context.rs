@@ -12,9 +12,11 @@
 //! sequence over the CP group ([`ContextParallel::gather`]: **all-gather forward,
 //! reduce-scatter backward**, so every query's contribution to `dK`, `dV` reaches the rank
 //! holding that token), and its queries `[b, H/t, s/C, d]` attend to the gathered `[b, H/t, s, d]`
-//! under the causal mask of their positions (key position ≤ query position), `[b, H/t, s/C, s]`
-//! scores (the all-gather of keys and values that Llama 3's training used; Megatron overlaps a
-//! ring of send/recv with the attention instead).
+//! under the causal mask of their positions (key position ≤ query position): the composed core's
+//! `[b, H/t, s/C, s]` scores, or the chunked core on the keys put in position order, each query
+//! chunk against the keys up to its end (`causal_attention_chunked_at`, no `s/C × s` tensor).
+//! This is the all-gather of keys and values that Llama 3's training used; Megatron overlaps a
+//! ring of send/recv with the attention instead.
 //!
 //! **Loss and gradients**: a rank's loss is the mean over its `s/C` tokens, so the mean over the
 //! group is the sample's; the parameters are replicated over the group and their gradients are
@@ -134,6 +136,19 @@ impl ContextParallel {
         let n = s / (2 * c);
         let (r, late) = (self.rank(), 2 * c - 1 - self.rank());
         Tensor::cat(vec![x.clone().narrow(dim, r * n, n), x.narrow(dim, late * n, n)], dim)
+    }
+
+    /// A [`gather`](Self::gather)ed tensor's rows put in position order along `dim` (chunk `j`
+    /// is the first half of rank `j`'s rows for `j < C`, else the second half of rank
+    /// `2C−1−j`'s); a copy, the gradient flows back.
+    pub fn to_position_order<B: Backend, const D: usize, K: BasicOps<B>>(&self, x: Tensor<B, D, K>, dim: usize) -> Tensor<B, D, K> {
+        let c = self.size();
+        if c == 1 {
+            return x;
+        }
+        let n = x.dims()[dim] / (2 * c);
+        let at = |j: usize| if j < c { 2 * j * n } else { (2 * (2 * c - 1 - j) + 1) * n };
+        Tensor::cat((0..2 * c).map(|j| x.clone().narrow(dim, at(j), n)).collect(), dim)
     }
 
     /// All-gather of every rank's rows along `dim` in rank order (rows at

@@ -104,14 +104,27 @@ fn context_parallel_equals_the_unsplit_model() {
     }
 }
 
-/// The chunks hold different positions: a rank attending only to its own tokens, or taking the
-/// wrong rows of the position embedding, would not equal the unsplit model (this is what the
-/// test above would catch); here the split itself: the two ranks' ids interleave as designed.
+/// The split itself: the two ranks' ids interleave as designed, and gathering and reordering
+/// gives the whole sequence back.
 #[test]
 fn each_rank_reads_its_two_chunks() {
     let x = TensorData::new((0..16i64).collect::<Vec<_>>(), [1, 16]);
     let got = world(2, |c| Ok(ContextParallel::new(c).split_data(&x, 1).unwrap().to_vec::<i64>().unwrap()));
     assert_eq!(got, vec![vec![0, 1, 2, 3, 12, 13, 14, 15], vec![4, 5, 6, 7, 8, 9, 10, 11]]);
+    // Split, gathered (rank order) and put in position order: the whole sequence again, at
+    // cp 2 and 4; the gathered rows sit at `gathered_positions`.
+    for c in [2, 4] {
+        let whole: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let back = world(c, |comm| {
+            let cp = ContextParallel::new(comm);
+            let mine = Tensor::<B, 2>::from_data(TensorData::new(whole.clone(), [1, 16]), &Default::default());
+            let gathered = cp.gather(cp.split(mine, 1), 1);
+            let at: Vec<f32> = cp.gathered_positions(16 / c).into_iter().map(|p| p as f32).collect();
+            assert_eq!(gathered.clone().into_data().to_vec::<f32>().unwrap(), at, "cp {c}: gathered rows");
+            Ok(cp.to_position_order(gathered, 1).into_data().to_vec::<f32>().unwrap())
+        });
+        assert!(back.iter().all(|b| *b == whole), "cp {c}: {back:?}");
+    }
 }
 
 fn cp(l: Layout, cp: usize) -> Layout {

@@ -230,6 +230,49 @@ fn chunked_attention_at_a_long_sequence_is_predicted_and_drops_the_scores() {
     }
 }
 
+/// Context parallelism at a long sequence (cp 2, 512 tokens: the attention dominates), composed
+/// and chunked (64 rows): the model's peak within ±10% of the heaviest CP rank's, and no rank
+/// above it by more than 10%; the chunked core's saving measured as predicted. (With the
+/// chunked core the two CP ranks differ: rank 0, chunks 0 and 3, measured 12% below rank 1.)
+#[test]
+fn context_parallel_at_a_long_sequence_is_predicted_on_every_rank() {
+    use burn_parallel::attention::AttentionCore;
+    let _one = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let shape = GptShape {
+        vocab: 128,
+        seq: 512,
+        hidden: 32,
+        heads: 4,
+        layers: 2,
+        ffn: 128,
+        tied_embeddings: false,
+        activation: burn_parallel::activation::Activation::Gelu,
+        arch: burn_parallel::arch::Arch::GPT2,
+    };
+    let peak = |attention| {
+        let plan = burn_parallel::memory::TrainPlan { attention, cp: 2, ..harness::plan(1, 1, 1, 2) };
+        let rows = compare(&shape, &plan);
+        let predicted = rows[0].2.peak;
+        for (r, measured, p) in &rows {
+            eprintln!(
+                "cp 2 {attention:?}: pp rank {r}: predicted {:.2} MB, measured {:.2} MB ({:.3})",
+                p.peak / 1e6,
+                *measured as f64 / 1e6,
+                p.peak / *measured as f64
+            );
+            assert!(*measured as f64 <= 1.1 * p.peak, "cp 2 {attention:?}: a rank measured {measured} bytes, predicted {}", p.peak);
+        }
+        let heaviest = rows.iter().map(|r| r.1).max().unwrap() as f64;
+        assert!((0.9..=1.1).contains(&(predicted / heaviest)), "cp 2 {attention:?}: predicted {predicted} vs the heaviest rank's {heaviest} bytes");
+        (heaviest, predicted)
+    };
+    let (composed, composed_model) = peak(AttentionCore::Composed);
+    let (chunked, chunked_model) = peak(AttentionCore::Chunked(64));
+    let (measured, predicted) = (chunked / composed, chunked_model / composed_model);
+    eprintln!("cp 2: chunked/composed peak measured {measured:.3}, predicted {predicted:.3}");
+    assert!(measured < 0.8 && (measured - predicted).abs() < 0.08, "chunked/composed {measured:.3} measured, {predicted:.3} predicted");
+}
+
 /// A large vocabulary (`V ≫ h`: the logits and the cross-entropy dominate the peak, which the
 /// grid's vocabulary of 256 never lets them do): whole and chunked loss, f32 and bf16, each
 /// predicted within ±10%; the chunked loss's peak is below the whole one's, as predicted.

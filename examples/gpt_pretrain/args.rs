@@ -305,7 +305,8 @@ pub(crate) struct Args {
     /// where the backend has no kernels or --dropout > 0); chunked[:ROWS] (Burn ops on ROWS
     /// queries at a time, default 256, any backend: no [b, heads, s, s] tensor stored; the
     /// backward recomputes the scores, one matmul more of attention's six, but the masked half
-    /// of the scores is never computed; --dropout must be 0).
+    /// of the scores is never computed; --dropout must be 0). Under --cp, auto is chunked on the
+    /// GPU backends and composed on the CPU, and fused is refused.
     #[arg(long, default_value = "auto", value_parser = parse_attention)]
     pub(crate) attention: AttentionKernel,
     /// The fused attention kernels on tensor cores for bf16 (CUDA's 16×16×16 wmma; cooperative

@@ -246,6 +246,9 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     pub fn core(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, _] = q.dims();
         let (k, v) = match self.context_parallel() {
+            // The chunked core takes the keys in position order (before any repetition for
+            // grouped-query attention: the copy is of the key/value heads only).
+            Some(cp) if matches!(self.core, AttentionCore::Chunked(_)) => (cp.to_position_order(cp.gather(k, 1), 1), cp.to_position_order(cp.gather(v, 1), 1)),
             Some(cp) => (cp.gather(k, 1), cp.gather(v, 1)),
             None => (k, v),
         };
@@ -304,8 +307,8 @@ impl<B: ParallelBackend> RandomStreams for ParallelAttention<B> {
 }
 
 /// Context parallelism through the chunked core: `q [b, H, s/C, d]` (this rank's chunks `r` and
-/// `2C−1−r`), the gathered `k, v [b, H, s, d]` (rank order) put in position order; each query
-/// chunk of `n` attends to the keys up to its end ([`causal_attention_chunked_at`]).
+/// `2C−1−r`), the gathered `k, v [b, H, s, d]` in position order; each query chunk of `n`
+/// attends to the keys up to its end ([`causal_attention_chunked_at`]).
 fn chunked_context_parallel<B: ParallelBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -315,16 +318,9 @@ fn chunked_context_parallel<B: ParallelBackend>(
     cp: &burn_parallel::ContextParallel,
 ) -> Tensor<B, 4> {
     let (c, r, n) = (cp.size(), cp.rank(), q.dims()[2] / 2);
-    // Chunk j sits on rank j (its first half) for j < C, else on rank 2C−1−j (its second).
-    let in_order = |t: Tensor<B, 4>| {
-        let at = |j: usize| if j < c { 2 * j * n } else { (2 * (2 * c - 1 - j) + 1) * n };
-        Tensor::cat((0..2 * c).map(|j| t.clone().narrow(2, at(j), n)).collect(), 2)
-    };
-    let (k, v) = (in_order(k), in_order(v));
-    let half = |i: usize, chunk: usize| {
-        let end = (chunk + 1) * n;
-        causal_attention_chunked_at(q.clone().narrow(2, i * n, n), k.clone().narrow(2, 0, end), v.clone().narrow(2, 0, end), scale, rows, chunk * n)
-    };
+    // Both chunks take the whole `k`, `v` (one saved copy; keys past a chunk's end are never
+    // read, their gradient rows are zero), so every rank holds and returns the same sizes.
+    let half = |i: usize, chunk: usize| causal_attention_chunked_at(q.clone().narrow(2, i * n, n), k.clone(), v.clone(), scale, rows, chunk * n);
     Tensor::cat(vec![half(0, r), half(1, 2 * c - 1 - r)], 2)
 }
 

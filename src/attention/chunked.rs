@@ -110,8 +110,9 @@ pub fn backward_at<B: Backend>(dout: Tensor<B, 4>, saved: Saved<B>, scale: f32, 
     let (dq_dtype, k_dtype, v_dtype) = (q.dtype(), k.dtype(), v.dtype());
     let lse = lse.unsqueeze_dim::<4>(3);
     let (mut dk, mut dv, mut dqs) = (None, None, Vec::new());
-    // Last chunk first: it sees every key, so the dk/dv accumulators start as its full-size
-    // result (no zeros), and the earlier chunks add into their first rows.
+    // Last chunk first: it sees every key up to the last query's position, so the dk/dv
+    // accumulators start as its result (zero-padded only where `k` reaches past that
+    // position), and the earlier chunks add into their first rows.
     let all: Vec<_> = chunks(s, rows).collect();
     for &(c0, c1) in all.iter().rev() {
         let (qc, doc, kk, vv) = (rows_of(&q, c0, c1), rows_of(&dout, c0, c1), rows_of(&k, 0, offset + c1), rows_of(&v, 0, offset + c1));

@@ -135,7 +135,9 @@ pub trait AttentionBackend: Backend {
     }
 
     /// [`causal_attention_chunked`](Self::causal_attention_chunked) of queries at positions
-    /// `offset..offset + s_q` against keys `0..s_k` (context parallelism; `chunked.rs`).
+    /// `offset..offset + s_q` against keys `0..s_k` (context parallelism; `chunked.rs`). The
+    /// autodiff op calls this pair (`_at`, `_backward_at`) for every chunked attention, offset 0
+    /// included: a backend overrides this pair, not the plain chunked methods.
     fn causal_attention_chunked_at(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -188,7 +188,7 @@ struct MemoryArgs {
     #[arg(long, default_value_t = 1)]
     dp: usize,
     /// Context-parallel degree (each sequence split over this many ranks; the attention runs
-    /// composed).
+    /// composed or chunked, auto meaning chunked without dropout).
     #[arg(long, default_value_t = 1)]
     cp: usize,
     /// Pipeline-parallel degree.
@@ -245,8 +245,13 @@ fn prepare(tokenizer: &str, out: &std::path::Path, shard_tokens: usize, val_frac
 fn attention_core(name: &str, dropout: bool, cp: usize) -> Result<burn_parallel::attention::AttentionCore, String> {
     let kernel: burn_parallel::attention::AttentionKernel = name.parse().map_err(|e: burn_parallel::attention::UnknownAttentionKernel| e.to_string())?;
     use burn_parallel::attention::AttentionKernel::{Auto, Composed};
-    // Context parallelism runs the composed core (as gpt_pretrain resolves `auto`).
-    let kernel = if cp > 1 && kernel == Auto { Composed } else { kernel };
+    // Context parallelism: `auto` is the chunked core (as gpt_pretrain resolves it on a GPU;
+    // the fused kernels take whole sequences), composed with attention dropout.
+    let kernel = match kernel {
+        Auto if cp > 1 && !dropout => burn_parallel::attention::AttentionKernel::Chunked(burn_parallel::attention::DEFAULT_CHUNK_ROWS),
+        Auto if cp > 1 => Composed,
+        k => k,
+    };
     if dropout && !matches!(kernel, Auto | Composed) {
         return Err(format!("--attention {kernel} has no dropout (drop --dropout, or use --attention composed)"));
     }

@@ -36,7 +36,7 @@
 //! pipeline, `m` micro-batches are gradient accumulation: one in flight, the f32 gradients
 //! kept from the first backward on.
 //!
-//! Context parallelism (`cp` C, composed attention only): `N = b·s/C` tokens, the scores
+//! Context parallelism (`cp` C; composed or chunked attention): `N = b·s/C` tokens, the scores
 //! `b·(a/t)·(s/C)·s`, plus the all-gathered keys and values `2·b·s·h/t` kept (grouped-query
 //! attention: repeated per query head; selective recompute drops them with the core) and, in
 //! the backward, their gradients and (thread ranks) the reduce-scatter's staged copies, `2·`
@@ -187,6 +187,11 @@ struct Dims {
     core: AttentionCore,
     /// `b·(a/t)·s`: the rows of the attention core.
     att_rows: f64,
+    /// Query rows of one chunk of a chunked core's queries: the sequence, or under context
+    /// parallelism one of the rank's two chunks `s/(2C)`.
+    q_chunk: f64,
+    /// `b·a/t`: the attention's `[b, a/t]` batch of heads.
+    bh: f64,
     /// Context parallelism: the all-gathered keys and values a block keeps (elements).
     gathered_kv: f64,
     /// Sequence length.
@@ -219,6 +224,8 @@ impl Dims {
             chunk: plan.loss_chunk,
             core: if plan.dropout { AttentionCore::Composed } else { plan.attention },
             att_rows: (plan.microbatch * g.heads / plan.tp * local) as f64,
+            q_chunk: if plan.cp > 1 { g.seq / (2 * plan.cp) } else { g.seq } as f64,
+            bh: (plan.microbatch * g.heads / plan.tp) as f64,
             // The gathered keys and values as the matmuls keep them: `[b, a/t, s, d]` each
             // (grouped-query attention: repeated for every query head).
             gathered_kv: if plan.cp > 1 { (2 * plan.microbatch * g.seq * g.hidden / plan.tp) as f64 } else { 0.0 },
@@ -267,14 +274,21 @@ impl Dims {
         match self.core {
             AttentionCore::Fused => 3.0 * local * self.e + self.att_rows * 4.0 + half(2.0),
             AttentionCore::Chunked(rows) => {
-                let last = self.att_rows * (rows as f64).min(self.s);
+                // `[b, a/t, rows, ≤ s]`.
+                let last = self.bh * (rows as f64).min(self.q_chunk) * self.s;
                 let half_operands = if self.e < 4.0 { last * 4.0 + 2.0 * last * self.e } else { 0.0 };
-                self.att_rows * 4.0 + 2.0 * local * 4.0 + local * self.e + 2.0 * last * 4.0 + half_operands
+                // The f32 dk/dv accumulators: as long as the queries, or under context
+                // parallelism as the keys up to the chunk's end (about the gathered sequence).
+                let acc = if self.gathered_kv > 0.0 { self.gathered_kv * 4.0 } else { 2.0 * local * 4.0 };
+                self.att_rows * 4.0 + acc + local * self.e + 2.0 * last * 4.0 + half_operands + self.gathered_kv_grads()
             }
-            // Context parallelism: the gathered keys' and values' gradients, and on thread
-            // ranks their staged copies for the reduce-scatter.
-            AttentionCore::Composed => 2.0 * self.s2 * 4.0 + if self.e < 4.0 { 2.0 * self.s2 * self.e } else { 0.0 } + 2.0 * self.gathered_kv * self.e,
+            AttentionCore::Composed => 2.0 * self.s2 * 4.0 + if self.e < 4.0 { 2.0 * self.s2 * self.e } else { 0.0 } + self.gathered_kv_grads(),
         }
+    }
+    /// Context parallelism: the gathered keys' and values' gradients, and on thread ranks their
+    /// staged copies for the reduce-scatter (0 without).
+    fn gathered_kv_grads(&self) -> f64 {
+        2.0 * self.gathered_kv * self.e
     }
     /// Bytes a block keeps without recompute.
     fn block(&self) -> f64 {
