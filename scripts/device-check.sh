@@ -4,7 +4,8 @@
 # in time and its logs come back).
 # Build here (x86_64, no GPU needed):   scripts/build-device-bin.sh   (-> gpu-bin/, git-ignored)
 # Run there:  BUDGET=540 bash scripts/device-check.sh STEP...     (default: the open issues' steps, in order)
-#   steps: checks (kernels + nccl) kernels gpt gpt-local ln-bench ln-tune ln-profile (ncu, if installed)
+#   steps: checks (kernels + nccl) kernels gpt gpt-local gpt-cp (--cp 2 × tp 2 SP thread ranks on CUDA, the chunked core,
+#   then the same run without --cp: the two loss lines must agree to rounding) ln-bench ln-tune ln-profile (ncu, if installed)
 #   torch-ln nccl-bench torch-nccl gpt2 gpt2-f32 torch-gpt2 (GPT-2 124M: ours bf16/f32, PyTorch eager) memory
 #   attention torch-attention (flash-attention kernels: checks, then fused vs composed vs torch SDPA)
 #   attn-profile (ncu, if installed: the flash kernels' registers per thread, occupancy, waves)
@@ -38,7 +39,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 limit_of() {
   case "$1" in
-    checks) echo 300 ;; kernels) echo 180 ;; gpt) echo 300 ;; gpt-local) echo 240 ;;
+    checks) echo 300 ;; kernels) echo 180 ;; gpt) echo 300 ;; gpt-local) echo 240 ;; gpt-cp) echo 300 ;;
     ln-bench) echo 150 ;; attn-profile) echo 180 ;; ln-tune) echo 180 ;; ln-profile) echo 150 ;; torch-ln) echo 60 ;; nccl-bench) echo 90 ;;
     torch-nccl) echo 60 ;; gpt2) echo 420 ;; memory) echo 240 ;; gpt2-f32) echo 240 ;; torch-gpt2) echo 150 ;; attention) echo 240 ;; torch-attention) echo 60 ;; burn-nn-gpt2) echo 300 ;; gpt2-composed) echo 300 ;; gpt2-chunked) echo 300 ;; gpt2-fma) echo 300 ;; gpt2-optim-per-param) echo 300 ;; llama) echo 240 ;; *) echo 0 ;;
   esac
@@ -50,6 +51,8 @@ run_step() { # name: runs it in the foreground, log to $out/.steps/name.txt
     kernels) exec ./device_check kernels ;;
     gpt) exec ./burn-parallel launch --nproc-per-node 1 -- ./gpt_pretrain --device cuda --comm nccl "${gpt[@]}" ;;
     gpt-local) exec ./gpt_pretrain --device cuda --comm local --tp 2 --pp 2 --microbatches 4 "${gpt[@]}" ;;
+    gpt-cp) ./gpt_pretrain --device cuda --comm local --cp 2 --tp 2 --sequence-parallel "${gpt[@]}" || return 1
+      exec ./gpt_pretrain --device cuda --comm local --tp 2 --sequence-parallel "${gpt[@]}" ;;
     ln-bench) exec ./device_check ln-bench ;;
     ln-tune) exec ./device_check ln-tune ;;
     ln-profile) # the forward's launches under Nsight Compute: registers, occupancy, waves, DRAM throughput
