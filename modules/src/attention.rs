@@ -189,7 +189,7 @@ impl<B: ParallelBackend> ParallelAttention<B> {
         let qkv = self.qkv.forward_parallel_input(x);
         let Some(rope) = &self.rope else { return qkv };
         let (groups, r, d) = (self.local_groups, self.local_heads / self.local_groups, self.d_head);
-        match self.cp.as_ref().filter(|cp| cp.size() > 1) {
+        match self.context_parallel() {
             Some(cp) => {
                 let positions = cp.positions(qkv.dims()[1]);
                 crate::rope::rope_qkv_at(qkv, groups, r, d, rope, &positions)
