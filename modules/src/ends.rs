@@ -28,7 +28,7 @@ pub(crate) fn embed<B: ParallelBackend>(
 ) -> Tensor<B, 3> {
     let [_, s] = ids.dims();
     let cp = wte.cp.as_ref().filter(|cp| cp.size() > 1);
-    let positions: Vec<usize> = cp.map_or_else(|| (0..s).collect(), |cp| cp.positions(s));
+    let positions: Vec<usize> = cp.map(|cp| cp.positions(s)).unwrap_or_default();
     if let Some(wpe) = wpe {
         let (max, longest) = (wpe.val().dims()[0], s * cp.map_or(1, |cp| cp.size()));
         assert!(longest <= max, "sequence length {longest} exceeds max_seq_len {max}");
