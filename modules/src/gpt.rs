@@ -297,21 +297,6 @@ impl GptConfig {
         }
     }
 
-    /// Checks a whole sequence length against `max_seq_len`, context parallelism's `2·cp`
-    /// chunks and, under sequence parallelism, the TP size (of a rank's `seq_len / cp` tokens).
-    pub fn check_seq_len_cp(&self, seq_len: usize, tp: usize, cp: usize) -> Result<(), ConfigError> {
-        burn_parallel::context::check_seq_len(seq_len, cp)?;
-        if cp <= 1 {
-            return self.check_seq_len(seq_len, tp);
-        }
-        self.check_seq_len(seq_len, 1)?;
-        if self.sequence_parallel && !(seq_len / cp).is_multiple_of(tp) {
-            let (what, value, degree_name) = ("sequence length / context_parallel", seq_len / cp, "tensor_parallel (sequence parallelism)");
-            return Err(ConfigError::NotDivisible { what, value, degree_name, degree: tp });
-        }
-        Ok(())
-    }
-
     /// Checks a sequence length against `max_seq_len` and, under sequence parallelism, the TP size.
     pub fn check_seq_len(&self, seq_len: usize, tp: usize) -> Result<(), ConfigError> {
         if seq_len > self.max_seq_len {
@@ -450,28 +435,6 @@ impl<B: ParallelBackend> Gpt<B> {
         Ok((value, grads))
     }
 
-    /// The same model with each sequence split over the context-parallel group `cp`
-    /// (`burn_parallel::context`; a group of one: whole sequences): the `ids` and `targets` it
-    /// is given are then this rank's chunks (`ContextParallel::split_data` of the whole
-    /// `[b, s]`), its logits theirs, and its loss their mean; average the gradients over the DP
-    /// group (which holds the CP ranks). Each block's keys and values are all-gathered over
-    /// `cp`. Needs the composed or chunked attention core (the fused kernels take whole causal
-    /// sequences): an error names it otherwise.
-    pub fn with_context_parallel(mut self, cp: burn_parallel::ContextParallel) -> Result<Self, ConfigError> {
-        attach_context_parallel(Some(&mut self.wte), &mut self.blocks, cp)?;
-        Ok(self)
-    }
-
-    /// The same model without context parallelism (parameters shared): it takes whole
-    /// sequences again (generation).
-    pub(crate) fn whole_sequences(mut self) -> Self {
-        self.wte.cp = None;
-        for b in &mut self.blocks {
-            b.attn.cp = None;
-        }
-        self
-    }
-
     /// The same model with sequence parallelism switched on or off (parameters shared), for
     /// evaluation: the dropout mask streams stay as built (per-rank under sequence parallelism,
     /// replicated otherwise), so train a model in the mode it was configured with.
@@ -485,31 +448,6 @@ impl<B: ParallelBackend> Gpt<B> {
         }
         self
     }
-}
-
-/// Sets `cp` on the embedding (its positions) and on every block's attention (see
-/// [`Gpt::with_context_parallel`]).
-pub(crate) fn attach_context_parallel<B: ParallelBackend>(
-    wte: Option<&mut VocabParallelEmbedding<B>>,
-    blocks: &mut [TransformerBlock<B>],
-    cp: burn_parallel::ContextParallel,
-) -> Result<(), ConfigError> {
-    if cp.size() > 1 {
-        if let Some(b) = blocks.iter().find(|b| b.attn.core == burn_parallel::attention::AttentionCore::Fused) {
-            return Err(ConfigError::Invalid(format!(
-                "context parallelism ({} ranks) runs the composed or chunked attention core (queries attend to the gathered keys by position), but the blocks run {:?}: choose the chunked or composed attention",
-                cp.size(),
-                b.attn.core
-            )));
-        }
-    }
-    if let Some(wte) = wte {
-        wte.cp = Some(cp.clone());
-    }
-    for b in blocks {
-        b.attn.cp = Some(cp.clone());
-    }
-    Ok(())
 }
 
 impl<B: ParallelBackend> RandomStreams for Gpt<B> {

@@ -31,6 +31,7 @@
 pub mod attention;
 pub mod block;
 pub mod column_linear;
+pub mod context_parallel;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod embedding;

@@ -2,6 +2,7 @@
 //! predicted ([`model`]: from the shapes, the layout and the options).
 
 pub mod model;
+mod plan;
 mod steps;
 mod table;
 pub mod tracker;
