@@ -135,9 +135,8 @@ pub trait AttentionBackend: Backend {
     }
 
     /// [`causal_attention_chunked`](Self::causal_attention_chunked) of queries at positions
-    /// `offset..offset + s_q` against keys `0..s_k` (context parallelism; `chunked.rs`). The
-    /// autodiff op calls this pair (`_at`, `_backward_at`) for every chunked attention, offset 0
-    /// included: a backend overrides this pair, not the plain chunked methods.
+    /// `offset..offset + s_q` against keys `0..s_k` (context parallelism). The autodiff op calls
+    /// this pair for every chunked attention: a backend overrides it, not the plain methods.
     fn causal_attention_chunked_at(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -365,8 +364,7 @@ fn check_qkv<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>) {
 
 /// [`causal_attention_chunked`] of queries at positions `offset..offset + s_q` (`q: [b, H, s_q,
 /// d]`) against keys and values at `0..s_k` (`[b, H, s_k, d]`): a context-parallel rank's chunk
-/// of queries against the gathered sequence. Keys past the last query's position are never read
-/// (their gradients are zero).
+/// of queries against the gathered sequence (keys past the last query's position: no gradient).
 ///
 /// # Panics
 /// If `k` and `v` differ in shape or dtype, differ from `q` but in length, `s_k < offset + s_q`,
