@@ -4,8 +4,8 @@
 # in time and its logs come back).
 # Build here (x86_64, no GPU needed):   scripts/build-device-bin.sh   (-> gpu-bin/, git-ignored)
 # Run there:  BUDGET=540 bash scripts/device-check.sh STEP...     (default: the open issues' steps, in order)
-#   steps: checks (kernels + nccl) kernels gpt gpt-local gpt-cp (--cp 2 × tp 2 SP thread ranks on CUDA, the chunked core,
-#   then the same run without --cp: the two loss lines must agree to rounding) ln-bench ln-tune ln-profile (ncu, if installed)
+#   steps: checks (kernels + nccl) kernels gpt gpt-local gpt-cp (--cp 2 × tp 2 SP thread ranks on CUDA, the fused kernels at
+#   each query chunk's offset, then the chunked core, then the same run without --cp: the loss lines must agree to rounding) ln-bench ln-tune ln-profile (ncu, if installed)
 #   torch-ln nccl-bench torch-nccl gpt2 gpt2-f32 torch-gpt2 (GPT-2 124M: ours bf16/f32, PyTorch eager) memory
 #   attention torch-attention (flash-attention kernels: checks, then fused vs composed vs torch SDPA)
 #   attn-profile (ncu, if installed: the flash kernels' registers per thread, occupancy, waves)
@@ -52,6 +52,7 @@ run_step() { # name: runs it in the foreground, log to $out/.steps/name.txt
     gpt) exec ./burn-parallel launch --nproc-per-node 1 -- ./gpt_pretrain --device cuda --comm nccl "${gpt[@]}" ;;
     gpt-local) exec ./gpt_pretrain --device cuda --comm local --tp 2 --pp 2 --microbatches 4 "${gpt[@]}" ;;
     gpt-cp) ./gpt_pretrain --device cuda --comm local --cp 2 --tp 2 --sequence-parallel "${gpt[@]}" || return 1
+      ./gpt_pretrain --device cuda --comm local --cp 2 --tp 2 --sequence-parallel --attention chunked "${gpt[@]}" || return 1
       exec ./gpt_pretrain --device cuda --comm local --tp 2 --sequence-parallel "${gpt[@]}" ;;
     ln-bench) exec ./device_check ln-bench ;;
     ln-tune) exec ./device_check ln-tune ;;

@@ -13,8 +13,10 @@
 //! reduce-scatter backward**, so every query's contribution to `dK`, `dV` reaches the rank
 //! holding that token), and its queries `[b, H/t, s/C, d]` attend to the gathered `[b, H/t, s, d]`
 //! under the causal mask of their positions (key position ≤ query position): the composed core's
-//! `[b, H/t, s/C, s]` scores, or the chunked core on the keys put in position order, each query
-//! chunk against the keys up to its end (`causal_attention_chunked_at`, no `s/C × s` tensor).
+//! `[b, H/t, s/C, s]` scores, or, on the keys put in position order, the chunked core (each query
+//! chunk against the keys up to its end, `causal_attention_chunked_at`) or the fused flash
+//! kernels (each of the rank's two chunks in one launch at its offset, `causal_attention_at`):
+//! no `s/C × s` tensor.
 //! This is the all-gather of keys and values that Llama 3's training used; Megatron overlaps a
 //! ring of send/recv with the attention instead.
 //!

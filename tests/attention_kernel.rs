@@ -30,25 +30,33 @@ fn run<B: AttentionBackend>(shape: [usize; 4], strided: bool) -> [TensorData; 5]
 
 /// The same through the chunked op with `Some(rows)`.
 fn run_with<B: AttentionBackend>(shape: [usize; 4], strided: bool, rows: Option<usize>) -> [TensorData; 5] {
+    run_at::<B>(shape, shape[2], 0, strided, rows)
+}
+
+/// The same for queries at positions `offset..offset + s` (`shape`'s `s`) against `sk` keys and
+/// values (context parallelism): `dk`, `dv` are `sk` long.
+fn run_at<B: AttentionBackend>(shape: [usize; 4], sk: usize, offset: usize, strided: bool, rows: Option<usize>) -> [TensorData; 5] {
     let dev = Default::default();
-    let scale = 1.0 / (shape[3] as f32).sqrt();
-    let t = |name: &str| {
+    let [b, h, _, d] = shape;
+    let scale = 1.0 / (d as f32).sqrt();
+    let t = |name: &str, shape: [usize; 4]| {
         let x = Tensor::<B, 4>::from_data(data(name, shape), &dev).swap_dims(1, 2);
         let x = if strided { x } else { Tensor::from_data(x.into_data(), &dev) };
         x.into_primitive().tensor()
     };
-    let (q, k, v, dout) = (t("q"), t("k"), t("v"), t("do"));
+    let (q, dout) = (t("q", shape), t("do", shape));
+    let (k, v) = (t("k", [b, h, sk, d]), t("v", [b, h, sk, d]));
     // Freed NaN buffers first: a write the kernels skipped shows as NaN.
-    let poison = [(); 4].map(|_| Tensor::<B, 4>::full(shape, f32::NAN, &dev));
+    let poison = [(); 4].map(|_| Tensor::<B, 4>::full([b, h, sk.max(shape[2]), d], f32::NAN, &dev));
     B::sync(&dev).expect("sync");
     drop(poison);
     let (o, lse) = match rows {
-        Some(r) => B::causal_attention_chunked(q.clone(), k.clone(), v.clone(), scale, r),
-        None => B::causal_attention(q.clone(), k.clone(), v.clone(), scale),
+        Some(r) => B::causal_attention_chunked_at(q.clone(), k.clone(), v.clone(), scale, r, offset),
+        None => B::causal_attention_at(q.clone(), k.clone(), v.clone(), scale, offset),
     };
     let (dq, dk, dv) = match rows {
-        Some(r) => B::causal_attention_chunked_backward(dout, q, k, v, o.clone(), lse.clone(), scale, r),
-        None => B::causal_attention_backward(dout, q, k, v, o.clone(), lse.clone(), scale),
+        Some(r) => B::causal_attention_chunked_backward_at(dout, q, k, v, o.clone(), lse.clone(), scale, r, offset),
+        None => B::causal_attention_backward_at(dout, q, k, v, o.clone(), lse.clone(), scale, offset),
     };
     let w4 = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p)).into_data().convert::<f32>();
     let lse = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)).into_data().convert::<f32>();
@@ -90,6 +98,76 @@ fn fused_attention_matches_the_composed_reference() {
     set_bounds_checks(true);
     check::<K>("cube, bounds checks", true);
     set_bounds_checks(false);
+}
+
+/// `(q shape, keys, offset)`: queries at an offset against a longer key sequence (a context-
+/// parallel rank's chunk against the gathered keys); offsets and lengths off the tiles, the last
+/// key at the last query's position, keys past it (their gradient rows: zero), keys from 0 with
+/// offset 0, one query, d 8 (4 × 4 blocks), 33 (one unit per row) and 128.
+const OFFSETS: [([usize; 4], usize, usize); 7] = [
+    ([2, 3, 37, 64], 100, 50),
+    ([1, 2, 33, 64], 70, 37),
+    ([1, 1, 16, 32], 129, 0),
+    ([2, 1, 1, 64], 64, 63),
+    ([2, 2, 50, 8], 150, 100),
+    ([1, 1, 20, 33], 45, 13),
+    ([1, 2, 40, 128], 90, 41),
+];
+
+/// The kernels with queries at an offset (context parallelism) equal the chunked Burn ops on
+/// `Flex` (`causal_attention_chunked_at`'s reference, checked against the whole attention in
+/// the library's unit tests): `o`, `lse`, `dq`, `dk`, `dv`, on the raw Cube backend (strided and
+/// contiguous inputs, with bounds checks) and under `Fusion`.
+#[test]
+fn fused_attention_at_an_offset_matches_the_reference() {
+    for (shape, sk, offset) in OFFSETS {
+        let want = run_at::<Flex>(shape, sk, offset, false, None);
+        // The reference itself: key rows past the last query's position get no gradient, the
+        // rows before do.
+        let (d, last) = (shape[3], offset + shape[2]);
+        let dk = want[3].to_vec::<f32>().unwrap();
+        let row_norm = |j: usize| (0..d).map(|x| dk[j * d + x].abs()).sum::<f32>();
+        assert!((last..sk).all(|j| row_norm(j) == 0.0) && row_norm(last - 1) > 0.0, "reference dk at {shape:?} {sk} {offset}");
+        set_bounds_checks(true);
+        let checked = run_at::<K>(shape, sk, offset, true, None);
+        set_bounds_checks(false);
+        let runs = [("cube", run_at::<K>(shape, sk, offset, true, None)), ("cube, contiguous", run_at::<K>(shape, sk, offset, false, None))];
+        for (label, got) in runs.into_iter().chain([("cube, bounds checks", checked), ("fusion", run_at::<Wgpu>(shape, sk, offset, true, None))]) {
+            for (name, (g, w)) in ["o", "lse", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+                let e = max_rel(g, w);
+                assert!(e < 2e-5, "{label} q {shape:?} at {offset} against {sk} keys: {name} differs by {e} (relative)");
+            }
+        }
+    }
+}
+
+/// The public op under autodiff: `causal_attention_at` on wgpu equals it on `Flex` in the
+/// output and in the gradients of `q`, `k`, `v`; keys shorter than the queries' end are refused.
+#[test]
+fn causal_attention_at_under_autodiff_on_wgpu_equals_the_cpu() {
+    use burn_parallel::attention::causal_attention_at;
+    fn grads<B: burn::tensor::backend::AutodiffBackend + AttentionBackend>() -> [TensorData; 4] {
+        let dev = Default::default();
+        let t = |name: &str, s: usize| Tensor::<B, 4>::from_data(data(name, [2, 2, s, 16]), &dev).swap_dims(1, 2).require_grad();
+        let (q, k, v) = (t("q", 24), t("k", 60), t("v", 60));
+        let up = Tensor::<B, 4>::from_data(data("up", [2, 2, 24, 16]), &dev).swap_dims(1, 2);
+        let o = causal_attention_at(q.clone(), k.clone(), v.clone(), 0.25, 30);
+        let g = (o.clone() * up).sum().backward();
+        let grad = |x: &Tensor<B, 4>| x.grad(&g).expect("tracked").into_data();
+        [o.into_data(), grad(&q), grad(&k), grad(&v)]
+    }
+    let want = grads::<Autodiff<Flex>>();
+    for (label, got) in [("cube", grads::<Autodiff<K>>()), ("fusion", grads::<Autodiff<Wgpu>>())] {
+        for (name, (g, w)) in ["o", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+            let e = max_rel(g, w);
+            assert!(e < 2e-5, "{label}: {name} differs by {e} (relative)");
+        }
+    }
+    let dev = Default::default();
+    let x = |s: usize| Tensor::<Autodiff<Wgpu>, 4>::zeros([1, 1, s, 8], &dev);
+    let e = std::panic::catch_unwind(|| causal_attention_at(x(8), x(20), x(20), 1.0, 13)).unwrap_err();
+    let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("at 13 against k [1, 1, 20, 8]"), "{msg}");
 }
 
 #[test]

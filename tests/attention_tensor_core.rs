@@ -26,12 +26,19 @@ fn data(name: &str, [b, h, s, d]: [usize; 4]) -> TensorData {
 /// `[o, lse, dq, dk, dv]` (as f32) of the backend's attention on `dtype` inputs, `[b, H, s, d]`
 /// views of `[b, s, H, d]` tensors.
 fn run<B: AttentionBackend>(shape: [usize; 4], dtype: DType) -> [TensorData; 5] {
+    run_at::<B>(shape, shape[2], 0, dtype)
+}
+
+/// The same for queries at positions `offset..offset + s` against `sk` keys and values (context
+/// parallelism).
+fn run_at<B: AttentionBackend>(shape: [usize; 4], sk: usize, offset: usize, dtype: DType) -> [TensorData; 5] {
     let dev = Default::default();
-    let scale = 1.0 / (shape[3] as f32).sqrt();
-    let t = |name: &str| Tensor::<B, 4>::from_data(data(name, shape), &dev).cast(dtype).swap_dims(1, 2).into_primitive().tensor();
-    let (q, k, v, dout) = (t("q"), t("k"), t("v"), t("do"));
-    let (o, lse) = B::causal_attention(q.clone(), k.clone(), v.clone(), scale);
-    let (dq, dk, dv) = B::causal_attention_backward(dout, q, k, v, o.clone(), lse.clone(), scale);
+    let [b, h, _, d] = shape;
+    let scale = 1.0 / (d as f32).sqrt();
+    let t = |name: &str, shape| Tensor::<B, 4>::from_data(data(name, shape), &dev).cast(dtype).swap_dims(1, 2).into_primitive().tensor();
+    let (q, dout, k, v) = (t("q", shape), t("do", shape), t("k", [b, h, sk, d]), t("v", [b, h, sk, d]));
+    let (o, lse) = B::causal_attention_at(q.clone(), k.clone(), v.clone(), scale, offset);
+    let (dq, dk, dv) = B::causal_attention_backward_at(dout, q, k, v, o.clone(), lse.clone(), scale, offset);
     let w4 = |p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p)).cast(DType::F32).into_data();
     let lse = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(lse)).into_data();
     [w4(o), lse, w4(dq), w4(dk), w4(dv)]
@@ -45,10 +52,15 @@ fn err(a: &TensorData, b: &TensorData) -> f32 {
     x.iter().zip(&y).map(|(p, q)| (p - q).abs()).map(|e| if e.is_nan() { f32::INFINITY } else { e }).fold(0.0, f32::max) / scale
 }
 
+/// Held by each test for its whole run: `set_tensor_cores` is process-wide and the tests of this
+/// binary run in parallel.
+static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 const SHAPES: [[usize; 4]; 6] = [[1, 1, 1, 64], [2, 3, 37, 64], [1, 2, 100, 128], [2, 1, 33, 16], [1, 2, 129, 32], [2, 2, 70, 8]];
 
 #[test]
 fn tensor_core_kernels_match_the_reference_and_the_fma_kernels() {
+    let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let dev = Default::default();
     let client = <R as burn_cubecl::cubecl::Runtime>::client(&dev);
     let Some(tiles) = tensor_core_tiles(&client, DType::F16, 64) else {
@@ -88,4 +100,36 @@ fn tensor_core_kernels_match_the_reference_and_the_fma_kernels() {
         }
     }
     eprintln!("tensor-core kernels (f16) vs the f32 reference, worst o, lse, dq, dk, dv: {worst:?}");
+}
+
+/// Queries at an offset against a longer key sequence (context parallelism) on the tensor
+/// cores: against the f32 reference and the FMA kernels on the same f16 inputs, as above;
+/// offsets off the fragments and tiles, keys past the last query's position, one query.
+#[test]
+fn tensor_core_kernels_at_an_offset_match_the_reference() {
+    let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let client = <R as burn_cubecl::cubecl::Runtime>::client(&Default::default());
+    if tensor_core_tiles(&client, DType::F16, 64).is_none() {
+        let required = std::env::var("BURN_PARALLEL_REQUIRE_TENSOR_CORES").is_ok_and(|v| v == "1");
+        assert!(!required, "BURN_PARALLEL_REQUIRE_TENSOR_CORES=1, but this wgpu device has no f16 × f16 → f32 cooperative matrices");
+        eprintln!("skipped: this wgpu device (or CubeCL's WGSL compiler) has no f16 cooperative matrices");
+        return;
+    }
+    for (shape, sk, offset) in
+        [([2, 3, 37, 64], 100, 50), ([1, 2, 33, 32], 70, 37), ([1, 1, 16, 64], 129, 0), ([2, 1, 1, 16], 64, 63), ([1, 2, 40, 128], 90, 41)]
+    {
+        let want = run_at::<Flex>(shape, sk, offset, DType::F32);
+        set_tensor_cores(false);
+        let fma = run_at::<K>(shape, sk, offset, DType::F16);
+        assert_eq!(<Wgpu>::fused_attention_kernels(&Default::default(), DType::F16, shape[3]), "FMA kernels (tensor cores switched off)");
+        set_tensor_cores(true);
+        assert!(tensor_core_tiles(&client, DType::F16, shape[3]).is_some_and(|t| t.backward.is_some()), "{shape:?}: no tensor-core tiles");
+        for (label, got) in [("cube", run_at::<K>(shape, sk, offset, DType::F16)), ("fusion", run_at::<Wgpu>(shape, sk, offset, DType::F16))] {
+            for (i, name) in ["o", "lse", "dq", "dk", "dv"].iter().enumerate() {
+                let (e, ef) = (err(&got[i], &want[i]), err(&got[i], &fma[i]));
+                let (tol, tol_fma) = if i == 1 { (1e-5, 1e-5) } else { (4e-3, 3e-3) };
+                assert!(e < tol && ef < tol_fma, "{label} q {shape:?} at {offset} against {sk} keys: {name} {e} from the reference, {ef} from the FMA kernels");
+            }
+        }
+    }
 }

@@ -208,8 +208,8 @@ pub(crate) struct Args {
     /// Context-parallel degree: each sequence split over this many ranks in load-balanced
     /// chunks, keys and values all-gathered in every attention (Megatron's
     /// --context-parallel-size; costs an all-gather per layer forward, a reduce-scatter
-    /// backward). --seq-len must be divisible by 2 × cp; the attention runs chunked or composed
-    /// (auto: chunked on GPUs, composed on the CPU; the fused kernels are refused).
+    /// backward). --seq-len must be divisible by 2 × cp; every --attention core runs under it
+    /// (fused and chunked: each of a rank's two query chunks at its positions).
     #[arg(long, default_value_t = 1)]
     pub(crate) cp: usize,
     /// Clip the global gradient norm (over all TP/PP ranks, each parameter counted once) to this.
@@ -305,8 +305,7 @@ pub(crate) struct Args {
     /// where the backend has no kernels or --dropout > 0); chunked[:ROWS] (Burn ops on ROWS
     /// queries at a time, default 256, any backend: no [b, heads, s, s] tensor stored; the
     /// backward recomputes the scores, one matmul more of attention's six, but the masked half
-    /// of the scores is never computed; --dropout must be 0). Under --cp, auto is chunked on the
-    /// GPU backends and composed on the CPU, and fused is refused.
+    /// of the scores is never computed; --dropout must be 0). The same under --cp.
     #[arg(long, default_value = "auto", value_parser = parse_attention)]
     pub(crate) attention: AttentionKernel,
     /// The fused attention kernels on tensor cores for bf16 (CUDA's 16×16×16 wmma; cooperative

@@ -33,7 +33,7 @@ use args::{Args, CommKind, DeviceKind};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
-use burn_parallel::attention::{AttentionCore, AttentionKernel};
+use burn_parallel::attention::AttentionCore;
 use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::data::GlobalSampler;
 use burn_parallel::optim::{DistAdamW, DistAdamWConfig};
@@ -95,7 +95,7 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_precision(args.precision)
         .with_recompute(args.recompute)
         .with_loss_chunk((args.loss_chunk > 0).then_some(args.loss_chunk))
-        .with_attention(context_parallel_attention(args))
+        .with_attention(args.attention)
         .with_tie_embeddings(args.tie_embeddings)
         .with_activation(args.activation)
         .with_norm(args.norm)
@@ -105,19 +105,6 @@ fn gpt_config(args: &Args) -> GptConfig {
         .with_bias(!args.no_bias)
         .with_kv_heads(args.kv_heads.filter(|&k| k != args.heads))
         .with_layer_norm_eps(args.norm_eps)
-}
-
-/// `--attention` under `--cp` (the fused kernels take whole sequences): `auto` is the chunked
-/// core on the GPU backends (no `s/C × s` scores kept; composed with attention dropout) and the
-/// composed one on the CPU, as without context parallelism.
-fn context_parallel_attention(args: &Args) -> AttentionKernel {
-    match (args.cp > 1, args.attention) {
-        (true, AttentionKernel::Auto) if args.device != DeviceKind::Cpu && args.dropout == 0.0 => {
-            AttentionKernel::Chunked(burn_parallel::attention::DEFAULT_CHUNK_ROWS)
-        }
-        (true, AttentionKernel::Auto) => AttentionKernel::Composed,
-        (_, kernel) => kernel,
-    }
 }
 
 /// This rank's optimizer: AdamW (β₂ 0.95) with f32 masters, DP reduction, global clipping
@@ -196,7 +183,7 @@ where
     let groups = ProcessGroups::new(layout, comm).map_err(|e| e.to_string())?;
     let cp = ContextParallel::new(groups.cp.clone());
     let gpt: Gpt<B> = config.init(&groups.tp, &device).map_err(|e| format!("invalid model for --tp {}: {e}", args.tp))?;
-    let gpt = gpt.with_context_parallel(cp.clone()).map_err(|e| format!("--cp {}: {e}", args.cp))?;
+    let gpt = gpt.with_context_parallel(cp.clone());
     let mut optim = optimizer::<B>(args, &groups);
     let same = |p: &str| p.to_string();
     let mut gpt = checkpointing::restore(start, &groups, vec![(gpt, &same)], &mut optim)?.remove(0);
@@ -307,12 +294,6 @@ fn main_result(args: &Args) -> Result<(), String> {
     let config = gpt_config(args);
     config.validate(args.tp).map_err(|e| model_error(args, e))?;
     config.check_seq_len_cp(args.seq_len, args.tp, args.cp).map_err(|e| format!("--seq-len: {e}"))?;
-    if args.cp > 1 && config.attention == AttentionKernel::Fused {
-        return Err(format!(
-            "--attention {}: context parallelism (--cp {}) runs the chunked or composed attention core (queries attend to the gathered keys by position); use --attention chunked, composed or auto",
-            args.attention, args.cp
-        ));
-    }
     pipelined::check_args(args)?;
     if args.zero == 1 && args.dp * args.cp == 1 {
         return Err("--zero 1 shards the optimizer over the --dp group (with --cp: its dp × cp ranks): with --dp 1 there is nothing to shard (refused rather than ignored)".into());

@@ -70,8 +70,7 @@ pub(crate) fn memory_plan(args: &Args) -> burn_parallel::memory::TrainPlan {
         precision: args.precision,
         dropout: args.dropout > 0.0,
         loss_chunk: (args.loss_chunk > 0).then_some(args.loss_chunk),
-        // What the layers resolve `--attention` to (`gpt_config`: chunked or composed under
-        // --cp): the fused kernels only on the Cube backends.
+        // What the layers resolve `--attention` to: the fused kernels only on the Cube backends.
         attention: crate::gpt_config(args)
             .attention
             .resolve_with(

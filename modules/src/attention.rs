@@ -19,9 +19,9 @@
 //! With context parallelism ([`ParallelAttention::cp`], `burn_parallel::context`) the layer
 //! sees this rank's `s/C` tokens: queries and keys are rotated by their positions, keys and
 //! values are all-gathered over the CP group (backward: reduce-scatter) and the composed core
-//! masks by position, `[b, H/t, s/C, s]` scores; the chunked core puts the keys in position
-//! order and runs each of the rank's two query chunks against the keys up to its end (no
-//! `s/C × s` tensor kept). The fused kernels take whole sequences only.
+//! masks by position, `[b, H/t, s/C, s]` scores; the fused and chunked cores put the keys in
+//! position order and run each of the rank's two query chunks at its offset against the keys up
+//! to its end (no `s/C × s` tensor kept).
 //! With t = 1 and dropout 0 it equals `burn::nn::attention::MultiHeadAttention` with an
 //! autoregressive mask.
 
@@ -29,7 +29,9 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
-use burn_parallel::attention::{causal_attention, causal_attention_chunked, causal_attention_chunked_at, causal_attention_qkv, AttentionCore, AttentionKernel};
+use burn_parallel::attention::{
+    causal_attention, causal_attention_at, causal_attention_chunked, causal_attention_chunked_at, causal_attention_qkv, AttentionCore, AttentionKernel,
+};
 use burn_parallel::mappings::{copy_to_tp, gather_from_sp};
 use burn_parallel::precision::{like, to_f32};
 use burn_parallel::rng::{RandomStreams, StreamCounter};
@@ -246,9 +248,9 @@ impl<B: ParallelBackend> ParallelAttention<B> {
     pub fn core(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, _] = q.dims();
         let (k, v) = match self.context_parallel() {
-            // The chunked core takes the keys in position order (before any repetition for
-            // grouped-query attention: the copy is of the key/value heads only).
-            Some(cp) if matches!(self.core, AttentionCore::Chunked(_)) => (cp.to_position_order(cp.gather(k, 1), 1), cp.to_position_order(cp.gather(v, 1), 1)),
+            // The fused and chunked cores take the keys in position order (before any
+            // repetition for grouped-query attention: the copy is of the key/value heads only).
+            Some(cp) if self.core.keeps_lse_only() => (cp.to_position_order(cp.gather(k, 1), 1), cp.to_position_order(cp.gather(v, 1), 1)),
             Some(cp) => (cp.gather(k, 1), cp.gather(v, 1)),
             None => (k, v),
         };
@@ -265,8 +267,9 @@ impl<B: ParallelBackend> ParallelAttention<B> {
         let (k, v) = (kv(k), kv(v));
         let scale = 1.0 / (self.d_head as f32).sqrt();
         let merge = |o: Tensor<B, 4>| o.swap_dims(1, 2).reshape([b, s, self.local_heads * self.d_head]);
-        if let (Some(cp), AttentionCore::Chunked(rows)) = (self.context_parallel(), self.core) {
-            return merge(chunked_context_parallel(q, k, v, scale, rows, cp));
+        match self.context_parallel() {
+            Some(cp) if self.core.keeps_lse_only() => return merge(context_parallel_core(q, k, v, scale, self.core, cp)),
+            _ => {}
         }
         match self.core {
             AttentionCore::Fused => return merge(causal_attention(q, k, v, scale)),
@@ -306,21 +309,28 @@ impl<B: ParallelBackend> RandomStreams for ParallelAttention<B> {
     }
 }
 
-/// Context parallelism through the chunked core: `q [b, H, s/C, d]` (this rank's chunks `r` and
-/// `2C−1−r`), the gathered `k, v [b, H, s, d]` in position order; each query chunk of `n`
-/// attends to the keys up to its end ([`causal_attention_chunked_at`]).
-fn chunked_context_parallel<B: ParallelBackend>(
+/// Context parallelism through the fused or chunked core: `q [b, H, s/C, d]` (this rank's chunks
+/// `r` and `2C−1−r`), the gathered `k, v [b, H, s, d]` in position order; each query chunk of
+/// `n` attends at its offset to the keys up to its end ([`causal_attention_at`]: the kernels;
+/// [`causal_attention_chunked_at`]: Burn ops).
+fn context_parallel_core<B: ParallelBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     scale: f32,
-    rows: usize,
+    core: AttentionCore,
     cp: &burn_parallel::ContextParallel,
 ) -> Tensor<B, 4> {
     let (c, r, n) = (cp.size(), cp.rank(), q.dims()[2] / 2);
     // Both chunks take the whole `k`, `v` (one saved copy; keys past a chunk's end are never
     // read, their gradient rows are zero), so every rank holds and returns the same sizes.
-    let half = |i: usize, chunk: usize| causal_attention_chunked_at(q.clone().narrow(2, i * n, n), k.clone(), v.clone(), scale, rows, chunk * n);
+    let half = |i: usize, chunk: usize| {
+        let q = q.clone().narrow(2, i * n, n);
+        match core {
+            AttentionCore::Chunked(rows) => causal_attention_chunked_at(q, k.clone(), v.clone(), scale, rows, chunk * n),
+            _ => causal_attention_at(q, k.clone(), v.clone(), scale, chunk * n),
+        }
+    };
     Tensor::cat(vec![half(0, r), half(1, 2 * c - 1 - r)], 2)
 }
 

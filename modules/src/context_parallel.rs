@@ -30,11 +30,11 @@ impl<B: ParallelBackend> Gpt<B> {
     /// is given are then this rank's chunks (`ContextParallel::split_data` of the whole
     /// `[b, s]`), its logits theirs, and its loss their mean; average the gradients over the DP
     /// group (which holds the CP ranks). Each block's keys and values are all-gathered over
-    /// `cp`. Needs the composed or chunked attention core (the fused kernels take whole causal
-    /// sequences): an error names it otherwise.
-    pub fn with_context_parallel(mut self, cp: burn_parallel::ContextParallel) -> Result<Self, ConfigError> {
-        attach_context_parallel(Some(&mut self.wte), &mut self.blocks, cp)?;
-        Ok(self)
+    /// `cp`; every attention core takes them (the fused and chunked ones query chunk by query
+    /// chunk at the chunk's positions).
+    pub fn with_context_parallel(mut self, cp: burn_parallel::ContextParallel) -> Self {
+        attach_context_parallel(Some(&mut self.wte), &mut self.blocks, cp);
+        self
     }
 
     /// The same model without context parallelism (parameters shared): it takes whole
@@ -54,21 +54,11 @@ pub(crate) fn attach_context_parallel<B: ParallelBackend>(
     wte: Option<&mut VocabParallelEmbedding<B>>,
     blocks: &mut [TransformerBlock<B>],
     cp: burn_parallel::ContextParallel,
-) -> Result<(), ConfigError> {
-    if cp.size() > 1 {
-        if let Some(b) = blocks.iter().find(|b| b.attn.core == burn_parallel::attention::AttentionCore::Fused) {
-            return Err(ConfigError::Invalid(format!(
-                "context parallelism ({} ranks) runs the composed or chunked attention core (queries attend to the gathered keys by position), but the blocks run {:?}: choose the chunked or composed attention",
-                cp.size(),
-                b.attn.core
-            )));
-        }
-    }
+) {
     if let Some(wte) = wte {
         wte.cp = Some(cp.clone());
     }
     for b in blocks {
         b.attn.cp = Some(cp.clone());
     }
-    Ok(())
 }

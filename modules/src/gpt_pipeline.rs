@@ -104,7 +104,7 @@ where
             tied_head,
         };
         if let Some(cp) = &self.cp {
-            crate::context_parallel::attach_context_parallel(stage.wte.as_mut(), &mut stage.blocks, cp.clone())?;
+            crate::context_parallel::attach_context_parallel(stage.wte.as_mut(), &mut stage.blocks, cp.clone());
         }
         Ok(c.in_precision(stage))
     }

@@ -103,7 +103,7 @@ fn device_tiles<R: CubeRuntime>(client: &burn_cubecl::cubecl::client::ComputeCli
     tiles(kernel, d, hw.max_shared_memory_size, hw.max_units_per_cube as usize)
 }
 
-/// One cube per (batch·head, block of `rows` rows).
+/// One cube per (batch·head, block of `rows` rows of `s`).
 fn grid(bh: usize, s: usize, rows: usize) -> CubeCount {
     assert!(bh <= MAX_GRID, "fused attention: batch × heads = {bh} exceeds {MAX_GRID} cubes");
     CubeCount::Static(bh as u32, s.div_ceil(rows).max(1) as u32, 1)
@@ -136,17 +136,30 @@ fn output_like<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
     burn_cubecl::ops::permute(t, &[0, 2, 1, 3])
 }
 
-fn check_same<R: CubeRuntime>(q: &CubeTensor<R>, others: &[(&str, &CubeTensor<R>)]) {
-    for (name, t) in others {
-        assert!(
-            t.shape() == q.shape() && t.dtype == q.dtype,
-            "fused attention: {name} is {:?} {:?}, q {:?} {:?}",
-            t.shape().as_slice(),
-            t.dtype,
-            q.shape().as_slice(),
-            q.dtype
-        );
+/// A tensor's shape and dtype, as [`check_same`] reads them.
+type Meta = (Shape, DType);
+
+/// `others` like `q` (`like_q`) or like `k`; `k` as `q` but in length, `s_k ≥ offset + s_q`.
+/// Checked when an op is called (the Fusion impl too, before the stream runs it).
+fn check_same(q: Meta, k: Meta, offset: usize, others: &[(&str, Meta, bool)]) {
+    let ([b, h, sq, d], [kb, kh, sk, kd]) = (q.0.dims::<4>(), k.0.dims::<4>());
+    assert!(
+        [kb, kh, kd] == [b, h, d] && sk >= offset + sq && k.1 == q.1,
+        "fused attention: q {:?} {:?} at {offset} against k {:?} {:?}",
+        q.0.as_slice(),
+        q.1,
+        k.0.as_slice(),
+        k.1
+    );
+    for (name, t, like_q) in others {
+        let want = if *like_q { &q.0 } else { &k.0 };
+        assert!(&t.0 == want && t.1 == q.1, "fused attention: {name} is {:?} {:?}, expected {:?} {:?}", t.0.as_slice(), t.1, want.as_slice(), q.1);
     }
+}
+
+/// An offset as the kernels' `u32` scalar.
+fn offset_arg(offset: usize) -> u32 {
+    u32::try_from(offset).unwrap_or_else(|_| panic!("fused attention: query offset {offset} exceeds u32"))
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionBackend for CubeBackend<R, F, I, BT> {
@@ -165,14 +178,15 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         }
     }
 
-    fn causal_attention(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, scale: f32) -> AttentionForward<Self> {
-        check_same(&q, &[("k", &k), ("v", &v)]);
+    fn causal_attention_at(q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>, scale: f32, offset: usize) -> AttentionForward<Self> {
+        let m = |t: &CubeTensor<R>| (t.shape(), t.dtype);
+        check_same(m(&q), m(&k), offset, &[("v", m(&v), false)]);
         let [b, h, s, d] = q.shape().dims::<4>();
         let o = output_like(&q);
         let lse = empty_device_contiguous_dtype(q.client.clone(), q.device.clone(), Shape::new([b, h, s]), DType::F32);
         let client = q.client.clone();
         if let Some(t) = tensor_core_tiles(&client, q.dtype, d) {
-            tensor_core::forward(t.forward, [&q, &k, &v, &o, &lse], scale);
+            tensor_core::forward(t.forward, [&q, &k, &v, &o, &lse], scale, offset);
             return (o, lse);
         }
         let t = device_tiles(&q.client, Kernel::Forward, d).unwrap_or_else(|e| panic!("{e}"));
@@ -188,13 +202,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             o.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
             scale,
+            offset_arg(offset),
             t,
             q.dtype.into(),
         );
         (o, lse)
     }
 
-    fn causal_attention_backward(
+    fn causal_attention_backward_at(
         dout: CubeTensor<R>,
         q: CubeTensor<R>,
         k: CubeTensor<R>,
@@ -202,15 +217,17 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
         o: CubeTensor<R>,
         lse: CubeTensor<R>,
         scale: f32,
+        offset: usize,
     ) -> AttentionBackward<Self> {
-        check_same(&q, &[("k", &k), ("v", &v), ("dO", &dout), ("o", &o)]);
-        let [b, h, s, d] = q.shape().dims::<4>();
+        let m = |t: &CubeTensor<R>| (t.shape(), t.dtype);
+        check_same(m(&q), m(&k), offset, &[("v", m(&v), false), ("dO", m(&dout), true), ("o", m(&o), true)]);
+        let ([b, h, s, d], sk) = (q.shape().dims::<4>(), k.shape()[2]);
         let delta = delta::<R, F, I, BT>(dout.clone(), o);
         let lse = into_contiguous(lse);
         let (dq, dk, dv) = (output_like(&q), output_like(&k), output_like(&v));
         let client = q.client.clone();
         if let Some(tiles) = tensor_core_tiles(&client, q.dtype, d).and_then(|t| t.backward) {
-            tensor_core::backward(tiles, [&dout, &q, &k, &v, &lse, &delta, &dq, &dk, &dv], scale);
+            tensor_core::backward(tiles, [&dout, &q, &k, &v, &lse, &delta, &dq, &dk, &dv], scale, offset);
             return (dq, dk, dv);
         }
         let (tq, tkv) = [Kernel::Dq, Kernel::Dkv].map(|kernel| device_tiles(&q.client, kernel, d).unwrap_or_else(|e| panic!("{e}"))).into();
@@ -228,12 +245,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             delta.clone().into_tensor_arg(),
             dq.clone().into_tensor_arg(),
             scale,
+            offset_arg(offset),
             tq,
             q.dtype.into(),
         );
         launch_attn!(kernels::attn_backward_dkv_kernel;
             &client,
-            grid(b * h, s, tkv.rows),
+            grid(b * h, sk, tkv.rows),
             CubeDim::new_2d(tkv.tx as u32, tkv.ty as u32),
             tkv.vec,
             tkv.rm(),
@@ -246,6 +264,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AttentionB
             dk.clone().into_tensor_arg(),
             dv.clone().into_tensor_arg(),
             scale,
+            offset_arg(offset),
             tkv,
             q.dtype.into(),
         );
@@ -271,19 +290,23 @@ impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
         B::fused_attention_kernels(device, dtype, d_head)
     }
 
-    fn causal_attention(
+    fn causal_attention_at(
         q: FusionTensor<B::FusionRuntime>,
         k: FusionTensor<B::FusionRuntime>,
         v: FusionTensor<B::FusionRuntime>,
         scale: f32,
+        offset: usize,
     ) -> AttentionForward<Self> {
+        let m = |t: &FusionTensor<B::FusionRuntime>| (t.shape.clone(), t.dtype);
+        check_same(m(&q), m(&k), offset, &[("v", m(&v), false)]);
         let stats = Shape::from(q.shape.as_slice()[..3].to_vec());
         let outputs = vec![(q.shape.clone(), q.dtype), (stats, DType::F32)];
-        let mut out = AttentionFusionOp::<B>::register(vec![q, k, v], outputs, scale, false).into_iter();
+        let mut out = AttentionFusionOp::<B>::register(vec![q, k, v], outputs, scale, offset, false).into_iter();
         (out.next().expect("o"), out.next().expect("lse"))
     }
 
-    fn causal_attention_backward(
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_backward_at(
         dout: FusionTensor<B::FusionRuntime>,
         q: FusionTensor<B::FusionRuntime>,
         k: FusionTensor<B::FusionRuntime>,
@@ -291,9 +314,12 @@ impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
         o: FusionTensor<B::FusionRuntime>,
         lse: FusionTensor<B::FusionRuntime>,
         scale: f32,
+        offset: usize,
     ) -> AttentionBackward<Self> {
+        let m = |t: &FusionTensor<B::FusionRuntime>| (t.shape.clone(), t.dtype);
+        check_same(m(&q), m(&k), offset, &[("v", m(&v), false), ("dO", m(&dout), true), ("o", m(&o), true)]);
         let outputs = [&q, &k, &v].map(|t| (t.shape.clone(), t.dtype)).to_vec();
-        let mut out = AttentionFusionOp::<B>::register(vec![dout, q, k, v, o, lse], outputs, scale, true).into_iter();
+        let mut out = AttentionFusionOp::<B>::register(vec![dout, q, k, v, o, lse], outputs, scale, offset, true).into_iter();
         let mut next = || out.next().expect("three gradients");
         (next(), next(), next())
     }
@@ -305,19 +331,27 @@ impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
 struct AttentionFusionOp<B> {
     desc: CustomOpIr,
     scale: f32,
+    /// The queries' first position (context parallelism; 0: one causal sequence).
+    offset: usize,
     backward: bool,
     _b: PhantomData<B>,
 }
 
 impl<B: FusionBackend + AttentionBackend> AttentionFusionOp<B> {
-    fn register(inputs: Vec<FusionTensor<B::FusionRuntime>>, outputs: Vec<(Shape, DType)>, scale: f32, backward: bool) -> Vec<FusionTensor<B::FusionRuntime>> {
+    fn register(
+        inputs: Vec<FusionTensor<B::FusionRuntime>>,
+        outputs: Vec<(Shape, DType)>,
+        scale: f32,
+        offset: usize,
+        backward: bool,
+    ) -> Vec<FusionTensor<B::FusionRuntime>> {
         let client = inputs[0].client.clone();
         let streams = OperationStreams::with_inputs(&inputs);
         let outputs = outputs.into_iter().map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), shape, dtype)).collect::<Vec<_>>();
         let name = if backward { "burn-parallel-attention-backward" } else { "burn-parallel-attention" };
         let inputs = inputs.into_iter().map(|t| t.into_ir()).collect::<Vec<_>>();
         let desc = CustomOpIr::new(name, &inputs, &outputs);
-        let op = Self { desc: desc.clone(), scale, backward, _b: PhantomData };
+        let op = Self { desc: desc.clone(), scale, offset, backward, _b: PhantomData };
         client.register(streams, OperationIr::Custom(desc), op)
     }
 }
@@ -327,10 +361,10 @@ impl<B: FusionBackend + AttentionBackend> Operation<B::FusionRuntime> for Attent
         let mut inputs = self.desc.inputs.iter().map(|t| handles.get_float_tensor::<B>(t)).collect::<Vec<_>>().into_iter();
         let mut next = || inputs.next().expect("as registered");
         let outputs = if self.backward {
-            let (dq, dk, dv) = B::causal_attention_backward(next(), next(), next(), next(), next(), next(), self.scale);
+            let (dq, dk, dv) = B::causal_attention_backward_at(next(), next(), next(), next(), next(), next(), self.scale, self.offset);
             vec![dq, dk, dv]
         } else {
-            let (o, lse) = B::causal_attention(next(), next(), next(), self.scale);
+            let (o, lse) = B::causal_attention_at(next(), next(), next(), self.scale, self.offset);
             vec![o, lse]
         };
         for (ir, tensor) in self.desc.outputs.iter().zip(outputs) {

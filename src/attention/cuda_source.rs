@@ -43,7 +43,8 @@ fn tc_source<R: Runtime>(client: &ComputeClient<R>, kernel: Kernel, t: TcTiles, 
     let arg = || TensorCompilationArg { inplace: None };
     let (task, name): (Box<dyn CubeTask<CudaCompiler>>, _) = match kernel {
         Kernel::Forward => {
-            let k = kernels::attn_forward_tc_kernel::AttnForwardTcKernel::<R>::new(settings, client.clone(), arg(), arg(), arg(), arg(), arg(), (), t, elem);
+            let k =
+                kernels::attn_forward_tc_kernel::AttnForwardTcKernel::<R>::new(settings, client.clone(), arg(), arg(), arg(), arg(), arg(), (), (), t, elem);
             (Box::new(KernelTask::new(k)), "forward_tc")
         }
         Kernel::Dq => {
@@ -58,6 +59,7 @@ fn tc_source<R: Runtime>(client: &ComputeClient<R>, kernel: Kernel, t: TcTiles, 
                 arg(),
                 arg(),
                 (),
+                (),
                 t,
                 elem,
             );
@@ -66,8 +68,22 @@ fn tc_source<R: Runtime>(client: &ComputeClient<R>, kernel: Kernel, t: TcTiles, 
         Kernel::Dkv => {
             let args = [(); 8].map(|_| arg());
             let [a0, a1, a2, a3, a4, a5, a6, a7] = args;
-            let k =
-                kernels::attn_backward_dkv_tc_kernel::AttnBackwardDkvTcKernel::<R>::new(settings, client.clone(), a0, a1, a2, a3, a4, a5, a6, a7, (), t, elem);
+            let k = kernels::attn_backward_dkv_tc_kernel::AttnBackwardDkvTcKernel::<R>::new(
+                settings,
+                client.clone(),
+                a0,
+                a1,
+                a2,
+                a3,
+                a4,
+                a5,
+                a6,
+                a7,
+                (),
+                (),
+                t,
+                elem,
+            );
             (Box::new(KernelTask::new(k)), "dkv_tc")
         }
     };
@@ -93,7 +109,7 @@ fn fma_sources<R: Runtime>(client: &ComputeClient<R>, d: usize, dtype: DType, ch
         .map(|kernel| {
             let t = tiles(kernel, d, H100_SHARED, H100_UNITS)?;
             let settings = KernelSettings::default().cube_dim(CubeDim::new_2d(t.tx as u32, t.ty as u32));
-            // The generated kernel structs take the tensors' compilation arguments, the scalar's,
+            // The generated kernel structs take the tensors' compilation arguments, the scalars',
             // the vector sizes `N` and `M`, the tiles and the element type, in that order.
             macro_rules! task {
                 ($kernel:ident::$ty:ident, [$($tensor:ident),*]) => {
@@ -104,6 +120,7 @@ fn fma_sources<R: Runtime>(client: &ComputeClient<R>, d: usize, dtype: DType, ch
                             let _ = stringify!($tensor);
                             TensorCompilationArg { inplace: None }
                         },)*
+                        (),
                         (),
                         t.vec,
                         t.rm(),

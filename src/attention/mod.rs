@@ -2,8 +2,10 @@
 //! backends, composed Burn ops elsewhere, one autodiff op for all. Entry points:
 //! [`causal_attention`], [`causal_attention_chunked`] (Burn ops on query chunks, any
 //! backend, the same memory as the kernels: `chunked.rs`), and [`causal_attention_qkv`] (either,
-//! over a fused `[b, s, 3·H·d]` projection as one op: `packed.rs`). Layers pick one through
-//! [`AttentionKernel`], resolved per backend into an [`AttentionCore`].
+//! over a fused `[b, s, 3·H·d]` projection as one op: `packed.rs`); for context parallelism
+//! [`causal_attention_at`] and [`causal_attention_chunked_at`] (queries at positions
+//! `offset..offset + s_q` against keys `0..s_k`). Layers pick one through [`AttentionKernel`],
+//! resolved per backend into an [`AttentionCore`].
 //!
 //! Per head, `q, k, v: [s, d]`, `S = scale·q·kᵀ` with the future masked (`j > i`), softmax rows
 //! `P = exp(S − lse)` with `lse_i = log Σ_{j ≤ i} exp(S_ij)` (f32), `o = P·v`. The forward saves
@@ -30,6 +32,8 @@
 
 mod chunked;
 pub use chunked::future_mask;
+mod choice;
+pub use choice::{AttentionCore, AttentionKernel, UnknownAttentionKernel, DEFAULT_CHUNK_ROWS};
 mod packed;
 pub use packed::causal_attention_qkv;
 #[cfg(feature = "cube")]
@@ -107,11 +111,20 @@ pub trait AttentionBackend: Backend {
         }
     }
 
-    /// `(o, lse)` of causal attention with scores scaled by `scale` (default: the chunked
-    /// Burn ops with one chunk of all rows).
+    /// `(o, lse)` of causal attention with scores scaled by `scale`:
+    /// [`causal_attention_at`](Self::causal_attention_at) at offset 0.
     fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> AttentionForward<Self> {
+        Self::causal_attention_at(q, k, v, scale, 0)
+    }
+
+    /// `(o, lse)` of queries at positions `offset..offset + s_q` against keys `0..s_k`
+    /// (`s_k ≥ offset + s_q`; offset 0 and `s_k = s_q`: one causal sequence; context
+    /// parallelism: a rank's chunk against the gathered keys). The autodiff op calls this pair:
+    /// a backend with kernels overrides it, not the plain methods. Default: the chunked Burn ops
+    /// with one chunk of all rows.
+    fn causal_attention_at(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32, offset: usize) -> AttentionForward<Self> {
         let rows = burn::tensor::TensorMetadata::shape(&q)[2].max(1);
-        Self::causal_attention_chunked(q, k, v, scale, rows)
+        Self::causal_attention_chunked_at(q, k, v, scale, rows, offset)
     }
 
     /// `(dq, dk, dv)` of [`causal_attention`](Self::causal_attention) for the output gradient `dout`.
@@ -124,8 +137,24 @@ pub trait AttentionBackend: Backend {
         lse: FloatTensor<Self>,
         scale: f32,
     ) -> AttentionBackward<Self> {
+        Self::causal_attention_backward_at(dout, q, k, v, o, lse, scale, 0)
+    }
+
+    /// `(dq, dk, dv)` of [`causal_attention_at`](Self::causal_attention_at): `dk`, `dv` as long
+    /// as `k` (zero past the last query's position).
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_backward_at(
+        dout: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        scale: f32,
+        offset: usize,
+    ) -> AttentionBackward<Self> {
         let rows = burn::tensor::TensorMetadata::shape(&q)[2].max(1);
-        Self::causal_attention_chunked_backward(dout, q, k, v, o, lse, scale, rows)
+        Self::causal_attention_chunked_backward_at(dout, q, k, v, o, lse, scale, rows, offset)
     }
 
     /// `(o, lse)` of causal attention computed `rows` queries at a time (Burn ops on any
@@ -197,7 +226,7 @@ struct AttentionBackwardOp {
     scale: f32,
     /// Query rows per chunk of the chunked path (`None`: the backend's fused or composed op).
     rows: Option<usize>,
-    /// The chunked path's first query position.
+    /// The queries' first position (chunked or fused; 0: one whole causal sequence).
     offset: usize,
 }
 
@@ -211,7 +240,7 @@ impl<B: AttentionBackend> Backward<B, 3> for AttentionBackwardOp {
         let (q, k, v, o, lse) = ops.state;
         let (dq, dk, dv) = match self.rows {
             Some(rows) => B::causal_attention_chunked_backward_at(dout, q, k, v, o, lse, self.scale, rows, self.offset),
-            None => B::causal_attention_backward(dout, q, k, v, o, lse, self.scale),
+            None => B::causal_attention_backward_at(dout, q, k, v, o, lse, self.scale, self.offset),
         };
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = parent {
@@ -230,12 +259,8 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         B::fused_attention_kernels(device, dtype, d_head)
     }
 
-    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32) -> AttentionForward<Self> {
-        tracked::<B, C>(q, k, v, scale, None, 0)
-    }
-
-    fn causal_attention_chunked(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32, rows: usize) -> AttentionForward<Self> {
-        tracked::<B, C>(q, k, v, scale, Some(rows), 0)
+    fn causal_attention_at(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f32, offset: usize) -> AttentionForward<Self> {
+        tracked::<B, C>(q, k, v, scale, None, offset)
     }
 
     fn causal_attention_chunked_at(
@@ -267,7 +292,8 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         (outer(dq), outer(dk), outer(dv))
     }
 
-    fn causal_attention_backward(
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_backward_at(
         dout: FloatTensor<Self>,
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -275,9 +301,10 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         o: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         scale: f32,
+        offset: usize,
     ) -> AttentionBackward<Self> {
         let inner = |t: FloatTensor<Self>| <Self as AutodiffBackend>::inner(t);
-        let (dq, dk, dv) = B::causal_attention_backward(inner(dout), inner(q), inner(k), inner(v), inner(o), inner(lse), scale);
+        let (dq, dk, dv) = B::causal_attention_backward_at(inner(dout), inner(q), inner(k), inner(v), inner(o), inner(lse), scale, offset);
         let outer = |t| <Self as AutodiffBackend>::from_inner(t);
         (outer(dq), outer(dk), outer(dv))
     }
@@ -287,8 +314,8 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
     }
 }
 
-/// The inner backend's attention (chunked with `Some(rows)`) as one tracked op saving
-/// `q, k, v, o, lse`.
+/// The inner backend's attention at `offset` (chunked with `Some(rows)`) as one tracked op
+/// saving `q, k, v, o, lse`.
 fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
     q: FloatTensor<Autodiff<B, C>>,
     k: FloatTensor<Autodiff<B, C>>,
@@ -301,7 +328,7 @@ fn tracked<B: AttentionBackend, C: CheckpointStrategy>(
     let (qi, ki, vi) = (q.primitive.clone(), k.primitive.clone(), v.primitive.clone());
     let (o, lse) = match rows {
         Some(rows) => B::causal_attention_chunked_at(qi, ki, vi, scale, rows, offset),
-        None => B::causal_attention(qi, ki, vi, scale),
+        None => B::causal_attention_at(qi, ki, vi, scale, offset),
     };
     let out = match (AttentionBackwardOp { scale, rows, offset }).prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish((q.primitive, k.primitive, v.primitive, o.clone(), lse.clone()), o),
@@ -362,13 +389,34 @@ fn check_qkv<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>) {
     }
 }
 
-/// [`causal_attention_chunked`] of queries at positions `offset..offset + s_q` (`q: [b, H, s_q,
-/// d]`) against keys and values at `0..s_k` (`[b, H, s_k, d]`): a context-parallel rank's chunk
-/// of queries against the gathered sequence (keys past the last query's position: no gradient).
+/// [`causal_attention`] of queries at positions `offset..offset + s_q` (`q: [b, H, s_q, d]`)
+/// against keys and values at `0..s_k` (`[b, H, s_k, d]`): a context-parallel rank's chunk of
+/// queries against the gathered sequence (keys past the last query's position: no gradient).
+/// The backend's fused kernels where it has them.
 ///
 /// # Panics
-/// If `k` and `v` differ in shape or dtype, differ from `q` but in length, `s_k < offset + s_q`,
-/// or `rows` is 0.
+/// If `k` and `v` differ in shape or dtype, differ from `q` but in length, or `s_k < offset + s_q`.
+pub fn causal_attention_at<B: AttentionBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f32, offset: usize) -> Tensor<B, 4> {
+    causal_attention_at_lse(q, k, v, scale, offset).0
+}
+
+/// `(o, lse)` of [`causal_attention_at`].
+pub fn causal_attention_at_lse<B: AttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f32,
+    offset: usize,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    check_at("causal_attention_at", &q, &k, &v, offset);
+    let (o, lse) = B::causal_attention_at(prim(q), prim(k), prim(v), scale, offset);
+    (wrap(o), wrap(lse))
+}
+
+/// [`causal_attention_at`] through [`causal_attention_chunked`] (`rows` queries at a time).
+///
+/// # Panics
+/// As [`causal_attention_at`], and if `rows` is 0.
 pub fn causal_attention_chunked_at<B: AttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -377,123 +425,23 @@ pub fn causal_attention_chunked_at<B: AttentionBackend>(
     rows: usize,
     offset: usize,
 ) -> Tensor<B, 4> {
+    check_at("causal_attention_chunked_at", &q, &k, &v, offset);
+    assert!(rows > 0, "chunked attention needs at least one query row per chunk");
+    wrap(B::causal_attention_chunked_at(prim(q), prim(k), prim(v), scale, rows, offset).0)
+}
+
+fn check_at<B: Backend>(what: &str, q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, offset: usize) {
     let ([b, h, sq, d], [kb, kh, sk, kd]) = (q.dims(), k.dims());
     assert!(
         k.dims() == v.dims() && k.dtype() == v.dtype() && k.dtype() == q.dtype(),
-        "causal_attention_chunked_at: k {:?} {:?}, v {:?} {:?}, q {:?}",
+        "{what}: k {:?} {:?}, v {:?} {:?}, q {:?}",
         k.dims(),
         k.dtype(),
         v.dims(),
         v.dtype(),
         q.dtype()
     );
-    assert!([kb, kh, kd] == [b, h, d] && sk >= offset + sq, "causal_attention_chunked_at: q {:?} at {offset} against k {:?}", q.dims(), k.dims());
-    assert!(rows > 0, "chunked attention needs at least one query row per chunk");
-    wrap(B::causal_attention_chunked_at(prim(q), prim(k), prim(v), scale, rows, offset).0)
-}
-
-/// Query rows per chunk of `chunked` without a number.
-pub const DEFAULT_CHUNK_ROWS: usize = 256;
-
-/// Which attention the GPT's layers run (resolved per backend into an [`AttentionCore`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
-pub enum AttentionKernel {
-    /// The fused kernels where the backend has them and attention dropout is off, else composed.
-    #[default]
-    Auto,
-    /// Composed Burn ops (the `s × s` scores kept for the backward).
-    Composed,
-    /// The fused kernels; a backend without them, or attention dropout > 0, is an error.
-    Fused,
-    /// Burn ops on this many query rows at a time ([`causal_attention_chunked`]): any backend,
-    /// no `s × s` tensor kept; attention dropout > 0 is an error.
-    Chunked(usize),
-}
-
-/// What a layer's attention core runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum AttentionCore {
-    /// Masked softmax of Burn ops, with dropout; keeps the `s × s` tensors.
-    #[default]
-    Composed,
-    /// The backend's fused kernels ([`causal_attention`]).
-    Fused,
-    /// [`causal_attention_chunked`] with this many query rows per chunk.
-    Chunked(usize),
-}
-
-impl AttentionCore {
-    /// Keeps `o` and the f32 `lse` instead of the `s × s` tensors (fused or chunked).
-    pub fn keeps_lse_only(self) -> bool {
-        self != Self::Composed
-    }
-}
-
-impl From<AttentionCore> for AttentionKernel {
-    /// The kernel choice that resolves to `core` (where the backend allows it).
-    fn from(core: AttentionCore) -> Self {
-        match core {
-            AttentionCore::Composed => Self::Composed,
-            AttentionCore::Fused => Self::Fused,
-            AttentionCore::Chunked(rows) => Self::Chunked(rows),
-        }
-    }
-}
-
-/// An attention kernel name that does not exist.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown attention kernel {0:?} (choose auto, composed, fused, chunked or chunked:ROWS with ROWS > 0)")]
-pub struct UnknownAttentionKernel(pub String);
-
-impl std::str::FromStr for AttentionKernel {
-    type Err = UnknownAttentionKernel;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "composed" => Ok(Self::Composed),
-            "fused" | "flash" => Ok(Self::Fused),
-            "chunked" => Ok(Self::Chunked(DEFAULT_CHUNK_ROWS)),
-            other => match other.strip_prefix("chunked:").map(str::parse::<usize>) {
-                Some(Ok(rows)) if rows > 0 => Ok(Self::Chunked(rows)),
-                _ => Err(UnknownAttentionKernel(other.to_string())),
-            },
-        }
-    }
-}
-
-impl std::fmt::Display for AttentionKernel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Auto => f.write_str("auto"),
-            Self::Composed => f.write_str("composed"),
-            Self::Fused => f.write_str("fused"),
-            Self::Chunked(rows) => write!(f, "chunked:{rows}"),
-        }
-    }
-}
-
-impl AttentionKernel {
-    /// The core that layers with heads of width `d_head` and attention dropout `dropout` run on
-    /// `device`; `Err` (the reason, with the numbers) for `Fused` or `Chunked` where they cannot.
-    pub fn resolve<B: AttentionBackend>(self, device: &B::Device, d_head: usize, dropout: f64) -> Result<AttentionCore, String> {
-        self.resolve_with(|| B::fused_attention(device, d_head), dropout)
-    }
-
-    /// [`resolve`](Self::resolve) with the backend's answer to "are there fused kernels for
-    /// this head width" given by `fused` (`Ok` or why not): for plans made without a backend.
-    pub fn resolve_with(self, fused: impl FnOnce() -> Result<(), String>, dropout: f64) -> Result<AttentionCore, String> {
-        let no_dropout = |what: &str| format!("{what} attention has no dropout: attention dropout is {dropout} (use 0, or the composed attention)");
-        match self {
-            Self::Composed => Ok(AttentionCore::Composed),
-            Self::Auto if dropout != 0.0 => Ok(AttentionCore::Composed),
-            Self::Auto => Ok(if fused().is_ok() { AttentionCore::Fused } else { AttentionCore::Composed }),
-            Self::Fused if dropout != 0.0 => Err(no_dropout("fused")),
-            Self::Fused => fused().map(|()| AttentionCore::Fused),
-            Self::Chunked(_) if dropout != 0.0 => Err(no_dropout("chunked")),
-            Self::Chunked(0) => Err("chunked attention needs at least one query row per chunk".into()),
-            Self::Chunked(rows) => Ok(AttentionCore::Chunked(rows)),
-        }
-    }
+    assert!([kb, kh, kd] == [b, h, d] && sk >= offset + sq, "{what}: q {:?} at {offset} against k {:?}", q.dims(), k.dims());
 }
 
 #[cfg(test)]

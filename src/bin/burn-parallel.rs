@@ -187,8 +187,7 @@ struct MemoryArgs {
     /// Data-parallel degree.
     #[arg(long, default_value_t = 1)]
     dp: usize,
-    /// Context-parallel degree (each sequence split over this many ranks; the attention runs
-    /// composed or chunked, auto meaning chunked without dropout).
+    /// Context-parallel degree (each sequence split over this many ranks; any attention core).
     #[arg(long, default_value_t = 1)]
     cp: usize,
     /// Pipeline-parallel degree.
@@ -242,16 +241,9 @@ fn prepare(tokenizer: &str, out: &std::path::Path, shard_tokens: usize, val_frac
 }
 
 /// The attention core of `--attention` for a plan (no backend: `auto` as on CUDA).
-fn attention_core(name: &str, dropout: bool, cp: usize) -> Result<burn_parallel::attention::AttentionCore, String> {
+fn attention_core(name: &str, dropout: bool) -> Result<burn_parallel::attention::AttentionCore, String> {
     let kernel: burn_parallel::attention::AttentionKernel = name.parse().map_err(|e: burn_parallel::attention::UnknownAttentionKernel| e.to_string())?;
     use burn_parallel::attention::AttentionKernel::{Auto, Composed};
-    // Context parallelism: `auto` is the chunked core (as gpt_pretrain resolves it on a GPU;
-    // the fused kernels take whole sequences), composed with attention dropout.
-    let kernel = match kernel {
-        Auto if cp > 1 && !dropout => burn_parallel::attention::AttentionKernel::Chunked(burn_parallel::attention::DEFAULT_CHUNK_ROWS),
-        Auto if cp > 1 => Composed,
-        k => k,
-    };
     if dropout && !matches!(kernel, Auto | Composed) {
         return Err(format!("--attention {kernel} has no dropout (drop --dropout, or use --attention composed)"));
     }
@@ -304,7 +296,7 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
         dropout: a.dropout,
         // As gpt_pretrain: 1024 rows for a named model, 0 for the whole logits.
         loss_chunk: a.loss_chunk.map_or((a.model != burn_parallel::presets::ModelPreset::Tiny).then_some(1024), |c| (c > 0).then_some(c)),
-        attention: attention_core(&a.attention, a.dropout, a.cp)?,
+        attention: attention_core(&a.attention, a.dropout)?,
     };
     let est = estimate(&shape, &plan)?;
     println!("{shape:?}\n{plan:?}\nMB per rank (every TP and DP rank of a pipeline stage alike):\n{}", table(&est));

@@ -36,7 +36,7 @@
 //! pipeline, `m` micro-batches are gradient accumulation: one in flight, the f32 gradients
 //! kept from the first backward on.
 //!
-//! Context parallelism (`cp` C; composed or chunked attention): `N = b·s/C` tokens, the scores
+//! Context parallelism (`cp` C; any attention core): `N = b·s/C` tokens, the scores
 //! `b·(a/t)·(s/C)·s`, plus the all-gathered keys and values `2·b·s·h/t` kept (grouped-query
 //! attention: repeated per query head; selective recompute drops them with the core) and, in
 //! the backward, their gradients and (thread ranks) the reduce-scatter's staged copies, `2·`
@@ -221,7 +221,9 @@ impl Dims {
     /// The attention core's backward transient: the composed two f32 `s²` buffers (softmax
     /// backward; in half precision also the probabilities' gradient and the scores' gradient in
     /// `e`: measured 2.0 and 3.0 f32 `s²` above the backward's start at s 512); the fused
-    /// kernels' `dq, dk, dv` and f32 `D` (and, in half precision, `dO` and `o` cast to f32); the
+    /// kernels' `dq, dk, dv` and f32 `D` (and, in half precision, `dO` and `o` cast to f32; under
+    /// context parallelism a query chunk's `dk, dv` are as long as the gathered keys: predicted,
+    /// not yet measured, since no Cube backend measures a multi-rank world); the
     /// chunked op's f32 `D`, `dk`/`dv` accumulators, the `dq` chunks and two f32 buffers of
     /// the last chunk `[b, a/t, rows, s]` (`P`, `dP`; in half precision also `P` and `dS` as
     /// half-precision matmul operands and one f32 product of a half-precision matmul before its
@@ -230,7 +232,10 @@ impl Dims {
         let local = self.n * self.h / self.t;
         let half = |tensors: f64| if self.e < 4.0 { tensors * local * 4.0 } else { 0.0 };
         match self.core {
-            AttentionCore::Fused => 3.0 * local * self.e + self.att_rows * 4.0 + half(2.0),
+            AttentionCore::Fused => {
+                let dkv = if self.gathered_kv > 0.0 { self.gathered_kv } else { 2.0 * local };
+                local * self.e + dkv * self.e + self.att_rows * 4.0 + half(2.0) + self.gathered_kv_grads()
+            }
             AttentionCore::Chunked(rows) => {
                 // `[b, a/t, rows, ≤ s]`.
                 let last = self.bh * (rows as f64).min(self.q_chunk) * self.s;

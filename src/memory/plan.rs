@@ -74,9 +74,6 @@ pub(super) fn check(g: &GptShape, plan: &TrainPlan) -> Result<(), String> {
     if plan.sequence_parallel && !local.is_multiple_of(plan.tp) {
         return Err(format!("sequence parallelism splits each rank's {local} tokens over tensor_parallel = {}: not divisible", plan.tp));
     }
-    if plan.cp > 1 && plan.attention == AttentionCore::Fused {
-        return Err(format!("context parallelism (cp {}) runs the composed or chunked attention core, not {:?}", plan.cp, plan.attention));
-    }
     if plan.microbatch == 0 || plan.microbatches == 0 {
         return Err(format!("a step needs at least one sample: micro-batch size {}, {} micro-batches", plan.microbatch, plan.microbatches));
     }

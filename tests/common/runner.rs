@@ -120,7 +120,7 @@ impl Rank {
         let groups = ProcessGroups::new(layout.config(), comm).map_err(|e| e.to_string())?;
         let cp = ContextParallel::new(groups.cp.clone());
         let runner = if layout.pp == 1 {
-            let gpt = config.init(&groups.tp, &Default::default()).and_then(|g| g.with_context_parallel(cp)).map_err(|e| e.to_string())?;
+            let gpt = config.init(&groups.tp, &Default::default()).map(|g| g.with_context_parallel(cp)).map_err(|e| e.to_string())?;
             Runner::Flat { gpt: Box::new(gpt), optim: adamw() }
         } else {
             let m = layout.per_replica().min(4);

@@ -239,8 +239,9 @@ fn wgpu_logs_which_attention_kernels_run() {
 
 /// `--device wgpu` (burn's `Wgpu`: the `Fusion<CubeBackend>` path that `Cuda` takes, with the
 /// fused attention and layer-norm kernels, the device-side norm and loss sums and the chunked
-/// cross-entropy; lavapipe in CI) trains with the CPU run's losses, tp 2 with SP and pp 2 × dp 2
-/// with ZeRO and recompute; every rank's device bytes after the last step are the predicted
+/// cross-entropy; lavapipe in CI) trains with the CPU run's losses, tp 2 with SP, pp 2 × dp 2
+/// with ZeRO and recompute, and cp 2 × tp 2 with SP (the fused kernels at each query chunk's
+/// offset; the CPU composes); every rank's device bytes after the last step are the predicted
 /// model state; a checkpoint saved on wgpu resumes on the CPU with the CPU's losses.
 #[cfg(feature = "wgpu")]
 #[test]
@@ -252,9 +253,11 @@ fn wgpu_training_prints_the_cpu_losses_and_its_checkpoint_resumes_on_the_cpu() {
             assert!((x - y).abs() < 2e-4, "{what}: step {} loss {x} on wgpu, {y} on the CPU ({a:?} vs {b:?})", i + 1);
         }
     };
-    for (layout, world) in
-        [("--tp 2 --sequence-parallel --loss-chunk 24 --clip-grad 0.5", 2), ("--pp 2 --dp 2 --microbatches 2 --zero 1 --recompute selective", 4)]
-    {
+    for (layout, world) in [
+        ("--tp 2 --sequence-parallel --loss-chunk 24 --clip-grad 0.5", 2),
+        ("--pp 2 --dp 2 --microbatches 2 --zero 1 --recompute selective", 4),
+        ("--cp 2 --tp 2 --sequence-parallel", 4),
+    ] {
         let base = format!("{TINY} --steps 3 --layers 2 {layout}");
         let cpu = losses(&base);
         assert_eq!(cpu.len(), 3, "{layout}: {cpu:?}");

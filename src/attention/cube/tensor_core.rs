@@ -115,8 +115,8 @@ fn cube_dim(t: TcTiles) -> CubeDim {
     CubeDim::new_2d(t.lanes as u32, t.planes as u32)
 }
 
-/// The forward: `[q, k, v, o, lse]`.
-pub(super) fn forward<R: CubeRuntime>(t: TcTiles, [q, k, v, o, lse]: [&CubeTensor<R>; 5], scale: f32) {
+/// The forward: `[q, k, v, o, lse]`, queries at positions `offset..`.
+pub(super) fn forward<R: CubeRuntime>(t: TcTiles, [q, k, v, o, lse]: [&CubeTensor<R>; 5], scale: f32, offset: usize) {
     let [b, h, s, _] = q.shape().dims::<4>();
     let client = q.client.clone();
     launch_attn!(kernels::attn_forward_tc_kernel;
@@ -129,15 +129,16 @@ pub(super) fn forward<R: CubeRuntime>(t: TcTiles, [q, k, v, o, lse]: [&CubeTenso
         o.clone().into_tensor_arg(),
         lse.clone().into_tensor_arg(),
         scale,
+        super::offset_arg(offset),
         t,
         q.dtype.into(),
     );
 }
 
 /// The backward: `[dO, q, k, v, lse, delta, dq, dk, dv]` (`lse`, `delta` contiguous f32).
-pub(super) fn backward<R: CubeRuntime>((tq, tkv): (TcTiles, TcTiles), tensors: [&CubeTensor<R>; 9], scale: f32) {
+pub(super) fn backward<R: CubeRuntime>((tq, tkv): (TcTiles, TcTiles), tensors: [&CubeTensor<R>; 9], scale: f32, offset: usize) {
     let [dout, q, k, v, lse, delta, dq, dk, dv] = tensors.map(|t| t.clone());
-    let [b, h, s, _] = q.shape().dims::<4>();
+    let ([b, h, s, _], sk) = (q.shape().dims::<4>(), k.shape()[2]);
     let (client, dtype) = (q.client.clone(), q.dtype);
     launch_attn!(kernels::attn_backward_dq_tc_kernel;
         &client,
@@ -151,12 +152,13 @@ pub(super) fn backward<R: CubeRuntime>((tq, tkv): (TcTiles, TcTiles), tensors: [
         delta.clone().into_tensor_arg(),
         dq.into_tensor_arg(),
         scale,
+        super::offset_arg(offset),
         tq,
         dtype.into(),
     );
     launch_attn!(kernels::attn_backward_dkv_tc_kernel;
         &client,
-        grid(b * h, s, tkv.rows()),
+        grid(b * h, sk, tkv.rows()),
         cube_dim(tkv),
         dout.into_tensor_arg(),
         q.into_tensor_arg(),
@@ -167,6 +169,7 @@ pub(super) fn backward<R: CubeRuntime>((tq, tkv): (TcTiles, TcTiles), tensors: [
         dk.into_tensor_arg(),
         dv.into_tensor_arg(),
         scale,
+        super::offset_arg(offset),
         tkv,
         dtype.into(),
     );

@@ -9,7 +9,8 @@ use cubecl::prelude::*;
 
 use super::{block_acc, block_dot, filled, last_first_block, load_tile, store_block, store_weights, vzeros, zeros, Tiles};
 
-/// `dq` (any strides) from `dO`, `lse` and `delta = Σ_x dO·o` (`[b·H·s]` f32 each).
+/// `dq` (any strides) from `dO`, `lse` and `delta = Σ_x dO·o` (`[b·H·s_q]` f32 each), queries at
+/// positions `offset..` (module docs of [`super`]).
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn attn_backward_dq_kernel<F: Float, N: Size, M: Size>(
@@ -21,11 +22,12 @@ pub fn attn_backward_dq_kernel<F: Float, N: Size, M: Size>(
     delta: &Tensor<f32>,
     dq: &mut Tensor<F>,
     scale: f32,
+    offset: u32,
     #[comptime] t: Tiles,
     #[define(F)] _dtype: StorageType,
 ) {
     let (rows, cols, rm, cn, tx, ty, dnv) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dnv())];
-    let s = q.shape(2);
+    let (s, skl, off) = (q.shape(2), k.shape(2), offset as usize);
     let bh = CUBE_POS_X as usize;
     let q0 = last_first_block() * rows;
     let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
@@ -47,11 +49,11 @@ pub fn attn_backward_dq_kernel<F: Float, N: Size, M: Size>(
         }
     }
     let mut acc = vzeros::<N>(comptime![rm * dnv]);
-    let kend = min(s, q0 + rows);
+    let kend = min(skl, off + q0 + rows);
     for tile in 0..(kend + cols - 1) / cols {
         let k0 = tile * cols;
-        load_tile::<F, N>(k, &mut sk, bh, k0, s, 1.0, cols, t);
-        load_tile::<F, N>(v, &mut sv, bh, k0, s, 1.0, cols, t);
+        load_tile::<F, N>(k, &mut sk, bh, k0, skl, 1.0, cols, t);
+        load_tile::<F, N>(v, &mut sv, bh, k0, skl, 1.0, cols, t);
         sync_cube();
         let mut ds = block_dot::<N>(&sq, &sk, t);
         let dp = block_dot::<N>(&sdo, &sv, t);
@@ -62,7 +64,8 @@ pub fn attn_backward_dq_kernel<F: Float, N: Size, M: Size>(
             for j in 0..cn {
                 let kj = k0 + ux + j * tx;
                 let mut ds_val = f32::new(0.0);
-                if kj <= qi && kj < s && qi < s {
+                // `kj ≤ offset + qi < s_k` for real queries: keys past `s_k` are masked too.
+                if kj <= off + qi && qi < s {
                     ds_val = f32::exp(ds[i * cn + j] - lse_r[i]) * (dp[i * cn + j] - delta_r[i]);
                 }
                 ds[i * cn + j] = ds_val;
@@ -79,7 +82,7 @@ pub fn attn_backward_dq_kernel<F: Float, N: Size, M: Size>(
     store_block::<F, N>(dq, &acc, &factor, bh, q0, s, t);
 }
 
-/// `dk, dv` (any strides); rows are keys, tiles are queries.
+/// `dk, dv` (any strides, `s_k` rows); rows are keys, tiles are queries.
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn attn_backward_dkv_kernel<F: Float, N: Size, M: Size>(
@@ -92,11 +95,12 @@ pub fn attn_backward_dkv_kernel<F: Float, N: Size, M: Size>(
     dk: &mut Tensor<F>,
     dv: &mut Tensor<F>,
     scale: f32,
+    offset: u32,
     #[comptime] t: Tiles,
     #[define(F)] _dtype: StorageType,
 ) {
     let (rows, cols, rm, cn, tx, ty, dnv) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dnv())];
-    let s = q.shape(2);
+    let (s, skl, off) = (q.shape(2), k.shape(2), offset as usize);
     let bh = CUBE_POS_X as usize;
     let j0 = CUBE_POS_Y as usize * rows;
     let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
@@ -107,11 +111,12 @@ pub fn attn_backward_dkv_kernel<F: Float, N: Size, M: Size>(
     let mut sp = SharedMemory::<Vector<f32, M>>::new(comptime![cols * t.wstride()]);
     let mut sds = SharedMemory::<Vector<f32, M>>::new(comptime![cols * t.wstride()]);
     let mut sstat = SharedMemory::<f32>::new(comptime![2 * cols]);
-    load_tile::<F, N>(k, &mut sk, bh, j0, s, 1.0, rows, t);
-    load_tile::<F, N>(v, &mut sv, bh, j0, s, 1.0, rows, t);
+    load_tile::<F, N>(k, &mut sk, bh, j0, skl, 1.0, rows, t);
+    load_tile::<F, N>(v, &mut sv, bh, j0, skl, 1.0, rows, t);
     let mut acc_k = vzeros::<N>(comptime![rm * dnv]);
     let mut acc_v = vzeros::<N>(comptime![rm * dnv]);
-    for tile in j0 / cols..(s + cols - 1) / cols {
+    // The first query tile that sees key j0 (position offset + i ≥ j0).
+    for tile in (max(j0, off) - off) / cols..(s + cols - 1) / cols {
         let i0 = tile * cols;
         load_tile::<F, N>(q, &mut sq, bh, i0, s, scale, cols, t);
         load_tile::<F, N>(dout, &mut sdo, bh, i0, s, 1.0, cols, t);
@@ -126,7 +131,7 @@ pub fn attn_backward_dkv_kernel<F: Float, N: Size, M: Size>(
             for j in 0..cn {
                 let qc = ux + j * tx;
                 let (mut p, mut ds_val) = (f32::new(0.0), f32::new(0.0));
-                if kj <= i0 + qc && i0 + qc < s {
+                if kj <= off + i0 + qc && i0 + qc < s {
                     p = f32::exp(pt[i * cn + j] - sstat[qc]);
                     ds_val = p * (ds[i * cn + j] - sstat[cols + qc]);
                 }
@@ -144,8 +149,8 @@ pub fn attn_backward_dkv_kernel<F: Float, N: Size, M: Size>(
         sync_cube();
     }
     let one = filled(rm, f32::new(1.0));
-    store_block::<F, N>(dk, &acc_k, &one, bh, j0, s, t);
-    store_block::<F, N>(dv, &acc_v, &one, bh, j0, s, t);
+    store_block::<F, N>(dk, &acc_k, &one, bh, j0, skl, t);
+    store_block::<F, N>(dv, &acc_v, &one, bh, j0, skl, t);
 }
 
 /// `lse` and `delta` of queries `i0..i0 + C` into `sstat[0..C]` and `sstat[C..2C]` (zeros past

@@ -17,6 +17,12 @@
 //! Every global access is guarded by the sequence length; inputs are read through their strides
 //! (`[b, H, s, d]` views of any layout), outputs written through theirs.
 //!
+//! Context parallelism: `q` may hold `s_q` queries at positions `offset..offset + s_q` against
+//! `s_k ≥ offset + s_q` keys at `0..s_k` (query `i` sees keys `j ≤ offset + i`; `offset = 0`,
+//! `s_k = s_q`: one whole causal sequence). Forward and dq read key tiles up to their block's
+//! last position; dk/dv's blocks start at the first query tile that sees them, and key rows past
+//! the last query's position get zeros.
+//!
 //! - [`attn_forward_kernel`]: rows are queries; per key tile: scores, the tile's row maxima
 //!   (per-unit partials met in shared memory), `P` into shared memory, then `acc += P·v`, the
 //!   online softmax's running max `m` and per-unit partial sums `l` rescaled by `exp(m − m')`
@@ -327,7 +333,8 @@ fn across_units(part: &mut Array<f32>, red: &mut SharedMemory<f32>, #[comptime] 
     }
 }
 
-/// The forward: `o` (q's dtype, any strides) and `lse: [b·H·s]` f32.
+/// The forward: `o` (q's dtype, any strides) and `lse: [b·H·s_q]` f32, queries at positions
+/// `offset..` (module docs).
 #[cube(launch, launch_unchecked)]
 pub fn attn_forward_kernel<F: Float, N: Size, M: Size>(
     q: &Tensor<F>,
@@ -336,16 +343,17 @@ pub fn attn_forward_kernel<F: Float, N: Size, M: Size>(
     o: &mut Tensor<F>,
     lse: &mut Tensor<f32>,
     scale: f32,
+    offset: u32,
     #[comptime] t: Tiles,
     #[define(F)] _dtype: StorageType,
 ) {
     let (rows, cols, rm, cn, tx, ty, dnv) = comptime![(t.rows, t.cols, t.rm(), t.cn(), t.tx, t.ty, t.dnv())];
-    let s = q.shape(2);
+    let (s, sk, off) = (q.shape(2), k.shape(2), offset as usize);
     let bh = CUBE_POS_X as usize;
     let q0 = last_first_block() * rows;
     let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
     let mut sq = SharedMemory::<Vector<f32, N>>::new(comptime![rows * t.vstride()]);
-    let mut sk = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
+    let mut skt = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
     let mut sv = SharedMemory::<Vector<f32, N>>::new(comptime![cols * t.vstride()]);
     let mut sp = SharedMemory::<Vector<f32, M>>::new(comptime![cols * t.wstride()]);
     let mut red = SharedMemory::<f32>::new(comptime![rows * tx]);
@@ -354,21 +362,25 @@ pub fn attn_forward_kernel<F: Float, N: Size, M: Size>(
     let mut m = filled(rm, f32::new(MASKED));
     let mut l = zeros(rm);
     let mut mt = Array::<f32>::new(rm);
-    let kend = min(s, q0 + rows);
+    // This unit's first query position.
+    let p0 = off + q0 + uy;
+    let kend = min(sk, off + q0 + rows);
     for tile in 0..(kend + cols - 1) / cols {
         let k0 = tile * cols;
-        load_tile::<F, N>(k, &mut sk, bh, k0, s, 1.0, cols, t);
-        load_tile::<F, N>(v, &mut sv, bh, k0, s, 1.0, cols, t);
+        load_tile::<F, N>(k, &mut skt, bh, k0, sk, 1.0, cols, t);
+        load_tile::<F, N>(v, &mut sv, bh, k0, sk, 1.0, cols, t);
         sync_cube();
-        let mut sc = block_dot::<N>(&sq, &sk, t);
+        let mut sc = block_dot::<N>(&sq, &skt, t);
         #[unroll]
         for i in 0..rm {
-            let qi = q0 + uy + i * ty;
+            let pi = p0 + i * ty;
             let mut mx = f32::new(MASKED);
             #[unroll]
             for j in 0..cn {
                 let kj = k0 + ux + j * tx;
-                if kj > qi || kj >= s {
+                // Keys past `s_k` lie past every real query's position (`s_k ≥ offset + s_q`):
+                // the causal mask covers them (padding rows past `s_q` are never stored).
+                if kj > pi {
                     sc[i * cn + j] = f32::new(MASKED);
                 }
                 mx = max(mx, sc[i * cn + j]);

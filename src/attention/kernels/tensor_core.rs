@@ -20,7 +20,9 @@
 //!
 //! Four cube syncs per tile (after staging, after each of 1–3). At the end `o/l` is written
 //! through the output's strides and `lse = m + ln l`. Every global access is guarded by the
-//! sequence length; fragment loads and stores touch shared memory only.
+//! sequence length; fragment loads and stores touch shared memory only. Queries may sit at
+//! positions `offset..offset + s_q` against `s_k` keys (context parallelism, as the FMA
+//! kernels: module docs of [`super`]).
 
 // Tile counts are written `(n + c − 1) / c` (the cube macro expands arithmetic, not `div_ceil`).
 #![allow(clippy::manual_div_ceil)]
@@ -211,7 +213,8 @@ impl TcTiles {
 }
 
 /// Lanes `< f`: the online softmax of their rows of this plane's scores (keys `k0..k0 + C`,
-/// causal and sequence masks), `P` into `sp`, `α` into `sa`; `m`, `l` updated.
+/// causal and sequence masks: the plane's first query at position `pw`, `s` keys), `P` into
+/// `sp`, `α` into `sa`; `m`, `l` updated.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn plane_softmax<F: Float>(
@@ -220,7 +223,7 @@ fn plane_softmax<F: Float>(
     sa: &mut SharedMemory<f32>,
     m: &mut Array<f32>,
     l: &mut Array<f32>,
-    qw: usize,
+    pw: usize,
     k0: usize,
     s: usize,
     scale: f32,
@@ -232,7 +235,7 @@ fn plane_softmax<F: Float>(
     for i in 0..comptime![t.rows_per_lane()] {
         let r = lane + lanes * i;
         if r < f {
-            let qi = qw + r;
+            let qi = pw + r;
             let srow = (w * f + r) * sst;
             let prow = (w * f + r) * ps;
             let last = min(qi + 1, s); // keys k0..last are visible
@@ -259,7 +262,8 @@ fn plane_softmax<F: Float>(
     }
 }
 
-/// The forward: `o` (q's dtype, any strides) and `lse: [b·H·s]` f32; `q, k, v` f16 or bf16.
+/// The forward: `o` (q's dtype, any strides) and `lse: [b·H·s_q]` f32; `q, k, v` f16 or bf16,
+/// queries at positions `offset..`.
 #[cube(launch, launch_unchecked)]
 pub fn attn_forward_tc_kernel<F: Float>(
     q: &Tensor<F>,
@@ -268,12 +272,13 @@ pub fn attn_forward_tc_kernel<F: Float>(
     o: &mut Tensor<F>,
     lse: &mut Tensor<f32>,
     scale: f32,
+    offset: u32,
     #[comptime] t: TcTiles,
     #[define(F)] _dtype: StorageType,
 ) {
     let (f, d, cols, lanes, sst) = comptime![(t.f, t.d, t.cols, t.lanes, t.ss())];
     let (rows, rpl, per_lane) = comptime![(t.rows(), t.rows_per_lane(), t.per_lane())];
-    let s = q.shape(2);
+    let (s, skl, off) = (q.shape(2), k.shape(2), offset as usize);
     let bh = CUBE_POS_X as usize;
     let q0 = last_first_block() * rows;
     let (lane, w) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
@@ -297,15 +302,15 @@ pub fn attn_forward_tc_kernel<F: Float>(
     for i in 0..per_lane {
         acc[i] = f32::new(0.0);
     }
-    let kend = min(s, q0 + rows);
+    let kend = min(skl, off + q0 + rows);
     for tile in 0..(kend + cols - 1) / cols {
         let k0 = tile * cols;
-        stage::<F>(k, &mut sk, bh, k0, s, cols, t);
-        stage::<F>(v, &mut sv, bh, k0, s, cols, t);
+        stage::<F>(k, &mut sk, bh, k0, skl, cols, t);
+        stage::<F>(v, &mut sv, bh, k0, skl, cols, t);
         sync_cube();
         plane_matmul::<F>(&sq, w * f * t.hs(), &sk, 0, &mut ss, w * f * sst, comptime![t.scores()]);
         sync_cube();
-        plane_softmax::<F>(&ss, &mut sp, &mut sa, &mut m, &mut l, qw, k0, s, scale, t);
+        plane_softmax::<F>(&ss, &mut sp, &mut sa, &mut m, &mut l, off + qw, k0, skl, scale, t);
         sync_cube();
         plane_matmul::<F>(&sp, w * f * t.ps(), &sv, 0, &mut ss, w * f * sst, comptime![t.weighted()]);
         sync_cube();

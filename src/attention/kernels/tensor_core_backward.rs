@@ -13,7 +13,8 @@
 //!   elementwise with the tile's `lse`, `δ` staged; `dv += Pᵀ·dO`, `dk += dSᵀ·q`; `dk` times
 //!   `scale` at the end.
 //!
-//! Four cube syncs per tile; every global access guarded by the sequence length.
+//! Four cube syncs per tile; every global access guarded by the sequence length. Queries may sit
+//! at positions `offset..offset + s_q` against `s_k` keys (module docs of [`super`]).
 
 // Tile counts are written `(n + c − 1) / c` (the cube macro expands arithmetic, not `div_ceil`).
 #![allow(clippy::manual_div_ceil)]
@@ -78,7 +79,7 @@ fn zeroed(#[comptime] n: usize) -> Array<f32> {
     a
 }
 
-/// `dq` (any strides) from `dO`, `lse` and `delta = Σ_x dO·o` (`[b·H·s]` f32 each).
+/// `dq` (any strides) from `dO`, `lse` and `delta = Σ_x dO·o` (`[b·H·s_q]` f32 each).
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn attn_backward_dq_tc_kernel<F: Float>(
@@ -90,11 +91,12 @@ pub fn attn_backward_dq_tc_kernel<F: Float>(
     delta: &Tensor<f32>,
     dq: &mut Tensor<F>,
     scale: f32,
+    offset: u32,
     #[comptime] t: TcTiles,
     #[define(F)] _dtype: StorageType,
 ) {
     let (f, cols, lanes, sst, ps, rows) = comptime![(t.f, t.cols, t.lanes, t.ss(), t.ps(), t.rows())];
-    let s = q.shape(2);
+    let (s, skl, off) = (q.shape(2), k.shape(2), offset as usize);
     let bh = CUBE_POS_X as usize;
     let q0 = last_first_block() * rows;
     let (lane, w) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
@@ -112,11 +114,11 @@ pub fn attn_backward_dq_tc_kernel<F: Float>(
     stage_stats(lse, &mut sl, bh, q0, s, rows, comptime![t.units()]);
     stage_stats(delta, &mut sd, bh, q0, s, rows, comptime![t.units()]);
     let mut acc = zeroed(comptime![t.per_lane()]);
-    let kend = min(s, q0 + rows);
+    let kend = min(skl, off + q0 + rows);
     for tile in 0..(kend + cols - 1) / cols {
         let k0 = tile * cols;
-        stage::<F>(k, &mut sk, bh, k0, s, cols, t);
-        stage::<F>(v, &mut sv, bh, k0, s, cols, t);
+        stage::<F>(k, &mut sk, bh, k0, skl, cols, t);
+        stage::<F>(v, &mut sv, bh, k0, skl, cols, t);
         sync_cube();
         plane_matmul::<F>(&sq, w * f * t.hs(), &sk, 0, &mut ss, w * f * sst, comptime![t.scores()]);
         plane_matmul::<F>(&sdo, w * f * t.hs(), &sv, 0, &mut sdp, w * f * sst, comptime![t.scores()]);
@@ -127,7 +129,7 @@ pub fn attn_backward_dq_tc_kernel<F: Float>(
             let (r, j) = (w * f + e / cols, e % cols);
             let (qi, kj) = (q0 + r, k0 + j);
             let mut ds = f32::new(0.0);
-            if kj <= qi && kj < s && qi < s {
+            if kj <= off + qi && kj < skl && qi < s {
                 let p = f32::exp(ss[r * sst + j] * scale - sl[r]);
                 ds = p * (sdp[r * sst + j] - sd[r]);
             }
@@ -141,7 +143,8 @@ pub fn attn_backward_dq_tc_kernel<F: Float>(
     store_rows::<F>(dq, &acc, scale, bh, q0, s, t);
 }
 
-/// `dk`, `dv` (any strides) from `dO`, `lse` and `delta` (`[b·H·s]` f32 each); rows are keys.
+/// `dk`, `dv` (any strides, `s_k` rows) from `dO`, `lse` and `delta` (`[b·H·s_q]` f32 each); rows
+/// are keys.
 #[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn attn_backward_dkv_tc_kernel<F: Float>(
@@ -154,11 +157,12 @@ pub fn attn_backward_dkv_tc_kernel<F: Float>(
     dk: &mut Tensor<F>,
     dv: &mut Tensor<F>,
     scale: f32,
+    offset: u32,
     #[comptime] t: TcTiles,
     #[define(F)] _dtype: StorageType,
 ) {
     let (f, cols, lanes, sst, ps, rows) = comptime![(t.f, t.cols, t.lanes, t.ss(), t.ps(), t.rows())];
-    let s = q.shape(2);
+    let (s, skl, off) = (q.shape(2), k.shape(2), offset as usize);
     let bh = CUBE_POS_X as usize;
     let kb0 = CUBE_POS_Y as usize * rows;
     let (lane, w) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
@@ -172,11 +176,12 @@ pub fn attn_backward_dkv_tc_kernel<F: Float>(
     let mut sdp = SharedMemory::<f32>::new(comptime![t.rows() * t.ss()]);
     let mut sl = SharedMemory::<f32>::new(cols);
     let mut sd = SharedMemory::<f32>::new(cols);
-    stage::<F>(k, &mut sk, bh, kb0, s, rows, t);
-    stage::<F>(v, &mut sv, bh, kb0, s, rows, t);
+    stage::<F>(k, &mut sk, bh, kb0, skl, rows, t);
+    stage::<F>(v, &mut sv, bh, kb0, skl, rows, t);
     let mut acc_k = zeroed(comptime![t.per_lane()]);
     let mut acc_v = zeroed(comptime![t.per_lane()]);
-    for tile in kb0 / cols..(s + cols - 1) / cols {
+    // The first query tile that sees key kb0 (position offset + i ≥ kb0).
+    for tile in (max(kb0, off) - off) / cols..(s + cols - 1) / cols {
         let q0 = tile * cols;
         stage::<F>(q, &mut sq, bh, q0, s, cols, t);
         stage::<F>(dout, &mut sdo, bh, q0, s, cols, t);
@@ -193,7 +198,7 @@ pub fn attn_backward_dkv_tc_kernel<F: Float>(
             let (kj, qi) = (kb0 + r, q0 + j);
             let mut p = f32::new(0.0);
             let mut ds = f32::new(0.0);
-            if kj <= qi && qi < s && kj < s {
+            if kj <= off + qi && qi < s && kj < skl {
                 p = f32::exp(ss[r * sst + j] * scale - sl[j]);
                 ds = p * (sdp[r * sst + j] - sd[j]);
             }
@@ -207,6 +212,6 @@ pub fn attn_backward_dkv_tc_kernel<F: Float>(
         accumulate(&mut acc_v, &ss, t);
         accumulate(&mut acc_k, &sdp, t);
     }
-    store_rows::<F>(dv, &acc_v, f32::new(1.0), bh, kb0, s, t);
-    store_rows::<F>(dk, &acc_k, scale, bh, kb0, s, t);
+    store_rows::<F>(dv, &acc_v, f32::new(1.0), bh, kb0, skl, t);
+    store_rows::<F>(dk, &acc_k, scale, bh, kb0, skl, t);
 }
