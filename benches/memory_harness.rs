@@ -104,9 +104,8 @@ pub struct Measured {
     pub step_secs: f64,
 }
 
-/// What `rank` holds once every rank finished the step: a rank that leaves a collective first
-/// still counts its contribution while slower peers read it (the thread world hands out shared
-/// buffers), so the state is read after a barrier.
+/// What `rank` holds once every rank finished the step (after a barrier: the ranks' last
+/// frees may still be under way when a fast rank reads its counter).
 fn settled(world: &burn_parallel::Comm, rank: usize) -> Result<i64, String> {
     world.barrier().map_err(|e| e.to_string())?;
     Ok(memory::current(rank))
@@ -259,6 +258,7 @@ pub fn grid() -> Vec<Case> {
         Case { name: "cp 2 tp 2 SP", plan: cp(sp(plan(1, 1, 2, b)), 2) },
         Case { name: "cp 2 chunked attention (16 rows)", plan: cp(chunked_attention(plan(1, 1, 1, b)), 2) },
         Case { name: "cp 2 pp 2", plan: cp(with_microbatches(plan(1, 2, 1, b), 4), 2) },
+        Case { name: "cp 4", plan: cp(plan(1, 1, 1, b), 4) },
         Case { name: "tp 2", plan: plan(1, 1, 2, b) },
         Case { name: "tp 4", plan: plan(1, 1, 4, b) },
         Case { name: "tp 2 SP", plan: sp(plan(1, 1, 2, b)) },
@@ -274,7 +274,9 @@ pub fn grid() -> Vec<Case> {
         Case { name: "bf16 chunked attention tp 2 SP", plan: chunked_attention(bf16(sp(plan(1, 1, 2, b)))) },
         Case { name: "dp 2", plan: plan(2, 1, 1, b) },
         Case { name: "dp 2 ZeRO", plan: zero(plan(2, 1, 1, b)) },
+        Case { name: "dp 4", plan: plan(4, 1, 1, b) },
         Case { name: "dp 4 ZeRO bf16", plan: bf16(zero(plan(4, 1, 1, b))) },
+        Case { name: "cp 2 dp 2", plan: cp(plan(2, 1, 1, b), 2) },
         Case { name: "accumulation m 4", plan: with_microbatches(plan(1, 1, 1, b), 4) },
         Case { name: "accumulation m 2 bf16 tp 2 SP", plan: with_microbatches(bf16(sp(plan(1, 1, 2, b))), 2) },
         Case { name: "pp 2 1F1B m 4", plan: with_microbatches(plan(1, 2, 1, b), 4) },

@@ -285,6 +285,20 @@ impl LocalComm {
         }
     }
 
+    /// Ends a collective as NCCL's does, on every rank together: with the memory tracker
+    /// installed, the ranks drop the shared contributions (`parts`) and meet once more before
+    /// any returns, so no rank goes on while a slower peer still reads its buffer (held, and
+    /// counted, on that rank: a thread-world artifact that NCCL's send buffers do not have).
+    /// Without the tracker, the extra meeting is skipped (results are the same either way).
+    /// Every rank computes `out` from the same parts, so all meet or none do.
+    fn complete<P, T>(&self, op: &str, parts: P, out: Result<T, CommError>) -> Result<T, CommError> {
+        drop(parts);
+        if out.is_ok() && crate::memory::installed() {
+            self.exchange(&format!("{op} completing"), None)?;
+        }
+        out
+    }
+
     fn all_parts(&self, op: &str, data: TensorData) -> Result<Vec<Arc<TensorData>>, CommError> {
         let parts = self.exchange(op, Some(data))?;
         Ok(parts.into_iter().map(|p| p.expect("every rank contributed")).collect())
@@ -360,7 +374,8 @@ impl Communicator for LocalComm {
         let name = format!("all_reduce({op:?})");
         let parts = self.all_parts(&name, data)?;
         let refs: Vec<&TensorData> = parts.iter().map(|p| p.as_ref()).collect();
-        reduce_all(&refs, op).map_err(|d| self.bad(&name, d))
+        let out = reduce_all(&refs, op).map_err(|d| self.bad(&name, d));
+        self.complete(&name, parts, out)
     }
 
     fn all_gather(&self, data: TensorData, dim: usize) -> Result<TensorData, CommError> {
@@ -369,16 +384,16 @@ impl Communicator for LocalComm {
         let refs: Vec<&TensorData> = parts.iter().map(|p| p.as_ref()).collect();
         // NCCL gathers equal counts: uneven parts, which concatenation alone would accept here,
         // must fail on thread ranks too.
-        same_shapes(&refs).map_err(|d| self.bad(&name, d))?;
-        concat_along(&refs, dim).map_err(|d| self.bad(&name, d))
+        let out = same_shapes(&refs).and_then(|()| concat_along(&refs, dim)).map_err(|d| self.bad(&name, d));
+        self.complete(&name, parts, out)
     }
 
     fn reduce_scatter(&self, data: TensorData, dim: usize, op: ReduceOp) -> Result<TensorData, CommError> {
         let name = format!("reduce_scatter({op:?}, dim={dim})");
         let parts = self.all_parts(&name, data)?;
         let refs: Vec<&TensorData> = parts.iter().map(|p| p.as_ref()).collect();
-        let full = reduce_all(&refs, op).map_err(|d| self.bad(&name, d))?;
-        split_along(&full, dim, self.size(), self.rank).map_err(|d| self.bad(&name, d))
+        let out = reduce_all(&refs, op).and_then(|full| split_along(&full, dim, self.size(), self.rank)).map_err(|d| self.bad(&name, d));
+        self.complete(&name, parts, out)
     }
 
     fn broadcast(&self, data: Option<TensorData>, root: usize) -> Result<TensorData, CommError> {
@@ -386,7 +401,8 @@ impl Communicator for LocalComm {
         self.peer_global(root, &name)?;
         let payload = if self.rank == root { data } else { None };
         let parts = self.exchange(&name, payload)?;
-        parts[root].as_ref().map(|d| d.as_ref().clone()).ok_or_else(|| self.bad(&name, format!("root {root} passed no tensor")))
+        let out = parts[root].as_ref().map(|d| d.as_ref().clone()).ok_or_else(|| self.bad(&name, format!("root {root} passed no tensor")));
+        self.complete(&name, parts, out)
     }
 
     fn send(&self, data: TensorData, peer: usize, tag: u64) -> Result<(), CommError> {
