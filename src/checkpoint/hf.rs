@@ -35,6 +35,7 @@ use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 
 use super::error::{CheckpointError, Result};
+use super::hf_import::{build_all, resolve, write_plan, HfFiles, Recipe, Source};
 use super::hf_llama::HfLlamaConfig;
 use super::read::Checkpoint;
 use super::state::MODEL_PREFIX;
@@ -268,32 +269,36 @@ const BLOCK: [(&str, &str); 10] = [
 /// Renames outside the blocks.
 const TOP: [(&str, &str); 4] = [("wte.weight", "wte.weight"), ("wpe", "wpe.weight"), ("ln_f.gamma", "ln_f.weight"), ("ln_f.beta", "ln_f.bias")];
 
-/// Our tensors (export names, no `model.` prefix) of HuggingFace's `tensors` for `config`.
-pub fn from_hf(tensors: &BTreeMap<String, TensorData>, config: &HfGpt2Config) -> Result<BTreeMap<String, TensorData>> {
-    let get = |name: &str| {
-        tensors
-            .get(name)
-            .or_else(|| tensors.get(&format!("transformer.{name}")))
-            .map(|t| t.clone().convert::<f32>())
-            .ok_or_else(|| CheckpointError::Invalid(format!("the HuggingFace GPT-2 has no tensor {name} (config: {} layers)", config.n_layer)))
+/// How each of our tensors (export names, no `model.` prefix) is made from HuggingFace's in
+/// `src` (names with or without `transformer.`) for `config`.
+pub fn import_plan(config: &HfGpt2Config, src: &dyn Source) -> Result<Vec<(String, Recipe)>> {
+    let name = |n: &str| {
+        let missing = || format!("the HuggingFace GPT-2 has no tensor {n} (config: {} layers)", config.n_layer);
+        resolve(src, &[n.to_string(), format!("transformer.{n}")], missing)
     };
-    let mut out = BTreeMap::new();
+    let mut plan = Vec::new();
     for (ours, theirs) in TOP {
-        out.insert(ours.to_string(), get(theirs)?);
+        plan.push((ours.to_string(), Recipe::Copy(name(theirs)?)));
     }
     for n in 0..config.n_layer {
         for (ours, theirs) in BLOCK {
-            out.insert(format!("blocks.{n}.{ours}"), get(&format!("h.{n}.{theirs}"))?);
+            plan.push((format!("blocks.{n}.{ours}"), Recipe::Copy(name(&format!("h.{n}.{theirs}"))?)));
         }
         for field in ["weight", "bias"] {
-            let qkv = get(&format!("h.{n}.attn.c_attn.{field}"))?;
-            out.insert(format!("blocks.{n}.attn.qkv.{field}"), regroup(&qkv, config.n_head, true)?);
+            let recipe = Recipe::Regroup { name: name(&format!("h.{n}.attn.c_attn.{field}"))?, heads: config.n_head };
+            plan.push((format!("blocks.{n}.attn.qkv.{field}"), recipe));
         }
     }
     if !config.tie_word_embeddings {
-        out.insert("head.weight".into(), transpose(&get("lm_head.weight")?)?);
+        plan.push(("head.weight".into(), Recipe::Transpose(name("lm_head.weight")?)));
     }
-    Ok(out)
+    Ok(plan)
+}
+
+/// Our tensors (export names, no `model.` prefix) of HuggingFace's `tensors` for `config`, in
+/// memory ([`import_hf`] streams them to a file instead).
+pub fn from_hf(tensors: &BTreeMap<String, TensorData>, config: &HfGpt2Config) -> Result<BTreeMap<String, TensorData>> {
+    build_all(&import_plan(config, tensors)?, tensors)
 }
 
 /// HuggingFace's tensors and config of our export's `tensors` with model config `model` (its
@@ -343,21 +348,15 @@ pub fn import_hf(from: &Path, out: &Path) -> Result<HfConfig> {
         Some("gpt2") | None => HfConfig::Gpt2(serde_json::from_value(value).map_err(invalid)?),
         Some(other) => return Err(CheckpointError::Invalid(format!("{}: model_type {other:?}: only gpt2 and llama are supported", config_path.display()))),
     };
-    let mut tensors = BTreeMap::new();
-    for file in weight_files(&file, &dir)? {
-        let ckpt = Checkpoint::open_safetensors(&file, "")?;
-        // Buffers, not parameters: GPT-2's causal masks, old Llama files' rotary frequencies.
-        let buffer = |n: &str| n.ends_with(".attn.bias") || n.ends_with(".attn.masked_bias") || n.ends_with("rotary_emb.inv_freq");
-        for n in ckpt.metadata().tensors.keys().filter(|n| !buffer(n)) {
-            tensors.insert(n.clone(), ckpt.read_full(n)?);
-        }
-    }
-    let (ours, model) = match &config {
-        HfConfig::Gpt2(c) => (from_hf(&tensors, c)?, c.to_model_json()?),
-        HfConfig::Llama(c) => (super::hf_llama::from_hf(&tensors, c)?, c.to_model_json()?),
+    // Only the planned tensors are read: buffers (GPT-2's causal masks, old Llama files' rotary
+    // frequencies) are not parameters and have no recipe.
+    let src = HfFiles::open(&weight_files(&file, &dir)?)?;
+    let (plan, model) = match &config {
+        HfConfig::Gpt2(c) => (import_plan(c, &src)?, c.to_model_json()?),
+        HfConfig::Llama(c) => (super::hf_llama::import_plan(c, &src)?, c.to_model_json()?),
     };
     let meta = HashMap::from([("format".to_string(), "pt".to_string()), ("burn_parallel_model".to_string(), model.to_string())]);
-    write_safetensors(out, &ours.into_iter().collect::<Vec<_>>(), meta)?;
+    write_plan(out, &plan, &src, meta)?;
     Ok(config)
 }
 
@@ -404,7 +403,7 @@ pub fn export_hf(ckpt: &Checkpoint, out: &Path) -> Result<HfConfig> {
 
 /// The last dimension of a `[rows, 3h]` (or `[3h]`) q/k/v tensor between HuggingFace's `[q k v]`
 /// and ours, grouped per head `[q_j k_j v_j]` (`to_ours`), or back ([`crate::qkv`]).
-fn regroup(t: &TensorData, heads: usize, to_ours: bool) -> Result<TensorData> {
+pub(super) fn regroup(t: &TensorData, heads: usize, to_ours: bool) -> Result<TensorData> {
     let width = *t.shape.last().ok_or_else(|| CheckpointError::Invalid("a q/k/v tensor of no dimension".into()))?;
     if width % 3 != 0 || (width / 3) % heads.max(1) != 0 {
         return Err(CheckpointError::Invalid(format!("a q/k/v tensor of width {width} does not split into 3 x {heads} heads")));

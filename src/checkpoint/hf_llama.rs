@@ -29,8 +29,9 @@ use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 
 use super::error::{CheckpointError, Result};
+use super::hf_import::{build_all, resolve, Recipe, Source};
 use crate::arch::RopeScaling;
-use crate::qkv::{fuse_qkv_grouped, split_qkv_grouped};
+use crate::qkv::split_qkv_grouped;
 
 /// The fields of HuggingFace's `LlamaConfig` the conversion reads and writes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -312,34 +313,40 @@ const LINEARS: [(&str, &str); 4] = [
 /// Renames kept as they are.
 const NORMS: [(&str, &str); 2] = [("ln1.gamma", "input_layernorm.weight"), ("ln2.gamma", "post_attention_layernorm.weight")];
 
-/// Our tensors (export names) of HuggingFace's `tensors` (names with or without `model.`).
-pub fn from_hf(tensors: &BTreeMap<String, TensorData>, config: &HfLlamaConfig) -> Result<BTreeMap<String, TensorData>> {
+/// How each of our tensors (export names) is made from HuggingFace's in `src` (names with or
+/// without `model.`).
+pub fn import_plan(config: &HfLlamaConfig, src: &dyn Source) -> Result<Vec<(String, Recipe)>> {
     config.check()?;
-    let get = |name: &str| {
-        tensors
-            .get(name)
-            .or_else(|| tensors.get(name.strip_prefix("model.").unwrap_or(name)))
-            .map(|t| t.clone().convert::<f32>())
-            .ok_or_else(|| CheckpointError::Invalid(format!("the HuggingFace Llama has no tensor {name} (config: {} layers)", config.num_hidden_layers)))
+    let name = |n: &str| {
+        let missing = || format!("the HuggingFace Llama has no tensor {n} (config: {} layers)", config.num_hidden_layers);
+        resolve(src, &[n.to_string(), n.strip_prefix("model.").unwrap_or(n).to_string()], missing)
     };
-    let t = |name: &str| get(name).and_then(|d| super::hf::transpose(&d));
     let (heads, groups) = (config.num_attention_heads, config.kv_heads());
-    let mut out = BTreeMap::from([("wte.weight".to_string(), get("model.embed_tokens.weight")?), ("ln_f.gamma".to_string(), get("model.norm.weight")?)]);
+    let mut plan = vec![
+        ("wte.weight".to_string(), Recipe::Copy(name("model.embed_tokens.weight")?)),
+        ("ln_f.gamma".to_string(), Recipe::Copy(name("model.norm.weight")?)),
+    ];
     for n in 0..config.num_hidden_layers {
         let layer = format!("model.layers.{n}.");
         for (ours, theirs) in NORMS {
-            out.insert(format!("blocks.{n}.{ours}"), get(&format!("{layer}{theirs}"))?);
+            plan.push((format!("blocks.{n}.{ours}"), Recipe::Copy(name(&format!("{layer}{theirs}"))?)));
         }
         for (ours, theirs) in LINEARS {
-            out.insert(format!("blocks.{n}.{ours}"), t(&format!("{layer}{theirs}"))?);
+            plan.push((format!("blocks.{n}.{ours}"), Recipe::Transpose(name(&format!("{layer}{theirs}"))?)));
         }
-        let [q, k, v] = ["q", "k", "v"].map(|p| t(&format!("{layer}self_attn.{p}_proj.weight")));
-        out.insert(format!("blocks.{n}.attn.qkv.weight"), fuse_qkv_grouped(&q?, &k?, &v?, heads, groups));
+        let [q, k, v] = ["q", "k", "v"].map(|p| name(&format!("{layer}self_attn.{p}_proj.weight")));
+        plan.push((format!("blocks.{n}.attn.qkv.weight"), Recipe::FuseQkv { q: q?, k: k?, v: v?, heads, groups }));
     }
     if !config.tie_word_embeddings {
-        out.insert("head.weight".into(), t("lm_head.weight")?);
+        plan.push(("head.weight".into(), Recipe::Transpose(name("lm_head.weight")?)));
     }
-    Ok(out)
+    Ok(plan)
+}
+
+/// Our tensors (export names) of HuggingFace's `tensors` (names with or without `model.`), in
+/// memory ([`super::hf::import_hf`] streams them to a file instead).
+pub fn from_hf(tensors: &BTreeMap<String, TensorData>, config: &HfLlamaConfig) -> Result<BTreeMap<String, TensorData>> {
+    build_all(&import_plan(config, tensors)?, tensors)
 }
 
 /// HuggingFace's tensors (`save_pretrained`'s names: `model.` but for `lm_head.weight`) and

@@ -57,6 +57,7 @@ mod error;
 mod export;
 pub mod format;
 pub mod hf;
+pub mod hf_import;
 pub mod hf_llama;
 mod read;
 mod saver;

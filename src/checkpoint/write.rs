@@ -86,7 +86,9 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, burn::tensor::TensorDa
     serialize(path, views, metadata)
 }
 
-fn serialize(path: &Path, views: Vec<(String, ChunkView<'_>)>, metadata: HashMap<String, String>) -> Result<()> {
+/// Writes `views` as the safetensors file `path` (through a sibling temporary file, renamed),
+/// then fsyncs it.
+pub(super) fn serialize<V: View>(path: &Path, views: Vec<(String, V)>, metadata: HashMap<String, String>) -> Result<()> {
     safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| match e {
         safetensors::SafeTensorError::IoError(e) => CheckpointError::io("write", path, e),
         e => CheckpointError::Invalid(format!("{}: {e}", path.display())),
