@@ -421,7 +421,7 @@ pub(super) fn regroup(t: &TensorData, heads: usize, to_ours: bool) -> Result<Ten
 /// A 2-d tensor transposed.
 pub(super) fn transpose(t: &TensorData) -> Result<TensorData> {
     let [r, c] = t.shape.as_slice() else { return Err(CheckpointError::Invalid(format!("transpose of a {:?} tensor", t.shape))) };
-    let v = t.to_vec::<f32>().map_err(|e| CheckpointError::Invalid(format!("{e:?}")))?;
+    let v = t.as_slice::<f32>().map_err(|e| CheckpointError::Invalid(format!("{e:?}")))?;
     Ok(TensorData::new((0..r * c).map(|i| v[(i % r) * c + i / r]).collect::<Vec<f32>>(), [*c, *r]))
 }
 
@@ -431,7 +431,7 @@ pub(super) fn rows(t: &TensorData, n: usize) -> Result<TensorData> {
     if n > *r {
         return Err(CheckpointError::Invalid(format!("a vocabulary of {n} tokens in a table of {r} rows")));
     }
-    let v = t.to_vec::<f32>().map_err(|e| CheckpointError::Invalid(format!("{e:?}")))?;
+    let v = t.as_slice::<f32>().map_err(|e| CheckpointError::Invalid(format!("{e:?}")))?;
     Ok(TensorData::new(v[..n * c].to_vec(), [n, *c]))
 }
 

@@ -1,8 +1,9 @@
 //! A HuggingFace import that streams: each of our tensors is made from the mapped HuggingFace
 //! files when the writer reaches it and dropped once written, so [`import_hf`](super::hf::import_hf)
-//! holds about one tensor at a time (its f32 copy and the bytes written), not the model. A Llama
-//! 3.1 70B (140 GB of bf16 weights, 280 GB as our f32 export) converts on a host with a few GB
-//! free; the whole-model version held the HuggingFace tensors and our f32 copies at once.
+//! holds one tensor at a time (read, converted to f32, transposed: about 2.5 times its f32
+//! bytes), not the model. A Llama 3.1 70B (140 GB of bf16 weights, 280 GB as our f32 export)
+//! converts in about 10 GB (its head, `[128256, 8192]`, is 4.2 GB in f32); the whole-model
+//! version held the HuggingFace tensors and our f32 copies at once (over 400 GB).
 //!
 //! A conversion is a plan, one [`Recipe`] per tensor of ours ([`super::hf::import_plan`],
 //! [`super::hf_llama::import_plan`]): each recipe knows its output's shape from the source's
@@ -178,6 +179,9 @@ impl View for Lazy<'_> {
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
+        if self.failed.borrow().is_some() {
+            return Cow::Owned(vec![0; self.data_len()]);
+        }
         let made = self.recipe.build(self.src).and_then(|t| match t.shape.as_slice() == self.shape.as_slice() {
             true => Ok(t),
             false => Err(CheckpointError::Invalid(format!("{:?} made a {:?} tensor, planned {:?}", self.recipe, t.shape, self.shape))),
@@ -197,17 +201,21 @@ impl View for Lazy<'_> {
 }
 
 /// Writes the tensors of `plan` to the safetensors file `out` with `metadata`, each made from
-/// `src` as the writer reaches it (one tensor in memory at a time), then fsyncs it.
+/// `src` as the writer reaches it (one tensor in memory at a time): into a sibling file first,
+/// fsynced, then renamed over `out` (a failure leaves an existing `out` as it was).
 pub fn write_plan(out: &Path, plan: &[(String, Recipe)], src: &dyn Source, metadata: HashMap<String, String>) -> Result<()> {
     let failed = RefCell::new(None);
     let views =
         plan.iter().map(|(name, recipe)| Ok((name.clone(), Lazy { recipe, shape: recipe.shape(src)?, src, failed: &failed }))).collect::<Result<Vec<_>>>()?;
-    let written = super::write::serialize(out, views, metadata);
-    if let Some(e) = failed.into_inner() {
-        let _ = std::fs::remove_file(out);
-        return Err(e);
+    let name = out.file_name().ok_or_else(|| CheckpointError::Invalid(format!("{} is not a file name", out.display())))?;
+    let partial = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    let written = super::write::serialize(&partial, views, metadata);
+    if let Some(e) = failed.into_inner().map(Err).or_else(|| written.err().map(Err)) {
+        let _ = std::fs::remove_file(&partial);
+        return e;
     }
-    written
+    std::fs::rename(&partial, out).map_err(|e| CheckpointError::io("rename", &partial, e))?;
+    super::write::sync_dir(out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
 }
 
 #[cfg(test)]
@@ -271,8 +279,12 @@ mod tests {
         }
         let bad = dir.join("bad.safetensors");
         let plan = vec![("a".to_string(), Recipe::Copy("q".into())), ("b".to_string(), Recipe::Copy("k".into()))];
-        let e = write_plan(&bad, &plan, &Flaky(src), HashMap::new()).unwrap_err().to_string();
+        let e = write_plan(&bad, &plan, &Flaky(src.clone()), HashMap::new()).unwrap_err().to_string();
         assert!(e.contains("k: unreadable") && !bad.exists(), "{e}");
+        // Over an existing file: the error, and the file as it was.
+        let e = write_plan(&out, &plan, &Flaky(src), HashMap::new()).unwrap_err().to_string();
+        assert!(e.contains("k: unreadable") && HfFiles::open(std::slice::from_ref(&out)).unwrap().shape("a") == Some(vec![4, 8]), "{e}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "only ok.safetensors: no partial file left");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
