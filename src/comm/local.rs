@@ -29,6 +29,11 @@ use crate::error::CommError;
 
 const POLL: Duration = Duration::from_millis(20);
 
+/// The smallest collective (its largest contribution, bytes) that ends on all ranks together
+/// while memory is tracked (`LocalComm::complete`): gradient buckets do, activations of small
+/// models do not.
+pub const COMPLETE_BYTES: usize = 1 << 20;
+
 /// Options of a [`LocalWorld`].
 #[derive(Debug, Clone)]
 pub struct LocalWorldOptions {
@@ -285,15 +290,19 @@ impl LocalComm {
         }
     }
 
-    /// Ends a collective as NCCL's does, on every rank together: with the memory tracker
-    /// installed, the ranks drop the shared contributions (`parts`) and meet once more before
-    /// any returns, so no rank goes on while a slower peer still reads its buffer (held, and
-    /// counted, on that rank: a thread-world artifact that NCCL's send buffers do not have).
-    /// Without the tracker, the extra meeting is skipped (results are the same either way).
-    /// Every rank computes `out` from the same parts, so all meet or none do.
-    fn complete<P, T>(&self, op: &str, parts: P, out: Result<T, CommError>) -> Result<T, CommError> {
+    /// Ends a collective as NCCL's does, on every rank together, where it matters: with the
+    /// memory tracker installed and a contribution of at least [`COMPLETE_BYTES`], the ranks
+    /// drop the shared contributions (`parts`) and meet once more before any returns, so no
+    /// rank goes on while a slower peer still reads its buffer (held, and counted, on that rank:
+    /// a thread-world artifact that NCCL's send buffers do not have; at dp 4 it put a gradient
+    /// bucket on some ranks' peaks). Smaller collectives skip the meeting (one more lock and
+    /// wake-up of every rank, where the example's thread ranks make dozens of activation
+    /// all-reduces per step): what may linger is under `COMPLETE_BYTES` per rank. Results are the same either way. Every rank decides from the
+    /// same parts and computes `out` from them, so all meet or none do.
+    fn complete<T>(&self, op: &str, parts: Vec<Arc<TensorData>>, out: Result<T, CommError>) -> Result<T, CommError> {
+        let largest = parts.iter().map(|p| p.as_bytes().len()).max().unwrap_or(0);
         drop(parts);
-        if out.is_ok() && crate::memory::installed() {
+        if out.is_ok() && largest >= COMPLETE_BYTES && crate::memory::installed() {
             self.exchange(&format!("{op} completing"), None)?;
         }
         out
@@ -402,7 +411,7 @@ impl Communicator for LocalComm {
         let payload = if self.rank == root { data } else { None };
         let parts = self.exchange(&name, payload)?;
         let out = parts[root].as_ref().map(|d| d.as_ref().clone()).ok_or_else(|| self.bad(&name, format!("root {root} passed no tensor")));
-        self.complete(&name, parts, out)
+        self.complete(&name, parts.into_iter().flatten().collect(), out)
     }
 
     fn send(&self, data: TensorData, peer: usize, tag: u64) -> Result<(), CommError> {
