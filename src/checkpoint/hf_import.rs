@@ -161,7 +161,7 @@ pub fn build_all(plan: &[(String, Recipe)], src: &dyn Source) -> Result<BTreeMap
 
 /// One planned tensor as a safetensors view: made when the writer asks for its bytes. A
 /// failure is kept in `failed` (the view must still hand over its length in bytes) and
-/// reported by [`write_plan`], which then removes the file.
+/// reported by [`write_plan`], which then removes the partial file.
 struct Lazy<'a> {
     recipe: &'a Recipe,
     shape: Vec<usize>,
@@ -210,9 +210,10 @@ pub fn write_plan(out: &Path, plan: &[(String, Recipe)], src: &dyn Source, metad
     let name = out.file_name().ok_or_else(|| CheckpointError::Invalid(format!("{} is not a file name", out.display())))?;
     let partial = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
     let written = super::write::serialize(&partial, views, metadata);
-    if let Some(e) = failed.into_inner().map(Err).or_else(|| written.err().map(Err)) {
+    // A recipe's failure first (the writer saw only zeros), then the writer's own.
+    if let Err(e) = failed.into_inner().map_or(written, Err) {
         let _ = std::fs::remove_file(&partial);
-        return e;
+        return Err(e);
     }
     std::fs::rename(&partial, out).map_err(|e| CheckpointError::io("rename", &partial, e))?;
     super::write::sync_dir(out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))

@@ -297,8 +297,9 @@ impl LocalComm {
     /// a thread-world artifact that NCCL's send buffers do not have; at dp 4 it put a gradient
     /// bucket on some ranks' peaks). Smaller collectives skip the meeting (one more lock and
     /// wake-up of every rank, where the example's thread ranks make dozens of activation
-    /// all-reduces per step): what may linger is under `COMPLETE_BYTES` per rank. Results are the same either way. Every rank decides from the
-    /// same parts and computes `out` from them, so all meet or none do.
+    /// all-reduces per step): what may linger is under `COMPLETE_BYTES` per rank. Results are
+    /// the same either way. Every rank decides from the same parts and computes `out` from
+    /// them, so all meet or none do.
     fn complete<T>(&self, op: &str, parts: Vec<Arc<TensorData>>, out: Result<T, CommError>) -> Result<T, CommError> {
         let largest = parts.iter().map(|p| p.as_bytes().len()).max().unwrap_or(0);
         drop(parts);
