@@ -8,10 +8,10 @@ use std::path::Path;
 
 use burn::tensor::TensorData;
 
+use super::convert::{write_plan, Recipe};
 use super::error::Result;
 use super::read::Checkpoint;
 use super::state::MODEL_PREFIX;
-use super::write::write_safetensors;
 
 /// Every tensor of `ckpt` whose name starts with `prefix`, whole, by name (prefix kept).
 pub fn full_tensors(ckpt: &Checkpoint, prefix: &str) -> Result<BTreeMap<String, TensorData>> {
@@ -19,17 +19,17 @@ pub fn full_tensors(ckpt: &Checkpoint, prefix: &str) -> Result<BTreeMap<String, 
     names.into_iter().map(|n| ckpt.read_full(&n).map(|d| (n, d))).collect()
 }
 
-/// Writes the model tensors of `ckpt` (names without `model.`) to `out` as one safetensors file;
-/// the `model` section of the metadata (e.g. the model config) goes into `__metadata__` as the
-/// JSON string `burn_parallel_model`, the step as `burn_parallel_step`. Returns the bytes of
-/// tensor data written.
+/// Writes the model tensors of `ckpt` (names without `model.`, dtypes as saved) to `out` as one
+/// safetensors file, one tensor in memory at a time ([`write_plan`]); the `model` section of
+/// the metadata (e.g. the model config) goes into `__metadata__` as the JSON string
+/// `burn_parallel_model`, the step as `burn_parallel_step`. Returns the bytes of tensor data
+/// written.
 pub fn export_model(ckpt: &Checkpoint, out: &Path) -> Result<u64> {
-    let tensors: Vec<(String, TensorData)> =
-        full_tensors(ckpt, MODEL_PREFIX)?.into_iter().map(|(n, d)| (n.trim_start_matches(MODEL_PREFIX).to_string(), d)).collect();
+    let names = ckpt.metadata().tensors.keys().filter_map(|n| Some((n.strip_prefix(MODEL_PREFIX)?.to_string(), Recipe::Keep(n.clone()))));
+    let plan: Vec<(String, Recipe)> = names.collect();
     let mut meta = HashMap::from([("format".to_string(), "pt".to_string()), ("burn_parallel_step".to_string(), ckpt.metadata().step.to_string())]);
     if let Some(model) = ckpt.metadata().sections.get("model") {
         meta.insert("burn_parallel_model".into(), model.to_string());
     }
-    write_safetensors(out, &tensors, meta)?;
-    Ok(tensors.iter().map(|(_, d)| d.as_bytes().len() as u64).sum())
+    write_plan(out, &plan, ckpt, meta)
 }

@@ -34,12 +34,11 @@ use std::path::Path;
 use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 
+use super::convert::{build_all, resolve, write_plan, HfFiles, Prefixed, Recipe, Source};
 use super::error::{CheckpointError, Result};
-use super::hf_import::{build_all, resolve, write_plan, HfFiles, Recipe, Source};
 use super::hf_llama::HfLlamaConfig;
 use super::read::Checkpoint;
 use super::state::MODEL_PREFIX;
-use super::write::write_safetensors;
 use crate::activation::Activation;
 
 /// A HuggingFace model's config: GPT-2 or Llama.
@@ -301,33 +300,39 @@ pub fn from_hf(tensors: &BTreeMap<String, TensorData>, config: &HfGpt2Config) ->
     build_all(&import_plan(config, tensors)?, tensors)
 }
 
-/// HuggingFace's tensors and config of our export's `tensors` with model config `model` (its
-/// `GptConfig` JSON): padded vocabulary rows (and head columns) beyond `vocab_used` dropped;
-/// names as `save_pretrained` writes them (`transformer.` but for `lm_head.weight`).
-pub fn to_hf(tensors: &BTreeMap<String, TensorData>, model: &serde_json::Value) -> Result<(BTreeMap<String, TensorData>, HfGpt2Config)> {
+/// How each of HuggingFace's tensors (names as `save_pretrained` writes them: `transformer.`
+/// but for `lm_head.weight`) is made from our export's (names without `model.`) for model
+/// config `model` (its `GptConfig` JSON), and HuggingFace's config: padded vocabulary rows (and
+/// head columns) beyond `vocab_used` dropped.
+pub fn export_plan(model: &serde_json::Value) -> Result<(Vec<(String, Recipe)>, HfGpt2Config)> {
     let config = HfGpt2Config::from_model_json(model)?;
-    let get =
-        |name: &str| tensors.get(name).map(|t| t.clone().convert::<f32>()).ok_or_else(|| CheckpointError::Invalid(format!("the model has no tensor {name}")));
-    let mut out = BTreeMap::new();
-    for (ours, theirs) in TOP {
-        out.insert(theirs.to_string(), get(ours)?);
+    let theirs = |n: &str| format!("transformer.{n}");
+    let vocab = |of: Recipe| Recipe::Rows { of: Box::new(of), n: config.vocab_size };
+    let mut plan = Vec::new();
+    for (ours, hf) in TOP {
+        let copy = Recipe::Copy(ours.to_string());
+        plan.push((theirs(hf), if ours == "wte.weight" { vocab(copy) } else { copy }));
     }
-    let wte = out.remove("wte.weight").expect("inserted above");
-    out.insert("wte.weight".into(), rows(&wte, config.vocab_size)?);
     for n in 0..config.n_layer {
-        for (ours, theirs) in BLOCK {
-            out.insert(format!("h.{n}.{theirs}"), get(&format!("blocks.{n}.{ours}"))?);
+        for (ours, hf) in BLOCK {
+            plan.push((theirs(&format!("h.{n}.{hf}")), Recipe::Copy(format!("blocks.{n}.{ours}"))));
         }
         for field in ["weight", "bias"] {
-            let qkv = get(&format!("blocks.{n}.attn.qkv.{field}"))?;
-            out.insert(format!("h.{n}.attn.c_attn.{field}"), regroup(&qkv, config.n_head, false)?);
+            let recipe = Recipe::Ungroup { name: format!("blocks.{n}.attn.qkv.{field}"), heads: config.n_head };
+            plan.push((theirs(&format!("h.{n}.attn.c_attn.{field}")), recipe));
         }
     }
-    let mut out: BTreeMap<String, TensorData> = out.into_iter().map(|(n, t)| (format!("transformer.{n}"), t)).collect();
     if !config.tie_word_embeddings {
-        out.insert("lm_head.weight".into(), rows(&transpose(&get("head.weight")?)?, config.vocab_size)?);
+        plan.push(("lm_head.weight".into(), vocab(Recipe::Transpose("head.weight".into()))));
     }
-    Ok((out, config))
+    Ok((plan, config))
+}
+
+/// HuggingFace's tensors and config of our export's `tensors` with model config `model`, in
+/// memory ([`export_hf`] streams them to a file instead).
+pub fn to_hf(tensors: &BTreeMap<String, TensorData>, model: &serde_json::Value) -> Result<(BTreeMap<String, TensorData>, HfGpt2Config)> {
+    let (plan, config) = export_plan(model)?;
+    Ok((build_all(&plan, tensors)?, config))
 }
 
 /// Reads a HuggingFace GPT-2 or Llama (`dir/model.safetensors` and `dir/config.json`, or a
@@ -350,7 +355,8 @@ pub fn import_hf(from: &Path, out: &Path) -> Result<HfConfig> {
     };
     // Only the planned tensors are read: buffers (GPT-2's causal masks, old Llama files' rotary
     // frequencies) are not parameters and have no recipe.
-    let src = HfFiles::open(&weight_files(&file, &dir)?)?;
+    let (files, weight_map) = weight_files(&file, &dir)?;
+    let src = HfFiles::open_mapped(&files, &weight_map)?;
     let (plan, model) = match &config {
         HfConfig::Gpt2(c) => (import_plan(c, &src)?, c.to_model_json()?),
         HfConfig::Llama(c) => (super::hf_llama::import_plan(c, &src)?, c.to_model_json()?),
@@ -361,96 +367,47 @@ pub fn import_hf(from: &Path, out: &Path) -> Result<HfConfig> {
 }
 
 /// The safetensors files of a model: `file` itself, or where it does not exist the shards
-/// that `dir/model.safetensors.index.json`'s `weight_map` names (hub models of several GB).
-fn weight_files(file: &Path, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+/// that `dir/model.safetensors.index.json`'s `weight_map` names (hub models of several GB),
+/// with that map (tensor → file name).
+fn weight_files(file: &Path, dir: &Path) -> Result<(Vec<std::path::PathBuf>, BTreeMap<String, String>)> {
     let index = dir.join("model.safetensors.index.json");
     if file.exists() || !index.exists() {
-        return Ok(vec![file.to_path_buf()]);
+        return Ok((vec![file.to_path_buf()], BTreeMap::new()));
     }
     let text = std::fs::read_to_string(&index).map_err(|e| CheckpointError::io("read", &index, e))?;
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| CheckpointError::Invalid(format!("{}: {e}", index.display())))?;
     let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| CheckpointError::Invalid(format!("{}: no weight_map", index.display())))?;
-    let files: std::collections::BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+    let map: BTreeMap<String, String> = map.iter().filter_map(|(t, f)| Some((t.clone(), f.as_str()?.to_string()))).collect();
+    let files: std::collections::BTreeSet<&String> = map.values().collect();
+    Ok((files.into_iter().map(|f| dir.join(f)).collect(), map))
 }
 
 /// Writes the model of checkpoint `ckpt` as a HuggingFace directory `out` (`model.safetensors`
 /// with `__metadata__ {"format": "pt"}`, and `config.json`): a Llama-style model as Llama, any
-/// other as GPT-2 (or an error naming what GPT-2 lacks).
+/// other as GPT-2 (or an error naming what GPT-2 lacks). Streams: one tensor in memory at a time
+/// ([`write_plan`]).
 pub fn export_hf(ckpt: &Checkpoint, out: &Path) -> Result<HfConfig> {
     let model =
         ckpt.metadata().sections.get("model").ok_or_else(|| CheckpointError::Invalid(format!("{}: no model config to export", ckpt.dir().display())))?;
-    let ours: BTreeMap<String, TensorData> =
-        super::full_tensors(ckpt, MODEL_PREFIX)?.into_iter().map(|(n, d)| (n.trim_start_matches(MODEL_PREFIX).to_string(), d)).collect();
-    let (tensors, config, json) = match HfLlamaConfig::is_llama_style(model) {
-        true => {
-            let (t, c) = super::hf_llama::to_hf(&ours, model)?;
-            let json = serde_json::to_string_pretty(&c).expect("config serialises");
-            (t, HfConfig::Llama(c), json)
-        }
-        false => {
-            let (t, c) = to_hf(&ours, model)?;
-            let json = serde_json::to_string_pretty(&c).expect("config serialises");
-            (t, HfConfig::Gpt2(c), json)
-        }
+    let (plan, config) = match HfLlamaConfig::is_llama_style(model) {
+        true => super::hf_llama::export_plan(model).map(|(p, c)| (p, HfConfig::Llama(c)))?,
+        false => export_plan(model).map(|(p, c)| (p, HfConfig::Gpt2(c)))?,
     };
+    let json = match &config {
+        HfConfig::Llama(c) => serde_json::to_string_pretty(c),
+        HfConfig::Gpt2(c) => serde_json::to_string_pretty(c),
+    }
+    .expect("config serialises");
     std::fs::create_dir_all(out).map_err(|e| CheckpointError::io("create", out, e))?;
-    let tensors: Vec<(String, TensorData)> = tensors.into_iter().collect();
-    write_safetensors(&out.join("model.safetensors"), &tensors, HashMap::from([("format".to_string(), "pt".to_string())]))?;
+    let src = Prefixed { src: ckpt, prefix: MODEL_PREFIX };
+    write_plan(&out.join("model.safetensors"), &plan, &src, HashMap::from([("format".to_string(), "pt".to_string())]))?;
     super::write::write_synced(&out.join("config.json"), json.as_bytes())?;
     Ok(config)
-}
-
-/// The last dimension of a `[rows, 3h]` (or `[3h]`) q/k/v tensor between HuggingFace's `[q k v]`
-/// and ours, grouped per head `[q_j k_j v_j]` (`to_ours`), or back ([`crate::qkv`]).
-pub(super) fn regroup(t: &TensorData, heads: usize, to_ours: bool) -> Result<TensorData> {
-    let width = *t.shape.last().ok_or_else(|| CheckpointError::Invalid("a q/k/v tensor of no dimension".into()))?;
-    if width % 3 != 0 || (width / 3) % heads.max(1) != 0 {
-        return Err(CheckpointError::Invalid(format!("a q/k/v tensor of width {width} does not split into 3 x {heads} heads")));
-    }
-    let t = t.clone().convert::<f32>();
-    Ok(match to_ours {
-        true => {
-            let [q, k, v]: [TensorData; 3] = crate::qkv::split_last(&t, &[width / 3; 3]).try_into().expect("three parts");
-            crate::qkv::fuse_qkv_grouped(&q, &k, &v, heads, heads)
-        }
-        false => crate::qkv::concat_last(&crate::qkv::split_qkv_grouped(&t, heads, heads)),
-    })
-}
-
-/// A 2-d tensor transposed.
-pub(super) fn transpose(t: &TensorData) -> Result<TensorData> {
-    let [r, c] = t.shape.as_slice() else { return Err(CheckpointError::Invalid(format!("transpose of a {:?} tensor", t.shape))) };
-    let v = t.as_slice::<f32>().map_err(|e| CheckpointError::Invalid(format!("{e:?}")))?;
-    Ok(TensorData::new((0..r * c).map(|i| v[(i % r) * c + i / r]).collect::<Vec<f32>>(), [*c, *r]))
-}
-
-/// The first `n` rows of a 2-d tensor (`n` at most its rows).
-pub(super) fn rows(t: &TensorData, n: usize) -> Result<TensorData> {
-    let [r, c] = t.shape.as_slice() else { return Err(CheckpointError::Invalid(format!("rows of a {:?} tensor", t.shape))) };
-    if n > *r {
-        return Err(CheckpointError::Invalid(format!("a vocabulary of {n} tokens in a table of {r} rows")));
-    }
-    let v = t.as_slice::<f32>().map_err(|e| CheckpointError::Invalid(format!("{e:?}")))?;
-    Ok(TensorData::new(v[..n * c].to_vec(), [n, *c]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn regroup_and_transpose_round_trip() {
-        let t = TensorData::new((0..2 * 12).map(|x| x as f32).collect::<Vec<_>>(), [2, 12]);
-        let ours = regroup(&t, 2, true).unwrap();
-        // h = 4, d = 2: ours is [q0 k0 v0 q1 k1 v1] of theirs [q0 q1 k0 k1 v0 v1].
-        assert_eq!(ours.to_vec::<f32>().unwrap()[..12], [0., 1., 4., 5., 8., 9., 2., 3., 6., 7., 10., 11.]);
-        assert_eq!(regroup(&ours, 2, false).unwrap(), t);
-        let m = TensorData::new((0..6).map(|x| x as f32).collect::<Vec<_>>(), [2, 3]);
-        assert_eq!(transpose(&m).unwrap().to_vec::<f32>().unwrap(), [0., 3., 1., 4., 2., 5.]);
-        assert_eq!(transpose(&transpose(&m).unwrap()).unwrap(), m);
-        assert!(regroup(&TensorData::new(vec![0f32; 10], [10]), 2, true).is_err());
-    }
 
     /// A Llama-style model has no GPT-2 form: each of its choices is named; GPT-2's own
     /// (including a config from before the fields existed) passes.

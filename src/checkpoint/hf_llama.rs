@@ -28,10 +28,9 @@ use std::collections::BTreeMap;
 use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 
+use super::convert::{build_all, resolve, Recipe, Source};
 use super::error::{CheckpointError, Result};
-use super::hf_import::{build_all, resolve, Recipe, Source};
 use crate::arch::RopeScaling;
-use crate::qkv::split_qkv_grouped;
 
 /// The fields of HuggingFace's `LlamaConfig` the conversion reads and writes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -349,33 +348,39 @@ pub fn from_hf(tensors: &BTreeMap<String, TensorData>, config: &HfLlamaConfig) -
     build_all(&import_plan(config, tensors)?, tensors)
 }
 
-/// HuggingFace's tensors (`save_pretrained`'s names: `model.` but for `lm_head.weight`) and
-/// config of our export's `tensors` with model config `model`; padded vocabulary rows dropped.
-pub fn to_hf(tensors: &BTreeMap<String, TensorData>, model: &serde_json::Value) -> Result<(BTreeMap<String, TensorData>, HfLlamaConfig)> {
+/// How each of HuggingFace's tensors (`save_pretrained`'s names: `model.` but for
+/// `lm_head.weight`) is made from our export's (names without `model.`) for model config
+/// `model`, and HuggingFace's config; padded vocabulary rows dropped.
+pub fn export_plan(model: &serde_json::Value) -> Result<(Vec<(String, Recipe)>, HfLlamaConfig)> {
     let config = HfLlamaConfig::from_model_json(model)?;
-    let get =
-        |name: &str| tensors.get(name).map(|t| t.clone().convert::<f32>()).ok_or_else(|| CheckpointError::Invalid(format!("the model has no tensor {name}")));
-    let t = |name: &str| get(name).and_then(|d| super::hf::transpose(&d));
+    let vocab = |of: Recipe| Recipe::Rows { of: Box::new(of), n: config.vocab_size };
     let (heads, groups) = (config.num_attention_heads, config.kv_heads());
-    let mut out = BTreeMap::from([
-        ("model.embed_tokens.weight".to_string(), super::hf::rows(&get("wte.weight")?, config.vocab_size)?),
-        ("model.norm.weight".to_string(), get("ln_f.gamma")?),
-    ]);
+    let mut plan = vec![
+        ("model.embed_tokens.weight".to_string(), vocab(Recipe::Copy("wte.weight".into()))),
+        ("model.norm.weight".to_string(), Recipe::Copy("ln_f.gamma".into())),
+    ];
     for n in 0..config.num_hidden_layers {
         let layer = format!("model.layers.{n}.");
         for (ours, theirs) in NORMS {
-            out.insert(format!("{layer}{theirs}"), get(&format!("blocks.{n}.{ours}"))?);
+            plan.push((format!("{layer}{theirs}"), Recipe::Copy(format!("blocks.{n}.{ours}"))));
         }
         for (ours, theirs) in LINEARS {
-            out.insert(format!("{layer}{theirs}"), t(&format!("blocks.{n}.{ours}"))?);
+            plan.push((format!("{layer}{theirs}"), Recipe::Transpose(format!("blocks.{n}.{ours}"))));
         }
-        let parts = split_qkv_grouped(&get(&format!("blocks.{n}.attn.qkv.weight"))?, heads, groups);
-        for (p, part) in ["q", "k", "v"].iter().zip(parts) {
-            out.insert(format!("{layer}self_attn.{p}_proj.weight"), super::hf::transpose(&part)?);
+        for (part, p) in ["q", "k", "v"].iter().enumerate() {
+            let recipe = Recipe::SplitQkv { name: format!("blocks.{n}.attn.qkv.weight"), heads, groups, part };
+            plan.push((format!("{layer}self_attn.{p}_proj.weight"), recipe));
         }
     }
     if !config.tie_word_embeddings {
-        out.insert("lm_head.weight".into(), super::hf::rows(&t("head.weight")?, config.vocab_size)?);
+        plan.push(("lm_head.weight".into(), vocab(Recipe::Transpose("head.weight".into()))));
     }
-    Ok((out, config))
+    Ok((plan, config))
+}
+
+/// HuggingFace's tensors and config of our export's `tensors` with model config `model`, in
+/// memory ([`super::hf::export_hf`] streams them to a file instead).
+pub fn to_hf(tensors: &BTreeMap<String, TensorData>, model: &serde_json::Value) -> Result<(BTreeMap<String, TensorData>, HfLlamaConfig)> {
+    let (plan, config) = export_plan(model)?;
+    Ok((build_all(&plan, tensors)?, config))
 }

@@ -53,11 +53,11 @@
 //! # std::fs::remove_dir_all(&dir).unwrap();
 //! ```
 
+pub mod convert;
 mod error;
 mod export;
 pub mod format;
 pub mod hf;
-pub mod hf_import;
 pub mod hf_llama;
 mod read;
 mod saver;
