@@ -128,6 +128,48 @@ fn duplicate_rank_and_wrong_world_size_are_clear_errors() {
     assert!(text(&o1).contains("rank 1 says world size 5"), "{}", text(&o1));
 }
 
+/// Two jobs given one port: a rank of the other job is turned away with both ids named, and
+/// does not count; rank 0 goes on to meet its own rank 1.
+#[test]
+fn a_rank_of_another_job_is_turned_away_and_does_not_count() {
+    let port = free_port();
+    let with_job = |r: usize, job: &str| {
+        let mut c = Command::new(BIN);
+        c.arg("rendezvous-check").env("RANK", r.to_string()).env("WORLD_SIZE", "2").env("MASTER_ADDR", "127.0.0.1");
+        c.env("MASTER_PORT", port.to_string()).env("BURN_PARALLEL_TIMEOUT_SECS", "20").env("BURN_PARALLEL_JOB_ID", job);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let r0 = with_job(0, "job-a");
+    let stranger = with_job(1, "job-b").wait_with_output().unwrap();
+    let t = text(&stranger);
+    assert_eq!(stranger.status.code(), Some(3), "{t}");
+    assert!(t.contains(r#"serves job "job-a", but this process (rank 1) is of job "job-b""#), "{t}");
+    let (o1, o0) = (with_job(1, "job-a").wait_with_output().unwrap(), r0.wait_with_output().unwrap());
+    assert!(o0.status.success() && o1.status.success(), "{}\n{}", text(&o0), text(&o1));
+    assert!(text(&o0).contains("turned away a rank of another job"), "{}", text(&o0));
+}
+
+/// The launcher hands its ranks one job id: `--job-id`, else a fresh one (one node).
+#[test]
+fn the_launcher_gives_every_rank_the_same_job_id() {
+    let ids = |extra: &[&str]| {
+        let mut args = vec!["launch", "--nproc-per-node", "2"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", r#"echo "id=$BURN_PARALLEL_JOB_ID""#]);
+        let out =
+            Command::new(BIN).args(&args).env_remove("BURN_PARALLEL_JOB_ID").env_remove("TORCHELASTIC_RUN_ID").env_remove("SLURM_JOB_ID").output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let t = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut ids: Vec<String> = t.lines().filter_map(|l| l.split_once("id=")).map(|(_, id)| id.to_string()).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), 1, "one id for both ranks: {t}");
+        ids.pop().unwrap()
+    };
+    assert_eq!(ids(&["--job-id", "run-7"]), "run-7");
+    let (a, b) = (ids(&[]), ids(&[]));
+    assert!(a.starts_with("launch-") && b.starts_with("launch-") && a != b, "{a} {b}");
+}
+
 #[test]
 fn the_launcher_stops_everyone_and_returns_the_failing_code() {
     let start = Instant::now();

@@ -50,6 +50,12 @@ enum Cmd {
         /// D --resume auto` the job goes on from its newest checkpoint.
         #[arg(long, default_value_t = 0)]
         max_restarts: usize,
+        /// The job id the ranks' rendezvous checks, so that two jobs given one port never mix
+        /// (torchrun's --rdzv-id; the ranks see BURN_PARALLEL_JOB_ID). Default: this
+        /// environment's (BURN_PARALLEL_JOB_ID, TORCHELASTIC_RUN_ID, SLURM_JOB_ID), else a fresh
+        /// one on one node; with --nnodes > 1 give every node's launcher the same one.
+        #[arg(long)]
+        job_id: Option<String>,
         /// The program and its arguments (after `--`).
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -350,9 +356,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let code = match Cli::parse().command {
-        Cmd::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, stop_grace_secs, max_restarts, command } => {
+        Cmd::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, stop_grace_secs, max_restarts, job_id, command } => {
             let grace = std::time::Duration::from_secs(stop_grace_secs);
-            match launch(&LaunchOptions { nproc_per_node, nnodes, node_rank, master_addr, master_port, command, grace, max_restarts }) {
+            match launch(&LaunchOptions { nproc_per_node, nnodes, node_rank, master_addr, master_port, command, grace, max_restarts, job_id }) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("burn-parallel launch: {e}");

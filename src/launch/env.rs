@@ -4,6 +4,11 @@
 //! Slurm (`srun`): `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_NTASKS_PER_NODE`, and
 //! the master is the first host of `SLURM_JOB_NODELIST` (simple lists and `prefix[a-b,c]` ranges)
 //! unless `MASTER_ADDR` is set; the port comes from `MASTER_PORT` (default 29500).
+//!
+//! The job id, which the rendezvous checks so that two jobs given one port never mix their
+//! ranks: `BURN_PARALLEL_JOB_ID` (`burn-parallel launch` sets it), else torchrun's
+//! `TORCHELASTIC_RUN_ID` (its `--rdzv-id`), else Slurm's `SLURM_JOB_ID` with `.SLURM_STEP_ID`
+//! (two steps of one allocation are two jobs), else none (the empty id).
 
 use std::time::Duration;
 
@@ -24,6 +29,21 @@ pub struct JobEnv {
     pub master_port: u16,
     /// How long the rendezvous waits (env `BURN_PARALLEL_TIMEOUT_SECS`, default 300 s).
     pub timeout: Duration,
+    /// Which job this process belongs to (empty: none given); at most [`MAX_JOB_ID`] bytes.
+    pub job_id: String,
+}
+
+/// The longest job id, in bytes.
+pub const MAX_JOB_ID: usize = 256;
+
+/// The job id of the variables `get` reads (see the module docs; empty if none is set).
+pub fn job_id_from(get: impl Fn(&str) -> Option<String>) -> Result<String, JobEnvError> {
+    let slurm = || get("SLURM_JOB_ID").map(|j| get("SLURM_STEP_ID").map_or(j.clone(), |s| format!("{j}.{s}")));
+    let id = get("BURN_PARALLEL_JOB_ID").or_else(|| get("TORCHELASTIC_RUN_ID")).or_else(slurm).unwrap_or_default();
+    match id.len() <= MAX_JOB_ID {
+        true => Ok(id),
+        false => Err(JobEnvError::Invalid { name: "BURN_PARALLEL_JOB_ID".into(), value: id.clone(), why: format!("{} bytes, at most {MAX_JOB_ID}", id.len()) }),
+    }
 }
 
 /// A missing or malformed variable.
@@ -85,7 +105,8 @@ impl JobEnv {
             None => 29500,
         };
         let timeout = Duration::from_secs(num("BURN_PARALLEL_TIMEOUT_SECS")?.unwrap_or(300) as u64);
-        Ok(Self { rank, world_size: world, local_rank: local, local_world_size: local_world, master_addr, master_port, timeout })
+        let job_id = job_id_from(&get)?;
+        Ok(Self { rank, world_size: world, local_rank: local, local_world_size: local_world, master_addr, master_port, timeout, job_id })
     }
 }
 
@@ -130,6 +151,22 @@ mod tests {
         assert!(env(&[("RANK", "8"), ("WORLD_SIZE", "8"), ("MASTER_ADDR", "h")]).unwrap_err().to_string().contains("must be below WORLD_SIZE=8"));
         assert!(env(&[("RANK", "x"), ("WORLD_SIZE", "8")]).unwrap_err().to_string().contains("invalid RANK=\"x\""));
         assert_eq!(first_host("a1,b2"), Some("a1".into()));
+    }
+
+    #[test]
+    fn the_job_id_comes_from_ours_then_torchruns_then_slurms() {
+        let id = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("RANK", "0"), ("WORLD_SIZE", "1")];
+            all.extend_from_slice(pairs);
+            env(&all).map(|e| e.job_id)
+        };
+        assert_eq!(id(&[]).unwrap(), "");
+        assert_eq!(id(&[("SLURM_JOB_ID", "41"), ("SLURM_STEP_ID", "2")]).unwrap(), "41.2");
+        assert_eq!(id(&[("SLURM_JOB_ID", "41")]).unwrap(), "41");
+        assert_eq!(id(&[("SLURM_JOB_ID", "41"), ("TORCHELASTIC_RUN_ID", "t")]).unwrap(), "t");
+        assert_eq!(id(&[("TORCHELASTIC_RUN_ID", "t"), ("BURN_PARALLEL_JOB_ID", "ours")]).unwrap(), "ours");
+        let long = "x".repeat(MAX_JOB_ID + 1);
+        assert!(id(&[("BURN_PARALLEL_JOB_ID", &long)]).unwrap_err().to_string().contains("257 bytes, at most 256"));
         assert_eq!(first_host("n[3,5-9]"), Some("n3".into()));
     }
 }

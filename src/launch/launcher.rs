@@ -63,6 +63,24 @@ pub struct LaunchOptions {
     /// `TORCHELASTIC_RESTART_COUNT` (0 on the first start) and `TORCHELASTIC_MAX_RESTARTS`; a
     /// program that resumes its newest checkpoint (`gpt_pretrain --resume auto`) goes on from it.
     pub max_restarts: usize,
+    /// The job id the ranks' rendezvous checks (torchrun's `--rdzv-id`), passed on as
+    /// `BURN_PARALLEL_JOB_ID`. `None`: the launcher's own environment's ([`super::job_id_from`]),
+    /// else on one node a fresh one (its ranks are all this launcher's), else none: on several
+    /// nodes give the same id to every node's launcher.
+    pub job_id: Option<String>,
+}
+
+/// The job id of `o` (see [`LaunchOptions::job_id`]).
+fn job_id(o: &LaunchOptions) -> Result<Option<String>, String> {
+    let inherited = super::job_id_from(|k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
+    let id = o.job_id.clone().or((!inherited.is_empty()).then_some(inherited)).or_else(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        (o.nnodes == 1).then(|| format!("launch-{}-{nanos}", std::process::id()))
+    });
+    match id {
+        Some(id) if id.len() > super::MAX_JOB_ID => Err(format!("--job-id of {} bytes: at most {}", id.len(), super::MAX_JOB_ID)),
+        id => Ok(id),
+    }
 }
 
 /// The pause before a restart.
@@ -107,10 +125,11 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
     if o.nproc_per_node == 0 || o.nnodes == 0 || o.node_rank >= o.nnodes {
         return Err(format!("invalid layout: --nproc-per-node {} --nnodes {} --node-rank {}", o.nproc_per_node, o.nnodes, o.node_rank));
     }
+    let job_id = job_id(o)?;
     install_signal_handlers();
     let mut attempt = 0;
     loop {
-        match run_attempt(o, attempt)? {
+        match run_attempt(o, job_id.as_deref(), attempt)? {
             Attempt::Done(code) => return Ok(code),
             Attempt::Failed { rank, code } if attempt < o.max_restarts && STOP_SIGNAL.load(Ordering::SeqCst) == 0 => {
                 attempt += 1;
@@ -143,7 +162,7 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
 
 /// Starts every local rank (start number `attempt`) and waits until they all exited, one failed
 /// (the others are stopped) or a stop signal came (passed on, with the grace period).
-fn run_attempt(o: &LaunchOptions, attempt: usize) -> Result<Attempt, String> {
+fn run_attempt(o: &LaunchOptions, job_id: Option<&str>, attempt: usize) -> Result<Attempt, String> {
     let (program, args) = o.command.split_first().expect("checked");
     let world = o.nproc_per_node * o.nnodes;
     let mut children: Vec<(usize, Child)> = Vec::new();
@@ -156,6 +175,9 @@ fn run_attempt(o: &LaunchOptions, attempt: usize) -> Result<Attempt, String> {
             // Each rank leads its own process group, so stopping it also stops what it started.
             use std::os::unix::process::CommandExt;
             cmd.process_group(0);
+        }
+        if let Some(id) = job_id {
+            cmd.env("BURN_PARALLEL_JOB_ID", id);
         }
         let spawned = cmd
             .args(args)

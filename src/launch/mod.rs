@@ -6,7 +6,7 @@ mod env;
 mod launcher;
 mod rendezvous;
 
-pub use env::{JobEnv, JobEnvError};
+pub use env::{job_id_from, JobEnv, JobEnvError, MAX_JOB_ID};
 pub use launcher::{launch, LaunchOptions};
 pub(crate) use rendezvous::every_interface;
 pub use rendezvous::{rendezvous, RendezvousError, MAX_PAYLOAD};

@@ -2,22 +2,25 @@
 //! `MASTER_ADDR:MASTER_PORT`; every other rank connects, introduces itself, and receives it once
 //! all `world_size − 1` ranks have arrived.
 //!
-//! Wire format (little-endian). Hello, client → server: magic `BURNPAR1`, version `u32`, rank
-//! `u32`, world size `u32`. Reply, server → client: magic, status `u8` (0 ok, 1 error), length
-//! `u32` (at most [`MAX_PAYLOAD`]), then the blob or a UTF-8 error message. A connection that does
-//! not start with a valid hello within 5 s is dropped and logged (garbage on the port never counts
-//! as a rank). A wrong world size, a duplicate or out-of-range rank, or ranks still missing at the
-//! timeout fail the rendezvous on rank 0 and every connected rank, naming the ranks.
+//! Wire format (little-endian). Hello, client → server: magic `BURNPAR1`, version `u32` (2),
+//! rank `u32`, world size `u32`, job id length `u32` (at most [`MAX_JOB_ID`]), the job id (UTF-8).
+//! Reply, server → client: magic, status `u8` (0 ok, 1 error), length `u32` (at most
+//! [`MAX_PAYLOAD`]), then the blob or a UTF-8 error message. A connection that does not start
+//! with a valid hello within 5 s is dropped and logged (garbage on the port never counts as a
+//! rank). A rank of another job ([`JobEnv::job_id`]: two jobs given one port) is turned away with
+//! an error naming both ids, and the rendezvous goes on waiting for its own ranks. A wrong world
+//! size, a duplicate or out-of-range rank, or ranks still missing at the timeout fail the
+//! rendezvous on rank 0 and every connected rank, naming the ranks.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use super::env::JobEnv;
+use super::env::{JobEnv, MAX_JOB_ID};
 
 const MAGIC: &[u8; 8] = b"BURNPAR1";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// How long a joining rank waits for rank 0's answer past its own deadline.
 const REPLY_GRACE: Duration = Duration::from_secs(5);
 /// Largest blob a rendezvous carries (1 MiB).
@@ -98,17 +101,32 @@ fn reply(stream: &mut TcpStream, ok: bool, body: &[u8]) -> std::io::Result<()> {
     stream.write_all(&msg)
 }
 
-fn read_hello(stream: &mut TcpStream) -> Result<(usize, usize), String> {
-    let mut buf = [0u8; 20];
-    stream.read_exact(&mut buf).map_err(|e| format!("no complete hello ({e})"))?;
+/// A joining rank's hello: its rank, world size and job id.
+struct Hello {
+    rank: usize,
+    world: usize,
+    job_id: String,
+}
+
+fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
+    let mut buf = [0u8; 24];
+    stream.read_exact(&mut buf[..12]).map_err(|e| format!("no complete hello ({e})"))?;
     if &buf[..8] != MAGIC {
         return Err(format!("bad magic {:?}", String::from_utf8_lossy(&buf[..8])));
     }
-    let word = |i: usize| u32::from_le_bytes(buf[i..i + 4].try_into().expect("4 bytes"));
-    if word(8) != VERSION {
-        return Err(format!("protocol version {} (this is {VERSION})", word(8)));
+    let word = |buf: &[u8; 24], i: usize| u32::from_le_bytes(buf[i..i + 4].try_into().expect("4 bytes"));
+    if word(&buf, 8) != VERSION {
+        return Err(format!("protocol version {} (this is {VERSION})", word(&buf, 8)));
     }
-    Ok((word(12) as usize, word(16) as usize))
+    stream.read_exact(&mut buf[12..]).map_err(|e| format!("no complete hello ({e})"))?;
+    let len = word(&buf, 20) as usize;
+    if len > MAX_JOB_ID {
+        return Err(format!("a job id of {len} bytes (at most {MAX_JOB_ID})"));
+    }
+    let mut id = vec![0u8; len];
+    stream.read_exact(&mut id).map_err(|e| format!("no complete hello ({e})"))?;
+    let job_id = String::from_utf8(id).map_err(|_| "a job id that is not UTF-8".to_string())?;
+    Ok(Hello { rank: word(&buf, 12) as usize, world: word(&buf, 16) as usize, job_id })
 }
 
 /// Rank 0 listens on every interface (as torch's TCPStore does): `MASTER_ADDR` is how the others
@@ -158,13 +176,24 @@ fn serve(env: &JobEnv, addr: &str, payload: Vec<u8>, deadline: Instant) -> Resul
         let _ = stream.set_nonblocking(false);
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
         let _ = stream.set_read_timeout(Some(left.min(Duration::from_secs(5))));
-        let (rank, world) = match read_hello(&mut stream) {
+        let Hello { rank, world, job_id } = match read_hello(&mut stream) {
             Ok(h) => h,
             Err(why) => {
                 tracing::warn!(%from, %why, "rendezvous: rejected a connection");
                 continue;
             }
         };
+        if job_id != env.job_id {
+            // Another job's rank: turned away, and not counted (its own rank 0 is elsewhere).
+            let why = format!(
+                "rank 0 at {addr} serves job {:?}, but this process (rank {rank}) is of job {job_id:?}: two jobs on one MASTER_PORT? \
+                 (job ids: BURN_PARALLEL_JOB_ID, TORCHELASTIC_RUN_ID or SLURM_JOB_ID)",
+                env.job_id
+            );
+            tracing::warn!(%from, %why, "rendezvous: turned away a rank of another job");
+            let _ = reply(&mut stream, false, why.as_bytes());
+            continue;
+        }
         let error = if world != env.world_size || rank == 0 || rank >= env.world_size {
             Some(RendezvousError::WorldMismatch { expected: env.world_size, got: world, rank })
         } else if peers.contains_key(&rank) {
@@ -204,11 +233,15 @@ fn join(env: &JobEnv, addr: &str, deadline: Instant) -> Result<Vec<u8>, Rendezvo
     let start = Instant::now();
     let timeout = || RendezvousError::Timeout { addr: addr.into(), missing: vec![0], waited: start.elapsed() };
     let mut stream = connect(addr, deadline).ok_or_else(timeout)?;
-    let mut hello = Vec::with_capacity(20);
+    if env.job_id.len() > MAX_JOB_ID {
+        return Err(RendezvousError::Protocol(format!("a job id of {} bytes (at most {MAX_JOB_ID})", env.job_id.len())));
+    }
+    let mut hello = Vec::with_capacity(24 + env.job_id.len());
     hello.extend_from_slice(MAGIC);
-    for w in [VERSION, env.rank as u32, env.world_size as u32] {
+    for w in [VERSION, env.rank as u32, env.world_size as u32, env.job_id.len() as u32] {
         hello.extend_from_slice(&w.to_le_bytes());
     }
+    hello.extend_from_slice(env.job_id.as_bytes());
     stream.write_all(&hello).map_err(io(addr))?;
     // Rank 0 decides (it also times out and then tells everyone who is missing): wait for its
     // answer a grace period past our own deadline.

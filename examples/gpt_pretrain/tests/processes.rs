@@ -180,6 +180,7 @@ fn launcher_process() {
         command,
         grace: Duration::from_secs(30),
         max_restarts: n[1],
+        job_id: None,
     };
     std::process::exit(burn_parallel::launch::launch(&options).unwrap_or(2));
 }

@@ -183,8 +183,16 @@ impl TcpComm {
             .and_then(|l| l.local_addr())
             .map_err(|e| CommError::Backend(format!("tcp: no free loopback port: {e}")))?
             .port();
-        let env =
-            |rank| JobEnv { rank, world_size: size, local_rank: rank, local_world_size: size, master_addr: "127.0.0.1".into(), master_port: port, timeout };
+        let env = |rank| JobEnv {
+            rank,
+            world_size: size,
+            local_rank: rank,
+            local_world_size: size,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            timeout,
+            job_id: String::new(),
+        };
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..size).map(|r| s.spawn(move || Self::from_env(&env(r)))).collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(CommError::Backend("tcp: a connecting thread panicked".into())))).collect()
