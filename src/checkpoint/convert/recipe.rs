@@ -131,12 +131,10 @@ impl Recipe {
 }
 
 /// The last dimension of a `[rows, 3h]` (or `[3h]`) q/k/v tensor between HuggingFace's `[q k v]`
-/// and ours, grouped per head `[q_j k_j v_j]` (`to_ours`), or back ([`crate::qkv`]).
+/// and ours, grouped per head `[q_j k_j v_j]` (`to_ours`), or back ([`crate::qkv`]); its width
+/// checked by [`qkv_shape`] first.
 fn regroup(t: &TensorData, heads: usize, to_ours: bool) -> Result<TensorData> {
-    let width = *t.shape.last().ok_or_else(|| CheckpointError::Invalid("a q/k/v tensor of no dimension".into()))?;
-    if width % 3 != 0 || (width / 3) % heads.max(1) != 0 {
-        return Err(CheckpointError::Invalid(format!("a q/k/v tensor of width {width} does not split into 3 x {heads} heads")));
-    }
+    let width = *t.shape.last().expect("checked by qkv_shape");
     Ok(match to_ours {
         true => {
             let [q, k, v]: [TensorData; 3] = crate::qkv::split_last(t, &[width / 3; 3]).try_into().expect("three parts");
@@ -165,12 +163,13 @@ fn rows(t: TensorData, n: usize) -> TensorData {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
 
-    fn src() -> BTreeMap<String, TensorData> {
+    /// Small tensors for the recipes (f32 but for `half`, bf16).
+    pub(in crate::checkpoint::convert) fn src() -> BTreeMap<String, TensorData> {
         let t = |shape: Vec<usize>| TensorData::new((0..shape.iter().product::<usize>()).map(|i| i as f32).collect::<Vec<_>>(), shape);
         BTreeMap::from([
             ("q".to_string(), t(vec![8, 4])),
