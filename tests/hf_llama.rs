@@ -153,22 +153,76 @@ fn our_llama_exported_for_huggingface_gives_numpy_our_logits() {
         assert!(hf["eos_token_id"].is_null() && hf["bos_token_id"].is_null(), "{hf}");
         assert_close(&format!("exported kv {kv} tied {tied}"), &logits, &numpy::logits(SCRIPT, &out));
         // And back: the same tensors (padding rows aside).
-        let back = out.join("back.safetensors");
-        import_hf(&out, &back).unwrap();
-        let (a, b) = (Checkpoint::open(&dir).unwrap(), Checkpoint::open_safetensors(&back, MODEL_PREFIX).unwrap());
-        let names = full_tensors(&b, MODEL_PREFIX).unwrap();
-        assert_eq!(names.len(), a.metadata().tensors.len(), "every tensor back");
-        for (name, t) in names {
-            // Padded vocabulary: the embedding's first rows, the head's first columns.
-            let whole = a.read_full(&name).unwrap();
-            let (cols, all) = (*whole.shape.last().unwrap(), whole.to_vec::<f32>().unwrap());
-            let keep = *t.shape.last().unwrap();
-            let kept: Vec<f32> = all.chunks(cols).flat_map(|row| row[..keep].to_vec()).take(t.num_elements()).collect();
-            assert_eq!(t.to_vec::<f32>().unwrap(), kept, "{name}");
-        }
+        assert_imports_back(&dir, &out, false);
         for d in [dir, out] {
             std::fs::remove_dir_all(d).unwrap();
         }
+    }
+}
+
+/// The HuggingFace export `out` imports back as the checkpoint `dir`'s tensors (padding rows
+/// aside), each rounded to bf16 where `bf16`.
+fn assert_imports_back(dir: &Path, out: &Path, bf16: bool) {
+    let back = out.join("back.safetensors");
+    import_hf(out, &back).unwrap();
+    let (a, b) = (Checkpoint::open(dir).unwrap(), Checkpoint::open_safetensors(&back, MODEL_PREFIX).unwrap());
+    let names = full_tensors(&b, MODEL_PREFIX).unwrap();
+    assert_eq!(names.len(), a.metadata().tensors.len(), "every tensor back");
+    for (name, t) in names {
+        // Padded vocabulary: the embedding's first rows, the head's first columns.
+        let whole = a.read_full(&name).unwrap();
+        let whole = if bf16 { whole.convert::<burn::tensor::bf16>().convert::<f32>() } else { whole };
+        let (cols, all) = (*whole.shape.last().unwrap(), whole.to_vec::<f32>().unwrap());
+        let keep = *t.shape.last().unwrap();
+        let kept: Vec<f32> = all.chunks(cols).flat_map(|row| row[..keep].to_vec()).take(t.num_elements()).collect();
+        assert_eq!(t.to_vec::<f32>().unwrap(), kept, "{name}");
+    }
+    std::fs::remove_file(back).unwrap();
+}
+
+/// As `save_pretrained` writes large models: an export in shards of at most 4 KB gives numpy our
+/// logits (read through the index); a bf16 export (one file) says `torch_dtype: bfloat16` and
+/// imports back as our weights rounded to bf16; each export removes the last one's weight files.
+#[test]
+fn exports_in_shards_and_in_bf16_read_back_and_replace_the_last() {
+    let cfg = llama(64, 2, false, 1e-5).with_vocab_used(Some(50));
+    let (dir, out) = (temp_dir("hf-llama-shards"), temp_dir("hf-llama-shards-out"));
+    let logits = save(&cfg, &dir);
+    let export = |args: &[&str]| {
+        let o = Command::new(BIN).args(["checkpoint", "export-hf"]).arg(&dir).arg("--out").arg(&out).args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut files: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        files.sort();
+        files
+    };
+    let files = export(&["--max-shard-size", "4KB"]);
+    let shards: Vec<&String> = files.iter().filter(|f| f.starts_with("model-")).collect();
+    assert!(shards.len() > 2 && files.contains(&"model.safetensors.index.json".into()) && !files.contains(&"model.safetensors".into()), "{files:?}");
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let shard_bytes: u64 = shards
+        .iter()
+        .map(|f| full_tensors(&Checkpoint::open_safetensors(out.join(f), "").unwrap(), "").unwrap().values().map(|t| t.as_bytes().len() as u64).sum::<u64>())
+        .sum();
+    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(shard_bytes));
+    assert_eq!(index["weight_map"].as_object().unwrap().len(), 2 + 2 * 9 + 1, "embedding, norm, 9 a block, head");
+    if python() {
+        assert_close("exported in shards", &logits, &numpy::logits(SCRIPT, &out));
+    }
+    assert_imports_back(&dir, &out, false);
+    assert_eq!(export(&["--dtype", "bf16", "--max-shard-size", "none"]), ["config.json", "model.safetensors"], "the shards and index removed");
+    let hf: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(hf["torch_dtype"], "bfloat16");
+    let file = Checkpoint::open_safetensors(out.join("model.safetensors"), "").unwrap();
+    assert!(file.metadata().tensors.values().all(|t| t.dtype == safetensors::Dtype::BF16));
+    assert_imports_back(&dir, &out, true);
+    let o = Command::new(BIN).args(["checkpoint", "export-hf"]).arg(&dir).arg("--out").arg(&out).args(["--max-shard-size", "5 TB"]).output().unwrap();
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--max-shard-size \"5 TB\": a size is"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for d in [dir, out] {
+        std::fs::remove_dir_all(d).unwrap();
     }
 }
 

@@ -15,6 +15,7 @@ code with the Rust model.
 """
 
 import json
+import os
 import math
 import sys
 
@@ -115,10 +116,23 @@ def rope(x, theta, scaling):
     return x * np.cos(emb) + rotate_half(x) * np.sin(emb)
 
 
+def load_weights(d):
+    """model.safetensors, or where there is none the shards its index names (as from_pretrained)."""
+    if os.path.exists(f"{d}/model.safetensors"):
+        return load_file(f"{d}/model.safetensors")
+    with open(f"{d}/model.safetensors.index.json") as f:
+        weight_map = json.load(f)["weight_map"]
+    w = {}
+    for shard in sorted(set(weight_map.values())):
+        w.update({k: v for k, v in load_file(f"{d}/{shard}").items() if weight_map.get(k) == shard})
+    assert set(w) == set(weight_map), "every tensor of the index, from its shard"
+    return w
+
+
 def logits(d, ids):
     with open(f"{d}/config.json") as f:
         c = json.load(f)
-    w = {k: v.astype(np.float64) for k, v in load_file(f"{d}/model.safetensors").items()}
+    w = {k: v.astype(np.float64) for k, v in load_weights(d).items()}
     ids = np.array(ids)
     b, s = ids.shape
     h, a, kv, eps = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]

@@ -124,6 +124,14 @@ enum CheckpointCmd {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// The weights' dtype (`torch_dtype` in config.json): f32, bf16 or f16.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+        dtype: String,
+        /// Largest weight file, as save_pretrained's max_shard_size (e.g. 5GB, 500MB, 2GiB);
+        /// a larger model is written in shards with model.safetensors.index.json; `none`: one
+        /// file however large.
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
     },
     /// Convert a HuggingFace GPT-2 or Llama (by `model_type`; a directory with
     /// `model.safetensors`, or shards and their index, and `config.json`, or the `.safetensors`
@@ -337,9 +345,19 @@ fn checkpoint(action: CheckpointCmd) -> Result<(), CheckpointError> {
             let bytes = export_model(&ckpt, &out)?;
             println!("{} -> {} ({bytes} bytes of tensors)", ckpt.dir().display(), out.display());
         }
-        CheckpointCmd::ExportHf { dir, out } => {
+        CheckpointCmd::ExportHf { dir, out, dtype, max_shard_size } => {
+            use burn_parallel::checkpoint::hf_export::{export_hf_with, parse_size, HfExportOptions};
+            let dtype = match dtype.as_str() {
+                "bf16" => safetensors::Dtype::BF16,
+                "f16" => safetensors::Dtype::F16,
+                _ => safetensors::Dtype::F32,
+            };
+            let max_shard_bytes = match max_shard_size.as_str() {
+                "none" => None,
+                size => Some(parse_size(size).map_err(|e| CheckpointError::Invalid(format!("--max-shard-size {e}")))?),
+            };
             let ckpt = Checkpoint::open(&dir)?;
-            let c = burn_parallel::checkpoint::hf::export_hf(&ckpt, &out)?;
+            let c = export_hf_with(&ckpt, &out, &HfExportOptions { dtype, max_shard_bytes })?;
             println!("{} -> {} ({})", ckpt.dir().display(), out.display(), c.describe());
         }
         CheckpointCmd::ImportHf { from, out } => {

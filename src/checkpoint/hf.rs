@@ -34,11 +34,10 @@ use std::path::Path;
 use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 
-use super::convert::{build_all, resolve, write_plan, HfFiles, Prefixed, Recipe, Source};
+use super::convert::{build_all, resolve, write_plan, HfFiles, Recipe, Source};
 use super::error::{CheckpointError, Result};
 use super::hf_llama::HfLlamaConfig;
 use super::read::Checkpoint;
-use super::state::MODEL_PREFIX;
 use crate::activation::Activation;
 
 /// A HuggingFace model's config: GPT-2 or Llama.
@@ -383,26 +382,12 @@ fn weight_files(file: &Path, dir: &Path) -> Result<(Vec<std::path::PathBuf>, BTr
 }
 
 /// Writes the model of checkpoint `ckpt` as a HuggingFace directory `out` (`model.safetensors`
-/// with `__metadata__ {"format": "pt"}`, and `config.json`): a Llama-style model as Llama, any
-/// other as GPT-2 (or an error naming what GPT-2 lacks). Streams: one tensor in memory at a time
-/// ([`write_plan`]).
+/// in f32, or shards of at most 5 GB, with `__metadata__ {"format": "pt"}`, and `config.json`):
+/// a Llama-style model as Llama, any other as GPT-2 (or an error naming what GPT-2 lacks).
+/// Streams: one tensor in memory at a time. [`super::hf_export::export_hf_with`] chooses the
+/// dtype and the shard size.
 pub fn export_hf(ckpt: &Checkpoint, out: &Path) -> Result<HfConfig> {
-    let model =
-        ckpt.metadata().sections.get("model").ok_or_else(|| CheckpointError::Invalid(format!("{}: no model config to export", ckpt.dir().display())))?;
-    let (plan, config) = match HfLlamaConfig::is_llama_style(model) {
-        true => super::hf_llama::export_plan(model).map(|(p, c)| (p, HfConfig::Llama(c)))?,
-        false => export_plan(model).map(|(p, c)| (p, HfConfig::Gpt2(c)))?,
-    };
-    let json = match &config {
-        HfConfig::Llama(c) => serde_json::to_string_pretty(c),
-        HfConfig::Gpt2(c) => serde_json::to_string_pretty(c),
-    }
-    .expect("config serialises");
-    std::fs::create_dir_all(out).map_err(|e| CheckpointError::io("create", out, e))?;
-    let src = Prefixed { src: ckpt, prefix: MODEL_PREFIX };
-    write_plan(&out.join("model.safetensors"), &plan, &src, HashMap::from([("format".to_string(), "pt".to_string())]))?;
-    super::write::write_synced(&out.join("config.json"), json.as_bytes())?;
-    Ok(config)
+    super::hf_export::export_hf_with(ckpt, out, &Default::default())
 }
 
 #[cfg(test)]

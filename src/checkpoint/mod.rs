@@ -58,6 +58,7 @@ mod error;
 mod export;
 pub mod format;
 pub mod hf;
+pub mod hf_export;
 pub mod hf_llama;
 mod read;
 mod saver;

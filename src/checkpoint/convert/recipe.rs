@@ -29,6 +29,8 @@ pub enum Recipe {
     SplitQkv { name: String, heads: usize, groups: usize, part: usize },
     /// The first `n` rows of what `of` makes (a padded vocabulary's table cut to the tokens).
     Rows { of: Box<Recipe>, n: usize },
+    /// What `of` makes, converted to the float dtype `dtype` (f32, bf16 or f16).
+    Cast { of: Box<Recipe>, dtype: Dtype },
 }
 
 fn shape_of(src: &dyn Source, name: &str) -> Result<Vec<usize>> {
@@ -97,6 +99,10 @@ impl Recipe {
                 }
                 Ok(shape)
             }
+            Recipe::Cast { of, dtype } => match burn_float(*dtype) {
+                Some(_) => of.shape(src),
+                None => Err(CheckpointError::Invalid(format!("{of:?}: a cast to {dtype:?}, not a float type of f32, bf16 or f16"))),
+            },
         }
     }
 
@@ -105,6 +111,7 @@ impl Recipe {
         match self {
             Recipe::Keep(name) => src.dtype(name).ok_or_else(|| no_tensor(name)),
             Recipe::Rows { of, .. } => of.dtype(src),
+            Recipe::Cast { dtype, .. } => Ok(*dtype),
             _ => Ok(Dtype::F32),
         }
     }
@@ -126,7 +133,19 @@ impl Recipe {
                 transpose(&parts[*part])
             }
             Recipe::Rows { of, n } => Ok(rows(of.build(src)?, *n)),
+            Recipe::Cast { of, dtype } => Ok(of.build(src)?.convert_dtype(burn_float(*dtype).expect("checked by shape"))),
         }
+    }
+}
+
+/// Burn's float dtype of a safetensors dtype (`None` where it is no float type we write).
+fn burn_float(d: Dtype) -> Option<burn::tensor::DType> {
+    use burn::tensor::DType;
+    match d {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::BF16 => Some(DType::BF16),
+        Dtype::F16 => Some(DType::F16),
+        _ => None,
     }
 }
 
@@ -202,6 +221,8 @@ pub(super) mod tests {
             split(2),
             Recipe::Rows { of: Box::new(Recipe::Keep("half".into())), n: 4 },
             Recipe::Rows { of: Box::new(Recipe::Transpose("q".into())), n: 3 },
+            Recipe::Cast { of: Box::new(Recipe::Transpose("q".into())), dtype: Dtype::BF16 },
+            Recipe::Cast { of: Box::new(Recipe::Keep("half".into())), dtype: Dtype::F16 },
         ];
         for r in recipes {
             let t = r.build(&src).unwrap();
@@ -227,6 +248,8 @@ pub(super) mod tests {
         let e = Recipe::Rows { of: Box::new(Recipe::Copy("q".into())), n: 9 }.shape(&src).unwrap_err().to_string();
         assert!(e.contains("a vocabulary of 9 tokens in a table of shape [8, 4]"), "{e}");
         assert!(Recipe::Copy("nope".into()).shape(&src).is_err() && Recipe::Keep("nope".into()).dtype(&src).is_err());
+        let e = Recipe::Cast { of: Box::new(Recipe::Copy("q".into())), dtype: Dtype::I32 }.shape(&src).unwrap_err().to_string();
+        assert!(e.contains("a cast to I32, not a float type"), "{e}");
     }
 
     /// Each export recipe undoes its import twin; rows keep the first rows, bytes as they are.
