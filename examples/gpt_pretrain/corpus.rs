@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_parallel::data::{GlobalSampler, TokenShards, Tokenizer};
+use burn_parallel::data::{Blend, GlobalSampler, TokenShards, Tokenizer};
 use burn_parallel::rng::HostRng;
 
 const NAMES: [&str; 8] = ["ANNA", "BERTRAM", "CLEO", "DORIAN", "ELSPETH", "FALK", "GRETA", "HOLLIS"];
@@ -69,28 +69,41 @@ pub fn generated(bytes: usize, seed: u64) -> String {
 /// Inputs and targets `[n, seq]`.
 pub type Batch<B> = (Tensor<B, 2, Int>, Tensor<B, 2, Int>);
 
-/// One split's tokens: in memory (a tokenized text) or memory-mapped shards.
+/// One split's tokens: in memory (a tokenized text), memory-mapped shards, or several of
+/// those blended by weight.
 pub enum Split {
     /// Tokens in memory.
     Tokens(Vec<u32>),
     /// Prepared shards.
     Shards(TokenShards),
+    /// Datasets blended by weight: sample `i` comes from part `blend.source(i)`.
+    Blend(Vec<Split>, Blend),
 }
 
 impl Split {
-    /// Tokens in the split.
+    /// Tokens in the split (all parts of a blend).
     pub fn len(&self) -> usize {
         match self {
             Split::Tokens(t) => t.len(),
             Split::Shards(s) => s.len(),
+            Split::Blend(parts, _) => parts.iter().map(Split::len).sum(),
         }
     }
 
-    /// Tokens `[start, start + n)`.
+    /// The split sample `index` is drawn from (itself but in a blend).
+    pub fn part(&self, index: u64) -> &Split {
+        match self {
+            Split::Blend(parts, blend) => &parts[blend.source(index)],
+            one => one,
+        }
+    }
+
+    /// Tokens `[start, start + n)` (of a blend's first part).
     pub fn window(&self, start: usize, n: usize) -> Result<Vec<u32>, String> {
         match self {
             Split::Tokens(t) => Ok(t[start..start + n].to_vec()),
             Split::Shards(s) => s.window(start, n).map_err(|e| e.to_string()),
+            Split::Blend(parts, _) => parts[0].window(start, n),
         }
     }
 }
@@ -124,16 +137,28 @@ impl Corpus {
         Ok(Self { train: Split::Tokens(train), val: Split::Tokens(val), tokenizer })
     }
 
-    /// Prepared shards `dir/train_*.bin` and `dir/val_*.bin` of `tokenizer`.
-    pub fn from_shards(dir: &std::path::Path, tokenizer: Tokenizer, seq_len: usize) -> Result<Self, String> {
-        let open = |split| TokenShards::open_dir(dir, split, tokenizer.vocab_size()).map_err(|e| format!("--shards: {e}"));
-        let (train, val) = (open("train")?, open("val")?);
-        for (name, s) in [("train", &train), ("val", &val)] {
-            if s.len() <= seq_len + 1 {
-                return Err(format!("--shards: the {name} shards hold {} tokens, too few for --seq-len {seq_len}", s.len()));
+    /// Prepared shards `DIR/train_*.bin` and `DIR/val_*.bin` of `tokenizer`, of one directory
+    /// or several blended by weight (`(weight, DIR)`; train and validation blended alike).
+    pub fn from_shards(dirs: &[(f64, String)], tokenizer: Tokenizer, seq_len: usize) -> Result<Self, String> {
+        let mut parts = Vec::with_capacity(dirs.len());
+        for (_, dir) in dirs {
+            let open = |split| TokenShards::open_dir(dir.as_ref(), split, tokenizer.vocab_size()).map_err(|e| format!("--shards: {e}"));
+            let (train, val) = (open("train")?, open("val")?);
+            for (name, s) in [("train", &train), ("val", &val)] {
+                if s.len() <= seq_len + 1 {
+                    return Err(format!("--shards: the {name} shards of {dir} hold {} tokens, too few for --seq-len {seq_len}", s.len()));
+                }
             }
+            parts.push((Split::Shards(train), Split::Shards(val)));
         }
-        Ok(Self { train: Split::Shards(train), val: Split::Shards(val), tokenizer })
+        if parts.len() == 1 {
+            let (train, val) = parts.pop().expect("one part");
+            return Ok(Self { train, val, tokenizer });
+        }
+        let weights: Vec<f64> = dirs.iter().map(|(w, _)| *w).collect();
+        let blend = Blend::new(&weights).map_err(|e| format!("--shards: {e}"))?;
+        let (train, val): (Vec<Split>, Vec<Split>) = parts.into_iter().unzip();
+        Ok(Self { train: Split::Blend(train, blend.clone()), val: Split::Blend(val, blend), tokenizer })
     }
 
     /// The global samples `samples` of `split` (inputs, next-token targets), `[n, seq]`: sample
@@ -143,7 +168,8 @@ impl Corpus {
         let mut x = Vec::with_capacity(n * seq);
         let mut y = Vec::with_capacity(n * seq);
         for i in samples {
-            let w = split.window(sampler.window_start(i, split.len(), seq + 1), seq + 1)?;
+            let part = split.part(i);
+            let w = part.window(sampler.window_start(i, part.len(), seq + 1), seq + 1)?;
             x.extend(w[..seq].iter().map(|&t| t as i64));
             y.extend(w[1..].iter().map(|&t| t as i64));
         }

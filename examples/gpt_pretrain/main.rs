@@ -247,9 +247,10 @@ where
 }
 
 fn load(args: &Args) -> Result<Corpus, String> {
-    if let Some(dir) = &args.shards {
-        let c = Corpus::from_shards(dir, args.tokenizer, args.seq_len)?;
-        tracing::info!(train_tokens = c.train.len(), val_tokens = c.val.len(), dir = %dir.display(), "token shards");
+    if let Some(spec) = &args.shards {
+        let parts = burn_parallel::data::Blend::parse_spec(spec).map_err(|e| format!("--shards {e}"))?;
+        let c = Corpus::from_shards(&parts, args.tokenizer, args.seq_len)?;
+        tracing::info!(train_tokens = c.train.len(), val_tokens = c.val.len(), %spec, "token shards");
         return Ok(c);
     }
     let text = match &args.data {

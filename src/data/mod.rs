@@ -7,14 +7,17 @@
 //! `r`-th block of `b`: so the data a step sees depends only on the counter and the global batch
 //! size, not on how it is split, and a checkpoint that stores the counter
 //! ([`TrainState::samples_seen`](crate::checkpoint::TrainState)) resumes the data order at any
-//! data-parallel degree (Megatron's consumed-samples counter).
+//! data-parallel degree (Megatron's consumed-samples counter). With several datasets, [`Blend`]
+//! says which one sample `i` comes from, by their weights, from `i` alone.
 
+mod blend;
 mod llama3;
 pub mod shards;
 pub mod tokenizer;
 
 use std::ops::Range;
 
+pub use blend::{Blend, BlendError};
 #[doc(hidden)]
 pub use llama3::write_cl100k_tiktoken;
 pub use shards::{prepare, write_shard, ShardError, TokenShards};

@@ -11,11 +11,13 @@
 //! - `processes.rs`: one process per rank over TCP (`--comm tcp`): the thread ranks' losses bit
 //!   for bit, their checkpoint resumed on threads, a killed rank process named by the others at
 //!   once, SIGTERM to one rank process stopping every rank after the same step.
+//! - `data.rs`: blended shards (`--shards W:DIR,W:DIR`).
 //! - `runs.rs`: flags and presets, bad numbers, fused optimizer updates, chunked attention,
 //!   gradient accumulation, `--metrics`, model FLOPs, and `--device wgpu` against the CPU.
 
 mod checkpoints;
 mod context;
+mod data;
 mod processes;
 mod runs;
 
