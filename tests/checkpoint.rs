@@ -277,3 +277,39 @@ fn python_reads(file: &Path, whole: &BTreeMap<String, TensorData>) {
         assert!((t["sum"].as_f64().unwrap() - sum).abs() <= 1e-9 * sum.abs().max(1.0), "{name}: python sum {} vs {sum}", t["sum"]);
     }
 }
+
+/// `checkpoint diff`: a checkpoint against its export (the model: bitwise equal, exit 0),
+/// against the same run one step on (every model tensor named, exit 1; within a loose --atol,
+/// exit 0), and a missing path (exit 2).
+#[test]
+fn checkpoint_diff_names_what_differs_and_exits_by_it() {
+    let (a, b) = (temp_dir("diff-a"), temp_dir("diff-b"));
+    plan(layout(1, 2, 2), None, 1, Some(&a), 0.0);
+    plan(layout(1, 2, 2), None, 2, Some(&b), 0.0);
+    let file = a.join("model.safetensors");
+    export_model(&Checkpoint::open(&a).unwrap(), &file).unwrap();
+    let diff = |args: &[&std::ffi::OsStr]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_burn-parallel")).args(["checkpoint", "diff"]).args(args).output().unwrap();
+        (o.status.code(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let (model, loose) = (os("--prefix=model."), os("--atol=1000"));
+    let n = Checkpoint::open(&a).unwrap().metadata().tensors.keys().filter(|k| k.starts_with(MODEL_PREFIX)).count();
+    let (code, out) = diff(&[a.as_os_str(), file.as_os_str(), &model]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("{n} tensors: {n} bitwise equal, 0 within 0, 0 differ")), "{out}");
+    let (code, out) = diff(&[a.as_os_str(), b.as_os_str(), &model]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("model.blocks.1.mlp.fc1.weight: ") && out.contains("values differ, max |a - b|"), "{out}");
+    assert!(out.contains(&format!("{n} tensors: 0 bitwise equal, 0 within 0, {n} differ")), "{out}");
+    let (code, out) = diff(&[a.as_os_str(), b.as_os_str(), &loose]);
+    assert_eq!(code, Some(0), "{out}");
+    // The optimizer state is in the checkpoints, not in the export.
+    let (code, out) = diff(&[a.as_os_str(), file.as_os_str()]);
+    assert!(code == Some(1) && out.contains(&format!("only in {}", a.display())), "{out}");
+    let (code, out) = diff(&[a.as_os_str(), a.join("missing").as_os_str()]);
+    assert!(code == Some(2) && out.contains("missing"), "{out}");
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

@@ -171,7 +171,7 @@ mod tests {
         let plan = || ["a", "b", "c", "d"].map(|n| (n.to_string(), Recipe::Copy(n.to_string()))).to_vec();
         let names = |s: Vec<Vec<(String, Recipe)>>| s.iter().map(|sh| sh.iter().map(|(n, _)| n.as_str()).collect::<String>()).collect::<Vec<_>>();
         assert_eq!(names(shards(plan(), &src, Some(80)).unwrap()), ["ab", "c", "d"]);
-        assert_eq!(names(shards(plan(), &src, Some(100)).unwrap()), ["ab", "cd"]);
+        assert_eq!(names(shards(plan(), &src, Some(200)).unwrap()), ["ab", "cd"]);
         assert_eq!(names(shards(plan(), &src, None).unwrap()), ["abcd"]);
         assert!(is_export_file("model-00002-of-00003.safetensors") && !is_export_file("config.json") && !is_export_file("other.safetensors"));
     }

@@ -54,6 +54,7 @@
 //! ```
 
 pub mod convert;
+pub mod diff;
 mod error;
 mod export;
 pub mod format;

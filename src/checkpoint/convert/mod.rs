@@ -41,6 +41,8 @@ pub trait Source {
     fn dtype(&self, name: &str) -> Option<Dtype>;
     /// Tensor `name`, as stored.
     fn read(&self, name: &str) -> Result<TensorData>;
+    /// Every tensor's name.
+    fn names(&self) -> Vec<String>;
 }
 
 fn no_tensor(name: &str) -> CheckpointError {
@@ -59,6 +61,10 @@ impl Source for BTreeMap<String, TensorData> {
     fn read(&self, name: &str) -> Result<TensorData> {
         self.get(name).cloned().ok_or_else(|| no_tensor(name))
     }
+
+    fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
+    }
 }
 
 /// A checkpoint's tensors, each assembled from its chunks when read.
@@ -73,6 +79,10 @@ impl Source for Checkpoint {
 
     fn read(&self, name: &str) -> Result<TensorData> {
         self.read_full(name)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.metadata().tensors.keys().cloned().collect()
     }
 }
 
@@ -94,6 +104,10 @@ impl Source for Prefixed<'_> {
 
     fn read(&self, name: &str) -> Result<TensorData> {
         self.src.read(&format!("{}{name}", self.prefix))
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.src.names().into_iter().filter_map(|n| Some(n.strip_prefix(self.prefix)?.to_string())).collect()
     }
 }
 
@@ -150,6 +164,10 @@ impl Source for HfFiles {
 
     fn read(&self, name: &str) -> Result<TensorData> {
         self.file(name).ok_or_else(|| no_tensor(name))?.read_full(name)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.owner.keys().cloned().collect()
     }
 }
 
@@ -274,6 +292,9 @@ mod tests {
                     "k" => Err(CheckpointError::Invalid("k: unreadable".into())),
                     _ => self.0.read(name),
                 }
+            }
+            fn names(&self) -> Vec<String> {
+                self.0.names()
             }
         }
         let bad = dir.join("bad.safetensors");

@@ -1,5 +1,6 @@
 //! The `burn-parallel` command: `launch` starts a multi-process job (torchrun-style);
-//! `checkpoint inspect|verify|export` looks at checkpoints; `prepare` writes token shards;
+//! `checkpoint inspect|verify|diff|export|export-hf|import-hf` looks at, compares and converts
+//! checkpoints; `prepare` writes token shards;
 //! `memory` prints the memory model's per-rank table.
 //!
 //! ```text
@@ -9,9 +10,10 @@
 
 use std::path::PathBuf;
 
-use burn_parallel::checkpoint::{export_model, Checkpoint, CheckpointError};
 use burn_parallel::launch::{launch, rendezvous, JobEnv, LaunchOptions};
 use clap::{Parser, Subcommand};
+
+mod checkpoint_cmd;
 
 #[derive(Parser)]
 #[command(version, about = "burn-parallel: model-parallel training on Burn")]
@@ -60,10 +62,10 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Inspect, verify or export a checkpoint.
+    /// Inspect, verify, compare, export or import checkpoints (exit 2 on an error).
     Checkpoint {
         #[command(subcommand)]
-        action: CheckpointCmd,
+        action: checkpoint_cmd::CheckpointCmd,
     },
     /// Tokenize text files into binary token shards (`OUT/train_NNNNNN.bin`, `OUT/val_000000.bin`:
     /// llm.c's format, u16 tokens; u32 for Llama 3's vocabulary), one document per file, for
@@ -91,59 +93,6 @@ enum Cmd {
     /// Join a rendezvous from the environment and print what rank 0 handed out (a smoke test).
     #[command(hide = true)]
     RendezvousCheck,
-}
-
-#[derive(Subcommand)]
-enum CheckpointCmd {
-    /// Print a checkpoint's step, layout, training position and tensors (DIR: a checkpoint, or
-    /// a save directory: its newest).
-    Inspect {
-        /// Checkpoint or save directory.
-        dir: PathBuf,
-    },
-    /// Check every data file's size and every chunk's checksum.
-    Verify {
-        /// Checkpoint or save directory.
-        dir: PathBuf,
-    },
-    /// Write the model as one unsharded safetensors file (`__metadata__ {"format": "pt"}`,
-    /// dotted parameter names), readable by Python's safetensors and PyTorch.
-    Export {
-        /// Checkpoint or save directory.
-        dir: PathBuf,
-        /// Output file.
-        #[arg(long, default_value = "model.safetensors")]
-        out: PathBuf,
-    },
-    /// Write the model as a HuggingFace directory (`OUT/model.safetensors`, `OUT/config.json`):
-    /// a Llama-style model as `LlamaForCausalLM`, any other as `GPT2LMHeadModel` (or an error
-    /// naming what GPT-2 lacks). Padded vocabulary rows are dropped.
-    ExportHf {
-        /// Checkpoint or save directory.
-        dir: PathBuf,
-        /// Output directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// The weights' dtype (`torch_dtype` in config.json): f32, bf16 or f16.
-        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
-        dtype: String,
-        /// Largest weight file, as save_pretrained's max_shard_size (e.g. 5GB, 500MB, 2GiB);
-        /// a larger model is written in shards with model.safetensors.index.json; `none`: one
-        /// file however large.
-        #[arg(long, default_value = "5GB")]
-        max_shard_size: String,
-    },
-    /// Convert a HuggingFace GPT-2 or Llama (by `model_type`; a directory with
-    /// `model.safetensors`, or shards and their index, and `config.json`, or the `.safetensors`
-    /// file with its `config.json` beside it) into this crate's export layout for
-    /// `gpt_pretrain --init-from OUT`; prints the flags the model needs.
-    ImportHf {
-        /// HuggingFace directory or `.safetensors` file.
-        from: PathBuf,
-        /// Output file.
-        #[arg(long)]
-        out: PathBuf,
-    },
 }
 
 /// The run the memory model describes (the example's flags and defaults).
@@ -317,57 +266,6 @@ fn memory(a: MemoryArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn checkpoint(action: CheckpointCmd) -> Result<(), CheckpointError> {
-    match action {
-        CheckpointCmd::Inspect { dir } => {
-            let ckpt = Checkpoint::open(&dir)?;
-            let m = ckpt.metadata();
-            println!("{}: step {} (format version {})", ckpt.dir().display(), m.step, m.version);
-            let l = &m.layout;
-            println!(
-                "layout: dp {} cp {} pp {} tp {} virtual stages {} sequence parallel {}",
-                l.data_parallel, l.context_parallel, l.pipeline_parallel, l.tensor_parallel, l.virtual_stages, l.sequence_parallel
-            );
-            println!("train: {} tokens, {} samples, lr {:e}", m.train.tokens_seen, m.train.samples_seen, m.train.lr);
-            println!("files: {} ({} bytes)", m.files.len(), m.files.values().sum::<u64>());
-            for (name, t) in &m.tensors {
-                println!("  {name} {:?} {:?} in {} chunks", t.dtype, t.shape, t.chunks.len());
-            }
-            println!("counters: {}", m.counters.len());
-        }
-        CheckpointCmd::Verify { dir } => {
-            let ckpt = Checkpoint::open(&dir)?;
-            ckpt.verify()?;
-            println!("{}: {} tensors, {} files: sizes and checksums ok", ckpt.dir().display(), ckpt.metadata().tensors.len(), ckpt.metadata().files.len());
-        }
-        CheckpointCmd::Export { dir, out } => {
-            let ckpt = Checkpoint::open(&dir)?;
-            let bytes = export_model(&ckpt, &out)?;
-            println!("{} -> {} ({bytes} bytes of tensors)", ckpt.dir().display(), out.display());
-        }
-        CheckpointCmd::ExportHf { dir, out, dtype, max_shard_size } => {
-            use burn_parallel::checkpoint::hf_export::{export_hf_with, parse_size, HfExportOptions};
-            let dtype = match dtype.as_str() {
-                "bf16" => safetensors::Dtype::BF16,
-                "f16" => safetensors::Dtype::F16,
-                _ => safetensors::Dtype::F32,
-            };
-            let max_shard_bytes = match max_shard_size.as_str() {
-                "none" => None,
-                size => Some(parse_size(size).map_err(|e| CheckpointError::Invalid(format!("--max-shard-size {e}")))?),
-            };
-            let ckpt = Checkpoint::open(&dir)?;
-            let c = export_hf_with(&ckpt, &out, &HfExportOptions { dtype, max_shard_bytes })?;
-            println!("{} -> {} ({})", ckpt.dir().display(), out.display(), c.describe());
-        }
-        CheckpointCmd::ImportHf { from, out } => {
-            let c = burn_parallel::checkpoint::hf::import_hf(&from, &out)?;
-            println!("{} -> {} ({}); train it with:\n  gpt_pretrain --init-from {} {}", from.display(), out.display(), c.describe(), out.display(), c.flags()?);
-        }
-    }
-    Ok(())
-}
-
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -384,11 +282,11 @@ fn main() {
                 }
             }
         }
-        Cmd::Checkpoint { action } => match checkpoint(action) {
-            Ok(()) => 0,
+        Cmd::Checkpoint { action } => match checkpoint_cmd::run(action) {
+            Ok(code) => code,
             Err(e) => {
                 eprintln!("burn-parallel checkpoint: {e}");
-                1
+                2
             }
         },
         Cmd::Prepare { tokenizer, out, shard_tokens, val_fraction, files } => match prepare(&tokenizer, &out, shard_tokens, val_fraction, &files) {
