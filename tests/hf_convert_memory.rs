@@ -64,22 +64,6 @@ fn write_gpt2(dir: &Path, layers: usize) -> usize {
     params
 }
 
-/// `f`'s peak heap bytes above what its thread held when it started (a thread of its own,
-/// counted as rank 0).
-fn peak_of<T: Send>(f: impl FnOnce() -> T + Send) -> (T, i64) {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            memory::set_rank(Some(0));
-            let start = memory::current(0);
-            memory::reset_peak(0);
-            let out = f();
-            (out, memory::peak(0) - start)
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 /// Peak heap bytes of one model size's conversions.
 #[derive(Debug)]
 struct Peaks {
@@ -101,11 +85,11 @@ fn measure(layers: usize) -> Peaks {
     let params = write_gpt2(&dir, layers);
     let hf_file = dir.join("model.safetensors");
     let out = dir.join("ours.safetensors");
-    let (config, import) = peak_of(|| import_hf(&dir, &out).unwrap());
+    let (config, import) = memory::peak_of(0, || import_hf(&dir, &out).unwrap());
     let HfConfig::Gpt2(config) = config else { panic!("a GPT-2 config") };
     // The whole-model conversion of the same file (parameters only): every tensor read, then
     // converted.
-    let (ours, import_in_memory) = peak_of(|| {
+    let (ours, import_in_memory) = memory::peak_of(0, || {
         let src = HfFiles::open(std::slice::from_ref(&hf_file)).unwrap();
         let ckpt = Checkpoint::open_safetensors(&hf_file, "").unwrap();
         let names = ckpt.metadata().tensors.keys().filter(|n| !n.ends_with(".attn.bias"));
@@ -121,9 +105,9 @@ fn measure(layers: usize) -> Peaks {
     // our export; each equals its source.
     let ckpt = Checkpoint::open_safetensors(&out, MODEL_PREFIX).unwrap();
     let (hf_dir, exported) = (dir.join("hf"), dir.join("export.safetensors"));
-    let (_, hf_peak) = peak_of(|| export_hf(&ckpt, &hf_dir).unwrap());
-    let (_, model_peak) = peak_of(|| export_model(&ckpt, &exported).unwrap());
-    let (back, export_hf_in_memory) = peak_of(|| {
+    let (_, hf_peak) = memory::peak_of(0, || export_hf(&ckpt, &hf_dir).unwrap());
+    let (_, model_peak) = memory::peak_of(0, || export_model(&ckpt, &exported).unwrap());
+    let (back, export_hf_in_memory) = memory::peak_of(0, || {
         let ours = full_tensors(&ckpt, MODEL_PREFIX).unwrap();
         let ours: BTreeMap<String, TensorData> = ours.into_iter().map(|(n, t)| (n.trim_start_matches(MODEL_PREFIX).to_string(), t)).collect();
         to_hf(&ours, &ckpt.metadata().sections["model"]).unwrap().0

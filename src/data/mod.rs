@@ -12,6 +12,7 @@
 
 mod blend;
 mod llama3;
+mod prepare;
 pub mod shards;
 pub mod tokenizer;
 
@@ -20,7 +21,8 @@ use std::ops::Range;
 pub use blend::{Blend, BlendError};
 #[doc(hidden)]
 pub use llama3::write_cl100k_tiktoken;
-pub use shards::{prepare, write_shard, ShardError, TokenShards};
+pub use prepare::{prepare, prepare_files, InputFormat, Prepared, PIECE_BYTES};
+pub use shards::{write_shard, ShardError, TokenShards};
 pub use tokenizer::{padded_vocab, Llama3Bpe, Tokenizer, TokenizerError};
 
 use crate::rng::HostRng;

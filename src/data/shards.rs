@@ -18,8 +18,6 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use super::tokenizer::Tokenizer;
-
 /// `header[0]` of a shard of u16 tokens (llm.c's GPT-2 shards).
 pub const SHARD_MAGIC: i32 = 20240520;
 /// `header[1]` of a shard of u16 tokens.
@@ -104,30 +102,59 @@ pub enum ShardError {
 /// Writes `tokens` (each `< vocab`) as one shard at `path` (fsynced), `vocab` in the header:
 /// u16 tokens (magic 20240520, version 1) where `vocab ≤ 65536`, else u32 (20240801, 7).
 pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), ShardError> {
-    let wide = vocab > 1 << 16;
-    if vocab > i32::MAX as usize {
-        return Err(ShardError::Invalid(format!("a vocabulary of {vocab} does not fit the header")));
-    }
-    if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
-        return Err(ShardError::Corrupt { path: path.to_path_buf(), position: i, token: *t, vocab });
-    }
-    let count = i32::try_from(tokens.len()).map_err(|_| {
-        ShardError::Invalid(format!("{}: {} tokens do not fit one shard (at most {}: the header's count is an i32)", path.display(), tokens.len(), i32::MAX))
-    })?;
-    let (magic, version, width) = if wide { (SHARD_MAGIC_U32, SHARD_VERSION_U32, 4) } else { (SHARD_MAGIC, SHARD_VERSION, 2) };
-    let mut bytes = Vec::with_capacity(HEADER_BYTES + width * tokens.len());
-    for v in [magic, version, count, vocab as i32].into_iter().chain(std::iter::repeat_n(0, 252)) {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    for &t in tokens {
-        match wide {
-            true => bytes.extend_from_slice(&t.to_le_bytes()),
-            false => bytes.extend_from_slice(&(t as u16).to_le_bytes()),
+    let mut w = ShardWriter::create(path, tokens.len(), vocab)?;
+    tokens.iter().try_for_each(|&t| w.push(t))?;
+    w.finish()
+}
+
+/// A shard of a known token count written a token at a time (the header first).
+pub(crate) struct ShardWriter {
+    path: PathBuf,
+    out: std::io::BufWriter<File>,
+    vocab: usize,
+    wide: bool,
+    count: usize,
+    written: usize,
+}
+
+impl ShardWriter {
+    /// Starts the shard `path` of `count` tokens, each `< vocab`.
+    pub(crate) fn create(path: &Path, count: usize, vocab: usize) -> Result<Self, ShardError> {
+        if vocab > i32::MAX as usize {
+            return Err(ShardError::Invalid(format!("a vocabulary of {vocab} does not fit the header")));
         }
+        let n = i32::try_from(count).map_err(|_| {
+            ShardError::Invalid(format!("{}: {count} tokens do not fit one shard (at most {}: the header's count is an i32)", path.display(), i32::MAX))
+        })?;
+        let wide = vocab > 1 << 16;
+        let (magic, version) = if wide { (SHARD_MAGIC_U32, SHARD_VERSION_U32) } else { (SHARD_MAGIC, SHARD_VERSION) };
+        let mut out = std::io::BufWriter::new(File::create(path).map_err(io_error("create", path))?);
+        for v in [magic, version, n, vocab as i32].into_iter().chain(std::iter::repeat_n(0, 252)) {
+            out.write_all(&v.to_le_bytes()).map_err(io_error("write", path))?;
+        }
+        Ok(Self { path: path.to_path_buf(), out, vocab, wide, count, written: 0 })
     }
-    let mut f = File::create(path).map_err(io_error("create", path))?;
-    f.write_all(&bytes).map_err(io_error("write", path))?;
-    f.sync_all().map_err(io_error("fsync", path))
+
+    /// The next token.
+    pub(crate) fn push(&mut self, t: u32) -> Result<(), ShardError> {
+        if t as usize >= self.vocab {
+            return Err(ShardError::Corrupt { path: self.path.clone(), position: self.written, token: t, vocab: self.vocab });
+        }
+        let written = match self.wide {
+            true => self.out.write_all(&t.to_le_bytes()),
+            false => self.out.write_all(&(t as u16).to_le_bytes()),
+        };
+        written.map_err(io_error("write", &self.path))?;
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Flushes and fsyncs the shard, which must hold the count it was created with.
+    pub(crate) fn finish(self) -> Result<(), ShardError> {
+        assert_eq!(self.written, self.count, "{}: a shard of {} tokens got {}", self.path.display(), self.count, self.written);
+        let file = self.out.into_inner().map_err(|e| ShardError::Io { op: "write", path: self.path.clone(), source: e.into_error() })?;
+        file.sync_all().map_err(io_error("fsync", &self.path))
+    }
 }
 
 /// A set of shards read as one stream of tokens.
@@ -259,97 +286,14 @@ fn map_shard(path: &Path) -> Result<(Mmap, usize, usize, usize), ShardError> {
     Ok((map, count as usize, vocab, width))
 }
 
-/// What [`prepare`] wrote.
-#[derive(Debug, Clone, Default)]
-pub struct Prepared {
-    /// Shard files, in order.
-    pub files: Vec<PathBuf>,
-    /// Training tokens.
-    pub train_tokens: usize,
-    /// Validation tokens.
-    pub val_tokens: usize,
-}
-
-/// The staging directory inside a prepare's output directory (a reader never takes it).
-const STAGING: &str = ".partial";
-
-/// Tokenizes `texts` (documents, as bytes: the byte tokenizer takes them as they are; GPT-2
-/// puts `<|endoftext|>` before each, as nanoGPT does, Llama 3 `<|begin_of_text|>` before and
-/// `<|end_of_text|>` after each, as torchtitan does) and writes into `out` (missing or empty:
-/// a reader takes every shard in it) `train_NNNNNN.bin` shards of at most `shard_tokens` tokens
-/// and, from the last `val_fraction` of the tokens, `val_000000.bin`. `out` is checked before
-/// anything is tokenized. The shards are written and synced in `out/.partial`, then moved in
-/// with the validation shard last: an interrupted prepare leaves no set a reader takes (no
-/// `val` shard, or nothing at all), and a directory that holds only `.partial` counts as empty.
-pub fn prepare<T: AsRef<[u8]>>(texts: &[T], tokenizer: Tokenizer, out: &Path, shard_tokens: usize, val_fraction: f64) -> Result<Prepared, ShardError> {
-    check_out(out)?;
-    let mut tokens = Vec::new();
-    for t in texts {
-        tokens.extend(tokenizer.document_start());
-        tokens.extend(tokenizer.encode_bytes(t.as_ref()).map_err(|e| ShardError::Invalid(e.to_string()))?);
-        tokens.extend(tokenizer.document_end());
-    }
-    let val = ((tokens.len() as f64) * val_fraction) as usize;
-    if val == 0 || val >= tokens.len() {
-        return Err(ShardError::Invalid(format!("{} tokens cannot be split with a validation fraction of {val_fraction}", tokens.len())));
-    }
-    let staging = out.join(STAGING);
-    std::fs::create_dir_all(&staging).map_err(io_error("create", &staging))?;
-    let (train, valid) = tokens.split_at(tokens.len() - val);
-    let mut report = Prepared { train_tokens: train.len(), val_tokens: valid.len(), ..Default::default() };
-    let mut names: Vec<String> = (0..train.len().div_ceil(shard_tokens.max(1))).map(|i| format!("train_{i:06}.bin")).collect();
-    names.push("val_000000.bin".into());
-    for (name, chunk) in names.iter().zip(train.chunks(shard_tokens.max(1)).chain([valid])) {
-        write_shard(&staging.join(name), chunk, tokenizer.vocab_size())?;
-    }
-    sync_dir(&staging)?;
-    for name in &names {
-        let to = out.join(name);
-        std::fs::rename(staging.join(name), &to).map_err(io_error("move into place", &to))?;
-        report.files.push(to);
-    }
-    sync_dir(out)?;
-    std::fs::remove_dir(&staging).map_err(io_error("remove", &staging))?;
-    Ok(report)
-}
-
-fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ShardError + 'a {
+pub(crate) fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ShardError + 'a {
     move |source| ShardError::Io { op, path: path.to_path_buf(), source }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), ShardError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("fsync", dir))
-}
-
-/// `out` is missing, or an empty directory (a stale `.partial` of an interrupted prepare is
-/// removed).
-fn check_out(out: &Path) -> Result<(), ShardError> {
-    if !out.exists() {
-        return Ok(());
-    }
-    if !out.is_dir() {
-        return Err(ShardError::Invalid(format!("{} exists and is not a directory", out.display())));
-    }
-    let mut entries = Vec::new();
-    for e in std::fs::read_dir(out).map_err(io_error("list", out))? {
-        entries.push(e.map_err(io_error("list", out))?.file_name());
-    }
-    if entries.iter().any(|n| n != STAGING) {
-        return Err(ShardError::Invalid(format!(
-            "{} exists and is not empty: prepare writes a new set of shards (a reader takes every shard in it; an interrupted prepare leaves train shards without the val shard); remove it or choose another",
-            out.display()
-        )));
-    }
-    let staging = out.join(STAGING);
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(io_error("remove the interrupted", &staging))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::tokenizer::GPT2_EOT;
+    use super::super::prepare::prepare;
+    use super::super::tokenizer::{Tokenizer, GPT2_EOT};
     use super::*;
 
     /// A vocabulary past 65536 (Llama 3's) is written as llm.c's u32 shards and read back
@@ -440,45 +384,5 @@ mod tests {
         let e = TokenShards::open_dir(&llmc, "test", 50257).unwrap_err().to_string();
         assert!(e.contains("no test shards"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn prepare_writes_a_new_directory_and_keeps_the_bytes() {
-        let dir = std::env::temp_dir().join(format!("bp-prepare-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let out = dir.join("shards");
-        // A stale staging directory of an interrupted prepare is replaced.
-        let partial = out.join(".partial");
-        std::fs::create_dir_all(&partial).unwrap();
-        std::fs::write(partial.join("train_000009.bin"), b"stale").unwrap();
-        // Bytes that are not UTF-8 stay themselves under the byte tokenizer.
-        let text: Vec<u8> = b"caf\xe9 \xff\x00 ok".repeat(10);
-        let r = prepare(std::slice::from_ref(&text), Tokenizer::Byte, &out, 64, 0.25).unwrap();
-        assert_eq!((r.train_tokens + r.val_tokens, r.files.len()), (text.len(), 3), "{r:?}");
-        let train = TokenShards::open_dir(&out, "train", 256).unwrap();
-        let got: Vec<u8> = train.window(0, train.len()).unwrap().into_iter().map(|t| t as u8).collect();
-        assert_eq!(got, text[..r.train_tokens]);
-        assert!(!partial.exists(), "the staging directory is gone");
-        // A second prepare into the same directory would mix two sets of shards: refused.
-        let e = prepare(&[text], Tokenizer::Byte, &out, 1000, 0.25).unwrap_err().to_string();
-        assert!(e.contains("exists and is not empty"), "{e}");
-        assert_eq!(TokenShards::open_dir(&out, "train", 256).unwrap().len(), r.train_tokens, "untouched");
-        // An empty directory is fine, also behind a symbolic link (or a mount point).
-        let empty = dir.join("empty");
-        std::fs::create_dir_all(&empty).unwrap();
-        let link = dir.join("link");
-        std::os::unix::fs::symlink(&empty, &link).unwrap();
-        prepare(&["some text to split".to_string()], Tokenizer::Gpt2, &link, 1000, 0.25).unwrap();
-        assert_eq!(TokenShards::open_dir(&empty, "val", 50257).unwrap().len(), 1);
-        // A file is no directory.
-        let e = prepare(&["text"], Tokenizer::Byte, &partial_file(&dir), 1000, 0.25).unwrap_err().to_string();
-        assert!(e.contains("exists and is not a directory"), "{e}");
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    fn partial_file(dir: &Path) -> PathBuf {
-        let f = dir.join("a-file");
-        std::fs::write(&f, b"x").unwrap();
-        f
     }
 }

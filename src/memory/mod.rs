@@ -8,7 +8,7 @@ mod table;
 pub mod tracker;
 
 pub use model::{estimate, GptShape, RankMemory, TrainPlan};
-pub use tracker::{adopt, current, installed, peak, reset_peak, set_rank, TrackingAllocator};
+pub use tracker::{adopt, current, installed, peak, peak_of, reset_peak, set_rank, TrackingAllocator};
 
 /// Bytes of device memory in use on `device` of a Cube backend `B` on runtime `R` (cubecl's
 /// memory pools, as this thread's stream sees them; cubecl keeps no peak), after `B::sync`:

@@ -159,6 +159,23 @@ pub fn reset_peak(rank: usize) {
     c.peak.store(c.current.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
+/// Runs `f` on a thread of its own, counted as `rank`, and returns its result with the most
+/// heap bytes it held at once above what that thread held when it started (0 where the tracking
+/// allocator is not installed). For benchmarks of one operation's memory.
+pub fn peak_of<T: Send>(rank: usize, f: impl FnOnce() -> T + Send) -> (T, i64) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            set_rank(Some(rank));
+            let start = current(rank);
+            reset_peak(rank);
+            let out = f();
+            (out, peak(rank) - start)
+        })
+        .join()
+        .expect("the measured closure panicked")
+    })
+}
+
 /// `data` owned by this thread's rank: copied when the tracker is installed (a point-to-point
 /// message arrives in the sender's buffer), as is otherwise.
 pub fn adopt(data: burn::tensor::TensorData) -> burn::tensor::TensorData {

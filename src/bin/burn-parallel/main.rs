@@ -68,8 +68,9 @@ enum Cmd {
         action: checkpoint_cmd::CheckpointCmd,
     },
     /// Tokenize text files into binary token shards (`OUT/train_NNNNNN.bin`, `OUT/val_000000.bin`:
-    /// llm.c's format, u16 tokens; u32 for Llama 3's vocabulary), one document per file, for
-    /// `gpt_pretrain --shards OUT`.
+    /// llm.c's format, u16 tokens; u32 for Llama 3's vocabulary), one document per text file or
+    /// per JSON line, for `gpt_pretrain --shards OUT`; streamed (a corpus larger than memory
+    /// prepares).
     Prepare {
         /// byte, gpt2, or llama3:PATH (Llama 3's tokenizer.model).
         #[arg(long, default_value = "gpt2")]
@@ -83,7 +84,15 @@ enum Cmd {
         /// The last fraction of the tokens becomes the validation shard.
         #[arg(long, default_value_t = 0.1)]
         val_fraction: f64,
-        /// Text files.
+        /// text (each file one document), jsonl (JSON Lines: each line an object whose
+        /// --json-key field is a document, as Megatron's preprocess_data.py reads), or auto
+        /// (jsonl for `.jsonl` files, text otherwise).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "text", "jsonl"])]
+        format: String,
+        /// The JSON Lines field that holds each document's text.
+        #[arg(long, default_value = "text")]
+        json_key: String,
+        /// Text or JSON Lines files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -195,11 +204,30 @@ struct MemoryArgs {
     attention: String,
 }
 
-fn prepare(tokenizer: &str, out: &std::path::Path, shard_tokens: usize, val_fraction: f64, files: &[PathBuf]) -> Result<(), String> {
-    let tokenizer: burn_parallel::data::Tokenizer = tokenizer.parse().map_err(|e: burn_parallel::data::TokenizerError| e.to_string())?;
-    let texts = files.iter().map(|f| std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))).collect::<Result<Vec<_>, _>>()?;
-    let r = burn_parallel::data::prepare(&texts, tokenizer, out, shard_tokens, val_fraction).map_err(|e| e.to_string())?;
-    println!("{} train tokens, {} validation tokens ({tokenizer}) in {} shards under {}", r.train_tokens, r.val_tokens, r.files.len(), out.display());
+/// `prepare`'s flags.
+struct PrepareArgs<'a> {
+    tokenizer: &'a str,
+    out: &'a std::path::Path,
+    shard_tokens: usize,
+    val_fraction: f64,
+    format: &'a str,
+    json_key: &'a str,
+    files: &'a [PathBuf],
+}
+
+fn prepare(a: PrepareArgs) -> Result<(), String> {
+    use burn_parallel::data::InputFormat;
+    let tokenizer: burn_parallel::data::Tokenizer = a.tokenizer.parse().map_err(|e: burn_parallel::data::TokenizerError| e.to_string())?;
+    let jsonl = |f: &PathBuf| f.extension().is_some_and(|e| e == "jsonl");
+    let format = match a.format {
+        "jsonl" => InputFormat::Jsonl { key: a.json_key.to_string() },
+        "auto" if a.files.iter().all(jsonl) => InputFormat::Jsonl { key: a.json_key.to_string() },
+        "auto" if a.files.iter().any(jsonl) => return Err("--format auto: some files are .jsonl and some are not; give --format".into()),
+        _ => InputFormat::Text,
+    };
+    let (out, tokenizer_name) = (a.out, tokenizer.to_string());
+    let r = burn_parallel::data::prepare_files(a.files, &format, tokenizer, out, a.shard_tokens, a.val_fraction).map_err(|e| e.to_string())?;
+    println!("{} train tokens, {} validation tokens ({tokenizer_name}) in {} shards under {}", r.train_tokens, r.val_tokens, r.files.len(), out.display());
     Ok(())
 }
 
@@ -289,13 +317,15 @@ fn main() {
                 2
             }
         },
-        Cmd::Prepare { tokenizer, out, shard_tokens, val_fraction, files } => match prepare(&tokenizer, &out, shard_tokens, val_fraction, &files) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("burn-parallel prepare: {e}");
-                2
+        Cmd::Prepare { tokenizer, out, shard_tokens, val_fraction, format, json_key, files } => {
+            match prepare(PrepareArgs { tokenizer: &tokenizer, out: &out, shard_tokens, val_fraction, format: &format, json_key: &json_key, files: &files }) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("burn-parallel prepare: {e}");
+                    2
+                }
             }
-        },
+        }
         Cmd::Memory(a) => match memory(*a) {
             Ok(()) => 0,
             Err(e) => {

@@ -1,0 +1,383 @@
+//! Preparing token shards from text, in bounded memory: documents are tokenized a piece at a
+//! time into a staging file of raw tokens, which is then cut into `train_NNNNNN.bin` shards and
+//! `val_000000.bin` (its last `val_fraction` of the tokens) without holding either. A corpus
+//! larger than the host's memory prepares (Megatron's `preprocess_data.py`, llm.c's
+//! `fineweb.py` likewise stream).
+//!
+//! Inputs ([`InputFormat`]): plain text files, each one document, read in pieces of about
+//! [`PIECE_BYTES`] cut where the tokenizer cuts anyway — after a single `\n` that stands between
+//! two printable ASCII characters (GPT-2's, cl100k's and Llama 3's pre-tokenizers all end a
+//! piece there: no merge crosses it, and a whitespace run cannot), so the tokens equal the
+//! whole document's (a text with no such place is read whole); or JSON Lines (Megatron's
+//! input), one document per line in a string field (`text` by default).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::shards::{io_error, ShardWriter};
+use super::tokenizer::Tokenizer;
+use super::ShardError;
+
+/// About how many bytes of a text file are tokenized at a time.
+pub const PIECE_BYTES: usize = 1 << 20;
+
+/// What the input files hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputFormat {
+    /// Each file is one document of text.
+    Text,
+    /// JSON Lines: each line an object whose string field `key` is a document.
+    Jsonl {
+        /// The field.
+        key: String,
+    },
+}
+
+/// What [`prepare`] wrote.
+#[derive(Debug, Clone, Default)]
+pub struct Prepared {
+    /// Shard files, in order.
+    pub files: Vec<PathBuf>,
+    /// Training tokens.
+    pub train_tokens: usize,
+    /// Validation tokens.
+    pub val_tokens: usize,
+}
+
+/// The staging directory inside a prepare's output directory (a reader never takes it).
+const STAGING: &str = ".partial";
+
+/// Tokens of every document, appended to a staging file of little-endian `u32`.
+struct Staged {
+    tokenizer: Tokenizer,
+    path: PathBuf,
+    out: BufWriter<File>,
+    count: usize,
+}
+
+impl Staged {
+    fn create(tokenizer: Tokenizer, path: PathBuf) -> Result<Self, ShardError> {
+        let out = BufWriter::new(File::create(&path).map_err(io_error("create", &path))?);
+        Ok(Self { tokenizer, path, out, count: 0 })
+    }
+
+    fn push(&mut self, tokens: impl IntoIterator<Item = u32>) -> Result<(), ShardError> {
+        for t in tokens {
+            self.out.write_all(&t.to_le_bytes()).map_err(io_error("write", &self.path))?;
+            self.count += 1;
+        }
+        Ok(())
+    }
+
+    /// One document, its pieces handed over by `pieces` (called with a sink for each piece).
+    fn document(&mut self, pieces: impl FnOnce(&mut dyn FnMut(&[u8]) -> Result<(), ShardError>) -> Result<(), ShardError>) -> Result<(), ShardError> {
+        self.push(self.tokenizer.document_start())?;
+        pieces(&mut |piece: &[u8]| {
+            let tokens = self.tokenizer.encode_bytes(piece).map_err(|e| ShardError::Invalid(e.to_string()))?;
+            self.push(tokens)
+        })?;
+        self.push(self.tokenizer.document_end())
+    }
+}
+
+/// Where `buf` may be cut for the tokenizer: the end of the last `\n` that stands between two
+/// printable ASCII characters, at `from` or later (`buf[p]` the first byte after the cut).
+fn cut(buf: &[u8], from: usize) -> Option<usize> {
+    let graphic = |b: u8| (0x21..=0x7e).contains(&b);
+    (from.max(2)..buf.len()).rev().find(|&p| buf[p - 1] == b'\n' && graphic(buf[p - 2]) && graphic(buf[p]))
+}
+
+/// The text file `path` in pieces of about `piece` bytes, cut where [`cut`] allows.
+fn text_pieces(path: &Path, piece: usize, sink: &mut dyn FnMut(&[u8]) -> Result<(), ShardError>) -> Result<(), ShardError> {
+    let mut file = File::open(path).map_err(io_error("open", path))?;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let start = buf.len();
+        buf.resize(start + piece, 0);
+        let n = file.read(&mut buf[start..]).map_err(io_error("read", path))?;
+        buf.truncate(start + n);
+        if n == 0 {
+            return if buf.is_empty() { Ok(()) } else { sink(&buf) };
+        }
+        // (Places before `start` were looked at when they were read.)
+        if buf.len() >= piece {
+            if let Some(p) = cut(&buf, start) {
+                sink(&buf[..p])?;
+                buf.drain(..p);
+            }
+        }
+    }
+}
+
+/// The documents of a JSON Lines file (field `key` of each non-empty line).
+fn jsonl_documents(path: &Path, key: &str, staged: &mut Staged) -> Result<(), ShardError> {
+    let reader = BufReader::new(File::open(path).map_err(io_error("open", path))?);
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.map_err(io_error("read", path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |why: String| ShardError::Invalid(format!("{} line {}: {why}", path.display(), i + 1));
+        let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(format!("not JSON ({e})")))?;
+        let text = value.get(key).and_then(|t| t.as_str()).ok_or_else(|| bad(format!("no string field {key:?}")))?;
+        staged.document(|sink| sink(text.as_bytes()))?;
+    }
+    Ok(())
+}
+
+/// Tokenizes `texts` (documents in memory; see [`prepare_files`]) into shards in `out`.
+pub fn prepare<T: AsRef<[u8]>>(texts: &[T], tokenizer: Tokenizer, out: &Path, shard_tokens: usize, val_fraction: f64) -> Result<Prepared, ShardError> {
+    stage_and_write(tokenizer, out, shard_tokens, val_fraction, |staged| texts.iter().try_for_each(|t| staged.document(|sink| sink(t.as_ref()))))
+}
+
+/// Tokenizes the documents of `files` (as bytes: the byte tokenizer takes them as they are;
+/// GPT-2 puts `<|endoftext|>` before each, as nanoGPT does, Llama 3 `<|begin_of_text|>` before
+/// and `<|end_of_text|>` after each, as torchtitan does) and writes into `out` (missing or
+/// empty: a reader takes every shard in it) `train_NNNNNN.bin` shards of at most
+/// `shard_tokens` tokens and, from the last `val_fraction` of the tokens, `val_000000.bin`.
+/// `out` is checked before anything is tokenized. Everything is written and synced in
+/// `out/.partial`, then the shards are moved in with the validation shard last: an
+/// interrupted prepare leaves no set a reader takes (no `val` shard, or nothing at all), and a
+/// directory that holds only `.partial` counts as empty. Memory: one piece of text and its
+/// tokens, not the corpus.
+pub fn prepare_files(
+    files: &[PathBuf],
+    format: &InputFormat,
+    tokenizer: Tokenizer,
+    out: &Path,
+    shard_tokens: usize,
+    val_fraction: f64,
+) -> Result<Prepared, ShardError> {
+    stage_and_write(tokenizer, out, shard_tokens, val_fraction, |staged| {
+        for path in files {
+            match format {
+                InputFormat::Text => staged.document(|sink| text_pieces(path, PIECE_BYTES, sink))?,
+                InputFormat::Jsonl { key } => jsonl_documents(path, key, staged)?,
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Stages the tokens `documents` pushes, then writes the shards.
+fn stage_and_write(
+    tokenizer: Tokenizer,
+    out: &Path,
+    shard_tokens: usize,
+    val_fraction: f64,
+    documents: impl FnOnce(&mut Staged) -> Result<(), ShardError>,
+) -> Result<Prepared, ShardError> {
+    check_out(out)?;
+    let staging = out.join(STAGING);
+    std::fs::create_dir_all(&staging).map_err(io_error("create", &staging))?;
+    let mut staged = Staged::create(tokenizer, staging.join("tokens.u32"))?;
+    documents(&mut staged)?;
+    let (raw, total) = (staged.path.clone(), staged.count);
+    staged.out.into_inner().map_err(|e| ShardError::Io { op: "write", path: raw.clone(), source: e.into_error() })?;
+    let val = ((total as f64) * val_fraction) as usize;
+    if val == 0 || val >= total {
+        return Err(ShardError::Invalid(format!("{total} tokens cannot be split with a validation fraction of {val_fraction}")));
+    }
+    let train = total - val;
+    let shard = shard_tokens.max(1);
+    let mut names: Vec<(String, usize)> = (0..train.div_ceil(shard)).map(|i| (format!("train_{i:06}.bin"), shard.min(train - i * shard))).collect();
+    names.push(("val_000000.bin".into(), val));
+    let mut tokens = BufReader::new(File::open(&raw).map_err(io_error("open", &raw))?);
+    for (name, count) in &names {
+        let mut w = ShardWriter::create(&staging.join(name), *count, tokenizer.vocab_size())?;
+        let mut word = [0u8; 4];
+        for _ in 0..*count {
+            tokens.read_exact(&mut word).map_err(io_error("read", &raw))?;
+            w.push(u32::from_le_bytes(word))?;
+        }
+        w.finish()?;
+    }
+    std::fs::remove_file(&raw).map_err(io_error("remove", &raw))?;
+    sync_dir(&staging)?;
+    let mut report = Prepared { train_tokens: train, val_tokens: val, ..Default::default() };
+    for (name, _) in &names {
+        let to = out.join(name);
+        std::fs::rename(staging.join(name), &to).map_err(io_error("move into place", &to))?;
+        report.files.push(to);
+    }
+    sync_dir(out)?;
+    std::fs::remove_dir(&staging).map_err(io_error("remove", &staging))?;
+    Ok(report)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ShardError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("fsync", dir))
+}
+
+/// `out` is missing, or an empty directory (a stale `.partial` of an interrupted prepare is
+/// removed).
+fn check_out(out: &Path) -> Result<(), ShardError> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        return Err(ShardError::Invalid(format!("{} exists and is not a directory", out.display())));
+    }
+    let mut entries = Vec::new();
+    for e in std::fs::read_dir(out).map_err(io_error("list", out))? {
+        entries.push(e.map_err(io_error("list", out))?.file_name());
+    }
+    if entries.iter().any(|n| n != STAGING) {
+        return Err(ShardError::Invalid(format!(
+            "{} exists and is not empty: prepare writes a new set of shards (a reader takes every shard in it; an interrupted prepare leaves train shards without the val shard); remove it or choose another",
+            out.display()
+        )));
+    }
+    let staging = out.join(STAGING);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io_error("remove the interrupted", &staging))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::TokenShards;
+    use super::*;
+
+    #[test]
+    fn prepare_writes_a_new_directory_and_keeps_the_bytes() {
+        let dir = std::env::temp_dir().join(format!("bp-prepare-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = dir.join("shards");
+        // A stale staging directory of an interrupted prepare is replaced.
+        let partial = out.join(".partial");
+        std::fs::create_dir_all(&partial).unwrap();
+        std::fs::write(partial.join("train_000009.bin"), b"stale").unwrap();
+        // Bytes that are not UTF-8 stay themselves under the byte tokenizer.
+        let text: Vec<u8> = b"caf\xe9 \xff\x00 ok".repeat(10);
+        let r = prepare(std::slice::from_ref(&text), Tokenizer::Byte, &out, 64, 0.25).unwrap();
+        assert_eq!((r.train_tokens + r.val_tokens, r.files.len()), (text.len(), 3), "{r:?}");
+        let train = TokenShards::open_dir(&out, "train", 256).unwrap();
+        let got: Vec<u8> = train.window(0, train.len()).unwrap().into_iter().map(|t| t as u8).collect();
+        assert_eq!(got, text[..r.train_tokens]);
+        assert!(!partial.exists(), "the staging directory is gone");
+        // A second prepare into the same directory would mix two sets of shards: refused.
+        let e = prepare(&[text], Tokenizer::Byte, &out, 1000, 0.25).unwrap_err().to_string();
+        assert!(e.contains("exists and is not empty"), "{e}");
+        assert_eq!(TokenShards::open_dir(&out, "train", 256).unwrap().len(), r.train_tokens, "untouched");
+        // An empty directory is fine, also behind a symbolic link (or a mount point).
+        let empty = dir.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&empty, &link).unwrap();
+        prepare(&["some text to split".to_string()], Tokenizer::Gpt2, &link, 1000, 0.25).unwrap();
+        assert_eq!(TokenShards::open_dir(&empty, "val", 50257).unwrap().len(), 1);
+        // A file is no directory.
+        let e = prepare(&["text"], Tokenizer::Byte, &partial_file(&dir), 1000, 0.25).unwrap_err().to_string();
+        assert!(e.contains("exists and is not a directory"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn partial_file(dir: &Path) -> PathBuf {
+        let f = dir.join("a-file");
+        std::fs::write(&f, b"x").unwrap();
+        f
+    }
+
+    /// A text of what pre-tokenizers treat specially: runs of newlines and spaces, CRLF,
+    /// punctuation before a newline, contractions after one, digits, NBSP, CJK, invalid UTF-8.
+    fn tricky() -> Vec<u8> {
+        let lines = "Hello world.\nIt's here\n\n  indented\r\nCRLF line\n'tis\n123456\nnbsp\u{a0}x\n\u{4e2d}\u{6587}\nend!\n\t\ttab\ntrailing \nx\ntab\t\ny\npara\n\nnext\n";
+        let mut t = Vec::new();
+        for i in 0..40 {
+            t.extend_from_slice(format!("{i}:{lines}").as_bytes());
+            if i % 7 == 0 {
+                t.extend_from_slice(b"caf\xe9\nbad\n");
+            }
+        }
+        t
+    }
+
+    /// Cut into pieces of a few bytes, a text tokenizes as it does whole, for the byte
+    /// tokenizer, GPT-2's and cl100k's pattern (Llama 3's format); and it is cut.
+    #[test]
+    fn pieces_tokenize_as_the_whole_document() {
+        let dir = std::env::temp_dir().join(format!("bp-pieces-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (text, file, model) = (tricky(), dir.join("tricky.txt"), dir.join("tokenizer.model"));
+        std::fs::write(&file, &text).unwrap();
+        super::super::write_cl100k_tiktoken(&model).unwrap();
+        let llama: Tokenizer = format!("llama3:{}", model.display()).parse().unwrap();
+        for tokenizer in [Tokenizer::Byte, Tokenizer::Gpt2, llama] {
+            let whole = tokenizer.encode_bytes(&text).unwrap();
+            for piece in [1, 5, 64] {
+                let (mut got, mut bytes, mut pieces) = (Vec::new(), Vec::new(), 0);
+                text_pieces(&file, piece, &mut |p: &[u8]| {
+                    got.extend(tokenizer.encode_bytes(p).unwrap());
+                    bytes.extend_from_slice(p);
+                    pieces += 1;
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(bytes, text, "the pieces are the text");
+                assert!(pieces > 40, "{pieces} pieces of {piece} bytes");
+                let first = got.iter().zip(&whole).position(|(a, b)| a != b);
+                assert!(
+                    got.len() == whole.len() && first.is_none(),
+                    "{tokenizer} in pieces of {piece} bytes: from token {first:?} on ({} vs {})",
+                    got.len(),
+                    whole.len()
+                );
+            }
+        }
+        // A cut after a newline that follows a space or precedes one would change the tokens.
+        assert_eq!(cut(b"ab \ncd", 0), None);
+        assert_eq!(cut(b"ab\n cd", 0), None);
+        assert_eq!(cut(b"ab\ncd\nef", 0), Some(6));
+        assert_eq!(cut(b"ab\ncd\nef", 7), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Text files and JSON Lines prepare the shards that the same documents in memory make; a
+    /// bad line is an error naming the file and line.
+    #[test]
+    fn files_and_json_lines_prepare_what_documents_in_memory_do() {
+        let dir = std::env::temp_dir().join(format!("bp-prepare-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let docs: Vec<String> = (0..30).map(|i| format!("Document {i}.\nIt has {} lines.\n", i % 4).repeat(1 + i % 3)).collect();
+        let paths: Vec<PathBuf> = docs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let p = dir.join(format!("doc{i}.txt"));
+                std::fs::write(&p, d).unwrap();
+                p
+            })
+            .collect();
+        let jsonl = dir.join("docs.jsonl");
+        let lines: Vec<String> = docs.iter().map(|d| serde_json::json!({"id": 1, "body": d}).to_string()).collect();
+        std::fs::write(&jsonl, lines.join("\n\n") + "\n").unwrap();
+        let read = |out: &Path| {
+            let t = TokenShards::open_dir(out, "train", 50257).unwrap();
+            let v = TokenShards::open_dir(out, "val", 50257).unwrap();
+            (t.window(0, t.len()).unwrap(), v.window(0, v.len()).unwrap())
+        };
+        let memory = prepare(&docs, Tokenizer::Gpt2, &dir.join("memory"), 100, 0.1).unwrap();
+        let text = prepare_files(&paths, &InputFormat::Text, Tokenizer::Gpt2, &dir.join("text"), 100, 0.1).unwrap();
+        let json =
+            prepare_files(std::slice::from_ref(&jsonl), &InputFormat::Jsonl { key: "body".into() }, Tokenizer::Gpt2, &dir.join("json"), 100, 0.1).unwrap();
+        for r in [&text, &json] {
+            assert_eq!((r.train_tokens, r.val_tokens, r.files.len()), (memory.train_tokens, memory.val_tokens, memory.files.len()));
+        }
+        assert!(memory.files.len() > 3, "{memory:?}");
+        assert_eq!(read(&dir.join("text")), read(&dir.join("memory")));
+        assert_eq!(read(&dir.join("json")), read(&dir.join("memory")));
+        std::fs::write(&jsonl, "{\"body\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
+        let e = prepare_files(std::slice::from_ref(&jsonl), &InputFormat::Jsonl { key: "body".into() }, Tokenizer::Gpt2, &dir.join("bad"), 100, 0.1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("docs.jsonl line 2: no string field \"body\""), "{e}");
+        std::fs::write(&jsonl, "{\"body\": \"a\"}\nnot json\n").unwrap();
+        let e = prepare_files(&[jsonl], &InputFormat::Jsonl { key: "body".into() }, Tokenizer::Gpt2, &dir.join("bad2"), 100, 0.1).unwrap_err().to_string();
+        assert!(e.contains("docs.jsonl line 2: not JSON"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
