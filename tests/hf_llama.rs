@@ -215,6 +215,23 @@ fn exports_in_shards_and_in_bf16_read_back_and_replace_the_last() {
     let file = Checkpoint::open_safetensors(out.join("model.safetensors"), "").unwrap();
     assert!(file.metadata().tensors.values().all(|t| t.dtype == safetensors::Dtype::BF16));
     assert_imports_back(&dir, &out, true);
+    // Back to shards: the single file that would shadow them is gone.
+    let sharded = export(&["--max-shard-size", "4KB"]);
+    assert!(!sharded.contains(&"model.safetensors".into()) && sharded.contains(&"model.safetensors.index.json".into()), "{sharded:?}");
+    // A checkpoint that fails to read half way: the error, and the last export as it was.
+    let step = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.join("metadata.json").exists()).unwrap();
+    let data = std::fs::read_dir(&step).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "safetensors")).unwrap();
+    let mut bytes = std::fs::read(&data).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&data, bytes).unwrap();
+    let index = std::fs::read(out.join("model.safetensors.index.json")).unwrap();
+    let o = Command::new(BIN).args(["checkpoint", "export-hf"]).arg(&dir).arg("--out").arg(&out).args(["--max-shard-size", "none"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("checksum"), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut files: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    assert_eq!(files, sharded, "the last export, and no staging folder");
+    assert_eq!(std::fs::read(out.join("model.safetensors.index.json")).unwrap(), index);
     let o = Command::new(BIN).args(["checkpoint", "export-hf"]).arg(&dir).arg("--out").arg(&out).args(["--max-shard-size", "5 TB"]).output().unwrap();
     assert!(
         !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--max-shard-size \"5 TB\": a size is"),

@@ -110,6 +110,37 @@ fn garbage_on_the_port_is_rejected_and_does_not_count() {
     assert!(text(&o0).contains("rejected a connection"), "rank 0 logs the garbage: {}", text(&o0));
 }
 
+/// A connection that trickles its hello (a byte every 2 s, each read in time) is dropped 5 s
+/// after it connected, not when its last byte would come (48 s): rank 1 then joins.
+#[test]
+fn a_trickling_connection_cannot_hold_rank_0() {
+    let port = free_port();
+    let r0 = rank(0, 2, port, 60);
+    let start = Instant::now();
+    let mut slow = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("rank 0 never listened: {e}"),
+        }
+    };
+    let trickle = std::thread::spawn(move || {
+        for b in b"BURNPAR1".iter().chain(&[2, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]) {
+            if slow.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let r1 = rank(1, 2, port, 60);
+    let (o0, o1) = (r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap());
+    assert!(o0.status.success() && o1.status.success(), "{}\n{}", text(&o0), text(&o1));
+    assert!(start.elapsed() < Duration::from_secs(20), "rank 0 took {:?}", start.elapsed());
+    assert!(text(&o0).contains("no complete hello in time"), "{}", text(&o0));
+    trickle.join().unwrap();
+}
+
 #[test]
 fn duplicate_rank_and_wrong_world_size_are_clear_errors() {
     let port = free_port();

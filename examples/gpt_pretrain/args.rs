@@ -46,8 +46,8 @@ pub(crate) struct Args {
     /// Prepared token shards (`DIR/train_*.bin`, `DIR/val_*.bin` from `burn-parallel prepare`,
     /// or llm.c's `*_train_*.bin`, `*_val*.bin`), memory-mapped, instead of --data. Several
     /// datasets blended by weight: WEIGHT:DIR,WEIGHT:DIR,... (Megatron's --data-path W1 P1 W2
-    /// P2; e.g. 0.7:web,0.3:books: every global batch takes each in proportion, within 2
-    /// samples; validation blends their val shards alike).
+    /// P2; e.g. 0.7:web,0.3:books: every global batch of up to 1000 samples takes each in
+    /// proportion within 2 samples; validation blends their val shards alike).
     #[arg(long)]
     pub(crate) shards: Option<String>,
     /// byte (vocabulary 256, padded as gpt2's where --tp does not divide it), gpt2 (GPT-2's BPE,

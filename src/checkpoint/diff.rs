@@ -27,14 +27,14 @@ pub enum DiffKind {
     OnlyInB,
     /// Of different shapes.
     Shape { a: Vec<usize>, b: Vec<usize> },
-    /// Of one shape, with values (compared in f64 after reading each as f32; dtypes may differ)
-    /// not all bitwise equal.
+    /// Of one shape, with values (compared in f64; dtypes may differ) not all bitwise equal.
     Values {
-        /// Elements whose f32 values differ.
+        /// Elements that differ: bitwise where the dtypes agree (so -0 and 0 differ), else as
+        /// f64 values.
         differing: usize,
         /// Elements in all.
         numel: usize,
-        /// The largest |a − b|.
+        /// The largest |a − b| (infinite where one side is NaN and the other is not).
         max_abs: f64,
         /// `max_abs` over the largest |a| (0 where a is all zeros).
         max_rel: f64,
@@ -53,11 +53,12 @@ pub struct TensorDiff {
 }
 
 impl TensorDiff {
-    /// Whether the tensor is the same in both within `atol` (0: bitwise).
+    /// Whether the tensor is the same in both within `atol` (0: every value bitwise, dtypes
+    /// aside).
     pub fn within(&self, atol: f64) -> bool {
         match &self.kind {
             DiffKind::Equal => true,
-            DiffKind::Values { max_abs, .. } => *max_abs <= atol,
+            DiffKind::Values { differing, max_abs, .. } => *differing == 0 || (atol > 0.0 && *max_abs <= atol),
             _ => false,
         }
     }
@@ -86,12 +87,18 @@ fn compare(a: &dyn Source, b: &dyn Source, name: &str) -> Result<DiffKind> {
     if !dtypes_differ && ta.as_bytes() == tb.as_bytes() {
         return Ok(DiffKind::Equal);
     }
-    let (va, vb) = (ta.convert::<f32>().to_vec::<f32>().expect("f32"), tb.convert::<f32>().to_vec::<f32>().expect("f32"));
+    let elem = ta.dtype.size();
+    let bitwise: Vec<bool> = match dtypes_differ {
+        false => ta.as_bytes().chunks(elem).zip(tb.as_bytes().chunks(elem)).map(|(x, y)| x != y).collect(),
+        true => Vec::new(),
+    };
+    let (va, vb) = (ta.convert::<f64>().to_vec::<f64>().expect("f64"), tb.convert::<f64>().to_vec::<f64>().expect("f64"));
     let (mut differing, mut max_abs, mut scale) = (0, 0f64, 0f64);
-    for (x, y) in va.iter().zip(&vb) {
-        differing += usize::from(x.to_bits() != y.to_bits());
-        max_abs = max_abs.max((*x as f64 - *y as f64).abs());
-        scale = scale.max((*x as f64).abs());
+    for (i, (x, y)) in va.iter().zip(&vb).enumerate() {
+        differing += usize::from(if dtypes_differ { x.to_bits() != y.to_bits() } else { bitwise[i] });
+        let d = if x.is_nan() != y.is_nan() { f64::INFINITY } else { (x - y).abs() };
+        max_abs = max_abs.max(d);
+        scale = scale.max(x.abs());
     }
     let max_rel = if scale > 0.0 { max_abs / scale } else { 0.0 };
     Ok(DiffKind::Values { differing, numel: va.len(), max_abs, max_rel, dtypes_differ })
@@ -144,6 +151,13 @@ mod tests {
         assert_eq!(kinds["shape"], &DiffKind::Shape { a: vec![1], b: vec![2] });
         assert_eq!(kinds["close"], &DiffKind::Values { differing: 1, numel: 2, max_abs: 0.5, max_rel: 0.125, dtypes_differ: false });
         assert_eq!(kinds["cast"], &DiffKind::Values { differing: 0, numel: 1, max_abs: 0.0, max_rel: 0.0, dtypes_differ: true });
+        // NaN against a number, and -0 against 0, are not "within 0".
+        let odd = |v: f32| BTreeMap::from([("x".to_string(), t(vec![1.0, v]))]);
+        for (a, b) in [(f32::NAN, 1.0), (-0.0, 0.0)] {
+            let d = diff(&odd(a), &odd(b), "").unwrap();
+            assert!(!d[0].within(0.0), "{a} vs {b}: {d:?}");
+            assert_eq!(d[0].within(1e9), a.is_nan() == b.is_nan(), "{a} vs {b}: {d:?}");
+        }
         let within: Vec<bool> = d.iter().map(|x| x.within(0.5)).collect();
         assert_eq!(within, [false, false, true, true, true, false], "{d:?}: a, b, cast, close, same, shape");
     }

@@ -4,10 +4,11 @@
 //! names each tensor's shard) where one file would be larger; one `model.safetensors` otherwise.
 //! Every tensor streams from the checkpoint ([`write_plan`]: one in memory at a time).
 //!
-//! Files of an earlier export in the same directory that this one does not write
-//! (`model.safetensors`, the index, other shards) are removed after the new ones are in place:
-//! `from_pretrained` prefers `model.safetensors` to an index, so a stale one would shadow new
-//! shards.
+//! Everything is written into a staging folder inside the output folder and moved in at the
+//! end, so a failed export leaves an earlier one as it was. Files of an earlier export that
+//! this one does not write (`model.safetensors`, the index, other shards) are removed after the
+//! new ones are in place: `from_pretrained` prefers `model.safetensors` to an index, so a stale
+//! one would shadow new shards.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -115,27 +116,54 @@ pub fn export_hf_with(ckpt: &Checkpoint, out: &Path, options: &HfExportOptions) 
     let src = Prefixed { src: ckpt, prefix: MODEL_PREFIX };
     let shards = shards(plan, &src, options.max_shard_bytes)?;
     std::fs::create_dir_all(out).map_err(|e| CheckpointError::io("create", out, e))?;
+    // Everything is written into a staging folder first: a failure leaves an earlier export
+    // in `out` as it was (no mix of new and old shards), and the staging folder is removed.
+    let staging = out.join(STAGING);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| CheckpointError::io("remove", &staging, e))?;
+    }
+    std::fs::create_dir(&staging).map_err(|e| CheckpointError::io("create", &staging, e))?;
+    let written = write_all(&staging, &shards, &src, &json).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&staging);
+    })?;
+    // Then moved in: the weights, the index, the config; then what an earlier export left.
+    for name in &written {
+        std::fs::rename(staging.join(name), out.join(name)).map_err(|e| CheckpointError::io("rename", &staging.join(name), e))?;
+    }
+    std::fs::remove_dir(&staging).map_err(|e| CheckpointError::io("remove", &staging, e))?;
+    remove_stale(out, &written)?;
+    Ok(config)
+}
+
+/// The staging folder of an export inside its output folder.
+const STAGING: &str = ".export-partial";
+
+/// Writes the weights of `shards` (one `model.safetensors`, or shards and their index) and
+/// `config.json` into `dir`; their names, in the order to move them in.
+fn write_all(dir: &Path, shards: &[Vec<(String, Recipe)>], src: &dyn Source, config: &serde_json::Value) -> Result<Vec<String>> {
     let meta = || HashMap::from([("format".to_string(), "pt".to_string())]);
-    let mut written = vec!["model.safetensors.index.json".to_string()];
-    if let [one] = shards.as_slice() {
-        write_plan(&out.join("model.safetensors"), one, &src, meta())?;
-        written = vec!["model.safetensors".to_string()];
+    let mut written = Vec::new();
+    if let [one] = shards {
+        write_plan(&dir.join("model.safetensors"), one, src, meta())?;
+        written.push("model.safetensors".to_string());
     } else {
         let (mut map, mut total) = (BTreeMap::new(), 0u64);
         for (i, shard) in shards.iter().enumerate() {
             let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len());
-            total += write_plan(&out.join(&file), shard, &src, meta())?;
+            total += write_plan(&dir.join(&file), shard, src, meta())?;
             map.extend(shard.iter().map(|(name, _)| (name.clone(), serde_json::Value::from(file.clone()))));
             written.push(file);
         }
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": map});
         let text = serde_json::to_string_pretty(&index).expect("an index serialises");
-        super::write::write_synced(&out.join("model.safetensors.index.json"), text.as_bytes())?;
+        super::write::write_synced(&dir.join("model.safetensors.index.json"), text.as_bytes())?;
+        written.push("model.safetensors.index.json".to_string());
     }
-    let config_text = serde_json::to_string_pretty(&json).expect("config serialises");
-    super::write::write_synced(&out.join("config.json"), config_text.as_bytes())?;
-    remove_stale(out, &written)?;
-    Ok(config)
+    let text = serde_json::to_string_pretty(config).expect("config serialises");
+    super::write::write_synced(&dir.join("config.json"), text.as_bytes())?;
+    written.push("config.json".to_string());
+    super::write::sync_dir(dir)?;
+    Ok(written)
 }
 
 /// Removes the weight files of `out` that an export writes but this one did not (`written`).

@@ -168,9 +168,34 @@ fn stage_and_write(
     val_fraction: f64,
     documents: impl FnOnce(&mut Staged) -> Result<(), ShardError>,
 ) -> Result<Prepared, ShardError> {
+    if !(val_fraction > 0.0 && val_fraction < 1.0) {
+        return Err(ShardError::Invalid(format!("a validation fraction of {val_fraction} (it is above 0 and below 1)")));
+    }
     check_out(out)?;
+    let created = !out.exists();
     let staging = out.join(STAGING);
     std::fs::create_dir_all(&staging).map_err(io_error("create", &staging))?;
+    let written = write_staged(tokenizer, out, &staging, shard_tokens, val_fraction, documents);
+    if written.is_err() {
+        // Nothing half done stays: the staged tokens (up to the corpus's size), and `out`
+        // where this call made it.
+        let _ = std::fs::remove_dir_all(&staging);
+        if created {
+            let _ = std::fs::remove_dir(out);
+        }
+    }
+    written
+}
+
+/// [`stage_and_write`] once `out/.partial` exists.
+fn write_staged(
+    tokenizer: Tokenizer,
+    out: &Path,
+    staging: &Path,
+    shard_tokens: usize,
+    val_fraction: f64,
+    documents: impl FnOnce(&mut Staged) -> Result<(), ShardError>,
+) -> Result<Prepared, ShardError> {
     let mut staged = Staged::create(tokenizer, staging.join("tokens.u32"))?;
     documents(&mut staged)?;
     let (raw, total) = (staged.path.clone(), staged.count);
@@ -194,7 +219,7 @@ fn stage_and_write(
         w.finish()?;
     }
     std::fs::remove_file(&raw).map_err(io_error("remove", &raw))?;
-    sync_dir(&staging)?;
+    sync_dir(staging)?;
     let mut report = Prepared { train_tokens: train, val_tokens: val, ..Default::default() };
     for (name, _) in &names {
         let to = out.join(name);
@@ -202,7 +227,7 @@ fn stage_and_write(
         report.files.push(to);
     }
     sync_dir(out)?;
-    std::fs::remove_dir(&staging).map_err(io_error("remove", &staging))?;
+    std::fs::remove_dir(staging).map_err(io_error("remove", staging))?;
     Ok(report)
 }
 
@@ -375,6 +400,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("docs.jsonl line 2: no string field \"body\""), "{e}");
+        assert!(!dir.join("bad").exists(), "a failed prepare leaves no directory it made, nor staged tokens");
         std::fs::write(&jsonl, "{\"body\": \"a\"}\nnot json\n").unwrap();
         let e = prepare_files(&[jsonl], &InputFormat::Jsonl { key: "body".into() }, Tokenizer::Gpt2, &dir.join("bad2"), 100, 0.1).unwrap_err().to_string();
         assert!(e.contains("docs.jsonl line 2: not JSON"), "{e}");

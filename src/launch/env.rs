@@ -38,11 +38,12 @@ pub const MAX_JOB_ID: usize = 256;
 
 /// The job id of the variables `get` reads (see the module docs; empty if none is set).
 pub fn job_id_from(get: impl Fn(&str) -> Option<String>) -> Result<String, JobEnvError> {
-    let slurm = || get("SLURM_JOB_ID").map(|j| get("SLURM_STEP_ID").map_or(j.clone(), |s| format!("{j}.{s}")));
-    let id = get("BURN_PARALLEL_JOB_ID").or_else(|| get("TORCHELASTIC_RUN_ID")).or_else(slurm).unwrap_or_default();
+    let slurm = || get("SLURM_JOB_ID").map(|j| ("SLURM_JOB_ID", get("SLURM_STEP_ID").map_or(j.clone(), |s| format!("{j}.{s}"))));
+    let named = |var: &'static str| get(var).map(|v| (var, v));
+    let (var, id) = named("BURN_PARALLEL_JOB_ID").or_else(|| named("TORCHELASTIC_RUN_ID")).or_else(slurm).unwrap_or(("", String::new()));
     match id.len() <= MAX_JOB_ID {
         true => Ok(id),
-        false => Err(JobEnvError::Invalid { name: "BURN_PARALLEL_JOB_ID".into(), value: id.clone(), why: format!("{} bytes, at most {MAX_JOB_ID}", id.len()) }),
+        false => Err(JobEnvError::Invalid { name: var.into(), value: id.clone(), why: format!("{} bytes, at most {MAX_JOB_ID}", id.len()) }),
     }
 }
 
@@ -167,6 +168,7 @@ mod tests {
         assert_eq!(id(&[("TORCHELASTIC_RUN_ID", "t"), ("BURN_PARALLEL_JOB_ID", "ours")]).unwrap(), "ours");
         let long = "x".repeat(MAX_JOB_ID + 1);
         assert!(id(&[("BURN_PARALLEL_JOB_ID", &long)]).unwrap_err().to_string().contains("257 bytes, at most 256"));
+        assert!(id(&[("TORCHELASTIC_RUN_ID", &long)]).unwrap_err().to_string().contains("invalid TORCHELASTIC_RUN_ID="));
         assert_eq!(first_host("n[3,5-9]"), Some("n3".into()));
     }
 }

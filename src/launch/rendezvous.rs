@@ -21,6 +21,8 @@ use super::env::{JobEnv, MAX_JOB_ID};
 
 const MAGIC: &[u8; 8] = b"BURNPAR1";
 const VERSION: u32 = 2;
+/// How long rank 0 waits for a connection's whole hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a joining rank waits for rank 0's answer past its own deadline.
 const REPLY_GRACE: Duration = Duration::from_secs(5);
 /// Largest blob a rendezvous carries (1 MiB).
@@ -108,23 +110,46 @@ struct Hello {
     job_id: String,
 }
 
-fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
+/// Fills `buf` from `stream` by `deadline` (each read waits only for what is left of it: a
+/// peer that trickles bytes cannot hold rank 0 past it).
+fn read_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<(), String> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no complete hello in time ({filled} of {} bytes)", buf.len()));
+        }
+        stream.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => return Err(format!("no complete hello (the connection closed after {filled} bytes)")),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(format!("no complete hello in time ({filled} of {} bytes)", buf.len()));
+            }
+            Err(e) => return Err(format!("no complete hello ({e})")),
+        }
+    }
+    Ok(())
+}
+
+fn read_hello(stream: &mut TcpStream, deadline: Instant) -> Result<Hello, String> {
     let mut buf = [0u8; 24];
-    stream.read_exact(&mut buf[..12]).map_err(|e| format!("no complete hello ({e})"))?;
+    read_by(stream, &mut buf[..12], deadline)?;
     if &buf[..8] != MAGIC {
         return Err(format!("bad magic {:?}", String::from_utf8_lossy(&buf[..8])));
     }
     let word = |buf: &[u8; 24], i: usize| u32::from_le_bytes(buf[i..i + 4].try_into().expect("4 bytes"));
     if word(&buf, 8) != VERSION {
-        return Err(format!("protocol version {} (this is {VERSION})", word(&buf, 8)));
+        return Err(format!("protocol version {} (this is {VERSION}: a burn-parallel of another version?)", word(&buf, 8)));
     }
-    stream.read_exact(&mut buf[12..]).map_err(|e| format!("no complete hello ({e})"))?;
+    read_by(stream, &mut buf[12..], deadline)?;
     let len = word(&buf, 20) as usize;
     if len > MAX_JOB_ID {
         return Err(format!("a job id of {len} bytes (at most {MAX_JOB_ID})"));
     }
     let mut id = vec![0u8; len];
-    stream.read_exact(&mut id).map_err(|e| format!("no complete hello ({e})"))?;
+    read_by(stream, &mut id, deadline)?;
     let job_id = String::from_utf8(id).map_err(|_| "a job id that is not UTF-8".to_string())?;
     Ok(Hello { rank: word(&buf, 12) as usize, world: word(&buf, 16) as usize, job_id })
 }
@@ -174,12 +199,13 @@ fn serve(env: &JobEnv, addr: &str, payload: Vec<u8>, deadline: Instant) -> Resul
             Err(e) => return fail(&mut peers, io(addr)(e)),
         };
         let _ = stream.set_nonblocking(false);
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let _ = stream.set_read_timeout(Some(left.min(Duration::from_secs(5))));
-        let Hello { rank, world, job_id } = match read_hello(&mut stream) {
+        let hello_by = deadline.min(Instant::now() + HELLO_TIMEOUT);
+        let Hello { rank, world, job_id } = match read_hello(&mut stream, hello_by) {
             Ok(h) => h,
             Err(why) => {
                 tracing::warn!(%from, %why, "rendezvous: rejected a connection");
+                // (A peer of another version learns why at once instead of at its timeout.)
+                let _ = reply(&mut stream, false, format!("rendezvous rejected this connection: {why}").as_bytes());
                 continue;
             }
         };

@@ -44,9 +44,11 @@ pub(crate) enum CheckpointCmd {
         #[arg(long, default_value = "model.safetensors")]
         out: PathBuf,
     },
-    /// Write the model as a HuggingFace directory (`OUT/model.safetensors`, `OUT/config.json`):
-    /// a Llama-style model as `LlamaForCausalLM`, any other as `GPT2LMHeadModel` (or an error
-    /// naming what GPT-2 lacks). Padded vocabulary rows are dropped.
+    /// Write the model as a HuggingFace directory (`OUT/model.safetensors`, or shards and
+    /// `OUT/model.safetensors.index.json` past --max-shard-size, and `OUT/config.json`): a
+    /// Llama-style model as `LlamaForCausalLM`, any other as `GPT2LMHeadModel` (or an error
+    /// naming what GPT-2 lacks). Padded vocabulary rows are dropped; a failed export leaves an
+    /// earlier one in OUT as it was.
     ExportHf {
         /// Checkpoint or save directory.
         dir: PathBuf,

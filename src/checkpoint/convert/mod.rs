@@ -133,16 +133,16 @@ impl HfFiles {
         let mut owner = BTreeMap::new();
         for (i, path) in paths.iter().enumerate() {
             let ckpt = Checkpoint::open_safetensors(path, "")?;
-            let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
             for name in ckpt.metadata().tensors.keys() {
                 let indexed = weight_map.get(name);
-                if indexed.is_none() || indexed == file_name.as_ref() {
+                if indexed.is_none_or(|f| Path::new(f).file_name() == path.file_name()) {
                     owner.insert(name.clone(), i);
                 }
             }
             files.push(ckpt);
         }
-        if let Some((name, file)) = weight_map.iter().find(|(n, f)| !owner.contains_key(*n) && paths.iter().any(|p| p.ends_with(f))) {
+        let named = |f: &String| paths.iter().any(|p| p.file_name() == Path::new(f).file_name());
+        if let Some((name, file)) = weight_map.iter().find(|(n, f)| !owner.contains_key(*n) && named(f)) {
             return Err(CheckpointError::Invalid(format!("the index places {name} in {file}, which does not hold it")));
         }
         Ok(Self { files, owner })
@@ -183,8 +183,8 @@ pub fn build_all(plan: &[(String, Recipe)], src: &dyn Source) -> Result<BTreeMap
 }
 
 /// One planned tensor as a safetensors view: made when the writer asks for its bytes. A
-/// failure is kept in `failed` (the view must still hand over its length in bytes) and
-/// reported by [`write_plan`], which then removes the partial file.
+/// failure is kept in `failed` (the view hands over no bytes from then on) and reported by
+/// [`write_plan`], which then removes the partial file.
 struct Lazy<'a> {
     recipe: &'a Recipe,
     shape: Vec<usize>,
@@ -216,14 +216,15 @@ impl View for Lazy<'_> {
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
+        // After a failure nothing more is made (the file is removed): no bytes, no work.
         if self.failed.borrow().is_some() {
-            return Cow::Owned(vec![0; self.data_len()]);
+            return Cow::Borrowed(&[]);
         }
         match self.make() {
             Ok(t) => Cow::Owned(t.into_bytes().try_into_vec::<u8>().unwrap_or_else(|b| b.to_vec())),
             Err(e) => {
                 self.failed.borrow_mut().get_or_insert(e);
-                Cow::Owned(vec![0; self.data_len()])
+                Cow::Borrowed(&[])
             }
         }
     }

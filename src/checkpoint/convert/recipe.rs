@@ -48,7 +48,7 @@ fn transposed(name: &str, shape: Vec<usize>) -> Result<Vec<usize>> {
 fn qkv_shape(src: &dyn Source, name: &str, heads: usize) -> Result<Vec<usize>> {
     let shape = shape_of(src, name)?;
     let width = *shape.last().ok_or_else(|| CheckpointError::Invalid(format!("{name}: a q/k/v tensor of no dimension")))?;
-    if width % 3 != 0 || (width / 3) % heads.max(1) != 0 {
+    if heads == 0 || width % 3 != 0 || (width / 3) % heads != 0 {
         return Err(CheckpointError::Invalid(format!("{name}: a q/k/v tensor of width {width} does not split into 3 x {heads} heads")));
     }
     Ok(shape)
@@ -57,7 +57,7 @@ fn qkv_shape(src: &dyn Source, name: &str, heads: usize) -> Result<Vec<usize>> {
 /// The head dimension of grouped q/k/v projections of `qkv_width` columns in all, or an error.
 fn head_dim(what: &str, qkv_width: usize, heads: usize, groups: usize) -> Result<usize> {
     let d = qkv_width / (heads + 2 * groups).max(1);
-    match groups > 0 && heads.is_multiple_of(groups) && d * (heads + 2 * groups) == qkv_width {
+    match heads > 0 && groups > 0 && heads.is_multiple_of(groups) && d * (heads + 2 * groups) == qkv_width {
         true => Ok(d),
         false => Err(CheckpointError::Invalid(format!("{what} do not fit {heads} heads in {groups} key/value groups"))),
     }
@@ -241,6 +241,11 @@ pub(super) mod tests {
         assert!(e.contains("q, k, bad_v") && e.contains("[4, 3]"), "{e}");
         let e = Recipe::Transpose("vec".into()).shape(&src).unwrap_err().to_string();
         assert!(e.contains("vec: a [5] tensor"), "{e}");
+        for heads in [0, 3] {
+            let e = Recipe::Regroup { name: "qkv".into(), heads }.shape(&src).unwrap_err().to_string();
+            assert!(e.contains(&format!("width 12 does not split into 3 x {heads} heads")), "{e}");
+        }
+        assert!(Recipe::SplitQkv { name: "qkv".into(), heads: 0, groups: 2, part: 0 }.shape(&src).is_err());
         let e = Recipe::Regroup { name: "qkv".into(), heads: 3 }.shape(&src).unwrap_err().to_string();
         assert!(e.contains("width 12 does not split into 3 x 3 heads"), "{e}");
         let e = Recipe::SplitQkv { name: "qkv".into(), heads: 3, groups: 2, part: 0 }.shape(&src).unwrap_err().to_string();
