@@ -56,8 +56,13 @@ fn an_imported_huggingface_llama_gives_numpys_logits_at_tp_1_and_2() {
             let flags = "--d-model 16 --heads 4 --layers 2 --d-ff 40 --norm rms-norm --position rope --rope-theta 500 --activation swiglu --no-bias --kv-heads 2 --norm-eps 1e-6";
             assert!(o.status.success() && text.contains(flags) && text.contains("Llama: 2 layers"), "{text}{}", String::from_utf8_lossy(&o.stderr));
         } else {
+            // As Mistral 7B v0.3 says it: the same tensors, no sliding window.
+            let path = dir.join("config.json");
+            let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            (config["model_type"], config["sliding_window"]) = ("mistral".into(), serde_json::Value::Null);
+            std::fs::write(&path, config.to_string()).unwrap();
             let HfConfig::Llama(hf) = import_hf(&dir, &file).unwrap() else { panic!("a Llama config") };
-            assert_eq!((hf.num_hidden_layers, hf.kv_heads(), hf.tie_word_embeddings), (2, 4, true));
+            assert_eq!((hf.num_hidden_layers, hf.kv_heads(), hf.tie_word_embeddings, hf.model_type.as_str()), (2, 4, true, "mistral"));
         }
         let ckpt = Checkpoint::open_safetensors(&file, MODEL_PREFIX).unwrap();
         assert_eq!(ckpt.metadata().tensors.contains_key("model.head.weight"), !tied, "a head of its own only when untied");
@@ -365,11 +370,15 @@ fn llama_variants_the_conversion_does_not_carry_are_refused() {
         let e = with(k, v).unwrap_err();
         assert!(e.contains(says), "{k}: {e}");
     }
+    // Mistral's window: none, or the whole context, is Llama's attention; a shorter one is not.
+    assert!(with("sliding_window", serde_json::Value::Null).is_ok() && with("sliding_window", serde_json::json!(8)).is_ok());
+    let e = with("sliding_window", serde_json::json!(4)).unwrap_err();
+    assert!(e.contains("sliding_window 4 below max_position_embeddings 8"), "{e}");
     // Another architecture's config is refused by name, not read as GPT-2.
-    let dir = temp_dir("hf-mistral");
-    std::fs::write(dir.join("config.json"), serde_json::json!({"model_type": "mistral", "hidden_size": 16}).to_string()).unwrap();
+    let dir = temp_dir("hf-qwen");
+    std::fs::write(dir.join("config.json"), serde_json::json!({"model_type": "qwen2", "hidden_size": 16}).to_string()).unwrap();
     let e = import_hf(&dir, &dir.join("out.safetensors")).unwrap_err().to_string();
-    assert!(e.contains("model_type \"mistral\": only gpt2 and llama are supported"), "{e}");
+    assert!(e.contains("model_type \"qwen2\": only gpt2, llama and mistral are supported"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -348,9 +348,11 @@ pub fn import_hf(from: &Path, out: &Path) -> Result<HfConfig> {
     let invalid = |e: serde_json::Error| CheckpointError::Invalid(format!("{}: {e}", config_path.display()));
     let value: serde_json::Value = serde_json::from_str(&text).map_err(invalid)?;
     let config = match value.get("model_type").and_then(|v| v.as_str()) {
-        Some("llama") => HfConfig::Llama(serde_json::from_value(value).map_err(invalid)?),
+        Some("llama") | Some("mistral") => HfConfig::Llama(serde_json::from_value(value).map_err(invalid)?),
         Some("gpt2") | None => HfConfig::Gpt2(serde_json::from_value(value).map_err(invalid)?),
-        Some(other) => return Err(CheckpointError::Invalid(format!("{}: model_type {other:?}: only gpt2 and llama are supported", config_path.display()))),
+        Some(other) => {
+            return Err(CheckpointError::Invalid(format!("{}: model_type {other:?}: only gpt2, llama and mistral are supported", config_path.display())))
+        }
     };
     // Only the planned tensors are read: buffers (GPT-2's causal masks, old Llama files' rotary
     // frequencies) are not parameters and have no recipe.

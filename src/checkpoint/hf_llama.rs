@@ -22,6 +22,10 @@
 //! [`RopeScaling`] and are written back on export. Refused: another
 //! `hidden_act` than `silu`, attention or MLP biases, other RoPE scalings (linear, dynamic,
 //! yarn, …), a `head_dim` other than `hidden_size / num_attention_heads`.
+//!
+//! Mistral (`model_type: mistral`, `MistralForCausalLM`) has the same tensors and is read as
+//! Llama where its `sliding_window` is null or no shorter than its context (Mistral 7B v0.2 and
+//! v0.3); v0.1's 4096-token window is refused. It exports as Llama.
 
 use std::collections::BTreeMap;
 
@@ -83,6 +87,10 @@ pub struct HfLlamaConfig {
     /// End-of-text token(s) (a number or a list; as `bos_token_id`).
     #[serde(default)]
     pub eos_token_id: Option<serde_json::Value>,
+    /// Mistral's attention window (absent or null: full causal attention, as ours; a window
+    /// shorter than `max_position_embeddings` is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<serde_json::Value>,
     /// Head width (must be `hidden_size / num_attention_heads` where given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
@@ -176,6 +184,12 @@ impl HfLlamaConfig {
             Some(format!("attention_bias {} / mlp_bias {}: biases are not supported", self.attention_bias, self.mlp_bias))
         } else if self.kv_heads() == 0 || self.num_attention_heads == 0 {
             Some(format!("{} heads with {} key/value heads", self.num_attention_heads, self.kv_heads()))
+        } else if let Some(w) = self.sliding_window.as_ref().filter(|w| !w.is_null() && w.as_u64().is_none_or(|w| (w as usize) < self.max_position_embeddings))
+        {
+            Some(format!(
+                "sliding_window {w} below max_position_embeddings {}: attention over a sliding window is not supported (full causal attention differs past the window)",
+                self.max_position_embeddings
+            ))
         } else if self.head_dim.is_some_and(|d| d * heads != self.hidden_size) {
             Some(format!("head_dim {:?} is not hidden_size {} / {heads} heads", self.head_dim, self.hidden_size))
         } else if !self.num_attention_heads.is_multiple_of(self.kv_heads()) || !self.hidden_size.is_multiple_of(heads) {
@@ -258,6 +272,7 @@ impl HfLlamaConfig {
             rope_parameters: None,
             bos_token_id: Some(begin),
             eos_token_id: Some(end),
+            sliding_window: None,
             head_dim: None,
             model_type: llama(),
             architectures: vec!["LlamaForCausalLM".into()],

@@ -64,7 +64,7 @@ pub(crate) enum CheckpointCmd {
         #[arg(long, default_value = "5GB")]
         max_shard_size: String,
     },
-    /// Convert a HuggingFace GPT-2 or Llama (by `model_type`; a directory with
+    /// Convert a HuggingFace GPT-2, Llama or Mistral (by `model_type`; a directory with
     /// `model.safetensors`, or shards and their index, and `config.json`, or the `.safetensors`
     /// file with its `config.json` beside it) into this crate's export layout for
     /// `gpt_pretrain --init-from OUT`; prints the flags the model needs.
