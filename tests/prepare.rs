@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use burn_parallel::data::{prepare, prepare_files, InputFormat, TokenShards, Tokenizer, PIECE_BYTES};
+use burn_parallel::data::{prepare, prepare_files, InputFormat, PrepareOptions, TokenShards, Tokenizer, PIECE_BYTES};
 use burn_parallel::memory::{self, TrackingAllocator};
 
 #[global_allocator]
@@ -22,7 +22,10 @@ fn write_text(path: &Path, bytes: usize) {
 fn measure(dir: &Path, mb: usize) -> (i64, usize, i64) {
     let (file, out) = (dir.join(format!("corpus-{mb}.txt")), dir.join(format!("shards-{mb}")));
     write_text(&file, mb << 20);
-    let (r, peak) = memory::peak_of(0, || prepare_files(std::slice::from_ref(&file), &InputFormat::Text, Tokenizer::Byte, &out, 1 << 20, 0.1).unwrap());
+    let (r, peak) = memory::peak_of(0, || {
+        prepare_files(std::slice::from_ref(&file), &InputFormat::Text, &out, &PrepareOptions { shard_tokens: 1 << 20, ..PrepareOptions::new(Tokenizer::Byte) })
+            .unwrap()
+    });
     let tokens = r.train_tokens + r.val_tokens;
     let (_, whole) = memory::peak_of(0, || prepare(&[std::fs::read(&file).unwrap()], Tokenizer::Byte, &dir.join(format!("whole-{mb}")), 1 << 20, 0.1).unwrap());
     eprintln!("{mb} MB of text, one document in memory: prepare's heap peak {:.2} MB", whole as f64 / 1e6);

@@ -21,7 +21,7 @@ use std::ops::Range;
 pub use blend::{Blend, BlendError};
 #[doc(hidden)]
 pub use llama3::write_cl100k_tiktoken;
-pub use prepare::{prepare, prepare_files, InputFormat, Prepared, PIECE_BYTES};
+pub use prepare::{prepare, prepare_files, InputFormat, PrepareOptions, Prepared, PIECE_BYTES};
 pub use shards::{write_shard, ShardError, TokenShards};
 pub use tokenizer::{padded_vocab, Llama3Bpe, Tokenizer, TokenizerError};
 

@@ -48,18 +48,33 @@ pub struct Prepared {
 /// The staging directory inside a prepare's output directory (a reader never takes it).
 const STAGING: &str = ".partial";
 
-/// Tokens of every document, appended to a staging file of little-endian `u32`.
+/// What the documents are made of, in order: text is tokenized in batches (in parallel).
+enum Item {
+    /// A document begins (its start token).
+    Start,
+    /// A piece of its text.
+    Text(Vec<u8>),
+    /// It ends (its end token).
+    End,
+}
+
+/// Tokens of every document, appended to a staging file of little-endian `u32`; text queued
+/// until `workers` pieces' worth is there, then tokenized by `workers` threads.
 struct Staged {
     tokenizer: Tokenizer,
     path: PathBuf,
     out: BufWriter<File>,
     count: usize,
+    workers: usize,
+    pending: Vec<Item>,
+    pending_bytes: usize,
+    pending_texts: usize,
 }
 
 impl Staged {
-    fn create(tokenizer: Tokenizer, path: PathBuf) -> Result<Self, ShardError> {
+    fn create(tokenizer: Tokenizer, path: PathBuf, workers: usize) -> Result<Self, ShardError> {
         let out = BufWriter::new(File::create(&path).map_err(io_error("create", &path))?);
-        Ok(Self { tokenizer, path, out, count: 0 })
+        Ok(Self { tokenizer, path, out, count: 0, workers: workers.max(1), pending: Vec::new(), pending_bytes: 0, pending_texts: 0 })
     }
 
     fn push(&mut self, tokens: impl IntoIterator<Item = u32>) -> Result<(), ShardError> {
@@ -72,13 +87,75 @@ impl Staged {
 
     /// One document, its pieces handed over by `pieces` (called with a sink for each piece).
     fn document(&mut self, pieces: impl FnOnce(&mut dyn FnMut(&[u8]) -> Result<(), ShardError>) -> Result<(), ShardError>) -> Result<(), ShardError> {
-        self.push(self.tokenizer.document_start())?;
-        pieces(&mut |piece: &[u8]| {
-            let tokens = self.tokenizer.encode_bytes(piece).map_err(|e| ShardError::Invalid(e.to_string()))?;
-            self.push(tokens)
-        })?;
-        self.push(self.tokenizer.document_end())
+        self.queue(Item::Start)?;
+        pieces(&mut |piece: &[u8]| self.queue(Item::Text(piece.to_vec())))?;
+        self.queue(Item::End)
     }
+
+    /// Queues `item`; tokenizes the queue once it holds a text per worker and half a piece of
+    /// bytes per worker (a piece each, or many small documents).
+    fn queue(&mut self, item: Item) -> Result<(), ShardError> {
+        if let Item::Text(t) = &item {
+            self.pending_bytes += t.len();
+            self.pending_texts += 1;
+        }
+        self.pending.push(item);
+        match self.pending_texts >= self.workers && self.pending_bytes >= self.workers * PIECE_BYTES / 2 {
+            true => self.flush(),
+            false => Ok(()),
+        }
+    }
+
+    /// Tokenizes what is queued and appends it in order.
+    fn flush(&mut self) -> Result<(), ShardError> {
+        let items = std::mem::take(&mut self.pending);
+        (self.pending_bytes, self.pending_texts) = (0, 0);
+        let texts: Vec<&[u8]> = items.iter().filter_map(|i| if let Item::Text(t) = i { Some(t.as_slice()) } else { None }).collect();
+        let mut tokens = encode_all(self.tokenizer, &texts, self.workers)?.into_iter();
+        for item in &items {
+            match item {
+                Item::Start => self.push(self.tokenizer.document_start())?,
+                Item::Text(_) => self.push(tokens.next().expect("tokens for every text"))?,
+                Item::End => self.push(self.tokenizer.document_end())?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes the queue and the file; the staging file's path and its token count.
+    fn finish(mut self) -> Result<(PathBuf, usize), ShardError> {
+        self.flush()?;
+        let path = self.path.clone();
+        self.out.into_inner().map_err(|e| ShardError::Io { op: "write", path: path.clone(), source: e.into_error() })?;
+        Ok((path, self.count))
+    }
+}
+
+/// The tokens of each of `texts`, in order, by up to `workers` threads (contiguous groups of
+/// about equal bytes).
+fn encode_all(tokenizer: Tokenizer, texts: &[&[u8]], workers: usize) -> Result<Vec<Vec<u32>>, ShardError> {
+    let encode = |t: &&[u8]| tokenizer.encode_bytes(t).map_err(|e| ShardError::Invalid(e.to_string()));
+    if workers <= 1 || texts.len() <= 1 {
+        return texts.iter().map(encode).collect();
+    }
+    let per = texts.iter().map(|t| t.len()).sum::<usize>().div_ceil(workers).max(1);
+    let mut groups: Vec<&[&[u8]]> = Vec::with_capacity(workers);
+    let (mut start, mut bytes) = (0, 0);
+    for (i, t) in texts.iter().enumerate() {
+        bytes += t.len();
+        if bytes >= per || i + 1 == texts.len() {
+            groups.push(&texts[start..=i]);
+            (start, bytes) = (i + 1, 0);
+        }
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = groups.iter().map(|g| s.spawn(move || g.iter().map(encode).collect::<Result<Vec<_>, _>>())).collect();
+        let mut out = Vec::with_capacity(texts.len());
+        for h in handles {
+            out.extend(h.join().expect("a tokenizer thread panicked")?);
+        }
+        Ok(out)
+    })
 }
 
 /// Where `buf` may be cut for the tokenizer: the end of the last `\n` that stands between two
@@ -126,30 +203,46 @@ fn jsonl_documents(path: &Path, key: &str, staged: &mut Staged) -> Result<(), Sh
     Ok(())
 }
 
-/// Tokenizes `texts` (documents in memory; see [`prepare_files`]) into shards in `out`.
+/// How [`prepare_files`] (and [`prepare`]) tokenize and split.
+#[derive(Debug, Clone, Copy)]
+pub struct PrepareOptions {
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Tokens per training shard (llm.c: 100M).
+    pub shard_tokens: usize,
+    /// The last fraction of the tokens becomes the validation shard.
+    pub val_fraction: f64,
+    /// Tokenizer threads (memory: about this many pieces of text and their tokens at once).
+    pub workers: usize,
+}
+
+impl PrepareOptions {
+    /// `tokenizer`, shards of 100M tokens, the last 10% for validation, one worker.
+    pub fn new(tokenizer: Tokenizer) -> Self {
+        Self { tokenizer, shard_tokens: 100_000_000, val_fraction: 0.1, workers: 1 }
+    }
+}
+
+/// Tokenizes `texts` (documents in memory, one thread; see [`prepare_files`]) into shards in
+/// `out`.
 pub fn prepare<T: AsRef<[u8]>>(texts: &[T], tokenizer: Tokenizer, out: &Path, shard_tokens: usize, val_fraction: f64) -> Result<Prepared, ShardError> {
-    stage_and_write(tokenizer, out, shard_tokens, val_fraction, |staged| texts.iter().try_for_each(|t| staged.document(|sink| sink(t.as_ref()))))
+    let o = PrepareOptions { shard_tokens, val_fraction, ..PrepareOptions::new(tokenizer) };
+    stage_and_write(&o, out, |staged| texts.iter().try_for_each(|t| staged.document(|sink| sink(t.as_ref()))))
 }
 
 /// Tokenizes the documents of `files` (as bytes: the byte tokenizer takes them as they are;
 /// GPT-2 puts `<|endoftext|>` before each, as nanoGPT does, Llama 3 `<|begin_of_text|>` before
-/// and `<|end_of_text|>` after each, as torchtitan does) and writes into `out` (missing or
-/// empty: a reader takes every shard in it) `train_NNNNNN.bin` shards of at most
-/// `shard_tokens` tokens and, from the last `val_fraction` of the tokens, `val_000000.bin`.
-/// `out` is checked before anything is tokenized. Everything is written and synced in
-/// `out/.partial`, then the shards are moved in with the validation shard last: an
-/// interrupted prepare leaves no set a reader takes (no `val` shard, or nothing at all), and a
-/// directory that holds only `.partial` counts as empty. Memory: one piece of text and its
+/// and `<|end_of_text|>` after each, as torchtitan does), `o.workers` pieces at a time in
+/// parallel, and writes into `out` (missing or empty: a reader takes every shard in it)
+/// `train_NNNNNN.bin` shards of at most `o.shard_tokens` tokens and, from the last
+/// `o.val_fraction` of the tokens, `val_000000.bin`. `out` is checked before anything is
+/// tokenized. Everything is written and synced in `out/.partial`, then the shards are moved in
+/// with the validation shard last: an interrupted prepare leaves no set a reader takes (no
+/// `val` shard, or nothing at all), and a directory that holds only `.partial` counts as
+/// empty; a failed one leaves no staged tokens. Memory: `o.workers` pieces of text and their
 /// tokens, not the corpus.
-pub fn prepare_files(
-    files: &[PathBuf],
-    format: &InputFormat,
-    tokenizer: Tokenizer,
-    out: &Path,
-    shard_tokens: usize,
-    val_fraction: f64,
-) -> Result<Prepared, ShardError> {
-    stage_and_write(tokenizer, out, shard_tokens, val_fraction, |staged| {
+pub fn prepare_files(files: &[PathBuf], format: &InputFormat, out: &Path, o: &PrepareOptions) -> Result<Prepared, ShardError> {
+    stage_and_write(o, out, |staged| {
         for path in files {
             match format {
                 InputFormat::Text => staged.document(|sink| text_pieces(path, PIECE_BYTES, sink))?,
@@ -161,13 +254,8 @@ pub fn prepare_files(
 }
 
 /// Stages the tokens `documents` pushes, then writes the shards.
-fn stage_and_write(
-    tokenizer: Tokenizer,
-    out: &Path,
-    shard_tokens: usize,
-    val_fraction: f64,
-    documents: impl FnOnce(&mut Staged) -> Result<(), ShardError>,
-) -> Result<Prepared, ShardError> {
+fn stage_and_write(o: &PrepareOptions, out: &Path, documents: impl FnOnce(&mut Staged) -> Result<(), ShardError>) -> Result<Prepared, ShardError> {
+    let val_fraction = o.val_fraction;
     if !(val_fraction > 0.0 && val_fraction < 1.0) {
         return Err(ShardError::Invalid(format!("a validation fraction of {val_fraction} (it is above 0 and below 1)")));
     }
@@ -175,7 +263,7 @@ fn stage_and_write(
     let created = !out.exists();
     let staging = out.join(STAGING);
     std::fs::create_dir_all(&staging).map_err(io_error("create", &staging))?;
-    let written = write_staged(tokenizer, out, &staging, shard_tokens, val_fraction, documents);
+    let written = write_staged(o, out, &staging, documents);
     if written.is_err() {
         // Nothing half done stays: the staged tokens (up to the corpus's size), and `out`
         // where this call made it.
@@ -188,18 +276,11 @@ fn stage_and_write(
 }
 
 /// [`stage_and_write`] once `out/.partial` exists.
-fn write_staged(
-    tokenizer: Tokenizer,
-    out: &Path,
-    staging: &Path,
-    shard_tokens: usize,
-    val_fraction: f64,
-    documents: impl FnOnce(&mut Staged) -> Result<(), ShardError>,
-) -> Result<Prepared, ShardError> {
-    let mut staged = Staged::create(tokenizer, staging.join("tokens.u32"))?;
+fn write_staged(o: &PrepareOptions, out: &Path, staging: &Path, documents: impl FnOnce(&mut Staged) -> Result<(), ShardError>) -> Result<Prepared, ShardError> {
+    let (tokenizer, shard_tokens, val_fraction) = (o.tokenizer, o.shard_tokens, o.val_fraction);
+    let mut staged = Staged::create(tokenizer, staging.join("tokens.u32"), o.workers)?;
     documents(&mut staged)?;
-    let (raw, total) = (staged.path.clone(), staged.count);
-    staged.out.into_inner().map_err(|e| ShardError::Io { op: "write", path: raw.clone(), source: e.into_error() })?;
+    let (raw, total) = staged.finish()?;
     let val = ((total as f64) * val_fraction) as usize;
     if val == 0 || val >= total {
         return Err(ShardError::Invalid(format!("{total} tokens cannot be split with a validation fraction of {val_fraction}")));
@@ -386,23 +467,27 @@ mod tests {
             (t.window(0, t.len()).unwrap(), v.window(0, v.len()).unwrap())
         };
         let memory = prepare(&docs, Tokenizer::Gpt2, &dir.join("memory"), 100, 0.1).unwrap();
-        let text = prepare_files(&paths, &InputFormat::Text, Tokenizer::Gpt2, &dir.join("text"), 100, 0.1).unwrap();
+        let o = PrepareOptions { shard_tokens: 100, ..PrepareOptions::new(Tokenizer::Gpt2) };
+        let text = prepare_files(&paths, &InputFormat::Text, &dir.join("text"), &o).unwrap();
+        // Three tokenizer threads, pieces of every size in flight: the same shards.
+        let parallel = prepare_files(&paths, &InputFormat::Text, &dir.join("parallel"), &PrepareOptions { workers: 3, ..o }).unwrap();
+        assert_eq!((parallel.train_tokens, parallel.val_tokens), (text.train_tokens, text.val_tokens));
         let json =
-            prepare_files(std::slice::from_ref(&jsonl), &InputFormat::Jsonl { key: "body".into() }, Tokenizer::Gpt2, &dir.join("json"), 100, 0.1).unwrap();
+            prepare_files(std::slice::from_ref(&jsonl), &InputFormat::Jsonl { key: "body".into() }, &dir.join("json"), &PrepareOptions { workers: 2, ..o })
+                .unwrap();
         for r in [&text, &json] {
             assert_eq!((r.train_tokens, r.val_tokens, r.files.len()), (memory.train_tokens, memory.val_tokens, memory.files.len()));
         }
         assert!(memory.files.len() > 3, "{memory:?}");
         assert_eq!(read(&dir.join("text")), read(&dir.join("memory")));
+        assert_eq!(read(&dir.join("parallel")), read(&dir.join("memory")));
         assert_eq!(read(&dir.join("json")), read(&dir.join("memory")));
         std::fs::write(&jsonl, "{\"body\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
-        let e = prepare_files(std::slice::from_ref(&jsonl), &InputFormat::Jsonl { key: "body".into() }, Tokenizer::Gpt2, &dir.join("bad"), 100, 0.1)
-            .unwrap_err()
-            .to_string();
+        let e = prepare_files(std::slice::from_ref(&jsonl), &InputFormat::Jsonl { key: "body".into() }, &dir.join("bad"), &o).unwrap_err().to_string();
         assert!(e.contains("docs.jsonl line 2: no string field \"body\""), "{e}");
         assert!(!dir.join("bad").exists(), "a failed prepare leaves no directory it made, nor staged tokens");
         std::fs::write(&jsonl, "{\"body\": \"a\"}\nnot json\n").unwrap();
-        let e = prepare_files(&[jsonl], &InputFormat::Jsonl { key: "body".into() }, Tokenizer::Gpt2, &dir.join("bad2"), 100, 0.1).unwrap_err().to_string();
+        let e = prepare_files(&[jsonl], &InputFormat::Jsonl { key: "body".into() }, &dir.join("bad2"), &o).unwrap_err().to_string();
         assert!(e.contains("docs.jsonl line 2: not JSON"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -92,6 +92,9 @@ enum Cmd {
         /// The JSON Lines field that holds each document's text.
         #[arg(long, default_value = "text")]
         json_key: String,
+        /// Tokenizer threads (default: the cores; memory: about 5 MB of text and tokens each).
+        #[arg(long)]
+        workers: Option<usize>,
         /// Text or JSON Lines files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -212,6 +215,7 @@ struct PrepareArgs<'a> {
     val_fraction: f64,
     format: &'a str,
     json_key: &'a str,
+    workers: usize,
     files: &'a [PathBuf],
 }
 
@@ -226,7 +230,8 @@ fn prepare(a: PrepareArgs) -> Result<(), String> {
         _ => InputFormat::Text,
     };
     let (out, tokenizer_name) = (a.out, tokenizer.to_string());
-    let r = burn_parallel::data::prepare_files(a.files, &format, tokenizer, out, a.shard_tokens, a.val_fraction).map_err(|e| e.to_string())?;
+    let o = burn_parallel::data::PrepareOptions { tokenizer, shard_tokens: a.shard_tokens, val_fraction: a.val_fraction, workers: a.workers };
+    let r = burn_parallel::data::prepare_files(a.files, &format, out, &o).map_err(|e| e.to_string())?;
     println!("{} train tokens, {} validation tokens ({tokenizer_name}) in {} shards under {}", r.train_tokens, r.val_tokens, r.files.len(), out.display());
     Ok(())
 }
@@ -317,8 +322,10 @@ fn main() {
                 2
             }
         },
-        Cmd::Prepare { tokenizer, out, shard_tokens, val_fraction, format, json_key, files } => {
-            match prepare(PrepareArgs { tokenizer: &tokenizer, out: &out, shard_tokens, val_fraction, format: &format, json_key: &json_key, files: &files }) {
+        Cmd::Prepare { tokenizer, out, shard_tokens, val_fraction, format, json_key, workers, files } => {
+            let workers = workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let (format, json_key) = (format.as_str(), json_key.as_str());
+            match prepare(PrepareArgs { tokenizer: &tokenizer, out: &out, shard_tokens, val_fraction, format, json_key, workers, files: &files }) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("burn-parallel prepare: {e}");
