@@ -78,10 +78,18 @@ impl Staged {
     }
 
     fn push(&mut self, tokens: impl IntoIterator<Item = u32>) -> Result<(), ShardError> {
+        // Through a small buffer: one write per 16 Ki tokens, not per token.
+        let (mut buf, mut n) = ([0u8; 1 << 16], 0);
         for t in tokens {
-            self.out.write_all(&t.to_le_bytes()).map_err(io_error("write", &self.path))?;
-            self.count += 1;
+            buf[n..n + 4].copy_from_slice(&t.to_le_bytes());
+            n += 4;
+            if n == buf.len() {
+                self.out.write_all(&buf).map_err(io_error("write", &self.path))?;
+                (self.count, n) = (self.count + buf.len() / 4, 0);
+            }
         }
+        self.out.write_all(&buf[..n]).map_err(io_error("write", &self.path))?;
+        self.count += n / 4;
         Ok(())
     }
 
@@ -138,16 +146,19 @@ fn encode_all(tokenizer: Tokenizer, texts: &[&[u8]], workers: usize) -> Result<V
     if workers <= 1 || texts.len() <= 1 {
         return texts.iter().map(encode).collect();
     }
-    let per = texts.iter().map(|t| t.len()).sum::<usize>().div_ceil(workers).max(1);
-    let mut groups: Vec<&[&[u8]]> = Vec::with_capacity(workers);
-    let (mut start, mut bytes) = (0, 0);
+    // Text i goes to the worker whose share of the bytes holds its middle.
+    let total = texts.iter().map(|t| t.len()).sum::<usize>().max(1);
+    let mut bounds = vec![0usize; workers + 1];
+    let mut before = 0;
     for (i, t) in texts.iter().enumerate() {
-        bytes += t.len();
-        if bytes >= per || i + 1 == texts.len() {
-            groups.push(&texts[start..=i]);
-            (start, bytes) = (i + 1, 0);
-        }
+        let worker = ((before + t.len() / 2) * workers / total).min(workers - 1);
+        bounds[worker + 1] = i + 1;
+        before += t.len();
     }
+    for w in 1..=workers {
+        bounds[w] = bounds[w].max(bounds[w - 1]);
+    }
+    let groups: Vec<&[&[u8]]> = bounds.windows(2).map(|b| &texts[b[0]..b[1]]).filter(|g| !g.is_empty()).collect();
     std::thread::scope(|s| {
         let handles: Vec<_> = groups.iter().map(|g| s.spawn(move || g.iter().map(encode).collect::<Result<Vec<_>, _>>())).collect();
         let mut out = Vec::with_capacity(texts.len());
@@ -292,10 +303,13 @@ fn write_staged(o: &PrepareOptions, out: &Path, staging: &Path, documents: impl 
     let mut tokens = BufReader::new(File::open(&raw).map_err(io_error("open", &raw))?);
     for (name, count) in &names {
         let mut w = ShardWriter::create(&staging.join(name), *count, tokenizer.vocab_size())?;
-        let mut word = [0u8; 4];
-        for _ in 0..*count {
-            tokens.read_exact(&mut word).map_err(io_error("read", &raw))?;
-            w.push(u32::from_le_bytes(word))?;
+        let (mut left, mut bytes) = (*count, vec![0u8; 4 << 16]);
+        while left > 0 {
+            let n = left.min(1 << 16);
+            tokens.read_exact(&mut bytes[..4 * n]).map_err(io_error("read", &raw))?;
+            let chunk: Vec<u32> = bytes[..4 * n].chunks_exact(4).map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes"))).collect();
+            w.push_all(&chunk)?;
+            left -= n;
         }
         w.finish()?;
     }

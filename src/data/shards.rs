@@ -103,7 +103,7 @@ pub enum ShardError {
 /// u16 tokens (magic 20240520, version 1) where `vocab ≤ 65536`, else u32 (20240801, 7).
 pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), ShardError> {
     let mut w = ShardWriter::create(path, tokens.len(), vocab)?;
-    tokens.iter().try_for_each(|&t| w.push(t))?;
+    w.push_all(tokens)?;
     w.finish()
 }
 
@@ -135,17 +135,17 @@ impl ShardWriter {
         Ok(Self { path: path.to_path_buf(), out, vocab, wide, count, written: 0 })
     }
 
-    /// The next token.
-    pub(crate) fn push(&mut self, t: u32) -> Result<(), ShardError> {
-        if t as usize >= self.vocab {
-            return Err(ShardError::Corrupt { path: self.path.clone(), position: self.written, token: t, vocab: self.vocab });
+    /// The next tokens.
+    pub(crate) fn push_all(&mut self, tokens: &[u32]) -> Result<(), ShardError> {
+        if let Some((i, &t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= self.vocab) {
+            return Err(ShardError::Corrupt { path: self.path.clone(), position: self.written + i, token: t, vocab: self.vocab });
         }
-        let written = match self.wide {
-            true => self.out.write_all(&t.to_le_bytes()),
-            false => self.out.write_all(&(t as u16).to_le_bytes()),
+        let bytes: Vec<u8> = match self.wide {
+            true => tokens.iter().flat_map(|t| t.to_le_bytes()).collect(),
+            false => tokens.iter().flat_map(|&t| (t as u16).to_le_bytes()).collect(),
         };
-        written.map_err(io_error("write", &self.path))?;
-        self.written += 1;
+        self.out.write_all(&bytes).map_err(io_error("write", &self.path))?;
+        self.written += tokens.len();
         Ok(())
     }
 
