@@ -89,18 +89,23 @@ fn rank_0_is_reachable_by_any_of_its_addresses() {
     assert!(o0.status.success(), "{}", text(&o0));
 }
 
+/// A raw connection to rank 0's rendezvous port, once it listens (within 10 s).
+fn connect_to_rank_0(port: u16) -> TcpStream {
+    let start = Instant::now();
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => return s,
+            Err(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("rank 0 never listened: {e}"),
+        }
+    }
+}
+
 #[test]
 fn garbage_on_the_port_is_rejected_and_does_not_count() {
     let port = free_port();
     let r0 = rank(0, 2, port, 20);
-    let start = Instant::now();
-    let mut garbage = loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => break s,
-            Err(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("rank 0 never listened: {e}"),
-        }
-    };
+    let mut garbage = connect_to_rank_0(port);
     garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     drop(garbage);
     let r1 = rank(1, 2, port, 20);
@@ -117,13 +122,7 @@ fn a_trickling_connection_cannot_hold_rank_0() {
     let port = free_port();
     let r0 = rank(0, 2, port, 60);
     let start = Instant::now();
-    let mut slow = loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => break s,
-            Err(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("rank 0 never listened: {e}"),
-        }
-    };
+    let mut slow = connect_to_rank_0(port);
     let trickle = std::thread::spawn(move || {
         for b in b"BURNPAR1".iter().chain(&[2, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]) {
             if slow.write_all(&[*b]).is_err() {

@@ -87,20 +87,19 @@ fn compare(a: &dyn Source, b: &dyn Source, name: &str) -> Result<DiffKind> {
     if !dtypes_differ && ta.as_bytes() == tb.as_bytes() {
         return Ok(DiffKind::Equal);
     }
+    // Bitwise per element where the dtypes agree (-0 and 0 differ), else as f64 values.
     let elem = ta.dtype.size();
-    let bitwise: Vec<bool> = match dtypes_differ {
-        false => ta.as_bytes().chunks(elem).zip(tb.as_bytes().chunks(elem)).map(|(x, y)| x != y).collect(),
-        true => Vec::new(),
-    };
+    let stored = (!dtypes_differ).then(|| ta.as_bytes().chunks(elem).zip(tb.as_bytes().chunks(elem)).filter(|(x, y)| x != y).count());
     let (va, vb) = (ta.convert::<f64>().to_vec::<f64>().expect("f64"), tb.convert::<f64>().to_vec::<f64>().expect("f64"));
-    let (mut differing, mut max_abs, mut scale) = (0, 0f64, 0f64);
-    for (i, (x, y)) in va.iter().zip(&vb).enumerate() {
-        differing += usize::from(if dtypes_differ { x.to_bits() != y.to_bits() } else { bitwise[i] });
+    let (mut as_f64, mut max_abs, mut scale) = (0, 0f64, 0f64);
+    for (x, y) in va.iter().zip(&vb) {
+        as_f64 += usize::from(x.to_bits() != y.to_bits());
         let d = if x.is_nan() != y.is_nan() { f64::INFINITY } else { (x - y).abs() };
         max_abs = max_abs.max(d);
         scale = scale.max(x.abs());
     }
     let max_rel = if scale > 0.0 { max_abs / scale } else { 0.0 };
+    let differing = stored.unwrap_or(as_f64);
     Ok(DiffKind::Values { differing, numel: va.len(), max_abs, max_rel, dtypes_differ })
 }
 

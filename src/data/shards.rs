@@ -107,7 +107,7 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<(), Shar
     w.finish()
 }
 
-/// A shard of a known token count written a token at a time (the header first).
+/// A shard of a known token count written block by block (the header first).
 pub(crate) struct ShardWriter {
     path: PathBuf,
     out: std::io::BufWriter<File>,

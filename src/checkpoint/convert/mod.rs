@@ -248,7 +248,7 @@ pub fn write_plan(out: &Path, plan: &[(String, Recipe)], src: &dyn Source, metad
     let name = out.file_name().ok_or_else(|| CheckpointError::Invalid(format!("{} is not a file name", out.display())))?;
     let partial = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
     let written = super::write::serialize(&partial, views, metadata);
-    // A recipe's failure first (the writer saw only zeros), then the writer's own.
+    // A recipe's failure first (the writer got no bytes from then on), then the writer's own.
     if let Err(e) = failed.into_inner().map_or(written, Err) {
         let _ = std::fs::remove_file(&partial);
         return Err(e);
