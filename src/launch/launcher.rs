@@ -68,6 +68,38 @@ pub struct LaunchOptions {
     /// else on one node a fresh one (its ranks are all this launcher's), else none: on several
     /// nodes give the same id to every node's launcher.
     pub job_id: Option<String>,
+    /// With several nodes: the port node 0's launcher listens on for the other nodes' launchers
+    /// (torchrun's rendezvous endpoint; `None`: `master_port + 1`). The launchers agree on every
+    /// start (`TORCHELASTIC_RESTART_COUNT`), and a failure or stop signal on one node stops
+    /// every node's ranks at once (see [`launch`]).
+    pub rdzv_port: Option<u16>,
+    /// How long node 0's launcher waits for the others to join, and a restart for every node to
+    /// stop its ranks (torchrun's join timeout, 600 s).
+    pub rdzv_timeout: Duration,
+    /// A launcher silent this long (heartbeats go every sixth of it) counts as gone: the job
+    /// stops, naming its node.
+    pub node_timeout: Duration,
+}
+
+impl LaunchOptions {
+    /// `command` once on this one node, with the defaults of `burn-parallel launch`: rank 0 at
+    /// `127.0.0.1:29500`, 30 s of grace, no restart, the job id from the environment.
+    pub fn new(nproc_per_node: usize, command: Vec<String>) -> Self {
+        Self {
+            nproc_per_node,
+            nnodes: 1,
+            node_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 29500,
+            command,
+            grace: Duration::from_secs(30),
+            max_restarts: 0,
+            job_id: None,
+            rdzv_port: None,
+            rdzv_timeout: Duration::from_secs(600),
+            node_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The job id of `o` (see [`LaunchOptions::job_id`]).
@@ -84,14 +116,29 @@ fn job_id(o: &LaunchOptions) -> Result<Option<String>, String> {
 }
 
 /// The pause before a restart.
-const RESTART_PAUSE: Duration = Duration::from_secs(1);
+pub(super) const RESTART_PAUSE: Duration = Duration::from_secs(1);
+
+/// The stop signal received (0: none).
+pub(super) fn stop_signal() -> i32 {
+    STOP_SIGNAL.load(Ordering::SeqCst)
+}
+
+/// Acts as if `sig` had been received (another node's launcher got it).
+pub(super) fn raise(sig: i32) {
+    let _ = STOP_SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+}
 
 /// How one start of the ranks ended.
-enum Attempt {
-    /// Every rank exited 0, or a stop signal ended the job: the launcher's exit code.
-    Done(i32),
+pub(super) enum Attempt {
+    /// Every rank exited 0.
+    Done,
+    /// A stop signal ended it (passed on to the ranks): the launcher's exit code (0 when every
+    /// rank exited 0).
+    Signalled { signal: i32, code: i32 },
     /// A rank failed (the others were stopped).
     Failed { rank: usize, code: i32 },
+    /// The caller's `interrupt` asked to stop the ranks: they were stopped and are gone.
+    Interrupted,
 }
 
 /// Forwards a rank's output line by line (bytes that are not UTF-8 shown lossily: stopping at
@@ -115,9 +162,14 @@ fn pipe_lines<R: std::io::Read + Send + 'static>(r: R, rank: usize, err: bool) -
 
 /// Runs the job's processes of this node; returns the exit code of the first process that failed
 /// (after stopping the others) once no restart is left, or 0 when all succeed. With
-/// [`LaunchOptions::max_restarts`], a failure stops every rank and starts them all again. Each
-/// node's launcher restarts its own ranks; a failure anywhere fails every rank (their peers are
-/// gone), so every node restarts.
+/// [`LaunchOptions::max_restarts`], a failure stops every rank and starts them all again.
+///
+/// With several nodes, node 0's launcher decides for all (torchrun's rendezvous rounds; the
+/// others join it at [`LaunchOptions::rdzv_port`]): a rank failing anywhere stops every node's
+/// ranks at once (those blocked in a collective on the dead rank need not wait for their
+/// watchdog), every node waits until its ranks are gone, and then all start again with the same
+/// `TORCHELASTIC_RESTART_COUNT`, or all exit with the failed rank's code; a stop signal on any
+/// node is passed on to every rank; a node's launcher that is gone stops the job naming it.
 pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
     if o.command.is_empty() {
         return Err("nothing to launch: give a program after --".into());
@@ -127,10 +179,15 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
     }
     let job_id = job_id(o)?;
     install_signal_handlers();
+    if o.nnodes > 1 {
+        return super::nodes::launch_nodes(o, job_id.as_deref());
+    }
     let mut attempt = 0;
     loop {
-        match run_attempt(o, job_id.as_deref(), attempt)? {
-            Attempt::Done(code) => return Ok(code),
+        match run_attempt(o, job_id.as_deref(), attempt, &mut || false)? {
+            Attempt::Done => return Ok(0),
+            Attempt::Signalled { code, .. } => return Ok(code),
+            Attempt::Interrupted => unreachable!("nothing interrupts a single node's launcher"),
             Attempt::Failed { rank, code } if attempt < o.max_restarts && STOP_SIGNAL.load(Ordering::SeqCst) == 0 => {
                 attempt += 1;
                 eprintln!(
@@ -161,8 +218,9 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
 }
 
 /// Starts every local rank (start number `attempt`) and waits until they all exited, one failed
-/// (the others are stopped) or a stop signal came (passed on, with the grace period).
-fn run_attempt(o: &LaunchOptions, job_id: Option<&str>, attempt: usize) -> Result<Attempt, String> {
+/// (the others are stopped), a stop signal came (passed on, with the grace period) or
+/// `interrupt` (polled every 20 ms) returns true (the ranks are stopped).
+pub(super) fn run_attempt(o: &LaunchOptions, job_id: Option<&str>, attempt: usize, interrupt: &mut dyn FnMut() -> bool) -> Result<Attempt, String> {
     let (program, args) = o.command.split_first().expect("checked");
     let world = o.nproc_per_node * o.nnodes;
     let mut children: Vec<(usize, Child)> = Vec::new();
@@ -175,6 +233,23 @@ fn run_attempt(o: &LaunchOptions, job_id: Option<&str>, attempt: usize) -> Resul
             // Each rank leads its own process group, so stopping it also stops what it started.
             use std::os::unix::process::CommandExt;
             cmd.process_group(0);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            // A launcher that dies (SIGKILL, OOM) takes its ranks with it: nothing runs on
+            // unsupervised, and the other nodes' launchers see its connection close.
+            use std::os::unix::process::CommandExt;
+            // SAFETY: getpid(2) here; in the child only prctl(2) and getppid(2), both
+            // async-signal-safe, between fork and exec.
+            let launcher = unsafe { libc::getpid() };
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != launcher {
+                        return Err(std::io::Error::other("the launcher is gone"));
+                    }
+                    Ok(())
+                });
+            }
         }
         if let Some(id) = job_id {
             cmd.env("BURN_PARALLEL_JOB_ID", id);
@@ -209,7 +284,12 @@ fn run_attempt(o: &LaunchOptions, job_id: Option<&str>, attempt: usize) -> Resul
             eprintln!("burn-parallel launch: got signal {sig}; passing it on to every rank ({:?} to exit before SIGKILL)", o.grace);
             let clean = signal_all(&mut children, sig, o.grace);
             stop(&mut children);
-            break Attempt::Done(if clean { 0 } else { 128 + sig });
+            break Attempt::Signalled { signal: sig, code: if clean { 0 } else { 128 + sig } };
+        }
+        if interrupt() {
+            stop(&mut children);
+            wait_gone(&children);
+            break Attempt::Interrupted;
         }
         let mut running = 0;
         let mut failed = None;
@@ -233,7 +313,7 @@ fn run_attempt(o: &LaunchOptions, job_id: Option<&str>, attempt: usize) -> Resul
         if running == 0 {
             // What the ranks left running in the background would keep their output pipes open.
             stop(&mut children);
-            break Attempt::Done(0);
+            break Attempt::Done;
         }
         std::thread::sleep(Duration::from_millis(20));
     };

@@ -2,8 +2,10 @@
 //! rendezvous that hands every rank the same bootstrap blob (e.g. an NCCL unique id), and the
 //! `burn-parallel launch` process launcher.
 
+mod coordinator;
 mod env;
 mod launcher;
+mod nodes;
 mod rendezvous;
 
 pub use env::{job_id_from, JobEnv, JobEnvError, MAX_JOB_ID};

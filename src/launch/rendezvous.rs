@@ -166,7 +166,12 @@ fn listen(env: &JobEnv, addr: &str) -> Result<TcpListener, RendezvousError> {
 /// The unspecified address of the master's family: IPv6 where its name resolves to IPv6
 /// addresses only, else IPv4 (also where it does not resolve).
 pub(crate) fn every_interface(env: &JobEnv) -> std::net::IpAddr {
-    let resolved: Vec<std::net::SocketAddr> = (env.master_addr.as_str(), env.master_port).to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
+    every_interface_of(&env.master_addr, env.master_port)
+}
+
+/// [`every_interface`] for `host`.
+pub(super) fn every_interface_of(host: &str, port: u16) -> std::net::IpAddr {
+    let resolved: Vec<std::net::SocketAddr> = (host, port).to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
     if !resolved.is_empty() && resolved.iter().all(|a| a.is_ipv6()) {
         std::net::Ipv6Addr::UNSPECIFIED.into()
     } else {

@@ -163,7 +163,8 @@ fn rank_processes_resuming_different_checkpoints_refuse_to_train() {
 const LAUNCH_ENV: &str = "GPT_PRETRAIN_TEST_LAUNCH";
 
 /// `burn-parallel launch` (the library's `launch`) in a child of the tests, starting the test
-/// binary's `child_process` per rank: `GPT_PRETRAIN_TEST_LAUNCH="NPROC MAX_RESTARTS PORT"`.
+/// binary's `child_process` per rank: `GPT_PRETRAIN_TEST_LAUNCH="NPROC MAX_RESTARTS PORT NNODES
+/// NODE_RANK RDZV_PORT"` (one node of a job of NNODES, node 0's launcher at RDZV_PORT).
 #[test]
 #[ignore = "the launcher process of the test below (runs only with its environment)"]
 fn launcher_process() {
@@ -172,15 +173,13 @@ fn launcher_process() {
     let exe = std::env::current_exe().unwrap().display().to_string();
     let command = [exe.as_str(), "tests::child_process", "--exact", "--ignored", "--nocapture", "--test-threads", "1"].map(String::from).to_vec();
     let options = burn_parallel::launch::LaunchOptions {
-        nproc_per_node: n[0],
-        nnodes: 1,
-        node_rank: 0,
-        master_addr: "127.0.0.1".into(),
         master_port: n[2] as u16,
-        command,
-        grace: Duration::from_secs(30),
         max_restarts: n[1],
-        job_id: None,
+        nnodes: n[3],
+        node_rank: n[4],
+        rdzv_port: Some(n[5] as u16),
+        job_id: Some(format!("processes-{}", n[5])),
+        ..burn_parallel::launch::LaunchOptions::new(n[0], command)
     };
     std::process::exit(burn_parallel::launch::launch(&options).unwrap_or(2));
 }
@@ -195,8 +194,9 @@ fn rank_pid(vars: &[String]) -> Option<i32> {
     })
 }
 
-/// A rank process killed in the middle of a job under `launch --max-restarts 1`: every rank is
-/// started again, resumes the newest checkpoint (`--resume auto`; the first start had none) and
+/// A rank process killed in the middle of a job under `launch --max-restarts 1`, on two nodes
+/// (two launchers of 2 ranks each): every rank of both nodes is started again, with one restart
+/// count, resumes the newest checkpoint (`--resume auto`; the first start had none) and
 /// finishes; the losses before the kill and after the restart are the uninterrupted run's.
 #[test]
 fn a_job_restarted_by_the_launcher_goes_on_from_its_newest_checkpoint() {
@@ -204,30 +204,37 @@ fn a_job_restarted_by_the_launcher_goes_on_from_its_newest_checkpoint() {
     let base = format!("{TINY} --layers 2 --steps 1000000 --dp 2 --tp 2 --dropout 0.1 --exit-at-step 150");
     let whole = losses(&base);
     let dir = fresh("restart");
-    let port = free_port();
+    let (port, rdzv_port) = (free_port(), free_port());
     let marker = format!("BP_TEST_RESTART_JOB={}-{port}", std::process::id());
     let flags = format!("{base} --comm tcp --save-every 5 --resume auto --save-dir {}", dir.display());
-    let mut launcher = Command::new(std::env::current_exe().unwrap())
-        .args(["tests::processes::launcher_process", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
-        .env(CHILD_ENV, &flags)
-        .env(LAUNCH_ENV, format!("4 1 {port}"))
-        .env(marker.split_once('=').unwrap().0, marker.split_once('=').unwrap().1)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let node = |node: usize| {
+        Command::new(std::env::current_exe().unwrap())
+            .args(["tests::processes::launcher_process", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env(CHILD_ENV, &flags)
+            .env(LAUNCH_ENV, format!("2 1 {port} 2 {node} {rdzv_port}"))
+            .env(marker.split_once('=').unwrap().0, marker.split_once('=').unwrap().1)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (mut launcher, mut node1) = (node(0), node(1));
+    let node1_out = (drain(node1.stdout.take()), drain(node1.stderr.take()));
     let stderr = drain(launcher.stderr.take());
     let (seen, rest) = until_step(&mut launcher, 7);
     let victim = [marker.clone(), "RANK=2".into(), "TORCHELASTIC_RESTART_COUNT=0".into()];
     let pid = rank_pid(&victim).expect("rank 2's process of the first start");
     Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
-    let status = launcher.wait().unwrap();
+    let (status, status1) = (launcher.wait().unwrap(), node1.wait().unwrap());
     let out = format!("{}\n{}", seen.join("\n"), rest.join().unwrap());
     let err = stderr.join().unwrap();
-    assert!(status.success(), "{status:?}\n{out}\n{err}");
-    assert!(err.contains("starting every rank again (restart 1 of 1)"), "{err}");
+    let err1 = node1_out.1.join().unwrap();
+    assert!(status.success() && status1.success(), "{status:?} {status1:?}\n{out}\n{err}\nnode 1:\n{}\n{err1}", node1_out.0.join().unwrap());
+    for e in [&err, &err1] {
+        assert!(e.contains("starting every rank of the 2 nodes again (restart 1 of 1)"), "{e}");
+    }
     // Rank 0's steps: the first start's, then (after the restarted test harness's header)
     // the restart's from its checkpoint on.
     let at = out.match_indices("[rank 0] running 1 test").nth(1).map(|(i, _)| i).unwrap_or_else(|| panic!("rank 0 never started again:\n{out}"));

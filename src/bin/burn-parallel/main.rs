@@ -58,6 +58,20 @@ enum Cmd {
         /// one on one node; with --nnodes > 1 give every node's launcher the same one.
         #[arg(long)]
         job_id: Option<String>,
+        /// With --nnodes > 1: the port node 0's launcher listens on for the other nodes'
+        /// launchers (torchrun's rendezvous endpoint; default: --master-port + 1). Node 0's
+        /// launcher decides for all: a rank failing anywhere stops every node's ranks at once,
+        /// and every node starts again with the same TORCHELASTIC_RESTART_COUNT.
+        #[arg(long)]
+        rdzv_port: Option<u16>,
+        /// Seconds node 0's launcher waits for every node's to join, and on a restart for every
+        /// node to stop its ranks.
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+        rdzv_timeout_secs: u64,
+        /// Seconds without a heartbeat (sent every sixth of it) after which a node's launcher
+        /// counts as gone: every node stops its ranks and the job fails naming it.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        node_timeout_secs: u64,
         /// The program and its arguments (after `--`).
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -305,9 +319,35 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let code = match Cli::parse().command {
-        Cmd::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, stop_grace_secs, max_restarts, job_id, command } => {
-            let grace = std::time::Duration::from_secs(stop_grace_secs);
-            match launch(&LaunchOptions { nproc_per_node, nnodes, node_rank, master_addr, master_port, command, grace, max_restarts, job_id }) {
+        Cmd::Launch {
+            nproc_per_node,
+            nnodes,
+            node_rank,
+            master_addr,
+            master_port,
+            stop_grace_secs,
+            max_restarts,
+            job_id,
+            rdzv_port,
+            rdzv_timeout_secs,
+            node_timeout_secs,
+            command,
+        } => {
+            let secs = std::time::Duration::from_secs;
+            let options = LaunchOptions {
+                nnodes,
+                node_rank,
+                master_addr,
+                master_port,
+                grace: secs(stop_grace_secs),
+                max_restarts,
+                job_id,
+                rdzv_port,
+                rdzv_timeout: secs(rdzv_timeout_secs),
+                node_timeout: secs(node_timeout_secs),
+                ..LaunchOptions::new(nproc_per_node, command)
+            };
+            match launch(&options) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("burn-parallel launch: {e}");
