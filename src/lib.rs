@@ -69,8 +69,12 @@ pub mod qkv;
 pub mod recompute;
 pub mod rng;
 pub mod sharding;
+pub mod timing;
 pub mod topology;
 pub mod world;
+
+#[doc(hidden)]
+pub use tracing as __tracing;
 
 pub use collective::CollectiveBackend;
 #[cfg(feature = "cuda")]

@@ -280,6 +280,17 @@ pub(crate) struct Args {
     /// Print `step N loss L` every N steps on stdout (L printed exactly: bit-for-bit comparable).
     #[arg(long, default_value_t = 0)]
     pub(crate) print_every: usize,
+    /// At the end, print where the time went (Megatron's timers): per phase (step, data,
+    /// forward-backward or the pipeline's forward/backward/p2p, gradient reduction, norm,
+    /// optimizer, ZeRO gather, stop check, checkpoint, eval) the least, mean and most ms per
+    /// step of a rank and the slowest rank (`burn_parallel::timing`; one all-gather at the end).
+    #[arg(long)]
+    pub(crate) timers: bool,
+    /// Write every rank's phases as a Chrome trace (open in Perfetto or chrome://tracing: one
+    /// row per rank thread, forward/backward per micro-batch and stage). One process per rank
+    /// (--comm tcp|nccl): each writes FILE with `.rank<N>` before its extension.
+    #[arg(long)]
+    pub(crate) trace: Option<PathBuf>,
     /// Compute precision: f32, or bf16 (bf16 parameters and activations; f32 master weights,
     /// AdamW state, gradient accumulation and reduction; softmax, log-sum-exp and layer-norm
     /// statistics in f32). Costs nothing extra; halves parameter and activation bytes.

@@ -37,6 +37,7 @@ use burn_parallel::attention::AttentionCore;
 use burn_parallel::comm::ops::all_reduce;
 use burn_parallel::data::GlobalSampler;
 use burn_parallel::optim::{DistAdamW, DistAdamWConfig};
+use burn_parallel::timing;
 use burn_parallel::{
     all_ok, run_world, BackwardWith, Comm, ContextParallel, LocalWorldOptions, P2pMode, ParallelBackend, ParallelConfig, ProcessGroups, ReduceOp,
 };
@@ -190,8 +191,10 @@ where
     let mut run = Loop::new(args, &groups, start)?;
     let sampler = GlobalSampler::new(args.seed, "train");
     while run.running() {
+        let data_span = timing::span!(timing::phase::DATA).entered();
         let mbs = Corpus::microbatches::<B>(&data.train, run.samples(), pipelined::microbatches(args), args.seq_len, &sampler, &device)?;
         let mbs = mbs.into_iter().map(|(x, y)| (cp.split(x, 1), cp.split(y, 1))).collect();
+        drop(data_span);
         let (loss, grads) = gpt.forward_backward_accumulated(mbs).map_err(|e| e.to_string())?;
         let (mut parts, norm) = optim.step(run.lr(), vec![(gpt, grads)], args.clip_grad).map_err(|e| run.failed(e))?;
         gpt = parts.remove(0);
@@ -199,6 +202,7 @@ where
             break;
         }
         if run.eval_due() {
+            let _t = timing::span!(timing::phase::EVAL).entered();
             run.evaluated(evaluate(&gpt.valid(), &data.val, "val", args, &device, &cp)?);
         }
     }
@@ -263,18 +267,40 @@ fn load(args: &Args) -> Result<Corpus, String> {
     Ok(c)
 }
 
-/// Logs to stderr at `RUST_LOG`'s level (default info).
-pub(crate) fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+/// Logs to stderr at `RUST_LOG`'s level (default info); with `--timers` the phases' times are
+/// added up, with `--trace FILE` written as a Chrome trace (keep the guard until the end).
+pub(crate) fn init_logging(args: &Args) -> Result<Option<tracing_chrome::FlushGuard>, String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    let timers = args.timers.then(burn_parallel::timing::layer);
+    let (trace, guard) = match &args.trace {
+        Some(path) => {
+            let path = trace_path(path, std::env::var("RANK").ok().filter(|_| args.comm != CommKind::Local));
+            std::fs::File::create(&path).map_err(|e| format!("--trace {}: {e}", path.display()))?;
+            let (layer, guard) = burn_parallel::timing::trace_layer(&path);
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(fmt).with(timers).with(trace).init();
+    Ok(guard)
+}
+
+/// `--trace FILE` of the rank process `rank`: `FILE` with `.rank<N>` before its extension.
+fn trace_path(path: &std::path::Path, rank: Option<String>) -> std::path::PathBuf {
+    let Some(rank) = rank else { return path.to_path_buf() };
+    let stem = path.file_stem().map_or(String::new(), |s| s.to_string_lossy().into_owned());
+    let ext = path.extension().map_or(String::new(), |e| format!(".{}", e.to_string_lossy()));
+    path.with_file_name(format!("{stem}.rank{rank}{ext}"))
 }
 
 fn main() {
-    init_logging();
     let args = Args::parse_with_presets(std::env::args_os()).unwrap_or_else(|e| e.exit());
-    if let Err(e) = main_result(&args) {
+    let result = init_logging(&args).and_then(|guard| main_result(&args).map(|()| drop(guard)));
+    if let Err(e) = result {
         use std::io::Write;
         let _ = writeln!(std::io::stderr(), "error: {e}");
         std::process::exit(1);

@@ -9,6 +9,7 @@ use burn_parallel::checkpoint::{Snapshot, TrainState};
 use burn_parallel::data::GlobalSampler;
 use burn_parallel::optim::DistAdamW;
 use burn_parallel::pipeline::{PipelineExecutor, PipelineModel, PipelineOptions};
+use burn_parallel::timing;
 use burn_parallel::{BackwardWith, Comm, ContextParallel, ParallelBackend, ParallelConfig, ProcessGroups};
 use burn_parallel_modules::{GptPipeline, TokenBatch};
 use burn_parallel_schedules::{render_svg, schedule_by_name, simulate, Costs, PipelineShape, Schedule};
@@ -150,7 +151,7 @@ where
     let mut run = Loop::new(args, &groups, start)?;
     let sampler = GlobalSampler::new(args.seed, "train");
     while run.running() {
-        let mbs = split(args, &data.train, run.samples(), &sampler, &cp)?;
+        let mbs = timing::span!(timing::phase::DATA).in_scope(|| split(args, &data.train, run.samples(), &sampler, &cp))?;
         let out = exec.step(&mbs).map_err(|e| e.to_string())?;
         let parts = exec.stages().iter().map(|s| s.part.clone()).zip(out.grads).collect();
         let (parts, norm) = optim.step(run.lr(), parts, args.clip_grad).map_err(|e| run.failed(e))?;
@@ -161,6 +162,7 @@ where
             break;
         }
         if run.eval_due() {
+            let _t = timing::span!(timing::phase::EVAL).entered();
             run.evaluated(evaluate(args, &exec, &data.val, "val", &cp)?);
         }
     }

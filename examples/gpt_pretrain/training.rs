@@ -9,6 +9,7 @@ use burn_parallel::checkpoint::{Checkpointer, Snapshot, TrainState};
 use burn_parallel::data::GlobalSampler;
 use burn_parallel::optim::schedule::LrSchedule;
 use burn_parallel::optim::OptimError;
+use burn_parallel::timing;
 use burn_parallel::{ProcessGroups, ReduceOp};
 
 use super::checkpointing::{self, Start};
@@ -33,6 +34,8 @@ pub(crate) struct Loop<'a> {
     stopped: Option<i32>,
     /// The last step's loss (mean over replicas).
     loss: f32,
+    /// The timing span of the step that runs now (`burn_parallel::timing`).
+    step_span: Option<tracing::span::EnteredSpan>,
 }
 
 /// How a rank's loop ended.
@@ -69,13 +72,16 @@ impl<'a> Loop<'a> {
             step_started: now,
             stopped: None,
             loss: f32::NAN,
+            step_span: None,
         })
     }
 
     /// Whether another step runs; starts its clock.
     pub(crate) fn running(&mut self) -> bool {
         self.step_started = Instant::now();
-        self.train.step < self.last
+        let running = self.train.step < self.last;
+        self.step_span = running.then(|| timing::span!(timing::phase::STEP, step = self.train.step + 1).entered());
+        running
     }
 
     /// The 0-based index of the step that runs now.
@@ -118,9 +124,13 @@ impl<'a> Loop<'a> {
         if args.time_limit_mins.is_some_and(|m| self.started.elapsed().as_secs_f64() >= m * 60.0) {
             burn_parallel::preempt::request(burn_parallel::preempt::TIME_LIMIT);
         }
-        self.stopped = burn_parallel::preempt::agreed_stop(&self.groups.world).map_err(|e| e.to_string())?;
-        let save = checkpointing::due(args, self.train.step, self.last, self.stopped).then(|| snapshot(&self.train));
+        self.stopped =
+            timing::span!(timing::phase::STOP_CHECK).in_scope(|| burn_parallel::preempt::agreed_stop(&self.groups.world)).map_err(|e| e.to_string())?;
+        let due = checkpointing::due(args, self.train.step, self.last, self.stopped);
+        let _save = due.then(|| timing::span!(timing::phase::CHECKPOINT, step = self.train.step).entered());
+        let save = due.then(|| snapshot(&self.train));
         checkpointing::after_step(&mut self.saver, save)?;
+        self.step_span = None;
         Ok(self.stopped.is_none())
     }
 
@@ -139,8 +149,28 @@ impl<'a> Loop<'a> {
     pub(crate) fn finish(mut self) -> Result<Ended, String> {
         self.reporter.finish();
         checkpointing::finish(self.args, &mut self.saver, self.groups.world.global_rank())?;
+        if self.args.timers {
+            self.print_timers()?;
+        }
         let tokens_per_sec = self.throughput.tokens_per_sec(self.train.step, self.tokens_per_step());
         Ok(Ended { first_loss: self.first.0, tokens_per_sec, stopped: self.stopped.map(|s| (s, self.train.step)) })
+    }
+
+    /// `--timers`: every rank's phases gathered (a collective), printed by rank 0.
+    fn print_timers(&self) -> Result<(), String> {
+        let rows = timing::summarize(&timing::take(), &self.groups.world).map_err(|e| e.to_string())?;
+        if self.groups.world.global_rank() == 0 {
+            let steps = self.train.step - self.first.1;
+            let mut out = std::io::stdout().lock();
+            use std::io::Write;
+            let _ = writeln!(
+                out,
+                "timers over {steps} steps, {} ranks (ms per step: least, mean and most of a rank):\n{}",
+                self.groups.world.size(),
+                timing::table(&rows, steps)
+            );
+        }
+        Ok(())
     }
 
     fn tokens_per_step(&self) -> f64 {

@@ -400,11 +400,13 @@ impl<B: ParallelBackend> Gpt<B> {
         assert!(m > 0, "gradient accumulation needs at least one micro-batch");
         if m == 1 {
             let (ids, targets) = microbatches.into_iter().next().expect("one micro-batch");
+            let _t = burn_parallel::timing::span!(burn_parallel::timing::phase::FORWARD_BACKWARD, mb = 0).entered();
             return self.forward_backward(ids, targets);
         }
         let half = matches!(self.wte.weight.val().dtype(), burn::tensor::DType::BF16 | burn::tensor::DType::F16);
         let (mut acc, mut total) = (burn::optim::GradientsAccumulator::new(), 0.0f32);
-        for (ids, targets) in microbatches {
+        for (mb, (ids, targets)) in microbatches.into_iter().enumerate() {
+            let _t = burn_parallel::timing::span!(burn_parallel::timing::phase::FORWARD_BACKWARD, mb = mb).entered();
             let (loss, grads) = self.forward_backward_scaled(ids, targets, 1.0 / m as f32)?;
             acc.accumulate(self, if half { burn_parallel::precision::grads_to_f32(self, grads) } else { grads });
             total += loss;

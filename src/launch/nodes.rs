@@ -68,7 +68,13 @@ struct Link {
     report: Box<dyn Fn(Report)>,
     closing: Arc<AtomicBool>,
     /// Node 0: the coordinator's thread, and how to tell it that node 0's launcher leaves.
-    coordinator: Option<(std::thread::JoinHandle<()>, Box<dyn Fn()>)>,
+    coordinator: Option<Hosted>,
+}
+
+/// Node 0's coordinator, as its own launcher holds it.
+struct Hosted {
+    thread: std::thread::JoinHandle<()>,
+    leave: Box<dyn Fn()>,
 }
 
 impl Link {
@@ -112,9 +118,9 @@ impl Link {
     /// rank).
     fn close(self) {
         self.closing.store(true, Ordering::SeqCst);
-        if let Some((c, leave)) = self.coordinator {
+        if let Some(Hosted { thread, leave }) = self.coordinator {
             leave();
-            let _ = c.join();
+            let _ = thread.join();
         }
     }
 }
@@ -357,7 +363,7 @@ fn coordinate(o: &LaunchOptions, joined: Vec<JoinedNode>) -> Link {
     let report = Box::new(move |r: Report| {
         let _ = inputs.send((0, Input::Report(r)));
     });
-    Link { cmds, report, closing, coordinator: Some((coordinator, leave)) }
+    Link { cmds, report, closing, coordinator: Some(Hosted { thread: coordinator, leave }) }
 }
 
 /// Node 0's launcher through any of its name's addresses, retried until the deadline (it may

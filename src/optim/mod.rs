@@ -251,9 +251,11 @@ where
             entries.extend(g.out);
             modules.push(module);
         }
+        use crate::timing::{phase, span};
         self.check_tied_agreed(&entries)?;
-        let mut grads = self.reduce(&mut entries)?;
+        let mut grads = span!(phase::GRADS_REDUCE).in_scope(|| self.reduce(&mut entries))?;
         self.sum_tied(&entries, &mut grads)?;
+        let norm_span = span!(phase::GRAD_NORM).entered();
         let norm = match max_norm.is_some() || self.config.check_finite {
             true => Some(self.global_norm(&entries, &grads)?),
             false => None,
@@ -263,13 +265,15 @@ where
                 return Err(OptimError::NonFinite { norm });
             }
         }
+        drop(norm_span);
         if let (Some(max), Some(norm)) = (max_norm, norm) {
             if norm > max {
                 let factor = max / (norm + 1e-6);
                 grads = grads.into_iter().map(|g| g.mul_scalar(factor)).collect();
             }
         }
-        let (own, left) = self.update_all(&entries, grads, lr);
+        let (own, left) = span!(phase::OPTIMIZER).in_scope(|| self.update_all(&entries, grads, lr));
+        let _gather = span!(phase::PARAMS_GATHER).entered();
         let values = self.gather(&entries, own)?;
         let mut apply = Apply { values: entries.iter().map(|e| e.id).zip(values).collect(), copy: left.into_iter().collect() };
         Ok((modules.into_iter().map(|m| m.map(&mut apply)).collect(), norm))

@@ -83,6 +83,7 @@ where
         if self.tied.sets.is_empty() {
             return Ok(());
         }
+        let _t = crate::timing::span!(crate::timing::phase::TIED_GRADS).entered();
         let index: HashMap<ParamId, usize> = entries.iter().enumerate().map(|(i, e)| (e.id, i)).collect();
         let members = self.tied.sets.iter().map(|set| set.iter().map(|id| grads[index[id]].clone()).collect()).collect();
         let sums = sum_sets(members, self.tied.group.as_ref())?;

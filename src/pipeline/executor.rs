@@ -240,7 +240,10 @@ where
         };
         for step in steps(&self.plan.ranks[self.comm.rank()]) {
             match step {
-                Step::Batch(batch) => self.exchange(&batch, microbatches, &mut st)?,
+                Step::Batch(batch) => {
+                    let _t = crate::timing::span!(crate::timing::phase::PIPELINE_P2P, ops = batch.len()).entered();
+                    self.exchange(&batch, microbatches, &mut st)?
+                }
                 Step::Compute(a) => self.compute(a, microbatches, &mut st)?,
             }
         }
@@ -290,6 +293,13 @@ where
         let (me, last) = (self.comm.rank(), self.plan.shape.stages() - 1);
         let (s, mb, key) = (a.stage, a.mb, (a.stage, a.mb));
         let i = self.local(s);
+        use crate::timing::{phase, span};
+        let _t = match a.op {
+            Op::F => span!(phase::FORWARD, stage = s, mb = mb),
+            Op::W => span!(phase::WEIGHT_GRAD, stage = s, mb = mb),
+            _ => span!(phase::BACKWARD, stage = s, mb = mb),
+        }
+        .entered();
         match a.op {
             Op::F => {
                 let stage = &self.stages[i];

@@ -14,12 +14,14 @@
 //! - `data.rs`: blended shards (`--shards W:DIR,W:DIR`).
 //! - `runs.rs`: flags and presets, bad numbers, fused optimizer updates, chunked attention,
 //!   gradient accumulation, `--metrics`, model FLOPs, and `--device wgpu` against the CPU.
+//! - `timers.rs`: `--timers` and `--trace` (threads and TCP processes), losses unchanged.
 
 mod checkpoints;
 mod context;
 mod data;
 mod processes;
 mod runs;
+mod timers;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -39,10 +41,9 @@ const TINY: &str = "--d-model 32 --heads 4 --seq-len 16 --batch-size 4 --eval-ba
 #[ignore = "the child process of the tests below (runs only with their environment)"]
 fn child_process() {
     let Ok(flags) = std::env::var(CHILD_ENV) else { return };
-    super::init_logging();
     let args =
         Args::parse_with_presets(std::iter::once("gpt_pretrain".to_string()).chain(flags.split_whitespace().map(String::from))).unwrap_or_else(|e| e.exit());
-    let code = match main_result(&args) {
+    let code = match super::init_logging(&args).and_then(|guard| main_result(&args).map(|()| drop(guard))) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
