@@ -59,6 +59,10 @@ fn main() {
         return;
     }
     let shape = shape();
+    if std::env::var("BENCH_MEM_STEPS_ONLY").is_ok() {
+        step_times(&shape);
+        return;
+    }
     println!("GPT {shape:?}, global batch 8; MB = 10^6 bytes\n");
     println!("| layout | pp rank | predicted peak | measured peak | predicted / measured |\n|---|---|---|---|---|");
     let mut worst = 0f64;
@@ -153,7 +157,7 @@ fn step_times(shape: &GptShape) {
     let time = |p: &burn_parallel::memory::TrainPlan| run(shape, p, 5).iter().map(|m| m.step_secs).fold(0.0, f64::max);
     let base = time(&plan(1, 1, 1, 8));
     println!("| no recompute (baseline) | {base:.3} | 1.00 |");
-    for r in [Recompute::Selective, Recompute::Full] {
+    for r in [Recompute::Selective, Recompute::Blocks(shape.layers / 2), Recompute::Full] {
         let mut p = plan(1, 1, 1, 8);
         p.recompute = r;
         let t = time(&p);

@@ -265,6 +265,7 @@ pub fn grid() -> Vec<Case> {
         Case { name: "tp 4 SP", plan: sp(plan(1, 1, 4, b)) },
         Case { name: "selective", plan: rc(plan(1, 1, 1, b), Recompute::Selective) },
         Case { name: "full", plan: rc(plan(1, 1, 1, b), Recompute::Full) },
+        Case { name: "full:2 (2 of 4 blocks)", plan: rc(plan(1, 1, 1, b), Recompute::Blocks(2)) },
         Case { name: "bf16", plan: bf16(plan(1, 1, 1, b)) },
         Case { name: "dropout tp 2", plan: drop(plan(1, 1, 2, b)) },
         Case { name: "chunked loss (64 rows)", plan: chunk(plan(1, 1, 1, b)) },

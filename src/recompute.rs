@@ -16,7 +16,10 @@
 //! (`2·s·b·h` bytes in bf16) and reruns the whole block (+1 forward of the blocks);
 //! [`Recompute::Selective`] keeps everything but the attention core (scores, softmax,
 //! dropout: the `5·a·s²·b` term) and reruns only the core; with a fused or chunked core
-//! (no `s²` tensor kept) it reruns nothing.
+//! (no `s²` tensor kept) it reruns nothing. [`Recompute::Blocks`]`(n)` (`full:N`, Megatron's
+//! `--recompute-method block --recompute-num-layers N`) recomputes the first `n` blocks of each
+//! pipeline stage (of each model chunk with virtual stages) as `Full` and keeps the others'
+//! graphs: between none and full, memory for compute, one block at a time.
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -35,11 +38,25 @@ pub enum Recompute {
     Selective,
     /// Keep each block's input only; rerun the whole block.
     Full,
+    /// `Full` for the first `n` blocks of each stage (each model chunk); the others keep their
+    /// whole graph (`n` past the stage's blocks: `Full`; 0: `None`).
+    Blocks(usize),
+}
+
+impl Recompute {
+    /// The mode of block `i` (0-based, within its stage or model chunk): never `Blocks`.
+    pub fn for_block(self, i: usize) -> Recompute {
+        match self {
+            Self::Blocks(n) if i < n => Self::Full,
+            Self::Blocks(_) => Self::None,
+            mode => mode,
+        }
+    }
 }
 
 /// A recompute mode name that does not exist.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown recompute mode {0:?} (choose none, selective or full)")]
+#[error("unknown recompute mode {0:?} (choose none, selective, full, or full:N for the first N blocks of each stage)")]
 pub struct UnknownRecompute(pub String);
 
 impl std::str::FromStr for Recompute {
@@ -49,18 +66,22 @@ impl std::str::FromStr for Recompute {
             "none" => Ok(Self::None),
             "selective" => Ok(Self::Selective),
             "full" => Ok(Self::Full),
-            other => Err(UnknownRecompute(other.to_string())),
+            other => match other.strip_prefix("full:").map(str::parse) {
+                Some(Ok(n)) => Ok(Self::Blocks(n)),
+                _ => Err(UnknownRecompute(other.to_string())),
+            },
         }
     }
 }
 
 impl std::fmt::Display for Recompute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::None => "none",
-            Self::Selective => "selective",
-            Self::Full => "full",
-        })
+        match self {
+            Self::None => f.write_str("none"),
+            Self::Selective => f.write_str("selective"),
+            Self::Full => f.write_str("full"),
+            Self::Blocks(n) => write!(f, "full:{n}"),
+        }
     }
 }
 
@@ -135,7 +156,15 @@ mod tests {
     #[test]
     fn names() {
         assert_eq!("selective".parse::<Recompute>(), Ok(Recompute::Selective));
-        assert_eq!("some".parse::<Recompute>().unwrap_err().to_string(), "unknown recompute mode \"some\" (choose none, selective or full)");
+        assert_eq!("full:2".parse::<Recompute>(), Ok(Recompute::Blocks(2)));
+        assert_eq!(Recompute::Blocks(3).to_string(), "full:3");
+        for bad in ["some", "full:", "full:-1", "full:x"] {
+            let e = bad.parse::<Recompute>().unwrap_err().to_string();
+            assert_eq!(e, format!("unknown recompute mode {bad:?} (choose none, selective, full, or full:N for the first N blocks of each stage)"));
+        }
+        let modes: Vec<_> = (0..4).map(|i| Recompute::Blocks(2).for_block(i)).collect();
+        assert_eq!(modes, [Recompute::Full, Recompute::Full, Recompute::None, Recompute::None]);
+        assert_eq!(Recompute::Selective.for_block(5), Recompute::Selective);
         let s = StreamCounter::new("x");
         s.set(3);
         let snap = StreamSnapshot::take(vec![s.clone()]);

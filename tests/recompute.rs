@@ -1,6 +1,7 @@
-//! Activation recompute: full and selective give bit for bit the loss and every parameter
-//! gradient of no recompute (f32, dropout 0.1), for tp = 1, tp = 2, tp = 2 with SP, and pp = 2
-//! (× tp = 2, 1F1B and interleaved), and draw the same dropout masks (their counters end equal).
+//! Activation recompute: full, selective and full for the first N blocks of each stage
+//! (`full:N`) give bit for bit the loss and every parameter gradient of no recompute (f32,
+//! dropout 0.1), for tp = 1, tp = 2, tp = 2 with SP, and pp = 2 (× tp = 2, 1F1B and
+//! interleaved: per model chunk), and draw the same dropout masks (their counters end equal).
 
 mod common;
 
@@ -57,7 +58,7 @@ fn full_and_selective_recompute_give_the_gradients_of_no_recompute_bit_for_bit()
     for (tp, sp) in [(1, false), (2, false), (2, true)] {
         let reference = flat(tp, sp, Recompute::None);
         assert!(reference[0].3.iter().any(|&n| n > 0), "dropout must draw masks");
-        for mode in [Recompute::Full, Recompute::Selective] {
+        for mode in [Recompute::Full, Recompute::Selective, Recompute::Blocks(1), Recompute::Blocks(3), Recompute::Blocks(9)] {
             let got = flat(tp, sp, mode);
             for (r, g) in reference.iter().zip(&got) {
                 assert_eq!(r.1, g.1, "tp {tp} sp {sp} {mode}: loss");
@@ -101,7 +102,7 @@ fn piped_chunked(schedule: &str, v: usize, mode: Recompute, chunk: Option<usize>
 fn pipelined_recompute_gives_the_gradients_of_no_recompute_bit_for_bit() {
     for (schedule, v) in [("1f1b", 1), ("interleaved-1f1b", 2)] {
         let reference = piped(schedule, v, Recompute::None);
-        for mode in [Recompute::Full, Recompute::Selective] {
+        for mode in [Recompute::Full, Recompute::Selective, Recompute::Blocks(1)] {
             let got = piped(schedule, v, mode);
             for (r, g) in reference.iter().zip(&got) {
                 assert_eq!((r.0, r.1, &r.3), (g.0, g.1, &g.3), "{schedule} {mode}: rank, loss, streams");
@@ -131,7 +132,7 @@ fn a_chunked_cross_entropy_gives_the_loss_and_gradients_of_the_whole_one() {
     // 4 × 8 = 32 token rows in chunks of 5 (the last one short), with and without recompute.
     for (tp, sp) in [(1, false), (2, true)] {
         let whole = flat(tp, sp, Recompute::None);
-        for mode in [Recompute::None, Recompute::Full, Recompute::Selective] {
+        for mode in [Recompute::None, Recompute::Full, Recompute::Selective, Recompute::Blocks(2)] {
             close(&whole, &flat_chunked(tp, sp, mode, Some(5)), &format!("tp {tp} sp {sp} {mode} chunked"));
         }
     }

@@ -311,7 +311,10 @@ pub(crate) struct Args {
     /// Activation recompute: none; selective (rerun the composed attention core in the backward:
     /// drops the [b, heads, s, s] tensors for a few % more compute; the same as none with a
     /// fused or chunked core, which keeps no such tensor); full (keep each block's input,
-    /// rerun the block: +1 forward of every block, about +1/3 of the step's FLOPs).
+    /// rerun the block: +1 forward of every block, about +1/3 of the step's FLOPs); full:N
+    /// (full for the first N blocks of each pipeline stage or model chunk, the others keep
+    /// their activations: Megatron's --recompute-method block --recompute-num-layers N; +1
+    /// forward of N blocks).
     #[arg(long, default_value = "none", value_parser = parse_recompute)]
     pub(crate) recompute: Recompute,
     /// Attention core: auto (the fused flash-attention kernels on CUDA/wgpu when --dropout is 0:

@@ -142,8 +142,8 @@ where
         cur = output.clone().detach();
         kept = Some(Kept { input, output });
     }
-    for block in pieces.blocks.iter().filter(|_| mode != Recompute::None) {
-        let (next, tape) = block_forward(block, cur, mode);
+    for (i, block) in pieces.blocks.iter().enumerate().filter(|_| mode != Recompute::None) {
+        let (next, tape) = block_forward(block, cur, mode.for_block(i));
         blocks.push(tape);
         cur = next;
     }
@@ -156,7 +156,8 @@ where
     }
 }
 
-/// One block under `mode` (full or selective): its output (detached) and what it keeps.
+/// One block under `mode` (`Recompute::for_block`'s: full, selective, or none for a block
+/// `Blocks` leaves alone): its output (detached) and what it keeps.
 fn block_forward<B: AutodiffBackend + ParallelBackend>(block: &TransformerBlock<B>, cur: Tensor<B, 3>, mode: Recompute) -> (Tensor<B, 3>, BlockTape<B>) {
     match mode {
         Recompute::Full => {
@@ -164,12 +165,10 @@ fn block_forward<B: AutodiffBackend + ParallelBackend>(block: &TransformerBlock<
             let y = detached(block).forward(cur.clone()).detach();
             (y, BlockTape::Full { input: cur, streams })
         }
-        _ if block.attn.core.keeps_lse_only() => {
-            let input = cur.detach().require_grad();
-            let output = block.forward(input.clone());
-            (output.clone().detach(), BlockTape::Graph(Kept { input, output }))
-        }
-        _ => {
+        // No recompute, or a core that keeps only o and the log-sum-exp: the block's graph.
+        Recompute::None | Recompute::Blocks(_) => graph_block(block, cur),
+        Recompute::Selective if block.attn.core.keeps_lse_only() => graph_block(block, cur),
+        Recompute::Selective => {
             // Two fresh leaves of the same value: the two graphs of the block share no node.
             let x_in = cur.clone().detach().require_grad();
             let qkv = block.attn_in(x_in.clone());
@@ -180,6 +179,13 @@ fn block_forward<B: AutodiffBackend + ParallelBackend>(block: &TransformerBlock<
             (y.clone().detach(), BlockTape::Selective { x_in, qkv, x_out, context, y, core })
         }
     }
+}
+
+/// A block's whole graph from a fresh input leaf.
+fn graph_block<B: AutodiffBackend + ParallelBackend>(block: &TransformerBlock<B>, cur: Tensor<B, 3>) -> (Tensor<B, 3>, BlockTape<B>) {
+    let input = cur.detach().require_grad();
+    let output = block.forward(input.clone());
+    (output.clone().detach(), BlockTape::Graph(Kept { input, output }))
 }
 
 /// The head and its loss from the last block's output: the loss and what the head keeps.

@@ -27,7 +27,9 @@
 //! `4·b·(a/t)·s`.
 //! Selective recompute drops the `s²` terms and keeps `[q|k|v]` packed (with a fused or chunked
 //! core it keeps the block's graph: nothing to drop);
-//! full recompute keeps the block input only and reruns one block at a time in the backward.
+//! full recompute keeps the block input only and reruns one block at a time in the backward;
+//! `full:N` (`Recompute::Blocks`) does so for the first N blocks of each stage (model chunk)
+//! and keeps the others whole.
 //! The first stage adds the embedding dropout's mask, the last the final layer norm's input
 //! and output and the f32 shifted logits `N·V/t·4` (cross-entropy; with a chunked loss the
 //! logits `N·V/t·e` instead). A pipeline rank holds the
@@ -269,7 +271,12 @@ impl Dims {
             // The core (with context parallelism its gathered keys and values) is rerun.
             Recompute::Selective => self.block() - self.core() - self.e * self.gathered_kv,
             Recompute::Full => self.e * self.seq(),
+            Recompute::Blocks(_) => unreachable!("a block's own mode comes from Recompute::for_block"),
         }
+    }
+    /// Bytes the `n` blocks of a stage (model chunk) keep under `mode`.
+    fn blocks_kept(&self, mode: Recompute, n: usize) -> f64 {
+        (0..n).map(|i| self.block_kept(mode.for_block(i))).sum()
     }
     /// The largest transient of a block's backward.
     fn block_transient(&self, mode: Recompute) -> f64 {
@@ -379,7 +386,7 @@ fn replay(d: &Dims, g: &GptShape, plan: &TrainPlan, layout: &StageLayout, action
     // Activations of one chunk-micro-batch of stage `s`.
     let kept = |s: usize| {
         let sp = layout.part(s);
-        let mut k = sp.layers.len() as f64 * d.block_kept(plan.recompute);
+        let mut k = d.blocks_kept(plan.recompute, sp.layers.len());
         if sp.is_first() && d.drop {
             k += d.e * d.seq();
         }
@@ -420,16 +427,19 @@ fn replay(d: &Dims, g: &GptShape, plan: &TrainPlan, layout: &StageLayout, action
 
 /// The peak of one chunk-micro-batch's backward above the model state and the other
 /// micro-batches: its pieces (head, blocks last to first, embedding) in order, each with the
-/// activations not yet freed, the gradients produced so far and the piece's own transient.
-/// Returns the peak and the transient at it.
+/// activations not yet freed, the gradients produced so far (this micro-batch's, next to the
+/// accumulated ones of the earlier micro-batches) and the piece's own transient. Returns the
+/// peak and the transient at it.
 fn backward_peak(d: &Dims, g: &GptShape, plan: &TrainPlan, spec: &crate::pipeline::PartSpec, kept: f64, grads_live: f64) -> (f64, f64) {
     let block_params = stage_params(g, plan.tp, 1, false, false) * 4.0;
     let mut pieces: Vec<(f64, f64, f64)> = Vec::new(); // (kept, transient, gradient bytes)
     if spec.is_last() {
         pieces.push((d.head(), d.head_transient(), (stage_params(g, plan.tp, 0, false, true)) * 4.0));
     }
-    for _ in spec.layers.clone() {
-        pieces.push((d.block_kept(plan.recompute), d.block_transient(plan.recompute), block_params));
+    // The blocks last to first, as the backward walks them.
+    for i in (0..spec.layers.len()).rev() {
+        let mode = plan.recompute.for_block(i);
+        pieces.push((d.block_kept(mode), d.block_transient(mode), block_params));
     }
     if spec.is_first() {
         // The lookup's backward builds the dense `[V/t, h]` gradient of the table (and a copy).
@@ -442,9 +452,7 @@ fn backward_peak(d: &Dims, g: &GptShape, plan: &TrainPlan, spec: &crate::pipelin
             (peak, at) = (remaining + done + t, t);
         }
         remaining -= k;
-        if grads_live == 0.0 {
-            done += p;
-        }
+        done += p;
     }
-    (peak.max(kept + grads_live), at)
+    (peak.max(kept + grads_live).max(done), at)
 }

@@ -198,7 +198,7 @@ struct MemoryArgs {
     /// Sequence parallelism.
     #[arg(long)]
     sequence_parallel: bool,
-    /// none, selective or full.
+    /// none, selective, full, or full:N (the first N blocks of each stage).
     #[arg(long, default_value = "none")]
     recompute: String,
     /// 1: ZeRO-1.
