@@ -1,6 +1,6 @@
 //! Training metrics as JSON lines, for plots and monitoring: [`MetricsLog`] appends one JSON
 //! object per record ([`StepMetrics`] after each optimizer step, [`EvalMetrics`] after each
-//! evaluation) to a file, flushed line by line, so `tail -f` and a crash both see every
+//! evaluation, [`TimersMetrics`] where the timers are printed) to a file, flushed line by line, so `tail -f` and a crash both see every
 //! finished step. A resumed run appends to the same file: where steps repeat (a run resumed
 //! from an older checkpoint), the last record of a step is the one that counts. A NaN or an
 //! infinity is written as `null` (JSON has neither).
@@ -43,6 +43,53 @@ pub struct EvalMetrics {
     pub step: u64,
     /// The validation loss.
     pub val_loss: f32,
+}
+
+/// Where the time of some steps went: the [`crate::timing`] summary over the ranks.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TimersMetrics {
+    /// Steps done.
+    pub step: u64,
+    /// The steps the timers cover (the last ones).
+    pub steps: u64,
+    /// One entry per phase.
+    pub timers: Vec<PhaseMetrics>,
+}
+
+/// One phase of [`TimersMetrics`], per step.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PhaseMetrics {
+    /// The phase (`crate::timing::phase`).
+    pub phase: String,
+    /// Its spans per step (the most of a rank).
+    pub calls_per_step: f64,
+    /// The least milliseconds per step of a rank.
+    pub min_ms: f64,
+    /// The mean over the ranks.
+    pub mean_ms: f64,
+    /// The most of a rank.
+    pub max_ms: f64,
+    /// The rank with the most.
+    pub slowest_rank: usize,
+}
+
+impl TimersMetrics {
+    /// The record of `rows` ([`crate::timing::summarize`]) over the `steps` steps up to `step`.
+    pub fn new(step: u64, steps: u64, rows: &[crate::timing::PhaseSummary]) -> Self {
+        let per = |d: std::time::Duration| d.as_secs_f64() * 1e3 / steps.max(1) as f64;
+        let timers = rows
+            .iter()
+            .map(|r| PhaseMetrics {
+                phase: r.phase.to_string(),
+                calls_per_step: r.calls as f64 / steps.max(1) as f64,
+                min_ms: per(r.min),
+                mean_ms: per(r.mean),
+                max_ms: per(r.max),
+                slowest_rank: r.max_rank,
+            })
+            .collect();
+        Self { step, steps, timers }
+    }
 }
 
 /// The metrics file cannot be opened or written.

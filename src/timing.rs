@@ -19,7 +19,10 @@
 //!
 //! Times are the host's: on a GPU backend, whose kernels run asynchronously, a phase ends when its
 //! work is queued unless something in it waits for the device (a collective, a loss read back).
-//! Spans nest (a step holds its forward), so the phases' times overlap.
+//! [`set_device_sync`] makes every span of the thread wait for the device when it starts and
+//! ends (as Megatron's timers synchronize CUDA): then the phases measure the device's work, at
+//! the cost of the overlap between host and device. Spans nest (a step holds its forward), so
+//! the phases' times overlap.
 //!
 //! ```
 //! use burn_parallel::timing::{self, phase};
@@ -40,7 +43,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use burn::tensor::TensorData;
-use tracing::span::{Attributes, Id};
+use tracing::span::Id;
 use tracing::Subscriber;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
@@ -116,7 +119,7 @@ pub use crate::timing_span as span;
 /// One phase's time on one thread.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Phase {
-    /// Spans closed.
+    /// Times a span of it was entered and exited (once for a span entered once).
     pub calls: u64,
     /// Their time, summed.
     pub total: Duration,
@@ -140,8 +143,27 @@ impl Timings {
     }
 }
 
+/// A wait for this thread's device (see [`set_device_sync`]).
+pub type DeviceSync = Box<dyn Fn()>;
+
 thread_local! {
     static TIMINGS: RefCell<Timings> = RefCell::new(Timings::default());
+    static SYNC: RefCell<Option<DeviceSync>> = const { RefCell::new(None) };
+}
+
+/// Makes [`TimersLayer`] call `sync` (e.g. `|| B::sync(&device)`, the rank's device) on this
+/// thread before it reads the clock at each span's start and end, so that a phase holds the
+/// device work it queued and none queued before it; `None` stops it.
+pub fn set_device_sync(sync: Option<DeviceSync>) {
+    SYNC.with(|s| *s.borrow_mut() = sync);
+}
+
+fn device_sync() {
+    SYNC.with(|s| {
+        if let Some(f) = s.borrow().as_ref() {
+            f();
+        }
+    });
 }
 
 /// The calling thread's timings since its last `take` (then reset).
@@ -157,16 +179,19 @@ pub struct TimersLayer;
 struct Entered(Instant);
 
 impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for TimersLayer {
-    fn on_new_span(&self, _: &Attributes<'_>, _: &Id, _: Context<'_, S>) {}
-
     fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
         if let Some(span) = ctx.span(id) {
+            device_sync();
             span.extensions_mut().replace(Entered(Instant::now()));
         }
     }
 
     fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
+        if span.extensions().get::<Entered>().is_none() {
+            return;
+        }
+        device_sync();
         let Some(Entered(at)) = span.extensions_mut().remove::<Entered>() else { return };
         let name = span.metadata().name();
         TIMINGS.with(|t| {

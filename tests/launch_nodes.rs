@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_burn-parallel");
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// Two distinct free ports (both bound at once, then released).
+fn free_ports() -> (u16, u16) {
+    let (a, b) = (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap());
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
 }
 
 fn text(o: &Output) -> String {
@@ -27,18 +29,22 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Two nodes' launchers of one job (node 0 hosts the rendezvous at `port`).
 struct Job {
+    /// Node 0's launcher's port.
     port: u16,
+    /// Rank 0's rendezvous port (another).
+    rank0: u16,
     flags: Vec<String>,
 }
 
 impl Job {
     fn new(flags: &[&str]) -> Self {
-        Self { port: free_port(), flags: flags.iter().map(|f| f.to_string()).collect() }
+        let (port, rank0) = free_ports();
+        Self { port, rank0, flags: flags.iter().map(|f| f.to_string()).collect() }
     }
 
     /// Node `node`'s launcher running `script` per rank, with `extra` flags.
     fn node(&self, node: usize, extra: &[&str], script: &str) -> Child {
-        let (rank0, rdzv) = (free_port().to_string(), self.port.to_string());
+        let (rank0, rdzv) = (self.rank0.to_string(), self.port.to_string());
         let mut args: Vec<&str> = vec!["launch", "--nnodes", "2", "--master-port", &rank0, "--rdzv-port", &rdzv, "--job-id", "test-job"];
         args.extend(["--node-rank", if node == 0 { "0" } else { "1" }]);
         args.extend(self.flags.iter().map(String::as_str));
@@ -108,20 +114,29 @@ fn the_last_failure_ends_every_node_with_its_code() {
     assert!(text(&o1).contains("rank 1 (node 0) failed with exit code 5"), "{}", text(&o1));
 }
 
-/// A stop signal to one node's launcher reaches every node's ranks, which get their grace
-/// period (they save and exit 0: every launcher exits 0).
+/// A stop signal to one node's launcher reaches every node's ranks at once, which get their
+/// grace period (they save and exit 0: every launcher exits 0): node 1's ranks take 5 s to
+/// save, node 0's are signalled long before that.
 #[test]
 fn a_signal_on_one_node_reaches_every_rank() {
     let dir = scratch("signal");
     let log = dir.join("up");
-    let script = format!(r#"trap 'echo "stopped $RANK" >> {0}.stopped; exit 0' TERM; echo $RANK >> {0}; while true; do sleep 0.05; done"#, log.display());
+    let script = format!(
+        r#"trap 'echo "stopped $RANK $(date +%s.%N)" >> {0}.stopped; if [ "$RANK" -ge 2 ]; then sleep 5; fi; exit 0' TERM; echo $RANK >> {0}; while true; do sleep 0.05; done"#,
+        log.display()
+    );
     let job = Job::new(&["--nproc-per-node", "2"]);
     let (n0, n1) = (job.node(0, &[], &script), job.node(1, &[], &script));
     wait_lines(&log, 4);
     Command::new("kill").args(["-TERM", &n1.id().to_string()]).status().unwrap();
     let (o0, o1) = (n0.wait_with_output().unwrap(), n1.wait_with_output().unwrap());
     assert!(o0.status.success() && o1.status.success(), "{}\n{}", text(&o0), text(&o1));
-    assert_eq!(sorted_lines(&dir.join("up.stopped")), ["stopped 0", "stopped 1", "stopped 2", "stopped 3"]);
+    let stopped = sorted_lines(&dir.join("up.stopped"));
+    let ranks: Vec<&str> = stopped.iter().map(|l| l.rsplit_once(' ').unwrap().0).collect();
+    assert_eq!(ranks, ["stopped 0", "stopped 1", "stopped 2", "stopped 3"]);
+    let at: Vec<f64> = stopped.iter().map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap()).collect();
+    let late = at[..2].iter().fold(f64::MIN, |a, b| a.max(*b)) - at[2..].iter().fold(f64::MAX, |a, b| a.min(*b));
+    assert!(late < 3.0, "node 0's ranks were signalled {late:.2} s after node 1's (within their 5 s grace)");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -132,13 +147,15 @@ fn a_mismatched_or_foreign_launcher_is_turned_away() {
     let job = Job::new(&["--rdzv-timeout-secs", "3"]);
     let (n0, n1) = (job.node(0, &["--nproc-per-node", "2"], "sleep 60"), job.node(1, &["--nproc-per-node", "3"], "sleep 60"));
     let (o0, o1) = (n0.wait_with_output().unwrap(), n1.wait_with_output().unwrap());
-    let why = "node 1's launcher was started with --nnodes 2 --nproc-per-node 3 --max-restarts 0, node 0's with --nnodes 2 --nproc-per-node 2 --max-restarts 0";
+    let why = "node 1's launcher was started with --nnodes 2 --nproc-per-node 3 --max-restarts 0 --rdzv-timeout-secs 3 --node-timeout-secs 30, \
+               node 0's with --nnodes 2 --nproc-per-node 2 --max-restarts 0 --rdzv-timeout-secs 3 --node-timeout-secs 30";
     for o in [&o0, &o1] {
         assert!(!o.status.success() && text(o).contains(why), "{}", text(o));
     }
     let n0 = job.node(0, &["--nproc-per-node", "1"], "sleep 60");
     let foreign = Command::new(BIN)
         .args(["launch", "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "1", "--rdzv-port", &job.port.to_string(), "--job-id", "other-job"])
+        .args(["--rdzv-timeout-secs", "3"])
         .args(["--", "sh", "-c", "sleep 60"])
         .output()
         .unwrap();
@@ -148,7 +165,7 @@ fn a_mismatched_or_foreign_launcher_is_turned_away() {
     // A program that cannot start: both launchers fail at once (node 0's decides nothing more).
     let start = Instant::now();
     let spawn = |node: usize| {
-        let (rank0, rdzv) = (free_port().to_string(), job.port.to_string());
+        let (rank0, rdzv) = (job.rank0.to_string(), job.port.to_string());
         let args = ["launch", "--nnodes", "2", "--node-rank", &node.to_string(), "--master-port", &rank0, "--rdzv-port", &rdzv, "--", "/nonexistent/program"];
         Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
     };

@@ -126,3 +126,25 @@ fn without_the_layer_nothing_is_counted() {
         assert_eq!(timing::take(), Timings::default());
     });
 }
+
+/// `set_device_sync`: the wait runs when a span starts (before the clock, so the phase holds no
+/// work queued before it) and when it ends (before the clock: the phase holds its own work).
+#[test]
+fn a_device_sync_is_waited_for_when_a_span_starts_and_ends() {
+    install();
+    let calls = std::rc::Rc::new(std::cell::Cell::new(0));
+    let seen = calls.clone();
+    timing::take();
+    timing::set_device_sync(Some(Box::new(move || {
+        seen.set(seen.get() + 1);
+        std::thread::sleep(Duration::from_millis(30));
+    })));
+    timing::span!(phase::OPTIMIZER).in_scope(|| ());
+    timing::set_device_sync(None);
+    timing::span!(phase::EVAL).in_scope(|| ());
+    let t = timing::take();
+    assert_eq!(calls.get(), 2, "one wait at the start, one at the end");
+    let optimizer = t.get(phase::OPTIMIZER).unwrap().total;
+    assert!(optimizer >= Duration::from_millis(30), "the end's wait is in the phase: {optimizer:?}");
+    assert_eq!(t.get(phase::EVAL).map(|p| p.calls), Some(1), "without the hook, spans still count");
+}

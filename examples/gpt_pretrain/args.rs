@@ -286,6 +286,10 @@ pub(crate) struct Args {
     /// step of a rank and the slowest rank (`burn_parallel::timing`; one all-gather at the end).
     #[arg(long)]
     pub(crate) timers: bool,
+    /// Also print the timers every N steps (covering the steps since the last print; recorded
+    /// in --metrics too): Megatron's timers at each log interval. Turns --timers on.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) timers_every: usize,
     /// Write every rank's phases as a Chrome trace (open in Perfetto or chrome://tracing: one
     /// row per rank thread, forward/backward per micro-batch and stage). One process per rank
     /// (--comm tcp|nccl): each writes FILE with `.rank<N>` before its extension.

@@ -189,6 +189,7 @@ where
     let same = |p: &str| p.to_string();
     let mut gpt = checkpointing::restore(start, &groups, vec![(gpt, &same)], &mut optim)?.remove(0);
     let mut run = Loop::new(args, &groups, start)?;
+    training::sync_timers::<B>(args, &device);
     let sampler = GlobalSampler::new(args.seed, "train");
     while run.running() {
         let data_span = timing::span!(timing::phase::DATA).entered();
@@ -275,10 +276,13 @@ pub(crate) fn init_logging(args: &Args) -> Result<Option<tracing_chrome::FlushGu
     use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
-    let timers = args.timers.then(burn_parallel::timing::layer);
+    // (With --trace too: the layer makes spans wait for a GPU, see training::sync_timers.)
+    let timers = (args.timers || args.timers_every > 0 || args.trace.is_some()).then(burn_parallel::timing::layer);
     let (trace, guard) = match &args.trace {
         Some(path) => {
-            let path = trace_path(path, std::env::var("RANK").ok().filter(|_| args.comm != CommKind::Local));
+            // One process per rank (torchrun's RANK, or Slurm's SLURM_PROCID): a file each.
+            let rank = burn_parallel::launch::JobEnv::from_env().ok().map(|e| e.rank.to_string());
+            let path = trace_path(path, rank.filter(|_| args.comm != CommKind::Local));
             std::fs::File::create(&path).map_err(|e| format!("--trace {}: {e}", path.display()))?;
             let (layer, guard) = burn_parallel::timing::trace_layer(&path);
             (Some(layer), Some(guard))

@@ -149,6 +149,7 @@ where
     }
     let rank = world.global_rank();
     let mut run = Loop::new(args, &groups, start)?;
+    crate::training::sync_timers::<B>(args, &device);
     let sampler = GlobalSampler::new(args.seed, "train");
     while run.running() {
         let mbs = timing::span!(timing::phase::DATA).in_scope(|| split(args, &data.train, run.samples(), &sampler, &cp))?;

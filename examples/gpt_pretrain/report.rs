@@ -73,6 +73,17 @@ impl Reporter {
         }
     }
 
+    /// The timers of the `steps` steps up to `step` over `ranks` ranks: printed and recorded.
+    pub(crate) fn timers(&mut self, step: u64, steps: u64, ranks: usize, rows: &[burn_parallel::timing::PhaseSummary]) {
+        if !self.rank0 {
+            return;
+        }
+        let table = burn_parallel::timing::table(rows, steps);
+        let first = step + 1 - steps.max(1);
+        self.bar.suspend(|| say!("timers of steps {first}-{step}, {ranks} ranks (ms per step: least, mean and most of a rank):\n{table}"));
+        self.record(&burn_parallel::metrics::TimersMetrics::new(step, steps, rows));
+    }
+
     /// The run's steps are over.
     pub(crate) fn finish(&self) {
         self.bar.finish();

@@ -36,6 +36,8 @@ pub(crate) struct Loop<'a> {
     loss: f32,
     /// The timing span of the step that runs now (`burn_parallel::timing`).
     step_span: Option<tracing::span::EnteredSpan>,
+    /// The step the timers were last printed after.
+    timers_from: u64,
 }
 
 /// How a rank's loop ended.
@@ -73,6 +75,7 @@ impl<'a> Loop<'a> {
             stopped: None,
             loss: f32::NAN,
             step_span: None,
+            timers_from: first.1,
         })
     }
 
@@ -127,10 +130,14 @@ impl<'a> Loop<'a> {
         self.stopped =
             timing::span!(timing::phase::STOP_CHECK).in_scope(|| burn_parallel::preempt::agreed_stop(&self.groups.world)).map_err(|e| e.to_string())?;
         let due = checkpointing::due(args, self.train.step, self.last, self.stopped);
-        let _save = due.then(|| timing::span!(timing::phase::CHECKPOINT, step = self.train.step).entered());
+        let save_span = due.then(|| timing::span!(timing::phase::CHECKPOINT, step = self.train.step).entered());
         let save = due.then(|| snapshot(&self.train));
         checkpointing::after_step(&mut self.saver, save)?;
+        drop(save_span);
         self.step_span = None;
+        if args.timers_every > 0 && self.train.step.is_multiple_of(args.timers_every as u64) {
+            self.print_timers()?;
+        }
         Ok(self.stopped.is_none())
     }
 
@@ -149,32 +156,36 @@ impl<'a> Loop<'a> {
     pub(crate) fn finish(mut self) -> Result<Ended, String> {
         self.reporter.finish();
         checkpointing::finish(self.args, &mut self.saver, self.groups.world.global_rank())?;
-        if self.args.timers {
+        if (self.args.timers || self.args.timers_every > 0) && self.train.step > self.timers_from {
             self.print_timers()?;
         }
         let tokens_per_sec = self.throughput.tokens_per_sec(self.train.step, self.tokens_per_step());
         Ok(Ended { first_loss: self.first.0, tokens_per_sec, stopped: self.stopped.map(|s| (s, self.train.step)) })
     }
 
-    /// `--timers`: every rank's phases gathered (a collective), printed by rank 0.
-    fn print_timers(&self) -> Result<(), String> {
+    /// `--timers`: every rank's phases since the last print gathered (a collective), printed
+    /// and recorded by rank 0.
+    fn print_timers(&mut self) -> Result<(), String> {
         let rows = timing::summarize(&timing::take(), &self.groups.world).map_err(|e| e.to_string())?;
-        if self.groups.world.global_rank() == 0 {
-            let steps = self.train.step - self.first.1;
-            let mut out = std::io::stdout().lock();
-            use std::io::Write;
-            let _ = writeln!(
-                out,
-                "timers over {steps} steps, {} ranks (ms per step: least, mean and most of a rank):\n{}",
-                self.groups.world.size(),
-                timing::table(&rows, steps)
-            );
-        }
+        let steps = self.train.step - self.timers_from;
+        self.reporter.timers(self.train.step, steps, self.groups.world.size(), &rows);
+        self.timers_from = self.train.step;
         Ok(())
     }
 
     fn tokens_per_step(&self) -> f64 {
         (self.args.dp * self.args.batch_size * self.args.seq_len) as f64
+    }
+}
+
+/// `--timers`/`--trace` on a GPU: every timing span of this rank thread waits for its device
+/// when it starts and ends (`timing::set_device_sync`), so the phases hold the device's work.
+pub(crate) fn sync_timers<B: burn::tensor::backend::Backend>(args: &Args, device: &B::Device) {
+    if args.device != super::DeviceKind::Cpu && (args.timers || args.timers_every > 0 || args.trace.is_some()) {
+        let device = device.clone();
+        timing::set_device_sync(Some(Box::new(move || {
+            let _ = B::sync(&device);
+        })));
     }
 }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 /// A node's launcher to the coordinator.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case")]
 pub(super) enum Report {
     /// The first message of a joining node.
@@ -42,7 +42,7 @@ pub(super) enum Report {
 
 /// A joining node's launcher introducing itself: the job it belongs to and the layout it was
 /// started with (every node's must agree).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(super) struct Hello {
     /// [`HELLO_MAGIC`].
     pub magic: String,
@@ -58,12 +58,16 @@ pub(super) struct Hello {
     pub nproc_per_node: usize,
     /// `--max-restarts`.
     pub max_restarts: usize,
+    /// `--rdzv-timeout-secs`.
+    pub rdzv_timeout_secs: f64,
+    /// `--node-timeout-secs` (the heartbeats' pace: every node must use the same).
+    pub node_timeout_secs: f64,
 }
 
 /// Identifies the launchers' protocol.
 pub(super) const HELLO_MAGIC: &str = "burn-parallel-launch";
 /// Its version.
-pub(super) const PROTOCOL_VERSION: u32 = 1;
+pub(super) const PROTOCOL_VERSION: u32 = 2;
 
 /// The coordinator to every node's launcher.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,7 +89,7 @@ pub(super) enum Cmd {
 }
 
 /// What reaches the coordinator from a node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum Input {
     /// A message.
     Report(Report),

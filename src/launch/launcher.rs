@@ -134,10 +134,10 @@ pub(super) enum Attempt {
     Done,
     /// A stop signal ended it (passed on to the ranks): the launcher's exit code (0 when every
     /// rank exited 0).
-    Signalled { signal: i32, code: i32 },
+    Signalled { code: i32 },
     /// A rank failed (the others were stopped).
     Failed { rank: usize, code: i32 },
-    /// The caller's `interrupt` asked to stop the ranks: they were stopped and are gone.
+    /// The supervisor asked to stop the ranks: they were stopped and are gone.
     Interrupted,
 }
 
@@ -184,7 +184,7 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
     }
     let mut attempt = 0;
     loop {
-        match run_attempt(o, job_id.as_deref(), attempt, &mut || false)? {
+        match run_attempt(o, job_id.as_deref(), attempt, &mut Alone)? {
             Attempt::Done => return Ok(0),
             Attempt::Signalled { code, .. } => return Ok(code),
             Attempt::Interrupted => unreachable!("nothing interrupts a single node's launcher"),
@@ -217,56 +217,77 @@ pub fn launch(o: &LaunchOptions) -> Result<i32, String> {
     }
 }
 
-/// Starts every local rank (start number `attempt`) and waits until they all exited, one failed
-/// (the others are stopped), a stop signal came (passed on, with the grace period) or
-/// `interrupt` (polled every 20 ms) returns true (the ranks are stopped).
-pub(super) fn run_attempt(o: &LaunchOptions, job_id: Option<&str>, attempt: usize, interrupt: &mut dyn FnMut() -> bool) -> Result<Attempt, String> {
+/// What a multi-node launcher adds to a start of its ranks (nothing on one node).
+pub(super) trait Supervisor {
+    /// Polled every 20 ms while the ranks run: whether to stop them (another node decided).
+    fn interrupt(&mut self) -> bool {
+        false
+    }
+    /// A stop signal came: told before it is passed on to the ranks and their grace begins.
+    fn signalled(&mut self, _signal: i32) {}
+}
+
+/// A single node's launcher decides alone.
+struct Alone;
+
+impl Supervisor for Alone {}
+
+/// The command of local rank `local` (global `rank`) of start `attempt`.
+fn rank_command(o: &LaunchOptions, job_id: Option<&str>, attempt: usize, local: usize) -> Command {
     let (program, args) = o.command.split_first().expect("checked");
-    let world = o.nproc_per_node * o.nnodes;
+    let rank = o.node_rank * o.nproc_per_node + local;
+    let mut cmd = Command::new(program);
+    #[cfg(unix)]
+    {
+        // Each rank leads its own process group, so stopping it also stops what it started.
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // A launcher that dies (SIGKILL, OOM) takes its ranks with it: nothing runs on
+        // unsupervised, and the other nodes' launchers see its connection close. (Only the rank
+        // process itself: a wrapper script should `exec` the program.)
+        use std::os::unix::process::CommandExt;
+        // SAFETY: getpid(2) here; in the child only prctl(2) and getppid(2), both
+        // async-signal-safe, between fork and exec.
+        let launcher = unsafe { libc::getpid() };
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != launcher {
+                    return Err(std::io::Error::other("the launcher is gone"));
+                }
+                Ok(())
+            });
+        }
+    }
+    if let Some(id) = job_id {
+        cmd.env("BURN_PARALLEL_JOB_ID", id);
+    }
+    cmd.args(args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", (o.nproc_per_node * o.nnodes).to_string())
+        .env("LOCAL_RANK", local.to_string())
+        .env("LOCAL_WORLD_SIZE", o.nproc_per_node.to_string())
+        .env("MASTER_ADDR", &o.master_addr)
+        .env("MASTER_PORT", o.master_port.to_string())
+        .env("TORCHELASTIC_RESTART_COUNT", attempt.to_string())
+        .env("TORCHELASTIC_MAX_RESTARTS", o.max_restarts.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Starts every local rank (start number `attempt`) and waits until they all exited, one failed
+/// (the others are stopped), a stop signal came (`supervisor` told, then the signal passed on,
+/// with the grace period) or the supervisor interrupts (the ranks are stopped).
+pub(super) fn run_attempt(o: &LaunchOptions, job_id: Option<&str>, attempt: usize, supervisor: &mut dyn Supervisor) -> Result<Attempt, String> {
+    let program = &o.command[0];
     let mut children: Vec<(usize, Child)> = Vec::new();
     let mut pipes = Vec::new();
     for local in 0..o.nproc_per_node {
         let rank = o.node_rank * o.nproc_per_node + local;
-        let mut cmd = Command::new(program);
-        #[cfg(unix)]
-        {
-            // Each rank leads its own process group, so stopping it also stops what it started.
-            use std::os::unix::process::CommandExt;
-            cmd.process_group(0);
-        }
-        #[cfg(target_os = "linux")]
-        {
-            // A launcher that dies (SIGKILL, OOM) takes its ranks with it: nothing runs on
-            // unsupervised, and the other nodes' launchers see its connection close.
-            use std::os::unix::process::CommandExt;
-            // SAFETY: getpid(2) here; in the child only prctl(2) and getppid(2), both
-            // async-signal-safe, between fork and exec.
-            let launcher = unsafe { libc::getpid() };
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != launcher {
-                        return Err(std::io::Error::other("the launcher is gone"));
-                    }
-                    Ok(())
-                });
-            }
-        }
-        if let Some(id) = job_id {
-            cmd.env("BURN_PARALLEL_JOB_ID", id);
-        }
-        let spawned = cmd
-            .args(args)
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", world.to_string())
-            .env("LOCAL_RANK", local.to_string())
-            .env("LOCAL_WORLD_SIZE", o.nproc_per_node.to_string())
-            .env("MASTER_ADDR", &o.master_addr)
-            .env("MASTER_PORT", o.master_port.to_string())
-            .env("TORCHELASTIC_RESTART_COUNT", attempt.to_string())
-            .env("TORCHELASTIC_MAX_RESTARTS", o.max_restarts.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn();
+        let spawned = rank_command(o, job_id, attempt, local).spawn();
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -281,12 +302,13 @@ pub(super) fn run_attempt(o: &LaunchOptions, job_id: Option<&str>, attempt: usiz
     let outcome = loop {
         let sig = STOP_SIGNAL.load(Ordering::SeqCst);
         if sig != 0 {
+            supervisor.signalled(sig);
             eprintln!("burn-parallel launch: got signal {sig}; passing it on to every rank ({:?} to exit before SIGKILL)", o.grace);
             let clean = signal_all(&mut children, sig, o.grace);
             stop(&mut children);
-            break Attempt::Signalled { signal: sig, code: if clean { 0 } else { 128 + sig } };
+            break Attempt::Signalled { code: if clean { 0 } else { 128 + sig } };
         }
-        if interrupt() {
+        if supervisor.interrupt() {
             stop(&mut children);
             wait_gone(&children);
             break Attempt::Interrupted;

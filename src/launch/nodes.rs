@@ -17,18 +17,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::coordinator::{Cmd, Coordinator, Hello, Input, Report, HELLO_MAGIC, PROTOCOL_VERSION};
-use super::launcher::{raise, run_attempt, stop_signal, Attempt, LaunchOptions, RESTART_PAUSE};
+use super::launcher::{raise, run_attempt, stop_signal, Attempt, LaunchOptions, Supervisor, RESTART_PAUSE};
 
 /// The longest line either side accepts.
 const MAX_LINE: u64 = 64 << 10;
 /// How long a connection may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One line of JSON to `w`.
+/// One line of JSON to `w`. A failed write (its timeout included) may have sent part of the
+/// line: the connection is shut, so that the peer reads its end rather than a broken line.
 fn send<T: serde::Serialize>(w: &Mutex<TcpStream>, msg: &T) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(msg).expect("messages serialize");
     line.push(b'\n');
-    w.lock().expect("the writer's lock").write_all(&line)
+    let mut stream = w.lock().expect("the writer's lock");
+    stream.write_all(&line).inspect_err(|_| {
+        let _ = stream.shutdown(Shutdown::Both);
+    })
 }
 
 /// The next line of JSON from `r`; `Ok(None)` at the end of the stream.
@@ -69,6 +73,8 @@ struct Link {
     closing: Arc<AtomicBool>,
     /// Node 0: the coordinator's thread, and how to tell it that node 0's launcher leaves.
     coordinator: Option<Hosted>,
+    /// Node n > 0: its connection to node 0, closed cleanly at the end.
+    stream: Option<Arc<Mutex<TcpStream>>>,
 }
 
 /// Node 0's coordinator, as its own launcher holds it.
@@ -122,6 +128,13 @@ impl Link {
             leave();
             let _ = thread.join();
         }
+        if let Some(stream) = self.stream {
+            // Our last report must arrive: a close with unread data would reset the connection
+            // and could drop it. Shut our side, then read node 0's to its end (2 s at most).
+            let _ = stream.lock().expect("the writer's lock").shutdown(Shutdown::Write);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline && matches!(self.cmds.recv_timeout(Duration::from_millis(20)), Ok(Ok(_)) | Err(RecvTimeoutError::Timeout)) {}
+        }
     }
 }
 
@@ -145,6 +158,23 @@ pub(super) fn launch_nodes(o: &LaunchOptions, job_id: Option<&str>) -> Result<i3
     }
 }
 
+/// A round's ranks under the coordinator: its commands may stop them, and a stop signal here
+/// is reported at once (the other nodes pass it on while this one's ranks have their grace).
+struct Following<'a> {
+    link: &'a Link,
+    pending: Option<Cmd>,
+}
+
+impl Supervisor for Following<'_> {
+    fn interrupt(&mut self) -> bool {
+        self.link.poll(&mut self.pending)
+    }
+
+    fn signalled(&mut self, signal: i32) {
+        (self.link.report)(Report::Signalled { signal });
+    }
+}
+
 /// Follows the coordinator's commands: starts the rounds, reports how they end.
 fn follow(o: &LaunchOptions, job_id: Option<&str>, link: &Link) -> Result<i32, String> {
     let mut next = link.wait();
@@ -153,12 +183,9 @@ fn follow(o: &LaunchOptions, job_id: Option<&str>, link: &Link) -> Result<i32, S
         next = match next {
             Cmd::Go { round } => {
                 done = false;
-                let mut pending = None;
-                match run_attempt(o, job_id, round, &mut || link.poll(&mut pending))? {
-                    Attempt::Signalled { signal, code } => {
-                        (link.report)(Report::Signalled { signal });
-                        return Ok(code);
-                    }
+                let mut following = Following { link, pending: None };
+                match run_attempt(o, job_id, round, &mut following)? {
+                    Attempt::Signalled { code } => return Ok(code),
                     Attempt::Done => {
                         done = true;
                         (link.report)(Report::Done { round });
@@ -168,10 +195,11 @@ fn follow(o: &LaunchOptions, job_id: Option<&str>, link: &Link) -> Result<i32, S
                         (link.report)(Report::Failed { round, rank, code });
                         link.wait()
                     }
-                    Attempt::Interrupted => pending.expect("an interrupt leaves its command"),
+                    Attempt::Interrupted => following.pending.expect("an interrupt leaves its command"),
                 }
             }
             Cmd::Restart { round, rank, node, code } => {
+                done = false;
                 eprintln!(
                     "burn-parallel launch: rank {rank} (node {node}) failed with exit code {code}; starting every rank of the {} nodes again (restart {round} of {})",
                     o.nnodes, o.max_restarts
@@ -219,8 +247,11 @@ fn read_hello(stream: &TcpStream) -> Result<(BufReader<TcpStream>, Hello), Strin
 
 /// Why `h` cannot join `o`'s job, if it cannot.
 fn mismatch(o: &LaunchOptions, h: &Hello, joined: &[JoinedNode]) -> Option<String> {
-    let theirs = format!("--nnodes {} --nproc-per-node {} --max-restarts {}", h.nnodes, h.nproc_per_node, h.max_restarts);
-    let ours = format!("--nnodes {} --nproc-per-node {} --max-restarts {}", o.nnodes, o.nproc_per_node, o.max_restarts);
+    let flags = |nnodes, nproc, restarts, rdzv: f64, node: f64| {
+        format!("--nnodes {nnodes} --nproc-per-node {nproc} --max-restarts {restarts} --rdzv-timeout-secs {rdzv} --node-timeout-secs {node}")
+    };
+    let theirs = flags(h.nnodes, h.nproc_per_node, h.max_restarts, h.rdzv_timeout_secs, h.node_timeout_secs);
+    let ours = flags(o.nnodes, o.nproc_per_node, o.max_restarts, o.rdzv_timeout.as_secs_f64(), o.node_timeout.as_secs_f64());
     if theirs != ours {
         Some(format!("node {}'s launcher was started with {theirs}, node 0's with {ours}", h.node_rank))
     } else if h.node_rank == 0 || h.node_rank >= o.nnodes {
@@ -257,7 +288,10 @@ fn host(o: &LaunchOptions, job_id: &str) -> Result<Result<Link, i32>, String> {
     while joined.len() + 1 < o.nnodes {
         let sig = stop_signal();
         if sig != 0 {
-            let _ = fail(&joined, format!("node 0's launcher got signal {sig} before every node joined"));
+            // The joined nodes end as on any stop signal: 128 + it.
+            for j in &joined {
+                let _ = send(&j.writer, &Cmd::Signal { signal: sig });
+            }
             return Ok(Err(128 + sig));
         }
         if Instant::now() >= deadline {
@@ -273,6 +307,7 @@ fn host(o: &LaunchOptions, job_id: &str) -> Result<Result<Link, i32>, String> {
             Err(e) => return fail(&joined, format!("accepting a node's launcher: {e}")),
         };
         let _ = stream.set_nonblocking(false);
+        let _ = stream.set_nodelay(true); // each line goes out at once
         let writer = Arc::new(Mutex::new(stream.try_clone().map_err(|e| e.to_string())?));
         let (reader, hello) = match read_hello(&stream) {
             Ok(h) => h,
@@ -335,17 +370,24 @@ fn coordinate(o: &LaunchOptions, joined: Vec<JoinedNode>) -> Link {
         broadcast(c.start());
         while !c.ended() {
             let cmd = match input_rx.recv_timeout(Duration::from_millis(100)) {
-                Ok((node, input)) => c.on(node, input),
+                // (The restart's deadline is checked however busy the line is.)
+                Ok((node, input)) => c.on(node, input).or_else(|| c.tick(Instant::now())),
                 Err(RecvTimeoutError::Timeout) => c.tick(Instant::now()),
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            if let Some(cmd) = cmd {
-                if matches!(cmd, Cmd::Go { .. }) {
-                    // So that a job failing as it starts does not spend its restarts at once.
-                    std::thread::sleep(RESTART_PAUSE);
+            let Some(mut cmd) = cmd else { continue };
+            if matches!(cmd, Cmd::Go { .. }) {
+                // So that a job failing as it starts does not spend its restarts at once; what
+                // came meanwhile (a stop signal, a lost node) goes out instead of the start.
+                std::thread::sleep(RESTART_PAUSE);
+                while let Ok((node, input)) = input_rx.try_recv() {
+                    if let Some(other) = c.on(node, input) {
+                        cmd = other;
+                        break;
+                    }
                 }
-                broadcast(cmd);
             }
+            broadcast(cmd);
         }
         // The last command is out: let the others read it (they close their end), at most 2 s.
         for w in &writers {
@@ -363,7 +405,7 @@ fn coordinate(o: &LaunchOptions, joined: Vec<JoinedNode>) -> Link {
     let report = Box::new(move |r: Report| {
         let _ = inputs.send((0, Input::Report(r)));
     });
-    Link { cmds, report, closing, coordinator: Some(Hosted { thread: coordinator, leave }) }
+    Link { cmds, report, closing, coordinator: Some(Hosted { thread: coordinator, leave }), stream: None }
 }
 
 /// Node 0's launcher through any of its name's addresses, retried until the deadline (it may
@@ -393,6 +435,7 @@ fn join(o: &LaunchOptions, job_id: &str) -> Result<Result<Link, i32>, String> {
         Ok(Some(s)) => s,
     };
     let io = |e: std::io::Error| format!("node 0's launcher at {addr}: {e}");
+    stream.set_nodelay(true).map_err(io)?; // each line goes out at once
     let writer = Arc::new(Mutex::new(stream.try_clone().map_err(io)?));
     let hello = Hello {
         magic: HELLO_MAGIC.into(),
@@ -402,6 +445,8 @@ fn join(o: &LaunchOptions, job_id: &str) -> Result<Result<Link, i32>, String> {
         nnodes: o.nnodes,
         nproc_per_node: o.nproc_per_node,
         max_restarts: o.max_restarts,
+        rdzv_timeout_secs: o.rdzv_timeout.as_secs_f64(),
+        node_timeout_secs: o.node_timeout.as_secs_f64(),
     };
     send(&writer, &Report::Hello(hello)).map_err(io)?;
     // Until every node joined, node 0 says nothing: wait as long as it does, then heartbeats.
@@ -420,8 +465,9 @@ fn join(o: &LaunchOptions, job_id: &str) -> Result<Result<Link, i32>, String> {
     });
     let closing = Arc::new(AtomicBool::new(false));
     heartbeat(vec![writer.clone()], Report::Ping, o.node_timeout / 6, closing.clone());
+    let reporter = writer.clone();
     let report = Box::new(move |r: Report| {
-        let _ = send(&writer, &r);
+        let _ = send(&reporter, &r);
     });
-    Ok(Ok(Link { cmds, report, closing, coordinator: None }))
+    Ok(Ok(Link { cmds, report, closing, coordinator: None, stream: Some(writer) }))
 }

@@ -454,5 +454,9 @@ fn backward_peak(d: &Dims, g: &GptShape, plan: &TrainPlan, spec: &crate::pipelin
         remaining -= k;
         done += p;
     }
-    (peak.max(kept + grads_live).max(done), at)
+    // At the end every gradient of this micro-batch is live next to the accumulated ones.
+    if done > peak {
+        (peak, at) = (done, 0.0);
+    }
+    (peak.max(kept + grads_live), at)
 }

@@ -255,8 +255,9 @@ where
         self.check_tied_agreed(&entries)?;
         let mut grads = span!(phase::GRADS_REDUCE).in_scope(|| self.reduce(&mut entries))?;
         self.sum_tied(&entries, &mut grads)?;
-        let norm_span = span!(phase::GRAD_NORM).entered();
-        let norm = match max_norm.is_some() || self.config.check_finite {
+        let wanted = max_norm.is_some() || self.config.check_finite;
+        let norm_span = wanted.then(|| span!(phase::GRAD_NORM).entered());
+        let norm = match wanted {
             true => Some(self.global_norm(&entries, &grads)?),
             false => None,
         };

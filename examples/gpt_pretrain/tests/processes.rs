@@ -1,7 +1,8 @@
 //! One process per rank over TCP (`--comm tcp`), started as `burn-parallel launch` would (the
 //! torchrun variables): the thread ranks' losses bit for bit, a checkpoint the processes write
-//! resumes on threads, a killed rank process is named by the others at once (no hang), and
-//! SIGTERM to one rank's process alone stops every rank after the same step, saved.
+//! resumes on threads, a killed rank process is named by the others at once (no hang),
+//! SIGTERM to one rank's process alone stops every rank after the same step, saved, and a job
+//! of two launchers (two nodes) restarted after a SIGKILL goes on from its newest checkpoint.
 
 use std::io::Read;
 use std::process::ExitStatus;
@@ -204,7 +205,10 @@ fn a_job_restarted_by_the_launcher_goes_on_from_its_newest_checkpoint() {
     let base = format!("{TINY} --layers 2 --steps 1000000 --dp 2 --tp 2 --dropout 0.1 --exit-at-step 150");
     let whole = losses(&base);
     let dir = fresh("restart");
-    let (port, rdzv_port) = (free_port(), free_port());
+    // Both bound at once: two distinct ports.
+    let (a, b) = (std::net::TcpListener::bind("127.0.0.1:0").unwrap(), std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let (port, rdzv_port) = (a.local_addr().unwrap().port(), b.local_addr().unwrap().port());
+    drop((a, b));
     let marker = format!("BP_TEST_RESTART_JOB={}-{port}", std::process::id());
     let flags = format!("{base} --comm tcp --save-every 5 --resume auto --save-dir {}", dir.display());
     let node = |node: usize| {

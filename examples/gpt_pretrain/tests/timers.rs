@@ -9,7 +9,7 @@ use super::*;
 
 /// The rows of the `--timers` table in `stdout`: phase → its cells.
 fn timer_rows(stdout: &str) -> BTreeMap<String, Vec<String>> {
-    let at = stdout.find("timers over").unwrap_or_else(|| panic!("no timers table:\n{stdout}"));
+    let at = stdout.find("timers of steps").unwrap_or_else(|| panic!("no timers table:\n{stdout}"));
     let cells = |l: &str| l.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect::<Vec<_>>();
     stdout[at..].lines().skip(3).take_while(|l| l.starts_with("| ")).map(cells).map(|c| (c[0].clone(), c[1..].to_vec())).collect()
 }
@@ -74,10 +74,54 @@ fn without_a_pipeline_the_gpt_times_each_micro_batch_and_processes_trace_apart()
     let outs = finish(ranks(2, &flags));
     for (rank, (status, stdout, stderr)) in outs.iter().enumerate() {
         assert!(status.success(), "rank {rank}: {stderr}");
-        assert_eq!(stdout.contains("timers over 2 steps, 2 ranks"), rank == 0, "rank {rank}: {stdout}");
+        assert_eq!(stdout.contains("timers of steps 1-2, 2 ranks"), rank == 0, "rank {rank}: {stdout}");
         let spans = trace_spans(&dir.join(format!("t.rank{rank}.json")));
         let steps: usize = spans.values().filter_map(|m| m.get("step")).sum();
         assert_eq!(steps, 2, "rank {rank}: {spans:?}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--timers-every N` prints the timers of each N steps (and the rest at the end) and records
+/// them in `--metrics`.
+#[test]
+fn timers_every_n_steps_are_printed_and_recorded() {
+    let dir = fresh("timers-every");
+    std::fs::create_dir_all(&dir).unwrap();
+    let metrics = dir.join("m.jsonl");
+    let o = run(&format!("{TINY} --layers 2 --steps 5 --tp 2 --timers-every 2 --metrics {}", metrics.display()));
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let heads: Vec<&str> = stdout.lines().filter(|l| l.starts_with("timers of steps")).collect();
+    assert_eq!(heads.len(), 3, "{stdout}");
+    for (h, steps) in heads.iter().zip(["1-2, 2 ranks", "3-4, 2 ranks", "5-5, 2 ranks"]) {
+        assert!(h.starts_with(&format!("timers of steps {steps}")), "{h}");
+    }
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("timers").is_some())
+        .collect();
+    let covered: Vec<(u64, u64)> = records.iter().map(|r| (r["step"].as_u64().unwrap(), r["steps"].as_u64().unwrap())).collect();
+    assert_eq!(covered, [(2, 2), (4, 2), (5, 1)]);
+    let step = records[0]["timers"].as_array().unwrap().iter().find(|p| p["phase"] == "step").expect("a step phase");
+    assert_eq!(step["calls_per_step"].as_f64(), Some(1.0));
+    assert!(step["min_ms"].as_f64().unwrap() > 0.0 && step["min_ms"].as_f64() <= step["max_ms"].as_f64(), "{step}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// On wgpu every timed span waits for the rank's device (`timing::set_device_sync`): the run
+/// trains with the plain run's losses and times its phases.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_timers_wait_for_the_device_and_change_no_loss() {
+    let base = format!("{TINY} --layers 2 --steps 3 --tp 2 --device wgpu");
+    let plain = losses(&base);
+    let o = run(&format!("{base} --timers"));
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(step_lines(&stdout), plain);
+    let rows = timer_rows(&stdout);
+    assert_eq!(rows.get("forward-backward").map(|c| c[0].as_str()), Some("1.0"), "{rows:?}");
 }
