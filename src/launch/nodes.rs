@@ -367,28 +367,7 @@ fn coordinate(o: &LaunchOptions, joined: Vec<JoinedNode>) -> Link {
                 let _ = send(w, &cmd);
             }
         };
-        broadcast(c.start());
-        while !c.ended() {
-            let cmd = match input_rx.recv_timeout(Duration::from_millis(100)) {
-                // (The restart's deadline is checked however busy the line is.)
-                Ok((node, input)) => c.on(node, input).or_else(|| c.tick(Instant::now())),
-                Err(RecvTimeoutError::Timeout) => c.tick(Instant::now()),
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let Some(mut cmd) = cmd else { continue };
-            if matches!(cmd, Cmd::Go { .. }) {
-                // So that a job failing as it starts does not spend its restarts at once; what
-                // came meanwhile (a stop signal, a lost node) goes out instead of the start.
-                std::thread::sleep(RESTART_PAUSE);
-                while let Ok((node, input)) = input_rx.try_recv() {
-                    if let Some(other) = c.on(node, input) {
-                        cmd = other;
-                        break;
-                    }
-                }
-            }
-            broadcast(cmd);
-        }
+        decide(&mut c, &input_rx, broadcast);
         // The last command is out: let the others read it (they close their end), at most 2 s.
         for w in &writers {
             let _ = w.lock().expect("the writer's lock").shutdown(Shutdown::Write);
@@ -406,6 +385,33 @@ fn coordinate(o: &LaunchOptions, joined: Vec<JoinedNode>) -> Link {
         let _ = inputs.send((0, Input::Report(r)));
     });
     Link { cmds, report, closing, coordinator: Some(Hosted { thread: coordinator, leave }), stream: None }
+}
+
+/// The coordinator's loop: every node's reports in, its commands out, until the job is decided
+/// (or no input can come any more).
+fn decide(c: &mut Coordinator, inputs: &Receiver<(usize, Input)>, broadcast: impl Fn(Cmd)) {
+    broadcast(c.start());
+    while !c.ended() {
+        let cmd = match inputs.recv_timeout(Duration::from_millis(100)) {
+            // (The restart's deadline is checked however busy the line is.)
+            Ok((node, input)) => c.on(node, input).or_else(|| c.tick(Instant::now())),
+            Err(RecvTimeoutError::Timeout) => c.tick(Instant::now()),
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(mut cmd) = cmd else { continue };
+        if matches!(cmd, Cmd::Go { .. }) {
+            // So that a job failing as it starts does not spend its restarts at once; what came
+            // meanwhile (a stop signal, a lost node) goes out instead of the start.
+            std::thread::sleep(RESTART_PAUSE);
+            while let Ok((node, input)) = inputs.try_recv() {
+                if let Some(other) = c.on(node, input) {
+                    cmd = other;
+                    break;
+                }
+            }
+        }
+        broadcast(cmd);
+    }
 }
 
 /// Node 0's launcher through any of its name's addresses, retried until the deadline (it may
