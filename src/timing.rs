@@ -265,11 +265,10 @@ pub fn summarize(local: &Timings, world: &Comm) -> Result<Vec<PhaseSummary>, Com
 
 /// The rows as a Markdown table of milliseconds per step over `steps` steps.
 pub fn table(rows: &[PhaseSummary], steps: u64) -> String {
-    let per = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3 / steps.max(1) as f64);
     let mut out = String::from("| phase | calls/step | min ms/step | mean ms/step | max ms/step | slowest rank |\n|---|---|---|---|---|---|\n");
-    for r in rows {
-        let calls = r.calls as f64 / steps.max(1) as f64;
-        out += &format!("| {} | {calls:.1} | {} | {} | {} | {} |\n", r.phase, per(r.min), per(r.mean), per(r.max), r.max_rank);
+    // Per step as `--metrics` records them.
+    for p in crate::metrics::TimersMetrics::new(0, steps, rows).timers {
+        out += &format!("| {} | {:.1} | {:.2} | {:.2} | {:.2} | {} |\n", p.phase, p.calls_per_step, p.min_ms, p.mean_ms, p.max_ms, p.slowest_rank);
     }
     out
 }

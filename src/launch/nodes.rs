@@ -5,12 +5,13 @@
 //! joining launcher's first line is its [`Hello`]; node 0 answers once every node joined (`go`
 //! for round 0) or turns it away (`rejected`, with the reason): another job's launcher (its job
 //! id) is turned away without counting; another layout (`--nnodes`, `--nproc-per-node`,
-//! `--max-restarts`), a node index out of range or taken twice fails the job on every node.
+//! `--max-restarts`, the two timeouts), a node index out of range or taken twice fails the job
+//! on every node.
 //! Both sides send a heartbeat every sixth of [`LaunchOptions::node_timeout`] and count the
 //! other as gone after that long without a line.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -414,31 +415,15 @@ fn decide(c: &mut Coordinator, inputs: &Receiver<(usize, Input)>, broadcast: imp
     }
 }
 
-/// Node 0's launcher through any of its name's addresses, retried until the deadline (it may
-/// not listen yet). `Err(code)`: a stop signal came first.
-fn connect(addr: &str, deadline: Instant) -> Result<Option<TcpStream>, i32> {
-    while Instant::now() < deadline {
-        if stop_signal() != 0 {
-            return Err(128 + stop_signal());
-        }
-        for sa in addr.to_socket_addrs().map(|a| a.collect::<Vec<_>>()).unwrap_or_default() {
-            if let Ok(s) = TcpStream::connect_timeout(&sa, Duration::from_secs(1)) {
-                return Ok(Some(s));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(None)
-}
-
 /// Node n > 0: joins node 0's launcher. `Err(code)`: a stop signal came first.
 fn join(o: &LaunchOptions, job_id: &str) -> Result<Result<Link, i32>, String> {
     let (host, port) = rdzv_addr(o)?;
     let addr = format!("{host}:{port}");
-    let stream = match connect(&addr, Instant::now() + o.rdzv_timeout) {
-        Err(code) => return Ok(Err(code)),
-        Ok(None) => return Err(format!("node 0's launcher at {addr} (--master-addr, --rdzv-port) could not be reached within {:?}", o.rdzv_timeout)),
-        Ok(Some(s)) => s,
+    // Node 0's launcher may not listen yet: retried until the deadline or a stop signal.
+    let stream = match super::rendezvous::connect(&addr, Instant::now() + o.rdzv_timeout, &|| stop_signal() != 0) {
+        _ if stop_signal() != 0 => return Ok(Err(128 + stop_signal())),
+        None => return Err(format!("node 0's launcher at {addr} (--master-addr, --rdzv-port) could not be reached within {:?}", o.rdzv_timeout)),
+        Some(s) => s,
     };
     let io = |e: std::io::Error| format!("node 0's launcher at {addr}: {e}");
     stream.set_nodelay(true).map_err(io)?; // each line goes out at once

@@ -246,9 +246,9 @@ fn serve(env: &JobEnv, addr: &str, payload: Vec<u8>, deadline: Instant) -> Resul
 
 /// Rank 0 through any of its name's addresses (`localhost` may resolve to `::1` before
 /// `127.0.0.1`, and rank 0 listens on one family), retried until the deadline (rank 0 may not be
-/// listening yet).
-fn connect(addr: &str, deadline: Instant) -> Option<TcpStream> {
-    while Instant::now() < deadline {
+/// listening yet), or until `give_up` says so.
+pub(super) fn connect(addr: &str, deadline: Instant, give_up: &dyn Fn() -> bool) -> Option<TcpStream> {
+    while Instant::now() < deadline && !give_up() {
         for sa in addr.to_socket_addrs().map(|a| a.collect::<Vec<_>>()).unwrap_or_default() {
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
             if let Ok(s) = TcpStream::connect_timeout(&sa, left.min(Duration::from_secs(2))) {
@@ -263,7 +263,7 @@ fn connect(addr: &str, deadline: Instant) -> Option<TcpStream> {
 fn join(env: &JobEnv, addr: &str, deadline: Instant) -> Result<Vec<u8>, RendezvousError> {
     let start = Instant::now();
     let timeout = || RendezvousError::Timeout { addr: addr.into(), missing: vec![0], waited: start.elapsed() };
-    let mut stream = connect(addr, deadline).ok_or_else(timeout)?;
+    let mut stream = connect(addr, deadline, &|| false).ok_or_else(timeout)?;
     if env.job_id.len() > MAX_JOB_ID {
         return Err(RendezvousError::Protocol(format!("a job id of {} bytes (at most {MAX_JOB_ID})", env.job_id.len())));
     }
