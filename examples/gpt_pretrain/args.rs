@@ -443,6 +443,12 @@ impl Args {
         self.dp * self.cp * self.pp * self.tp
     }
 
+    /// Whether the phases are timed: `--timers`, `--timers-every` or `--trace` (a trace's
+    /// spans wait for a GPU through the same layer).
+    pub(crate) fn timing(&self) -> bool {
+        self.timers || self.timers_every > 0 || self.trace.is_some()
+    }
+
     /// The numbers no run can use (a negative learning rate, a clip that is not positive, ...):
     /// an error naming the flag. Sizes and degrees are checked with the model.
     pub(crate) fn check_numbers(&self) -> Result<(), String> {

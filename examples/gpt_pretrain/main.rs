@@ -277,7 +277,7 @@ pub(crate) fn init_logging(args: &Args) -> Result<Option<tracing_chrome::FlushGu
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
     // (With --trace too: the layer makes spans wait for a GPU, see training::sync_timers.)
-    let timers = (args.timers || args.timers_every > 0 || args.trace.is_some()).then(burn_parallel::timing::layer);
+    let timers = args.timing().then(burn_parallel::timing::layer);
     let (trace, guard) = match &args.trace {
         Some(path) => {
             // One process per rank (torchrun's RANK, or Slurm's SLURM_PROCID): a file each.

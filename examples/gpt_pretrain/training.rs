@@ -181,7 +181,7 @@ impl<'a> Loop<'a> {
 /// `--timers`/`--trace` on a GPU: every timing span of this rank thread waits for its device
 /// when it starts and ends (`timing::set_device_sync`), so the phases hold the device's work.
 pub(crate) fn sync_timers<B: burn::tensor::backend::Backend>(args: &Args, device: &B::Device) {
-    if args.device != super::DeviceKind::Cpu && (args.timers || args.timers_every > 0 || args.trace.is_some()) {
+    if args.device != super::DeviceKind::Cpu && args.timing() {
         let device = device.clone();
         timing::set_device_sync(Some(Box::new(move || {
             let _ = B::sync(&device);
