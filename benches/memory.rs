@@ -9,7 +9,7 @@
 #[allow(dead_code)]
 mod harness;
 
-use burn_parallel::memory::{GptShape, TrackingAllocator};
+use burn_parallel::memory::{GptShape, TrackingAllocator, TrainPlan};
 use burn_parallel::precision::Precision;
 use burn_parallel::recompute::Recompute;
 use harness::{grid, plan, run, Case};
@@ -151,21 +151,29 @@ fn bytes_per_param() {
     }
 }
 
-/// Seconds per step (3 timed after 2 warm-up steps) against the baseline in the same run.
+/// Seconds per step of each variant against its baseline: 5 rounds, each running every variant
+/// once (2 warm-up steps, then 6 timed) in turn, so a slow spell of the machine falls on all of
+/// them alike; each ratio is the median over the rounds of the round's ratio.
 fn step_times(shape: &GptShape) {
-    println!("\n| variant | s/step | vs baseline |\n|---|---|---|");
-    let time = |p: &burn_parallel::memory::TrainPlan| run(shape, p, 5).iter().map(|m| m.step_secs).fold(0.0, f64::max);
-    let base = time(&plan(1, 1, 1, 8));
-    println!("| no recompute (baseline) | {base:.3} | 1.00 |");
-    for r in [Recompute::Selective, Recompute::Blocks(shape.layers / 2), Recompute::Full] {
-        let mut p = plan(1, 1, 1, 8);
-        p.recompute = r;
-        let t = time(&p);
-        println!("| recompute {r} | {t:.3} | {:.2} |", t / base);
+    let rc = |r| TrainPlan { recompute: r, ..plan(1, 1, 1, 8) };
+    let variants = [
+        ("no recompute (baseline)", 0, plan(1, 1, 1, 8)),
+        ("recompute selective", 0, rc(Recompute::Selective)),
+        ("recompute full:N, N = half the blocks", 0, rc(Recompute::Blocks(shape.layers / 2))),
+        ("recompute full", 0, rc(Recompute::Full)),
+        ("dp 2 (baseline)", 4, plan(2, 1, 1, 8)),
+        ("dp 2 ZeRO-1", 4, TrainPlan { zero: true, ..plan(2, 1, 1, 8) }),
+    ];
+    let rounds: Vec<Vec<f64>> =
+        (0..5).map(|_| variants.iter().map(|(_, _, p)| run(shape, p, 8).iter().map(|m| m.step_secs).fold(0.0, f64::max)).collect()).collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("\n| variant | s/step (median of 5 rounds) | vs baseline (median of the rounds' ratios) |\n|---|---|---|");
+    for (i, (name, base, _)) in variants.iter().enumerate() {
+        let secs = median(rounds.iter().map(|r| r[i]).collect());
+        let ratio = median(rounds.iter().map(|r| r[i] / r[*base]).collect());
+        println!("| {name} | {secs:.3} | {ratio:.2} |");
     }
-    let dp = time(&plan(2, 1, 1, 8));
-    let mut z = plan(2, 1, 1, 8);
-    z.zero = true;
-    let zt = time(&z);
-    println!("| dp 2 (baseline) | {dp:.3} | 1.00 |\n| dp 2 ZeRO-1 | {zt:.3} | {:.2} |", zt / dp);
 }

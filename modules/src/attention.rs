@@ -27,7 +27,6 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
 use burn_parallel::attention::{
     causal_attention, causal_attention_at, causal_attention_chunked, causal_attention_chunked_at, causal_attention_qkv, AttentionCore, AttentionKernel,
@@ -282,8 +281,9 @@ impl<B: ParallelBackend> ParallelAttention<B> {
             None => burn_parallel::attention::future_mask::<B>(0, s, s, &scores.device()),
         };
         let scores = scores.mask_fill(mask, MASK_VALUE);
-        // Softmax in f32 whatever the compute dtype (no-op for f32), as Megatron's fused softmax.
-        let probs = self.dropout.forward(like(softmax(to_f32(scores.clone()), 3), &scores));
+        // Softmax in f32 whatever the compute dtype (no-op for f32), as Megatron's fused softmax;
+        // one autodiff op saving only its output (`burn_parallel::attention::softmax`).
+        let probs = self.dropout.forward(like(burn_parallel::attention::softmax(to_f32(scores.clone())), &scores));
         merge(probs.matmul(v))
     }
 

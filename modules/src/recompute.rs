@@ -126,7 +126,9 @@ where
     B: AutodiffBackend + ParallelBackend,
 {
     let (x, embedded) = match (input, pieces.embed) {
-        (Some(x), _) => (x.detach(), None),
+        // Untracked: `detach` of a tracked leaf (the received input is one) is a new tracked
+        // leaf in Burn, and a graph-free block run from it would record a graph after all.
+        (Some(x), _) => (Tensor::from_inner(x.inner()), None),
         (None, Some((wte, wpe, drop))) => {
             let e = embed(wte, wpe, drop, tokens.ids.expect("the first stage gets the ids"), pieces.sequence_parallel);
             (e.clone().detach(), Some(e))

@@ -36,6 +36,8 @@ mod choice;
 pub use choice::{AttentionCore, AttentionKernel, UnknownAttentionKernel, DEFAULT_CHUNK_ROWS};
 mod packed;
 pub use packed::causal_attention_qkv;
+mod softmax;
+pub use softmax::softmax;
 #[cfg(feature = "cube")]
 mod cube;
 #[cfg(feature = "cuda-source")]
@@ -217,6 +219,13 @@ pub trait AttentionBackend: Backend {
     fn causal_attention_qkv(qkv: FloatTensor<Self>, heads: usize, scale: f32, rows: Option<usize>) -> AttentionForward<Self> {
         packed::forward::<Self>(qkv, heads, scale, rows)
     }
+
+    /// Softmax over the last dimension ([`softmax`]): the backend's own op; under autodiff one
+    /// tracked op saving its output.
+    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let last = burn::tensor::TensorMetadata::shape(&x).num_dims() - 1;
+        Self::softmax(x, last)
+    }
 }
 
 impl AttentionBackend for burn::backend::Flex {}
@@ -311,6 +320,10 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
 
     fn causal_attention_qkv(qkv: FloatTensor<Self>, heads: usize, scale: f32, rows: Option<usize>) -> AttentionForward<Self> {
         packed::tracked::<B, C>(qkv, heads, scale, rows)
+    }
+
+    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        softmax::tracked::<B, C>(x)
     }
 }
 

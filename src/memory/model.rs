@@ -10,8 +10,8 @@
 //! | block input `x` | seq | layer norm 1 |
 //! | LN1 output (SP: all-gathered) | `N·h` | the q/k/v linears |
 //! | q, k, v | `3·N·h/t` (grouped-query: q and the repeated k, v) | the two attention matmuls |
-//! | scores − max, exp (f32) | `2·b·(a/t)·s²` (×4 bytes) | exp, the softmax division |
-//! | probs (no dropout) or dropout mask + dropped probs | `1` or `2 · b·(a/t)·s²` | the matmul with v |
+//! | softmax output `P` (f32) | `b·(a/t)·s²` (×4 bytes) | the softmax op (`attention::softmax`); in f32 also the matmul with v |
+//! | `P` cast to `e` (half precision only), dropout mask + dropped probs (if dropout) | `1`, `2` or `3 · b·(a/t)·s²` | the matmul with v, the dropout's multiply |
 //! | context | `N·h/t` | the output projection |
 //! | dropout mask after attention | seq (if dropout) | mul (the activation is not kept: the mask is untracked) |
 //! | residual sum | seq | layer norm 2 |
@@ -20,11 +20,12 @@
 //! | dropout mask after the MLP | seq (if dropout) | mul |
 //! | layer-norm μ, 1/σ (f32) | `4 · rows` | layer norms |
 //!
-//! That is, with f = 4h, dropout, no SP: `N·h·(6 + 12/t)·e + b·s²·(a/t)·(8 + 2e)` bytes
-//! (Korthikanti's `sbh(10 + 24/t + 5as/(ht))` has 1-byte masks and keeps fewer tensors than
-//! Burn's autodiff does). With the fused attention kernels (`burn_parallel::attention`, CUDA and
-//! wgpu) or the chunked attention ops (any backend) the `s²` terms become the f32 log-sum-exp
-//! `4·b·(a/t)·s`.
+//! That is, with f = 4h, dropout, no SP, f32: `N·h·(6 + 12/t)·e + b·s²·(a/t)·(4 + 2e)` bytes
+//! (`+ e` per `s²` element in half precision; Korthikanti's `sbh(10 + 24/t + 5as/(ht))` has
+//! 1-byte masks and keeps fewer tensors than Burn's autodiff does; Burn's own softmax under
+//! autodiff would keep two more f32 `s²` tensors, see `attention::softmax`). With the fused
+//! attention kernels (`burn_parallel::attention`, CUDA and wgpu) or the chunked attention ops
+//! (any backend) the `s²` terms become the f32 log-sum-exp `4·b·(a/t)·s`.
 //! Selective recompute drops the `s²` terms and keeps `[q|k|v]` packed (with a fused or chunked
 //! core it keeps the block's graph: nothing to drop);
 //! full recompute keeps the block input only and reruns one block at a time in the backward;
@@ -218,12 +219,16 @@ impl Dims {
         if self.core.keeps_lse_only() {
             return self.att_rows * 4.0;
         }
-        2.0 * self.s2 * 4.0 + if self.drop { 2.0 } else { 1.0 } * self.s2 * self.e
+        // The softmax op's f32 output (in f32 also the probabilities the matmul with v keeps),
+        // the probabilities cast to `e` in half precision, the dropout mask and dropped
+        // probabilities.
+        let cast = if self.e < 4.0 { self.s2 * self.e } else { 0.0 };
+        self.s2 * 4.0 + cast + if self.drop { 2.0 * self.s2 * self.e } else { 0.0 }
     }
-    /// The attention core's backward transient: the composed two f32 `s²` buffers (softmax
-    /// backward; in half precision also the probabilities' gradient and the scores' gradient in
-    /// `e`: measured 2.0 and 3.0 f32 `s²` above the backward's start at s 512); the fused
-    /// kernels' `dq, dk, dv` and f32 `D` (and, in half precision, `dO` and `o` cast to f32; under
+    /// The attention core's backward transient: the composed two f32 `s²` buffers (the softmax
+    /// op's backward: `dP` and `dP ∘ P`, then `dP − Σ`; in half precision also the
+    /// probabilities' gradient and the scores' gradient in `e`: measured 2.0 and 3.0 f32 `s²`
+    /// above the backward's start at s 512, with Burn's softmax); the fused kernels' `dq, dk, dv` and f32 `D` (and, in half precision, `dO` and `o` cast to f32; under
     /// context parallelism a query chunk's `dk, dv` are as long as the gathered keys: predicted,
     /// not yet measured, since no Cube backend measures a multi-rank world); the
     /// chunked op's f32 `D`, `dk`/`dv` accumulators, the `dq` chunks and two f32 buffers of
