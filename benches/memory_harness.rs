@@ -268,6 +268,7 @@ pub fn grid() -> Vec<Case> {
         Case { name: "full:2 (2 of 4 blocks)", plan: rc(plan(1, 1, 1, b), Recompute::Blocks(2)) },
         Case { name: "bf16", plan: bf16(plan(1, 1, 1, b)) },
         Case { name: "dropout tp 2", plan: drop(plan(1, 1, 2, b)) },
+        Case { name: "dropout bf16", plan: drop(bf16(plan(1, 1, 1, b))) },
         Case { name: "chunked loss (64 rows)", plan: chunk(plan(1, 1, 1, b)) },
         Case { name: "bf16 full, chunked loss", plan: chunk(rc(bf16(plan(1, 1, 1, b)), Recompute::Full)) },
         Case { name: "chunked attention (16 rows)", plan: chunked_attention(plan(1, 1, 1, b)) },

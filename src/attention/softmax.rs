@@ -14,8 +14,8 @@ use super::AttentionBackend;
 /// attention core's softmax.
 ///
 /// Forward `P = softmax(x)` by the inner backend's own op (Flex: one fused SIMD pass per row;
-/// Cube backends: Burn's default composition, fused under `burn-fusion`); the op saves `P` only (the
-/// matmul with `v` keeps that same buffer in f32). Backward, from `dP`:
+/// Cube backends: Burn's default composition, fused under `burn-fusion`); the op saves `P`
+/// only (in f32 without dropout the matmul with `v` keeps that same buffer). Backward, from `dP`:
 /// `dx = P ∘ (dP − Σ_j dP ∘ P)` (the sum over the last dimension, kept as `[.., 1]`).
 ///
 /// Burn 0.21's autodiff backend has no softmax op of its own: it composes max, subtract, exp,

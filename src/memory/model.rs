@@ -10,7 +10,7 @@
 //! | block input `x` | seq | layer norm 1 |
 //! | LN1 output (SP: all-gathered) | `N·h` | the q/k/v linears |
 //! | q, k, v | `3·N·h/t` (grouped-query: q and the repeated k, v) | the two attention matmuls |
-//! | softmax output `P` (f32) | `b·(a/t)·s²` (×4 bytes) | the softmax op (`attention::softmax`); in f32 also the matmul with v |
+//! | softmax output `P` (f32) | `b·(a/t)·s²` (×4 bytes) | the softmax op (`attention::softmax`); in f32 without dropout also the matmul with v |
 //! | `P` cast to `e` (half precision only), dropout mask + dropped probs (if dropout) | `1`, `2` or `3 · b·(a/t)·s²` | the matmul with v, the dropout's multiply |
 //! | context | `N·h/t` | the output projection |
 //! | dropout mask after attention | seq (if dropout) | mul (the activation is not kept: the mask is untracked) |
@@ -219,9 +219,9 @@ impl Dims {
         if self.core.keeps_lse_only() {
             return self.att_rows * 4.0;
         }
-        // The softmax op's f32 output (in f32 also the probabilities the matmul with v keeps),
-        // the probabilities cast to `e` in half precision, the dropout mask and dropped
-        // probabilities.
+        // The softmax op's f32 output `P` (in f32 without dropout also what the matmul with v
+        // keeps), `P` cast to `e` in half precision (kept with dropout too: measured, the
+        // "dropout bf16" case of the grid), the dropout mask and the dropped probabilities.
         let cast = if self.e < 4.0 { self.s2 * self.e } else { 0.0 };
         self.s2 * 4.0 + cast + if self.drop { 2.0 * self.s2 * self.e } else { 0.0 }
     }
